@@ -1,0 +1,550 @@
+//! [`SandboxSpec`], what a user or a caller such as containerd asks for, and its validation.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+use oci_spec::runtime::LinuxResources;
+use serde::{Deserialize, Serialize};
+
+use crate::error::SpecError;
+use crate::resources::{ResourceInfo, ResourceRequirements, extract_resources_into};
+
+/// Longest sandbox, pool or policy name; containerd IDs and cgroup paths must hold it.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest annotation key, and total annotation size, as in Kubernetes.
+const MAX_ANNOTATION_KEY_LEN: usize = 253;
+const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// Generates the string forms shared by the plain enums below.
+macro_rules! string_enum {
+    ($ty:ident, $field:literal, $what:literal, [$($variant:ident => $name:literal),+ $(,)?]) => {
+        impl $ty {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The canonical name, as serialized.
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+
+            fn parse_error(value: &str) -> SpecError {
+                let valid: Vec<&str> = Self::ALL.iter().map(|v| v.as_str()).collect();
+                let reason = format!(concat!("is not a ", $what, " (expected one of: {})"), valid.join(", "));
+                SpecError::invalid($field, value, reason)
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+/// Which isolation runs the sandbox.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Accounting only: tracks resources, runs nothing.
+    #[default]
+    Slot,
+    /// A container: namespaces, cgroups, seccomp.
+    Linux,
+    /// A WebAssembly module in wasmtime.
+    Wasm,
+    /// A microVM.
+    Vm,
+}
+string_enum!(BackendKind, "backend", "backend", [Slot => "slot", Linux => "linux", Wasm => "wasm", Vm => "vm"]);
+
+impl FromStr for BackendKind {
+    type Err = SpecError;
+    /// Case-insensitive: "slot", "Linux", "VM".
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let lower = s.to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == lower)
+            .ok_or_else(|| Self::parse_error(s))
+    }
+}
+
+/// What happens when a sandbox fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum FailurePolicy {
+    /// Leave it Failed for a human to look at.
+    #[default]
+    Manual,
+    /// Create it again, on any node with room.
+    AutoRecreate,
+}
+string_enum!(FailurePolicy, "failurePolicy", "failure policy", [Manual => "Manual", AutoRecreate => "AutoRecreate"]);
+
+impl FromStr for FailurePolicy {
+    type Err = SpecError;
+    /// Accepts "Manual", "manual", "AutoRecreate", "auto-recreate", "auto_recreate", "autorecreate".
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let folded: String = s
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        match folded.as_str() {
+            "manual" => Ok(FailurePolicy::Manual),
+            "autorecreate" => Ok(FailurePolicy::AutoRecreate),
+            _ => Err(Self::parse_error(s)),
+        }
+    }
+}
+
+/// When a create is acknowledged: before (Fast) or after (Strong) the record is persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    #[default]
+    Fast,
+    Strong,
+}
+string_enum!(Consistency, "consistency", "consistency", [Fast => "fast", Strong => "strong"]);
+
+impl FromStr for Consistency {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let lower = s.to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == lower)
+            .ok_or_else(|| Self::parse_error(s))
+    }
+}
+
+/// A port's transport protocol; Kubernetes' upper-case spelling is accepted too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    #[serde(alias = "TCP")]
+    Tcp,
+    #[serde(alias = "UDP")]
+    Udp,
+}
+string_enum!(Protocol, "protocol", "protocol", [Tcp => "tcp", Udp => "udp"]);
+
+impl FromStr for Protocol {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let lower = s.to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == lower)
+            .ok_or_else(|| Self::parse_error(s))
+    }
+}
+
+/// A port the sandbox listens on, optionally published on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    pub container_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+}
+
+impl FromStr for PortSpec {
+    type Err = SpecError;
+    /// The CLI's `-p` forms, docker style: "8080", "80:8080" (host:container), "8080/udp",
+    /// "80:8080/tcp".
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let (ports, protocol) = match s.split_once('/') {
+            Some((ports, proto)) => (
+                ports,
+                proto.parse().map_err(|e: SpecError| e.in_field("port"))?,
+            ),
+            None => (s, Protocol::Tcp),
+        };
+        let port = |p: &str| -> Result<u16, SpecError> {
+            match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(SpecError::invalid(
+                    "port",
+                    s,
+                    r#"is not a port (expected "8080", "80:8080" as host:container, or "8080/udp")"#,
+                )),
+                Ok(port) => Ok(port),
+            }
+        };
+        let (host_port, container_port) = match ports.split_once(':') {
+            Some((host, container)) => (Some(port(host)?), port(container)?),
+            None => (None, port(ports)?),
+        };
+        Ok(PortSpec {
+            container_port,
+            protocol,
+            host_port,
+        })
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(host) = self.host_port {
+            write!(f, "{host}:")?;
+        }
+        write!(f, "{}/{}", self.container_port, self.protocol)
+    }
+}
+
+/// Everything needed to create a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form; the `resources.*` keys (see [`crate::ANNOTATION_CPU_LIMIT`] and friends) take
+    /// precedence over everything else.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Container image, Wasm module, or VM image, depending on the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "ResourceRequirements::is_empty")]
+    pub resources: ResourceRequirements,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    /// Name of a policy; resolved elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    #[serde(default)]
+    pub consistency: Consistency,
+    /// Pre-warmed pool to take the sandbox from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// When the sandbox is deleted, in unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_time: Option<i64>,
+    /// OCI `linux.resources` from a caller such as containerd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<LinuxResources>,
+}
+
+impl SandboxSpec {
+    /// Validates every field and returns the extracted resources (annotations > oci >
+    /// resources). On failure, returns the first error; see [`SandboxSpec::validate_all`].
+    pub fn validate(&self) -> Result<ResourceInfo, SpecError> {
+        let mut errors = Vec::new();
+        let info = self.validate_into(&mut errors);
+        match errors.into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(info),
+        }
+    }
+
+    /// Like [`SandboxSpec::validate`], but reports every error, in field order. The `Err`
+    /// vector is never empty.
+    pub fn validate_all(&self) -> Result<ResourceInfo, Vec<SpecError>> {
+        let mut errors = Vec::new();
+        let info = self.validate_into(&mut errors);
+        if errors.is_empty() {
+            Ok(info)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn validate_into(&self, errors: &mut Vec<SpecError>) -> ResourceInfo {
+        let mut check = |r: Result<(), SpecError>| {
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        };
+        check(validate_name("spec.name", &self.name));
+        for (key, value) in &self.labels {
+            check(validate_label_key(key));
+            check(validate_label_value(
+                &format!("spec.labels[{key:?}]"),
+                value,
+            ));
+        }
+        check(validate_annotations(&self.annotations));
+        if let Some(image) = &self.image {
+            check(validate_image(image));
+        }
+        for (i, arg) in self.command.iter().enumerate() {
+            check(no_nul(&format!("spec.command[{i}]"), arg));
+        }
+        for (i, arg) in self.args.iter().enumerate() {
+            check(no_nul(&format!("spec.args[{i}]"), arg));
+        }
+        for (key, value) in &self.env {
+            check(validate_env(key, value));
+        }
+        if let Some(dir) = &self.working_dir {
+            check(validate_working_dir(dir));
+        }
+        validate_ports(&self.ports, errors);
+        if let Some(policy) = &self.policy {
+            errors.extend(validate_name("spec.policy", policy).err());
+        }
+        if let Some(pool) = &self.pool {
+            errors.extend(validate_name("spec.pool", pool).err());
+        }
+        if let Some(t) = self.expire_time
+            && t < 0
+        {
+            errors.push(SpecError::invalid(
+                "spec.expireTime",
+                &t.to_string(),
+                "must not be negative",
+            ));
+        }
+        extract_resources_into(
+            &self.annotations,
+            self.oci.as_ref(),
+            &self.resources,
+            errors,
+        )
+    }
+}
+
+/// Checks a sandbox, pool or policy name: 1 to 128 characters of `[A-Za-z0-9_.-]`, starting
+/// with a letter or digit, so it is a valid containerd ID and path component.
+pub fn validate_name(field: &str, name: &str) -> Result<(), SpecError> {
+    const RULE: &str = "(names are 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', '-', \
+                        starting with a letter or digit)";
+    let invalid = |what: String| SpecError::invalid(field, name, format!("{what} {RULE}"));
+    if name.is_empty() {
+        return Err(invalid("must not be empty".into()));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(format!(
+            "is {} characters long",
+            name.chars().count()
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)))
+    {
+        return Err(invalid(format!("contains {bad:?}")));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(invalid("must start with a letter or digit".into()));
+    }
+    Ok(())
+}
+
+/// A Kubernetes label name or value segment: up to 63 of `[A-Za-z0-9._-]`, alphanumeric at
+/// both ends. Returns what is wrong.
+fn label_segment_problem(s: &str) -> Option<String> {
+    if s.len() > 63 {
+        return Some(format!("is {} characters long (max 63)", s.len()));
+    }
+    if let Some(bad) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+    {
+        return Some(format!(
+            "contains {bad:?} (allowed: A-Z, a-z, 0-9, '.', '_', '-')"
+        ));
+    }
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    if !s.starts_with(alnum) || !s.ends_with(alnum) {
+        return Some("must start and end with a letter or digit".into());
+    }
+    None
+}
+
+/// A DNS subdomain as Kubernetes uses for label prefixes: lower-case labels joined by dots.
+fn dns_subdomain_problem(s: &str) -> Option<String> {
+    if s.len() > 253 {
+        return Some(format!("has a prefix of {} characters (max 253)", s.len()));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if s.split('.').all(label_ok) {
+        None
+    } else {
+        Some(format!(
+            "has a prefix {s:?} that is not a lower-case DNS name"
+        ))
+    }
+}
+
+fn validate_label_key(key: &str) -> Result<(), SpecError> {
+    let problem = match key.split_once('/') {
+        Some((prefix, name)) => dns_subdomain_problem(prefix)
+            .or_else(|| label_segment_problem(name).map(|p| format!("has a name part that {p}"))),
+        None if key.is_empty() => Some("must not be empty".into()),
+        None => label_segment_problem(key),
+    };
+    match problem {
+        Some(p) => Err(SpecError::invalid(
+            "spec.labels",
+            key,
+            format!("is not a label key: {p}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn validate_label_value(field: &str, value: &str) -> Result<(), SpecError> {
+    match value {
+        "" => Ok(()),
+        _ => match label_segment_problem(value) {
+            Some(p) => Err(SpecError::invalid(field, value, p)),
+            None => Ok(()),
+        },
+    }
+}
+
+fn validate_annotations(annotations: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    let mut total = 0;
+    for (key, value) in annotations {
+        if key.is_empty() || key.len() > MAX_ANNOTATION_KEY_LEN {
+            let reason = format!("is not an annotation key (1 to {MAX_ANNOTATION_KEY_LEN} bytes)");
+            return Err(SpecError::invalid("spec.annotations", key, reason));
+        }
+        total += key.len() + value.len();
+    }
+    if total > MAX_ANNOTATIONS_BYTES {
+        let reason = format!("is larger than the {MAX_ANNOTATIONS_BYTES} bytes allowed in total");
+        return Err(SpecError::invalid(
+            "spec.annotations",
+            &format!("{total} bytes"),
+            reason,
+        ));
+    }
+    Ok(())
+}
+
+fn validate_image(image: &str) -> Result<(), SpecError> {
+    if image.is_empty() {
+        return Err(SpecError::invalid(
+            "spec.image",
+            image,
+            "must not be empty when given",
+        ));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(SpecError::invalid(
+            "spec.image",
+            image,
+            "must not contain whitespace",
+        ));
+    }
+    Ok(())
+}
+
+/// NUL cannot cross `execve`: the string would be cut short silently.
+fn no_nul(field: &str, value: &str) -> Result<(), SpecError> {
+    match value.contains('\0') {
+        true => Err(SpecError::invalid(
+            field,
+            value,
+            "must not contain a NUL character",
+        )),
+        false => Ok(()),
+    }
+}
+
+fn validate_env(key: &str, value: &str) -> Result<(), SpecError> {
+    let field = format!("spec.env[{key:?}]");
+    if key.is_empty() {
+        return Err(SpecError::invalid(
+            "spec.env",
+            key,
+            "is not a variable name: empty",
+        ));
+    }
+    if key.contains(['=', '\0']) {
+        return Err(SpecError::invalid(
+            "spec.env",
+            key,
+            "is not a variable name: contains '=' or NUL",
+        ));
+    }
+    no_nul(&field, value)
+}
+
+fn validate_working_dir(dir: &str) -> Result<(), SpecError> {
+    no_nul("spec.workingDir", dir)?;
+    match dir.starts_with('/') {
+        true => Ok(()),
+        false => Err(SpecError::invalid(
+            "spec.workingDir",
+            dir,
+            "must be an absolute path",
+        )),
+    }
+}
+
+fn validate_ports(ports: &[PortSpec], errors: &mut Vec<SpecError>) {
+    let mut container = HashSet::new();
+    let mut host = HashSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let field = |name: &str| format!("spec.ports[{i}].{name}");
+        if p.container_port == 0 {
+            errors.push(SpecError::invalid(
+                field("containerPort"),
+                "0",
+                "must be 1 to 65535",
+            ));
+        } else if !container.insert((p.container_port, p.protocol)) {
+            let reason = format!("is listed twice for {}", p.protocol);
+            errors.push(SpecError::invalid(
+                field("containerPort"),
+                &p.container_port.to_string(),
+                reason,
+            ));
+        }
+        match p.host_port {
+            Some(0) => errors.push(SpecError::invalid(
+                field("hostPort"),
+                "0",
+                "must be 1 to 65535",
+            )),
+            Some(hp) if !host.insert((hp, p.protocol)) => {
+                let reason = format!("is published twice for {}", p.protocol);
+                errors.push(SpecError::invalid(
+                    field("hostPort"),
+                    &hp.to_string(),
+                    reason,
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic is how a test fails
+#[path = "spec_tests.rs"]
+mod tests;
