@@ -1,0 +1,229 @@
+//! The node agent: runs sandboxes on one node through its backends.
+//!
+//! The agent owns the node-local side of a sandbox's life: it routes each call to the backend
+//! the spec names, refuses backends this node cannot run (with the probe's reason), and turns
+//! a create into `create` + `start` with a rollback when the start fails. It keeps no state of
+//! its own beyond the backends: the control plane's store is the truth, and after a restart the
+//! control plane hands sandboxes back through [`Agent::adopt`] and removes orphans the agent
+//! reports through [`Agent::list`].
+//!
+//! `warren server` embeds one agent in-process (the default, one machine). The remote agent
+//! process and its HTTP API come with the multi-node control plane.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::warn;
+use warren_runtime::{Backend, BackendError, BackendStatus, SandboxConfig};
+use warren_spec::{BackendKind, ResourceInfo};
+
+pub use warren_runtime::BackendInfo;
+
+/// A backend as this node found it at start-up.
+#[derive(Debug, Clone)]
+pub struct BackendReport {
+    pub kind: BackendKind,
+    /// `Err(reason)` when the backend cannot run here.
+    pub available: Result<(), String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Agent {
+    node: String,
+    backends: BTreeMap<BackendKind, Arc<dyn Backend>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("backend {kind} is not available on node {node}: {reason}")]
+    Unavailable {
+        kind: BackendKind,
+        node: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl Agent {
+    pub fn new(
+        node: impl Into<String>,
+        backends: impl IntoIterator<Item = Arc<dyn Backend>>,
+    ) -> Self {
+        let backends = backends.into_iter().map(|b| (b.kind(), b)).collect();
+        Agent {
+            node: node.into(),
+            backends,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Every backend kind, with whether this node can run it and why not.
+    pub fn report(&self) -> Vec<BackendReport> {
+        BackendKind::ALL
+            .iter()
+            .map(|&kind| BackendReport {
+                kind,
+                available: match self.backends.get(&kind) {
+                    Some(b) => b.is_available(),
+                    None => Err("not built into this server yet".to_string()),
+                },
+            })
+            .collect()
+    }
+
+    fn backend(&self, kind: BackendKind) -> Result<&Arc<dyn Backend>, AgentError> {
+        let unavailable = |reason: String| AgentError::Unavailable {
+            kind,
+            node: self.node.clone(),
+            reason,
+        };
+        let backend = self
+            .backends
+            .get(&kind)
+            .ok_or_else(|| unavailable("not built into this server yet".into()))?;
+        backend.is_available().map_err(unavailable)?;
+        Ok(backend)
+    }
+
+    /// Creates and starts a sandbox; a failed start deletes what the create made.
+    pub async fn run(&self, config: &SandboxConfig) -> Result<BackendInfo, AgentError> {
+        let backend = self.backend(config.spec.backend)?;
+        let info = backend.create(config).await?;
+        if let Err(e) = backend.start(&config.id).await {
+            if let Err(cleanup) = backend.delete(&config.id).await {
+                warn!(id = %config.id, error = %cleanup, "cleanup after a failed start failed");
+            }
+            return Err(e.into());
+        }
+        Ok(info)
+    }
+
+    pub async fn stop(
+        &self,
+        kind: BackendKind,
+        id: &str,
+        grace: Duration,
+    ) -> Result<BackendStatus, AgentError> {
+        Ok(self.backend(kind)?.stop(id, grace).await?)
+    }
+
+    pub async fn delete(&self, kind: BackendKind, id: &str) -> Result<(), AgentError> {
+        Ok(self.backend(kind)?.delete(id).await?)
+    }
+
+    pub async fn status(&self, kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {
+        Ok(self.backend(kind)?.status(id).await?)
+    }
+
+    pub async fn update(
+        &self,
+        kind: BackendKind,
+        id: &str,
+        resources: &ResourceInfo,
+    ) -> Result<(), AgentError> {
+        Ok(self.backend(kind)?.update(id, resources).await?)
+    }
+
+    pub async fn adopt(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<(BackendStatus, BackendInfo), AgentError> {
+        Ok(self.backend(config.spec.backend)?.adopt(config).await?)
+    }
+
+    /// Ids held by each available backend on this node.
+    pub async fn list(&self) -> Result<Vec<(BackendKind, String)>, AgentError> {
+        let mut all = Vec::new();
+        for (&kind, backend) in &self.backends {
+            if backend.is_available().is_err() {
+                continue;
+            }
+            all.extend(backend.list().await?.into_iter().map(|id| (kind, id)));
+        }
+        Ok(all)
+    }
+
+    /// Resources held per backend.
+    pub fn allocated(&self) -> BTreeMap<BackendKind, ResourceInfo> {
+        self.backends
+            .iter()
+            .map(|(&k, b)| (k, b.allocated()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_runtime::{SlotBackend, SlotCapacity};
+    use warren_spec::SandboxSpec;
+
+    fn agent(dir: &std::path::Path) -> Agent {
+        let slot = SlotBackend::new(dir, SlotCapacity::default()).expect("slot");
+        Agent::new("node-a", [Arc::new(slot) as Arc<dyn Backend>])
+    }
+
+    #[tokio::test]
+    async fn run_routes_to_the_spec_backend() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let agent = agent(tmp.path());
+        let config = SandboxConfig {
+            id: "id1".into(),
+            spec: SandboxSpec {
+                name: "s".into(),
+                ..Default::default()
+            },
+            resources: ResourceInfo::default(),
+        };
+        let info = agent.run(&config).await.expect("run");
+        assert!(info["resources_path"].ends_with("id1/resources.json"));
+        assert_eq!(
+            agent
+                .status(BackendKind::Slot, "id1")
+                .await
+                .expect("status"),
+            BackendStatus::Running
+        );
+        assert_eq!(
+            agent.list().await.expect("list"),
+            vec![(BackendKind::Slot, "id1".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_backend_is_refused_with_the_reason() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let agent = agent(tmp.path());
+        let config = SandboxConfig {
+            id: "id1".into(),
+            spec: SandboxSpec {
+                name: "s".into(),
+                backend: BackendKind::Vm,
+                ..Default::default()
+            },
+            resources: ResourceInfo::default(),
+        };
+        let err = agent.run(&config).await.expect_err("no vm backend");
+        assert!(
+            err.to_string()
+                .starts_with("backend vm is not available on node node-a"),
+            "{err}"
+        );
+        let report = agent.report();
+        assert!(
+            report
+                .iter()
+                .any(|r| r.kind == BackendKind::Slot && r.available.is_ok())
+        );
+        assert!(
+            report
+                .iter()
+                .any(|r| r.kind == BackendKind::Vm && r.available.is_err())
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The trait and the types that cross it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use warren_spec::{BackendKind, ResourceInfo, SandboxSpec};
+
+/// Everything a backend needs to create one sandbox. The spec is already validated and the
+/// resources extracted; backends never re-parse user input.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Stable, unique, filesystem-safe identifier chosen by the control plane.
+    pub id: String,
+    pub spec: SandboxSpec,
+    pub resources: ResourceInfo,
+}
+
+/// What a backend knows of one sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendStatus {
+    Created,
+    Running,
+    /// Stopped on request.
+    Stopped,
+    Exited {
+        code: i32,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend {backend} does not support {operation}")]
+    Unsupported {
+        backend: BackendKind,
+        operation: &'static str,
+    },
+    #[error("sandbox {id} is not known to backend {backend}")]
+    NotFound { backend: BackendKind, id: String },
+    #[error("sandbox {id} already exists in backend {backend}")]
+    AlreadyExists { backend: BackendKind, id: String },
+    /// The node cannot hold the sandbox: names what ran out and by how much.
+    #[error("not enough {resource}: {requested} requested, {available} of {capacity} available")]
+    Capacity {
+        resource: &'static str,
+        requested: String,
+        available: String,
+        capacity: String,
+    },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Information a backend reports about a sandbox it created, shown to users
+/// (`status.backend_info`), e.g. where the slot backend wrote `resources.json`.
+pub type BackendInfo = BTreeMap<String, String>;
+
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    fn kind(&self) -> BackendKind;
+
+    /// `Ok` when this node can run the backend, else why not ("no /dev/kvm").
+    fn is_available(&self) -> Result<(), String>;
+
+    /// Prepares the sandbox without starting its workload.
+    async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError>;
+
+    async fn start(&self, id: &str) -> Result<(), BackendError>;
+
+    /// Asks the workload to stop, and forces it after `grace`.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<BackendStatus, BackendError>;
+
+    /// Frees everything the sandbox holds. Deleting an unknown id is `NotFound`.
+    async fn delete(&self, id: &str) -> Result<(), BackendError>;
+
+    async fn status(&self, id: &str) -> Result<BackendStatus, BackendError>;
+
+    /// Applies new resources to a running sandbox.
+    async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
+        let _ = (id, resources);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "update",
+        })
+    }
+
+    /// Takes back a sandbox the control plane knows after a restart, returning its status and
+    /// info. A backend that cannot find it answers `NotFound`.
+    async fn adopt(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<(BackendStatus, BackendInfo), BackendError> {
+        Err(BackendError::NotFound {
+            backend: self.kind(),
+            id: config.id.clone(),
+        })
+    }
+
+    /// Ids of every sandbox this backend holds on the node, including ones left from a
+    /// previous run (what the control plane does not know is an orphan).
+    async fn list(&self) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
+
+    /// Resources held by this backend's sandboxes on this node.
+    fn allocated(&self) -> ResourceInfo {
+        ResourceInfo::default()
+    }
+}

@@ -1,0 +1,20 @@
+//! The `Backend` trait and warren's isolation backends.
+//!
+//! A backend turns a validated sandbox (a [`SandboxConfig`]) into something that runs on this
+//! node: a record (`slot`), a container (`linux`), a Wasm instance (`wasm`) or a microVM (`vm`).
+//! The trait is narrow on purpose: five required lifecycle methods plus `is_available`, and
+//! optional capabilities (`update`, `adopt`, `list`) with defaults, so a new backend is small
+//! and the control plane never special-cases one.
+//!
+//! Backends own only node-local state. The control plane's store is the source of truth: on
+//! restart it hands every sandbox it knows back to the backend with [`Backend::adopt`], and
+//! removes what the backend has but the store does not ([`Backend::list`]).
+//!
+//! Backends are dispatched through `Arc<dyn Backend>`; `async-trait` boxes the futures, which
+//! costs one allocation per call, noise next to any backend's real work.
+
+mod backend;
+pub mod slot;
+
+pub use backend::{Backend, BackendError, BackendInfo, BackendStatus, SandboxConfig};
+pub use slot::{SlotBackend, SlotCapacity};

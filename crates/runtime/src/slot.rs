@@ -1,0 +1,444 @@
+//! The `slot` backend: accounting only.
+//!
+//! It allocates nothing and runs nothing (seeds 000/001, the ResourceSlot sandboxer). For
+//! every sandbox it logs the extracted resources, writes `<dir>/<id>/resources.json` in the
+//! seed's exact format, and keeps a running total so that a node's capacity can be enforced.
+//! A sandbox holds its request, or its limit where it gave no request (Kubernetes defaults
+//! requests to limits the same way).
+//!
+//! The JSON files are derived state: the control plane's store is the truth and re-writes
+//! them through [`Backend::adopt`] after a restart, so they are written atomically (temp
+//! file + rename) but not fsynced.
+//!
+//! File writes run inline on the async worker. Measured here, moving them to tokio's blocking
+//! pool made creates slower on tmpfs (thread hand-offs) and no faster on ext4, where the
+//! filesystem serializes directory operations anyway (docs/PERFORMANCE.md).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tracing::info;
+use warren_spec::{BackendKind, ResourceInfo, format_bytes, format_cpu, parse_bytes, parse_cpu};
+
+use crate::backend::{Backend, BackendError, BackendInfo, BackendStatus, SandboxConfig};
+
+pub const RESOURCES_FILE: &str = "resources.json";
+
+/// Upper bounds for what the slot backend hands out on this node; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SlotCapacity {
+    pub cpu: Option<f64>,
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub sandboxes: Option<u64>,
+}
+
+impl FromStr for SlotCapacity {
+    type Err = String;
+
+    /// `cpu=64,memory=256Gi,pids=100000,sandboxes=5000`; any subset.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut cap = SlotCapacity::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("{part:?} is not KEY=VALUE (keys: cpu, memory, pids, sandboxes)")
+            })?;
+            let bad = |e: String| format!("{key}: {e}");
+            match key {
+                "cpu" => cap.cpu = Some(parse_cpu(value).map_err(|e| bad(e.to_string()))?),
+                "memory" => cap.memory = Some(parse_bytes(value).map_err(|e| bad(e.to_string()))?),
+                "pids" => cap.pids = Some(parse_bytes(value).map_err(|e| bad(e.to_string()))?),
+                "sandboxes" => {
+                    cap.sandboxes = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad(format!("{value:?} is not a count")))?,
+                    )
+                }
+                _ => {
+                    return Err(format!(
+                        "{key:?} is not a capacity key (keys: cpu, memory, pids, sandboxes)"
+                    ));
+                }
+            }
+        }
+        Ok(cap)
+    }
+}
+
+/// What one sandbox holds, as counted against the capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Held {
+    cpu: f64,
+    memory: u64,
+    pids: u64,
+}
+
+impl Held {
+    fn of(r: &ResourceInfo) -> Self {
+        Held {
+            cpu: r.cpu_request.or(r.cpu_limit).unwrap_or(0.0),
+            memory: r.memory_request.or(r.memory_limit).unwrap_or(0),
+            pids: r.pid_limit.unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    resources: ResourceInfo,
+    held: Held,
+    status: BackendStatus,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sandboxes: HashMap<String, Entry>,
+    total: Held,
+}
+
+pub struct SlotBackend {
+    dir: PathBuf,
+    capacity: SlotCapacity,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for SlotBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotBackend")
+            .field("dir", &self.dir)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl SlotBackend {
+    /// A slot backend writing under `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>, capacity: SlotCapacity) -> Result<Self, BackendError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
+        Ok(SlotBackend {
+            dir,
+            capacity,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn resources_path(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join(RESOURCES_FILE)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock means a panic mid-update of plain counters; the data is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks that `add` fits once `remove` is given back.
+    fn check_fits(
+        &self,
+        state: &State,
+        add: Held,
+        remove: Held,
+        new_sandbox: bool,
+    ) -> Result<(), BackendError> {
+        let cap = &self.capacity;
+        if let Some(max) = cap.sandboxes {
+            let n = state.sandboxes.len() as u64;
+            if new_sandbox && n >= max {
+                return Err(BackendError::Capacity {
+                    resource: "sandboxes",
+                    requested: "1".into(),
+                    available: max.saturating_sub(n).to_string(),
+                    capacity: max.to_string(),
+                });
+            }
+        }
+        if let Some(max) = cap.cpu {
+            let free = max - (state.total.cpu - remove.cpu);
+            // Compare in millicores so float noise never refuses an exact fit.
+            if (add.cpu * 1000.0).round() > (free * 1000.0).round() {
+                return Err(BackendError::Capacity {
+                    resource: "cpu",
+                    requested: format_cpu(add.cpu),
+                    available: format_cpu(free.max(0.0)),
+                    capacity: format_cpu(max),
+                });
+            }
+        }
+        if let Some(max) = cap.memory {
+            let free = max.saturating_sub(state.total.memory - remove.memory);
+            if add.memory > free {
+                return Err(BackendError::Capacity {
+                    resource: "memory",
+                    requested: format_bytes(add.memory),
+                    available: format_bytes(free),
+                    capacity: format_bytes(max),
+                });
+            }
+        }
+        if let Some(max) = cap.pids {
+            let free = max.saturating_sub(state.total.pids - remove.pids);
+            if add.pids > free {
+                return Err(BackendError::Capacity {
+                    resource: "pids",
+                    requested: add.pids.to_string(),
+                    available: free.to_string(),
+                    capacity: max.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn info(&self, id: &str) -> BackendInfo {
+        let mut info = BackendInfo::new();
+        info.insert(
+            "resources_path".into(),
+            self.resources_path(id).display().to_string(),
+        );
+        info
+    }
+}
+
+/// Writes `<dir>/<id>/resources.json` atomically (temp file + rename).
+fn write_resources(
+    dir: &Path,
+    id: &str,
+    resources: &ResourceInfo,
+) -> Result<PathBuf, BackendError> {
+    let dir = dir.join(id);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(io("create", &dir, source)),
+    }
+    let path = dir.join(RESOURCES_FILE);
+    let tmp = dir.join(".resources.json.tmp");
+    let mut json = resources.to_json_pretty();
+    json.push('\n');
+    std::fs::write(&tmp, json).map_err(|source| io("write", &tmp, source))?;
+    std::fs::rename(&tmp, &path).map_err(|source| io("rename into place", &path, source))?;
+    Ok(path)
+}
+
+/// Removes a sandbox's directory; `Ok(false)` when it did not exist.
+fn remove_sandbox_dir(dir: &Path) -> Result<bool, BackendError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(io("remove", dir, source)),
+    }
+}
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn log_resources(event: &str, id: &str, name: &str, r: &ResourceInfo) {
+    info!(
+        sandbox = name,
+        id,
+        cpu_limit = r.cpu_limit,
+        cpu_request = r.cpu_request,
+        memory_limit = r.memory_limit,
+        memory_request = r.memory_request,
+        pid_limit = r.pid_limit,
+        storage_limit = r.storage_limit,
+        network_bandwidth = r.network_bandwidth,
+        "slot: {event}"
+    );
+}
+
+#[async_trait::async_trait]
+impl Backend for SlotBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Slot
+    }
+
+    fn is_available(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
+        let held = Held::of(&config.resources);
+        {
+            let mut state = self.lock();
+            if state.sandboxes.contains_key(&config.id) {
+                return Err(BackendError::AlreadyExists {
+                    backend: BackendKind::Slot,
+                    id: config.id.clone(),
+                });
+            }
+            self.check_fits(&state, held, Held::default(), true)?;
+            // Reserve before the file write so two creates cannot both take the last slot.
+            state.total.cpu += held.cpu;
+            state.total.memory += held.memory;
+            state.total.pids += held.pids;
+            let entry = Entry {
+                resources: config.resources.clone(),
+                held,
+                status: BackendStatus::Created,
+            };
+            state.sandboxes.insert(config.id.clone(), entry);
+        }
+        if let Err(e) = write_resources(&self.dir, &config.id, &config.resources) {
+            self.release(&config.id);
+            let _ = remove_sandbox_dir(&self.dir.join(&config.id));
+            return Err(e);
+        }
+        log_resources(
+            "allocated",
+            &config.id,
+            &config.spec.name,
+            &config.resources,
+        );
+        Ok(self.info(&config.id))
+    }
+
+    async fn start(&self, id: &str) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let entry = state.sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+        entry.status = BackendStatus::Running;
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<BackendStatus, BackendError> {
+        let mut state = self.lock();
+        let entry = state.sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+        entry.status = BackendStatus::Stopped;
+        Ok(BackendStatus::Stopped)
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), BackendError> {
+        let entry = self.release(id);
+        let existed = remove_sandbox_dir(&self.dir.join(id))?;
+        let Some(entry) = entry else {
+            // Not in memory: an orphan left by a previous run, whose files are now gone.
+            return if existed { Ok(()) } else { Err(not_found(id)) };
+        };
+        info!(
+            id,
+            cpu = entry.held.cpu,
+            memory = entry.held.memory,
+            "slot: released"
+        );
+        Ok(())
+    }
+
+    async fn status(&self, id: &str) -> Result<BackendStatus, BackendError> {
+        let state = self.lock();
+        state
+            .sandboxes
+            .get(id)
+            .map(|e| e.status.clone())
+            .ok_or_else(|| not_found(id))
+    }
+
+    async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
+        let held = Held::of(resources);
+        {
+            let mut state = self.lock();
+            let old = state.sandboxes.get(id).ok_or_else(|| not_found(id))?.held;
+            self.check_fits(&state, held, old, false)?;
+            state.total.cpu += held.cpu - old.cpu;
+            state.total.memory = state.total.memory - old.memory + held.memory;
+            state.total.pids = state.total.pids - old.pids + held.pids;
+            if let Some(entry) = state.sandboxes.get_mut(id) {
+                entry.held = held;
+                entry.resources = resources.clone();
+            }
+        }
+        write_resources(&self.dir, id, resources)?;
+        log_resources("updated", id, id, resources);
+        Ok(())
+    }
+
+    async fn adopt(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<(BackendStatus, BackendInfo), BackendError> {
+        // The store is the truth: re-account the sandbox and re-write its JSON if it is
+        // missing or stale (a crash between the write and the store's commit).
+        let path = self.resources_path(&config.id);
+        let on_disk = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ResourceInfo>(&b).ok());
+        if on_disk.as_ref() != Some(&config.resources) {
+            write_resources(&self.dir, &config.id, &config.resources)?;
+        }
+        let held = Held::of(&config.resources);
+        let mut state = self.lock();
+        if let Some(old) = state.sandboxes.remove(&config.id) {
+            state.total.cpu -= old.held.cpu;
+            state.total.memory -= old.held.memory;
+            state.total.pids -= old.held.pids;
+        }
+        state.total.cpu += held.cpu;
+        state.total.memory += held.memory;
+        state.total.pids += held.pids;
+        let entry = Entry {
+            resources: config.resources.clone(),
+            held,
+            status: BackendStatus::Running,
+        };
+        state.sandboxes.insert(config.id.clone(), entry);
+        Ok((BackendStatus::Running, self.info(&config.id)))
+    }
+
+    async fn list(&self) -> Result<Vec<String>, BackendError> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|source| io("read", &self.dir, source))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| io("read", &self.dir, source))?;
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if let Some(name) = entry
+                .file_name()
+                .to_str()
+                .filter(|n| is_dir && !n.starts_with('.'))
+            {
+                ids.push(name.to_string());
+            }
+        }
+        Ok(ids)
+    }
+
+    fn allocated(&self) -> ResourceInfo {
+        let state = self.lock();
+        ResourceInfo {
+            cpu_request: Some(state.total.cpu),
+            memory_request: Some(state.total.memory),
+            pid_limit: Some(state.total.pids),
+            ..ResourceInfo::default()
+        }
+    }
+}
+
+impl SlotBackend {
+    fn release(&self, id: &str) -> Option<Entry> {
+        let mut state = self.lock();
+        let entry = state.sandboxes.remove(id)?;
+        state.total.cpu -= entry.held.cpu;
+        state.total.memory -= entry.held.memory;
+        state.total.pids -= entry.held.pids;
+        Some(entry)
+    }
+}
+
+fn not_found(id: &str) -> BackendError {
+    BackendError::NotFound {
+        backend: BackendKind::Slot,
+        id: id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
