@@ -1,0 +1,24 @@
+//! warren's control plane: the sandbox registry, the state store, the gRPC API and the
+//! server that ties them together.
+//!
+//! - [`plane`] owns every state change of a sandbox (create, update, delete, expiry,
+//!   recovery) and the event stream `WatchSandboxes` reads.
+//! - [`store`] is where acknowledged state lives: redb with group commit by default.
+//! - [`grpc`] maps the wire API onto the plane, and errors onto gRPC codes, in one place.
+//! - [`server`] binds, authenticates and serves; [`client`] connects to it.
+//!
+//! The control plane never runs workloads itself: it calls the node agent
+//! (`warren_agent::Agent`), in-process on one machine.
+
+pub mod address;
+pub mod client;
+pub mod grpc;
+pub mod plane;
+pub mod record;
+pub mod selector;
+pub mod server;
+pub mod store;
+
+pub use address::Address;
+pub use plane::{ControlError, ControlPlane, SandboxUpdate};
+pub use server::{Server, ServerConfig, ServerError};

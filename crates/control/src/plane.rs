@@ -1,0 +1,658 @@
+//! The control plane's core: the sandbox registry and every state change.
+//!
+//! All mutations of a sandbox go through here, and each holds the sandbox's `busy` mark from
+//! start to end, so two operations on one name never interleave (the second is refused with
+//! `Busy`, which callers may retry). The registry lock is held only for map updates, never
+//! across an await. The slow part of a mutation (backend, store) runs in a spawned task, so a
+//! client that hangs up mid-call cannot leave a sandbox half-made or forever busy.
+//!
+//! Order of a create (one machine): validate -> reserve the name -> backend create + start ->
+//! persist (group commit) -> acknowledge. A crash before the commit leaves at most backend
+//! state without a record, which the start-up reconcile removes as an orphan; an
+//! acknowledged create is always in the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+use warren_agent::{Agent, AgentError};
+use warren_runtime::{BackendError, BackendStatus, SandboxConfig};
+use warren_spec::{
+    BackendKind, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
+};
+
+use crate::record::{self, SandboxRecord, now_ms};
+use crate::selector::Selector;
+use crate::store::{Store, StoreError, Write};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("invalid sandbox spec: {0}")]
+    InvalidSpec(String),
+    #[error("sandbox {name:?} not found")]
+    NotFound { name: String },
+    #[error(
+        "sandbox {name:?} already exists with a different spec (delete it first, or use `warren apply`)"
+    )]
+    AlreadyExists { name: String },
+    #[error("another operation on sandbox {name:?} is in progress; retry")]
+    Busy { name: String },
+    #[error("sandbox {name:?} is at revision {actual}, not {expected}")]
+    RevisionMismatch {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(transparent)]
+    Selector(#[from] crate::selector::SelectorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    pub record: Arc<SandboxRecord>,
+    pub sequence: u64,
+}
+
+/// The changes `UpdateSandbox` can make; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxUpdate {
+    pub resources: Option<ResourceRequirements>,
+    pub set_labels: BTreeMap<String, String>,
+    pub remove_labels: Vec<String>,
+    pub set_annotations: BTreeMap<String, String>,
+    pub remove_annotations: Vec<String>,
+    /// `Some(None)` clears the expiry.
+    pub expire_time: Option<Option<i64>>,
+    pub failure_policy: Option<FailurePolicy>,
+    pub expected_revision: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Arc<SandboxRecord>,
+    busy: bool,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    sandboxes: HashMap<String, Entry>,
+    sequence: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    agent: Agent,
+    store: Arc<dyn Store>,
+    registry: Mutex<Registry>,
+    events: broadcast::Sender<Event>,
+    default_grace: Duration,
+}
+
+/// Cheap to clone; every clone is the same control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+/// A watch: the selector, the matching sandboxes now, and every change after them.
+pub type Watch = (
+    Selector,
+    Vec<Arc<SandboxRecord>>,
+    broadcast::Receiver<Event>,
+);
+
+/// What `ServerInfo` reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub node: String,
+    pub store: String,
+    pub sandboxes: usize,
+    pub by_backend: BTreeMap<BackendKind, usize>,
+    pub allocated: ResourceInfo,
+}
+
+const EVENT_BUFFER: usize = 4096;
+
+impl ControlPlane {
+    pub fn new(agent: Agent, store: Arc<dyn Store>, default_grace: Duration) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        ControlPlane {
+            inner: Arc::new(Inner {
+                agent,
+                store,
+                registry: Mutex::default(),
+                events,
+                default_grace,
+            }),
+        }
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.inner.agent
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // Registry updates are single assignments; after a panic elsewhere the map is intact.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new state of a sandbox and tells watchers. Call with the registry locked, so
+    /// sequence numbers follow the order of the changes.
+    fn emit(&self, registry: &mut Registry, kind: EventKind, record: Arc<SandboxRecord>) {
+        registry.sequence += 1;
+        // No receivers is fine: nobody is watching.
+        let _ = self.inner.events.send(Event {
+            kind,
+            record,
+            sequence: registry.sequence,
+        });
+    }
+
+    /// Loads every record from the store and reconciles it with the node's backends: what
+    /// the store has is adopted; what the backends have beyond it is removed as an orphan.
+    pub async fn recover(&self) -> Result<usize, ControlError> {
+        let rows = self.inner.store.scan(record::PREFIX)?;
+        let mut known = HashSet::new();
+        let mut loaded = Vec::new();
+        for (key, value) in rows {
+            match serde_json::from_slice::<SandboxRecord>(&value) {
+                Ok(rec) => loaded.push(rec),
+                // Keep the row: a newer warren may read it. Never delete what we cannot parse.
+                Err(e) => warn!(key, error = %e, "store: unreadable sandbox record left as it is"),
+            }
+        }
+        for mut rec in loaded {
+            known.insert((rec.spec.backend, rec.id.clone()));
+            let config = SandboxConfig {
+                id: rec.id.clone(),
+                spec: rec.spec.clone(),
+                resources: rec.resources.clone(),
+            };
+            let was = rec.status.clone();
+            match self.inner.agent.adopt(&config).await {
+                Ok((status, info)) => {
+                    rec.status = phase_of(&status);
+                    rec.backend_info = info;
+                }
+                Err(AgentError::Backend(BackendError::NotFound { .. })) => {
+                    rec.status = Phase::Failed {
+                        reason: "lost: the backend no longer has it".into(),
+                    };
+                }
+                Err(e) => {
+                    rec.status = Phase::Failed {
+                        reason: e.to_string(),
+                    }
+                }
+            }
+            if rec.status != was {
+                info!(sandbox = %rec.spec.name, from = %was, to = %rec.status, "recovered with a new status");
+                rec.revision += 1;
+                rec.updated_at_ms = now_ms();
+                self.persist(&rec).await?;
+            }
+            let name = rec.spec.name.clone();
+            self.lock().sandboxes.insert(
+                name,
+                Entry {
+                    record: Arc::new(rec),
+                    busy: false,
+                },
+            );
+        }
+        let held = self.inner.agent.list().await?;
+        for (kind, id) in held {
+            if known.contains(&(kind, id.clone())) {
+                continue;
+            }
+            match self.inner.agent.delete(kind, &id).await {
+                Ok(()) => info!(backend = %kind, id, "removed an orphan the store does not know"),
+                Err(e) => warn!(backend = %kind, id, error = %e, "could not remove an orphan"),
+            }
+        }
+        Ok(self.lock().sandboxes.len())
+    }
+
+    async fn persist(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
+        let value = serde_json::to_vec(rec).map_err(|e| ControlError::Internal(e.to_string()))?;
+        self.inner
+            .store
+            .write(Write::Put {
+                key: record::key(&rec.spec.name),
+                value,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Creates and starts a sandbox. Returns the record and whether this call created it
+    /// (false when an identical sandbox already existed: a retried create).
+    pub async fn create(
+        &self,
+        spec: SandboxSpec,
+    ) -> Result<(Arc<SandboxRecord>, bool), ControlError> {
+        let resources = spec
+            .validate()
+            .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+        let now = now_ms();
+        let pending = SandboxRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            spec,
+            status: Phase::Creating,
+            resources,
+            node: self.inner.agent.node().to_string(),
+            backend_info: BTreeMap::new(),
+            revision: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        {
+            let mut reg = self.lock();
+            if let Some(entry) = reg.sandboxes.get(&pending.spec.name) {
+                if entry.busy {
+                    return Err(ControlError::Busy {
+                        name: pending.spec.name,
+                    });
+                }
+                if entry.record.spec == pending.spec && entry.record.status == Phase::Running {
+                    return Ok((entry.record.clone(), false));
+                }
+                return Err(ControlError::AlreadyExists {
+                    name: pending.spec.name,
+                });
+            }
+            let entry = Entry {
+                record: Arc::new(pending.clone()),
+                busy: true,
+            };
+            reg.sandboxes.insert(pending.spec.name.clone(), entry);
+        }
+        let this = self.clone();
+        let done = tokio::spawn(async move { this.finish_create(pending).await });
+        let record = done
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))??;
+        Ok((record, true))
+    }
+
+    async fn finish_create(
+        &self,
+        mut rec: SandboxRecord,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let name = rec.spec.name.clone();
+        let config = SandboxConfig {
+            id: rec.id.clone(),
+            spec: rec.spec.clone(),
+            resources: rec.resources.clone(),
+        };
+        let info = match self.inner.agent.run(&config).await {
+            Ok(info) => info,
+            Err(e) => {
+                self.lock().sandboxes.remove(&name);
+                return Err(e.into());
+            }
+        };
+        rec.status = Phase::Running;
+        rec.backend_info = info;
+        rec.revision = 1;
+        rec.updated_at_ms = now_ms();
+        if let Err(e) = self.persist(&rec).await {
+            // Not acknowledged, so not kept: undo the backend's work.
+            if let Err(undo) = self.inner.agent.delete(rec.spec.backend, &rec.id).await {
+                warn!(sandbox = %name, error = %undo, "rollback after a failed persist failed");
+            }
+            self.lock().sandboxes.remove(&name);
+            return Err(e);
+        }
+        let rec = Arc::new(rec);
+        let mut reg = self.lock();
+        if let Some(entry) = reg.sandboxes.get_mut(&name) {
+            entry.record = rec.clone();
+            entry.busy = false;
+        }
+        self.emit(&mut reg, EventKind::Added, rec.clone());
+        Ok(rec)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
+        let reg = self.lock();
+        reg.sandboxes
+            .get(name)
+            .map(|e| e.record.clone())
+            .ok_or_else(|| ControlError::NotFound { name: name.into() })
+    }
+
+    /// Sandboxes matching the selector (and backends, if any), sorted by name.
+    pub fn list(
+        &self,
+        selector: &str,
+        backends: &[BackendKind],
+    ) -> Result<Vec<Arc<SandboxRecord>>, ControlError> {
+        let selector = Selector::parse(selector)?;
+        let reg = self.lock();
+        let mut out: Vec<_> = reg
+            .sandboxes
+            .values()
+            .filter(|e| backends.is_empty() || backends.contains(&e.record.spec.backend))
+            .filter(|e| selector.matches(&e.record.spec.labels))
+            .map(|e| e.record.clone())
+            .collect();
+        drop(reg);
+        out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        Ok(out)
+    }
+
+    pub async fn update(
+        &self,
+        name: &str,
+        update: SandboxUpdate,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let (old, spec, resources) = {
+            let mut reg = self.lock();
+            let entry = reg
+                .sandboxes
+                .get_mut(name)
+                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
+            if entry.busy {
+                return Err(ControlError::Busy { name: name.into() });
+            }
+            if let Some(expected) = update
+                .expected_revision
+                .filter(|&e| e != entry.record.revision)
+            {
+                let actual = entry.record.revision;
+                return Err(ControlError::RevisionMismatch {
+                    name: name.into(),
+                    expected,
+                    actual,
+                });
+            }
+            let mut spec = entry.record.spec.clone();
+            apply_update(&mut spec, &update);
+            if spec == entry.record.spec {
+                return Ok(entry.record.clone());
+            }
+            let resources = spec
+                .validate()
+                .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+            entry.busy = true;
+            (entry.record.clone(), spec, resources)
+        };
+        let this = self.clone();
+        let done = tokio::spawn(async move { this.finish_update(old, spec, resources).await });
+        done.await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+    }
+
+    async fn finish_update(
+        &self,
+        old: Arc<SandboxRecord>,
+        spec: SandboxSpec,
+        resources: ResourceInfo,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let name = old.spec.name.clone();
+        let release = |this: &Self| {
+            if let Some(e) = this.lock().sandboxes.get_mut(&name) {
+                e.busy = false;
+            }
+        };
+        let kind = old.spec.backend;
+        let resized = resources != old.resources && old.status == Phase::Running;
+        if resized && let Err(e) = self.inner.agent.update(kind, &old.id, &resources).await {
+            release(self);
+            return Err(e.into());
+        }
+        let mut rec = (*old).clone();
+        rec.spec = spec;
+        rec.resources = resources;
+        rec.revision += 1;
+        rec.updated_at_ms = now_ms();
+        if let Err(e) = self.persist(&rec).await {
+            if resized
+                && let Err(undo) = self.inner.agent.update(kind, &old.id, &old.resources).await
+            {
+                warn!(sandbox = %name, error = %undo, "rollback of a resize failed");
+            }
+            release(self);
+            return Err(e);
+        }
+        let rec = Arc::new(rec);
+        let mut reg = self.lock();
+        if let Some(entry) = reg.sandboxes.get_mut(&name) {
+            entry.record = rec.clone();
+            entry.busy = false;
+        }
+        self.emit(&mut reg, EventKind::Modified, rec.clone());
+        Ok(rec)
+    }
+
+    /// Stops and removes a sandbox; returns its last record (phase Deleted).
+    pub async fn delete(
+        &self,
+        name: &str,
+        grace: Option<Duration>,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let rec = {
+            let mut reg = self.lock();
+            let entry = reg
+                .sandboxes
+                .get_mut(name)
+                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
+            if entry.busy {
+                return Err(ControlError::Busy { name: name.into() });
+            }
+            entry.busy = true;
+            if entry.record.status.can_transition_to(&Phase::Stopping) {
+                let mut stopping = (*entry.record).clone();
+                stopping.status = Phase::Stopping;
+                entry.record = Arc::new(stopping);
+                let rec = entry.record.clone();
+                self.emit(&mut reg, EventKind::Modified, rec.clone());
+                rec
+            } else {
+                entry.record.clone()
+            }
+        };
+        let grace = grace.unwrap_or(self.inner.default_grace);
+        let this = self.clone();
+        let done = tokio::spawn(async move { this.finish_delete(rec, grace).await });
+        done.await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+    }
+
+    async fn finish_delete(
+        &self,
+        rec: Arc<SandboxRecord>,
+        grace: Duration,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let name = rec.spec.name.clone();
+        let kind = rec.spec.backend;
+        let fail = |this: &Self, reason: String| {
+            let mut reg = this.lock();
+            if let Some(entry) = reg.sandboxes.get_mut(&name) {
+                let mut failed = (*entry.record).clone();
+                failed.status = Phase::Failed { reason };
+                entry.record = Arc::new(failed);
+                entry.busy = false;
+                let r = entry.record.clone();
+                this.emit(&mut reg, EventKind::Modified, r);
+            }
+        };
+        let mut last = rec.status.clone();
+        if rec.status == Phase::Stopping {
+            match self.inner.agent.stop(kind, &rec.id, grace).await {
+                Ok(status) => last = phase_of(&status),
+                Err(AgentError::Backend(BackendError::NotFound { .. })) => {}
+                // Still try to delete: a backend that cannot stop gracefully must free anyway.
+                Err(e) => warn!(sandbox = %name, error = %e, "stop failed; deleting anyway"),
+            }
+        }
+        match self.inner.agent.delete(kind, &rec.id).await {
+            Ok(()) | Err(AgentError::Backend(BackendError::NotFound { .. })) => {}
+            Err(e) => {
+                fail(self, format!("delete failed: {e}"));
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = self
+            .inner
+            .store
+            .write(Write::Delete {
+                key: record::key(&name),
+            })
+            .await
+        {
+            fail(
+                self,
+                format!("removed from the node but not from the store: {e}"),
+            );
+            return Err(e.into());
+        }
+        let mut gone = (*rec).clone();
+        gone.status = Phase::Deleted;
+        gone.revision += 1;
+        gone.updated_at_ms = now_ms();
+        let gone = Arc::new(gone);
+        let mut reg = self.lock();
+        reg.sandboxes.remove(&name);
+        self.emit(&mut reg, EventKind::Deleted, gone.clone());
+        drop(reg);
+        info!(sandbox = %name, last = %last, "deleted");
+        Ok(gone)
+    }
+
+    /// Current matching sandboxes and a receiver for every later change, with no gap between.
+    pub fn watch(&self, selector: &str) -> Result<Watch, ControlError> {
+        let selector = Selector::parse(selector)?;
+        let reg = self.lock();
+        let rx = self.inner.events.subscribe();
+        let mut now: Vec<_> = reg
+            .sandboxes
+            .values()
+            .filter(|e| selector.matches(&e.record.spec.labels))
+            .map(|e| e.record.clone())
+            .collect();
+        drop(reg);
+        now.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        Ok((selector, now, rx))
+    }
+
+    /// Deletes every sandbox whose expiry has passed. Returns how many were deleted.
+    pub async fn expire(&self) -> usize {
+        let now_s = now_ms() / 1000;
+        let due: Vec<String> = {
+            let reg = self.lock();
+            reg.sandboxes
+                .values()
+                .filter(|e| !e.busy && e.record.spec.expire_time.is_some_and(|t| t <= now_s))
+                .map(|e| e.record.spec.name.clone())
+                .collect()
+        };
+        let mut n = 0;
+        for name in due {
+            match self.delete(&name, None).await {
+                Ok(_) => {
+                    info!(sandbox = %name, "expired and deleted");
+                    n += 1;
+                }
+                Err(ControlError::Busy { .. } | ControlError::NotFound { .. }) => {}
+                Err(e) => warn!(sandbox = %name, error = %e, "could not delete an expired sandbox"),
+            }
+        }
+        n
+    }
+
+    pub fn summary(&self) -> Summary {
+        let reg = self.lock();
+        let mut by_backend = BTreeMap::new();
+        for e in reg.sandboxes.values() {
+            *by_backend.entry(e.record.spec.backend).or_insert(0) += 1;
+        }
+        let sandboxes = reg.sandboxes.len();
+        drop(reg);
+        let mut allocated = ResourceInfo::default();
+        for r in self.inner.agent.allocated().values() {
+            add(&mut allocated, r);
+        }
+        Summary {
+            node: self.inner.agent.node().to_string(),
+            store: self.inner.store.describe(),
+            sandboxes,
+            by_backend,
+            allocated,
+        }
+    }
+}
+
+fn add(total: &mut ResourceInfo, r: &ResourceInfo) {
+    fn sum<T: std::ops::Add<Output = T> + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        }
+    }
+    total.cpu_limit = sum(total.cpu_limit, r.cpu_limit);
+    total.cpu_request = sum(total.cpu_request, r.cpu_request);
+    total.memory_limit = sum(total.memory_limit, r.memory_limit);
+    total.memory_request = sum(total.memory_request, r.memory_request);
+    total.pid_limit = sum(total.pid_limit, r.pid_limit);
+    total.storage_limit = sum(total.storage_limit, r.storage_limit);
+    total.network_bandwidth = sum(total.network_bandwidth, r.network_bandwidth);
+}
+
+fn phase_of(status: &BackendStatus) -> Phase {
+    match status {
+        BackendStatus::Created | BackendStatus::Running => Phase::Running,
+        BackendStatus::Stopped => Phase::Stopped,
+        BackendStatus::Exited { code } => Phase::Exited { code: *code },
+        BackendStatus::Failed { reason } => Phase::Failed {
+            reason: reason.clone(),
+        },
+    }
+}
+
+fn apply_update(spec: &mut SandboxSpec, u: &SandboxUpdate) {
+    if let Some(r) = &u.resources {
+        spec.resources = r.clone();
+    }
+    for (k, v) in &u.set_labels {
+        spec.labels.insert(k.clone(), v.clone());
+    }
+    for k in &u.remove_labels {
+        spec.labels.remove(k);
+    }
+    for (k, v) in &u.set_annotations {
+        spec.annotations.insert(k.clone(), v.clone());
+    }
+    for k in &u.remove_annotations {
+        spec.annotations.remove(k);
+    }
+    if let Some(expire) = u.expire_time {
+        spec.expire_time = expire;
+    }
+    if let Some(p) = u.failure_policy {
+        spec.failure_policy = p;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,273 @@
+use std::path::Path;
+
+use warren_runtime::{Backend, SlotBackend};
+
+use super::*;
+use crate::store::RedbStore;
+
+fn plane_at(dir: &Path, capacity: &str) -> ControlPlane {
+    let store = RedbStore::open(dir.join("state.redb")).expect("store");
+    let slot =
+        SlotBackend::new(dir.join("slot"), capacity.parse().expect("capacity")).expect("slot");
+    let agent = Agent::new("n1", [Arc::new(slot) as Arc<dyn Backend>]);
+    ControlPlane::new(agent, Arc::new(store), Duration::from_secs(1))
+}
+
+/// Drops a plane (its store joins its writer, freeing the file) and starts a new one.
+async fn reopen(dir: &Path, plane: ControlPlane) -> ControlPlane {
+    drop(plane);
+    let p = plane_at(dir, "");
+    p.recover().await.expect("recover");
+    p
+}
+
+fn spec(name: &str) -> SandboxSpec {
+    let mut s = SandboxSpec {
+        name: name.into(),
+        ..Default::default()
+    };
+    s.annotations
+        .insert("resources.limits.cpu".into(), "1".into());
+    s.resources.limits.memory = Some("256Mi".into());
+    s
+}
+
+#[tokio::test]
+async fn create_get_list_update_delete() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let (rec, created) = plane.create(spec("a")).await.expect("create");
+    assert!(created);
+    assert_eq!(rec.status, Phase::Running);
+    assert_eq!(rec.revision, 1);
+    assert_eq!(rec.resources.cpu_limit, Some(1.0));
+    assert_eq!(rec.resources.memory_limit, Some(256 << 20));
+    let path = rec.backend_info["resources_path"].clone();
+    assert!(Path::new(&path).exists());
+
+    let mut b = spec("b");
+    b.labels.insert("app".into(), "web".into());
+    plane.create(b).await.expect("create b");
+    let names =
+        |v: Vec<Arc<SandboxRecord>>| v.iter().map(|r| r.spec.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(plane.list("", &[]).expect("list")), ["a", "b"]);
+    assert_eq!(names(plane.list("app=web", &[]).expect("list")), ["b"]);
+    assert_eq!(names(plane.list("!app", &[]).expect("list")), ["a"]);
+    assert!(plane.list("", &[BackendKind::Vm]).expect("list").is_empty());
+
+    let update = SandboxUpdate {
+        resources: Some(ResourceRequirements {
+            limits: warren_spec::ResourceList {
+                memory: Some("1Gi".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        set_labels: [("tier".to_string(), "x".to_string())].into(),
+        expected_revision: Some(1),
+        ..Default::default()
+    };
+    let updated = plane.update("a", update).await.expect("update");
+    assert_eq!(updated.revision, 2);
+    assert_eq!(updated.resources.memory_limit, Some(1 << 30));
+    let on_disk: ResourceInfo =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+    assert_eq!(
+        on_disk.memory_limit,
+        Some(1 << 30),
+        "the backend saw the resize"
+    );
+    let stale = SandboxUpdate {
+        expected_revision: Some(1),
+        remove_labels: vec!["tier".into()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        plane.update("a", stale).await,
+        Err(ControlError::RevisionMismatch { actual: 2, .. })
+    ));
+    let noop = plane
+        .update("a", SandboxUpdate::default())
+        .await
+        .expect("no-op update");
+    assert_eq!(
+        noop.revision, 2,
+        "an update that changes nothing does not bump the revision"
+    );
+
+    let gone = plane.delete("a", None).await.expect("delete");
+    assert_eq!(gone.status, Phase::Deleted);
+    assert!(!Path::new(&path).exists());
+    assert!(matches!(plane.get("a"), Err(ControlError::NotFound { .. })));
+    assert!(matches!(
+        plane.delete("a", None).await,
+        Err(ControlError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn create_is_idempotent_by_name_and_refuses_a_different_spec() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let (first, _) = plane.create(spec("a")).await.expect("create");
+    let (again, created) = plane.create(spec("a")).await.expect("retry");
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    let mut other = spec("a");
+    other.image = Some("busybox".into());
+    assert!(matches!(
+        plane.create(other).await,
+        Err(ControlError::AlreadyExists { .. })
+    ));
+    assert_eq!(plane.list("", &[]).expect("list").len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_specs_and_full_nodes_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "cpu=1");
+    let mut bad = spec("bad");
+    bad.resources.limits.memory = Some("2Gx".into());
+    let e = plane.create(bad).await.expect_err("bad quantity");
+    assert!(
+        e.to_string().contains("spec.resources.limits.memory"),
+        "{e}"
+    );
+
+    plane.create(spec("fits")).await.expect("fits");
+    let e = plane
+        .create(spec("too-much"))
+        .await
+        .expect_err("no cpu left");
+    assert!(
+        matches!(
+            e,
+            ControlError::Agent(AgentError::Backend(BackendError::Capacity { .. }))
+        ),
+        "{e}"
+    );
+    assert!(matches!(
+        plane.get("too-much"),
+        Err(ControlError::NotFound { .. })
+    ));
+    let dirs = std::fs::read_dir(tmp.path().join("slot"))
+        .expect("slot dir")
+        .count();
+    assert_eq!(dirs, 1, "only the sandbox that fits has files");
+
+    let mut vm = spec("vm");
+    vm.backend = BackendKind::Vm;
+    let e = plane.create(vm).await.expect_err("no vm backend");
+    assert!(
+        matches!(e, ControlError::Agent(AgentError::Unavailable { .. })),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn state_survives_a_restart_and_orphans_are_removed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let (kept, _) = plane.create(spec("kept")).await.expect("create");
+    // An orphan: backend files with no record (a crash between the backend and the commit).
+    let orphan = tmp.path().join("slot").join("0123orphan");
+    std::fs::create_dir_all(&orphan).expect("orphan dir");
+    std::fs::write(orphan.join("resources.json"), "{}").expect("orphan file");
+    // A lost JSON file is re-written from the store.
+    std::fs::remove_file(&kept.backend_info["resources_path"]).expect("remove json");
+
+    let plane = reopen(tmp.path(), plane).await;
+    let rec = plane.get("kept").expect("kept survives");
+    assert_eq!(rec.id, kept.id);
+    assert_eq!(rec.status, Phase::Running);
+    assert!(
+        Path::new(&rec.backend_info["resources_path"]).exists(),
+        "json re-written"
+    );
+    assert!(!orphan.exists(), "orphan removed");
+    assert_eq!(
+        plane.summary().allocated.cpu_request,
+        Some(1.0),
+        "capacity re-accounted"
+    );
+}
+
+#[tokio::test]
+async fn watch_sees_every_change_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    plane.create(spec("before")).await.expect("create");
+    let (_, initial, mut rx) = plane.watch("").expect("watch");
+    assert_eq!(initial.len(), 1);
+    plane.create(spec("w")).await.expect("create");
+    plane
+        .update(
+            "w",
+            SandboxUpdate {
+                set_labels: [("k".into(), "v".into())].into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("update");
+    plane.delete("w", None).await.expect("delete");
+    let mut seen = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        seen.push((ev.kind, ev.record.status.name(), ev.sequence));
+    }
+    let kinds: Vec<_> = seen.iter().map(|(k, p, _)| (*k, *p)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (EventKind::Added, "Running"),
+            (EventKind::Modified, "Running"),
+            (EventKind::Modified, "Stopping"),
+            (EventKind::Deleted, "Deleted"),
+        ]
+    );
+    assert!(
+        seen.windows(2).all(|w| w[1].2 == w[0].2 + 1),
+        "sequence numbers are consecutive: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn expired_sandboxes_are_deleted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let mut old = spec("old");
+    old.expire_time = Some(now_ms() / 1000 - 1);
+    plane.create(old).await.expect("create");
+    let mut young = spec("young");
+    young.expire_time = Some(now_ms() / 1000 + 3600);
+    plane.create(young).await.expect("create");
+    assert_eq!(plane.expire().await, 1);
+    assert!(plane.get("old").is_err());
+    assert!(plane.get("young").is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_on_one_name_never_interleave() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let p = plane.clone();
+        tasks.push(tokio::spawn(async move { p.create(spec("same")).await }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok((_, true)) => created += 1,
+            Ok((_, false)) | Err(ControlError::Busy { .. }) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!(created, 1, "exactly one create made the sandbox");
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("slot"))
+            .expect("dir")
+            .count(),
+        1
+    );
+}

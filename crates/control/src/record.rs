@@ -1,0 +1,62 @@
+//! The persisted form of a sandbox and its wire form.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use warren_proto::{resource_info_to_pb, spec_to_pb, v1};
+use warren_spec::{Phase, ResourceInfo, SandboxSpec};
+
+/// Key prefix of sandbox records in the store.
+pub const PREFIX: &str = "sandboxes/";
+
+pub fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+/// One sandbox as the control plane knows it. Stored as JSON: readable with any redb tool,
+/// and new optional fields stay compatible with old records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub spec: SandboxSpec,
+    pub status: Phase,
+    pub resources: ResourceInfo,
+    pub node: String,
+    #[serde(default)]
+    pub backend_info: BTreeMap<String, String>,
+    pub revision: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl SandboxRecord {
+    pub fn to_pb(&self) -> v1::Sandbox {
+        let (exit_code, reason) = match &self.status {
+            Phase::Exited { code } => (Some(*code), String::new()),
+            Phase::Failed { reason } => (None, reason.clone()),
+            _ => (None, String::new()),
+        };
+        v1::Sandbox {
+            id: self.id.clone(),
+            spec: Some(spec_to_pb(&self.spec)),
+            status: Some(v1::SandboxStatus {
+                phase: self.status.name().to_string(),
+                exit_code,
+                reason,
+                resources: Some(resource_info_to_pb(&self.resources)),
+                node: self.node.clone(),
+                backend_info: self.backend_info.clone().into_iter().collect(),
+            }),
+            revision: self.revision,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

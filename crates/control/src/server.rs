@@ -1,0 +1,297 @@
+//! `warren server`: the control plane with its in-process agent, serving gRPC.
+//!
+//! Start-up order: state dir -> store (locks the dir against a second server) -> backends ->
+//! recover every record and reconcile with the backends -> bind -> serve. Nothing is served
+//! before recovery ends, so no client sees a half-loaded registry.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server as TonicServer;
+use tonic::{Request, Status};
+use tracing::{info, warn};
+use warren_agent::Agent;
+use warren_proto::v1::sandboxes_server::SandboxesServer;
+use warren_runtime::{Backend, SlotBackend, SlotCapacity};
+
+use crate::address::Address;
+use crate::grpc::SandboxService;
+use crate::plane::{ControlError, ControlPlane};
+use crate::store::{RedbStore, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub dir: PathBuf,
+    pub listen: Address,
+    /// Required for TCP; checked on every call when set.
+    pub token: Option<String>,
+    pub node: String,
+    pub slot_capacity: SlotCapacity,
+    /// Where the slot backend writes `<id>/resources.json`; `<dir>/slot` when `None`.
+    pub slot_dir: Option<PathBuf>,
+    /// SIGTERM-to-SIGKILL time for deletes that do not give one.
+    pub default_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "listening on {0} needs a token: pass --token or set WARREN_TOKEN (TCP is reachable by anyone who can connect)"
+    )]
+    TcpWithoutToken(Address),
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another warren server is already listening on {0}")]
+    InUse(Address),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot set up the {backend} backend: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+    },
+    #[error("recovery failed")]
+    Recover(#[source] ControlError),
+    #[error("serving gRPC failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
+    move |source| ServerError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// A server that has recovered its state and bound its address, ready to [`Server::run`].
+pub struct Server {
+    plane: ControlPlane,
+    listener: Listener,
+    address: Address,
+    token: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Server {
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        if matches!(config.listen, Address::Tcp(_)) && config.token.is_none() {
+            return Err(ServerError::TcpWithoutToken(config.listen));
+        }
+        std::fs::create_dir_all(&config.dir).map_err(io("create", &config.dir))?;
+        std::fs::set_permissions(&config.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restrict", &config.dir))?;
+        let store = Arc::new(RedbStore::open(config.dir.join("state.redb"))?);
+        let slot_dir = config
+            .slot_dir
+            .clone()
+            .unwrap_or_else(|| config.dir.join("slot"));
+        let slot =
+            SlotBackend::new(slot_dir, config.slot_capacity).map_err(|e| ServerError::Backend {
+                backend: "slot",
+                message: e.to_string(),
+            })?;
+        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot)];
+        let agent = Agent::new(config.node.clone(), backends);
+        for report in agent.report() {
+            match &report.available {
+                Ok(()) => info!(backend = %report.kind, "backend available"),
+                Err(reason) => {
+                    info!(backend = %report.kind, reason = %reason, "backend unavailable")
+                }
+            }
+        }
+        let plane = ControlPlane::new(agent, store, config.default_grace);
+        let n = plane.recover().await.map_err(ServerError::Recover)?;
+        info!(sandboxes = n, dir = %config.dir.display(), "state recovered");
+
+        let (listener, address) = match &config.listen {
+            Address::Unix(path) => {
+                let l = bind_unix(path, &config.listen).await?;
+                (Listener::Unix(l, path.clone()), config.listen.clone())
+            }
+            Address::Tcp(hp) => {
+                let l = TcpListener::bind(hp.as_str())
+                    .await
+                    .map_err(io("listen on", Path::new(hp)))?;
+                let local = l.local_addr().map_err(io("listen on", Path::new(hp)))?;
+                (Listener::Tcp(l), Address::Tcp(local.to_string()))
+            }
+        };
+        Ok(Server {
+            plane,
+            listener,
+            address,
+            token: config.token.map(Arc::from),
+        })
+    }
+
+    /// The bound address (with the real port when the config asked for port 0).
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    pub fn plane(&self) -> &ControlPlane {
+        &self.plane
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish,
+    /// ends watch streams, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let service = SandboxService::new(self.plane.clone(), stop_rx.clone());
+        let token = self.token.clone();
+        let sandboxes = InterceptedService::new(
+            SandboxesServer::new(service).max_decoding_message_size(16 << 20),
+            move |req: Request<()>| authorize(&token, req),
+        );
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<SandboxesServer<SandboxService>>()
+            .await;
+
+        let expiry = tokio::spawn(expiry_loop(self.plane.clone(), stop_rx));
+        let signal = async move {
+            shutdown.await;
+            info!("shutting down: finishing in-flight calls");
+            let _ = stop_tx.send(true);
+        };
+        let router = TonicServer::builder()
+            .concurrency_limit_per_connection(1024)
+            .add_service(health_service)
+            .add_service(sandboxes);
+        let result = match self.listener {
+            Listener::Unix(l, path) => {
+                let served = router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
+                    .await;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    warn!(path = %path.display(), error = %e, "could not remove the socket");
+                }
+                served
+            }
+            Listener::Tcp(l) => {
+                let incoming = TcpListenerStream::new(l).map(|s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                });
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+        };
+        expiry.abort();
+        result.map_err(ServerError::Serve)
+    }
+}
+
+/// Binds a unix socket readable and writable by the owner only. Binding happens under a
+/// temporary name that is renamed into place after the chmod, so the socket is never
+/// reachable with looser permissions.
+async fn bind_unix(path: &Path, address: &Address) -> Result<UnixListener, ServerError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    }
+    if path.exists() {
+        // A live server answers; a stale socket from a killed one refuses.
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::InUse(address.clone()));
+        }
+        std::fs::remove_file(path).map_err(io("remove the stale socket", path))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io("listen on", &tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restrict", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("move into place", path))?;
+    Ok(listener)
+}
+
+#[allow(clippy::result_large_err)] // tonic's interceptor signature fixes the error type.
+fn authorize(token: &Option<Arc<str>>, req: Request<()>) -> Result<Request<()>, Status> {
+    let Some(token) = token else { return Ok(req) };
+    let given = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(req),
+        Some(_) => Err(Status::unauthenticated("the bearer token is wrong")),
+        None => Err(Status::unauthenticated(
+            "this server needs a bearer token: pass --token or set WARREN_TOKEN",
+        )),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn expiry_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { plane.expire().await; }
+            // The sender only ever sends `true`, and dropping it also means stop.
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        let tok = Some(Arc::<str>::from("s3"));
+        assert!(authorize(&tok, Request::new(())).is_err());
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", "Bearer s3".parse().expect("ascii"));
+        assert!(authorize(&tok, req).is_ok());
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", "Bearer nope".parse().expect("ascii"));
+        assert_eq!(
+            authorize(&tok, req).expect_err("wrong").code(),
+            tonic::Code::Unauthenticated
+        );
+        assert!(authorize(&None, Request::new(())).is_ok());
+    }
+}
