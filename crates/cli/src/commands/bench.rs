@@ -1,0 +1,324 @@
+//! `warren bench`: measure warren through its real API.
+//!
+//! `bench create` creates N sandboxes at concurrency C over the gRPC API, with persistence
+//! on (every acknowledged create is durable), then deletes them, and prints latency
+//! percentiles and rates. Without `--server` it starts a private `warren server` on a
+//! temporary directory, so the figures include nothing from other work.
+
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+use warren_control::Address;
+use warren_control::client::{self, Client};
+use warren_proto::{spec_to_pb, v1};
+use warren_spec::{BackendKind, SandboxSpec};
+
+use super::{Globals, answer, usage};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum What {
+    /// Create (then delete) sandboxes as fast as the server acknowledges them.
+    Create(CreateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Backend to create sandboxes on.
+    #[arg(long, short = 'b', default_value = "slot")]
+    backend: String,
+    /// How many sandboxes.
+    #[arg(short = 'n', default_value_t = 10_000)]
+    count: usize,
+    /// How many creates in flight at once.
+    #[arg(short = 'c', default_value_t = 32)]
+    concurrency: usize,
+    /// HTTP/2 connections to spread the calls over.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Log level of the private server (its log goes to a file in its temporary dir).
+    #[arg(long, default_value = "info")]
+    server_log_level: String,
+    /// --slot-dir for the private server (default: inside its state dir, on disk).
+    #[arg(long)]
+    slot_dir: Option<std::path::PathBuf>,
+    /// Keep the sandboxes instead of deleting them afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    match args.what {
+        What::Create(a) => create(a, g).await,
+    }
+}
+
+/// A `warren server` child on a temporary dir, stopped with SIGTERM when dropped.
+struct PrivateServer {
+    child: std::process::Child,
+    address: Address,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateServer {
+    fn start(log_level: &str, slot_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("warren-bench-").tempdir()?;
+        let sock = dir.path().join("warren.sock");
+        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let exe = std::env::current_exe().context("finding the warren binary")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("server");
+        if let Some(d) = slot_dir {
+            cmd.arg("--slot-dir").arg(d);
+        }
+        let child = cmd
+            .arg("--dir")
+            .arg(dir.path().join("state"))
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--log-level")
+            .arg(log_level)
+            .env_remove("WARREN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a private warren server")?;
+        Ok(PrivateServer {
+            child,
+            address: Address::Unix(sock),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect_retrying(address: &Address, token: Option<&str>) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client::connect(address, token).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+struct Phase {
+    hist: Histogram<u64>,
+    elapsed: Duration,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+/// Runs `op(i)` for i in 0..n with `concurrency` workers over the clients.
+async fn drive<F, Fut>(
+    clients: &[Client],
+    n: usize,
+    concurrency: usize,
+    op: F,
+) -> anyhow::Result<Phase>
+where
+    F: Fn(Client, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let client = clients[w % clients.len()].clone();
+        let (next, op) = (next.clone(), op.clone());
+        workers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("static bounds are valid");
+            let (mut errors, mut first_error) = (0, None);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let t = Instant::now();
+                match op(client.clone(), i).await {
+                    Ok(()) => hist.saturating_record(t.elapsed().as_micros() as u64),
+                    Err(s) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| s.message().to_string());
+                    }
+                }
+            }
+            (hist, errors, first_error)
+        }));
+    }
+    let mut phase = Phase {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        elapsed: Duration::ZERO,
+        errors: 0,
+        first_error: None,
+    };
+    for w in workers {
+        let (hist, errors, first_error) = w.await?;
+        phase.hist.add(hist)?;
+        phase.errors += errors;
+        if phase.first_error.is_none() {
+            phase.first_error = first_error;
+        }
+    }
+    phase.elapsed = start.elapsed();
+    Ok(phase)
+}
+
+fn us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1}ms", v as f64 / 1000.0)
+    } else {
+        format!("{v}µs")
+    }
+}
+
+fn report(name: &str, p: &Phase) -> serde_json::Value {
+    let n = p.hist.len();
+    let rate = n as f64 / p.elapsed.as_secs_f64();
+    println!(
+        "{name:<8} p50 {:>8}  p90 {:>8}  p99 {:>8}  max {:>8}  {:>9.0}/s  ({n} ok, {} failed, {:.2}s)",
+        us(p.hist.value_at_quantile(0.5)),
+        us(p.hist.value_at_quantile(0.9)),
+        us(p.hist.value_at_quantile(0.99)),
+        us(p.hist.max()),
+        rate,
+        p.errors,
+        p.elapsed.as_secs_f64(),
+    );
+    if let Some(e) = &p.first_error {
+        println!("         first error: {e}");
+    }
+    serde_json::json!({
+        "ok": n, "failed": p.errors, "seconds": p.elapsed.as_secs_f64(), "per_second": rate,
+        "p50_us": p.hist.value_at_quantile(0.5), "p90_us": p.hist.value_at_quantile(0.9),
+        "p99_us": p.hist.value_at_quantile(0.99), "max_us": p.hist.max(),
+    })
+}
+
+async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
+    let backend: BackendKind = a
+        .backend
+        .parse()
+        .map_err(|e| usage(format!("--backend: {e}")))?;
+    if a.count == 0 || a.concurrency == 0 || a.connections == 0 {
+        return Err(usage("-n, -c and --connections must be at least 1"));
+    }
+    let private = if g.server.is_none() {
+        Some(PrivateServer::start(
+            &a.server_log_level,
+            a.slot_dir.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let address = match &private {
+        Some(p) => p.address.clone(),
+        None => g.address()?,
+    };
+    let mut clients = Vec::new();
+    for _ in 0..a.connections {
+        clients.push(connect_retrying(&address, g.token.as_deref()).await?);
+    }
+    let run_id = format!("{:x}", std::process::id());
+    let where_ = if private.is_some() {
+        "private server"
+    } else {
+        "server"
+    };
+    if !a.json {
+        println!(
+            "warren bench create: backend={backend} n={} c={} connections={} ({where_} at {address}, durable group commit)",
+            a.count, a.concurrency, a.connections
+        );
+    }
+    let prefix = Arc::new(format!("bench-{run_id}"));
+    let p = prefix.clone();
+    let created = drive(&clients, a.count, a.concurrency, move |mut c, i| {
+        let mut spec = SandboxSpec {
+            name: format!("{p}-{i}"),
+            backend,
+            ..SandboxSpec::default()
+        };
+        spec.annotations
+            .insert("resources.limits.cpu".into(), "1".into());
+        spec.annotations
+            .insert("resources.limits.memory".into(), "256Mi".into());
+        spec.labels.insert("bench".into(), p.to_string());
+        async move {
+            c.create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec)),
+            })
+            .await
+            .map(|_| ())
+        }
+    })
+    .await?;
+    let create_json = report("create", &created);
+    let mut delete_json = serde_json::Value::Null;
+    if !a.keep {
+        let p = prefix.clone();
+        let deleted = drive(&clients, a.count, a.concurrency, move |mut c, i| {
+            let req = v1::DeleteSandboxRequest {
+                name: format!("{p}-{i}"),
+                grace_period_seconds: Some(0),
+            };
+            async move { c.delete_sandbox(req).await.map(|_| ()) }
+        })
+        .await?;
+        delete_json = report("delete", &deleted);
+    }
+    if a.json {
+        let all = serde_json::json!({
+            "backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency,
+            "connections": a.connections, "create": create_json, "delete": delete_json,
+        });
+        println!("{all}");
+    }
+    // Prove the server is still healthy after the run.
+    let info = answer(
+        clients[0]
+            .get_server_info(v1::GetServerInfoRequest {})
+            .await,
+    )?;
+    if !a.keep && info.sandboxes != 0 && private.is_some() {
+        bail!("{} sandboxes left after the delete phase", info.sandboxes);
+    }
+    drop(private);
+    Ok(if created.errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

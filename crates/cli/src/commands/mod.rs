@@ -1,0 +1,194 @@
+//! One file per subcommand; this module holds the shared flags and helpers.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use warren_control::Address;
+use warren_control::client::{self, Client};
+
+mod apply;
+mod bench;
+mod get;
+mod info;
+mod ls;
+mod rm;
+mod run;
+mod server;
+mod update;
+mod watch;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warren",
+    version,
+    about = "Start, run, limit, watch and throw away sandboxes."
+)]
+pub struct Cli {
+    /// Server address: unix:///path/to.sock or tcp://host:port.
+    #[arg(long, short = 's', global = true, env = "WARREN_SERVER")]
+    pub server: Option<String>,
+    /// Bearer token for the server (required over TCP).
+    #[arg(long, global = true, env = "WARREN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, global = true, env = "WARREN_LOG", default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane with its local agent.
+    Server(server::Args),
+    /// Create and start a sandbox.
+    Run(run::Args),
+    /// List sandboxes.
+    #[command(alias = "list", alias = "ps")]
+    Ls(ls::Args),
+    /// Show one sandbox.
+    Get(get::Args),
+    /// Delete sandboxes.
+    #[command(alias = "delete")]
+    Rm(rm::Args),
+    /// Create or update sandboxes from a YAML file.
+    Apply(apply::Args),
+    /// Change a sandbox's resources, labels, annotations, expiry or failure policy.
+    Update(update::Args),
+    /// Stream sandbox changes.
+    Watch(watch::Args),
+    /// Show what the server runs: version, backends, capacity in use.
+    Info(info::Args),
+    /// Measure warren.
+    Bench(bench::Args),
+}
+
+/// A mistake in how the command was called: exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+pub fn init_logging(cli: &Cli) {
+    // Client commands log only warnings unless asked; the server logs at --log-level.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Server(_), l) => l.to_string(),
+        (_, "info") => "warn".to_string(),
+        (_, l) => l.to_string(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json =
+        matches!(&cli.command, Command::Server(a) if a.log_format == server::LogFormat::Json);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    if json {
+        builder.json().init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = Globals {
+        server: cli.server,
+        token: cli.token,
+    };
+    match cli.command {
+        Command::Server(a) => server::run(a, &g).await,
+        Command::Run(a) => run::run(a, &g).await,
+        Command::Ls(a) => ls::run(a, &g).await,
+        Command::Get(a) => get::run(a, &g).await,
+        Command::Rm(a) => rm::run(a, &g).await,
+        Command::Apply(a) => apply::run(a, &g).await,
+        Command::Update(a) => update::run(a, &g).await,
+        Command::Watch(a) => watch::run(a, &g).await,
+        Command::Info(a) => info::run(a, &g).await,
+        Command::Bench(a) => bench::run(a, &g).await,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Globals {
+    pub server: Option<String>,
+    pub token: Option<String>,
+}
+
+impl Globals {
+    pub fn address(&self) -> anyhow::Result<Address> {
+        match &self.server {
+            Some(s) => s
+                .parse()
+                .map_err(|e: String| usage(format!("--server: {e}"))),
+            None => Ok(Address::Unix(warren_control::address::default_socket())),
+        }
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let address = self.address()?;
+        Ok(client::connect(&address, self.token.as_deref()).await?)
+    }
+}
+
+/// A gRPC error as a person reads it: the server's message, without transport noise.
+#[derive(Debug)]
+pub struct ServerError(pub tonic::Status);
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let msg = self.0.message();
+        match self.0.code() {
+            tonic::Code::Unavailable if msg.is_empty() => write!(f, "the server is unavailable"),
+            _ if msg.is_empty() => write!(f, "{:?}", self.0.code()),
+            _ => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Unwraps a gRPC response, turning a status into a readable error.
+pub fn answer<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| ServerError(s).into())
+}
+
+/// Parses repeated `KEY=VALUE` flags.
+pub fn key_values(
+    flag: &str,
+    items: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(usage(format!("{flag}: {kv:?} is not KEY=VALUE"))),
+        })
+        .collect()
+}
+
+/// Reads a YAML or JSON file, or standard input for "-".
+pub fn read_input(path: &str) -> anyhow::Result<String> {
+    if path == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading standard input")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {path}"))
+    }
+}

@@ -1,0 +1,53 @@
+//! `warren rm NAME...`: delete sandboxes. Tries every name; exits 1 if any failed.
+
+use std::process::ExitCode;
+
+use warren_proto::v1;
+
+use super::{Globals, ServerError, answer};
+use crate::output::printable;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Sandbox names.
+    #[arg(required = true)]
+    names: Vec<String>,
+    /// Seconds between SIGTERM and SIGKILL (the sandbox's default when absent).
+    #[arg(long, short = 't')]
+    grace: Option<u32>,
+    /// Do not fail on names that do not exist.
+    #[arg(long, short = 'f')]
+    force: bool,
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let client = g.connect().await?;
+    let deletes = args.names.iter().map(|name| {
+        let mut client = client.clone();
+        let req = v1::DeleteSandboxRequest {
+            name: name.clone(),
+            grace_period_seconds: args.grace,
+        };
+        async move { (name, answer(client.delete_sandbox(req).await)) }
+    });
+    let mut failed = false;
+    for (name, result) in futures::future::join_all(deletes).await {
+        match result {
+            Ok(_) => println!("{}", printable(name)),
+            Err(e) => {
+                let not_found = e
+                    .downcast_ref::<ServerError>()
+                    .is_some_and(|s| s.0.code() == tonic::Code::NotFound);
+                if !(args.force && not_found) {
+                    eprintln!("error: {e:#}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

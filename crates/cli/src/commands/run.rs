@@ -1,0 +1,232 @@
+//! `warren run`: create and start one sandbox from flags.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use warren_proto::{spec_to_pb, v1};
+use warren_spec::{
+    BackendKind, Consistency, FailurePolicy, PortSpec, ResourceRequirements, SandboxSpec,
+};
+
+use super::{Globals, answer, key_values, usage};
+use crate::output::{self, Format, printable};
+
+/// Resource flags shared by `run` and `update`. Quantities as Kubernetes writes them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ResourceFlags {
+    /// CPU limit in cores: 2, 0.5, 500m.
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// CPU request in cores.
+    #[arg(long)]
+    pub cpu_request: Option<String>,
+    /// Memory limit: 512Mi, 2Gi, 1G.
+    #[arg(long, short = 'm')]
+    pub memory: Option<String>,
+    /// Memory request.
+    #[arg(long)]
+    pub memory_request: Option<String>,
+    /// Most processes the sandbox may have.
+    #[arg(long)]
+    pub pids: Option<String>,
+    /// Storage limit: 10Gi.
+    #[arg(long)]
+    pub storage: Option<String>,
+    /// Network bandwidth in bits per second: 100M.
+    #[arg(long)]
+    pub network_bandwidth: Option<String>,
+}
+
+impl ResourceFlags {
+    pub fn is_empty(&self) -> bool {
+        let ResourceFlags {
+            cpu,
+            cpu_request,
+            memory,
+            memory_request,
+            pids,
+            storage,
+            network_bandwidth,
+        } = self;
+        [
+            cpu,
+            cpu_request,
+            memory,
+            memory_request,
+            pids,
+            storage,
+            network_bandwidth,
+        ]
+        .iter()
+        .all(|f| f.is_none())
+    }
+
+    /// Sets the flags given onto `r`, leaving the rest as they are.
+    pub fn apply_to(&self, r: &mut ResourceRequirements) {
+        let set = |to: &mut Option<String>, from: &Option<String>| {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        };
+        set(&mut r.limits.cpu, &self.cpu);
+        set(&mut r.requests.cpu, &self.cpu_request);
+        set(&mut r.limits.memory, &self.memory);
+        set(&mut r.requests.memory, &self.memory_request);
+        set(&mut r.limits.pids, &self.pids);
+        set(&mut r.limits.storage, &self.storage);
+        set(&mut r.limits.network_bandwidth, &self.network_bandwidth);
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Sandbox name; generated when absent.
+    #[arg(long)]
+    name: Option<String>,
+    /// Isolation backend: slot, linux, wasm or vm.
+    #[arg(long, short = 'b', default_value = "slot")]
+    backend: String,
+    /// Image (linux, vm) or module (wasm) to run.
+    #[arg(long, short = 'i')]
+    image: Option<String>,
+    #[command(flatten)]
+    resources: ResourceFlags,
+    /// Annotation KEY=VALUE (repeatable); CRI resource keys such as resources.limits.cpu
+    /// take precedence over the flags.
+    #[arg(long = "annotation", short = 'a')]
+    annotations: Vec<String>,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Port to expose: 8080, 80:8080 (host:container), 53/udp (repeatable).
+    #[arg(long = "port", short = 'p')]
+    ports: Vec<String>,
+    /// Policy to apply (the server's default when absent).
+    #[arg(long)]
+    policy: Option<String>,
+    /// What to do when the sandbox or its node fails: Manual or AutoRecreate.
+    #[arg(long, default_value = "Manual")]
+    failure_policy: String,
+    /// fast (reply before persisting) or strong (persist first).
+    #[arg(long = "mode", default_value = "fast")]
+    consistency: String,
+    /// Pool to take a pre-warmed sandbox from.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Delete the sandbox after this long, e.g. 30m, 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    expire_in: Option<Duration>,
+    /// Output: table (a summary), name, json or yaml.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+    /// Command and arguments to run.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn generated_name() -> String {
+    // Unique enough for a human-run command: time in ms plus the process id, base 36.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut n = (now.as_millis() as u64).wrapping_mul(1_000_003) ^ u64::from(std::process::id());
+    let mut s = String::new();
+    for _ in 0..8 {
+        s.push(char::from(
+            b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize],
+        ));
+        n /= 36;
+    }
+    format!("sandbox-{s}")
+}
+
+pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
+    let backend: BackendKind = args
+        .backend
+        .parse()
+        .map_err(|e| usage(format!("--backend: {e}")))?;
+    let failure_policy: FailurePolicy = args
+        .failure_policy
+        .parse()
+        .map_err(|e| usage(format!("--failure-policy: {e}")))?;
+    let consistency: Consistency = args
+        .consistency
+        .parse()
+        .map_err(|e| usage(format!("--mode: {e}")))?;
+    let ports = args
+        .ports
+        .iter()
+        .map(|p| {
+            p.parse::<PortSpec>()
+                .map_err(|e| usage(format!("--port: {e}")))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut resources = ResourceRequirements::default();
+    args.resources.apply_to(&mut resources);
+    let expire_time = args.expire_in.map(|d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (now + d).as_secs() as i64
+    });
+    Ok(SandboxSpec {
+        name: args.name.clone().unwrap_or_else(generated_name),
+        labels: key_values("--label", &args.labels)?,
+        annotations: key_values("--annotation", &args.annotations)?,
+        backend,
+        image: args.image.clone(),
+        command: args.command.clone(),
+        env: key_values("--env", &args.env)?,
+        working_dir: args.workdir.clone(),
+        resources,
+        ports,
+        policy: args.policy.clone(),
+        failure_policy,
+        consistency,
+        pool: args.pool.clone(),
+        expire_time,
+        ..SandboxSpec::default()
+    })
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let spec = build_spec(&args)?;
+    let mut client = g.connect().await?;
+    let reply = answer(
+        client
+            .create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec)),
+            })
+            .await,
+    )?;
+    let sb = reply.sandbox.unwrap_or_default();
+    match args.output {
+        Format::Table | Format::Wide => {
+            let st = sb.status.clone().unwrap_or_default();
+            let verb = if reply.created {
+                "created"
+            } else {
+                "already exists"
+            };
+            println!(
+                "sandbox/{} {verb} ({}, {})",
+                printable(&spec.name),
+                spec.backend,
+                printable(&st.phase)
+            );
+            let mut info: Vec<_> = st.backend_info.iter().collect();
+            info.sort();
+            for (k, v) in info {
+                println!("  {}: {}", printable(k), printable(v));
+            }
+        }
+        format => output::sandboxes(&[sb], format, false)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

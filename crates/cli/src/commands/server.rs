@@ -1,0 +1,121 @@
+//! `warren server`: the control plane with its in-process agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::ValueEnum;
+use tracing::info;
+use warren_control::{Address, Server, ServerConfig};
+use warren_runtime::SlotCapacity;
+
+use super::{Globals, usage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// State directory: the store, and per-sandbox files such as slot/<id>/resources.json.
+    /// Default: /var/lib/warren for root, ~/.local/share/warren otherwise.
+    #[arg(long, env = "WARREN_DIR")]
+    dir: Option<PathBuf>,
+    /// unix:///path.sock or tcp://host:port (TCP needs --token). Default: the --server
+    /// address, else /run/warren/warren.sock for root.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Read the bearer token from this file instead of --token / WARREN_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where the slot backend writes <id>/resources.json. Default: <dir>/slot. These files
+    /// are re-written from the store at start-up, so a tmpfs (e.g. /dev/shm/warren) is safe
+    /// and much faster than most disks.
+    #[arg(long)]
+    slot_dir: Option<PathBuf>,
+    /// Name of this node. Default: the host name.
+    #[arg(long)]
+    node: Option<String>,
+    /// What the slot backend may hand out: cpu=64,memory=256Gi,pids=100000,sandboxes=5000.
+    #[arg(long, default_value = "")]
+    slot_capacity: String,
+    /// Default time between SIGTERM and SIGKILL when deleting, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_string())
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let listen: Address = match args.listen.as_deref().or(g.server.as_deref()) {
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| usage(format!("--listen: {e}")))?,
+        None => Address::Unix(warren_control::address::default_socket()),
+    };
+    let token = match &args.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => g.token.clone(),
+    };
+    if token.as_deref() == Some("") {
+        return Err(usage("the token is empty"));
+    }
+    let slot_capacity: SlotCapacity = args
+        .slot_capacity
+        .parse()
+        .map_err(|e: String| usage(format!("--slot-capacity: {e}")))?;
+    let config = ServerConfig {
+        dir: args
+            .dir
+            .unwrap_or_else(warren_control::address::default_dir),
+        listen,
+        token,
+        node: args.node.unwrap_or_else(hostname),
+        slot_capacity,
+        slot_dir: args.slot_dir,
+        default_grace: args.grace,
+    };
+    let dir = config.dir.clone();
+    let server = Server::bind(config).await?;
+    info!(address = %server.address(), dir = %dir.display(), "warren server listening");
+    // One line on stdout for scripts and tests that asked for port 0.
+    println!("warren server listening on {}", server.address());
+    server.run(shutdown_signal()).await?;
+    info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without signal handlers the server can still be stopped by SIGKILL; run on.
+        _ => std::future::pending().await,
+    }
+}

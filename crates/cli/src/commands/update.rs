@@ -1,0 +1,105 @@
+//! `warren update NAME`: change what can change on a live sandbox.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use warren_proto::{failure_policy_to_pb, resources_to_pb, spec_from_pb, v1};
+use warren_spec::FailurePolicy;
+
+use super::run::ResourceFlags;
+use super::{Globals, answer, key_values, usage};
+use crate::output::{self, Format, printable};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Sandbox name.
+    name: String,
+    #[command(flatten)]
+    resources: ResourceFlags,
+    /// Set label KEY=VALUE (repeatable).
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// Remove label KEY (repeatable).
+    #[arg(long = "label-rm")]
+    remove_labels: Vec<String>,
+    /// Set annotation KEY=VALUE (repeatable).
+    #[arg(long = "annotation", short = 'a')]
+    annotations: Vec<String>,
+    /// Remove annotation KEY (repeatable).
+    #[arg(long = "annotation-rm")]
+    remove_annotations: Vec<String>,
+    /// Delete the sandbox this long from now, e.g. 30m.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "no_expire")]
+    expire_in: Option<Duration>,
+    /// Remove the expiry.
+    #[arg(long)]
+    no_expire: bool,
+    /// Manual or AutoRecreate.
+    #[arg(long)]
+    failure_policy: Option<String>,
+    /// Fail unless the sandbox is at this revision (optimistic concurrency).
+    #[arg(long)]
+    revision: Option<u64>,
+    /// Output: table, name, json or yaml.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let failure_policy = match &args.failure_policy {
+        Some(p) => {
+            let p: FailurePolicy = p
+                .parse()
+                .map_err(|e| usage(format!("--failure-policy: {e}")))?;
+            failure_policy_to_pb(p) as i32
+        }
+        None => 0,
+    };
+    let mut client = g.connect().await?;
+    let mut resources = None;
+    let mut expected_revision = args.revision;
+    if !args.resources.is_empty() {
+        // Flags change single quantities; the API replaces the whole set, so merge onto the
+        // live one, and pin its revision so a concurrent change is not overwritten.
+        let live = answer(
+            client
+                .get_sandbox(v1::GetSandboxRequest {
+                    name: args.name.clone(),
+                })
+                .await,
+        )?;
+        let mut r = spec_from_pb(live.spec.unwrap_or_default())?.resources;
+        args.resources.apply_to(&mut r);
+        resources = Some(resources_to_pb(&r));
+        expected_revision = expected_revision.or(Some(live.revision));
+    }
+    let req = v1::UpdateSandboxRequest {
+        name: args.name.clone(),
+        resources,
+        set_labels: key_values("--label", &args.labels)?.into_iter().collect(),
+        remove_labels: args.remove_labels,
+        set_annotations: key_values("--annotation", &args.annotations)?
+            .into_iter()
+            .collect(),
+        remove_annotations: args.remove_annotations,
+        expire_time: args.expire_in.map(|d| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (now + d).as_secs() as i64
+        }),
+        clear_expire_time: args.no_expire,
+        failure_policy,
+        expected_revision,
+    };
+    let sb = answer(client.update_sandbox(req).await)?;
+    match args.output {
+        Format::Table | Format::Wide => println!(
+            "sandbox/{} updated (revision {})",
+            printable(&args.name),
+            sb.revision
+        ),
+        f => output::sandboxes(&[sb], f, false)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,58 @@
+//! `warren watch`: stream sandbox changes until interrupted.
+
+use std::process::ExitCode;
+
+use warren_proto::v1::{self, sandbox_event};
+
+use super::{Globals, ServerError, answer};
+use crate::object;
+use crate::output::{Format, printable};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Label selector, as for `ls`.
+    #[arg(long = "selector", short = 'l')]
+    selector: Option<String>,
+    /// Do not start with the sandboxes that exist now.
+    #[arg(long)]
+    no_initial: bool,
+    /// Output: table (one line per event) or json (one object per line).
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Format,
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let mut client = g.connect().await?;
+    let req = v1::WatchSandboxesRequest {
+        label_selector: args.selector.unwrap_or_default(),
+        send_initial: !args.no_initial,
+    };
+    let mut stream = answer(client.watch_sandboxes(req).await)?;
+    loop {
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            Err(s) => return Err(ServerError(s).into()),
+        };
+        let kind = match sandbox_event::Type::try_from(ev.r#type) {
+            Ok(sandbox_event::Type::Added) => "ADDED",
+            Ok(sandbox_event::Type::Modified) => "MODIFIED",
+            Ok(sandbox_event::Type::Deleted) => "DELETED",
+            _ => "UNKNOWN",
+        };
+        let sb = ev.sandbox.unwrap_or_default();
+        if args.output == Format::Json {
+            let line = serde_json::json!({"type": kind, "sequence": ev.sequence, "object": object::to_object(&sb)?});
+            println!("{line}");
+        } else {
+            let name = sb.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+            let phase = sb.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");
+            println!(
+                "{kind:<9} {:<30} {phase:<10} rev {}",
+                printable(name),
+                sb.revision
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
