@@ -1,7 +1,7 @@
 //! Wire <-> model conversions. Pure; the server validates the converted spec afterwards.
 
 use warren_spec::{
-    BackendKind, Consistency, FailurePolicy, PortSpec, Protocol, ResourceInfo, ResourceList,
+    BackendKind, Consistency, FailurePolicy, Mount, PortSpec, Protocol, ResourceInfo, ResourceList,
     ResourceRequirements, SandboxSpec,
 };
 
@@ -134,6 +134,16 @@ pub fn spec_to_pb(s: &SandboxSpec) -> v1::SandboxSpec {
             .oci
             .as_ref()
             .map(|o| serde_json::to_string(o).unwrap_or_else(|_| "null".to_string())),
+        mounts: s
+            .mounts
+            .iter()
+            .map(|m| v1::Mount {
+                guest: m.guest.clone(),
+                host: m.host.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+        timeout_seconds: s.timeout_seconds,
     }
 }
 
@@ -217,6 +227,16 @@ pub fn spec_from_pb(s: v1::SandboxSpec) -> Result<SandboxSpec, ConvertError> {
         pool: s.pool,
         expire_time: s.expire_time,
         oci,
+        mounts: s
+            .mounts
+            .into_iter()
+            .map(|m| Mount {
+                guest: m.guest,
+                host: m.host,
+                read_only: m.read_only,
+            })
+            .collect(),
+        timeout_seconds: s.timeout_seconds,
     })
 }
 
@@ -269,6 +289,12 @@ mod tests {
         spec.failure_policy = FailurePolicy::AutoRecreate;
         spec.consistency = Consistency::Strong;
         spec.expire_time = Some(1_900_000_000);
+        spec.mounts.push(Mount {
+            guest: "/data".into(),
+            host: "/srv".into(),
+            read_only: true,
+        });
+        spec.timeout_seconds = Some(1.5);
         let back = spec_from_pb(spec_to_pb(&spec)).expect("converts back");
         assert_eq!(back, spec);
     }

@@ -61,6 +61,19 @@ pub enum BackendError {
     Other(String),
 }
 
+/// A status change a backend noticed on its own (a workload exited, hit its timeout, was
+/// OOM-killed). Backends whose workloads end by themselves send these; the control plane
+/// turns them into record updates and watch events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendEvent {
+    pub id: String,
+    pub status: BackendStatus,
+}
+
+/// Where backends send [`BackendEvent`]s. Unbounded: a send never blocks a workload's exit
+/// path, and the receiver (the control plane) drains it continuously.
+pub type EventSink = tokio::sync::mpsc::UnboundedSender<BackendEvent>;
+
 /// Information a backend reports about a sandbox it created, shown to users
 /// (`status.backend_info`), e.g. where the slot backend wrote `resources.json`.
 pub type BackendInfo = BTreeMap<String, String>;
@@ -110,6 +123,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// previous run (what the control plane does not know is an orphan).
     async fn list(&self) -> Result<Vec<String>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// The sandbox's log file (CRI log format, see [`crate::logs`]), when it has one.
+    fn log_path(&self, id: &str) -> Option<std::path::PathBuf> {
+        let _ = id;
+        None
     }
 
     /// Resources held by this backend's sandboxes on this node.

@@ -14,7 +14,10 @@
 //! costs one allocation per call, noise next to any backend's real work.
 
 mod backend;
+pub mod logs;
 pub mod slot;
 
-pub use backend::{Backend, BackendError, BackendInfo, BackendStatus, SandboxConfig};
+pub use backend::{
+    Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, SandboxConfig,
+};
 pub use slot::{SlotBackend, SlotCapacity};

@@ -52,7 +52,7 @@ pub use resources::{
     ResourceRequirements, extract_resources, resources_to_oci,
 };
 pub use spec::{
-    BackendKind, Consistency, FailurePolicy, MAX_NAME_LEN, PortSpec, Protocol, SandboxSpec,
+    BackendKind, Consistency, FailurePolicy, MAX_NAME_LEN, Mount, PortSpec, Protocol, SandboxSpec,
     validate_name,
 };
 pub use state::{Phase, TransitionError};

@@ -247,6 +247,90 @@ pub struct SandboxSpec {
     /// OCI `linux.resources` from a caller such as containerd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<LinuxResources>,
+    /// Host directories made visible inside the sandbox; nothing else of the host is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+    /// Longest the workload may run, in seconds; it is stopped with status `Timeout` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<f64>,
+}
+
+/// A host directory mapped into a sandbox: `GUEST::HOST` or `GUEST::HOST:ro` on the command
+/// line (the wasmtime `--mapdir` form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mount {
+    /// Path inside the sandbox.
+    pub guest: String,
+    /// Host directory.
+    pub host: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl FromStr for Mount {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = |reason: &str| SpecError::invalid("mount", s, reason);
+        let (guest, rest) = s
+            .split_once("::")
+            .ok_or_else(|| bad("is not GUEST::HOST or GUEST::HOST:ro"))?;
+        let (host, read_only) = match rest.strip_suffix(":ro") {
+            Some(h) => (h, true),
+            None => (rest.strip_suffix(":rw").unwrap_or(rest), false),
+        };
+        let mount = Mount {
+            guest: guest.to_string(),
+            host: host.to_string(),
+            read_only,
+        };
+        match mount.problem() {
+            Some((part, reason)) => Err(bad(&format!("has a {part} path that {reason}"))),
+            None => Ok(mount),
+        }
+    }
+}
+
+impl fmt::Display for Mount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}::{}{}",
+            self.guest,
+            self.host,
+            if self.read_only { ":ro" } else { "" }
+        )
+    }
+}
+
+impl Mount {
+    /// The first bad part (`guest` or `host`) and what is wrong with it.
+    fn problem(&self) -> Option<(&'static str, &'static str)> {
+        for (part, path) in [("guest", &self.guest), ("host", &self.host)] {
+            if !path.starts_with('/') {
+                return Some((part, "is not absolute"));
+            }
+            if path.split('/').any(|c| c == "..") || path.contains('\0') {
+                return Some((part, "contains '..' or NUL"));
+            }
+        }
+        None
+    }
+
+    fn validate(&self, field: &str) -> Result<(), SpecError> {
+        match self.problem() {
+            Some((part, reason)) => {
+                let path = if part == "guest" {
+                    &self.guest
+                } else {
+                    &self.host
+                };
+                Err(SpecError::invalid(format!("{field}.{part}"), path, reason))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 impl SandboxSpec {
@@ -317,6 +401,27 @@ impl SandboxSpec {
                 "spec.expireTime",
                 &t.to_string(),
                 "must not be negative",
+            ));
+        }
+        let mut guests = std::collections::BTreeSet::new();
+        for (i, m) in self.mounts.iter().enumerate() {
+            let field = format!("spec.mounts[{i}]");
+            errors.extend(m.validate(&field).err());
+            if !guests.insert(m.guest.as_str()) {
+                errors.push(SpecError::invalid(
+                    format!("{field}.guest"),
+                    &m.guest,
+                    "is mounted twice",
+                ));
+            }
+        }
+        if let Some(t) = self.timeout_seconds
+            && !(t > 0.0 && t <= 366.0 * 86400.0)
+        {
+            errors.push(SpecError::invalid(
+                "spec.timeoutSeconds",
+                &t.to_string(),
+                "must be more than 0 and at most a year",
             ));
         }
         extract_resources_into(

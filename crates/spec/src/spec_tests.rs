@@ -359,3 +359,53 @@ fn enums_from_str() {
         r#""wasm""#
     );
 }
+
+#[test]
+fn mounts_parse_and_validate() {
+    let m: Mount = "/data::/srv/data:ro".parse().expect("mount");
+    assert_eq!(
+        m,
+        Mount {
+            guest: "/data".into(),
+            host: "/srv/data".into(),
+            read_only: true
+        }
+    );
+    assert_eq!(m.to_string(), "/data::/srv/data:ro");
+    let m: Mount = "/w::/tmp/w".parse().expect("mount");
+    assert!(!m.read_only);
+    for bad in [
+        "/data",
+        "data::/srv",
+        "/d::srv",
+        "/d::/srv/../etc",
+        "/a/../b::/srv",
+    ] {
+        let e = bad.parse::<Mount>().expect_err(bad);
+        assert!(e.to_string().starts_with(&format!("mount: {bad:?}")), "{e}");
+    }
+    let mut spec = SandboxSpec {
+        name: "m".into(),
+        ..Default::default()
+    };
+    spec.mounts = vec![m.clone(), m];
+    let e = spec.validate().expect_err("twice");
+    assert_eq!(e.field(), "spec.mounts[1].guest");
+}
+
+#[test]
+fn timeout_must_be_positive() {
+    let mut spec = SandboxSpec {
+        name: "t".into(),
+        timeout_seconds: Some(0.0),
+        ..Default::default()
+    };
+    assert_eq!(
+        spec.validate().expect_err("zero").field(),
+        "spec.timeoutSeconds"
+    );
+    spec.timeout_seconds = Some(f64::NAN);
+    assert!(spec.validate().is_err());
+    spec.timeout_seconds = Some(0.25);
+    assert!(spec.validate().is_ok());
+}
