@@ -1,0 +1,171 @@
+//! A real `warren server` process on a temporary directory and socket, and the real `warren`
+//! CLI pointed at it. Everything is removed when the test ends, pass or fail.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+
+pub struct TestServer {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    pub token: Option<String>,
+    extra: Vec<String>,
+}
+
+impl TestServer {
+    /// A server on a unix socket in a fresh temp dir.
+    pub fn start() -> Self {
+        Self::start_with(&[], None)
+    }
+
+    /// A server with extra `warren server` flags; `tcp_token` makes it listen on TCP port 0.
+    pub fn start_with(extra: &[&str], tcp_token: Option<&str>) -> Self {
+        let dir = tempfile::Builder::new().prefix("warren-it-").tempdir().expect("tempdir");
+        let listen = match tcp_token {
+            Some(_) => "tcp://127.0.0.1:0".to_string(),
+            None => format!("unix://{}", dir.path().join("w.sock").display()),
+        };
+        let mut server = TestServer {
+            child: None,
+            dir,
+            address: listen,
+            token: tcp_token.map(str::to_string),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts the server process (again) on the same dir and waits until it listens.
+    pub fn spawn(&mut self) {
+        let listen = if self.token.is_some() { "tcp://127.0.0.1:0".to_string() } else { self.address.clone() };
+        let mut cmd = Command::new(WARREN);
+        cmd.arg("server").arg("--dir").arg(self.state_dir()).arg("--listen").arg(&listen);
+        cmd.args(&self.extra);
+        if let Some(t) = &self.token {
+            cmd.env("WARREN_TOKEN", t);
+        } else {
+            cmd.env_remove("WARREN_TOKEN");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("server log");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().expect("spawn warren server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            panic!("server did not start; log:\n{}", self.log())
+        });
+        let address = line.strip_prefix("warren server listening on ").expect("listening line").to_string();
+        self.address = address;
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the CLI against this server.
+    pub fn warren(&self, args: &[&str]) -> Output {
+        self.warren_stdin(args, None)
+    }
+
+    pub fn warren_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(WARREN);
+        cmd.args(args).env("WARREN_SERVER", &self.address).env_remove("WARREN_TOKEN");
+        if let Some(t) = &self.token {
+            cmd.env("WARREN_TOKEN", t);
+        }
+        run_with_stdin(cmd, stdin)
+    }
+
+    /// Runs the CLI and asserts it succeeded; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.warren(args);
+        assert!(
+            out.status.success(),
+            "warren {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
+    use std::io::Write as _;
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn warren");
+    if let Some(text) = stdin {
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait warren")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The `resources.json` path the server reports for a sandbox.
+pub fn resources_path(server: &TestServer, name: &str) -> PathBuf {
+    let obj = json(&server.ok(&["get", name, "-o", "json"]));
+    PathBuf::from(obj["status"]["backendInfo"]["resources_path"].as_str().expect("resources_path"))
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}

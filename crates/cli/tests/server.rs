@@ -1,0 +1,363 @@
+//! End-to-end tests: the real `warren server` binary, driven by the real CLI and gRPC client.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+
+use common::{TestServer, json, read, resources_path, stderr};
+use warren_control::Address;
+use warren_proto::{spec_to_pb, v1};
+use warren_spec::SandboxSpec;
+
+const SEED_JSON: &str = "{\n  \"cpu_limit\": 2.0,\n  \"cpu_request\": 1.0,\n  \"memory_limit\": 2147483648,\n  \
+                         \"memory_request\": 1073741824,\n  \"pid_limit\": 1000,\n  \"storage_limit\": null,\n  \
+                         \"network_bandwidth\": null\n}\n";
+
+#[test]
+fn run_with_cri_annotations_writes_the_seed_json() {
+    let server = TestServer::start();
+    let out = server.ok(&[
+        "run",
+        "--name",
+        "seed",
+        "-a",
+        "resources.limits.cpu=2",
+        "-a",
+        "resources.requests.cpu=1",
+        "-a",
+        "resources.limits.memory=2Gi",
+        "-a",
+        "resources.requests.memory=1Gi",
+        "-a",
+        "resources.limits.pid=1000",
+    ]);
+    assert!(out.starts_with("sandbox/seed created (slot, Running)"), "{out}");
+    let path = resources_path(&server, "seed");
+    assert!(out.contains(&path.display().to_string()), "run prints where the JSON is: {out}");
+    assert!(path.starts_with(server.state_dir()), "{}", path.display());
+    assert_eq!(read(&path), SEED_JSON);
+}
+
+#[test]
+fn apply_with_oci_resources_and_precedence() {
+    let server = TestServer::start();
+    // OCI linux.resources as containerd sends them; the annotation wins for cpu_limit.
+    let yaml = r#"
+apiVersion: warren.dev/v1
+kind: Sandbox
+metadata:
+  name: oci
+  annotations:
+    resources.limits.cpu: "3"
+spec:
+  resources:
+    limits: {memory: 64Mi, pids: 7}
+  oci:
+    cpu: {quota: 50000, period: 100000, shares: 512}
+    memory: {limit: 268435456, reservation: 134217728}
+    pids: {limit: 100}
+"#;
+    let out = server.warren_stdin(&["apply", "-f", "-"], Some(yaml));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = json(&read(&resources_path(&server, "oci")));
+    assert_eq!(got["cpu_limit"], 3.0, "annotation over OCI");
+    assert_eq!(got["cpu_request"], 0.5, "shares 512 / 1024");
+    assert_eq!(got["memory_limit"], 268435456, "OCI over spec");
+    assert_eq!(got["memory_request"], 134217728);
+    assert_eq!(got["pid_limit"], 100);
+    assert_eq!(got["storage_limit"], serde_json::Value::Null);
+}
+
+#[test]
+fn list_get_update_delete() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "a", "--cpu", "500m", "--memory", "1Gi", "-l", "app=web"]);
+    server.ok(&["run", "--name", "b", "--pids", "50", "-l", "app=db"]);
+    let table = server.ok(&["ls"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(lines[1].starts_with("a ") && lines[1].contains("500m") && lines[1].contains("1Gi"), "{table}");
+    assert_eq!(server.ok(&["ls", "-l", "app=db", "-o", "name"]), "b\n");
+    let list = json(&server.ok(&["ls", "-o", "json"]));
+    assert_eq!(list["kind"], "List");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
+
+    let got = json(&server.ok(&["get", "a", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Running");
+    assert_eq!(got["metadata"]["resourceVersion"], "1");
+    let yaml = server.ok(&["get", "a", "-o", "yaml"]);
+    assert!(yaml.contains("apiVersion: warren.dev/v1"), "{yaml}");
+
+    server.ok(&["update", "a", "--memory", "2Gi", "-l", "tier=front", "--label-rm", "app"]);
+    let got = json(&server.ok(&["get", "a", "-o", "json"]));
+    assert_eq!(got["metadata"]["resourceVersion"], "2");
+    assert_eq!(got["spec"]["resources"]["limits"]["memory"], "2Gi");
+    assert_eq!(got["spec"]["resources"]["limits"]["cpu"], "500m", "other quantities kept");
+    assert_eq!(got["metadata"]["labels"], serde_json::json!({"tier": "front"}));
+    let path = resources_path(&server, "a");
+    assert_eq!(json(&read(&path))["memory_limit"], 2u64 << 30, "update re-wrote the JSON");
+
+    assert_eq!(server.ok(&["rm", "a", "b"]), "a\nb\n");
+    assert!(!path.exists(), "delete removed the JSON");
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "");
+    let out = server.warren(&["rm", "a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("sandbox \"a\" not found"), "{}", stderr(&out));
+    assert!(server.warren(&["rm", "-f", "a"]).status.success(), "--force ignores missing names");
+}
+
+#[test]
+fn apply_creates_updates_and_refuses_immutable_changes() {
+    let server = TestServer::start();
+    let doc = |mem: &str, image: &str| {
+        format!(
+            "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata:\n  name: app\n  labels: {{v: '1'}}\n\
+             spec:\n  image: {image}\n  resources:\n    limits: {{memory: {mem}}}\n---\n\
+             apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {{name: other}}\n"
+        )
+    };
+    let file = server.dir.path().join("app.yaml");
+    std::fs::write(&file, doc("1Gi", "busybox")).expect("write");
+    let f = file.to_str().expect("utf8");
+    assert_eq!(server.ok(&["apply", "-f", f]), "sandbox/app created\nsandbox/other created\n");
+    assert_eq!(server.ok(&["apply", "-f", f]), "sandbox/app unchanged\nsandbox/other unchanged\n");
+    std::fs::write(&file, doc("2Gi", "busybox")).expect("write");
+    assert_eq!(server.ok(&["apply", "-f", f]), "sandbox/app configured\nsandbox/other unchanged\n");
+    assert_eq!(json(&read(&resources_path(&server, "app")))["memory_limit"], 2u64 << 30);
+    // What `get -o yaml` prints applies back unchanged.
+    let yaml = server.ok(&["get", "app", "-o", "yaml"]);
+    assert_eq!(server.warren_stdin(&["apply", "-f", "-"], Some(&yaml)).status.code(), Some(0));
+    std::fs::write(&file, doc("2Gi", "alpine")).expect("write");
+    let out = server.warren(&["apply", "-f", f]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("spec.image cannot change"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_input_fails_with_the_field_named() {
+    let server = TestServer::start();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["run", "--name", "x", "--memory", "2Gx"], 1, "spec.resources.limits.memory: \"2Gx\" is not a quantity"),
+        (&["run", "--name", "x", "-a", "resources.limits.cpu=-1"], 1, "annotations[\"resources.limits.cpu\"]"),
+        (&["run", "--name", "bad name"], 1, "spec.name: \"bad name\""),
+        (&["run", "--name", "x", "--backend", "xen"], 2, "\"xen\" is not a backend"),
+        (&["run", "--name", "x", "-a", "novalue"], 2, "--annotation: \"novalue\" is not KEY=VALUE"),
+        (&["run", "--name", "x", "--cpu", "1", "--cpu-request", "2"], 1, "request 2 is more than the limit 1"),
+        (&["ls", "-l", "a b"], 1, "label selector \"a b\""),
+        (&["get", "nope"], 1, "sandbox \"nope\" not found"),
+        (&["frobnicate"], 2, "unrecognized subcommand"),
+    ];
+    for (args, code, want) in cases {
+        let out = server.warren(args);
+        assert_eq!(out.status.code(), Some(*code), "warren {args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "warren {args:?}: {want:?} not in {}", stderr(&out));
+    }
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "", "nothing was created by bad input");
+    let file = server.dir.path().join("bad.yaml");
+    std::fs::write(&file, "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: ok}\n---\n\
+        apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: bad}\nspec: {resources: {limits: {cpu: lots}}}\n")
+        .expect("write");
+    let out = server.warren(&["apply", "-f", file.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("spec.resources.limits.cpu: \"lots\""), "{}", stderr(&out));
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "", "a bad file changes nothing");
+}
+
+#[test]
+fn unreachable_server_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = format!("unix://{}/none.sock", dir.path().display());
+    let out = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["ls"]).env("WARREN_SERVER", &sock);
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot reach the warren server at"), "{}", stderr(&out));
+}
+
+#[test]
+fn tcp_needs_the_token() {
+    // Without a token, a TCP server refuses to start.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir"]).arg(dir.path()).env_remove("WARREN_TOKEN");
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
+
+    let server = TestServer::start_with(&[], Some("s3cret"));
+    assert!(server.address.starts_with("tcp://127.0.0.1:"), "{}", server.address);
+    server.ok(&["run", "--name", "t"]);
+    let no_token = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["ls"]).env("WARREN_SERVER", &server.address).env_remove("WARREN_TOKEN");
+            c
+        },
+        None,
+    );
+    assert_eq!(no_token.status.code(), Some(1));
+    assert!(stderr(&no_token).contains("needs a bearer token"), "{}", stderr(&no_token));
+    let wrong = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["ls", "--token", "guess"]).env("WARREN_SERVER", &server.address);
+            c
+        },
+        None,
+    );
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(stderr(&wrong).contains("token is wrong"), "{}", stderr(&wrong));
+    assert!(!server.log().contains("s3cret"), "the server never logs the token");
+}
+
+#[test]
+fn unix_socket_is_private_and_sigterm_stops_cleanly() {
+    let mut server = TestServer::start();
+    let sock = server.dir.path().join("w.sock");
+    let mode = std::fs::metadata(&sock).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    server.ok(&["run", "--name", "keep"]);
+    // A second server on the same dir is refused: the store is locked.
+    let out = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["server", "--dir"])
+                .arg(server.state_dir())
+                .arg("--listen")
+                .arg(format!("unix://{}/other.sock", server.dir.path().display()));
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already uses"), "{}", stderr(&out));
+
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", server.log());
+    assert!(!sock.exists(), "socket removed on shutdown");
+    server.spawn();
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "keep\n", "state kept across restarts");
+}
+
+#[test]
+fn watch_streams_changes() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "first", "-l", "w=1"]);
+    let mut watch = std::process::Command::new(common::WARREN)
+        .args(["watch", "-o", "json", "-l", "w=1"])
+        .env("WARREN_SERVER", &server.address)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("an event");
+        let v = json(&line);
+        (v["type"].as_str().unwrap_or("").to_string(), v["object"]["metadata"]["name"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(next(), ("ADDED".to_string(), "first".to_string()), "initial state first");
+    server.ok(&["run", "--name", "unwatched"]);
+    server.ok(&["run", "--name", "second", "-l", "w=1"]);
+    assert_eq!(next(), ("ADDED".to_string(), "second".to_string()), "selector filters others");
+    server.ok(&["rm", "second"]);
+    assert_eq!(next().0, "MODIFIED", "Stopping");
+    assert_eq!(next(), ("DELETED".to_string(), "second".to_string()));
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+/// kill -9 in the middle of 500 creates: every create the server acknowledged is there
+/// after a restart, with its resources.json.
+#[test]
+fn acknowledged_creates_survive_kill_9() {
+    let mut server = TestServer::start();
+    let address: Address = server.address.parse().expect("address");
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let client = warren_control::client::connect(&address, None).await.expect("connect");
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut workers = Vec::new();
+        for _ in 0..16 {
+            let (mut client, acked, next) = (client.clone(), acked.clone(), next.clone());
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= 500 {
+                        return;
+                    }
+                    let mut spec = SandboxSpec { name: format!("k{i:03}"), ..Default::default() };
+                    spec.resources.limits.memory = Some("64Mi".into());
+                    let req = v1::CreateSandboxRequest { spec: Some(spec_to_pb(&spec)) };
+                    match client.create_sandbox(req).await {
+                        Ok(_) => {
+                            acked.lock().expect("lock").insert(spec.name);
+                        }
+                        Err(_) => return, // the server is gone
+                    }
+                }
+            }));
+        }
+        // Kill once a good share is acknowledged, while creates are in flight.
+        while acked.lock().expect("lock").len() < 150 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        server.kill9();
+        for w in workers {
+            let _ = w.await;
+        }
+    });
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked.len() >= 150 && acked.len() < 500, "killed mid-way: {} acknowledged", acked.len());
+    server.spawn();
+    let listed: BTreeSet<String> = server.ok(&["ls", "-o", "name"]).lines().map(str::to_string).collect();
+    let missing: Vec<_> = acked.difference(&listed).collect();
+    assert!(missing.is_empty(), "acknowledged but lost after kill -9: {missing:?}");
+    for name in acked.iter().take(20) {
+        let path = resources_path(&server, name);
+        assert_eq!(json(&read(&path))["memory_limit"], 64u64 << 20, "{name}");
+    }
+    // Every sandbox dir on disk belongs to a listed sandbox: orphans were reconciled away.
+    let on_disk = std::fs::read_dir(server.state_dir().join("slot")).expect("slot dir").count();
+    assert_eq!(on_disk, listed.len(), "no orphan files after recovery");
+}
+
+#[test]
+fn bench_create_runs_through_the_api() {
+    let out = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["bench", "create", "-n", "300", "-c", "8", "--json"]).env_remove("WARREN_SERVER");
+            c
+        },
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().expect("json line");
+    let v = json(last);
+    assert_eq!(v["create"]["ok"], 300);
+    assert_eq!(v["create"]["failed"], 0);
+    assert_eq!(v["delete"]["ok"], 300);
+    assert!(v["create"]["p50_us"].as_u64().is_some_and(|p| p > 0));
+}

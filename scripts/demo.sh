@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# warren's main job on the embedded default, end to end: start a server on a temporary dir,
+# run a slot sandbox with CRI resource annotations, show it and the resources.json it wrote,
+# delete it, stop the server. Leaves nothing behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q -p warren-cli
+warren=target/debug/warren
+
+dir=$(mktemp -d -t warren-demo-XXXXXX)
+export WARREN_SERVER="unix://$dir/warren.sock"
+"$warren" server --dir "$dir/state" >"$dir/server.out" 2>"$dir/server.log" &
+server=$!
+cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+for _ in $(seq 100); do [ -S "$dir/warren.sock" ] && break; sleep 0.05; done
+
+set -x
+"$warren" run --name demo \
+  -a resources.limits.cpu=2 -a resources.requests.cpu=1 \
+  -a resources.limits.memory=2Gi -a resources.requests.memory=1Gi \
+  -a resources.limits.pid=1000 -l app=demo
+"$warren" ls
+cat "$dir"/state/slot/*/resources.json
+"$warren" rm demo
+{ set +x; } 2>/dev/null
+echo "server log (last lines):"
+tail -n 3 "$dir/server.log"

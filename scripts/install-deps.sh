@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what warren's build and tests need on a fresh Debian 12 machine, idempotently.
+# Today that is only the Rust toolchain's own pieces; system packages (containerd, etcd, qemu,
+# CRIU...) are added here as the backends that need them land. protoc is vendored by the
+# warren-proto build, so none is needed.
+set -euo pipefail
+
+need_apt=()
+# `kill` and `ps` are used by the integration tests' process handling.
+command -v kill >/dev/null || need_apt+=(procps)
+
+if ((${#need_apt[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: need root to apt-get install ${need_apt[*]}" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
+echo "install-deps: ok"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole gate: what CI runs (via .ci/run) and what a developer runs before a commit.
+#   scripts/test.sh          everything
+#   FUZZ_SECONDS=0 scripts/test.sh   skip the short fuzz run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+echo "== format"
+cargo fmt --all --check
+
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo test --workspace --locked 2>&1 | tee target/test-output.txt
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' \
+  target/test-output.txt
+
+echo "== fuzz (${FUZZ_SECONDS:-10}s per target)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
