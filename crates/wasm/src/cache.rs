@@ -1,0 +1,267 @@
+//! Compiled modules: in memory (ready-to-instantiate `InstancePre`s) and on disk (`.cwasm`).
+//!
+//! The key is the SHA-256 of the module's bytes plus a hash of everything in the engine that
+//! changes the machine code (target, Cranelift flags, tunables, features, wasmtime version:
+//! [`Engine::precompile_compatibility_hash`]), so a cache directory survives upgrades and
+//! config changes without ever handing an engine code it cannot run.
+//!
+//! Two creates of the same new module at once both compile it; the second rename wins.
+//! Nothing is evicted: the set of modules a node runs is expected to be small.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+use wasmtime::{Engine, ExternType, InstancePre, Linker, Module};
+
+use crate::run::Ctx;
+
+/// Counters for where modules came from; each load increments exactly one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub compiles: u64,
+}
+
+/// Where a load found its module, reported in the sandbox's info as `cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Memory,
+    Disk,
+    Compiled,
+}
+
+impl Source {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Source::Memory => "memory",
+            Source::Disk => "disk",
+            Source::Compiled => "compiled",
+        }
+    }
+}
+
+/// Why a module cannot be run: the message names the path and the cause.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    #[error("read wasm module {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub(crate) struct ModuleCache {
+    engine: Engine,
+    linker: Linker<Ctx>,
+    dir: PathBuf,
+    /// Hex of the engine-compatibility hash, part of every disk key.
+    engine_key: String,
+    modules: Mutex<HashMap<[u8; 32], InstancePre<Ctx>>>,
+    memory_hits: AtomicU64,
+    disk_hits: AtomicU64,
+    compiles: AtomicU64,
+}
+
+impl fmt::Debug for ModuleCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModuleCache")
+            .field("dir", &self.dir)
+            .field("engine_key", &self.engine_key)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Feeds `Hash` output into SHA-256 (std's hasher is not stable across Rust releases).
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ModuleCache {
+    pub(crate) fn new(engine: Engine, linker: Linker<Ctx>, dir: PathBuf) -> Self {
+        let mut hasher = ShaHasher(Sha256::new());
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+        // Belt and braces: the hash above includes wasmtime's own version already.
+        hasher.write(b"wasmtime-48");
+        let engine_key = hex(&hasher.0.finalize()[..8]);
+        ModuleCache {
+            engine,
+            linker,
+            dir,
+            engine_key,
+            modules: Mutex::new(HashMap::new()),
+            memory_hits: AtomicU64::new(0),
+            disk_hits: AtomicU64::new(0),
+            compiles: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        CacheStats {
+            memory_hits: self.memory_hits.load(Ordering::Relaxed),
+            disk_hits: self.disk_hits.load(Ordering::Relaxed),
+            compiles: self.compiles.load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], InstancePre<Ctx>>> {
+        self.modules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads the module at `path` (`.wasm` or `.wat`), compiling it only if neither cache has
+    /// it, and checks that it is a runnable WASI command.
+    pub(crate) async fn load(&self, path: &Path) -> Result<(InstancePre<Ctx>, Source), LoadError> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(pre) = self.lock().get(&digest).cloned() {
+            self.memory_hits.fetch_add(1, Ordering::Relaxed);
+            debug!(module = %shown, "wasm: module cache hit (memory)");
+            return Ok((pre, Source::Memory));
+        }
+        if is_component(&bytes) {
+            return Err(LoadError::Invalid(format!(
+                "{shown} is a WebAssembly component (WASI preview 2); the wasm backend runs \
+                 core modules that are WASI preview 1 commands"
+            )));
+        }
+        let cwasm = self
+            .dir
+            .join(format!("{}-{}.cwasm", hex(&digest), self.engine_key));
+        let engine = self.engine.clone();
+        let job_path = shown.clone();
+        let (module, source) = tokio::task::spawn_blocking(move || {
+            compile_or_read(&engine, &bytes, &cwasm, &job_path)
+        })
+        .await
+        .map_err(|e| LoadError::Invalid(format!("loading {shown} failed: {e}")))??;
+        match source {
+            Source::Disk => self.disk_hits.fetch_add(1, Ordering::Relaxed),
+            _ => self.compiles.fetch_add(1, Ordering::Relaxed),
+        };
+        check_command(&module, &shown)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| LoadError::Invalid(format!("{shown} cannot be linked: {e:#}")))?;
+        self.lock().insert(digest, pre.clone());
+        Ok((pre, source))
+    }
+}
+
+/// A component's preamble has layer 1 where a core module has version 1.
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && &bytes[..4] == b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+fn compile_or_read(
+    engine: &Engine,
+    bytes: &[u8],
+    cwasm: &Path,
+    shown: &str,
+) -> Result<(Module, Source), LoadError> {
+    if cwasm.exists() {
+        match deserialize_own_cache_file(engine, cwasm) {
+            Ok(module) => {
+                debug!(module = %shown, cache = %cwasm.display(), "wasm: module cache hit (disk)");
+                return Ok((module, Source::Disk));
+            }
+            Err(e) => {
+                warn!(cache = %cwasm.display(), "wasm: unusable cache file, recompiling: {e:#}")
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let module = Module::new(engine, bytes)
+        .map_err(|e| LoadError::Invalid(invalid_module(shown, bytes, &e)))?;
+    info!(module = %shown, elapsed_ms = started.elapsed().as_millis() as u64, "wasm: compiled module");
+    if let Err(e) = write_cache_file(&module, cwasm) {
+        warn!(cache = %cwasm.display(), "wasm: cannot write the module cache: {e:#}");
+    }
+    Ok((module, Source::Compiled))
+}
+
+/// Loads a `.cwasm` this backend wrote.
+#[allow(unsafe_code)]
+fn deserialize_own_cache_file(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
+    // SAFETY: `Module::deserialize_file` trusts the file to be the output of
+    // `Module::serialize` and maps it into memory. The file lives in this backend's private
+    // cache directory and is only ever written by `write_cache_file`, from `serialize`, to a
+    // temporary name renamed into place: it is never modified once visible, so the mapping
+    // cannot change under us. wasmtime still checks its header against this engine's
+    // version and settings, and the key includes both. Anyone able to write this directory
+    // already controls the node.
+    unsafe { Module::deserialize_file(engine, path) }
+}
+
+fn write_cache_file(module: &Module, path: &Path) -> wasmtime::Result<()> {
+    let bytes = module.serialize()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A WASI command exports `_start: [] -> []`.
+fn check_command(module: &Module, shown: &str) -> Result<(), LoadError> {
+    match module.get_export("_start") {
+        Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => Ok(()),
+        Some(_) => Err(LoadError::Invalid(format!(
+            "{shown} exports `_start`, but not as a function taking and returning nothing"
+        ))),
+        None => Err(LoadError::Invalid(format!(
+            "{shown} has no `_start` function: the wasm backend runs WASI commands \
+             (a reactor or library module has none)"
+        ))),
+    }
+}
+
+/// Why a file is not a module, without quoting its text: the path may name any host file the
+/// server can read, and wasmtime's WAT errors echo the offending line.
+fn invalid_module(shown: &str, bytes: &[u8], e: &wasmtime::Error) -> String {
+    if bytes.starts_with(b"\0asm") {
+        // A binary module: wasmtime's reason names a section and offset, no file content.
+        format!("{shown} is not a valid WebAssembly module: {e:#}")
+    } else if std::str::from_utf8(bytes).is_ok_and(|t| t.trim_start().starts_with('(')) {
+        // The reason and the `--> <anon>:LINE:COL` line; not the quoted source after them.
+        let text = format!("{e:#}");
+        let mut lines = text.lines();
+        let reason = lines.next().unwrap_or("").trim();
+        let at = lines
+            .find_map(|l| l.trim().strip_prefix("--> <anon>:"))
+            .map(|pos| format!(" at {pos}"))
+            .unwrap_or_default();
+        format!("{shown} is not valid WebAssembly text{at}: {reason}")
+    } else {
+        format!("{shown} is not a WebAssembly module (no \\0asm header, and not WAT text)")
+    }
+}

@@ -1,0 +1,147 @@
+//! The wasmtime engine and the thread that advances its epoch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::WasmConfig;
+
+/// One epoch tick; see the crate docs for why 1 ms.
+pub(crate) const TICK: Duration = Duration::from_millis(1);
+
+/// Guest stack (wasm frames); the fiber adds room for host calls on top.
+const MAX_WASM_STACK: usize = 512 << 10;
+const ASYNC_STACK: usize = MAX_WASM_STACK + (256 << 10);
+
+pub(crate) fn build_engine(config: &WasmConfig) -> wasmtime::Result<Engine> {
+    let max_memory = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(config.pool_instances)
+        .total_memories(config.pool_instances)
+        .total_tables(config.pool_instances)
+        .total_stacks(config.pool_instances)
+        // Commands are single modules; no components run here.
+        .total_component_instances(0)
+        .max_memory_size(max_memory);
+    let mut c = Config::new();
+    c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .memory_init_cow(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(ASYNC_STACK)
+        .consume_fuel(config.fuel.is_some());
+    Engine::new(&c)
+}
+
+/// Advances the engine's epoch every [`TICK`] while an instance runs, and parks otherwise.
+/// Stopped and joined on drop.
+#[derive(Debug)]
+pub(crate) struct Ticker {
+    shared: Arc<TickShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct TickShared {
+    running: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// Held by a running instance; the ticker ticks while any exists.
+#[derive(Debug)]
+pub(crate) struct Running {
+    shared: Arc<TickShared>,
+}
+
+impl Ticker {
+    pub(crate) fn start(engine: Engine) -> std::io::Result<Self> {
+        let shared = Arc::new(TickShared::default());
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !s.stop.load(Ordering::Acquire) {
+                    if s.running.load(Ordering::Acquire) == 0 {
+                        // Woken by `enter` or drop; the timeout only guards a lost wake-up.
+                        std::thread::park_timeout(Duration::from_millis(200));
+                        continue;
+                    }
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Ticker {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Marks one more instance running, waking the ticker if it was parked; `None` when
+    /// `max` are running already.
+    pub(crate) fn try_enter(&self, max: usize) -> Option<Running> {
+        let before = self
+            .shared
+            .running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        if before == 0
+            && let Some(thread) = &self.thread
+        {
+            thread.thread().unpark();
+        }
+        Some(Running {
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn running(&self) -> usize {
+        self.shared.running.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shared.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            // The loop checks `stop` at least every tick: this waits ~1 ms at most.
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_only_while_running_and_stops_on_drop() {
+        let engine = build_engine(&WasmConfig {
+            pool_instances: 2,
+            ..WasmConfig::default()
+        })
+        .expect("engine");
+        let ticker = Ticker::start(engine).expect("ticker");
+        assert_eq!(ticker.running(), 0);
+        let guard = ticker.try_enter(1).expect("room for one");
+        assert_eq!(ticker.running(), 1);
+        assert!(ticker.try_enter(1).is_none());
+        drop(guard);
+        assert_eq!(ticker.running(), 0);
+        let started = std::time::Instant::now();
+        drop(ticker);
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,650 @@
+//! The wasm backend end to end: real modules (tests/modules/*.wat) in a real engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::sync::mpsc::UnboundedReceiver;
+use warren_runtime::logs::{Stream, read_logs};
+use warren_runtime::{Backend, BackendError, BackendEvent, BackendStatus, SandboxConfig};
+use warren_spec::{Mount, ResourceInfo, SandboxSpec};
+use warren_wasm::{CacheStats, WasmBackend, WasmConfig};
+
+fn module(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/modules")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+struct Harness {
+    dir: TempDir,
+    backend: WasmBackend,
+    events: UnboundedReceiver<BackendEvent>,
+    /// Events received while waiting for another sandbox's.
+    early: HashMap<String, BackendStatus>,
+}
+
+fn small() -> WasmConfig {
+    WasmConfig {
+        pool_instances: 8,
+        max_memory_bytes: 16 << 20,
+        ..WasmConfig::default()
+    }
+}
+
+fn harness(config: WasmConfig) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let backend = WasmBackend::new(dir.path().join("wasm"), config, tx).expect("backend");
+    backend.is_available().expect("available");
+    Harness {
+        dir,
+        backend,
+        events,
+        early: HashMap::new(),
+    }
+}
+
+fn sandbox(id: &str, image: &str) -> SandboxConfig {
+    SandboxConfig {
+        id: id.into(),
+        spec: SandboxSpec {
+            name: id.into(),
+            image: Some(image.into()),
+            ..SandboxSpec::default()
+        },
+        resources: ResourceInfo::default(),
+    }
+}
+
+impl Harness {
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("wasm")
+    }
+
+    /// Waits for the event of `id`, keeping the others' for later.
+    async fn event(&mut self, id: &str) -> BackendStatus {
+        if let Some(status) = self.early.remove(id) {
+            return status;
+        }
+        let wait = async {
+            loop {
+                let event = self.events.recv().await.expect("events open");
+                if event.id == id {
+                    return event.status;
+                }
+                self.early.insert(event.id, event.status);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no event for {id}"))
+    }
+
+    /// Creates, starts and waits for the end of a sandbox.
+    async fn run(&mut self, config: &SandboxConfig) -> BackendStatus {
+        self.backend.create(config).await.expect("create");
+        self.backend.start(&config.id).await.expect("start");
+        let status = self.event(&config.id).await;
+        assert_eq!(
+            self.backend.status(&config.id).await.expect("status"),
+            status
+        );
+        status
+    }
+
+    fn output(&self, id: &str, stream: Stream) -> String {
+        let path = self.backend.log_path(id).expect("log path");
+        let mut out = Vec::new();
+        for record in read_logs(&path, None, None).expect("read logs") {
+            if record.stream == stream {
+                out.extend_from_slice(&record.content);
+                if !record.partial {
+                    out.push(b'\n');
+                }
+            }
+        }
+        String::from_utf8(out).expect("utf-8 output")
+    }
+}
+
+fn failed(reason: &str) -> BackendStatus {
+    BackendStatus::Failed {
+        reason: reason.into(),
+    }
+}
+
+#[tokio::test]
+async fn hello_world_logs_and_exits_zero() {
+    let mut h = harness(small());
+    let config = sandbox("hello", &module("hello.wat"));
+    let info = h.backend.create(&config).await.expect("create");
+    assert_eq!(info["module"], module("hello.wat"));
+    assert_eq!(info["cache"], "compiled");
+    assert!(info["log_path"].ends_with("hello/output.log"));
+    assert_eq!(
+        h.backend.status("hello").await.expect("status"),
+        BackendStatus::Created
+    );
+    h.backend.start("hello").await.expect("start");
+    assert_eq!(h.event("hello").await, BackendStatus::Exited { code: 0 });
+    assert_eq!(h.output("hello", Stream::Stdout), "hello\n");
+    assert_eq!(h.output("hello", Stream::Stderr), "");
+    let persisted = std::fs::read_to_string(h.root().join("hello/status.json")).expect("status");
+    assert_eq!(persisted, r#"{"status":"exited","code":0}"#);
+    // An ended sandbox can run again; its log goes on.
+    h.backend.start("hello").await.expect("start again");
+    assert_eq!(h.event("hello").await, BackendStatus::Exited { code: 0 });
+    assert_eq!(h.output("hello", Stream::Stdout), "hello\nhello\n");
+}
+
+#[tokio::test]
+async fn exit_code_from_proc_exit() {
+    let mut h = harness(small());
+    let status = h.run(&sandbox("exit3", &module("exit3.wat"))).await;
+    assert_eq!(status, BackendStatus::Exited { code: 3 });
+    assert_eq!(h.output("exit3", Stream::Stderr), "bye\n");
+}
+
+#[tokio::test]
+async fn trap_is_reported() {
+    let mut h = harness(small());
+    let status = h.run(&sandbox("trap", &module("trap.wat"))).await;
+    let BackendStatus::Failed { reason } = status else {
+        panic!("{status:?}")
+    };
+    assert!(
+        reason.starts_with("Trap: ") && reason.contains("unreachable"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_ends_an_infinite_loop_on_time_and_output_streams_while_running() {
+    let mut h = harness(small());
+    let mut config = sandbox("loop", &module("loop.wat"));
+    config.spec.timeout_seconds = Some(0.2);
+    h.backend.create(&config).await.expect("create");
+    let started = Instant::now();
+    h.backend.start("loop").await.expect("start");
+    // Output reaches the log while the guest still runs.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        h.backend.status("loop").await.expect("status"),
+        BackendStatus::Running
+    );
+    assert_eq!(h.output("loop", Stream::Stdout), "looping\n");
+    assert_eq!(h.event("loop").await, failed("Timeout"));
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(200) && elapsed <= Duration::from_millis(250),
+        "timed out after {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn default_timeout_applies_when_the_spec_has_none() {
+    let mut h = harness(WasmConfig {
+        default_timeout: Some(Duration::from_millis(50)),
+        ..small()
+    });
+    let status = h.run(&sandbox("loop", &module("loop.wat"))).await;
+    assert_eq!(status, failed("Timeout"));
+}
+
+#[tokio::test]
+async fn memory_growth_past_the_limit_fails_with_memory_limit() {
+    let mut h = harness(small());
+    let mut config = sandbox("grow", &module("grow.wat"));
+    config.resources.memory_limit = Some(2 << 20);
+    assert_eq!(h.run(&config).await, failed("MemoryLimit"));
+    // Without a limit, the backend's per-instance cap (16 MiB here) stops it the same way.
+    assert_eq!(
+        h.run(&sandbox("grow-cap", &module("grow.wat"))).await,
+        failed("MemoryLimit")
+    );
+}
+
+#[tokio::test]
+async fn memory_limit_above_the_cap_is_refused() {
+    let h = harness(small());
+    let mut config = sandbox("big", &module("hello.wat"));
+    config.resources.memory_limit = Some(1 << 30);
+    let err = h.backend.create(&config).await.unwrap_err();
+    assert!(matches!(err, BackendError::Capacity { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn fuel_bounds_work() {
+    let mut h = harness(WasmConfig {
+        fuel: Some(100_000),
+        ..small()
+    });
+    assert_eq!(
+        h.run(&sandbox("loop", &module("loop.wat"))).await,
+        failed("OutOfFuel")
+    );
+    assert_eq!(
+        h.run(&sandbox("hello", &module("hello.wat"))).await,
+        BackendStatus::Exited { code: 0 }
+    );
+}
+
+fn data_dir(h: &Harness) -> PathBuf {
+    let data = h.dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("input.txt"), "from the host\n").expect("write input");
+    std::fs::write(h.dir.path().join("secret.txt"), "secret\n").expect("write secret");
+    data
+}
+
+#[tokio::test]
+async fn read_only_mount_reads_but_cannot_write() {
+    let mut h = harness(small());
+    let data = data_dir(&h);
+    let mut config = sandbox("ro", &module("files.wat"));
+    config.spec.mounts = vec![Mount {
+        guest: "/data".into(),
+        host: data.display().to_string(),
+        read_only: true,
+    }];
+    // 40: opening the file for writing failed.
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 40 });
+    assert_eq!(h.output("ro", Stream::Stdout), "from the host\n");
+    let host = std::fs::read_to_string(data.join("input.txt")).expect("read");
+    assert_eq!(host, "from the host\n");
+}
+
+#[tokio::test]
+async fn read_write_mount_can_write() {
+    let mut h = harness(small());
+    let data = data_dir(&h);
+    let mut config = sandbox("rw", &module("files.wat"));
+    config.spec.mounts = vec![Mount {
+        guest: "/data".into(),
+        host: data.display().to_string(),
+        read_only: false,
+    }];
+    // 41: the write went through: the same module is refused only by the read-only mount.
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 41 });
+    let host = std::fs::read_to_string(data.join("input.txt")).expect("read");
+    assert_eq!(host, "X");
+}
+
+#[tokio::test]
+async fn unmapped_host_paths_are_unreachable() {
+    let mut h = harness(small());
+    let data = data_dir(&h);
+    let mut config = sandbox("escape", &module("escape.wat"));
+    config.spec.mounts = vec![Mount {
+        guest: "/data".into(),
+        host: data.display().to_string(),
+        read_only: false,
+    }];
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 0 });
+}
+
+#[tokio::test]
+async fn missing_mount_directory_is_refused_at_create() {
+    let h = harness(small());
+    let mut config = sandbox("m", &module("hello.wat"));
+    config.spec.mounts = vec![Mount {
+        guest: "/data".into(),
+        host: "/nonexistent/warren-test".into(),
+        read_only: true,
+    }];
+    let err = h.backend.create(&config).await.unwrap_err().to_string();
+    assert!(
+        err.contains("spec.mounts[0].host") && err.contains("/nonexistent/warren-test"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn argv_and_env_are_the_specs_only() {
+    let mut h = harness(small());
+    let mut config = sandbox("echo", &module("echo.wat"));
+    config.spec.args = vec!["a b".into(), "c".into()];
+    config.spec.env = BTreeMap::from([("GREETING".into(), "hi".into())]);
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 0 });
+    // argv[0] is the module's file name when no command is given; no host variable leaks.
+    assert_eq!(
+        h.output("echo", Stream::Stdout),
+        "echo.wat\na b\nc\nGREETING=hi\n"
+    );
+
+    let mut config = sandbox("cmd", &module("echo.wat"));
+    config.spec.command = vec!["prog".into(), "-v".into()];
+    config.spec.args = vec!["x".into()];
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 0 });
+    assert_eq!(h.output("cmd", Stream::Stdout), "prog\n-v\nx\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_sandboxes() {
+    let mut h = harness(WasmConfig {
+        pool_instances: 256,
+        max_memory_bytes: 1 << 20,
+        ..WasmConfig::default()
+    });
+    let n = 200;
+    let configs: Vec<SandboxConfig> = (0..n)
+        .map(|i| {
+            let mut c = sandbox(&format!("s{i}"), &module("echo.wat"));
+            c.spec.command = vec![format!("s{i}")];
+            c.spec.env = BTreeMap::from([("N".into(), i.to_string())]);
+            c
+        })
+        .collect();
+    let started = Instant::now();
+    for c in &configs {
+        h.backend.create(c).await.expect("create");
+    }
+    for c in &configs {
+        h.backend.start(&c.id).await.expect("start");
+    }
+    let mut ended = HashMap::new();
+    while ended.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(30), h.events.recv())
+            .await
+            .expect("all end")
+            .expect("events open");
+        ended.insert(event.id, event.status);
+    }
+    eprintln!(
+        "200 sandboxes created, run and ended in {:?}",
+        started.elapsed()
+    );
+    for (i, c) in configs.iter().enumerate() {
+        assert_eq!(ended[&c.id], BackendStatus::Exited { code: 0 }, "{}", c.id);
+        assert_eq!(h.output(&c.id, Stream::Stdout), format!("s{i}\nN={i}\n"));
+    }
+    let stats = h.backend.cache_stats();
+    assert_eq!(stats.compiles, 1);
+    assert_eq!(stats.memory_hits, n as u64 - 1);
+}
+
+#[tokio::test]
+async fn pool_exhaustion_is_a_capacity_error() {
+    let h = harness(WasmConfig {
+        pool_instances: 2,
+        ..small()
+    });
+    for id in ["a", "b", "c"] {
+        h.backend
+            .create(&sandbox(id, &module("loop.wat")))
+            .await
+            .expect("create");
+    }
+    h.backend.start("a").await.expect("start a");
+    h.backend.start("b").await.expect("start b");
+    let err = h.backend.start("c").await.unwrap_err();
+    assert!(matches!(err, BackendError::Capacity { .. }), "{err}");
+    h.backend.stop("a", Duration::ZERO).await.expect("stop");
+    h.backend.start("c").await.expect("room again");
+}
+
+#[tokio::test]
+async fn module_cache_hits_in_memory_then_on_disk() {
+    let mut h = harness(small());
+    let first = h
+        .backend
+        .create(&sandbox("one", &module("hello.wat")))
+        .await
+        .expect("create");
+    let second = h
+        .backend
+        .create(&sandbox("two", &module("hello.wat")))
+        .await
+        .expect("create");
+    assert_eq!(
+        (first["cache"].as_str(), second["cache"].as_str()),
+        ("compiled", "memory")
+    );
+    assert_eq!(
+        h.backend.cache_stats(),
+        CacheStats {
+            memory_hits: 1,
+            disk_hits: 0,
+            compiles: 1
+        }
+    );
+    let cached: Vec<_> = std::fs::read_dir(h.root().join("cache"))
+        .expect("cache dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].ends_with(".cwasm"), "{cached:?}");
+
+    // A fresh backend on the same directory (a server restart) reads the compiled module.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let fresh = WasmBackend::new(h.root(), small(), tx).expect("backend");
+    let info = fresh
+        .create(&sandbox("three", &module("hello.wat")))
+        .await
+        .expect("create");
+    assert_eq!(info["cache"], "disk");
+    assert_eq!(
+        fresh.cache_stats(),
+        CacheStats {
+            memory_hits: 0,
+            disk_hits: 1,
+            compiles: 0
+        }
+    );
+    fresh.start("three").await.expect("start");
+    drop(fresh);
+    assert_eq!(h.list().await, ["one", "three", "two"]);
+    let _ = h.events.try_recv();
+}
+
+impl Harness {
+    async fn list(&self) -> Vec<String> {
+        self.backend.list().await.expect("list")
+    }
+}
+
+#[tokio::test]
+async fn bad_modules_are_clear_errors_naming_the_path() {
+    let h = harness(small());
+    let not_wasm = h.dir.path().join("notwasm.wasm");
+    std::fs::write(&not_wasm, "this is not wasm").expect("write");
+    let component = h.dir.path().join("component.wasm");
+    std::fs::write(&component, b"\0asm\x0d\x00\x01\x00").expect("write");
+    let missing = h.dir.path().join("missing.wasm");
+    let unlinkable = h.dir.path().join("imports.wat");
+    std::fs::write(
+        &unlinkable,
+        r#"(module (import "env" "launch" (func)) (func (export "_start")))"#,
+    )
+    .expect("write");
+    let cases = [
+        (unlinkable.display().to_string(), "cannot be linked: "),
+        (
+            not_wasm.display().to_string(),
+            "is not a WebAssembly module (no \\0asm header, and not WAT text)",
+        ),
+        (module("nostart.wat"), "has no `_start` function"),
+        (
+            component.display().to_string(),
+            "is a WebAssembly component",
+        ),
+        (missing.display().to_string(), "read wasm module"),
+    ];
+    for (path, want) in cases {
+        let err = h.backend.create(&sandbox("bad", &path)).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&path) && text.contains(want), "{text}");
+        assert!(
+            !text.contains("this is not wasm"),
+            "file content is never echoed: {text}"
+        );
+    }
+    let err = h
+        .backend
+        .create(&sandbox("bad", &missing.display().to_string()))
+        .await
+        .unwrap_err();
+    let BackendError::Io { source, .. } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+    let mut no_image = sandbox("bad", "");
+    no_image.spec.image = None;
+    let err = h.backend.create(&no_image).await.unwrap_err().to_string();
+    assert!(err.contains("spec.image"), "{err}");
+    // Nothing was left behind.
+    assert!(h.list().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_an_infinite_loop_promptly() {
+    let mut h = harness(small());
+    h.backend
+        .create(&sandbox("loop", &module("loop.wat")))
+        .await
+        .expect("create");
+    h.backend.start("loop").await.expect("start");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let asked = Instant::now();
+    let status = h
+        .backend
+        .stop("loop", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    let took = asked.elapsed();
+    assert_eq!(status, BackendStatus::Stopped);
+    assert!(took < Duration::from_millis(50), "stop took {took:?}");
+    assert_eq!(
+        h.backend.status("loop").await.expect("status"),
+        BackendStatus::Stopped
+    );
+    // A requested stop is not an event: the caller has the answer.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(h.events.try_recv().is_err());
+    // Stopping again, or stopping an ended sandbox, reports the status as it is.
+    assert_eq!(
+        h.backend.stop("loop", Duration::ZERO).await.expect("stop"),
+        BackendStatus::Stopped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_stops_and_removes_everything() {
+    let h = harness(small());
+    h.backend
+        .create(&sandbox("loop", &module("loop.wat")))
+        .await
+        .expect("create");
+    h.backend.start("loop").await.expect("start");
+    let done = h.backend.done_signal("loop").expect("started");
+    let dir = h.root().join("loop");
+    assert!(dir.is_dir());
+    h.backend.delete("loop").await.expect("delete");
+    assert!(!dir.exists());
+    assert!(done.has_changed().is_err() || *done.borrow());
+    let err = h.backend.delete("loop").await.unwrap_err();
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+    let err = h.backend.status("loop").await.unwrap_err();
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+    assert!(h.list().await.is_empty());
+    // Creating the same id again starts clean.
+    h.backend
+        .create(&sandbox("loop", &module("hello.wat")))
+        .await
+        .expect("create again");
+}
+
+#[tokio::test]
+async fn adopt_after_restart_reports_how_sandboxes_ended() {
+    let mut h = harness(small());
+    let exited = sandbox("exited", &module("exit3.wat"));
+    assert_eq!(h.run(&exited).await, BackendStatus::Exited { code: 3 });
+    let created = sandbox("created", &module("hello.wat"));
+    h.backend.create(&created).await.expect("create");
+    let lost = sandbox("lost", &module("hello.wat"));
+    h.backend.create(&lost).await.expect("create");
+    // As if the server died while it ran.
+    std::fs::write(h.root().join("lost/status.json"), r#"{"status":"running"}"#).expect("write");
+
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let fresh = WasmBackend::new(h.root(), small(), tx).expect("backend");
+    let (status, info) = fresh.adopt(&exited).await.expect("adopt");
+    assert_eq!(status, BackendStatus::Exited { code: 3 });
+    assert_eq!(info["cache"], "disk");
+    let (status, _) = fresh.adopt(&lost).await.expect("adopt");
+    assert_eq!(status, failed("lost: the server restarted while it ran"));
+    let (status, _) = fresh.adopt(&created).await.expect("adopt");
+    assert_eq!(status, BackendStatus::Created);
+    fresh.start("created").await.expect("start adopted");
+    let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+        .await
+        .expect("event")
+        .expect("open");
+    assert_eq!(event.status, BackendStatus::Exited { code: 0 });
+    let err = fresh
+        .adopt(&sandbox("never", &module("hello.wat")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+    assert_eq!(
+        fresh.list().await.expect("list"),
+        ["created", "exited", "lost"]
+    );
+}
+
+/// Not a benchmark (debug build, shared CI machine); prints the in-process cost of a warm
+/// hello world through the backend's API so regressions are visible in test output.
+#[tokio::test]
+async fn warm_hello_create_to_exit_latency() {
+    let mut h = harness(small());
+    h.run(&sandbox("warm", &module("hello.wat"))).await;
+    let mut samples = Vec::new();
+    let mut creates = Vec::new();
+    for i in 0..50 {
+        let config = sandbox(&format!("h{i}"), &module("hello.wat"));
+        let t = Instant::now();
+        h.backend.create(&config).await.expect("create");
+        creates.push(t.elapsed());
+        h.backend.start(&config.id).await.expect("start");
+        let status = h.event(&config.id).await;
+        samples.push(t.elapsed());
+        assert_eq!(status, BackendStatus::Exited { code: 0 });
+        h.backend.delete(&config.id).await.expect("delete");
+    }
+    samples.sort();
+    creates.sort();
+    eprintln!(
+        "warm hello create→exit: median {:?}, p90 {:?} (create alone: median {:?})",
+        samples[samples.len() / 2],
+        samples[samples.len() * 9 / 10],
+        creates[creates.len() / 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_guests_do_not_starve_the_runtime() {
+    let mut h = harness(small());
+    // Twice as many spinning guests as workers.
+    for i in 0..4 {
+        let mut config = sandbox(&format!("spin{i}"), &module("loop.wat"));
+        config.spec.timeout_seconds = Some(0.3);
+        h.backend.create(&config).await.expect("create");
+        h.backend.start(&config.id).await.expect("start");
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..100 {
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        worst = worst.max(t.elapsed());
+    }
+    eprintln!("worst 1 ms sleep with 4 spinning guests on 2 workers: {worst:?}");
+    assert!(worst < Duration::from_millis(30), "{worst:?}");
+    for i in 0..4 {
+        assert_eq!(h.event(&format!("spin{i}")).await, failed("Timeout"));
+    }
+}
