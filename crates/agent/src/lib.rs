@@ -136,6 +136,11 @@ impl Agent {
         Ok(self.backend(config.spec.backend)?.adopt(config).await?)
     }
 
+    /// The sandbox's log file, when its backend keeps one.
+    pub fn log_path(&self, kind: BackendKind, id: &str) -> Option<std::path::PathBuf> {
+        self.backends.get(&kind)?.log_path(id)
+    }
+
     /// Ids held by each available backend on this node.
     pub async fn list(&self) -> Result<Vec<(BackendKind, String)>, AgentError> {
         let mut all = Vec::new();

@@ -33,9 +33,15 @@ fn run_with_cri_annotations_writes_the_seed_json() {
         "-a",
         "resources.limits.pid=1000",
     ]);
-    assert!(out.starts_with("sandbox/seed created (slot, Running)"), "{out}");
+    assert!(
+        out.starts_with("sandbox/seed created (slot, Running)"),
+        "{out}"
+    );
     let path = resources_path(&server, "seed");
-    assert!(out.contains(&path.display().to_string()), "run prints where the JSON is: {out}");
+    assert!(
+        out.contains(&path.display().to_string()),
+        "run prints where the JSON is: {out}"
+    );
     assert!(path.starts_with(server.state_dir()), "{}", path.display());
     assert_eq!(read(&path), SEED_JSON);
 }
@@ -73,13 +79,18 @@ spec:
 #[test]
 fn list_get_update_delete() {
     let server = TestServer::start();
-    server.ok(&["run", "--name", "a", "--cpu", "500m", "--memory", "1Gi", "-l", "app=web"]);
+    server.ok(&[
+        "run", "--name", "a", "--cpu", "500m", "--memory", "1Gi", "-l", "app=web",
+    ]);
     server.ok(&["run", "--name", "b", "--pids", "50", "-l", "app=db"]);
     let table = server.ok(&["ls"]);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
     assert!(lines[0].starts_with("NAME"), "{table}");
-    assert!(lines[1].starts_with("a ") && lines[1].contains("500m") && lines[1].contains("1Gi"), "{table}");
+    assert!(
+        lines[1].starts_with("a ") && lines[1].contains("500m") && lines[1].contains("1Gi"),
+        "{table}"
+    );
     assert_eq!(server.ok(&["ls", "-l", "app=db", "-o", "name"]), "b\n");
     let list = json(&server.ok(&["ls", "-o", "json"]));
     assert_eq!(list["kind"], "List");
@@ -91,22 +102,48 @@ fn list_get_update_delete() {
     let yaml = server.ok(&["get", "a", "-o", "yaml"]);
     assert!(yaml.contains("apiVersion: warren.dev/v1"), "{yaml}");
 
-    server.ok(&["update", "a", "--memory", "2Gi", "-l", "tier=front", "--label-rm", "app"]);
+    server.ok(&[
+        "update",
+        "a",
+        "--memory",
+        "2Gi",
+        "-l",
+        "tier=front",
+        "--label-rm",
+        "app",
+    ]);
     let got = json(&server.ok(&["get", "a", "-o", "json"]));
     assert_eq!(got["metadata"]["resourceVersion"], "2");
     assert_eq!(got["spec"]["resources"]["limits"]["memory"], "2Gi");
-    assert_eq!(got["spec"]["resources"]["limits"]["cpu"], "500m", "other quantities kept");
-    assert_eq!(got["metadata"]["labels"], serde_json::json!({"tier": "front"}));
+    assert_eq!(
+        got["spec"]["resources"]["limits"]["cpu"], "500m",
+        "other quantities kept"
+    );
+    assert_eq!(
+        got["metadata"]["labels"],
+        serde_json::json!({"tier": "front"})
+    );
     let path = resources_path(&server, "a");
-    assert_eq!(json(&read(&path))["memory_limit"], 2u64 << 30, "update re-wrote the JSON");
+    assert_eq!(
+        json(&read(&path))["memory_limit"],
+        2u64 << 30,
+        "update re-wrote the JSON"
+    );
 
     assert_eq!(server.ok(&["rm", "a", "b"]), "a\nb\n");
     assert!(!path.exists(), "delete removed the JSON");
     assert_eq!(server.ok(&["ls", "-o", "name"]), "");
     let out = server.warren(&["rm", "a"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("sandbox \"a\" not found"), "{}", stderr(&out));
-    assert!(server.warren(&["rm", "-f", "a"]).status.success(), "--force ignores missing names");
+    assert!(
+        stderr(&out).contains("sandbox \"a\" not found"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        server.warren(&["rm", "-f", "a"]).status.success(),
+        "--force ignores missing names"
+    );
 }
 
 #[test]
@@ -122,48 +159,111 @@ fn apply_creates_updates_and_refuses_immutable_changes() {
     let file = server.dir.path().join("app.yaml");
     std::fs::write(&file, doc("1Gi", "busybox")).expect("write");
     let f = file.to_str().expect("utf8");
-    assert_eq!(server.ok(&["apply", "-f", f]), "sandbox/app created\nsandbox/other created\n");
-    assert_eq!(server.ok(&["apply", "-f", f]), "sandbox/app unchanged\nsandbox/other unchanged\n");
+    assert_eq!(
+        server.ok(&["apply", "-f", f]),
+        "sandbox/app created\nsandbox/other created\n"
+    );
+    assert_eq!(
+        server.ok(&["apply", "-f", f]),
+        "sandbox/app unchanged\nsandbox/other unchanged\n"
+    );
     std::fs::write(&file, doc("2Gi", "busybox")).expect("write");
-    assert_eq!(server.ok(&["apply", "-f", f]), "sandbox/app configured\nsandbox/other unchanged\n");
-    assert_eq!(json(&read(&resources_path(&server, "app")))["memory_limit"], 2u64 << 30);
+    assert_eq!(
+        server.ok(&["apply", "-f", f]),
+        "sandbox/app configured\nsandbox/other unchanged\n"
+    );
+    assert_eq!(
+        json(&read(&resources_path(&server, "app")))["memory_limit"],
+        2u64 << 30
+    );
     // What `get -o yaml` prints applies back unchanged.
     let yaml = server.ok(&["get", "app", "-o", "yaml"]);
-    assert_eq!(server.warren_stdin(&["apply", "-f", "-"], Some(&yaml)).status.code(), Some(0));
+    assert_eq!(
+        server
+            .warren_stdin(&["apply", "-f", "-"], Some(&yaml))
+            .status
+            .code(),
+        Some(0)
+    );
     std::fs::write(&file, doc("2Gi", "alpine")).expect("write");
     let out = server.warren(&["apply", "-f", f]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("spec.image cannot change"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("spec.image cannot change"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn bad_input_fails_with_the_field_named() {
     let server = TestServer::start();
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["run", "--name", "x", "--memory", "2Gx"], 1, "spec.resources.limits.memory: \"2Gx\" is not a quantity"),
-        (&["run", "--name", "x", "-a", "resources.limits.cpu=-1"], 1, "annotations[\"resources.limits.cpu\"]"),
+        (
+            &["run", "--name", "x", "--memory", "2Gx"],
+            1,
+            "spec.resources.limits.memory: \"2Gx\" is not a quantity",
+        ),
+        (
+            &["run", "--name", "x", "-a", "resources.limits.cpu=-1"],
+            1,
+            "annotations[\"resources.limits.cpu\"]",
+        ),
         (&["run", "--name", "bad name"], 1, "spec.name: \"bad name\""),
-        (&["run", "--name", "x", "--backend", "xen"], 2, "\"xen\" is not a backend"),
-        (&["run", "--name", "x", "-a", "novalue"], 2, "--annotation: \"novalue\" is not KEY=VALUE"),
-        (&["run", "--name", "x", "--cpu", "1", "--cpu-request", "2"], 1, "request 2 is more than the limit 1"),
+        (
+            &["run", "--name", "x", "--backend", "xen"],
+            2,
+            "\"xen\" is not a backend",
+        ),
+        (
+            &["run", "--name", "x", "-a", "novalue"],
+            2,
+            "--annotation: \"novalue\" is not KEY=VALUE",
+        ),
+        (
+            &["run", "--name", "x", "--cpu", "1", "--cpu-request", "2"],
+            1,
+            "request 2 is more than the limit 1",
+        ),
         (&["ls", "-l", "a b"], 1, "label selector \"a b\""),
         (&["get", "nope"], 1, "sandbox \"nope\" not found"),
         (&["frobnicate"], 2, "unrecognized subcommand"),
     ];
     for (args, code, want) in cases {
         let out = server.warren(args);
-        assert_eq!(out.status.code(), Some(*code), "warren {args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(want), "warren {args:?}: {want:?} not in {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(*code),
+            "warren {args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(want),
+            "warren {args:?}: {want:?} not in {}",
+            stderr(&out)
+        );
     }
-    assert_eq!(server.ok(&["ls", "-o", "name"]), "", "nothing was created by bad input");
+    assert_eq!(
+        server.ok(&["ls", "-o", "name"]),
+        "",
+        "nothing was created by bad input"
+    );
     let file = server.dir.path().join("bad.yaml");
     std::fs::write(&file, "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: ok}\n---\n\
         apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: bad}\nspec: {resources: {limits: {cpu: lots}}}\n")
         .expect("write");
     let out = server.warren(&["apply", "-f", file.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("spec.resources.limits.cpu: \"lots\""), "{}", stderr(&out));
-    assert_eq!(server.ok(&["ls", "-o", "name"]), "", "a bad file changes nothing");
+    assert!(
+        stderr(&out).contains("spec.resources.limits.cpu: \"lots\""),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        server.ok(&["ls", "-o", "name"]),
+        "",
+        "a bad file changes nothing"
+    );
 }
 
 #[test]
@@ -179,7 +279,11 @@ fn unreachable_server_is_a_clear_error() {
         None,
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot reach the warren server at"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the warren server at"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -189,7 +293,9 @@ fn tcp_needs_the_token() {
     let out = common::run_with_stdin(
         {
             let mut c = std::process::Command::new(common::WARREN);
-            c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir"]).arg(dir.path()).env_remove("WARREN_TOKEN");
+            c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir"])
+                .arg(dir.path())
+                .env_remove("WARREN_TOKEN");
             c
         },
         None,
@@ -198,36 +304,58 @@ fn tcp_needs_the_token() {
     assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
 
     let server = TestServer::start_with(&[], Some("s3cret"));
-    assert!(server.address.starts_with("tcp://127.0.0.1:"), "{}", server.address);
+    assert!(
+        server.address.starts_with("tcp://127.0.0.1:"),
+        "{}",
+        server.address
+    );
     server.ok(&["run", "--name", "t"]);
     let no_token = common::run_with_stdin(
         {
             let mut c = std::process::Command::new(common::WARREN);
-            c.args(["ls"]).env("WARREN_SERVER", &server.address).env_remove("WARREN_TOKEN");
+            c.args(["ls"])
+                .env("WARREN_SERVER", &server.address)
+                .env_remove("WARREN_TOKEN");
             c
         },
         None,
     );
     assert_eq!(no_token.status.code(), Some(1));
-    assert!(stderr(&no_token).contains("needs a bearer token"), "{}", stderr(&no_token));
+    assert!(
+        stderr(&no_token).contains("needs a bearer token"),
+        "{}",
+        stderr(&no_token)
+    );
     let wrong = common::run_with_stdin(
         {
             let mut c = std::process::Command::new(common::WARREN);
-            c.args(["ls", "--token", "guess"]).env("WARREN_SERVER", &server.address);
+            c.args(["ls", "--token", "guess"])
+                .env("WARREN_SERVER", &server.address);
             c
         },
         None,
     );
     assert_eq!(wrong.status.code(), Some(1));
-    assert!(stderr(&wrong).contains("token is wrong"), "{}", stderr(&wrong));
-    assert!(!server.log().contains("s3cret"), "the server never logs the token");
+    assert!(
+        stderr(&wrong).contains("token is wrong"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(
+        !server.log().contains("s3cret"),
+        "the server never logs the token"
+    );
 }
 
 #[test]
 fn unix_socket_is_private_and_sigterm_stops_cleanly() {
     let mut server = TestServer::start();
     let sock = server.dir.path().join("w.sock");
-    let mode = std::fs::metadata(&sock).expect("socket").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     server.ok(&["run", "--name", "keep"]);
     // A second server on the same dir is refused: the store is locked.
@@ -246,10 +374,19 @@ fn unix_socket_is_private_and_sigterm_stops_cleanly() {
     assert!(stderr(&out).contains("already uses"), "{}", stderr(&out));
 
     let status = server.terminate();
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", server.log());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM exits 0; log:\n{}",
+        server.log()
+    );
     assert!(!sock.exists(), "socket removed on shutdown");
     server.spawn();
-    assert_eq!(server.ok(&["ls", "-o", "name"]), "keep\n", "state kept across restarts");
+    assert_eq!(
+        server.ok(&["ls", "-o", "name"]),
+        "keep\n",
+        "state kept across restarts"
+    );
 }
 
 #[test]
@@ -266,19 +403,38 @@ fn watch_streams_changes() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
     let next = || {
-        let line = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("an event");
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("an event");
         let v = json(&line);
-        (v["type"].as_str().unwrap_or("").to_string(), v["object"]["metadata"]["name"].as_str().unwrap_or("").to_string())
+        (
+            v["type"].as_str().unwrap_or("").to_string(),
+            v["object"]["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
     };
-    assert_eq!(next(), ("ADDED".to_string(), "first".to_string()), "initial state first");
+    assert_eq!(
+        next(),
+        ("ADDED".to_string(), "first".to_string()),
+        "initial state first"
+    );
     server.ok(&["run", "--name", "unwatched"]);
     server.ok(&["run", "--name", "second", "-l", "w=1"]);
-    assert_eq!(next(), ("ADDED".to_string(), "second".to_string()), "selector filters others");
+    assert_eq!(
+        next(),
+        ("ADDED".to_string(), "second".to_string()),
+        "selector filters others"
+    );
     server.ok(&["rm", "second"]);
     assert_eq!(next().0, "MODIFIED", "Stopping");
     assert_eq!(next(), ("DELETED".to_string(), "second".to_string()));
@@ -293,9 +449,15 @@ fn acknowledged_creates_survive_kill_9() {
     let mut server = TestServer::start();
     let address: Address = server.address.parse().expect("address");
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
-        let client = warren_control::client::connect(&address, None).await.expect("connect");
+        let client = warren_control::client::connect(&address, None)
+            .await
+            .expect("connect");
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut workers = Vec::new();
         for _ in 0..16 {
@@ -306,9 +468,14 @@ fn acknowledged_creates_survive_kill_9() {
                     if i >= 500 {
                         return;
                     }
-                    let mut spec = SandboxSpec { name: format!("k{i:03}"), ..Default::default() };
+                    let mut spec = SandboxSpec {
+                        name: format!("k{i:03}"),
+                        ..Default::default()
+                    };
                     spec.resources.limits.memory = Some("64Mi".into());
-                    let req = v1::CreateSandboxRequest { spec: Some(spec_to_pb(&spec)) };
+                    let req = v1::CreateSandboxRequest {
+                        spec: Some(spec_to_pb(&spec)),
+                    };
                     match client.create_sandbox(req).await {
                         Ok(_) => {
                             acked.lock().expect("lock").insert(spec.name);
@@ -328,17 +495,30 @@ fn acknowledged_creates_survive_kill_9() {
         }
     });
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() >= 150 && acked.len() < 500, "killed mid-way: {} acknowledged", acked.len());
+    assert!(
+        acked.len() >= 150 && acked.len() < 500,
+        "killed mid-way: {} acknowledged",
+        acked.len()
+    );
     server.spawn();
-    let listed: BTreeSet<String> = server.ok(&["ls", "-o", "name"]).lines().map(str::to_string).collect();
+    let listed: BTreeSet<String> = server
+        .ok(&["ls", "-o", "name"])
+        .lines()
+        .map(str::to_string)
+        .collect();
     let missing: Vec<_> = acked.difference(&listed).collect();
-    assert!(missing.is_empty(), "acknowledged but lost after kill -9: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but lost after kill -9: {missing:?}"
+    );
     for name in acked.iter().take(20) {
         let path = resources_path(&server, name);
         assert_eq!(json(&read(&path))["memory_limit"], 64u64 << 20, "{name}");
     }
     // Every sandbox dir on disk belongs to a listed sandbox: orphans were reconciled away.
-    let on_disk = std::fs::read_dir(server.state_dir().join("slot")).expect("slot dir").count();
+    let on_disk = std::fs::read_dir(server.state_dir().join("slot"))
+        .expect("slot dir")
+        .count();
     assert_eq!(on_disk, listed.len(), "no orphan files after recovery");
 }
 
@@ -347,7 +527,8 @@ fn bench_create_runs_through_the_api() {
     let out = common::run_with_stdin(
         {
             let mut c = std::process::Command::new(common::WARREN);
-            c.args(["bench", "create", "-n", "300", "-c", "8", "--json"]).env_remove("WARREN_SERVER");
+            c.args(["bench", "create", "-n", "300", "-c", "8", "--json"])
+                .env_remove("WARREN_SERVER");
             c
         },
         None,

@@ -13,14 +13,24 @@ use warren_agent::AgentError;
 use warren_proto::v1::sandboxes_server::Sandboxes;
 use warren_proto::v1::{self, sandbox_event};
 use warren_proto::{failure_policy_from_pb, resource_info_to_pb, resources_from_pb, spec_from_pb};
-use warren_runtime::BackendError;
+use warren_runtime::{BackendError, logs};
 use warren_spec::BackendKind;
 
 use crate::plane::{ControlError, ControlPlane, EventKind, SandboxUpdate};
 
 /// Maps every control plane error to the gRPC code a client can act on.
 pub fn status_of(e: ControlError) -> Status {
-    let msg = e.to_string();
+    // The whole cause chain, once: "read wasm module /x.wasm: No such file or directory".
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
     match e {
         ControlError::InvalidSpec(_) | ControlError::Selector(_) => Status::invalid_argument(msg),
         ControlError::NotFound { .. } => Status::not_found(msg),
@@ -35,6 +45,8 @@ pub fn status_of(e: ControlError) -> Status {
             BackendError::Io { .. } | BackendError::Other(_) => Status::internal(msg),
         },
         ControlError::Store(_) => Status::unavailable(msg),
+        ControlError::NoLogs { .. } => Status::failed_precondition(msg),
+        ControlError::WaitTimeout { .. } => Status::deadline_exceeded(msg),
         ControlError::Internal(_) => Status::internal(msg),
     }
 }
@@ -57,6 +69,24 @@ impl SandboxService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::SandboxEvent, Status>> + Send>>;
+type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogEntry, Status>> + Send>>;
+
+fn log_entry(r: logs::LogRecord) -> v1::LogEntry {
+    let ns = r
+        .time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    v1::LogEntry {
+        time_ns: i64::try_from(ns).unwrap_or(i64::MAX),
+        stream: match r.stream {
+            logs::Stream::Stdout => v1::log_entry::Stream::Stdout as i32,
+            logs::Stream::Stderr => v1::log_entry::Stream::Stderr as i32,
+        },
+        content: r.content,
+        partial: r.partial,
+    }
+}
 
 fn event_type(kind: EventKind) -> sandbox_event::Type {
     match kind {
@@ -220,6 +250,81 @@ impl Sandboxes for SandboxService {
         Ok(Response::new(stream))
     }
 
+    async fn wait_sandbox(
+        &self,
+        req: Request<v1::WaitSandboxRequest>,
+    ) -> Result<Response<v1::Sandbox>, Status> {
+        let req = req.into_inner();
+        let timeout = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)));
+        let rec = self
+            .plane
+            .wait(&req.name, timeout)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(rec.to_pb()))
+    }
+
+    type StreamLogsStream = LogStream;
+
+    async fn stream_logs(
+        &self,
+        req: Request<v1::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = req.into_inner();
+        let (path, done) = self.plane.log_source(&req.name).map_err(status_of)?;
+        let since = req.since_ms.map(|ms| {
+            std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        });
+        let tail = req.tail.map(|t| t as usize);
+        // A sandbox that has not written anything yet has no file: that is an empty log.
+        let (records, offset) = match logs::read_logs_from(&path, tail, since) {
+            Ok(found) => found,
+            Err(_) if !path.exists() => (Vec::new(), 0),
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "reading the log of {:?}: {e}",
+                    req.name
+                )));
+            }
+        };
+        let mut shutdown = self.shutdown.clone();
+        let stream = async_stream(move |tx| async move {
+            for r in records {
+                if tx.send(Ok(log_entry(r))).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow {
+                return;
+            }
+            let mut follower = logs::LogFollower::new(path, offset, done);
+            loop {
+                let next = tokio::select! {
+                    next = follower.next() => next,
+                    _ = shutdown.changed() => return,
+                };
+                match next {
+                    Ok(Some(r)) if since.is_none_or(|s| r.time >= s) => {
+                        if tx.send(Ok(log_entry(r))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("following the log: {e}"))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
     async fn get_server_info(
         &self,
         _req: Request<v1::GetServerInfoRequest>,
@@ -249,9 +354,10 @@ impl Sandboxes for SandboxService {
 }
 
 /// A stream fed by a task; the task ends when the client goes away (send fails).
-fn async_stream<F, Fut>(body: F) -> EventStream
+fn async_stream<T, F, Fut>(body: F) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<v1::SandboxEvent, Status>>) -> Fut,
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(256);

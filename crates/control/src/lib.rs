@@ -22,3 +22,4 @@ pub mod store;
 pub use address::Address;
 pub use plane::{ControlError, ControlPlane, SandboxUpdate};
 pub use server::{Server, ServerConfig, ServerError};
+pub use warren_wasm::WasmConfig;

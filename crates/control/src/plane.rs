@@ -15,10 +15,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 use warren_agent::{Agent, AgentError};
-use warren_runtime::{BackendError, BackendStatus, SandboxConfig};
+use warren_runtime::{BackendError, BackendEvent, BackendStatus, SandboxConfig};
 use warren_spec::{
     BackendKind, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
 };
@@ -51,6 +51,10 @@ pub enum ControlError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("backend {backend} keeps no logs for sandbox {name:?}")]
+    NoLogs { name: String, backend: BackendKind },
+    #[error("sandbox {name:?} did not finish within {waited:?}")]
+    WaitTimeout { name: String, waited: Duration },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -92,7 +96,36 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Registry {
     sandboxes: HashMap<String, Entry>,
+    /// Sandbox id -> name, for backend events (backends know ids, not names).
+    ids: HashMap<String, String>,
+    /// Backend events that arrived while their sandbox was busy; applied when it is released.
+    deferred: HashMap<String, BackendStatus>,
     sequence: u64,
+}
+
+impl Registry {
+    fn insert(&mut self, record: Arc<SandboxRecord>, busy: bool) {
+        self.ids.insert(record.id.clone(), record.spec.name.clone());
+        self.sandboxes
+            .insert(record.spec.name.clone(), Entry { record, busy });
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(entry) = self.sandboxes.remove(name) {
+            self.ids.remove(&entry.record.id);
+            self.deferred.remove(&entry.record.id);
+        }
+    }
+
+    /// Clears the busy mark; returns a deferred backend event to apply now.
+    fn release(&mut self, name: &str) -> Option<BackendEvent> {
+        let entry = self.sandboxes.get_mut(name)?;
+        entry.busy = false;
+        let id = entry.record.id.clone();
+        self.deferred
+            .remove(&id)
+            .map(|status| BackendEvent { id, status })
+    }
 }
 
 #[derive(Debug)]
@@ -210,14 +243,7 @@ impl ControlPlane {
                 rec.updated_at_ms = now_ms();
                 self.persist(&rec).await?;
             }
-            let name = rec.spec.name.clone();
-            self.lock().sandboxes.insert(
-                name,
-                Entry {
-                    record: Arc::new(rec),
-                    busy: false,
-                },
-            );
+            self.lock().insert(Arc::new(rec), false);
         }
         let held = self.inner.agent.list().await?;
         for (kind, id) in held {
@@ -280,11 +306,7 @@ impl ControlPlane {
                     name: pending.spec.name,
                 });
             }
-            let entry = Entry {
-                record: Arc::new(pending.clone()),
-                busy: true,
-            };
-            reg.sandboxes.insert(pending.spec.name.clone(), entry);
+            reg.insert(Arc::new(pending.clone()), true);
         }
         let this = self.clone();
         let done = tokio::spawn(async move { this.finish_create(pending).await });
@@ -307,7 +329,7 @@ impl ControlPlane {
         let info = match self.inner.agent.run(&config).await {
             Ok(info) => info,
             Err(e) => {
-                self.lock().sandboxes.remove(&name);
+                self.lock().remove(&name);
                 return Err(e.into());
             }
         };
@@ -320,16 +342,18 @@ impl ControlPlane {
             if let Err(undo) = self.inner.agent.delete(rec.spec.backend, &rec.id).await {
                 warn!(sandbox = %name, error = %undo, "rollback after a failed persist failed");
             }
-            self.lock().sandboxes.remove(&name);
+            self.lock().remove(&name);
             return Err(e);
         }
         let rec = Arc::new(rec);
         let mut reg = self.lock();
         if let Some(entry) = reg.sandboxes.get_mut(&name) {
             entry.record = rec.clone();
-            entry.busy = false;
         }
+        let deferred = reg.release(&name);
         self.emit(&mut reg, EventKind::Added, rec.clone());
+        drop(reg);
+        self.apply_later(deferred);
         Ok(rec)
     }
 
@@ -411,9 +435,8 @@ impl ControlPlane {
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = old.spec.name.clone();
         let release = |this: &Self| {
-            if let Some(e) = this.lock().sandboxes.get_mut(&name) {
-                e.busy = false;
-            }
+            let deferred = this.lock().release(&name);
+            this.apply_later(deferred);
         };
         let kind = old.spec.backend;
         let resized = resources != old.resources && old.status == Phase::Running;
@@ -439,9 +462,11 @@ impl ControlPlane {
         let mut reg = self.lock();
         if let Some(entry) = reg.sandboxes.get_mut(&name) {
             entry.record = rec.clone();
-            entry.busy = false;
         }
+        let deferred = reg.release(&name);
         self.emit(&mut reg, EventKind::Modified, rec.clone());
+        drop(reg);
+        self.apply_later(deferred);
         Ok(rec)
     }
 
@@ -492,8 +517,9 @@ impl ControlPlane {
                 let mut failed = (*entry.record).clone();
                 failed.status = Phase::Failed { reason };
                 entry.record = Arc::new(failed);
-                entry.busy = false;
                 let r = entry.record.clone();
+                // The delete failed: whatever the backend reported meanwhile is stale.
+                let _ = reg.release(&name);
                 this.emit(&mut reg, EventKind::Modified, r);
             }
         };
@@ -533,7 +559,7 @@ impl ControlPlane {
         gone.updated_at_ms = now_ms();
         let gone = Arc::new(gone);
         let mut reg = self.lock();
-        reg.sandboxes.remove(&name);
+        reg.remove(&name);
         self.emit(&mut reg, EventKind::Deleted, gone.clone());
         drop(reg);
         info!(sandbox = %name, last = %last, "deleted");
@@ -579,6 +605,164 @@ impl ControlPlane {
             }
         }
         n
+    }
+
+    /// Applies the status changes backends report (a workload exited) until the sender goes.
+    ///
+    /// The loop holds the plane weakly: the backends own the senders and the plane owns the
+    /// backends, so a strong reference here would keep the plane (and its store) alive forever.
+    pub fn spawn_event_loop(&self, mut events: mpsc::UnboundedReceiver<BackendEvent>) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                ControlPlane { inner }.on_backend_event(ev).await;
+            }
+        });
+    }
+
+    fn apply_later(&self, event: Option<BackendEvent>) {
+        if let Some(ev) = event {
+            let this = self.clone();
+            tokio::spawn(async move { this.on_backend_event(ev).await });
+        }
+    }
+
+    async fn on_backend_event(&self, ev: BackendEvent) {
+        let next = phase_of(&ev.status);
+        let old = {
+            let mut reg = self.lock();
+            let Some(name) = reg.ids.get(&ev.id).cloned() else {
+                return;
+            };
+            let Some(entry) = reg.sandboxes.get_mut(&name) else {
+                return;
+            };
+            if entry.busy {
+                // Mid-operation (e.g. the create that started it is still persisting): apply
+                // once the operation releases the sandbox.
+                reg.deferred.insert(ev.id, ev.status);
+                return;
+            }
+            if entry.record.status == next || !entry.record.status.can_transition_to(&next) {
+                return;
+            }
+            entry.busy = true;
+            entry.record.clone()
+        };
+        let mut rec = (*old).clone();
+        rec.status = next;
+        rec.revision += 1;
+        rec.updated_at_ms = now_ms();
+        if let Err(e) = self.persist(&rec).await {
+            // Memory still moves on: the workload really ended. After a restart the backend
+            // reports the same end again through adopt.
+            warn!(sandbox = %rec.spec.name, error = %e, "could not persist a status change");
+        }
+        let name = rec.spec.name.clone();
+        let rec = Arc::new(rec);
+        let mut reg = self.lock();
+        if let Some(entry) = reg.sandboxes.get_mut(&name) {
+            entry.record = rec.clone();
+        }
+        let deferred = reg.release(&name);
+        self.emit(&mut reg, EventKind::Modified, rec);
+        drop(reg);
+        self.apply_later(deferred);
+    }
+
+    /// Waits until the sandbox has finished (Stopped, Exited, Failed) or is deleted.
+    pub async fn wait(
+        &self,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let mut rx = {
+            let reg = self.lock();
+            let entry = reg
+                .sandboxes
+                .get(name)
+                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
+            if entry.record.status.is_terminal() && !entry.busy {
+                return Ok(entry.record.clone());
+            }
+            self.inner.events.subscribe()
+        };
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.record.spec.name == name && ev.record.status.is_terminal() => {
+                        return Ok(ev.record);
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(rec) = self.get(name)
+                            && rec.status.is_terminal()
+                        {
+                            return Ok(rec);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(ControlError::Internal("the server is shutting down".into()));
+                    }
+                }
+            }
+        };
+        match timeout {
+            None => wait.await,
+            Some(t) => {
+                tokio::time::timeout(t, wait)
+                    .await
+                    .map_err(|_| ControlError::WaitTimeout {
+                        name: name.into(),
+                        waited: t,
+                    })?
+            }
+        }
+    }
+
+    /// The sandbox's log file, and a flag that turns true once it has finished (so a
+    /// follower knows when to stop).
+    pub fn log_source(
+        &self,
+        name: &str,
+    ) -> Result<(std::path::PathBuf, watch::Receiver<bool>), ControlError> {
+        let (rec, mut rx) = {
+            let reg = self.lock();
+            let entry = reg
+                .sandboxes
+                .get(name)
+                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
+            (entry.record.clone(), self.inner.events.subscribe())
+        };
+        let kind = rec.spec.backend;
+        let path =
+            self.inner
+                .agent
+                .log_path(kind, &rec.id)
+                .ok_or_else(|| ControlError::NoLogs {
+                    name: name.into(),
+                    backend: kind,
+                })?;
+        let (done_tx, done_rx) = watch::channel(rec.status.is_terminal());
+        if !rec.status.is_terminal() {
+            let name = name.to_string();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        ev = rx.recv() => match ev {
+                            Ok(ev) if ev.record.spec.name == name && ev.record.status.is_terminal() => break,
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        },
+                        // Nobody follows any more.
+                        _ = done_tx.closed() => return,
+                    }
+                }
+                let _ = done_tx.send(true);
+            });
+        }
+        Ok((path, done_rx))
     }
 
     pub fn summary(&self) -> Summary {

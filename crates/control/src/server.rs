@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use warren_agent::Agent;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
+use warren_wasm::{WasmBackend, WasmConfig};
 
 use crate::address::Address;
 use crate::grpc::SandboxService;
@@ -37,6 +38,7 @@ pub struct ServerConfig {
     pub slot_capacity: SlotCapacity,
     /// Where the slot backend writes `<id>/resources.json`; `<dir>/slot` when `None`.
     pub slot_dir: Option<PathBuf>,
+    pub wasm: WasmConfig,
     /// SIGTERM-to-SIGKILL time for deletes that do not give one.
     pub default_grace: Duration,
 }
@@ -116,7 +118,14 @@ impl Server {
                 backend: "slot",
                 message: e.to_string(),
             })?;
-        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot)];
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let wasm = WasmBackend::new(config.dir.join("wasm"), config.wasm.clone(), events).map_err(
+            |e| ServerError::Backend {
+                backend: "wasm",
+                message: e.to_string(),
+            },
+        )?;
+        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot), Arc::new(wasm)];
         let agent = Agent::new(config.node.clone(), backends);
         for report in agent.report() {
             match &report.available {
@@ -127,6 +136,8 @@ impl Server {
             }
         }
         let plane = ControlPlane::new(agent, store, config.default_grace);
+        // Events are consumed from before recovery, so exits noticed while adopting count.
+        plane.spawn_event_loop(events_rx);
         let n = plane.recover().await.map_err(ServerError::Recover)?;
         info!(sandboxes = n, dir = %config.dir.display(), "state recovered");
 

@@ -29,6 +29,37 @@ pub struct Args {
 enum What {
     /// Create (then delete) sandboxes as fast as the server acknowledges them.
     Create(CreateArgs),
+    /// Run a workload to completion N times (create -> exit through the API), side by side
+    /// with the same workload run by its peer (the wasmtime CLI for wasm).
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Backend to run on.
+    #[arg(long, short = 'b', default_value = "wasm")]
+    backend: String,
+    /// Image or module to run.
+    #[arg(long, short = 'i', visible_alias = "module")]
+    image: String,
+    /// How many runs.
+    #[arg(short = 'n', default_value_t = 1000)]
+    count: usize,
+    /// How many runs in flight at once.
+    #[arg(short = 'c', default_value_t = 1)]
+    concurrency: usize,
+    /// Runs of the peer (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    peer_runs: usize,
+    /// Log level of the private server.
+    #[arg(long, default_value = "info")]
+    server_log_level: String,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Arguments for the workload.
+    #[arg(last = true)]
+    args: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,6 +93,7 @@ struct CreateArgs {
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Create(a) => create(a, g).await,
+        What::Run(a) => run_to_exit(a, g).await,
     }
 }
 
@@ -317,6 +349,146 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     }
     drop(private);
     Ok(if created.errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The peer that runs the same workload outside warren, if it is installed.
+fn peer_command(
+    backend: BackendKind,
+    image: &str,
+    args: &[String],
+) -> Option<(String, std::process::Command)> {
+    match backend {
+        BackendKind::Wasm => {
+            let found = std::env::var_os("PATH")
+                .into_iter()
+                .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .map(|d| d.join("wasmtime"))
+                .find(|p| p.is_file())?;
+            let mut cmd = std::process::Command::new(&found);
+            cmd.arg("run")
+                .arg(image)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            Some(("wasmtime run (CLI)".to_string(), cmd))
+        }
+        _ => None,
+    }
+}
+
+async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
+    let backend: BackendKind = a
+        .backend
+        .parse()
+        .map_err(|e| usage(format!("--backend: {e}")))?;
+    if a.count == 0 || a.concurrency == 0 {
+        return Err(usage("-n and -c must be at least 1"));
+    }
+    let image = std::fs::canonicalize(&a.image)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| a.image.clone());
+    let private = if g.server.is_none() {
+        Some(PrivateServer::start(&a.server_log_level, None)?)
+    } else {
+        None
+    };
+    let address = match &private {
+        Some(p) => p.address.clone(),
+        None => g.address()?,
+    };
+    let clients = vec![connect_retrying(&address, g.token.as_deref()).await?];
+    if !a.json {
+        println!(
+            "warren bench run: backend={backend} image={image} n={} c={}",
+            a.count, a.concurrency
+        );
+    }
+    let prefix = Arc::new(format!("run-{:x}", std::process::id()));
+    let (p, img, args) = (prefix.clone(), image.clone(), a.args.clone());
+    let runs = drive(&clients, a.count, a.concurrency, move |mut c, i| {
+        let spec = SandboxSpec {
+            name: format!("{p}-{i}"),
+            backend,
+            image: Some(img.clone()),
+            args: args.clone(),
+            ..SandboxSpec::default()
+        };
+        async move {
+            let name = spec.name.clone();
+            c.create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec)),
+            })
+            .await?;
+            let done = c
+                .wait_sandbox(v1::WaitSandboxRequest {
+                    name: name.clone(),
+                    timeout_ms: Some(60_000),
+                })
+                .await?;
+            let st = done.into_inner().status.unwrap_or_default();
+            if st.exit_code != Some(0) {
+                return Err(tonic::Status::internal(format!(
+                    "{name} ended {} {}",
+                    st.phase, st.reason
+                )));
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let ours = report("warren", &runs);
+    // Clean up outside the timed part.
+    let p = prefix.clone();
+    drive(&clients, a.count, a.concurrency.max(8), move |mut c, i| {
+        let req = v1::DeleteSandboxRequest {
+            name: format!("{p}-{i}"),
+            grace_period_seconds: Some(0),
+        };
+        async move { c.delete_sandbox(req).await.map(|_| ()) }
+    })
+    .await?;
+    let mut peer_json = serde_json::Value::Null;
+    match peer_command(backend, &image, &a.args) {
+        Some((name, _)) if a.peer_runs == 0 => println!("peer {name}: skipped (--peer-runs 0)"),
+        Some((name, mut cmd)) => {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let start = Instant::now();
+            for _ in 0..a.peer_runs {
+                let t = Instant::now();
+                let status = cmd.status().with_context(|| format!("running {name}"))?;
+                if !status.success() {
+                    bail!("{name} failed: {status}");
+                }
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+            }
+            let peer = Phase {
+                hist,
+                elapsed: start.elapsed(),
+                errors: 0,
+                first_error: None,
+            };
+            peer_json = report("peer", &peer);
+            println!("         peer = {name}, sequential");
+            let ratio = peer.hist.value_at_quantile(0.5) as f64
+                / runs.hist.value_at_quantile(0.5).max(1) as f64;
+            println!("median: warren is {ratio:.1}x faster than the peer");
+        }
+        None => println!(
+            "peer: none installed for {backend} (for wasm: scripts/bench-setup.sh installs the wasmtime CLI)"
+        ),
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency, "warren": ours, "peer": peer_json})
+        );
+    }
+    drop(private);
+    Ok(if runs.errors > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

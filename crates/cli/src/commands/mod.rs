@@ -11,6 +11,7 @@ mod apply;
 mod bench;
 mod get;
 mod info;
+mod logs;
 mod ls;
 mod rm;
 mod run;
@@ -49,6 +50,8 @@ pub enum Command {
     Ls(ls::Args),
     /// Show one sandbox.
     Get(get::Args),
+    /// Show a sandbox's output.
+    Logs(logs::Args),
     /// Delete sandboxes.
     #[command(alias = "delete")]
     Rm(rm::Args),
@@ -113,6 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => run::run(a, &g).await,
         Command::Ls(a) => ls::run(a, &g).await,
         Command::Get(a) => get::run(a, &g).await,
+        Command::Logs(a) => logs::run(a, &g).await,
         Command::Rm(a) => rm::run(a, &g).await,
         Command::Apply(a) => apply::run(a, &g).await,
         Command::Update(a) => update::run(a, &g).await,

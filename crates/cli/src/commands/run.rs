@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::{
-    BackendKind, Consistency, FailurePolicy, PortSpec, ResourceRequirements, SandboxSpec,
+    BackendKind, Consistency, FailurePolicy, Mount, PortSpec, ResourceRequirements, SandboxSpec,
 };
 
 use super::{Globals, answer, key_values, usage};
@@ -87,8 +87,21 @@ pub struct Args {
     #[arg(long, short = 'b', default_value = "slot")]
     backend: String,
     /// Image (linux, vm) or module (wasm) to run.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', visible_alias = "module")]
     image: Option<String>,
+    /// Map a host directory: GUEST::HOST, or GUEST::HOST:ro for read-only (repeatable).
+    #[arg(long = "mapdir", visible_alias = "mount")]
+    mounts: Vec<String>,
+    /// Stop the workload after this long, e.g. 500ms, 30s; it ends with status Timeout.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Wait for the sandbox to finish, stream its output meanwhile, and exit with its exit code
+    /// (like `docker run` without -d).
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: delete the sandbox once it has finished.
+    #[arg(long, requires = "wait")]
+    rm: bool,
     #[command(flatten)]
     resources: ResourceFlags,
     /// Annotation KEY=VALUE (repeatable); CRI resource keys such as resources.limits.cpu
@@ -125,7 +138,7 @@ pub struct Args {
     /// Output: table (a summary), name, json or yaml.
     #[arg(short, long, value_enum, default_value = "table")]
     output: Format,
-    /// Command and arguments to run.
+    /// Command and arguments to run (for wasm: the module's arguments).
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -181,7 +194,17 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         annotations: key_values("--annotation", &args.annotations)?,
         backend,
         image: args.image.clone(),
-        command: args.command.clone(),
+        // For wasm the module is the program: what follows `--` are its arguments.
+        command: if backend == BackendKind::Wasm {
+            Vec::new()
+        } else {
+            args.command.clone()
+        },
+        args: if backend == BackendKind::Wasm {
+            args.command.clone()
+        } else {
+            Vec::new()
+        },
         env: key_values("--env", &args.env)?,
         working_dir: args.workdir.clone(),
         resources,
@@ -191,6 +214,15 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         consistency,
         pool: args.pool.clone(),
         expire_time,
+        mounts: args
+            .mounts
+            .iter()
+            .map(|m| {
+                m.parse::<Mount>()
+                    .map_err(|e| usage(format!("--mapdir: {e}")))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        timeout_seconds: args.timeout.map(|d| d.as_secs_f64()),
         ..SandboxSpec::default()
     })
 }
@@ -206,6 +238,9 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .await,
     )?;
     let sb = reply.sandbox.unwrap_or_default();
+    if args.wait {
+        return wait(&mut client, &spec.name, args.rm).await;
+    }
     match args.output {
         Format::Table | Format::Wide => {
             let st = sb.status.clone().unwrap_or_default();
@@ -229,4 +264,49 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         format => output::sandboxes(&[sb], format, false)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Streams the sandbox's output until it finishes, then exits as it did: its exit code, or
+/// 1 with the reason when it failed (Timeout, MemoryLimit, a trap).
+async fn wait(
+    client: &mut warren_control::client::Client,
+    name: &str,
+    rm: bool,
+) -> anyhow::Result<ExitCode> {
+    match super::logs::stream(client, name, true, None, None, false).await {
+        Ok(()) => {}
+        // A backend without logs (slot) still has an end to wait for.
+        Err(e)
+            if e.downcast_ref::<super::ServerError>()
+                .is_some_and(|s| s.0.code() == tonic::Code::FailedPrecondition) => {}
+        Err(e) => return Err(e),
+    }
+    let done = answer(
+        client
+            .wait_sandbox(v1::WaitSandboxRequest {
+                name: name.to_string(),
+                timeout_ms: None,
+            })
+            .await,
+    )?;
+    if rm {
+        let req = v1::DeleteSandboxRequest {
+            name: name.to_string(),
+            grace_period_seconds: Some(0),
+        };
+        answer(client.delete_sandbox(req).await)?;
+    }
+    let st = done.status.unwrap_or_default();
+    match (st.phase.as_str(), st.exit_code) {
+        (_, Some(code)) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+        ("Failed", _) => {
+            eprintln!(
+                "sandbox/{} failed: {}",
+                printable(name),
+                printable(&st.reason)
+            );
+            Ok(ExitCode::from(1))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::ValueEnum;
 use tracing::info;
-use warren_control::{Address, Server, ServerConfig};
+use warren_control::{Address, Server, ServerConfig, WasmConfig};
 use warren_runtime::SlotCapacity;
 
 use super::{Globals, usage};
@@ -42,6 +42,18 @@ pub struct Args {
     /// What the slot backend may hand out: cpu=64,memory=256Gi,pids=100000,sandboxes=5000.
     #[arg(long, default_value = "")]
     slot_capacity: String,
+    /// Most Wasm instances running at once (sizes the pooling allocator).
+    #[arg(long, default_value_t = 256)]
+    wasm_pool: u32,
+    /// Largest linear memory of one Wasm instance, e.g. 256Mi.
+    #[arg(long, default_value = "256Mi")]
+    wasm_max_memory: String,
+    /// Timeout for Wasm sandboxes that set none, e.g. 5m (default: none).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wasm_timeout: Option<Duration>,
+    /// Fuel per Wasm run (a deterministic CPU budget); default unmetered.
+    #[arg(long)]
+    wasm_fuel: Option<u64>,
     /// Default time between SIGTERM and SIGKILL when deleting, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
@@ -90,6 +102,13 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         node: args.node.unwrap_or_else(hostname),
         slot_capacity,
         slot_dir: args.slot_dir,
+        wasm: WasmConfig {
+            pool_instances: args.wasm_pool,
+            max_memory_bytes: warren_spec::parse_bytes(&args.wasm_max_memory)
+                .map_err(|e| usage(format!("--wasm-max-memory: {e}")))?,
+            default_timeout: args.wasm_timeout,
+            fuel: args.wasm_fuel,
+        },
         default_grace: args.grace,
     };
     let dir = config.dir.clone();

@@ -26,7 +26,10 @@ impl TestServer {
 
     /// A server with extra `warren server` flags; `tcp_token` makes it listen on TCP port 0.
     pub fn start_with(extra: &[&str], tcp_token: Option<&str>) -> Self {
-        let dir = tempfile::Builder::new().prefix("warren-it-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("warren-it-")
+            .tempdir()
+            .expect("tempdir");
         let listen = match tcp_token {
             Some(_) => "tcp://127.0.0.1:0".to_string(),
             None => format!("unix://{}", dir.path().join("w.sock").display()),
@@ -48,9 +51,17 @@ impl TestServer {
 
     /// Starts the server process (again) on the same dir and waits until it listens.
     pub fn spawn(&mut self) {
-        let listen = if self.token.is_some() { "tcp://127.0.0.1:0".to_string() } else { self.address.clone() };
+        let listen = if self.token.is_some() {
+            "tcp://127.0.0.1:0".to_string()
+        } else {
+            self.address.clone()
+        };
         let mut cmd = Command::new(WARREN);
-        cmd.arg("server").arg("--dir").arg(self.state_dir()).arg("--listen").arg(&listen);
+        cmd.arg("server")
+            .arg("--dir")
+            .arg(self.state_dir())
+            .arg("--listen")
+            .arg(&listen);
         cmd.args(&self.extra);
         if let Some(t) = &self.token {
             cmd.env("WARREN_TOKEN", t);
@@ -62,7 +73,11 @@ impl TestServer {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("server log");
-        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().expect("spawn warren server");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn warren server");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -70,10 +85,13 @@ impl TestServer {
                 let _ = tx.send(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-            panic!("server did not start; log:\n{}", self.log())
-        });
-        let address = line.strip_prefix("warren server listening on ").expect("listening line").to_string();
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log()));
+        let address = line
+            .strip_prefix("warren server listening on ")
+            .expect("listening line")
+            .to_string();
         self.address = address;
         self.child = Some(child);
     }
@@ -96,13 +114,18 @@ impl TestServer {
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = c.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -114,7 +137,9 @@ impl TestServer {
 
     pub fn warren_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut cmd = Command::new(WARREN);
-        cmd.args(args).env("WARREN_SERVER", &self.address).env_remove("WARREN_TOKEN");
+        cmd.args(args)
+            .env("WARREN_SERVER", &self.address)
+            .env_remove("WARREN_TOKEN");
         if let Some(t) = &self.token {
             cmd.env("WARREN_TOKEN", t);
         }
@@ -143,11 +168,20 @@ impl Drop for TestServer {
 
 pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
     use std::io::Write as _;
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn warren");
     if let Some(text) = stdin {
-        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
     }
     child.wait_with_output().expect("wait warren")
 }
@@ -163,7 +197,11 @@ pub fn json(text: &str) -> serde_json::Value {
 /// The `resources.json` path the server reports for a sandbox.
 pub fn resources_path(server: &TestServer, name: &str) -> PathBuf {
     let obj = json(&server.ok(&["get", name, "-o", "json"]));
-    PathBuf::from(obj["status"]["backendInfo"]["resources_path"].as_str().expect("resources_path"))
+    PathBuf::from(
+        obj["status"]["backendInfo"]["resources_path"]
+            .as_str()
+            .expect("resources_path"),
+    )
 }
 
 pub fn read(path: &Path) -> String {

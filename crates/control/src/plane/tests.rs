@@ -271,3 +271,103 @@ async fn concurrent_operations_on_one_name_never_interleave() {
         1
     );
 }
+
+/// A backend whose workloads exit by themselves, at once: the exit event races the create
+/// that started them, which is the case the deferral exists for.
+#[derive(Debug)]
+struct ExitingBackend {
+    events: warren_runtime::EventSink,
+    code: i32,
+}
+
+#[async_trait::async_trait]
+impl Backend for ExitingBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Wasm
+    }
+    fn is_available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    async fn create(&self, _: &SandboxConfig) -> Result<warren_runtime::BackendInfo, BackendError> {
+        Ok(Default::default())
+    }
+    async fn start(&self, id: &str) -> Result<(), BackendError> {
+        let status = BackendStatus::Exited { code: self.code };
+        let _ = self.events.send(BackendEvent {
+            id: id.to_string(),
+            status,
+        });
+        Ok(())
+    }
+    async fn stop(&self, _: &str, _: Duration) -> Result<BackendStatus, BackendError> {
+        Ok(BackendStatus::Stopped)
+    }
+    async fn delete(&self, _: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn status(&self, _: &str) -> Result<BackendStatus, BackendError> {
+        Ok(BackendStatus::Exited { code: self.code })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_reported_during_create_is_applied_after_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let store = RedbStore::open(tmp.path().join("state.redb")).expect("store");
+    let agent = Agent::new(
+        "n1",
+        [Arc::new(ExitingBackend {
+            events: tx,
+            code: 3,
+        }) as Arc<dyn Backend>],
+    );
+    let plane = ControlPlane::new(agent, Arc::new(store), Duration::from_secs(1));
+    plane.spawn_event_loop(rx);
+    for i in 0..20 {
+        let mut s = spec(&format!("job{i}"));
+        s.backend = BackendKind::Wasm;
+        plane.create(s).await.expect("create");
+    }
+    for i in 0..20 {
+        let name = format!("job{i}");
+        let done = plane
+            .wait(&name, Some(Duration::from_secs(5)))
+            .await
+            .expect("finishes");
+        assert_eq!(done.status, Phase::Exited { code: 3 }, "{name}");
+        assert_eq!(
+            plane.get(&name).expect("get").status,
+            Phase::Exited { code: 3 }
+        );
+    }
+    // The end is durable: a restart still says Exited(3).
+    drop(plane);
+    let store = RedbStore::open(tmp.path().join("state.redb")).expect("store");
+    let rows = store.scan(crate::record::PREFIX).expect("scan");
+    assert_eq!(rows.len(), 20);
+    for (_, v) in rows {
+        let rec: SandboxRecord = serde_json::from_slice(&v).expect("record");
+        assert_eq!(rec.status, Phase::Exited { code: 3 });
+    }
+}
+
+#[tokio::test]
+async fn wait_times_out_and_reports_missing_sandboxes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    plane.create(spec("forever")).await.expect("create");
+    let e = plane
+        .wait("forever", Some(Duration::from_millis(50)))
+        .await
+        .expect_err("slot never ends");
+    assert!(matches!(e, ControlError::WaitTimeout { .. }), "{e}");
+    assert!(matches!(
+        plane.wait("nope", None).await,
+        Err(ControlError::NotFound { .. })
+    ));
+    assert!(matches!(
+        plane.log_source("forever"),
+        Err(ControlError::NoLogs { .. })
+    ));
+}

@@ -1,0 +1,271 @@
+//! The wasm backend end to end: the real server and CLI running WAT modules.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, json, stderr};
+
+fn module(name: &str) -> String {
+    format!(
+        "{}/../wasm/tests/modules/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn run_wait_streams_output_and_propagates_the_exit_code() {
+    let server = TestServer::start();
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("hello.wat"),
+        "--name",
+        "h",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello\n");
+    let got = json(&server.ok(&["get", "h", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Exited");
+    assert_eq!(got["status"]["exitCode"], 0);
+    assert_eq!(server.ok(&["logs", "h"]), "hello\n", "logs after the end");
+
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("exit3.wat"),
+        "--name",
+        "e",
+        "--wait",
+        "--rm",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        server.warren(&["get", "e"]).status.code() == Some(1),
+        "--rm deleted it"
+    );
+
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("echo.wat"),
+        "--name",
+        "args",
+        "-e",
+        "GREETING=hi",
+        "--wait",
+        "--",
+        "one",
+        "two",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "echo.wat\none\ntwo\nGREETING=hi\n",
+        "argv and only the spec's env"
+    );
+}
+
+#[test]
+fn timeout_fails_the_sandbox_promptly() {
+    let server = TestServer::start();
+    let started = Instant::now();
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("loop.wat"),
+        "--name",
+        "spin",
+        "--timeout",
+        "300ms",
+        "--wait",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("sandbox/spin failed: Timeout"),
+        "{}",
+        stderr(&out)
+    );
+    // The CLI's own start-up and the API round trips are in this figure; the backend test
+    // holds the tight bound (timeout + 50 ms).
+    assert!(took < Duration::from_millis(300 + 1500), "took {took:?}");
+    let got = json(&server.ok(&["get", "spin", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Failed");
+    assert_eq!(got["status"]["reason"], "Timeout");
+}
+
+#[test]
+fn logs_follow_ends_when_the_sandbox_ends() {
+    let server = TestServer::start();
+    server.ok(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("loop.wat"),
+        "--name",
+        "f",
+        "--timeout",
+        "1s",
+    ]);
+    let started = Instant::now();
+    let out = server.warren(&["logs", "-f", "f"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("looping\n"), "{}", stdout(&out));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "followed until the end: {took:?}"
+    );
+    let out = server.warren(&["logs", "--tail", "1", "f"]);
+    assert_eq!(stdout(&out).lines().count(), 1);
+    let slot = server.warren(&["run", "--name", "s"]);
+    assert!(slot.status.success());
+    let out = server.warren(&["logs", "s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("keeps no logs"), "{}", stderr(&out));
+}
+
+#[test]
+fn mapped_dirs_through_the_api() {
+    let server = TestServer::start();
+    let data = server.dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::write(data.join("input.txt"), "from the host\n").expect("write");
+    let ro = format!("/data::{}:ro", data.display());
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("files.wat"),
+        "--mapdir",
+        &ro,
+        "--wait",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(40),
+        "read works, the write is refused: {}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "from the host\n");
+    assert_eq!(
+        common::read(&data.join("input.txt")),
+        "from the host\n",
+        "host file unchanged"
+    );
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("files.wat"),
+        "--mapdir",
+        "data",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--mapdir: mount: \"data\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_modules_are_refused_and_nothing_remains() {
+    let server = TestServer::start();
+    let not_wasm = server.dir.path().join("x.wasm");
+    std::fs::write(&not_wasm, "secret text").expect("write");
+    let cases = [
+        (
+            not_wasm.display().to_string(),
+            "is not a WebAssembly module",
+        ),
+        (module("nostart.wat"), "has no `_start` function"),
+        (
+            "/nonexistent/app.wasm".to_string(),
+            "No such file or directory",
+        ),
+    ];
+    for (path, want) in cases {
+        let out = server.warren(&["run", "-b", "wasm", "--module", &path]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert!(err.contains(&path) && err.contains(want), "{err}");
+        assert!(!err.contains("secret text"), "{err}");
+    }
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "");
+}
+
+#[test]
+fn finished_sandboxes_keep_their_status_across_kill_9() {
+    let mut server = TestServer::start();
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("exit3.wat"),
+        "--name",
+        "done",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    server.kill9();
+    server.spawn();
+    let got = json(&server.ok(&["get", "done", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Exited");
+    assert_eq!(got["status"]["exitCode"], 3);
+    assert_eq!(
+        server.ok(&["logs", "done"]),
+        "",
+        "exit3 prints nothing; the log is still readable"
+    );
+    server.ok(&["rm", "done"]);
+}
+
+#[test]
+fn bench_run_reports_create_to_exit() {
+    let out = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args([
+                "bench",
+                "run",
+                "-i",
+                &module("hello.wat"),
+                "-n",
+                "50",
+                "-c",
+                "4",
+                "--peer-runs",
+                "0",
+                "--json",
+            ])
+            .env_remove("WARREN_SERVER");
+            c
+        },
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let v = json(text.lines().last().expect("json"));
+    assert_eq!(v["warren"]["ok"], 50, "{text}");
+    assert_eq!(v["warren"]["failed"], 0, "{text}");
+}
