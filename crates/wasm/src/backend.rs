@@ -14,12 +14,12 @@ use warren_runtime::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, SandboxConfig,
 };
 use warren_spec::{BackendKind, ResourceInfo, SandboxSpec, format_bytes};
-use wasmtime::InstancePre;
 
 use crate::WasmConfig;
+use crate::bench::{self, InstantiateBench};
 use crate::cache::{CacheStats, LoadError, ModuleCache};
 use crate::engine::{Ticker, build_engine};
-use crate::run::{self, Ctx, Job};
+use crate::run::{self, Job, Program};
 
 pub const LOG_FILE: &str = "output.log";
 pub const STATUS_FILE: &str = "status.json";
@@ -46,7 +46,7 @@ struct Inner {
 
 struct Sandbox {
     /// `None` for a sandbox adopted after its module went away: it cannot start again.
-    pre: Option<InstancePre<Ctx>>,
+    program: Option<Program>,
     spec: SandboxSpec,
     module: PathBuf,
     memory_limit: usize,
@@ -95,11 +95,11 @@ impl WasmBackend {
 
     fn build(dir: &Path, config: WasmConfig, events: EventSink) -> Result<Arc<Inner>, String> {
         let engine = build_engine(&config).map_err(|e| format!("wasmtime engine: {e:#}"))?;
-        let linker = run::linker(&engine).map_err(|e| format!("WASI linker: {e:#}"))?;
+        let linkers = run::linkers(&engine).map_err(|e| format!("WASI linker: {e:#}"))?;
         let ticker = Ticker::start(engine.clone()).map_err(|e| format!("epoch thread: {e}"))?;
         Ok(Arc::new(Inner {
             dir: dir.to_path_buf(),
-            cache: ModuleCache::new(engine, linker, dir.join(CACHE_DIR)),
+            cache: ModuleCache::new(engine, linkers, dir.join(CACHE_DIR)),
             config,
             ticker,
             events,
@@ -119,6 +119,44 @@ impl WasmBackend {
             Ok(inner) => inner.cache.stats(),
             Err(_) => CacheStats::default(),
         }
+    }
+
+    /// Instantiation cost, for `warren bench`: loads `module_path` through the cache once,
+    /// then takes `n` samples of instantiating it on a fresh store (the WASI context of a
+    /// real run, argv\[0\] only, no env, output discarded), then `n` samples of the same
+    /// plus running it to completion. Holds one pool slot while it runs. Fails if a run does
+    /// not exit 0.
+    pub async fn bench_instantiate(
+        &self,
+        module_path: &str,
+        n: usize,
+    ) -> Result<InstantiateBench, BackendError> {
+        let inner = self.inner()?;
+        let module = PathBuf::from(module_path);
+        let (program, _) = inner.cache.load(&module).await.map_err(load_error)?;
+        let pool = inner.config.pool_instances;
+        let Some(_running) = inner.ticker.try_enter(pool as usize) else {
+            return Err(BackendError::Capacity {
+                resource: "wasm instances",
+                requested: "1".into(),
+                available: "0".into(),
+                capacity: pool.to_string(),
+            });
+        };
+        let job = Job {
+            program,
+            argv: argv(&SandboxSpec::default(), &module),
+            env: Vec::new(),
+            mounts: Vec::new(),
+            memory_limit: usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX),
+            fuel: inner.config.fuel,
+            timeout: None,
+            log: None,
+            stop: Arc::new(Notify::new()),
+        };
+        bench::instantiate(&job, n)
+            .await
+            .map_err(|e| BackendError::Other(format!("bench of {module_path}: {e}")))
     }
 
     /// Turns true when the sandbox's current run has ended and its status is recorded (or
@@ -368,7 +406,7 @@ impl Backend for WasmBackend {
         let module = module_path(&config.spec)?;
         let memory_limit = inner.memory_limit(&config.resources)?;
         Inner::check_mounts(&config.spec)?;
-        let (pre, source) = inner.cache.load(&module).await.map_err(load_error)?;
+        let (program, source) = inner.cache.load(&module).await.map_err(load_error)?;
         let dir = inner.sandbox_dir(id);
         std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
         // A directory left by a previous run of the same id must not leak its status.
@@ -377,7 +415,7 @@ impl Backend for WasmBackend {
             .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
         let info = inner.info(id, &module, source.as_str());
         let sandbox = Sandbox {
-            pre: Some(pre),
+            program: Some(program),
             spec: config.spec.clone(),
             module,
             memory_limit,
@@ -406,7 +444,7 @@ impl Backend for WasmBackend {
         if sandbox.status == BackendStatus::Running {
             return Ok(());
         }
-        let Some(pre) = sandbox.pre.clone() else {
+        let Some(program) = sandbox.program.clone() else {
             return Err(BackendError::Other(format!(
                 "sandbox {id} cannot start: its module {} could not be loaded when it was adopted",
                 sandbox.module.display()
@@ -424,7 +462,7 @@ impl Backend for WasmBackend {
         let spec = &sandbox.spec;
         let stop = Arc::new(Notify::new());
         let job = Job {
-            pre,
+            program,
             argv: argv(spec, &sandbox.module),
             env: spec
                 .env
@@ -439,7 +477,7 @@ impl Backend for WasmBackend {
             memory_limit: sandbox.memory_limit,
             fuel: inner.config.fuel,
             timeout: timeout(spec, &inner.config),
-            log: Arc::clone(&sandbox.log),
+            log: Some(Arc::clone(&sandbox.log)),
             stop: Arc::clone(&stop),
         };
         sandbox.run += 1;
@@ -556,8 +594,8 @@ impl Backend for WasmBackend {
         let cap = usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX);
         let memory_limit = inner.memory_limit(&config.resources).unwrap_or(cap);
         let loaded = inner.cache.load(&module).await;
-        let (pre, cache) = match loaded {
-            Ok((pre, source)) => (Some(pre), source.as_str()),
+        let (program, cache) = match loaded {
+            Ok((program, source)) => (Some(program), source.as_str()),
             Err(e) if status == BackendStatus::Created => return Err(load_error(e)),
             Err(e) => {
                 warn!(id, "wasm: adopted sandbox cannot restart: {e}");
@@ -568,7 +606,7 @@ impl Backend for WasmBackend {
             .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
         let info = inner.info(id, &module, cache);
         let sandbox = Sandbox {
-            pre,
+            program,
             spec: config.spec.clone(),
             module,
             memory_limit,
@@ -583,22 +621,7 @@ impl Backend for WasmBackend {
     }
 
     async fn list(&self) -> Result<Vec<String>, BackendError> {
-        let entries =
-            std::fs::read_dir(&self.dir).map_err(|source| io("read", &self.dir, source))?;
-        let mut ids = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| io("read", &self.dir, source))?;
-            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            if let Some(name) = entry
-                .file_name()
-                .to_str()
-                .filter(|n| is_dir && *n != CACHE_DIR && !n.starts_with('.'))
-            {
-                ids.push(name.to_string());
-            }
-        }
-        ids.sort();
-        Ok(ids)
+        warren_runtime::sandbox_dirs(&self.dir, &[CACHE_DIR])
     }
 
     fn log_path(&self, id: &str) -> Option<PathBuf> {

@@ -1,4 +1,5 @@
-//! Compiled modules: in memory (ready-to-instantiate `InstancePre`s) and on disk (`.cwasm`).
+//! Compiled modules and components: in memory (ready-to-instantiate [`Program`]s) and on
+//! disk (`.cwasm`, whose header says which of the two it holds).
 //!
 //! The key is the SHA-256 of the module's bytes plus a hash of everything in the engine that
 //! changes the machine code (target, Cranelift flags, tunables, features, wasmtime version:
@@ -17,9 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
-use wasmtime::{Engine, ExternType, InstancePre, Linker, Module};
+use wasmtime::component::Component;
+use wasmtime::{Engine, ExternType, Module, Precompiled};
+use wasmtime_wasi::p2::bindings::CommandPre;
 
-use crate::run::Ctx;
+use crate::run::{Linkers, Program};
 
 /// Counters for where modules came from; each load increments exactly one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,11 +65,11 @@ pub(crate) enum LoadError {
 
 pub(crate) struct ModuleCache {
     engine: Engine,
-    linker: Linker<Ctx>,
+    linkers: Linkers,
     dir: PathBuf,
     /// Hex of the engine-compatibility hash, part of every disk key.
     engine_key: String,
-    modules: Mutex<HashMap<[u8; 32], InstancePre<Ctx>>>,
+    programs: Mutex<HashMap<[u8; 32], Program>>,
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
     compiles: AtomicU64,
@@ -99,7 +102,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl ModuleCache {
-    pub(crate) fn new(engine: Engine, linker: Linker<Ctx>, dir: PathBuf) -> Self {
+    pub(crate) fn new(engine: Engine, linkers: Linkers, dir: PathBuf) -> Self {
         let mut hasher = ShaHasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
         // Belt and braces: the hash above includes wasmtime's own version already.
@@ -107,10 +110,10 @@ impl ModuleCache {
         let engine_key = hex(&hasher.0.finalize()[..8]);
         ModuleCache {
             engine,
-            linker,
+            linkers,
             dir,
             engine_key,
-            modules: Mutex::new(HashMap::new()),
+            programs: Mutex::new(HashMap::new()),
             memory_hits: AtomicU64::new(0),
             disk_hits: AtomicU64::new(0),
             compiles: AtomicU64::new(0),
@@ -125,13 +128,13 @@ impl ModuleCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], InstancePre<Ctx>>> {
-        self.modules.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Program>> {
+        self.programs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads the module at `path` (`.wasm` or `.wat`), compiling it only if neither cache has
-    /// it, and checks that it is a runnable WASI command.
-    pub(crate) async fn load(&self, path: &Path) -> Result<(InstancePre<Ctx>, Source), LoadError> {
+    /// Loads the module or component at `path` (binary or text), compiling it only if neither
+    /// cache has it, and checks that it is a runnable WASI command.
+    pub(crate) async fn load(&self, path: &Path) -> Result<(Program, Source), LoadError> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: shown.clone(),
@@ -143,18 +146,12 @@ impl ModuleCache {
             debug!(module = %shown, "wasm: module cache hit (memory)");
             return Ok((pre, Source::Memory));
         }
-        if is_component(&bytes) {
-            return Err(LoadError::Invalid(format!(
-                "{shown} is a WebAssembly component (WASI preview 2); the wasm backend runs \
-                 core modules that are WASI preview 1 commands"
-            )));
-        }
         let cwasm = self
             .dir
             .join(format!("{}-{}.cwasm", hex(&digest), self.engine_key));
         let engine = self.engine.clone();
         let job_path = shown.clone();
-        let (module, source) = tokio::task::spawn_blocking(move || {
+        let (compiled, source) = tokio::task::spawn_blocking(move || {
             compile_or_read(&engine, &bytes, &cwasm, &job_path)
         })
         .await
@@ -163,19 +160,103 @@ impl ModuleCache {
             Source::Disk => self.disk_hits.fetch_add(1, Ordering::Relaxed),
             _ => self.compiles.fetch_add(1, Ordering::Relaxed),
         };
-        check_command(&module, &shown)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| LoadError::Invalid(format!("{shown} cannot be linked: {e:#}")))?;
-        self.lock().insert(digest, pre.clone());
-        Ok((pre, source))
+        let program = match compiled {
+            Compiled::Module(module) => {
+                check_command(&module, &shown)?;
+                let pre =
+                    self.linkers.module.instantiate_pre(&module).map_err(|e| {
+                        LoadError::Invalid(format!("{shown} cannot be linked: {e:#}"))
+                    })?;
+                Program::Module(pre)
+            }
+            Compiled::Component(component) => {
+                let pre = self
+                    .linkers
+                    .component
+                    .instantiate_pre(&component)
+                    .map_err(|e| LoadError::Invalid(format!("{shown} cannot be linked: {e:#}")))?;
+                let pre = CommandPre::new(pre).map_err(|e| {
+                    LoadError::Invalid(format!(
+                        "{shown} is a component but not a WASI command (it must export \
+                         `wasi:cli/run@0.2.x`): {e:#}"
+                    ))
+                })?;
+                Program::Component(pre)
+            }
+        };
+        self.lock().insert(digest, program.clone());
+        Ok((program, source))
+    }
+}
+
+enum Compiled {
+    Module(Module),
+    Component(Component),
+}
+
+impl Compiled {
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        match self {
+            Compiled::Module(m) => m.serialize(),
+            Compiled::Component(c) => c.serialize(),
+        }
     }
 }
 
 /// A component's preamble has layer 1 where a core module has version 1.
-fn is_component(bytes: &[u8]) -> bool {
+fn is_binary_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[..4] == b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+/// Whether WAT text is a component: its first form, after blanks and comments, is
+/// `(component`. Anything else, including unparsable text, goes to the module parser, whose
+/// errors are the ones users of core modules expect.
+fn is_text_component(bytes: &[u8]) -> bool {
+    let Ok(mut text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    loop {
+        text = text.trim_start();
+        if let Some(rest) = text.strip_prefix(";;") {
+            text = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if text.starts_with("(;") {
+            match skip_block_comment(text) {
+                Some(rest) => text = rest,
+                None => return false,
+            }
+        } else {
+            break;
+        }
+    }
+    let Some(form) = text.strip_prefix('(').map(str::trim_start) else {
+        return false;
+    };
+    form.strip_prefix("component")
+        .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+}
+
+/// The text after the (nesting) block comment `text` starts with; `None` if unterminated.
+fn skip_block_comment(text: &str) -> Option<&str> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    // Bytes, not chars: comments may hold any UTF-8, and both delimiters are ASCII.
+    while let Some(pair) = text.as_bytes().get(i..i + 2) {
+        match pair {
+            b"(;" => depth += 1,
+            b";)" => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[i + 2..]);
+                }
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    None
 }
 
 fn compile_or_read(
@@ -183,12 +264,12 @@ fn compile_or_read(
     bytes: &[u8],
     cwasm: &Path,
     shown: &str,
-) -> Result<(Module, Source), LoadError> {
+) -> Result<(Compiled, Source), LoadError> {
     if cwasm.exists() {
         match deserialize_own_cache_file(engine, cwasm) {
-            Ok(module) => {
+            Ok(compiled) => {
                 debug!(module = %shown, cache = %cwasm.display(), "wasm: module cache hit (disk)");
-                return Ok((module, Source::Disk));
+                return Ok((compiled, Source::Disk));
             }
             Err(e) => {
                 warn!(cache = %cwasm.display(), "wasm: unusable cache file, recompiling: {e:#}")
@@ -196,30 +277,47 @@ fn compile_or_read(
         }
     }
     let started = std::time::Instant::now();
-    let module = Module::new(engine, bytes)
-        .map_err(|e| LoadError::Invalid(invalid_module(shown, bytes, &e)))?;
+    let compiled = if is_binary_component(bytes) || is_text_component(bytes) {
+        Compiled::Component(
+            Component::new(engine, bytes)
+                .map_err(|e| LoadError::Invalid(invalid_module(shown, bytes, &e)))?,
+        )
+    } else {
+        Compiled::Module(
+            Module::new(engine, bytes)
+                .map_err(|e| LoadError::Invalid(invalid_module(shown, bytes, &e)))?,
+        )
+    };
     info!(module = %shown, elapsed_ms = started.elapsed().as_millis() as u64, "wasm: compiled module");
-    if let Err(e) = write_cache_file(&module, cwasm) {
+    if let Err(e) = write_cache_file(&compiled, cwasm) {
         warn!(cache = %cwasm.display(), "wasm: cannot write the module cache: {e:#}");
     }
-    Ok((module, Source::Compiled))
+    Ok((compiled, Source::Compiled))
 }
 
-/// Loads a `.cwasm` this backend wrote.
+/// Loads a `.cwasm` this backend wrote, as the module or component its header says it is.
+///
+/// Both `deserialize_file`s trust the file to be the output of `serialize` and map it into
+/// memory. The file lives in this backend's private cache directory and is only ever written
+/// by `write_cache_file`, from `serialize`, to a temporary name renamed into place: it is
+/// never modified once visible, so the mapping cannot change under us. wasmtime still checks
+/// its header against this engine's version and settings, and the key includes both. Anyone
+/// able to write this directory already controls the node.
 #[allow(unsafe_code)]
-fn deserialize_own_cache_file(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
-    // SAFETY: `Module::deserialize_file` trusts the file to be the output of
-    // `Module::serialize` and maps it into memory. The file lives in this backend's private
-    // cache directory and is only ever written by `write_cache_file`, from `serialize`, to a
-    // temporary name renamed into place: it is never modified once visible, so the mapping
-    // cannot change under us. wasmtime still checks its header against this engine's
-    // version and settings, and the key includes both. Anyone able to write this directory
-    // already controls the node.
-    unsafe { Module::deserialize_file(engine, path) }
+fn deserialize_own_cache_file(engine: &Engine, path: &Path) -> wasmtime::Result<Compiled> {
+    if let Some(Precompiled::Component) = Engine::detect_precompiled_file(path)? {
+        // SAFETY: see above; wasmtime also refuses a module's artifact here.
+        let component = unsafe { Component::deserialize_file(engine, path) }?;
+        Ok(Compiled::Component(component))
+    } else {
+        // SAFETY: see above; wasmtime also refuses a component's artifact here.
+        let module = unsafe { Module::deserialize_file(engine, path) }?;
+        Ok(Compiled::Module(module))
+    }
 }
 
-fn write_cache_file(module: &Module, path: &Path) -> wasmtime::Result<()> {
-    let bytes = module.serialize()?;
+fn write_cache_file(compiled: &Compiled, path: &Path) -> wasmtime::Result<()> {
+    let bytes = compiled.serialize()?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -248,7 +346,9 @@ fn check_command(module: &Module, shown: &str) -> Result<(), LoadError> {
 /// Why a file is not a module, without quoting its text: the path may name any host file the
 /// server can read, and wasmtime's WAT errors echo the offending line.
 fn invalid_module(shown: &str, bytes: &[u8], e: &wasmtime::Error) -> String {
-    if bytes.starts_with(b"\0asm") {
+    if is_binary_component(bytes) {
+        format!("{shown} is not a valid WebAssembly component: {e:#}")
+    } else if bytes.starts_with(b"\0asm") {
         // A binary module: wasmtime's reason names a section and offset, no file content.
         format!("{shown} is not a valid WebAssembly module: {e:#}")
     } else if std::str::from_utf8(bytes).is_ok_and(|t| t.trim_start().starts_with('(')) {
@@ -263,5 +363,24 @@ fn invalid_module(shown: &str, bytes: &[u8], e: &wasmtime::Error) -> String {
         format!("{shown} is not valid WebAssembly text{at}: {reason}")
     } else {
         format!("{shown} is not a WebAssembly module (no \\0asm header, and not WAT text)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_components_are_told_from_modules() {
+        assert!(is_text_component(b"(component)"));
+        assert!(is_text_component(
+            ";; a command\n(; block (; nested ;) é ;)\n  ( component $C (core module))".as_bytes()
+        ));
+        assert!(!is_text_component(b"(module (func))"));
+        assert!(!is_text_component(b"(components)"));
+        assert!(!is_text_component(b"(; unterminated (component)"));
+        assert!(!is_text_component(b"\0asm\x0d\0\x01\0"));
+        assert!(is_binary_component(b"\0asm\x0d\0\x01\0"));
+        assert!(!is_binary_component(b"\0asm\x01\0\0\0"));
     }
 }

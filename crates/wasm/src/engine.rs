@@ -23,8 +23,10 @@ pub(crate) fn build_engine(config: &WasmConfig) -> wasmtime::Result<Engine> {
         .total_memories(config.pool_instances)
         .total_tables(config.pool_instances)
         .total_stacks(config.pool_instances)
-        // Commands are single modules; no components run here.
-        .total_component_instances(0)
+        // A component sandbox holds one component instance plus its core instances and
+        // memories, which come out of the totals above: a node running components fits
+        // fewer of them than `pool_instances` (instantiation then fails with a pool error).
+        .total_component_instances(config.pool_instances)
         .max_memory_size(max_memory);
     let mut c = Config::new();
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))

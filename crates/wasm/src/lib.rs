@@ -1,5 +1,8 @@
-//! The `wasm` backend: each sandbox is a WebAssembly module run by wasmtime with WASI
-//! preview 1 (a WASI "command": it exports `_start`).
+//! The `wasm` backend: each sandbox is a WebAssembly program run by wasmtime: a core module
+//! that is a WASI preview 1 command (it exports `_start`), or a component that implements
+//! the WASI preview 2 `wasi:cli/command` world (it exports `wasi:cli/run@0.2.x`; `run`
+//! returning `err` is exit code 1). Both get the same argv, env, preopens, stdio, limits and
+//! status reporting; the file's header (or, for text, its first form) says which it is.
 //!
 //! # Design
 //!
@@ -24,7 +27,11 @@
 //!   the pool holds are refused at `start` with a capacity error.
 //! - **Module cache** keyed by the SHA-256 of the module bytes and a hash of the engine's
 //!   compilation settings plus the wasmtime version: compiled once per node, kept in memory
-//!   (`InstancePre`, ready to instantiate) and on disk as `<dir>/cache/<key>.cwasm`.
+//!   (`InstancePre` or `CommandPre`, ready to instantiate) and on disk as
+//!   `<dir>/cache/<key>.cwasm`. Components share the pool's core instances and memories:
+//!   one component sandbox takes as many as it has core modules, so a node running
+//!   multi-module components fits fewer than `pool_instances` of them (past that,
+//!   instantiation fails with wasmtime's pool error as the sandbox's `Failed` reason).
 //! - **Limits**: `resources.memory_limit` caps linear memory through a `ResourceLimiter`; a
 //!   refused growth traps and the sandbox fails with `MemoryLimit`. `resources.cpu_limit` is
 //!   not enforced (a guest gets at most one worker thread; fuel, [`WasmConfig::fuel`], bounds
@@ -38,7 +45,7 @@
 //! argv is `command ++ args` when `command` is set (so `command[0]` is argv\[0\], as in a
 //! container), else the module's file name followed by `args`. `working_dir` is ignored:
 //! WASI preview 1 has no current directory (wasi-libc resolves relative paths against the
-//! preopens). A run that ends by itself sends a [`warren_runtime::BackendEvent`] (`Exited`,
+//! preopens), and components are given none either. A run that ends by itself sends a [`warren_runtime::BackendEvent`] (`Exited`,
 //! or `Failed` with `Timeout`, `MemoryLimit`, `OutOfFuel`, `Trap: …`); a run ended by `stop`
 //! or `delete` sends none, since the caller gets the status back.
 //!
@@ -49,11 +56,13 @@
 //! one that was running when the server died is `Failed("lost: …")`.
 
 mod backend;
+mod bench;
 mod cache;
 mod engine;
 mod run;
 
 pub use backend::WasmBackend;
+pub use bench::InstantiateBench;
 pub use cache::CacheStats;
 
 use std::time::Duration;

@@ -10,11 +10,13 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use warren_runtime::BackendStatus;
 use warren_runtime::logs::{LogWriter, Stream};
+use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, InstancePre, Linker, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Largest table a guest may grow to, in elements (the pool's own default is 20,000).
 const MAX_TABLE_ELEMENTS: usize = 20_000;
@@ -23,16 +25,68 @@ pub(crate) const REASON_TIMEOUT: &str = "Timeout";
 pub(crate) const REASON_MEMORY: &str = "MemoryLimit";
 pub(crate) const REASON_FUEL: &str = "OutOfFuel";
 
-/// A store's data.
-pub(crate) struct Ctx {
-    wasi: WasiP1Ctx,
+/// A store's data: the WASI state (`WasiP1Ctx` for a core module, [`P2`] for a component)
+/// and the memory limiter.
+pub(crate) struct Ctx<W> {
+    wasi: W,
     limiter: MemoryLimiter,
 }
 
-pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Ctx>> {
-    let mut linker = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |ctx: &mut Ctx| &mut ctx.wasi)?;
-    Ok(linker)
+/// WASI preview 2 state of a component's store.
+pub(crate) struct P2 {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl P2 {
+    pub(crate) fn new(wasi: &mut WasiCtxBuilder) -> Self {
+        P2 {
+            ctx: wasi.build(),
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+impl WasiView for Ctx<P2> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
+}
+
+/// A loaded program, ready to instantiate; cheap to clone.
+#[derive(Clone)]
+pub(crate) enum Program {
+    /// A core module that is a WASI preview 1 command.
+    Module(InstancePre<Ctx<WasiP1Ctx>>),
+    /// A component that implements `wasi:cli/command` (WASI preview 2).
+    Component(CommandPre<Ctx<P2>>),
+}
+
+impl Program {
+    fn engine(&self) -> &Engine {
+        match self {
+            Program::Module(pre) => pre.module().engine(),
+            Program::Component(pre) => pre.instance_pre().engine(),
+        }
+    }
+}
+
+/// The host functions guests may import: WASI preview 1 for modules, preview 2 for
+/// components.
+pub(crate) struct Linkers {
+    pub(crate) module: Linker<Ctx<WasiP1Ctx>>,
+    pub(crate) component: wasmtime::component::Linker<Ctx<P2>>,
+}
+
+pub(crate) fn linkers(engine: &Engine) -> wasmtime::Result<Linkers> {
+    let mut module = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut module, |ctx: &mut Ctx<WasiP1Ctx>| &mut ctx.wasi)?;
+    let mut component = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+    Ok(Linkers { module, component })
 }
 
 /// Caps linear memory and remembers that it did, so a failure can be told apart from other
@@ -72,7 +126,7 @@ impl ResourceLimiter for MemoryLimiter {
 
 /// Everything one run needs, taken from the sandbox when it starts.
 pub(crate) struct Job {
-    pub(crate) pre: InstancePre<Ctx>,
+    pub(crate) program: Program,
     pub(crate) argv: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
     /// (host, guest, read_only)
@@ -80,59 +134,97 @@ pub(crate) struct Job {
     pub(crate) memory_limit: usize,
     pub(crate) fuel: Option<u64>,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) log: Arc<LogWriter>,
+    /// Where stdout and stderr go; `None` discards them (benchmarks).
+    pub(crate) log: Option<Arc<LogWriter>>,
     pub(crate) stop: Arc<Notify>,
 }
 
 /// Runs the job to its end: exit, trap, timeout, or `stop`. The log is closed after.
 pub(crate) async fn run(job: Job) -> BackendStatus {
     let status = run_inner(&job).await;
-    let _ = job.log.close();
+    if let Some(log) = &job.log {
+        let _ = log.close();
+    }
     status
 }
 
 async fn run_inner(job: &Job) -> BackendStatus {
     let deadline = job.timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut store = match new_store(job) {
-        Ok(store) => store,
-        Err(reason) => return BackendStatus::Failed { reason },
-    };
-    let result = {
-        let call = call_start(&job.pre, &mut store);
-        tokio::pin!(call);
-        let timeout = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        // The instance yields at every epoch tick, so these branches are polled at least
-        // that often; when one wins, dropping `call` cancels the guest where it stands.
-        tokio::select! {
-            biased;
-            _ = job.stop.notified() => return BackendStatus::Stopped,
-            _ = timeout => return BackendStatus::Failed { reason: REASON_TIMEOUT.into() },
-            result = &mut call => result,
+    match &job.program {
+        Program::Module(pre) => {
+            let mut store = match new_store(job, |wasi| wasi.build_p1()) {
+                Ok(store) => store,
+                Err(reason) => return BackendStatus::Failed { reason },
+            };
+            let result = race(job, deadline, call_start(pre, &mut store)).await;
+            ended(result, store.data().limiter.hit)
         }
-    };
-    classify(result, store.data().limiter.hit)
+        Program::Component(pre) => {
+            let mut store = match new_store(job, P2::new) {
+                Ok(store) => store,
+                Err(reason) => return BackendStatus::Failed { reason },
+            };
+            let result = race(job, deadline, call_run(pre, &mut store)).await;
+            ended(result, store.data().limiter.hit)
+        }
+    }
 }
 
-fn new_store(job: &Job) -> Result<Store<Ctx>, String> {
+/// Races the guest against `stop` and the deadline; `Err` is how a lost race ended.
+async fn race(
+    job: &Job,
+    deadline: Option<tokio::time::Instant>,
+    call: impl Future<Output = wasmtime::Result<()>>,
+) -> Result<wasmtime::Result<()>, BackendStatus> {
+    tokio::pin!(call);
+    let timeout = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    // The instance yields at every epoch tick, so these branches are polled at least that
+    // often; when one wins, dropping `call` cancels the guest where it stands.
+    tokio::select! {
+        biased;
+        _ = job.stop.notified() => Err(BackendStatus::Stopped),
+        _ = timeout => Err(BackendStatus::Failed { reason: REASON_TIMEOUT.into() }),
+        result = &mut call => Ok(result),
+    }
+}
+
+fn ended(
+    result: Result<wasmtime::Result<()>, BackendStatus>,
+    memory_limit_hit: bool,
+) -> BackendStatus {
+    match result {
+        Ok(result) => classify(result, memory_limit_hit),
+        Err(status) => status,
+    }
+}
+
+/// The WASI context every run gets (argv, env, stdio to the log, mounts), finished by
+/// `build` into the store data of the program's kind.
+pub(crate) fn new_store<W>(
+    job: &Job,
+    build: impl FnOnce(&mut WasiCtxBuilder) -> W,
+) -> Result<Store<Ctx<W>>, String> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(&job.argv)
         .envs(&job.env)
-        .stdout(LogOutput {
-            log: Arc::clone(&job.log),
-            stream: Stream::Stdout,
-        })
-        .stderr(LogOutput {
-            log: Arc::clone(&job.log),
-            stream: Stream::Stderr,
-        })
         // File calls on local disks are short: run them on the worker rather than hand each
         // one to the blocking pool.
         .allow_blocking_current_thread(true);
+    if let Some(log) = &job.log {
+        wasi.stdout(LogOutput {
+            log: Arc::clone(log),
+            stream: Stream::Stdout,
+        })
+        .stderr(LogOutput {
+            log: Arc::clone(log),
+            stream: Stream::Stderr,
+        });
+    }
     for (host, guest, read_only) in &job.mounts {
         let perms = if *read_only {
             FsPerms::ReadOnly
@@ -143,13 +235,13 @@ fn new_store(job: &Job) -> Result<Store<Ctx>, String> {
             .map_err(|e| format!("Error: cannot open mount {}: {e:#}", host.display()))?;
     }
     let ctx = Ctx {
-        wasi: wasi.build_p1(),
+        wasi: build(&mut wasi),
         limiter: MemoryLimiter {
             limit: job.memory_limit,
             hit: false,
         },
     };
-    let mut store = Store::new(job.pre.module().engine(), ctx);
+    let mut store = Store::new(job.program.engine(), ctx);
     store.limiter(|ctx| &mut ctx.limiter);
     store.set_epoch_deadline(1);
     // Yield at every tick through tokio's `yield_now`, not a plain self-wake: tokio defers
@@ -169,14 +261,29 @@ fn new_store(job: &Job) -> Result<Store<Ctx>, String> {
     Ok(store)
 }
 
-async fn call_start(pre: &InstancePre<Ctx>, store: &mut Store<Ctx>) -> wasmtime::Result<()> {
+pub(crate) async fn call_start(
+    pre: &InstancePre<Ctx<WasiP1Ctx>>,
+    store: &mut Store<Ctx<WasiP1Ctx>>,
+) -> wasmtime::Result<()> {
     let instance = pre.instantiate_async(&mut *store).await?;
     let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
     start.call_async(&mut *store, ()).await
 }
 
-/// Maps how `_start` returned to a status.
-fn classify(result: wasmtime::Result<()>, memory_limit_hit: bool) -> BackendStatus {
+/// Runs a component's `wasi:cli/run.run`; its `err` is exit code 1, as in wasmtime's CLI.
+pub(crate) async fn call_run(
+    pre: &CommandPre<Ctx<P2>>,
+    store: &mut Store<Ctx<P2>>,
+) -> wasmtime::Result<()> {
+    let command = pre.instantiate_async(&mut *store).await?;
+    match command.wasi_cli_run().call_run(&mut *store).await? {
+        Ok(()) => Ok(()),
+        Err(()) => Err(I32Exit(1).into()),
+    }
+}
+
+/// Maps how `_start` (or `run`) returned to a status.
+pub(crate) fn classify(result: wasmtime::Result<()>, memory_limit_hit: bool) -> BackendStatus {
     let Err(error) = result else {
         return BackendStatus::Exited { code: 0 };
     };

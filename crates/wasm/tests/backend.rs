@@ -470,7 +470,7 @@ async fn bad_modules_are_clear_errors_naming_the_path() {
         (module("nostart.wat"), "has no `_start` function"),
         (
             component.display().to_string(),
-            "is a WebAssembly component",
+            "is a component but not a WASI command",
         ),
         (missing.display().to_string(), "read wasm module"),
     ];
@@ -647,4 +647,115 @@ async fn busy_guests_do_not_starve_the_runtime() {
     for i in 0..4 {
         assert_eq!(h.event(&format!("spin{i}")).await, failed("Timeout"));
     }
+}
+
+#[tokio::test]
+async fn component_command_prints_and_exits_zero() {
+    let mut h = harness(small());
+    let config = sandbox("p2hello", &module("component_hello.wat"));
+    let info = h.backend.create(&config).await.expect("create");
+    assert_eq!(info["cache"], "compiled");
+    h.backend.start("p2hello").await.expect("start");
+    assert_eq!(h.event("p2hello").await, BackendStatus::Exited { code: 0 });
+    assert_eq!(h.output("p2hello", Stream::Stdout), "hello\n");
+    let persisted = std::fs::read_to_string(h.root().join("p2hello/status.json")).expect("status");
+    assert_eq!(persisted, r#"{"status":"exited","code":0}"#);
+    // Cached like a module: in memory, then on disk for a new backend on the same directory.
+    let again = h
+        .backend
+        .create(&sandbox("p2again", &module("component_hello.wat")))
+        .await;
+    assert_eq!(again.expect("create")["cache"], "memory");
+    let (tx, _events) = tokio::sync::mpsc::unbounded_channel();
+    let restarted = WasmBackend::new(h.root(), small(), tx).expect("backend");
+    let info = restarted
+        .create(&sandbox("p2disk", &module("component_hello.wat")))
+        .await
+        .expect("create");
+    assert_eq!(info["cache"], "disk");
+}
+
+#[tokio::test]
+async fn component_run_err_is_exit_code_one() {
+    let mut h = harness(small());
+    let status = h.run(&sandbox("p2err", &module("component_err.wat"))).await;
+    assert_eq!(status, BackendStatus::Exited { code: 1 });
+}
+
+#[tokio::test]
+async fn component_memory_limit_and_timeout() {
+    let mut h = harness(small());
+    let status = h
+        .run(&sandbox("p2grow", &module("component_loop.wat")))
+        .await;
+    assert_eq!(status, failed("MemoryLimit"));
+
+    let mut h = harness(WasmConfig {
+        max_memory_bytes: 128 << 20,
+        ..small()
+    });
+    let mut config = sandbox("p2spin", &module("component_loop.wat"));
+    config.spec.timeout_seconds = Some(0.2);
+    let started = Instant::now();
+    let status = h.run(&config).await;
+    assert_eq!(status, failed("Timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_stop_ends_it_promptly() {
+    let h = harness(WasmConfig {
+        max_memory_bytes: 128 << 20,
+        ..small()
+    });
+    let config = sandbox("p2stop", &module("component_loop.wat"));
+    h.backend.create(&config).await.expect("create");
+    h.backend.start("p2stop").await.expect("start");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let status = h
+        .backend
+        .stop("p2stop", Duration::ZERO)
+        .await
+        .expect("stop");
+    assert_eq!(status, BackendStatus::Stopped);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn bench_instantiate_returns_n_samples() {
+    let h = harness(small());
+    for name in ["hello.wat", "component_hello.wat"] {
+        let bench = h
+            .backend
+            .bench_instantiate(&module(name), 5)
+            .await
+            .expect("bench");
+        assert_eq!(bench.instantiate.len(), 5, "{name}");
+        assert_eq!(bench.instantiate_and_run.len(), 5, "{name}");
+        assert!(
+            bench.instantiate_and_run.iter().all(|d| !d.is_zero()),
+            "{name}"
+        );
+    }
+    // Output is discarded and no sandbox is left behind.
+    assert!(h.list().await.is_empty());
+    let err = h
+        .backend
+        .bench_instantiate(&module("trap.wat"), 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("trap.wat") && err.contains("did not exit 0"),
+        "{err}"
+    );
 }
