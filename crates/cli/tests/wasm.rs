@@ -78,6 +78,37 @@ fn run_wait_streams_output_and_propagates_the_exit_code() {
 }
 
 #[test]
+fn wasi_preview2_components_run_too() {
+    let server = TestServer::start();
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("component_hello.wat"),
+        "--name",
+        "c",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello\n");
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("component_err.wat"),
+        "--wait",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "run returning err is exit code 1: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn timeout_fails_the_sandbox_promptly() {
     let server = TestServer::start();
     let started = Instant::now();
@@ -268,4 +299,10 @@ fn bench_run_reports_create_to_exit() {
     let v = json(text.lines().last().expect("json"));
     assert_eq!(v["warren"]["ok"], 50, "{text}");
     assert_eq!(v["warren"]["failed"], 0, "{text}");
+    assert!(
+        v["in_process"]["instantiate"]["p50_ns"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{text}"
+    );
 }

@@ -345,16 +345,23 @@ impl ControlPlane {
             self.lock().remove(&name);
             return Err(e);
         }
+        Ok(self.publish(rec, EventKind::Added))
+    }
+
+    /// Makes a new state of a busy sandbox current: stores it, releases the sandbox, tells
+    /// watchers, and applies any backend event that waited for the release.
+    fn publish(&self, rec: SandboxRecord, kind: EventKind) -> Arc<SandboxRecord> {
+        let name = rec.spec.name.clone();
         let rec = Arc::new(rec);
         let mut reg = self.lock();
         if let Some(entry) = reg.sandboxes.get_mut(&name) {
             entry.record = rec.clone();
         }
         let deferred = reg.release(&name);
-        self.emit(&mut reg, EventKind::Added, rec.clone());
+        self.emit(&mut reg, kind, rec.clone());
         drop(reg);
         self.apply_later(deferred);
-        Ok(rec)
+        rec
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
@@ -458,16 +465,7 @@ impl ControlPlane {
             release(self);
             return Err(e);
         }
-        let rec = Arc::new(rec);
-        let mut reg = self.lock();
-        if let Some(entry) = reg.sandboxes.get_mut(&name) {
-            entry.record = rec.clone();
-        }
-        let deferred = reg.release(&name);
-        self.emit(&mut reg, EventKind::Modified, rec.clone());
-        drop(reg);
-        self.apply_later(deferred);
-        Ok(rec)
+        Ok(self.publish(rec, EventKind::Modified))
     }
 
     /// Stops and removes a sandbox; returns its last record (phase Deleted).
@@ -659,16 +657,7 @@ impl ControlPlane {
             // reports the same end again through adopt.
             warn!(sandbox = %rec.spec.name, error = %e, "could not persist a status change");
         }
-        let name = rec.spec.name.clone();
-        let rec = Arc::new(rec);
-        let mut reg = self.lock();
-        if let Some(entry) = reg.sandboxes.get_mut(&name) {
-            entry.record = rec.clone();
-        }
-        let deferred = reg.release(&name);
-        self.emit(&mut reg, EventKind::Modified, rec);
-        drop(reg);
-        self.apply_later(deferred);
+        self.publish(rec, EventKind::Modified);
     }
 
     /// Waits until the sandbox has finished (Stopped, Exited, Failed) or is deleted.

@@ -136,3 +136,28 @@ pub trait Backend: Send + Sync + fmt::Debug {
         ResourceInfo::default()
     }
 }
+
+/// Names of the sandbox directories directly under `dir`: every subdirectory except hidden
+/// ones and those in `skip` (a backend's own, such as its cache), sorted. Backends keep one directory
+/// per sandbox, named by its id, so this is what [`Backend::list`] reports.
+pub fn sandbox_dirs(dir: &std::path::Path, skip: &[&str]) -> Result<Vec<String>, BackendError> {
+    let read_error = |source| BackendError::Io {
+        action: "read",
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let entry = entry.map_err(read_error)?;
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if let Some(name) = entry
+            .file_name()
+            .to_str()
+            .filter(|n| is_dir && !n.starts_with('.') && !skip.contains(n))
+        {
+            ids.push(name.to_string());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}

@@ -19,5 +19,6 @@ pub mod slot;
 
 pub use backend::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, SandboxConfig,
+    sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};

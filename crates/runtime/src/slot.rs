@@ -394,21 +394,7 @@ impl Backend for SlotBackend {
     }
 
     async fn list(&self) -> Result<Vec<String>, BackendError> {
-        let entries =
-            std::fs::read_dir(&self.dir).map_err(|source| io("read", &self.dir, source))?;
-        let mut ids = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| io("read", &self.dir, source))?;
-            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            if let Some(name) = entry
-                .file_name()
-                .to_str()
-                .filter(|n| is_dir && !n.starts_with('.'))
-            {
-                ids.push(name.to_string());
-            }
-        }
-        Ok(ids)
+        crate::backend::sandbox_dirs(&self.dir, &[])
     }
 
     fn allocated(&self) -> ResourceInfo {

@@ -451,6 +451,11 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         async move { c.delete_sandbox(req).await.map(|_| ()) }
     })
     .await?;
+    let pool_json = if backend == BackendKind::Wasm {
+        instantiate_only(&image, a.count.min(1000)).await?
+    } else {
+        serde_json::Value::Null
+    };
     let mut peer_json = serde_json::Value::Null;
     match peer_command(backend, &image, &a.args) {
         Some((name, _)) if a.peer_runs == 0 => println!("peer {name}: skipped (--peer-runs 0)"),
@@ -484,7 +489,7 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency, "warren": ours, "peer": peer_json})
+            serde_json::json!({"backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency, "warren": ours, "in_process": pool_json, "peer": peer_json})
         );
     }
     drop(private);
@@ -493,4 +498,41 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The floor under the API figure: instantiating from the pool (and running) in this process,
+/// with no RPC, no store write and no log file.
+async fn instantiate_only(image: &str, n: usize) -> anyhow::Result<serde_json::Value> {
+    let dir = tempfile::Builder::new()
+        .prefix("warren-bench-wasm-")
+        .tempdir()?;
+    let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = warren_wasm::WasmBackend::new(
+        dir.path().to_path_buf(),
+        warren_wasm::WasmConfig::default(),
+        events,
+    )?;
+    let bench = backend.bench_instantiate(image, n).await?;
+    let mut out = serde_json::Map::new();
+    for (name, samples) in [
+        ("instantiate", &bench.instantiate),
+        ("instantiate+run", &bench.instantiate_and_run),
+    ] {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        for d in samples {
+            hist.saturating_record(d.as_nanos() as u64);
+        }
+        let (p50, p99) = (hist.value_at_quantile(0.5), hist.value_at_quantile(0.99));
+        println!(
+            "{name:<16} p50 {:>7.1}µs  p99 {:>7.1}µs  (in-process, pooled, {} samples)",
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0,
+            samples.len()
+        );
+        out.insert(
+            name.to_string(),
+            serde_json::json!({"p50_ns": p50, "p99_ns": p99}),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
 }
