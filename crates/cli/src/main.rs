@@ -13,6 +13,11 @@ use commands::{Cli, UsageError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `bench` owns a child server and temp files it must clean up, so it must not die of a
+    // closed pipe: it keeps SIGPIPE ignored and tolerates failed prints instead.
+    if !matches!(cli.command, commands::Command::Bench(_)) {
+        restore_sigpipe();
+    }
     commands::init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -34,5 +39,16 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `warren ls | head` would make every later print fail, and
+/// `println!` panics then. A command-line tool should end quietly instead, as C tools do.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called at the start of main, before any other thread exists; setting a signal's
+    // disposition to its default has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

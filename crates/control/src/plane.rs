@@ -626,38 +626,54 @@ impl ControlPlane {
         }
     }
 
+    /// A status the backend noticed (a workload ended). It is published at once and its
+    /// record written behind it: the write is queued before the sandbox is released, so no
+    /// later write to it can overtake this one, and if the server dies before the commit the
+    /// backend reports the same end again when it adopts the sandbox.
     async fn on_backend_event(&self, ev: BackendEvent) {
         let next = phase_of(&ev.status);
-        let old = {
-            let mut reg = self.lock();
-            let Some(name) = reg.ids.get(&ev.id).cloned() else {
-                return;
-            };
-            let Some(entry) = reg.sandboxes.get_mut(&name) else {
-                return;
-            };
-            if entry.busy {
-                // Mid-operation (e.g. the create that started it is still persisting): apply
-                // once the operation releases the sandbox.
-                reg.deferred.insert(ev.id, ev.status);
-                return;
-            }
-            if entry.record.status == next || !entry.record.status.can_transition_to(&next) {
-                return;
-            }
-            entry.busy = true;
-            entry.record.clone()
+        let mut reg = self.lock();
+        let Some(name) = reg.ids.get(&ev.id).cloned() else {
+            return;
         };
-        let mut rec = (*old).clone();
+        let Some(entry) = reg.sandboxes.get_mut(&name) else {
+            return;
+        };
+        if entry.busy {
+            // Mid-operation (e.g. the create that started it is still persisting): apply
+            // once the operation releases the sandbox.
+            reg.deferred.insert(ev.id, ev.status);
+            return;
+        }
+        if entry.record.status == next || !entry.record.status.can_transition_to(&next) {
+            return;
+        }
+        let mut rec = (*entry.record).clone();
         rec.status = next;
         rec.revision += 1;
         rec.updated_at_ms = now_ms();
-        if let Err(e) = self.persist(&rec).await {
-            // Memory still moves on: the workload really ended. After a restart the backend
-            // reports the same end again through adopt.
-            warn!(sandbox = %rec.spec.name, error = %e, "could not persist a status change");
+        let durable = serde_json::to_vec(&rec)
+            .map_err(|e| ControlError::Internal(e.to_string()))
+            .and_then(|value| {
+                Ok(self.inner.store.submit(Write::Put {
+                    key: record::key(&name),
+                    value,
+                })?)
+            });
+        let rec = Arc::new(rec);
+        entry.record = rec.clone();
+        self.emit(&mut reg, EventKind::Modified, rec);
+        drop(reg);
+        match durable {
+            Ok(ack) => {
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = ack.await {
+                        warn!(sandbox = %name, error = %e, "could not persist a status change");
+                    }
+                });
+            }
+            Err(e) => warn!(sandbox = %name, error = %e, "could not persist a status change"),
         }
-        self.publish(rec, EventKind::Modified);
     }
 
     /// Waits until the sandbox has finished (Stopped, Exited, Failed) or is deleted.

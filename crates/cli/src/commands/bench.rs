@@ -19,6 +19,14 @@ use warren_spec::{BackendKind, SandboxSpec};
 
 use super::{Globals, answer, usage};
 
+/// `println!` that ignores a closed stdout: the run goes on and still cleans up after itself.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -115,6 +123,8 @@ impl PrivateServer {
         if let Some(d) = slot_dir {
             cmd.arg("--slot-dir").arg(d);
         }
+        // The server must not outlive this process, however it ends.
+        die_with_parent(&mut cmd);
         let child = cmd
             .arg("--dir")
             .arg(dir.path().join("state"))
@@ -239,7 +249,7 @@ fn us(v: u64) -> String {
 fn report(name: &str, p: &Phase) -> serde_json::Value {
     let n = p.hist.len();
     let rate = n as f64 / p.elapsed.as_secs_f64();
-    println!(
+    out!(
         "{name:<8} p50 {:>8}  p90 {:>8}  p99 {:>8}  max {:>8}  {:>9.0}/s  ({n} ok, {} failed, {:.2}s)",
         us(p.hist.value_at_quantile(0.5)),
         us(p.hist.value_at_quantile(0.9)),
@@ -250,7 +260,7 @@ fn report(name: &str, p: &Phase) -> serde_json::Value {
         p.elapsed.as_secs_f64(),
     );
     if let Some(e) = &p.first_error {
-        println!("         first error: {e}");
+        out!("         first error: {e}");
     }
     serde_json::json!({
         "ok": n, "failed": p.errors, "seconds": p.elapsed.as_secs_f64(), "per_second": rate,
@@ -290,9 +300,11 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         "server"
     };
     if !a.json {
-        println!(
+        out!(
             "warren bench create: backend={backend} n={} c={} connections={} ({where_} at {address}, durable group commit)",
-            a.count, a.concurrency, a.connections
+            a.count,
+            a.concurrency,
+            a.connections
         );
     }
     let prefix = Arc::new(format!("bench-{run_id}"));
@@ -336,7 +348,7 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
             "backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency,
             "connections": a.connections, "create": create_json, "delete": delete_json,
         });
-        println!("{all}");
+        out!("{all}");
     }
     // Prove the server is still healthy after the run.
     let info = answer(
@@ -402,9 +414,10 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     };
     let clients = vec![connect_retrying(&address, g.token.as_deref()).await?];
     if !a.json {
-        println!(
+        out!(
             "warren bench run: backend={backend} image={image} n={} c={}",
-            a.count, a.concurrency
+            a.count,
+            a.concurrency
         );
     }
     let prefix = Arc::new(format!("run-{:x}", std::process::id()));
@@ -458,7 +471,7 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     };
     let mut peer_json = serde_json::Value::Null;
     match peer_command(backend, &image, &a.args) {
-        Some((name, _)) if a.peer_runs == 0 => println!("peer {name}: skipped (--peer-runs 0)"),
+        Some((name, _)) if a.peer_runs == 0 => out!("peer {name}: skipped (--peer-runs 0)"),
         Some((name, mut cmd)) => {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let start = Instant::now();
@@ -477,17 +490,17 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
                 first_error: None,
             };
             peer_json = report("peer", &peer);
-            println!("         peer = {name}, sequential");
+            out!("         peer = {name}, sequential");
             let ratio = peer.hist.value_at_quantile(0.5) as f64
                 / runs.hist.value_at_quantile(0.5).max(1) as f64;
-            println!("median: warren is {ratio:.1}x faster than the peer");
+            out!("median: warren is {ratio:.1}x faster than the peer");
         }
-        None => println!(
+        None => out!(
             "peer: none installed for {backend} (for wasm: scripts/bench-setup.sh installs the wasmtime CLI)"
         ),
     }
     if a.json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency, "warren": ours, "in_process": pool_json, "peer": peer_json})
         );
@@ -523,7 +536,7 @@ async fn instantiate_only(image: &str, n: usize) -> anyhow::Result<serde_json::V
             hist.saturating_record(d.as_nanos() as u64);
         }
         let (p50, p99) = (hist.value_at_quantile(0.5), hist.value_at_quantile(0.99));
-        println!(
+        out!(
             "{name:<16} p50 {:>7.1}µs  p99 {:>7.1}µs  (in-process, pooled, {} samples)",
             p50 as f64 / 1000.0,
             p99 as f64 / 1000.0,
@@ -535,4 +548,20 @@ async fn instantiate_only(image: &str, n: usize) -> anyhow::Result<serde_json::V
         );
     }
     Ok(serde_json::Value::Object(out))
+}
+
+/// Makes the child receive SIGTERM (a graceful stop) when this process dies.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

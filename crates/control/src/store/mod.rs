@@ -27,6 +27,9 @@ pub enum StoreError {
     Closed,
 }
 
+/// Answers once a submitted write is durable (or failed).
+pub type Durable = tokio::sync::oneshot::Receiver<Result<(), StoreError>>;
+
 /// One change to persist.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -37,8 +40,15 @@ pub enum Write {
 /// A durable key-value store with prefix scans.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Queues a write and returns at once; the receiver answers once it is durable. Writes
+    /// are applied in the order they were submitted, so a caller can publish a change right
+    /// after submitting it and still be sure no later write to the key is overtaken.
+    fn submit(&self, write: Write) -> Result<Durable, StoreError>;
+
     /// Returns once the write is durable (on disk, or on a quorum).
-    async fn write(&self, write: Write) -> Result<(), StoreError>;
+    async fn write(&self, write: Write) -> Result<(), StoreError> {
+        self.submit(write)?.await.map_err(|_| StoreError::Closed)?
+    }
 
     /// Every key and value under `prefix`, in key order.
     fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;

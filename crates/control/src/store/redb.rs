@@ -17,7 +17,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use super::{Store, StoreError, Write};
+use super::{Durable, Store, StoreError, Write};
 
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("warren");
 
@@ -139,11 +139,11 @@ fn commit(db: &Database, batch: &[(Write, Ack)]) -> Result<(), StoreError> {
 
 #[async_trait::async_trait]
 impl Store for RedbStore {
-    async fn write(&self, write: Write) -> Result<(), StoreError> {
+    fn submit(&self, write: Write) -> Result<Durable, StoreError> {
         let (ack, done) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
         queue.send((write, ack)).map_err(|_| StoreError::Closed)?;
-        done.await.map_err(|_| StoreError::Closed)?
+        Ok(done)
     }
 
     fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
