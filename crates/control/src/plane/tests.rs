@@ -13,9 +13,24 @@ fn plane_at(dir: &Path, capacity: &str) -> ControlPlane {
     ControlPlane::new(agent, Arc::new(store), Duration::from_secs(1))
 }
 
+/// Opens a store once the last handle of a dropped plane has let it go.
+async fn open_when_free(path: &Path) -> RedbStore {
+    for _ in 0..200 {
+        match RedbStore::open(path) {
+            Ok(s) => return s,
+            Err(crate::store::StoreError::Locked { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
+    panic!("{} still locked after 2 s", path.display());
+}
+
 /// Drops a plane (its store joins its writer, freeing the file) and starts a new one.
 async fn reopen(dir: &Path, plane: ControlPlane) -> ControlPlane {
     drop(plane);
+    drop(open_when_free(&dir.join("state.redb")).await);
     let p = plane_at(dir, "");
     p.recover().await.expect("recover");
     p
@@ -341,9 +356,10 @@ async fn an_exit_reported_during_create_is_applied_after_it() {
             Phase::Exited { code: 3 }
         );
     }
-    // The end is durable: a restart still says Exited(3).
+    // The end is durable: a restart still says Exited(3). Background tasks (the event loop,
+    // deferred events) may hold the plane for a moment after this drop.
     drop(plane);
-    let store = RedbStore::open(tmp.path().join("state.redb")).expect("store");
+    let store = open_when_free(&tmp.path().join("state.redb")).await;
     let rows = store.scan(crate::record::PREFIX).expect("scan");
     assert_eq!(rows.len(), 20);
     for (_, v) in rows {
