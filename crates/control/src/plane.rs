@@ -117,6 +117,18 @@ impl Registry {
         }
     }
 
+    /// The sandbox, if it exists and no other operation holds it.
+    fn idle_entry(&mut self, name: &str) -> Result<&mut Entry, ControlError> {
+        let entry = self
+            .sandboxes
+            .get_mut(name)
+            .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
+        if entry.busy {
+            return Err(ControlError::Busy { name: name.into() });
+        }
+        Ok(entry)
+    }
+
     /// Clears the busy mark; returns a deferred backend event to apply now.
     fn release(&mut self, name: &str) -> Option<BackendEvent> {
         let entry = self.sandboxes.get_mut(name)?;
@@ -399,13 +411,7 @@ impl ControlPlane {
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let (old, spec, resources) = {
             let mut reg = self.lock();
-            let entry = reg
-                .sandboxes
-                .get_mut(name)
-                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
-            if entry.busy {
-                return Err(ControlError::Busy { name: name.into() });
-            }
+            let entry = reg.idle_entry(name)?;
             if let Some(expected) = update
                 .expected_revision
                 .filter(|&e| e != entry.record.revision)
@@ -476,13 +482,7 @@ impl ControlPlane {
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let rec = {
             let mut reg = self.lock();
-            let entry = reg
-                .sandboxes
-                .get_mut(name)
-                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
-            if entry.busy {
-                return Err(ControlError::Busy { name: name.into() });
-            }
+            let entry = reg.idle_entry(name)?;
             entry.busy = true;
             if entry.record.status.can_transition_to(&Phase::Stopping) {
                 let mut stopping = (*entry.record).clone();

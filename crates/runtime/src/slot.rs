@@ -169,28 +169,21 @@ impl SlotBackend {
                 });
             }
         }
-        if let Some(max) = cap.memory {
-            let free = max.saturating_sub(state.total.memory - remove.memory);
-            if add.memory > free {
-                return Err(BackendError::Capacity {
-                    resource: "memory",
-                    requested: format_bytes(add.memory),
-                    available: format_bytes(free),
-                    capacity: format_bytes(max),
-                });
-            }
-        }
-        if let Some(max) = cap.pids {
-            let free = max.saturating_sub(state.total.pids - remove.pids);
-            if add.pids > free {
-                return Err(BackendError::Capacity {
-                    resource: "pids",
-                    requested: add.pids.to_string(),
-                    available: free.to_string(),
-                    capacity: max.to_string(),
-                });
-            }
-        }
+        let count = |n: u64| n.to_string();
+        fits_whole(
+            "memory",
+            cap.memory,
+            state.total.memory - remove.memory,
+            add.memory,
+            format_bytes,
+        )?;
+        fits_whole(
+            "pids",
+            cap.pids,
+            state.total.pids - remove.pids,
+            add.pids,
+            count,
+        )?;
         Ok(())
     }
 
@@ -232,6 +225,27 @@ fn remove_sandbox_dir(dir: &Path) -> Result<bool, BackendError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(io("remove", dir, source)),
     }
+}
+
+/// Checks that `add` more of a whole-numbered resource fits next to `held`, up to `max`.
+fn fits_whole(
+    resource: &'static str,
+    max: Option<u64>,
+    held: u64,
+    add: u64,
+    show: impl Fn(u64) -> String,
+) -> Result<(), BackendError> {
+    let Some(max) = max else { return Ok(()) };
+    let free = max.saturating_sub(held);
+    if add > free {
+        return Err(BackendError::Capacity {
+            resource,
+            requested: show(add),
+            available: show(free),
+            capacity: show(max),
+        });
+    }
+    Ok(())
 }
 
 fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
