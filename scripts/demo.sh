@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # warren's main job on the embedded default, end to end: start a server on a temporary dir,
 # run a slot sandbox with CRI resource annotations, show it and the resources.json it wrote,
-# delete it, stop the server. Leaves nothing behind.
+# delete it, run a Wasm module to completion, stop the server. Leaves nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p warren-cli
@@ -23,6 +23,8 @@ set -x
 "$warren" ls
 cat "$dir"/state/slot/*/resources.json
 "$warren" rm demo
+"$warren" run -b wasm --module crates/wasm/tests/modules/hello.wat --name hello --wait
+"$warren" ls
 { set +x; } 2>/dev/null
 echo "server log (last lines):"
 tail -n 3 "$dir/server.log"

@@ -109,6 +109,22 @@ fn wasi_preview2_components_run_too() {
 }
 
 #[test]
+fn relative_module_paths_are_the_callers() {
+    let server = TestServer::start();
+    let dir = std::path::Path::new(&module("hello.wat"))
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    let mut cmd = std::process::Command::new(common::WARREN);
+    cmd.args(["run", "-b", "wasm", "--module", "hello.wat", "--wait"])
+        .current_dir(&dir)
+        .env("WARREN_SERVER", &server.address);
+    let out = common::run_with_stdin(cmd, None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello\n");
+}
+
+#[test]
 fn timeout_fails_the_sandbox_promptly() {
     let server = TestServer::start();
     let started = Instant::now();

@@ -159,6 +159,15 @@ fn generated_name() -> String {
     format!("sandbox-{s}")
 }
 
+/// A wasm module given as a relative path is made absolute here: the server resolves paths
+/// from its own working directory, which is not the caller's.
+fn module_path(backend: BackendKind, image: &str) -> String {
+    match std::path::absolute(image) {
+        Ok(abs) if backend == BackendKind::Wasm => abs.display().to_string(),
+        _ => image.to_string(),
+    }
+}
+
 pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
     let backend: BackendKind = args
         .backend
@@ -193,7 +202,7 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         labels: key_values("--label", &args.labels)?,
         annotations: key_values("--annotation", &args.annotations)?,
         backend,
-        image: args.image.clone(),
+        image: args.image.as_deref().map(|i| module_path(backend, i)),
         // For wasm the module is the program: what follows `--` are its arguments.
         command: if backend == BackendKind::Wasm {
             Vec::new()
