@@ -117,11 +117,56 @@ struct WriterState {
     file: File,
     /// The unfinished line of each stream, shorter than [`MAX_RECORD_CONTENT`].
     partial: [Vec<u8>; 2],
+    /// Bytes in the file, including what was there when it was opened.
+    written: u64,
+    /// Most bytes the file may hold; later output is dropped (a guest must not fill the disk).
+    limit: Option<u64>,
+    /// The limit was reached and the notice written.
+    full: bool,
+}
+
+impl WriterState {
+    /// Appends encoded records, unless that would pass the limit: then the records are
+    /// dropped and, once, a notice on stderr says so.
+    fn append(&mut self, path: &Path, out: &[u8]) -> Result<(), LogError> {
+        if out.is_empty() || self.full {
+            return Ok(());
+        }
+        let mut out = std::borrow::Cow::Borrowed(out);
+        if let Some(limit) = self.limit
+            && self.written + out.len() as u64 > limit
+        {
+            self.full = true;
+            let notice = format!(
+                "warren: the log reached its limit of {limit} bytes; later output is dropped"
+            );
+            let mut record = Vec::new();
+            encode_record(
+                &mut record,
+                &format_timestamp(SystemTime::now()),
+                Stream::Stderr,
+                false,
+                notice.as_bytes(),
+            );
+            out = std::borrow::Cow::Owned(record);
+        }
+        self.file
+            .write_all(&out)
+            .map_err(|e| io_error("write", path, e))?;
+        self.written += out.len() as u64;
+        Ok(())
+    }
 }
 
 impl LogWriter {
     /// Opens `path` for appending, creating it and its parent directories.
     pub fn create(path: impl Into<PathBuf>) -> Result<Self, LogError> {
+        Self::with_limit(path, None)
+    }
+
+    /// Like [`LogWriter::create`], keeping the file at most `limit` bytes: output past it is
+    /// dropped, and one last stderr record says so.
+    pub fn with_limit(path: impl Into<PathBuf>, limit: Option<u64>) -> Result<Self, LogError> {
         let path = path.into();
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
@@ -131,11 +176,15 @@ impl LogWriter {
             .append(true)
             .open(&path)
             .map_err(|e| io_error("open", &path, e))?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(LogWriter {
             path,
             inner: Mutex::new(WriterState {
                 file,
                 partial: [Vec::new(), Vec::new()],
+                written,
+                limit,
+                full: false,
             }),
         })
     }
@@ -181,13 +230,7 @@ impl LogWriter {
             }
             partial.drain(..whole);
         }
-        if out.is_empty() {
-            return Ok(());
-        }
-        state
-            .file
-            .write_all(&out)
-            .map_err(|e| io_error("write", &self.path, e))
+        state.append(&self.path, &out)
     }
 
     /// Writes the unfinished lines as `F` records: the workload ended.
@@ -202,13 +245,7 @@ impl LogWriter {
                 partial.clear();
             }
         }
-        if out.is_empty() {
-            return Ok(());
-        }
-        state
-            .file
-            .write_all(&out)
-            .map_err(|e| io_error("write", &self.path, e))
+        state.append(&self.path, &out)
     }
 }
 
@@ -536,6 +573,41 @@ mod tests {
             .iter()
             .map(|r| (r.stream, r.partial, r.content.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_full_log_drops_later_output_with_one_notice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("output.log");
+        let w = LogWriter::with_limit(&path, Some(1000)).expect("create");
+        for i in 0..100 {
+            w.write(Stream::Stdout, format!("line {i}\n").as_bytes())
+                .expect("write");
+        }
+        w.close().expect("close");
+        let size = std::fs::metadata(&path).expect("stat").len();
+        assert!(size < 1000 + 200, "the file stays near its limit: {size}");
+        let got = records(&path);
+        let last = got.last().expect("records");
+        assert_eq!(last.stream, Stream::Stderr);
+        assert!(String::from_utf8_lossy(&last.content).contains("limit of 1000 bytes"));
+        assert_eq!(
+            got.iter().filter(|r| r.stream == Stream::Stderr).count(),
+            1,
+            "one notice"
+        );
+        assert!(
+            got.len() > 5 && got[0].content == b"line 0",
+            "output up to the limit is kept"
+        );
+        // Reopening counts what the file already holds.
+        let again = LogWriter::with_limit(&path, Some(1000)).expect("reopen");
+        again.write(Stream::Stdout, b"more\n").expect("write");
+        assert_eq!(
+            records(&path).len(),
+            got.len() + 1,
+            "only the notice again, no more output"
+        );
     }
 
     #[test]

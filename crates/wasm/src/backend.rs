@@ -436,7 +436,7 @@ impl Backend for WasmBackend {
         std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
         // A directory left by a previous run of the same id must not leak its status.
         let _ = std::fs::remove_file(dir.join(STATUS_FILE));
-        let log = LogWriter::create(dir.join(LOG_FILE))
+        let log = LogWriter::with_limit(dir.join(LOG_FILE), inner.config.log_max_bytes)
             .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
         let info = inner.info(id, &module, source.as_str());
         let sandbox = Sandbox {
@@ -627,7 +627,7 @@ impl Backend for WasmBackend {
                 (None, "unavailable")
             }
         };
-        let log = LogWriter::create(dir.join(LOG_FILE))
+        let log = LogWriter::with_limit(dir.join(LOG_FILE), inner.config.log_max_bytes)
             .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
         let info = inner.info(id, &module, cache);
         let sandbox = Sandbox {

@@ -79,6 +79,9 @@ pub struct WasmConfig {
     /// Instructions' worth of fuel per run (deterministic CPU budget); `None` is unmetered.
     /// Running out fails the sandbox with `OutOfFuel`.
     pub fuel: Option<u64>,
+    /// Most bytes one sandbox's log file may hold; later output is dropped with a notice, so
+    /// a guest cannot fill the disk. `None` is unlimited.
+    pub log_max_bytes: Option<u64>,
 }
 
 impl Default for WasmConfig {
@@ -88,6 +91,7 @@ impl Default for WasmConfig {
             max_memory_bytes: 256 << 20,
             default_timeout: None,
             fuel: None,
+            log_max_bytes: Some(64 << 20),
         }
     }
 }

@@ -196,6 +196,31 @@ async fn default_timeout_applies_when_the_spec_has_none() {
 }
 
 #[tokio::test]
+async fn a_guest_cannot_fill_the_disk_through_its_log() {
+    let mut h = harness(WasmConfig {
+        default_timeout: Some(Duration::from_millis(300)),
+        log_max_bytes: Some(64 << 10),
+        ..small()
+    });
+    let status = h.run(&sandbox("chatty", &module("chatty.wat"))).await;
+    assert_eq!(status, failed("Timeout"));
+    let path = h.backend.log_path("chatty").expect("log path");
+    let size = std::fs::metadata(&path).expect("log").len();
+    assert!(
+        size <= (64 << 10) + 512,
+        "log held to its limit: {size} bytes"
+    );
+    assert!(
+        h.output("chatty", Stream::Stdout)
+            .starts_with("spam spam spam\n")
+    );
+    assert!(
+        h.output("chatty", Stream::Stderr)
+            .contains("limit of 65536 bytes")
+    );
+}
+
+#[tokio::test]
 async fn memory_growth_past_the_limit_fails_with_memory_limit() {
     let mut h = harness(small());
     let mut config = sandbox("grow", &module("grow.wat"));

@@ -54,6 +54,10 @@ pub struct Args {
     /// Fuel per Wasm run (a deterministic CPU budget); default unmetered.
     #[arg(long)]
     wasm_fuel: Option<u64>,
+    /// Largest log file of one sandbox, e.g. 64Mi; later output is dropped with a notice.
+    /// 0 means unlimited.
+    #[arg(long, default_value = "64Mi")]
+    log_max_size: String,
     /// Default time between SIGTERM and SIGKILL when deleting, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
@@ -108,6 +112,12 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                 .map_err(|e| usage(format!("--wasm-max-memory: {e}")))?,
             default_timeout: args.wasm_timeout,
             fuel: args.wasm_fuel,
+            log_max_bytes: match warren_spec::parse_bytes(&args.log_max_size)
+                .map_err(|e| usage(format!("--log-max-size: {e}")))?
+            {
+                0 => None,
+                n => Some(n),
+            },
         },
         default_grace: args.grace,
     };
