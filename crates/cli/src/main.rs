@@ -13,9 +13,13 @@ use commands::{Cli, UsageError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `bench` owns a child server and temp files it must clean up, so it must not die of a
-    // closed pipe: it keeps SIGPIPE ignored and tolerates failed prints instead.
-    if !matches!(cli.command, commands::Command::Bench(_)) {
+    // Only short-lived client commands die quietly of a closed pipe. The server writes to
+    // sockets whose peers may be gone (SIGPIPE would kill it), and `bench` owns a child server
+    // and temp files it must clean up: both keep SIGPIPE ignored and handle EPIPE instead.
+    if !matches!(
+        cli.command,
+        commands::Command::Server(_) | commands::Command::Bench(_)
+    ) {
         restore_sigpipe();
     }
     commands::init_logging(&cli);

@@ -542,3 +542,25 @@ fn bench_create_runs_through_the_api() {
     assert_eq!(v["delete"]["ok"], 300);
     assert!(v["create"]["p50_us"].as_u64().is_some_and(|p| p > 0));
 }
+
+/// Clients that hang up at once make the server write to closed sockets: it must take the
+/// EPIPE and go on, not die of SIGPIPE.
+#[test]
+fn clients_hanging_up_do_not_kill_the_server() {
+    use std::io::Write as _;
+    let server = TestServer::start();
+    let sock = server.dir.path().join("w.sock");
+    for _ in 0..200 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        // The HTTP/2 preface and an empty SETTINGS frame: the server answers with its own.
+        let _ =
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+        drop(s);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        server.ok(&["ls", "-o", "name"]),
+        "",
+        "the server is still serving"
+    );
+}
