@@ -1,0 +1,4 @@
+//! The `linux` backend (work in progress).
+
+pub mod cgroup;
+pub mod seccomp;

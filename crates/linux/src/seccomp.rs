@@ -1,0 +1,1 @@
+//! seccomp (work in progress).
