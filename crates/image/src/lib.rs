@@ -1,1 +1,133 @@
-//! The local image store (work in progress).
+//! The local image store: OCI images imported from a layout or pulled from a registry, their
+//! layers unpacked once and shared by every image (and container) that uses them.
+//!
+//! # Layout on disk
+//!
+//! ```text
+//! <dir>/
+//!   index.json              names and images: {"images": {"sha256:<manifest>": {names, layers, config, ..}}}
+//!   blobs/sha256/<hex>      manifests, configs and compressed layers, content-addressed
+//!   layers/<diff_id hex>/   one unpacked layer: an overlayfs lowerdir
+//!   tmp/                    work in progress (downloads, unpacks, staged tars)
+//!   index.lock, gc.lock     flock(2) files
+//! ```
+//!
+//! An image's id is the digest of its manifest. Layers are keyed by their *diff_id* (the digest
+//! of the uncompressed tar, from the config) rather than the compressed digest, so the same layer
+//! compressed two ways is unpacked once.
+//!
+//! # Integrity
+//!
+//! Every blob is hashed as it is written and must match the digest that names it (and the
+//! descriptor's size); every layer's uncompressed stream must hash to its diff_id. Nothing is
+//! trusted because of where it came from: a layout on local disk is checked like a registry.
+//! Digests are validated (`sha256:` + 64 hex) before they are used as file names.
+//!
+//! # Safe unpacking
+//!
+//! Layer tars are untrusted, and the store runs as root. The `tar` crate is only used to *read*
+//! entries; the `unpack` module's own code creates each entry relative to directory file descriptors,
+//! opening every parent component with `O_NOFOLLOW`, so no entry can be written through a symlink,
+//! and names that are absolute or contain `..` are rejected with an error naming the entry. See
+//! the module for the details, and for the OCI-to-overlayfs whiteout conversion.
+//!
+//! # Concurrency
+//!
+//! The store is shared by threads and processes (the server and the CLI) without a daemon:
+//!
+//! * files appear atomically: a blob or a layer is written under `tmp/` and renamed into place,
+//!   so a reader sees a whole blob or layer or none. Two importers unpacking the same layer both
+//!   do the work, and the loser of the rename throws its copy away;
+//! * `index.json` is rewritten (temp file + rename) under an exclusive lock on `index.lock`;
+//! * importers hold a shared lock on `gc.lock` from their first write until their image is in the
+//!   index, and garbage collection takes it exclusively, so it never deletes a blob that an
+//!   import has written but not yet registered. [`ImageStore::remove`] collects only if no import
+//!   is running (it never waits for a pull); what it skips is collected by a later removal or
+//!   [`ImageStore::gc`].
+//!
+//! Removing an image deletes its layers once no image uses them. The store does not know which
+//! containers have a layer mounted: callers must not remove an image that a running container
+//! uses.
+
+mod error;
+mod import;
+mod oci;
+mod pull;
+mod reference;
+mod store;
+pub mod testing;
+mod unpack;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::ImageError;
+pub use reference::normalize_name;
+pub use store::{GcStats, ImageStore};
+
+/// One image in the store, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    /// `sha256:<hex>` of the image manifest.
+    pub id: String,
+    /// Normalized names (`busybox:latest`), sorted. Empty for an image whose names all moved
+    /// to newer images; it stays until removed by id.
+    pub names: Vec<String>,
+    /// Sum of the compressed layer sizes, in bytes.
+    pub size: u64,
+    /// Number of layers.
+    pub layers: usize,
+    /// The config's `created` timestamp (RFC 3339), if it has one.
+    pub created: Option<String>,
+}
+
+/// What a runtime needs to start a container from an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub id: String,
+    pub names: Vec<String>,
+    /// Unpacked layer directories, bottom to top. overlayfs wants `lowerdir=` top to bottom,
+    /// so reverse them there.
+    pub layers: Vec<std::path::PathBuf>,
+    pub config: ImageConfig,
+}
+
+/// The runtime part of an image config. Empty vectors and `None` mean "not set".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `KEY=value` entries.
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Options for [`ImageStore::pull`].
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Talk plain HTTP to the registry (for a registry on localhost without TLS).
+    pub insecure: bool,
+}
+
+/// Progress reported by [`ImageStore::pull`], in order: `Resolved`, then `Layer` events (byte
+/// counts, per layer), `Unpacking` per layer that is not unpacked yet, and `Done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullProgress {
+    /// The manifest is known.
+    Resolved {
+        reference: String,
+        layers: usize,
+        total_bytes: u64,
+    },
+    /// `done` of `total` bytes of a layer are downloaded. A layer already in the store is
+    /// reported once with `done == total`.
+    Layer {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
+    /// A layer is being unpacked.
+    Unpacking { digest: String },
+    /// The image is in the store under this id.
+    Done { id: String },
+}

@@ -1,0 +1,124 @@
+//! Pulling from a real registry: Debian's `docker-registry` on a loopback port, fed by `skopeo`.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use warren_image::testing;
+use warren_image::{ImageError, ImageStore, PullOptions, PullProgress};
+
+fn pull_with_events(
+    store: &ImageStore,
+    reference: &str,
+) -> (
+    Result<warren_image::ImageSummary, ImageError>,
+    Vec<PullProgress>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let events = Mutex::new(Vec::new());
+    let record = |p: PullProgress| events.lock().unwrap().push(p);
+    let result = runtime.block_on(store.pull(reference, &PullOptions { insecure: true }, &record));
+    (result, events.into_inner().unwrap())
+}
+
+fn layer_paths(store: &ImageStore, name: &str) -> Vec<PathBuf> {
+    store.resolve(name).unwrap().layers
+}
+
+#[test]
+fn pull_from_a_local_registry() {
+    if let Some(tool) = testing::Registry::missing_tool() {
+        println!("SKIP: {tool} not installed (apt-get install docker-registry skopeo)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = testing::Registry::start(&tmp.path().join("registry")).unwrap();
+    let layout = testing::busybox_layout(&tmp.path().join("busybox-t1"), "busybox:t1").unwrap();
+    registry.push(&layout, "busybox:t1", false).unwrap();
+
+    let store = ImageStore::open(&tmp.path().join("store")).unwrap();
+    let reference = format!("127.0.0.1:{}/busybox:t1", registry.port);
+    let (summary, events) = pull_with_events(&store, &reference);
+    let summary = summary.unwrap_or_else(|e| panic!("pull failed: {e:?}\n{}", registry.log()));
+    assert_eq!(summary.names, vec![reference.clone()]);
+    assert_eq!(summary.layers, 1);
+
+    // Events: Resolved, Layer byte counts ending complete, Unpacking, Done.
+    let Some(PullProgress::Resolved {
+        layers: 1,
+        total_bytes,
+        ..
+    }) = events.first().cloned()
+    else {
+        panic!("first event: {events:?}");
+    };
+    assert_eq!(total_bytes, summary.size);
+    let last_layer = events.iter().rev().find_map(|e| match e {
+        PullProgress::Layer { done, total, .. } => Some((*done, *total)),
+        _ => None,
+    });
+    assert_eq!(last_layer, Some((total_bytes, total_bytes)));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, PullProgress::Unpacking { .. }))
+            .count(),
+        1
+    );
+    assert_eq!(
+        events.last(),
+        Some(&PullProgress::Done {
+            id: summary.id.clone()
+        })
+    );
+
+    let image = store.resolve(&reference).unwrap();
+    assert_eq!(image.config.cmd, vec!["sh"]);
+    assert_eq!(image.config.env, vec!["PATH=/usr/bin:/bin"]);
+    assert!(image.layers[0].join("bin/busybox").is_file());
+    assert!(image.layers[0].join("bin/sh").is_symlink());
+
+    // Pulling again reuses blobs and layers.
+    let (again, events) = pull_with_events(&store, &reference);
+    assert_eq!(again.unwrap().id, summary.id);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, PullProgress::Unpacking { .. })),
+        "{events:?}"
+    );
+
+    // The same layer imported from the layout is shared with the pulled image.
+    store.import(&layout, None).unwrap();
+    assert_eq!(
+        layer_paths(&store, "busybox:t1"),
+        layer_paths(&store, &reference)
+    );
+    assert_eq!(
+        fs::read_dir(store.root().join("layers")).unwrap().count(),
+        1
+    );
+
+    // A multi-platform index: the linux/amd64 image is chosen.
+    let multi = testing::busybox_layout(&tmp.path().join("multi"), "multi").unwrap();
+    testing::nest_in_index(&multi).unwrap();
+    registry.push(&multi, "busybox:multi", true).unwrap();
+    let multi_ref = format!("127.0.0.1:{}/busybox:multi", registry.port);
+    let (pulled, _) = pull_with_events(&store, &multi_ref);
+    let pulled =
+        pulled.unwrap_or_else(|e| panic!("pull of index failed: {e:?}\n{}", registry.log()));
+    let imported = store.import(&multi, Some("local-multi")).unwrap().remove(0);
+    assert_eq!(pulled.id, imported.id, "the amd64 manifest, byte for byte");
+
+    // Errors name the reference.
+    let missing = format!("127.0.0.1:{}/busybox:nope", registry.port);
+    let (result, _) = pull_with_events(&store, &missing);
+    let err = result.unwrap_err();
+    assert!(matches!(err, ImageError::Registry { .. }), "{err:?}");
+    assert!(err.to_string().contains(&missing), "{err}");
+}
