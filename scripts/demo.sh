@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # warren's main job on the embedded default, end to end: start a server on a temporary dir,
 # run a slot sandbox with CRI resource annotations, show it and the resources.json it wrote,
-# delete it, run a Wasm module to completion, stop the server. Leaves nothing behind.
+# delete it, run a Wasm module to completion, run a busybox container (as root), stop the
+# server. Leaves nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q -p warren-cli
+cargo build -q -p warren-cli -p warren-linux
 warren=target/debug/warren
 
 dir=$(mktemp -d -t warren-demo-XXXXXX)
@@ -24,6 +25,12 @@ set -x
 cat "$dir"/state/slot/*/resources.json
 "$warren" rm demo
 "$warren" run -b wasm --module crates/wasm/tests/modules/hello.wat --name hello --wait
+if [ "$(id -u)" -eq 0 ] && [ -x /bin/busybox ]; then
+  "$warren" image import "$(cargo run -q -p warren-image --example busybox-layout -- "$dir/busybox")"
+  "$warren" run -b linux -i busybox --name box -m 64Mi --pids 50 --wait -- \
+    sh -c 'echo "hello from $(hostname), pid $$"; id'
+  "$warren" rm box
+fi
 "$warren" ls
 { set +x; } 2>/dev/null
 echo "server log (last lines):"

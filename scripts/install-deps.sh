@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs what warren's build and tests need on a fresh Debian 12 machine, idempotently.
-# Today that is only the Rust toolchain's own pieces; system packages (containerd, etcd, qemu,
-# CRIU...) are added here as the backends that need them land. protoc is vendored by the
-# warren-proto build, so none is needed.
+# protoc is vendored by the warren-proto build, so none is needed. System packages:
+# - busybox-static: the linux backend's tests build their busybox image from /bin/busybox;
+# - docker-registry + skopeo: the pull test runs a real registry on loopback and pushes to it.
 set -euo pipefail
 
 need_apt=()
 # `kill` and `ps` are used by the integration tests' process handling.
 command -v kill >/dev/null || need_apt+=(procps)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
 
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" -ne 0 ]; then

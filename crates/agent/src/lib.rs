@@ -116,6 +116,15 @@ impl Agent {
         Ok(self.backend(kind)?.delete(id).await?)
     }
 
+    pub async fn exec(
+        &self,
+        kind: BackendKind,
+        id: &str,
+        request: warren_runtime::ExecRequest,
+    ) -> Result<warren_runtime::ExecProcess, AgentError> {
+        Ok(self.backend(kind)?.exec(id, request).await?)
+    }
+
     pub async fn status(&self, kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {
         Ok(self.backend(kind)?.status(id).await?)
     }

@@ -12,6 +12,13 @@ mod output;
 use commands::{Cli, UsageError};
 
 fn main() -> ExitCode {
+    // The linux backend's per-sandbox supervisor and exec helper, when the separate
+    // `warren-supervise` binary is not installed: single-threaded, so before any runtime.
+    let mut raw = std::env::args_os().skip(1);
+    if raw.next().as_deref() == Some(std::ffi::OsStr::new("__supervise")) {
+        let rest: Vec<_> = raw.collect();
+        return ExitCode::from(warren_linux::supervisor::cli(&rest) as u8);
+    }
     let cli = Cli::parse();
     // Only short-lived client commands die quietly of a closed pipe. The server writes to
     // sockets whose peers may be gone (SIGPIPE would kill it), and `bench` owns a child server

@@ -40,6 +40,26 @@ pub enum ConnectError {
 
 /// Opens one HTTP/2 connection to the server; calls on it are multiplexed.
 pub async fn connect(address: &Address, token: Option<&str>) -> Result<Client, ConnectError> {
+    let (channel, bearer) = connect_channel(address, token).await?;
+    Ok(SandboxesClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20))
+}
+
+pub type ImagesClient =
+    warren_proto::v1::images_client::ImagesClient<InterceptedService<Channel, Bearer>>;
+
+/// A client of the server's image store.
+pub async fn connect_images(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<ImagesClient, ConnectError> {
+    let (channel, bearer) = connect_channel(address, token).await?;
+    Ok(warren_proto::v1::images_client::ImagesClient::with_interceptor(channel, bearer))
+}
+
+async fn connect_channel(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<(Channel, Bearer), ConnectError> {
     let unreachable = |source| ConnectError::Unreachable {
         address: address.to_string(),
         source,
@@ -75,5 +95,5 @@ pub async fn connect(address: &Address, token: Option<&str>) -> Result<Client, C
         )),
         None => Bearer(None),
     };
-    Ok(SandboxesClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20))
+    Ok((channel, bearer))
 }

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -13,7 +14,7 @@ use warren_agent::AgentError;
 use warren_proto::v1::sandboxes_server::Sandboxes;
 use warren_proto::v1::{self, sandbox_event};
 use warren_proto::{failure_policy_from_pb, resource_info_to_pb, resources_from_pb, spec_from_pb};
-use warren_runtime::{BackendError, logs};
+use warren_runtime::{BackendError, ExecProcess, ExecRequest, logs};
 use warren_spec::BackendKind;
 
 use crate::plane::{ControlError, ControlPlane, EventKind, SandboxUpdate};
@@ -21,16 +22,7 @@ use crate::plane::{ControlError, ControlPlane, EventKind, SandboxUpdate};
 /// Maps every control plane error to the gRPC code a client can act on.
 pub fn status_of(e: ControlError) -> Status {
     // The whole cause chain, once: "read wasm module /x.wasm: No such file or directory".
-    let mut msg = e.to_string();
-    let mut cause = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        cause = c.source();
-    }
+    let msg = warren_runtime::error_chain(&e);
     match e {
         ControlError::InvalidSpec(_) | ControlError::Selector(_) => Status::invalid_argument(msg),
         ControlError::NotFound { .. } => Status::not_found(msg),
@@ -42,11 +34,13 @@ pub fn status_of(e: ControlError) -> Status {
             BackendError::Unsupported { .. } => Status::unimplemented(msg),
             BackendError::NotFound { .. } => Status::not_found(msg),
             BackendError::AlreadyExists { .. } => Status::already_exists(msg),
+            BackendError::Invalid(_) => Status::invalid_argument(msg),
             BackendError::Io { .. } | BackendError::Other(_) => Status::internal(msg),
         },
         ControlError::Store(_) => Status::unavailable(msg),
         ControlError::NoLogs { .. } => Status::failed_precondition(msg),
         ControlError::WaitTimeout { .. } => Status::deadline_exceeded(msg),
+        ControlError::NotRunning { .. } => Status::failed_precondition(msg),
         ControlError::Internal(_) => Status::internal(msg),
     }
 }
@@ -351,9 +345,130 @@ impl Sandboxes for SandboxService {
             allocated: Some(resource_info_to_pb(&summary.allocated)),
         }))
     }
+
+    type ExecStream = Pin<Box<dyn Stream<Item = Result<v1::ExecOutput, Status>> + Send>>;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<v1::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        use v1::exec_input::Input;
+        let mut input = req.into_inner();
+        let first = input.message().await?;
+        let Some(v1::ExecInput {
+            input: Some(Input::Start(start)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "exec: the first message must be an ExecStart",
+            ));
+        };
+        if start.command.is_empty() || start.command[0].is_empty() {
+            return Err(Status::invalid_argument("exec: command is empty"));
+        }
+        let size = |s: Option<v1::TerminalSize>| {
+            let s = s.unwrap_or_default();
+            let clamp = |v: u32, d: u16| {
+                if v == 0 {
+                    d
+                } else {
+                    v.min(u32::from(u16::MAX)) as u16
+                }
+            };
+            (clamp(s.rows, 24), clamp(s.cols, 80))
+        };
+        let request = ExecRequest {
+            argv: start.command,
+            env: start.env.into_iter().collect(),
+            cwd: start.working_dir,
+            user: start.user,
+            tty: start.tty.then(|| size(start.size)),
+        };
+        let process = self
+            .plane
+            .exec(&start.name, request)
+            .await
+            .map_err(status_of)?;
+        let ExecProcess {
+            stdin,
+            stdout,
+            stderr,
+            resize,
+            wait,
+        } = process;
+        tokio::spawn(async move {
+            let mut stdin = Some(stdin);
+            while let Ok(Some(msg)) = input.message().await {
+                match msg.input {
+                    Some(Input::Stdin(bytes)) => {
+                        if let Some(w) = &mut stdin
+                            && (w.write_all(&bytes).await.is_err() || w.flush().await.is_err())
+                        {
+                            stdin = None;
+                        }
+                    }
+                    Some(Input::CloseStdin(true)) => {
+                        if let Some(mut w) = stdin.take() {
+                            let _ = w.shutdown().await;
+                        }
+                    }
+                    Some(Input::Resize(s)) => {
+                        if let Some(resize) = &resize {
+                            let (rows, cols) = size(Some(s));
+                            let _ = resize(rows, cols);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let stream = async_stream(move |tx| async move {
+            use v1::exec_output::Output;
+            let out = pump(stdout, tx.clone(), Output::Stdout);
+            let err = async {
+                if let Some(stderr) = stderr {
+                    pump(stderr, tx.clone(), Output::Stderr).await;
+                }
+            };
+            tokio::join!(out, err);
+            let msg = match wait.await {
+                Ok(code) => Ok(v1::ExecOutput {
+                    output: Some(Output::ExitCode(code)),
+                }),
+                Err(e) => Err(Status::internal(format!(
+                    "exec: waiting for the process: {e}"
+                ))),
+            };
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(stream))
+    }
 }
 
 /// A stream fed by a task; the task ends when the client goes away (send fails).
+/// Copies a process's output into the reply until end of file (a terminal's EIO included)
+/// or until the client has gone.
+async fn pump(
+    mut from: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    tx: tokio::sync::mpsc::Sender<Result<v1::ExecOutput, Status>>,
+    wrap: fn(Vec<u8>) -> v1::exec_output::Output,
+) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let msg = v1::ExecOutput {
+                    output: Some(wrap(buf[..n].to_vec())),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 fn async_stream<T, F, Fut>(body: F) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
 where
     T: Send + 'static,

@@ -13,6 +13,7 @@
 pub mod address;
 pub mod client;
 pub mod grpc;
+pub mod images;
 pub mod plane;
 pub mod record;
 pub mod selector;
@@ -22,4 +23,5 @@ pub mod store;
 pub use address::Address;
 pub use plane::{ControlError, ControlPlane, SandboxUpdate};
 pub use server::{Server, ServerConfig, ServerError};
+pub use warren_linux::LinuxConfig;
 pub use warren_wasm::WasmConfig;

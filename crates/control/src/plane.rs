@@ -53,6 +53,8 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error("backend {backend} keeps no logs for sandbox {name:?}")]
     NoLogs { name: String, backend: BackendKind },
+    #[error("sandbox {name:?} is {phase}, not Running")]
+    NotRunning { name: String, phase: String },
     #[error("sandbox {name:?} did not finish within {waited:?}")]
     WaitTimeout { name: String, waited: Duration },
     #[error("internal error: {0}")]
@@ -495,7 +497,13 @@ impl ControlPlane {
                 entry.record.clone()
             }
         };
-        let grace = grace.unwrap_or(self.inner.default_grace);
+        let grace = grace
+            .or_else(|| {
+                rec.spec
+                    .stop_grace_period_seconds
+                    .map(Duration::from_secs_f64)
+            })
+            .unwrap_or(self.inner.default_grace);
         let this = self.clone();
         let done = tokio::spawn(async move { this.finish_delete(rec, grace).await });
         done.await
@@ -728,6 +736,26 @@ impl ControlPlane {
 
     /// The sandbox's log file, and a flag that turns true once it has finished (so a
     /// follower knows when to stop).
+    /// Starts a process inside a running sandbox.
+    pub async fn exec(
+        &self,
+        name: &str,
+        request: warren_runtime::ExecRequest,
+    ) -> Result<warren_runtime::ExecProcess, ControlError> {
+        let rec = self.get(name)?;
+        if rec.status != Phase::Running {
+            return Err(ControlError::NotRunning {
+                name: name.into(),
+                phase: rec.status.name().to_string(),
+            });
+        }
+        Ok(self
+            .inner
+            .agent
+            .exec(rec.spec.backend, &rec.id, request)
+            .await?)
+    }
+
     pub fn log_source(
         &self,
         name: &str,

@@ -19,6 +19,9 @@ use tonic::transport::Server as TonicServer;
 use tonic::{Request, Status};
 use tracing::{info, warn};
 use warren_agent::Agent;
+use warren_image::ImageStore;
+use warren_linux::{LinuxBackend, LinuxConfig};
+use warren_proto::v1::images_server::ImagesServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
 use warren_wasm::{WasmBackend, WasmConfig};
@@ -41,6 +44,11 @@ pub struct ServerConfig {
     pub wasm: WasmConfig,
     /// SIGTERM-to-SIGKILL time for deletes that do not give one.
     pub default_grace: Duration,
+    /// How the linux backend starts its per-sandbox supervisor (program and leading
+    /// arguments); [`LinuxConfig::default_supervisor`] finds the one beside this executable.
+    pub linux_supervisor: Vec<std::ffi::OsString>,
+    /// Parent of every linux sandbox's cgroup.
+    pub cgroup_parent: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +95,7 @@ enum Listener {
 /// A server that has recovered its state and bound its address, ready to [`Server::run`].
 pub struct Server {
     plane: ControlPlane,
+    images: ImageStore,
     listener: Listener,
     address: Address,
     token: Option<Arc<str>>,
@@ -119,13 +128,32 @@ impl Server {
                 message: e.to_string(),
             })?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let wasm = WasmBackend::new(config.dir.join("wasm"), config.wasm.clone(), events).map_err(
-            |e| ServerError::Backend {
-                backend: "wasm",
-                message: e.to_string(),
+        let wasm = WasmBackend::new(config.dir.join("wasm"), config.wasm.clone(), events.clone())
+            .map_err(|e| ServerError::Backend {
+            backend: "wasm",
+            message: e.to_string(),
+        })?;
+        let images =
+            ImageStore::open(&config.dir.join("images")).map_err(|e| ServerError::Backend {
+                backend: "image store",
+                message: crate::images::error_chain(&e),
+            })?;
+        let linux = LinuxBackend::new(
+            LinuxConfig {
+                dir: config.dir.join("linux"),
+                images: images.clone(),
+                supervisor: config.linux_supervisor.clone(),
+                cgroup_parent: config.cgroup_parent.clone(),
+                log_max_bytes: config.wasm.log_max_bytes,
+                default_stop_grace: config.default_grace,
             },
-        )?;
-        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot), Arc::new(wasm)];
+            events.clone(),
+        )
+        .map_err(|e| ServerError::Backend {
+            backend: "linux",
+            message: e.to_string(),
+        })?;
+        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot), Arc::new(wasm), Arc::new(linux)];
         let agent = Agent::new(config.node.clone(), backends);
         for report in agent.report() {
             match &report.available {
@@ -156,6 +184,7 @@ impl Server {
         };
         Ok(Server {
             plane,
+            images,
             listener,
             address,
             token: config.token.map(Arc::from),
@@ -181,6 +210,11 @@ impl Server {
             SandboxesServer::new(service).max_decoding_message_size(16 << 20),
             move |req: Request<()>| authorize(&token, req),
         );
+        let token = self.token.clone();
+        let images = InterceptedService::new(
+            ImagesServer::new(crate::images::ImagesService::new(self.images.clone())),
+            move |req: Request<()>| authorize(&token, req),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<SandboxesServer<SandboxService>>()
@@ -195,7 +229,8 @@ impl Server {
         let router = TonicServer::builder()
             .concurrency_limit_per_connection(1024)
             .add_service(health_service)
-            .add_service(sandboxes);
+            .add_service(sandboxes)
+            .add_service(images);
         let result = match self.listener {
             Listener::Unix(l, path) => {
                 let served = router

@@ -144,6 +144,11 @@ pub fn spec_to_pb(s: &SandboxSpec) -> v1::SandboxSpec {
             })
             .collect(),
         timeout_seconds: s.timeout_seconds,
+        stop_grace_period_seconds: s.stop_grace_period_seconds,
+        hostname: s.hostname.clone(),
+        user: s.user.clone(),
+        read_only_rootfs: s.read_only_rootfs,
+        deny_syscalls: s.deny_syscalls.clone(),
     }
 }
 
@@ -237,6 +242,11 @@ pub fn spec_from_pb(s: v1::SandboxSpec) -> Result<SandboxSpec, ConvertError> {
             })
             .collect(),
         timeout_seconds: s.timeout_seconds,
+        stop_grace_period_seconds: s.stop_grace_period_seconds,
+        hostname: s.hostname,
+        user: s.user,
+        read_only_rootfs: s.read_only_rootfs,
+        deny_syscalls: s.deny_syscalls,
     })
 }
 
@@ -295,6 +305,11 @@ mod tests {
             read_only: true,
         });
         spec.timeout_seconds = Some(1.5);
+        spec.stop_grace_period_seconds = Some(2.5);
+        spec.hostname = Some("box".into());
+        spec.user = Some("1000:100".into());
+        spec.read_only_rootfs = true;
+        spec.deny_syscalls = vec!["mkdir".into()];
         let back = spec_from_pb(spec_to_pb(&spec)).expect("converts back");
         assert_eq!(back, spec);
     }

@@ -57,6 +57,10 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// The spec asks for something this backend cannot do or find (an image that is not
+    /// there, a command that does not exist); the message names the field and value.
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0}")]
     Other(String),
 }
@@ -131,6 +135,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Starts a process inside a running sandbox.
+    async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, BackendError> {
+        let _ = (id, request);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "exec",
+        })
+    }
+
     /// Resources held by this backend's sandboxes on this node.
     fn allocated(&self) -> ResourceInfo {
         ResourceInfo::default()
@@ -160,4 +173,41 @@ pub fn sandbox_dirs(dir: &std::path::Path, skip: &[&str]) -> Result<Vec<String>,
     }
     ids.sort();
     Ok(ids)
+}
+
+/// A process to start inside a running sandbox (`warren exec`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the sandbox's environment.
+    pub env: Vec<(String, String)>,
+    /// The sandbox's working directory when unset.
+    pub cwd: Option<String>,
+    /// `UID[:GID]`; the sandbox's user when unset.
+    pub user: Option<String>,
+    /// A pseudo-terminal of this size (rows, columns) instead of pipes.
+    pub tty: Option<(u16, u16)>,
+}
+
+/// Sets a terminal's size (rows, columns).
+pub type Resize = Box<dyn Fn(u16, u16) -> std::io::Result<()> + Send + Sync>;
+
+/// A running exec'd process: its stdio and its end.
+pub struct ExecProcess {
+    pub stdin: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    /// With a terminal, stdout carries both streams.
+    pub stdout: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    pub stderr: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
+    /// Resizes the terminal (rows, columns); `None` without one.
+    pub resize: Option<Resize>,
+    /// Resolves to the exit status (128 + signal when killed).
+    pub wait: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<i32>> + Send>>,
+}
+
+impl fmt::Debug for ExecProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecProcess")
+            .field("tty", &self.resize.is_some())
+            .finish_non_exhaustive()
+    }
 }

@@ -18,7 +18,23 @@ pub mod logs;
 pub mod slot;
 
 pub use backend::{
-    Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, SandboxConfig,
-    sandbox_dirs,
+    Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, ExecProcess,
+    ExecRequest, Resize, SandboxConfig, sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};
+
+/// An error's message followed by its causes ("write 5 to /x: Device or resource busy"):
+/// errors here keep the OS error as their source, and a user needs both.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    msg
+}

@@ -53,7 +53,7 @@ pub use resources::{
 };
 pub use spec::{
     BackendKind, Consistency, FailurePolicy, MAX_NAME_LEN, Mount, PortSpec, Protocol, SandboxSpec,
-    validate_name,
+    parse_user, validate_hostname, validate_name,
 };
 pub use state::{Phase, TransitionError};
 

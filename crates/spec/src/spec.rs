@@ -253,6 +253,22 @@ pub struct SandboxSpec {
     /// Longest the workload may run, in seconds; it is stopped with status `Timeout` then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<f64>,
+    /// Seconds between the stop signal (SIGTERM) and SIGKILL; the server's default (10 s)
+    /// when unset. A delete request's own grace period wins over this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period_seconds: Option<f64>,
+    /// The sandbox's hostname (linux, vm); its name when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `UID[:GID]` the workload runs as (numbers); the image's user, else root, when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Mounts the root filesystem read-only (linux).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only_rootfs: bool,
+    /// Syscalls denied (EPERM) on top of the backend's default seccomp profile (linux).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_syscalls: Vec<String>,
 }
 
 /// A host directory mapped into a sandbox: `GUEST::HOST` or `GUEST::HOST:ro` on the command
@@ -424,6 +440,35 @@ impl SandboxSpec {
                 "must be more than 0 and at most a year",
             ));
         }
+        if let Some(t) = self.stop_grace_period_seconds
+            && !(t.is_finite() && (0.0..=3600.0).contains(&t))
+        {
+            errors.push(SpecError::invalid(
+                "spec.stopGracePeriodSeconds",
+                &t.to_string(),
+                "must be from 0 to 3600",
+            ));
+        }
+        if let Some(h) = &self.hostname {
+            errors.extend(validate_hostname(h).err());
+        }
+        if let Some(u) = &self.user {
+            errors.extend(parse_user(u).err());
+        }
+        for (i, name) in self.deny_syscalls.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                errors.push(SpecError::invalid(
+                    format!("spec.denySyscalls[{i}]"),
+                    name,
+                    "is not a syscall name (lowercase letters, digits and '_')",
+                ));
+            }
+        }
         extract_resources_into(
             &self.annotations,
             self.oci.as_ref(),
@@ -431,6 +476,42 @@ impl SandboxSpec {
             errors,
         )
     }
+}
+
+/// Checks a hostname: 1 to 63 characters of `[A-Za-z0-9-]` per dot-separated label, at most
+/// 253 in all (RFC 1123), since the kernel and resolvers take nothing else.
+pub fn validate_hostname(h: &str) -> Result<(), SpecError> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if h.len() <= 253 && h.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            "spec.hostname",
+            h,
+            "is not a hostname (dot-separated labels of 1 to 63 letters, digits and '-')",
+        ))
+    }
+}
+
+/// Parses `UID[:GID]` (decimal numbers); the gid defaults to the uid.
+pub fn parse_user(s: &str) -> Result<(u32, u32), SpecError> {
+    let bad = || SpecError::invalid("spec.user", s, "is not UID or UID:GID (decimal numbers)");
+    let (uid, gid) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let uid: u32 = uid.parse().map_err(|_| bad())?;
+    let gid: u32 = match gid {
+        Some(g) => g.parse().map_err(|_| bad())?,
+        None => uid,
+    };
+    Ok((uid, gid))
 }
 
 /// Checks a sandbox, pool or policy name: 1 to 128 characters of `[A-Za-z0-9_.-]`, starting

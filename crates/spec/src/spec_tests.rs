@@ -409,3 +409,55 @@ fn timeout_must_be_positive() {
     spec.timeout_seconds = Some(0.25);
     assert!(spec.validate().is_ok());
 }
+
+#[test]
+fn linux_fields_are_validated_naming_the_field() {
+    let mut s = SandboxSpec {
+        name: "a".into(),
+        ..SandboxSpec::default()
+    };
+    s.hostname = Some("box-1.example".into());
+    s.user = Some("1000:100".into());
+    s.stop_grace_period_seconds = Some(2.5);
+    s.deny_syscalls = vec!["mkdir".into(), "mkdirat".into()];
+    s.read_only_rootfs = true;
+    s.validate().expect("valid");
+    let json = serde_json::to_string(&s).unwrap();
+    assert!(json.contains(r#""readOnlyRootfs":true"#), "{json}");
+    assert!(json.contains(r#""stopGracePeriodSeconds":2.5"#), "{json}");
+    assert_eq!(serde_json::from_str::<SandboxSpec>(&json).unwrap(), s);
+
+    let bad = |f: &dyn Fn(&mut SandboxSpec)| {
+        let mut t = s.clone();
+        f(&mut t);
+        t.validate().unwrap_err()
+    };
+    assert_eq!(
+        bad(&|t| t.hostname = Some("-bad".into())).field(),
+        "spec.hostname"
+    );
+    assert_eq!(
+        bad(&|t| t.hostname = Some("a..b".into())).field(),
+        "spec.hostname"
+    );
+    assert_eq!(
+        bad(&|t| t.hostname = Some("x".repeat(64))).field(),
+        "spec.hostname"
+    );
+    assert_eq!(bad(&|t| t.user = Some("root".into())).field(), "spec.user");
+    assert_eq!(bad(&|t| t.user = Some("1:x".into())).field(), "spec.user");
+    assert_eq!(
+        bad(&|t| t.stop_grace_period_seconds = Some(-1.0)).field(),
+        "spec.stopGracePeriodSeconds"
+    );
+    assert_eq!(
+        bad(&|t| t.stop_grace_period_seconds = Some(f64::INFINITY)).field(),
+        "spec.stopGracePeriodSeconds"
+    );
+    assert_eq!(
+        bad(&|t| t.deny_syscalls = vec!["Mkdir".into()]).field(),
+        "spec.denySyscalls[0]"
+    );
+    assert_eq!(crate::parse_user("7").unwrap(), (7, 7));
+    assert_eq!(crate::parse_user("7:8").unwrap(), (7, 8));
+}

@@ -9,7 +9,9 @@ use warren_control::client::{self, Client};
 
 mod apply;
 mod bench;
+mod exec;
 mod get;
+mod image;
 mod info;
 mod logs;
 mod ls;
@@ -44,7 +46,7 @@ pub enum Command {
     /// Run the control plane with its local agent.
     Server(server::Args),
     /// Create and start a sandbox.
-    Run(run::Args),
+    Run(Box<run::Args>),
     /// List sandboxes.
     #[command(alias = "list", alias = "ps")]
     Ls(ls::Args),
@@ -63,6 +65,12 @@ pub enum Command {
     Watch(watch::Args),
     /// Show what the server runs: version, backends, capacity in use.
     Info(info::Args),
+    /// Run a command inside a running sandbox.
+    Exec(exec::Args),
+    /// Manage the server's images: import, ls, rm, pull.
+    Image(image::Args),
+    /// Pull an image from a registry into the server's image store.
+    Pull(image::PullArgs),
     /// Measure warren.
     Bench(bench::Args),
 }
@@ -113,7 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Server(a) => server::run(a, &g).await,
-        Command::Run(a) => run::run(a, &g).await,
+        Command::Run(a) => run::run(*a, &g).await,
         Command::Ls(a) => ls::run(a, &g).await,
         Command::Get(a) => get::run(a, &g).await,
         Command::Logs(a) => logs::run(a, &g).await,
@@ -123,6 +131,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(a) => watch::run(a, &g).await,
         Command::Info(a) => info::run(a, &g).await,
         Command::Bench(a) => bench::run(a, &g).await,
+        Command::Exec(a) => exec::run(a, &g).await,
+        Command::Image(a) => image::run(a, &g).await,
+        Command::Pull(a) => image::pull(a, &g).await,
     }
 }
 
@@ -145,6 +156,11 @@ impl Globals {
     pub async fn connect(&self) -> anyhow::Result<Client> {
         let address = self.address()?;
         Ok(client::connect(&address, self.token.as_deref()).await?)
+    }
+
+    pub async fn connect_images(&self) -> anyhow::Result<client::ImagesClient> {
+        let address = self.address()?;
+        Ok(client::connect_images(&address, self.token.as_deref()).await?)
     }
 }
 

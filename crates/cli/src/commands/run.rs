@@ -135,6 +135,25 @@ pub struct Args {
     /// Delete the sandbox after this long, e.g. 30m, 2h.
     #[arg(long, value_parser = humantime::parse_duration)]
     expire_in: Option<Duration>,
+    /// Program to run instead of the image's entrypoint (linux); what follows `--` are its
+    /// arguments, replacing the image's command.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Hostname inside the sandbox (linux); the sandbox's name by default.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Run as UID[:GID] (linux).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Mount the root filesystem read-only (linux).
+    #[arg(long)]
+    read_only: bool,
+    /// Seconds between SIGTERM and SIGKILL when the sandbox is stopped (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    stop_timeout: Option<f64>,
+    /// Deny a syscall with EPERM on top of the default seccomp profile (linux; repeatable).
+    #[arg(long = "deny-syscall", value_name = "NAME")]
+    deny_syscalls: Vec<String>,
     /// Output: table (a summary), name, json or yaml.
     #[arg(short, long, value_enum, default_value = "table")]
     output: Format,
@@ -203,16 +222,17 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         annotations: key_values("--annotation", &args.annotations)?,
         backend,
         image: args.image.as_deref().map(|i| module_path(backend, i)),
-        // For wasm the module is the program: what follows `--` are its arguments.
-        command: if backend == BackendKind::Wasm {
-            Vec::new()
-        } else {
-            args.command.clone()
+        // For wasm the module is the program and for linux the image names one (its
+        // entrypoint and command): what follows `--` are its arguments, as with `docker run`.
+        command: match (backend, &args.entrypoint) {
+            (_, Some(e)) => vec![e.clone()],
+            (BackendKind::Wasm | BackendKind::Linux, None) => Vec::new(),
+            _ => args.command.clone(),
         },
-        args: if backend == BackendKind::Wasm {
-            args.command.clone()
-        } else {
-            Vec::new()
+        args: match backend {
+            BackendKind::Wasm | BackendKind::Linux => args.command.clone(),
+            _ if args.entrypoint.is_some() => args.command.clone(),
+            _ => Vec::new(),
         },
         env: key_values("--env", &args.env)?,
         working_dir: args.workdir.clone(),
@@ -232,6 +252,11 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
             })
             .collect::<anyhow::Result<_>>()?,
         timeout_seconds: args.timeout.map(|d| d.as_secs_f64()),
+        stop_grace_period_seconds: args.stop_timeout,
+        hostname: args.hostname.clone(),
+        user: args.user.clone(),
+        read_only_rootfs: args.read_only,
+        deny_syscalls: args.deny_syscalls.clone(),
         ..SandboxSpec::default()
     })
 }

@@ -61,6 +61,10 @@ pub struct Args {
     /// Default time between SIGTERM and SIGKILL when deleting, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Parent cgroup of the linux backend's sandboxes (in every v1 hierarchy, or under the
+    /// v2 root).
+    #[arg(long, default_value = "warren")]
+    cgroup_parent: String,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -120,6 +124,8 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             },
         },
         default_grace: args.grace,
+        linux_supervisor: warren_control::LinuxConfig::default_supervisor(),
+        cgroup_parent: args.cgroup_parent,
     };
     let dir = config.dir.clone();
     let server = Server::bind(config).await?;

@@ -1,0 +1,175 @@
+//! `warren exec NAME -- CMD...`: runs a process inside a running sandbox, with this
+//! terminal's stdin/stdout/stderr, and exits with its exit code.
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::process::ExitCode;
+
+use tokio::sync::mpsc;
+use warren_proto::v1::{self, exec_input::Input, exec_output::Output};
+
+use super::{Globals, ServerError, answer, key_values, usage};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Keep stdin open and send it to the process (otherwise it reads end-of-file).
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Give the process a terminal (stderr is merged into stdout).
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Run as UID[:GID].
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Sandbox name.
+    name: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Puts the terminal in raw mode while it lives (with -it), so keys go to the process.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enable(on: bool) -> RawMode {
+        use nix::sys::termios;
+        if !on || !std::io::stdin().is_terminal() {
+            return RawMode(None);
+        }
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        if termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw).is_err() {
+            return RawMode(None);
+        }
+        RawMode(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+fn terminal_size() -> v1::TerminalSize {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into memory we own; fd 1 is ours to query.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) };
+    if rc < 0 || ws.ws_row == 0 {
+        return v1::TerminalSize { rows: 24, cols: 80 };
+    }
+    v1::TerminalSize {
+        rows: u32::from(ws.ws_row),
+        cols: u32::from(ws.ws_col),
+    }
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    if args.command.first().is_none_or(|c| c.is_empty()) {
+        return Err(usage("exec: give a command after --"));
+    }
+    let env = key_values("--env", &args.env)?;
+    let (tx, rx) = mpsc::channel::<v1::ExecInput>(64);
+    let send = |input| v1::ExecInput { input: Some(input) };
+    tx.send(send(Input::Start(v1::ExecStart {
+        name: args.name.clone(),
+        command: args.command.clone(),
+        env: env.into_iter().collect(),
+        working_dir: args.workdir.clone(),
+        user: args.user.clone(),
+        tty: args.tty,
+        size: args.tty.then(terminal_size),
+    })))
+    .await?;
+    if args.interactive {
+        let tx = tx.clone();
+        // Reading stdin blocks; a thread of its own keeps it off the runtime.
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(send(Input::CloseStdin(true)));
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx
+                            .blocking_send(send(Input::Stdin(buf[..n].to_vec())))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    } else {
+        tx.send(send(Input::CloseStdin(true))).await?;
+    }
+    if args.tty {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut winch) = signal(SignalKind::window_change()) else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if tx.send(send(Input::Resize(terminal_size()))).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let mut client = g.connect().await?;
+    let mut output = answer(
+        client
+            .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await,
+    )?;
+    let _raw = RawMode::enable(args.tty && args.interactive);
+    loop {
+        let msg = match output.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => anyhow::bail!("the server ended the exec without an exit code"),
+            Err(s) => return Err(ServerError(s).into()),
+        };
+        // The process's bytes are untrusted but go out as they are, like `docker exec`.
+        let written = match msg.output {
+            Some(Output::Stdout(b)) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&b).and_then(|()| out.flush())
+            }
+            Some(Output::Stderr(b)) => std::io::stderr().lock().write_all(&b),
+            Some(Output::ExitCode(code)) => return Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+            None => Ok(()),
+        };
+        if written.is_err() {
+            return Ok(ExitCode::from(1));
+        }
+    }
+}

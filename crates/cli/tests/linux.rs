@@ -1,0 +1,666 @@
+//! The linux backend end to end: the real server and CLI running busybox containers, with
+//! real namespaces, cgroups, seccomp and overlayfs. Needs root (this machine's CI runs as
+//! root); without it every test prints why it skips.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, json, stderr};
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A server with a busybox image imported, and a cgroup parent of its own so the leak checks
+/// see only its sandboxes. On drop (pass or fail) every supervisor and workload it started is
+/// killed and its cgroups removed: sandboxes outlive a killed server by design.
+struct Linux {
+    server: TestServer,
+    cgroup_parent: String,
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("SKIP: the linux backend needs root".into());
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return Some("SKIP: /bin/busybox (Debian busybox-static) is not installed".into());
+    }
+    None
+}
+
+macro_rules! linux_or_skip {
+    () => {
+        match skip_reason() {
+            Some(reason) => {
+                eprintln!("{reason}");
+                return;
+            }
+            None => Linux::start(),
+        }
+    };
+}
+
+impl Linux {
+    fn start() -> Linux {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cgroup_parent = format!("warren-it-{}-{n}", std::process::id());
+        let server = TestServer::start_with(&["--cgroup-parent", &cgroup_parent], None);
+        let linux = Linux {
+            server,
+            cgroup_parent,
+        };
+        let layout = warren_image::testing::busybox_layout(linux.server.dir.path(), "busybox")
+            .expect("busybox layout");
+        linux
+            .server
+            .ok(&["image", "import", layout.to_str().expect("utf-8")]);
+        linux
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        self.server.ok(args)
+    }
+
+    fn warren(&self, args: &[&str]) -> Output {
+        self.server.warren(args)
+    }
+
+    /// `warren run -b linux -i busybox --name NAME FLAGS... -- CMD...`
+    fn run(&self, name: &str, flags: &[&str], cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "-b", "linux", "-i", "busybox", "--name", name];
+        args.extend_from_slice(flags);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        self.warren(&args)
+    }
+
+    fn get(&self, name: &str) -> serde_json::Value {
+        json(&self.ok(&["get", name, "-o", "json"]))
+    }
+
+    fn wait_phase(&self, name: &str, phase: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.get(name);
+            if got["status"]["phase"] == phase {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never reached {phase}: {got}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Cgroup directories left under this server's parent, in every hierarchy.
+    fn leftover_cgroups(&self) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        for parent in cgroup_parents(&self.cgroup_parent) {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        left.push(e.path());
+                    }
+                }
+            }
+        }
+        left
+    }
+}
+
+/// `<hierarchy>/<parent>` for every cgroup hierarchy the backend uses.
+fn cgroup_parents(parent: &str) -> Vec<PathBuf> {
+    use warren_linux::cgroup::CgroupLayout;
+    match CgroupLayout::detect() {
+        Ok(CgroupLayout::V1 { mounts }) => mounts.values().map(|m| m.join(parent)).collect(),
+        Ok(CgroupLayout::V2 { root }) => vec![root.join(parent)],
+        Err(_) => Vec::new(),
+    }
+}
+
+impl Drop for Linux {
+    fn drop(&mut self) {
+        self.server.kill9();
+        let bundles = self.server.state_dir().join("linux");
+        if let Ok(entries) = std::fs::read_dir(&bundles) {
+            for e in entries.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path().join("state.json"))
+                    && let Ok(state) = serde_json::from_str::<serde_json::Value>(&text)
+                {
+                    for key in ["supervisorPid", "pid"] {
+                        if let Some(pid) = state[key].as_i64() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for parent in cgroup_parents(&self.cgroup_parent) {
+            for _ in 0..50 {
+                let mut busy = false;
+                if let Ok(entries) = std::fs::read_dir(&parent) {
+                    for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                        if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
+                            for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                                let _ = nix::sys::signal::kill(
+                                    nix::unistd::Pid::from_raw(pid),
+                                    nix::sys::signal::Signal::SIGKILL,
+                                );
+                            }
+                        }
+                        busy |= std::fs::remove_dir(e.path()).is_err();
+                    }
+                }
+                if !busy {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+}
+
+#[test]
+fn output_exit_code_env_cwd_hostname_and_user() {
+    let l = linux_or_skip!();
+    let out = l.run("echo", &["--wait"], &["echo", "hello from busybox"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from busybox\n");
+    assert_eq!(l.ok(&["logs", "echo"]), "hello from busybox\n");
+    let got = l.get("echo");
+    assert_eq!(got["status"]["phase"], "Exited");
+    assert_eq!(got["status"]["exitCode"], 0);
+
+    let out = l.run(
+        "seven",
+        &["--wait"],
+        &["sh", "-c", "echo out; echo err >&2; exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "out\n");
+    assert!(stderr(&out).contains("err"), "{}", stderr(&out));
+    assert_eq!(l.get("seven")["status"]["exitCode"], 7);
+
+    let out = l.run(
+        "env",
+        &[
+            "--wait",
+            "-e",
+            "FOO=bar baz",
+            "-w",
+            "/tmp",
+            "--hostname",
+            "box1",
+        ],
+        &["sh", "-c", "echo \"$FOO|$(pwd)|$(hostname)|$HOSTNAME\""],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "bar baz|/tmp|box1|box1\n");
+
+    let out = l.run("user", &["--wait", "-u", "1000:1001"], &["id"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("uid=1000 gid=1001"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The default hostname is the sandbox's name.
+    let out = l.run("named-box", &["--wait"], &["hostname"]);
+    assert_eq!(stdout(&out), "named-box\n");
+}
+
+#[test]
+fn pids_memory_and_cpu_limits_are_enforced() {
+    let l = linux_or_skip!();
+    // An inner shell starts 40 background sleeps under pids.max=20 and dies at the first
+    // fork that fails; the outer one then counts processes with builtins only (a fork would
+    // fail at the limit): at most 20 exist at once.
+    let out = l.run(
+        "pids",
+        &["--wait", "--pids", "20"],
+        &[
+            "sh",
+            "-c",
+            "sh -c 'for i in $(seq 40); do sleep 3 & done' 2>/dev/null; set -- /proc/[0-9]*; echo $#",
+        ],
+    );
+    let count: usize = stdout(&out).trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "no count: {:?} / {} / {}",
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        )
+    });
+    assert!(
+        (10..=20).contains(&count),
+        "{count} processes under pids.max=20"
+    );
+
+    // 200M held in memory under a 50M limit: the kernel OOM-kills it and the status says so.
+    let out = l.run(
+        "oom",
+        &["--wait", "-m", "50M"],
+        &["sh", "-c", "head -c 200m /dev/zero | tail > /dev/null"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let got = l.get("oom");
+    assert_eq!(got["status"]["phase"], "Failed", "{got}");
+    assert_eq!(got["status"]["reason"], "OOMKilled", "{got}");
+
+    // A busy loop under cpu 0.2 gets about 20% of a CPU over 2 s.
+    let out = l.run(
+        "cpu",
+        &["--wait", "--cpu", "0.2"],
+        &[
+            "sh",
+            "-c",
+            "yes > /dev/null & p=$!; sleep 2; cat /proc/$p/stat; kill $p",
+        ],
+    );
+    let stat = stdout(&out);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    assert!(fields.len() > 13, "no stat: {stat} / {}", stderr(&out));
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let share = ticks / 100.0 / 2.0;
+    assert!(
+        (0.10..=0.30).contains(&share),
+        "cpu share {share:.3} under a 0.2 limit"
+    );
+}
+
+#[test]
+fn seccomp_default_profile_and_denied_syscalls() {
+    let l = linux_or_skip!();
+    let out = l.run(
+        "mkdir-ok",
+        &["--wait"],
+        &["sh", "-c", "mkdir /tmp/made && echo made"],
+    );
+    assert_eq!(stdout(&out), "made\n", "{}", stderr(&out));
+
+    let out = l.run(
+        "mkdir-denied",
+        &[
+            "--wait",
+            "--deny-syscall",
+            "mkdir",
+            "--deny-syscall",
+            "mkdirat",
+        ],
+        &["mkdir", "/tmp/made"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("Operation not permitted"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = l.run(
+        "mount",
+        &["--wait"],
+        &["mount", "-t", "tmpfs", "none", "/mnt"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).to_lowercase().contains("permission denied")
+            || stderr(&out).contains("Operation not permitted"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = l.run("bad-syscall", &["--deny-syscall", "mkdri"], &["true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("mkdri"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_sandbox_sees_neither_host_processes_nor_host_files() {
+    let l = linux_or_skip!();
+    let out = l.run(
+        "iso",
+        &["--wait"],
+        &[
+            "sh",
+            "-c",
+            "set -- /proc/[0-9]*; echo procs=$#; \
+             test -e /work -o -e /root/.cargo -o -e /etc/debian_version && echo host-visible; \
+             ls /; \
+             echo x > /proc/sys/kernel/hostname 2>/dev/null && echo wrote-proc-sys; \
+             cat /proc/kcore 2>/dev/null | head -c 1 | wc -c",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("procs=1\n") || text.starts_with("procs=2\n"),
+        "{text}"
+    );
+    assert!(!text.contains("host-visible"), "{text}");
+    assert!(!text.contains("wrote-proc-sys"), "{text}");
+    assert!(text.ends_with("0\n"), "/proc/kcore is masked: {text}");
+
+    let out = l.run(
+        "ro",
+        &["--wait", "--read-only"],
+        &["sh", "-c", "touch /x || touch /tmp/x || echo read-only"],
+    );
+    assert!(
+        stdout(&out).contains("read-only"),
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A host directory mapped read-only is readable, not writable.
+    let shared = l.server.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("f"), "from host").unwrap();
+    let map = format!("/data::{}:ro", shared.display());
+    let out = l.run(
+        "map",
+        &["--wait", "--mapdir", &map],
+        &[
+            "sh",
+            "-c",
+            "cat /data/f; echo; echo x > /data/g || echo denied",
+        ],
+    );
+    assert_eq!(stdout(&out), "from host\ndenied\n", "{}", stderr(&out));
+    assert!(!shared.join("g").exists());
+}
+
+#[test]
+fn stop_kills_after_the_grace_period() {
+    let l = linux_or_skip!();
+    // pid 1 of a pid namespace gets no SIGTERM it has not asked for, so `sleep` ignores it.
+    let out = l.run("stubborn", &["--stop-timeout", "1"], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("stubborn", "Running");
+    let started = Instant::now();
+    l.ok(&["rm", "stubborn"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "rm took {took:?} with a 1 s grace"
+    );
+
+    // A workload that handles SIGTERM ends at once, well before the 10 s default grace.
+    let out = l.run(
+        "polite",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 0.1; done",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("polite", "Running");
+    let started = Instant::now();
+    l.ok(&["rm", "polite"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        l.leftover_cgroups().is_empty(),
+        "{:?}",
+        l.leftover_cgroups()
+    );
+}
+
+#[test]
+fn exec_runs_inside_the_sandbox() {
+    let l = linux_or_skip!();
+    let out = l.run("host", &["-e", "GREETING=hi"], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("host", "Running");
+    let text = l.ok(&[
+        "exec",
+        "host",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $(hostname); cat /proc/1/cmdline | tr '\\0' ' '",
+    ]);
+    assert_eq!(text, "hi host\nsleep 1000 ");
+    let out = l.warren(&["exec", "host", "--", "sh", "-c", "echo oops >&2; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(stderr(&out), "oops\n");
+    let out = l
+        .server
+        .warren_stdin(&["exec", "-i", "host", "--", "cat"], Some("piped stdin\n"));
+    assert_eq!(stdout(&out), "piped stdin\n", "{}", stderr(&out));
+    let out = l.warren(&["exec", "host", "--", "/no/such/program"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        stderr(&out).contains("No such file or directory"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.warren(&["exec", "-t", "host", "--", "busybox", "tty"]);
+    assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
+    l.ok(&["rm", "host"]);
+    let out = l.warren(&["exec", "host", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn sandboxes_survive_a_server_kill_and_are_adopted() {
+    let mut l = linux_or_skip!();
+    let out = l.run("survivor", &[], &["sh", "-c", "echo before; sleep 1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("survivor", "Running");
+    let bundle = PathBuf::from(
+        l.get("survivor")["status"]["backendInfo"]["bundle"]
+            .as_str()
+            .expect("bundle"),
+    );
+    let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
+    let pid = state["pid"].as_i64().expect("pid").to_string();
+    l.server.kill9();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the workload outlived the server"
+    );
+    l.server.spawn();
+    let got = l.get("survivor");
+    assert_eq!(got["status"]["phase"], "Running", "{got}");
+    assert_eq!(
+        l.ok(&["exec", "survivor", "--", "echo", "still here"]),
+        "still here\n"
+    );
+    assert_eq!(l.ok(&["logs", "survivor"]), "before\n");
+    // Its end is still noticed: through the pidfd, not a child handle.
+    let out = l.run("short", &[], &["sleep", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    l.server.kill9();
+    l.server.spawn();
+    l.wait_phase("short", "Exited");
+    l.ok(&["rm", "survivor"]);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let l = linux_or_skip!();
+    let out = l.warren(&[
+        "run", "-b", "linux", "-i", "nope", "--name", "a", "--", "true",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    let out = l.run("b", &[], &["/no/such/program"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("/no/such/program") && stderr(&out).contains("No such file"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.run("c", &[], &["nosuchcommand"]);
+    assert!(
+        stderr(&out).contains("not found in $PATH"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.run("d", &["-u", "root"], &["true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("spec.user"), "{}", stderr(&out));
+    let out = l.warren(&["run", "-b", "linux", "--name", "e", "--", "true"]);
+    assert!(stderr(&out).contains("spec.image"), "{}", stderr(&out));
+    // Nothing of the failed creates is left.
+    assert!(
+        l.leftover_cgroups().is_empty(),
+        "{:?}",
+        l.leftover_cgroups()
+    );
+    let ls = l.ok(&["ls", "-o", "name"]);
+    assert_eq!(ls, "", "failed creates are not listed");
+
+    // Layers that try to escape the rootfs are refused at import, and touch nothing.
+    let evil = l.server.dir.path().join("evil");
+    for kind in warren_image::testing::Malicious::ALL {
+        let layout = warren_image::testing::malicious_layout(&evil, kind).expect("layout");
+        let out = l.warren(&[
+            "image",
+            "import",
+            layout.to_str().unwrap(),
+            "--name",
+            "evil",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{kind:?} was imported");
+        assert!(stderr(&out).contains("layer"), "{kind:?}: {}", stderr(&out));
+    }
+    let sentinel = warren_image::testing::sentinel_dir(&evil);
+    let names: Vec<_> = std::fs::read_dir(&sentinel)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["victim"],
+        "something was written next to the victim"
+    );
+    assert_eq!(
+        std::fs::read_to_string(sentinel.join("victim")).unwrap(),
+        "untouched\n"
+    );
+    assert!(!l.ok(&["image", "ls", "-o", "name"]).contains("evil"));
+}
+
+#[test]
+fn two_hundred_cycles_leave_nothing_behind() {
+    let l = linux_or_skip!();
+    let state = l.server.state_dir();
+    for i in 0..200 {
+        let name = format!("cycle-{i}");
+        let out = l.run(
+            &name,
+            &["--wait", "--rm", "--pids", "50", "-m", "64Mi"],
+            &["true"],
+        );
+        assert_eq!(out.status.code(), Some(0), "cycle {i}: {}", stderr(&out));
+    }
+    assert_eq!(l.ok(&["ls", "-o", "name"]), "");
+    assert!(
+        l.leftover_cgroups().is_empty(),
+        "{:?}",
+        l.leftover_cgroups()
+    );
+    let bundles: Vec<_> = std::fs::read_dir(state.join("linux"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(bundles.is_empty(), "{bundles:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state_text = state.display().to_string();
+    assert!(
+        !mounts.contains(&state_text),
+        "mounts left under {state_text}"
+    );
+    // No process of ours is left: no supervisor names this state dir.
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            assert!(
+                !(cmdline.contains("supervise") && cmdline.contains(&state_text)),
+                "left running: {cmdline}"
+            );
+        }
+    }
+}
+
+#[test]
+fn pull_from_a_local_registry_and_run() {
+    if let Some(tool) = warren_image::testing::Registry::missing_tool() {
+        eprintln!("SKIP: {tool} not installed (apt-get install docker-registry skopeo)");
+        return;
+    }
+    let l = linux_or_skip!();
+    let tmp = l.server.dir.path();
+    let registry = warren_image::testing::Registry::start(&tmp.join("registry")).expect("registry");
+    let layout = warren_image::testing::busybox_layout(&tmp.join("pushed"), "pushed").unwrap();
+    registry
+        .push(&layout, "tools/busybox:1.0", false)
+        .expect("push");
+    let reference = format!("127.0.0.1:{}/tools/busybox:1.0", registry.port);
+
+    let out = l.warren(&["pull", &reference]);
+    assert_eq!(out.status.code(), Some(1), "plain http needs --insecure");
+    let out = l.warren(&["pull", "--insecure", &reference]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        stderr(&out),
+        registry.log()
+    );
+    assert!(stdout(&out).starts_with("pulled "), "{}", stdout(&out));
+    assert!(l.ok(&["image", "ls", "-o", "name"]).contains(&reference));
+    let out = l.warren(&[
+        "run",
+        "-b",
+        "linux",
+        "-i",
+        &reference,
+        "--name",
+        "pulled",
+        "--wait",
+        "--",
+        "echo",
+        "pulled ok",
+    ]);
+    assert_eq!(stdout(&out), "pulled ok\n", "{}", stderr(&out));
+
+    let missing = format!("127.0.0.1:{}/tools/busybox:nope", registry.port);
+    let out = l.warren(&["pull", "--insecure", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+
+    l.ok(&["image", "rm", &reference]);
+    assert!(!l.ok(&["image", "ls", "-o", "name"]).contains(&reference));
+}

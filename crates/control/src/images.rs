@@ -1,0 +1,164 @@
+//! The `warren.v1.Images` gRPC service over the node's image store.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use warren_image::{ImageError, ImageStore, ImageSummary, PullOptions, PullProgress};
+use warren_proto::v1::{self, images_server::Images, pull_image_progress};
+
+#[derive(Debug, Clone)]
+pub struct ImagesService {
+    store: ImageStore,
+}
+
+impl ImagesService {
+    pub fn new(store: ImageStore) -> Self {
+        ImagesService { store }
+    }
+}
+
+pub use warren_runtime::error_chain;
+
+fn status_of(e: ImageError) -> Status {
+    let msg = error_chain(&e);
+    match e {
+        ImageError::NotFound(_) => Status::not_found(msg),
+        ImageError::AmbiguousId { .. }
+        | ImageError::InvalidName { .. }
+        | ImageError::InvalidDigest { .. }
+        | ImageError::DigestMismatch { .. }
+        | ImageError::SizeMismatch { .. }
+        | ImageError::InvalidLayout { .. }
+        | ImageError::InvalidManifest { .. }
+        | ImageError::Json { .. }
+        | ImageError::UnsafeEntry { .. }
+        | ImageError::Unsupported(_)
+        | ImageError::NoMatchingPlatform { .. } => Status::invalid_argument(msg),
+        ImageError::Registry { .. } => Status::unavailable(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+pub fn image_to_pb(s: &ImageSummary) -> v1::Image {
+    v1::Image {
+        id: s.id.clone(),
+        names: s.names.clone(),
+        size: s.size,
+        layers: s.layers as u32,
+        created: s.created.clone(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("image store worker: {e}")))?
+        .map_err(status_of)
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::PullImageProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Images for ImagesService {
+    async fn import_image(
+        &self,
+        req: Request<v1::ImportImageRequest>,
+    ) -> Result<Response<v1::ImportImageResponse>, Status> {
+        let req = req.into_inner();
+        if req.path.is_empty() {
+            return Err(Status::invalid_argument("path: empty"));
+        }
+        let store = self.store.clone();
+        let images =
+            blocking(move || store.import(std::path::Path::new(&req.path), req.name.as_deref()))
+                .await?;
+        Ok(Response::new(v1::ImportImageResponse {
+            images: images.iter().map(image_to_pb).collect(),
+        }))
+    }
+
+    type PullImageStream = ProgressStream;
+
+    async fn pull_image(
+        &self,
+        req: Request<v1::PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        let req = req.into_inner();
+        if req.reference.is_empty() {
+            return Err(Status::invalid_argument("reference: empty"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            let progress = move |p: PullProgress| {
+                let event = match p {
+                    PullProgress::Resolved {
+                        reference,
+                        layers,
+                        total_bytes,
+                    } => pull_image_progress::Event::Resolved(pull_image_progress::Resolved {
+                        reference,
+                        layers: layers as u32,
+                        total_bytes,
+                    }),
+                    PullProgress::Layer {
+                        digest,
+                        done,
+                        total,
+                    } => pull_image_progress::Event::Layer(pull_image_progress::Layer {
+                        digest,
+                        done,
+                        total,
+                    }),
+                    PullProgress::Unpacking { digest } => {
+                        pull_image_progress::Event::Unpacking(digest)
+                    }
+                    // The summary below carries the whole image.
+                    PullProgress::Done { .. } => return,
+                };
+                let _ = progress_tx.send(Ok(v1::PullImageProgress { event: Some(event) }));
+            };
+            let options = PullOptions {
+                insecure: req.insecure,
+            };
+            let result = store.pull(&req.reference, &options, &progress).await;
+            let last = match result {
+                Ok(summary) => Ok(v1::PullImageProgress {
+                    event: Some(pull_image_progress::Event::Done(image_to_pb(&summary))),
+                }),
+                Err(e) => Err(status_of(e)),
+            };
+            let _ = tx.send(last);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_images(
+        &self,
+        _req: Request<v1::ListImagesRequest>,
+    ) -> Result<Response<v1::ListImagesResponse>, Status> {
+        let store = self.store.clone();
+        let images = blocking(move || store.list()).await?;
+        Ok(Response::new(v1::ListImagesResponse {
+            images: images.iter().map(image_to_pb).collect(),
+        }))
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<v1::RemoveImageRequest>,
+    ) -> Result<Response<v1::RemoveImageResponse>, Status> {
+        let name = req.into_inner().name;
+        let store = self.store.clone();
+        let image = blocking(move || store.remove(&name)).await?;
+        Ok(Response::new(v1::RemoveImageResponse {
+            image: Some(image_to_pb(&image)),
+        }))
+    }
+}

@@ -1,0 +1,831 @@
+//! [`LinuxBackend`]: the server's side of the linux backend. It turns a validated spec and an
+//! image into a bundle directory (`container.json` plus the overlay's `upper`/`work`), starts
+//! a supervisor per sandbox, and follows it: through its child handle while this server
+//! started it, through a pidfd after a restart (the supervisor is then no longer our child).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+use warren_image::ImageStore;
+use warren_runtime::{
+    Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, ExecProcess,
+    ExecRequest, SandboxConfig,
+};
+use warren_spec::{BackendKind, ResourceInfo, SandboxSpec, parse_user};
+
+use crate::config::{self, BindMount, ContainerConfig, Exit, Limits, State};
+use crate::exec::ExecSpec;
+
+/// The reason a sandbox failed when the kernel OOM-killed it.
+pub const REASON_OOM: &str = "OOMKilled";
+pub const REASON_TIMEOUT: &str = "Timeout";
+/// How long `stop` waits past the grace period for the supervisor to report the end.
+const STOP_SLACK: Duration = Duration::from_secs(5);
+
+/// Settings of the linux backend.
+#[derive(Debug, Clone)]
+pub struct LinuxConfig {
+    /// Bundles live in `<dir>/<id>`.
+    pub dir: PathBuf,
+    pub images: ImageStore,
+    /// The supervisor command: a program and its leading arguments; the bundle path is added.
+    pub supervisor: Vec<OsString>,
+    /// Parent cgroup of every sandbox's cgroup (`<hierarchy>/<parent>/<id>`).
+    pub cgroup_parent: String,
+    pub log_max_bytes: Option<u64>,
+    /// SIGTERM to SIGKILL when neither the stop request nor the spec says.
+    pub default_stop_grace: Duration,
+}
+
+impl LinuxConfig {
+    /// The supervisor next to the running executable: `warren-supervise` when it is there
+    /// and not older than the executable (a stale one from an earlier build would speak an
+    /// older protocol), else the executable itself with `__supervise` (the `warren` binary
+    /// carries both; the small one only starts faster).
+    pub fn default_supervisor() -> Vec<OsString> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("warren"));
+        let sibling = exe.with_file_name("warren-supervise");
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let fresh = match (modified(&sibling), modified(&exe)) {
+            (Some(s), Some(e)) => s >= e,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if fresh {
+            vec![sibling.into_os_string()]
+        } else {
+            vec![exe.into_os_string(), "__supervise".into()]
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LinuxBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: LinuxConfig,
+    events: EventSink,
+    available: Result<(), String>,
+    sandboxes: Mutex<HashMap<String, Sandbox>>,
+}
+
+#[derive(Debug)]
+struct Sandbox {
+    resources: ResourceInfo,
+    info: BackendInfo,
+    status: BackendStatus,
+    supervisor: Option<i32>,
+    /// Flips to true once the supervisor has ended and `status` holds the outcome.
+    done: Option<watch::Receiver<bool>>,
+}
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn not_found(id: &str) -> BackendError {
+    BackendError::NotFound {
+        backend: BackendKind::Linux,
+        id: id.to_string(),
+    }
+}
+
+impl LinuxBackend {
+    pub fn new(config: LinuxConfig, events: EventSink) -> Result<Self, BackendError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| io("create", &config.dir, e))?;
+        let available = probe();
+        Ok(LinuxBackend {
+            inner: Arc::new(Inner {
+                config,
+                events,
+                available,
+                sandboxes: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn images(&self) -> &ImageStore {
+        &self.inner.config.images
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.inner.config.dir.join(id)
+    }
+}
+
+/// What the node must have: root (namespaces, mounts, cgroups) and a cgroup layout we know.
+fn probe() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root (namespaces, overlay mounts and cgroups)".to_string());
+    }
+    crate::cgroup::CgroupLayout::detect()
+        .map(|_| ())
+        .map_err(|e| format!("cgroups: {}", crate::error_chain(&e)))
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Sandbox>> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the end of a sandbox's supervisor and tells the control plane.
+    fn finished(&self, id: &str, bundle: &Path) {
+        let status = exit_status(bundle);
+        debug!(id, ?status, "linux: sandbox ended");
+        {
+            let mut sandboxes = self.lock();
+            let Some(sb) = sandboxes.get_mut(id) else {
+                return;
+            };
+            sb.status = status.clone();
+            sb.supervisor = None;
+        }
+        if status != BackendStatus::Stopped {
+            let _ = self.events.send(BackendEvent {
+                id: id.to_string(),
+                status,
+            });
+        }
+    }
+}
+
+/// The outcome the supervisor recorded in `exit.json`.
+fn exit_status(bundle: &Path) -> BackendStatus {
+    match config::read_json::<Exit>(bundle, config::EXIT_FILE) {
+        Ok(exit) if exit.oom_killed => BackendStatus::Failed {
+            reason: REASON_OOM.to_string(),
+        },
+        Ok(exit) if exit.timed_out => BackendStatus::Failed {
+            reason: REASON_TIMEOUT.to_string(),
+        },
+        Ok(exit) if exit.stopped => BackendStatus::Stopped,
+        Ok(exit) => BackendStatus::Exited { code: exit.code },
+        Err(e) => BackendStatus::Failed {
+            reason: format!(
+                "the supervisor ended without recording the workload's end ({e}); see {}",
+                bundle.join(config::SUPERVISOR_LOG_FILE).display()
+            ),
+        },
+    }
+}
+
+/// Builds the container's configuration from the spec and the image.
+fn container_config(
+    inner: &Inner,
+    config: &SandboxConfig,
+) -> Result<(ContainerConfig, String), BackendError> {
+    let spec = &config.spec;
+    let invalid = |field: &str, value: &str, reason: &str| {
+        BackendError::Invalid(format!("{field}: {value:?} {reason}"))
+    };
+    let name = spec.image.as_deref().ok_or_else(|| {
+        BackendError::Invalid("spec.image: the linux backend needs an image".into())
+    })?;
+    let image =
+        inner.config.images.resolve(name).map_err(|e| {
+            BackendError::Invalid(format!("spec.image: {}", crate::error_chain(&e)))
+        })?;
+    let argv = command_line(spec, &image.config.entrypoint, &image.config.cmd);
+    if argv.is_empty() {
+        return Err(invalid(
+            "spec.command",
+            name,
+            "has no entrypoint or cmd; give a command",
+        ));
+    }
+    let mut env = image.config.env.clone();
+    for (k, v) in &spec.env {
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
+        env.push(format!("{k}={v}"));
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        );
+    }
+    if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", hostname(spec)));
+    }
+    let cwd = spec
+        .working_dir
+        .clone()
+        .or_else(|| image.config.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".to_string());
+    let (uid, gid) = match (&spec.user, &image.config.user) {
+        (Some(u), _) => parse_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?,
+        (None, Some(u)) if !u.is_empty() => parse_user(u).map_err(|_| {
+            invalid(
+                "image config User",
+                u,
+                "is not numeric UID[:GID]; give --user",
+            )
+        })?,
+        _ => (0, 0),
+    };
+    let mut mounts = Vec::with_capacity(spec.mounts.len());
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let host = PathBuf::from(&m.host);
+        if !host.exists() {
+            return Err(invalid(
+                &format!("spec.mounts[{i}].host"),
+                &m.host,
+                "does not exist",
+            ));
+        }
+        mounts.push(BindMount {
+            host,
+            guest: m.guest.clone(),
+            read_only: m.read_only,
+        });
+    }
+    let r = &config.resources;
+    let limits = Limits {
+        memory_bytes: r.memory_limit,
+        pids: r.pid_limit,
+        cpu_limit_millis: r.cpu_limit.map(|c| (c * 1000.0).round() as u64),
+        cpu_request_millis: r.cpu_request.map(|c| (c * 1000.0).round() as u64),
+    };
+    let grace = spec
+        .stop_grace_period_seconds
+        .map(Duration::from_secs_f64)
+        .unwrap_or(inner.config.default_stop_grace);
+    Ok((
+        ContainerConfig {
+            id: config.id.clone(),
+            layers: image.layers.clone(),
+            argv,
+            env,
+            cwd,
+            hostname: hostname(spec),
+            uid,
+            gid,
+            read_only_rootfs: spec.read_only_rootfs,
+            mounts,
+            deny_syscalls: spec.deny_syscalls.clone(),
+            cgroup_parent: inner.config.cgroup_parent.clone(),
+            limits,
+            log_max_bytes: inner.config.log_max_bytes,
+            stop_grace_ms: grace.as_millis() as u64,
+            timeout_ms: spec
+                .timeout_seconds
+                .map(|s| Duration::from_secs_f64(s).as_millis() as u64),
+        },
+        image.id,
+    ))
+}
+
+/// Kubernetes' rule: `command` replaces the image's entrypoint, `args` its cmd; args alone
+/// keep the entrypoint.
+fn command_line(spec: &SandboxSpec, entrypoint: &[String], cmd: &[String]) -> Vec<String> {
+    match (spec.command.is_empty(), spec.args.is_empty()) {
+        (false, _) => spec.command.iter().chain(&spec.args).cloned().collect(),
+        (true, false) => entrypoint.iter().chain(&spec.args).cloned().collect(),
+        (true, true) => entrypoint.iter().chain(cmd).cloned().collect(),
+    }
+}
+
+/// The spec's hostname, else the sandbox name made into one.
+fn hostname(spec: &SandboxSpec) -> String {
+    if let Some(h) = &spec.hostname {
+        return h.clone();
+    }
+    let mut h: String = spec
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    while h.ends_with('-') {
+        h.pop();
+    }
+    if h.is_empty() {
+        "sandbox".to_string()
+    } else {
+        h
+    }
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    #[allow(unsafe_code)]
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    #[allow(unsafe_code)]
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[async_trait::async_trait]
+impl Backend for LinuxBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Linux
+    }
+
+    fn is_available(&self) -> Result<(), String> {
+        self.inner.available.clone()
+    }
+
+    async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
+        let inner = &self.inner;
+        let id = &config.id;
+        if inner.lock().contains_key(id) {
+            return Err(BackendError::AlreadyExists {
+                backend: BackendKind::Linux,
+                id: id.clone(),
+            });
+        }
+        let (container, image_id) = container_config(inner, config)?;
+        crate::seccomp::compiled(&container.deny_syscalls).map_err(|e| {
+            BackendError::Invalid(format!("spec.denySyscalls: {}", crate::error_chain(&e)))
+        })?;
+        let bundle = self.bundle(id);
+        let make = || -> std::io::Result<()> {
+            std::fs::create_dir(&bundle)?;
+            for d in [config::ROOTFS_DIR, config::UPPER_DIR, config::WORK_DIR] {
+                std::fs::create_dir(bundle.join(d))?;
+            }
+            config::write_json(&bundle, config::CONFIG_FILE, &container)
+        };
+        if let Err(e) = make() {
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(io("create bundle", &bundle, e));
+        }
+        let mut info = BackendInfo::new();
+        info.insert("image".into(), image_id);
+        info.insert("bundle".into(), bundle.display().to_string());
+        info.insert("command".into(), container.argv.join(" "));
+        inner.lock().insert(
+            id.clone(),
+            Sandbox {
+                resources: config.resources.clone(),
+                info: info.clone(),
+                status: BackendStatus::Created,
+                supervisor: None,
+                done: None,
+            },
+        );
+        Ok(info)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), BackendError> {
+        let inner = Arc::clone(&self.inner);
+        {
+            let sandboxes = inner.lock();
+            let sb = sandboxes.get(id).ok_or_else(|| not_found(id))?;
+            if sb.status != BackendStatus::Created {
+                return Err(BackendError::Other(format!(
+                    "sandbox {id} cannot start: it is {:?}",
+                    sb.status
+                )));
+            }
+        }
+        let bundle = self.bundle(id);
+        let log_path = bundle.join(config::SUPERVISOR_LOG_FILE);
+        let log = std::fs::File::create(&log_path).map_err(|e| io("create", &log_path, e))?;
+        let (program, args) = inner
+            .config
+            .supervisor
+            .split_first()
+            .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .arg(&bundle)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| io("start supervisor", Path::new(program), e))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let mut reader = tokio::io::BufReader::new(out);
+            reader
+                .read_line(&mut line)
+                .await
+                .map_err(|e| io("read from supervisor", &bundle, e))?;
+        }
+        let line = line.trim_end();
+        let pid = match line.strip_prefix("ok ").map(str::parse::<i32>) {
+            Some(Ok(pid)) => pid,
+            _ => {
+                let _ = child.wait().await;
+                let reason = line.strip_prefix("error ").unwrap_or(if line.is_empty() {
+                    "the supervisor exited without a word; see supervisor.log"
+                } else {
+                    line
+                });
+                return Err(BackendError::Other(format!("start: {reason}")));
+            }
+        };
+        let supervisor = child.id().map(|p| p as i32);
+        let (done_tx, done_rx) = watch::channel(false);
+        {
+            let mut sandboxes = inner.lock();
+            let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            sb.status = BackendStatus::Running;
+            sb.supervisor = supervisor;
+            sb.done = Some(done_rx);
+            sb.info.insert("pid".into(), pid.to_string());
+        }
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            inner.finished(&id, &bundle);
+            let _ = done_tx.send(true);
+        });
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<BackendStatus, BackendError> {
+        let bundle = self.bundle(id);
+        let (supervisor, done) = {
+            let mut sandboxes = self.inner.lock();
+            let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            match (&sb.status, sb.supervisor, &sb.done) {
+                (BackendStatus::Running, Some(pid), Some(done)) => (pid, done.clone()),
+                (BackendStatus::Created, _, _) => {
+                    sb.status = BackendStatus::Stopped;
+                    return Ok(BackendStatus::Stopped);
+                }
+                (status, _, _) => return Ok(status.clone()),
+            }
+        };
+        std::fs::write(
+            bundle.join(config::STOP_FILE),
+            grace.as_millis().to_string(),
+        )
+        .map_err(|e| io("write", &bundle.join(config::STOP_FILE), e))?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(supervisor),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let mut done = done;
+        if tokio::time::timeout(grace + STOP_SLACK, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            warn!(
+                id,
+                "linux: supervisor did not end after the grace period; killing it"
+            );
+            kill_everything(&self.inner.config, id, supervisor);
+            let _ = tokio::time::timeout(STOP_SLACK, done.wait_for(|d| *d)).await;
+        }
+        self.status(id).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), BackendError> {
+        let known = self.inner.lock().contains_key(id);
+        let bundle = self.bundle(id);
+        if known {
+            let status = self.stop(id, Duration::ZERO).await?;
+            if status == BackendStatus::Running {
+                return Err(BackendError::Other(format!(
+                    "sandbox {id} is still running after a forced stop"
+                )));
+            }
+        } else if !bundle.is_dir() {
+            return Err(not_found(id));
+        } else if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
+            // An orphan from an earlier run: make sure nothing of it is left running.
+            if config::process_start_time(state.supervisor_pid) == Some(state.supervisor_start) {
+                kill_everything(&self.inner.config, id, state.supervisor_pid);
+            }
+        }
+        let cgroup = crate::cgroup::CgroupLayout::detect()
+            .map(|l| crate::cgroup::Cgroup::open(&l, &self.inner.config.cgroup_parent, id));
+        if let Ok(cg) = cgroup
+            && cg.exists()
+        {
+            let _ = cg.kill_all();
+            if let Err(e) = cg.remove() {
+                warn!(id, "linux: remove cgroup: {e}");
+            }
+        }
+        self.inner.lock().remove(id);
+        let bundle_for_rm = bundle.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&bundle_for_rm))
+            .await
+            .map_err(|e| BackendError::Other(format!("remove bundle: {e}")))?
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(io("remove", &bundle, e))
+                }
+            })
+    }
+
+    async fn status(&self, id: &str) -> Result<BackendStatus, BackendError> {
+        self.inner
+            .lock()
+            .get(id)
+            .map(|s| s.status.clone())
+            .ok_or_else(|| not_found(id))
+    }
+
+    async fn adopt(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<(BackendStatus, BackendInfo), BackendError> {
+        let inner = Arc::clone(&self.inner);
+        let id = config.id.clone();
+        if let Some(sb) = inner.lock().get(&id) {
+            return Ok((sb.status.clone(), sb.info.clone()));
+        }
+        let bundle = self.bundle(&id);
+        let container: ContainerConfig =
+            config::read_json(&bundle, config::CONFIG_FILE).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => not_found(&id),
+                _ => io("read", &bundle.join(config::CONFIG_FILE), e),
+            })?;
+        let mut info = BackendInfo::new();
+        info.insert("bundle".into(), bundle.display().to_string());
+        info.insert("command".into(), container.argv.join(" "));
+        let state = config::read_json::<State>(&bundle, config::STATE_FILE).ok();
+        let mut watch_pid = None;
+        let status = match &state {
+            None => BackendStatus::Created,
+            Some(_) if bundle.join(config::EXIT_FILE).exists() => exit_status(&bundle),
+            Some(state) => {
+                info.insert("pid".into(), state.pid.to_string());
+                if config::process_start_time(state.supervisor_pid) == Some(state.supervisor_start)
+                {
+                    watch_pid = Some(state.supervisor_pid);
+                    BackendStatus::Running
+                } else {
+                    exit_status(&bundle)
+                }
+            }
+        };
+        let mut sandbox = Sandbox {
+            resources: config.resources.clone(),
+            info: info.clone(),
+            status: status.clone(),
+            supervisor: None,
+            done: None,
+        };
+        if let Some(pid) = watch_pid {
+            let pidfd = pidfd_open(pid).map_err(|e| io("pidfd_open", &bundle, e))?;
+            // SAFETY: the AsyncFd owns the pidfd and nothing else closes or replaces it while
+            // it is registered.
+            #[allow(unsafe_code)]
+            let afd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
+                .map_err(|e| io("watch supervisor", &bundle, e.into()))?;
+            let (done_tx, done_rx) = watch::channel(false);
+            sandbox.supervisor = Some(pid);
+            sandbox.done = Some(done_rx);
+            let inner2 = Arc::clone(&inner);
+            let id2 = id.clone();
+            tokio::spawn(async move {
+                // A pidfd polls readable once the process has ended.
+                let _ = afd.readable().await;
+                inner2.finished(&id2, &bundle);
+                let _ = done_tx.send(true);
+            });
+        }
+        inner.lock().insert(id, sandbox);
+        Ok((status, info))
+    }
+
+    async fn list(&self) -> Result<Vec<String>, BackendError> {
+        warren_runtime::sandbox_dirs(&self.inner.config.dir, &[])
+    }
+
+    async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, BackendError> {
+        let bundle = self.bundle(id);
+        {
+            let sandboxes = self.inner.lock();
+            let sb = sandboxes.get(id).ok_or_else(|| not_found(id))?;
+            if sb.status != BackendStatus::Running {
+                return Err(BackendError::Invalid(format!(
+                    "sandbox {id} is not running ({:?})",
+                    sb.status
+                )));
+            }
+        }
+        let container: ContainerConfig = config::read_json(&bundle, config::CONFIG_FILE)
+            .map_err(|e| io("read", &bundle.join(config::CONFIG_FILE), e))?;
+        let mut env = container.env.clone();
+        for (k, v) in &request.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(BackendError::Invalid(format!(
+                    "exec env: {k:?} is not a variable name"
+                )));
+            }
+            env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
+            env.push(format!("{k}={v}"));
+        }
+        let (uid, gid) = match &request.user {
+            Some(u) => {
+                parse_user(u).map_err(|e| BackendError::Invalid(format!("exec user: {e}")))?
+            }
+            None => (container.uid, container.gid),
+        };
+        let spec = ExecSpec {
+            argv: request.argv.clone(),
+            env,
+            cwd: request.cwd.clone().unwrap_or_else(|| container.cwd.clone()),
+            uid,
+            gid,
+            tty: request.tty.is_some(),
+        };
+        let json = serde_json::to_string(&spec)
+            .map_err(|e| BackendError::Other(format!("exec spec: {e}")))?;
+        let (program, args) = self
+            .inner
+            .config
+            .supervisor
+            .split_first()
+            .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).arg("--exec").arg(&bundle).arg(json);
+        let spawn_error = |e| io("start exec helper", Path::new(program), e);
+        let (mut child, stdin, stdout, stderr, resize): (_, BoxWrite, BoxRead, Option<BoxRead>, _) =
+            match request.tty {
+                Some((rows, cols)) => {
+                    let size = nix::pty::Winsize {
+                        ws_row: rows,
+                        ws_col: cols,
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    let state: State = config::read_json(&bundle, config::STATE_FILE)
+                        .map_err(|e| io("read", &bundle.join(config::STATE_FILE), e))?;
+                    let pty = container_pty(state.pid, &size)
+                        .map_err(|e| io("open a terminal in", &bundle, e))?;
+                    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io("dup", &bundle, e));
+                    cmd.stdin(Stdio::from(dup(&pty.slave)?))
+                        .stdout(Stdio::from(dup(&pty.slave)?))
+                        .stderr(Stdio::from(pty.slave));
+                    let child = cmd.spawn().map_err(spawn_error)?;
+                    drop(cmd);
+                    let reader = tokio::fs::File::from_std(std::fs::File::from(dup(&pty.master)?));
+                    let writer = tokio::fs::File::from_std(std::fs::File::from(dup(&pty.master)?));
+                    let master = pty.master;
+                    let resize: Box<dyn Fn(u16, u16) -> std::io::Result<()> + Send + Sync> =
+                        Box::new(move |rows, cols| set_window_size(&master, rows, cols));
+                    (
+                        child,
+                        Box::new(writer),
+                        Box::new(reader),
+                        None,
+                        Some(resize),
+                    )
+                }
+                None => {
+                    cmd.stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped());
+                    let mut child = cmd.spawn().map_err(spawn_error)?;
+                    let missing = || BackendError::Other("exec helper without stdio".into());
+                    let stdin = child.stdin.take().ok_or_else(missing)?;
+                    let stdout = child.stdout.take().ok_or_else(missing)?;
+                    let stderr = child.stderr.take().ok_or_else(missing)?;
+                    (
+                        child,
+                        Box::new(stdin),
+                        Box::new(stdout),
+                        Some(Box::new(stderr)),
+                        None,
+                    )
+                }
+            };
+        let wait = Box::pin(async move {
+            use std::os::unix::process::ExitStatusExt;
+            let status = child.wait().await?;
+            Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(libc::SIGKILL)))
+        });
+        Ok(ExecProcess {
+            stdin,
+            stdout,
+            stderr,
+            resize,
+            wait,
+        })
+    }
+
+    fn log_path(&self, id: &str) -> Option<PathBuf> {
+        Some(self.bundle(id).join(config::LOG_FILE))
+    }
+
+    fn allocated(&self) -> ResourceInfo {
+        let mut total = ResourceInfo::default();
+        let add_f = |a: Option<f64>, b: Option<f64>| b.map(|b| a.unwrap_or(0.0) + b).or(a);
+        let add_u = |a: Option<u64>, b: Option<u64>| b.map(|b| a.unwrap_or(0) + b).or(a);
+        for sb in self.inner.lock().values() {
+            if matches!(sb.status, BackendStatus::Running | BackendStatus::Created) {
+                let r = &sb.resources;
+                total.cpu_limit = add_f(total.cpu_limit, r.cpu_limit);
+                total.cpu_request = add_f(total.cpu_request, r.cpu_request);
+                total.memory_limit = add_u(total.memory_limit, r.memory_limit);
+                total.memory_request = add_u(total.memory_request, r.memory_request);
+                total.pid_limit = add_u(total.pid_limit, r.pid_limit);
+            }
+        }
+        total
+    }
+}
+
+/// A pseudo-terminal from the container's own devpts (`/proc/PID/root/dev/pts/ptmx`), so
+/// the process inside sees `/dev/pts/N` of its own `/dev` (`tty` and `ttyname` work); the
+/// slave side comes from the master with TIOCGPTPEER, never through a path.
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+fn container_pty(pid: i32, size: &nix::pty::Winsize) -> std::io::Result<Pty> {
+    use std::os::fd::AsRawFd;
+    let ptmx = format!("/proc/{pid}/root/dev/pts/ptmx");
+    let master: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&ptmx)?
+        .into();
+    let fd = master.as_raw_fd();
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int we own; TIOCSWINSZ reads a winsize we own;
+    // TIOCGPTPEER returns a new descriptor (or -1) that we take ownership of below.
+    #[allow(unsafe_code)]
+    let peer = unsafe {
+        if libc::ioctl(fd, libc::TIOCSPTLCK, &unlock) < 0
+            || libc::ioctl(fd, libc::TIOCSWINSZ, size) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::ioctl(
+            fd,
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if peer < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    #[allow(unsafe_code)]
+    let slave = unsafe { OwnedFd::from_raw_fd(peer) };
+    Ok(Pty { master, slave })
+}
+
+type BoxRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+fn set_window_size(master: &OwnedFd, rows: u16, cols: u16) -> std::io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize we own from a descriptor we own.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(master),
+            libc::TIOCSWINSZ,
+            &size,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The last resort of a stop: SIGKILL every process in the sandbox's cgroup and the
+/// supervisor itself.
+fn kill_everything(config: &LinuxConfig, id: &str, supervisor: i32) {
+    if let Ok(layout) = crate::cgroup::CgroupLayout::detect() {
+        let _ = crate::cgroup::Cgroup::open(&layout, &config.cgroup_parent, id).kill_all();
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}

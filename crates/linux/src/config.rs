@@ -1,0 +1,149 @@
+//! What the backend hands the supervisor: one JSON file per sandbox, `container.json` in its
+//! bundle directory, and the files the supervisor writes back (`state.json`, `exit.json`).
+//!
+//! The files are the whole interface between the server and a supervisor, so a server that
+//! restarts finds everything it needs on disk: which supervisor owns the sandbox, and how the
+//! workload ended if it ended while nobody was watching.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::CgroupLimits;
+
+/// File names inside a bundle directory.
+pub const CONFIG_FILE: &str = "container.json";
+pub const STATE_FILE: &str = "state.json";
+pub const EXIT_FILE: &str = "exit.json";
+pub const LOG_FILE: &str = "container.log";
+pub const SUPERVISOR_LOG_FILE: &str = "supervisor.log";
+/// Written by the backend before it signals a stop: the grace period in milliseconds.
+pub const STOP_FILE: &str = "stop";
+pub const ROOTFS_DIR: &str = "rootfs";
+pub const UPPER_DIR: &str = "upper";
+pub const WORK_DIR: &str = "work";
+
+/// Everything the supervisor needs to start one container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerConfig {
+    pub id: String,
+    /// Unpacked image layers, bottom to top: the overlay's lower directories.
+    pub layers: Vec<PathBuf>,
+    /// argv; `argv[0]` is looked up in the container's `PATH` when it has no `/`.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries, image env first, then the spec's.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub hostname: String,
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub read_only_rootfs: bool,
+    #[serde(default)]
+    pub mounts: Vec<BindMount>,
+    #[serde(default)]
+    pub deny_syscalls: Vec<String>,
+    pub cgroup_parent: String,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log_max_bytes: Option<u64>,
+    /// Default grace between SIGTERM and SIGKILL when a stop names none.
+    pub stop_grace_ms: u64,
+    /// The workload is killed this long after it started, with reason `Timeout`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A host directory visible inside the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BindMount {
+    pub host: PathBuf,
+    pub guest: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The cgroup limits, in the file's own encoding (the cgroup module's type is plain data).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub pids: Option<u64>,
+    #[serde(default)]
+    pub cpu_limit_millis: Option<u64>,
+    #[serde(default)]
+    pub cpu_request_millis: Option<u64>,
+}
+
+impl From<&Limits> for CgroupLimits {
+    fn from(l: &Limits) -> Self {
+        CgroupLimits {
+            memory_bytes: l.memory_bytes,
+            pids: l.pids,
+            cpu_limit_millis: l.cpu_limit_millis,
+            cpu_request_millis: l.cpu_request_millis,
+        }
+    }
+}
+
+/// Written by the supervisor once the workload runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    pub supervisor_pid: i32,
+    /// The supervisor's start time in clock ticks since boot (`/proc/PID/stat` field 22), so a
+    /// recycled pid is not mistaken for it.
+    pub supervisor_start: u64,
+    /// The workload's pid in the host's pid namespace.
+    pub pid: i32,
+}
+
+/// Written by the supervisor when the workload has ended, before it exits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Exit {
+    /// The exit status, or 128 + the signal that killed it.
+    pub code: i32,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// The stop was asked for (a stop request), not the workload's own end.
+    #[serde(default)]
+    pub stopped: bool,
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// Writes `value` as JSON to `dir/name` through a temporary file and a rename, so a reader
+/// never sees half a file.
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> std::io::Result<T> {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path)?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
+}
+
+/// A process's start time (`/proc/PID/stat` field 22), `None` when it is gone.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: split after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}

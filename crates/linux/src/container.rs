@@ -1,0 +1,528 @@
+//! The container's own side: what the forked child does between `fork` and `execve`.
+//!
+//! The supervisor is single-threaded, so the child may allocate and use the standard library
+//! freely (the usual post-fork restrictions come from other threads holding locks). It runs,
+//! in order:
+//!
+//! 1. joins the sandbox's cgroup (writing `0` to `cgroup.procs` moves the writer), so every
+//!    byte and process the workload makes is counted from the start;
+//! 2. unshares the mount, UTS, IPC, network and cgroup namespaces (the pid namespace was
+//!    unshared by the supervisor before the fork, so this process is pid 1 in it);
+//! 3. makes every mount private, mounts the overlay (image layers below, the sandbox's
+//!    `upper`/`work` above) on the bundle's `rootfs`, and `pivot_root`s into it, detaching the
+//!    old root: from here on no path can name a host file, and symlinks in the image resolve
+//!    inside the rootfs. The overlay exists only in this mount namespace, so it disappears
+//!    with the last process and nothing is left mounted on the host;
+//! 4. mounts `/proc` (this pid namespace's), a read-only `/sys`, a minimal `/dev` (tmpfs with
+//!    null, zero, full, random, urandom, tty, a private devpts and `/dev/shm`), the user's bind
+//!    mounts (host directories opened before the pivot and mounted through `/proc/self/fd`),
+//!    masks kernel files as docker does and makes `/proc/sys` and friends read-only;
+//! 5. sets the hostname, brings up `lo`, optionally remounts `/` read-only;
+//! 6. switches to the user's uid/gid, drops the capability bounding set to docker's default
+//!    set, changes directory, installs the seccomp filter (which sets `no_new_privs`) and
+//!    `execve`s the workload.
+//!
+//! Any failure is written to the error pipe (close-on-exec, so a successful `execve` closes it
+//! with nothing written) and the child exits 127: the supervisor turns that into a clear
+//! error for the caller, such as `exec "nosuch": No such file or directory`.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::unistd::{Gid, Uid, chdir, pivot_root, sethostname, setresgid, setresuid};
+
+use crate::config::ContainerConfig;
+
+/// Where the host's root is parked during the pivot, relative to the new root.
+const OLD_ROOT: &str = ".warren-old-root";
+
+/// Capabilities a workload keeps: docker's default set.
+pub const DEFAULT_CAPS: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_MKNOD,
+    caps::Capability::CAP_NET_RAW,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETFCAP,
+    caps::Capability::CAP_SETPCAP,
+    caps::Capability::CAP_NET_BIND_SERVICE,
+    caps::Capability::CAP_SYS_CHROOT,
+    caps::Capability::CAP_KILL,
+    caps::Capability::CAP_AUDIT_WRITE,
+];
+
+/// Kernel files hidden from the workload (docker's list).
+const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Kernel files the workload may read but not write (docker's list).
+const READ_ONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Device nodes in the container's `/dev`: name, major, minor.
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// What the child needs, prepared by the supervisor before the fork.
+#[derive(Debug)]
+pub struct ChildPlan<'a> {
+    pub config: &'a ContainerConfig,
+    pub bundle: &'a Path,
+    pub cgroup_procs: Vec<PathBuf>,
+    pub seccomp: &'a seccompiler::BpfProgram,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Runs in the forked child; returns only with an error (else it has become the workload).
+pub fn child_main(plan: ChildPlan<'_>) -> String {
+    match setup_and_exec(plan) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+fn setup_and_exec(plan: ChildPlan<'_>) -> Result<std::convert::Infallible, String> {
+    let cfg = plan.config;
+    reset_signals();
+    for procs in &plan.cgroup_procs {
+        std::fs::write(procs, "0")
+            .map_err(|e| err(format!("join cgroup {}", procs.display()), e))?;
+    }
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(|e| err("unshare namespaces", e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| err("make mounts private", e))?;
+
+    let rootfs = plan.bundle.join(crate::config::ROOTFS_DIR);
+    mount_overlay(cfg, plan.bundle, &rootfs)?;
+    // Host directories for bind mounts, opened while the host's tree is still visible.
+    let mut host_dirs = Vec::with_capacity(cfg.mounts.len());
+    for m in &cfg.mounts {
+        let fd = nix::fcntl::open(
+            &m.host,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| err(format!("open mount source {}", m.host.display()), e))?;
+        host_dirs.push(fd);
+    }
+
+    chdir(&rootfs).map_err(|e| err(format!("chdir {}", rootfs.display()), e))?;
+    // The old root stays reachable under OLD_ROOT until the bind mounts are made (a bind
+    // mount's source must be attached to this namespace's tree), then it is detached.
+    match std::fs::create_dir(OLD_ROOT) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(OLD_ROOT).map_err(|e| err(OLD_ROOT, e))?;
+            if !meta.is_dir() {
+                return Err(format!(
+                    "the image has a {OLD_ROOT} that is not a directory"
+                ));
+            }
+        }
+        Err(e) => return Err(err(format!("mkdir {OLD_ROOT}"), e)),
+    }
+    pivot_root(".", OLD_ROOT).map_err(|e| err("pivot_root", e))?;
+    chdir("/").map_err(|e| err("chdir /", e))?;
+
+    mount_kernel_filesystems()?;
+    for (m, fd) in cfg.mounts.iter().zip(&host_dirs) {
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        mkdir_all(&m.guest)?;
+        mount(
+            Some(source.as_str()),
+            m.guest.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("bind {} on {}", m.host.display(), m.guest), e))?;
+        if m.read_only {
+            remount_read_only(&m.guest)?;
+        }
+    }
+    drop(host_dirs);
+    let old_root = format!("/{OLD_ROOT}");
+    umount2(old_root.as_str(), MntFlags::MNT_DETACH).map_err(|e| err("detach the old root", e))?;
+    std::fs::remove_dir(&old_root).map_err(|e| err(format!("rmdir {old_root}"), e))?;
+    mask_paths()?;
+
+    sethostname(&cfg.hostname).map_err(|e| err(format!("sethostname {}", cfg.hostname), e))?;
+    loopback_up().map_err(|e| err("bring up lo", e))?;
+    if cfg.read_only_rootfs {
+        remount_read_only("/")?;
+    }
+
+    let gid = Gid::from_raw(cfg.gid);
+    let uid = Uid::from_raw(cfg.uid);
+    nix::unistd::setgroups(&[gid]).map_err(|e| err("setgroups", e))?;
+    setresgid(gid, gid, gid).map_err(|e| err(format!("setgid {}", cfg.gid), e))?;
+    drop_capabilities()?;
+    setresuid(uid, uid, uid).map_err(|e| err(format!("setuid {}", cfg.uid), e))?;
+    chdir(cfg.cwd.as_str()).map_err(|e| err(format!("chdir {} (working dir)", cfg.cwd), e))?;
+
+    let program = find_program(&cfg.argv, &cfg.env)?;
+    let argv = to_cstrings("argv", &cfg.argv)?;
+    let env = to_cstrings("env", &cfg.env)?;
+
+    // stdio last: errors before this point could still be logged by the supervisor.
+    nix::unistd::dup2_stdin(&plan.stdin).map_err(|e| err("dup2 stdin", e))?;
+    nix::unistd::dup2_stdout(&plan.stdout).map_err(|e| err("dup2 stdout", e))?;
+    nix::unistd::dup2_stderr(&plan.stderr).map_err(|e| err("dup2 stderr", e))?;
+    drop((plan.stdin, plan.stdout, plan.stderr));
+    close_other_fds();
+
+    crate::seccomp::install(plan.seccomp).map_err(|e| err("install seccomp filter", e))?;
+    let e = nix::unistd::execve(&program, &argv, &env).unwrap_err();
+    Err(format!("exec {:?}: {}", cfg.argv[0], e.desc()))
+}
+
+fn mount_overlay(cfg: &ContainerConfig, bundle: &Path, rootfs: &Path) -> Result<(), String> {
+    if cfg.layers.is_empty() {
+        return Err("the image has no layers".to_string());
+    }
+    for layer in &cfg.layers {
+        let s = layer.as_os_str().as_bytes();
+        if s.contains(&b':') || s.contains(&b',') {
+            return Err(format!(
+                "layer path {} holds ':' or ',', which overlayfs options cannot carry",
+                layer.display()
+            ));
+        }
+    }
+    let lower: Vec<String> = cfg
+        .layers
+        .iter()
+        .rev()
+        .map(|l| l.display().to_string())
+        .collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        bundle.join(crate::config::UPPER_DIR).display(),
+        bundle.join(crate::config::WORK_DIR).display()
+    );
+    mount(
+        Some("overlay"),
+        rootfs,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(|e| err(format!("mount overlay on {}", rootfs.display()), e))
+}
+
+fn mount_kernel_filesystems() -> Result<(), String> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mkdir_all("/proc")?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        nosuid_nodev_noexec,
+        None::<&str>,
+    )
+    .map_err(|e| err("mount /proc", e))?;
+    mkdir_all("/sys")?;
+    mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| err("mount /sys", e))?;
+    mkdir_all("/dev")?;
+    mount(
+        Some("tmpfs"),
+        "/dev",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| err("mount /dev", e))?;
+    for (name, major, minor) in DEVICES {
+        let path = format!("/dev/{name}");
+        mknod(
+            path.as_str(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(|e| err(format!("mknod {path}"), e))?;
+        // mknod honours the umask; the nodes must be usable by any uid.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path.as_str(),
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| err(format!("chmod {path}"), e))?;
+    }
+    for dir in ["/dev/pts", "/dev/shm", "/dev/mqueue"] {
+        mkdir_all(dir)?;
+    }
+    mount(
+        Some("devpts"),
+        "/dev/pts",
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(|e| err("mount /dev/pts", e))?;
+    mount(
+        Some("shm"),
+        "/dev/shm",
+        Some("tmpfs"),
+        nosuid_nodev_noexec,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| err("mount /dev/shm", e))?;
+    mount(
+        Some("mqueue"),
+        "/dev/mqueue",
+        Some("mqueue"),
+        nosuid_nodev_noexec,
+        None::<&str>,
+    )
+    .map_err(|e| err("mount /dev/mqueue", e))?;
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+        ("/dev/core", "/proc/kcore"),
+    ] {
+        std::os::unix::fs::symlink(target, link).map_err(|e| err(format!("symlink {link}"), e))?;
+    }
+    Ok(())
+}
+
+fn mask_paths() -> Result<(), String> {
+    for path in MASKED_PATHS {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            continue;
+        };
+        let result = if meta.is_dir() {
+            mount(
+                Some("tmpfs"),
+                *path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                Some("size=0"),
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                *path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        };
+        result.map_err(|e| err(format!("mask {path}"), e))?;
+    }
+    for path in READ_ONLY_PATHS {
+        if std::fs::symlink_metadata(path).is_err() {
+            continue;
+        }
+        mount(
+            Some(*path),
+            *path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("bind {path}"), e))?;
+        remount_read_only(path)?;
+    }
+    Ok(())
+}
+
+fn remount_read_only(path: &str) -> Result<(), String> {
+    // A bind remount keeps the mount's other flags only if they are passed again; read them.
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| err(format!("statvfs {path}"), e))?;
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    let f = st.flags();
+    for (vfs, ms) in [
+        (nix::sys::statvfs::FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (nix::sys::statvfs::FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (nix::sys::statvfs::FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if f.contains(vfs) {
+            flags |= ms;
+        }
+    }
+    mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
+        .map_err(|e| err(format!("remount {path} read-only"), e))
+}
+
+/// `mkdir -p` inside the container (after the pivot, so symlinks resolve inside it).
+fn mkdir_all(path: &str) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| err(format!("mkdir {path}"), e))
+}
+
+pub(crate) fn drop_capabilities() -> Result<(), String> {
+    let keep: caps::CapsHashSet = DEFAULT_CAPS.iter().copied().collect();
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, caps::CapSet::Bounding, cap)
+                .map_err(|e| err(format!("drop {cap} from the bounding set"), e))?;
+        }
+    }
+    for set in [
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        let current = caps::read(None, set).map_err(|e| err("read capabilities", e))?;
+        let new: caps::CapsHashSet = current.intersection(&keep).copied().collect();
+        caps::set(None, set, &new).map_err(|e| err(format!("set {set:?} capabilities"), e))?;
+    }
+    Ok(())
+}
+
+/// `argv[0]` as a path: taken as is when it holds a `/`, else the first executable file of
+/// that name in the container's `PATH` (the image's, or the usual default).
+pub(crate) fn find_program(argv: &[String], env: &[String]) -> Result<CString, String> {
+    let name = argv.first().ok_or_else(|| {
+        "no command: the image has no entrypoint or cmd and none was given".to_string()
+    })?;
+    if name.is_empty() {
+        return Err("the command is empty".to_string());
+    }
+    if name.contains('/') {
+        return CString::new(name.as_str()).map_err(|e| err("argv[0]", e));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = format!("{dir}/{name}");
+        if nix::unistd::access(candidate.as_str(), nix::unistd::AccessFlags::X_OK).is_ok()
+            && std::fs::metadata(&candidate).is_ok_and(|m| m.is_file())
+        {
+            return CString::new(candidate).map_err(|e| err("argv[0]", e));
+        }
+    }
+    Err(format!(
+        "exec {name:?}: executable file not found in $PATH ({path})"
+    ))
+}
+
+fn to_cstrings(what: &str, items: &[String]) -> Result<Vec<CString>, String> {
+    items
+        .iter()
+        .map(|s| CString::new(s.as_str()).map_err(|e| err(format!("{what} entry {s:?}"), e)))
+        .collect()
+}
+
+/// Signal dispositions survive `execve` when ignored, and the mask always does: the Rust
+/// runtime ignores SIGPIPE and the supervisor blocks SIGCHLD/SIGTERM; a workload starts with
+/// neither.
+fn reset_signals() {
+    use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for sig in [
+        Signal::SIGPIPE,
+        Signal::SIGTERM,
+        Signal::SIGCHLD,
+        Signal::SIGINT,
+    ] {
+        // SAFETY: SIG_DFL installs no handler, so no Rust code can run in a signal context.
+        #[allow(unsafe_code)]
+        let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+    }
+}
+
+/// Marks every descriptor above stderr close-on-exec, so the workload inherits only stdio.
+pub(crate) fn close_other_fds() {
+    // SAFETY: close_range takes plain integers; with CLOSE_RANGE_CLOEXEC it only sets a flag.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}
+
+/// Sets IFF_UP on `lo` in the new network namespace, so the workload can use 127.0.0.1.
+fn loopback_up() -> std::io::Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    #[allow(unsafe_code)]
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own; the socket is open.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

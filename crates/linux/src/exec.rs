@@ -1,0 +1,186 @@
+//! `warren exec`: a process started inside a running container.
+//!
+//! The backend starts the supervisor binary in exec mode (`--exec BUNDLE SPEC_JSON`) with the
+//! caller's stdio (pipes, or a pseudo-terminal's slave side). That helper joins the sandbox's
+//! cgroup, enters its namespaces through `/proc/PID/ns/*` (the mount namespace last: it
+//! brings the container's root and `/proc`), forks (entering a pid namespace applies to
+//! children only) and the child drops to the sandbox's capabilities, user and seccomp
+//! filter before `execve`. The helper waits and exits with the process's status, so the
+//! backend sees an ordinary child process.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Uid, chdir, setresgid, setresuid};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{Cgroup, CgroupLayout};
+use crate::config::{self, ContainerConfig, State};
+
+/// What the exec helper runs; computed by the backend from the request and the container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// stdin is a terminal that becomes the process's controlling terminal.
+    pub tty: bool,
+}
+
+/// Runs the exec helper; returns its exit code (the process's, or 126/127 when it could not
+/// be started, with the reason on stderr).
+pub fn main(bundle: &Path, spec_json: &str) -> i32 {
+    match run(bundle, spec_json) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("warren exec: {message}");
+            126
+        }
+    }
+}
+
+fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
+    let spec: ExecSpec =
+        serde_json::from_str(spec_json).map_err(|e| format!("bad exec spec: {e}"))?;
+    let container: ContainerConfig = config::read_json(bundle, config::CONFIG_FILE)
+        .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
+    let state: State = config::read_json(bundle, config::STATE_FILE)
+        .map_err(|e| format!("the sandbox is not running ({e})"))?;
+    let seccomp =
+        crate::seccomp::compiled(&container.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
+    let pid = state.pid;
+    let mut namespaces = Vec::new();
+    for (name, flag) in [
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ] {
+        let path = format!("/proc/{pid}/ns/{name}");
+        let fd = std::fs::File::open(&path)
+            .map_err(|e| format!("open {path} (is the sandbox running?): {e}"))?;
+        namespaces.push((name, flag, fd));
+    }
+    // Still the same workload: the supervisor that started it is alive.
+    if config::process_start_time(state.supervisor_pid) != Some(state.supervisor_start) {
+        return Err("the sandbox is not running".to_string());
+    }
+    let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
+    let cgroup = Cgroup::open(&layout, &container.cgroup_parent, &container.id);
+    for procs in cgroup.procs_files() {
+        std::fs::write(&procs, "0").map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
+    }
+    for (name, flag, fd) in &namespaces {
+        setns(fd, *flag).map_err(|e| format!("enter the {name} namespace: {e}"))?;
+    }
+    drop(namespaces);
+
+    // SAFETY: the helper is single-threaded; the child runs ordinary code and ends in execve
+    // or _exit.
+    #[allow(unsafe_code)]
+    let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
+    match forked {
+        ForkResult::Child => {
+            let message = child(&spec, &seccomp);
+            eprintln!("warren exec: {message}");
+            // SAFETY: ends the child at once without running the helper's exit handlers.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::_exit(127)
+            }
+        }
+        ForkResult::Parent { child } => {
+            // The caller's signals are for the process, not for the helper.
+            for sig in [
+                nix::sys::signal::Signal::SIGINT,
+                nix::sys::signal::Signal::SIGTERM,
+                nix::sys::signal::Signal::SIGHUP,
+            ] {
+                // SAFETY: SIG_IGN installs no handler.
+                #[allow(unsafe_code)]
+                let _ =
+                    unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+            }
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(format!("wait: {e}")),
+                }
+            }
+        }
+    }
+}
+
+fn child(spec: &ExecSpec, seccomp: &seccompiler::BpfProgram) -> String {
+    use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for sig in [
+        Signal::SIGPIPE,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+    ] {
+        // SAFETY: SIG_DFL installs no handler.
+        #[allow(unsafe_code)]
+        let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+    }
+    if spec.tty {
+        let _ = nix::unistd::setsid();
+        // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the terminal we were given.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::ioctl(std::io::stdin().as_raw_fd(), libc::TIOCSCTTY, 0) };
+        if rc < 0 {
+            return format!(
+                "set the controlling terminal: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let gid = Gid::from_raw(spec.gid);
+    let uid = Uid::from_raw(spec.uid);
+    if let Err(e) = nix::unistd::setgroups(&[gid]) {
+        return format!("setgroups: {e}");
+    }
+    if let Err(e) = setresgid(gid, gid, gid) {
+        return format!("setgid {}: {e}", spec.gid);
+    }
+    if let Err(e) = crate::container::drop_capabilities() {
+        return e;
+    }
+    if let Err(e) = setresuid(uid, uid, uid) {
+        return format!("setuid {}: {e}", spec.uid);
+    }
+    if let Err(e) = chdir(spec.cwd.as_str()) {
+        return format!("chdir {}: {e}", spec.cwd);
+    }
+    let program = match crate::container::find_program(&spec.argv, &spec.env) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let to_c = |items: &[String]| -> Result<Vec<CString>, String> {
+        items
+            .iter()
+            .map(|s| CString::new(s.as_str()).map_err(|e| format!("{s:?}: {e}")))
+            .collect()
+    };
+    let (argv, env) = match (to_c(&spec.argv), to_c(&spec.env)) {
+        (Ok(a), Ok(e)) => (a, e),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    crate::container::close_other_fds();
+    if let Err(e) = crate::seccomp::install(seccomp) {
+        return format!("install seccomp filter: {e}");
+    }
+    let e = nix::unistd::execve(&program, &argv, &env).unwrap_err();
+    format!("exec {:?}: {}", spec.argv[0], e.desc())
+}

@@ -1,0 +1,221 @@
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::*;
+
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
+const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
+
+fn native_arch() -> u32 {
+    if cfg!(target_arch = "x86_64") {
+        AUDIT_ARCH_X86_64
+    } else {
+        AUDIT_ARCH_AARCH64
+    }
+}
+
+/// A classic-BPF interpreter for the instructions seccompiler and the prologue emit, run on a
+/// `struct seccomp_data` (nr, arch, instruction pointer, six arguments).
+fn run(program: &[sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> u32 {
+    let mut data = Vec::new();
+    data.extend_from_slice(&(nr as i32).to_ne_bytes());
+    data.extend_from_slice(&arch.to_ne_bytes());
+    data.extend_from_slice(&0u64.to_ne_bytes());
+    for arg in args {
+        data.extend_from_slice(&arg.to_ne_bytes());
+    }
+    let (mut acc, mut pc) = (0u32, 0usize);
+    loop {
+        let insn = &program[pc];
+        pc += 1;
+        match insn.code {
+            0x20 => {
+                let at = insn.k as usize;
+                acc = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
+            }
+            0x54 => acc &= insn.k,
+            0x05 => pc += insn.k as usize,
+            0x06 => return insn.k,
+            code @ (0x15 | 0x25 | 0x35 | 0x45) => {
+                let taken = match code {
+                    0x15 => acc == insn.k,
+                    0x25 => acc > insn.k,
+                    0x35 => acc >= insn.k,
+                    _ => acc & insn.k != 0,
+                };
+                pc += usize::from(if taken { insn.jt } else { insn.jf });
+            }
+            other => panic!("unexpected BPF opcode {other:#x} at {}", pc - 1),
+        }
+    }
+}
+
+const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+const KILL: u32 = libc::SECCOMP_RET_KILL_PROCESS;
+
+fn eval(program: &[sock_filter], nr: i64, arg0: u64) -> u32 {
+    run(program, native_arch(), nr, [arg0, 0, 0, 0, 0, 0])
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn x86_64_numbers_match_the_kernel_table() {
+    for (name, nr) in [
+        ("read", 0),
+        ("mkdir", 83),
+        ("personality", 135),
+        ("mount", 165),
+        ("create_module", 174),
+        ("unshare", 272),
+        ("clone3", 435),
+        ("mseal", 462),
+        ("open_tree_attr", 467),
+    ] {
+        assert_eq!(syscall_number(name), Some(nr), "{name}");
+    }
+    assert_eq!(syscall_number("SYS_read"), None);
+    assert_eq!(syscall_number("mkdri"), None);
+}
+
+#[test]
+fn table_has_no_duplicate_names() {
+    let mut seen = HashSet::new();
+    for (name, _) in SYSCALLS.iter().chain(SYSCALLS_NOT_IN_LIBC) {
+        assert!(name.starts_with("SYS_"), "{name}");
+        assert!(seen.insert(*name), "{name} listed twice");
+    }
+    assert!(seen.len() > 300, "only {} syscalls", seen.len());
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn every_default_deny_name_exists_on_x86_64() {
+    for name in DEFAULT_DENY.iter().chain(CONDITIONAL_DENY) {
+        assert!(syscall_number(name).is_some(), "{name}");
+    }
+}
+
+#[test]
+fn unknown_name_is_an_error_naming_it() {
+    let err = compile(&["mkdir".into(), "mkdri".into()]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"unknown syscall "mkdri" in denySyscalls"#
+    );
+}
+
+#[test]
+fn default_profile_denies_the_list_and_allows_the_rest() {
+    let program = compile(&[]).unwrap();
+    for name in DEFAULT_DENY {
+        if let Some(nr) = syscall_number(name) {
+            assert_eq!(eval(&program, nr, 0), EPERM, "{name}");
+        }
+    }
+    for name in [
+        "read", "write", "openat", "mkdirat", "execve", "getpid", "chroot",
+    ] {
+        let nr = syscall_number(name).unwrap();
+        assert_eq!(eval(&program, nr, 0), ALLOW, "{name}");
+    }
+}
+
+#[test]
+fn namespace_and_personality_rules_look_at_arguments() {
+    let program = compile(&[]).unwrap();
+    let newuser = libc::CLONE_NEWUSER as u64;
+    let newns = libc::CLONE_NEWNS as u64;
+    for nr in [libc::SYS_unshare, libc::SYS_clone] {
+        assert_eq!(eval(&program, nr, newuser), EPERM);
+        assert_eq!(eval(&program, nr, newuser | newns), EPERM);
+        assert_eq!(eval(&program, nr, newns), ALLOW);
+        // What fork() and pthread_create() pass.
+        assert_eq!(eval(&program, nr, libc::SIGCHLD as u64), ALLOW);
+    }
+    assert_eq!(eval(&program, libc::SYS_clone3, 0), ENOSYS);
+    for allowed in [0, 8, 0x2_0000, 0x2_0008, 0xffff_ffff] {
+        assert_eq!(eval(&program, libc::SYS_personality, allowed), ALLOW);
+    }
+    // READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE.
+    for denied in [0x40_0000, 0x4_0000] {
+        assert_eq!(eval(&program, libc::SYS_personality, denied), EPERM);
+    }
+}
+
+#[test]
+fn extra_deny_adds_and_overrides_conditions() {
+    let program = compile(&["mkdir".into(), "mkdirat".into(), "unshare".into()]).unwrap();
+    assert_eq!(eval(&program, syscall_number("mkdirat").unwrap(), 0), EPERM);
+    assert_eq!(
+        eval(&program, libc::SYS_unshare, libc::CLONE_NEWNS as u64),
+        EPERM
+    );
+    assert_eq!(
+        eval(&program, libc::SYS_clone, libc::CLONE_NEWNS as u64),
+        ALLOW
+    );
+}
+
+#[test]
+fn foreign_abis_are_killed() {
+    let program = compile(&[]).unwrap();
+    // i386 getpid (20) through int 0x80.
+    assert_eq!(run(&program, AUDIT_ARCH_I386, 20, [0; 6]), KILL);
+    if cfg!(target_arch = "x86_64") {
+        // x32 mount: __X32_SYSCALL_BIT | 165.
+        assert_eq!(eval(&program, 0x4000_0000 | 165, 0), KILL);
+        assert_eq!(eval(&program, 0x4000_0000 | 39, 0), KILL);
+    }
+}
+
+#[test]
+fn prologue_follows_the_arch_check() {
+    let program = compile(&[]).unwrap();
+    assert_eq!(program[0].k, SECCOMP_DATA_ARCH);
+    assert_eq!(program[2].k, libc::SECCOMP_RET_KILL_PROCESS);
+    assert_eq!(
+        (program[3].code, program[3].k),
+        (BPF_LD_W_ABS, SECCOMP_DATA_NR)
+    );
+    // A program without the arch check is refused, not silently mangled.
+    let bare = vec![sock_filter {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k: ALLOW,
+    }];
+    assert!(matches!(
+        splice_prologue(bare),
+        Err(SeccompError::Layout(_))
+    ));
+}
+
+#[test]
+fn compiled_is_memoized_by_sorted_list() {
+    let a = compiled(&["mkdirat".into(), "mkdir".into()]).unwrap();
+    let b = compiled(&["mkdir".into(), "mkdirat".into(), "mkdir".into()]).unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(*a, *compile(&["mkdir".into(), "mkdirat".into()]).unwrap());
+    assert!(compiled(&["mkdri".into()]).is_err());
+}
+
+/// Prints what compiling costs; run with `--nocapture` to see it.
+#[test]
+fn compile_cost() {
+    let rounds = 200;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        compile(&["mkdir".into()]).unwrap();
+    }
+    let per_compile = started.elapsed() / rounds;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        compiled(&["mkdir".into()]).unwrap();
+    }
+    let per_lookup = started.elapsed() / rounds;
+    let len = compile(&[]).unwrap().len();
+    eprintln!("seccomp: compile {per_compile:?}, cached {per_lookup:?}, {len} instructions");
+}

@@ -1,0 +1,420 @@
+//! The per-sandbox supervisor: a small single-threaded process (the `warren-supervise`
+//! binary, or `warren __supervise`) that starts one container and stays with it until it ends.
+//!
+//! Why a process per sandbox rather than the server doing it: the workload must outlive the
+//! server (a `kill -9` of the server or an upgrade must not take every sandbox down), its
+//! output must keep flowing to its log while no server runs, and its end must be recorded even
+//! if nobody is watching. conmon and containerd's shims exist for the same reasons. The
+//! supervisor is `setsid`, so it survives the server's death and its signals, and it is a
+//! child subreaper that reaps at once (this machine's PID 1 reaps orphans a second late).
+//!
+//! Protocol with the backend, all through the bundle directory and one pipe:
+//! - reads `container.json`;
+//! - prints exactly one line on stdout: `ok PID` once the workload has `execve`d, or
+//!   `error MESSAGE` (then exits 1, leaving nothing behind), and closes stdout;
+//! - writes `state.json` (its own pid and start time, the workload's pid) before `ok`;
+//! - copies the workload's stdout/stderr into `container.log` (CRI format, size-capped);
+//! - on SIGTERM, sends the workload SIGTERM and SIGKILLs the cgroup after the grace period
+//!   (from the `stop` file the backend writes first, else `container.json`'s default);
+//! - kills the workload with reason `Timeout` when its timeout passes;
+//! - when the workload has ended: notes an OOM kill from the cgroup, kills what is left,
+//!   removes the cgroup, writes `exit.json` and exits 0.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+use warren_runtime::logs::{LogWriter, Stream};
+
+use crate::cgroup::{Cgroup, CgroupLayout};
+use crate::config::{self, ContainerConfig, Exit, State};
+use crate::container::{ChildPlan, child_main};
+
+/// How long output may still drain after the workload's end (its pid namespace is gone by
+/// then, so only a descriptor passed outside could keep a pipe open).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+/// Runs the supervisor for the bundle; returns the process exit code.
+pub fn main(bundle: &Path) -> i32 {
+    let _ = nix::unistd::setsid();
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    match start(bundle) {
+        Ok(running) => {
+            report(&format!("ok {}", running.pid));
+            silence_stdout();
+            supervise(bundle, running);
+            0
+        }
+        Err(message) => {
+            report(&format!("error {}", message.replace('\n', " ")));
+            1
+        }
+    }
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Points stdout at /dev/null so nothing later depends on the server's end of the pipe.
+fn silence_stdout() {
+    if let Ok(null) = nix::fcntl::open("/dev/null", OFlag::O_WRONLY, nix::sys::stat::Mode::empty())
+    {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+}
+
+struct Running {
+    config: ContainerConfig,
+    pid: Pid,
+    cgroup: Cgroup,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    signals: SignalFd,
+    started: Instant,
+}
+
+fn start(bundle: &Path) -> Result<Running, String> {
+    let config: ContainerConfig = config::read_json(bundle, config::CONFIG_FILE)
+        .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
+    let seccomp =
+        crate::seccomp::compiled(&config.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
+    let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
+
+    let mut mask = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(sig);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| format!("sigprocmask: {e}"))?;
+    let signals = SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    )
+    .map_err(|e| format!("signalfd: {e}"))?;
+
+    let cgroup = Cgroup::create(
+        &layout,
+        &config.cgroup_parent,
+        &config.id,
+        &(&config.limits).into(),
+    )
+    .map_err(|e| crate::error_chain(&e))?;
+    let result = fork_container(bundle, &config, &cgroup, &seccomp);
+    match result {
+        Ok((pid, stdout, stderr)) => Ok(Running {
+            config,
+            pid,
+            cgroup,
+            stdout,
+            stderr,
+            signals,
+            started: Instant::now(),
+        }),
+        Err(e) => {
+            let _ = cgroup.kill_all();
+            let _ = cgroup.remove();
+            Err(e)
+        }
+    }
+}
+
+fn fork_container(
+    bundle: &Path,
+    config: &ContainerConfig,
+    cgroup: &Cgroup,
+    seccomp: &seccompiler::BpfProgram,
+) -> Result<(Pid, OwnedFd, OwnedFd), String> {
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (fail_r, fail_w) = pipe()?;
+    let stdin = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("open /dev/null: {e}"))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| format!("unshare pid namespace: {e}"))?;
+
+    // SAFETY: the supervisor is single-threaded (it is its own process and starts no
+    // threads), so the child may run ordinary code after the fork; it ends in execve or _exit.
+    #[allow(unsafe_code)]
+    let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
+    match forked {
+        ForkResult::Child => {
+            drop((out_r, err_r, fail_r));
+            let message = child_main(ChildPlan {
+                config,
+                bundle,
+                cgroup_procs: cgroup.procs_files(),
+                seccomp,
+                stdin,
+                stdout: out_w,
+                stderr: err_w,
+            });
+            let _ = nix::unistd::write(&fail_w, message.as_bytes());
+            // SAFETY: _exit ends the process at once, skipping the parent's atexit handlers
+            // and buffered output, which belong to the supervisor, not to this child.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::_exit(127)
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop((out_w, err_w, fail_w, stdin));
+            let mut message = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match nix::unistd::read(&fail_r, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => message.extend_from_slice(&buf[..n]),
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(format!("read the start result: {e}")),
+                }
+            }
+            if !message.is_empty() {
+                let _ = waitpid(child, None);
+                return Err(String::from_utf8_lossy(&message).into_owned());
+            }
+            let state = State {
+                supervisor_pid: std::process::id() as i32,
+                supervisor_start: config::process_start_time(std::process::id() as i32)
+                    .unwrap_or(0),
+                pid: child.as_raw(),
+            };
+            if let Err(e) = config::write_json(bundle, config::STATE_FILE, &state) {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(format!("write {}: {e}", config::STATE_FILE));
+            }
+            Ok((child, out_r, err_r))
+        }
+    }
+}
+
+fn supervise(bundle: &Path, running: Running) {
+    let Running {
+        config,
+        pid,
+        cgroup,
+        stdout,
+        stderr,
+        signals,
+        started,
+    } = running;
+    let log = match LogWriter::with_limit(bundle.join(config::LOG_FILE), config.log_max_bytes) {
+        Ok(log) => Some(log),
+        Err(e) => {
+            eprintln!(
+                "supervisor: cannot open the log: {}",
+                crate::error_chain(&e)
+            );
+            None
+        }
+    };
+    let timeout = config
+        .timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
+    let mut kill_at: Option<Instant> = None;
+    let mut stopped = false;
+    let mut timed_out = false;
+    let mut status: Option<WaitStatus> = None;
+    let mut drain_until: Option<Instant> = None;
+    let mut open = [Some(stdout), Some(stderr)];
+    let mut buf = vec![0u8; 64 * 1024];
+
+    loop {
+        if status.is_some() && open.iter().all(Option::is_none) {
+            break;
+        }
+        let now = Instant::now();
+        if let Some(at) = kill_at
+            && now >= at
+        {
+            let _ = cgroup.kill_all();
+            let _ = kill(pid, Signal::SIGKILL);
+            kill_at = None;
+        }
+        if let Some(at) = timeout
+            && now >= at
+            && status.is_none()
+            && !timed_out
+        {
+            timed_out = true;
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = cgroup.kill_all();
+        }
+        if let Some(at) = drain_until
+            && now >= at
+        {
+            break;
+        }
+        let next = [kill_at, if timed_out { None } else { timeout }, drain_until]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait = match next {
+            Some(at) => {
+                let ms = at.saturating_duration_since(now).as_millis().min(60_000) as u16;
+                PollTimeout::from(ms.max(1))
+            }
+            None => PollTimeout::NONE,
+        };
+
+        let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        let mut which = Vec::new();
+        for (i, fd) in open.iter().enumerate() {
+            if let Some(fd) = fd {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                which.push(i);
+            }
+        }
+        match poll(&mut fds, wait) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                eprintln!("supervisor: poll: {e}");
+                break;
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+
+        for (slot, i) in which.iter().enumerate() {
+            if !ready[slot + 1] {
+                continue;
+            }
+            let Some(fd) = &open[*i] else { continue };
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) | Err(_) => open[*i] = None,
+                Ok(n) => {
+                    if let Some(log) = &log {
+                        let stream = if *i == 0 {
+                            Stream::Stdout
+                        } else {
+                            Stream::Stderr
+                        };
+                        if let Err(e) = log.write(stream, &buf[..n]) {
+                            eprintln!("supervisor: log write: {}", crate::error_chain(&e));
+                        }
+                    }
+                }
+            }
+        }
+        if ready[0] {
+            while let Ok(Some(info)) = signals.read_signal() {
+                match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGCHLD) => {}
+                    Ok(Signal::SIGTERM | Signal::SIGINT) if status.is_none() => {
+                        stopped = true;
+                        let grace = stop_grace(bundle, &config);
+                        let _ = kill(pid, Signal::SIGTERM);
+                        let at = Instant::now() + grace;
+                        kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
+                    }
+                    _ => {}
+                }
+            }
+            reap(pid, &mut status);
+            if status.is_some() && drain_until.is_none() {
+                drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                kill_at = None;
+            }
+        }
+    }
+    if status.is_none() {
+        // Only reached when poll itself failed: make sure the workload is gone.
+        let _ = cgroup.kill_all();
+        let _ = kill(pid, Signal::SIGKILL);
+        if let Ok(s) = waitpid(pid, None) {
+            status = Some(s);
+        }
+    }
+    let oom_killed = cgroup.oom_killed().unwrap_or(false);
+    if let Err(e) = cgroup.kill_all() {
+        eprintln!(
+            "supervisor: kill what is left in the cgroup: {}",
+            crate::error_chain(&e)
+        );
+    }
+    if let Err(e) = cgroup.remove() {
+        eprintln!("supervisor: remove the cgroup: {}", crate::error_chain(&e));
+    }
+    if let Some(log) = &log {
+        let _ = log.close();
+    }
+    let (code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (code, None),
+        Some(WaitStatus::Signaled(_, sig, _)) => (128 + sig as i32, Some(sig as i32)),
+        _ => (128 + libc::SIGKILL, Some(libc::SIGKILL)),
+    };
+    let exit = Exit {
+        code,
+        signal,
+        oom_killed,
+        stopped,
+        timed_out,
+    };
+    if let Err(e) = config::write_json(bundle, config::EXIT_FILE, &exit) {
+        eprintln!("supervisor: write {}: {e}", config::EXIT_FILE);
+    }
+}
+
+/// Reaps every child that has ended; records the workload's status.
+fn reap(pid: Pid, status: &mut Option<WaitStatus>) {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(s) => {
+                if s.pid() == Some(pid) {
+                    *status = Some(s);
+                }
+            }
+        }
+    }
+}
+
+fn stop_grace(bundle: &Path, config: &ContainerConfig) -> Duration {
+    let ms = std::fs::read_to_string(bundle.join(config::STOP_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(config.stop_grace_ms);
+    Duration::from_millis(ms)
+}
+
+/// The command line of the supervisor binary (after the program name): `BUNDLE` supervises a
+/// new container; `--exec BUNDLE SPEC_JSON` runs a process inside a running one.
+pub fn cli(args: &[std::ffi::OsString]) -> i32 {
+    match args {
+        [bundle] => main(Path::new(bundle)),
+        [flag, bundle, spec] if flag == "--exec" => match spec.to_str() {
+            Some(spec) => crate::exec::main(Path::new(bundle), spec),
+            None => {
+                eprintln!("warren-supervise: the exec spec is not UTF-8");
+                2
+            }
+        },
+        _ => {
+            eprintln!("usage: warren-supervise BUNDLE | warren-supervise --exec BUNDLE SPEC_JSON");
+            2
+        }
+    }
+}
