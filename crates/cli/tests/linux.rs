@@ -2,6 +2,8 @@
 //! real namespaces, cgroups, seccomp and overlayfs. Needs root (this machine's CI runs as
 //! root); without it every test prints why it skips.
 
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -46,10 +48,16 @@ macro_rules! linux_or_skip {
 
 impl Linux {
     fn start() -> Linux {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Linux {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cgroup_parent = format!("warren-it-{}-{n}", std::process::id());
-        let server = TestServer::start_with(&["--cgroup-parent", &cgroup_parent], None);
+        let mut flags = vec!["--cgroup-parent", &cgroup_parent];
+        flags.extend_from_slice(extra);
+        let server = TestServer::start_with(&flags, None);
         let linux = Linux {
             server,
             cgroup_parent,
@@ -128,8 +136,14 @@ impl Drop for Linux {
     fn drop(&mut self) {
         self.server.kill9();
         let bundles = self.server.state_dir().join("linux");
-        if let Ok(entries) = std::fs::read_dir(&bundles) {
-            for e in entries.flatten() {
+        let warm = bundles.join(".warm");
+        let dirs = [bundles, warm]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flat_map(|entries| entries.flatten().collect::<Vec<_>>())
+            .collect::<Vec<_>>();
+        {
+            for e in dirs {
                 if let Ok(text) = std::fs::read_to_string(e.path().join("state.json"))
                     && let Ok(state) = serde_json::from_str::<serde_json::Value>(&text)
                 {
@@ -594,6 +608,7 @@ fn two_hundred_cycles_leave_nothing_behind() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
+        .filter(|p| !p.ends_with(".warm"))
         .collect();
     assert!(bundles.is_empty(), "{bundles:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -663,4 +678,158 @@ fn pull_from_a_local_registry_and_run() {
 
     l.ok(&["image", "rm", &reference]);
     assert!(!l.ok(&["image", "ls", "-o", "name"]).contains(&reference));
+}
+
+/// Warm shells ready in the server's pool (each has written its state once prepared).
+fn warm_ready(l: &Linux) -> usize {
+    std::fs::read_dir(l.server.state_dir().join("linux/.warm"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("state.json").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_warm(l: &Linux, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while warm_ready(l) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} warm shells never got ready: {}",
+            l.server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cgroup a sandbox runs in: `warm-...` when it came from the pool.
+fn cgroup_of(l: &Linux, name: &str) -> String {
+    let bundle = PathBuf::from(
+        l.get(name)["status"]["backendInfo"]["bundle"]
+            .as_str()
+            .expect("bundle"),
+    );
+    let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
+    state["cgroup"].as_str().unwrap().to_string()
+}
+
+/// The supervisor and workload pids of the warm shells now in the pool.
+fn warm_pids(l: &Linux) -> Vec<i32> {
+    let mut pids = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(l.server.state_dir().join("linux/.warm")) {
+        for e in dir.flatten() {
+            if let Ok(text) = std::fs::read_to_string(e.path().join("state.json")) {
+                let state = json(&text);
+                pids.push(state["supervisorPid"].as_i64().unwrap() as i32);
+                pids.push(state["pid"].as_i64().unwrap() as i32);
+            }
+        }
+    }
+    pids
+}
+
+fn wait_gone(pids: &[i32], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // A zombie (reaped late by init) counts as gone.
+    let alive = |p: &i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    };
+    while pids.iter().any(alive) {
+        assert!(Instant::now() < deadline, "{what}: {pids:?} still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn warm_pool_serves_creates_with_their_own_settings() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let mut l = Linux::start_with(&["--warm", "linux:busybox=2"]);
+    wait_warm(&l, 2);
+    let out = l.run(
+        "w1",
+        &[
+            "--wait",
+            "-e",
+            "A=1",
+            "--hostname",
+            "first",
+            "-u",
+            "1000:1000",
+            "-w",
+            "/tmp",
+            "--pids",
+            "20",
+        ],
+        &["sh", "-c", "echo $A $(hostname) $(id -u) $(pwd)"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("1 first 1000 /tmp\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        cgroup_of(&l, "w1").starts_with("warm-"),
+        "w1 came from the pool"
+    );
+    let out = l.run(
+        "w2",
+        &["--wait", "-m", "50M"],
+        &["sh", "-c", "head -c 200m /dev/zero | tail"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(
+        l.get("w2")["status"]["reason"],
+        "OOMKilled",
+        "limits set at claim time hold"
+    );
+    assert!(cgroup_of(&l, "w2").starts_with("warm-"));
+
+    // The pool refills; a bad command from a warm shell fails like a cold one.
+    wait_warm(&l, 2);
+    let out = l.run("w3", &[], &["/no/such/program"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("No such file or directory"),
+        "{}",
+        stderr(&out)
+    );
+    // Bind mounts need a cold start.
+    wait_warm(&l, 2);
+    let shared = l.server.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let map = format!("/data::{}", shared.display());
+    let out = l.run("cold", &["--wait", "--mapdir", &map], &["touch", "/data/x"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        !cgroup_of(&l, "cold").starts_with("warm-"),
+        "a sandbox with mounts starts cold"
+    );
+    assert!(shared.join("x").exists());
+    l.ok(&["rm", "w1", "w2", "cold"]);
+
+    // Killed, the server leaves its shells; the next one removes them and makes its own.
+    wait_warm(&l, 2);
+    let old = warm_pids(&l);
+    assert_eq!(old.len(), 4);
+    l.server.kill9();
+    l.server.spawn();
+    wait_gone(&old, "the previous server's warm shells");
+    wait_warm(&l, 2);
+    // A graceful stop ends the pool with the server.
+    let new = warm_pids(&l);
+    assert!(l.server.terminate().success());
+    wait_gone(&new, "warm shells after the server stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !l.leftover_cgroups().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", l.leftover_cgroups());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

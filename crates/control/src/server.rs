@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub linux_supervisor: Vec<std::ffi::OsString>,
     /// Parent of every linux sandbox's cgroup.
     pub cgroup_parent: String,
+    /// Warm shells kept ready per image for the linux backend.
+    pub linux_warm: Vec<(String, usize)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,7 @@ impl Server {
                 cgroup_parent: config.cgroup_parent.clone(),
                 log_max_bytes: config.wasm.log_max_bytes,
                 default_stop_grace: config.default_grace,
+                warm: config.linux_warm.clone(),
             },
             events.clone(),
         )

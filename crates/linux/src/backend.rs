@@ -44,6 +44,8 @@ pub struct LinuxConfig {
     pub log_max_bytes: Option<u64>,
     /// SIGTERM to SIGKILL when neither the stop request nor the spec says.
     pub default_stop_grace: Duration,
+    /// Warm shells kept ready per image name (`--warm linux:busybox=4`).
+    pub warm: Vec<(String, usize)>,
 }
 
 impl LinuxConfig {
@@ -79,7 +81,13 @@ struct Inner {
     events: EventSink,
     available: Result<(), String>,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
+    shells: Mutex<Vec<Shell>>,
+    /// Wakes the refill task when a shell was taken.
+    refill: Arc<tokio::sync::Notify>,
 }
+
+/// Where warm shells wait (hidden: not a sandbox of [`Backend::list`]).
+const WARM_DIR: &str = ".warm";
 
 #[derive(Debug)]
 struct Sandbox {
@@ -89,6 +97,16 @@ struct Sandbox {
     supervisor: Option<i32>,
     /// Flips to true once the supervisor has ended and `status` holds the outcome.
     done: Option<watch::Receiver<bool>>,
+    /// The container's configuration and image id between create and start.
+    pending: Option<(ContainerConfig, String)>,
+}
+
+/// A warm shell ready to be claimed: its bundle under `<dir>/.warm` and its supervisor.
+#[derive(Debug)]
+struct Shell {
+    bundle: PathBuf,
+    child: tokio::process::Child,
+    image_id: String,
 }
 
 fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
@@ -110,14 +128,26 @@ impl LinuxBackend {
     pub fn new(config: LinuxConfig, events: EventSink) -> Result<Self, BackendError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| io("create", &config.dir, e))?;
         let available = probe();
-        Ok(LinuxBackend {
+        let warm_dir = config.dir.join(WARM_DIR);
+        clean_warm_dir(&warm_dir, &config.cgroup_parent);
+        std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
+        let backend = LinuxBackend {
             inner: Arc::new(Inner {
                 config,
                 events,
                 available,
                 sandboxes: Mutex::new(HashMap::new()),
+                shells: Mutex::new(Vec::new()),
+                refill: Arc::new(tokio::sync::Notify::new()),
             }),
-        })
+        };
+        if !backend.inner.config.warm.is_empty()
+            && backend.inner.available.is_ok()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(refill_loop(Arc::downgrade(&backend.inner)));
+        }
+        Ok(backend)
     }
 
     pub fn images(&self) -> &ImageStore {
@@ -140,6 +170,27 @@ fn probe() -> Result<(), String> {
 }
 
 impl Inner {
+    /// A ready warm shell of this image, if there is one.
+    fn take_shell(&self, image_id: &str) -> Option<Shell> {
+        let mut shells = self
+            .shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = shells.iter().position(|s| s.image_id == image_id)?;
+        let shell = shells.swap_remove(i);
+        self.refill.notify_one();
+        Some(shell)
+    }
+
+    fn warm_count(&self, image_id: &str) -> usize {
+        self.shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.image_id == image_id)
+            .count()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Sandbox>> {
         self.sandboxes
             .lock()
@@ -163,6 +214,272 @@ impl Inner {
                 id: id.to_string(),
                 status,
             });
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// Warm shells belong to this server: they end with it (sandboxes do not).
+    fn drop(&mut self) {
+        let shells = std::mem::take(
+            self.shells
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for shell in &shells {
+            if let Some(pid) = shell.child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for shell in shells {
+            let _ = std::fs::remove_dir_all(&shell.bundle);
+        }
+    }
+}
+
+/// Removes warm shells a previous server left (killed before it could end them).
+fn clean_warm_dir(warm_dir: &Path, cgroup_parent: &str) {
+    let Ok(entries) = std::fs::read_dir(warm_dir) else {
+        return;
+    };
+    let layout = crate::cgroup::CgroupLayout::detect().ok();
+    for entry in entries.flatten() {
+        let bundle = entry.path();
+        if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
+            if state.supervisor_alive() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(state.supervisor_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Some(layout) = &layout {
+                let cg = crate::cgroup::Cgroup::open(layout, cgroup_parent, &state.cgroup);
+                let _ = cg.kill_all();
+                let _ = cg.remove();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&bundle);
+    }
+}
+
+/// Keeps `--warm` pools full: starts shells until each image has its count, then sleeps until
+/// one is taken (or 5 s, to retry an image that was missing). Ends with the backend.
+async fn refill_loop(weak: std::sync::Weak<Inner>) {
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        for (name, target) in &inner.config.warm {
+            let image = match inner.config.images.resolve(name) {
+                Ok(image) => image,
+                Err(e) => {
+                    if reported.insert(name.clone()) {
+                        warn!(image = %name, "linux: warm pool waits for its image: {}", crate::error_chain(&e));
+                    }
+                    continue;
+                }
+            };
+            while inner.warm_count(&image.id) < *target {
+                match start_shell(&inner, &image).await {
+                    Ok(shell) => inner
+                        .shells
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(shell),
+                    Err(e) => {
+                        warn!(image = %name, "linux: cannot start a warm shell: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        // Not holding the backend while asleep: dropping it ends the loop.
+        let refill = Arc::clone(&inner.refill);
+        drop(inner);
+        tokio::select! {
+            () = refill.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+static SHELL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Starts one warm shell of `image` and waits until it is ready.
+async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell, BackendError> {
+    let n = SHELL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let wid = format!("warm-{}-{n}", std::process::id());
+    let bundle = inner.config.dir.join(WARM_DIR).join(&wid);
+    let template = ContainerConfig {
+        id: wid.clone(),
+        layers: image.layers.clone(),
+        argv: Vec::new(),
+        env: Vec::new(),
+        cwd: "/".to_string(),
+        hostname: "warm".to_string(),
+        uid: 0,
+        gid: 0,
+        read_only_rootfs: false,
+        mounts: Vec::new(),
+        deny_syscalls: Vec::new(),
+        cgroup_parent: inner.config.cgroup_parent.clone(),
+        limits: Limits::default(),
+        log_max_bytes: inner.config.log_max_bytes,
+        stop_grace_ms: inner.config.default_stop_grace.as_millis() as u64,
+        timeout_ms: None,
+    };
+    make_bundle(&bundle, &template)?;
+    match spawn_supervisor(inner, &bundle, Some("--warm")).await {
+        Ok((child, _pid)) => Ok(Shell {
+            bundle,
+            child,
+            image_id: image.id.clone(),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&bundle);
+            Err(e)
+        }
+    }
+}
+
+/// The bundle directory of a container: its config and the overlay's directories.
+fn make_bundle(bundle: &Path, container: &ContainerConfig) -> Result<(), BackendError> {
+    let make = || -> std::io::Result<()> {
+        std::fs::create_dir(bundle)?;
+        for d in [config::ROOTFS_DIR, config::UPPER_DIR, config::WORK_DIR] {
+            std::fs::create_dir(bundle.join(d))?;
+        }
+        config::write_json(bundle, config::CONFIG_FILE, container)
+    };
+    make().map_err(|e| {
+        let _ = std::fs::remove_dir_all(bundle);
+        io("create bundle", bundle, e)
+    })
+}
+
+/// Starts a supervisor on `bundle` and waits for its `ok PID` (or its error).
+async fn spawn_supervisor(
+    inner: &Inner,
+    bundle: &Path,
+    mode: Option<&str>,
+) -> Result<(tokio::process::Child, i32), BackendError> {
+    let log_path = bundle.join(config::SUPERVISOR_LOG_FILE);
+    let log = std::fs::File::create(&log_path).map_err(|e| io("create", &log_path, e))?;
+    let (program, args) = inner
+        .config
+        .supervisor
+        .split_first()
+        .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .args(mode)
+        .arg(bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| io("start supervisor", Path::new(program), e))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let mut reader = tokio::io::BufReader::new(out);
+        reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| io("read from supervisor", bundle, e))?;
+    }
+    let line = line.trim_end();
+    match line.strip_prefix("ok ").map(str::parse::<i32>) {
+        Some(Ok(pid)) => Ok((child, pid)),
+        _ => {
+            let _ = child.wait().await;
+            Err(start_error(line))
+        }
+    }
+}
+
+/// A supervisor's `error MESSAGE` as the backend's error.
+fn start_error(line: &str) -> BackendError {
+    let reason = line.strip_prefix("error ").unwrap_or(if line.is_empty() {
+        "the supervisor exited without a word; see supervisor.log"
+    } else {
+        line
+    });
+    // What the workload's own settings got wrong (a missing program) is the caller's input.
+    if reason.starts_with("exec ") || reason.starts_with("chdir ") {
+        BackendError::Invalid(format!("start: {reason}"))
+    } else {
+        BackendError::Other(format!("start: {reason}"))
+    }
+}
+
+async fn cold_start(
+    inner: &Inner,
+    bundle: &Path,
+    container: &ContainerConfig,
+) -> Result<(tokio::process::Child, i32), BackendError> {
+    make_bundle(bundle, container)?;
+    spawn_supervisor(inner, bundle, None).await
+}
+
+/// Hands a warm shell to the sandbox: its bundle becomes the sandbox's, the supervisor gets
+/// the configuration and the workload is `execve`d in the prepared container.
+async fn claim(
+    inner: &Inner,
+    shell: Shell,
+    bundle: &Path,
+    container: &ContainerConfig,
+) -> Result<(tokio::process::Child, i32), BackendError> {
+    use tokio::io::AsyncWriteExt;
+    let Shell {
+        bundle: warm,
+        mut child,
+        ..
+    } = shell;
+    debug!(shell = %warm.display(), "linux: claiming a warm shell");
+    std::fs::rename(&warm, bundle).map_err(|e| io("rename warm shell to", bundle, e))?;
+    config::write_json(bundle, config::CONFIG_FILE, container)
+        .map_err(|e| io("write", &bundle.join(config::CONFIG_FILE), e))?;
+    let claim = config::Claim {
+        bundle: bundle.to_path_buf(),
+        config: container.clone(),
+    };
+    let mut line = serde_json::to_string(&claim)
+        .map_err(|e| BackendError::Other(format!("encode claim: {e}")))?;
+    line.push('\n');
+    let socket = bundle.join(config::CONTROL_SOCKET);
+    let talk = async {
+        let mut stream = tokio::net::UnixStream::connect(&socket).await?;
+        stream.write_all(line.as_bytes()).await?;
+        let mut reply = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut reply)
+            .await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    let reply = match talk.await {
+        Ok(reply) => reply,
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(io("claim warm shell", &socket, e));
+        }
+    };
+    let reply = reply.trim_end();
+    match reply.strip_prefix("ok ").map(str::parse::<i32>) {
+        Some(Ok(pid)) => {
+            debug!(
+                pid,
+                warm_shells = inner.shells.lock().map(|s| s.len()).unwrap_or(0),
+                "linux: claimed"
+            );
+            Ok((child, pid))
+        }
+        _ => {
+            let _ = child.wait().await;
+            Err(start_error(reply))
         }
     }
 }
@@ -360,19 +677,8 @@ impl Backend for LinuxBackend {
             BackendError::Invalid(format!("spec.denySyscalls: {}", crate::error_chain(&e)))
         })?;
         let bundle = self.bundle(id);
-        let make = || -> std::io::Result<()> {
-            std::fs::create_dir(&bundle)?;
-            for d in [config::ROOTFS_DIR, config::UPPER_DIR, config::WORK_DIR] {
-                std::fs::create_dir(bundle.join(d))?;
-            }
-            config::write_json(&bundle, config::CONFIG_FILE, &container)
-        };
-        if let Err(e) = make() {
-            let _ = std::fs::remove_dir_all(&bundle);
-            return Err(io("create bundle", &bundle, e));
-        }
         let mut info = BackendInfo::new();
-        info.insert("image".into(), image_id);
+        info.insert("image".into(), image_id.clone());
         info.insert("bundle".into(), bundle.display().to_string());
         info.insert("command".into(), container.argv.join(" "));
         inner.lock().insert(
@@ -383,6 +689,7 @@ impl Backend for LinuxBackend {
                 status: BackendStatus::Created,
                 supervisor: None,
                 done: None,
+                pending: Some((container, image_id)),
             },
         );
         Ok(info)
@@ -390,53 +697,27 @@ impl Backend for LinuxBackend {
 
     async fn start(&self, id: &str) -> Result<(), BackendError> {
         let inner = Arc::clone(&self.inner);
-        {
-            let sandboxes = inner.lock();
-            let sb = sandboxes.get(id).ok_or_else(|| not_found(id))?;
-            if sb.status != BackendStatus::Created {
-                return Err(BackendError::Other(format!(
-                    "sandbox {id} cannot start: it is {:?}",
-                    sb.status
-                )));
+        let (container, image_id) = {
+            let mut sandboxes = inner.lock();
+            let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            match (&sb.status, sb.pending.take()) {
+                (BackendStatus::Created, Some(pending)) => pending,
+                (status, _) => {
+                    return Err(BackendError::Other(format!(
+                        "sandbox {id} cannot start: it is {status:?}"
+                    )));
+                }
             }
-        }
+        };
         let bundle = self.bundle(id);
-        let log_path = bundle.join(config::SUPERVISOR_LOG_FILE);
-        let log = std::fs::File::create(&log_path).map_err(|e| io("create", &log_path, e))?;
-        let (program, args) = inner
-            .config
-            .supervisor
-            .split_first()
-            .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .arg(&bundle)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| io("start supervisor", Path::new(program), e))?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let mut reader = tokio::io::BufReader::new(out);
-            reader
-                .read_line(&mut line)
-                .await
-                .map_err(|e| io("read from supervisor", &bundle, e))?;
-        }
-        let line = line.trim_end();
-        let pid = match line.strip_prefix("ok ").map(str::parse::<i32>) {
-            Some(Ok(pid)) => pid,
-            _ => {
-                let _ = child.wait().await;
-                let reason = line.strip_prefix("error ").unwrap_or(if line.is_empty() {
-                    "the supervisor exited without a word; see supervisor.log"
-                } else {
-                    line
-                });
-                return Err(BackendError::Other(format!("start: {reason}")));
-            }
+        let shell = if container.mounts.is_empty() {
+            inner.take_shell(&image_id)
+        } else {
+            None
+        };
+        let (mut child, pid) = match shell {
+            Some(shell) => claim(&inner, shell, &bundle, &container).await?,
+            None => cold_start(&inner, &bundle, &container).await?,
         };
         let supervisor = child.id().map(|p| p as i32);
         let (done_tx, done_rx) = watch::channel(false);
@@ -489,7 +770,7 @@ impl Backend for LinuxBackend {
                 id,
                 "linux: supervisor did not end after the grace period; killing it"
             );
-            kill_everything(&self.inner.config, id, supervisor);
+            kill_everything(&self.inner.config, &cgroup_name(&bundle, id), supervisor);
             let _ = tokio::time::timeout(STOP_SLACK, done.wait_for(|d| *d)).await;
         }
         self.status(id).await
@@ -509,12 +790,13 @@ impl Backend for LinuxBackend {
             return Err(not_found(id));
         } else if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
             // An orphan from an earlier run: make sure nothing of it is left running.
-            if config::process_start_time(state.supervisor_pid) == Some(state.supervisor_start) {
-                kill_everything(&self.inner.config, id, state.supervisor_pid);
+            if state.supervisor_alive() {
+                kill_everything(&self.inner.config, &state.cgroup, state.supervisor_pid);
             }
         }
+        let name = cgroup_name(&bundle, id);
         let cgroup = crate::cgroup::CgroupLayout::detect()
-            .map(|l| crate::cgroup::Cgroup::open(&l, &self.inner.config.cgroup_parent, id));
+            .map(|l| crate::cgroup::Cgroup::open(&l, &self.inner.config.cgroup_parent, &name));
         if let Ok(cg) = cgroup
             && cg.exists()
         {
@@ -570,8 +852,7 @@ impl Backend for LinuxBackend {
             Some(_) if bundle.join(config::EXIT_FILE).exists() => exit_status(&bundle),
             Some(state) => {
                 info.insert("pid".into(), state.pid.to_string());
-                if config::process_start_time(state.supervisor_pid) == Some(state.supervisor_start)
-                {
+                if state.supervisor_alive() {
                     watch_pid = Some(state.supervisor_pid);
                     BackendStatus::Running
                 } else {
@@ -585,6 +866,7 @@ impl Backend for LinuxBackend {
             status: status.clone(),
             supervisor: None,
             done: None,
+            pending: None,
         };
         if let Some(pid) = watch_pid {
             let pidfd = pidfd_open(pid).map_err(|e| io("pidfd_open", &bundle, e))?;
@@ -818,11 +1100,18 @@ fn set_window_size(master: &OwnedFd, rows: u16, cols: u16) -> std::io::Result<()
     Ok(())
 }
 
+/// The sandbox's cgroup name: its id, unless it came from a warm shell (`state.json` says).
+fn cgroup_name(bundle: &Path, id: &str) -> String {
+    config::read_json::<State>(bundle, config::STATE_FILE)
+        .map(|s| s.cgroup)
+        .unwrap_or_else(|_| id.to_string())
+}
+
 /// The last resort of a stop: SIGKILL every process in the sandbox's cgroup and the
 /// supervisor itself.
-fn kill_everything(config: &LinuxConfig, id: &str, supervisor: i32) {
+fn kill_everything(config: &LinuxConfig, cgroup: &str, supervisor: i32) {
     if let Ok(layout) = crate::cgroup::CgroupLayout::detect() {
-        let _ = crate::cgroup::Cgroup::open(&layout, &config.cgroup_parent, id).kill_all();
+        let _ = crate::cgroup::Cgroup::open(&layout, &config.cgroup_parent, cgroup).kill_all();
     }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor),

@@ -101,7 +101,40 @@ pub struct State {
     pub supervisor_start: u64,
     /// The workload's pid in the host's pid namespace.
     pub pid: i32,
+    /// The sandbox's cgroup name under the parent: its id, or the warm shell's it came from.
+    pub cgroup: String,
 }
+
+impl State {
+    /// This process as a supervisor of `pid` in cgroup `cgroup`.
+    pub fn new(pid: i32, cgroup: &str) -> State {
+        let me = std::process::id() as i32;
+        State {
+            supervisor_pid: me,
+            supervisor_start: process_start_time(me).unwrap_or(0),
+            pid,
+            cgroup: cgroup.to_string(),
+        }
+    }
+
+    /// The supervisor that wrote this is still running (not a recycled pid).
+    pub fn supervisor_alive(&self) -> bool {
+        process_start_time(self.supervisor_pid) == Some(self.supervisor_start)
+    }
+}
+
+/// The message that hands a warm shell to a sandbox, sent as one JSON line on the shell's
+/// `ctl.sock`; the answer is one line, `ok PID` or `error MESSAGE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Claim {
+    /// The bundle's directory now (the backend renamed the shell's to the sandbox's).
+    pub bundle: PathBuf,
+    pub config: ContainerConfig,
+}
+
+/// The warm shell's control socket in its bundle.
+pub const CONTROL_SOCKET: &str = "ctl.sock";
 
 /// Written by the supervisor when the workload has ended, before it exits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -107,7 +107,44 @@ pub struct ChildPlan<'a> {
 
 /// Runs in the forked child; returns only with an error (else it has become the workload).
 pub fn child_main(plan: ChildPlan<'_>) -> String {
-    match setup_and_exec(plan) {
+    let result = prepare(plan.config, plan.bundle, &plan.cgroup_procs).and_then(|()| {
+        finish(
+            plan.config,
+            plan.seccomp,
+            [plan.stdin, plan.stdout, plan.stderr],
+        )
+    });
+    match result {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+/// The warm variant: prepares everything an image needs (namespaces, rootfs, `/proc`,
+/// `/dev`, masks), writes one byte to `ready`, then waits for the claimed sandbox's
+/// configuration on `claim` (JSON, until end of file) and finishes with it. A warm shell
+/// has no bind mounts: sandboxes that need some start cold.
+pub fn warm_child_main(
+    template: &ContainerConfig,
+    bundle: &Path,
+    cgroup_procs: &[PathBuf],
+    ready: OwnedFd,
+    claim: OwnedFd,
+    stdio: [OwnedFd; 3],
+) -> String {
+    let result = prepare(template, bundle, cgroup_procs).and_then(|()| {
+        nix::unistd::write(&ready, b"r").map_err(|e| err("report ready", e))?;
+        drop(ready);
+        let mut file = std::fs::File::from(claim);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| err("read the claim", e))?;
+        let config: ContainerConfig =
+            serde_json::from_slice(&bytes).map_err(|e| err("parse the claim", e))?;
+        let seccomp =
+            crate::seccomp::compiled(&config.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
+        finish(&config, &seccomp, stdio)
+    });
+    match result {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -117,10 +154,11 @@ fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
 }
 
-fn setup_and_exec(plan: ChildPlan<'_>) -> Result<std::convert::Infallible, String> {
-    let cfg = plan.config;
+/// Everything up to the workload's own settings: cgroup, namespaces, the rootfs and what is
+/// mounted in it.
+fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Result<(), String> {
     reset_signals();
-    for procs in &plan.cgroup_procs {
+    for procs in cgroup_procs {
         std::fs::write(procs, "0")
             .map_err(|e| err(format!("join cgroup {}", procs.display()), e))?;
     }
@@ -141,8 +179,8 @@ fn setup_and_exec(plan: ChildPlan<'_>) -> Result<std::convert::Infallible, Strin
     )
     .map_err(|e| err("make mounts private", e))?;
 
-    let rootfs = plan.bundle.join(crate::config::ROOTFS_DIR);
-    mount_overlay(cfg, plan.bundle, &rootfs)?;
+    let rootfs = bundle.join(crate::config::ROOTFS_DIR);
+    mount_overlay(cfg, bundle, &rootfs)?;
     // Host directories for bind mounts, opened while the host's tree is still visible.
     let mut host_dirs = Vec::with_capacity(cfg.mounts.len());
     for m in &cfg.mounts {
@@ -194,9 +232,17 @@ fn setup_and_exec(plan: ChildPlan<'_>) -> Result<std::convert::Infallible, Strin
     umount2(old_root.as_str(), MntFlags::MNT_DETACH).map_err(|e| err("detach the old root", e))?;
     std::fs::remove_dir(&old_root).map_err(|e| err(format!("rmdir {old_root}"), e))?;
     mask_paths()?;
-
-    sethostname(&cfg.hostname).map_err(|e| err(format!("sethostname {}", cfg.hostname), e))?;
     loopback_up().map_err(|e| err("bring up lo", e))?;
+    Ok(())
+}
+
+/// The workload's own settings, then `execve`.
+fn finish(
+    cfg: &ContainerConfig,
+    seccomp: &seccompiler::BpfProgram,
+    stdio: [OwnedFd; 3],
+) -> Result<std::convert::Infallible, String> {
+    sethostname(&cfg.hostname).map_err(|e| err(format!("sethostname {}", cfg.hostname), e))?;
     if cfg.read_only_rootfs {
         remount_read_only("/")?;
     }
@@ -214,13 +260,14 @@ fn setup_and_exec(plan: ChildPlan<'_>) -> Result<std::convert::Infallible, Strin
     let env = to_cstrings("env", &cfg.env)?;
 
     // stdio last: errors before this point could still be logged by the supervisor.
-    nix::unistd::dup2_stdin(&plan.stdin).map_err(|e| err("dup2 stdin", e))?;
-    nix::unistd::dup2_stdout(&plan.stdout).map_err(|e| err("dup2 stdout", e))?;
-    nix::unistd::dup2_stderr(&plan.stderr).map_err(|e| err("dup2 stderr", e))?;
-    drop((plan.stdin, plan.stdout, plan.stderr));
+    let [stdin, stdout, stderr] = stdio;
+    nix::unistd::dup2_stdin(&stdin).map_err(|e| err("dup2 stdin", e))?;
+    nix::unistd::dup2_stdout(&stdout).map_err(|e| err("dup2 stdout", e))?;
+    nix::unistd::dup2_stderr(&stderr).map_err(|e| err("dup2 stderr", e))?;
+    drop((stdin, stdout, stderr));
     close_other_fds();
 
-    crate::seccomp::install(plan.seccomp).map_err(|e| err("install seccomp filter", e))?;
+    crate::seccomp::install(seccomp).map_err(|e| err("install seccomp filter", e))?;
     let e = nix::unistd::execve(&program, &argv, &env).unwrap_err();
     Err(format!("exec {:?}: {}", cfg.argv[0], e.desc()))
 }

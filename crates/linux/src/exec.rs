@@ -74,7 +74,7 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
         return Err("the sandbox is not running".to_string());
     }
     let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
-    let cgroup = Cgroup::open(&layout, &container.cgroup_parent, &container.id);
+    let cgroup = Cgroup::open(&layout, &container.cgroup_parent, &state.cgroup);
     for procs in cgroup.procs_files() {
         std::fs::write(&procs, "0").map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
     }

@@ -90,22 +90,7 @@ fn start(bundle: &Path) -> Result<Running, String> {
         crate::seccomp::compiled(&config.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
     let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
 
-    let mut mask = SigSet::empty();
-    for sig in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        mask.add(sig);
-    }
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
-        .map_err(|e| format!("sigprocmask: {e}"))?;
-    let signals = SignalFd::with_flags(
-        &mask,
-        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
-    )
-    .map_err(|e| format!("signalfd: {e}"))?;
+    let signals = block_signals()?;
 
     let cgroup = Cgroup::create(
         &layout,
@@ -131,6 +116,26 @@ fn start(bundle: &Path) -> Result<Running, String> {
             Err(e)
         }
     }
+}
+
+/// Blocks the signals the supervisor handles and returns a descriptor that reads them.
+fn block_signals() -> Result<SignalFd, String> {
+    let mut mask = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(sig);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| format!("sigprocmask: {e}"))?;
+    SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    )
+    .map_err(|e| format!("signalfd: {e}"))
 }
 
 fn fork_container(
@@ -192,12 +197,7 @@ fn fork_container(
                 let _ = waitpid(child, None);
                 return Err(String::from_utf8_lossy(&message).into_owned());
             }
-            let state = State {
-                supervisor_pid: std::process::id() as i32,
-                supervisor_start: config::process_start_time(std::process::id() as i32)
-                    .unwrap_or(0),
-                pid: child.as_raw(),
-            };
+            let state = State::new(child.as_raw(), &config.id);
             if let Err(e) = config::write_json(bundle, config::STATE_FILE, &state) {
                 let _ = kill(child, Signal::SIGKILL);
                 let _ = waitpid(child, None);
@@ -405,6 +405,7 @@ fn stop_grace(bundle: &Path, config: &ContainerConfig) -> Duration {
 pub fn cli(args: &[std::ffi::OsString]) -> i32 {
     match args {
         [bundle] => main(Path::new(bundle)),
+        [flag, bundle] if flag == "--warm" => warm_main(Path::new(bundle)),
         [flag, bundle, spec] if flag == "--exec" => match spec.to_str() {
             Some(spec) => crate::exec::main(Path::new(bundle), spec),
             None => {
@@ -413,8 +414,291 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
             }
         },
         _ => {
-            eprintln!("usage: warren-supervise BUNDLE | warren-supervise --exec BUNDLE SPEC_JSON");
+            eprintln!(
+                "usage: warren-supervise [--warm] BUNDLE | warren-supervise --exec BUNDLE SPEC_JSON"
+            );
             2
         }
+    }
+}
+
+/// A warm shell: a container prepared from an image's template (namespaces, rootfs, `/proc`,
+/// `/dev`) whose pid 1 waits for a sandbox to claim it. Claiming only sets the sandbox's own
+/// settings and `execve`s, which is what makes a create from the pool fast.
+struct WarmShell {
+    template: ContainerConfig,
+    pid: Pid,
+    cgroup: Cgroup,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    fail: OwnedFd,
+    claim: OwnedFd,
+    listener: std::os::unix::net::UnixListener,
+    signals: SignalFd,
+}
+
+/// `warren-supervise --warm BUNDLE`: prepares a warm shell, reports `ok PID` once it is
+/// ready, waits for a claim on `ctl.sock` (or SIGTERM), then supervises the claimed sandbox
+/// like a cold one.
+pub fn warm_main(bundle: &Path) -> i32 {
+    let _ = nix::unistd::setsid();
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let shell = match warm_start(bundle) {
+        Ok(shell) => shell,
+        Err(message) => {
+            report(&format!("error {}", message.replace('\n', " ")));
+            return 1;
+        }
+    };
+    report(&format!("ok {}", shell.pid));
+    silence_stdout();
+    match wait_for_claim(shell) {
+        Ok((bundle, running)) => {
+            supervise(&bundle, running);
+            0
+        }
+        Err(message) => {
+            eprintln!("supervisor: warm shell ended: {message}");
+            1
+        }
+    }
+}
+
+fn warm_start(bundle: &Path) -> Result<WarmShell, String> {
+    let template: ContainerConfig = config::read_json(bundle, config::CONFIG_FILE)
+        .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
+    let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
+    let signals = block_signals()?;
+    let cgroup = Cgroup::create(
+        &layout,
+        &template.cgroup_parent,
+        &template.id,
+        &(&template.limits).into(),
+    )
+    .map_err(|e| crate::error_chain(&e))?;
+    warm_fork(bundle, &template, &cgroup, signals).inspect_err(|_| {
+        let _ = cgroup.kill_all();
+        let _ = cgroup.remove();
+    })
+}
+
+fn warm_fork(
+    bundle: &Path,
+    template: &ContainerConfig,
+    cgroup: &Cgroup,
+    signals: SignalFd,
+) -> Result<WarmShell, String> {
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (fail_r, fail_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let (claim_r, claim_w) = pipe()?;
+    let stdin = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("open /dev/null: {e}"))?;
+    let socket = bundle.join(config::CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| format!("listen on {}: {e}", socket.display()))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| format!("unshare pid namespace: {e}"))?;
+    // SAFETY: the supervisor is single-threaded; the child ends in execve or _exit.
+    #[allow(unsafe_code)]
+    let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
+    match forked {
+        ForkResult::Child => {
+            drop((out_r, err_r, fail_r, ready_r, claim_w, listener));
+            let message = crate::container::warm_child_main(
+                template,
+                bundle,
+                &cgroup.procs_files(),
+                ready_w,
+                claim_r,
+                [stdin, out_w, err_w],
+            );
+            let _ = nix::unistd::write(&fail_w, message.as_bytes());
+            // SAFETY: ends the child at once, without the supervisor's exit handlers.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::_exit(127)
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop((out_w, err_w, fail_w, ready_w, claim_r, stdin));
+            let mut byte = [0u8; 1];
+            let ready = loop {
+                match nix::unistd::read(&ready_r, &mut byte) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            if ready != Ok(1) {
+                let message = read_to_end(&fail_r);
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(if message.is_empty() {
+                    "the warm shell died while preparing".to_string()
+                } else {
+                    message
+                });
+            }
+            let state = State::new(child.as_raw(), &template.id);
+            if let Err(e) = config::write_json(bundle, config::STATE_FILE, &state) {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(format!("write {}: {e}", config::STATE_FILE));
+            }
+            Ok(WarmShell {
+                template: template.clone(),
+                pid: child,
+                cgroup: cgroup.clone(),
+                stdout: out_r,
+                stderr: err_r,
+                fail: fail_r,
+                claim: claim_w,
+                listener,
+                signals,
+            })
+        }
+    }
+}
+
+fn read_to_end(fd: &OwnedFd) -> String {
+    let mut message = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => message.extend_from_slice(&buf[..n]),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&message).into_owned()
+}
+
+/// Kills a warm shell that will never run anything and removes its cgroup.
+fn discard(pid: Pid, cgroup: &Cgroup) {
+    let _ = kill(pid, Signal::SIGKILL);
+    let _ = waitpid(pid, None);
+    let _ = cgroup.kill_all();
+    let _ = cgroup.remove();
+}
+
+/// Waits for a claim or the end; on a claim, hands the shell its sandbox and returns what
+/// [`supervise`] needs.
+fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), String> {
+    use std::io::{BufRead, Write as _};
+    loop {
+        let mut fds = [
+            PollFd::new(shell.signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shell.listener.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                discard(shell.pid, &shell.cgroup);
+                return Err(format!("poll: {e}"));
+            }
+        }
+        let signalled = fds[0].revents().is_some_and(|r| !r.is_empty());
+        let claimed = fds[1].revents().is_some_and(|r| !r.is_empty());
+        if signalled {
+            while let Ok(Some(info)) = shell.signals.read_signal() {
+                if let Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP) =
+                    Signal::try_from(info.ssi_signo as i32)
+                {
+                    discard(shell.pid, &shell.cgroup);
+                    return Err("stopped while warm".to_string());
+                }
+            }
+            if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+                waitpid(shell.pid, Some(WaitPidFlag::WNOHANG))
+            {
+                let message = read_to_end(&shell.fail);
+                discard(shell.pid, &shell.cgroup);
+                return Err(format!("the warm shell died: {message}"));
+            }
+        }
+        if !claimed {
+            continue;
+        }
+        let Ok((stream, _)) = shell.listener.accept() else {
+            continue;
+        };
+        let mut line = String::new();
+        if std::io::BufReader::new(&stream)
+            .read_line(&mut line)
+            .is_err()
+        {
+            continue;
+        }
+        let reply = |text: &str| {
+            let _ = (&stream).write_all(format!("{text}\n").as_bytes());
+        };
+        let claim: config::Claim = match serde_json::from_str(&line) {
+            Ok(c) => c,
+            Err(e) => {
+                reply(&format!("error bad claim: {e}"));
+                continue;
+            }
+        };
+        if claim.config.layers != shell.template.layers || !claim.config.mounts.is_empty() {
+            reply("error the claim does not fit this shell (another image, or bind mounts)");
+            continue;
+        }
+        if let Err(e) = shell.cgroup.update(&(&claim.config.limits).into()) {
+            let why = crate::error_chain(&e);
+            reply(&format!("error {why}"));
+            discard(shell.pid, &shell.cgroup);
+            return Err(why);
+        }
+        let WarmShell {
+            template,
+            pid,
+            cgroup,
+            stdout,
+            stderr,
+            fail,
+            claim: claim_fd,
+            signals,
+            ..
+        } = shell;
+        let written = serde_json::to_vec(&claim.config)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::File::from(claim_fd).write_all(&bytes));
+        let message = read_to_end(&fail);
+        if written.is_err() || !message.is_empty() {
+            let why = if message.is_empty() {
+                "the warm shell died".to_string()
+            } else {
+                message
+            };
+            reply(&format!("error {}", why.replace('\n', " ")));
+            discard(pid, &cgroup);
+            return Err(why);
+        }
+        let state = State::new(pid.as_raw(), &template.id);
+        if let Err(e) = config::write_json(&claim.bundle, config::STATE_FILE, &state) {
+            eprintln!("supervisor: write {}: {e}", config::STATE_FILE);
+        }
+        let _ = std::fs::remove_file(claim.bundle.join(config::CONTROL_SOCKET));
+        reply(&format!("ok {pid}"));
+        return Ok((
+            claim.bundle,
+            Running {
+                config: claim.config,
+                pid,
+                cgroup,
+                stdout,
+                stderr,
+                signals,
+                started: Instant::now(),
+            },
+        ));
     }
 }

@@ -61,6 +61,11 @@ pub struct Args {
     /// Default time between SIGTERM and SIGKILL when deleting, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Keep N pre-created containers of an image ready, so a create from the pool only
+    /// sets the workload's settings and execs it: linux:IMAGE=N (repeatable). Sandboxes with
+    /// --mapdir start cold.
+    #[arg(long, value_name = "linux:IMAGE=N")]
+    warm: Vec<String>,
     /// Parent cgroup of the linux backend's sandboxes (in every v1 hierarchy, or under the
     /// v2 root).
     #[arg(long, default_value = "warren")]
@@ -68,6 +73,27 @@ pub struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// `linux:IMAGE=N`: the backend (only linux has warm shells), the image name, the count.
+fn parse_warm(s: &str) -> Result<(String, usize), String> {
+    let (backend, rest) = s.split_once(':').ok_or("expected linux:IMAGE=N")?;
+    if backend != "linux" {
+        return Err(format!(
+            "backend {backend:?} keeps no warm pool (only linux does)"
+        ));
+    }
+    let (image, count) = rest.rsplit_once('=').ok_or("expected linux:IMAGE=N")?;
+    if image.is_empty() {
+        return Err("the image is empty".into());
+    }
+    let count: usize = count
+        .parse()
+        .map_err(|_| format!("{count:?} is not a count"))?;
+    if count > 1000 {
+        return Err(format!("{count} warm shells is more than 1000"));
+    }
+    Ok((image.to_string(), count))
 }
 
 fn hostname() -> String {
@@ -125,6 +151,11 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         },
         default_grace: args.grace,
         linux_supervisor: warren_control::LinuxConfig::default_supervisor(),
+        linux_warm: args
+            .warm
+            .iter()
+            .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
+            .collect::<anyhow::Result<_>>()?,
         cgroup_parent: args.cgroup_parent,
     };
     let dir = config.dir.clone();
