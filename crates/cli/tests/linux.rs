@@ -833,3 +833,44 @@ fn warm_pool_serves_creates_with_their_own_settings() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn update_resizes_a_running_sandbox() {
+    let l = linux_or_skip!();
+    let out = l.run(
+        "resize",
+        &["-m", "64Mi", "--pids", "30"],
+        &["sleep", "1000"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("resize", "Running");
+    let cgroup = cgroup_of(&l, "resize");
+    let file = |controller: &str, name: &str| {
+        use warren_linux::cgroup::CgroupLayout;
+        let path = match CgroupLayout::detect().unwrap() {
+            CgroupLayout::V1 { mounts } => mounts[controller]
+                .join(&l.cgroup_parent)
+                .join(&cgroup)
+                .join(name),
+            CgroupLayout::V2 { root } => root.join(&l.cgroup_parent).join(&cgroup).join(name),
+        };
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let (memory, pids) = match warren_linux::cgroup::CgroupLayout::detect()
+        .unwrap()
+        .version()
+    {
+        1 => ("memory.limit_in_bytes", "pids.max"),
+        _ => ("memory.max", "pids.max"),
+    };
+    assert_eq!(file("memory", memory).trim(), (64u64 << 20).to_string());
+    l.ok(&["update", "resize", "--memory", "128Mi", "--pids", "40"]);
+    assert_eq!(file("memory", memory).trim(), (128u64 << 20).to_string());
+    assert_eq!(file("pids", pids).trim(), "40");
+    assert_eq!(
+        l.get("resize")["status"]["resources"]["memory_limit"],
+        128u64 << 20,
+        "the record says so too"
+    );
+    l.ok(&["rm", "resize"]);
+}

@@ -574,13 +574,7 @@ fn container_config(
             read_only: m.read_only,
         });
     }
-    let r = &config.resources;
-    let limits = Limits {
-        memory_bytes: r.memory_limit,
-        pids: r.pid_limit,
-        cpu_limit_millis: r.cpu_limit.map(|c| (c * 1000.0).round() as u64),
-        cpu_request_millis: r.cpu_request.map(|c| (c * 1000.0).round() as u64),
-    };
+    let limits = limits_of(&config.resources);
     let grace = spec
         .stop_grace_period_seconds
         .map(Duration::from_secs_f64)
@@ -608,6 +602,16 @@ fn container_config(
         },
         image.id,
     ))
+}
+
+/// The cgroup limits a sandbox's resources ask for.
+fn limits_of(r: &ResourceInfo) -> Limits {
+    Limits {
+        memory_bytes: r.memory_limit,
+        pids: r.pid_limit,
+        cpu_limit_millis: r.cpu_limit.map(|c| (c * 1000.0).round() as u64),
+        cpu_request_millis: r.cpu_request.map(|c| (c * 1000.0).round() as u64),
+    }
 }
 
 /// Kubernetes' rule: `command` replaces the image's entrypoint, `args` its cmd; args alone
@@ -893,6 +897,43 @@ impl Backend for LinuxBackend {
 
     async fn list(&self) -> Result<Vec<String>, BackendError> {
         warren_runtime::sandbox_dirs(&self.inner.config.dir, &[])
+    }
+
+    /// Resizes a running sandbox: the new limits are written to its cgroup (a memory limit
+    /// below what it uses now is refused by the kernel, and reported).
+    async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
+        let bundle = self.bundle(id);
+        let running = {
+            let mut sandboxes = self.inner.lock();
+            let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            if let Some((pending, _)) = &mut sb.pending {
+                pending.limits = limits_of(resources);
+            }
+            sb.resources = resources.clone();
+            sb.status == BackendStatus::Running
+        };
+        if !running {
+            return Ok(());
+        }
+        let layout = crate::cgroup::CgroupLayout::detect()
+            .map_err(|e| BackendError::Other(crate::error_chain(&e)))?;
+        let cgroup = crate::cgroup::Cgroup::open(
+            &layout,
+            &self.inner.config.cgroup_parent,
+            &cgroup_name(&bundle, id),
+        );
+        let limits = limits_of(resources);
+        cgroup
+            .update(&(&limits).into())
+            .map_err(|e| BackendError::Invalid(format!("resize: {}", crate::error_chain(&e))))?;
+        // Keep container.json in step, so an adopting server and `exec` see the new limits.
+        if let Ok(mut container) =
+            config::read_json::<ContainerConfig>(&bundle, config::CONFIG_FILE)
+        {
+            container.limits = limits;
+            let _ = config::write_json(&bundle, config::CONFIG_FILE, &container);
+        }
+        Ok(())
     }
 
     async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, BackendError> {
