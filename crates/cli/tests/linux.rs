@@ -483,7 +483,12 @@ fn exec_runs_inside_the_sandbox() {
 #[test]
 fn sandboxes_survive_a_server_kill_and_are_adopted() {
     let mut l = linux_or_skip!();
-    let out = l.run("survivor", &[], &["sh", "-c", "echo before; sleep 1000"]);
+    // Strong: acknowledged only once recorded, so a kill -9 right after cannot lose it.
+    let out = l.run(
+        "survivor",
+        &["--mode", "strong"],
+        &["sh", "-c", "echo before; sleep 1000"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     l.wait_phase("survivor", "Running");
     let bundle = PathBuf::from(
@@ -507,7 +512,7 @@ fn sandboxes_survive_a_server_kill_and_are_adopted() {
     );
     assert_eq!(l.ok(&["logs", "survivor"]), "before\n");
     // Its end is still noticed: through the pidfd, not a child handle.
-    let out = l.run("short", &[], &["sleep", "1"]);
+    let out = l.run("short", &["--mode", "strong"], &["sleep", "1"]);
     assert_eq!(out.status.code(), Some(0));
     l.server.kill9();
     l.server.spawn();

@@ -442,8 +442,8 @@ fn watch_streams_changes() {
     let _ = watch.wait();
 }
 
-/// kill -9 in the middle of 500 creates: every create the server acknowledged is there
-/// after a restart, with its resources.json.
+/// kill -9 in the middle of 500 strong creates: every create the server acknowledged is
+/// there after a restart, with its resources.json.
 #[test]
 fn acknowledged_creates_survive_kill_9() {
     let mut server = TestServer::start();
@@ -470,6 +470,7 @@ fn acknowledged_creates_survive_kill_9() {
                     }
                     let mut spec = SandboxSpec {
                         name: format!("k{i:03}"),
+                        consistency: warren_spec::Consistency::Strong,
                         ..Default::default()
                     };
                     spec.resources.limits.memory = Some("64Mi".into());
@@ -563,4 +564,41 @@ fn clients_hanging_up_do_not_kill_the_server() {
         "",
         "the server is still serving"
     );
+}
+
+/// Fast creates are acknowledged before their record is on disk, and written behind in
+/// order: a graceful stop drains the queue, so all of them are there after a restart. A
+/// strong create that fails leaves no record.
+#[test]
+fn fast_creates_are_written_behind_and_strong_failures_leave_nothing() {
+    let mut server = TestServer::start();
+    for i in 0..20 {
+        server.ok(&[
+            "run",
+            "--name",
+            &format!("f{i:02}"),
+            "--mode",
+            "fast",
+            "-m",
+            "1Mi",
+        ]);
+    }
+    let out = server.warren(&[
+        "run",
+        "--name",
+        "bad",
+        "--mode",
+        "strong",
+        "-b",
+        "wasm",
+        "--module",
+        "/no/such.wasm",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(server.terminate().success());
+    server.spawn();
+    let listed = server.ok(&["ls", "-o", "name"]);
+    let names: Vec<&str> = listed.lines().collect();
+    assert_eq!(names.len(), 20, "{listed}");
+    assert!(names.iter().all(|n| n.starts_with('f')), "{listed}");
 }

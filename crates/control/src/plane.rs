@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use warren_agent::{Agent, AgentError};
 use warren_runtime::{BackendError, BackendEvent, BackendStatus, SandboxConfig};
 use warren_spec::{
-    BackendKind, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
+    BackendKind, Consistency, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
 };
 
 use crate::record::{self, SandboxRecord, now_ms};
@@ -330,11 +330,24 @@ impl ControlPlane {
         Ok((record, true))
     }
 
+    /// Runs the sandbox and records it, in the spec's consistency mode:
+    /// - **Strong**: the record is durable as `Creating` before the agent runs anything, and
+    ///   as `Running` before the reply; a failed run removes the record again. A sandbox
+    ///   the caller was told about always survives a crash of the server.
+    /// - **Fast**: the agent runs first and the reply does not wait for the disk: the
+    ///   `Running` record is queued to the store (in order with later changes) and written
+    ///   behind. If that write fails, the sandbox is removed again (it is an orphan no
+    ///   record describes), as the start-up reconcile would after a crash.
     async fn finish_create(
         &self,
         mut rec: SandboxRecord,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = rec.spec.name.clone();
+        let strong = rec.spec.consistency == Consistency::Strong;
+        if strong && let Err(e) = self.persist(&rec).await {
+            self.lock().remove(&name);
+            return Err(e);
+        }
         let config = SandboxConfig {
             id: rec.id.clone(),
             spec: rec.spec.clone(),
@@ -343,7 +356,7 @@ impl ControlPlane {
         let info = match self.inner.agent.run(&config).await {
             Ok(info) => info,
             Err(e) => {
-                self.lock().remove(&name);
+                self.forget_create(&name, strong).await;
                 return Err(e.into());
             }
         };
@@ -351,15 +364,69 @@ impl ControlPlane {
         rec.backend_info = info;
         rec.revision = 1;
         rec.updated_at_ms = now_ms();
-        if let Err(e) = self.persist(&rec).await {
+        let name = rec.spec.name.clone();
+        let value = serde_json::to_vec(&rec).map_err(|e| ControlError::Internal(e.to_string()));
+        let queued = value.and_then(|value| {
+            Ok(self.inner.store.submit(Write::Put {
+                key: record::key(&name),
+                value,
+            })?)
+        });
+        let durable = match queued {
+            Ok(ack) if strong => ack
+                .await
+                .map_err(|_| ControlError::Store(StoreError::Closed))
+                .and_then(|r| r.map_err(ControlError::from)),
+            Ok(ack) => {
+                let this = self.clone();
+                let (kind, id, name) = (rec.spec.backend, rec.id.clone(), name.clone());
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = ack.await {
+                        return;
+                    }
+                    warn!(sandbox = %name, "a fast create could not be persisted; removing it");
+                    if let Err(e) = this.inner.agent.delete(kind, &id).await {
+                        warn!(sandbox = %name, error = %e, "removing an unpersisted sandbox failed");
+                    }
+                    let mut reg = this.lock();
+                    if let Some(entry) = reg.sandboxes.get(&name)
+                        && entry.record.id == id
+                    {
+                        let mut gone = (*entry.record).clone();
+                        gone.status = Phase::Deleted;
+                        reg.remove(&name);
+                        this.emit(&mut reg, EventKind::Deleted, Arc::new(gone));
+                    }
+                });
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = durable {
             // Not acknowledged, so not kept: undo the backend's work.
             if let Err(undo) = self.inner.agent.delete(rec.spec.backend, &rec.id).await {
                 warn!(sandbox = %name, error = %undo, "rollback after a failed persist failed");
             }
-            self.lock().remove(&name);
+            self.forget_create(&name, strong).await;
             return Err(e);
         }
         Ok(self.publish(rec, EventKind::Added))
+    }
+
+    /// Drops the registry entry of a create that failed (and, in strong mode, its record).
+    async fn forget_create(&self, name: &str, strong: bool) {
+        if strong
+            && let Err(e) = self
+                .inner
+                .store
+                .write(Write::Delete {
+                    key: record::key(name),
+                })
+                .await
+        {
+            warn!(sandbox = %name, error = %e, "could not remove the record of a failed create");
+        }
+        self.lock().remove(name);
     }
 
     /// Makes a new state of a busy sandbox current: stores it, releases the sandbox, tells
