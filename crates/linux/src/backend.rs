@@ -50,18 +50,27 @@ pub struct LinuxConfig {
 
 impl LinuxConfig {
     /// The supervisor next to the running executable: `warren-supervise` when it is there
-    /// and not older than the executable (a stale one from an earlier build would speak an
-    /// older protocol), else the executable itself with `__supervise` (the `warren` binary
-    /// carries both; the small one only starts faster).
+    /// and was built from the same sources as this executable (its `--build-id` matches;
+    /// a stale one left by a partial rebuild would speak an older protocol), else the
+    /// executable itself with `__supervise` (the `warren` binary carries both; the small one
+    /// only starts faster).
     pub fn default_supervisor() -> Vec<OsString> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("warren"));
         let sibling = exe.with_file_name("warren-supervise");
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let fresh = match (modified(&sibling), modified(&exe)) {
-            (Some(s), Some(e)) => s >= e,
-            (Some(_), None) => true,
-            _ => false,
-        };
+        let fresh = sibling.is_file()
+            && std::process::Command::new(&sibling)
+                .arg("--build-id")
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success() && o.stdout.trim_ascii() == crate::BUILD_ID.as_bytes()
+                });
+        if !fresh && sibling.is_file() {
+            warn!(
+                supervisor = %sibling.display(),
+                "linux: warren-supervise is from another build; using `warren __supervise`"
+            );
+        }
         if fresh {
             vec![sibling.into_os_string()]
         } else {

@@ -297,13 +297,26 @@ fn mount_overlay(cfg: &ContainerConfig, bundle: &Path, rootfs: &Path) -> Result<
         bundle.join(crate::config::UPPER_DIR).display(),
         bundle.join(crate::config::WORK_DIR).display()
     );
+    // `volatile` (Linux 5.10+): the upper layer is thrown away with the sandbox, so the
+    // sync overlayfs does at unmount (a container's exit) buys nothing; older kernels
+    // refuse the option, and get the plain mount.
+    let volatile = format!("{data},volatile");
     mount(
         Some("overlay"),
         rootfs,
         Some("overlay"),
         MsFlags::MS_NODEV,
-        Some(data.as_str()),
+        Some(volatile.as_str()),
     )
+    .or_else(|_| {
+        mount(
+            Some("overlay"),
+            rootfs,
+            Some("overlay"),
+            MsFlags::MS_NODEV,
+            Some(data.as_str()),
+        )
+    })
     .map_err(|e| err(format!("mount overlay on {}", rootfs.display()), e))
 }
 

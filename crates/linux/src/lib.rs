@@ -38,4 +38,8 @@ pub mod supervisor;
 
 pub use backend::{LinuxBackend, LinuxConfig};
 
+/// This crate's build: a hash of its sources (see `build.rs`). A supervisor binary answers
+/// `--build-id` with its own, and the server uses it only when the two match.
+pub const BUILD_ID: &str = env!("WARREN_LINUX_BUILD_ID");
+
 pub use warren_runtime::error_chain;

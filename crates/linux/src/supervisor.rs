@@ -404,6 +404,10 @@ fn stop_grace(bundle: &Path, config: &ContainerConfig) -> Duration {
 /// new container; `--exec BUNDLE SPEC_JSON` runs a process inside a running one.
 pub fn cli(args: &[std::ffi::OsString]) -> i32 {
     match args {
+        [flag] if flag == "--build-id" => {
+            println!("{}", crate::BUILD_ID);
+            0
+        }
         [bundle] => main(Path::new(bundle)),
         [flag, bundle] if flag == "--warm" => warm_main(Path::new(bundle)),
         [flag, bundle, spec] if flag == "--exec" => match spec.to_str() {
