@@ -4,6 +4,10 @@
 //! on (every acknowledged create is durable), then deletes them, and prints latency
 //! percentiles and rates. Without `--server` it starts a private `warren server` on a
 //! temporary directory, so the figures include nothing from other work.
+//!
+//! `bench run` runs a workload to completion N times through the same API and, in the same
+//! run, the same workload with its peers: the wasmtime CLI for wasm; `crun run` and `runc run`
+//! on an equivalent OCI bundle for linux (see `bench_linux.rs`).
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -27,6 +31,10 @@ macro_rules! out {
     }};
 }
 
+// After `out!`, which it uses.
+#[path = "bench_linux.rs"]
+mod linux;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -38,7 +46,8 @@ enum What {
     /// Create (then delete) sandboxes as fast as the server acknowledges them.
     Create(CreateArgs),
     /// Run a workload to completion N times (create -> exit through the API), side by side
-    /// with the same workload run by its peer (the wasmtime CLI for wasm).
+    /// with the same workload run by its peers (the wasmtime CLI for wasm; crun and runc on
+    /// an equivalent bundle for linux).
     Run(RunArgs),
 }
 
@@ -47,16 +56,22 @@ struct RunArgs {
     /// Backend to run on.
     #[arg(long, short = 'b', default_value = "wasm")]
     backend: String,
-    /// Image or module to run.
+    /// Image (linux) or module (wasm) to run.
     #[arg(long, short = 'i', visible_alias = "module")]
     image: String,
+    /// linux: an OCI image layout (directory, or tar of one) to import as --image before the
+    /// run; the peers' rootfs is unpacked from it too. Without it the image must already be
+    /// in the server's store. Make a busybox one with
+    /// `cargo run --release -p warren-image --example busybox-layout -- DIR`.
+    #[arg(long, value_name = "DIR")]
+    image_layout: Option<std::path::PathBuf>,
     /// How many runs.
     #[arg(short = 'n', default_value_t = 1000)]
     count: usize,
     /// How many runs in flight at once.
     #[arg(short = 'c', default_value_t = 1)]
     concurrency: usize,
-    /// Runs of the peer (0 skips it).
+    /// Runs of each peer (0 skips them).
     #[arg(long, default_value_t = 200)]
     peer_runs: usize,
     /// Log level of the private server.
@@ -113,7 +128,11 @@ struct PrivateServer {
 }
 
 impl PrivateServer {
-    fn start(log_level: &str, slot_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+    fn start(
+        log_level: &str,
+        slot_dir: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("warren-bench-").tempdir()?;
         let sock = dir.path().join("warren.sock");
         let log = std::fs::File::create(dir.path().join("server.log"))?;
@@ -132,6 +151,7 @@ impl PrivateServer {
             .arg(format!("unix://{}", sock.display()))
             .arg("--log-level")
             .arg(log_level)
+            .args(extra)
             .env_remove("WARREN_TOKEN")
             .stdout(Stdio::null())
             .stderr(log)
@@ -195,11 +215,13 @@ where
     let next = Arc::new(AtomicUsize::new(0));
     let op = Arc::new(op);
     let start = Instant::now();
-    let mut workers = Vec::new();
+    // A JoinSet aborts its tasks when dropped, so a run that is given up (Ctrl-C) stops
+    // issuing calls instead of going on in the background.
+    let mut workers = tokio::task::JoinSet::new();
     for w in 0..concurrency {
         let client = clients[w % clients.len()].clone();
         let (next, op) = (next.clone(), op.clone());
-        workers.push(tokio::spawn(async move {
+        workers.spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .expect("static bounds are valid");
             let (mut errors, mut first_error) = (0, None);
@@ -218,7 +240,7 @@ where
                 }
             }
             (hist, errors, first_error)
-        }));
+        });
     }
     let mut phase = Phase {
         hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
@@ -226,8 +248,8 @@ where
         errors: 0,
         first_error: None,
     };
-    for w in workers {
-        let (hist, errors, first_error) = w.await?;
+    while let Some(w) = workers.join_next().await {
+        let (hist, errors, first_error) = w?;
         phase.hist.add(hist)?;
         phase.errors += errors;
         if phase.first_error.is_none() {
@@ -281,6 +303,7 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         Some(PrivateServer::start(
             &a.server_log_level,
             a.slot_dir.as_deref(),
+            &[],
         )?)
     } else {
         None
@@ -400,11 +423,17 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     if a.count == 0 || a.concurrency == 0 {
         return Err(usage("-n and -c must be at least 1"));
     }
+    if backend == BackendKind::Linux {
+        return linux::run(a, g).await;
+    }
+    if a.image_layout.is_some() {
+        return Err(usage("--image-layout is for the linux backend"));
+    }
     let image = std::fs::canonicalize(&a.image)
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| a.image.clone());
     let private = if g.server.is_none() {
-        Some(PrivateServer::start(&a.server_log_level, None)?)
+        Some(PrivateServer::start(&a.server_log_level, None, &[])?)
     } else {
         None
     };
@@ -430,27 +459,7 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
             args: args.clone(),
             ..SandboxSpec::default()
         };
-        async move {
-            let name = spec.name.clone();
-            c.create_sandbox(v1::CreateSandboxRequest {
-                spec: Some(spec_to_pb(&spec)),
-            })
-            .await?;
-            let done = c
-                .wait_sandbox(v1::WaitSandboxRequest {
-                    name: name.clone(),
-                    timeout_ms: Some(60_000),
-                })
-                .await?;
-            let st = done.into_inner().status.unwrap_or_default();
-            if st.exit_code != Some(0) {
-                return Err(tonic::Status::internal(format!(
-                    "{name} ended {} {}",
-                    st.phase, st.reason
-                )));
-            }
-            Ok(())
-        }
+        async move { create_and_wait(&mut c, &spec).await }
     })
     .await?;
     let ours = report("warren", &runs);
@@ -511,6 +520,29 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Creates a sandbox and waits for it to end; an exit code other than 0 is an error.
+async fn create_and_wait(c: &mut Client, spec: &SandboxSpec) -> Result<(), tonic::Status> {
+    let name = spec.name.clone();
+    c.create_sandbox(v1::CreateSandboxRequest {
+        spec: Some(spec_to_pb(spec)),
+    })
+    .await?;
+    let done = c
+        .wait_sandbox(v1::WaitSandboxRequest {
+            name: name.clone(),
+            timeout_ms: Some(60_000),
+        })
+        .await?;
+    let st = done.into_inner().status.unwrap_or_default();
+    if st.exit_code != Some(0) {
+        return Err(tonic::Status::internal(format!(
+            "{name} ended {} {} (exit code {:?})",
+            st.phase, st.reason, st.exit_code
+        )));
+    }
+    Ok(())
 }
 
 /// The floor under the API figure: instantiating from the pool (and running) in this process,
