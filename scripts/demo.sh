@@ -10,9 +10,15 @@ warren=target/debug/warren
 
 dir=$(mktemp -d -t warren-demo-XXXXXX)
 export WARREN_SERVER="unix://$dir/warren.sock"
-"$warren" server --dir "$dir/state" >"$dir/server.out" 2>"$dir/server.log" &
+cgroup_parent="warren-demo-$$"
+"$warren" server --dir "$dir/state" --cgroup-parent "$cgroup_parent" >"$dir/server.out" 2>"$dir/server.log" &
 server=$!
-cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$dir"; }
+cleanup() {
+  kill "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  rm -rf "$dir"
+  for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do rmdir "$h$cgroup_parent" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$dir/warren.sock" ] && break; sleep 0.05; done
 
