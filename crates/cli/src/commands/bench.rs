@@ -105,6 +105,10 @@ struct CreateArgs {
     /// --slot-dir for the private server (default: inside its state dir, on disk).
     #[arg(long)]
     slot_dir: Option<std::path::PathBuf>,
+    /// Consistency of each create: fast (acknowledged once it runs, record written behind)
+    /// or strong (acknowledged once the record is durable).
+    #[arg(long = "mode", default_value = "fast")]
+    consistency: String,
     /// Keep the sandboxes instead of deleting them afterwards.
     #[arg(long)]
     keep: bool,
@@ -316,6 +320,10 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     for _ in 0..a.connections {
         clients.push(connect_retrying(&address, g.token.as_deref()).await?);
     }
+    let consistency: warren_spec::Consistency = a
+        .consistency
+        .parse()
+        .map_err(|e| usage(format!("--mode: {e}")))?;
     let run_id = format!("{:x}", std::process::id());
     let where_ = if private.is_some() {
         "private server"
@@ -324,7 +332,7 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     };
     if !a.json {
         out!(
-            "warren bench create: backend={backend} n={} c={} connections={} ({where_} at {address}, durable group commit)",
+            "warren bench create: backend={backend} n={} c={} connections={} mode={consistency} ({where_} at {address}; records in group commits)",
             a.count,
             a.concurrency,
             a.connections
@@ -336,6 +344,7 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         let mut spec = SandboxSpec {
             name: format!("{p}-{i}"),
             backend,
+            consistency,
             ..SandboxSpec::default()
         };
         spec.annotations
