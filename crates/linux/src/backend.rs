@@ -88,7 +88,8 @@ pub struct LinuxBackend {
 struct Inner {
     config: LinuxConfig,
     events: EventSink,
-    available: Result<(), String>,
+    /// The node's cgroup layout, or why this backend cannot run here.
+    available: Result<crate::cgroup::CgroupLayout, String>,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     shells: Mutex<Vec<Shell>>,
     /// Wakes the refill task when a shell was taken.
@@ -138,7 +139,9 @@ impl LinuxBackend {
         std::fs::create_dir_all(&config.dir).map_err(|e| io("create", &config.dir, e))?;
         let available = probe();
         let warm_dir = config.dir.join(WARM_DIR);
-        clean_warm_dir(&warm_dir, &config.cgroup_parent);
+        if let Ok(layout) = &available {
+            clean_warm_dir(&warm_dir, layout, &config.cgroup_parent);
+        }
         std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
         let backend = LinuxBackend {
             inner: Arc::new(Inner {
@@ -168,17 +171,40 @@ impl LinuxBackend {
     }
 }
 
-/// What the node must have: root (namespaces, mounts, cgroups) and a cgroup layout we know.
-fn probe() -> Result<(), String> {
+/// What the node must have: root (namespaces, mounts, cgroups) and a cgroup layout we know;
+/// the layout, found once.
+fn probe() -> Result<crate::cgroup::CgroupLayout, String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("needs root (namespaces, overlay mounts and cgroups)".to_string());
     }
     crate::cgroup::CgroupLayout::detect()
-        .map(|_| ())
         .map_err(|e| format!("cgroups: {}", crate::error_chain(&e)))
 }
 
 impl Inner {
+    /// The sandbox's cgroup by its name under the parent (`None` where the backend cannot
+    /// run: then it made none).
+    fn cgroup(&self, name: &str) -> Option<crate::cgroup::Cgroup> {
+        let layout = self.available.as_ref().ok()?;
+        Some(crate::cgroup::Cgroup::open(
+            layout,
+            &self.config.cgroup_parent,
+            name,
+        ))
+    }
+
+    /// The last resort of a stop: SIGKILL every process in the sandbox's cgroup and the
+    /// supervisor itself.
+    fn kill_everything(&self, cgroup: &str, supervisor: i32) {
+        if let Some(cg) = self.cgroup(cgroup) {
+            let _ = cg.kill_all();
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(supervisor),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
     /// A ready warm shell of this image, if there is one.
     fn take_shell(&self, image_id: &str) -> Option<Shell> {
         let mut shells = self
@@ -250,11 +276,10 @@ impl Drop for Inner {
 }
 
 /// Removes warm shells a previous server left (killed before it could end them).
-fn clean_warm_dir(warm_dir: &Path, cgroup_parent: &str) {
+fn clean_warm_dir(warm_dir: &Path, layout: &crate::cgroup::CgroupLayout, cgroup_parent: &str) {
     let Ok(entries) = std::fs::read_dir(warm_dir) else {
         return;
     };
-    let layout = crate::cgroup::CgroupLayout::detect().ok();
     for entry in entries.flatten() {
         let bundle = entry.path();
         if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
@@ -264,11 +289,9 @@ fn clean_warm_dir(warm_dir: &Path, cgroup_parent: &str) {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
-            if let Some(layout) = &layout {
-                let cg = crate::cgroup::Cgroup::open(layout, cgroup_parent, &state.cgroup);
-                let _ = cg.kill_all();
-                let _ = cg.remove();
-            }
+            let cg = crate::cgroup::Cgroup::open(layout, cgroup_parent, &state.cgroup);
+            let _ = cg.kill_all();
+            let _ = cg.remove();
         }
         let _ = std::fs::remove_dir_all(&bundle);
     }
@@ -673,7 +696,11 @@ impl Backend for LinuxBackend {
     }
 
     fn is_available(&self) -> Result<(), String> {
-        self.inner.available.clone()
+        self.inner
+            .available
+            .as_ref()
+            .map(|_| ())
+            .map_err(Clone::clone)
     }
 
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
@@ -783,7 +810,8 @@ impl Backend for LinuxBackend {
                 id,
                 "linux: supervisor did not end after the grace period; killing it"
             );
-            kill_everything(&self.inner.config, &cgroup_name(&bundle, id), supervisor);
+            self.inner
+                .kill_everything(&cgroup_name(&bundle, id), supervisor);
             let _ = tokio::time::timeout(STOP_SLACK, done.wait_for(|d| *d)).await;
         }
         self.status(id).await
@@ -804,13 +832,12 @@ impl Backend for LinuxBackend {
         } else if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
             // An orphan from an earlier run: make sure nothing of it is left running.
             if state.supervisor_alive() {
-                kill_everything(&self.inner.config, &state.cgroup, state.supervisor_pid);
+                self.inner
+                    .kill_everything(&state.cgroup, state.supervisor_pid);
             }
         }
         let name = cgroup_name(&bundle, id);
-        let cgroup = crate::cgroup::CgroupLayout::detect()
-            .map(|l| crate::cgroup::Cgroup::open(&l, &self.inner.config.cgroup_parent, &name));
-        if let Ok(cg) = cgroup
+        if let Some(cg) = self.inner.cgroup(&name)
             && cg.exists()
         {
             let _ = cg.kill_all();
@@ -924,13 +951,10 @@ impl Backend for LinuxBackend {
         if !running {
             return Ok(());
         }
-        let layout = crate::cgroup::CgroupLayout::detect()
-            .map_err(|e| BackendError::Other(crate::error_chain(&e)))?;
-        let cgroup = crate::cgroup::Cgroup::open(
-            &layout,
-            &self.inner.config.cgroup_parent,
-            &cgroup_name(&bundle, id),
-        );
+        let cgroup = self
+            .inner
+            .cgroup(&cgroup_name(&bundle, id))
+            .ok_or_else(|| BackendError::Other("no cgroup layout on this node".into()))?;
         let limits = limits_of(resources);
         cgroup
             .update(&(&limits).into())
@@ -1155,16 +1179,4 @@ fn cgroup_name(bundle: &Path, id: &str) -> String {
     config::read_json::<State>(bundle, config::STATE_FILE)
         .map(|s| s.cgroup)
         .unwrap_or_else(|_| id.to_string())
-}
-
-/// The last resort of a stop: SIGKILL every process in the sandbox's cgroup and the
-/// supervisor itself.
-fn kill_everything(config: &LinuxConfig, cgroup: &str, supervisor: i32) {
-    if let Ok(layout) = crate::cgroup::CgroupLayout::detect() {
-        let _ = crate::cgroup::Cgroup::open(&layout, &config.cgroup_parent, cgroup).kill_all();
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(supervisor),
-        nix::sys::signal::Signal::SIGKILL,
-    );
 }

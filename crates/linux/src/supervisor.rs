@@ -84,21 +84,14 @@ struct Running {
 }
 
 fn start(bundle: &Path) -> Result<Running, String> {
-    let config: ContainerConfig = config::read_json(bundle, config::CONFIG_FILE)
-        .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
-    let seccomp =
-        crate::seccomp::compiled(&config.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
-    let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
-
-    let signals = block_signals()?;
-
-    let cgroup = Cgroup::create(
-        &layout,
-        &config.cgroup_parent,
-        &config.id,
-        &(&config.limits).into(),
-    )
-    .map_err(|e| crate::error_chain(&e))?;
+    let (config, signals, cgroup) = set_up(bundle)?;
+    let seccomp = match crate::seccomp::compiled(&config.deny_syscalls) {
+        Ok(program) => program,
+        Err(e) => {
+            let _ = cgroup.remove();
+            return Err(crate::error_chain(&e));
+        }
+    };
     let result = fork_container(bundle, &config, &cgroup, &seccomp);
     match result {
         Ok((pid, stdout, stderr)) => Ok(Running {
@@ -116,6 +109,23 @@ fn start(bundle: &Path) -> Result<Running, String> {
             Err(e)
         }
     }
+}
+
+/// What both kinds of start do first: read the bundle's config, take over the signals the
+/// supervisor handles, and make the sandbox's cgroup with the config's limits.
+fn set_up(bundle: &Path) -> Result<(ContainerConfig, SignalFd, Cgroup), String> {
+    let config: ContainerConfig = config::read_json(bundle, config::CONFIG_FILE)
+        .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
+    let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
+    let signals = block_signals()?;
+    let cgroup = Cgroup::create(
+        &layout,
+        &config.cgroup_parent,
+        &config.id,
+        &(&config.limits).into(),
+    )
+    .map_err(|e| crate::error_chain(&e))?;
+    Ok((config, signals, cgroup))
 }
 
 /// Blocks the signals the supervisor handles and returns a descriptor that reads them.
@@ -469,17 +479,7 @@ pub fn warm_main(bundle: &Path) -> i32 {
 }
 
 fn warm_start(bundle: &Path) -> Result<WarmShell, String> {
-    let template: ContainerConfig = config::read_json(bundle, config::CONFIG_FILE)
-        .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
-    let layout = CgroupLayout::detect().map_err(|e| crate::error_chain(&e))?;
-    let signals = block_signals()?;
-    let cgroup = Cgroup::create(
-        &layout,
-        &template.cgroup_parent,
-        &template.id,
-        &(&template.limits).into(),
-    )
-    .map_err(|e| crate::error_chain(&e))?;
+    let (template, signals, cgroup) = set_up(bundle)?;
     warm_fork(bundle, &template, &cgroup, signals).inspect_err(|_| {
         let _ = cgroup.kill_all();
         let _ = cgroup.remove();
