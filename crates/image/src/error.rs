@@ -104,6 +104,27 @@ pub enum ImageError {
         source: io::Error,
     },
 
+    /// A file given as a Wasm module is neither a Wasm binary nor WAT text that parses.
+    #[error("{path} is not a Wasm module: {reason}")]
+    InvalidModule {
+        path: PathBuf,
+        reason: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
+    /// An image's entrypoint names a `.wasm` file that cannot be used as its module: missing,
+    /// deleted by a whiteout, a symlink, not a regular file, or a path with `..`.
+    #[error("image {image}: {field} \"{path}\" {reason}")]
+    WasmModule {
+        /// The image's first name, or its id.
+        image: String,
+        /// `config.entrypoint[0]` or `config.cmd[0]`.
+        field: &'static str,
+        path: String,
+        reason: String,
+    },
+
     /// A blocking worker thread failed (panicked or was cancelled).
     #[error("image store worker thread failed: {0}")]
     Worker(String),

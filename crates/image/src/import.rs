@@ -10,12 +10,12 @@ use rustix::fs::OFlags;
 
 use crate::ImageSummary;
 use crate::error::{ImageError, io_err};
-use crate::oci::{self, AnyManifest, ConfigFile, Descriptor, Index, Manifest};
+use crate::oci::{self, AnyManifest, Descriptor, Index, Manifest};
 use crate::reference::{self, Digest, Reference};
 use crate::store::{
     ImageRecord, ImageStore, MAX_JSON_BLOB, TempDir, sha256_hex, verify_digest, verify_size,
 };
-use crate::unpack;
+use crate::{unpack, wasm};
 
 /// How deep an index may nest other indexes before we call it a loop.
 const MAX_INDEX_DEPTH: usize = 4;
@@ -37,10 +37,25 @@ impl ImageStore {
     /// `name` and becomes `name:tag`. `name` with a tag (`app:v1`) names the image outright
     /// (the layout must then hold one image); without a tag it replaces the repository of
     /// every image's annotation. An image that ends up with no name is refused.
+    ///
+    /// A file that is a WebAssembly module (it starts with `\0asm`, or is named `*.wasm` or
+    /// `*.wat`) is imported with [`ImageStore::import_wasm`] instead, under `name` (required).
     pub fn import(&self, path: &Path, name: Option<&str>) -> Result<Vec<ImageSummary>, ImageError> {
+        let meta = fs::metadata(path).map_err(io_err!("reading", path))?;
+        if !meta.is_dir() && wasm::looks_like_module(path)? {
+            let Some(name) = name else {
+                return Err(ImageError::InvalidName {
+                    name: String::new(),
+                    reason: format!(
+                        "{} is a Wasm module, which carries no name: give one to import it under",
+                        path.display()
+                    ),
+                });
+            };
+            return Ok(vec![self.import_wasm(path, name)?]);
+        }
         let name = name.map(Reference::parse).transpose()?;
         let _gc = self.lock_gc_shared()?;
-        let meta = fs::metadata(path).map_err(io_err!("reading", path))?;
         let staged: Option<TempDir>;
         let layout = if meta.is_dir() {
             path
@@ -175,19 +190,22 @@ impl ImageStore {
     ) -> Result<ImageSummary, ImageError> {
         let what = format!("manifest {}", image.digest);
         let config_bytes = read_layout_json(layout, shown, &image.manifest.config)?;
-        let config: ConfigFile = serde_json::from_slice(&config_bytes)
-            .map_err(|e| ImageError::json(format!("config {}", image.manifest.config.digest), e))?;
-        let record = ImageRecord::new(&image.manifest, &config, &what)?;
+        let record = ImageRecord::new(&image.manifest, &config_bytes, &what)?;
         self.put_blob_bytes(&image.digest, &image.bytes)?;
         self.put_blob_bytes(&image.manifest.config.digest()?, &config_bytes)?;
-        for (descriptor, layer) in image.manifest.layers.iter().zip(&record.layers) {
+        for descriptor in &image.manifest.layers {
             let digest = descriptor.digest()?;
             if !self.has_blob(&digest) {
                 let path = layout_blob_path(layout, &digest);
                 let mut file = open_layout_blob(&path, shown, &digest)?;
                 self.put_blob_reader(&digest, descriptor.declared_size(), &mut file, &path)?;
             }
+        }
+        for layer in &record.layers {
             self.ensure_layer(layer)?;
+        }
+        if let Some(module) = &record.wasm {
+            self.check_wasm_blob(module)?;
         }
         let summary = self.register(&image.digest, record, &image.names)?;
         tracing::info!(id = %summary.id, names = ?summary.names, "imported image");

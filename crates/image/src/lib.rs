@@ -6,7 +6,7 @@
 //! ```text
 //! <dir>/
 //!   index.json              names and images: {"images": {"sha256:<manifest>": {names, layers, config, ..}}}
-//!   blobs/sha256/<hex>      manifests, configs and compressed layers, content-addressed
+//!   blobs/sha256/<hex>      manifests, configs, compressed layers and Wasm modules, content-addressed
 //!   layers/<diff_id hex>/   one unpacked layer: an overlayfs lowerdir
 //!   tmp/                    work in progress (downloads, unpacks, staged tars)
 //!   index.lock, gc.lock     flock(2) files
@@ -15,6 +15,28 @@
 //! An image's id is the digest of its manifest. Layers are keyed by their *diff_id* (the digest
 //! of the uncompressed tar, from the config) rather than the compressed digest, so the same layer
 //! compressed two ways is unpacked once.
+//!
+//! # Wasm modules
+//!
+//! Two shapes of image carry a WebAssembly module, and [`Image::wasm_module`] finds it in both:
+//!
+//! * a **Wasm OCI artifact** (the CNCF TAG-Runtime layout: config
+//!   `application/vnd.wasm.config.v0+json`, one layer `application/wasm`, or
+//!   `application/vnd.wasm.content.layer.v1+wasm` from the older `wasm-to-oci`). Its layer is
+//!   not a tar: it is verified like any blob and kept as one, so `blobs/sha256/<hex>` holds
+//!   exactly the module's bytes and [`Image::wasm`] points at it; the image has no unpacked
+//!   layers. The config is read leniently (only `created` is used; `{}` is fine). A manifest
+//!   mixing a Wasm layer with other layers is refused. [`ImageStore::import_wasm`] (and
+//!   [`ImageStore::import`] given a `.wasm` or `.wat` file) wraps a bare module into such an
+//!   artifact, deterministically: the same module always gets the same image id. In
+//!   `index.json` such an image's record has `"layers": []` and a `"wasm": {digest, size}`
+//!   entry, which garbage collection counts as a reference; records without it read as before
+//!   (a build older than this one would not see that reference, so must not collect a store
+//!   holding Wasm images);
+//! * a **container image whose entrypoint is a `.wasm` file** (the runwasi convention:
+//!   `FROM scratch`, `COPY app.wasm /`, `ENTRYPOINT ["/app.wasm"]`). It is stored like any
+//!   image; the module is looked up in the unpacked layers when asked for, as overlayfs would
+//!   show it, and refused if it is a symlink.
 //!
 //! # Integrity
 //!
@@ -57,6 +79,9 @@ mod reference;
 mod store;
 pub mod testing;
 mod unpack;
+mod wasm;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -72,12 +97,36 @@ pub struct ImageSummary {
     /// Normalized names (`busybox:latest`), sorted. Empty for an image whose names all moved
     /// to newer images; it stays until removed by id.
     pub names: Vec<String>,
-    /// Sum of the compressed layer sizes, in bytes.
+    /// Sum of the compressed layer sizes (a Wasm artifact: the module's size), in bytes.
     pub size: u64,
-    /// Number of layers.
+    /// Number of layers (1 for a Wasm artifact: its module).
     pub layers: usize,
     /// The config's `created` timestamp (RFC 3339), if it has one.
     pub created: Option<String>,
+    /// What the image holds.
+    #[serde(default)]
+    pub kind: ImageKind,
+}
+
+/// What an image holds, as listed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    /// Filesystem layers. A runwasi-style image (a `.wasm` entrypoint in tar layers) is one
+    /// too: telling it apart would mean looking into its layers.
+    #[default]
+    Container,
+    /// A Wasm OCI artifact: one module blob, no layers.
+    Wasm,
+}
+
+impl std::fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageKind::Container => "container",
+            ImageKind::Wasm => "wasm",
+        })
+    }
 }
 
 /// What a runtime needs to start a container from an image.
@@ -86,9 +135,15 @@ pub struct Image {
     pub id: String,
     pub names: Vec<String>,
     /// Unpacked layer directories, bottom to top. overlayfs wants `lowerdir=` top to bottom,
-    /// so reverse them there.
-    pub layers: Vec<std::path::PathBuf>,
+    /// so reverse them there. Empty for a Wasm artifact.
+    pub layers: Vec<PathBuf>,
+    /// Empty for a Wasm artifact (its config has no runtime part).
     pub config: ImageConfig,
+    /// For a Wasm OCI artifact, the module: a file `blobs/sha256/<hex>` of the store holding
+    /// exactly the module's bytes. `None` for any other image; see [`Image::wasm_module`],
+    /// which also finds a module named by a container image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<PathBuf>,
 }
 
 /// The runtime part of an image config. Empty vectors and `None` mean "not set".

@@ -16,6 +16,18 @@ pub(crate) const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The config of a Wasm OCI artifact (CNCF TAG-Runtime "Wasm OCI Artifact" layout).
+pub(crate) const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+/// The one layer of a Wasm OCI artifact: the module (or component) bytes, not a tar.
+pub(crate) const WASM_LAYER: &str = "application/wasm";
+/// The layer media type of the older `wasm-to-oci` tool.
+pub(crate) const WASM_LAYER_LEGACY: &str = "application/vnd.wasm.content.layer.v1+wasm";
+/// Every Wasm binary starts with these four bytes, then a four-byte version.
+pub(crate) const WASM_MAGIC: &[u8; 4] = b"\0asm";
+
+pub(crate) fn is_wasm_layer(media_type: &str) -> bool {
+    media_type == WASM_LAYER || media_type == WASM_LAYER_LEGACY
+}
 
 /// Manifest media types accepted from a registry.
 pub(crate) const ACCEPTED_MANIFESTS: &[&str] =
@@ -127,6 +139,21 @@ pub(crate) struct RootFs {
     pub diff_ids: Vec<String>,
 }
 
+/// The `created` time of a Wasm artifact's config. The config (`WASM_CONFIG`, or whatever
+/// older tools wrote, often `{}` or nothing) carries nothing else the store needs, so any JSON
+/// is accepted and an empty blob means no config.
+pub(crate) fn wasm_config_created(bytes: &[u8], what: &str) -> Result<Option<String>, ImageError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ImageError::json(what, e))?;
+    Ok(value
+        .get("created")
+        .and_then(|c| c.as_str())
+        .map(str::to_string))
+}
+
 /// What a JSON document at a manifest position turned out to be.
 pub(crate) enum AnyManifest {
     Index(Index),
@@ -211,6 +238,41 @@ pub(crate) fn pick_platform<'a>(
 }
 
 impl Manifest {
+    /// The module layer, if this is a Wasm artifact: exactly one layer, of a Wasm media type.
+    /// A Wasm layer among others, or a Wasm config with tar layers, is refused: such an image
+    /// is neither a module nor a root filesystem.
+    pub fn wasm_layer(&self, what: &str) -> Result<Option<&Descriptor>, ImageError> {
+        let invalid = |reason: String| ImageError::InvalidManifest {
+            what: what.to_string(),
+            reason,
+        };
+        let Some(wasm) = self.layers.iter().find(|l| is_wasm_layer(&l.media_type)) else {
+            if self.config.media_type == WASM_CONFIG {
+                return Err(invalid(format!(
+                    "its config has media type \"{WASM_CONFIG}\" but no layer is a Wasm module \
+                     (\"{WASM_LAYER}\")"
+                )));
+            }
+            return Ok(None);
+        };
+        if let Some(other) = self.layers.iter().find(|l| !is_wasm_layer(&l.media_type)) {
+            return Err(invalid(format!(
+                "it mixes a Wasm module layer (\"{}\") with a layer of media type \"{}\"; \
+                 a Wasm artifact has exactly one layer, the module",
+                wasm.media_type, other.media_type
+            )));
+        }
+        if self.layers.len() != 1 {
+            return Err(invalid(format!(
+                "it has {} layers of media type \"{}\"; a Wasm artifact has exactly one",
+                self.layers.len(),
+                wasm.media_type
+            )));
+        }
+        wasm.digest()?;
+        Ok(Some(wasm))
+    }
+
     /// Checks what the store relies on: a config descriptor and one diff_id per layer.
     pub fn validate(&self, config: &ConfigFile, what: &str) -> Result<(), ImageError> {
         if self.layers.len() != config.rootfs.diff_ids.len() {

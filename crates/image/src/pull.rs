@@ -2,7 +2,9 @@
 //!
 //! The client fetches; the store verifies and writes. Manifests are fetched raw so the exact
 //! bytes (whose digest is the image id) are kept, and parsed by [`crate::oci`] like an imported
-//! layout's. Layers stream to a temp file with progress reports and are hashed on the way.
+//! layout's. Layers stream to a temp file with progress reports and are hashed on the way. A
+//! Wasm artifact's one layer is fetched the same way and kept as a blob, not unpacked. Only
+//! blobs are fetched by digest, so oci-client's list of layer media types does not apply.
 
 use std::sync::Once;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ImageError;
-use crate::oci::{self, AnyManifest, ConfigFile};
+use crate::oci::{self, AnyManifest};
 use crate::reference::{Digest, Reference};
 use crate::store::{
     ImageRecord, ImageStore, MAX_JSON_BLOB, sha256_hex, verify_digest, verify_size,
@@ -36,6 +38,8 @@ impl ImageStore {
     /// `name@sha256:...`) anonymously from its registry; from an index or manifest list the
     /// linux/amd64 image is taken. `options.insecure` uses plain HTTP. `progress` is called
     /// with byte counts as layers download. The image is stored under the normalized name.
+    /// A Wasm OCI artifact is pulled like an image; its module is one "layer" that is never
+    /// unpacked (see the crate docs).
     pub async fn pull(
         &self,
         reference: &str,
@@ -132,9 +136,7 @@ impl ImageStore {
                 reason: format!("larger than {MAX_JSON_BLOB} bytes"),
             });
         }
-        let config: ConfigFile = serde_json::from_slice(&config_bytes)
-            .map_err(|e| ImageError::json(format!("config {config_digest}"), e))?;
-        let record = ImageRecord::new(&manifest, &config, &what)?;
+        let record = ImageRecord::new(&manifest, &config_bytes, &what)?;
         self.put_blob_bytes(&id, &manifest_bytes)?;
         self.put_blob_bytes(&config_digest, &config_bytes)?;
 
@@ -163,6 +165,9 @@ impl ImageStore {
                     registry_err(&format!("fetching layer {digest}"), source)
                 }
             })?;
+        }
+        if let Some(module) = &record.wasm {
+            self.check_wasm_blob(module)?;
         }
         for layer in &record.layers {
             let diff_id = Digest::parse(&layer.diff_id)?;

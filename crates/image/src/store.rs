@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{ImageError, io_err};
-use crate::oci::{ConfigFile, Manifest};
+use crate::oci::{self, ConfigFile, Manifest};
 use crate::reference::{Digest, Reference};
-use crate::{Image, ImageConfig, ImageSummary, unpack};
+use crate::{Image, ImageConfig, ImageKind, ImageSummary, unpack};
 
 const INDEX_VERSION: u32 = 1;
 /// Manifests, indexes and configs are small; refuse to read a "JSON" blob larger than this.
@@ -66,6 +66,17 @@ pub(crate) struct ImageRecord {
     pub created: Option<String>,
     pub layers: Vec<LayerRecord>,
     pub image_config: ImageConfig,
+    /// The module blob of a Wasm artifact (whose `layers` is then empty). Absent from records
+    /// written before Wasm artifacts were supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmRecord>,
+}
+
+/// The one layer of a Wasm artifact: kept as a blob, never unpacked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WasmRecord {
+    pub digest: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,13 +89,30 @@ pub(crate) struct LayerRecord {
 }
 
 impl ImageRecord {
-    /// Builds the record of a manifest whose config has been read and checked.
+    /// Builds the record of a manifest from its config blob (already checked against its
+    /// digest). A Wasm artifact's config is read leniently: only `created` is used.
     pub fn new(
         manifest: &Manifest,
-        config: &ConfigFile,
+        config_bytes: &[u8],
         what: &str,
     ) -> Result<ImageRecord, ImageError> {
-        manifest.validate(config, what)?;
+        let config_what = format!("config {}", manifest.config.digest);
+        if let Some(module) = manifest.wasm_layer(what)? {
+            return Ok(ImageRecord {
+                names: Vec::new(),
+                config: manifest.config.digest()?.to_string(),
+                created: oci::wasm_config_created(config_bytes, &config_what)?,
+                layers: Vec::new(),
+                image_config: ImageConfig::default(),
+                wasm: Some(WasmRecord {
+                    digest: module.digest()?.to_string(),
+                    size: module.declared_size().unwrap_or(0),
+                }),
+            });
+        }
+        let config: ConfigFile =
+            serde_json::from_slice(config_bytes).map_err(|e| ImageError::json(config_what, e))?;
+        manifest.validate(&config, what)?;
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for (descriptor, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
             layers.push(LayerRecord {
@@ -106,16 +134,23 @@ impl ImageRecord {
                 working_dir: container.working_dir.filter(|d| !d.is_empty()),
                 user: container.user.filter(|u| !u.is_empty()),
             },
+            wasm: None,
         })
     }
 
     fn summary(&self, id: &str) -> ImageSummary {
+        let wasm_size = self.wasm.as_ref().map_or(0, |w| w.size);
         ImageSummary {
             id: id.to_string(),
             names: self.names.clone(),
-            size: self.layers.iter().map(|l| l.size).sum(),
-            layers: self.layers.len(),
+            size: self.layers.iter().map(|l| l.size).sum::<u64>() + wasm_size,
+            layers: self.layers.len() + usize::from(self.wasm.is_some()),
             created: self.created.clone(),
+            kind: if self.wasm.is_some() {
+                ImageKind::Wasm
+            } else {
+                ImageKind::Container
+            },
         }
     }
 }
@@ -471,7 +506,7 @@ impl ImageStore {
 
     /// Looks up an image by name (`busybox` is `busybox:latest`), full id, or unique id prefix
     /// of at least 4 hex digits (with or without `sha256:`), and returns its unpacked layers
-    /// (bottom to top) and config.
+    /// (bottom to top) and config, or for a Wasm artifact its module blob.
     pub fn resolve(&self, name_or_id: &str) -> Result<Image, ImageError> {
         let index = self.load_index()?;
         let id = match Self::find(&index, name_or_id)? {
@@ -495,11 +530,28 @@ impl ImageStore {
             }
             layers.push(path);
         }
+        let wasm = match &record.wasm {
+            Some(module) => {
+                let path = self.blob_path(&Digest::parse(&module.digest)?);
+                if !path.is_file() {
+                    return Err(ImageError::Corrupt {
+                        path: self.root().to_path_buf(),
+                        reason: format!(
+                            "the Wasm module {} of image {id} is missing from blobs/ (remove the image and import it again)",
+                            module.digest
+                        ),
+                    });
+                }
+                Some(path)
+            }
+            None => None,
+        };
         Ok(Image {
             id,
             names: record.names.clone(),
             layers,
             config: record.image_config.clone(),
+            wasm,
         })
     }
 
@@ -568,6 +620,15 @@ impl ImageStore {
                     .unwrap_or(&record.config)
                     .to_string(),
             );
+            if let Some(module) = &record.wasm {
+                blobs.insert(
+                    module
+                        .digest
+                        .strip_prefix("sha256:")
+                        .unwrap_or(&module.digest)
+                        .to_string(),
+                );
+            }
             for layer in &record.layers {
                 blobs.insert(
                     layer
@@ -677,6 +738,7 @@ mod tests {
             created: None,
             layers: Vec::new(),
             image_config: ImageConfig::default(),
+            wasm: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Test helpers: OCI image layouts built on the fly, for this crate's tests and for other crates'
 //! (which depend on `warren-image` as a dev-dependency).
 //!
-//! `busybox_layout` and `write_layout` write the layout into the directory they are given
+//! `busybox_layout`, `write_layout`, `wasm_layout` and `wasm_in_scratch_layout` write the layout into the directory they are given
 //! (created if missing) and return it; `malicious_layout` makes `<dir>/malicious-<kind>.oci`
 //! next to its sentinel. Output is deterministic (fixed times, owners and gzip headers): the
 //! same entries always make the same layer digest, which is how tests get two images sharing a
@@ -225,22 +225,66 @@ pub fn write_layout(
     let mut manifest_descriptor =
         write_blob(&blobs, crate::oci::OCI_MANIFEST, &to_vec(&manifest)?)?;
     manifest_descriptor["platform"] = json!({ "architecture": "amd64", "os": "linux" });
+    write_index(layout, manifest_descriptor, name)?;
+    Ok(layout.to_path_buf())
+}
+
+/// Writes `index.json` (listing the one manifest `descriptor`, annotated with `name`
+/// normalized) and `oci-layout`.
+fn write_index(
+    layout: &Path,
+    mut descriptor: serde_json::Value,
+    name: Option<&str>,
+) -> io::Result<()> {
     if let Some(name) = name {
         let normalized = crate::normalize_name(name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        manifest_descriptor["annotations"] = json!({ crate::oci::REF_NAME: normalized });
+        descriptor["annotations"] = json!({ crate::oci::REF_NAME: normalized });
     }
     let index = json!({
         "schemaVersion": 2,
         "mediaType": crate::oci::OCI_INDEX,
-        "manifests": [manifest_descriptor],
+        "manifests": [descriptor],
     });
     fs::write(layout.join("index.json"), to_vec(&index)?)?;
     fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    )
+}
+
+/// Writes an OCI image layout into `layout` (created if missing; returned) holding one Wasm OCI
+/// artifact for `module` (bytes written as they are, unchecked): a
+/// `application/vnd.wasm.config.v0+json` config and one `application/wasm` layer, the same
+/// blobs [`crate::ImageStore::import_wasm`] makes. `name`, normalized, becomes the ref-name
+/// annotation.
+pub fn wasm_layout(layout: &Path, name: &str, module: &[u8]) -> io::Result<PathBuf> {
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    let artifact = crate::wasm::Artifact::new(module).map_err(io::Error::other)?;
+    write_blob(&blobs, crate::oci::WASM_LAYER, module)?;
+    write_blob(&blobs, crate::oci::WASM_CONFIG, &artifact.config)?;
+    let descriptor = write_blob(&blobs, crate::oci::OCI_MANIFEST, &artifact.manifest)?;
+    write_index(layout, descriptor, Some(name))?;
     Ok(layout.to_path_buf())
+}
+
+/// Writes a runwasi-style image layout into `layout` (created if missing; returned): `FROM
+/// scratch`, `COPY app.wasm /`, `ENTRYPOINT ["/app.wasm"]`, i.e. one gzip layer holding
+/// `app.wasm` (mode 0755) with `module`'s bytes, and no `Cmd` or `Env`.
+pub fn wasm_in_scratch_layout(layout: &Path, name: &str, module: &[u8]) -> io::Result<PathBuf> {
+    write_layout(
+        layout,
+        Some(name),
+        &[Layer::gzip(vec![Entry::file("app.wasm", 0o755, module)])],
+        &Config {
+            env: Vec::new(),
+            cmd: Vec::new(),
+            entrypoint: vec!["/app.wasm".to_string()],
+            working_dir: None,
+            user: None,
+        },
+    )
 }
 
 /// Turns a one-image layout into a multi-platform one, as `docker buildx` or a registry's

@@ -39,7 +39,7 @@ use sha2::{Digest as _, Sha256};
 use crate::error::ImageError;
 use crate::reference::Digest;
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY
+pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);

@@ -122,3 +122,53 @@ fn pull_from_a_local_registry() {
     assert!(matches!(err, ImageError::Registry { .. }), "{err:?}");
     assert!(err.to_string().contains(&missing), "{err}");
 }
+
+#[test]
+fn pull_a_wasm_artifact() {
+    if let Some(tool) = testing::Registry::missing_tool() {
+        println!("SKIP: {tool} not installed (apt-get install docker-registry skopeo)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = testing::Registry::start(&tmp.path().join("registry")).unwrap();
+    let module = b"\0asm\x01\0\0\0";
+    let layout = testing::wasm_layout(&tmp.path().join("hello"), "hello:v1", module).unwrap();
+    registry.push(&layout, "hello:v1", false).unwrap();
+
+    let store = ImageStore::open(&tmp.path().join("store")).unwrap();
+    let reference = format!("127.0.0.1:{}/hello:v1", registry.port);
+    let (summary, events) = pull_with_events(&store, &reference);
+    let summary = summary.unwrap_or_else(|e| panic!("pull failed: {e:?}\n{}", registry.log()));
+    assert_eq!(summary.kind, warren_image::ImageKind::Wasm);
+    assert_eq!((summary.layers, summary.size), (1, 8));
+    assert!(
+        matches!(
+            events.first(),
+            Some(PullProgress::Resolved {
+                layers: 1,
+                total_bytes: 8,
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, PullProgress::Unpacking { .. })),
+        "a module is not unpacked: {events:?}"
+    );
+
+    let image = store.resolve(&reference).unwrap();
+    assert!(image.layers.is_empty());
+    assert_eq!(
+        fs::read(image.wasm_module().unwrap().unwrap()).unwrap(),
+        module
+    );
+    assert_eq!(
+        fs::read_dir(store.root().join("layers")).unwrap().count(),
+        0
+    );
+    // The manifest went through the registry unchanged: the same image as importing it.
+    assert_eq!(store.import(&layout, None).unwrap()[0].id, summary.id);
+}
