@@ -150,6 +150,13 @@ impl Agent {
         self.backends.get(&kind)?.log_path(id)
     }
 
+    /// See [`Backend::logs_settled`].
+    pub async fn logs_settled(&self, kind: BackendKind, id: &str) {
+        if let Some(backend) = self.backends.get(&kind) {
+            backend.logs_settled(id).await;
+        }
+    }
+
     /// Ids held by each available backend on this node.
     pub async fn list(&self) -> Result<Vec<(BackendKind, String)>, AgentError> {
         let mut all = Vec::new();
@@ -193,6 +200,7 @@ mod tests {
                 ..Default::default()
             },
             resources: ResourceInfo::default(),
+            stdin: None,
         };
         let info = agent.run(&config).await.expect("run");
         assert!(info["resources_path"].ends_with("id1/resources.json"));
@@ -221,6 +229,7 @@ mod tests {
                 ..Default::default()
             },
             resources: ResourceInfo::default(),
+            stdin: None,
         };
         let err = agent.run(&config).await.expect_err("no vm backend");
         assert!(

@@ -30,10 +30,16 @@ fn main() -> ExitCode {
         restore_sigpipe();
     }
     commands::init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The server runs sandboxes' work on its workers: one per core. A client does one thing
+    // at a time and its latency is the API's: one thread, so that no request or reply waits
+    // for another thread to wake up (a slot create through the API took 2.6x as long from a
+    // multi-threaded client on the project's 2-core machine; docs/PERFORMANCE.md).
+    let mut builder = if matches!(cli.command, commands::Command::Server(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -229,6 +229,10 @@ fn output_exit_code_env_cwd_hostname_and_user() {
         stdout(&out)
     );
 
+    // Without --stdin the workload reads end of file at once.
+    let out = l.run("no-input", &["--wait"], &["sh", "-c", "cat; echo done"]);
+    assert_eq!(stdout(&out), "done\n");
+
     // The default hostname is the sandbox's name.
     let out = l.run("named-box", &["--wait"], &["hostname"]);
     assert_eq!(stdout(&out), "named-box\n");
@@ -864,7 +868,33 @@ fn warm_pool_serves_creates_with_their_own_settings() {
         "a sandbox with mounts starts cold"
     );
     assert!(shared.join("x").exists());
-    l.ok(&["rm", "w1", "w2", "cold"]);
+    // So does input: the workload reads it, then end of file.
+    let out = l.server.warren_stdin(
+        &[
+            "run",
+            "-b",
+            "linux",
+            "-i",
+            "busybox",
+            "--name",
+            "input",
+            "--stdin",
+            "-",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo end",
+        ],
+        Some("piped in\n"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "piped in\nend\n");
+    assert!(
+        !cgroup_of(&l, "input").starts_with("warm-"),
+        "a sandbox with input starts cold"
+    );
+    l.ok(&["rm", "w1", "w2", "cold", "input"]);
 
     // Killed, the server leaves its shells; the next one removes them and makes its own.
     wait_warm(&l, 2);

@@ -476,6 +476,7 @@ fn acknowledged_creates_survive_kill_9() {
                     spec.resources.limits.memory = Some("64Mi".into());
                     let req = v1::CreateSandboxRequest {
                         spec: Some(spec_to_pb(&spec)),
+                        ..Default::default()
                     };
                     match client.create_sandbox(req).await {
                         Ok(_) => {

@@ -322,3 +322,185 @@ fn bench_run_reports_create_to_exit() {
         "{text}"
     );
 }
+
+#[test]
+fn stdin_from_the_api_reaches_the_workload() {
+    let server = TestServer::start();
+    let cat = module("cat.wat");
+    // From this command's own stdin, read to its end.
+    let text = "line one\nline two\n";
+    let out = server.warren_stdin(
+        &[
+            "run", "-b", "wasm", "--module", &cat, "--stdin", "-", "--wait",
+        ],
+        Some(text),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), text);
+
+    // From a file, larger than the guest's 64 KiB read buffer.
+    let big: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    let file = server.dir.path().join("input.txt");
+    std::fs::write(&file, &big).expect("write input");
+    let file = file.display().to_string();
+    let out = server.warren(&[
+        "run", "-b", "wasm", "--module", &cat, "--name", "big", "--stdin", &file, "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).len(), big.len());
+    assert_eq!(server.ok(&["logs", "big"]), big, "the log holds all of it");
+
+    // None given: the guest reads end of file at once.
+    let out = server.warren(&["run", "-b", "wasm", "--module", &cat, "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+
+    // A backend that runs nothing refuses input, naming the field.
+    let out = server.warren_stdin(&["run", "--stdin", "-"], Some("x"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stdin: the slot backend"),
+        "{}",
+        stderr(&out)
+    );
+    let missing = server.dir.path().join("missing.txt").display().to_string();
+    let out = server.warren(&["run", "-b", "wasm", "--module", &cat, "--stdin", &missing]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--stdin") && stderr(&out).contains(&missing));
+}
+
+/// `wait` on the create: one call that returns the sandbox's end.
+#[test]
+fn create_can_wait_for_the_end() {
+    use warren_proto::{spec_to_pb, v1};
+    let server = TestServer::start();
+    let address: warren_control::address::Address = server.address.parse().expect("address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut client = warren_control::client::connect(&address, None)
+            .await
+            .expect("connect");
+        let spec = |name: &str, module_file: &str| warren_spec::SandboxSpec {
+            name: name.into(),
+            backend: warren_spec::BackendKind::Wasm,
+            image: Some(module(module_file)),
+            ..Default::default()
+        };
+        let done = client
+            .create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec("three", "exit3.wat"))),
+                wait: true,
+                ..Default::default()
+            })
+            .await
+            .expect("create and wait")
+            .into_inner();
+        let status = done.sandbox.and_then(|s| s.status).expect("status");
+        assert_eq!(
+            (status.phase.as_str(), status.exit_code),
+            ("Exited", Some(3))
+        );
+
+        let started = Instant::now();
+        let err = client
+            .create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec("spin", "loop.wat"))),
+                wait: true,
+                wait_timeout_ms: Some(300),
+                stdin: Vec::new(),
+            })
+            .await
+            .expect_err("the wait times out");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    });
+    // The sandbox itself runs on after the caller stopped waiting.
+    let got = json(&server.ok(&["get", "spin", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Running");
+    server.ok(&["rm", "spin"]);
+}
+
+/// Modules stored in the image store run by name: an artifact imported from a bare module,
+/// an OCI layout holding a Wasm artifact, and a runwasi-style image (a `.wasm` entrypoint).
+#[test]
+fn modules_run_by_image_name() {
+    let server = TestServer::start();
+    let hello = module("hello.wat");
+    let out = server.ok(&["image", "import", &hello, "--name", "hello"]);
+    assert!(out.contains("hello:latest"), "{out}");
+    let listed = server.ok(&["image", "ls"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("hello:latest") && l.contains("wasm")),
+        "{listed}"
+    );
+    let out = server.warren(&["run", "-b", "wasm", "--module", "hello", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello\n");
+
+    let echo = wat::parse_file(module("echo.wat")).expect("echo.wat compiles");
+    let layouts = server.dir.path().join("layouts");
+    let artifact = warren_image::testing::wasm_layout(&layouts.join("a"), "echo-artifact", &echo)
+        .expect("artifact layout");
+    server.ok(&["image", "import", &artifact.display().to_string()]);
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        "echo-artifact",
+        "--wait",
+        "--",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "echo-artifact\nx\n",
+        "argv[0] is the image name"
+    );
+
+    let runwasi =
+        warren_image::testing::wasm_in_scratch_layout(&layouts.join("r"), "echo-image", &echo)
+            .expect("runwasi layout");
+    server.ok(&["image", "import", &runwasi.display().to_string()]);
+    let out = server.warren(&["run", "-b", "wasm", "--module", "echo-image", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "/app.wasm\n",
+        "argv is the image's entrypoint"
+    );
+
+    // A container image is not a module; a name that is nothing is said to be nothing.
+    let bb = warren_image::testing::busybox_layout(&layouts.join("b"), "busybox")
+        .expect("busybox layout");
+    server.ok(&["image", "import", &bb.display().to_string()]);
+    for (name, want) in [
+        ("busybox", "holds no Wasm module"),
+        ("nothing-here", "neither a module file"),
+    ] {
+        let out = server.warren(&["run", "-b", "wasm", "--module", name]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("spec.image") && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+    let bad = server.dir.path().join("bad.wasm");
+    std::fs::write(&bad, "not a module").expect("write");
+    let out = server.warren(&[
+        "image",
+        "import",
+        &bad.display().to_string(),
+        "--name",
+        "bad",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("bad.wasm"), "{}", stderr(&out));
+}

@@ -14,7 +14,7 @@ use warren_agent::AgentError;
 use warren_proto::v1::sandboxes_server::Sandboxes;
 use warren_proto::v1::{self, sandbox_event};
 use warren_proto::{failure_policy_from_pb, resource_info_to_pb, resources_from_pb, spec_from_pb};
-use warren_runtime::{BackendError, ExecProcess, ExecRequest, logs};
+use warren_runtime::{BackendError, ExecProcess, ExecRequest, Stdin, logs};
 use warren_spec::BackendKind;
 
 use crate::plane::{ControlError, ControlPlane, EventKind, SandboxUpdate};
@@ -96,12 +96,25 @@ impl Sandboxes for SandboxService {
         &self,
         req: Request<v1::CreateSandboxRequest>,
     ) -> Result<Response<v1::CreateSandboxResponse>, Status> {
-        let pb = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| invalid("spec: missing"))?;
+        let req = req.into_inner();
+        let pb = req.spec.ok_or_else(|| invalid("spec: missing"))?;
         let spec = spec_from_pb(pb).map_err(invalid)?;
-        let (rec, created) = self.plane.create(spec).await.map_err(status_of)?;
+        let stdin = (!req.stdin.is_empty()).then(|| Stdin::from(req.stdin));
+        let (mut rec, created) = self
+            .plane
+            .create_with(spec, stdin)
+            .await
+            .map_err(status_of)?;
+        if req.wait {
+            let timeout = req
+                .wait_timeout_ms
+                .map(|ms| Duration::from_millis(u64::from(ms)));
+            rec = self
+                .plane
+                .wait(&rec.spec.name, timeout)
+                .await
+                .map_err(status_of)?;
+        }
         Ok(Response::new(v1::CreateSandboxResponse {
             sandbox: Some(rec.to_pb()),
             created,
@@ -267,7 +280,7 @@ impl Sandboxes for SandboxService {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = req.into_inner();
-        let (path, done) = self.plane.log_source(&req.name).map_err(status_of)?;
+        let (path, done) = self.plane.log_source(&req.name).await.map_err(status_of)?;
         let since = req.since_ms.map(|ms| {
             std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
         });

@@ -34,7 +34,9 @@ fn status_of(e: ImageError) -> Status {
         | ImageError::Json { .. }
         | ImageError::UnsafeEntry { .. }
         | ImageError::Unsupported(_)
-        | ImageError::NoMatchingPlatform { .. } => Status::invalid_argument(msg),
+        | ImageError::NoMatchingPlatform { .. }
+        | ImageError::InvalidModule { .. }
+        | ImageError::WasmModule { .. } => Status::invalid_argument(msg),
         ImageError::Registry { .. } => Status::unavailable(msg),
         _ => Status::internal(msg),
     }
@@ -47,6 +49,7 @@ pub fn image_to_pb(s: &ImageSummary) -> v1::Image {
         size: s.size,
         layers: s.layers as u32,
         created: s.created.clone(),
+        kind: s.kind.to_string(),
     }
 }
 

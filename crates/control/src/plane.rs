@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 use warren_agent::{Agent, AgentError};
-use warren_runtime::{BackendError, BackendEvent, BackendStatus, SandboxConfig};
+use warren_runtime::{BackendError, BackendEvent, BackendStatus, SandboxConfig, Stdin};
 use warren_spec::{
     BackendKind, Consistency, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
 };
@@ -233,6 +233,7 @@ impl ControlPlane {
                 id: rec.id.clone(),
                 spec: rec.spec.clone(),
                 resources: rec.resources.clone(),
+                stdin: None,
             };
             let was = rec.status.clone();
             match self.inner.agent.adopt(&config).await {
@@ -290,6 +291,15 @@ impl ControlPlane {
         &self,
         spec: SandboxSpec,
     ) -> Result<(Arc<SandboxRecord>, bool), ControlError> {
+        self.create_with(spec, None).await
+    }
+
+    /// [`Plane::create`], the workload reading `stdin` (not stored: a restart reads none).
+    pub async fn create_with(
+        &self,
+        spec: SandboxSpec,
+        stdin: Option<Stdin>,
+    ) -> Result<(Arc<SandboxRecord>, bool), ControlError> {
         let resources = spec
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
@@ -323,7 +333,7 @@ impl ControlPlane {
             reg.insert(Arc::new(pending.clone()), true);
         }
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_create(pending).await });
+        let done = tokio::spawn(async move { this.finish_create(pending, stdin).await });
         let record = done
             .await
             .map_err(|e| ControlError::Internal(e.to_string()))??;
@@ -341,6 +351,7 @@ impl ControlPlane {
     async fn finish_create(
         &self,
         mut rec: SandboxRecord,
+        stdin: Option<Stdin>,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = rec.spec.name.clone();
         let strong = rec.spec.consistency == Consistency::Strong;
@@ -352,6 +363,7 @@ impl ControlPlane {
             id: rec.id.clone(),
             spec: rec.spec.clone(),
             resources: rec.resources.clone(),
+            stdin,
         };
         let info = match self.inner.agent.run(&config).await {
             Ok(info) => info,
@@ -823,7 +835,7 @@ impl ControlPlane {
             .await?)
     }
 
-    pub fn log_source(
+    pub async fn log_source(
         &self,
         name: &str,
     ) -> Result<(std::path::PathBuf, watch::Receiver<bool>), ControlError> {
@@ -844,9 +856,13 @@ impl ControlPlane {
                     name: name.into(),
                     backend: kind,
                 })?;
+        if rec.status.is_terminal() {
+            self.inner.agent.logs_settled(kind, &rec.id).await;
+        }
         let (done_tx, done_rx) = watch::channel(rec.status.is_terminal());
         if !rec.status.is_terminal() {
             let name = name.to_string();
+            let this = self.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -859,6 +875,7 @@ impl ControlPlane {
                         _ = done_tx.closed() => return,
                     }
                 }
+                this.inner.agent.logs_settled(kind, &rec.id).await;
                 let _ = done_tx.send(true);
             });
         }

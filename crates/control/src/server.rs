@@ -130,16 +130,21 @@ impl Server {
                 message: e.to_string(),
             })?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let wasm = WasmBackend::new(config.dir.join("wasm"), config.wasm.clone(), events.clone())
-            .map_err(|e| ServerError::Backend {
-            backend: "wasm",
-            message: e.to_string(),
-        })?;
         let images =
             ImageStore::open(&config.dir.join("images")).map_err(|e| ServerError::Backend {
                 backend: "image store",
                 message: crate::images::error_chain(&e),
             })?;
+        let wasm = WasmBackend::with_images(
+            config.dir.join("wasm"),
+            config.wasm.clone(),
+            events.clone(),
+            Some(images.clone()),
+        )
+        .map_err(|e| ServerError::Backend {
+            backend: "wasm",
+            message: e.to_string(),
+        })?;
         let linux = LinuxBackend::new(
             LinuxConfig {
                 dir: config.dir.join("linux"),

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use warren_image::ImageStore;
 use warren_runtime::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, ExecProcess,
-    ExecRequest, SandboxConfig,
+    ExecRequest, SandboxConfig, Stdin,
 };
 use warren_spec::{BackendKind, ResourceInfo, SandboxSpec, parse_user};
 
@@ -107,8 +107,15 @@ struct Sandbox {
     supervisor: Option<i32>,
     /// Flips to true once the supervisor has ended and `status` holds the outcome.
     done: Option<watch::Receiver<bool>>,
-    /// The container's configuration and image id between create and start.
-    pending: Option<(ContainerConfig, String)>,
+    /// What `start` needs, between create and start.
+    pending: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    container: ContainerConfig,
+    image_id: String,
+    stdin: Option<Stdin>,
 }
 
 /// A warm shell ready to be claimed: its bundle under `<dir>/.warm` and its supervisor.
@@ -451,8 +458,13 @@ async fn cold_start(
     inner: &Inner,
     bundle: &Path,
     container: &ContainerConfig,
+    stdin: Option<&Stdin>,
 ) -> Result<(tokio::process::Child, i32), BackendError> {
     make_bundle(bundle, container)?;
+    if let Some(stdin) = stdin {
+        let path = bundle.join(config::STDIN_FILE);
+        std::fs::write(&path, stdin.bytes()).map_err(|e| io("write", &path, e))?;
+    }
     spawn_supervisor(inner, bundle, None).await
 }
 
@@ -729,7 +741,11 @@ impl Backend for LinuxBackend {
                 status: BackendStatus::Created,
                 supervisor: None,
                 done: None,
-                pending: Some((container, image_id)),
+                pending: Some(Pending {
+                    container,
+                    image_id,
+                    stdin: config.stdin.clone(),
+                }),
             },
         );
         Ok(info)
@@ -737,7 +753,11 @@ impl Backend for LinuxBackend {
 
     async fn start(&self, id: &str) -> Result<(), BackendError> {
         let inner = Arc::clone(&self.inner);
-        let (container, image_id) = {
+        let Pending {
+            container,
+            image_id,
+            stdin,
+        } = {
             let mut sandboxes = inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
             match (&sb.status, sb.pending.take()) {
@@ -750,14 +770,15 @@ impl Backend for LinuxBackend {
             }
         };
         let bundle = self.bundle(id);
-        let shell = if container.mounts.is_empty() {
+        // A warm shell's stdin is set when it is made: input needs a cold start.
+        let shell = if container.mounts.is_empty() && stdin.is_none() {
             inner.take_shell(&image_id)
         } else {
             None
         };
         let (mut child, pid) = match shell {
             Some(shell) => claim(&inner, shell, &bundle, &container).await?,
-            None => cold_start(&inner, &bundle, &container).await?,
+            None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
         };
         let supervisor = child.id().map(|p| p as i32);
         let (done_tx, done_rx) = watch::channel(false);
@@ -942,8 +963,8 @@ impl Backend for LinuxBackend {
         let running = {
             let mut sandboxes = self.inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
-            if let Some((pending, _)) = &mut sb.pending {
-                pending.limits = limits_of(resources);
+            if let Some(pending) = &mut sb.pending {
+                pending.container.limits = limits_of(resources);
             }
             sb.resources = resources.clone();
             sb.status == BackendStatus::Running

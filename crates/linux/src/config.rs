@@ -17,6 +17,8 @@ pub const STATE_FILE: &str = "state.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "container.log";
 pub const SUPERVISOR_LOG_FILE: &str = "supervisor.log";
+/// The workload's standard input, when the create gave one (else it reads `/dev/null`).
+pub const STDIN_FILE: &str = "stdin";
 /// Written by the backend before it signals a stop: the grace period in milliseconds.
 pub const STOP_FILE: &str = "stop";
 pub const ROOTFS_DIR: &str = "rootfs";

@@ -158,12 +158,18 @@ fn fork_container(
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (fail_r, fail_w) = pipe()?;
+    let given = bundle.join(config::STDIN_FILE);
+    let stdin_path = if given.exists() {
+        given.as_path()
+    } else {
+        Path::new("/dev/null")
+    };
     let stdin = nix::fcntl::open(
-        "/dev/null",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        stdin_path,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(|e| format!("open /dev/null: {e}"))?;
+    .map_err(|e| format!("open {}: {e}", stdin_path.display()))?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("unshare pid namespace: {e}"))?;
 

@@ -8,12 +8,38 @@ use warren_spec::{BackendKind, ResourceInfo, SandboxSpec};
 
 /// Everything a backend needs to create one sandbox. The spec is already validated and the
 /// resources extracted; backends never re-parse user input.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SandboxConfig {
     /// Stable, unique, filesystem-safe identifier chosen by the control plane.
     pub id: String,
     pub spec: SandboxSpec,
     pub resources: ResourceInfo,
+    /// What the workload reads on its standard input, then end of file; `None`: an empty
+    /// stdin. Given with the create call and not stored, so a restart reads none.
+    pub stdin: Option<Stdin>,
+}
+
+/// Bytes for a workload's standard input. Shared, not copied, between the control plane and
+/// the backend; `Debug` shows the length only (input may be a secret).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Stdin(pub std::sync::Arc<[u8]>);
+
+impl Stdin {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Stdin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Stdin({} bytes)", self.0.len())
+    }
+}
+
+impl From<Vec<u8>> for Stdin {
+    fn from(bytes: Vec<u8>) -> Self {
+        Stdin(bytes.into())
+    }
 }
 
 /// What a backend knows of one sandbox.
@@ -133,6 +159,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn log_path(&self, id: &str) -> Option<std::path::PathBuf> {
         let _ = id;
         None
+    }
+
+    /// Returns once everything the sandbox has written so far is in its log file: backends
+    /// that create and fill log files behind the workload (off the start-to-exit path) wait
+    /// for that here; readers call it before reading an ended sandbox's log.
+    async fn logs_settled(&self, id: &str) {
+        let _ = id;
     }
 
     /// Starts a process inside a running sandbox.

@@ -19,7 +19,7 @@ pub mod slot;
 
 pub use backend::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, ExecProcess,
-    ExecRequest, Resize, SandboxConfig, sandbox_dirs,
+    ExecRequest, Resize, SandboxConfig, Stdin, sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};
 

@@ -114,7 +114,10 @@ pub struct LogWriter {
 
 #[derive(Debug)]
 struct WriterState {
-    file: File,
+    /// `None` until [`LogWriter::open`] for a [`LogWriter::deferred`] writer.
+    file: Option<File>,
+    /// Records written before the file was opened, in order.
+    pending: Vec<u8>,
     /// The unfinished line of each stream, shorter than [`MAX_RECORD_CONTENT`].
     partial: [Vec<u8>; 2],
     /// Bytes in the file, including what was there when it was opened.
@@ -150,9 +153,12 @@ impl WriterState {
             );
             out = std::borrow::Cow::Owned(record);
         }
-        self.file
-            .write_all(&out)
-            .map_err(|e| io_error("write", path, e))?;
+        match &mut self.file {
+            Some(file) => file
+                .write_all(&out)
+                .map_err(|e| io_error("write", path, e))?,
+            None => self.pending.extend_from_slice(&out),
+        }
         self.written += out.len() as u64;
         Ok(())
     }
@@ -167,26 +173,53 @@ impl LogWriter {
     /// Like [`LogWriter::create`], keeping the file at most `limit` bytes: output past it is
     /// dropped, and one last stderr record says so.
     pub fn with_limit(path: impl Into<PathBuf>, limit: Option<u64>) -> Result<Self, LogError> {
-        let path = path.into();
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_error("open", &path, e))?;
-        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(LogWriter {
-            path,
+        let writer = Self::deferred(path, limit);
+        writer.open()?;
+        Ok(writer)
+    }
+
+    /// A writer that touches no file until [`LogWriter::open`]: records written before are
+    /// kept in memory (timestamped when written, counted against `limit`) and written out
+    /// by `open`. For a workload whose start must not wait for the disk: the file is made
+    /// off that path, and readers wait for it (see `Backend::logs_settled`).
+    pub fn deferred(path: impl Into<PathBuf>, limit: Option<u64>) -> Self {
+        LogWriter {
+            path: path.into(),
             inner: Mutex::new(WriterState {
-                file,
+                file: None,
+                pending: Vec::new(),
                 partial: [Vec::new(), Vec::new()],
-                written,
+                written: 0,
                 limit,
                 full: false,
             }),
-        })
+        }
+    }
+
+    /// Creates (or appends to) the file, making its directory if missing, and writes what
+    /// was recorded before. Does nothing if it is open already.
+    pub fn open(&self) -> Result<(), LogError> {
+        let mut state = self.lock();
+        if state.file.is_some() {
+            return Ok(());
+        }
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| io_error("open", &self.path, e))?;
+        let existing = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let pending = std::mem::take(&mut state.pending);
+        if !pending.is_empty() {
+            file.write_all(&pending)
+                .map_err(|e| io_error("write", &self.path, e))?;
+        }
+        state.written += existing;
+        state.file = Some(file);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -573,6 +606,43 @@ mod tests {
             .iter()
             .map(|r| (r.stream, r.partial, r.content.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_deferred_log_keeps_records_until_opened_then_writes_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sandbox/output.log");
+        let w = LogWriter::deferred(&path, Some(400));
+        let before = SystemTime::now();
+        w.write(Stream::Stdout, b"first\nsec").expect("write");
+        w.write(Stream::Stderr, b"oops\n").expect("write");
+        assert!(
+            !path.exists() && !path.parent().expect("parent").exists(),
+            "no I/O yet"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        w.open().expect("open");
+        w.open().expect("a second open does nothing");
+        w.write(Stream::Stdout, b"ond\n").expect("write");
+        let got = records(&path);
+        assert_eq!(
+            contents(&got),
+            vec![
+                (Stream::Stdout, false, b"first".to_vec()),
+                (Stream::Stderr, false, b"oops".to_vec()),
+                (Stream::Stdout, false, b"second".to_vec()),
+            ]
+        );
+        let opened = got[0].time.duration_since(before).expect("after the start");
+        assert!(
+            opened < Duration::from_millis(20),
+            "records keep the time they were written, not the time of the open: {opened:?}"
+        );
+        // The limit counts what was held in memory too.
+        w.write(Stream::Stdout, &[b'x'; 300]).expect("write");
+        w.write(Stream::Stdout, b"\n").expect("write");
+        let last = records(&path).pop().expect("records");
+        assert!(String::from_utf8_lossy(&last.content).contains("limit of 400 bytes"));
     }
 
     #[test]

@@ -282,6 +282,11 @@ impl Backend for SlotBackend {
     }
 
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
+        if config.stdin.is_some() {
+            return Err(BackendError::Invalid(
+                "stdin: the slot backend runs no process to read it".into(),
+            ));
+        }
         let held = Held::of(&config.resources);
         {
             let mut state = self.lock();

@@ -9,9 +9,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
+use warren_image::{ImageError, ImageStore};
 use warren_runtime::logs::LogWriter;
 use warren_runtime::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, SandboxConfig,
+    Stdin,
 };
 use warren_spec::{BackendKind, ResourceInfo, SandboxSpec, format_bytes};
 
@@ -40,7 +42,9 @@ struct Inner {
     config: WasmConfig,
     cache: ModuleCache,
     ticker: Ticker,
+    files: FileWorker,
     events: EventSink,
+    images: Option<ImageStore>,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
 }
 
@@ -48,9 +52,16 @@ struct Sandbox {
     /// `None` for a sandbox adopted after its module went away: it cannot start again.
     program: Option<Program>,
     spec: SandboxSpec,
-    module: PathBuf,
+    module: ModuleSource,
     memory_limit: usize,
+    /// Given with the create; every start of this sandbox reads it.
+    stdin: Option<Stdin>,
+    /// Deferred: its file is made by the first start's file job, off the start-to-exit path
+    /// (until then records wait in memory). A log file on disk marks a sandbox that ran.
     log: Arc<LogWriter>,
+    /// Turns true once the last start's file job (directory, log file, stale status) is
+    /// done; `None` when none is due.
+    files: Option<watch::Receiver<bool>>,
     info: BackendInfo,
     status: BackendStatus,
     /// Bumped by every start, so a finished run never overwrites a newer one's status.
@@ -85,15 +96,31 @@ impl WasmBackend {
     /// cannot be created; an engine that cannot be built (e.g. the pool's address space
     /// refused) leaves the backend unavailable, as [`Backend::is_available`] then says.
     pub fn new(dir: PathBuf, config: WasmConfig, events: EventSink) -> Result<Self, BackendError> {
+        Self::with_images(dir, config, events, None)
+    }
+
+    /// [`WasmBackend::new`], also running modules stored in `images` by name (Wasm OCI
+    /// artifacts, and images whose entrypoint is a `.wasm` file).
+    pub fn with_images(
+        dir: PathBuf,
+        config: WasmConfig,
+        events: EventSink,
+        images: Option<ImageStore>,
+    ) -> Result<Self, BackendError> {
         std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
-        let inner = Self::build(&dir, config, events);
+        let inner = Self::build(&dir, config, events, images);
         if let Err(reason) = &inner {
             warn!(dir = %dir.display(), "wasm: backend unavailable: {reason}");
         }
         Ok(WasmBackend { dir, inner })
     }
 
-    fn build(dir: &Path, config: WasmConfig, events: EventSink) -> Result<Arc<Inner>, String> {
+    fn build(
+        dir: &Path,
+        config: WasmConfig,
+        events: EventSink,
+        images: Option<ImageStore>,
+    ) -> Result<Arc<Inner>, String> {
         let engine = build_engine(&config).map_err(|e| format!("wasmtime engine: {e:#}"))?;
         let linkers = run::linkers(&engine).map_err(|e| format!("WASI linker: {e:#}"))?;
         let ticker = Ticker::start(engine.clone()).map_err(|e| format!("epoch thread: {e}"))?;
@@ -102,7 +129,9 @@ impl WasmBackend {
             cache: ModuleCache::new(engine, linkers, dir.join(CACHE_DIR)),
             config,
             ticker,
+            files: FileWorker::start().map_err(|e| format!("file thread: {e}"))?,
             events,
+            images,
             sandboxes: Mutex::new(HashMap::new()),
         }))
     }
@@ -145,9 +174,17 @@ impl WasmBackend {
         };
         let job = Job {
             program,
-            argv: argv(&SandboxSpec::default(), &module),
+            argv: argv(
+                &SandboxSpec::default(),
+                &ModuleSource {
+                    path: module.clone(),
+                    name: module_path.to_string(),
+                    ..ModuleSource::default()
+                },
+            ),
             env: Vec::new(),
             mounts: Vec::new(),
+            stdin: None,
             memory_limit: usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX),
             fuel: inner.config.fuel,
             timeout: None,
@@ -213,9 +250,9 @@ async fn run_task(
     run: u64,
     job: Job,
     running: crate::engine::Running,
+    mut files: watch::Receiver<bool>,
     done: watch::Sender<bool>,
 ) {
-    mark_running(&inner.sandbox_dir(&id));
     let status = run::run(job).await;
     drop(running);
     debug!(id, ?status, "wasm: run ended");
@@ -226,11 +263,79 @@ async fn run_task(
                 status: status.clone(),
             });
         }
-        // After the event: a crash in between leaves the `running` marker, which adopt
-        // reports as lost, and the control plane has usually stored the end already.
+        // After the event, and after the start's file job: a crash in between leaves a log
+        // without a status, which adopt reports as lost (the control plane has usually
+        // stored the end already).
+        let _ = files.wait_for(|ready| *ready).await;
         write_status(&inner.sandbox_dir(&id), &status);
     }
     let _ = done.send(true);
+}
+
+/// Sandboxes' file work, off the path from create to exit: one thread doing jobs in the
+/// order they were given (a sandbox's directory before its log file). Each job's completion
+/// is a watch that turns true; the thread ends with the backend.
+struct FileWorker {
+    jobs: Mutex<std::sync::mpsc::Sender<FileJob>>,
+}
+
+type FileJob = Box<dyn FnOnce() + Send>;
+
+impl FileWorker {
+    fn start() -> std::io::Result<FileWorker> {
+        let (tx, rx) = std::sync::mpsc::channel::<FileJob>();
+        std::thread::Builder::new()
+            .name("wasm-files".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })?;
+        Ok(FileWorker {
+            jobs: Mutex::new(tx),
+        })
+    }
+
+    /// Queues `job`; the receiver turns true once it has run. If the thread is gone (it
+    /// cannot be while the backend lives) the job runs here.
+    fn submit(&self, job: impl FnOnce() + Send + 'static) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        let job: FileJob = Box::new(move || {
+            job();
+            let _ = tx.send(true);
+        });
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
+            job();
+        }
+        rx
+    }
+}
+
+/// A create's file work: the sandbox's directory; one left by an earlier sandbox of the same
+/// id loses its status and log. Errors are logged: the sandbox runs on, its output then held
+/// in memory up to the log's limit.
+fn create_files(dir: &Path) {
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            for file in [STATUS_FILE, LOG_FILE] {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+        }
+        Err(e) => warn!(dir = %dir.display(), "wasm: cannot create the sandbox directory: {e}"),
+    }
+}
+
+/// A start's file work, done while the guest already runs: a restart drops the previous
+/// run's status; then the log file is made (or reopened) with what the guest wrote meanwhile.
+fn start_files(dir: &Path, restart: bool, log: &LogWriter) {
+    if restart {
+        let _ = std::fs::remove_file(dir.join(STATUS_FILE));
+    }
+    if let Err(e) = log.open() {
+        warn!(dir = %dir.display(), "wasm: cannot open the sandbox log: {e}");
+    }
 }
 
 /// The persisted form of a status: what `adopt` reads back after a restart.
@@ -258,12 +363,12 @@ impl From<&BackendStatus> for Persisted {
     }
 }
 
-/// Marks a run as started, in one file operation (a create-and-write, not the temp file and
-/// rename of [`write_status`]): it sits on the path from start to exit, where each metadata
-/// operation costs ~0.3 ms on a slow disk. A torn marker reads back as lost, which is what a
-/// run interrupted there is.
-fn mark_running(dir: &Path) {
-    let Ok(json) = serde_json::to_vec(&Persisted::Running) else {
+/// Writes `status.json` in one file operation (no temp file and rename: each metadata
+/// operation costs 20–50 µs on a slow disk, and the next create waits behind it). A failure
+/// is logged, not fatal (the control plane's store holds the truth while the server runs);
+/// a file torn by a crash reads back as lost, like a run the crash interrupted.
+fn write_status(dir: &Path, status: &BackendStatus) {
+    let Ok(json) = serde_json::to_vec(&Persisted::from(status)) else {
         return;
     };
     let path = dir.join(STATUS_FILE);
@@ -272,24 +377,16 @@ fn mark_running(dir: &Path) {
     }
 }
 
-/// Writes `status.json` atomically; a failure is logged, not fatal (the control plane's
-/// store holds the truth while the server runs).
-fn write_status(dir: &Path, status: &BackendStatus) {
-    let Ok(json) = serde_json::to_vec(&Persisted::from(status)) else {
-        return;
-    };
-    let path = dir.join(STATUS_FILE);
-    let tmp = dir.join(".status.json.tmp");
-    let result = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = result {
-        warn!(path = %path.display(), "wasm: cannot record status: {e}");
-    }
-}
-
-/// The recorded status; `None` when there is no file (never started). A file that does not
-/// parse (a torn `running` marker) counts as a run that did not end cleanly: lost.
+/// How a sandbox's files say it ended: its `status.json`; without one, a log file means it
+/// started and never recorded an end (the server died while it ran: lost), and no log file
+/// means it never started (`None`). A status file that does not parse (torn by a crash)
+/// counts as lost too.
 fn read_status(dir: &Path) -> Option<BackendStatus> {
-    let bytes = std::fs::read(dir.join(STATUS_FILE)).ok()?;
+    let Ok(bytes) = std::fs::read(dir.join(STATUS_FILE)) else {
+        return dir.join(LOG_FILE).exists().then(|| BackendStatus::Failed {
+            reason: REASON_LOST.into(),
+        });
+    };
     let lost = BackendStatus::Failed {
         reason: REASON_LOST.into(),
     };
@@ -333,29 +430,124 @@ fn load_error(e: LoadError) -> BackendError {
     }
 }
 
-/// The module path from the spec; relative paths are as the server sees them.
-fn module_path(spec: &SandboxSpec) -> Result<PathBuf, BackendError> {
-    match spec.image.as_deref() {
-        Some(image) if !image.is_empty() => Ok(PathBuf::from(image)),
-        _ => Err(BackendError::Other(
-            "spec.image: a wasm sandbox needs a module (a .wasm or .wat file)".into(),
-        )),
+/// Where a sandbox's module comes from: a file, or an image in the store (whose config may
+/// add an entrypoint, a command and environment, as a container image's does).
+#[derive(Debug, Clone, Default)]
+struct ModuleSource {
+    /// The module's bytes on this node.
+    path: PathBuf,
+    /// argv\[0\] when neither the spec nor the image gives a program name.
+    name: String,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// `spec.image` names a file (rather than an image) when it is a path: absolute or `./`
+/// relative (as the server sees it), or ending in `.wasm` or `.wat`.
+fn is_module_file(image: &str) -> bool {
+    image.starts_with('/')
+        || image.starts_with("./")
+        || image.starts_with("../")
+        || image.ends_with(".wasm")
+        || image.ends_with(".wat")
+}
+
+impl Inner {
+    /// Resolves `spec.image` to a module file; every failure names the field.
+    fn module_source(&self, spec: &SandboxSpec) -> Result<ModuleSource, BackendError> {
+        let image = match spec.image.as_deref() {
+            Some(image) if !image.is_empty() => image,
+            _ => {
+                return Err(BackendError::Invalid(
+                    "spec.image: a wasm sandbox needs a module: a .wasm or .wat file, or the \
+                     name of a Wasm image in the store"
+                        .into(),
+                ));
+            }
+        };
+        if is_module_file(image) {
+            let path = PathBuf::from(image);
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Ok(ModuleSource {
+                path,
+                name,
+                ..ModuleSource::default()
+            });
+        }
+        let Some(store) = &self.images else {
+            return Err(BackendError::Invalid(format!(
+                "spec.image: {image:?} is not a module file (an absolute path, or a name ending \
+                 in .wasm or .wat) and this server has no image store"
+            )));
+        };
+        let found = store.resolve(image).map_err(|e| match e {
+            ImageError::NotFound(_) => BackendError::Invalid(format!(
+                "spec.image: {image:?} is neither a module file (an absolute path, or a name \
+                 ending in .wasm or .wat) nor an image in the store"
+            )),
+            e => BackendError::Invalid(format!("spec.image: {}", warren_runtime::error_chain(&e))),
+        })?;
+        let path = found
+            .wasm_module()
+            .map_err(|e| {
+                BackendError::Invalid(format!("spec.image: {}", warren_runtime::error_chain(&e)))
+            })?
+            .ok_or_else(|| {
+                BackendError::Invalid(format!(
+                    "spec.image: image {image:?} holds no Wasm module: it is neither a Wasm \
+                     artifact nor an image whose entrypoint is a .wasm file"
+                ))
+            })?;
+        let env = found
+            .config
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(ModuleSource {
+            path,
+            name: image.to_string(),
+            entrypoint: found.config.entrypoint.clone(),
+            cmd: found.config.cmd.clone(),
+            env,
+        })
     }
 }
 
-/// `command ++ args` when a command is given, else the module's file name then `args`.
-fn argv(spec: &SandboxSpec, module: &Path) -> Vec<String> {
-    if spec.command.is_empty() {
-        let name = module
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        std::iter::once(name)
-            .chain(spec.args.iter().cloned())
-            .collect()
-    } else {
-        spec.command.iter().chain(&spec.args).cloned().collect()
+/// argv as `docker run` builds it: the spec's `command ++ args` when it has a command, else
+/// the image's entrypoint followed by the spec's `args` or, when there are none, the image's
+/// cmd. A module with neither gets its file (or image) name as argv\[0\].
+fn argv(spec: &SandboxSpec, module: &ModuleSource) -> Vec<String> {
+    if !spec.command.is_empty() {
+        return spec.command.iter().chain(&spec.args).cloned().collect();
     }
+    let args = if spec.args.is_empty() {
+        &module.cmd
+    } else {
+        &spec.args
+    };
+    let mut argv: Vec<String> = module.entrypoint.iter().chain(args).cloned().collect();
+    if module.entrypoint.is_empty() && (!spec.args.is_empty() || module.cmd.is_empty()) {
+        argv.insert(0, module.name.clone());
+    }
+    argv
+}
+
+/// The image's environment, then the spec's (which wins).
+fn env(spec: &SandboxSpec, module: &ModuleSource) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = module
+        .env
+        .iter()
+        .filter(|(k, _)| !spec.env.contains_key(k))
+        .cloned()
+        .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
 }
 
 fn timeout(spec: &SandboxSpec, config: &WasmConfig) -> Option<Duration> {
@@ -392,9 +584,9 @@ impl Inner {
         Ok(())
     }
 
-    fn info(&self, id: &str, module: &Path, cache: &str) -> BackendInfo {
+    fn info(&self, id: &str, module: &ModuleSource, cache: &str) -> BackendInfo {
         let mut info = BackendInfo::new();
-        info.insert("module".into(), module.display().to_string());
+        info.insert("module".into(), module.path.display().to_string());
         info.insert("cache".into(), cache.into());
         info.insert(
             "log_path".into(),
@@ -428,23 +620,23 @@ impl Backend for WasmBackend {
                 id: id.clone(),
             });
         }
-        let module = module_path(&config.spec)?;
+        let module = inner.module_source(&config.spec)?;
         let memory_limit = inner.memory_limit(&config.resources)?;
         Inner::check_mounts(&config.spec)?;
-        let (program, source) = inner.cache.load(&module).await.map_err(load_error)?;
+        let (program, source) = inner.cache.load(&module.path).await.map_err(load_error)?;
+        // Made behind (see `create_files`): the create does not wait for the disk.
         let dir = inner.sandbox_dir(id);
-        std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
-        // A directory left by a previous run of the same id must not leak its status.
-        let _ = std::fs::remove_file(dir.join(STATUS_FILE));
-        let log = LogWriter::with_limit(dir.join(LOG_FILE), inner.config.log_max_bytes)
-            .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
+        let log = LogWriter::deferred(dir.join(LOG_FILE), inner.config.log_max_bytes);
+        let files = inner.files.submit(move || create_files(&dir));
         let info = inner.info(id, &module, source.as_str());
         let sandbox = Sandbox {
             program: Some(program),
             spec: config.spec.clone(),
             module,
             memory_limit,
+            stdin: config.stdin.clone(),
             log: Arc::new(log),
+            files: Some(files),
             info: info.clone(),
             status: BackendStatus::Created,
             run: 0,
@@ -472,7 +664,7 @@ impl Backend for WasmBackend {
         let Some(program) = sandbox.program.clone() else {
             return Err(BackendError::Other(format!(
                 "sandbox {id} cannot start: its module {} could not be loaded when it was adopted",
-                sandbox.module.display()
+                sandbox.module.path.display()
             )));
         };
         let pool = inner.config.pool_instances;
@@ -484,25 +676,27 @@ impl Backend for WasmBackend {
                 capacity: pool.to_string(),
             });
         };
+        let restart = sandbox.status != BackendStatus::Created;
+        let (dir, log) = (inner.sandbox_dir(id), Arc::clone(&sandbox.log));
+        let files = inner.files.submit(move || start_files(&dir, restart, &log));
+        sandbox.files = Some(files.clone());
+        let log = Arc::clone(&sandbox.log);
         let spec = &sandbox.spec;
         let stop = Arc::new(Notify::new());
         let job = Job {
             program,
             argv: argv(spec, &sandbox.module),
-            env: spec
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            env: env(spec, &sandbox.module),
             mounts: spec
                 .mounts
                 .iter()
                 .map(|m| (PathBuf::from(&m.host), m.guest.clone(), m.read_only))
                 .collect(),
+            stdin: sandbox.stdin.clone(),
             memory_limit: sandbox.memory_limit,
             fuel: inner.config.fuel,
             timeout: timeout(spec, &inner.config),
-            log: Some(Arc::clone(&sandbox.log)),
+            log: Some(log),
             stop: Arc::clone(&stop),
         };
         sandbox.run += 1;
@@ -514,6 +708,7 @@ impl Backend for WasmBackend {
             sandbox.run,
             job,
             running,
+            files,
             done_tx,
         ));
         sandbox.current = Some(Current {
@@ -536,7 +731,11 @@ impl Backend for WasmBackend {
                 }
                 (BackendStatus::Created, _) => {
                     sandbox.status = BackendStatus::Stopped;
-                    write_status(&inner.sandbox_dir(id), &BackendStatus::Stopped);
+                    // Never started: it has files only if it was adopted.
+                    let dir = inner.sandbox_dir(id);
+                    if dir.is_dir() {
+                        write_status(&dir, &BackendStatus::Stopped);
+                    }
                     return Ok(BackendStatus::Stopped);
                 }
                 (status, _) => return Ok(status.clone()),
@@ -552,15 +751,33 @@ impl Backend for WasmBackend {
             task.abort();
             let _ = done.wait_for(|d| *d).await;
         }
-        let mut sandboxes = inner.lock();
-        let sandbox = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
-        if sandbox.run == current_run && sandbox.status == BackendStatus::Running {
-            // The task was cancelled before recording anything.
-            sandbox.status = BackendStatus::Stopped;
-            let _ = sandbox.log.close();
+        let (status, cancelled) = {
+            let mut sandboxes = inner.lock();
+            let sandbox = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            let cancelled = sandbox.run == current_run && sandbox.status == BackendStatus::Running;
+            if cancelled {
+                // The task was cancelled before recording anything.
+                sandbox.status = BackendStatus::Stopped;
+                let _ = sandbox.log.close();
+            }
+            (sandbox.status.clone(), cancelled)
+        };
+        if cancelled {
+            self.logs_settled(id).await;
             write_status(&inner.sandbox_dir(id), &BackendStatus::Stopped);
         }
-        Ok(sandbox.status.clone())
+        Ok(status)
+    }
+
+    async fn logs_settled(&self, id: &str) {
+        let Ok(inner) = self.inner() else {
+            return;
+        };
+        let files = inner.lock().get(id).and_then(|s| s.files.clone());
+        if let Some(mut files) = files {
+            // Closed without `true`: the job is gone (it panicked); nothing more will come.
+            let _ = files.wait_for(|ready| *ready).await;
+        }
     }
 
     async fn delete(&self, id: &str) -> Result<(), BackendError> {
@@ -571,6 +788,8 @@ impl Backend for WasmBackend {
         let known = inner.lock().contains_key(id);
         if known {
             self.stop(id, Duration::ZERO).await?;
+            // A start's file job still running would make the directory again.
+            self.logs_settled(id).await;
         }
         let removed = inner.lock().remove(id);
         let dir = inner.sandbox_dir(id);
@@ -614,28 +833,41 @@ impl Backend for WasmBackend {
         if matches!(&status, BackendStatus::Failed { reason } if reason == REASON_LOST) {
             write_status(&dir, &status);
         }
-        let module = module_path(&config.spec)?;
         // Past the create checks already: a limit the config no longer allows gets the cap.
         let cap = usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX);
         let memory_limit = inner.memory_limit(&config.resources).unwrap_or(cap);
-        let loaded = inner.cache.load(&module).await;
+        let found = inner.module_source(&config.spec);
+        let loaded = match &found {
+            Ok(module) => inner.cache.load(&module.path).await.map_err(load_error),
+            Err(e) => Err(BackendError::Invalid(e.to_string())),
+        };
+        let module = found.unwrap_or_else(|_| ModuleSource {
+            path: PathBuf::from(config.spec.image.clone().unwrap_or_default()),
+            ..ModuleSource::default()
+        });
         let (program, cache) = match loaded {
             Ok((program, source)) => (Some(program), source.as_str()),
-            Err(e) if status == BackendStatus::Created => return Err(load_error(e)),
+            Err(e) if status == BackendStatus::Created => return Err(e),
             Err(e) => {
                 warn!(id, "wasm: adopted sandbox cannot restart: {e}");
                 (None, "unavailable")
             }
         };
-        let log = LogWriter::with_limit(dir.join(LOG_FILE), inner.config.log_max_bytes)
-            .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
+        // A sandbox that never started gets its log file when it does (see `read_status`).
+        let log = LogWriter::deferred(dir.join(LOG_FILE), inner.config.log_max_bytes);
+        if status != BackendStatus::Created {
+            log.open()
+                .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
+        }
         let info = inner.info(id, &module, cache);
         let sandbox = Sandbox {
             program,
             spec: config.spec.clone(),
             module,
             memory_limit,
+            stdin: None,
             log: Arc::new(log),
+            files: None,
             info: info.clone(),
             status: status.clone(),
             run: 0,

@@ -70,9 +70,38 @@ pub(crate) struct ModuleCache {
     /// Hex of the engine-compatibility hash, part of every disk key.
     engine_key: String,
     programs: Mutex<HashMap<[u8; 32], Program>>,
+    /// The digest of each file loaded, by path, with the identity it had then: a file whose
+    /// identity is unchanged is not read and hashed again (one `statx` instead).
+    digests: Mutex<HashMap<PathBuf, (FileIdentity, [u8; 32])>>,
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
     compiles: AtomicU64,
+}
+
+/// What tells a file's content changed without reading it: a write changes the size or the
+/// modification time, and always the change time (which no caller can set back); a replaced
+/// file (rename over it) has another inode. Times are to the nanosecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 impl fmt::Debug for ModuleCache {
@@ -114,6 +143,7 @@ impl ModuleCache {
             dir,
             engine_key,
             programs: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
             memory_hits: AtomicU64::new(0),
             disk_hits: AtomicU64::new(0),
             compiles: AtomicU64::new(0),
@@ -132,15 +162,36 @@ impl ModuleCache {
         self.programs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn digests(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (FileIdentity, [u8; 32])>> {
+        self.digests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Loads the module or component at `path` (binary or text), compiling it only if neither
     /// cache has it, and checks that it is a runnable WASI command.
     pub(crate) async fn load(&self, path: &Path) -> Result<(Program, Source), LoadError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        let read_error = |source| LoadError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        let identity = FileIdentity::of(path).map_err(read_error)?;
+        let known = self.digests().get(path).copied();
+        if let Some((was, digest)) = known
+            && was == identity
+            && let Some(pre) = self.lock().get(&digest).cloned()
+        {
+            self.memory_hits.fetch_add(1, Ordering::Relaxed);
+            debug!(module = %shown, "wasm: module cache hit (memory, file unchanged)");
+            return Ok((pre, Source::Memory));
+        }
+        let bytes = std::fs::read(path).map_err(read_error)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        // Only an identity taken before the read may vouch for these bytes; one that
+        // changed meanwhile just misses next time.
+        if FileIdentity::of(path).is_ok_and(|now| now == identity) {
+            self.digests()
+                .insert(path.to_path_buf(), (identity, digest));
+        }
         if let Some(pre) = self.lock().get(&digest).cloned() {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
             debug!(module = %shown, "wasm: module cache hit (memory)");

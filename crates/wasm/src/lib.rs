@@ -16,14 +16,15 @@
 //!   they share the workers fairly with each other and with the API; the cost is that a busy
 //!   guest can delay other tasks on its worker by about one tick (a test checks that a 1 ms
 //!   timer stays under 30 ms late with 4 spinning guests on 2 workers; measured 5–12 ms).
-//! - **Epoch tick: 1 ms**, from one thread per backend that parks while no instance runs (an
-//!   idle node pays nothing). It bounds three things: how long a busy guest holds a worker,
+//! - **Epoch tick: 1 ms**, from one thread per backend that parks once no instance has run
+//!   for 50 ms (an idle node pays nothing; back-to-back runs find it awake). It bounds three things: how long a busy guest holds a worker,
 //!   how late a timeout fires, and how long `stop` waits. Timeouts and stops are tokio timers
 //!   and notifications raced against the instance future, which is dropped (wasmtime cancels
 //!   the call) at its next yield; this also ends guests parked in a host call.
 //! - **Pooling allocator** sized by [`WasmConfig::pool_instances`] (instances, memories,
 //!   tables, fiber stacks), with copy-on-write memory images: instantiation is a few µs and
-//!   memory is reserved up front, not allocated per sandbox. More concurrent instances than
+//!   memory is reserved up front, not allocated per sandbox. The first MiB of a memory slot
+//!   is reset with `memset` when its instance ends (`madvise` would flush every CPU's TLB). More concurrent instances than
 //!   the pool holds are refused at `start` with a capacity error.
 //! - **Module cache** keyed by the SHA-256 of the module bytes and a hash of the engine's
 //!   compilation settings plus the wasmtime version: compiled once per node, kept in memory
@@ -51,9 +52,11 @@
 //!
 //! # What survives a restart
 //!
-//! Nothing runs across a server restart. The final status is persisted in
-//! `<dir>/<id>/status.json`, so [`warren_runtime::Backend::adopt`] reports how a sandbox ended;
-//! one that was running when the server died is `Failed("lost: …")`.
+//! Nothing runs across a server restart. A sandbox's files are `<dir>/<id>/output.log`,
+//! created by its first start, and `status.json`, written when a run ends, so
+//! [`warren_runtime::Backend::adopt`] reports how a sandbox ended; one with a log but no
+//! status was running when the server died and is `Failed("lost: …")`. That is two metadata
+//! operations (the directory, the log) on the way from create to exit, and one after it.
 
 mod backend;
 mod bench;

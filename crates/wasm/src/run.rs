@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use warren_runtime::BackendStatus;
 use warren_runtime::logs::{LogWriter, Stream};
+use warren_runtime::{BackendStatus, Stdin};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, InstancePre, Linker, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -131,6 +132,8 @@ pub(crate) struct Job {
     pub(crate) env: Vec<(String, String)>,
     /// (host, guest, read_only)
     pub(crate) mounts: Vec<(PathBuf, String, bool)>,
+    /// Read by the guest on fd 0, then end of file; `None`: an empty stdin.
+    pub(crate) stdin: Option<Stdin>,
     pub(crate) memory_limit: usize,
     pub(crate) fuel: Option<u64>,
     pub(crate) timeout: Option<Duration>,
@@ -215,6 +218,11 @@ pub(crate) fn new_store<W>(
         // File calls on local disks are short: run them on the worker rather than hand each
         // one to the blocking pool.
         .allow_blocking_current_thread(true);
+    if let Some(stdin) = &job.stdin {
+        wasi.stdin(MemoryInputPipe::new(Bytes::from_owner(Arc::clone(
+            &stdin.0,
+        ))));
+    }
     if let Some(log) = &job.log {
         wasi.stdout(LogOutput {
             log: Arc::clone(log),

@@ -57,6 +57,7 @@ fn sandbox(id: &str, image: &str) -> SandboxConfig {
             ..SandboxSpec::default()
         },
         resources: ResourceInfo::default(),
+        stdin: None,
     }
 }
 
@@ -66,7 +67,18 @@ impl Harness {
     }
 
     /// Waits for the event of `id`, keeping the others' for later.
+    /// The sandbox's next end, once its files (log, `status.json`), written behind the
+    /// event, are there too.
     async fn event(&mut self, id: &str) -> BackendStatus {
+        let status = self.event_only(id).await;
+        if let Some(mut done) = self.backend.done_signal(id) {
+            let _ = done.wait_for(|d| *d).await;
+        }
+        self.backend.logs_settled(id).await;
+        status
+    }
+
+    async fn event_only(&mut self, id: &str) -> BackendStatus {
         if let Some(status) = self.early.remove(id) {
             return status;
         }
@@ -385,6 +397,7 @@ async fn two_hundred_concurrent_sandboxes() {
     );
     for (i, c) in configs.iter().enumerate() {
         assert_eq!(ended[&c.id], BackendStatus::Exited { code: 0 }, "{}", c.id);
+        h.backend.logs_settled(&c.id).await;
         assert_eq!(h.output(&c.id, Stream::Stdout), format!("s{i}\nN={i}\n"));
     }
     let stats = h.backend.cache_stats();
@@ -567,7 +580,8 @@ async fn delete_stops_and_removes_everything() {
     h.backend.start("loop").await.expect("start");
     let done = h.backend.done_signal("loop").expect("started");
     let dir = h.root().join("loop");
-    assert!(dir.is_dir());
+    h.backend.logs_settled("loop").await;
+    assert!(dir.join("output.log").is_file(), "made behind the start");
     h.backend.delete("loop").await.expect("delete");
     assert!(!dir.exists());
     assert!(done.has_changed().is_err() || *done.borrow());
@@ -592,6 +606,9 @@ async fn adopt_after_restart_reports_how_sandboxes_ended() {
     h.backend.create(&created).await.expect("create");
     let lost = sandbox("lost", &module("hello.wat"));
     h.backend.create(&lost).await.expect("create");
+    // The directories are made behind the creates.
+    h.backend.logs_settled("created").await;
+    h.backend.logs_settled("lost").await;
     // As if the server died while it ran.
     std::fs::write(h.root().join("lost/status.json"), r#"{"status":"running"}"#).expect("write");
 
@@ -783,4 +800,28 @@ async fn bench_instantiate_returns_n_samples() {
         err.contains("trap.wat") && err.contains("did not exit 0"),
         "{err}"
     );
+}
+
+/// A module file rewritten in place is read again: the cache skips reading a file only while
+/// its identity (inode, size, times) is unchanged.
+#[tokio::test]
+async fn a_rewritten_module_file_is_loaded_again() {
+    let mut h = harness(small());
+    let path = h.root().join("app.wat");
+    std::fs::copy(module("hello.wat"), &path).expect("copy");
+    let app = path.display().to_string();
+    assert_eq!(
+        h.run(&sandbox("a", &app)).await,
+        BackendStatus::Exited { code: 0 }
+    );
+    let info = h.backend.create(&sandbox("b", &app)).await.expect("create");
+    assert_eq!(info["cache"], "memory");
+    // Same size is not needed to notice; rewrite it with another program.
+    std::fs::write(&path, std::fs::read(module("exit3.wat")).expect("read")).expect("rewrite");
+    assert_eq!(
+        h.run(&sandbox("c", &app)).await,
+        BackendStatus::Exited { code: 3 }
+    );
+    let stats = h.backend.cache_stats();
+    assert_eq!((stats.compiles, stats.memory_hits), (2, 1), "{stats:?}");
 }

@@ -45,6 +45,7 @@ async fn dropping_the_backend_stops_instances_and_the_epoch_thread() {
             ..SandboxSpec::default()
         },
         resources: ResourceInfo::default(),
+        stdin: None,
     };
     backend.create(&sandbox).await.expect("create");
     backend.start("loop").await.expect("start");

@@ -79,6 +79,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                     client
                         .create_sandbox(v1::CreateSandboxRequest {
                             spec: Some(spec_to_pb(&want)),
+                            ..Default::default()
                         })
                         .await,
                 )?;

@@ -355,6 +355,7 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         async move {
             c.create_sandbox(v1::CreateSandboxRequest {
                 spec: Some(spec_to_pb(&spec)),
+                ..Default::default()
             })
             .await
             .map(|_| ())
@@ -531,20 +532,23 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Creates a sandbox and waits for it to end; an exit code other than 0 is an error.
+/// Creates a sandbox and waits for it to end, in one call (`wait` on the create); an exit
+/// code other than 0 is an error.
 async fn create_and_wait(c: &mut Client, spec: &SandboxSpec) -> Result<(), tonic::Status> {
     let name = spec.name.clone();
-    c.create_sandbox(v1::CreateSandboxRequest {
-        spec: Some(spec_to_pb(spec)),
-    })
-    .await?;
     let done = c
-        .wait_sandbox(v1::WaitSandboxRequest {
-            name: name.clone(),
-            timeout_ms: Some(60_000),
+        .create_sandbox(v1::CreateSandboxRequest {
+            spec: Some(spec_to_pb(spec)),
+            wait: true,
+            wait_timeout_ms: Some(60_000),
+            ..Default::default()
         })
         .await?;
-    let st = done.into_inner().status.unwrap_or_default();
+    let st = done
+        .into_inner()
+        .sandbox
+        .and_then(|s| s.status)
+        .unwrap_or_default();
     if st.exit_code != Some(0) {
         return Err(tonic::Status::internal(format!(
             "{name} ended {} {} (exit code {:?})",

@@ -181,6 +181,7 @@ fn print_images(images: &[v1::Image], format: Format) -> anyhow::Result<()> {
                 "names": i.names,
                 "size": i.size,
                 "layers": i.layers,
+                "kind": i.kind,
                 "created": i.created,
             })
         })
@@ -207,12 +208,13 @@ fn print_images(images: &[v1::Image], format: Format) -> anyhow::Result<()> {
                     table.push(vec![
                         n,
                         short_id(&i.id).to_string(),
+                        i.kind.clone(),
                         warren_spec::format_bytes(i.size),
                         i.layers.to_string(),
                     ]);
                 }
             }
-            crate::output::table(&["NAME", "ID", "SIZE", "LAYERS"], &table);
+            crate::output::table(&["NAME", "ID", "KIND", "SIZE", "LAYERS"], &table);
         }
     }
     Ok(())

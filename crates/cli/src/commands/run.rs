@@ -99,6 +99,10 @@ pub struct Args {
     /// (like `docker run` without -d).
     #[arg(long)]
     wait: bool,
+    /// Feed FILE to the workload's standard input (`-`: this command's own stdin, read to
+    /// its end first); at most 4 MiB. The workload reads end of file after it.
+    #[arg(long, value_name = "FILE")]
+    stdin: Option<std::path::PathBuf>,
     /// With --wait: delete the sandbox once it has finished.
     #[arg(long, requires = "wait")]
     rm: bool,
@@ -178,11 +182,17 @@ fn generated_name() -> String {
     format!("sandbox-{s}")
 }
 
-/// A wasm module given as a relative path is made absolute here: the server resolves paths
-/// from its own working directory, which is not the caller's.
+/// A wasm module file given as a relative path is made absolute here: the server resolves
+/// paths from its own working directory, which is not the caller's. A name that is not a
+/// file here (and does not end in .wasm or .wat) is an image name and goes as it is.
 fn module_path(backend: BackendKind, image: &str) -> String {
+    let is_file = image.ends_with(".wasm")
+        || image.ends_with(".wat")
+        || image.starts_with("./")
+        || image.starts_with("../")
+        || std::path::Path::new(image).is_file();
     match std::path::absolute(image) {
-        Ok(abs) if backend == BackendKind::Wasm => abs.display().to_string(),
+        Ok(abs) if backend == BackendKind::Wasm && is_file => abs.display().to_string(),
         _ => image.to_string(),
     }
 }
@@ -263,11 +273,17 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let spec = build_spec(&args)?;
+    let stdin = match &args.stdin {
+        None => Vec::new(),
+        Some(path) => read_stdin(path)?,
+    };
     let mut client = g.connect().await?;
     let reply = answer(
         client
             .create_sandbox(v1::CreateSandboxRequest {
                 spec: Some(spec_to_pb(&spec)),
+                stdin,
+                ..Default::default()
             })
             .await,
     )?;
@@ -298,6 +314,31 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         format => output::sandboxes(&[sb], format, false)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Largest `--stdin` accepted: what fits in one gRPC message beside the spec.
+const MAX_STDIN: u64 = 4 * 1024 * 1024 - 64 * 1024;
+
+/// The bytes of `--stdin FILE` (`-`: standard input), refused past [`MAX_STDIN`].
+fn read_stdin(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin()
+            .lock()
+            .take(MAX_STDIN + 1)
+            .read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(MAX_STDIN + 1).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| usage(format!("--stdin: reading {}: {e}", path.display())))?;
+    if bytes.len() as u64 > MAX_STDIN {
+        return Err(usage(format!(
+            "--stdin: {} holds more than {MAX_STDIN} bytes, the most one create can carry",
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Streams the sandbox's output until it finishes, then exits as it did: its exit code, or

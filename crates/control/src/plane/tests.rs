@@ -383,7 +383,7 @@ async fn wait_times_out_and_reports_missing_sandboxes() {
         Err(ControlError::NotFound { .. })
     ));
     assert!(matches!(
-        plane.log_source("forever"),
+        plane.log_source("forever").await,
         Err(ControlError::NoLogs { .. })
     ));
 }

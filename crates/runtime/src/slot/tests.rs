@@ -9,6 +9,7 @@ fn config(id: &str, r: ResourceInfo) -> SandboxConfig {
             ..Default::default()
         },
         resources: r,
+        stdin: None,
     }
 }
 
