@@ -379,10 +379,15 @@ impl ControlPlane {
         let name = rec.spec.name.clone();
         let value = serde_json::to_vec(&rec).map_err(|e| ControlError::Internal(e.to_string()));
         let queued = value.and_then(|value| {
-            Ok(self.inner.store.submit(Write::Put {
+            let write = Write::Put {
                 key: record::key(&name),
                 value,
-            })?)
+            };
+            Ok(if strong {
+                self.inner.store.submit(write)?
+            } else {
+                self.inner.store.submit_behind(write)?
+            })
         });
         let durable = match queued {
             Ok(ack) if strong => ack
@@ -742,7 +747,7 @@ impl ControlPlane {
         let durable = serde_json::to_vec(&rec)
             .map_err(|e| ControlError::Internal(e.to_string()))
             .and_then(|value| {
-                Ok(self.inner.store.submit(Write::Put {
+                Ok(self.inner.store.submit_behind(Write::Put {
                     key: record::key(&name),
                     value,
                 })?)

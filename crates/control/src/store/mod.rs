@@ -45,6 +45,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// after submitting it and still be sure no later write to the key is overtaken.
     fn submit(&self, write: Write) -> Result<Durable, StoreError>;
 
+    /// [`Store::submit`] for a write nobody waits for right away (written behind): the
+    /// store may hold it briefly to commit it with others (fewer commits, fewer wake-ups).
+    /// Order with every other write is kept.
+    fn submit_behind(&self, write: Write) -> Result<Durable, StoreError> {
+        self.submit(write)
+    }
+
     /// Returns once the write is durable (on disk, or on a quorum).
     async fn write(&self, write: Write) -> Result<(), StoreError> {
         self.submit(write)?.await.map_err(|_| StoreError::Closed)?
