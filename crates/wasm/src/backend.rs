@@ -272,6 +272,9 @@ async fn run_task(
     let _ = done.send(true);
 }
 
+/// How long the file thread, once woken, waits for more jobs before doing them.
+const GATHER: Duration = Duration::from_micros(200);
+
 /// Sandboxes' file work, off the path from create to exit: one thread doing jobs in the
 /// order they were given (a sandbox's directory before its log file). Each job's completion
 /// is a watch that turns true; the thread ends with the backend.
@@ -287,8 +290,14 @@ impl FileWorker {
         std::thread::Builder::new()
             .name("wasm-files".into())
             .spawn(move || {
-                for job in rx {
+                while let Ok(job) = rx.recv() {
+                    // A create's job is followed by its start's within microseconds: let it
+                    // come, so that it is queued to a running thread rather than waking one.
+                    std::thread::sleep(GATHER);
                     job();
+                    while let Ok(job) = rx.try_recv() {
+                        job();
+                    }
                 }
             })?;
         Ok(FileWorker {
