@@ -474,7 +474,12 @@ async fn module_cache_hits_in_memory_then_on_disk() {
         }
     );
     fresh.start("three").await.expect("start");
+    // Directories are made behind the creates.
+    fresh.logs_settled("three").await;
     drop(fresh);
+    for id in ["one", "two"] {
+        h.backend.logs_settled(id).await;
+    }
     assert_eq!(h.list().await, ["one", "three", "two"]);
     let _ = h.events.try_recv();
 }
