@@ -603,3 +603,68 @@ fn fast_creates_are_written_behind_and_strong_failures_leave_nothing() {
     assert_eq!(names.len(), 20, "{listed}");
     assert!(names.iter().all(|n| n.starts_with('f')), "{listed}");
 }
+
+/// Every metric moves with what the server did; health endpoints answer.
+#[test]
+fn metrics_count_what_the_server_did() {
+    let server = TestServer::start();
+    let base = server
+        .metrics
+        .clone()
+        .expect("metrics address printed at start");
+    let base = base.strip_suffix("/metrics").expect("ends in /metrics");
+    let module = |name: &str| {
+        format!(
+            "{}/../wasm/tests/modules/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    };
+    server.ok(&["run", "--name", "m1", "--memory", "64Mi"]);
+    let bad = server.warren(&["run", "--name", "m2", "--memory", "lots"]);
+    assert_ne!(bad.status.code(), Some(0));
+    let hello = module("hello.wat");
+    let looping = module("loop.wat");
+    server.ok(&[
+        "run", "-b", "wasm", "--module", &hello, "--name", "w1", "--wait",
+    ]);
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &looping,
+        "--name",
+        "w2",
+        "--timeout",
+        "100ms",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    server.ok(&["rm", "m1"]);
+
+    let (code, text) = common::http_get(&format!("{base}/metrics"));
+    assert_eq!(code, 200, "{text}");
+    for want in [
+        r#"warren_sandboxes{backend="wasm",phase="Exited"} 1"#,
+        r#"warren_sandboxes{backend="wasm",phase="Failed"} 1"#,
+        r#"warren_create_errors_total{backend="slot",code="InvalidArgument"} 1"#,
+        r#"warren_sandbox_ends_total{backend="wasm",phase="Exited",reason=""} 1"#,
+        r#"warren_sandbox_ends_total{backend="wasm",phase="Failed",reason="Timeout"} 1"#,
+        r#"warren_deletes_total{backend="slot"} 1"#,
+        r#"warren_create_duration_seconds_count{backend="slot",mode="fast"} 1"#,
+        r#"warren_create_duration_seconds_count{backend="wasm",mode="fast"} 2"#,
+        "warren_agents_up 1",
+    ] {
+        assert!(text.lines().any(|l| l == want), "no {want:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("m1") && !text.contains("w1"),
+        "no sandbox names in labels"
+    );
+    assert_eq!(
+        common::http_get(&format!("{base}/healthz")),
+        (200, "ok\n".into())
+    );
+    assert_eq!(common::http_get(&format!("{base}/readyz")).0, 200);
+    assert_eq!(common::http_get(&format!("{base}/nothing")).0, 404);
+}

@@ -96,15 +96,24 @@ impl Sandboxes for SandboxService {
         &self,
         req: Request<v1::CreateSandboxRequest>,
     ) -> Result<Response<v1::CreateSandboxResponse>, Status> {
+        let started = std::time::Instant::now();
         let req = req.into_inner();
         let pb = req.spec.ok_or_else(|| invalid("spec: missing"))?;
         let spec = spec_from_pb(pb).map_err(invalid)?;
+        let (backend, mode) = (spec.backend, spec.consistency.as_str());
         let stdin = (!req.stdin.is_empty()).then(|| Stdin::from(req.stdin));
-        let (mut rec, created) = self
-            .plane
-            .create_with(spec, stdin)
-            .await
-            .map_err(status_of)?;
+        let metrics = self.plane.metrics();
+        let (mut rec, created) = match self.plane.create_with(spec, stdin).await {
+            Ok(done) => {
+                metrics.create_ok(backend, mode, started.elapsed());
+                done
+            }
+            Err(e) => {
+                let status = status_of(e);
+                metrics.create_failed(backend, status.code());
+                return Err(status);
+            }
+        };
         if req.wait {
             let timeout = req
                 .wait_timeout_ms

@@ -14,6 +14,7 @@ pub mod address;
 pub mod client;
 pub mod grpc;
 pub mod images;
+pub mod metrics;
 pub mod plane;
 pub mod record;
 pub mod selector;

@@ -23,6 +23,7 @@ use warren_spec::{
     BackendKind, Consistency, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
 };
 
+use crate::metrics::Metrics;
 use crate::record::{self, SandboxRecord, now_ms};
 use crate::selector::Selector;
 use crate::store::{Store, StoreError, Write};
@@ -149,6 +150,7 @@ struct Inner {
     registry: Mutex<Registry>,
     events: broadcast::Sender<Event>,
     default_grace: Duration,
+    metrics: Metrics,
 }
 
 /// Cheap to clone; every clone is the same control plane.
@@ -186,12 +188,33 @@ impl ControlPlane {
                 registry: Mutex::default(),
                 events,
                 default_grace,
+                metrics: Metrics::default(),
             }),
         }
     }
 
     pub fn agent(&self) -> &Agent {
         &self.inner.agent
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Sandboxes by backend and phase name (`Running`, `Exited`...).
+    pub fn count_by_phase(&self) -> BTreeMap<(BackendKind, String), usize> {
+        let reg = self.lock();
+        let mut counts = BTreeMap::new();
+        for e in reg.sandboxes.values() {
+            let key = (e.record.spec.backend, e.record.status.name().to_string());
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Whether the store answers a read.
+    pub fn store_ready(&self) -> Result<(), StoreError> {
+        self.inner.store.scan("\u{0}").map(|_| ())
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -652,6 +675,7 @@ impl ControlPlane {
         reg.remove(&name);
         self.emit(&mut reg, EventKind::Deleted, gone.clone());
         drop(reg);
+        self.inner.metrics.observe(kind, &Phase::Deleted);
         info!(sandbox = %name, last = %last, "deleted");
         Ok(gone)
     }
@@ -752,6 +776,7 @@ impl ControlPlane {
                     value,
                 })?)
             });
+        self.inner.metrics.observe(rec.spec.backend, &rec.status);
         let rec = Arc::new(rec);
         entry.record = rec.clone();
         self.emit(&mut reg, EventKind::Modified, rec);

@@ -51,7 +51,15 @@ pub struct ServerConfig {
     pub cgroup_parent: String,
     /// Warm shells kept ready per image for the linux backend.
     pub linux_warm: Vec<(String, usize)>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (HTTP); `None`: nowhere.
+    pub metrics_listen: Option<String>,
+    /// A metrics address that cannot be bound fails the start (else: a warning, no metrics).
+    pub metrics_required: bool,
 }
+
+/// The metrics address when none is given: loopback only (metrics describe the node's
+/// workload; expose them wider on purpose, with `--metrics-listen 0.0.0.0:9091`).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9091";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -101,6 +109,7 @@ pub struct Server {
     listener: Listener,
     address: Address,
     token: Option<Arc<str>>,
+    metrics: Option<(TcpListener, std::net::SocketAddr)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -190,13 +199,30 @@ impl Server {
                 (Listener::Tcp(l), Address::Tcp(local.to_string()))
             }
         };
+        let metrics = match &config.metrics_listen {
+            None => None,
+            Some(addr) => match bind_tcp(addr).await {
+                Ok(bound) => Some(bound),
+                Err(e) if !config.metrics_required => {
+                    warn!(address = %addr, error = %e, "no metrics: cannot listen");
+                    None
+                }
+                Err(e) => return Err(io("serve metrics on", Path::new(addr))(e)),
+            },
+        };
         Ok(Server {
             plane,
             images,
             listener,
             address,
             token: config.token.map(Arc::from),
+            metrics,
         })
+    }
+
+    /// Where `/metrics` is served (with the real port when the config asked for port 0).
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
     }
 
     /// The bound address (with the real port when the config asked for port 0).
@@ -228,7 +254,21 @@ impl Server {
             .set_serving::<SandboxesServer<SandboxService>>()
             .await;
 
-        let expiry = tokio::spawn(expiry_loop(self.plane.clone(), stop_rx));
+        let expiry = tokio::spawn(expiry_loop(self.plane.clone(), stop_rx.clone()));
+        let metrics = self.metrics.map(|(listener, _)| {
+            let mut stop = stop_rx;
+            let app = crate::metrics::router(self.plane.clone());
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    warn!(error = %e, "serving metrics failed");
+                }
+            })
+        });
         let signal = async move {
             shutdown.await;
             info!("shutting down: finishing in-flight calls");
@@ -260,8 +300,17 @@ impl Server {
             }
         };
         expiry.abort();
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         result.map_err(ServerError::Serve)
     }
+}
+
+async fn bind_tcp(addr: &str) -> std::io::Result<(TcpListener, std::net::SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let local = l.local_addr()?;
+    Ok((l, local))
 }
 
 /// Binds a unix socket readable and writable by the owner only. Binding happens under a

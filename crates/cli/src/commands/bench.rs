@@ -142,7 +142,7 @@ impl PrivateServer {
         let log = std::fs::File::create(dir.path().join("server.log"))?;
         let exe = std::env::current_exe().context("finding the warren binary")?;
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg("server");
+        cmd.arg("server").args(["--metrics-listen", "off"]);
         if let Some(d) = slot_dir {
             cmd.arg("--slot-dir").arg(d);
         }

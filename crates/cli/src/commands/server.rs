@@ -70,6 +70,11 @@ pub struct Args {
     /// v2 root).
     #[arg(long, default_value = "warren")]
     cgroup_parent: String,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP on ADDR (port 0: any
+    /// free port; `off`: not at all). Default 127.0.0.1:9091, skipped with a warning when
+    /// that port is taken.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -157,12 +162,22 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
             .collect::<anyhow::Result<_>>()?,
         cgroup_parent: args.cgroup_parent,
+        metrics_required: args.metrics_listen.as_deref().is_some_and(|a| a != "off"),
+        metrics_listen: match args.metrics_listen.as_deref() {
+            Some("off") => None,
+            Some(addr) => Some(addr.to_string()),
+            None => Some(warren_control::server::DEFAULT_METRICS_LISTEN.to_string()),
+        },
     };
     let dir = config.dir.clone();
     let server = Server::bind(config).await?;
     info!(address = %server.address(), dir = %dir.display(), "warren server listening");
     // One line on stdout for scripts and tests that asked for port 0.
     println!("warren server listening on {}", server.address());
+    if let Some(metrics) = server.metrics_address() {
+        info!(address = %metrics, "metrics at http://{metrics}/metrics");
+        println!("warren server metrics on http://{metrics}/metrics");
+    }
     server.run(shutdown_signal()).await?;
     info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -15,6 +15,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub address: String,
     pub token: Option<String>,
+    /// `http://ADDR/metrics` of the running server.
+    pub metrics: Option<String>,
     extra: Vec<String>,
 }
 
@@ -39,6 +41,7 @@ impl TestServer {
             dir,
             address: listen,
             token: tcp_token.map(str::to_string),
+            metrics: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.spawn();
@@ -63,6 +66,10 @@ impl TestServer {
             .arg("--listen")
             .arg(&listen);
         cmd.args(&self.extra);
+        if !self.extra.iter().any(|a| a == "--metrics-listen") {
+            // A free port each: tests run servers side by side.
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
         if let Some(t) = &self.token {
             cmd.env("WARREN_TOKEN", t);
         } else {
@@ -93,6 +100,10 @@ impl TestServer {
             .expect("listening line")
             .to_string();
         self.address = address;
+        self.metrics = rx.recv_timeout(Duration::from_secs(5)).ok().and_then(|l| {
+            l.strip_prefix("warren server metrics on ")
+                .map(str::to_string)
+        });
         self.child = Some(child);
     }
 
@@ -206,4 +217,22 @@ pub fn resources_path(server: &TestServer, name: &str) -> PathBuf {
 
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// A plain HTTP/1.0 GET of `http://HOST:PORT/PATH`: the status code and the body.
+pub fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// url");
+    let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+    let mut conn = std::net::TcpStream::connect(host).expect("connect");
+    write!(conn, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("send");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("read");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a header and a body");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_string())
 }
