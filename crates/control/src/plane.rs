@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 use warren_agent::{Agent, AgentError};
 use warren_runtime::{BackendError, BackendEvent, BackendStatus, SandboxConfig, Stdin};
@@ -103,6 +103,9 @@ struct Registry {
     ids: HashMap<String, String>,
     /// Backend events that arrived while their sandbox was busy; applied when it is released.
     deferred: HashMap<String, BackendStatus>,
+    /// Callers of [`ControlPlane::wait`], by sandbox name: answered by the next terminal
+    /// record of that name (so each end wakes its own waiters, not every waiter).
+    waiters: HashMap<String, Vec<oneshot::Sender<Arc<SandboxRecord>>>>,
     sequence: u64,
 }
 
@@ -229,6 +232,13 @@ impl ControlPlane {
     /// sequence numbers follow the order of the changes.
     fn emit(&self, registry: &mut Registry, kind: EventKind, record: Arc<SandboxRecord>) {
         registry.sequence += 1;
+        if record.status.is_terminal()
+            && let Some(waiters) = registry.waiters.remove(&record.spec.name)
+        {
+            for waiter in waiters {
+                let _ = waiter.send(record.clone());
+            }
+        }
         // No receivers is fine: nobody is watching.
         let _ = self.inner.events.send(Event {
             kind,
@@ -799,8 +809,8 @@ impl ControlPlane {
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
-        let mut rx = {
-            let reg = self.lock();
+        let ended = {
+            let mut reg = self.lock();
             let entry = reg
                 .sandboxes
                 .get(name)
@@ -808,32 +818,22 @@ impl ControlPlane {
             if entry.record.status.is_terminal() && !entry.busy {
                 return Ok(entry.record.clone());
             }
-            self.inner.events.subscribe()
+            let (tx, rx) = oneshot::channel();
+            let waiters = reg.waiters.entry(name.to_string()).or_default();
+            // Callers that gave up (a timeout, a closed connection) leave closed senders.
+            waiters.retain(|w| !w.is_closed());
+            waiters.push(tx);
+            rx
         };
-        let wait = async {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) if ev.record.spec.name == name && ev.record.status.is_terminal() => {
-                        return Ok(ev.record);
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(rec) = self.get(name)
-                            && rec.status.is_terminal()
-                        {
-                            return Ok(rec);
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(ControlError::Internal("the server is shutting down".into()));
-                    }
-                }
-            }
+        let ended = async {
+            ended
+                .await
+                .map_err(|_| ControlError::Internal("the server is shutting down".into()))
         };
         match timeout {
-            None => wait.await,
+            None => ended.await,
             Some(t) => {
-                tokio::time::timeout(t, wait)
+                tokio::time::timeout(t, ended)
                     .await
                     .map_err(|_| ControlError::WaitTimeout {
                         name: name.into(),

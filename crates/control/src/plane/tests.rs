@@ -387,3 +387,40 @@ async fn wait_times_out_and_reports_missing_sandboxes() {
         Err(ControlError::NoLogs { .. })
     ));
 }
+
+/// Waiters are answered by their own sandbox's end, each once; those that gave up are pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_end_answers_its_own_waiters() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    plane.create(spec("a")).await.expect("create");
+    plane.create(spec("b")).await.expect("create");
+    for _ in 0..50 {
+        let e = plane.wait("a", Some(Duration::from_millis(1))).await;
+        assert!(matches!(e, Err(ControlError::WaitTimeout { .. })));
+    }
+    let waiting = |name: &'static str| {
+        let plane = plane.clone();
+        tokio::spawn(async move { plane.wait(name, Some(Duration::from_secs(10))).await })
+    };
+    let (a1, a2, b) = (waiting("a"), waiting("a"), waiting("b"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        plane.lock().waiters.get("a").map(Vec::len),
+        Some(2),
+        "the 50 that timed out were pruned"
+    );
+    let gone = plane.delete("a", None).await.expect("delete");
+    for w in [a1, a2] {
+        let rec = w.await.expect("join").expect("answered");
+        assert_eq!(rec.status, Phase::Deleted);
+        assert_eq!(rec.revision, gone.revision);
+    }
+    assert!(!b.is_finished(), "b's waiter is not woken by a's end");
+    plane.delete("b", None).await.expect("delete");
+    assert_eq!(
+        b.await.expect("join").expect("answered").status,
+        Phase::Deleted
+    );
+    assert!(plane.lock().waiters.is_empty());
+}
