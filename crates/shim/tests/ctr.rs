@@ -402,6 +402,34 @@ fn slot_task_runs_until_killed_and_delete_removes_the_sandbox() {
         assert!(Instant::now() < deadline, "c2 left in warren");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // warren is the source of truth: a sandbox removed there ends containerd's task.
+    env.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--fifo-dir",
+        &fifo,
+        &image,
+        "c3",
+    ]);
+    env.wait_task_status("c3", "RUNNING");
+    env.warren_ok(&["rm", "c3"]);
+    env.wait_task_status("c3", "STOPPED");
+    env.ctr_ok(&["task", "rm", "c3"]);
+    env.ctr_ok(&["container", "rm", "c3"]);
+
+    // Every shim exited once its task was deleted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.shim_pids().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "shims left: {:?}",
+            env.shim_pids()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -425,6 +453,7 @@ fn malformed_annotation_fails_naming_the_key_and_leaves_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "ctr run should fail");
     assert!(stderr.contains("resources.limits.cpu"), "{stderr}");
+    eprintln!("ctr run with a malformed annotation: {}", stderr.trim());
     assert!(env.sandbox_names().is_empty(), "{:?}", env.sandbox_names());
     assert_eq!(env.task_status("bad"), None);
     // The shim of the failed task went away.
