@@ -134,7 +134,10 @@ impl Env {
     fn start_containerd(&mut self) {
         let bin = self.path("bin");
         std::fs::create_dir_all(&bin).expect("bin dir");
-        std::os::unix::fs::symlink(SHIM, bin.join("containerd-shim-warren-v1")).expect("symlink");
+        let link = bin.join("containerd-shim-warren-v1");
+        if !link.exists() {
+            std::os::unix::fs::symlink(SHIM, &link).expect("symlink");
+        }
         let path = format!(
             "{}:{}",
             bin.display(),
@@ -466,4 +469,44 @@ fn malformed_annotation_fails_naming_the_key_and_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn containerd_restart_keeps_the_task() {
+    require_containerd!();
+    let mut env = Env::start();
+    let image = env.import_busybox();
+    let fifo = env.path("ctd/fifo").display().to_string();
+    env.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--fifo-dir",
+        &fifo,
+        "--cpus",
+        "0.5",
+        &image,
+        "r1",
+    ]);
+    env.wait_task_status("r1", "RUNNING");
+
+    // containerd goes away; the shim and the sandbox stay.
+    let out = Command::new(script())
+        .arg("stop")
+        .arg(env.path("ctd"))
+        .output()
+        .expect("containerd.sh stop");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(env.shim_pids().len(), 1, "the shim outlives containerd");
+    assert_eq!(env.sandbox("r1")["status"]["phase"], "Running");
+
+    // A new containerd finds the shim through the bundle's address file.
+    env.start_containerd();
+    env.wait_task_status("r1", "RUNNING");
+    env.ctr_ok(&["task", "kill", "-s", "SIGKILL", "r1"]);
+    env.wait_task_status("r1", "STOPPED");
+    env.ctr_ok(&["task", "rm", "r1"]);
+    env.ctr_ok(&["container", "rm", "r1"]);
+    assert!(env.sandbox_names().is_empty(), "{:?}", env.sandbox_names());
 }
