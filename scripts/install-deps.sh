@@ -2,7 +2,8 @@
 # Installs what warren's build and tests need on a fresh Debian 12 machine, idempotently.
 # protoc is vendored by the warren-proto build, so none is needed. System packages:
 # - busybox-static: the linux backend's tests build their busybox image from /bin/busybox;
-# - docker-registry + skopeo: the pull test runs a real registry on loopback and pushes to it.
+# - docker-registry + skopeo: the pull test runs a real registry on loopback and pushes to it;
+# - containerd: the shim's tests drive a private containerd 1.6 (scripts/containerd.sh).
 set -euo pipefail
 
 need_apt=()
@@ -11,6 +12,7 @@ command -v kill >/dev/null || need_apt+=(procps)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v containerd >/dev/null || need_apt+=(containerd)
 
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" -ne 0 ]; then

@@ -1,0 +1,661 @@
+//! The shim v2 Task service: containerd's view of a warren sandbox.
+//!
+//! The shim runs nothing. `Create` creates the sandbox in warren (which validates it and,
+//! for `slot`, writes its resources.json), `Start` reports it running with the shim's own pid,
+//! `Kill` with a terminating signal ends the task with status 128 + signal, `Delete` removes
+//! the sandbox from warren. The warren server stays the source of truth: a sandbox removed
+//! behind containerd's back (`warren rm`) ends the task too.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::api::{self, Status};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code, r#async::TtrpcContext};
+use containerd_shim::publisher::RemotePublisher;
+use tokio::sync::watch;
+use warren_control::Address;
+use warren_proto::v1;
+
+use crate::bundle;
+
+/// Longest any call to the warren server may take: containerd must never hang on us.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// A warren gRPC status as the ttrpc status containerd maps to its errdefs.
+fn from_grpc(what: &str, s: &tonic::Status) -> ttrpc::Error {
+    use tonic::Code as G;
+    let code = match s.code() {
+        G::InvalidArgument | G::OutOfRange => Code::INVALID_ARGUMENT,
+        G::NotFound => Code::NOT_FOUND,
+        G::AlreadyExists => Code::ALREADY_EXISTS,
+        G::FailedPrecondition => Code::FAILED_PRECONDITION,
+        G::Aborted => Code::ABORTED,
+        G::ResourceExhausted => Code::RESOURCE_EXHAUSTED,
+        G::Unimplemented => Code::UNIMPLEMENTED,
+        G::Unavailable => Code::UNAVAILABLE,
+        G::DeadlineExceeded => Code::DEADLINE_EXCEEDED,
+        G::Unauthenticated => Code::UNAUTHENTICATED,
+        G::PermissionDenied => Code::PERMISSION_DENIED,
+        _ => Code::UNKNOWN,
+    };
+    err(code, format!("warren server: {what}: {}", s.message()))
+}
+
+/// Exit status of a process ended by `signal`, as a shell reports it.
+pub fn signal_status(signal: u32) -> u32 {
+    128 + signal
+}
+
+/// Whether a signal's default action ends a process. A slot task runs nothing, so it ends
+/// on exactly these; stop/continue/ignored signals and 0 (a liveness probe) leave it running.
+pub fn terminates(signal: u32) -> bool {
+    // 0 probe, 17 SIGCHLD, 18 SIGCONT, 19 SIGSTOP, 20 SIGTSTP, 21 SIGTTIN, 22 SIGTTOU,
+    // 23 SIGURG, 28 SIGWINCH.
+    !matches!(signal, 0 | 17..=23 | 28) && signal <= 64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: String,
+    server: Address,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    state: State,
+    exit_status: u32,
+    exited_at: Option<Timestamp>,
+    /// The FIFOs containerd's client reads, held open so it sees end-of-file at exit.
+    fifos: Vec<File>,
+    exited: watch::Sender<bool>,
+}
+
+/// The shim's task service; one shim serves the containers containerd groups into it.
+#[derive(Clone)]
+pub struct Service {
+    namespace: String,
+    token: Option<String>,
+    containers: Arc<Mutex<HashMap<String, Container>>>,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    pub fn new(namespace: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+        Service {
+            namespace,
+            token: std::env::var(bundle::ENV_TOKEN)
+                .ok()
+                .filter(|t| !t.is_empty()),
+            containers: Arc::default(),
+            publisher: Arc::new(publisher),
+            exit,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        // A panic while holding the lock leaves plain data behind; carry on with it.
+        self.containers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn client(&self, server: &Address) -> TtrpcResult<warren_control::client::Client> {
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            warren_control::client::connect(server, self.token.as_deref()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(err(Code::UNAVAILABLE, error_chain(&e))),
+            Err(_) => Err(err(
+                Code::DEADLINE_EXCEEDED,
+                format!("warren server at {server} did not answer within {CALL_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .publisher
+            .publish(Default::default(), topic, &self.namespace, event)
+            .await
+        {
+            log::warn!("publish {topic}: {e}");
+        }
+    }
+
+    /// Ends the task with `status` (once) and tells containerd.
+    async fn finish(&self, id: &str, status: u32) {
+        let event = {
+            let mut map = self.lock();
+            let Some(c) = map.get_mut(id) else { return };
+            if c.state == State::Stopped {
+                return;
+            }
+            c.state = State::Stopped;
+            c.exit_status = status;
+            let now = Timestamp::now();
+            c.exited_at = Some(now.clone());
+            c.fifos.clear();
+            c.exited.send_replace(true);
+            TaskExit {
+                container_id: id.to_string(),
+                id: id.to_string(),
+                pid: std::process::id(),
+                exit_status: status,
+                exited_at: Some(now).into(),
+                ..Default::default()
+            }
+        };
+        log::info!("task {id} exited with status {status}");
+        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
+            .await;
+    }
+
+    /// Ends the task when its sandbox finishes or disappears in warren.
+    fn watch_sandbox(&self, id: String, server: Address) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut client) = this.client(&server).await else {
+                return;
+            };
+            let reply = client
+                .wait_sandbox(v1::WaitSandboxRequest {
+                    name: id.clone(),
+                    timeout_ms: None,
+                })
+                .await;
+            let status = match reply {
+                Ok(sb) => sb
+                    .into_inner()
+                    .status
+                    .and_then(|s| s.exit_code)
+                    .and_then(|c| u32::try_from(c).ok())
+                    .unwrap_or(signal_status(9)),
+                Err(s) if s.code() == tonic::Code::NotFound => signal_status(9),
+                Err(s) => {
+                    log::warn!("watching sandbox {id} in warren: {}", s.message());
+                    return;
+                }
+            };
+            this.finish(&id, status).await;
+        });
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn no_exec(exec_id: &str) -> TtrpcResult<()> {
+    if exec_id.is_empty() {
+        Ok(())
+    } else {
+        Err(err(
+            Code::NOT_FOUND,
+            format!("exec {exec_id:?}: the warren shim runs no exec processes"),
+        ))
+    }
+}
+
+fn not_found(id: &str) -> ttrpc::Error {
+    err(
+        Code::NOT_FOUND,
+        format!("task {id:?} not found in this shim"),
+    )
+}
+
+/// Opens a FIFO path for the life of the task without blocking: O_RDWR on a FIFO never
+/// waits for the other end. Anything that is not a FIFO path (empty, `file://`, `binary://`)
+/// is left alone.
+fn hold_fifo(path: &str) -> Option<File> {
+    use std::os::unix::fs::FileTypeExt;
+    if !path.starts_with('/') {
+        return None;
+    }
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_fifo() {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| log::warn!("open {path}: {e}"))
+        .ok()
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        if self.lock().contains_key(&id) {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("task {id:?} already exists"),
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "checkpoint: the warren shim cannot restore checkpoints",
+            ));
+        }
+        let plan = bundle::load(&PathBuf::from(&req.bundle), &id, &self.namespace)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let mut client = self.client(&plan.server).await?;
+        let call = client.create_sandbox(v1::CreateSandboxRequest {
+            spec: Some(warren_proto::spec_to_pb(&plan.spec)),
+            ..Default::default()
+        });
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => return Err(from_grpc(&format!("create sandbox {id:?}"), &s)),
+            Err(_) => {
+                return Err(err(
+                    Code::DEADLINE_EXCEEDED,
+                    format!(
+                        "warren server: create sandbox {id:?}: no answer within {CALL_TIMEOUT:?}"
+                    ),
+                ));
+            }
+        }
+        let fifos = [&req.stdin, &req.stdout, &req.stderr]
+            .into_iter()
+            .filter_map(|p| hold_fifo(p))
+            .collect();
+        let (exited, _) = watch::channel(false);
+        self.lock().insert(
+            id.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                server: plan.server,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                state: State::Created,
+                exit_status: 0,
+                exited_at: None,
+                fifos,
+                exited,
+            },
+        );
+        log::info!("task {id}: sandbox created in warren");
+        let pid = std::process::id();
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: id,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: Some(TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        no_exec(&req.exec_id)?;
+        let server = {
+            let mut map = self.lock();
+            let c = map.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+            match c.state {
+                State::Created => c.state = State::Running,
+                State::Running => {}
+                State::Stopped => {
+                    return Err(err(
+                        Code::FAILED_PRECONDITION,
+                        format!("task {:?} has already exited", req.id),
+                    ));
+                }
+            }
+            c.server.clone()
+        };
+        self.watch_sandbox(req.id.clone(), server);
+        let pid = std::process::id();
+        self.publish(
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: req.id,
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        no_exec(&req.exec_id)?;
+        let map = self.lock();
+        let c = map.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.clone(),
+            pid: std::process::id(),
+            status: match c.state {
+                State::Created => Status::CREATED,
+                State::Running => Status::RUNNING,
+                State::Stopped => Status::STOPPED,
+            }
+            .into(),
+            stdin: c.stdin.clone(),
+            stdout: c.stdout.clone(),
+            stderr: c.stderr.clone(),
+            terminal: c.terminal,
+            exit_status: c.exit_status,
+            exited_at: c.exited_at.clone().into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        no_exec(&req.exec_id)?;
+        let state = self
+            .lock()
+            .get(&req.id)
+            .map(|c| c.state)
+            .ok_or_else(|| not_found(&req.id))?;
+        if state == State::Stopped {
+            return Err(err(
+                Code::NOT_FOUND,
+                format!("task {:?}: process already finished", req.id),
+            ));
+        }
+        if terminates(req.signal) {
+            self.finish(&req.id, signal_status(req.signal)).await;
+        }
+        Ok(api::Empty::default())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        no_exec(&req.exec_id)?;
+        let mut rx = self
+            .lock()
+            .get(&req.id)
+            .map(|c| c.exited.subscribe())
+            .ok_or_else(|| not_found(&req.id))?;
+        // Err: the task was deleted while we waited; its last status is gone with it.
+        let _ = rx.wait_for(|done| *done).await;
+        let map = self.lock();
+        let (status, at) = map
+            .get(&req.id)
+            .map(|c| (c.exit_status, c.exited_at.clone()))
+            .unwrap_or((signal_status(9), None));
+        Ok(api::WaitResponse {
+            exit_status: status,
+            exited_at: at.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        no_exec(&req.exec_id)?;
+        let (state, server) = self
+            .lock()
+            .get(&req.id)
+            .map(|c| (c.state, c.server.clone()))
+            .ok_or_else(|| not_found(&req.id))?;
+        match state {
+            State::Running => {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("task {:?} is running: kill it first", req.id),
+                ));
+            }
+            // Never started: it ends here, as runc's delete of a created container does.
+            State::Created => self.finish(&req.id, signal_status(9)).await,
+            State::Stopped => {}
+        }
+        remove_sandbox(&mut self.client(&server).await?, &req.id).await?;
+        let Some(c) = self.lock().remove(&req.id) else {
+            return Err(not_found(&req.id));
+        };
+        log::info!("task {}: sandbox removed from warren", req.id);
+        let pid = std::process::id();
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id,
+                pid,
+                exit_status: c.exit_status,
+                exited_at: c.exited_at.clone().into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: c.exit_status,
+            exited_at: c.exited_at.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        if !self.lock().contains_key(&req.id) {
+            return Err(not_found(&req.id));
+        }
+        Ok(api::PidsResponse {
+            processes: vec![containerd_shim::protos::api::ProcessInfo {
+                pid: std::process::id(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        if self.lock().is_empty() {
+            self.exit.signal();
+        }
+        Ok(api::Empty::default())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        // A slot task reads no stdin: there is nothing to close.
+        Ok(api::Empty::default())
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        Err(unsupported(
+            "stats",
+            "`warren get NAME` shows its resources",
+        ))
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(unsupported("update", "use `warren update NAME`"))
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        Err(unsupported("pause", "slot tasks run nothing to freeze"))
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(unsupported("resume", "slot tasks run nothing to freeze"))
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(unsupported("checkpoint", "not implemented yet"))
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(unsupported("exec", "use `warren exec` on linux sandboxes"))
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(unsupported("resize_pty", "slot tasks have no terminal"))
+    }
+}
+
+fn unsupported(call: &str, hint: &str) -> ttrpc::Error {
+    err(
+        Code::UNIMPLEMENTED,
+        format!("{call}: not supported by containerd-shim-warren-v1 ({hint})"),
+    )
+}
+
+/// Deletes the sandbox in warren; one already gone is fine.
+pub async fn remove_sandbox(
+    client: &mut warren_control::client::Client,
+    name: &str,
+) -> TtrpcResult<()> {
+    let call = client.delete_sandbox(v1::DeleteSandboxRequest {
+        name: name.to_string(),
+        grace_period_seconds: Some(0),
+    });
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(()),
+        Ok(Err(s)) => Err(from_grpc(&format!("delete sandbox {name:?}"), &s)),
+        Err(_) => Err(err(
+            Code::DEADLINE_EXCEEDED,
+            format!("warren server: delete sandbox {name:?}: no answer within {CALL_TIMEOUT:?}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminating_signals() {
+        for s in [1, 2, 9, 15, 6, 34, 64] {
+            assert!(terminates(s), "{s}");
+        }
+        for s in [0, 17, 18, 19, 20, 28, 65] {
+            assert!(!terminates(s), "{s}");
+        }
+        assert_eq!(signal_status(9), 137);
+        assert_eq!(signal_status(15), 143);
+    }
+}
