@@ -250,7 +250,6 @@ async fn run_task(
     run: u64,
     job: Job,
     running: crate::engine::Running,
-    mut files: watch::Receiver<bool>,
     done: watch::Sender<bool>,
 ) {
     let status = run::run(job).await;
@@ -263,11 +262,17 @@ async fn run_task(
                 status: status.clone(),
             });
         }
-        // After the event, and after the start's file job: a crash in between leaves a log
-        // without a status, which adopt reports as lost (the control plane has usually
-        // stored the end already).
-        let _ = files.wait_for(|ready| *ready).await;
-        write_status(&inner.sandbox_dir(&id), &status);
+        // After the event, on the file thread (after the start's file job): a crash in
+        // between leaves a log without a status, which adopt reports as lost (the control
+        // plane has usually stored the end already). Readers and delete wait for it.
+        let dir = inner.sandbox_dir(&id);
+        let ended = status.clone();
+        let files = inner.files.submit(move || write_status(&dir, &ended));
+        if let Some(sandbox) = inner.lock().get_mut(&id)
+            && sandbox.run == run
+        {
+            sandbox.files = Some(files);
+        }
     }
     let _ = done.send(true);
 }
@@ -688,7 +693,7 @@ impl Backend for WasmBackend {
         let restart = sandbox.status != BackendStatus::Created;
         let (dir, log) = (inner.sandbox_dir(id), Arc::clone(&sandbox.log));
         let files = inner.files.submit(move || start_files(&dir, restart, &log));
-        sandbox.files = Some(files.clone());
+        sandbox.files = Some(files);
         let log = Arc::clone(&sandbox.log);
         let spec = &sandbox.spec;
         let stop = Arc::new(Notify::new());
@@ -717,7 +722,6 @@ impl Backend for WasmBackend {
             sandbox.run,
             job,
             running,
-            files,
             done_tx,
         ));
         sandbox.current = Some(Current {
