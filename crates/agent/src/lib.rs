@@ -100,7 +100,7 @@ impl Agent {
             }
             return Err(e.into());
         }
-        Ok(info)
+        Ok(backend.info(&config.id).unwrap_or(info))
     }
 
     pub async fn stop(
@@ -123,6 +123,10 @@ impl Agent {
         request: warren_runtime::ExecRequest,
     ) -> Result<warren_runtime::ExecProcess, AgentError> {
         Ok(self.backend(kind)?.exec(id, request).await?)
+    }
+
+    pub async fn signal(&self, kind: BackendKind, id: &str, signal: i32) -> Result<(), AgentError> {
+        Ok(self.backend(kind)?.signal(id, signal).await?)
     }
 
     pub async fn status(&self, kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {

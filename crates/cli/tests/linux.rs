@@ -955,3 +955,112 @@ fn update_resizes_a_running_sandbox() {
     );
     l.ok(&["rm", "resize"]);
 }
+
+#[test]
+fn kill_signals_the_workload() {
+    let l = linux_or_skip!();
+    // A workload with a handler sees the signal and decides: here, exit 7 on SIGUSR1.
+    let out = l.run(
+        "trapper",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 7' USR1; while :; do sleep 0.05; done",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("trapper", "Running");
+    // The shell installs its trap a moment after it starts; resend until it answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while l.get("trapper")["status"]["phase"] == "Running" {
+        let out = l.warren(&["kill", "--signal", "USR1", "trapper"]);
+        // Refused only because it ended meanwhile.
+        assert!(
+            out.status.success() || stderr(&out).contains("not Running"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(Instant::now() < deadline, "USR1 never ended it");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = l.wait_phase("trapper", "Exited");
+    assert_eq!(got["status"]["exitCode"], 7, "{got}");
+
+    // SIGKILL (the default) ends even an init that handles nothing: 128 + 9.
+    let out = l.run("victim", &[], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("victim", "Running");
+    l.ok(&["kill", "victim"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let got = l.get("victim");
+        if got["status"]["phase"] != "Running" {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "SIGKILL did not end it: {got}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got["status"]["exitCode"], 137, "{got}");
+
+    // Bad input names the flag; a sandbox that is not running is refused.
+    let out = l.warren(&["kill", "--signal", "NOPE", "victim"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--signal"), "{}", stderr(&out));
+    let out = l.warren(&["kill", "victim"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not Running"), "{}", stderr(&out));
+    let out = l.warren(&["kill", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    l.ok(&["rm", "trapper", "victim"]);
+}
+
+#[test]
+fn a_root_directory_runs_in_place() {
+    let l = linux_or_skip!();
+    // A prepared root: the busybox image's layer, unpacked by hand into a directory.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat"] {
+        std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet)).unwrap();
+    }
+    for d in ["proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(root.path().join(d)).unwrap();
+    }
+    let dir = root.path().to_str().unwrap();
+    let out = l.warren(&[
+        "run",
+        "-b",
+        "linux",
+        "-i",
+        dir,
+        "--name",
+        "inplace",
+        "--wait",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo written >/tmp/mark; cat /tmp/mark",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "written\n");
+    // Written in place, as runc writes a bundle's rootfs.
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("tmp/mark")).unwrap(),
+        "written\n"
+    );
+    l.ok(&["rm", "inplace"]);
+    // What is not a directory is refused, naming the field.
+    let out = l.warren(&["run", "-b", "linux", "-i", "/etc/hostname", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("spec.image") && stderr(&out).contains("not a directory"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.warren(&["run", "-b", "linux", "-i", "/no/such/root", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("/no/such/root"), "{}", stderr(&out));
+}

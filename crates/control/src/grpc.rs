@@ -24,7 +24,9 @@ pub fn status_of(e: ControlError) -> Status {
     // The whole cause chain, once: "read wasm module /x.wasm: No such file or directory".
     let msg = warren_runtime::error_chain(&e);
     match e {
-        ControlError::InvalidSpec(_) | ControlError::Selector(_) => Status::invalid_argument(msg),
+        ControlError::InvalidSpec(_)
+        | ControlError::InvalidArgument(_)
+        | ControlError::Selector(_) => Status::invalid_argument(msg),
         ControlError::NotFound { .. } => Status::not_found(msg),
         ControlError::AlreadyExists { .. } => Status::already_exists(msg),
         ControlError::Busy { .. } | ControlError::RevisionMismatch { .. } => Status::aborted(msg),
@@ -280,6 +282,18 @@ impl Sandboxes for SandboxService {
             .await
             .map_err(status_of)?;
         Ok(Response::new(rec.to_pb()))
+    }
+
+    async fn signal_sandbox(
+        &self,
+        req: Request<v1::SignalSandboxRequest>,
+    ) -> Result<Response<v1::SignalSandboxResponse>, Status> {
+        let req = req.into_inner();
+        self.plane
+            .signal(&req.name, req.signal)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(v1::SignalSandboxResponse {}))
     }
 
     type StreamLogsStream = LogStream;

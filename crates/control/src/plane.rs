@@ -32,6 +32,9 @@ use crate::store::{Store, StoreError, Write};
 pub enum ControlError {
     #[error("invalid sandbox spec: {0}")]
     InvalidSpec(String),
+    /// A request field outside the spec is wrong; the message names it and its value.
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("sandbox {name:?} not found")]
     NotFound { name: String },
     #[error(
@@ -851,6 +854,31 @@ impl ControlPlane {
         name: &str,
         request: warren_runtime::ExecRequest,
     ) -> Result<warren_runtime::ExecProcess, ControlError> {
+        let rec = self.running(name)?;
+        Ok(self
+            .inner
+            .agent
+            .exec(rec.spec.backend, &rec.id, request)
+            .await?)
+    }
+
+    /// Sends a signal to a running sandbox's workload (`warren kill`, containerd's Kill).
+    pub async fn signal(&self, name: &str, signal: i32) -> Result<(), ControlError> {
+        if !(1..=64).contains(&signal) {
+            return Err(ControlError::InvalidArgument(format!(
+                "signal: {signal} is not a signal number (1-64)"
+            )));
+        }
+        let rec = self.running(name)?;
+        Ok(self
+            .inner
+            .agent
+            .signal(rec.spec.backend, &rec.id, signal)
+            .await?)
+    }
+
+    /// The sandbox's record, if it is Running.
+    fn running(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
         let rec = self.get(name)?;
         if rec.status != Phase::Running {
             return Err(ControlError::NotRunning {
@@ -858,11 +886,7 @@ impl ControlPlane {
                 phase: rec.status.name().to_string(),
             });
         }
-        Ok(self
-            .inner
-            .agent
-            .exec(rec.spec.backend, &rec.id, request)
-            .await?)
+        Ok(rec)
     }
 
     pub async fn log_source(

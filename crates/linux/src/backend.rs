@@ -354,6 +354,7 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
     let template = ContainerConfig {
         id: wid.clone(),
         layers: image.layers.clone(),
+        rootfs: None,
         argv: Vec::new(),
         env: Vec::new(),
         cwd: "/".to_string(),
@@ -560,11 +561,12 @@ fn container_config(
     let name = spec.image.as_deref().ok_or_else(|| {
         BackendError::Invalid("spec.image: the linux backend needs an image".into())
     })?;
-    let image =
-        inner.config.images.resolve(name).map_err(|e| {
-            BackendError::Invalid(format!("spec.image: {}", crate::error_chain(&e)))
-        })?;
-    let argv = command_line(spec, &image.config.entrypoint, &image.config.cmd);
+    let source = RootSource::of(inner, name)?;
+    let image = match &source {
+        RootSource::Image(image) => &image.config,
+        RootSource::Dir(_) => &warren_image::ImageConfig::default(),
+    };
+    let argv = command_line(spec, &image.entrypoint, &image.cmd);
     if argv.is_empty() {
         return Err(invalid(
             "spec.command",
@@ -572,7 +574,7 @@ fn container_config(
             "has no entrypoint or cmd; give a command",
         ));
     }
-    let mut env = image.config.env.clone();
+    let mut env = image.env.clone();
     for (k, v) in &spec.env {
         env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
         env.push(format!("{k}={v}"));
@@ -589,9 +591,9 @@ fn container_config(
     let cwd = spec
         .working_dir
         .clone()
-        .or_else(|| image.config.working_dir.clone().filter(|w| !w.is_empty()))
+        .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".to_string());
-    let (uid, gid) = match (&spec.user, &image.config.user) {
+    let (uid, gid) = match (&spec.user, &image.user) {
         (Some(u), _) => parse_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?,
         (None, Some(u)) if !u.is_empty() => parse_user(u).map_err(|_| {
             invalid(
@@ -626,7 +628,14 @@ fn container_config(
     Ok((
         ContainerConfig {
             id: config.id.clone(),
-            layers: image.layers.clone(),
+            layers: match &source {
+                RootSource::Image(image) => image.layers.clone(),
+                RootSource::Dir(_) => Vec::new(),
+            },
+            rootfs: match &source {
+                RootSource::Image(_) => None,
+                RootSource::Dir(dir) => Some(dir.clone()),
+            },
             argv,
             env,
             cwd,
@@ -644,8 +653,62 @@ fn container_config(
                 .timeout_seconds
                 .map(|s| Duration::from_secs_f64(s).as_millis() as u64),
         },
-        image.id,
+        source.id(),
     ))
+}
+
+/// Where a container's root filesystem comes from: `spec.image` names an image in the
+/// store, or, starting with `/`, is a prepared root directory used in place (what the
+/// containerd shim hands over: containerd's mounted snapshot).
+enum RootSource {
+    Image(warren_image::Image),
+    Dir(PathBuf),
+}
+
+impl RootSource {
+    fn of(inner: &Inner, name: &str) -> Result<RootSource, BackendError> {
+        if !name.starts_with('/') {
+            return inner
+                .config
+                .images
+                .resolve(name)
+                .map(RootSource::Image)
+                .map_err(|e| {
+                    BackendError::Invalid(format!("spec.image: {}", crate::error_chain(&e)))
+                });
+        }
+        let dir = PathBuf::from(name);
+        if dir
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(BackendError::Invalid(format!(
+                "spec.image: {name:?}: a root filesystem path must not hold '..'"
+            )));
+        }
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(BackendError::Invalid(format!(
+                    "spec.image: {name:?} is not a directory (a root filesystem path must be one)"
+                )));
+            }
+            Err(e) => {
+                return Err(BackendError::Invalid(format!(
+                    "spec.image: {name:?}: cannot use it as a root filesystem: {e}"
+                )));
+            }
+        }
+        Ok(RootSource::Dir(dir))
+    }
+
+    /// Warm shells are kept per image id; a directory never matches one.
+    fn id(&self) -> String {
+        match self {
+            RootSource::Image(image) => image.id.clone(),
+            RootSource::Dir(dir) => format!("dir:{}", dir.display()),
+        }
+    }
 }
 
 /// The cgroup limits a sandbox's resources ask for.
@@ -797,6 +860,43 @@ impl Backend for LinuxBackend {
             let _ = done_tx.send(true);
         });
         Ok(())
+    }
+
+    fn info(&self, id: &str) -> Option<BackendInfo> {
+        self.inner.lock().get(id).map(|sb| sb.info.clone())
+    }
+
+    async fn signal(&self, id: &str, signal: i32) -> Result<(), BackendError> {
+        let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| {
+            BackendError::Invalid(format!(
+                "signal: {signal} is not a standard signal (real-time signals are not sent)"
+            ))
+        })?;
+        let pid = {
+            let sandboxes = self.inner.lock();
+            let sb = sandboxes.get(id).ok_or_else(|| not_found(id))?;
+            match (
+                &sb.status,
+                sb.info.get("pid").and_then(|p| p.parse::<i32>().ok()),
+            ) {
+                (BackendStatus::Running, Some(pid)) => pid,
+                (status, _) => {
+                    return Err(BackendError::Other(format!(
+                        "sandbox {id} is {status:?}: there is no process to signal"
+                    )));
+                }
+            }
+        };
+        // The workload is the container's init: its supervisor reaps it, so the pid stays
+        // its own while the sandbox is Running. Like `docker kill`, a signal the workload
+        // has no handler for is ignored by the kernel, except SIGKILL and SIGSTOP.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).or_else(|e| match e {
+            nix::errno::Errno::ESRCH => Ok(()),
+            e => Err(BackendError::Other(format!(
+                "send {sig} to sandbox {id} (pid {pid}): {}",
+                e.desc()
+            ))),
+        })
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<BackendStatus, BackendError> {

@@ -32,6 +32,10 @@ pub struct ContainerConfig {
     pub id: String,
     /// Unpacked image layers, bottom to top: the overlay's lower directories.
     pub layers: Vec<PathBuf>,
+    /// A prepared root filesystem (containerd's mounted snapshot, or any directory a
+    /// client names): bind-mounted as the rootfs, written in place, instead of `layers`.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
     /// argv; `argv[0]` is looked up in the container's `PATH` when it has no `/`.
     pub argv: Vec<String>,
     /// `KEY=VALUE` entries, image env first, then the spec's.

@@ -273,6 +273,17 @@ fn finish(
 }
 
 fn mount_overlay(cfg: &ContainerConfig, bundle: &Path, rootfs: &Path) -> Result<(), String> {
+    if let Some(dir) = &cfg.rootfs {
+        // As runc does with a bundle's rootfs: the directory itself, recursively, in place.
+        return mount(
+            Some(dir.as_path()),
+            rootfs,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("bind {} on {}", dir.display(), rootfs.display()), e));
+    }
     if cfg.layers.is_empty() {
         return Err("the image has no layers".to_string());
     }

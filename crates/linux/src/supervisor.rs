@@ -657,7 +657,10 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
                 continue;
             }
         };
-        if claim.config.layers != shell.template.layers || !claim.config.mounts.is_empty() {
+        if claim.config.layers != shell.template.layers
+            || claim.config.rootfs.is_some()
+            || !claim.config.mounts.is_empty()
+        {
             reply("error the claim does not fit this shell (another image, or bind mounts)");
             continue;
         }

@@ -168,6 +168,27 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = id;
     }
 
+    /// The sandbox's info as it is now, for backends that learn more at start (the linux
+    /// backend's workload pid); `None` keeps what `create` returned.
+    fn info(&self, id: &str) -> Option<BackendInfo> {
+        let _ = id;
+        None
+    }
+
+    /// Sends `signal` (a Linux signal number) to the sandbox's workload. Backends without
+    /// processes to signal treat SIGHUP, SIGINT, SIGKILL and SIGTERM as an immediate stop and
+    /// refuse the rest.
+    async fn signal(&self, id: &str, signal: i32) -> Result<(), BackendError> {
+        if matches!(signal, 1 | 2 | 9 | 15) {
+            self.stop(id, Duration::ZERO).await.map(|_| ())
+        } else {
+            Err(BackendError::Unsupported {
+                backend: self.kind(),
+                operation: "signals other than SIGHUP, SIGINT, SIGKILL and SIGTERM",
+            })
+        }
+    }
+
     /// Starts a process inside a running sandbox.
     async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, BackendError> {
         let _ = (id, request);

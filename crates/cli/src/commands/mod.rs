@@ -13,6 +13,7 @@ mod exec;
 mod get;
 mod image;
 mod info;
+mod kill;
 mod logs;
 mod ls;
 mod rm;
@@ -57,6 +58,8 @@ pub enum Command {
     /// Delete sandboxes.
     #[command(alias = "delete")]
     Rm(rm::Args),
+    /// Send a signal to sandboxes' workloads (SIGKILL unless -s says otherwise).
+    Kill(kill::Args),
     /// Create or update sandboxes from a YAML file.
     Apply(apply::Args),
     /// Change a sandbox's resources, labels, annotations, expiry or failure policy.
@@ -126,6 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Get(a) => get::run(a, &g).await,
         Command::Logs(a) => logs::run(a, &g).await,
         Command::Rm(a) => rm::run(a, &g).await,
+        Command::Kill(a) => kill::run(a, &g).await,
         Command::Apply(a) => apply::run(a, &g).await,
         Command::Update(a) => update::run(a, &g).await,
         Command::Watch(a) => watch::run(a, &g).await,
@@ -182,6 +186,30 @@ impl std::fmt::Display for ServerError {
 impl std::error::Error for ServerError {}
 
 /// Unwraps a gRPC response, turning a status into a readable error.
+/// Prints each name whose call succeeded and each error (skipping those `ignore` accepts);
+/// exit code 1 if any failed. For commands that act on several sandboxes at once.
+pub fn report_each<T>(
+    results: Vec<(&String, anyhow::Result<T>)>,
+    ignore: impl Fn(&anyhow::Error) -> bool,
+) -> ExitCode {
+    let mut failed = false;
+    for (name, result) in results {
+        match result {
+            Ok(_) => println!("{}", crate::output::printable(name)),
+            Err(e) if ignore(&e) => {}
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 pub fn answer<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
     r.map(tonic::Response::into_inner)
         .map_err(|s| ServerError(s).into())

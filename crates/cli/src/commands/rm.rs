@@ -4,8 +4,7 @@ use std::process::ExitCode;
 
 use warren_proto::v1;
 
-use super::{Globals, ServerError, answer};
-use crate::output::printable;
+use super::{Globals, ServerError, answer, report_each};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,24 +29,10 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         };
         async move { (name, answer(client.delete_sandbox(req).await)) }
     });
-    let mut failed = false;
-    for (name, result) in futures::future::join_all(deletes).await {
-        match result {
-            Ok(_) => println!("{}", printable(name)),
-            Err(e) => {
-                let not_found = e
-                    .downcast_ref::<ServerError>()
-                    .is_some_and(|s| s.0.code() == tonic::Code::NotFound);
-                if !(args.force && not_found) {
-                    eprintln!("error: {e:#}");
-                    failed = true;
-                }
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    let results = futures::future::join_all(deletes).await;
+    Ok(report_each(results, |e| {
+        args.force
+            && e.downcast_ref::<ServerError>()
+                .is_some_and(|s| s.0.code() == tonic::Code::NotFound)
+    }))
 }

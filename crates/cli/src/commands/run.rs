@@ -184,15 +184,19 @@ fn generated_name() -> String {
 
 /// A wasm module file given as a relative path is made absolute here: the server resolves
 /// paths from its own working directory, which is not the caller's. A name that is not a
-/// file here (and does not end in .wasm or .wat) is an image name and goes as it is.
+/// file here (and does not end in .wasm or .wat) is an image name and goes as it is. For
+/// linux, an absolute path is a prepared root directory.
 fn module_path(backend: BackendKind, image: &str) -> String {
     let is_file = image.ends_with(".wasm")
         || image.ends_with(".wat")
         || image.starts_with("./")
         || image.starts_with("../")
         || std::path::Path::new(image).is_file();
+    // A linux root directory given relative to here (`-i ./rootfs`) goes absolute too.
+    let is_dir = image.starts_with("./") || image.starts_with("../");
     match std::path::absolute(image) {
         Ok(abs) if backend == BackendKind::Wasm && is_file => abs.display().to_string(),
+        Ok(abs) if backend == BackendKind::Linux && is_dir => abs.display().to_string(),
         _ => image.to_string(),
     }
 }
