@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # A private containerd for tests and experiments, never the system's one.
 #   scripts/containerd.sh install      apt-get install containerd when it is missing (root)
-#   scripts/containerd.sh start DIR    start containerd on DIR/{root,state,containerd.sock}; prints its pid
+#   scripts/containerd.sh start DIR [--cri IMAGE]
+#                                      start containerd on DIR/{root,state,containerd.sock}; prints its pid.
+#                                      --cri: with the CRI plugin, warren the default runtime, pods'
+#                                      `resources.*`/`warren.dev/*` annotations passed on, IMAGE as the
+#                                      sandbox (pause) image (import it into namespace k8s.io first)
 #   scripts/containerd.sh stop DIR     stop it, unmount what it left under DIR
 #   scripts/containerd.sh ctr DIR ...  ctr against it
 # Everything lives under DIR: root, state, sockets, config, log and ctr's FIFOs (use
-# `ctr run --fifo-dir DIR/fifo`). The CRI plugin and everything that needs a network is off.
+# `ctr run --fifo-dir DIR/fifo`). Without --cri, the CRI plugin and everything that needs a
+# network is off; with it, only host-network pods work (no CNI is configured).
 # Shims are found on PATH: put containerd-shim-warren-v1 on it before `start`.
 set -euo pipefail
 
@@ -20,14 +25,16 @@ install() {
 }
 
 config() {
-  local dir=$1
+  local dir=$1 cri_image=${2:-}
+  local cri='  "io.containerd.grpc.v1.cri",'
+  [ -n "$cri_image" ] && cri=''
   cat <<CONF
 # A private containerd 1.6 (config format v2), written by scripts/containerd.sh.
 version = 2
 root = "$dir/root"
 state = "$dir/state"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+$cri
   "io.containerd.internal.v1.tracing",
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.snapshotter.v1.aufs",
@@ -53,15 +60,36 @@ disabled_plugins = [
   [plugins."io.containerd.internal.v1.opt"]
     path = "$dir/opt"
 CONF
+  [ -n "$cri_image" ] || return 0
+  cat <<CONF
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "$cri_image"
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    disable_apparmor = true
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "$dir/cni/bin"
+      conf_dir = "$dir/cni/net.d"
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      default_runtime_name = "warren"
+      snapshotter = "overlayfs"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.warren]
+        runtime_type = "io.containerd.warren.v1"
+        pod_annotations = ["resources.*", "warren.dev/*"]
+        container_annotations = ["resources.*", "warren.dev/*"]
+CONF
 }
 
 start() {
-  local dir=${1:?usage: containerd.sh start DIR}
+  local dir=${1:?usage: containerd.sh start DIR [--cri IMAGE]} cri_image=
+  if [ "${2:-}" = "--cri" ]; then
+    cri_image=${3:?usage: containerd.sh start DIR --cri IMAGE}
+  fi
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   command -v containerd >/dev/null || die "containerd is not installed (containerd.sh install)"
   mkdir -p "$dir/root" "$dir/state" "$dir/fifo"
-  config "$dir" >"$dir/config.toml"
+  config "$dir" "$cri_image" >"$dir/config.toml"
   # setsid: its own session, so the caller's terminal signals do not reach it.
   setsid containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 </dev/null &
   local pid=$!
@@ -99,8 +127,8 @@ stop() {
 
 case "${1:-}" in
   install) install ;;
-  start) start "${2:-}" ;;
+  start) shift; start "$@" ;;
   stop) stop "${2:-}" ;;
   ctr) shift; d=${1:?usage: containerd.sh ctr DIR ARGS}; shift; exec ctr --address "$d/containerd.sock" "$@" ;;
-  *) die "usage: containerd.sh install | start DIR | stop DIR | ctr DIR ARGS..." ;;
+  *) die "usage: containerd.sh install | start DIR [--cri IMAGE] | stop DIR | ctr DIR ARGS..." ;;
 esac

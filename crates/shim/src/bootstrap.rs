@@ -74,7 +74,15 @@ fn answers(socket: &Path) -> bool {
 }
 
 async fn start(flags: &Flags) -> anyhow::Result<()> {
-    let socket = socket_path(&flags.address, &flags.namespace, &flags.id);
+    // A CRI pod's tasks share one shim, as with runc's: the pod's sandbox id picks the
+    // socket, so its containers find the shim their sandbox task started.
+    let bundle_dir = if flags.bundle.is_empty() {
+        std::env::current_dir().context("bundle dir")?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let group = bundle::group_of(&bundle_dir).unwrap_or_else(|| flags.id.clone());
+    let socket = socket_path(&flags.address, &flags.namespace, &group);
     let uri = format!("unix://{}", socket.display());
     if !answers(&socket) {
         if let Some(dir) = socket.parent() {
@@ -177,7 +185,15 @@ async fn delete(flags: &Flags) -> anyhow::Result<()> {
         }
         Err(e) => eprintln!("delete: {e}"),
     }
-    let _ = std::fs::remove_file(socket_path(&flags.address, &flags.namespace, &flags.id));
+    // A linux task's rootfs, mounted by the shim that died (a no-op for slot tasks).
+    let rootfs = bundle.join("rootfs").display().to_string();
+    if let Err(e) = containerd_shim::mount::umount_recursive(Some(&rootfs), libc::MNT_DETACH) {
+        eprintln!("delete: unmount {rootfs}: {e}");
+    }
+    // A pod's containers share its shim's socket: only the pod's own task removes it.
+    if bundle::group_of(&bundle).is_none_or(|g| g == flags.id) {
+        let _ = std::fs::remove_file(socket_path(&flags.address, &flags.namespace, &flags.id));
+    }
     let reply = DeleteResponse {
         exit_status: task::signal_status(9),
         exited_at: Some(Timestamp::now()).into(),

@@ -2,7 +2,7 @@
 //! where the warren server is.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use warren_control::Address;
 use warren_spec::{BackendKind, Consistency, SandboxSpec};
@@ -32,6 +32,12 @@ pub enum BundleError {
         value: String,
         reason: String,
     },
+    #[error("config.json {key}: {value:?}: {reason}")]
+    Spec {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("{env}: {value:?}: {reason}")]
     Env {
         env: &'static str,
@@ -40,20 +46,45 @@ pub enum BundleError {
     },
 }
 
+/// CRI's annotation naming the pod sandbox a container belongs to.
+pub const ANNOTATION_CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI's annotation telling a pod's sandbox (`sandbox`) from its containers (`container`).
+pub const ANNOTATION_CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// Set on a pod's warren sandbox: the containers containerd runs in it, comma-separated.
+pub const ANNOTATION_CONTAINERS: &str = "warren.dev/containers";
+
 /// What a containerd task becomes in warren.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub spec: SandboxSpec,
     pub server: Address,
+    /// Set for a CRI container (not the pod's sandbox): the pod whose warren sandbox it
+    /// joins. Nothing is created for it in warren.
+    pub pod: Option<String>,
+}
+
+/// What the OCI spec's `process`, `root`, `hostname` and `mounts` say: the workload of a
+/// `linux` task. (A `slot` task runs nothing and ignores it.)
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Workload {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub terminal: bool,
+    pub hostname: Option<String>,
+    /// The root filesystem: the bundle's `rootfs`, where the shim mounts containerd's snapshot.
+    pub root: PathBuf,
+    pub readonly_root: bool,
+    /// Bind mounts beyond the standard ones (`/proc`, `/dev`, `/sys`...), which warren makes
+    /// itself: (destination, source, read-only).
+    pub binds: Vec<(String, String, bool)>,
 }
 
 /// Reads `<bundle>/config.json` and builds the sandbox for container `id`.
 pub fn load(bundle: &Path, id: &str, namespace: &str) -> Result<Plan, BundleError> {
-    let path = bundle.join("config.json");
-    let oci = oci_spec::runtime::Spec::load(&path).map_err(|source| BundleError::Load {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let oci = read_spec(bundle)?;
     let annotations: BTreeMap<String, String> = oci
         .annotations()
         .as_ref()
@@ -61,15 +92,77 @@ pub fn load(bundle: &Path, id: &str, namespace: &str) -> Result<Plan, BundleErro
         .unwrap_or_default();
     let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
     let env_server = std::env::var(ENV_SERVER).ok();
-    plan(id, namespace, annotations, resources, env_server.as_deref())
+    let workload = workload(bundle, &oci);
+    plan(
+        id,
+        namespace,
+        annotations,
+        resources,
+        workload,
+        env_server.as_deref(),
+    )
 }
 
-/// The pure part of [`load`]: annotations and `linux.resources` to a sandbox spec.
+fn read_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, BundleError> {
+    let path = bundle.join("config.json");
+    oci_spec::runtime::Spec::load(&path).map_err(|source| BundleError::Load {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The pod a bundle's container belongs to, for grouping the pod's tasks into one shim: the
+/// CRI sandbox id, or `None` outside CRI (and for an unreadable bundle).
+pub fn group_of(bundle: &Path) -> Option<String> {
+    let oci = read_spec(bundle).ok()?;
+    oci.annotations()
+        .as_ref()?
+        .get(ANNOTATION_CRI_SANDBOX_ID)
+        .filter(|v| !v.is_empty())
+        .cloned()
+}
+
+fn workload(bundle: &Path, oci: &oci_spec::runtime::Spec) -> Workload {
+    let mut w = Workload::default();
+    if let Some(p) = oci.process() {
+        w.args = p.args().clone().unwrap_or_default();
+        w.env = p.env().clone().unwrap_or_default();
+        w.cwd = p.cwd().display().to_string();
+        w.uid = p.user().uid();
+        w.gid = p.user().gid();
+        w.terminal = p.terminal().unwrap_or(false);
+    }
+    w.hostname = oci.hostname().clone().filter(|h| !h.is_empty());
+    let root = oci.root().as_ref();
+    w.root = bundle.join(root.map_or(Path::new("rootfs"), |r| r.path().as_path()));
+    w.readonly_root = root.and_then(|r| r.readonly()).unwrap_or(false);
+    for m in oci.mounts().iter().flatten() {
+        let options = m.options().clone().unwrap_or_default();
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || options.iter().any(|o| o == "bind" || o == "rbind");
+        let dest = m.destination().display().to_string();
+        let standard = ["/proc", "/dev", "/sys", "/run", "/tmp"]
+            .iter()
+            .any(|s| dest == *s || dest.starts_with(&format!("{s}/")));
+        if let (true, false, Some(src)) = (is_bind, standard, m.source()) {
+            w.binds.push((
+                dest,
+                src.display().to_string(),
+                options.iter().any(|o| o == "ro"),
+            ));
+        }
+    }
+    w
+}
+
+/// The pure part of [`load`]: annotations, `linux.resources` and the workload to a sandbox
+/// spec.
 pub fn plan(
     id: &str,
     namespace: &str,
     annotations: BTreeMap<String, String>,
     oci: Option<warren_spec::LinuxResources>,
+    workload: Workload,
     env_server: Option<&str>,
 ) -> Result<Plan, BundleError> {
     let backend = match annotations.get(ANNOTATION_BACKEND) {
@@ -82,20 +175,38 @@ pub fn plan(
                 reason: e.to_string(),
             })?,
     };
-    if backend != BackendKind::Slot {
+    if !matches!(backend, BackendKind::Slot | BackendKind::Linux) {
         return Err(BundleError::Annotation {
             key: ANNOTATION_BACKEND,
             value: backend.as_str().to_string(),
-            reason: "containerd-shim-warren-v1 supports only the \"slot\" backend so far".into(),
+            reason: "containerd-shim-warren-v1 runs the \"slot\" and \"linux\" backends".into(),
         });
     }
     let server = server_address(
         annotations.get(ANNOTATION_SERVER).map(String::as_str),
         env_server,
     )?;
+    let pod = match (
+        annotations
+            .get(ANNOTATION_CRI_CONTAINER_TYPE)
+            .map(String::as_str),
+        annotations.get(ANNOTATION_CRI_SANDBOX_ID),
+    ) {
+        (Some("container"), Some(pod)) if pod != id => Some(pod.clone()),
+        _ => None,
+    };
+    if pod.is_some() && backend == BackendKind::Linux {
+        return Err(BundleError::Annotation {
+            key: ANNOTATION_BACKEND,
+            value: backend.as_str().to_string(),
+            reason: "CRI pods run on the \"slot\" backend only so far (a linux pod's \
+                     containers would have to share its namespaces)"
+                .into(),
+        });
+    }
     let mut labels = BTreeMap::new();
     labels.insert(LABEL_NAMESPACE.to_string(), namespace.to_string());
-    let spec = SandboxSpec {
+    let mut spec = SandboxSpec {
         name: id.to_string(),
         labels,
         annotations,
@@ -105,7 +216,61 @@ pub fn plan(
         consistency: Consistency::Strong,
         ..SandboxSpec::default()
     };
-    Ok(Plan { spec, server })
+    if backend == BackendKind::Linux {
+        apply_workload(&mut spec, workload)?;
+    }
+    Ok(Plan { spec, server, pod })
+}
+
+/// A linux task's process, root and mounts into the spec: the workload runs on the rootfs
+/// containerd prepared, as runc would run it.
+fn apply_workload(spec: &mut SandboxSpec, w: Workload) -> Result<(), BundleError> {
+    let field = |key: &'static str, value: String, reason: &str| BundleError::Spec {
+        key,
+        value,
+        reason: reason.to_string(),
+    };
+    if w.terminal {
+        return Err(field(
+            "process.terminal",
+            "true".into(),
+            "a terminal is not supported through the shim yet; use `warren exec -it` \
+             into the running sandbox",
+        ));
+    }
+    if w.args.is_empty() {
+        return Err(field(
+            "process.args",
+            "[]".into(),
+            "a linux task needs a command",
+        ));
+    }
+    let root = w.root.display().to_string();
+    if !w.root.is_absolute() {
+        return Err(field("root.path", root, "the bundle path must be absolute"));
+    }
+    for e in &w.env {
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| field("process.env", e.clone(), "is not KEY=VALUE"))?;
+        spec.env.insert(k.to_string(), v.to_string());
+    }
+    spec.image = Some(root);
+    spec.command = w.args;
+    spec.working_dir = Some(if w.cwd.is_empty() { "/".into() } else { w.cwd });
+    spec.user = Some(format!("{}:{}", w.uid, w.gid));
+    spec.hostname = w.hostname;
+    spec.read_only_rootfs = w.readonly_root;
+    spec.mounts = w
+        .binds
+        .into_iter()
+        .map(|(guest, host, read_only)| warren_spec::Mount {
+            guest,
+            host,
+            read_only,
+        })
+        .collect();
+    Ok(())
 }
 
 /// The annotation wins over the environment, which wins over the default socket.
@@ -145,6 +310,7 @@ mod tests {
             "default",
             ann(&[("a", "b")]),
             None,
+            Workload::default(),
             Some("unix:///tmp/w.sock"),
         )
         .unwrap();
@@ -162,54 +328,156 @@ mod tests {
             "k8s.io",
             ann(&[(ANNOTATION_SERVER, "tcp://127.0.0.1:9090")]),
             None,
+            Workload::default(),
             Some("unix:///tmp/w.sock"),
         )
         .unwrap();
         assert_eq!(p.server, Address::Tcp("127.0.0.1:9090".into()));
     }
 
+    fn plan_of(annotations: &[(&str, &str)], w: Workload) -> Result<Plan, String> {
+        plan("c1", "default", ann(annotations), None, w, None).map_err(|e| e.to_string())
+    }
+
+    fn echo() -> Workload {
+        Workload {
+            args: vec!["echo".into(), "hi".into()],
+            env: vec!["PATH=/bin".into(), "A=b=c".into()],
+            cwd: "/work".into(),
+            uid: 1000,
+            gid: 100,
+            root: "/bundles/c1/rootfs".into(),
+            hostname: Some("h1".into()),
+            binds: vec![("/data".into(), "/srv/data".into(), true)],
+            ..Workload::default()
+        }
+    }
+
     #[test]
     fn bad_values_name_the_key() {
-        let e = plan(
-            "c1",
-            "default",
-            ann(&[(ANNOTATION_BACKEND, "qemu")]),
-            None,
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = plan_of(&[(ANNOTATION_BACKEND, "qemu")], echo()).unwrap_err();
         assert!(
             e.contains("warren.dev/backend") && e.contains("qemu"),
             "{e}"
         );
-        let e = plan(
-            "c1",
-            "default",
-            ann(&[(ANNOTATION_BACKEND, "linux")]),
-            None,
-            None,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("only the \"slot\" backend"), "{e}");
-        let e = plan(
-            "c1",
-            "default",
-            ann(&[(ANNOTATION_SERVER, "ftp://x")]),
-            None,
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = plan_of(&[(ANNOTATION_BACKEND, "wasm")], echo()).unwrap_err();
+        assert!(e.contains("\"slot\" and \"linux\""), "{e}");
+        let e = plan_of(&[(ANNOTATION_SERVER, "ftp://x")], echo()).unwrap_err();
         assert!(
             e.contains("warren.dev/server") && e.contains("ftp://x"),
             "{e}"
         );
-        let e = plan("c1", "default", ann(&[]), None, Some("ftp://x"))
+        let e = plan("c1", "default", ann(&[]), None, echo(), Some("ftp://x"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("WARREN_SERVER"), "{e}");
+    }
+
+    #[test]
+    fn a_linux_task_runs_the_oci_process_on_its_bundle_rootfs() {
+        let p = plan_of(&[(ANNOTATION_BACKEND, "linux")], echo()).unwrap();
+        let s = &p.spec;
+        assert_eq!(s.backend, BackendKind::Linux);
+        assert_eq!(s.image.as_deref(), Some("/bundles/c1/rootfs"));
+        assert_eq!(s.command, ["echo", "hi"]);
+        assert_eq!(s.env["PATH"], "/bin");
+        assert_eq!(s.env["A"], "b=c");
+        assert_eq!(s.working_dir.as_deref(), Some("/work"));
+        assert_eq!(s.user.as_deref(), Some("1000:100"));
+        assert_eq!(s.hostname.as_deref(), Some("h1"));
+        assert_eq!(s.mounts.len(), 1);
+        assert_eq!(
+            (
+                s.mounts[0].guest.as_str(),
+                s.mounts[0].host.as_str(),
+                s.mounts[0].read_only
+            ),
+            ("/data", "/srv/data", true)
+        );
+        // A slot task ignores the process entirely.
+        let p = plan_of(&[], echo()).unwrap();
+        assert!(p.spec.image.is_none() && p.spec.command.is_empty());
+    }
+
+    #[test]
+    fn a_linux_task_refuses_what_it_cannot_run() {
+        let linux = [(ANNOTATION_BACKEND, "linux")];
+        let e = plan_of(
+            &linux,
+            Workload {
+                terminal: true,
+                ..echo()
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("process.terminal"), "{e}");
+        let e = plan_of(
+            &linux,
+            Workload {
+                args: vec![],
+                ..echo()
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("process.args"), "{e}");
+        let e = plan_of(
+            &linux,
+            Workload {
+                env: vec!["NOEQUALS".into()],
+                ..echo()
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("process.env") && e.contains("NOEQUALS"), "{e}");
+    }
+
+    #[test]
+    fn cri_containers_join_their_pod() {
+        let pod = [
+            (ANNOTATION_CRI_CONTAINER_TYPE, "sandbox"),
+            (ANNOTATION_CRI_SANDBOX_ID, "c1"),
+        ];
+        assert_eq!(plan_of(&pod, echo()).unwrap().pod, None);
+        let member = [
+            (ANNOTATION_CRI_CONTAINER_TYPE, "container"),
+            (ANNOTATION_CRI_SANDBOX_ID, "pod1"),
+        ];
+        assert_eq!(
+            plan_of(&member, echo()).unwrap().pod.as_deref(),
+            Some("pod1")
+        );
+        let linux_member = [
+            (ANNOTATION_CRI_CONTAINER_TYPE, "container"),
+            (ANNOTATION_CRI_SANDBOX_ID, "pod1"),
+            (ANNOTATION_BACKEND, "linux"),
+        ];
+        let e = plan_of(&linux_member, echo()).unwrap_err();
+        assert!(e.contains("CRI pods"), "{e}");
+    }
+
+    #[test]
+    fn workload_from_an_oci_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh", "-c", "exit 3"], "env": ["X=1"], "cwd": "/",
+                        "user": {"uid": 5, "gid": 6}, "terminal": false},
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "box",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]},
+                {"destination": "/data", "type": "none", "source": "/srv", "options": ["rbind", "ro"]}
+            ]
+        }))
+        .unwrap();
+        let w = workload(dir.path(), &spec);
+        assert_eq!(w.args, ["sh", "-c", "exit 3"]);
+        assert_eq!((w.uid, w.gid), (5, 6));
+        assert_eq!(w.root, dir.path().join("rootfs"));
+        assert!(w.readonly_root);
+        assert_eq!(w.hostname.as_deref(), Some("box"));
+        assert_eq!(w.binds, [("/data".to_string(), "/srv".to_string(), true)]);
     }
 
     #[test]

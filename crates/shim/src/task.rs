@@ -1,14 +1,22 @@
 //! The shim v2 Task service: containerd's view of a warren sandbox.
 //!
-//! The shim runs nothing. `Create` creates the sandbox in warren (which validates it and,
-//! for `slot`, writes its resources.json), `Start` reports it running with the shim's own pid,
-//! `Kill` with a terminating signal ends the task with status 128 + signal, `Delete` removes
-//! the sandbox from warren. The warren server stays the source of truth: a sandbox removed
-//! behind containerd's back (`warren rm`) ends the task too.
+//! The shim runs nothing itself; the warren server stays the source of truth.
+//!
+//! - **slot** (the default): `Create` creates the sandbox in warren (which validates it and
+//!   writes its resources.json), `Start` reports it running with the shim's own pid, `Kill`
+//!   with a terminating signal ends the task with status 128 + signal, `Delete` removes the
+//!   sandbox. A sandbox removed behind containerd's back (`warren rm`) ends the task too.
+//! - **linux**: `Create` mounts containerd's snapshot on the bundle's rootfs (as runc's shim
+//!   does); `Start` creates the sandbox in warren with the OCI process on that rootfs, so it
+//!   runs from `Start`, as under runc; its output is copied from warren's log to the FIFOs
+//!   containerd handed over, and its exit code is the task's. `Kill` signals the workload.
+//! - **CRI pods**: containerd groups a pod's tasks into one shim (see `bootstrap`). The pod's
+//!   sandbox task is the warren sandbox; its containers are recorded on it
+//!   (`warren.dev/containers`) and create nothing of their own.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,9 +30,11 @@ use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, r#async::TtrpcContext};
 use containerd_shim::publisher::RemotePublisher;
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::watch;
 use warren_control::Address;
 use warren_proto::v1;
+use warren_spec::{BackendKind, SandboxSpec};
 
 use crate::bundle;
 
@@ -81,6 +91,16 @@ enum State {
 struct Container {
     bundle: String,
     server: Address,
+    backend: BackendKind,
+    /// A CRI container's pod: the warren sandbox it is recorded on.
+    pod: Option<String>,
+    /// A linux task's sandbox, created in warren at `Start`.
+    pending: Option<SandboxSpec>,
+    /// Whether a sandbox named after this task exists in warren (to delete).
+    in_warren: bool,
+    /// Where the shim mounted containerd's snapshot, to unmount at delete.
+    mounted: Option<PathBuf>,
+    pid: u32,
     stdin: String,
     stdout: String,
     stderr: String,
@@ -90,6 +110,8 @@ struct Container {
     exited_at: Option<Timestamp>,
     /// The FIFOs containerd's client reads, held open so it sees end-of-file at exit.
     fifos: Vec<File>,
+    /// A linux task's stdout and stderr FIFOs, handed to the output copier at `Start`.
+    outputs: [Option<File>; 2],
     exited: watch::Sender<bool>,
 }
 
@@ -174,7 +196,7 @@ impl Service {
             TaskExit {
                 container_id: id.to_string(),
                 id: id.to_string(),
-                pid: std::process::id(),
+                pid: c.pid,
                 exit_status: status,
                 exited_at: Some(now).into(),
                 ..Default::default()
@@ -185,35 +207,216 @@ impl Service {
             .await;
     }
 
-    /// Ends the task when its sandbox finishes or disappears in warren.
-    fn watch_sandbox(&self, id: String, server: Address) {
+    /// Creates the sandbox in warren and returns it; every failure is the containerd call's.
+    async fn create_in_warren(
+        &self,
+        server: &Address,
+        spec: &SandboxSpec,
+    ) -> TtrpcResult<v1::Sandbox> {
+        let id = &spec.name;
+        let mut client = self.client(server).await?;
+        let call = client.create_sandbox(v1::CreateSandboxRequest {
+            spec: Some(warren_proto::spec_to_pb(spec)),
+            ..Default::default()
+        });
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner().sandbox.unwrap_or_default()),
+            Ok(Err(s)) => Err(from_grpc(&format!("create sandbox {id:?}"), &s)),
+            Err(_) => Err(err(
+                Code::DEADLINE_EXCEEDED,
+                format!("warren server: create sandbox {id:?}: no answer within {CALL_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    /// The workload's host pid, which the linux backend reports once it started; the create
+    /// reply may predate it, so ask once more then.
+    async fn workload_pid(&self, server: &Address, created: v1::Sandbox) -> Option<u32> {
+        let pid_of = |sb: &v1::Sandbox| {
+            sb.status
+                .as_ref()
+                .and_then(|s| s.backend_info.get("pid"))
+                .and_then(|p| p.parse().ok())
+        };
+        if let Some(pid) = pid_of(&created) {
+            return Some(pid);
+        }
+        let name = created.spec.map(|s| s.name).unwrap_or_default();
+        let mut client = self.client(server).await.ok()?;
+        let call = client.get_sandbox(v1::GetSandboxRequest { name });
+        let sb = tokio::time::timeout(CALL_TIMEOUT, call).await.ok()?.ok()?;
+        pid_of(&sb.into_inner())
+    }
+
+    /// Ends task `id` when warren sandbox `name` (its own, or its pod's) finishes or
+    /// disappears.
+    fn watch_sandbox(&self, id: String, name: String, server: Address) {
         let this = self.clone();
         tokio::spawn(async move {
             let Ok(mut client) = this.client(&server).await else {
                 return;
             };
-            let reply = client
-                .wait_sandbox(v1::WaitSandboxRequest {
-                    name: id.clone(),
-                    timeout_ms: None,
-                })
-                .await;
-            let status = match reply {
-                Ok(sb) => sb
-                    .into_inner()
-                    .status
-                    .and_then(|s| s.exit_code)
-                    .and_then(|c| u32::try_from(c).ok())
-                    .unwrap_or(signal_status(9)),
-                Err(s) if s.code() == tonic::Code::NotFound => signal_status(9),
-                Err(s) => {
-                    log::warn!("watching sandbox {id} in warren: {}", s.message());
-                    return;
-                }
-            };
-            this.finish(&id, status).await;
+            if let Some(status) = wait_exit(&mut client, &name).await {
+                this.finish(&id, status).await;
+            }
         });
     }
+
+    /// A linux task from `Start` on: its output copied to containerd's FIFOs until the
+    /// sandbox ends, then its exit status.
+    fn forward(&self, id: String, server: Address, outputs: [Option<File>; 2]) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut client) = this.client(&server).await else {
+                return;
+            };
+            let [out, err] = outputs.map(|f| f.map(tokio::fs::File::from_std));
+            if let Err(e) = copy_logs(&mut client, &id, out, err).await {
+                log::warn!("task {id}: output not copied: {e}");
+            }
+            if let Some(status) = wait_exit(&mut client, &id).await {
+                this.finish(&id, status).await;
+            }
+        });
+    }
+
+    /// Adds `id` to (or removes it from) the containers recorded on a pod's sandbox.
+    async fn record_member(
+        &self,
+        server: &Address,
+        pod: &str,
+        id: &str,
+        add: bool,
+    ) -> TtrpcResult<()> {
+        let mut client = self.client(server).await?;
+        // Optimistic concurrency: the pod's other containers are recorded at the same time.
+        for _ in 0..20 {
+            let sb = match client
+                .get_sandbox(v1::GetSandboxRequest {
+                    name: pod.to_string(),
+                })
+                .await
+            {
+                Ok(sb) => sb.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound && !add => return Ok(()),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(err(
+                        Code::NOT_FOUND,
+                        format!("container {id:?}: its pod sandbox {pod:?} is not in warren"),
+                    ));
+                }
+                Err(s) => return Err(from_grpc(&format!("get pod sandbox {pod:?}"), &s)),
+            };
+            let current = sb
+                .spec
+                .as_ref()
+                .and_then(|s| s.annotations.get(bundle::ANNOTATION_CONTAINERS))
+                .cloned()
+                .unwrap_or_default();
+            let mut members: Vec<&str> = current
+                .split(',')
+                .filter(|m| !m.is_empty() && *m != id)
+                .collect();
+            if add {
+                members.push(id);
+            }
+            let mut req = v1::UpdateSandboxRequest {
+                name: pod.to_string(),
+                expected_revision: Some(sb.revision),
+                ..Default::default()
+            };
+            if members.is_empty() {
+                req.remove_annotations
+                    .push(bundle::ANNOTATION_CONTAINERS.to_string());
+            } else {
+                req.set_annotations
+                    .insert(bundle::ANNOTATION_CONTAINERS.to_string(), members.join(","));
+            }
+            match client.update_sandbox(req).await {
+                Ok(_) => return Ok(()),
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                Err(s) if s.code() == tonic::Code::NotFound && !add => return Ok(()),
+                Err(s) => {
+                    return Err(from_grpc(
+                        &format!("record container {id:?} on pod {pod:?}"),
+                        &s,
+                    ));
+                }
+            }
+        }
+        Err(err(
+            Code::ABORTED,
+            format!("container {id:?}: pod sandbox {pod:?} kept changing; retry"),
+        ))
+    }
+}
+
+/// Waits for warren sandbox `name` to end: its exit code, or 137 when it was removed.
+/// `None` when warren cannot be asked.
+async fn wait_exit(client: &mut warren_control::client::Client, name: &str) -> Option<u32> {
+    let reply = client
+        .wait_sandbox(v1::WaitSandboxRequest {
+            name: name.to_string(),
+            timeout_ms: None,
+        })
+        .await;
+    match reply {
+        Ok(sb) => Some(
+            sb.into_inner()
+                .status
+                .and_then(|s| s.exit_code)
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(signal_status(9)),
+        ),
+        Err(s) if s.code() == tonic::Code::NotFound => Some(signal_status(9)),
+        Err(s) => {
+            log::warn!("watching sandbox {name} in warren: {}", s.message());
+            None
+        }
+    }
+}
+
+/// Follows the sandbox's log to its end, writing each stream's lines to its FIFO. The
+/// bytes are the workload's own; they go to containerd's client untouched.
+async fn copy_logs(
+    client: &mut warren_control::client::Client,
+    name: &str,
+    mut out: Option<tokio::fs::File>,
+    mut err: Option<tokio::fs::File>,
+) -> Result<(), String> {
+    let mut stream = client
+        .stream_logs(v1::StreamLogsRequest {
+            name: name.to_string(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    while let Some(entry) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        let file = if entry.stream == v1::log_entry::Stream::Stderr as i32 {
+            err.as_mut()
+        } else {
+            out.as_mut()
+        };
+        let Some(file) = file else { continue };
+        let mut bytes = entry.content;
+        if !entry.partial {
+            bytes.push(b'\n');
+        }
+        // A client that went away (EPIPE) stops nothing: the task still runs to its end.
+        if file.write_all(&bytes).await.is_err() {
+            continue;
+        }
+    }
+    for f in [out.as_mut(), err.as_mut()].into_iter().flatten() {
+        let _ = f.flush().await;
+    }
+    Ok(())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -287,33 +490,50 @@ impl Task for Service {
         }
         let plan = bundle::load(&PathBuf::from(&req.bundle), &id, &self.namespace)
             .map_err(|e| err(Code::INVALID_ARGUMENT, error_chain(&e)))?;
-        let mut client = self.client(&plan.server).await?;
-        let call = client.create_sandbox(v1::CreateSandboxRequest {
-            spec: Some(warren_proto::spec_to_pb(&plan.spec)),
-            ..Default::default()
-        });
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(s)) => return Err(from_grpc(&format!("create sandbox {id:?}"), &s)),
-            Err(_) => {
-                return Err(err(
-                    Code::DEADLINE_EXCEEDED,
-                    format!(
-                        "warren server: create sandbox {id:?}: no answer within {CALL_TIMEOUT:?}"
-                    ),
-                ));
-            }
+        if plan.spec.backend == BackendKind::Linux && req.terminal {
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "terminal: a terminal is not supported through the shim yet; use `warren exec -it`",
+            ));
         }
-        let fifos = [&req.stdin, &req.stdout, &req.stderr]
-            .into_iter()
-            .filter_map(|p| hold_fifo(p))
-            .collect();
+        let backend = plan.spec.backend;
+        let mut pending = None;
+        let mut mounted = None;
+        let mut in_warren = false;
+        if let Some(pod) = &plan.pod {
+            self.record_member(&plan.server, pod, &id, true).await?;
+        } else if backend == BackendKind::Linux {
+            let root = PathBuf::from(plan.spec.image.clone().unwrap_or_default());
+            if !req.rootfs.is_empty() {
+                mount_rootfs(&req.rootfs, &root).await?;
+                mounted = Some(root);
+            }
+            pending = Some(plan.spec.clone());
+        } else {
+            self.create_in_warren(&plan.server, &plan.spec).await?;
+            in_warren = true;
+        }
+        let held = [&req.stdin, &req.stdout, &req.stderr].map(|p| hold_fifo(p));
+        // A linux task's output goes to these; the held ones close at exit.
+        let outputs = if backend == BackendKind::Linux {
+            [&held[1], &held[2]].map(|f| f.as_ref().and_then(|f| f.try_clone().ok()))
+        } else {
+            [None, None]
+        };
+        let fifos = held.into_iter().flatten().collect();
         let (exited, _) = watch::channel(false);
+        let pid = std::process::id();
         self.lock().insert(
             id.clone(),
             Container {
                 bundle: req.bundle.clone(),
                 server: plan.server,
+                backend,
+                pod: plan.pod,
+                pending,
+                in_warren,
+                mounted,
+                pid,
                 stdin: req.stdin.clone(),
                 stdout: req.stdout.clone(),
                 stderr: req.stderr.clone(),
@@ -322,11 +542,11 @@ impl Task for Service {
                 exit_status: 0,
                 exited_at: None,
                 fifos,
+                outputs,
                 exited,
             },
         );
-        log::info!("task {id}: sandbox created in warren");
-        let pid = std::process::id();
+        log::info!("task {id}: created ({backend})");
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -358,12 +578,17 @@ impl Task for Service {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         no_exec(&req.exec_id)?;
-        let server = {
+        let (server, pending, pod, outputs) = {
             let mut map = self.lock();
             let c = map.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
             match c.state {
-                State::Created => c.state = State::Running,
-                State::Running => {}
+                State::Created => {}
+                State::Running => {
+                    return Err(err(
+                        Code::FAILED_PRECONDITION,
+                        format!("task {:?} is already running", req.id),
+                    ));
+                }
                 State::Stopped => {
                     return Err(err(
                         Code::FAILED_PRECONDITION,
@@ -371,10 +596,38 @@ impl Task for Service {
                     ));
                 }
             }
-            c.server.clone()
+            let outputs = std::mem::take(&mut c.outputs);
+            (c.server.clone(), c.pending.take(), c.pod.clone(), outputs)
         };
-        self.watch_sandbox(req.id.clone(), server);
-        let pid = std::process::id();
+        let mut pid = std::process::id();
+        match (pending, pod) {
+            (Some(spec), _) => {
+                let sb = self
+                    .create_in_warren(&server, &spec)
+                    .await
+                    .inspect_err(|_| {
+                        // Not started: a retried Start may try again.
+                        if let Some(c) = self.lock().get_mut(&req.id) {
+                            c.pending = Some(spec.clone());
+                        }
+                    })?;
+                if let Some(p) = self.workload_pid(&server, sb).await {
+                    pid = p;
+                }
+                self.forward(req.id.clone(), server, outputs);
+            }
+            (None, Some(pod)) => self.watch_sandbox(req.id.clone(), pod, server),
+            (None, None) => self.watch_sandbox(req.id.clone(), req.id.clone(), server),
+        }
+        {
+            let mut map = self.lock();
+            let c = map.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+            c.in_warren |= c.backend == BackendKind::Linux;
+            c.pid = pid;
+            if c.state == State::Created {
+                c.state = State::Running;
+            }
+        }
         self.publish(
             topics::TASK_START_EVENT_TOPIC,
             Box::new(TaskStart {
@@ -401,7 +654,7 @@ impl Task for Service {
         Ok(api::StateResponse {
             id: req.id.clone(),
             bundle: c.bundle.clone(),
-            pid: std::process::id(),
+            pid: c.pid,
             status: match c.state {
                 State::Created => Status::CREATED,
                 State::Running => Status::RUNNING,
@@ -420,16 +673,46 @@ impl Task for Service {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         no_exec(&req.exec_id)?;
-        let state = self
+        let (state, signalled) = self
             .lock()
             .get(&req.id)
-            .map(|c| c.state)
+            .map(|c| (c.state, c.backend == BackendKind::Linux && c.in_warren))
             .ok_or_else(|| not_found(&req.id))?;
         if state == State::Stopped {
             return Err(err(
                 Code::NOT_FOUND,
                 format!("task {:?}: process already finished", req.id),
             ));
+        }
+        if signalled && state == State::Running {
+            // The workload decides; the task ends when warren reports it ended.
+            if req.signal == 0 {
+                return Ok(api::Empty::default());
+            }
+            let server = self.lock().get(&req.id).map(|c| c.server.clone());
+            let Some(server) = server else {
+                return Err(not_found(&req.id));
+            };
+            let mut client = self.client(&server).await?;
+            let call = client.signal_sandbox(v1::SignalSandboxRequest {
+                name: req.id.clone(),
+                signal: i32::try_from(req.signal).unwrap_or(i32::MAX),
+            });
+            return match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                Ok(Ok(_)) => Ok(api::Empty::default()),
+                // Ended meanwhile: containerd learns it from the exit event.
+                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                    Ok(api::Empty::default())
+                }
+                Ok(Err(s)) => Err(from_grpc(&format!("signal sandbox {:?}", req.id), &s)),
+                Err(_) => Err(err(
+                    Code::DEADLINE_EXCEEDED,
+                    format!(
+                        "warren server: signal {:?}: no answer within {CALL_TIMEOUT:?}",
+                        req.id
+                    ),
+                )),
+            };
         }
         if terminates(req.signal) {
             self.finish(&req.id, signal_status(req.signal)).await;
@@ -468,10 +751,18 @@ impl Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         no_exec(&req.exec_id)?;
-        let (state, server) = self
+        let (state, server, in_warren, pod, mounted) = self
             .lock()
             .get(&req.id)
-            .map(|c| (c.state, c.server.clone()))
+            .map(|c| {
+                (
+                    c.state,
+                    c.server.clone(),
+                    c.in_warren,
+                    c.pod.clone(),
+                    c.mounted.clone(),
+                )
+            })
             .ok_or_else(|| not_found(&req.id))?;
         match state {
             State::Running => {
@@ -484,18 +775,25 @@ impl Task for Service {
             State::Created => self.finish(&req.id, signal_status(9)).await,
             State::Stopped => {}
         }
-        remove_sandbox(&mut self.client(&server).await?, &req.id).await?;
+        if in_warren {
+            remove_sandbox(&mut self.client(&server).await?, &req.id).await?;
+        }
+        if let Some(pod) = &pod {
+            self.record_member(&server, pod, &req.id, false).await?;
+        }
+        if let Some(root) = mounted {
+            unmount_rootfs(&root).await?;
+        }
         let Some(c) = self.lock().remove(&req.id) else {
             return Err(not_found(&req.id));
         };
-        log::info!("task {}: sandbox removed from warren", req.id);
-        let pid = std::process::id();
+        log::info!("task {}: deleted", req.id);
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
                 container_id: req.id.clone(),
                 id: req.id,
-                pid,
+                pid: c.pid,
                 exit_status: c.exit_status,
                 exited_at: c.exited_at.clone().into(),
                 ..Default::default()
@@ -503,7 +801,7 @@ impl Task for Service {
         )
         .await;
         Ok(api::DeleteResponse {
-            pid,
+            pid: c.pid,
             exit_status: c.exit_status,
             exited_at: c.exited_at.into(),
             ..Default::default()
@@ -515,12 +813,14 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        if !self.lock().contains_key(&req.id) {
-            return Err(not_found(&req.id));
-        }
+        let pid = self
+            .lock()
+            .get(&req.id)
+            .map(|c| c.pid)
+            .ok_or_else(|| not_found(&req.id))?;
         Ok(api::PidsResponse {
             processes: vec![containerd_shim::protos::api::ProcessInfo {
-                pid: std::process::id(),
+                pid,
                 ..Default::default()
             }],
             ..Default::default()
@@ -621,6 +921,52 @@ fn unsupported(call: &str, hint: &str) -> ttrpc::Error {
         Code::UNIMPLEMENTED,
         format!("{call}: not supported by containerd-shim-warren-v1 ({hint})"),
     )
+}
+
+/// Mounts containerd's snapshot (usually one overlay) on the bundle's rootfs, as runc's shim
+/// does; what was mounted is undone when a later mount fails.
+async fn mount_rootfs(mounts: &[api::Mount], root: &Path) -> TtrpcResult<()> {
+    let mounts: Vec<(String, String, Vec<String>)> = mounts
+        .iter()
+        .map(|m| (m.type_.clone(), m.source.clone(), m.options.clone()))
+        .collect();
+    let root = root.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        std::fs::create_dir_all(&root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
+        for (typ, source, options) in &mounts {
+            if let Err(e) =
+                containerd_shim::mount::mount_rootfs(Some(typ), Some(source), options, &root)
+            {
+                let _ = containerd_shim::mount::umount_recursive(root.to_str(), libc::MNT_DETACH);
+                return Err(format!(
+                    "rootfs: mount {typ} {source} on {}: {e}",
+                    root.display()
+                ));
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(err(Code::INTERNAL, e)),
+        Err(e) => Err(err(Code::INTERNAL, format!("rootfs: mount task: {e}"))),
+    }
+}
+
+async fn unmount_rootfs(root: &Path) -> TtrpcResult<()> {
+    let target = root.display().to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        // Detached: a mount still busy (a process not yet reaped) goes once free.
+        containerd_shim::mount::umount_recursive(Some(&target), libc::MNT_DETACH)
+            .map_err(|e| format!("rootfs: unmount {target}: {e}"))
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(err(Code::INTERNAL, e)),
+        Err(e) => Err(err(Code::INTERNAL, format!("rootfs: unmount task: {e}"))),
+    }
 }
 
 /// Deletes the sandbox in warren; one already gone is fine.
