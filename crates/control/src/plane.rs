@@ -870,11 +870,25 @@ impl ControlPlane {
             )));
         }
         let rec = self.running(name)?;
-        Ok(self
-            .inner
-            .agent
-            .signal(rec.spec.backend, &rec.id, signal)
-            .await?)
+        let kind = rec.spec.backend;
+        self.inner.agent.signal(kind, &rec.id, signal).await?;
+        // Backends without a process (slot, wasm) stop at once and send no event of their
+        // own: the record follows here. A linux workload's end arrives as an event.
+        // Such a sandbox ended by a signal, as a process would: exit code 128 + signal.
+        if let Ok(status) = self.inner.agent.status(kind, &rec.id).await
+            && phase_of(&status).is_terminal()
+        {
+            let status = match status {
+                BackendStatus::Stopped => BackendStatus::Exited { code: 128 + signal },
+                other => other,
+            };
+            self.on_backend_event(BackendEvent {
+                id: rec.id.clone(),
+                status,
+            })
+            .await;
+        }
+        Ok(())
     }
 
     /// The sandbox's record, if it is Running.

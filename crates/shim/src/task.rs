@@ -248,6 +248,36 @@ impl Service {
         pid_of(&sb.into_inner())
     }
 
+    /// Sends `signal` to sandbox `name` in warren. One that has ended meanwhile (or was
+    /// removed) is fine: containerd learns the end from the exit event.
+    async fn signal_in_warren(&self, name: &str, signal: u32) -> TtrpcResult<api::Empty> {
+        let server = self.lock().get(name).map(|c| c.server.clone());
+        let Some(server) = server else {
+            return Err(not_found(name));
+        };
+        let mut client = self.client(&server).await?;
+        let call = client.signal_sandbox(v1::SignalSandboxRequest {
+            name: name.to_string(),
+            signal: i32::try_from(signal).unwrap_or(i32::MAX),
+        });
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(_)) => Ok(api::Empty::default()),
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) =>
+            {
+                Ok(api::Empty::default())
+            }
+            Ok(Err(s)) => Err(from_grpc(&format!("signal sandbox {name:?}"), &s)),
+            Err(_) => Err(err(
+                Code::DEADLINE_EXCEEDED,
+                format!("warren server: signal {name:?}: no answer within {CALL_TIMEOUT:?}"),
+            )),
+        }
+    }
+
     /// Ends task `id` when warren sandbox `name` (its own, or its pod's) finishes or
     /// disappears.
     fn watch_sandbox(&self, id: String, name: String, server: Address) {
@@ -673,10 +703,10 @@ impl Task for Service {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         no_exec(&req.exec_id)?;
-        let (state, signalled) = self
+        let (state, linux, in_warren) = self
             .lock()
             .get(&req.id)
-            .map(|c| (c.state, c.backend == BackendKind::Linux && c.in_warren))
+            .map(|c| (c.state, c.backend == BackendKind::Linux, c.in_warren))
             .ok_or_else(|| not_found(&req.id))?;
         if state == State::Stopped {
             return Err(err(
@@ -684,38 +714,29 @@ impl Task for Service {
                 format!("task {:?}: process already finished", req.id),
             ));
         }
-        if signalled && state == State::Running {
+        if linux && in_warren && state == State::Running {
             // The workload decides; the task ends when warren reports it ended.
             if req.signal == 0 {
                 return Ok(api::Empty::default());
             }
-            let server = self.lock().get(&req.id).map(|c| c.server.clone());
-            let Some(server) = server else {
-                return Err(not_found(&req.id));
-            };
-            let mut client = self.client(&server).await?;
-            let call = client.signal_sandbox(v1::SignalSandboxRequest {
-                name: req.id.clone(),
-                signal: i32::try_from(req.signal).unwrap_or(i32::MAX),
-            });
-            return match tokio::time::timeout(CALL_TIMEOUT, call).await {
-                Ok(Ok(_)) => Ok(api::Empty::default()),
-                // Ended meanwhile: containerd learns it from the exit event.
-                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
-                    Ok(api::Empty::default())
-                }
-                Ok(Err(s)) => Err(from_grpc(&format!("signal sandbox {:?}", req.id), &s)),
-                Err(_) => Err(err(
-                    Code::DEADLINE_EXCEEDED,
-                    format!(
-                        "warren server: signal {:?}: no answer within {CALL_TIMEOUT:?}",
-                        req.id
-                    ),
-                )),
-            };
+            return self.signal_in_warren(&req.id, req.signal).await;
         }
         if terminates(req.signal) {
+            // The task's status first: warren's end, which its watcher reports too, must not
+            // overtake it.
             self.finish(&req.id, signal_status(req.signal)).await;
+            // warren's record ends too, exited with 128 + signal; one already gone or ended
+            // is fine.
+            if in_warren {
+                // The ones a process-less backend takes; any other terminating signal ends
+                // the slot as SIGKILL would.
+                let sig = if matches!(req.signal, 1 | 2 | 9 | 15) {
+                    req.signal
+                } else {
+                    9
+                };
+                self.signal_in_warren(&req.id, sig).await?;
+            }
         }
         Ok(api::Empty::default())
     }

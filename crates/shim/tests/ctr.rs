@@ -47,6 +47,11 @@ fn slot_task_runs_until_killed_and_delete_removes_the_sandbox() {
 
     env.ctr_ok(&["task", "kill", "-s", "SIGKILL", "c1"]);
     env.wait_task_status("c1", "STOPPED");
+    // warren's record ended with it; its resources.json stays until containerd deletes.
+    let sb = env.sandbox("c1");
+    assert_eq!(sb["status"]["phase"], "Exited", "{sb}");
+    assert_eq!(sb["status"]["exitCode"], 137, "{sb}");
+    assert!(resources.exists());
     // The exit status reaches containerd: `ctr task rm` reports it.
     let rm = env.ctr(&["task", "rm", "c1"]);
     let rm_err = String::from_utf8_lossy(&rm.stderr);
