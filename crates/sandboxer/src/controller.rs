@@ -72,6 +72,8 @@ struct Exit {
 
 #[derive(Debug)]
 struct Pod {
+    /// The warren sandbox's id: tells this pod from a later one of the same name.
+    warren_id: String,
     state: State,
     created_at: SystemTime,
     own: resources::Pod,
@@ -80,8 +82,9 @@ struct Pod {
 }
 
 impl Pod {
-    fn new(state: State, created_at: SystemTime, own: resources::Pod) -> Self {
+    fn new(warren_id: String, state: State, created_at: SystemTime, own: resources::Pod) -> Self {
         Pod {
+            warren_id,
             state,
             created_at,
             own,
@@ -219,7 +222,7 @@ impl Service {
                 annotations: own_annotations,
                 resources: own_resources,
             };
-            let mut pod = Pod::new(state, created, own);
+            let mut pod = Pod::new(rec.id.clone(), state, created, own);
             pod.containers = containers;
             if state == State::Stopped {
                 pod.end(0);
@@ -227,12 +230,41 @@ impl Service {
             info!(sandbox = %rec.spec.name, state = state.as_str(), "sandboxer: pod taken back from the store");
             pods.insert(rec.spec.name.clone(), pod);
         }
-        Service {
+        let watched: Vec<(String, String)> = pods
+            .iter()
+            .map(|(id, p)| (id.clone(), p.warren_id.clone()))
+            .collect();
+        let service = Service {
             name: name.to_string(),
             plane,
             pods: Arc::new(Mutex::new(pods)),
             shutdown,
+        };
+        for (id, warren_id) in watched {
+            service.watch(id, warren_id);
         }
+        service
+    }
+
+    /// Ends the pod when its warren sandbox is deleted behind containerd's back
+    /// (`warren rm`): 137, as for a killed process, and its waiters are answered.
+    fn watch(&self, id: String, warren_id: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(rec) = this.plane.wait(&id, None).await else {
+                return;
+            };
+            if rec.status != warren_spec::Phase::Deleted || rec.id != warren_id {
+                return;
+            }
+            let mut pods = this.lock().await;
+            if let Some(pod) = pods.get_mut(&id).filter(|p| p.warren_id == warren_id)
+                && pod.exit().is_none()
+            {
+                warn!(sandbox = %id, "sandboxer: the warren sandbox was deleted; the pod ends");
+                pod.end(128 + 9);
+            }
+        });
     }
 
     async fn lock(&self) -> MutexGuard<'_, HashMap<String, Pod>> {
@@ -308,7 +340,12 @@ impl Controller for Service {
         info!(sandbox = %id, resources = %rec.resources.to_json(), "sandboxer: created");
         let created = SystemTime::UNIX_EPOCH
             + Duration::from_millis(u64::try_from(rec.created_at_ms).unwrap_or(0));
-        pods.insert(id.clone(), Pod::new(State::Created, created, own));
+        pods.insert(
+            id.clone(),
+            Pod::new(rec.id.clone(), State::Created, created, own),
+        );
+        drop(pods);
+        self.watch(id.clone(), rec.id.clone());
         Ok(Response::new(ControllerCreateResponse { sandbox_id: id }))
     }
 

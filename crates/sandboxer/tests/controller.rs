@@ -141,6 +141,34 @@ async fn status(
     .map(tonic::Response::into_inner)
 }
 
+/// A Wait running beside the test, as containerd keeps one per pod.
+fn spawn_wait(
+    c: &ControllerClient<Channel>,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<ControllerWaitResponse>, tonic::Status>> {
+    let mut c = c.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        c.wait(ControllerWaitRequest {
+            sandbox_id: id,
+            ..Default::default()
+        })
+        .await
+    })
+}
+
+/// The Wait's answer, within 10 s.
+async fn waited(
+    wait: tokio::task::JoinHandle<Result<tonic::Response<ControllerWaitResponse>, tonic::Status>>,
+) -> ControllerWaitResponse {
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .into_inner()
+}
+
 /// Where the pod's resources.json is: warren writes it under the warren sandbox's id
 /// (`<dir>/slot/<id>/resources.json`, as `warren server` does), which Status(verbose) reports.
 async fn resources_path(c: &mut ControllerClient<Channel>, id: &str) -> PathBuf {
@@ -327,15 +355,7 @@ async fn create_start_update_status_stop_wait_shutdown() {
     assert!(metrics.metrics.is_none());
 
     // A waiter started before the stop is answered by it.
-    let mut waiter = c.clone();
-    let wait = tokio::spawn(async move {
-        waiter
-            .wait(ControllerWaitRequest {
-                sandbox_id: "pod-a".into(),
-                ..Default::default()
-            })
-            .await
-    });
+    let wait = spawn_wait(&c, "pod-a");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!wait.is_finished(), "wait returned before the stop");
     c.stop(ControllerStopRequest {
@@ -345,12 +365,7 @@ async fn create_start_update_status_stop_wait_shutdown() {
     })
     .await
     .unwrap();
-    let waited = tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-        .into_inner();
+    let waited = waited(wait).await;
     assert_eq!(waited.exit_status, 0);
     assert!(waited.exited_at.is_some());
     let st = status(&mut c, id, false).await.unwrap();
@@ -554,6 +569,33 @@ async fn warren_sees_the_pods_and_a_restart_keeps_them() {
         .await
         .unwrap();
     assert_eq!(resources(&mut c, "pod-r").await["cpu_limit"], 0.25);
+
+    // `warren rm` behind containerd's back ends the pod: Wait answers 137, as for a kill.
+    let wait = spawn_wait(&c, "pod-r");
+    let api = warren_control::Address::Unix(sb.state().join("warren.sock"));
+    let mut w = warren_control::client::connect(&api, None).await.unwrap();
+    w.delete_sandbox(warren_proto::v1::DeleteSandboxRequest {
+        name: "pod-r".into(),
+        grace_period_seconds: Some(0),
+    })
+    .await
+    .unwrap();
+    let waited = waited(wait).await;
+    assert_eq!(waited.exit_status, 137);
+    let st = status(&mut c, "pod-r", false).await.unwrap();
+    assert_eq!(st.state, "SANDBOX_NOTREADY");
+    assert!(sb.slot_dirs().is_empty(), "{:?}", sb.slot_dirs());
+    // containerd's Shutdown still cleans up, and a new pod of the same name is unaffected.
+    c.shutdown(ControllerShutdownRequest {
+        sandbox_id: "pod-r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.create(create_request("pod-r", &[])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = status(&mut c, "pod-r", false).await.unwrap();
+    assert!(st.exited_at.is_none(), "{st:?}");
 }
 
 #[test]
