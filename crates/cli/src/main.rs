@@ -25,7 +25,9 @@ fn main() -> ExitCode {
     // and temp files it must clean up: both keep SIGPIPE ignored and handle EPIPE instead.
     if !matches!(
         cli.command,
-        commands::Command::Server(_) | commands::Command::Bench(_)
+        commands::Command::Server(_)
+            | commands::Command::Sandboxer(_)
+            | commands::Command::Bench(_)
     ) {
         restore_sigpipe();
     }
@@ -34,7 +36,10 @@ fn main() -> ExitCode {
     // at a time and its latency is the API's: one thread, so that no request or reply waits
     // for another thread to wake up (a slot create through the API took 2.6x as long from a
     // multi-threaded client on the project's 2-core machine; docs/PERFORMANCE.md).
-    let mut builder = if matches!(cli.command, commands::Command::Server(_)) {
+    let mut builder = if matches!(
+        cli.command,
+        commands::Command::Server(_) | commands::Command::Sandboxer(_)
+    ) {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()

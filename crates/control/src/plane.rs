@@ -972,7 +972,8 @@ impl ControlPlane {
     }
 }
 
-fn add(total: &mut ResourceInfo, r: &ResourceInfo) {
+/// Adds `r` to `total` field by field; a field set in neither stays unset.
+pub fn add(total: &mut ResourceInfo, r: &ResourceInfo) {
     fn sum<T: std::ops::Add<Output = T> + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
         match (a, b) {
             (Some(a), Some(b)) => Some(a + b),

@@ -316,7 +316,7 @@ async fn bind_tcp(addr: &str) -> std::io::Result<(TcpListener, std::net::SocketA
 /// Binds a unix socket readable and writable by the owner only. Binding happens under a
 /// temporary name that is renamed into place after the chmod, so the socket is never
 /// reachable with looser permissions.
-async fn bind_unix(path: &Path, address: &Address) -> Result<UnixListener, ServerError> {
+pub async fn bind_unix(path: &Path, address: &Address) -> Result<UnixListener, ServerError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io("create", parent))?;
     }

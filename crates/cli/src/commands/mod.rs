@@ -18,6 +18,7 @@ mod logs;
 mod ls;
 mod rm;
 mod run;
+mod sandboxer;
 mod server;
 mod update;
 mod watch;
@@ -46,6 +47,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the control plane with its local agent.
     Server(server::Args),
+    /// Serve containerd's sandbox API (a containerd 2.x `type = "sandbox"` proxy plugin).
+    Sandboxer(sandboxer::Args),
     /// Create and start a sandbox.
     Run(Box<run::Args>),
     /// List sandboxes.
@@ -97,7 +100,7 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 pub fn init_logging(cli: &Cli) {
     // Client commands log only warnings unless asked; the server logs at --log-level.
     let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Server(_), l) => l.to_string(),
+        (Command::Server(_) | Command::Sandboxer(_), l) => l.to_string(),
         (_, "info") => "warn".to_string(),
         (_, l) => l.to_string(),
     };
@@ -124,6 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Server(a) => server::run(a, &g).await,
+        Command::Sandboxer(a) => sandboxer::run(a).await,
         Command::Run(a) => run::run(*a, &g).await,
         Command::Ls(a) => ls::run(a, &g).await,
         Command::Get(a) => get::run(a, &g).await,

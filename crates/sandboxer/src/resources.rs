@@ -1,0 +1,255 @@
+//! What a pod and its containers ask for, read from what containerd sends, and what the pod
+//! holds in total.
+//!
+//! A pod's own resources come from the `Create` request: its annotations (the request's
+//! `annotations`, the CRI `PodSandboxConfig` in `options`, and the OCI spec in
+//! `sandbox.spec`), and OCI `linux.resources` (from `sandbox.spec`, else the
+//! `PodSandboxConfig`'s `linux.resources`). Containers arrive later through `Update` with
+//! `fields = ["extensions.tasks"]`: `sandbox.extensions["tasks"]` holds Kuasar's task list, JSON
+//! `{"tasks": [{"task_id": ..., "spec": <OCI spec>, ...}]}`, each spec carrying the container's
+//! annotations and `linux.resources`. The pod holds its own resources plus every container's,
+//! field by field (seeds 000/001: the sandbox accounts for the containers appended to it).
+//!
+//! Everything here is pure, so the parsing of what containerd sends is unit-tested.
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+use serde::Deserialize;
+use warren_spec::{
+    ANNOTATION_CPU_LIMIT, ANNOTATION_CPU_REQUEST, ANNOTATION_EPHEMERAL_STORAGE_LIMIT,
+    ANNOTATION_MEMORY_LIMIT, ANNOTATION_MEMORY_REQUEST, ANNOTATION_NETWORK_BANDWIDTH,
+    ANNOTATION_PID_LIMIT, ANNOTATION_STORAGE_LIMIT, LinuxResources, ResourceInfo,
+    ResourceRequirements, SpecError, extract_resources,
+};
+
+use crate::api::services::sandbox::v1::ControllerCreateRequest;
+use crate::cri;
+
+/// The key of the task list in `sandbox.extensions`, and the field path naming it.
+pub const TASKS_EXTENSION: &str = "tasks";
+pub const TASKS_FIELD: &str = "extensions.tasks";
+
+/// Every annotation key that carries a resource: the pod's total replaces them in the warren
+/// sandbox, so no container's or pod's own value shadows the sum.
+pub const RESOURCE_ANNOTATIONS: [&str; 8] = [
+    ANNOTATION_CPU_LIMIT,
+    ANNOTATION_CPU_REQUEST,
+    ANNOTATION_MEMORY_LIMIT,
+    ANNOTATION_MEMORY_REQUEST,
+    ANNOTATION_PID_LIMIT,
+    ANNOTATION_STORAGE_LIMIT,
+    ANNOTATION_EPHEMERAL_STORAGE_LIMIT,
+    ANNOTATION_NETWORK_BANDWIDTH,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error("options: {type_url:?} does not decode as a CRI runtime.v1.PodSandboxConfig")]
+    Options {
+        type_url: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("{field}: not an OCI runtime spec in JSON")]
+    Spec {
+        field: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{context}: {source}")]
+    Resources {
+        context: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error(
+        "sandbox.extensions[\"tasks\"]: not a task list (expected JSON {{\"tasks\": [{{\"task_id\": ..., \"spec\": {{...}}}}]}})"
+    )]
+    Tasks(#[source] serde_json::Error),
+    #[error("sandbox.extensions[\"tasks\"].tasks[{index}].task_id: must not be empty")]
+    EmptyTaskId { index: usize },
+    #[error("sandbox.extensions[\"tasks\"].tasks[{index}].task_id: {id:?} appears twice")]
+    DuplicateTask { index: usize, id: String },
+}
+
+/// The part of an OCI runtime spec that says what a sandbox or container asks for.
+#[derive(Debug, Default, Deserialize)]
+struct OciSubset {
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    linux: Option<OciLinux>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OciLinux {
+    #[serde(default)]
+    resources: Option<LinuxResources>,
+}
+
+/// One container of Kuasar's task list; fields other than these are ignored.
+#[derive(Debug, Clone, Deserialize)]
+struct Task {
+    #[serde(default)]
+    task_id: String,
+    #[serde(default)]
+    spec: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Tasks {
+    #[serde(default)]
+    tasks: Vec<Task>,
+}
+
+/// What a pod asks for itself, and the annotations it keeps (all but the resource keys).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pod {
+    pub annotations: BTreeMap<String, String>,
+    pub resources: ResourceInfo,
+}
+
+fn parse_oci(field: &str, bytes: &[u8]) -> Result<OciSubset, ResourceError> {
+    if bytes.is_empty() {
+        return Ok(OciSubset::default());
+    }
+    serde_json::from_slice(bytes).map_err(|source| ResourceError::Spec {
+        field: field.to_string(),
+        source,
+    })
+}
+
+fn extract(
+    context: &str,
+    annotations: &BTreeMap<String, String>,
+    oci: Option<&LinuxResources>,
+) -> Result<ResourceInfo, ResourceError> {
+    extract_resources(annotations, oci, &ResourceRequirements::default()).map_err(|source| {
+        ResourceError::Resources {
+            context: context.to_string(),
+            source,
+        }
+    })
+}
+
+/// The pod's own resources from a `Create` request.
+pub fn pod(req: &ControllerCreateRequest) -> Result<Pod, ResourceError> {
+    let config = match &req.options {
+        Some(any) if any.type_url.ends_with(cri::POD_SANDBOX_CONFIG) => Some(
+            cri::PodSandboxConfig::decode(any.value.as_slice()).map_err(|source| {
+                ResourceError::Options {
+                    type_url: any.type_url.clone(),
+                    source,
+                }
+            })?,
+        ),
+        _ => None,
+    };
+    let spec = match req.sandbox.as_ref().and_then(|s| s.spec.as_ref()) {
+        Some(any) => parse_oci("sandbox.spec", &any.value)?,
+        None => OciSubset::default(),
+    };
+    // Later sources win on a conflict: the spec, then the CRI config, then the request itself.
+    let mut annotations = spec.annotations.unwrap_or_default();
+    if let Some(c) = &config {
+        annotations.extend(c.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    annotations.extend(req.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let oci = spec.linux.and_then(|l| l.resources).or_else(|| {
+        config
+            .as_ref()
+            .and_then(cri::PodSandboxConfig::oci_resources)
+    });
+    let resources = extract("sandbox", &annotations, oci.as_ref())?;
+    annotations.retain(|k, _| !RESOURCE_ANNOTATIONS.contains(&k.as_str()));
+    Ok(Pod {
+        annotations,
+        resources,
+    })
+}
+
+/// Each container of the task list, in order, with what it asks for.
+pub fn containers(tasks: &prost_types::Any) -> Result<Vec<(String, ResourceInfo)>, ResourceError> {
+    let list: Tasks = serde_json::from_slice(&tasks.value).map_err(ResourceError::Tasks)?;
+    let mut out: Vec<(String, ResourceInfo)> = Vec::with_capacity(list.tasks.len());
+    for (index, task) in list.tasks.into_iter().enumerate() {
+        if task.task_id.is_empty() {
+            return Err(ResourceError::EmptyTaskId { index });
+        }
+        if out.iter().any(|(id, _)| *id == task.task_id) {
+            return Err(ResourceError::DuplicateTask {
+                index,
+                id: task.task_id,
+            });
+        }
+        let context = format!(
+            "sandbox.extensions[\"tasks\"].tasks[{index}] (task {:?}).spec",
+            task.task_id
+        );
+        let spec: OciSubset = match task.spec {
+            None | Some(serde_json::Value::Null) => OciSubset::default(),
+            Some(v) => serde_json::from_value(v).map_err(|source| ResourceError::Spec {
+                field: context.clone(),
+                source,
+            })?,
+        };
+        let annotations = spec.annotations.unwrap_or_default();
+        let oci = spec.linux.and_then(|l| l.resources);
+        let resources = extract(&context, &annotations, oci.as_ref())?;
+        out.push((task.task_id, resources));
+    }
+    Ok(out)
+}
+
+/// The pod's own resources plus every container's, field by field; a field nobody sets
+/// stays unset.
+pub fn total<'a>(
+    pod: &ResourceInfo,
+    containers: impl IntoIterator<Item = &'a ResourceInfo>,
+) -> ResourceInfo {
+    let mut t = pod.clone();
+    for r in containers {
+        warren_control::plane::add(&mut t, r);
+    }
+    // Sums of millicores in f64 drift ("0.30000000000000004"): keep whole millicores.
+    let millis = |c: Option<f64>| c.map(|c| (c * 1000.0).round() / 1000.0);
+    t.cpu_limit = millis(t.cpu_limit);
+    t.cpu_request = millis(t.cpu_request);
+    t
+}
+
+/// `info` as CRI resource annotations, which warren's extraction reads first: the warren
+/// sandbox of a pod carries its total this way.
+pub fn as_annotations(info: &ResourceInfo) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::new();
+    let cpu = |c: f64| format!("{}m", (c * 1000.0).round() as u64);
+    let mut put = |key: &str, v: Option<String>| {
+        if let Some(v) = v {
+            a.insert(key.to_string(), v);
+        }
+    };
+    put(ANNOTATION_CPU_LIMIT, info.cpu_limit.map(cpu));
+    put(ANNOTATION_CPU_REQUEST, info.cpu_request.map(cpu));
+    put(
+        ANNOTATION_MEMORY_LIMIT,
+        info.memory_limit.map(|v| v.to_string()),
+    );
+    put(
+        ANNOTATION_MEMORY_REQUEST,
+        info.memory_request.map(|v| v.to_string()),
+    );
+    put(ANNOTATION_PID_LIMIT, info.pid_limit.map(|v| v.to_string()));
+    put(
+        ANNOTATION_STORAGE_LIMIT,
+        info.storage_limit.map(|v| v.to_string()),
+    );
+    put(
+        ANNOTATION_NETWORK_BANDWIDTH,
+        info.network_bandwidth.map(|v| v.to_string()),
+    );
+    a
+}
+
+#[cfg(test)]
+mod tests;
