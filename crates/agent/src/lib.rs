@@ -205,6 +205,7 @@ mod tests {
             },
             resources: ResourceInfo::default(),
             stdin: None,
+            policy: None,
         };
         let info = agent.run(&config).await.expect("run");
         assert!(info["resources_path"].ends_with("id1/resources.json"));
@@ -234,6 +235,7 @@ mod tests {
             },
             resources: ResourceInfo::default(),
             stdin: None,
+            policy: None,
         };
         let err = agent.run(&config).await.expect_err("no vm backend");
         assert!(

@@ -61,6 +61,14 @@ pub fn to_object(sb: &v1::Sandbox) -> anyhow::Result<Value> {
         let info: std::collections::BTreeMap<_, _> = st.backend_info.into_iter().collect();
         status.insert("backendInfo".into(), json!(info));
     }
+    if let Some(p) = &st.policy {
+        let decision = warren_proto::decision_from_pb(p);
+        let mut value = serde_json::to_value(&decision)?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("verdict".into(), json!(decision.verdict()));
+        }
+        status.insert("policy".into(), value);
+    }
     Ok(json!({
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -73,7 +81,18 @@ pub fn to_object(sb: &v1::Sandbox) -> anyhow::Result<Value> {
 /// Reads every Sandbox object in a YAML (or JSON) text, `---`-separated. Errors name the
 /// document and the field.
 pub fn from_documents(text: &str, source: &str) -> anyhow::Result<Vec<SandboxSpec>> {
-    let mut specs = Vec::new();
+    each_document(text, source, KIND, from_object)
+}
+
+/// Reads every object of a YAML (or JSON) text, `---`-separated, with `read`; errors name
+/// the document. At least one object is required.
+pub fn each_document<T>(
+    text: &str,
+    source: &str,
+    kind: &str,
+    read: impl Fn(Value) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::new();
     for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let at = format!("{source}, document {}", i + 1);
         let value: Value = serde::Deserialize::deserialize(doc)
@@ -81,15 +100,20 @@ pub fn from_documents(text: &str, source: &str) -> anyhow::Result<Vec<SandboxSpe
         if value.is_null() {
             continue;
         }
-        specs.push(from_object(value).with_context(|| at.clone())?);
+        out.push(read(value).with_context(|| at.clone())?);
     }
-    if specs.is_empty() {
-        bail!("{source}: no Sandbox objects found");
+    if out.is_empty() {
+        bail!("{source}: no {kind} objects found");
     }
-    Ok(specs)
+    Ok(out)
 }
 
-fn from_object(value: Value) -> anyhow::Result<SandboxSpec> {
+/// Checks `apiVersion` and `kind` and returns the object's `metadata` and `spec` (`status`,
+/// output only, is dropped; any other top-level field is an error).
+pub fn split_object(
+    value: Value,
+    kind: &str,
+) -> anyhow::Result<(Map<String, Value>, Map<String, Value>)> {
     let Value::Object(mut obj) = value else {
         bail!("expected an object with apiVersion, kind, metadata, spec")
     };
@@ -99,14 +123,14 @@ fn from_object(value: Value) -> anyhow::Result<SandboxSpec> {
         None => bail!("apiVersion: missing (expected {API_VERSION})"),
     }
     match obj.remove("kind") {
-        Some(Value::String(k)) if k == KIND => {}
-        Some(k) => bail!("kind: {k} is not supported (expected {KIND})"),
-        None => bail!("kind: missing (expected {KIND})"),
+        Some(Value::String(k)) if k == kind => {}
+        Some(k) => bail!("kind: {k} is not supported (expected {kind})"),
+        None => bail!("kind: missing (expected {kind})"),
     }
-    let Some(Value::Object(mut metadata)) = obj.remove("metadata") else {
+    let Some(Value::Object(metadata)) = obj.remove("metadata") else {
         bail!("metadata: missing or not an object")
     };
-    let mut spec = match obj.remove("spec") {
+    let spec = match obj.remove("spec") {
         Some(Value::Object(s)) => s,
         None | Some(Value::Null) => Map::new(),
         Some(_) => bail!("spec: not an object"),
@@ -117,6 +141,11 @@ fn from_object(value: Value) -> anyhow::Result<SandboxSpec> {
             "{extra}: unknown top-level field (expected apiVersion, kind, metadata, spec, status)"
         );
     }
+    Ok((metadata, spec))
+}
+
+fn from_object(value: Value) -> anyhow::Result<SandboxSpec> {
+    let (mut metadata, mut spec) = split_object(value, KIND)?;
     for f in ["name", "labels", "annotations"] {
         if spec.contains_key(f) {
             bail!("spec.{f}: belongs in metadata.{f}");

@@ -56,6 +56,18 @@ pub async fn connect_images(
     Ok(warren_proto::v1::images_client::ImagesClient::with_interceptor(channel, bearer))
 }
 
+pub type PoliciesClient =
+    warren_proto::v1::policies_client::PoliciesClient<InterceptedService<Channel, Bearer>>;
+
+/// A client of the server's policies.
+pub async fn connect_policies(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<PoliciesClient, ConnectError> {
+    let (channel, bearer) = connect_channel(address, token).await?;
+    Ok(warren_proto::v1::policies_client::PoliciesClient::with_interceptor(channel, bearer))
+}
+
 async fn connect_channel(
     address: &Address,
     token: Option<&str>,

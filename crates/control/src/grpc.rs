@@ -44,6 +44,11 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::WaitTimeout { .. } => Status::deadline_exceeded(msg),
         ControlError::NotRunning { .. } => Status::failed_precondition(msg),
         ControlError::Internal(_) => Status::internal(msg),
+        ControlError::InvalidPolicy(_) => Status::invalid_argument(msg),
+        ControlError::PolicyNotFound { .. } => Status::not_found(msg),
+        ControlError::PolicyMissing { .. }
+        | ControlError::PolicyInUse { .. }
+        | ControlError::PolicyViolation { .. } => Status::failed_precondition(msg),
     }
 }
 

@@ -4,7 +4,9 @@
 //! - [`plane`] owns every state change of a sandbox (create, update, delete, expiry,
 //!   recovery) and the event stream `WatchSandboxes` reads.
 //! - [`store`] is where acknowledged state lives: redb with group commit by default.
-//! - [`grpc`] maps the wire API onto the plane, and errors onto gRPC codes, in one place.
+//! - [`grpc`] maps the wire API onto the plane, and errors onto gRPC codes, in one place;
+//!   [`policies`] serves the stored policies and `CheckPolicy` (the plane's `plane/policy.rs`
+//!   resolves and evaluates them on every create and update).
 //! - [`server`] binds, authenticates and serves; [`client`] connects to it.
 //!
 //! The control plane never runs workloads itself: it calls the node agent
@@ -16,6 +18,7 @@ pub mod grpc;
 pub mod images;
 pub mod metrics;
 pub mod plane;
+pub mod policies;
 pub mod record;
 pub mod selector;
 pub mod server;

@@ -18,13 +18,15 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 use warren_agent::{Agent, AgentError};
-use warren_runtime::{BackendError, BackendEvent, BackendStatus, SandboxConfig, Stdin};
+use warren_runtime::{
+    AppliedPolicy, BackendError, BackendEvent, BackendStatus, SandboxConfig, Stdin,
+};
 use warren_spec::{
     BackendKind, Consistency, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
 };
 
 use crate::metrics::Metrics;
-use crate::record::{self, SandboxRecord, now_ms};
+use crate::record::{self, PolicyRecord, SandboxRecord, now_ms};
 use crate::selector::Selector;
 use crate::store::{Store, StoreError, Write};
 
@@ -63,6 +65,25 @@ pub enum ControlError {
     WaitTimeout { name: String, waited: Duration },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
+    #[error("policy {name:?} not found")]
+    PolicyNotFound { name: String },
+    /// A create or check needs a policy that is not stored.
+    #[error("policy {name:?} (named by {why}) does not exist; apply it with `warren policy apply`")]
+    PolicyMissing { name: String, why: &'static str },
+    #[error("policy {name:?} is held by sandboxes {}; delete them first", sandboxes.join(", "))]
+    PolicyInUse {
+        name: String,
+        sandboxes: Vec<String>,
+    },
+    /// One line per violation: `field: "value" violates rule`.
+    #[error("sandbox {sandbox:?} is refused by policy {policy:?}:\n  {}", violations.join("\n  "))]
+    PolicyViolation {
+        sandbox: String,
+        policy: String,
+        violations: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +178,7 @@ struct Inner {
     events: broadcast::Sender<Event>,
     default_grace: Duration,
     metrics: Metrics,
+    policies: policy::Policies,
 }
 
 /// Cheap to clone; every clone is the same control plane.
@@ -195,6 +217,7 @@ impl ControlPlane {
                 events,
                 default_grace,
                 metrics: Metrics::default(),
+                policies: policy::Policies::default(),
             }),
         }
     }
@@ -253,6 +276,8 @@ impl ControlPlane {
     /// Loads every record from the store and reconciles it with the node's backends: what
     /// the store has is adopted; what the backends have beyond it is removed as an orphan.
     pub async fn recover(&self) -> Result<usize, ControlError> {
+        let policies = self.recover_policies(self.inner.store.as_ref())?;
+        info!(policies, "policies loaded");
         let rows = self.inner.store.scan(record::PREFIX)?;
         let mut known = HashSet::new();
         let mut loaded = Vec::new();
@@ -270,6 +295,7 @@ impl ControlPlane {
                 spec: rec.spec.clone(),
                 resources: rec.resources.clone(),
                 stdin: None,
+                policy: self.applied_of(&rec),
             };
             let was = rec.status.clone();
             match self.inner.agent.adopt(&config).await {
@@ -339,6 +365,7 @@ impl ControlPlane {
         let resources = spec
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+        let applied = self.admit(&spec, &resources)?;
         let now = now_ms();
         let pending = SandboxRecord {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -350,6 +377,10 @@ impl ControlPlane {
             revision: 0,
             created_at_ms: now,
             updated_at_ms: now,
+            policy: applied.as_ref().map(|a| PolicyRecord {
+                spec: a.policy.spec().clone(),
+                decision: a.decision.clone(),
+            }),
         };
         {
             let mut reg = self.lock();
@@ -369,7 +400,7 @@ impl ControlPlane {
             reg.insert(Arc::new(pending.clone()), true);
         }
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_create(pending, stdin).await });
+        let done = tokio::spawn(async move { this.finish_create(pending, stdin, applied).await });
         let record = done
             .await
             .map_err(|e| ControlError::Internal(e.to_string()))??;
@@ -388,6 +419,7 @@ impl ControlPlane {
         &self,
         mut rec: SandboxRecord,
         stdin: Option<Stdin>,
+        policy: Option<AppliedPolicy>,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = rec.spec.name.clone();
         let strong = rec.spec.consistency == Consistency::Strong;
@@ -400,6 +432,7 @@ impl ControlPlane {
             spec: rec.spec.clone(),
             resources: rec.resources.clone(),
             stdin,
+            policy,
         };
         let info = match self.inner.agent.run(&config).await {
             Ok(info) => info,
@@ -553,8 +586,9 @@ impl ControlPlane {
             let resources = spec
                 .validate()
                 .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+            let policy = self.readmit(&entry.record, &spec, &resources)?;
             entry.busy = true;
-            (entry.record.clone(), spec, resources)
+            (entry.record.clone(), spec, (resources, policy))
         };
         let this = self.clone();
         let done = tokio::spawn(async move { this.finish_update(old, spec, resources).await });
@@ -566,7 +600,7 @@ impl ControlPlane {
         &self,
         old: Arc<SandboxRecord>,
         spec: SandboxSpec,
-        resources: ResourceInfo,
+        (resources, policy): (ResourceInfo, Option<PolicyRecord>),
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = old.spec.name.clone();
         let release = |this: &Self| {
@@ -582,6 +616,7 @@ impl ControlPlane {
         let mut rec = (*old).clone();
         rec.spec = spec;
         rec.resources = resources;
+        rec.policy = policy;
         rec.revision += 1;
         rec.updated_at_ms = now_ms();
         if let Err(e) = self.persist(&rec).await {
@@ -1023,6 +1058,9 @@ fn apply_update(spec: &mut SandboxSpec, u: &SandboxUpdate) {
         spec.failure_policy = p;
     }
 }
+
+mod policy;
+pub use policy::{DEFAULT_POLICY, PolicyEntry};
 
 #[cfg(test)]
 mod tests;

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use warren_proto::{resource_info_to_pb, spec_to_pb, v1};
-use warren_spec::{Phase, ResourceInfo, SandboxSpec};
+use warren_proto::{decision_to_pb, resource_info_to_pb, spec_to_pb, v1};
+use warren_spec::{Decision, Phase, PolicySpec, ResourceInfo, SandboxSpec};
 
 /// Key prefix of sandbox records in the store.
 pub const PREFIX: &str = "sandboxes/";
@@ -27,6 +27,17 @@ pub struct SandboxRecord {
     pub revision: u64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// The policy the sandbox was admitted under and the decision; `None`: no policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRecord>,
+}
+
+/// A policy as a sandbox holds it: its spec then (a later apply does not change it) and
+/// what it decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub spec: PolicySpec,
+    pub decision: Decision,
 }
 
 impl SandboxRecord {
@@ -46,6 +57,7 @@ impl SandboxRecord {
                 resources: Some(resource_info_to_pb(&self.resources)),
                 node: self.node.clone(),
                 backend_info: self.backend_info.clone().into_iter().collect(),
+                policy: self.policy.as_ref().map(|p| decision_to_pb(&p.decision)),
             }),
             revision: self.revision,
             created_at_ms: self.created_at_ms,

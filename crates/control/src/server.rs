@@ -22,6 +22,7 @@ use warren_agent::Agent;
 use warren_image::ImageStore;
 use warren_linux::{LinuxBackend, LinuxConfig};
 use warren_proto::v1::images_server::ImagesServer;
+use warren_proto::v1::policies_server::PoliciesServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
 use warren_wasm::{WasmBackend, WasmConfig};
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<String>,
     /// A metrics address that cannot be bound fails the start (else: a warning, no metrics).
     pub metrics_required: bool,
+    /// `--default-policy`: the policy for sandboxes that name none, which must then exist.
+    /// `None`: a policy named `default` if one is stored, else none (docs/policy.md).
+    pub default_policy: Option<String>,
 }
 
 /// The metrics address when none is given: loopback only (metrics describe the node's
@@ -181,6 +185,7 @@ impl Server {
             }
         }
         let plane = ControlPlane::new(agent, store, config.default_grace);
+        plane.set_default_policy(config.default_policy.clone());
         // Events are consumed from before recovery, so exits noticed while adopting count.
         plane.spawn_event_loop(events_rx);
         let n = plane.recover().await.map_err(ServerError::Recover)?;
@@ -249,6 +254,11 @@ impl Server {
             ImagesServer::new(crate::images::ImagesService::new(self.images.clone())),
             move |req: Request<()>| authorize(&token, req),
         );
+        let token = self.token.clone();
+        let policies = InterceptedService::new(
+            PoliciesServer::new(crate::policies::PolicyService::new(self.plane.clone())),
+            move |req: Request<()>| authorize(&token, req),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<SandboxesServer<SandboxService>>()
@@ -278,7 +288,8 @@ impl Server {
             .concurrency_limit_per_connection(1024)
             .add_service(health_service)
             .add_service(sandboxes)
-            .add_service(images);
+            .add_service(images)
+            .add_service(policies);
         let result = match self.listener {
             Listener::Unix(l, path) => {
                 let served = router

@@ -11,8 +11,10 @@ pub mod v1 {
 }
 
 mod convert;
+mod policy;
 
 pub use convert::{
     ConvertError, failure_policy_from_pb, failure_policy_to_pb, resource_info_from_pb,
     resource_info_to_pb, resources_from_pb, resources_to_pb, spec_from_pb, spec_to_pb,
 };
+pub use policy::{decision_from_pb, decision_to_pb};

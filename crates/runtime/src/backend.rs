@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use warren_spec::{BackendKind, ResourceInfo, SandboxSpec};
+use warren_spec::{BackendKind, Decision, Policy, ResourceInfo, SandboxSpec};
 
 /// Everything a backend needs to create one sandbox. The spec is already validated and the
 /// resources extracted; backends never re-parse user input.
@@ -17,6 +17,17 @@ pub struct SandboxConfig {
     /// What the workload reads on its standard input, then end of file; `None`: an empty
     /// stdin. Given with the create call and not stored, so a restart reads none.
     pub stdin: Option<Stdin>,
+    /// The policy the sandbox was admitted under, with the decision; `None`: no policy
+    /// applies. Backends narrow what the workload can reach by it (wasm: preopens, sockets,
+    /// env) and the slot backend records the decision (`policy.json`).
+    pub policy: Option<AppliedPolicy>,
+}
+
+/// A compiled policy and what it decided about one sandbox.
+#[derive(Debug, Clone)]
+pub struct AppliedPolicy {
+    pub policy: std::sync::Arc<Policy>,
+    pub decision: Decision,
 }
 
 /// Bytes for a workload's standard input. Shared, not copied, between the control plane and

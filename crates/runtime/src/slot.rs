@@ -27,6 +27,10 @@ use warren_spec::{BackendKind, ResourceInfo, format_bytes, format_cpu, parse_byt
 use crate::backend::{Backend, BackendError, BackendInfo, BackendStatus, SandboxConfig};
 
 pub const RESOURCES_FILE: &str = "resources.json";
+/// Beside `resources.json`: the policy decision (admitted, or denied with the violations,
+/// for a policy in audit mode), the "policy simulation" of seed 001. Absent when no policy
+/// applies.
+pub const POLICY_FILE: &str = "policy.json";
 
 /// Upper bounds for what the slot backend hands out on this node; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -187,12 +191,17 @@ impl SlotBackend {
         Ok(())
     }
 
-    fn info(&self, id: &str) -> BackendInfo {
+    fn info(&self, config: &SandboxConfig) -> BackendInfo {
         let mut info = BackendInfo::new();
         info.insert(
             "resources_path".into(),
-            self.resources_path(id).display().to_string(),
+            self.resources_path(&config.id).display().to_string(),
         );
+        if let Some(applied) = &config.policy {
+            let path = self.dir.join(&config.id).join(POLICY_FILE);
+            info.insert("policy_path".into(), path.display().to_string());
+            info.insert("policy_decision".into(), applied.decision.verdict().into());
+        }
         info
     }
 }
@@ -209,13 +218,30 @@ fn write_resources(
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => return Err(io("create", &dir, source)),
     }
-    let path = dir.join(RESOURCES_FILE);
-    let tmp = dir.join(".resources.json.tmp");
     let mut json = resources.to_json_pretty();
     json.push('\n');
-    std::fs::write(&tmp, json).map_err(|source| io("write", &tmp, source))?;
+    write_atomic(&dir, RESOURCES_FILE, json.as_bytes())
+}
+
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, BackendError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(|source| io("write", &tmp, source))?;
     std::fs::rename(&tmp, &path).map_err(|source| io("rename into place", &path, source))?;
     Ok(path)
+}
+
+/// Writes `<dir>/<id>/policy.json` (after `resources.json`, which made the directory):
+/// `{"policy", "hash", "mode", "admitted", "violations": [{"field", "value", "rule"}],
+/// "filtered_env"}`.
+fn write_policy(dir: &Path, config: &SandboxConfig) -> Result<(), BackendError> {
+    let Some(applied) = &config.policy else {
+        return Ok(());
+    };
+    let mut json = serde_json::to_vec_pretty(&applied.decision)
+        .map_err(|e| BackendError::Other(format!("policy decision as JSON: {e}")))?;
+    json.push(b'\n');
+    write_atomic(&dir.join(&config.id), POLICY_FILE, &json).map(|_| ())
 }
 
 /// Removes a sandbox's directory; `Ok(false)` when it did not exist.
@@ -308,7 +334,9 @@ impl Backend for SlotBackend {
             };
             state.sandboxes.insert(config.id.clone(), entry);
         }
-        if let Err(e) = write_resources(&self.dir, &config.id, &config.resources) {
+        let written = write_resources(&self.dir, &config.id, &config.resources)
+            .and_then(|_| write_policy(&self.dir, config));
+        if let Err(e) = written {
             self.release(&config.id);
             let _ = remove_sandbox_dir(&self.dir.join(&config.id));
             return Err(e);
@@ -319,7 +347,7 @@ impl Backend for SlotBackend {
             &config.spec.name,
             &config.resources,
         );
-        Ok(self.info(&config.id))
+        Ok(self.info(config))
     }
 
     async fn start(&self, id: &str) -> Result<(), BackendError> {
@@ -393,6 +421,7 @@ impl Backend for SlotBackend {
         if on_disk.as_ref() != Some(&config.resources) {
             write_resources(&self.dir, &config.id, &config.resources)?;
         }
+        write_policy(&self.dir, config)?;
         let held = Held::of(&config.resources);
         let mut state = self.lock();
         if let Some(old) = state.sandboxes.remove(&config.id) {
@@ -409,7 +438,7 @@ impl Backend for SlotBackend {
             status: BackendStatus::Running,
         };
         state.sandboxes.insert(config.id.clone(), entry);
-        Ok((BackendStatus::Running, self.info(&config.id)))
+        Ok((BackendStatus::Running, self.info(config)))
     }
 
     async fn list(&self) -> Result<Vec<String>, BackendError> {

@@ -157,6 +157,8 @@ fn server_config(config: &Config) -> ServerConfig {
         linux_warm: Vec::new(),
         metrics_listen: None,
         metrics_required: false,
+        // A stored policy named `default`, if one is applied through --api-listen.
+        default_policy: None,
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`SandboxSpec`]: what a user or containerd asks for, and [`SandboxSpec::validate`].
 //! - [`ResourceInfo`]: what the sandbox gets; its JSON is the ResourceSlot seed's format,
 //!   written byte for byte by [`ResourceInfo::to_json_pretty`].
+//! - [`Policy`]: what sandboxes may do and ask for ([`PolicySpec`]), compiled once, and
+//!   [`Policy::evaluate`], which lists every [`Violation`] of a spec (see `docs/policy.md`).
 //! - [`Phase`]: the status state machine.
 //! - [`SpecError`]: every error names the field and the value, on one line.
 //!
@@ -35,12 +37,20 @@
 //! bits per second are `u64`.
 
 mod error;
+mod policy;
+mod policy_eval;
 mod quantity;
 mod resources;
 mod spec;
 mod state;
 
 pub use error::SpecError;
+pub use policy::{
+    ArgCondition, ArgOp, EgressRule, EnvPolicy, ExecPolicy, FilesystemPolicy, NetworkMode,
+    NetworkPolicy, PathAccess, Policy, PolicyMode, PolicySpec, PortEntry, ResourceCeilings,
+    SyscallEntry, SyscallPolicy, SyscallRule, glob_matches, parse_cidr,
+};
+pub use policy_eval::{Decision, UNSET, Violation};
 pub use quantity::{
     MAX_CPU_CORES, QuantityError, QuantityErrorKind, format_bytes, format_cpu, parse_bandwidth,
     parse_bytes, parse_count, parse_cpu, parse_cpu_millis,

@@ -163,7 +163,7 @@ impl ResourceRequirements {
 }
 
 /// Accepts `"2Gi"`, `2`, `0.5` or `null`; numbers keep their shortest decimal form.
-fn quantity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn quantity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     struct Visitor;
     impl<'de> serde::de::Visitor<'de> for Visitor {
         type Value = Option<String>;

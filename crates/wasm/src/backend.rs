@@ -15,7 +15,7 @@ use warren_runtime::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, SandboxConfig,
     Stdin,
 };
-use warren_spec::{BackendKind, ResourceInfo, SandboxSpec, format_bytes};
+use warren_spec::{BackendKind, PathAccess, Policy, ResourceInfo, SandboxSpec, format_bytes};
 
 use crate::WasmConfig;
 use crate::bench::{self, InstantiateBench};
@@ -56,6 +56,8 @@ struct Sandbox {
     memory_limit: usize,
     /// Given with the create; every start of this sandbox reads it.
     stdin: Option<Stdin>,
+    /// What the workload may reach: preopens, sockets, env (docs/policy.md).
+    policy: Option<Arc<Policy>>,
     /// Deferred: its file is made by the first start's file job, off the start-to-exit path
     /// (until then records wait in memory). A log file on disk marks a sandbox that ran.
     log: Arc<LogWriter>,
@@ -185,6 +187,7 @@ impl WasmBackend {
             env: Vec::new(),
             mounts: Vec::new(),
             stdin: None,
+            policy: None,
             memory_limit: usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX),
             fuel: inner.config.fuel,
             timeout: None,
@@ -553,7 +556,11 @@ fn argv(spec: &SandboxSpec, module: &ModuleSource) -> Vec<String> {
 }
 
 /// The image's environment, then the spec's (which wins).
-fn env(spec: &SandboxSpec, module: &ModuleSource) -> Vec<(String, String)> {
+fn env(
+    spec: &SandboxSpec,
+    module: &ModuleSource,
+    policy: Option<&Policy>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = module
         .env
         .iter()
@@ -561,7 +568,32 @@ fn env(spec: &SandboxSpec, module: &ModuleSource) -> Vec<(String, String)> {
         .cloned()
         .collect();
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(p) = policy {
+        env.retain(|(k, _)| p.env_allowed(k));
+    }
     env
+}
+
+/// The preopens a run gets: the spec's mounts the policy allows (read-only where it says
+/// so); a mount it does not allow is not mapped at all, so the guest finds nothing there.
+/// Admission refuses such specs already; this holds for sandboxes adopted or admitted in
+/// audit mode.
+fn mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Vec<(PathBuf, String, bool)> {
+    spec.mounts
+        .iter()
+        .filter_map(|m| {
+            let read_only = match policy {
+                None => m.read_only,
+                Some(p) if !p.host_path_allowed(&m.host) => return None,
+                Some(p) => match p.path_access(&m.guest) {
+                    None | Some(PathAccess::Writable) => m.read_only,
+                    Some(PathAccess::ReadOnly) => true,
+                    Some(PathAccess::Masked | PathAccess::None) => return None,
+                },
+            };
+            Some((PathBuf::from(&m.host), m.guest.clone(), read_only))
+        })
+        .collect()
 }
 
 fn timeout(spec: &SandboxSpec, config: &WasmConfig) -> Option<Duration> {
@@ -649,6 +681,7 @@ impl Backend for WasmBackend {
             module,
             memory_limit,
             stdin: config.stdin.clone(),
+            policy: config.policy.as_ref().map(|a| Arc::clone(&a.policy)),
             log: Arc::new(log),
             files: Some(files),
             info: info.clone(),
@@ -700,13 +733,10 @@ impl Backend for WasmBackend {
         let job = Job {
             program,
             argv: argv(spec, &sandbox.module),
-            env: env(spec, &sandbox.module),
-            mounts: spec
-                .mounts
-                .iter()
-                .map(|m| (PathBuf::from(&m.host), m.guest.clone(), m.read_only))
-                .collect(),
+            env: env(spec, &sandbox.module, sandbox.policy.as_deref()),
+            mounts: mounts(spec, sandbox.policy.as_deref()),
             stdin: sandbox.stdin.clone(),
+            policy: sandbox.policy.clone(),
             memory_limit: sandbox.memory_limit,
             fuel: inner.config.fuel,
             timeout: timeout(spec, &inner.config),
@@ -879,6 +909,7 @@ impl Backend for WasmBackend {
             module,
             memory_limit,
             stdin: None,
+            policy: config.policy.as_ref().map(|a| Arc::clone(&a.policy)),
             log: Arc::new(log),
             files: None,
             info: info.clone(),

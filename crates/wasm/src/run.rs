@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use warren_runtime::logs::{LogWriter, Stream};
 use warren_runtime::{BackendStatus, Stdin};
+use warren_spec::{NetworkMode, Policy};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, InstancePre, Linker, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -134,6 +135,9 @@ pub(crate) struct Job {
     pub(crate) mounts: Vec<(PathBuf, String, bool)>,
     /// Read by the guest on fd 0, then end of file; `None`: an empty stdin.
     pub(crate) stdin: Option<Stdin>,
+    /// Sockets: without a policy, or with network `none`, the guest connects nowhere
+    /// (WASI's default); `loopback` and `egress` open what they list.
+    pub(crate) policy: Option<Arc<Policy>>,
     pub(crate) memory_limit: usize,
     pub(crate) fuel: Option<u64>,
     pub(crate) timeout: Option<Duration>,
@@ -232,6 +236,21 @@ pub(crate) fn new_store<W>(
             log: Arc::clone(log),
             stream: Stream::Stderr,
         });
+    }
+    match job.policy.as_ref().map(|p| (p, p.network_mode())) {
+        None | Some((_, None)) => {}
+        Some((_, Some(NetworkMode::None))) => {
+            wasi.allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false);
+        }
+        Some((policy, Some(_))) => {
+            let policy = Arc::clone(policy);
+            wasi.socket_addr_check(move |addr, _use| {
+                let allowed = policy.connect_allowed(addr.ip(), addr.port());
+                Box::pin(async move { allowed })
+            });
+        }
     }
     for (host, guest, read_only) in &job.mounts {
         let perms = if *read_only {

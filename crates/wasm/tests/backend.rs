@@ -58,6 +58,7 @@ fn sandbox(id: &str, image: &str) -> SandboxConfig {
         },
         resources: ResourceInfo::default(),
         stdin: None,
+        policy: None,
     }
 }
 
@@ -829,4 +830,69 @@ async fn a_rewritten_module_file_is_loaded_again() {
     );
     let stats = h.backend.cache_stats();
     assert_eq!((stats.compiles, stats.memory_hits), (2, 1), "{stats:?}");
+}
+
+fn with_policy(config: &mut SandboxConfig, spec: warren_spec::PolicySpec) {
+    let policy = warren_spec::Policy::compile("p", spec).expect("policy");
+    let decision = policy.evaluate(&config.spec, &config.resources);
+    config.policy = Some(warren_runtime::AppliedPolicy {
+        policy: std::sync::Arc::new(policy),
+        decision,
+    });
+}
+
+fn fs_policy(read_only: &[&str], writable: &[&str]) -> warren_spec::PolicySpec {
+    warren_spec::PolicySpec {
+        filesystem: Some(warren_spec::FilesystemPolicy {
+            read_only: read_only.iter().map(|s| s.to_string()).collect(),
+            writable: writable.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_directory_the_policy_does_not_allow_is_not_mapped() {
+    let mut h = harness(small());
+    let data = data_dir(&h);
+    let mount = Mount {
+        guest: "/data".into(),
+        host: data.display().to_string(),
+        read_only: true,
+    };
+    // Without a policy the module sees the preopen and the file in it.
+    let mut config = sandbox("open", &module("preopen.wat"));
+    config.spec.mounts = vec![mount.clone()];
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 0 });
+    assert_eq!(h.output("open", Stream::Stdout), "preopen /data\nopen ok\n");
+
+    // The policy allows /tmp only: nothing is mapped, the file cannot be reached.
+    let mut config = sandbox("denied", &module("preopen.wat"));
+    config.spec.mounts = vec![mount];
+    with_policy(&mut config, fs_policy(&[], &["/tmp"]));
+    assert!(!config.policy.as_ref().expect("policy").decision.admitted);
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 0 });
+    assert_eq!(
+        h.output("denied", Stream::Stdout),
+        "no preopen\nopen failed\n"
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_policy_path_is_mapped_read_only() {
+    let mut h = harness(small());
+    let data = data_dir(&h);
+    let mut config = sandbox("forced-ro", &module("files.wat"));
+    // Asked read-write; the policy lists /data as read-only.
+    config.spec.mounts = vec![Mount {
+        guest: "/data".into(),
+        host: data.display().to_string(),
+        read_only: false,
+    }];
+    with_policy(&mut config, fs_policy(&["/data"], &[]));
+    // 40: opening the file for writing failed.
+    assert_eq!(h.run(&config).await, BackendStatus::Exited { code: 40 });
+    let host = std::fs::read_to_string(data.join("input.txt")).expect("read");
+    assert_eq!(host, "from the host\n");
 }

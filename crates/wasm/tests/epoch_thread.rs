@@ -46,6 +46,7 @@ async fn dropping_the_backend_stops_instances_and_the_epoch_thread() {
         },
         resources: ResourceInfo::default(),
         stdin: None,
+        policy: None,
     };
     backend.create(&sandbox).await.expect("create");
     backend.start("loop").await.expect("start");

@@ -16,6 +16,7 @@ mod info;
 mod kill;
 mod logs;
 mod ls;
+mod policy;
 mod rm;
 mod run;
 mod sandboxer;
@@ -79,6 +80,8 @@ pub enum Command {
     Pull(image::PullArgs),
     /// Measure warren.
     Bench(bench::Args),
+    /// Manage the server's policies (apply, ls, get, rm) and check specs against them.
+    Policy(policy::Args),
 }
 
 /// A mistake in how the command was called: exit code 2.
@@ -142,6 +145,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(a) => exec::run(a, &g).await,
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,
+        Command::Policy(a) => policy::run(a, &g).await,
     }
 }
 
@@ -169,6 +173,11 @@ impl Globals {
     pub async fn connect_images(&self) -> anyhow::Result<client::ImagesClient> {
         let address = self.address()?;
         Ok(client::connect_images(&address, self.token.as_deref()).await?)
+    }
+
+    pub async fn connect_policies(&self) -> anyhow::Result<client::PoliciesClient> {
+        let address = self.address()?;
+        Ok(client::connect_policies(&address, self.token.as_deref()).await?)
     }
 }
 

@@ -75,6 +75,10 @@ pub struct Args {
     /// that port is taken.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Policy for sandboxes that name none; it must exist when a create needs it (else a
+    /// policy named `default` applies when one is stored). See docs/policy.md.
+    #[arg(long, value_name = "NAME")]
+    default_policy: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -162,6 +166,14 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
             .collect::<anyhow::Result<_>>()?,
         cgroup_parent: args.cgroup_parent,
+        default_policy: match args.default_policy {
+            Some(name) => {
+                warren_spec::validate_name("--default-policy", &name)
+                    .map_err(|e| usage(e.to_string()))?;
+                Some(name)
+            }
+            None => None,
+        },
         metrics_required: args.metrics_listen.as_deref().is_some_and(|a| a != "off"),
         metrics_listen: match args.metrics_listen.as_deref() {
             Some("off") => None,

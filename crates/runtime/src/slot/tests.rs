@@ -10,6 +10,7 @@ fn config(id: &str, r: ResourceInfo) -> SandboxConfig {
         },
         resources: r,
         stdin: None,
+        policy: None,
     }
 }
 
@@ -198,4 +199,52 @@ fn capacity_parse_errors_name_the_key() {
             sandboxes: Some(7)
         }
     );
+}
+
+#[tokio::test]
+async fn the_policy_decision_is_written_beside_resources_json() {
+    use std::sync::Arc;
+    use warren_spec::{Policy, PolicyMode, PolicySpec};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let slot = SlotBackend::new(tmp.path(), SlotCapacity::default()).expect("backend");
+    let policy = Policy::compile(
+        "audit-me",
+        PolicySpec {
+            mode: PolicyMode::Audit,
+            max_lifetime_seconds: Some(60.0),
+            ..Default::default()
+        },
+    )
+    .expect("policy");
+    let mut c = config("p1", res(1.0, 1 << 20));
+    let decision = policy.evaluate(&c.spec, &c.resources);
+    assert!(!decision.admitted);
+    c.policy = Some(crate::AppliedPolicy {
+        policy: Arc::new(policy),
+        decision,
+    });
+    let info = slot.create(&c).await.expect("create");
+    assert_eq!(info["policy_decision"], "denied (audit)");
+    let path = tmp.path().join("p1").join(POLICY_FILE);
+    assert_eq!(info["policy_path"], path.display().to_string());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("policy.json")).expect("json");
+    assert_eq!(json["policy"], "audit-me");
+    assert_eq!(json["mode"], "audit");
+    assert_eq!(json["admitted"], false);
+    assert_eq!(json["violations"][0]["field"], "spec.timeoutSeconds");
+    assert_eq!(json["violations"][0]["value"], "<unset>");
+    assert!(json["hash"].as_str().expect("hash").starts_with("sha256:"));
+
+    // Re-written by adopt when missing (the store is the truth).
+    std::fs::remove_file(&path).expect("rm");
+    slot.adopt(&c).await.expect("adopt");
+    assert!(path.exists());
+
+    // No policy: no file, no keys.
+    let plain = config("p2", res(1.0, 1 << 20));
+    let info = slot.create(&plain).await.expect("create");
+    assert!(!info.contains_key("policy_path"));
+    assert!(!tmp.path().join("p2").join(POLICY_FILE).exists());
 }

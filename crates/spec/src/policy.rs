@@ -1,0 +1,650 @@
+//! [`PolicySpec`], what an operator allows sandboxes to do, compiled into a [`Policy`] that
+//! evaluates a [`SandboxSpec`] into a [`Decision`].
+//!
+//! A policy has a name and a spec of independent sections; a section that is absent does
+//! not restrict anything. Compiling checks every value (globs, CIDRs, port ranges, syscall
+//! names, quantities) and reports all errors at once, each naming the field and the value.
+//! Evaluation ([`Policy::evaluate`], in `policy_eval.rs`) is pure and lists every
+//! violation; enforcement (WASI capabilities, seccomp) reads the compiled matchers.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use globset::{GlobSet, GlobSetBuilder};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::SpecError;
+use crate::quantity::{parse_bytes, parse_count, parse_cpu_millis};
+use crate::resources::quantity;
+use crate::spec::validate_name;
+
+/// The policy's `spec`: what sandboxes under it may do and ask for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySpec {
+    /// `enforce` (default): a violating create or update is refused. `audit`: it is admitted
+    /// and the denial recorded with the sandbox (policy simulation); capabilities are still
+    /// narrowed by the backends.
+    #[serde(default)]
+    pub mode: PolicyMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscalls: Option<SyscallPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<FilesystemPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<EnvPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceCeilings>,
+    /// Longest a sandbox may run: its `timeoutSeconds` must be set and at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<f64>,
+}
+
+/// What happens to a create or update that violates the policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+/// Syscalls: exactly one of `allow` (only these; others fail with EPERM) or `deny`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyscallPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<SyscallEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<SyscallEntry>>,
+}
+
+/// A syscall by name (`ptrace`), or with conditions on its arguments, all of which must
+/// hold for the entry to match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SyscallEntry {
+    Name(String),
+    Rule(SyscallRule),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyscallRule {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<ArgCondition>,
+}
+
+/// `args[index] <op> value`; with `maskedEq`, `args[index] & mask == value`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArgCondition {
+    pub index: u8,
+    pub op: ArgOp,
+    pub value: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ArgOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    MaskedEq,
+}
+
+impl SyscallEntry {
+    pub fn name(&self) -> &str {
+        match self {
+            SyscallEntry::Name(n) => n,
+            SyscallEntry::Rule(r) => &r.name,
+        }
+    }
+
+    pub fn args(&self) -> &[ArgCondition] {
+        match self {
+            SyscallEntry::Name(_) => &[],
+            SyscallEntry::Rule(r) => &r.args,
+        }
+    }
+}
+
+/// Commands a sandbox may run: globs on `spec.command[0]` (for wasm without a command, on
+/// the module, `spec.image`). `*` does not cross `/`; `**` does.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecPolicy {
+    pub allow: Vec<String>,
+}
+
+/// Network access.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicy {
+    pub mode: NetworkMode,
+    /// With `egress`: the destinations allowed (loopback is always allowed then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressRule>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// No sockets at all, and no ports.
+    #[default]
+    None,
+    /// Loopback only; ports may be declared but not published on the node (`hostPort`).
+    Loopback,
+    /// Loopback and the `egress` destinations; no published ports.
+    Egress,
+}
+
+/// A destination network and, optionally, its ports (`443`, `"8000-8080"`); all ports when
+/// none are listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressRule {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortEntry {
+    Port(u16),
+    Range(String),
+}
+
+/// Paths inside the sandbox (absolute; a path covers everything below it). A mount must
+/// lie under `writable` (or, when read-only, under `readOnly` or `writable`) and must not be,
+/// lie under, or contain a `masked` path. `hostPaths`, when given, are the host directories
+/// mounts may come from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilesystemPolicy {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_only: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_paths: Option<Vec<String>>,
+}
+
+/// Environment variables passed to the workload: names matching one of these globs; the
+/// others are dropped (not refused).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvPolicy {
+    pub allow: Vec<String>,
+}
+
+/// The most a sandbox may ask for. A ceiling makes the matching limit mandatory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceCeilings {
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "quantity"
+    )]
+    pub max_cpu: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "quantity"
+    )]
+    pub max_memory: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "quantity"
+    )]
+    pub max_pids: Option<String>,
+}
+
+/// A policy checked and compiled: its matchers are built once, when it is applied or loaded.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    name: String,
+    spec: PolicySpec,
+    hash: String,
+    pub(crate) exec: Option<GlobSet>,
+    pub(crate) env: Option<GlobSet>,
+    pub(crate) egress: Vec<CompiledEgress>,
+    pub(crate) max_cpu_millis: Option<u64>,
+    pub(crate) max_memory: Option<u64>,
+    pub(crate) max_pids: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledEgress {
+    pub(crate) net: IpNet,
+    /// Inclusive ranges; empty: every port.
+    pub(crate) ports: Vec<(u16, u16)>,
+}
+
+/// Longest `maxLifetimeSeconds`, as for `timeoutSeconds`: a year.
+const MAX_LIFETIME: f64 = 366.0 * 86400.0;
+
+impl Policy {
+    /// Checks every field of `spec` and compiles it; every error names its field (as
+    /// `spec.<path>`) and value.
+    pub fn compile(name: &str, spec: PolicySpec) -> Result<Policy, Vec<SpecError>> {
+        let mut errors = Vec::new();
+        errors.extend(validate_name("metadata.name", name).err());
+        if let Some(s) = &spec.syscalls {
+            check_syscalls(s, &mut errors);
+        }
+        let exec = spec
+            .exec
+            .as_ref()
+            .and_then(|e| globs("spec.exec.allow", &e.allow, &mut errors));
+        let env = spec
+            .env
+            .as_ref()
+            .and_then(|e| globs("spec.env.allow", &e.allow, &mut errors));
+        let egress = spec
+            .network
+            .as_ref()
+            .map(|n| compile_network(n, &mut errors))
+            .unwrap_or_default();
+        if let Some(fs) = &spec.filesystem {
+            check_filesystem(fs, &mut errors);
+        }
+        let (mut max_cpu_millis, mut max_memory, mut max_pids) = (None, None, None);
+        if let Some(r) = &spec.resources {
+            let field = |f: &str| format!("spec.resources.{f}");
+            if let Some(v) = &r.max_cpu {
+                match parse_cpu_millis(v) {
+                    Ok(m) => max_cpu_millis = Some(m),
+                    Err(e) => errors.push(SpecError::quantity(field("maxCpu"), e)),
+                }
+            }
+            if let Some(v) = &r.max_memory {
+                match parse_bytes(v) {
+                    Ok(m) => max_memory = Some(m),
+                    Err(e) => errors.push(SpecError::quantity(field("maxMemory"), e)),
+                }
+            }
+            if let Some(v) = &r.max_pids {
+                match parse_count(v) {
+                    Ok(m) => max_pids = Some(m),
+                    Err(e) => errors.push(SpecError::quantity(field("maxPids"), e)),
+                }
+            }
+        }
+        if let Some(t) = spec.max_lifetime_seconds
+            && !(t > 0.0 && t <= MAX_LIFETIME)
+        {
+            errors.push(SpecError::invalid(
+                "spec.maxLifetimeSeconds",
+                &t.to_string(),
+                "must be more than 0 and at most a year",
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let hash = spec_hash(&spec);
+        Ok(Policy {
+            name: name.to_string(),
+            spec,
+            hash,
+            exec,
+            env,
+            egress,
+            max_cpu_millis,
+            max_memory,
+            max_pids,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn spec(&self) -> &PolicySpec {
+        &self.spec
+    }
+
+    /// `sha256:<hex>` of the spec's JSON: equal specs have equal hashes (caches key on it).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Whether the workload may see the environment variable `name`.
+    pub fn env_allowed(&self, name: &str) -> bool {
+        self.env.as_ref().is_none_or(|g| g.is_match(name))
+    }
+
+    /// The network mode; `None` when the policy does not restrict the network.
+    pub fn network_mode(&self) -> Option<NetworkMode> {
+        self.spec.network.as_ref().map(|n| n.mode)
+    }
+
+    /// Whether a connection to `ip:port` is allowed. Without a network section, everything
+    /// is; `none` allows nothing; `loopback` loopback only; `egress` loopback and the list.
+    pub fn connect_allowed(&self, ip: IpAddr, port: u16) -> bool {
+        match self.network_mode() {
+            None => true,
+            Some(NetworkMode::None) => false,
+            Some(NetworkMode::Loopback) => ip.is_loopback(),
+            Some(NetworkMode::Egress) => {
+                ip.is_loopback()
+                    || self.egress.iter().any(|r| {
+                        r.net.contains(&ip)
+                            && (r.ports.is_empty()
+                                || r.ports.iter().any(|&(lo, hi)| (lo..=hi).contains(&port)))
+                    })
+            }
+        }
+    }
+
+    /// How a guest path may be mounted: `None` when the policy has no filesystem section
+    /// (anything goes), else `Some(access)`.
+    pub fn path_access(&self, guest: &str) -> Option<PathAccess> {
+        let fs = self.spec.filesystem.as_ref()?;
+        let touches_mask = fs
+            .masked
+            .iter()
+            .any(|m| path_under(guest, m) || path_under(m, guest));
+        Some(if touches_mask {
+            PathAccess::Masked
+        } else if fs.writable.iter().any(|w| path_under(guest, w)) {
+            PathAccess::Writable
+        } else if fs.read_only.iter().any(|r| path_under(guest, r)) {
+            PathAccess::ReadOnly
+        } else {
+            PathAccess::None
+        })
+    }
+
+    /// Whether a mount may come from the host directory `host`.
+    pub fn host_path_allowed(&self, host: &str) -> bool {
+        match self
+            .spec
+            .filesystem
+            .as_ref()
+            .and_then(|f| f.host_paths.as_ref())
+        {
+            None => true,
+            Some(list) => list.iter().any(|p| path_under(host, p)),
+        }
+    }
+}
+
+/// What the policy lets a sandbox do with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathAccess {
+    /// Not mapped at all: not listed, or touching a masked path.
+    None,
+    Masked,
+    ReadOnly,
+    Writable,
+}
+
+/// Whether `path` is `base` or below it, by whole components ("/data2" is not under "/data").
+pub(crate) fn path_under(path: &str, base: &str) -> bool {
+    let base = base.trim_end_matches('/');
+    base.is_empty()
+        || path == base
+        || path
+            .strip_prefix(base)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn spec_hash(spec: &PolicySpec) -> String {
+    // Serializing plain structs, strings and numbers cannot fail; an empty input would only
+    // make every such policy share a hash.
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    let mut hex = String::with_capacity(71);
+    hex.push_str("sha256:");
+    for b in digest {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
+
+fn globs(field: &str, patterns: &[String], errors: &mut Vec<SpecError>) -> Option<GlobSet> {
+    let mut builder = GlobSetBuilder::new();
+    for (i, p) in patterns.iter().enumerate() {
+        match globset::GlobBuilder::new(p).literal_separator(true).build() {
+            Ok(g) => {
+                builder.add(g);
+            }
+            Err(e) => errors.push(SpecError::invalid(
+                format!("{field}[{i}]"),
+                p,
+                format!("is not a glob: {}", e.kind()),
+            )),
+        }
+    }
+    match builder.build() {
+        Ok(set) => Some(set),
+        Err(e) => {
+            errors.push(SpecError::invalid(
+                field,
+                "",
+                format!("cannot be compiled: {e}"),
+            ));
+            None
+        }
+    }
+}
+
+/// A glob as the exec and env rules match them (exposed for tests and docs).
+pub fn glob_matches(pattern: &str, value: &str) -> Result<bool, SpecError> {
+    let glob = globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| SpecError::invalid("glob", pattern, format!("is not a glob: {}", e.kind())))?;
+    Ok(glob.compile_matcher().is_match(value))
+}
+
+fn syscall_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn check_syscalls(s: &SyscallPolicy, errors: &mut Vec<SpecError>) {
+    let (key, list) = match (&s.allow, &s.deny) {
+        (Some(a), None) => ("allow", a),
+        (None, Some(d)) => ("deny", d),
+        (Some(_), Some(_)) => {
+            errors.push(SpecError::invalid(
+                "spec.syscalls",
+                "allow and deny",
+                "gives both; give one (an allow-list or a deny-list)",
+            ));
+            return;
+        }
+        (None, None) => {
+            errors.push(SpecError::invalid(
+                "spec.syscalls",
+                "",
+                "gives neither allow nor deny",
+            ));
+            return;
+        }
+    };
+    let mut seen = BTreeSet::new();
+    for (i, entry) in list.iter().enumerate() {
+        let field = format!("spec.syscalls.{key}[{i}]");
+        let name = entry.name();
+        if !syscall_name_ok(name) {
+            errors.push(SpecError::invalid(
+                format!("{field}.name"),
+                name,
+                "is not a syscall name (lowercase letters, digits and '_')",
+            ));
+        } else if entry.args().is_empty() && !seen.insert(name.to_string()) {
+            errors.push(SpecError::invalid(
+                format!("{field}.name"),
+                name,
+                "is listed twice",
+            ));
+        }
+        for (j, a) in entry.args().iter().enumerate() {
+            let afield = format!("{field}.args[{j}]");
+            if a.index > 5 {
+                errors.push(SpecError::invalid(
+                    format!("{afield}.index"),
+                    &a.index.to_string(),
+                    "is not an argument index (0 to 5)",
+                ));
+            }
+            match (a.op, a.mask) {
+                (ArgOp::MaskedEq, None) => errors.push(SpecError::invalid(
+                    format!("{afield}.mask"),
+                    "",
+                    "is required with op maskedEq",
+                )),
+                (op, Some(m)) if op != ArgOp::MaskedEq => errors.push(SpecError::invalid(
+                    format!("{afield}.mask"),
+                    &m.to_string(),
+                    "is only allowed with op maskedEq",
+                )),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn compile_network(n: &NetworkPolicy, errors: &mut Vec<SpecError>) -> Vec<CompiledEgress> {
+    if n.mode != NetworkMode::Egress && !n.egress.is_empty() {
+        errors.push(SpecError::invalid(
+            "spec.network.egress",
+            &format!("{} rules", n.egress.len()),
+            format!("is only allowed with mode egress, not {}", n.mode.as_str()),
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, rule) in n.egress.iter().enumerate() {
+        let field = format!("spec.network.egress[{i}]");
+        let net = match parse_cidr(&rule.cidr) {
+            Ok(net) => Some(net),
+            Err(reason) => {
+                errors.push(SpecError::invalid(
+                    format!("{field}.cidr"),
+                    &rule.cidr,
+                    reason,
+                ));
+                None
+            }
+        };
+        let mut ports = Vec::new();
+        for (j, p) in rule.ports.iter().enumerate() {
+            match parse_port_entry(p) {
+                Ok(range) => ports.push(range),
+                Err((value, reason)) => errors.push(SpecError::invalid(
+                    format!("{field}.ports[{j}]"),
+                    &value,
+                    reason,
+                )),
+            }
+        }
+        if let Some(net) = net {
+            out.push(CompiledEgress { net, ports });
+        }
+    }
+    out
+}
+
+/// "10.0.0.0/8", "fd00::/8", or a bare address (one host). Host bits must be zero.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    const EXPECTED: &str = r#"(expected e.g. "10.0.0.0/8", "192.0.2.7" or "fd00::/8")"#;
+    if !s.contains('/') {
+        return s
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("is not a CIDR {EXPECTED}"));
+    }
+    let net: IpNet = s.parse().map_err(|_| format!("is not a CIDR {EXPECTED}"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "has host bits set (the network is {})",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_port_entry(p: &PortEntry) -> Result<(u16, u16), (String, String)> {
+    const EXPECTED: &str = r#"is not a port or range (expected e.g. 443 or "8000-8080")"#;
+    match p {
+        PortEntry::Port(0) => Err(("0".into(), "is not a port (1 to 65535)".into())),
+        PortEntry::Port(n) => Ok((*n, *n)),
+        PortEntry::Range(s) => {
+            let bad = || (s.clone(), EXPECTED.to_string());
+            let (lo, hi) = match s.split_once('-') {
+                Some((lo, hi)) => (lo.trim(), hi.trim()),
+                None => (s.trim(), s.trim()),
+            };
+            let lo: u16 = lo.parse().map_err(|_| bad())?;
+            let hi: u16 = hi.parse().map_err(|_| bad())?;
+            if lo == 0 || lo > hi {
+                return Err((
+                    s.clone(),
+                    "is not a range of ports from 1 to 65535, low to high".into(),
+                ));
+            }
+            Ok((lo, hi))
+        }
+    }
+}
+
+fn check_filesystem(fs: &FilesystemPolicy, errors: &mut Vec<SpecError>) {
+    let lists: [(&str, &[String]); 4] = [
+        ("readOnly", &fs.read_only),
+        ("writable", &fs.writable),
+        ("masked", &fs.masked),
+        ("hostPaths", fs.host_paths.as_deref().unwrap_or_default()),
+    ];
+    for (key, list) in lists {
+        for (i, p) in list.iter().enumerate() {
+            if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.contains('\0') {
+                errors.push(SpecError::invalid(
+                    format!("spec.filesystem.{key}[{i}]"),
+                    p,
+                    "is not an absolute path without '..'",
+                ));
+            }
+        }
+    }
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Loopback => "loopback",
+            NetworkMode::Egress => "egress",
+        }
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
