@@ -30,62 +30,6 @@ use crate::record::{self, PolicyRecord, SandboxRecord, now_ms};
 use crate::selector::Selector;
 use crate::store::{Store, StoreError, Write};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("invalid sandbox spec: {0}")]
-    InvalidSpec(String),
-    /// A request field outside the spec is wrong; the message names it and its value.
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("sandbox {name:?} not found")]
-    NotFound { name: String },
-    #[error(
-        "sandbox {name:?} already exists with a different spec (delete it first, or use `warren apply`)"
-    )]
-    AlreadyExists { name: String },
-    #[error("another operation on sandbox {name:?} is in progress; retry")]
-    Busy { name: String },
-    #[error("sandbox {name:?} is at revision {actual}, not {expected}")]
-    RevisionMismatch {
-        name: String,
-        expected: u64,
-        actual: u64,
-    },
-    #[error(transparent)]
-    Selector(#[from] crate::selector::SelectorError),
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("backend {backend} keeps no logs for sandbox {name:?}")]
-    NoLogs { name: String, backend: BackendKind },
-    #[error("sandbox {name:?} is {phase}, not Running")]
-    NotRunning { name: String, phase: String },
-    #[error("sandbox {name:?} did not finish within {waited:?}")]
-    WaitTimeout { name: String, waited: Duration },
-    #[error("internal error: {0}")]
-    Internal(String),
-    #[error("invalid policy: {0}")]
-    InvalidPolicy(String),
-    #[error("policy {name:?} not found")]
-    PolicyNotFound { name: String },
-    /// A create or check needs a policy that is not stored.
-    #[error("policy {name:?} (named by {why}) does not exist; apply it with `warren policy apply`")]
-    PolicyMissing { name: String, why: &'static str },
-    #[error("policy {name:?} is held by sandboxes {}; delete them first", sandboxes.join(", "))]
-    PolicyInUse {
-        name: String,
-        sandboxes: Vec<String>,
-    },
-    /// One line per violation: `field: "value" violates rule`.
-    #[error("sandbox {sandbox:?} is refused by policy {policy:?}:\n  {}", violations.join("\n  "))]
-    PolicyViolation {
-        sandbox: String,
-        policy: String,
-        violations: Vec<String>,
-    },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     Added,
@@ -1059,7 +1003,10 @@ fn apply_update(spec: &mut SandboxSpec, u: &SandboxUpdate) {
     }
 }
 
+mod error;
 mod policy;
+
+pub use error::ControlError;
 pub use policy::{DEFAULT_POLICY, PolicyEntry};
 
 #[cfg(test)]

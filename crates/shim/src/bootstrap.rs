@@ -33,7 +33,7 @@ use containerd_shim::protos::ttrpc::r#async::Server;
 use containerd_shim::publisher::RemotePublisher;
 use sha2::{Digest as _, Sha256};
 
-use crate::{bundle, task};
+use crate::{bundle, task, warren};
 
 const TASK_V2: &str = "containerd.task.v2.Task";
 const TASK_V3: &str = "containerd.task.v3.Task";
@@ -174,7 +174,7 @@ async fn delete(flags: &Flags) -> anyhow::Result<()> {
             let token = std::env::var(bundle::ENV_TOKEN).ok();
             let removed =
                 match warren_control::client::connect(&plan.server, token.as_deref()).await {
-                    Ok(mut client) => task::remove_sandbox(&mut client, &flags.id)
+                    Ok(mut client) => warren::remove_sandbox(&mut client, &flags.id)
                         .await
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),

@@ -3,13 +3,16 @@
 //!
 //! The shim runs no workload: the warren server is the source of truth, and the shim forwards
 //! each task to it over warren's gRPC API (server from the `warren.dev/server` annotation, else
-//! `WARREN_SERVER` in containerd's environment, else the default socket). containerd sees a
-//! task that starts, reports the shim's pid, runs until killed and exits with 128 + signal;
-//! deleting it removes the sandbox. See docs/containerd.md.
+//! `WARREN_SERVER` in containerd's environment, else the default socket). A `slot` task runs
+//! until killed and exits with 128 + signal; a `linux` task is a real container on the rootfs
+//! containerd prepared, its output copied to containerd's FIFOs. Deleting a task removes its
+//! sandbox. See docs/containerd.md.
 
 mod bootstrap;
 mod bundle;
+mod rootfs;
 mod task;
+mod warren;
 
 #[tokio::main]
 async fn main() {

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -30,25 +30,26 @@ use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code, r#async::TtrpcContext};
 use containerd_shim::publisher::RemotePublisher;
-use tokio::io::AsyncWriteExt as _;
 use tokio::sync::watch;
 use warren_control::Address;
 use warren_proto::v1;
 use warren_spec::{BackendKind, SandboxSpec};
 
 use crate::bundle;
+use crate::rootfs::{mount_rootfs, unmount_rootfs};
+use crate::warren::{copy_logs, remove_sandbox, wait_exit};
 
 /// Longest any call to the warren server may take: containerd must never hang on us.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-type TtrpcResult<T> = ttrpc::Result<T>;
+pub(crate) type TtrpcResult<T> = ttrpc::Result<T>;
 
-fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+pub(crate) fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
 /// A warren gRPC status as the ttrpc status containerd maps to its errdefs.
-fn from_grpc(what: &str, s: &tonic::Status) -> ttrpc::Error {
+pub(crate) fn from_grpc(what: &str, s: &tonic::Status) -> ttrpc::Error {
     use tonic::Code as G;
     let code = match s.code() {
         G::InvalidArgument | G::OutOfRange => Code::INVALID_ARGUMENT,
@@ -379,74 +380,6 @@ impl Service {
             format!("container {id:?}: pod sandbox {pod:?} kept changing; retry"),
         ))
     }
-}
-
-/// Waits for warren sandbox `name` to end: its exit code, or 137 when it was removed.
-/// `None` when warren cannot be asked.
-async fn wait_exit(client: &mut warren_control::client::Client, name: &str) -> Option<u32> {
-    let reply = client
-        .wait_sandbox(v1::WaitSandboxRequest {
-            name: name.to_string(),
-            timeout_ms: None,
-        })
-        .await;
-    match reply {
-        Ok(sb) => Some(
-            sb.into_inner()
-                .status
-                .and_then(|s| s.exit_code)
-                .and_then(|c| u32::try_from(c).ok())
-                .unwrap_or(signal_status(9)),
-        ),
-        Err(s) if s.code() == tonic::Code::NotFound => Some(signal_status(9)),
-        Err(s) => {
-            log::warn!("watching sandbox {name} in warren: {}", s.message());
-            None
-        }
-    }
-}
-
-/// Follows the sandbox's log to its end, writing each stream's lines to its FIFO. The
-/// bytes are the workload's own; they go to containerd's client untouched.
-async fn copy_logs(
-    client: &mut warren_control::client::Client,
-    name: &str,
-    mut out: Option<tokio::fs::File>,
-    mut err: Option<tokio::fs::File>,
-) -> Result<(), String> {
-    let mut stream = client
-        .stream_logs(v1::StreamLogsRequest {
-            name: name.to_string(),
-            follow: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    while let Some(entry) = stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
-        let file = if entry.stream == v1::log_entry::Stream::Stderr as i32 {
-            err.as_mut()
-        } else {
-            out.as_mut()
-        };
-        let Some(file) = file else { continue };
-        let mut bytes = entry.content;
-        if !entry.partial {
-            bytes.push(b'\n');
-        }
-        // A client that went away (EPIPE) stops nothing: the task still runs to its end.
-        if file.write_all(&bytes).await.is_err() {
-            continue;
-        }
-    }
-    for f in [out.as_mut(), err.as_mut()].into_iter().flatten() {
-        let _ = f.flush().await;
-    }
-    Ok(())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -942,72 +875,6 @@ fn unsupported(call: &str, hint: &str) -> ttrpc::Error {
         Code::UNIMPLEMENTED,
         format!("{call}: not supported by containerd-shim-warren-v1 ({hint})"),
     )
-}
-
-/// Mounts containerd's snapshot (usually one overlay) on the bundle's rootfs, as runc's shim
-/// does; what was mounted is undone when a later mount fails.
-async fn mount_rootfs(mounts: &[api::Mount], root: &Path) -> TtrpcResult<()> {
-    let mounts: Vec<(String, String, Vec<String>)> = mounts
-        .iter()
-        .map(|m| (m.type_.clone(), m.source.clone(), m.options.clone()))
-        .collect();
-    let root = root.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        std::fs::create_dir_all(&root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
-        for (typ, source, options) in &mounts {
-            if let Err(e) =
-                containerd_shim::mount::mount_rootfs(Some(typ), Some(source), options, &root)
-            {
-                let _ = containerd_shim::mount::umount_recursive(root.to_str(), libc::MNT_DETACH);
-                return Err(format!(
-                    "rootfs: mount {typ} {source} on {}: {e}",
-                    root.display()
-                ));
-            }
-        }
-        Ok(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(err(Code::INTERNAL, e)),
-        Err(e) => Err(err(Code::INTERNAL, format!("rootfs: mount task: {e}"))),
-    }
-}
-
-async fn unmount_rootfs(root: &Path) -> TtrpcResult<()> {
-    let target = root.display().to_string();
-    let result = tokio::task::spawn_blocking(move || {
-        // Detached: a mount still busy (a process not yet reaped) goes once free.
-        containerd_shim::mount::umount_recursive(Some(&target), libc::MNT_DETACH)
-            .map_err(|e| format!("rootfs: unmount {target}: {e}"))
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(err(Code::INTERNAL, e)),
-        Err(e) => Err(err(Code::INTERNAL, format!("rootfs: unmount task: {e}"))),
-    }
-}
-
-/// Deletes the sandbox in warren; one already gone is fine.
-pub async fn remove_sandbox(
-    client: &mut warren_control::client::Client,
-    name: &str,
-) -> TtrpcResult<()> {
-    let call = client.delete_sandbox(v1::DeleteSandboxRequest {
-        name: name.to_string(),
-        grace_period_seconds: Some(0),
-    });
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(()),
-        Ok(Err(s)) => Err(from_grpc(&format!("delete sandbox {name:?}"), &s)),
-        Err(_) => Err(err(
-            Code::DEADLINE_EXCEEDED,
-            format!("warren server: delete sandbox {name:?}: no answer within {CALL_TIMEOUT:?}"),
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,96 @@
+//! The shim's calls to the warren server that outlive one Task call: waiting for a sandbox's
+//! end, copying its output to containerd's FIFOs, removing it.
+
+use tokio::io::AsyncWriteExt as _;
+use warren_proto::v1;
+
+use crate::task::{CALL_TIMEOUT, TtrpcResult, err, from_grpc, signal_status};
+use containerd_shim::protos::ttrpc::Code;
+
+/// Waits for warren sandbox `name` to end: its exit code, or 137 when it was removed.
+/// `None` when warren cannot be asked.
+pub async fn wait_exit(client: &mut warren_control::client::Client, name: &str) -> Option<u32> {
+    let reply = client
+        .wait_sandbox(v1::WaitSandboxRequest {
+            name: name.to_string(),
+            timeout_ms: None,
+        })
+        .await;
+    match reply {
+        Ok(sb) => Some(
+            sb.into_inner()
+                .status
+                .and_then(|s| s.exit_code)
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(signal_status(9)),
+        ),
+        Err(s) if s.code() == tonic::Code::NotFound => Some(signal_status(9)),
+        Err(s) => {
+            log::warn!("watching sandbox {name} in warren: {}", s.message());
+            None
+        }
+    }
+}
+
+/// Follows the sandbox's log to its end, writing each stream's lines to its FIFO. The
+/// bytes are the workload's own; they go to containerd's client untouched.
+pub async fn copy_logs(
+    client: &mut warren_control::client::Client,
+    name: &str,
+    mut out: Option<tokio::fs::File>,
+    mut err: Option<tokio::fs::File>,
+) -> Result<(), String> {
+    let mut stream = client
+        .stream_logs(v1::StreamLogsRequest {
+            name: name.to_string(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    while let Some(entry) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        let file = if entry.stream == v1::log_entry::Stream::Stderr as i32 {
+            err.as_mut()
+        } else {
+            out.as_mut()
+        };
+        let Some(file) = file else { continue };
+        let mut bytes = entry.content;
+        if !entry.partial {
+            bytes.push(b'\n');
+        }
+        // A client that went away (EPIPE) stops nothing: the task still runs to its end.
+        if file.write_all(&bytes).await.is_err() {
+            continue;
+        }
+    }
+    for f in [out.as_mut(), err.as_mut()].into_iter().flatten() {
+        let _ = f.flush().await;
+    }
+    Ok(())
+}
+
+/// Deletes the sandbox in warren; one already gone is fine.
+pub async fn remove_sandbox(
+    client: &mut warren_control::client::Client,
+    name: &str,
+) -> TtrpcResult<()> {
+    let call = client.delete_sandbox(v1::DeleteSandboxRequest {
+        name: name.to_string(),
+        grace_period_seconds: Some(0),
+    });
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(()),
+        Ok(Err(s)) => Err(from_grpc(&format!("delete sandbox {name:?}"), &s)),
+        Err(_) => Err(err(
+            Code::DEADLINE_EXCEEDED,
+            format!("warren server: delete sandbox {name:?}: no answer within {CALL_TIMEOUT:?}"),
+        )),
+    }
+}
