@@ -1,11 +1,16 @@
 //! The shim's calls to the warren server that outlive one Task call: waiting for a sandbox's
 //! end, copying its output to containerd's FIFOs, removing it.
 
+use std::time::Duration;
+
 use tokio::io::AsyncWriteExt as _;
 use warren_proto::v1;
 
 use crate::task::{CALL_TIMEOUT, TtrpcResult, err, from_grpc, signal_status};
 use containerd_shim::protos::ttrpc::Code;
+
+/// How long a write to containerd's output FIFO may wait for a reader.
+const STALLED_READER: Duration = Duration::from_secs(10);
 
 /// Waits for warren sandbox `name` to end: its exit code, or 137 when it was removed.
 /// `None` when warren cannot be asked.
@@ -54,19 +59,32 @@ pub async fn copy_logs(
         .await
         .map_err(|s| s.message().to_string())?
     {
-        let file = if entry.stream == v1::log_entry::Stream::Stderr as i32 {
-            err.as_mut()
+        let slot = if entry.stream == v1::log_entry::Stream::Stderr as i32 {
+            &mut err
         } else {
-            out.as_mut()
+            &mut out
         };
-        let Some(file) = file else { continue };
+        let Some(file) = slot.as_mut() else { continue };
         let mut bytes = entry.content;
         if !entry.partial {
             bytes.push(b'\n');
         }
-        // A client that went away (EPIPE) stops nothing: the task still runs to its end.
-        if file.write_all(&bytes).await.is_err() {
-            continue;
+        // The shim holds a read end of each FIFO too (so containerd's client sees end-of-file
+        // at exit, not before): with nobody reading, a full pipe would block forever. A
+        // stream nobody drains is dropped; warren's log keeps everything, and the task
+        // still ends with its exit code.
+        match tokio::time::timeout(STALLED_READER, file.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::warn!("task {name}: output copy stopped: {e}");
+                *slot = None;
+            }
+            Err(_) => {
+                log::warn!(
+                    "task {name}: nobody reads its output for {STALLED_READER:?}; see `warren logs {name}`"
+                );
+                *slot = None;
+            }
         }
     }
     for f in [out.as_mut(), err.as_mut()].into_iter().flatten() {

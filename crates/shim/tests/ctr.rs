@@ -272,6 +272,28 @@ fn linux_task_is_killed_through_containerd() {
     assert_eq!(cmdline, b"sleep\x00600\x00", "pid {pid}");
     assert_eq!(rootfs_mounts(&env).len(), 1, "{:?}", rootfs_mounts(&env));
 
+    // A detached task that writes more than a pipe holds, with no client reading, still
+    // ends with its own exit code.
+    env.run_detached_ok(
+        &["--annotation", "warren.dev/backend=linux"],
+        &image,
+        "big",
+        &["sh", "-c", "yes 0123456789 | head -c 300000; exit 4"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while env.task_status("big").as_deref() != Some("STOPPED") {
+        assert!(
+            Instant::now() < deadline,
+            "big: {:?}",
+            env.task_status("big")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rm = env.ctr(&["task", "rm", "big"]);
+    let rm_err = String::from_utf8_lossy(&rm.stderr);
+    assert!(rm_err.contains("exit code 4"), "ctr task rm: {rm_err}");
+    env.ctr_ok(&["container", "rm", "big"]);
+
     // sleep, the container's init, has no SIGTERM handler: only SIGKILL ends it.
     env.ctr_ok(&["task", "kill", "-s", "SIGKILL", "k1"]);
     env.wait_task_status("k1", "STOPPED");
