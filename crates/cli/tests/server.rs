@@ -668,3 +668,56 @@ fn metrics_count_what_the_server_did() {
     assert_eq!(common::http_get(&format!("{base}/readyz")).0, 200);
     assert_eq!(common::http_get(&format!("{base}/nothing")).0, 404);
 }
+
+/// `warren run --edit ARGS` with EDITOR set to a shell script doing `script` on the file.
+fn run_edited(server: &TestServer, script: &str, args: &[&str]) -> std::process::Output {
+    let editor = server.dir.path().join("editor.sh");
+    std::fs::write(&editor, format!("#!/bin/sh\nset -e\n{script}\n")).expect("editor script");
+    std::fs::set_permissions(&editor, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod editor script");
+    let mut cmd = std::process::Command::new(common::WARREN);
+    cmd.arg("run")
+        .arg("--edit")
+        .args(args)
+        .env("WARREN_SERVER", &server.address)
+        .env_remove("VISUAL")
+        .env("EDITOR", &editor);
+    common::run_with_stdin(cmd, None)
+}
+
+#[test]
+fn run_edit_creates_what_the_editor_saved() {
+    let server = TestServer::start();
+    // The template carries the flags; the "user" renames it and adds a label.
+    let out = run_edited(
+        &server,
+        r#"grep -q 'cpu: 500m' "$1"
+sed -i 's/^  name: .*/  name: edited/' "$1"
+sed -i 's/^metadata:$/metadata:\n  labels: {team: infra}/' "$1""#,
+        &["--name", "draft", "--cpu", "500m"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sb = json(&server.ok(&["get", "edited", "-o", "json"]));
+    assert_eq!(sb["metadata"]["labels"]["team"], "infra", "{sb}");
+    assert_eq!(sb["spec"]["resources"]["limits"]["cpu"], "500m", "{sb}");
+    assert!(!server.warren(&["get", "draft"]).status.success());
+
+    // Emptied: nothing is created, and it says so.
+    let out = run_edited(&server, r#": > "$1""#, &["--name", "never"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("nothing created"), "{}", stderr(&out));
+    assert!(!server.warren(&["get", "never"]).status.success());
+
+    // A failing editor or a broken object: an error, nothing created.
+    let out = run_edited(&server, "exit 3", &["--name", "never"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("editor"), "{}", stderr(&out));
+    let out = run_edited(
+        &server,
+        r#"sed -i 's/cpu: 500m/cpu: lots/' "$1""#,
+        &["--name", "never", "--cpu", "500m"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("lots"), "{}", stderr(&out));
+    assert!(!server.warren(&["get", "never"]).status.success());
+}

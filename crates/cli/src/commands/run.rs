@@ -158,6 +158,11 @@ pub struct Args {
     /// Deny a syscall with EPERM on top of the default seccomp profile (linux; repeatable).
     #[arg(long = "deny-syscall", value_name = "NAME")]
     deny_syscalls: Vec<String>,
+    /// Open $VISUAL/$EDITOR (else vi) on the sandbox these flags describe, as a YAML object,
+    /// and create what is saved (an empty file creates nothing). Also what a bare
+    /// `warren run` on a terminal does.
+    #[arg(long)]
+    edit: bool,
     /// Output: table (a summary), name, json or yaml.
     #[arg(short, long, value_enum, default_value = "table")]
     output: Format,
@@ -276,7 +281,16 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
 }
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
-    let spec = build_spec(&args)?;
+    let mut spec = build_spec(&args)?;
+    if args.edit || bare_on_a_terminal() {
+        match edit(&spec)? {
+            Some(edited) => spec = edited,
+            None => {
+                eprintln!("edit cancelled: the file was empty; nothing created");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
     let stdin = match &args.stdin {
         None => Vec::new(),
         Some(path) => read_stdin(path)?,
@@ -318,6 +332,73 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         format => output::sandboxes(&[sb], format, false)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `warren run` and nothing else, typed at a terminal: seed 004's interactive run.
+fn bare_on_a_terminal() -> bool {
+    use std::io::IsTerminal as _;
+    std::env::args_os().nth(2).is_none()
+        && std::env::args_os().nth(1).is_some_and(|a| a == "run")
+        && std::io::stdin().is_terminal()
+        && std::io::stdout().is_terminal()
+}
+
+/// Writes `spec` as a YAML object to a temp file, opens the user's editor on it and reads
+/// back what was saved: `None` when it was emptied.
+fn edit(spec: &SandboxSpec) -> anyhow::Result<Option<SandboxSpec>> {
+    use anyhow::Context as _;
+    let mut object = crate::object::to_object(&v1::Sandbox {
+        spec: Some(spec_to_pb(spec)),
+        ..Default::default()
+    })?;
+    if let Some(obj) = object.as_object_mut() {
+        obj.remove("status");
+        if let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for f in ["uid", "creationTimestamp", "resourceVersion"] {
+                meta.remove(f);
+            }
+        }
+    }
+    let template = format!(
+        "# The sandbox to create: edit, save and quit. An empty file creates nothing.\n\
+         # Fields: docs/api.md; resources: docs/resources.md.\n{}",
+        yaml_serde::to_string(&object)?
+    );
+    let file = tempfile::Builder::new()
+        .prefix("warren-run-")
+        .suffix(".yaml")
+        .tempfile()?;
+    std::fs::write(file.path(), template)?;
+    let editor = ["VISUAL", "EDITOR"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()))
+        .unwrap_or_else(|| "vi".to_string());
+    // Through the shell, as git and kubectl do: EDITOR may carry arguments ("code -w").
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(file.path())
+        .status()
+        .with_context(|| format!("start the editor {editor:?}"))?;
+    if !status.success() {
+        anyhow::bail!("the editor {editor:?} failed ({status}); nothing created");
+    }
+    let text = std::fs::read_to_string(file.path())?;
+    let blank = text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+    if blank {
+        return Ok(None);
+    }
+    let mut specs = crate::object::from_documents(&text, "the edited file")?;
+    if specs.len() != 1 {
+        return Err(usage(format!(
+            "the edited file holds {} sandboxes; `warren run` creates one (use `warren apply -f`)",
+            specs.len()
+        )));
+    }
+    Ok(specs.pop())
 }
 
 /// Largest `--stdin` accepted: what fits in one gRPC message beside the spec.
