@@ -721,3 +721,52 @@ sed -i 's/^metadata:$/metadata:\n  labels: {team: infra}/' "$1""#,
     assert!(stderr(&out).contains("lots"), "{}", stderr(&out));
     assert!(!server.warren(&["get", "never"]).status.success());
 }
+
+#[test]
+fn reset_revision_recreates_the_sandbox() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "rr", "--cpu", "250m"]);
+    let before = json(&server.ok(&["get", "rr", "-o", "json"]));
+    let old_path = resources_path(&server, "rr");
+    assert!(old_path.exists());
+
+    server.ok(&["update", "rr", "--reset-revision", "r1", "--cpu", "500m"]);
+    let after = json(&server.ok(&["get", "rr", "-o", "json"]));
+    assert_ne!(
+        after["metadata"]["uid"], before["metadata"]["uid"],
+        "{after}"
+    );
+    assert_eq!(after["status"]["phase"], "Running", "{after}");
+    assert_eq!(after["spec"]["resetRevision"], "r1", "{after}");
+    // The old sandbox's files are gone; the new one holds the new resources.
+    assert!(!old_path.exists(), "{} left", old_path.display());
+    let new_path = resources_path(&server, "rr");
+    let json_file = json(&read(&new_path));
+    assert_eq!(json_file["cpu_limit"], 0.5, "{json_file}");
+
+    // The same token again changes nothing; a YAML with a new one re-creates again.
+    server.ok(&["update", "rr", "--reset-revision", "r1"]);
+    let same = json(&server.ok(&["get", "rr", "-o", "json"]));
+    assert_eq!(same["metadata"]["uid"], after["metadata"]["uid"]);
+    let mut object = same.clone();
+    object["spec"]["resetRevision"] = "r2".into();
+    object.as_object_mut().expect("object").remove("status");
+    let file = server.dir.path().join("rr.yaml");
+    std::fs::write(&file, serde_json::to_string(&object).expect("json")).expect("write yaml");
+    server.ok(&["apply", "-f", file.to_str().expect("utf-8")]);
+    let again = json(&server.ok(&["get", "rr", "-o", "json"]));
+    assert_ne!(
+        again["metadata"]["uid"], after["metadata"]["uid"],
+        "{again}"
+    );
+    assert_eq!(again["status"]["phase"], "Running");
+    assert!(!new_path.exists());
+
+    // Survives a restart as the new sandbox.
+    let mut server = server;
+    server.kill9();
+    server.spawn();
+    let adopted = json(&server.ok(&["get", "rr", "-o", "json"]));
+    assert_eq!(adopted["metadata"]["uid"], again["metadata"]["uid"]);
+    assert_eq!(adopted["status"]["phase"], "Running", "{adopted}");
+}

@@ -189,6 +189,7 @@ impl Sandboxes for SandboxService {
             failure_policy: failure_policy_from_pb("failurePolicy", req.failure_policy)
                 .map_err(invalid)?,
             expected_revision: req.expected_revision,
+            reset_revision: req.reset_revision,
         };
         let rec = self
             .plane

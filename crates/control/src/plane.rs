@@ -56,6 +56,8 @@ pub struct SandboxUpdate {
     pub expire_time: Option<Option<i64>>,
     pub failure_policy: Option<FailurePolicy>,
     pub expected_revision: Option<u64>,
+    /// A new value re-creates the sandbox.
+    pub reset_revision: Option<String>,
 }
 
 #[derive(Debug)]
@@ -552,6 +554,11 @@ impl ControlPlane {
             this.apply_later(deferred);
         };
         let kind = old.spec.backend;
+        if spec.reset_revision != old.spec.reset_revision {
+            let result = self.recreate(&old, spec, resources, policy).await;
+            release(self);
+            return result;
+        }
         let resized = resources != old.resources && old.status == Phase::Running;
         if resized && let Err(e) = self.inner.agent.update(kind, &old.id, &resources).await {
             release(self);
@@ -573,6 +580,79 @@ impl ControlPlane {
             return Err(e);
         }
         Ok(self.publish(rec, EventKind::Modified))
+    }
+
+    /// `resetRevision` changed: the sandbox is removed from its backend and created again
+    /// from the new spec under a new id (events of the old one then match nothing). The
+    /// record keeps its name; on failure it says so (Failed) rather than vanish.
+    async fn recreate(
+        &self,
+        old: &SandboxRecord,
+        spec: SandboxSpec,
+        resources: ResourceInfo,
+        policy: Option<PolicyRecord>,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let name = old.spec.name.clone();
+        let kind = old.spec.backend;
+        if old.status == Phase::Running {
+            let grace = spec
+                .stop_grace_period_seconds
+                .map(Duration::from_secs_f64)
+                .unwrap_or(self.inner.default_grace);
+            if let Err(e) = self.inner.agent.stop(kind, &old.id, grace).await {
+                warn!(sandbox = %name, error = %e, "stop before a re-create failed");
+            }
+        }
+        match self.inner.agent.delete(kind, &old.id).await {
+            Ok(()) | Err(AgentError::Backend(BackendError::NotFound { .. })) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut rec = old.clone();
+        rec.id = uuid::Uuid::new_v4().simple().to_string();
+        rec.spec = spec;
+        rec.resources = resources;
+        rec.policy = policy;
+        rec.revision += 1;
+        rec.updated_at_ms = now_ms();
+        {
+            let mut reg = self.lock();
+            reg.ids.remove(&old.id);
+            reg.ids.insert(rec.id.clone(), name.clone());
+        }
+        let config = SandboxConfig {
+            id: rec.id.clone(),
+            spec: rec.spec.clone(),
+            resources: rec.resources.clone(),
+            stdin: None,
+            policy: self.applied_of(&rec),
+        };
+        let started = self.inner.agent.run(&config).await;
+        match &started {
+            Ok(info) => {
+                rec.status = Phase::Running;
+                rec.backend_info = info.clone();
+            }
+            Err(e) => {
+                rec.status = Phase::Failed {
+                    reason: format!("re-create failed: {e}"),
+                };
+                rec.backend_info = BTreeMap::new();
+            }
+        }
+        if let Err(e) = self.persist(&rec).await {
+            // Not kept: the new sandbox goes too, and the name maps to the old record again.
+            if started.is_ok()
+                && let Err(undo) = self.inner.agent.delete(kind, &rec.id).await
+            {
+                warn!(sandbox = %name, error = %undo, "rollback of a re-create failed");
+            }
+            let mut reg = self.lock();
+            reg.ids.remove(&rec.id);
+            reg.ids.insert(old.id.clone(), name);
+            return Err(e);
+        }
+        let rec = self.publish(rec, EventKind::Modified);
+        started.map(|_| rec).map_err(ControlError::from)
     }
 
     /// Stops and removes a sandbox; returns its last record (phase Deleted).
@@ -1000,6 +1080,9 @@ fn apply_update(spec: &mut SandboxSpec, u: &SandboxUpdate) {
     }
     if let Some(p) = u.failure_policy {
         spec.failure_policy = p;
+    }
+    if let Some(r) = &u.reset_revision {
+        spec.reset_revision = Some(r.clone());
     }
 }
 

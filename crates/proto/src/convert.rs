@@ -149,6 +149,7 @@ pub fn spec_to_pb(s: &SandboxSpec) -> v1::SandboxSpec {
         user: s.user.clone(),
         read_only_rootfs: s.read_only_rootfs,
         deny_syscalls: s.deny_syscalls.clone(),
+        reset_revision: s.reset_revision.clone(),
     }
 }
 
@@ -247,6 +248,7 @@ pub fn spec_from_pb(s: v1::SandboxSpec) -> Result<SandboxSpec, ConvertError> {
         user: s.user,
         read_only_rootfs: s.read_only_rootfs,
         deny_syscalls: s.deny_syscalls,
+        reset_revision: s.reset_revision,
     })
 }
 

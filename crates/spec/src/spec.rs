@@ -269,6 +269,10 @@ pub struct SandboxSpec {
     /// Syscalls denied (EPERM) on top of the backend's default seccomp profile (linux).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_syscalls: Vec<String>,
+    /// An opaque token (seed 004's `resetRevision`): an update that changes it re-creates the
+    /// sandbox — its workload starts again from scratch, under a new uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_revision: Option<String>,
 }
 
 /// A host directory mapped into a sandbox: `GUEST::HOST` or `GUEST::HOST:ro` on the command

@@ -116,6 +116,11 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                 0
             },
             expected_revision: Some(live.revision),
+            // A new spec.resetRevision re-creates the sandbox.
+            reset_revision: want
+                .reset_revision
+                .clone()
+                .filter(|_| live_spec.reset_revision != want.reset_revision),
         };
         let updated = answer(client.update_sandbox(req).await)?;
         if updated.revision == live.revision {

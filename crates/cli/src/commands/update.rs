@@ -40,6 +40,11 @@ pub struct Args {
     /// Fail unless the sandbox is at this revision (optimistic concurrency).
     #[arg(long)]
     revision: Option<u64>,
+    /// Re-create the sandbox: its workload starts again from scratch, under a new uid. The
+    /// value is an opaque token (the current time when none is given); the same token twice
+    /// re-creates once.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    reset_revision: Option<String>,
     /// Output: table, name, json or yaml.
     #[arg(short, long, value_enum, default_value = "table")]
     output: Format,
@@ -91,6 +96,16 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         clear_expire_time: args.no_expire,
         failure_policy,
         expected_revision,
+        reset_revision: args.reset_revision.map(|r| {
+            if r.is_empty() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                now.as_nanos().to_string()
+            } else {
+                r
+            }
+        }),
     };
     let sb = answer(client.update_sandbox(req).await)?;
     match args.output {
