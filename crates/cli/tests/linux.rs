@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{json, stderr};
-use linux_harness::{Linux, skip_reason, stdout};
+use linux_harness::{Linux, cgroup_of, skip_reason, stdout, wait_warm};
 
 #[test]
 fn output_exit_code_env_cwd_hostname_and_user() {
@@ -564,40 +564,6 @@ fn pull_from_a_local_registry_and_run() {
 
     l.ok(&["image", "rm", &reference]);
     assert!(!l.ok(&["image", "ls", "-o", "name"]).contains(&reference));
-}
-
-/// Warm shells ready in the server's pool (each has written its state once prepared).
-fn warm_ready(l: &Linux) -> usize {
-    std::fs::read_dir(l.server.state_dir().join("linux/.warm"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().join("state.json").exists())
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-fn wait_warm(l: &Linux, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while warm_ready(l) < n {
-        assert!(
-            Instant::now() < deadline,
-            "{n} warm shells never got ready: {}",
-            l.server.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The cgroup a sandbox runs in: `warm-...` when it came from the pool.
-fn cgroup_of(l: &Linux, name: &str) -> String {
-    let bundle = PathBuf::from(
-        l.get(name)["status"]["backendInfo"]["bundle"]
-            .as_str()
-            .expect("bundle"),
-    );
-    let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
-    state["cgroup"].as_str().unwrap().to_string()
 }
 
 /// The supervisor and workload pids of the warm shells now in the pool.

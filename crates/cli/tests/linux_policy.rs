@@ -11,7 +11,7 @@ mod common;
 mod linux_harness;
 
 use common::stderr;
-use linux_harness::{Linux, stdout};
+use linux_harness::{Linux, cgroup_of, skip_reason, stdout, wait_warm};
 
 /// Applies a policy named `name` whose `spec:` is `spec` (YAML, indented by two spaces).
 fn apply(l: &Linux, name: &str, spec: &str) {
@@ -150,4 +150,49 @@ fn read_only_paths_cannot_be_written_and_masked_paths_read_empty() {
     );
     assert!(!text.contains("touch=0"), "{text}");
     assert!(text.contains("passwd=0\n"), "{text}");
+}
+
+#[test]
+fn a_warm_shell_applies_the_policy_after_the_claim() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start_with(&["--warm", "linux:busybox=1"]);
+    apply(
+        &l,
+        "warm",
+        "  syscalls:\n    deny: [mkdir, mkdirat]\n  network:\n    mode: none\n  \
+         filesystem:\n    masked: [/etc/passwd]\n",
+    );
+    wait_warm(&l, 1);
+    let out = l.run(
+        "w",
+        &["--wait", "--policy", "warm"],
+        &[
+            "sh",
+            "-c",
+            "cat /sys/class/net/lo/flags; busybox wc -c < /etc/passwd; mkdir /tmp/d 2>&1",
+        ],
+    );
+    assert!(
+        cgroup_of(&l, "w").starts_with("warm-"),
+        "came from the pool"
+    );
+    let text = stdout(&out);
+    assert!(text.starts_with("0x8\n0\n"), "{text}{}", stderr(&out));
+    assert!(text.contains("Operation not permitted"), "{text}");
+}
+
+#[test]
+fn a_name_the_architecture_lacks_is_refused_at_create() {
+    let l = linux_or_skip!();
+    apply(&l, "typo", "  syscalls:\n    deny: [ptrace, mkdri]\n");
+    let out = l.run("typo", &["--wait", "--policy", "typo"], &["true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains(r#"policy.syscalls.deny[1].name: "mkdri" is not a syscall"#),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -180,3 +180,37 @@ impl Drop for Linux {
         }
     }
 }
+
+/// Warm shells ready in the server's pool (each has written its state once prepared).
+pub fn warm_ready(l: &Linux) -> usize {
+    std::fs::read_dir(l.server.state_dir().join("linux/.warm"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("state.json").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+pub fn wait_warm(l: &Linux, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while warm_ready(l) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} warm shells never got ready: {}",
+            l.server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cgroup a sandbox runs in: `warm-...` when it came from the pool.
+pub fn cgroup_of(l: &Linux, name: &str) -> String {
+    let bundle = PathBuf::from(
+        l.get(name)["status"]["backendInfo"]["bundle"]
+            .as_str()
+            .expect("bundle"),
+    );
+    let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
+    state["cgroup"].as_str().unwrap().to_string()
+}
