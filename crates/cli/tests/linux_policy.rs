@@ -53,6 +53,11 @@ fn a_denied_syscall_fails_with_eperm_and_an_allow_list_stops_the_rest() {
     let out = l.run("starved", &["--wait", "--policy", "tiny"], &["echo", "hi"]);
     assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
     assert_ne!(stdout(&out), "hi\n");
+    assert!(
+        stderr(&out).contains(r#"exec "echo": Operation not permitted"#),
+        "{}",
+        stderr(&out)
+    );
 
     // An unknown name is refused when the policy is applied, naming the field.
     let path = l.server.dir.path().join("bad.yaml");
