@@ -44,6 +44,20 @@ fn a_denied_syscall_fails_with_eperm_and_an_allow_list_stops_the_rest() {
     let out = l.run("denied-again", &["--wait", "--policy", "nomkdir"], &mkdir);
     assert!(stdout(&out).contains("Operation not permitted"));
 
+    // `warren exec` into a sandbox under the policy runs under the same filter.
+    let out = l.run("held", &["--policy", "nomkdir"], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("held", "Running");
+    let mut exec = vec!["exec", "held", "--"];
+    exec.extend_from_slice(&mkdir);
+    let out = l.warren(&exec);
+    assert!(
+        stdout(&out).contains("Operation not permitted"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
     // Without execve in the allow-list the workload cannot even start.
     apply(
         &l,
