@@ -20,7 +20,7 @@ use warren_runtime::{
     Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink, ExecProcess,
     ExecRequest, SandboxConfig, Stdin,
 };
-use warren_spec::{BackendKind, ResourceInfo, SandboxSpec, parse_user};
+use warren_spec::{BackendKind, NetworkMode, ResourceInfo, SandboxSpec, parse_user};
 
 use crate::config::{self, BindMount, ContainerConfig, Exit, Limits, State};
 use crate::exec::ExecSpec;
@@ -364,6 +364,10 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
         read_only_rootfs: false,
         mounts: Vec::new(),
         deny_syscalls: Vec::new(),
+        policy_syscalls: None,
+        loopback: true,
+        read_only_paths: Vec::new(),
+        masked_paths: Vec::new(),
         cgroup_parent: inner.config.cgroup_parent.clone(),
         limits: Limits::default(),
         log_max_bytes: inner.config.log_max_bytes,
@@ -620,6 +624,7 @@ fn container_config(
             read_only: m.read_only,
         });
     }
+    let enforced = PolicyEnforcement::of(config)?;
     let limits = limits_of(&config.resources);
     let grace = spec
         .stop_grace_period_seconds
@@ -645,6 +650,10 @@ fn container_config(
             read_only_rootfs: spec.read_only_rootfs,
             mounts,
             deny_syscalls: spec.deny_syscalls.clone(),
+            policy_syscalls: enforced.syscalls,
+            loopback: enforced.loopback,
+            read_only_paths: enforced.read_only_paths,
+            masked_paths: enforced.masked_paths,
             cgroup_parent: inner.config.cgroup_parent.clone(),
             limits,
             log_max_bytes: inner.config.log_max_bytes,
@@ -655,6 +664,53 @@ fn container_config(
         },
         source.id(),
     ))
+}
+
+/// What the linux backend enforces of a sandbox's applied policy (see docs/policy.md).
+struct PolicyEnforcement {
+    syscalls: Option<crate::config::PolicySyscalls>,
+    loopback: bool,
+    read_only_paths: Vec<String>,
+    masked_paths: Vec<String>,
+}
+
+impl PolicyEnforcement {
+    fn of(config: &SandboxConfig) -> Result<PolicyEnforcement, BackendError> {
+        let Some(applied) = &config.policy else {
+            return Ok(PolicyEnforcement {
+                syscalls: None,
+                loopback: true,
+                read_only_paths: Vec::new(),
+                masked_paths: Vec::new(),
+            });
+        };
+        let policy = &applied.policy;
+        let spec = policy.spec();
+        let loopback = match policy.network_mode() {
+            None | Some(NetworkMode::Loopback) => true,
+            Some(NetworkMode::None) => false,
+            Some(NetworkMode::Egress) => {
+                return Err(BackendError::Invalid(format!(
+                    "policy.network.mode: \"egress\" (policy {:?}) is not supported on linux yet; \
+                     use none or loopback",
+                    policy.name()
+                )));
+            }
+        };
+        let fs = spec.filesystem.clone().unwrap_or_default();
+        Ok(PolicyEnforcement {
+            syscalls: spec
+                .syscalls
+                .clone()
+                .map(|syscalls| crate::config::PolicySyscalls {
+                    hash: policy.hash().to_string(),
+                    syscalls,
+                }),
+            loopback,
+            read_only_paths: fs.read_only,
+            masked_paths: fs.masked,
+        })
+    }
 }
 
 /// Where a container's root filesystem comes from: `spec.image` names an image in the
@@ -788,9 +844,8 @@ impl Backend for LinuxBackend {
             });
         }
         let (container, image_id) = container_config(inner, config)?;
-        crate::seccomp::compiled(&container.deny_syscalls).map_err(|e| {
-            BackendError::Invalid(format!("spec.denySyscalls: {}", crate::error_chain(&e)))
-        })?;
+        crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
+            .map_err(|e| BackendError::Invalid(crate::error_chain(&e)))?;
         let bundle = self.bundle(id);
         let mut info = BackendInfo::new();
         info.insert("image".into(), image_id.clone());

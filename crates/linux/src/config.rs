@@ -50,6 +50,19 @@ pub struct ContainerConfig {
     pub mounts: Vec<BindMount>,
     #[serde(default)]
     pub deny_syscalls: Vec<String>,
+    /// The applied policy's syscall list, compiled into the seccomp filter with the above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_syscalls: Option<PolicySyscalls>,
+    /// `false` leaves the network namespace's `lo` down (a policy's `network.mode: none`).
+    #[serde(default = "yes")]
+    pub loopback: bool,
+    /// Guest paths a policy makes read-only (bind remounts; missing paths are skipped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_only_paths: Vec<String>,
+    /// Guest paths a policy masks: an empty read-only tmpfs on a directory, `/dev/null` on
+    /// anything else (missing paths are skipped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked_paths: Vec<String>,
     pub cgroup_parent: String,
     #[serde(default)]
     pub limits: Limits,
@@ -63,6 +76,18 @@ pub struct ContainerConfig {
 }
 
 /// A host directory visible inside the container.
+fn yes() -> bool {
+    true
+}
+
+/// A policy's syscall list and the policy's hash, which keys the compiled-filter cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySyscalls {
+    pub hash: String,
+    pub syscalls: warren_spec::SyscallPolicy,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BindMount {

@@ -141,7 +141,8 @@ pub fn warm_child_main(
         let config: ContainerConfig =
             serde_json::from_slice(&bytes).map_err(|e| err("parse the claim", e))?;
         let seccomp =
-            crate::seccomp::compiled(&config.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
+            crate::seccomp::compiled_with(&config.deny_syscalls, config.policy_syscalls.as_ref())
+                .map_err(|e| crate::error_chain(&e))?;
         finish(&config, &seccomp, stdio)
     });
     match result {
@@ -232,7 +233,7 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
     umount2(old_root.as_str(), MntFlags::MNT_DETACH).map_err(|e| err("detach the old root", e))?;
     std::fs::remove_dir(&old_root).map_err(|e| err(format!("rmdir {old_root}"), e))?;
     mask_paths()?;
-    loopback_up().map_err(|e| err("bring up lo", e))?;
+    set_loopback(true).map_err(|e| err("bring up lo", e))?;
     Ok(())
 }
 
@@ -243,6 +244,17 @@ fn finish(
     stdio: [OwnedFd; 3],
 ) -> Result<std::convert::Infallible, String> {
     sethostname(&cfg.hostname).map_err(|e| err(format!("sethostname {}", cfg.hostname), e))?;
+    // The policy's part is applied here, not in `prepare`, which a warm shell runs before it
+    // knows its sandbox.
+    if !cfg.loopback {
+        set_loopback(false).map_err(|e| err("take down lo (policy network.mode none)", e))?;
+    }
+    for path in &cfg.read_only_paths {
+        read_only_path(path)?;
+    }
+    for path in &cfg.masked_paths {
+        mask_path(path)?;
+    }
     if cfg.read_only_rootfs {
         remount_read_only("/")?;
     }
@@ -420,43 +432,54 @@ fn mount_kernel_filesystems() -> Result<(), String> {
 
 fn mask_paths() -> Result<(), String> {
     for path in MASKED_PATHS {
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
-            continue;
-        };
-        let result = if meta.is_dir() {
-            mount(
-                Some("tmpfs"),
-                *path,
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY,
-                Some("size=0"),
-            )
-        } else {
-            mount(
-                Some("/dev/null"),
-                *path,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-        };
-        result.map_err(|e| err(format!("mask {path}"), e))?;
+        mask_path(path)?;
     }
     for path in READ_ONLY_PATHS {
-        if std::fs::symlink_metadata(path).is_err() {
-            continue;
-        }
-        mount(
-            Some(*path),
-            *path,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| err(format!("bind {path}"), e))?;
-        remount_read_only(path)?;
+        read_only_path(path)?;
     }
     Ok(())
+}
+
+/// Hides `path`: an empty read-only tmpfs over a directory, `/dev/null` over anything else.
+/// A missing path is skipped.
+fn mask_path(path: &str) -> Result<(), String> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let result = if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            Some("size=0"),
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    result.map_err(|e| err(format!("mask {path}"), e))
+}
+
+/// Bind-mounts `path` on itself and remounts it read-only. A missing path is skipped.
+fn read_only_path(path: &str) -> Result<(), String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| err(format!("bind {path}"), e))?;
+    remount_read_only(path)
 }
 
 fn remount_read_only(path: &str) -> Result<(), String> {
@@ -570,8 +593,9 @@ pub(crate) fn close_other_fds() {
     }
 }
 
-/// Sets IFF_UP on `lo` in the new network namespace, so the workload can use 127.0.0.1.
-fn loopback_up() -> std::io::Result<()> {
+/// Sets (or clears) IFF_UP on `lo` in the new network namespace, so the workload can (or
+/// cannot) use 127.0.0.1.
+fn set_loopback(up: bool) -> std::io::Result<()> {
     let sock = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
@@ -590,7 +614,11 @@ fn loopback_up() -> std::io::Result<()> {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if up {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        } else {
+            req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+        }
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -52,8 +52,10 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
         .map_err(|e| format!("read {}: {e}", config::CONFIG_FILE))?;
     let state: State = config::read_json(bundle, config::STATE_FILE)
         .map_err(|e| format!("the sandbox is not running ({e})"))?;
+    // The sandbox's own filter, policy included: an exec'd process must not escape it.
     let seccomp =
-        crate::seccomp::compiled(&container.deny_syscalls).map_err(|e| crate::error_chain(&e))?;
+        crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
+            .map_err(|e| crate::error_chain(&e))?;
     let pid = state.pid;
     let mut namespaces = Vec::new();
     for (name, flag) in [

@@ -103,8 +103,114 @@ fn unknown_name_is_an_error_naming_it() {
     let err = compile(&["mkdir".into(), "mkdri".into()]).unwrap_err();
     assert_eq!(
         err.to_string(),
-        r#"unknown syscall "mkdri" in denySyscalls"#
+        format!(
+            r#"spec.denySyscalls[1]: "mkdri" is not a syscall on {}"#,
+            std::env::consts::ARCH
+        )
     );
+    let policy = deny_policy(&["ptrace", "chmdo"]);
+    let err = compile_with(&[], Some(&policy)).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(r#"policy.syscalls.deny[1].name: "chmdo" is not a syscall"#),
+        "{err}"
+    );
+}
+
+fn deny_policy(names: &[&str]) -> SyscallPolicy {
+    SyscallPolicy {
+        allow: None,
+        deny: Some(
+            names
+                .iter()
+                .map(|n| SyscallEntry::Name(n.to_string()))
+                .collect(),
+        ),
+    }
+}
+
+fn allow_policy(names: &[&str]) -> SyscallPolicy {
+    SyscallPolicy {
+        allow: deny_policy(names).deny,
+        deny: None,
+    }
+}
+
+#[test]
+fn policy_deny_list_adds_to_the_defaults() {
+    let program = compile_with(&[], Some(&deny_policy(&["chmod", "fchmodat"]))).unwrap();
+    let fchmodat = syscall_number("fchmodat").unwrap();
+    assert_eq!(eval(&program, fchmodat, 0), EPERM);
+    assert_eq!(eval(&program, libc::SYS_ptrace, 0), EPERM);
+    assert_eq!(eval(&program, syscall_number("mkdirat").unwrap(), 0), ALLOW);
+}
+
+#[test]
+fn policy_argument_conditions_narrow_the_rule() {
+    let policy = SyscallPolicy {
+        allow: None,
+        deny: Some(vec![SyscallEntry::Rule(warren_spec::SyscallRule {
+            name: "socket".into(),
+            args: vec![ArgCondition {
+                index: 0,
+                op: ArgOp::Eq,
+                value: libc::AF_INET6 as u64,
+                mask: None,
+            }],
+        })]),
+    };
+    let program = compile_with(&[], Some(&policy)).unwrap();
+    assert_eq!(
+        eval(&program, libc::SYS_socket, libc::AF_INET6 as u64),
+        EPERM
+    );
+    assert_eq!(
+        eval(&program, libc::SYS_socket, libc::AF_INET as u64),
+        ALLOW
+    );
+}
+
+#[test]
+fn policy_allow_list_denies_the_rest_and_keeps_the_defaults() {
+    let program = compile_with(
+        &["getpid".into()],
+        Some(&allow_policy(&[
+            "read",
+            "write",
+            "mount",
+            "clone",
+            "personality",
+            "getpid",
+        ])),
+    )
+    .unwrap();
+    assert_eq!(eval(&program, syscall_number("read").unwrap(), 0), ALLOW);
+    assert_eq!(eval(&program, syscall_number("openat").unwrap(), 0), EPERM);
+    // The default deny-list and the spec's deny-list win over the allow-list.
+    assert_eq!(eval(&program, libc::SYS_mount, 0), EPERM);
+    assert_eq!(eval(&program, libc::SYS_getpid, 0), EPERM);
+    let newuser = libc::CLONE_NEWUSER as u64;
+    assert_eq!(eval(&program, libc::SYS_clone, newuser), EPERM);
+    assert_eq!(eval(&program, libc::SYS_clone, libc::SIGCHLD as u64), ALLOW);
+    assert_eq!(eval(&program, libc::SYS_personality, 0), ALLOW);
+    assert_eq!(eval(&program, libc::SYS_personality, 0x40_0000), EPERM);
+    assert_eq!(eval(&program, libc::SYS_clone3, 0), ENOSYS);
+}
+
+#[test]
+fn compiled_with_a_policy_is_cached_by_its_hash() {
+    let policy = PolicySyscalls {
+        hash: "sha256:test-cache-hit".into(),
+        syscalls: deny_policy(&["chmod"]),
+    };
+    let a = compiled_with(&[], Some(&policy)).unwrap();
+    let b = compiled_with(&[], Some(&policy.clone())).unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "the second sandbox reuses the program");
+    let other = PolicySyscalls {
+        hash: "sha256:test-cache-other".into(),
+        ..policy
+    };
+    assert!(!Arc::ptr_eq(&a, &compiled_with(&[], Some(&other)).unwrap()));
 }
 
 #[test]

@@ -85,13 +85,15 @@ struct Running {
 
 fn start(bundle: &Path) -> Result<Running, String> {
     let (config, signals, cgroup) = set_up(bundle)?;
-    let seccomp = match crate::seccomp::compiled(&config.deny_syscalls) {
-        Ok(program) => program,
-        Err(e) => {
-            let _ = cgroup.remove();
-            return Err(crate::error_chain(&e));
-        }
-    };
+    let seccomp =
+        match crate::seccomp::compiled_with(&config.deny_syscalls, config.policy_syscalls.as_ref())
+        {
+            Ok(program) => program,
+            Err(e) => {
+                let _ = cgroup.remove();
+                return Err(crate::error_chain(&e));
+            }
+        };
     let result = fork_container(bundle, &config, &cgroup, &seccomp);
     match result {
         Ok((pid, stdout, stderr)) => Ok(Running {
