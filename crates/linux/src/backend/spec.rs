@@ -1,0 +1,263 @@
+//! From a sandbox's spec (and its image, and its applied policy) to the container's
+//! configuration the supervisor runs.
+
+use super::*;
+
+/// Builds the container's configuration from the spec and the image.
+pub(super) fn container_config(
+    inner: &Inner,
+    config: &SandboxConfig,
+) -> Result<(ContainerConfig, String), BackendError> {
+    let spec = &config.spec;
+    let invalid = |field: &str, value: &str, reason: &str| {
+        BackendError::Invalid(format!("{field}: {value:?} {reason}"))
+    };
+    let name = spec.image.as_deref().ok_or_else(|| {
+        BackendError::Invalid("spec.image: the linux backend needs an image".into())
+    })?;
+    let source = RootSource::of(inner, name)?;
+    let image = match &source {
+        RootSource::Image(image) => &image.config,
+        RootSource::Dir(_) => &warren_image::ImageConfig::default(),
+    };
+    let argv = command_line(spec, &image.entrypoint, &image.cmd);
+    if argv.is_empty() {
+        return Err(invalid(
+            "spec.command",
+            name,
+            "has no entrypoint or cmd; give a command",
+        ));
+    }
+    let mut env = image.env.clone();
+    for (k, v) in &spec.env {
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
+        env.push(format!("{k}={v}"));
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        );
+    }
+    if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", hostname(spec)));
+    }
+    let cwd = spec
+        .working_dir
+        .clone()
+        .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".to_string());
+    let (uid, gid) = match (&spec.user, &image.user) {
+        (Some(u), _) => parse_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?,
+        (None, Some(u)) if !u.is_empty() => parse_user(u).map_err(|_| {
+            invalid(
+                "image config User",
+                u,
+                "is not numeric UID[:GID]; give --user",
+            )
+        })?,
+        _ => (0, 0),
+    };
+    let mut mounts = Vec::with_capacity(spec.mounts.len());
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let host = PathBuf::from(&m.host);
+        if !host.exists() {
+            return Err(invalid(
+                &format!("spec.mounts[{i}].host"),
+                &m.host,
+                "does not exist",
+            ));
+        }
+        mounts.push(BindMount {
+            host,
+            guest: m.guest.clone(),
+            read_only: m.read_only,
+        });
+    }
+    let enforced = PolicyEnforcement::of(config)?;
+    let limits = limits_of(&config.resources);
+    let grace = spec
+        .stop_grace_period_seconds
+        .map(Duration::from_secs_f64)
+        .unwrap_or(inner.config.default_stop_grace);
+    Ok((
+        ContainerConfig {
+            id: config.id.clone(),
+            layers: match &source {
+                RootSource::Image(image) => image.layers.clone(),
+                RootSource::Dir(_) => Vec::new(),
+            },
+            rootfs: match &source {
+                RootSource::Image(_) => None,
+                RootSource::Dir(dir) => Some(dir.clone()),
+            },
+            argv,
+            env,
+            cwd,
+            hostname: hostname(spec),
+            uid,
+            gid,
+            read_only_rootfs: spec.read_only_rootfs,
+            mounts,
+            deny_syscalls: spec.deny_syscalls.clone(),
+            policy_syscalls: enforced.syscalls,
+            loopback: enforced.loopback,
+            read_only_paths: enforced.read_only_paths,
+            masked_paths: enforced.masked_paths,
+            cgroup_parent: inner.config.cgroup_parent.clone(),
+            limits,
+            log_max_bytes: inner.config.log_max_bytes,
+            stop_grace_ms: grace.as_millis() as u64,
+            timeout_ms: spec
+                .timeout_seconds
+                .map(|s| Duration::from_secs_f64(s).as_millis() as u64),
+        },
+        source.id(),
+    ))
+}
+
+/// What the linux backend enforces of a sandbox's applied policy (see docs/policy.md).
+pub(super) struct PolicyEnforcement {
+    pub(super) syscalls: Option<crate::config::PolicySyscalls>,
+    pub(super) loopback: bool,
+    pub(super) read_only_paths: Vec<String>,
+    pub(super) masked_paths: Vec<String>,
+}
+
+impl PolicyEnforcement {
+    pub(super) fn of(config: &SandboxConfig) -> Result<PolicyEnforcement, BackendError> {
+        let Some(applied) = &config.policy else {
+            return Ok(PolicyEnforcement {
+                syscalls: None,
+                loopback: true,
+                read_only_paths: Vec::new(),
+                masked_paths: Vec::new(),
+            });
+        };
+        let policy = &applied.policy;
+        let spec = policy.spec();
+        let loopback = match policy.network_mode() {
+            None | Some(NetworkMode::Loopback) => true,
+            Some(NetworkMode::None) => false,
+            Some(NetworkMode::Egress) => {
+                return Err(BackendError::Invalid(format!(
+                    "policy.network.mode: \"egress\" (policy {:?}) is not supported on linux yet; \
+                     use none or loopback",
+                    policy.name()
+                )));
+            }
+        };
+        let fs = spec.filesystem.clone().unwrap_or_default();
+        Ok(PolicyEnforcement {
+            syscalls: spec
+                .syscalls
+                .clone()
+                .map(|syscalls| crate::config::PolicySyscalls {
+                    hash: policy.hash().to_string(),
+                    syscalls,
+                }),
+            loopback,
+            read_only_paths: fs.read_only,
+            masked_paths: fs.masked,
+        })
+    }
+}
+
+/// Where a container's root filesystem comes from: `spec.image` names an image in the
+/// store, or, starting with `/`, is a prepared root directory used in place (what the
+/// containerd shim hands over: containerd's mounted snapshot).
+pub(super) enum RootSource {
+    Image(warren_image::Image),
+    Dir(PathBuf),
+}
+
+impl RootSource {
+    pub(super) fn of(inner: &Inner, name: &str) -> Result<RootSource, BackendError> {
+        if !name.starts_with('/') {
+            return inner
+                .config
+                .images
+                .resolve(name)
+                .map(RootSource::Image)
+                .map_err(|e| {
+                    BackendError::Invalid(format!("spec.image: {}", crate::error_chain(&e)))
+                });
+        }
+        let dir = PathBuf::from(name);
+        if dir
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(BackendError::Invalid(format!(
+                "spec.image: {name:?}: a root filesystem path must not hold '..'"
+            )));
+        }
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(BackendError::Invalid(format!(
+                    "spec.image: {name:?} is not a directory (a root filesystem path must be one)"
+                )));
+            }
+            Err(e) => {
+                return Err(BackendError::Invalid(format!(
+                    "spec.image: {name:?}: cannot use it as a root filesystem: {e}"
+                )));
+            }
+        }
+        Ok(RootSource::Dir(dir))
+    }
+
+    /// Warm shells are kept per image id; a directory never matches one.
+    pub(super) fn id(&self) -> String {
+        match self {
+            RootSource::Image(image) => image.id.clone(),
+            RootSource::Dir(dir) => format!("dir:{}", dir.display()),
+        }
+    }
+}
+
+/// The cgroup limits a sandbox's resources ask for.
+pub(super) fn limits_of(r: &ResourceInfo) -> Limits {
+    Limits {
+        memory_bytes: r.memory_limit,
+        pids: r.pid_limit,
+        cpu_limit_millis: r.cpu_limit.map(|c| (c * 1000.0).round() as u64),
+        cpu_request_millis: r.cpu_request.map(|c| (c * 1000.0).round() as u64),
+    }
+}
+
+/// Kubernetes' rule: `command` replaces the image's entrypoint, `args` its cmd; args alone
+/// keep the entrypoint.
+pub(super) fn command_line(
+    spec: &SandboxSpec,
+    entrypoint: &[String],
+    cmd: &[String],
+) -> Vec<String> {
+    match (spec.command.is_empty(), spec.args.is_empty()) {
+        (false, _) => spec.command.iter().chain(&spec.args).cloned().collect(),
+        (true, false) => entrypoint.iter().chain(&spec.args).cloned().collect(),
+        (true, true) => entrypoint.iter().chain(cmd).cloned().collect(),
+    }
+}
+
+/// The spec's hostname, else the sandbox name made into one.
+pub(super) fn hostname(spec: &SandboxSpec) -> String {
+    if let Some(h) = &spec.hostname {
+        return h.clone();
+    }
+    let mut h: String = spec
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    while h.ends_with('-') {
+        h.pop();
+    }
+    if h.is_empty() {
+        "sandbox".to_string()
+    } else {
+        h
+    }
+}
