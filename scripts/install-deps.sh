@@ -3,7 +3,8 @@
 # protoc is vendored by the warren-proto build, so none is needed. System packages:
 # - busybox-static: the linux backend's tests build their busybox image from /bin/busybox;
 # - docker-registry + skopeo: the pull test runs a real registry on loopback and pushes to it;
-# - containerd: the shim's tests drive a private containerd 1.6 (scripts/containerd.sh).
+# - containerd: the shim's tests drive a private containerd 1.6 (scripts/containerd.sh);
+# - systemd (systemd-analyze): the install test verifies the units it installs.
 set -euo pipefail
 
 need_apt=()
@@ -13,6 +14,7 @@ command -v kill >/dev/null || need_apt+=(procps)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 command -v containerd >/dev/null || need_apt+=(containerd)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
