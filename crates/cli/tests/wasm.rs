@@ -271,6 +271,10 @@ fn finished_sandboxes_keep_their_status_across_kill_9() {
         &module("exit3.wat"),
         "--name",
         "done",
+        // Strong: acknowledged means on disk. A fast create is written behind (up to 2 ms),
+        // so a kill -9 right after it may lose it, as documented.
+        "--mode",
+        "strong",
         "--wait",
     ]);
     assert_eq!(out.status.code(), Some(3));
