@@ -25,5 +25,8 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# CRIU 4.x for checkpoint/restore, built from Debian's source package (scripts/install-criu.sh).
+"$(dirname "$0")/install-criu.sh"
+
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
 echo "install-deps: ok"
