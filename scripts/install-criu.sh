@@ -33,10 +33,12 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# The build's dependencies (their runtime libraries stay installed for the binary), and what
+# CRIU runs while dumping and restoring a network namespace (`ip`) and tmpfs mounts (`tar`).
 build_deps=(build-essential pkg-config xz-utils
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
   libnl-3-dev libnl-route-3-dev libnet1-dev libcap-dev libbsd-dev libgnutls28-dev
-  libnftables-dev uuid-dev libaio-dev)
+  libnftables-dev uuid-dev libaio-dev iproute2 tar)
 missing=()
 for p in "${build_deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

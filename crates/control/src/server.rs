@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub cgroup_parent: String,
     /// Warm shells kept ready per image for the linux backend.
     pub linux_warm: Vec<(String, usize)>,
+    /// The CRIU binary for checkpoints; `None` finds one (`warren_linux::criu`).
+    pub criu: Option<PathBuf>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (HTTP); `None`: nowhere.
     pub metrics_listen: Option<String>,
     /// A metrics address that cannot be bound fails the start (else: a warning, no metrics).
@@ -167,6 +169,7 @@ impl Server {
                 log_max_bytes: config.wasm.log_max_bytes,
                 default_stop_grace: config.default_grace,
                 warm: config.linux_warm.clone(),
+                criu: config.criu.clone(),
             },
             events.clone(),
         )

@@ -70,6 +70,10 @@ pub struct Args {
     /// v2 root).
     #[arg(long, default_value = "warren")]
     cgroup_parent: String,
+    /// The CRIU binary (4.x) for checkpoints of linux sandboxes; default: $WARREN_CRIU, then
+    /// /usr/local/lib/warren/criu/criu (scripts/install-criu.sh), then criu on PATH.
+    #[arg(long, value_name = "PATH")]
+    criu: Option<std::path::PathBuf>,
     /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP on ADDR (port 0: any
     /// free port; `off`: not at all). Default 127.0.0.1:9091, skipped with a warning when
     /// that port is taken.
@@ -166,6 +170,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
             .collect::<anyhow::Result<_>>()?,
         cgroup_parent: args.cgroup_parent,
+        criu: args.criu,
         default_policy: match args.default_policy {
             Some(name) => {
                 warren_spec::validate_name("--default-policy", &name)
