@@ -68,6 +68,18 @@ pub async fn connect_policies(
     Ok(warren_proto::v1::policies_client::PoliciesClient::with_interceptor(channel, bearer))
 }
 
+pub type CheckpointsClient =
+    warren_proto::v1::checkpoints_client::CheckpointsClient<InterceptedService<Channel, Bearer>>;
+
+/// A client of the server's checkpoints.
+pub async fn connect_checkpoints(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<CheckpointsClient, ConnectError> {
+    let (channel, bearer) = connect_channel(address, token).await?;
+    Ok(warren_proto::v1::checkpoints_client::CheckpointsClient::with_interceptor(channel, bearer))
+}
+
 async fn connect_channel(
     address: &Address,
     token: Option<&str>,

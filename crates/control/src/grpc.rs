@@ -49,6 +49,7 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::PolicyMissing { .. }
         | ControlError::PolicyInUse { .. }
         | ControlError::PolicyViolation { .. } => Status::failed_precondition(msg),
+        ControlError::Checkpoint(c) => crate::checkpoints::status_of(&c, msg),
     }
 }
 

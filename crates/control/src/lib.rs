@@ -7,12 +7,15 @@
 //! - [`grpc`] maps the wire API onto the plane, and errors onto gRPC codes, in one place;
 //!   [`policies`] serves the stored policies and `CheckPolicy` (the plane's `plane/policy.rs`
 //!   resolves and evaluates them on every create and update).
+//! - [`checkpoints`] serves checkpoints and keeps them on disk with their manifests (the
+//!   plane's `plane/checkpoint.rs` takes and restores them through the backends).
 //! - [`server`] binds, authenticates and serves; [`client`] connects to it.
 //!
 //! The control plane never runs workloads itself: it calls the node agent
 //! (`warren_agent::Agent`), in-process on one machine.
 
 pub mod address;
+pub mod checkpoints;
 pub mod client;
 pub mod grpc;
 pub mod images;

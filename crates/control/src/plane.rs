@@ -125,6 +125,7 @@ struct Inner {
     default_grace: Duration,
     metrics: Metrics,
     policies: policy::Policies,
+    checkpoints: checkpoint::Checkpointing,
 }
 
 /// Cheap to clone; every clone is the same control plane.
@@ -164,6 +165,7 @@ impl ControlPlane {
                 default_grace,
                 metrics: Metrics::default(),
                 policies: policy::Policies::default(),
+                checkpoints: checkpoint::Checkpointing::default(),
             }),
         }
     }
@@ -909,10 +911,12 @@ fn phase_of(status: &BackendStatus) -> Phase {
     }
 }
 
+mod checkpoint;
 mod error;
 mod policy;
 mod update;
 
+pub use checkpoint::{CheckpointSource, CheckpointTarget, Taken};
 pub use error::ControlError;
 pub use policy::{DEFAULT_POLICY, PolicyEntry};
 

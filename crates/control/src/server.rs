@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use warren_agent::Agent;
 use warren_image::ImageStore;
 use warren_linux::{LinuxBackend, LinuxConfig};
+use warren_proto::v1::checkpoints_server::CheckpointsServer;
 use warren_proto::v1::images_server::ImagesServer;
 use warren_proto::v1::policies_server::PoliciesServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
@@ -178,7 +179,7 @@ impl Server {
             message: e.to_string(),
         })?;
         let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot), Arc::new(wasm), Arc::new(linux)];
-        let agent = Agent::new(config.node.clone(), backends);
+        let agent = Agent::new(config.node.clone(), backends.iter().cloned());
         for report in agent.report() {
             match &report.available {
                 Ok(()) => info!(backend = %report.kind, "backend available"),
@@ -189,6 +190,13 @@ impl Server {
         }
         let plane = ControlPlane::new(agent, store, config.default_grace);
         plane.set_default_policy(config.default_policy.clone());
+        let checkpoints =
+            crate::checkpoints::store::CheckpointStore::open(&config.dir.join("checkpoints"))
+                .map_err(|e| ServerError::Backend {
+                    backend: "checkpoint store",
+                    message: warren_runtime::error_chain(&e),
+                })?;
+        plane.enable_checkpoints(checkpoints, backends);
         // Events are consumed from before recovery, so exits noticed while adopting count.
         plane.spawn_event_loop(events_rx);
         let n = plane.recover().await.map_err(ServerError::Recover)?;
@@ -262,6 +270,13 @@ impl Server {
             PoliciesServer::new(crate::policies::PolicyService::new(self.plane.clone())),
             move |req: Request<()>| authorize(&token, req),
         );
+        let token = self.token.clone();
+        let checkpoints = InterceptedService::new(
+            CheckpointsServer::new(crate::checkpoints::CheckpointService::new(
+                self.plane.clone(),
+            )),
+            move |req: Request<()>| authorize(&token, req),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<SandboxesServer<SandboxService>>()
@@ -292,7 +307,8 @@ impl Server {
             .add_service(health_service)
             .add_service(sandboxes)
             .add_service(images)
-            .add_service(policies);
+            .add_service(policies)
+            .add_service(checkpoints);
         let result = match self.listener {
             Listener::Unix(l, path) => {
                 let served = router

@@ -9,6 +9,7 @@ use warren_control::client::{self, Client};
 
 mod apply;
 mod bench;
+mod checkpoint;
 mod exec;
 mod get;
 mod image;
@@ -17,6 +18,7 @@ mod kill;
 mod logs;
 mod ls;
 mod policy;
+mod restore;
 mod rm;
 mod run;
 mod sandboxer;
@@ -82,6 +84,10 @@ pub enum Command {
     Bench(bench::Args),
     /// Manage the server's policies (apply, ls, get, rm) and check specs against them.
     Policy(policy::Args),
+    /// Checkpoint a running sandbox (CRIU for linux), or list, delete and export checkpoints.
+    Checkpoint(checkpoint::Args),
+    /// Create a sandbox from a checkpoint; it continues where it was saved.
+    Restore(restore::Args),
 }
 
 /// A mistake in how the command was called: exit code 2.
@@ -146,6 +152,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,
         Command::Policy(a) => policy::run(a, &g).await,
+        Command::Checkpoint(a) => checkpoint::run(a, &g).await,
+        Command::Restore(a) => restore::run(a, &g).await,
     }
 }
 
@@ -173,6 +181,11 @@ impl Globals {
     pub async fn connect_images(&self) -> anyhow::Result<client::ImagesClient> {
         let address = self.address()?;
         Ok(client::connect_images(&address, self.token.as_deref()).await?)
+    }
+
+    pub async fn connect_checkpoints(&self) -> anyhow::Result<client::CheckpointsClient> {
+        let address = self.address()?;
+        Ok(client::connect_checkpoints(&address, self.token.as_deref()).await?)
     }
 
     pub async fn connect_policies(&self) -> anyhow::Result<client::PoliciesClient> {

@@ -54,6 +54,8 @@ pub enum ControlError {
         name: String,
         sandboxes: Vec<String>,
     },
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoints::store::CheckpointError),
     /// One line per violation: `field: "value" violates rule`.
     #[error("sandbox {sandbox:?} is refused by policy {policy:?}:\n  {}", violations.join("\n  "))]
     PolicyViolation {

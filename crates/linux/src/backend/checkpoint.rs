@@ -195,7 +195,8 @@ pub(super) async fn checkpoint(
     config::write_json(dir, LINUX_FILE, &saved)
         .map_err(|e| io("write", &dir.join(LINUX_FILE), e))?;
     let mut info = CheckpointInfo::new();
-    info.insert("engine".into(), format!("criu {}", criu.version));
+    info.insert("engine".into(), "criu".into());
+    info.insert("criuVersion".into(), criu.version.clone());
     if let Some(image) = image {
         info.insert("image".into(), image);
     }
