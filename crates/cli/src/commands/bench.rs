@@ -5,6 +5,9 @@
 //! percentiles and rates. Without `--server` it starts a private `warren server` on a
 //! temporary directory, so the figures include nothing from other work.
 //!
+//! `bench checkpoint` checkpoints and restores a small linux process, beside runc's
+//! checkpoint and restore of it (see `bench_checkpoint.rs`).
+//!
 //! `bench run` runs a workload to completion N times through the same API and, in the same
 //! run, the same workload with its peers: the wasmtime CLI for wasm; `crun run` and `runc run`
 //! on an equivalent OCI bundle for linux (see `bench_linux.rs`).
@@ -31,7 +34,9 @@ macro_rules! out {
     }};
 }
 
-// After `out!`, which it uses.
+// After `out!`, which they use.
+#[path = "bench_checkpoint.rs"]
+mod checkpoint;
 #[path = "bench_linux.rs"]
 mod linux;
 
@@ -49,6 +54,9 @@ enum What {
     /// with the same workload run by its peers (the wasmtime CLI for wasm; crun and runc on
     /// an equivalent bundle for linux).
     Run(RunArgs),
+    /// Checkpoint and restore a small linux process through the API, beside `runc
+    /// checkpoint` / `runc restore` of the same process (see `bench_checkpoint.rs`).
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,6 +129,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Create(a) => create(a, g).await,
         What::Run(a) => run_to_exit(a, g).await,
+        What::Checkpoint(a) => checkpoint::run(a, g).await,
     }
 }
 
