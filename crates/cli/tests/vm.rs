@@ -63,6 +63,8 @@ macro_rules! vm_or_skip {
 struct Vm {
     server: TestServer,
     cgroup_parent: String,
+    /// The config file and the templates (guest RAM files), removed with the test.
+    _config: tempfile::TempDir,
 }
 
 impl Vm {
@@ -75,15 +77,15 @@ impl Vm {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cgroup_parent = format!("warren-vm-it-{}-{n}", std::process::id());
-        let config_dir = tempfile::tempdir().unwrap().keep();
-        let config = config_dir.join("vm.toml");
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_dir.path().join("vm.toml");
         std::fs::write(
             &config,
             format!(
                 "[hypervisor]\nkernel_path = {kernel:?}\ninitrd_path = {initrd:?}\nmemory_in_mb = 192\n{hypervisor_extra}\n\
                  [vm]\nhealth_interval_ms = 500\nhealth_timeout_ms = 1500\nhealth_failures = 3\n\
                  template_dir = {:?}\n{vm_section}\n",
-                config_dir.join("templates")
+                config_dir.path().join("templates")
             ),
         )
         .unwrap();
@@ -99,6 +101,7 @@ impl Vm {
         Vm {
             server,
             cgroup_parent,
+            _config: config_dir,
         }
     }
 
@@ -395,6 +398,9 @@ fn qmp(path: &Path, command: &str) {
 #[test]
 fn a_server_killed_with_sigkill_readopts_its_vms() {
     let mut vm = vm_or_skip!("templates = false");
+    vm.ok(&["run", "-b", "vm", "--name", "victim", "--", "sleep", "600"]);
+    let victim = pid_of(&vm.wait_phase("victim", "Running", Duration::from_secs(60)));
+    // `run` returns once the workload started: the server dies while it prints.
     vm.ok(&[
         "run",
         "-b",
@@ -404,11 +410,8 @@ fn a_server_killed_with_sigkill_readopts_its_vms() {
         "--",
         "sh",
         "-c",
-        "i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        "i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done",
     ]);
-    vm.ok(&["run", "-b", "vm", "--name", "victim", "--", "sleep", "600"]);
-    vm.wait_phase("ticker", "Running", Duration::from_secs(60));
-    let victim = pid_of(&vm.wait_phase("victim", "Running", Duration::from_secs(60)));
     vm.server.kill9();
     // While no server watches: the ticker keeps running, the victim's VM dies.
     nix::sys::signal::kill(
@@ -481,8 +484,8 @@ impl Vm {
             hypervisor.push_str(&format!("kernel_path = {kernel:?}\n"));
         }
         hypervisor.push_str(&format!("initrd_path = {initrd:?}\n{line}\n"));
-        let config_dir = tempfile::tempdir().unwrap().keep();
-        let config = config_dir.join("vm.toml");
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_dir.path().join("vm.toml");
         std::fs::write(&config, format!("[hypervisor]\n{hypervisor}")).unwrap();
         let cgroup_parent = format!("warren-vm-it-bad-{}", std::process::id());
         let server = TestServer::start_with(
@@ -497,6 +500,7 @@ impl Vm {
         Vm {
             server,
             cgroup_parent,
+            _config: config_dir,
         }
     }
 }

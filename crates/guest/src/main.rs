@@ -88,9 +88,31 @@ async fn serve(pid1: bool, args: &[String]) -> Result<(), String> {
                     if let Some(closed) = last {
                         let _ = closed.await;
                     }
-                    port.host_connected().await;
-                    let (conn, closed) = port.connection();
-                    Some((Ok::<_, std::io::Error>(conn), (port, Some(closed))))
+                    // The host saving a template waits for this line on the console and
+                    // pauses the VM without ever connecting: a clone then starts here, and
+                    // its host's connection is the port's first.
+                    eprintln!("{}", warren_guest::WAITING_FOR_HOST);
+                    loop {
+                        port.host_connected().await;
+                        let (mut conn, closed) = match port.connection() {
+                            Ok(c) => c,
+                            Err(e) => {
+                                eprintln!("warren-guest: the port: {e}");
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            }
+                        };
+                        match port::greet(&mut conn).await {
+                            Ok(()) => {
+                                return Some((Ok::<_, std::io::Error>(conn), (port, Some(closed))));
+                            }
+                            Err(e) => {
+                                eprintln!("warren-guest: no greeting from the host: {e}");
+                                drop(conn);
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        }
+                    }
                 },
             );
             router

@@ -94,16 +94,47 @@ impl Port {
         }
     }
 
-    /// One host connection over the port; `closed` fires when tonic is done with it.
-    pub fn connection(&self) -> (Connection, oneshot::Receiver<()>) {
+    /// One host connection over the port; `closed` fires when tonic is done with it. Each
+    /// connection registers its own duplicate of the port with the reactor: a registration
+    /// that saw a host hang up keeps reporting "closed", which must not leak into the next.
+    pub fn connection(&self) -> std::io::Result<(Connection, oneshot::Receiver<()>)> {
         let (tx, rx) = oneshot::channel();
-        (
+        let fd = self.fd.get_ref().try_clone()?;
+        Ok((
             Connection {
-                io: Fd(Arc::clone(&self.fd)),
+                io: Fd(Arc::new(crate::sys::async_fd(fd)?)),
                 _closed: tx,
             },
             rx,
-        )
+        ))
+    }
+}
+
+/// Waits for the host's greeting on a new connection (skipping what an earlier host left in
+/// the stream) and answers it; then the connection is HTTP/2's.
+pub async fn greet(conn: &mut Connection) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 << 10];
+    let mut skipped = 0usize;
+    loop {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((_, nonce)) = warren_guest::find_hello(&buf, warren_guest::HOST_HELLO) {
+            let mut reply = warren_guest::GUEST_HELLO.to_vec();
+            reply.extend_from_slice(nonce);
+            reply.push(b'\n');
+            return conn.write_all(&reply).await;
+        }
+        let drop = warren_guest::droppable(&buf, warren_guest::HOST_HELLO);
+        buf.drain(..drop);
+        skipped += drop;
+        if skipped > warren_guest::MAX_STALE {
+            return Err(std::io::Error::other("no greeting in 16 MiB"));
+        }
     }
 }
 
@@ -172,6 +203,9 @@ impl AsyncRead for Fd {
     ) -> Poll<std::io::Result<()>> {
         loop {
             let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            // A hang-up stays in the readiness: nothing to read now then means the end (else
+            // this would spin on EAGAIN).
+            let closed = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| {
                 nix::unistd::read(fd.get_ref(), unfilled).map_err(std::io::Error::from)
@@ -182,6 +216,7 @@ impl AsyncRead for Fd {
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) if closed => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }
@@ -196,10 +231,14 @@ impl AsyncWrite for Fd {
     ) -> Poll<std::io::Result<usize>> {
         loop {
             let mut guard = ready!(self.0.poll_write_ready(cx))?;
+            let closed = guard.ready().is_write_closed();
             match guard
                 .try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from))
             {
                 Ok(result) => return Poll::Ready(result),
+                Err(_would_block) if closed => {
+                    return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+                }
                 Err(_would_block) => continue,
             }
         }

@@ -46,6 +46,7 @@ pub fn client(path: &Path) -> Result<Client, ChannelError> {
         let socket = socket.clone();
         async move {
             let stream = tokio::net::UnixStream::connect(socket).await?;
+            let stream = greet(stream).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
@@ -83,6 +84,10 @@ pub async fn ready(
                 return Ok(c);
             }
             Ok(Err(status)) => {
+                tracing::debug!(
+                    "vm: the guest at {} did not answer yet: {status}",
+                    path.display()
+                );
                 last = status.message().to_string();
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -94,4 +99,98 @@ pub async fn ready(
         patience,
         last,
     })
+}
+
+/// Greets the guest on a new connection (see [`warren_guest::HOST_HELLO`]) and skips what
+/// came before its answer: bytes an earlier connection left in the port. What follows the
+/// answer (the guest's HTTP/2 preface) is kept for tonic.
+async fn greet(mut stream: tokio::net::UnixStream) -> std::io::Result<Greeted> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nonce: String = {
+        let mut bytes = [0u8; warren_guest::NONCE_LEN / 2];
+        use std::io::Read as _;
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let mut hello = warren_guest::HOST_HELLO.to_vec();
+    hello.extend_from_slice(nonce.as_bytes());
+    hello.push(b'\n');
+    stream.write_all(&hello).await?;
+    tracing::debug!("vm: greeted the guest");
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut skipped = 0usize;
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // An answer to an earlier greeting (another nonce) is stale too: look past it.
+        while let Some((end, found)) = warren_guest::find_hello(&buf, warren_guest::GUEST_HELLO) {
+            tracing::debug!(skipped, "vm: a guest greeting");
+            if found == nonce.as_bytes() {
+                return Ok(Greeted {
+                    leftover: buf.split_off(end),
+                    stream,
+                });
+            }
+            buf.drain(..end);
+        }
+        let drop = warren_guest::droppable(&buf, warren_guest::GUEST_HELLO);
+        buf.drain(..drop);
+        skipped += drop;
+        if skipped > warren_guest::MAX_STALE {
+            return Err(std::io::Error::other(
+                "the guest did not answer the greeting within 16 MiB",
+            ));
+        }
+    }
+}
+
+/// A greeted connection: the bytes read past the greeting, then the socket.
+#[derive(Debug)]
+struct Greeted {
+    leftover: Vec<u8>,
+    stream: tokio::net::UnixStream,
+}
+
+impl tokio::io::AsyncRead for Greeted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.remaining());
+            buf.put_slice(&self.leftover[..n]);
+            self.leftover.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Greeted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -190,17 +190,34 @@ async fn save(inner: &Inner, shape: Shape, dir: &Path) -> Result<(), BackendErro
         shared: true,
     });
     let args = machine.args(dir);
-    let Booted { mut qemu, client } = vm::boot(
-        &inner.config.vm.hypervisor.path,
-        &args,
-        dir,
-        inner.config.vm.vm.boot_timeout(),
-        None,
-    )
-    .await?;
-    // Leave the guest waiting for a host: a clone then serves whoever connects first.
-    drop(client);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The host never connects to a template's guest: it waits for the guest to say on its
+    // console that it waits for a host, then pauses it there. A clone's host connection is
+    // then the first its port ever had (as in a cold boot); a template whose guest had seen
+    // a host come and go restored with its port's output stalled.
+    let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
+        .map_err(|e| io("start qemu", &inner.config.vm.hypervisor.path, e))?;
+    let mut qemu = QemuProcess::child(child);
+    let console = dir.join(qemu::CONSOLE_LOG);
+    let deadline = tokio::time::Instant::now() + inner.config.vm.vm.boot_timeout();
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains(warren_guest::WAITING_FOR_HOST) {
+            break;
+        }
+        if !qemu.running() {
+            let how = qemu.wait().await;
+            return Err(vm::boot_error(dir, "", Some(how)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            qemu.kill_and_wait(Duration::from_secs(5)).await;
+            return Err(vm::boot_error(
+                dir,
+                "the template's guest did not come up",
+                None,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let saved = async {
         let mut qmp = Qmp::connect(&dir.join(qemu::QMP_SOCKET), QMP_PATIENCE).await?;
         qmp.execute("stop", None).await?;
