@@ -566,7 +566,12 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
     let mut randoms = std::collections::HashSet::new();
     for name in &names {
         let got = vm.wait_phase(name, "Running", Duration::from_secs(60));
-        assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
+        assert_eq!(
+            got["status"]["backendInfo"]["boot"],
+            "clone",
+            "{got}\n{}",
+            vm.server.log()
+        );
         let out = vm.ok(&[
             "exec",
             name,

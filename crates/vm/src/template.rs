@@ -39,7 +39,9 @@ const STATE: &str = "state";
 const RAM: &str = "ram";
 /// A pool clone's identity file (its qemu, to kill a leftover after a crash).
 const POOL_STATE: &str = "pool.json";
-const QMP_PATIENCE: Duration = Duration::from_secs(10);
+/// How long one QMP answer (and a restore's incoming migration) may take: generous, as a
+/// loaded host under TCG is slow, and a failed restore falls back to a slower cold boot.
+const QMP_PATIENCE: Duration = Duration::from_secs(30);
 
 type Shape = (u32, u64);
 
@@ -267,10 +269,16 @@ async fn restore(
     let restored = async {
         let qmp_path = dir.join(qemu::QMP_SOCKET);
         let deadline = tokio::time::Instant::now() + QMP_PATIENCE;
-        while !qmp_path.exists() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let mut qmp = Qmp::connect(&qmp_path, QMP_PATIENCE).await?;
+        // qemu binds the socket a moment before it listens: retry until it answers.
+        let mut qmp = loop {
+            match Qmp::connect(&qmp_path, QMP_PATIENCE).await {
+                Ok(q) => break q,
+                Err(crate::qmp::QmpError::Io { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
@@ -305,7 +313,8 @@ async fn restore(
         ));
     }
     let socket = dir.join(qemu::CHANNEL_SOCKET);
-    match crate::channel::ready(&socket, Duration::from_secs(10), || qemu.running()).await {
+    let patience = inner.config.vm.vm.boot_timeout();
+    match crate::channel::ready(&socket, patience, || qemu.running()).await {
         Ok(client) => Ok(Booted { qemu, client }),
         Err(e) => {
             qemu.kill_and_wait(Duration::from_secs(5)).await;
