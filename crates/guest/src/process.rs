@@ -324,7 +324,9 @@ pub async fn pump(fd: std::os::fd::OwnedFd, output: Arc<Output>, stream: usize) 
 mod tests {
     use super::*;
 
-    fn chunks(next: Next) -> (Vec<(i32, u64, Vec<u8>)>, [u64; 2]) {
+    type Seen = Vec<(i32, u64, Vec<u8>)>;
+
+    fn chunks(next: Next) -> (Seen, [u64; 2]) {
         match next {
             Next::Events(events, at) => (
                 events

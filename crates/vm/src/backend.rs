@@ -533,7 +533,7 @@ impl Backend for VmBackend {
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<BackendStatus, BackendError> {
         enum Now {
-            Running(Running, watch::Receiver<bool>),
+            Running(Box<Running>, watch::Receiver<bool>),
             Ending(BackendStatus, watch::Receiver<bool>),
             Is(BackendStatus),
         }
@@ -542,7 +542,7 @@ impl Backend for VmBackend {
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
             match (&sb.status, &sb.running, &sb.done) {
                 (BackendStatus::Running, Some(r), Some(done)) => {
-                    Now::Running(r.clone(), done.clone())
+                    Now::Running(Box::new(r.clone()), done.clone())
                 }
                 (BackendStatus::Created, _, _) => {
                     sb.status = BackendStatus::Stopped;
@@ -554,7 +554,7 @@ impl Backend for VmBackend {
             }
         };
         let (running, done) = match now {
-            Now::Running(r, d) => (r, d),
+            Now::Running(r, d) => (*r, d),
             Now::Ending(status, mut done) => {
                 // Ended already; its teardown may still run: wait for it (bounded).
                 let _ = tokio::time::timeout(Duration::from_secs(15), done.wait_for(|d| *d)).await;

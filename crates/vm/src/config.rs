@@ -242,7 +242,7 @@ impl VmConfig {
                 "needs hugetlbfs mounted on /dev/hugepages",
             ));
         }
-        if !machines.is_empty() && !machines.iter().any(|m| *m == h.machine) {
+        if !machines.is_empty() && !machines.contains(&h.machine) {
             let mut known: Vec<&str> = machines.iter().map(String::as_str).take(8).collect();
             known.sort_unstable();
             return Err(invalid(
@@ -385,7 +385,8 @@ mod tests {
         let mut c = VmConfig::default();
         good(&mut c);
         c.validate(&machines).expect("valid");
-        let cases: Vec<(Box<dyn Fn(&mut VmConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut VmConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|c| c.hypervisor.memory_in_mb = 64),
                 "hypervisor.memory_in_mb: \"64\" is below the minimum of 128",
@@ -403,7 +404,10 @@ mod tests {
                 Box::new(|c| c.hypervisor.image_path = "/nope.img".into()),
                 "hypervisor.image_path",
             ),
-            (Box::new(|c| c.vm.health_failures = 0), "health_failures"),
+            (
+                Box::new(|c| c.vm.health_failures = 0),
+                "vm.health_interval_ms/health_timeout_ms/health_failures",
+            ),
         ];
         for (change, want) in cases {
             let mut c = VmConfig::default();
