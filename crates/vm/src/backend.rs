@@ -184,6 +184,9 @@ fn probe(config: &VmBackendConfig) -> Result<Acceleration, String> {
         return Err("needs root (cgroups for qemu, image disks)".into());
     }
     let h = &config.vm.hypervisor;
+    // The checks that need no qemu first: a node without the assets does not pay for
+    // starting qemu at every server start.
+    config.vm.validate(&[]).map_err(|e| e.to_string())?;
     let help = std::process::Command::new(&h.path)
         .args(["-machine", "help"])
         .output()

@@ -53,6 +53,8 @@ pub struct Templates {
     target: usize,
     state: Mutex<State>,
     refill: Arc<tokio::sync::Notify>,
+    /// The server is stopping: no more pool clones.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +84,7 @@ impl Templates {
             target: config.vm.vm.pool,
             state: Mutex::new(State::default()),
             refill: Arc::new(tokio::sync::Notify::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -445,6 +448,35 @@ pub(crate) fn start_refill(inner: &Arc<Inner>) {
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(refill_loop(Arc::downgrade(inner)));
+        runtime.spawn(end_pool_on_stop(Arc::downgrade(inner)));
+    }
+}
+
+/// Pool clones belong to the server: a stopping server (SIGTERM, SIGINT) ends them, whether
+/// or not the backend is dropped on the way out. (After a `kill -9` the next start does,
+/// from their `pool.json`.)
+async fn end_pool_on_stop(weak: Weak<Inner>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    if let Some(inner) = weak.upgrade() {
+        inner
+            .templates
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let pool = std::mem::take(&mut inner.templates.lock().pool);
+        for clone in pool {
+            clone.booted.qemu.reference().kill();
+            let _ = std::fs::remove_dir_all(&clone.dir);
+        }
     }
 }
 
@@ -468,7 +500,12 @@ async fn refill_loop(weak: Weak<Inner>) {
                         state.seq,
                     )
                 };
-                if count >= inner.templates.target {
+                if count >= inner.templates.target
+                    || inner
+                        .templates
+                        .stopped
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                {
                     break;
                 }
                 let dir = inner
