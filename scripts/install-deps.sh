@@ -29,4 +29,6 @@ fi
 "$(dirname "$0")/install-criu.sh"
 
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
+# The vm backend: qemu, Debian's kernel and the initramfs with a static warren-guest.
+"$(dirname "$0")/vm-assets.sh"
 echo "install-deps: ok"

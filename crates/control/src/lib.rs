@@ -31,4 +31,5 @@ pub use address::Address;
 pub use plane::{ControlError, ControlPlane, SandboxUpdate};
 pub use server::{Server, ServerConfig, ServerError};
 pub use warren_linux::LinuxConfig;
+pub use warren_vm::VmConfig;
 pub use warren_wasm::WasmConfig;

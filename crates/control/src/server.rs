@@ -26,6 +26,7 @@ use warren_proto::v1::images_server::ImagesServer;
 use warren_proto::v1::policies_server::PoliciesServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
+use warren_vm::{VmBackend, VmBackendConfig, VmConfig};
 use warren_wasm::{WasmBackend, WasmConfig};
 
 use crate::address::Address;
@@ -62,6 +63,9 @@ pub struct ServerConfig {
     /// `--default-policy`: the policy for sandboxes that name none, which must then exist.
     /// `None`: a policy named `default` if one is stored, else none (docs/policy.md).
     pub default_policy: Option<String>,
+    /// The vm backend's configuration (`--vm-config`), or why it could not be read (then
+    /// the backend is unavailable with that reason).
+    pub vm: Result<VmConfig, String>,
 }
 
 /// The metrics address when none is given: loopback only (metrics describe the node's
@@ -117,6 +121,8 @@ pub struct Server {
     address: Address,
     token: Option<Arc<str>>,
     metrics: Option<(TcpListener, std::net::SocketAddr)>,
+    /// What each backend says of how it runs here (`Backend::describe`).
+    details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
 }
 
 impl std::fmt::Debug for Server {
@@ -178,7 +184,36 @@ impl Server {
             backend: "linux",
             message: e.to_string(),
         })?;
-        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot), Arc::new(wasm), Arc::new(linux)];
+        let (vm_config, config_error) = match &config.vm {
+            Ok(c) => (c.clone(), None),
+            Err(e) => (VmConfig::default(), Some(e.clone())),
+        };
+        let vm = VmBackend::new(
+            VmBackendConfig {
+                dir: config.dir.join("vm"),
+                vm: vm_config,
+                config_error,
+                images: Some(images.clone()),
+                cgroup_parent: config.cgroup_parent.clone(),
+                log_max_bytes: config.wasm.log_max_bytes,
+                default_stop_grace: config.default_grace,
+            },
+            events.clone(),
+        )
+        .map_err(|e| ServerError::Backend {
+            backend: "vm",
+            message: e.to_string(),
+        })?;
+        let backends: Vec<Arc<dyn Backend>> = vec![
+            Arc::new(slot),
+            Arc::new(wasm),
+            Arc::new(linux),
+            Arc::new(vm),
+        ];
+        let details = backends
+            .iter()
+            .filter_map(|b| b.describe().map(|d| (b.kind(), d)))
+            .collect();
         let agent = Agent::new(config.node.clone(), backends.iter().cloned());
         for report in agent.report() {
             match &report.available {
@@ -233,6 +268,7 @@ impl Server {
             address,
             token: config.token.map(Arc::from),
             metrics,
+            details,
         })
     }
 
@@ -254,7 +290,8 @@ impl Server {
     /// ends watch streams, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let service = SandboxService::new(self.plane.clone(), stop_rx.clone());
+        let service =
+            SandboxService::new(self.plane.clone(), stop_rx.clone()).with_details(self.details);
         let token = self.token.clone();
         let sandboxes = InterceptedService::new(
             SandboxesServer::new(service).max_decoding_message_size(16 << 20),

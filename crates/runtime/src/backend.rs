@@ -130,6 +130,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `Ok` when this node can run the backend, else why not ("no /dev/kvm").
     fn is_available(&self) -> Result<(), String>;
 
+    /// How an available backend runs here, for `warren info` (the vm backend: "tcg: ...").
+    fn describe(&self) -> Option<String> {
+        None
+    }
+
     /// Prepares the sandbox without starting its workload.
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError>;
 

@@ -39,6 +39,8 @@ macro_rules! out {
 mod checkpoint;
 #[path = "bench_linux.rs"]
 mod linux;
+#[path = "bench_vm.rs"]
+mod vm;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -64,9 +66,12 @@ struct RunArgs {
     /// Backend to run on.
     #[arg(long, short = 'b', default_value = "wasm")]
     backend: String,
-    /// Image (linux) or module (wasm) to run.
-    #[arg(long, short = 'i', visible_alias = "module")]
+    /// Image (linux) or module (wasm) to run; none for vm.
+    #[arg(long, short = 'i', visible_alias = "module", default_value = "")]
     image: String,
+    /// vm: the vm backend's config (as `warren server --vm-config`).
+    #[arg(long, env = "WARREN_VM_CONFIG", value_name = "FILE")]
+    vm_config: Option<std::path::PathBuf>,
     /// linux: an OCI image layout (directory, or tar of one) to import as --image before the
     /// run; the peers' rootfs is unpacked from it too. Without it the image must already be
     /// in the server's store. Make a busybox one with
@@ -441,6 +446,14 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         .map_err(|e| usage(format!("--backend: {e}")))?;
     if a.count == 0 || a.concurrency == 0 {
         return Err(usage("-n and -c must be at least 1"));
+    }
+    if backend == BackendKind::Vm {
+        return vm::run(a, g).await;
+    }
+    if a.image.is_empty() {
+        return Err(usage(
+            "--image: give the image (linux) or module (wasm) to run",
+        ));
     }
     if backend == BackendKind::Linux {
         return linux::run(a, g).await;

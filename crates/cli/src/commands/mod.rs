@@ -24,6 +24,7 @@ mod run;
 mod sandboxer;
 mod server;
 mod update;
+mod vm;
 mod watch;
 
 #[derive(Debug, Parser)]
@@ -80,6 +81,8 @@ pub enum Command {
     Image(image::Args),
     /// Pull an image from a registry into the server's image store.
     Pull(image::PullArgs),
+    /// The vm backend's templates: `warren vm template build`.
+    Vm(vm::Args),
     /// Measure warren.
     Bench(bench::Args),
     /// Manage the server's policies (apply, ls, get, rm) and check specs against them.
@@ -148,6 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(a) => watch::run(a, &g).await,
         Command::Info(a) => info::run(a, &g).await,
         Command::Bench(a) => bench::run(a, &g).await,
+        Command::Vm(a) => vm::run(a, &g).await,
         Command::Exec(a) => exec::run(a, &g).await,
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,

@@ -83,6 +83,11 @@ pub struct Args {
     /// policy named `default` applies when one is stored). See docs/policy.md.
     #[arg(long, value_name = "NAME")]
     default_policy: Option<String>,
+    /// The vm backend's config (TOML: `[hypervisor]` with Kuasar's fields plus accel and
+    /// machine, `[vm]` for templates and the pool; docs/vm.md). Default: /etc/warren/vm.toml
+    /// when it exists, else built-in defaults (assets in /var/lib/warren/vm).
+    #[arg(long, env = "WARREN_VM_CONFIG", value_name = "FILE")]
+    vm_config: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -179,6 +184,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             }
             None => None,
         },
+        vm: load_vm_config(args.vm_config.as_deref()),
         metrics_required: args.metrics_listen.as_deref().is_some_and(|a| a != "off"),
         metrics_listen: match args.metrics_listen.as_deref() {
             Some("off") => None,
@@ -198,6 +204,16 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     server.run(shutdown_signal()).await?;
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The vm backend's config; a file that cannot be read or parsed makes the backend
+/// unavailable with the reason (the server still starts: the other backends do not need it).
+pub fn load_vm_config(path: Option<&std::path::Path>) -> Result<warren_control::VmConfig, String> {
+    let (path, required) = match path {
+        Some(p) => (p, true),
+        None => (std::path::Path::new("/etc/warren/vm.toml"), false),
+    };
+    warren_control::VmConfig::load(path, required).map_err(|e| warren_runtime::error_chain(&e))
 }
 
 /// Resolves on SIGTERM or SIGINT.
