@@ -3,7 +3,8 @@
 //!
 //! - [`plane`] owns every state change of a sandbox (create, update, delete, expiry,
 //!   recovery) and the event stream `WatchSandboxes` reads.
-//! - [`store`] is where acknowledged state lives: redb with group commit by default.
+//! - [`store`] is where acknowledged state lives: redb with group commit by default, etcd
+//!   for several servers (`--store etcd://...`), where [`leader`] elects the one that serves.
 //! - [`grpc`] maps the wire API onto the plane, and errors onto gRPC codes, in one place;
 //!   [`policies`] serves the stored policies and `CheckPolicy` (the plane's `plane/policy.rs`
 //!   resolves and evaluates them on every create and update).
@@ -19,6 +20,7 @@ pub mod checkpoints;
 pub mod client;
 pub mod grpc;
 pub mod images;
+pub mod leader;
 pub mod metrics;
 pub mod plane;
 pub mod policies;
@@ -29,7 +31,7 @@ pub mod store;
 
 pub use address::Address;
 pub use plane::{ControlError, ControlPlane, SandboxUpdate};
-pub use server::{Server, ServerConfig, ServerError};
+pub use server::{Server, ServerConfig, ServerError, StoreConfig};
 pub use warren_linux::LinuxConfig;
 pub use warren_vm::VmConfig;
 pub use warren_wasm::WasmConfig;

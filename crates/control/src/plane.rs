@@ -189,9 +189,9 @@ impl ControlPlane {
         counts
     }
 
-    /// Whether the store answers a read.
+    /// Whether the store answers and takes this server's writes (see `Store::ready`).
     pub fn store_ready(&self) -> Result<(), StoreError> {
-        self.inner.store.scan("\u{0}").map(|_| ())
+        self.inner.store.ready()
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {

@@ -34,7 +34,8 @@ mod watch;
     about = "Start, run, limit, watch and throw away sandboxes."
 )]
 pub struct Cli {
-    /// Server address: unix:///path/to.sock or tcp://host:port.
+    /// Server address: unix:///path/to.sock or tcp://host:port; several, comma-separated,
+    /// for replicas on one etcd (the leader among them is found and followed).
     #[arg(long, short = 's', global = true, env = "WARREN_SERVER")]
     pub server: Option<String>,
     /// Bearer token for the server (required over TCP).
@@ -168,22 +169,46 @@ pub struct Globals {
 }
 
 impl Globals {
-    pub fn address(&self) -> anyhow::Result<Address> {
+    /// Every `--server` address (one unless replicas on etcd are named).
+    pub fn addresses(&self) -> anyhow::Result<Vec<Address>> {
         match &self.server {
-            Some(s) => s
-                .parse()
-                .map_err(|e: String| usage(format!("--server: {e}"))),
-            None => Ok(Address::Unix(warren_control::address::default_socket())),
+            Some(s) => client::parse_servers(s).map_err(|e| usage(format!("--server: {e}"))),
+            None => Ok(vec![Address::Unix(
+                warren_control::address::default_socket(),
+            )]),
+        }
+    }
+
+    /// The first `--server` address (for commands that start or measure one server).
+    pub fn address(&self) -> anyhow::Result<Address> {
+        Ok(self.addresses()?.swap_remove(0))
+    }
+
+    /// The one server to talk to: the `--server` address, or with several the one that
+    /// leads now (asked in order, following standbys' hints).
+    pub async fn leader_address(&self) -> anyhow::Result<Address> {
+        let addresses = self.addresses()?;
+        match addresses.as_slice() {
+            [one] => Ok(one.clone()),
+            many => Ok(client::connect_leader(many, self.token.as_deref()).await?.1),
         }
     }
 
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let address = self.address()?;
-        Ok(client::connect(&address, self.token.as_deref()).await?)
+        let addresses = self.addresses()?;
+        match addresses.as_slice() {
+            [one] => Ok(client::connect(one, self.token.as_deref()).await?),
+            many => Ok(client::connect_leader(many, self.token.as_deref()).await?.0),
+        }
+    }
+
+    /// A client for idempotent calls that follows the leader across a fail-over.
+    pub fn failover(&self) -> anyhow::Result<client::Failover> {
+        Ok(client::Failover::new(self.addresses()?, self.token.clone()))
     }
 
     pub async fn connect_images(&self) -> anyhow::Result<client::ImagesClient> {
-        let address = self.address()?;
+        let address = self.leader_address().await?;
         Ok(client::connect_images(&address, self.token.as_deref()).await?)
     }
 
@@ -193,7 +218,7 @@ impl Globals {
     }
 
     pub async fn connect_policies(&self) -> anyhow::Result<client::PoliciesClient> {
-        let address = self.address()?;
+        let address = self.leader_address().await?;
         Ok(client::connect_policies(&address, self.token.as_deref()).await?)
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::ValueEnum;
 use tracing::info;
-use warren_control::{Address, Server, ServerConfig, WasmConfig};
+use warren_control::store::StoreUrl;
+use warren_control::{Address, Server, ServerConfig, StoreConfig, WasmConfig};
 use warren_runtime::SlotCapacity;
 
 use super::{Globals, usage};
@@ -91,6 +92,19 @@ pub struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Where the state lives: redb:PATH (default: <dir>/state.redb) or
+    /// etcd://host:port[,host:port...], shared by several servers that elect a leader (the
+    /// others stand by and take over; docs/cluster.md).
+    #[arg(long, env = "WARREN_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// On etcd: the address standbys name for this server when it leads (default: the
+    /// listen address, with its real port).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
+    /// On etcd: TTL of the leader's lease; a leader that dies is replaced about this long
+    /// after (whole seconds, at least 2s).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    leader_ttl: Duration,
 }
 
 /// `linux:IMAGE=N`: the backend (only linux has warm shells), the image name, the count.
@@ -123,6 +137,31 @@ fn hostname() -> String {
 }
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let store = match args.store.as_deref() {
+        None => StoreUrl::default(),
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| usage(format!("--store: {e}")))?,
+    };
+    let advertise = match args.advertise.as_deref() {
+        None => None,
+        Some(a) => Some(
+            a.parse::<Address>()
+                .map_err(|e| usage(format!("--advertise: {e}")))?
+                .to_string(),
+        ),
+    };
+    if args.leader_ttl < Duration::from_secs(2) {
+        return Err(usage(format!(
+            "--leader-ttl: {} is under 2s (etcd's shortest lease)",
+            humantime::format_duration(args.leader_ttl)
+        )));
+    }
+    let store = StoreConfig {
+        url: store,
+        advertise,
+        leader_ttl: Some(args.leader_ttl),
+    };
     let listen: Address = match args.listen.as_deref().or(g.server.as_deref()) {
         Some(s) => s
             .parse()
@@ -193,7 +232,9 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         },
     };
     let dir = config.dir.clone();
-    let server = Server::bind(config).await?;
+    let described = store.url.to_string();
+    let server = Server::bind_with(config, store).await?;
+    info!(store = %described, "store open");
     info!(address = %server.address(), dir = %dir.display(), "warren server listening");
     // One line on stdout for scripts and tests that asked for port 0.
     println!("warren server listening on {}", server.address());
