@@ -25,5 +25,8 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# nftables, iproute2, nsenter: the linux backend's `network.mode: egress` (and its tests).
+"$(dirname "$0")/install-egress.sh"
+
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
 echo "install-deps: ok"

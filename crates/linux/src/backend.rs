@@ -25,6 +25,7 @@ use warren_spec::{BackendKind, NetworkMode, ResourceInfo, SandboxSpec, parse_use
 use crate::config::{self, BindMount, ContainerConfig, Exit, Limits, State};
 use crate::exec::ExecSpec;
 
+mod network;
 mod pty;
 mod spec;
 
@@ -52,6 +53,8 @@ pub struct LinuxConfig {
     pub default_stop_grace: Duration,
     /// Warm shells kept ready per image name (`--warm linux:busybox=4`).
     pub warm: Vec<(String, usize)>,
+    /// Where `network.mode: egress` sandboxes get their addresses (a `/30` each).
+    pub egress_range: ipnet::Ipv4Net,
 }
 
 impl LinuxConfig {
@@ -100,6 +103,8 @@ struct Inner {
     shells: Mutex<Vec<Shell>>,
     /// Wakes the refill task when a shell was taken.
     refill: Arc<tokio::sync::Notify>,
+    /// Addresses and tables of egress sandboxes.
+    network: network::Network,
 }
 
 /// Where warm shells wait (hidden: not a sandbox of [`Backend::list`]).
@@ -156,8 +161,10 @@ impl LinuxBackend {
             clean_warm_dir(&warm_dir, layout, &config.cgroup_parent);
         }
         std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
+        let network = network::Network::new(&config.dir, config.egress_range);
         let backend = LinuxBackend {
             inner: Arc::new(Inner {
+                network,
                 config,
                 events,
                 available,
@@ -372,8 +379,11 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
         deny_syscalls: Vec::new(),
         policy_syscalls: None,
         loopback: true,
+        egress: None,
         read_only_paths: Vec::new(),
         masked_paths: Vec::new(),
+        writable_paths: Vec::new(),
+        exec_allow: None,
         cgroup_parent: inner.config.cgroup_parent.clone(),
         limits: Limits::default(),
         log_max_bytes: inner.config.log_max_bytes,
@@ -595,8 +605,15 @@ impl Backend for LinuxBackend {
             });
         }
         let (container, image_id) = container_config(inner, config)?;
-        crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
-            .map_err(|e| BackendError::Invalid(crate::error_chain(&e)))?;
+        if let Err(e) = crate::seccomp::compiled_with(
+            &container.deny_syscalls,
+            container.policy_syscalls.as_ref(),
+        ) {
+            if container.egress.is_some() {
+                inner.network.release(id);
+            }
+            return Err(BackendError::Invalid(crate::error_chain(&e)));
+        }
         let bundle = self.bundle(id);
         let mut info = BackendInfo::new();
         info.insert("image".into(), image_id.clone());
@@ -773,6 +790,11 @@ impl Backend for LinuxBackend {
             }
         }
         self.inner.lock().remove(id);
+        if self.inner.network.holds(id) {
+            let inner = Arc::clone(&self.inner);
+            let id = id.to_string();
+            let _ = tokio::task::spawn_blocking(move || inner.network.release(&id)).await;
+        }
         let bundle_for_rm = bundle.clone();
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&bundle_for_rm))
             .await

@@ -27,12 +27,18 @@
 //! - **exec** ([`exec`]) enters a running sandbox's namespaces and cgroup from a helper
 //!   (the supervisor binary in exec mode), with pipes or a terminal allocated from the
 //!   container's own devpts.
+//! - **A policy's exec list is enforced in the kernel** ([`execgate`]): `execve` goes to the
+//!   sandbox's supervisor through seccomp user notification, which answers by the policy.
+//!   **`network.mode: egress`** ([`egress`]) is a veth pair and an nftables allow-list set up
+//!   by the supervisor.
 
 pub mod backend;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod egress;
 pub mod exec;
+pub mod execgate;
 pub mod seccomp;
 pub mod supervisor;
 
