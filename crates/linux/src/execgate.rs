@@ -63,8 +63,9 @@
 //!   a listed script runs with its `#!` interpreter and a listed program with its `ld.so`,
 //!   neither of which needs listing; executing the interpreter directly does.
 //! - **Non-UTF-8 paths** are refused (`EPERM`): globs match text.
-//! - **Cost**: two context switches and ~20 syscalls in the supervisor per exec (see
-//!   docs/PERFORMANCE.md); nothing on other syscalls.
+//! - **Cost**: two context switches and ~20 syscalls in the supervisor per exec, ~0.2 ms on
+//!   a busy 2-core machine (docs/PERFORMANCE.md, `scripts/bench-execgate.sh`); nothing on
+//!   other syscalls. The supervisor logs its own time per decision when the sandbox ends.
 
 pub mod resolve;
 mod sys;
@@ -150,6 +151,10 @@ pub struct Gate {
     listeners: Vec<OwnedFd>,
     allowed: u64,
     denied: u64,
+    /// Time spent deciding (from the notification's receipt to the answer), in total and
+    /// the longest, for the supervisor's log.
+    busy: std::time::Duration,
+    slowest: std::time::Duration,
 }
 
 /// What to answer a notification.
@@ -176,6 +181,8 @@ impl Gate {
             listeners: Vec::new(),
             allowed: 0,
             denied: 0,
+            busy: std::time::Duration::ZERO,
+            slowest: std::time::Duration::ZERO,
         })
     }
 
@@ -268,6 +275,7 @@ impl Gate {
 
     /// Answers one notification of listener `j`.
     fn serve(&mut self, j: usize) {
+        let began = std::time::Instant::now();
         let n = match sys::receive(self.listeners[j].as_fd()) {
             Ok(n) => n,
             // ENOENT: the caller died since the poll.
@@ -294,6 +302,9 @@ impl Gate {
         {
             eprintln!("supervisor: exec gate: answer: {e}");
         }
+        let took = began.elapsed();
+        self.busy += took;
+        self.slowest = self.slowest.max(took);
     }
 
     fn decide(&self, listener: BorrowedFd<'_>, n: &sys::Notification) -> Verdict {
@@ -370,9 +381,17 @@ impl Gate {
         }
     }
 
-    /// Execs allowed and denied so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (self.allowed, self.denied)
+    /// What the gate did, for the supervisor's log: execs allowed and denied, the mean and
+    /// longest time a decision took.
+    pub fn summary(&self) -> String {
+        let n = (self.allowed + self.denied).max(1);
+        format!(
+            "{} execs allowed, {} denied; a decision took {:.1} µs on average, {:.1} µs at most",
+            self.allowed,
+            self.denied,
+            self.busy.as_secs_f64() * 1e6 / n as f64,
+            self.slowest.as_secs_f64() * 1e6
+        )
     }
 }
 

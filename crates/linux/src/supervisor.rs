@@ -457,8 +457,7 @@ fn supervise(bundle: &Path, running: Running) {
         let _ = log.close();
     }
     if let Some(gate) = gate {
-        let (allowed, denied) = gate.counts();
-        eprintln!("supervisor: exec gate: {allowed} execs allowed, {denied} denied");
+        eprintln!("supervisor: exec gate: {}", gate.summary());
     }
     let (code, signal) = match status {
         Some(WaitStatus::Exited(_, code)) => (code, None),
