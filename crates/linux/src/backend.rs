@@ -26,6 +26,7 @@ use crate::config::{self, BindMount, ContainerConfig, Exit, Limits, State};
 use crate::exec::ExecSpec;
 
 mod checkpoint;
+mod network;
 mod pty;
 mod spec;
 
@@ -55,6 +56,8 @@ pub struct LinuxConfig {
     pub warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints (`--criu`); `None` finds one ([`crate::criu`]).
     pub criu: Option<PathBuf>,
+    /// Where `network.mode: egress` sandboxes get their addresses (a `/30` each).
+    pub egress_range: ipnet::Ipv4Net,
 }
 
 impl LinuxConfig {
@@ -105,6 +108,8 @@ struct Inner {
     refill: Arc<tokio::sync::Notify>,
     /// The CRIU binary, found at the first checkpoint or restore.
     criu: std::sync::OnceLock<crate::criu::Criu>,
+    /// Addresses and tables of egress sandboxes.
+    network: network::Network,
 }
 
 /// Where warm shells wait (hidden: not a sandbox of [`Backend::list`]).
@@ -161,8 +166,10 @@ impl LinuxBackend {
             clean_warm_dir(&warm_dir, layout, &config.cgroup_parent);
         }
         std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
+        let network = network::Network::new(&config.dir, config.egress_range);
         let backend = LinuxBackend {
             inner: Arc::new(Inner {
+                network,
                 config,
                 events,
                 available,
@@ -378,8 +385,11 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
         deny_syscalls: Vec::new(),
         policy_syscalls: None,
         loopback: true,
+        egress: None,
         read_only_paths: Vec::new(),
         masked_paths: Vec::new(),
+        writable_paths: Vec::new(),
+        exec_allow: None,
         cgroup_parent: inner.config.cgroup_parent.clone(),
         limits: Limits::default(),
         log_max_bytes: inner.config.log_max_bytes,
@@ -642,8 +652,15 @@ impl Backend for LinuxBackend {
             });
         }
         let (container, image_id) = container_config(inner, config)?;
-        crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
-            .map_err(|e| BackendError::Invalid(crate::error_chain(&e)))?;
+        if let Err(e) = crate::seccomp::compiled_with(
+            &container.deny_syscalls,
+            container.policy_syscalls.as_ref(),
+        ) {
+            if container.egress.is_some() {
+                inner.network.release(id);
+            }
+            return Err(BackendError::Invalid(crate::error_chain(&e)));
+        }
         let bundle = self.bundle(id);
         let info = base_info(&image_id, &bundle, &container);
         inner.lock().insert(
@@ -802,6 +819,11 @@ impl Backend for LinuxBackend {
             }
         }
         self.inner.lock().remove(id);
+        if self.inner.network.holds(id) {
+            let inner = Arc::clone(&self.inner);
+            let id = id.to_string();
+            let _ = tokio::task::spawn_blocking(move || inner.network.release(&id)).await;
+        }
         let bundle_for_rm = bundle.clone();
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&bundle_for_rm))
             .await
