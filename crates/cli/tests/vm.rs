@@ -572,6 +572,9 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
             "{got}\n{}",
             vm.server.log()
         );
+        // Handed out from the pool, or restored for this create when the pool ran dry.
+        let from = &got["status"]["backendInfo"]["clone_from"];
+        assert!(from == "pool" || from == "restore", "{got}");
         let out = vm.ok(&[
             "exec",
             name,

@@ -502,6 +502,11 @@ impl Backend for VmBackend {
             sb.info
                 .insert("pid".into(), started.running.qemu.pid.to_string());
             sb.info.insert("boot".into(), started.how.to_string());
+            if started.how == "clone" {
+                // Whether the create was a hand-out or waited for a restore.
+                let from = if started.pooled { "pool" } else { "restore" };
+                sb.info.insert("clone_from".into(), from.into());
+            }
         }
         tokio::spawn(crate::monitor::run(crate::monitor::Watch {
             inner,

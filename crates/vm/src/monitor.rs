@@ -41,6 +41,8 @@ pub(crate) struct Launched {
     pub log: LogWriter,
     /// `cold` or `clone`.
     pub how: &'static str,
+    /// A clone handed out ready from the pool (not restored for this create).
+    pub pooled: bool,
 }
 
 /// Boots (or clones) the sandbox's VM and starts its workload.
@@ -74,7 +76,8 @@ async fn launch_in(
     } else {
         None
     };
-    let (booted, how) = match clone {
+    let pooled = clone.as_ref().is_some_and(|(_, pooled)| *pooled);
+    let (booted, how) = match clone.map(|(booted, _)| booted) {
         Some(mut booted) => {
             // A clone holds its template's identity and RNG state until told otherwise.
             let seed = entropy(&inner.config.vm.hypervisor.entropy_source);
@@ -172,6 +175,7 @@ async fn launch_in(
         running,
         log,
         how,
+        pooled,
     })
 }
 

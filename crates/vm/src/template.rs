@@ -335,7 +335,7 @@ pub(crate) async fn take(
     memory_mb: u64,
     dir: &Path,
     cgroup: Option<&warren_linux::cgroup::Cgroup>,
-) -> Option<Booted> {
+) -> Option<(Booted, bool)> {
     let t = &inner.templates;
     if !t.enabled {
         return None;
@@ -366,14 +366,14 @@ pub(crate) async fn take(
                 return None;
             }
             let _ = std::fs::remove_file(dir.join(POOL_STATE));
-            clone.booted
+            (clone.booted, true)
         }
         Some((clone, false)) => {
             let _ = std::fs::remove_dir_all(&clone.dir);
             return None;
         }
         None if ready(&template) => match restore(inner, shape, &template, dir).await {
-            Ok(b) => b,
+            Ok(b) => (b, false),
             Err(e) => {
                 warn!("vm: restore a clone: {e}");
                 let _ = std::fs::remove_dir_all(dir);
@@ -386,10 +386,10 @@ pub(crate) async fn take(
         }
     };
     if let Some(cg) = cgroup
-        && let Err(e) = cg.add_pid(booted.qemu.pid)
+        && let Err(e) = cg.add_pid(booted.0.qemu.pid)
     {
         warn!("vm: move a clone into its cgroup: {e}");
-        booted.qemu.kill_and_wait(Duration::from_secs(5)).await;
+        booted.0.qemu.kill_and_wait(Duration::from_secs(5)).await;
         let _ = std::fs::remove_dir_all(dir);
         return None;
     }

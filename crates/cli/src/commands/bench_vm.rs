@@ -8,7 +8,11 @@
 //! it its identity and entropy, starts the workload). Bare qemu: qemu started on the same
 //! kernel and initramfs with an extra cpio whose init prints a marker on the serial console
 //! and reboots, timed from spawn to the marker: the physical floor of a cold boot here.
-//! Each phase has one untimed warm-up run first.
+//! Each phase has one untimed warm-up run first. Clone → running: on the templates server,
+//! the create RPC alone (it returns once the guest acknowledged the workload's start), one at
+//! a time with an untimed pause before each so the pool has refilled: a pool hit's cost
+//! (hand-out, `Prepare`, `Start`), the "clone create → guest ready". How many creates
+//! were hand-outs (`backendInfo.clone_from = pool`) is printed beside it.
 //!
 //! The VM config is `--vm-config`'s (or `WARREN_VM_CONFIG`, or /etc/warren/vm.toml); the two
 //! private servers get copies with `templates` off and on. Everything made is removed on the
@@ -112,6 +116,14 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         medians.push((phase, runs.hist.value_at_quantile(0.5)));
         if templates {
             value["rss"] = clone_rss(&mut client, &prefix).await.unwrap_or(Value::Null);
+            let (ready, hits) = create_to_running(&mut client, &prefix, &a.args, a.count).await?;
+            out!(
+                "clone create->running, pool refilled before each ({hits} of {} were hand-outs)",
+                a.count
+            );
+            let mut r = report("ready", &ready);
+            r["pool_hits"] = json!(hits);
+            results.insert("clone_ready".to_string(), r);
         }
         results.insert(phase.to_string(), value);
         drop(server);
@@ -208,6 +220,62 @@ async fn warm_up(
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     Ok(())
+}
+
+/// The create RPC alone (it returns once the workload started in the guest), `n` times one at
+/// a time, each after an untimed pause for the pool to refill; deletes untimed. Returns the
+/// timings and how many creates were handed a pooled clone.
+async fn create_to_running(
+    client: &mut Client,
+    prefix: &str,
+    args: &[String],
+    n: usize,
+) -> anyhow::Result<(Phase, usize)> {
+    let mut phase = Phase {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        elapsed: Duration::ZERO,
+        errors: 0,
+        first_error: None,
+    };
+    let mut hits = 0;
+    for i in 0..n {
+        // A clone restore takes a few hundred ms under TCG; the pool keeps two.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let spec = vm_spec(&format!("{prefix}-ready{i}"), args);
+        let t = Instant::now();
+        let created = client
+            .create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec)),
+                ..Default::default()
+            })
+            .await;
+        let took = t.elapsed();
+        phase.elapsed += took;
+        match created {
+            Ok(reply) => {
+                phase.hist.record(took.as_micros().max(1) as u64)?;
+                let from = reply
+                    .into_inner()
+                    .sandbox
+                    .and_then(|s| s.status)
+                    .and_then(|s| s.backend_info.get("clone_from").cloned());
+                hits += usize::from(from.as_deref() == Some("pool"));
+            }
+            Err(e) => {
+                phase.errors += 1;
+                phase
+                    .first_error
+                    .get_or_insert_with(|| e.message().to_string());
+            }
+        }
+        let _ = client
+            .delete_sandbox(v1::DeleteSandboxRequest {
+                name: spec.name,
+                grace_period_seconds: Some(0),
+            })
+            .await;
+    }
+    Ok((phase, hits))
 }
 
 /// The RSS and PSS of one idle clone's qemu.
