@@ -22,7 +22,9 @@ use warren_agent::Agent;
 use warren_image::ImageStore;
 use warren_linux::{LinuxBackend, LinuxConfig};
 use warren_proto::v1::images_server::ImagesServer;
+use warren_proto::v1::nodes_server::NodesServer;
 use warren_proto::v1::policies_server::PoliciesServer;
+use warren_proto::v1::pools_server::PoolsServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
 use warren_wasm::{WasmBackend, WasmConfig};
@@ -59,6 +61,35 @@ pub struct ServerConfig {
     /// `--default-policy`: the policy for sandboxes that name none, which must then exist.
     /// `None`: a policy named `default` if one is stored, else none (docs/policy.md).
     pub default_policy: Option<String>,
+    /// Agents, consistency default and failure handling (`--local-capacity`,
+    /// `--agent-timeout`, `--consistency`, `--orphan-timeout`).
+    pub cluster: ClusterConfig,
+}
+
+/// The server's settings for several nodes.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Most sandboxes the in-process agent holds (`None`: no limit but the backends'; 0:
+    /// the server only controls `warren agent` processes).
+    pub local_capacity: Option<u32>,
+    /// A remote agent silent this long is lost (its sandboxes too).
+    pub agent_timeout: Duration,
+    /// Consistency of creates whose spec names none.
+    pub consistency: warren_spec::Consistency,
+    /// The in-process agent's janitor removes sandboxes the plane does not know after
+    /// this long.
+    pub orphan_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            local_capacity: None,
+            agent_timeout: crate::nodes::DEFAULT_AGENT_TIMEOUT,
+            consistency: warren_spec::Consistency::Fast,
+            orphan_timeout: warren_agent::janitor::DEFAULT_ORPHAN_TIMEOUT,
+        }
+    }
 }
 
 /// The metrics address when none is given: loopback only (metrics describe the node's
@@ -114,6 +145,7 @@ pub struct Server {
     address: Address,
     token: Option<Arc<str>>,
     metrics: Option<(TcpListener, std::net::SocketAddr)>,
+    orphan_timeout: Duration,
 }
 
 impl std::fmt::Debug for Server {
@@ -184,7 +216,16 @@ impl Server {
                 }
             }
         }
-        let plane = ControlPlane::new(agent, store, config.default_grace);
+        let plane = ControlPlane::with_options(
+            agent,
+            store,
+            crate::plane::PlaneOptions {
+                default_grace: config.default_grace,
+                local_capacity: config.cluster.local_capacity,
+                agent_timeout: config.cluster.agent_timeout,
+                default_consistency: config.cluster.consistency,
+            },
+        );
         plane.set_default_policy(config.default_policy.clone());
         // Events are consumed from before recovery, so exits noticed while adopting count.
         plane.spawn_event_loop(events_rx);
@@ -222,6 +263,7 @@ impl Server {
             address,
             token: config.token.map(Arc::from),
             metrics,
+            orphan_timeout: config.cluster.orphan_timeout,
         })
     }
 
@@ -259,6 +301,25 @@ impl Server {
             PoliciesServer::new(crate::policies::PolicyService::new(self.plane.clone())),
             move |req: Request<()>| authorize(&token, req),
         );
+        let token = self.token.clone();
+        let nodes = InterceptedService::new(
+            NodesServer::new(crate::cluster_grpc::NodesService::new(self.plane.clone())),
+            move |req: Request<()>| authorize(&token, req),
+        );
+        let token = self.token.clone();
+        let pools = InterceptedService::new(
+            PoolsServer::new(crate::cluster_grpc::PoolsService::new(self.plane.clone())),
+            move |req: Request<()>| authorize(&token, req),
+        );
+        let supervision = tokio::spawn(supervise_loop(self.plane.clone(), stop_rx.clone()));
+        let janitor = tokio::spawn(
+            warren_agent::janitor::Janitor::new(
+                self.plane.agent().clone(),
+                Arc::new(crate::link::PlaneOracle(self.plane.clone())),
+                self.orphan_timeout,
+            )
+            .run(stop_rx.clone()),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<SandboxesServer<SandboxService>>()
@@ -289,7 +350,9 @@ impl Server {
             .add_service(health_service)
             .add_service(sandboxes)
             .add_service(images)
-            .add_service(policies);
+            .add_service(policies)
+            .add_service(nodes)
+            .add_service(pools);
         let result = match self.listener {
             Listener::Unix(l, path) => {
                 let served = router
@@ -311,6 +374,8 @@ impl Server {
             }
         };
         expiry.abort();
+        supervision.abort();
+        janitor.abort();
         if let Some(metrics) = metrics {
             metrics.abort();
         }
@@ -379,6 +444,27 @@ async fn expiry_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = tick.tick() => { plane.expire().await; }
             // The sender only ever sends `true`, and dropping it also means stop.
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Lost agents, AutoRecreate and pools: every 250 ms (a quarter of the shortest agent
+/// timeout a test uses, so a lost agent is noticed soon after its timeout).
+async fn supervise_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                plane.supervise().await;
+                n += 1;
+                // Pools follow usage once a second (and right after every change).
+                if n.is_multiple_of(4) {
+                    plane.refresh_pools();
+                }
+            }
             _ = stop.changed() => return,
         }
     }

@@ -835,7 +835,7 @@ fn crun_refusal() -> Option<String> {
 
 /// On drop, kills every process in the cgroups under `/<hierarchy>/<parent>` and removes
 /// them, in every hierarchy.
-struct CgroupSweep(String);
+pub(super) struct CgroupSweep(pub(super) String);
 
 impl Drop for CgroupSweep {
     fn drop(&mut self) {
