@@ -358,7 +358,12 @@ impl ControlPlane {
     /// in-process agent's share (remote agents get theirs with their next heartbeat reply).
     pub fn refresh_pools(&self) {
         let pools = self.list_pools();
-        let in_use = self.in_use();
+        // A registry scan only when there is a pool to count for.
+        let in_use = if pools.is_empty() {
+            HashMap::new()
+        } else {
+            self.in_use()
+        };
         let mut targets: HashMap<String, HashMap<(BackendKind, String), u32>> = HashMap::new();
         for pool in &pools {
             let used = in_use.get(&pool.name).copied().unwrap_or(0);
