@@ -10,7 +10,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
  -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 cargo build --release --locked --target x86_64-unknown-linux-gnu -q
 bin=target/x86_64-unknown-linux-gnu/release
-for target in quantity annotations spec_json log_line; do
+for target in quantity annotations spec_json log_line guest_hello; do
   [ -x "$bin/$target" ] || { echo "fuzz: $target did not build" >&2; exit 1; }
   if [ "$seconds" -gt 0 ]; then
     corpus=$(mktemp -d)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what warren's build and tests need on a fresh Debian 12 machine, idempotently.
-# protoc is vendored by the warren-proto build, so none is needed. System packages:
+# warren-proto's build uses a vendored protoc; etcd-client's needs the system one
+# (install-etcd.sh). System packages:
 # - busybox-static: the linux backend's tests build their busybox image from /bin/busybox;
 # - docker-registry + skopeo: the pull test runs a real registry on loopback and pushes to it;
 # - containerd: the shim's tests drive a private containerd 1.6 (scripts/containerd.sh);
@@ -25,5 +26,12 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# CRIU 4.x for checkpoint/restore, built from Debian's source package (scripts/install-criu.sh).
+"$(dirname "$0")/install-criu.sh"
+# etcd (the etcd store's tests start their own) and protoc (etcd-client's build needs one).
+"$(dirname "$0")/install-etcd.sh"
+
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
+# The vm backend: qemu, Debian's kernel and the initramfs with a static warren-guest.
+"$(dirname "$0")/vm-assets.sh"
 echo "install-deps: ok"

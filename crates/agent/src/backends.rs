@@ -78,6 +78,9 @@ pub fn build(config: &BackendsConfig) -> Result<Backends, BackendsError> {
             log_max_bytes: config.wasm.log_max_bytes,
             default_stop_grace: config.default_grace,
             warm: config.linux_warm.clone(),
+            // CRIU found the default way; checkpoints are taken through the server's own
+            // backends only for now (docs/nodes.md).
+            criu: None,
         },
         events,
     )

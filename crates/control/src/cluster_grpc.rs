@@ -30,6 +30,8 @@ pub fn backend_state_to_pb(b: &BackendState) -> v1::BackendInfo {
         available: b.available,
         reason: b.reason.clone(),
         sandboxes: 0,
+        // How a backend runs (e.g. KVM or TCG) is reported by the server's own node only.
+        detail: String::new(),
     }
 }
 

@@ -61,6 +61,7 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::PolicyMissing { .. }
         | ControlError::PolicyInUse { .. }
         | ControlError::PolicyViolation { .. } => Status::failed_precondition(msg),
+        ControlError::Checkpoint(c) => crate::checkpoints::status_of(&c, msg),
     }
 }
 
@@ -73,11 +74,25 @@ pub struct SandboxService {
     plane: ControlPlane,
     /// Flips to true on shutdown, ending watch streams so a graceful stop does not wait on them.
     shutdown: watch::Receiver<bool>,
+    /// How each backend runs on this node, for `GetServerInfo` (`Backend::describe`).
+    details: std::sync::Arc<std::collections::BTreeMap<warren_spec::BackendKind, String>>,
 }
 
 impl SandboxService {
     pub fn new(plane: ControlPlane, shutdown: watch::Receiver<bool>) -> Self {
-        SandboxService { plane, shutdown }
+        SandboxService {
+            plane,
+            shutdown,
+            details: std::sync::Arc::default(),
+        }
+    }
+
+    pub fn with_details(
+        mut self,
+        details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
+    ) -> Self {
+        self.details = std::sync::Arc::new(details);
+        self
     }
 }
 
@@ -426,6 +441,10 @@ impl Sandboxes for SandboxService {
             .map(|r| v1::BackendInfo {
                 name: r.kind.to_string(),
                 available: r.available.is_ok(),
+                detail: match &r.available {
+                    Ok(()) => self.details.get(&r.kind).cloned().unwrap_or_default(),
+                    Err(_) => String::new(),
+                },
                 reason: r.available.err().unwrap_or_default(),
                 sandboxes: summary.by_backend.get(&r.kind).copied().unwrap_or(0) as u64,
             })

@@ -214,11 +214,18 @@ impl Oracle for LinkOracle {
 
 /// The in-process agent's oracle: the plane itself.
 #[derive(Debug, Clone)]
-pub struct PlaneOracle(pub crate::plane::ControlPlane);
+pub struct PlaneOracle {
+    pub plane: crate::plane::ControlPlane,
+    /// On etcd: the server's role; a server that does not lead (yet) calls nothing unknown.
+    pub roles: Option<tokio::sync::watch::Receiver<crate::leader::Role>>,
+}
 
 #[async_trait::async_trait]
 impl Oracle for PlaneOracle {
     async fn unknown(&self, ids: Vec<String>) -> Result<Vec<String>, String> {
-        Ok(self.0.unknown_ids(ids))
+        if !crate::server::leads(&self.roles) {
+            return Ok(Vec::new());
+        }
+        Ok(self.plane.unknown_ids(ids))
     }
 }

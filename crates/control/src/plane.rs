@@ -135,6 +135,7 @@ struct Inner {
     metrics: Metrics,
     policies: policy::Policies,
     pools: pools::Pools,
+    checkpoints: checkpoint::Checkpointing,
 }
 
 /// How a control plane is set up beyond its agent and store.
@@ -210,6 +211,7 @@ impl ControlPlane {
                 metrics: Metrics::default(),
                 policies: policy::Policies::default(),
                 pools: pools::Pools::default(),
+                checkpoints: checkpoint::Checkpointing::default(),
             }),
         }
     }
@@ -260,9 +262,9 @@ impl ControlPlane {
         counts
     }
 
-    /// Whether the store answers a read.
+    /// Whether the store answers and takes this server's writes (see `Store::ready`).
     pub fn store_ready(&self) -> Result<(), StoreError> {
-        self.inner.store.scan("\u{0}").map(|_| ())
+        self.inner.store.ready()
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -888,6 +890,7 @@ fn phase_of(status: &BackendStatus) -> Phase {
     }
 }
 
+mod checkpoint;
 mod cluster;
 mod create;
 mod error;
@@ -896,6 +899,7 @@ mod policy;
 mod pools;
 mod update;
 
+pub use checkpoint::{CheckpointSource, CheckpointTarget, Taken};
 pub use error::ControlError;
 pub use policy::{DEFAULT_POLICY, PolicyEntry};
 pub use pools::{PoolEntry, PoolSpec, PoolStatus};

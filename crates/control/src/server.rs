@@ -3,6 +3,12 @@
 //! Start-up order: state dir -> store (locks the dir against a second server) -> backends ->
 //! recover every record and reconcile with the backends -> bind -> serve. Nothing is served
 //! before recovery ends, so no client sees a half-loaded registry.
+//!
+//! On etcd (`--store etcd://...`) several servers share the state and elect a leader
+//! ([`crate::leader`]): each binds and serves at once, but a gate in front of every service
+//! answers UNAVAILABLE (naming the leader) until this server has won the election and
+//! recovered every record from etcd. A leader that loses its leadership stops serving and
+//! `run` returns [`ServerError::Deposed`].
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -21,18 +27,21 @@ use tracing::{info, warn};
 use warren_agent::Agent;
 use warren_image::ImageStore;
 use warren_linux::{LinuxBackend, LinuxConfig};
+use warren_proto::v1::checkpoints_server::CheckpointsServer;
 use warren_proto::v1::images_server::ImagesServer;
 use warren_proto::v1::nodes_server::NodesServer;
 use warren_proto::v1::policies_server::PoliciesServer;
 use warren_proto::v1::pools_server::PoolsServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
+use warren_vm::{VmBackend, VmBackendConfig, VmConfig};
 use warren_wasm::{WasmBackend, WasmConfig};
 
 use crate::address::Address;
 use crate::grpc::SandboxService;
+use crate::leader::{Election, Role};
 use crate::plane::{ControlError, ControlPlane};
-use crate::store::{RedbStore, StoreError};
+use crate::store::{EtcdStore, RedbStore, Store, StoreError, StoreUrl};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -54,6 +63,8 @@ pub struct ServerConfig {
     pub cgroup_parent: String,
     /// Warm shells kept ready per image for the linux backend.
     pub linux_warm: Vec<(String, usize)>,
+    /// The CRIU binary for checkpoints; `None` finds one (`warren_linux::criu`).
+    pub criu: Option<PathBuf>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (HTTP); `None`: nowhere.
     pub metrics_listen: Option<String>,
     /// A metrics address that cannot be bound fails the start (else: a warning, no metrics).
@@ -64,6 +75,9 @@ pub struct ServerConfig {
     /// Agents, consistency default and failure handling (`--local-capacity`,
     /// `--agent-timeout`, `--consistency`, `--orphan-timeout`).
     pub cluster: ClusterConfig,
+    /// The vm backend's configuration (`--vm-config`), or why it could not be read (then
+    /// the backend is unavailable with that reason).
+    pub vm: Result<VmConfig, String>,
 }
 
 /// The server's settings for several nodes.
@@ -90,6 +104,16 @@ impl Default for ClusterConfig {
             orphan_timeout: warren_agent::janitor::DEFAULT_ORPHAN_TIMEOUT,
         }
     }
+}
+
+/// Which store a server keeps its state in, and (etcd) how it takes part in the election.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    pub url: StoreUrl,
+    /// etcd: the address standbys name to clients; default: the bound listen address.
+    pub advertise: Option<String>,
+    /// etcd: the leader lease's TTL ([`crate::leader::DEFAULT_TTL`] when `None`).
+    pub leader_ttl: Option<Duration>,
 }
 
 /// The metrics address when none is given: loopback only (metrics describe the node's
@@ -122,6 +146,8 @@ pub enum ServerError {
     Recover(#[source] ControlError),
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("this server lost its leadership ({reason}); it stopped serving")]
+    Deposed { reason: String },
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
@@ -146,6 +172,10 @@ pub struct Server {
     token: Option<Arc<str>>,
     metrics: Option<(TcpListener, std::net::SocketAddr)>,
     orphan_timeout: Duration,
+    /// What each backend says of how it runs here (`Backend::describe`).
+    details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
+    /// On etcd: this server's part in the leader election.
+    election: Option<Arc<Election>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -157,14 +187,33 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
+    /// A server on the embedded store (`<dir>/state.redb`).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::bind_with(config, StoreConfig::default()).await
+    }
+
+    /// A server on the store `store` names.
+    pub async fn bind_with(config: ServerConfig, store: StoreConfig) -> Result<Self, ServerError> {
         if matches!(config.listen, Address::Tcp(_)) && config.token.is_none() {
             return Err(ServerError::TcpWithoutToken(config.listen));
         }
         std::fs::create_dir_all(&config.dir).map_err(io("create", &config.dir))?;
         std::fs::set_permissions(&config.dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io("restrict", &config.dir))?;
-        let store = Arc::new(RedbStore::open(config.dir.join("state.redb"))?);
+        let store_config = store;
+        let (store, etcd): (Arc<dyn Store>, Option<Arc<EtcdStore>>) = match &store_config.url {
+            StoreUrl::Redb => (
+                Arc::new(RedbStore::open(config.dir.join("state.redb"))?),
+                None,
+            ),
+            StoreUrl::RedbAt(path) => (Arc::new(RedbStore::open(path)?), None),
+            StoreUrl::Etcd(endpoints) => {
+                let etcd = Arc::new(EtcdStore::open(endpoints).await?);
+                // A standby until elected: nothing this server does may write before.
+                etcd.set_fence(crate::store::Fence::Standby { leader: None });
+                (etcd.clone(), Some(etcd))
+            }
+        };
         let slot_dir = config
             .slot_dir
             .clone()
@@ -199,6 +248,7 @@ impl Server {
                 log_max_bytes: config.wasm.log_max_bytes,
                 default_stop_grace: config.default_grace,
                 warm: config.linux_warm.clone(),
+                criu: config.criu.clone(),
             },
             events.clone(),
         )
@@ -206,8 +256,37 @@ impl Server {
             backend: "linux",
             message: e.to_string(),
         })?;
-        let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(slot), Arc::new(wasm), Arc::new(linux)];
-        let agent = Agent::new(config.node.clone(), backends);
+        let (vm_config, config_error) = match &config.vm {
+            Ok(c) => (c.clone(), None),
+            Err(e) => (VmConfig::default(), Some(e.clone())),
+        };
+        let vm = VmBackend::new(
+            VmBackendConfig {
+                dir: config.dir.join("vm"),
+                vm: vm_config,
+                config_error,
+                images: Some(images.clone()),
+                cgroup_parent: config.cgroup_parent.clone(),
+                log_max_bytes: config.wasm.log_max_bytes,
+                default_stop_grace: config.default_grace,
+            },
+            events.clone(),
+        )
+        .map_err(|e| ServerError::Backend {
+            backend: "vm",
+            message: e.to_string(),
+        })?;
+        let backends: Vec<Arc<dyn Backend>> = vec![
+            Arc::new(slot),
+            Arc::new(wasm),
+            Arc::new(linux),
+            Arc::new(vm),
+        ];
+        let details = backends
+            .iter()
+            .filter_map(|b| b.describe().map(|d| (b.kind(), d)))
+            .collect();
+        let agent = Agent::new(config.node.clone(), backends.iter().cloned());
         for report in agent.report() {
             match &report.available {
                 Ok(()) => info!(backend = %report.kind, "backend available"),
@@ -227,10 +306,19 @@ impl Server {
             },
         );
         plane.set_default_policy(config.default_policy.clone());
+        let checkpoints =
+            crate::checkpoints::store::CheckpointStore::open(&config.dir.join("checkpoints"))
+                .map_err(|e| ServerError::Backend {
+                    backend: "checkpoint store",
+                    message: warren_runtime::error_chain(&e),
+                })?;
+        plane.enable_checkpoints(checkpoints, backends);
         // Events are consumed from before recovery, so exits noticed while adopting count.
         plane.spawn_event_loop(events_rx);
-        let n = plane.recover().await.map_err(ServerError::Recover)?;
-        info!(sandboxes = n, dir = %config.dir.display(), "state recovered");
+        if etcd.is_none() {
+            let n = plane.recover().await.map_err(ServerError::Recover)?;
+            info!(sandboxes = n, dir = %config.dir.display(), "state recovered");
+        }
 
         let (listener, address) = match &config.listen {
             Address::Unix(path) => {
@@ -256,6 +344,19 @@ impl Server {
                 Err(e) => return Err(io("serve metrics on", Path::new(addr))(e)),
             },
         };
+        let election = etcd.map(|etcd| {
+            let advertise = store_config
+                .advertise
+                .clone()
+                .unwrap_or_else(|| address.to_string());
+            Arc::new(Election::new(
+                etcd,
+                advertise,
+                store_config
+                    .leader_ttl
+                    .unwrap_or(crate::leader::DEFAULT_TTL),
+            ))
+        });
         Ok(Server {
             plane,
             images,
@@ -264,7 +365,14 @@ impl Server {
             token: config.token.map(Arc::from),
             metrics,
             orphan_timeout: config.cluster.orphan_timeout,
+            details,
+            election,
         })
+    }
+
+    /// This server's part in the leader election, on etcd.
+    pub fn election(&self) -> Option<&Arc<Election>> {
+        self.election.as_ref()
     }
 
     /// Where `/metrics` is served (with the real port when the config asked for port 0).
@@ -285,45 +393,85 @@ impl Server {
     /// ends watch streams, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let service = SandboxService::new(self.plane.clone(), stop_rx.clone());
-        let token = self.token.clone();
+        let service =
+            SandboxService::new(self.plane.clone(), stop_rx.clone()).with_details(self.details);
+        let roles = self.election.as_ref().map(|e| e.roles());
+        let (token, gate) = (self.token.clone(), roles.clone());
         let sandboxes = InterceptedService::new(
             SandboxesServer::new(service).max_decoding_message_size(16 << 20),
-            move |req: Request<()>| authorize(&token, req),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        let token = self.token.clone();
+        let (token, gate) = (self.token.clone(), roles.clone());
         let images = InterceptedService::new(
             ImagesServer::new(crate::images::ImagesService::new(self.images.clone())),
-            move |req: Request<()>| authorize(&token, req),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        let token = self.token.clone();
+        let (token, gate) = (self.token.clone(), roles.clone());
         let policies = InterceptedService::new(
             PoliciesServer::new(crate::policies::PolicyService::new(self.plane.clone())),
-            move |req: Request<()>| authorize(&token, req),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        let token = self.token.clone();
+        let (token, gate) = (self.token.clone(), roles.clone());
+        let checkpoints = InterceptedService::new(
+            CheckpointsServer::new(crate::checkpoints::CheckpointService::new(
+                self.plane.clone(),
+            )),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
+        );
+        // Agents register and heartbeat with the leader only (a standby's refusal names it).
+        let (token, gate) = (self.token.clone(), roles.clone());
         let nodes = InterceptedService::new(
             NodesServer::new(crate::cluster_grpc::NodesService::new(self.plane.clone())),
-            move |req: Request<()>| authorize(&token, req),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        let token = self.token.clone();
+        let (token, gate) = (self.token.clone(), roles.clone());
         let pools = InterceptedService::new(
             PoolsServer::new(crate::cluster_grpc::PoolsService::new(self.plane.clone())),
-            move |req: Request<()>| authorize(&token, req),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        let supervision = tokio::spawn(supervise_loop(self.plane.clone(), stop_rx.clone()));
+        // Failure handling and the janitor act only while this server leads: a standby's
+        // plane knows no sandbox, and one still recovering has not adopted its own yet.
+        let supervision = tokio::spawn(supervise_loop(
+            self.plane.clone(),
+            roles.clone(),
+            stop_rx.clone(),
+        ));
         let janitor = tokio::spawn(
             warren_agent::janitor::Janitor::new(
                 self.plane.agent().clone(),
-                Arc::new(crate::link::PlaneOracle(self.plane.clone())),
+                Arc::new(crate::link::PlaneOracle {
+                    plane: self.plane.clone(),
+                    roles: roles.clone(),
+                }),
                 self.orphan_timeout,
             )
             .run(stop_rx.clone()),
         );
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<SandboxesServer<SandboxService>>()
-            .await;
+        let (deposed_tx, deposed_rx) = tokio::sync::oneshot::channel::<String>();
+        let lead = match &self.election {
+            None => {
+                health
+                    .set_serving::<SandboxesServer<SandboxService>>()
+                    .await;
+                drop(deposed_tx);
+                None
+            }
+            Some(election) => {
+                health
+                    .set_not_serving::<SandboxesServer<SandboxService>>()
+                    .await;
+                Some(tokio::spawn(lead(
+                    election.clone(),
+                    self.plane.clone(),
+                    health.clone(),
+                    stop_rx.clone(),
+                    deposed_tx,
+                )))
+            }
+        };
+        let deposed = Arc::new(std::sync::Mutex::new(None::<String>));
+        let deposed_reason = deposed.clone();
 
         let expiry = tokio::spawn(expiry_loop(self.plane.clone(), stop_rx.clone()));
         let metrics = self.metrics.map(|(listener, _)| {
@@ -341,8 +489,13 @@ impl Server {
             })
         });
         let signal = async move {
-            shutdown.await;
-            info!("shutting down: finishing in-flight calls");
+            tokio::select! {
+                _ = shutdown => info!("shutting down: finishing in-flight calls"),
+                Ok(reason) = deposed_rx => {
+                    warn!(reason = %reason, "stopping: this server no longer leads");
+                    *deposed_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                }
+            }
             let _ = stop_tx.send(true);
         };
         let router = TonicServer::builder()
@@ -351,6 +504,7 @@ impl Server {
             .add_service(sandboxes)
             .add_service(images)
             .add_service(policies)
+            .add_service(checkpoints)
             .add_service(nodes)
             .add_service(pools);
         let result = match self.listener {
@@ -379,9 +533,112 @@ impl Server {
         if let Some(metrics) = metrics {
             metrics.abort();
         }
-        result.map_err(ServerError::Serve)
+        if let Some(lead) = lead {
+            // It resigns (revokes the lease) on the stop signal; bounded by etcd's timeouts.
+            let _ = tokio::time::timeout(crate::store::WRITE_DEADLINE, lead).await;
+        }
+        result.map_err(ServerError::Serve)?;
+        let deposed = deposed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match deposed {
+            Some(reason) => Err(ServerError::Deposed { reason }),
+            None => Ok(()),
+        }
     }
 }
+
+/// The etcd server's life: campaign (a standby meanwhile), recover every record, serve as
+/// leader until leadership is lost (sent on `deposed`) or the server stops (it resigns).
+async fn lead(
+    election: Arc<Election>,
+    plane: ControlPlane,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+    deposed: tokio::sync::oneshot::Sender<String>,
+) {
+    let mut leadership = tokio::select! {
+        won = election.campaign() => won,
+        _ = stopped(&mut stop) => return,
+    };
+    let started = std::time::Instant::now();
+    match plane.recover().await {
+        Ok(n) => info!(
+            sandboxes = n,
+            millis = started.elapsed().as_millis() as u64,
+            "leader: state recovered from etcd; serving"
+        ),
+        Err(e) => {
+            let reason = format!("recovery failed: {}", warren_runtime::error_chain(&e));
+            let _ = deposed.send(reason);
+            election.resign(leadership).await;
+            return;
+        }
+    }
+    election.serving();
+    health
+        .set_serving::<SandboxesServer<SandboxService>>()
+        .await;
+    tokio::select! {
+        reason = election.hold(&mut leadership) => {
+            let _ = deposed.send(reason);
+        }
+        _ = stopped(&mut stop) => election.resign(leadership).await,
+    }
+}
+
+/// Resolves once the server is told to stop (the guard `wait_for` returns is not `Send`).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Whether this server leads (and has recovered): always without an election.
+pub fn leads(roles: &Option<watch::Receiver<Role>>) -> bool {
+    roles
+        .as_ref()
+        .is_none_or(|r| matches!(*r.borrow(), Role::Leader))
+}
+
+/// The metadata key a standby names the leader's address in.
+pub const LEADER_METADATA: &str = "warren-leader";
+
+/// Lets a call through only on a leader that has recovered (etcd); always without election.
+#[allow(clippy::result_large_err)] // tonic's interceptor signature fixes the error type.
+fn admit(roles: &Option<watch::Receiver<Role>>, req: Request<()>) -> Result<Request<()>, Status> {
+    let Some(roles) = roles else { return Ok(req) };
+    let role = roles.borrow().clone();
+    let (mut status, role) = match role {
+        Role::Leader => return Ok(req),
+        Role::Standby { leader } => {
+            let mut status = Status::unavailable(format!(
+                "this warren server is a standby; the leader is {leader}"
+            ));
+            if let Ok(v) = leader.parse() {
+                status.metadata_mut().insert(LEADER_METADATA, v);
+            }
+            (status, "standby")
+        }
+        Role::Candidate | Role::Recovering => (
+            Status::unavailable(
+                "this warren server is starting (electing a leader, loading state); retry",
+            ),
+            "starting",
+        ),
+        Role::Deposed { reason } => (
+            Status::unavailable(format!(
+                "this warren server lost its leadership ({reason}) and is stopping; retry on the new leader"
+            )),
+            "deposed",
+        ),
+    };
+    // Tells a client this refusal is about leadership (retry elsewhere), not the call.
+    status.metadata_mut().insert(
+        ROLE_METADATA,
+        tonic::metadata::MetadataValue::from_static(role),
+    );
+    Err(status)
+}
+
+/// The metadata key of a refusal by a server that does not lead: standby, starting, deposed.
+pub const ROLE_METADATA: &str = "warren-role";
 
 async fn bind_tcp(addr: &str) -> std::io::Result<(TcpListener, std::net::SocketAddr)> {
     let l = TcpListener::bind(addr).await?;
@@ -451,13 +708,20 @@ async fn expiry_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
 
 /// Lost agents, AutoRecreate and pools: every 250 ms (a quarter of the shortest agent
 /// timeout a test uses, so a lost agent is noticed soon after its timeout).
-async fn supervise_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
+async fn supervise_loop(
+    plane: ControlPlane,
+    roles: Option<watch::Receiver<Role>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if !leads(&roles) {
+                    continue;
+                }
                 plane.supervise().await;
                 n += 1;
                 // Pools follow usage once a second (and right after every change).

@@ -25,6 +25,7 @@ use warren_spec::{BackendKind, NetworkMode, ResourceInfo, SandboxSpec, parse_use
 use crate::config::{self, BindMount, ContainerConfig, Exit, Limits, State};
 use crate::exec::ExecSpec;
 
+mod checkpoint;
 mod pty;
 mod spec;
 mod warm;
@@ -54,6 +55,8 @@ pub struct LinuxConfig {
     pub default_stop_grace: Duration,
     /// Warm shells kept ready per image name (`--warm linux:busybox=4`).
     pub warm: Vec<(String, usize)>,
+    /// The CRIU binary for checkpoints (`--criu`); `None` finds one ([`crate::criu`]).
+    pub criu: Option<PathBuf>,
 }
 
 impl LinuxConfig {
@@ -106,6 +109,8 @@ struct Inner {
     refilling: std::sync::atomic::AtomicBool,
     /// Wakes the refill task when a shell was taken.
     refill: Arc<tokio::sync::Notify>,
+    /// The CRIU binary, found at the first checkpoint or restore.
+    criu: std::sync::OnceLock<crate::criu::Criu>,
 }
 
 /// Where warm shells wait (hidden: not a sandbox of [`Backend::list`]).
@@ -165,6 +170,7 @@ impl LinuxBackend {
                 refill: Arc::new(tokio::sync::Notify::new()),
                 targets: Mutex::new(warm),
                 refilling: std::sync::atomic::AtomicBool::new(false),
+                criu: std::sync::OnceLock::new(),
             }),
         };
         if !backend.inner.config.warm.is_empty()
@@ -335,8 +341,49 @@ async fn cold_start(
     spawn_supervisor(inner, bundle, None).await
 }
 
+/// What a sandbox's info says from the start: its image, bundle and command.
+fn base_info(image_id: &str, bundle: &Path, container: &ContainerConfig) -> BackendInfo {
+    let mut info = BackendInfo::new();
+    info.insert("image".into(), image_id.to_string());
+    info.insert("bundle".into(), bundle.display().to_string());
+    info.insert("command".into(), container.argv.join(" "));
+    info
+}
+
+/// Marks the sandbox Running under the supervisor `child` (which reported the workload's
+/// `pid`), and records its end when the supervisor exits.
+fn supervise_child(
+    inner: &Arc<Inner>,
+    id: &str,
+    bundle: PathBuf,
+    mut child: tokio::process::Child,
+    pid: i32,
+) {
+    let supervisor = child.id().map(|p| p as i32);
+    let (done_tx, done_rx) = watch::channel(false);
+    if let Some(sb) = inner.lock().get_mut(id) {
+        sb.status = BackendStatus::Running;
+        sb.supervisor = supervisor;
+        sb.done = Some(done_rx);
+        sb.info.insert("pid".into(), pid.to_string());
+    }
+    let inner = Arc::clone(inner);
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+        inner.finished(&id, &bundle);
+        let _ = done_tx.send(true);
+    });
+}
+
 /// The outcome the supervisor recorded in `exit.json`.
 fn exit_status(bundle: &Path) -> BackendStatus {
+    if bundle.join(checkpoint::CHECKPOINTED_MARK).exists()
+        && bundle.join(config::EXIT_FILE).exists()
+    {
+        // CRIU killed the workload after dumping it: the sandbox was stopped, not killed.
+        return BackendStatus::Stopped;
+    }
     match config::read_json::<Exit>(bundle, config::EXIT_FILE) {
         Ok(exit) if exit.oom_killed => BackendStatus::Failed {
             reason: REASON_OOM.to_string(),
@@ -394,10 +441,7 @@ impl Backend for LinuxBackend {
         crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
             .map_err(|e| BackendError::Invalid(crate::error_chain(&e)))?;
         let bundle = self.bundle(id);
-        let mut info = BackendInfo::new();
-        info.insert("image".into(), image_id.clone());
-        info.insert("bundle".into(), bundle.display().to_string());
-        info.insert("command".into(), container.argv.join(" "));
+        let info = base_info(&image_id, &bundle, &container);
         inner.lock().insert(
             id.clone(),
             Sandbox {
@@ -442,28 +486,15 @@ impl Backend for LinuxBackend {
             None
         };
         let warm = shell.is_some();
-        let (mut child, pid) = match shell {
+        let (child, pid) = match shell {
             Some(shell) => claim(&inner, shell, &bundle, &container).await?,
             None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
         };
-        let supervisor = child.id().map(|p| p as i32);
-        let (done_tx, done_rx) = watch::channel(false);
-        {
-            let mut sandboxes = inner.lock();
-            let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
-            sb.status = BackendStatus::Running;
-            sb.supervisor = supervisor;
-            sb.done = Some(done_rx);
-            sb.info.insert("pid".into(), pid.to_string());
+        if let Some(sb) = inner.lock().get_mut(id) {
             // Pools count a create that took a warm shell as a hit.
             sb.info.insert("warm".into(), warm.to_string());
         }
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-            inner.finished(&id, &bundle);
-            let _ = done_tx.send(true);
-        });
+        supervise_child(&inner, id, bundle, child, pid);
         Ok(())
     }
 
@@ -820,6 +851,23 @@ impl Backend for LinuxBackend {
 
     fn warm(&self) -> Vec<(String, usize, usize)> {
         self.warm_state()
+    }
+
+    async fn checkpoint(
+        &self,
+        config: &SandboxConfig,
+        dir: &Path,
+        leave_running: bool,
+    ) -> Result<warren_runtime::CheckpointInfo, BackendError> {
+        checkpoint::checkpoint(self, config, dir, leave_running).await
+    }
+
+    async fn restore(
+        &self,
+        config: &SandboxConfig,
+        dir: &Path,
+    ) -> Result<BackendInfo, BackendError> {
+        checkpoint::restore(self, config, dir).await
     }
 
     fn allocated(&self) -> ResourceInfo {

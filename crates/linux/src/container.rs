@@ -4,7 +4,8 @@
 //! freely (the usual post-fork restrictions come from other threads holding locks). It runs,
 //! in order:
 //!
-//! 1. joins the sandbox's cgroup (writing `0` to `cgroup.procs` moves the writer), so every
+//! 1. starts a session of its own (so the tree can be checkpointed: [`crate::criu`]) and
+//!    joins the sandbox's cgroup (writing `0` to `cgroup.procs` moves the writer), so every
 //!    byte and process the workload makes is counted from the start;
 //! 2. unshares the mount, UTS, IPC, network and cgroup namespaces (the pid namespace was
 //!    unshared by the supervisor before the fork, so this process is pid 1 in it);
@@ -159,6 +160,9 @@ fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
 /// mounted in it.
 fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Result<(), String> {
     reset_signals();
+    // The container's init leads a session of its own, as runc's does: a session led from
+    // outside its pid namespace (the supervisor's) is a tree CRIU cannot checkpoint.
+    nix::unistd::setsid().map_err(|e| err("setsid", e))?;
     for procs in cgroup_procs {
         std::fs::write(procs, "0")
             .map_err(|e| err(format!("join cgroup {}", procs.display()), e))?;
@@ -284,7 +288,11 @@ fn finish(
     Err(format!("exec {:?}: {}", cfg.argv[0], e.desc()))
 }
 
-fn mount_overlay(cfg: &ContainerConfig, bundle: &Path, rootfs: &Path) -> Result<(), String> {
+pub(crate) fn mount_overlay(
+    cfg: &ContainerConfig,
+    bundle: &Path,
+    rootfs: &Path,
+) -> Result<(), String> {
     if let Some(dir) = &cfg.rootfs {
         // As runc does with a bundle's rootfs: the directory itself, recursively, in place.
         return mount(

@@ -27,12 +27,19 @@
 //! - **exec** ([`exec`]) enters a running sandbox's namespaces and cgroup from a helper
 //!   (the supervisor binary in exec mode), with pipes or a terminal allocated from the
 //!   container's own devpts.
+//! - **Checkpoint and restore** with CRIU ([`criu`]): the whole tree with its namespaces, and
+//!   the overlay's upper directory, are saved; a restore ([`restore`], the supervisor in
+//!   restore mode) mounts a new sandbox's overlay in a mount namespace of its own and has
+//!   CRIU bind it as the container's root (`--root`, as runc does), so no mount ever appears
+//!   on the host. See `docs/checkpoint.md`.
 
 pub mod backend;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod criu;
 pub mod exec;
+pub mod restore;
 pub mod seccomp;
 pub mod supervisor;
 

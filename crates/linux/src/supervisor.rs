@@ -43,6 +43,12 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// Runs the supervisor for the bundle; returns the process exit code.
 pub fn main(bundle: &Path) -> i32 {
+    run(bundle, start)
+}
+
+/// A supervisor's life: its own session, a subreaper; `start` the workload, report `ok PID`
+/// (or the error), then supervise it.
+pub(crate) fn run(bundle: &Path, start: fn(&Path) -> Result<Running, String>) -> i32 {
     let _ = nix::unistd::setsid();
     let _ = nix::sys::prctl::set_child_subreaper(true);
     match start(bundle) {
@@ -73,14 +79,16 @@ fn silence_stdout() {
     }
 }
 
-struct Running {
-    config: ContainerConfig,
-    pid: Pid,
-    cgroup: Cgroup,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    signals: SignalFd,
-    started: Instant,
+/// A workload being supervised: what [`supervise`] needs, from a cold start, a warm shell's
+/// claim or a restore.
+pub(crate) struct Running {
+    pub(crate) config: ContainerConfig,
+    pub(crate) pid: Pid,
+    pub(crate) cgroup: Cgroup,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+    pub(crate) signals: SignalFd,
+    pub(crate) started: Instant,
 }
 
 fn start(bundle: &Path) -> Result<Running, String> {
@@ -131,7 +139,7 @@ fn set_up(bundle: &Path) -> Result<(ContainerConfig, SignalFd, Cgroup), String> 
 }
 
 /// Blocks the signals the supervisor handles and returns a descriptor that reads them.
-fn block_signals() -> Result<SignalFd, String> {
+pub(crate) fn block_signals() -> Result<SignalFd, String> {
     let mut mask = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -166,12 +174,7 @@ fn fork_container(
     } else {
         Path::new("/dev/null")
     };
-    let stdin = nix::fcntl::open(
-        stdin_path,
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| format!("open {}: {e}", stdin_path.display()))?;
+    let stdin = open_input(stdin_path)?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("unshare pid namespace: {e}"))?;
 
@@ -224,6 +227,31 @@ fn fork_container(
             Ok((child, out_r, err_r))
         }
     }
+}
+
+/// Opens the workload's stdin: never through a symlink, yet without `O_NOFOLLOW` in the
+/// open file's flags (CRIU reopens an external file with its flags, and `O_NOFOLLOW` on a
+/// `/proc/PID/fd` link fails): the path is opened `O_PATH | O_NOFOLLOW` first, then reopened
+/// through that descriptor.
+pub(crate) fn open_input(path: &Path) -> Result<OwnedFd, String> {
+    let fail = |e: nix::errno::Errno| format!("open {}: {e}", path.display());
+    let pinned = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(fail)?;
+    let kind = nix::sys::stat::fstat(&pinned).map_err(fail)?.st_mode & libc::S_IFMT;
+    if kind == libc::S_IFLNK {
+        return Err(format!("open {}: it is a symbolic link", path.display()));
+    }
+    let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pinned));
+    nix::fcntl::open(
+        via.as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(fail)
 }
 
 fn supervise(bundle: &Path, running: Running) {
@@ -419,7 +447,8 @@ fn stop_grace(bundle: &Path, config: &ContainerConfig) -> Duration {
 }
 
 /// The command line of the supervisor binary (after the program name): `BUNDLE` supervises a
-/// new container; `--exec BUNDLE SPEC_JSON` runs a process inside a running one.
+/// new container; `--restore BUNDLE` restores one from a checkpoint (see [`crate::restore`])
+/// and supervises it; `--exec BUNDLE SPEC_JSON` runs a process inside a running one.
 pub fn cli(args: &[std::ffi::OsString]) -> i32 {
     match args {
         [flag] if flag == "--build-id" => {
@@ -428,6 +457,7 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
         }
         [bundle] => main(Path::new(bundle)),
         [flag, bundle] if flag == "--warm" => warm_main(Path::new(bundle)),
+        [flag, bundle] if flag == "--restore" => crate::restore::main(Path::new(bundle)),
         [flag, bundle, spec] if flag == "--exec" => match spec.to_str() {
             Some(spec) => crate::exec::main(Path::new(bundle), spec),
             None => {
@@ -437,7 +467,7 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
         },
         _ => {
             eprintln!(
-                "usage: warren-supervise [--warm] BUNDLE | warren-supervise --exec BUNDLE SPEC_JSON"
+                "usage: warren-supervise [--warm|--restore] BUNDLE | warren-supervise --exec BUNDLE SPEC_JSON"
             );
             2
         }

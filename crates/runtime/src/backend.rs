@@ -115,6 +115,10 @@ pub struct BackendEvent {
 /// path, and the receiver (the control plane) drains it continuously.
 pub type EventSink = tokio::sync::mpsc::UnboundedSender<BackendEvent>;
 
+/// Facts a backend records about a checkpoint it wrote (the engine and its version, the image
+/// the sandbox runs), kept in the checkpoint's manifest.
+pub type CheckpointInfo = BTreeMap<String, String>;
+
 /// Information a backend reports about a sandbox it created, shown to users
 /// (`status.backend_info`), e.g. where the slot backend wrote `resources.json`.
 pub type BackendInfo = BTreeMap<String, String>;
@@ -125,6 +129,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// `Ok` when this node can run the backend, else why not ("no /dev/kvm").
     fn is_available(&self) -> Result<(), String>;
+
+    /// How an available backend runs here, for `warren info` (the vm backend: "tcg: ...").
+    fn describe(&self) -> Option<String> {
+        None
+    }
 
     /// Prepares the sandbox without starting its workload.
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError>;
@@ -206,6 +215,39 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Err(BackendError::Unsupported {
             backend: self.kind(),
             operation: "exec",
+        })
+    }
+
+    /// Saves a running sandbox's state into `dir` (an empty directory the caller owns, which
+    /// becomes the checkpoint's payload) so that [`Backend::restore`] can continue it later,
+    /// under another id, on this server or another. With `leave_running` the sandbox runs
+    /// on; else it is stopped (status `Stopped`) when this returns. On failure the sandbox
+    /// runs on as before.
+    async fn checkpoint(
+        &self,
+        config: &SandboxConfig,
+        dir: &std::path::Path,
+        leave_running: bool,
+    ) -> Result<CheckpointInfo, BackendError> {
+        let _ = (config, dir, leave_running);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "checkpoint",
+        })
+    }
+
+    /// Creates a sandbox from a checkpoint's payload `dir` (written by [`Backend::checkpoint`]
+    /// and verified by the caller) and runs it from where it was saved. On failure nothing
+    /// of the new sandbox remains.
+    async fn restore(
+        &self,
+        config: &SandboxConfig,
+        dir: &std::path::Path,
+    ) -> Result<BackendInfo, BackendError> {
+        let _ = (config, dir);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "restore",
         })
     }
 

@@ -18,8 +18,8 @@ pub mod logs;
 pub mod slot;
 
 pub use backend::{
-    AppliedPolicy, Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, EventSink,
-    ExecProcess, ExecRequest, Resize, SandboxConfig, Stdin, sandbox_dirs,
+    AppliedPolicy, Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, CheckpointInfo,
+    EventSink, ExecProcess, ExecRequest, Resize, SandboxConfig, Stdin, sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};
 

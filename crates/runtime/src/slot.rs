@@ -389,6 +389,41 @@ impl Backend for SlotBackend {
             .ok_or_else(|| not_found(id))
     }
 
+    /// A slot sandbox holds no process: its checkpoint is its record and resources, which
+    /// the caller's manifest keeps. Nothing is written to `dir`.
+    async fn checkpoint(
+        &self,
+        config: &SandboxConfig,
+        _dir: &std::path::Path,
+        leave_running: bool,
+    ) -> Result<crate::CheckpointInfo, BackendError> {
+        let status = self.status(&config.id).await?;
+        if status != BackendStatus::Running {
+            return Err(BackendError::Invalid(format!(
+                "sandbox {} is {status:?}, not Running: there is nothing to checkpoint",
+                config.id
+            )));
+        }
+        if !leave_running {
+            self.stop(&config.id, Duration::ZERO).await?;
+        }
+        Ok(crate::CheckpointInfo::new())
+    }
+
+    /// Accounts for the sandbox again, as a create does.
+    async fn restore(
+        &self,
+        config: &SandboxConfig,
+        _dir: &std::path::Path,
+    ) -> Result<BackendInfo, BackendError> {
+        let info = self.create(config).await?;
+        if let Err(e) = self.start(&config.id).await {
+            let _ = self.delete(&config.id).await;
+            return Err(e);
+        }
+        Ok(info)
+    }
+
     async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
         let held = Held::of(resources);
         {

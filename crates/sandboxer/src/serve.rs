@@ -155,11 +155,13 @@ fn server_config(config: &Config) -> ServerConfig {
         linux_supervisor: warren_control::LinuxConfig::default_supervisor(),
         cgroup_parent: "warren".to_string(),
         linux_warm: Vec::new(),
+        criu: None,
         metrics_listen: None,
         metrics_required: false,
         // A stored policy named `default`, if one is applied through --api-listen.
         default_policy: None,
         cluster: Default::default(),
+        vm: Err("the sandboxer runs slot pods only".to_string()),
     }
 }
 

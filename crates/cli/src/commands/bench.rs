@@ -5,6 +5,9 @@
 //! percentiles and rates. Without `--server` it starts a private `warren server` on a
 //! temporary directory, so the figures include nothing from other work.
 //!
+//! `bench checkpoint` checkpoints and restores a small linux process, beside runc's
+//! checkpoint and restore of it (see `bench_checkpoint.rs`).
+//!
 //! `bench run` runs a workload to completion N times through the same API and, in the same
 //! run, the same workload with its peers: the wasmtime CLI for wasm; `crun run` and `runc run`
 //! on an equivalent OCI bundle for linux (see `bench_linux.rs`).
@@ -32,10 +35,14 @@ macro_rules! out {
 }
 
 // After `out!`, which they use.
+#[path = "bench_checkpoint.rs"]
+mod checkpoint;
 #[path = "bench_cluster.rs"]
 mod cluster;
 #[path = "bench_linux.rs"]
 mod linux;
+#[path = "bench_vm.rs"]
+mod vm;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -51,6 +58,9 @@ enum What {
     /// with the same workload run by its peers (the wasmtime CLI for wasm; crun and runc on
     /// an equivalent bundle for linux).
     Run(RunArgs),
+    /// Checkpoint and restore a small linux process through the API, beside `runc
+    /// checkpoint` / `runc restore` of the same process (see `bench_checkpoint.rs`).
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,9 +68,12 @@ struct RunArgs {
     /// Backend to run on.
     #[arg(long, short = 'b', default_value = "wasm")]
     backend: String,
-    /// Image (linux) or module (wasm) to run.
-    #[arg(long, short = 'i', visible_alias = "module")]
+    /// Image (linux) or module (wasm) to run; none for vm.
+    #[arg(long, short = 'i', visible_alias = "module", default_value = "")]
     image: String,
+    /// vm: the vm backend's config (as `warren server --vm-config`).
+    #[arg(long, env = "WARREN_VM_CONFIG", value_name = "FILE")]
+    vm_config: Option<std::path::PathBuf>,
     /// linux: an OCI image layout (directory, or tar of one) to import as --image before the
     /// run; the peers' rootfs is unpacked from it too. Without it the image must already be
     /// in the server's store. Make a busybox one with
@@ -137,6 +150,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Create(a) => create(a, g).await,
         What::Run(a) => run_to_exit(a, g).await,
+        What::Checkpoint(a) => checkpoint::run(a, g).await,
     }
 }
 
@@ -580,6 +594,14 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         .map_err(|e| usage(format!("--backend: {e}")))?;
     if a.count == 0 || a.concurrency == 0 {
         return Err(usage("-n and -c must be at least 1"));
+    }
+    if backend == BackendKind::Vm {
+        return vm::run(a, g).await;
+    }
+    if a.image.is_empty() {
+        return Err(usage(
+            "--image: give the image (linux) or module (wasm) to run",
+        ));
     }
     if backend == BackendKind::Linux {
         return linux::run(a, g).await;

@@ -581,14 +581,14 @@ impl Drop for PeerWork {
     }
 }
 
-fn is_busybox(image: &str) -> bool {
+pub(super) fn is_busybox(image: &str) -> bool {
     let name = image.strip_prefix("docker.io/").unwrap_or(image);
     let name = name.strip_prefix("library/").unwrap_or(name);
     name == "busybox" || name == "busybox:latest"
 }
 
 /// Writes `bundle/config.json`: the peer's own `spec`, made equivalent to warren's sandbox.
-fn write_config(
+pub(super) fn write_config(
     program: &Path,
     bundle: &Path,
     rootfs: &Path,
@@ -635,7 +635,7 @@ fn write_config(
 /// `rootfs`, bottom first, with the system's `tar`. Whiteouts are not applied, so an image
 /// that has any is refused (a single-layer image such as busybox has none). Returns the
 /// number of layers.
-fn unpack_layout(
+pub(super) fn unpack_layout(
     layout: &Path,
     image: &str,
     rootfs: &Path,
@@ -757,7 +757,7 @@ fn find_whiteout(dir: &Path) -> Option<PathBuf> {
 }
 
 /// The files of the busybox-layout example, from the host's `/bin/busybox`.
-fn busybox_rootfs(rootfs: &Path) -> anyhow::Result<()> {
+pub(super) fn busybox_rootfs(rootfs: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let bin = rootfs.join("bin");
     std::fs::create_dir(&bin)?;

@@ -22,7 +22,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         let backends: Vec<_> = info
             .backends
             .iter()
-            .map(|b| serde_json::json!({"name": b.name, "available": b.available, "reason": b.reason, "sandboxes": b.sandboxes}))
+            .map(|b| serde_json::json!({"name": b.name, "available": b.available, "reason": b.reason, "detail": b.detail, "sandboxes": b.sandboxes}))
             .collect();
         let value = serde_json::json!({
             "version": info.version, "node": info.node, "store": info.store,
@@ -41,7 +41,9 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         .backends
         .iter()
         .map(|b| {
-            let state = if b.available {
+            let state = if b.available && !b.detail.is_empty() {
+                format!("available: {}", b.detail)
+            } else if b.available {
                 "available".to_string()
             } else {
                 format!("unavailable: {}", b.reason)

@@ -10,6 +10,7 @@ use warren_control::client::{self, Client};
 mod agent;
 mod apply;
 mod bench;
+mod checkpoint;
 mod exec;
 mod get;
 mod image;
@@ -20,11 +21,13 @@ mod ls;
 mod nodes;
 mod policy;
 mod pool;
+mod restore;
 mod rm;
 mod run;
 mod sandboxer;
 mod server;
 mod update;
+mod vm;
 mod watch;
 
 #[derive(Debug, Parser)]
@@ -34,7 +37,8 @@ mod watch;
     about = "Start, run, limit, watch and throw away sandboxes."
 )]
 pub struct Cli {
-    /// Server address: unix:///path/to.sock or tcp://host:port.
+    /// Server address: unix:///path/to.sock or tcp://host:port; several, comma-separated,
+    /// for replicas on one etcd (the leader among them is found and followed).
     #[arg(long, short = 's', global = true, env = "WARREN_SERVER")]
     pub server: Option<String>,
     /// Bearer token for the server (required over TCP).
@@ -90,10 +94,16 @@ pub enum Command {
     Image(image::Args),
     /// Pull an image from a registry into the server's image store.
     Pull(image::PullArgs),
+    /// The vm backend's templates: `warren vm template build`.
+    Vm(vm::Args),
     /// Measure warren.
     Bench(bench::Args),
     /// Manage the server's policies (apply, ls, get, rm) and check specs against them.
     Policy(policy::Args),
+    /// Checkpoint a running sandbox (CRIU for linux), or list, delete and export checkpoints.
+    Checkpoint(checkpoint::Args),
+    /// Create a sandbox from a checkpoint; it continues where it was saved.
+    Restore(restore::Args),
 }
 
 /// A mistake in how the command was called: exit code 2.
@@ -157,10 +167,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(a) => watch::run(a, &g).await,
         Command::Info(a) => info::run(a, &g).await,
         Command::Bench(a) => bench::run(a, &g).await,
+        Command::Vm(a) => vm::run(a, &g).await,
         Command::Exec(a) => exec::run(a, &g).await,
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,
         Command::Policy(a) => policy::run(a, &g).await,
+        Command::Checkpoint(a) => checkpoint::run(a, &g).await,
+        Command::Restore(a) => restore::run(a, &g).await,
     }
 }
 
@@ -171,37 +184,66 @@ pub struct Globals {
 }
 
 impl Globals {
-    pub fn address(&self) -> anyhow::Result<Address> {
+    /// Every `--server` address (one unless replicas on etcd are named).
+    pub fn addresses(&self) -> anyhow::Result<Vec<Address>> {
         match &self.server {
-            Some(s) => s
-                .parse()
-                .map_err(|e: String| usage(format!("--server: {e}"))),
-            None => Ok(Address::Unix(warren_control::address::default_socket())),
+            Some(s) => client::parse_servers(s).map_err(|e| usage(format!("--server: {e}"))),
+            None => Ok(vec![Address::Unix(
+                warren_control::address::default_socket(),
+            )]),
+        }
+    }
+
+    /// The first `--server` address (for commands that start or measure one server).
+    pub fn address(&self) -> anyhow::Result<Address> {
+        Ok(self.addresses()?.swap_remove(0))
+    }
+
+    /// The one server to talk to: the `--server` address, or with several the one that
+    /// leads now (asked in order, following standbys' hints).
+    pub async fn leader_address(&self) -> anyhow::Result<Address> {
+        let addresses = self.addresses()?;
+        match addresses.as_slice() {
+            [one] => Ok(one.clone()),
+            many => Ok(client::connect_leader(many, self.token.as_deref()).await?.1),
         }
     }
 
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let address = self.address()?;
-        Ok(client::connect(&address, self.token.as_deref()).await?)
+        let addresses = self.addresses()?;
+        match addresses.as_slice() {
+            [one] => Ok(client::connect(one, self.token.as_deref()).await?),
+            many => Ok(client::connect_leader(many, self.token.as_deref()).await?.0),
+        }
+    }
+
+    /// A client for idempotent calls that follows the leader across a fail-over.
+    pub fn failover(&self) -> anyhow::Result<client::Failover> {
+        Ok(client::Failover::new(self.addresses()?, self.token.clone()))
     }
 
     pub async fn connect_images(&self) -> anyhow::Result<client::ImagesClient> {
-        let address = self.address()?;
+        let address = self.leader_address().await?;
         Ok(client::connect_images(&address, self.token.as_deref()).await?)
     }
 
     pub async fn connect_nodes(&self) -> anyhow::Result<client::NodesClient> {
-        let address = self.address()?;
+        let address = self.leader_address().await?;
         Ok(client::connect_nodes(&address, self.token.as_deref()).await?)
     }
 
     pub async fn connect_pools(&self) -> anyhow::Result<client::PoolsClient> {
-        let address = self.address()?;
+        let address = self.leader_address().await?;
         Ok(client::connect_pools(&address, self.token.as_deref()).await?)
     }
 
-    pub async fn connect_policies(&self) -> anyhow::Result<client::PoliciesClient> {
+    pub async fn connect_checkpoints(&self) -> anyhow::Result<client::CheckpointsClient> {
         let address = self.address()?;
+        Ok(client::connect_checkpoints(&address, self.token.as_deref()).await?)
+    }
+
+    pub async fn connect_policies(&self) -> anyhow::Result<client::PoliciesClient> {
+        let address = self.leader_address().await?;
         Ok(client::connect_policies(&address, self.token.as_deref()).await?)
     }
 }

@@ -302,16 +302,23 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         None => Vec::new(),
         Some(path) => read_stdin(path)?,
     };
-    let mut client = g.connect().await?;
+    // A create is idempotent by name: after a fail-over it is sent again to the new leader
+    // (the same spec answers the sandbox the first attempt made, if it made one).
+    let mut failover = g.failover()?;
+    let request = v1::CreateSandboxRequest {
+        spec: Some(spec_to_pb(&spec)),
+        stdin,
+        ..Default::default()
+    };
     let reply = answer(
-        client
-            .create_sandbox(v1::CreateSandboxRequest {
-                spec: Some(spec_to_pb(&spec)),
-                stdin,
-                ..Default::default()
+        failover
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.create_sandbox(request).await }
             })
             .await,
     )?;
+    let mut client = failover.client().await?;
     let sb = reply.sandbox.unwrap_or_default();
     if args.wait {
         return wait(&mut client, &spec.name, args.rm).await;

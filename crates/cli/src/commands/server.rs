@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::ValueEnum;
 use tracing::info;
-use warren_control::{Address, Server, ServerConfig, WasmConfig};
+use warren_control::store::StoreUrl;
+use warren_control::{Address, Server, ServerConfig, StoreConfig, WasmConfig};
 use warren_runtime::SlotCapacity;
 
 use super::{Globals, usage};
@@ -70,6 +71,10 @@ pub struct Args {
     /// v2 root).
     #[arg(long, default_value = "warren")]
     cgroup_parent: String,
+    /// The CRIU binary (4.x) for checkpoints of linux sandboxes; default: $WARREN_CRIU, then
+    /// /usr/local/lib/warren/criu/criu (scripts/install-criu.sh), then criu on PATH.
+    #[arg(long, value_name = "PATH")]
+    criu: Option<std::path::PathBuf>,
     /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP on ADDR (port 0: any
     /// free port; `off`: not at all). Default 127.0.0.1:9091, skipped with a warning when
     /// that port is taken.
@@ -95,9 +100,27 @@ pub struct Args {
     /// this long, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     orphan_timeout: Duration,
+    /// The vm backend's config (TOML: `[hypervisor]` with Kuasar's fields plus accel and
+    /// machine, `[vm]` for templates and the pool; docs/vm.md). Default: /etc/warren/vm.toml
+    /// when it exists, else built-in defaults (assets in /var/lib/warren/vm).
+    #[arg(long, env = "WARREN_VM_CONFIG", value_name = "FILE")]
+    vm_config: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Where the state lives: redb:PATH (default: <dir>/state.redb) or
+    /// etcd://host:port[,host:port...], shared by several servers that elect a leader (the
+    /// others stand by and take over; docs/cluster.md).
+    #[arg(long, env = "WARREN_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// On etcd: the address standbys name for this server when it leads (default: the
+    /// listen address, with its real port).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
+    /// On etcd: TTL of the leader's lease; a leader that dies is replaced about this long
+    /// after (whole seconds, at least 2s).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    leader_ttl: Duration,
 }
 
 /// `linux:IMAGE=N`: the backend (only linux has warm shells), the image name, the count.
@@ -130,6 +153,31 @@ pub(super) fn hostname() -> String {
 }
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let store = match args.store.as_deref() {
+        None => StoreUrl::default(),
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| usage(format!("--store: {e}")))?,
+    };
+    let advertise = match args.advertise.as_deref() {
+        None => None,
+        Some(a) => Some(
+            a.parse::<Address>()
+                .map_err(|e| usage(format!("--advertise: {e}")))?
+                .to_string(),
+        ),
+    };
+    if args.leader_ttl < Duration::from_secs(2) {
+        return Err(usage(format!(
+            "--leader-ttl: {} is under 2s (etcd's shortest lease)",
+            humantime::format_duration(args.leader_ttl)
+        )));
+    }
+    let store = StoreConfig {
+        url: store,
+        advertise,
+        leader_ttl: Some(args.leader_ttl),
+    };
     let listen: Address = match args.listen.as_deref().or(g.server.as_deref()) {
         Some(s) => s
             .parse()
@@ -198,6 +246,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
             .collect::<anyhow::Result<_>>()?,
         cgroup_parent: args.cgroup_parent,
+        criu: args.criu,
         default_policy: match args.default_policy {
             Some(name) => {
                 warren_spec::validate_name("--default-policy", &name)
@@ -206,6 +255,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             }
             None => None,
         },
+        vm: load_vm_config(args.vm_config.as_deref()),
         metrics_required: args.metrics_listen.as_deref().is_some_and(|a| a != "off"),
         metrics_listen: match args.metrics_listen.as_deref() {
             Some("off") => None,
@@ -214,7 +264,9 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         },
     };
     let dir = config.dir.clone();
-    let server = Server::bind(config).await?;
+    let described = store.url.to_string();
+    let server = Server::bind_with(config, store).await?;
+    info!(store = %described, "store open");
     info!(address = %server.address(), dir = %dir.display(), "warren server listening");
     // One line on stdout for scripts and tests that asked for port 0.
     println!("warren server listening on {}", server.address());
@@ -225,6 +277,16 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     server.run(shutdown_signal()).await?;
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The vm backend's config; a file that cannot be read or parsed makes the backend
+/// unavailable with the reason (the server still starts: the other backends do not need it).
+pub fn load_vm_config(path: Option<&std::path::Path>) -> Result<warren_control::VmConfig, String> {
+    let (path, required) = match path {
+        Some(p) => (p, true),
+        None => (std::path::Path::new("/etc/warren/vm.toml"), false),
+    };
+    warren_control::VmConfig::load(path, required).map_err(|e| warren_runtime::error_chain(&e))
 }
 
 /// Resolves on SIGTERM or SIGINT.

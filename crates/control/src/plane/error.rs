@@ -71,6 +71,8 @@ pub enum ControlError {
     },
     #[error("pool {name:?} is full: it holds its max of {max} sandboxes")]
     PoolFull { name: String, max: u32 },
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoints::store::CheckpointError),
     /// One line per violation: `field: "value" violates rule`.
     #[error("sandbox {sandbox:?} is refused by policy {policy:?}:\n  {}", violations.join("\n  "))]
     PolicyViolation {

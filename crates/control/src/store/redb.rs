@@ -120,15 +120,7 @@ fn writer(db: &Database, mut rx: mpsc::UnboundedReceiver<Queued>) {
         batch.push(first);
         let deadline = std::time::Instant::now() + LINGER;
         loop {
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        waited_for |= !next.behind;
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
+            waited_for |= super::drain(&mut rx, &mut batch, MAX_BATCH, |q| q.behind);
             let now = std::time::Instant::now();
             if waited_for || batch.len() >= MAX_BATCH || now >= deadline {
                 break;

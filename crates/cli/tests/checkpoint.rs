@@ -1,0 +1,424 @@
+//! Checkpoint and restore end to end: the real server and CLI, busybox containers, and the
+//! CRIU `scripts/install-criu.sh` builds. Needs root, /bin/busybox and CRIU 4.x (installed
+//! by scripts/install-deps.sh); without one of them every test says why it skips.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+mod common;
+#[macro_use]
+#[path = "common/linux.rs"]
+mod linux_harness;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{TestServer, json, stderr};
+use linux_harness::{Linux, stdout};
+
+/// Counts, and holds a file open on fd 3 that it writes each count to.
+const COUNTER: &str =
+    "exec 3>/tmp/held; i=0; while true; do i=$((i+1)); echo count $i; echo $i >&3; sleep 0.1; done";
+
+/// Why CRIU cannot be used here (root and busybox are `linux_or_skip!`'s to check).
+fn skip() -> Option<String> {
+    warren_linux::criu::Criu::find(None).err().map(|e| {
+        format!(
+            "SKIP: {} (run scripts/install-criu.sh)",
+            warren_linux::error_chain(&e)
+        )
+    })
+}
+
+macro_rules! criu_or_skip {
+    () => {
+        match skip() {
+            Some(reason) => {
+                eprintln!("{reason}");
+                return;
+            }
+            None => linux_or_skip!(),
+        }
+    };
+}
+
+fn counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
+        .collect()
+}
+
+/// Waits until `warren logs NAME` shows `count N` for some N >= `at_least`; returns the
+/// counts so far.
+fn wait_count(l: &Linux, name: &str, at_least: u64) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = l.warren(&["logs", name]);
+        let got = counts(&stdout(&out));
+        if got.last().is_some_and(|&n| n >= at_least) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never counted to {at_least}: {got:?} {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A count from 1 upwards without gaps (a line may repeat: output in flight at the dump).
+fn assert_continuous(counts: &[u64]) {
+    assert_eq!(counts.first(), Some(&1), "{counts:?}");
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1 || w[1] == w[0]),
+        "the count does not continue: {counts:?}"
+    );
+}
+
+fn start_counter(l: &Linux, name: &str) {
+    let out = l.run(name, &[], &["sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn dump_kill_restore_counts_on_with_its_logs_and_open_file() {
+    let l = criu_or_skip!();
+    start_counter(&l, "counter");
+    wait_count(&l, "counter", 5);
+
+    assert_eq!(l.ok(&["checkpoint", "counter", "--name", "ck1"]), "ck1\n");
+    // Not --leave-running: the workload is gone, the sandbox Stopped.
+    assert_eq!(l.get("counter")["status"]["phase"], "Stopped");
+    assert!(
+        l.leftover_cgroups().is_empty(),
+        "{:?}",
+        l.leftover_cgroups()
+    );
+    let at_dump = *counts(&l.ok(&["logs", "counter"])).last().unwrap();
+
+    let listed = json(&l.ok(&["checkpoint", "ls", "-o", "json"]));
+    let item = &listed["items"][0];
+    assert_eq!(item["metadata"]["name"], "ck1");
+    assert_eq!(item["sandbox"]["name"], "counter");
+    assert!(
+        item["criuVersion"].as_str().unwrap().starts_with("4."),
+        "{item}"
+    );
+    assert!(item["size"].as_u64().unwrap() > 10_000, "{item}");
+    assert!(l.ok(&["checkpoint", "ls"]).contains("ck1"));
+
+    // The same name: the stopped sandbox is replaced by its continuation.
+    assert_eq!(l.ok(&["restore", "ck1"]), "counter\n");
+    let got = l.get("counter");
+    assert_eq!(got["status"]["phase"], "Running", "{got}");
+    assert_eq!(got["status"]["backendInfo"]["checkpoint"], "ck1", "{got}");
+    let all = wait_count(&l, "counter", at_dump + 5);
+    assert_continuous(&all);
+
+    // The file the shell opened before the dump is still open on fd 3, and still written.
+    let out = l.ok(&[
+        "exec",
+        "counter",
+        "--",
+        "sh",
+        "-c",
+        "ls -l /proc/1/fd/3; tail -n 1 /tmp/held",
+    ]);
+    assert!(out.contains("-> /tmp/held"), "{out}");
+    let held: u64 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(held > at_dump, "/tmp/held at {held}, dumped at {at_dump}");
+
+    l.ok(&["rm", "counter"]);
+    assert_eq!(l.ok(&["checkpoint", "rm", "ck1"]), "ck1\n");
+    assert!(!l.ok(&["checkpoint", "ls"]).contains("ck1"));
+    let out = l.warren(&["restore", "ck1"]);
+    assert!(
+        stderr(&out).contains("checkpoint \"ck1\" not found"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn leave_running_and_a_copy_under_a_new_name_beside_the_original() {
+    let l = criu_or_skip!();
+    start_counter(&l, "orig");
+    wait_count(&l, "orig", 3);
+    l.ok(&["checkpoint", "orig", "--leave-running", "--name", "lr"]);
+    assert_eq!(l.get("orig")["status"]["phase"], "Running");
+    let at_dump = *counts(&l.ok(&["logs", "orig"])).last().unwrap();
+
+    assert_eq!(l.ok(&["restore", "lr", "--name", "copy"]), "copy\n");
+    let copy = wait_count(&l, "copy", at_dump + 5);
+    assert_continuous(&copy);
+    let orig = wait_count(&l, "orig", at_dump + 5);
+    assert_continuous(&orig);
+    let pid = |name: &str| l.get(name)["status"]["backendInfo"]["pid"].clone();
+    assert_ne!(pid("orig"), pid("copy"));
+    // Both are pid 1 of a pid namespace of their own.
+    for name in ["orig", "copy"] {
+        let out = l.ok(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/1/cmdline | tr '\\0' ' '",
+        ]);
+        assert!(out.starts_with("sh -c exec 3>/tmp/held"), "{name}: {out}");
+    }
+    // The original's name is taken by a running sandbox.
+    let out = l.warren(&["restore", "lr"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("exists and has not finished"),
+        "{}",
+        stderr(&out)
+    );
+    l.ok(&["rm", "orig", "copy"]);
+}
+
+#[test]
+fn an_exported_checkpoint_restores_on_another_server() {
+    let l = criu_or_skip!();
+    start_counter(&l, "mover");
+    wait_count(&l, "mover", 3);
+    let out_dir = tempfile::tempdir().unwrap();
+    let tarball = out_dir.path().join("mover.tar.gz");
+    let tar_text = tarball.to_str().unwrap();
+    assert_eq!(
+        l.ok(&["checkpoint", "mover", "--leave-running", "-o", tar_text]),
+        format!("{tar_text}\n")
+    );
+    assert!(tarball.is_file());
+    // An -o checkpoint is not stored.
+    assert!(!l.ok(&["checkpoint", "ls"]).contains("mover"));
+    // A stored one exported as a directory.
+    l.ok(&["checkpoint", "mover", "--name", "m2"]);
+    let dir = out_dir.path().join("m2-dir");
+    l.ok(&["checkpoint", "export", "m2", dir.to_str().unwrap()]);
+    assert!(dir.join("manifest.json").is_file());
+    let at_dump = *counts(&l.ok(&["logs", "mover"])).last().unwrap();
+
+    // Another server, another state dir (its own image store with the same image).
+    let other = Linux::start();
+    assert_eq!(
+        other.ok(&["restore", tar_text, "--name", "moved"]),
+        "moved\n"
+    );
+    assert_continuous(&wait_count(&other, "moved", at_dump + 3));
+    assert_eq!(other.ok(&["restore", dir.to_str().unwrap()]), "mover\n");
+    assert_continuous(&wait_count(&other, "mover", at_dump + 3));
+    other.ok(&["rm", "moved", "mover"]);
+    l.ok(&["rm", "mover"]);
+}
+
+/// Processes whose command line names `dir` (the supervisors of its sandboxes).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) && !cmd.contains("warren server") {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn corrupt_and_truncated_checkpoints_are_refused_leaving_nothing() {
+    let l = criu_or_skip!();
+    start_counter(&l, "src");
+    wait_count(&l, "src", 2);
+    let out = tempfile::tempdir().unwrap();
+    let good = out.path().join("good");
+    l.ok(&[
+        "checkpoint",
+        "src",
+        "--leave-running",
+        "-o",
+        good.to_str().unwrap(),
+    ]);
+    let state = l.server.state_dir();
+    let cgroups_before = l.leftover_cgroups();
+    let supervisors_before = processes_under(&state);
+
+    let pages = std::fs::read_dir(good.join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .unwrap();
+    let rel = pages.strip_prefix(&good).unwrap().to_path_buf();
+    let variants: Vec<(&str, PathBuf, &str)> = {
+        // One flipped byte in the memory pages.
+        let flipped = out.path().join("flipped");
+        copy_tree(&good, &flipped);
+        let mut bytes = std::fs::read(flipped.join(&rel)).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(flipped.join(&rel), &bytes).unwrap();
+        // The root filesystem's changes cut short.
+        let cut = out.path().join("cut");
+        copy_tree(&good, &cut);
+        let tar = std::fs::read(cut.join("rootfs.tar")).unwrap();
+        std::fs::write(cut.join("rootfs.tar"), &tar[..tar.len() / 2]).unwrap();
+        // No manifest at all.
+        let bare = out.path().join("bare");
+        copy_tree(&good, &bare);
+        std::fs::remove_file(bare.join("manifest.json")).unwrap();
+        // A tarball cut in half.
+        let whole = out.path().join("whole.tar");
+        l.ok(&[
+            "checkpoint",
+            "src",
+            "--leave-running",
+            "-o",
+            whole.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&whole).unwrap();
+        let half = out.path().join("half.tar");
+        std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
+        vec![
+            ("flipped", flipped, "has sha256"),
+            ("cut", cut, "rootfs.tar has"),
+            ("bare", bare, "has no manifest.json"),
+            ("half", half, "is corrupt or incomplete"),
+        ]
+    };
+    for (name, path, why) in &variants {
+        let o = l.warren(&["restore", path.to_str().unwrap(), "--name", name]);
+        assert_ne!(o.status.code(), Some(0), "{name} was restored");
+        let err = stderr(&o);
+        assert!(err.contains("is corrupt or incomplete"), "{name}: {err}");
+        assert!(err.contains(why), "{name}: {err}");
+        let missing = l.warren(&["get", name]);
+        assert!(
+            stderr(&missing).contains("not found"),
+            "{name}: a record is left"
+        );
+    }
+    // Nothing half-restored: no cgroup, bundle, supervisor or mount beyond the original's.
+    assert_eq!(l.leftover_cgroups(), cgroups_before);
+    assert_eq!(processes_under(&state), supervisors_before);
+    assert!(
+        mounts_under(&state).is_empty(),
+        "{:?}",
+        mounts_under(&state)
+    );
+    let bundles: Vec<_> = std::fs::read_dir(state.join("linux"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(bundles.len(), 1, "{bundles:?}");
+    let scratch: Vec<_> = std::fs::read_dir(state.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+
+    // The good one still restores.
+    l.ok(&["restore", good.to_str().unwrap(), "--name", "fine"]);
+    wait_count(&l, "fine", 4);
+    l.ok(&["rm", "src", "fine"]);
+}
+
+#[test]
+fn slot_sandboxes_checkpoint_their_record_and_wasm_says_unsupported() {
+    let mut server = TestServer::start();
+    server.ok(&["run", "--name", "acct", "--cpu", "1", "-m", "1Gi"]);
+    assert_eq!(server.ok(&["checkpoint", "acct", "--name", "sk"]), "sk\n");
+    assert_eq!(
+        json(&server.ok(&["get", "acct", "-o", "json"]))["status"]["phase"],
+        "Stopped"
+    );
+    assert_eq!(server.ok(&["restore", "sk", "--name", "acct2"]), "acct2\n");
+    let got = json(&server.ok(&["get", "acct2", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Running");
+    assert_eq!(got["status"]["resources"]["memory_limit"], 1u64 << 30);
+    let out = server.warren(&["checkpoint", "nosuch"]);
+    assert!(
+        stderr(&out).contains("\"nosuch\" not found"),
+        "{}",
+        stderr(&out)
+    );
+    let out = server.warren(&["checkpoint", "acct", "--name", "../x"]);
+    assert!(stderr(&out).contains("not Running"), "{}", stderr(&out));
+    let out = server.warren(&["checkpoint", "acct2", "--name", "../x"]);
+    assert!(stderr(&out).contains("checkpoint name"), "{}", stderr(&out));
+    let out = server.warren(&["restore", "/no/such/ckpt"]);
+    assert!(
+        stderr(&out).contains("is not a checkpoint directory or archive"),
+        "{}",
+        stderr(&out)
+    );
+    // A wasm sandbox (a module that spins until its timeout) has no checkpoint.
+    let wat = server.dir.path().join("spin.wat");
+    std::fs::write(&wat, "(module (func (export \"_start\") (loop br 0)))").unwrap();
+    server.ok(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        wat.to_str().unwrap(),
+        "--name",
+        "spin",
+        "--timeout",
+        "30s",
+    ]);
+    let out = server.warren(&["checkpoint", "spin"]);
+    assert!(
+        stderr(&out).contains("backend wasm does not support checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        json(&server.ok(&["get", "spin", "-o", "json"]))["status"]["phase"],
+        "Running"
+    );
+    server.ok(&["rm", "spin"]);
+    // A restart keeps stored checkpoints.
+    server.kill9();
+    server.spawn();
+    assert!(server.ok(&["checkpoint", "ls"]).contains("sk"));
+}

@@ -1,0 +1,446 @@
+//! `warren server --store etcd://...` with real etcd and real server processes: records
+//! survive restarts, an unreachable store fails creates cleanly, two servers elect a leader,
+//! the standby takes over from a leader killed with -9 during 500 strong creates without
+//! losing or doubling any acknowledged one, and a deposed leader's writes are refused.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestServer, http_get, json, stderr};
+use warren_control::Address;
+use warren_control::client::{self, Failover};
+use warren_control::store::testing::EtcdServer;
+use warren_proto::{spec_to_pb, v1};
+use warren_spec::{Consistency, SandboxSpec};
+
+const TOKEN: &str = "etcd-test-token";
+
+fn on_etcd(etcd: &EtcdServer, ttl: &str) -> Vec<String> {
+    ["--store", &etcd.url(), "--leader-ttl", ttl]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn start(etcd: &EtcdServer, ttl: &str) -> TestServer {
+    let args = on_etcd(etcd, ttl);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestServer::start_with(&args, Some(TOKEN))
+}
+
+fn readyz(server: &TestServer) -> u16 {
+    let url = server
+        .metrics
+        .as_deref()
+        .expect("metrics address")
+        .replace("/metrics", "/readyz");
+    http_get(&url).0
+}
+
+/// Waits until `warren info` answers on this server (it leads and has recovered).
+fn wait_leading(server: &TestServer, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = server.warren(&["info"]);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not lead within {within:?}: {}\nlog:\n{}",
+            stderr(&out),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn strong(name: &str) -> v1::CreateSandboxRequest {
+    let spec = SandboxSpec {
+        name: name.to_string(),
+        consistency: Some(Consistency::Strong),
+        ..SandboxSpec::default()
+    };
+    v1::CreateSandboxRequest {
+        spec: Some(spec_to_pb(&spec)),
+        ..Default::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn store_flag_errors_name_the_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (bad, want) in [
+        ("mysql://db:3306", "mysql://db:3306"),
+        ("etcd://", "etcd://"),
+        ("etcd://nohost", "nohost"),
+        ("redb:", "redb:"),
+    ] {
+        let out = std::process::Command::new(common::WARREN)
+            .args(["server", "--dir"])
+            .arg(dir.path())
+            .args(["--listen"])
+            .arg(format!("unix://{}/w.sock", dir.path().display()))
+            .args(["--metrics-listen", "off", "--store", bad])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("--store") && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
+    // Nothing listens there: a clear error naming the endpoint, quickly.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let started = Instant::now();
+    let out = std::process::Command::new(common::WARREN)
+        .args(["server", "--dir"])
+        .arg(dir.path())
+        .args(["--listen"])
+        .arg(format!("unix://{}/w.sock", dir.path().display()))
+        .args(["--metrics-listen", "off", "--store"])
+        .arg(format!("etcd://127.0.0.1:{port}"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn a_server_on_etcd_recovers_its_records_after_a_restart() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let mut server = start(&etcd, "3s");
+    wait_leading(&server, Duration::from_secs(10));
+    let info = server.ok(&["info"]);
+    assert!(info.contains(&etcd.url()), "info shows the store: {info}");
+    server.ok(&["run", "--name", "s1", "--mode", "strong", "--cpu", "1"]);
+    server.ok(&["run", "--name", "s2", "--mode", "strong", "-l", "app=x"]);
+    server.ok(&["run", "--name", "f1"]);
+    // A fast create is written behind: give it its commit before the kill.
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill9();
+    server.spawn();
+    wait_leading(&server, Duration::from_secs(15));
+    let listed = json(&server.ok(&["ls", "-o", "json"]));
+    let names: BTreeSet<String> = listed["items"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        names,
+        ["f1", "s1", "s2"].iter().map(|s| s.to_string()).collect()
+    );
+    let s2 = json(&server.ok(&["get", "s2", "-o", "json"]));
+    assert_eq!(s2["status"]["phase"], "Running", "{s2}");
+    assert_eq!(s2["metadata"]["labels"]["app"], "x");
+    // The records are etcd's, under warren/sandboxes/.
+    if let Ok(out) = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd.endpoint(),
+            "get",
+            "--prefix",
+            "--keys-only",
+        ])
+        .arg("warren/sandboxes/")
+        .output()
+    {
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert!(keys.contains("warren/sandboxes/s1"), "{keys}");
+    }
+    server.ok(&["rm", "s1"]);
+    server.terminate();
+    server.spawn();
+    wait_leading(&server, Duration::from_secs(15));
+    let out = server.warren(&["get", "s1"]);
+    assert!(!out.status.success(), "s1 was deleted");
+}
+
+#[test]
+fn an_unreachable_store_fails_creates_cleanly() {
+    let Some(mut etcd) = EtcdServer::start() else {
+        return;
+    };
+    // A long lease, so the server stays leader while etcd is away for a few seconds.
+    let server = start(&etcd, "60s");
+    wait_leading(&server, Duration::from_secs(10));
+    server.ok(&["run", "--name", "before", "--mode", "strong"]);
+    assert_eq!(readyz(&server), 200);
+    etcd.pause();
+
+    let started = Instant::now();
+    let out = server.warren(&["run", "--name", "strong1", "--mode", "strong"]);
+    let took = started.elapsed();
+    assert!(!out.status.success(), "a strong create needs the store");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&etcd.endpoint()) && err.contains("unreachable"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let out = server.warren(&["get", "strong1"]);
+    assert!(
+        !out.status.success(),
+        "nothing is left of a failed strong create"
+    );
+    assert_eq!(readyz(&server), 503, "not ready while etcd is away");
+
+    // A fast create is acknowledged before its record is written; the write fails, and
+    // the sandbox is removed again (no record, no sandbox).
+    let started = Instant::now();
+    let out = server.warren(&["run", "--name", "fast1", "-o", "json"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "fast does not wait"
+    );
+    if out.status.success() {
+        let path =
+            json(&String::from_utf8_lossy(&out.stdout))["status"]["backendInfo"]["resources_path"]
+                .as_str()
+                .map(std::path::PathBuf::from);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.warren(&["get", "fast1"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "an unpersisted fast create was not removed"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if let Some(path) = path {
+            assert!(!path.exists(), "{} is left", path.display());
+        }
+    }
+
+    etcd.resume();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = server.warren(&["run", "--name", "after", "--mode", "strong"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(readyz(&server), 200);
+    server.ok(&["get", "before"]);
+}
+
+/// The test: two servers on one etcd; kill -9 the leader during 500 strong-mode
+/// creates; the standby takes over; every acknowledged create is present, none duplicated.
+#[test]
+fn the_standby_takes_over_from_a_killed_leader_during_500_strong_creates() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let mut a = start(&etcd, "2s");
+    wait_leading(&a, Duration::from_secs(10));
+    let b = start(&etcd, "2s");
+    // The standby refuses every call, naming the leader, and is not ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = b.warren(&["ls"]);
+        assert!(!out.status.success(), "a standby serves nothing");
+        if stderr(&out).contains(&format!("the leader is {}", a.address)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no hint: {}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(readyz(&b), 503);
+    assert_eq!(readyz(&a), 200);
+    // A client given both finds the leader, whichever comes first.
+    let both = format!("{},{}", b.address, a.address);
+    let out = std::process::Command::new(common::WARREN)
+        .args(["info"])
+        .env("WARREN_SERVER", &both)
+        .env("WARREN_TOKEN", TOKEN)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let addresses: Vec<Address> = [&a.address, &b.address]
+        .iter()
+        .map(|s| s.parse().expect("address"))
+        .collect();
+    let total = 500;
+    let workers = 4;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let rt = runtime();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let addresses = addresses.clone();
+            let acked = acked.clone();
+            rt.spawn(async move {
+                let mut failover = Failover::new(addresses, Some(TOKEN.to_string()));
+                failover.patience = Duration::from_secs(60);
+                let mut mine = BTreeMap::new();
+                for i in (w..total).step_by(workers) {
+                    let name = format!("s-{i:03}");
+                    let request = strong(&name);
+                    let reply = failover
+                        .call(|mut c| {
+                            let request = request.clone();
+                            async move { c.create_sandbox(request).await }
+                        })
+                        .await;
+                    match reply {
+                        Ok(r) => {
+                            let sb = r.into_inner().sandbox.unwrap_or_default();
+                            mine.insert(name, sb.id);
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(s) => panic!("create {name} failed for good: {s}"),
+                    }
+                }
+                (mine, failover.retries)
+            })
+        })
+        .collect();
+    // Kill the leader a third of the way in.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::SeqCst) < total / 3 {
+        assert!(Instant::now() < deadline, "creates are too slow");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let at_kill = acked.load(Ordering::SeqCst);
+    let killed = Instant::now();
+    a.kill9();
+    let mut acknowledged = BTreeMap::new();
+    let mut retries = 0;
+    for h in handles {
+        let (mine, r) = rt.block_on(h).expect("worker");
+        acknowledged.extend(mine);
+        retries += r;
+    }
+    let took_over = killed.elapsed();
+    eprintln!(
+        "acknowledged {} creates ({at_kill} before the kill), {retries} retried; all done {took_over:?} after the kill",
+        acknowledged.len()
+    );
+    assert!(at_kill < total, "the kill came after the last create");
+    assert!(
+        retries > 0,
+        "no call was retried: the fail-over was not exercised"
+    );
+    assert_eq!(acknowledged.len(), total);
+
+    // The new leader has each acknowledged create exactly once, Running.
+    let listed = json(&b.ok(&["ls", "-o", "json"]));
+    let mut seen = BTreeMap::new();
+    for obj in listed["items"].as_array().expect("array") {
+        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+        assert_eq!(obj["status"]["phase"], "Running", "{obj}");
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    for name in acknowledged.keys() {
+        assert_eq!(
+            seen.get(name),
+            Some(&1),
+            "{name} is not present exactly once"
+        );
+    }
+    assert_eq!(seen.len(), total, "no create beyond the acknowledged ones");
+    // And one slot sandbox each on the new leader's node: no double made by a retry.
+    let slot = b.state_dir().join("slot");
+    let dirs = std::fs::read_dir(&slot)
+        .expect("slot dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("resources.json").exists())
+        .count();
+    assert_eq!(dirs, total, "slot sandboxes on the new leader");
+    // And what was acknowledged before the kill kept its identity (adopted, not re-made).
+    let s0 = json(&b.ok(&["get", "s-000", "-o", "json"]));
+    assert_eq!(
+        s0["metadata"]["uid"].as_str(),
+        acknowledged.get("s-000").map(String::as_str),
+        "{s0}"
+    );
+}
+
+#[test]
+fn a_deposed_leader_stops_writing_and_exits() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let mut a = start(&etcd, "2s");
+    wait_leading(&a, Duration::from_secs(10));
+    a.ok(&["run", "--name", "kept", "--mode", "strong"]);
+    let b = start(&etcd, "2s");
+    // Freeze the leader past its lease: the standby takes over.
+    let pid = a.pid().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let frozen = Instant::now();
+    wait_leading(&b, Duration::from_secs(15));
+    eprintln!("standby took over {:?} after the freeze", frozen.elapsed());
+    b.ok(&["get", "kept"]);
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    // The old leader refuses writes at once (its fence is gone) and exits.
+    let out = a.warren(&["run", "--name", "stale", "--mode", "strong"]);
+    assert!(!out.status.success(), "a deposed leader accepted a create");
+    let status = {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let child = a.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the deposed leader did not exit:\n{}",
+                a.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert!(!status.success());
+    assert!(a.log().contains("lost leadership"), "{}", a.log());
+    let out = b.warren(&["get", "stale"]);
+    assert!(
+        !out.status.success(),
+        "the stale leader's create reached etcd"
+    );
+    // A client that still names the old leader first is sent to the new one.
+    let both = format!("{},{}", a.address, b.address);
+    let out = std::process::Command::new(common::WARREN)
+        .args(["run", "--name", "via-list", "--mode", "strong"])
+        .env("WARREN_SERVER", &both)
+        .env("WARREN_TOKEN", TOKEN)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    b.ok(&["get", "via-list"]);
+    let _ = client::parse_servers(&both).expect("list");
+}

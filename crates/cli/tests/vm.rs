@@ -1,0 +1,594 @@
+//! The vm backend end to end: the real server and CLI booting real qemu VMs (TCG on this
+//! kind of machine, KVM where it works) with the project's kernel and initramfs
+//! (`scripts/vm-assets.sh`, run once here if needed). Needs root and qemu; without them
+//! every test prints why it skips. Each test bounds its waits.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, json, stderr};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The kernel and initramfs, built (or found up to date) once per test binary.
+fn assets() -> &'static Result<(PathBuf, PathBuf), String> {
+    static ASSETS: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new("bash")
+            .arg(root.join("scripts/vm-assets.sh"))
+            .output()
+            .map_err(|e| format!("run scripts/vm-assets.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "scripts/vm-assets.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let dir = std::env::var_os("WARREN_VM_ASSETS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/vm-assets"));
+        Ok((dir.join("vmlinux"), dir.join("initramfs.cpio")))
+    })
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("SKIP: the vm backend needs root".into());
+    }
+    None
+}
+
+macro_rules! vm_or_skip {
+    ($($extra:tt)*) => {
+        match skip_reason() {
+            Some(reason) => {
+                eprintln!("{reason}");
+                return;
+            }
+            None => Vm::start($($extra)*),
+        }
+    };
+}
+
+/// A server whose vm backend boots the project's assets, with short health checks. On drop
+/// (pass or fail) every qemu it started is killed: VMs outlive a killed server by design.
+struct Vm {
+    server: TestServer,
+    cgroup_parent: String,
+    /// The config file and the templates (guest RAM files), removed with the test.
+    _config: tempfile::TempDir,
+}
+
+impl Vm {
+    fn start(vm_section: &str) -> Vm {
+        Self::start_with(vm_section, "")
+    }
+
+    fn start_with(vm_section: &str, hypervisor_extra: &str) -> Vm {
+        let (kernel, initrd) = assets().as_ref().unwrap_or_else(|e| panic!("{e}"));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cgroup_parent = format!("warren-vm-it-{}-{n}", std::process::id());
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_dir.path().join("vm.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hypervisor]\nkernel_path = {kernel:?}\ninitrd_path = {initrd:?}\nmemory_in_mb = 192\n{hypervisor_extra}\n\
+                 [vm]\nhealth_interval_ms = 500\nhealth_timeout_ms = 1500\nhealth_failures = 3\n\
+                 template_dir = {:?}\n{vm_section}\n",
+                config_dir.path().join("templates")
+            ),
+        )
+        .unwrap();
+        let server = TestServer::start_with(
+            &[
+                "--cgroup-parent",
+                &cgroup_parent,
+                "--vm-config",
+                config.to_str().unwrap(),
+            ],
+            None,
+        );
+        Vm {
+            server,
+            cgroup_parent,
+            _config: config_dir,
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        self.server.ok(args)
+    }
+
+    fn warren(&self, args: &[&str]) -> std::process::Output {
+        self.server.warren(args)
+    }
+
+    fn get(&self, name: &str) -> serde_json::Value {
+        json(&self.ok(&["get", name, "-o", "json"]))
+    }
+
+    /// Waits until `name`'s phase is `phase`; returns the object.
+    fn wait_phase(&self, name: &str, phase: &str, patience: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + patience;
+        loop {
+            let got = self.get(name);
+            if got["status"]["phase"] == phase {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is not {phase} after {patience:?}: {got}\nserver log:\n{}",
+                self.server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// qemu processes started for this server's VMs (found by their directory).
+    fn qemus(&self) -> Vec<i32> {
+        let dir = self.server.dir.path().display().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("qemu-system") && cmdline.contains(&dir) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.server.kill9();
+        for pid in self.qemus() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let parent = hierarchy.path().join(&self.cgroup_parent);
+            for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if child.path().is_dir() {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+}
+
+fn pid_of(obj: &serde_json::Value) -> i32 {
+    obj["status"]["backendInfo"]["pid"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no qemu pid in {obj}"))
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
+    let vm = vm_or_skip!("templates = false");
+    let info = vm.ok(&["info"]);
+    assert!(
+        info.contains("vm") && info.contains("available: "),
+        "{info}"
+    );
+
+    let out = vm.warren(&[
+        "run",
+        "-b",
+        "vm",
+        "--name",
+        "echo",
+        "--wait",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hello from a vm; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from a vm\n");
+    assert_eq!(vm.ok(&["logs", "echo"]), "hello from a vm\n");
+    let got = vm.get("echo");
+    assert_eq!(got["status"]["phase"], "Exited", "{got}");
+    assert_eq!(got["status"]["exitCode"], 3);
+    assert_eq!(got["status"]["backendInfo"]["boot"], "cold");
+    // The VM is gone once its workload ended.
+    let qemu = pid_of(&got);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while alive(qemu) {
+        assert!(Instant::now() < deadline, "qemu {qemu} still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // exec into a running VM: output, exit code, stdin, env and the sandbox's identity.
+    vm.ok(&[
+        "run", "-b", "vm", "--name", "box", "-e", "FOO=bar", "--", "sleep", "600",
+    ]);
+    vm.wait_phase("box", "Running", Duration::from_secs(60));
+    let out = vm.warren(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo $FOO $(hostname) $(cat /run/warren/id | wc -c); exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let words: Vec<String> = stdout(&out)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(words[..2], ["bar", "box"], "{words:?}");
+    assert_ne!(words[2], "0", "{words:?}");
+    let out = vm
+        .server
+        .warren_stdin(&["exec", "-i", "box", "--", "cat"], Some("piped in\n"));
+    assert_eq!(stdout(&out), "piped in\n", "{}", stderr(&out));
+    let missing = vm.warren(&["exec", "box", "--", "/no/such/thing"]);
+    assert_ne!(missing.status.code(), Some(0));
+    assert!(
+        stderr(&missing).contains("/no/such/thing"),
+        "{}",
+        stderr(&missing)
+    );
+
+    // Delete: the VM, its cgroup and its files go.
+    let obj = vm.get("box");
+    let qemu = pid_of(&obj);
+    let dir = PathBuf::from(obj["status"]["backendInfo"]["dir"].as_str().unwrap());
+    assert!(dir.join("qmp.sock").exists());
+    vm.ok(&["rm", "box", "echo"]);
+    assert!(!alive(qemu), "qemu {qemu} survived its sandbox");
+    assert!(!dir.exists(), "{} survived its sandbox", dir.display());
+    assert!(vm.qemus().is_empty(), "stray qemu: {:?}", vm.qemus());
+}
+
+#[test]
+fn memory_limit_inside_the_guest_is_enforced() {
+    let vm = vm_or_skip!("templates = false");
+    // 8 MiB fits in 48 MiB; 96 MiB does not: dd's buffer is killed by the guest's OOM
+    // killer, and the sandbox ends OOMKilled.
+    let out = vm.warren(&[
+        "run",
+        "-b",
+        "vm",
+        "--name",
+        "hog",
+        "-m",
+        "48Mi",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=8M count=2 2>/dev/null && echo small-ok; \
+         dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null; echo big=$?",
+    ]);
+    let text = vm.ok(&["logs", "hog"]);
+    assert!(text.contains("small-ok"), "{text}\n{}", stderr(&out));
+    assert!(text.contains("big=137"), "{text}");
+    let got = vm.get("hog");
+    assert_eq!(got["status"]["phase"], "Failed", "{got}");
+    assert_eq!(got["status"]["reason"], "OOMKilled", "{got}");
+    // The VM got the sandbox's memory plus the guest's own.
+    assert_eq!(got["status"]["backendInfo"]["memory_mb"], "144", "{got}");
+    // Below the minimum: refused at create, nothing started.
+    let out = vm.warren(&[
+        "run", "-b", "vm", "--name", "tiny", "-m", "8Mi", "--", "true",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("resources.limits.memory") && stderr(&out).contains("minimum"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn panics_hangs_and_killed_qemu_are_failed() {
+    let vm = vm_or_skip!("templates = false");
+    for name in ["panic", "hang", "killed"] {
+        vm.ok(&["run", "-b", "vm", "--name", name, "--", "sleep", "600"]);
+    }
+    for name in ["panic", "hang", "killed"] {
+        vm.wait_phase(name, "Running", Duration::from_secs(60));
+    }
+    // A guest kernel panic reboots, which ends qemu (-no-reboot).
+    let _ = vm.warren(&[
+        "exec",
+        "panic",
+        "--",
+        "sh",
+        "-c",
+        "echo c > /proc/sysrq-trigger",
+    ]);
+    let got = vm.wait_phase("panic", "Failed", Duration::from_secs(30));
+    assert!(
+        got["status"]["reason"].as_str().unwrap().contains("panic"),
+        "{got}"
+    );
+    // A frozen guest stops answering health pings.
+    let dir = PathBuf::from(
+        vm.get("hang")["status"]["backendInfo"]["dir"]
+            .as_str()
+            .unwrap(),
+    );
+    qmp(&dir.join("qmp.sock"), "stop");
+    let got = vm.wait_phase("hang", "Failed", Duration::from_secs(30));
+    assert!(
+        got["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("stopped answering"),
+        "{got}"
+    );
+    // qemu killed from outside.
+    let pid = pid_of(&vm.get("killed"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let got = vm.wait_phase("killed", "Failed", Duration::from_secs(30));
+    assert!(
+        got["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("signal 9"),
+        "{got}"
+    );
+    vm.ok(&["rm", "panic", "hang", "killed"]);
+    assert!(vm.qemus().is_empty(), "stray qemu: {:?}", vm.qemus());
+}
+
+/// One QMP command on a VM's socket.
+fn qmp(path: &Path, command: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let mut w = stream;
+    for cmd in ["qmp_capabilities", command] {
+        writeln!(w, "{{\"execute\": \"{cmd}\"}}").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_server_killed_with_sigkill_readopts_its_vms() {
+    let mut vm = vm_or_skip!("templates = false");
+    vm.ok(&["run", "-b", "vm", "--name", "victim", "--", "sleep", "600"]);
+    let victim = pid_of(&vm.wait_phase("victim", "Running", Duration::from_secs(60)));
+    // `run` returns once the workload started: the server dies while it prints.
+    vm.ok(&[
+        "run",
+        "-b",
+        "vm",
+        "--name",
+        "ticker",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+    ]);
+    vm.server.kill9();
+    // While no server watches: the ticker keeps running, the victim's VM dies.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    vm.server.spawn();
+    let got = vm.wait_phase("ticker", "Exited", Duration::from_secs(60));
+    assert_eq!(got["status"]["exitCode"], 0);
+    let text = vm.ok(&["logs", "ticker"]);
+    let want: String = (0..40).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(text, want, "every line once, in order, across the restart");
+    let got = vm.get("victim");
+    assert_eq!(got["status"]["phase"], "Failed", "{got}");
+    assert!(
+        got["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no server watched"),
+        "{got}"
+    );
+    vm.ok(&["rm", "ticker", "victim"]);
+    assert!(vm.qemus().is_empty(), "stray qemu: {:?}", vm.qemus());
+}
+
+#[test]
+fn bad_configs_are_clear_errors_at_create_and_start_no_qemu() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    for (hypervisor, want) in [
+        (
+            "kernel_path = \"/nonexistent/vmlinux\"",
+            "hypervisor.kernel_path: \"/nonexistent/vmlinux\" does not exist",
+        ),
+        (
+            "memory_in_mb = 64",
+            "hypervisor.memory_in_mb: \"64\" is below the minimum of 128",
+        ),
+        (
+            "machine = \"pc-bogus-9.9\"",
+            "hypervisor.machine: \"pc-bogus-9.9\" is not a machine type",
+        ),
+        ("accel = \"hvf\"", "accel"),
+    ] {
+        let bad = Vm::start_bad(hypervisor);
+        let out = bad.warren(&["run", "-b", "vm", "--name", "x", "--", "true"]);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(
+            stderr(&out).contains(want),
+            "{hypervisor}: {}",
+            stderr(&out)
+        );
+        let info = bad.ok(&["info"]);
+        assert!(info.contains("unavailable"), "{info}");
+        assert!(bad.qemus().is_empty(), "{hypervisor}: stray qemu");
+    }
+}
+
+impl Vm {
+    /// A server whose vm config has `line` in `[hypervisor]` in place of a good default.
+    fn start_bad(line: &str) -> Vm {
+        let key = line.split('=').next().unwrap().trim();
+        let (kernel, initrd) = assets().as_ref().unwrap_or_else(|e| panic!("{e}"));
+        let mut hypervisor = String::new();
+        if key != "kernel_path" {
+            hypervisor.push_str(&format!("kernel_path = {kernel:?}\n"));
+        }
+        hypervisor.push_str(&format!("initrd_path = {initrd:?}\n{line}\n"));
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_dir.path().join("vm.toml");
+        std::fs::write(&config, format!("[hypervisor]\n{hypervisor}")).unwrap();
+        let cgroup_parent = format!("warren-vm-it-bad-{}", std::process::id());
+        let server = TestServer::start_with(
+            &[
+                "--cgroup-parent",
+                &cgroup_parent,
+                "--vm-config",
+                config.to_str().unwrap(),
+            ],
+            None,
+        );
+        Vm {
+            server,
+            cgroup_parent,
+            _config: config_dir,
+        }
+    }
+}
+
+#[test]
+fn an_image_is_the_root_of_its_vm() {
+    let vm = vm_or_skip!("templates = false");
+    let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
+    vm.ok(&["image", "import", layout.to_str().unwrap()]);
+    let out = vm.warren(&[
+        "run",
+        "-b",
+        "vm",
+        "-i",
+        "busybox",
+        "--name",
+        "img",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "grep -c nobody /etc/passwd; echo written > /new-file && cat /new-file",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The image's passwd has a nobody line; the initramfs's has none.
+    assert_eq!(stdout(&out), "1\nwritten\n");
+}
+
+#[test]
+fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
+    let vm = vm_or_skip!("templates = true\npool = 2");
+    let first = vm.warren(&[
+        "run", "-b", "vm", "--name", "warmup", "--wait", "--", "true",
+    ]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    // The first create of a shape boots cold and builds the template behind it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = vm.warren(&["run", "-b", "vm", "--name", "probe", "--wait", "--", "true"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let boot = vm.get("probe")["status"]["backendInfo"]["boot"].clone();
+        vm.ok(&["rm", "probe"]);
+        if boot == "clone" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no clone after 120 s:\n{}",
+            vm.server.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let names: Vec<String> = (0..10).map(|i| format!("clone{i}")).collect();
+    std::thread::scope(|s| {
+        for name in &names {
+            let vm = &vm;
+            s.spawn(move || {
+                vm.ok(&["run", "-b", "vm", "--name", name, "--", "sleep", "600"]);
+            });
+        }
+    });
+    let mut seen = std::collections::HashSet::new();
+    let mut randoms = std::collections::HashSet::new();
+    for name in &names {
+        let got = vm.wait_phase(name, "Running", Duration::from_secs(60));
+        assert_eq!(
+            got["status"]["backendInfo"]["boot"],
+            "clone",
+            "{got}\n{}",
+            vm.server.log()
+        );
+        let out = vm.ok(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /run/warren/id; echo; head -c 16 /dev/urandom | od -An -tx1",
+        ]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], name, "{out}");
+        assert!(seen.insert(lines[1].to_string()), "id {} twice", lines[1]);
+        assert!(
+            randoms.insert(lines[2].trim().to_string()),
+            "same random bytes: {out}"
+        );
+    }
+    let mut rm = vec!["rm", "warmup"];
+    rm.extend(names.iter().map(String::as_str));
+    vm.ok(&rm);
+}

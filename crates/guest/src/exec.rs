@@ -1,0 +1,99 @@
+//! `Exec`: a process beside the workload, with pipes or a terminal, streamed both ways.
+
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Response, Status, Streaming};
+
+use crate::port::Fd;
+use crate::process::{exit_code, spawn_error};
+use crate::proto;
+use crate::proto::exec_output::Output as Out;
+use crate::service::{Guest, feed, forward};
+
+pub fn run(
+    guest: Arc<Guest>,
+    start: proto::ExecStart,
+    input: Streaming<proto::ExecInput>,
+) -> Result<Response<crate::service::ExecStream>, Status> {
+    let argv0 = start.argv.first().cloned().unwrap_or_default();
+    let tty = start.tty_rows > 0 && start.tty_cols > 0;
+    let mut cmd = guest.exec_launch(&start).command(tty)?;
+    let (tx, rx) = mpsc::channel(32);
+    let spawn = |cmd: &mut std::process::Command| {
+        guest.reaper.spawn(cmd).map_err(|e| spawn_error(&argv0, &e))
+    };
+    let (pid, status, readers) = if tty {
+        let size = nix::pty::Winsize {
+            ws_row: start.tty_rows.min(u16::MAX.into()) as u16,
+            ws_col: start.tty_cols.min(u16::MAX.into()) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None)
+            .map_err(|e| Status::internal(format!("openpty: {}", e.desc())))?;
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| Status::internal(format!("dup: {e}")))
+        };
+        cmd.stdin(Stdio::from(dup(&pty.slave)?))
+            .stdout(Stdio::from(dup(&pty.slave)?))
+            .stderr(Stdio::from(pty.slave));
+        let (child, status) = spawn(&mut cmd)?;
+        // The slave's copies in `cmd` must close here, or the master never sees the end.
+        drop(cmd);
+        let master = Fd::new(pty.master).map_err(|e| Status::internal(format!("terminal: {e}")))?;
+        let out = tokio::spawn(forward(master.clone(), tx.clone(), Out::Stdout));
+        tokio::spawn(feed(input, Some(Box::new(master.clone())), Some(master)));
+        (child.id(), status, vec![out])
+    } else {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (mut child, status) = spawn(&mut cmd)?;
+        drop(cmd);
+        let pipe = |fd: Option<OwnedFd>| -> Result<OwnedFd, Status> {
+            fd.ok_or_else(|| Status::internal("exec without stdio"))
+        };
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe(
+            child.stdout.take().map(OwnedFd::from),
+        )?)
+        .map_err(|e| Status::internal(format!("stdout pipe: {e}")))?;
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe(
+            child.stderr.take().map(OwnedFd::from),
+        )?)
+        .map_err(|e| Status::internal(format!("stderr pipe: {e}")))?;
+        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(pipe(
+            child.stdin.take().map(OwnedFd::from),
+        )?)
+        .map_err(|e| Status::internal(format!("stdin pipe: {e}")))?;
+        let out = tokio::spawn(forward(stdout, tx.clone(), Out::Stdout));
+        let err = tokio::spawn(forward(stderr, tx.clone(), Out::Stderr));
+        tokio::spawn(feed(input, Some(Box::new(stdin)), None));
+        (child.id(), status, vec![out, err])
+    };
+    let started = proto::ExecOutput {
+        output: Some(Out::Started(pid)),
+    };
+    let _ = tx.try_send(Ok(started));
+    tokio::spawn(async move {
+        let code = match status.await {
+            Ok(s) => exit_code(&s).0,
+            Err(_) => 128 + libc::SIGKILL,
+        };
+        // Output written before the end is sent before the exit code (bounded: a background
+        // process may hold the pipes open).
+        for r in readers {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), r).await;
+        }
+        let _ = tx
+            .send(Ok(proto::ExecOutput {
+                output: Some(Out::ExitCode(code)),
+            }))
+            .await;
+    });
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+}

@@ -1,0 +1,42 @@
+//! The protocol between warren's `vm` backend (the host) and `warren-guest`, PID 1 inside
+//! each VM.
+//!
+//! The guest serves the task API of `proto/guest.proto` with tonic: HTTP/2 over the one byte
+//! stream the VM has to its host, a virtio-serial port (`/dev/vportNpM`, named
+//! [`PORT_NAME`]) backed on the host by a unix socket of qemu's. gRPC gives the framing,
+//! streams (output, exec) and errors; nothing is parsed by hand on either side.
+//!
+//! This library half is what the host links: the generated client and server code and the
+//! constants both sides agree on. The guest's own code (mounts, processes, the port) lives in
+//! the `warren-guest` binary, which is built static for the initramfs by
+//! `scripts/vm-assets.sh`.
+
+#[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
+pub mod proto {
+    tonic::include_proto!("warren.guest.v1");
+}
+
+/// The version a guest reports in `Ping`; the host refuses a guest from another version (a
+/// stale initramfs would speak an older protocol).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The virtio-serial port's name (`-device virtserialport,name=...`).
+pub const PORT_NAME: &str = "warren.0";
+
+/// What the guest prints on its console when it waits for a host to connect (at boot, and
+/// after each host connection ended).
+pub const WAITING_FOR_HOST: &str = "warren-guest: waiting for a host";
+
+/// Where the guest mounts its cgroup2 hierarchy, and the workload's cgroup under it.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const WORKLOAD_CGROUP: &str = "sandbox";
+
+/// The sandbox id a guest was given, readable by its processes.
+pub const ID_FILE: &str = "/run/warren/id";
+
+/// Guest-side output kept per stream for a host that reconnects (after a server restart);
+/// older output is dropped and reported as `Dropped`.
+pub const OUTPUT_KEEP_BYTES: usize = 4 << 20;
+
+pub mod hello;
+pub use hello::{GUEST_HELLO, HOST_HELLO, MAX_STALE, NONCE_LEN, droppable, find_hello};

@@ -1,0 +1,539 @@
+//! The task API (`warren.guest.v1.Guest`) as served by PID 1.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::port::Fd;
+use crate::process::{Launch, Next, Output, Reaper, exit_code, pump, spawn_error};
+use crate::proto;
+
+/// Where a sandbox's image is mounted and the writable root made over it.
+const IMAGE_MOUNT: &str = "/run/warren/image";
+const RW_MOUNT: &str = "/run/warren/rw";
+const ROOT_MOUNT: &str = "/run/warren/root";
+/// How long output may still drain after the workload ended (a background process that
+/// inherited the pipes can hold them open).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub struct Guest {
+    pub reaper: Arc<Reaper>,
+    /// PID 1 of a VM (mounts, hostname, reboot); false when run on a host for tests.
+    pid1: bool,
+    boot: Instant,
+    /// The workload cgroup's directory, when the guest has cgroup2.
+    cgroup: Option<PathBuf>,
+    state: Mutex<State>,
+    output: Arc<Output>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sandbox_id: String,
+    /// The workload's pid once started.
+    workload: Option<i32>,
+    /// The root processes run in (an image's overlay), when not the initramfs.
+    root: Option<String>,
+}
+
+impl Guest {
+    pub fn new(pid1: bool) -> Guest {
+        let cgroup = Path::new(warren_guest::CGROUP_ROOT).join(warren_guest::WORKLOAD_CGROUP);
+        Guest {
+            reaper: Arc::new(Reaper::default()),
+            pid1,
+            boot: Instant::now(),
+            cgroup: (pid1 && cgroup.join("cgroup.procs").exists()).then_some(cgroup),
+            state: Mutex::new(State::default()),
+            output: Arc::new(Output::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_identity(&self, hostname: &str, id: &str) -> Result<(), Status> {
+        if !hostname.is_empty() && self.pid1 {
+            nix::unistd::sethostname(hostname).map_err(|e| {
+                Status::invalid_argument(format!("hostname: {hostname:?}: {}", e.desc()))
+            })?;
+        }
+        if !id.is_empty() {
+            self.state().sandbox_id = id.to_string();
+            if self.pid1 {
+                std::fs::write(warren_guest::ID_FILE, id).map_err(|e| {
+                    Status::internal(format!("write {}: {e}", warren_guest::ID_FILE))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_limits(&self, limits: &proto::Limits) -> Result<(), Status> {
+        let Some(dir) = &self.cgroup else {
+            return Ok(());
+        };
+        let write = |file: &str, value: String| {
+            std::fs::write(dir.join(file), &value)
+                .map_err(|e| Status::invalid_argument(format!("cgroup {file} = {value}: {e}")))
+        };
+        write(
+            "memory.max",
+            limits
+                .memory_bytes
+                .map_or("max".to_string(), |b| b.to_string()),
+        )?;
+        write(
+            "pids.max",
+            limits.pids.map_or("max".to_string(), |p| p.to_string()),
+        )?;
+        write(
+            "cpu.max",
+            match limits.cpu_millis {
+                Some(m) => format!("{} 100000", (m * 100).max(1000)),
+                None => "max 100000".to_string(),
+            },
+        )
+    }
+
+    fn oom_killed(&self) -> bool {
+        let Some(dir) = &self.cgroup else {
+            return false;
+        };
+        std::fs::read_to_string(dir.join("memory.events"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+    }
+
+    /// Mounts the image on `device` read-only under a writable overlay (tmpfs upper), with
+    /// /proc, /sys and /dev inside; returns the new root.
+    fn mount_root(&self, device: &str) -> Result<String, Status> {
+        use nix::mount::{MsFlags, mount};
+        let device = &resolve_device(device)?;
+        let err = |what: &str, e: nix::Error| {
+            Status::failed_precondition(format!("root_device {device:?}: {what}: {}", e.desc()))
+        };
+        for dir in [IMAGE_MOUNT, RW_MOUNT, ROOT_MOUNT] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Status::internal(format!("mkdir {dir}: {e}")))?;
+        }
+        mount(
+            Some(device.as_str()),
+            IMAGE_MOUNT,
+            Some("ext4"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| err("mount ext4", e))?;
+        mount(
+            Some("tmpfs"),
+            RW_MOUNT,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| err("mount tmpfs", e))?;
+        for dir in ["upper", "work"] {
+            std::fs::create_dir_all(Path::new(RW_MOUNT).join(dir))
+                .map_err(|e| Status::internal(format!("mkdir {RW_MOUNT}/{dir}: {e}")))?;
+        }
+        let options =
+            format!("lowerdir={IMAGE_MOUNT},upperdir={RW_MOUNT}/upper,workdir={RW_MOUNT}/work");
+        mount(
+            Some("overlay"),
+            ROOT_MOUNT,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| err("mount overlay", e))?;
+        for dir in ["proc", "sys", "dev", "tmp", "run"] {
+            let target = Path::new(ROOT_MOUNT).join(dir);
+            let _ = std::fs::create_dir_all(&target);
+            let source = Path::new("/").join(dir);
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+            if dir == "tmp" || dir == "run" {
+                mount(
+                    Some("tmpfs"),
+                    &target,
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    None::<&str>,
+                )
+                .map_err(|e| err("mount tmpfs", e))?;
+            } else {
+                mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
+                    .map_err(|e| err("bind mount", e))?;
+            }
+        }
+        Ok(ROOT_MOUNT.to_string())
+    }
+
+    fn launch(
+        &self,
+        argv: Vec<String>,
+        env: Vec<String>,
+        cwd: String,
+        uid: u32,
+        gid: u32,
+    ) -> Launch {
+        Launch {
+            argv,
+            env,
+            cwd,
+            uid,
+            gid,
+            root: self.state().root.clone(),
+            cgroup_procs: self
+                .cgroup
+                .as_ref()
+                .map(|d| d.join("cgroup.procs").display().to_string()),
+        }
+    }
+}
+
+/// A block device named directly (`/dev/vda`) or by its serial number (`serial:NAME`, as
+/// the host sets it on the disk: device names depend on probe order).
+fn resolve_device(spec: &str) -> Result<String, Status> {
+    let Some(serial) = spec.strip_prefix("serial:") else {
+        return Ok(spec.to_string());
+    };
+    for _ in 0..200 {
+        for entry in std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+            if found.trim() == serial {
+                return Ok(format!("/dev/{}", entry.file_name().to_string_lossy()));
+            }
+        }
+        // The disk's driver may still be probing right after boot.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(Status::failed_precondition(format!(
+        "root_device {spec:?}: no disk with that serial number"
+    )))
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestService {
+    pub guest: Arc<Guest>,
+}
+
+pub type ExecStream = BoxStream<proto::ExecOutput>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::guest_server::Guest for GuestService {
+    async fn ping(
+        &self,
+        _req: Request<proto::PingRequest>,
+    ) -> Result<Response<proto::PingReply>, Status> {
+        let g = &self.guest;
+        let state = g.state();
+        Ok(Response::new(proto::PingReply {
+            uptime_ms: g.boot.elapsed().as_millis() as u64,
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sandbox_id: state.sandbox_id.clone(),
+            running: state.workload.is_some() && g.output.exit().is_none(),
+            version: warren_guest::VERSION.to_string(),
+        }))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<proto::PrepareRequest>,
+    ) -> Result<Response<proto::PrepareReply>, Status> {
+        let req = req.into_inner();
+        if req.seed.len() < 32 {
+            return Err(Status::invalid_argument(format!(
+                "seed: {} bytes is fewer than 32",
+                req.seed.len()
+            )));
+        }
+        if self.guest.pid1 {
+            let random = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/urandom")
+                .map_err(|e| Status::internal(format!("open /dev/urandom: {e}")))?;
+            use std::os::fd::AsRawFd as _;
+            crate::sys::reseed(random.as_raw_fd(), &req.seed)
+                .map_err(|e| Status::internal(format!("reseed the kernel's CRNG: {e}")))?;
+        }
+        self.guest.set_identity(&req.hostname, &req.sandbox_id)?;
+        Ok(Response::new(proto::PrepareReply {}))
+    }
+
+    async fn start(
+        &self,
+        req: Request<proto::StartRequest>,
+    ) -> Result<Response<proto::StartReply>, Status> {
+        let req = req.into_inner();
+        let g = Arc::clone(&self.guest);
+        if g.state().workload.is_some() {
+            return Err(Status::failed_precondition(
+                "the workload was started already",
+            ));
+        }
+        g.set_identity(&req.hostname, &req.sandbox_id)?;
+        g.apply_limits(&req.limits.unwrap_or_default())?;
+        if !req.root_device.is_empty() && g.pid1 {
+            let root = g.mount_root(&req.root_device)?;
+            g.state().root = Some(root);
+        }
+        let argv0 = req.argv.first().cloned().unwrap_or_default();
+        let mut cmd = g
+            .launch(req.argv, req.env, req.cwd, req.uid, req.gid)
+            .command(false)?;
+        let stdin = if req.stdin.is_empty() {
+            Stdio::null()
+        } else {
+            let path = std::env::temp_dir().join(format!("warren-stdin-{}", std::process::id()));
+            std::fs::write(&path, &req.stdin)
+                .map_err(|e| Status::internal(format!("write {}: {e}", path.display())))?;
+            let file = std::fs::File::open(&path)
+                .map_err(|e| Status::internal(format!("open {}: {e}", path.display())))?;
+            let _ = std::fs::remove_file(&path);
+            Stdio::from(file)
+        };
+        cmd.stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (mut child, status) = g
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|e| spawn_error(&argv0, &e))?;
+        let pid = child.id();
+        g.state().workload = Some(pid as i32);
+        let output = Arc::clone(&g.output);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(pump(OwnedFd::from(out), Arc::clone(&output), 0));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(pump(OwnedFd::from(err), Arc::clone(&output), 1));
+        }
+        tokio::spawn(async move {
+            let status = status.await;
+            let (code, signal) = match &status {
+                Ok(s) => exit_code(s),
+                Err(_) => (128 + libc::SIGKILL, libc::SIGKILL),
+            };
+            let deadline = tokio::time::Instant::now() + DRAIN_AFTER_EXIT;
+            let mut changed = output.subscribe();
+            while !output.closed() && tokio::time::Instant::now() < deadline {
+                let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+            }
+            output.set_exit(proto::ExitStatus {
+                code,
+                signal,
+                oom_killed: g.oom_killed(),
+            });
+        });
+        Ok(Response::new(proto::StartReply { pid }))
+    }
+
+    type OutputStream = BoxStream<proto::OutputEvent>;
+
+    async fn output(
+        &self,
+        req: Request<proto::OutputRequest>,
+    ) -> Result<Response<Self::OutputStream>, Status> {
+        let req = req.into_inner();
+        let output = Arc::clone(&self.guest.output);
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut changed = output.subscribe();
+            let mut at = [req.stdout_offset, req.stderr_offset];
+            loop {
+                changed.borrow_and_update();
+                match output.next(at) {
+                    Next::Events(events, next) => {
+                        at = next;
+                        for e in events {
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Next::Done(exit) => {
+                        let _ = tx
+                            .send(Ok(proto::OutputEvent {
+                                event: Some(proto::output_event::Event::Exit(exit)),
+                            }))
+                            .await;
+                        return;
+                    }
+                    Next::Wait => {
+                        tokio::select! {
+                            r = changed.changed() => if r.is_err() { return },
+                            () = tx.closed() => return,
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn signal(
+        &self,
+        req: Request<proto::SignalRequest>,
+    ) -> Result<Response<proto::SignalReply>, Status> {
+        let signal = req.into_inner().signal;
+        let sig = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|_| Status::invalid_argument(format!("signal: {signal} is not a signal")))?;
+        let pid = self
+            .guest
+            .state()
+            .workload
+            .ok_or_else(|| Status::failed_precondition("no workload was started"))?;
+        if self.guest.output.exit().is_some() {
+            return Ok(Response::new(proto::SignalReply {}));
+        }
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(Response::new(proto::SignalReply {})),
+            Err(e) => Err(Status::internal(format!("kill {pid} {sig}: {}", e.desc()))),
+        }
+    }
+
+    async fn set_limits(
+        &self,
+        req: Request<proto::Limits>,
+    ) -> Result<Response<proto::SetLimitsReply>, Status> {
+        self.guest.apply_limits(&req.into_inner())?;
+        Ok(Response::new(proto::SetLimitsReply {}))
+    }
+
+    type ExecStream = BoxStream<proto::ExecOutput>;
+
+    async fn exec(
+        &self,
+        req: Request<Streaming<proto::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let mut input = req.into_inner();
+        let start = match input.next().await {
+            Some(Ok(proto::ExecInput {
+                input: Some(proto::exec_input::Input::Start(start)),
+            })) => start,
+            Some(Err(e)) => return Err(e),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "exec: the first message must be `start`",
+                ));
+            }
+        };
+        crate::exec::run(Arc::clone(&self.guest), start, input)
+    }
+
+    async fn shutdown(
+        &self,
+        _req: Request<proto::ShutdownRequest>,
+    ) -> Result<Response<proto::ShutdownReply>, Status> {
+        let pid1 = self.guest.pid1;
+        tokio::spawn(async move {
+            // Let the reply leave first.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if pid1 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(-1),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                crate::sys::reboot();
+            }
+            std::process::exit(0);
+        });
+        Ok(Response::new(proto::ShutdownReply {}))
+    }
+}
+
+/// What exec needs of the guest.
+impl Guest {
+    pub fn exec_launch(&self, start: &proto::ExecStart) -> Launch {
+        self.launch(
+            start.argv.clone(),
+            start.env.clone(),
+            start.cwd.clone(),
+            start.uid,
+            start.gid,
+        )
+    }
+}
+
+/// Reads `reader` to its end, sending each piece as `wrap(bytes)`.
+pub async fn forward(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    tx: mpsc::Sender<Result<proto::ExecOutput, Status>>,
+    wrap: fn(Vec<u8>) -> proto::exec_output::Output,
+) {
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let msg = proto::ExecOutput {
+                    output: Some(wrap(buf[..n].to_vec())),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Feeds the exec's input messages to the process: stdin, its end, terminal resizes.
+pub async fn feed(
+    mut input: Streaming<proto::ExecInput>,
+    mut stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    tty: Option<Fd>,
+) {
+    while let Some(Ok(msg)) = input.next().await {
+        match msg.input {
+            Some(proto::exec_input::Input::Stdin(bytes)) => {
+                if let Some(w) = &mut stdin
+                    && w.write_all(&bytes).await.is_err()
+                {
+                    stdin = None;
+                }
+            }
+            Some(proto::exec_input::Input::CloseStdin(_)) => {
+                if let Some(tty) = &tty {
+                    // End of file on a terminal is its EOF character (^D) at a line start.
+                    let mut t = tty.clone();
+                    let _ = t.write_all(&[4]).await;
+                }
+                stdin = None;
+            }
+            Some(proto::exec_input::Input::Resize(r)) => {
+                if let Some(tty) = &tty {
+                    let _ = crate::sys::set_window_size(
+                        tty.0.get_ref().as_fd(),
+                        r.rows as u16,
+                        r.cols as u16,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}

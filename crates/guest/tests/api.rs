@@ -1,0 +1,240 @@
+//! The task API against the real `warren-guest` binary, served on a unix socket on the host
+//! (`--listen-unix`: no mounts, cgroups or reboot), through the same tonic client the vm
+//! backend uses. The VM itself is tested by the `vm` backend's tests.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt as _;
+use warren_guest::proto::{self, guest_client::GuestClient};
+
+struct Guest {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    client: GuestClient<tonic::transport::Channel>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn guest() -> Guest {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("guest.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_warren-guest"))
+        .arg("--listen-unix")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://guest")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    Guest {
+        child,
+        _dir: dir,
+        client: GuestClient::new(channel),
+    }
+}
+
+fn start(argv: &[&str]) -> proto::StartRequest {
+    proto::StartRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into(), "GREETING=hi there".into()],
+        cwd: "/".into(),
+        ..Default::default()
+    }
+}
+
+/// Collects a workload's output until its exit.
+async fn output(g: &mut Guest, from: [u64; 2]) -> (String, String, proto::ExitStatus) {
+    let mut stream = g
+        .client
+        .output(proto::OutputRequest {
+            stdout_offset: from[0],
+            stderr_offset: from[1],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let collect = async {
+        while let Some(event) = stream.next().await {
+            match event.unwrap().event.unwrap() {
+                proto::output_event::Event::Chunk(c) if c.stream == 0 => out.extend(c.data),
+                proto::output_event::Event::Chunk(c) => err.extend(c.data),
+                proto::output_event::Event::Exit(e) => return e,
+                proto::output_event::Event::Dropped(d) => panic!("dropped {d:?}"),
+            }
+        }
+        panic!("the stream ended without an exit");
+    };
+    let exit = tokio::time::timeout(Duration::from_secs(20), collect)
+        .await
+        .unwrap();
+    (
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+        exit,
+    )
+}
+
+#[tokio::test]
+async fn workload_output_exit_code_and_resume() {
+    let mut g = guest().await;
+    let ping = g
+        .client
+        .ping(proto::PingRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ping.version, warren_guest::VERSION);
+    assert!(!ping.running);
+    let mut req = start(&[
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; echo oops >&2; read x; echo got $x; exit 7",
+    ]);
+    req.stdin = b"input\n".to_vec();
+    g.client.start(req).await.unwrap();
+    let (out, err, exit) = output(&mut g, [0, 0]).await;
+    assert_eq!(out, "hi there\ngot input\n");
+    assert_eq!(err, "oops\n");
+    assert_eq!((exit.code, exit.signal), (7, 0));
+    // A host that reconnects resumes from what it has: only the rest comes again.
+    let (out, err, _) = output(&mut g, [9, 5]).await;
+    assert_eq!((out.as_str(), err.as_str()), ("got input\n", ""));
+    // Once only.
+    let again = g.client.start(start(&["true"])).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn signals_and_bad_programs() {
+    let mut g = guest().await;
+    let missing = g
+        .client
+        .start(start(&["/no/such/program"]))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument, "{missing:?}");
+    assert!(
+        missing.message().contains("/no/such/program"),
+        "{missing:?}"
+    );
+    let bad_env = proto::StartRequest {
+        env: vec!["NOEQUALS".into()],
+        ..start(&["true"])
+    };
+    let err = g.client.start(bad_env).await.unwrap_err();
+    assert!(err.message().contains("env[0]"), "{err:?}");
+    g.client.start(start(&["sleep", "30"])).await.unwrap();
+    let running = g
+        .client
+        .ping(proto::PingRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(running.running);
+    g.client
+        .signal(proto::SignalRequest { signal: 15 })
+        .await
+        .unwrap();
+    let (_, _, exit) = output(&mut g, [0, 0]).await;
+    assert_eq!((exit.code, exit.signal), (128 + 15, 15));
+    let bad = g
+        .client
+        .signal(proto::SignalRequest { signal: 999 })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn exec_with_pipes_and_a_terminal() {
+    use proto::exec_input::Input;
+    use proto::exec_output::Output;
+    let mut g = guest().await;
+    let run = |g: &mut Guest, start: proto::ExecStart, stdin: Vec<Input>| {
+        let mut client = g.client.clone();
+        async move {
+            let mut inputs = vec![proto::ExecInput {
+                input: Some(Input::Start(start)),
+            }];
+            inputs.extend(
+                stdin
+                    .into_iter()
+                    .map(|i| proto::ExecInput { input: Some(i) }),
+            );
+            let mut replies = client
+                .exec(tokio_stream::iter(inputs))
+                .await
+                .unwrap()
+                .into_inner();
+            let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+            while let Some(r) = tokio::time::timeout(Duration::from_secs(20), replies.next())
+                .await
+                .unwrap()
+            {
+                match r.unwrap().output.unwrap() {
+                    Output::Started(pid) => assert!(pid > 0),
+                    Output::Stdout(b) => out.extend(b),
+                    Output::Stderr(b) => err.extend(b),
+                    Output::ExitCode(c) => code = Some(c),
+                }
+            }
+            (
+                String::from_utf8_lossy(&out).into_owned(),
+                String::from_utf8_lossy(&err).into_owned(),
+                code,
+            )
+        }
+    };
+    let (out, err, code) = run(
+        &mut g,
+        proto::ExecStart {
+            argv: vec!["sh".into(), "-c".into(), "cat; echo e >&2; exit 4".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            cwd: "/tmp".into(),
+            ..Default::default()
+        },
+        vec![Input::Stdin(b"abc\n".to_vec()), Input::CloseStdin(true)],
+    )
+    .await;
+    assert_eq!(
+        (out.as_str(), err.as_str(), code),
+        ("abc\n", "e\n", Some(4))
+    );
+    let (out, _, code) = run(
+        &mut g,
+        proto::ExecStart {
+            argv: vec!["sh".into(), "-c".into(), "test -t 0 && stty size".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            tty_rows: 24,
+            tty_cols: 100,
+            ..Default::default()
+        },
+        vec![],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("24 100"), "{out:?}");
+}

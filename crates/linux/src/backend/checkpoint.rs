@@ -1,0 +1,501 @@
+//! Checkpoint and restore of linux sandboxes with CRIU: the backend's side. The command lines
+//! are [`crate::criu`]'s; the restoring supervisor is [`crate::restore`].
+//!
+//! A checkpoint's payload (the directory the caller hands over):
+//! - `linux.json` ([`LinuxCheckpoint`]): the image the sandbox runs, how CRIU saw the
+//!   workload's stdio, the bind mounts from the host, CRIU's version;
+//! - `images/`: CRIU's images of the process tree and its namespaces (mount, UTS, IPC,
+//!   network, pid, cgroup);
+//! - `rootfs.tar`: the overlay's upper directory, the sandbox's changes to its image's files
+//!   (whiteouts and overlay xattrs included), taken by CRIU's `post-dump` hook while the tree
+//!   is still frozen, so it matches the dumped processes' open files even with
+//!   `--leave-running`. Absent for a prepared root directory (`spec.image` a path): that is
+//!   used in place, so its changes stay where they are;
+//! - `container.log`: the output so far, so the restored sandbox's log continues it;
+//! - `stdin`: the workload's input file, when it had one.
+//!
+//! A dump without `leave_running` leaves a `checkpointed` mark in the bundle first: the
+//! supervisor records CRIU's kill as the workload's end, and the mark makes that end `Stopped`
+//! rather than a SIGKILL exit.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use warren_runtime::CheckpointInfo;
+
+use super::*;
+use crate::criu::{self, Criu, ExternalMount};
+use crate::restore::RestoreSpec;
+
+/// The linux backend's part of a checkpoint's payload.
+pub const LINUX_FILE: &str = "linux.json";
+pub const IMAGES_DIR: &str = "images";
+pub const ROOTFS_TAR: &str = "rootfs.tar";
+/// Marks a bundle whose workload CRIU is about to kill after dumping it.
+pub const CHECKPOINTED_MARK: &str = "checkpointed";
+/// CRIU's working directory during a dump, inside the bundle (its log and stats are not
+/// part of the checkpoint).
+const DUMP_WORK_DIR: &str = ".dump";
+/// How long a dump without `leave_running` waits for the supervisor to record the end.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// What `linux.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LinuxCheckpoint {
+    /// The image's id (`sha256:...`); `None` for a prepared root directory.
+    pub image: Option<String>,
+    /// The sandbox's id when it was dumped.
+    pub source_id: String,
+    pub criu_version: String,
+    /// How CRIU saw the init's stdout, stderr and stdin (`pipe:[INODE]`,
+    /// `file[MNT_ID:INODE]`), for the descriptors the supervisor gave it.
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+    pub stdin: Option<String>,
+    /// Bind mounts from the host, in `container.json`'s order.
+    pub mounts: Vec<ExternalMount>,
+}
+
+impl Inner {
+    /// The CRIU binary, found once.
+    fn criu(&self) -> Result<Criu, BackendError> {
+        if let Some(criu) = self.criu.get() {
+            return Ok(criu.clone());
+        }
+        let criu = Criu::find(self.config.criu.as_deref())
+            .map_err(|e| BackendError::Other(crate::error_chain(&e)))?;
+        Ok(self.criu.get_or_init(|| criu).clone())
+    }
+}
+
+pub(super) async fn checkpoint(
+    backend: &LinuxBackend,
+    config: &SandboxConfig,
+    dir: &Path,
+    leave_running: bool,
+) -> Result<CheckpointInfo, BackendError> {
+    let inner = &backend.inner;
+    let id = &config.id;
+    let (pid, done) = {
+        let sandboxes = inner.lock();
+        let sb = sandboxes.get(id).ok_or_else(|| not_found(id))?;
+        let pid = sb.info.get("pid").and_then(|p| p.parse::<i32>().ok());
+        match (&sb.status, pid) {
+            (BackendStatus::Running, Some(pid)) => (pid, sb.done.clone()),
+            (status, _) => {
+                return Err(BackendError::Invalid(format!(
+                    "sandbox {id} is {status:?}, not Running: there is no process to checkpoint"
+                )));
+            }
+        }
+    };
+    let criu = inner.criu()?;
+    let bundle = backend.bundle(id);
+    let container: ContainerConfig = config::read_json(&bundle, config::CONFIG_FILE)
+        .map_err(|e| io("read", &bundle.join(config::CONFIG_FILE), e))?;
+    let image = image_of(inner, config, &container)?;
+    let stdio = stdio_of(pid).map_err(|e| io("inspect the workload's descriptors", &bundle, e))?;
+    let mounts: Vec<ExternalMount> = container
+        .mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ExternalMount {
+            guest: m.guest.clone(),
+            cookie: format!("m{i}"),
+        })
+        .collect();
+
+    let work = bundle.join(DUMP_WORK_DIR);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir(&work).map_err(|e| io("create", &work, e))?;
+    let images = dir.join(IMAGES_DIR);
+    std::fs::create_dir(&images).map_err(|e| io("create", &images, e))?;
+    let hook = work.join("post-dump.sh");
+    let script = hook_script(&bundle, dir, container.rootfs.is_none());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(&hook)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, script.as_bytes()))
+        .map_err(|e| io("write", &hook, e))?;
+    let mark = bundle.join(CHECKPOINTED_MARK);
+    if !leave_running {
+        std::fs::write(&mark, b"").map_err(|e| io("write", &mark, e))?;
+    }
+    let external_files: Vec<String> = stdio
+        .external_files()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let args = criu::dump_args(&criu::DumpPlan {
+        pid,
+        images: &images,
+        work: &work,
+        leave_running,
+        hook: &hook,
+        external_files: &external_files,
+        mounts: &mounts,
+    });
+    let status = tokio::process::Command::new(&criu.path)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| io("run", &criu.path, e));
+    let log_path = work.join(criu::DUMP_LOG);
+    let failed = match status {
+        Ok(s) if s.success() => None,
+        Ok(_) => {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            // Kept for a look: the work dir goes below.
+            let kept = bundle.join("checkpoint-dump.log");
+            let _ = std::fs::rename(&log_path, &kept);
+            Some(BackendError::Other(crate::error_chain(
+                &criu::CriuError::Failed {
+                    action: "dump",
+                    reason: criu::log_reason(&log),
+                    log: kept.display().to_string(),
+                },
+            )))
+        }
+        Err(e) => Some(e),
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    if let Some(e) = failed {
+        // The tree runs on (CRIU resumes it when a dump fails).
+        let _ = std::fs::remove_file(&mark);
+        return Err(e);
+    }
+    if !leave_running && let Some(mut done) = done {
+        // CRIU killed the tree; the supervisor drains its output and records the end.
+        if tokio::time::timeout(STOP_WAIT, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            warn!(id, "linux: the supervisor did not end after the checkpoint");
+        }
+    }
+    let given = bundle.join(config::STDIN_FILE);
+    if given.exists() {
+        std::fs::copy(&given, dir.join(config::STDIN_FILE)).map_err(|e| io("copy", &given, e))?;
+    }
+    let saved = LinuxCheckpoint {
+        image: image.clone(),
+        source_id: id.clone(),
+        criu_version: criu.version.clone(),
+        stdout: stdio.stdout,
+        stderr: stdio.stderr,
+        stdin: stdio.stdin,
+        mounts,
+    };
+    config::write_json(dir, LINUX_FILE, &saved)
+        .map_err(|e| io("write", &dir.join(LINUX_FILE), e))?;
+    let mut info = CheckpointInfo::new();
+    info.insert("engine".into(), "criu".into());
+    info.insert("criuVersion".into(), criu.version.clone());
+    if let Some(image) = image {
+        info.insert("image".into(), image);
+    }
+    Ok(info)
+}
+
+/// The image the sandbox runs: the one its spec names, if that still has the layers the
+/// container was made of (`None` for a prepared root directory).
+fn image_of(
+    inner: &Inner,
+    config: &SandboxConfig,
+    container: &ContainerConfig,
+) -> Result<Option<String>, BackendError> {
+    if container.rootfs.is_some() {
+        return Ok(None);
+    }
+    let name = config.spec.image.as_deref().unwrap_or_default();
+    match RootSource::of(inner, name)? {
+        RootSource::Image(image) if image.layers == container.layers => Ok(Some(image.id)),
+        RootSource::Image(image) => Err(BackendError::Invalid(format!(
+            "spec.image: {name:?} now names image {}, not the one sandbox {} runs; \
+             checkpoint it before re-tagging its image",
+            image.id, config.id
+        ))),
+        RootSource::Dir(_) => Ok(None),
+    }
+}
+
+/// The init's stdio as CRIU names them, for the descriptors that came from outside the
+/// container (the supervisor's pipes, the host's `/dev/null` or input file).
+#[derive(Debug, Default)]
+struct StdioKeys {
+    stdout: Option<String>,
+    stderr: Option<String>,
+    stdin: Option<String>,
+}
+
+impl StdioKeys {
+    /// The files CRIU must dump as external (pipes need no flag).
+    fn external_files(&self) -> Vec<&str> {
+        let mut files: Vec<&str> = [&self.stdin, &self.stdout, &self.stderr]
+            .into_iter()
+            .flatten()
+            .filter(|k| k.starts_with("file["))
+            .map(String::as_str)
+            .collect();
+        files.dedup();
+        files
+    }
+}
+
+fn stdio_of(pid: i32) -> std::io::Result<StdioKeys> {
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    let inside = mount_ids(&mountinfo);
+    let key = |fd: i32| -> std::io::Result<Option<String>> {
+        let link = match std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) {
+            Ok(link) => link,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let link = link.to_string_lossy().into_owned();
+        if link.starts_with("pipe:[") {
+            return Ok(Some(link));
+        }
+        let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
+        let Some(mnt_id) = fdinfo_mnt_id(&fdinfo) else {
+            return Ok(None);
+        };
+        if inside.contains(&mnt_id) {
+            return Ok(None);
+        }
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!(
+            "/proc/{pid}/fd/{fd}"
+        ))?);
+        Ok(Some(format!("file[{mnt_id:x}:{ino:x}]")))
+    };
+    Ok(StdioKeys {
+        stdin: key(0)?,
+        stdout: key(1)?,
+        stderr: key(2)?,
+    })
+}
+
+/// The mount ids (first field) of a `mountinfo` file.
+fn mount_ids(mountinfo: &str) -> std::collections::HashSet<u64> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn fdinfo_mnt_id(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// CRIU's `post-dump` action: copies the upper directory and the log while the tree is
+/// frozen. A failing hook fails the dump and leaves the tree running.
+fn hook_script(bundle: &Path, dir: &Path, with_upper: bool) -> String {
+    let q = |p: &Path| sh_quote(&p.display().to_string());
+    let mut script = String::from(
+        "#!/bin/sh\n# warren: run by CRIU while the dumped tree is frozen.\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\nset -e\n",
+    );
+    if with_upper {
+        script.push_str(&format!(
+            "tar --create --file {} --directory {} --xattrs --xattrs-include='*' \
+             --numeric-owner --sparse .\n",
+            q(&dir.join(ROOTFS_TAR)),
+            q(&bundle.join(config::UPPER_DIR)),
+        ));
+    }
+    let log = q(&bundle.join(config::LOG_FILE));
+    script.push_str(&format!(
+        "if [ -f {log} ]; then cp {log} {}; fi\n",
+        q(&dir.join(config::LOG_FILE))
+    ));
+    script
+}
+
+/// `s` in single quotes for sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+pub(super) async fn restore(
+    backend: &LinuxBackend,
+    config: &SandboxConfig,
+    dir: &Path,
+) -> Result<BackendInfo, BackendError> {
+    let inner = Arc::clone(&backend.inner);
+    let id = &config.id;
+    if inner.lock().contains_key(id) {
+        return Err(BackendError::AlreadyExists {
+            backend: BackendKind::Linux,
+            id: id.clone(),
+        });
+    }
+    let saved: LinuxCheckpoint = config::read_json(dir, LINUX_FILE)
+        .map_err(|e| BackendError::Invalid(format!("checkpoint: {LINUX_FILE}: {e}")))?;
+    let criu = inner.criu()?;
+    // The image by the id the checkpoint recorded: its name may mean another image here.
+    let mut by_id = config.clone();
+    if let Some(image) = &saved.image {
+        by_id.spec.image = Some(image.clone());
+    }
+    let (container, image_id) = container_config(&inner, &by_id).map_err(|e| match (e, &saved.image) {
+        (BackendError::Invalid(msg), Some(image)) if msg.starts_with("spec.image") => {
+            BackendError::Invalid(format!(
+                "{msg}: the checkpoint runs image {image} ({}); import or pull it on this server first",
+                config.spec.image.as_deref().unwrap_or("unnamed")
+            ))
+        }
+        (e, _) => e,
+    })?;
+    if container.mounts.len() != saved.mounts.len() {
+        return Err(BackendError::Invalid(format!(
+            "checkpoint: {LINUX_FILE} lists {} bind mounts, the spec {}",
+            saved.mounts.len(),
+            container.mounts.len()
+        )));
+    }
+    let bundle = backend.bundle(id);
+    make_bundle(&bundle, &container)?;
+    let started = async {
+        fill_bundle(dir, &bundle, &container, &saved, &criu).await?;
+        spawn_supervisor(&inner, &bundle, Some("--restore")).await
+    }
+    .await;
+    let (child, pid) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(e);
+        }
+    };
+    let info = base_info(&image_id, &bundle, &container);
+    inner.lock().insert(
+        id.clone(),
+        Sandbox {
+            resources: config.resources.clone(),
+            info: info.clone(),
+            status: BackendStatus::Created,
+            supervisor: None,
+            done: None,
+            pending: None,
+        },
+    );
+    supervise_child(&inner, id, bundle, child, pid);
+    Ok(backend.info(id).unwrap_or(info))
+}
+
+/// Puts the checkpoint's files where the restoring supervisor expects them.
+async fn fill_bundle(
+    dir: &Path,
+    bundle: &Path,
+    container: &ContainerConfig,
+    saved: &LinuxCheckpoint,
+    criu: &Criu,
+) -> Result<(), BackendError> {
+    let tar = dir.join(ROOTFS_TAR);
+    if container.rootfs.is_none() && tar.exists() {
+        let upper = bundle.join(config::UPPER_DIR);
+        let out = tokio::process::Command::new("tar")
+            .arg("--extract")
+            .arg("--file")
+            .arg(&tar)
+            .arg("--directory")
+            .arg(&upper)
+            .args([
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "--same-permissions",
+                "--same-owner",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| io("run tar to unpack", &tar, e))?;
+        if !out.status.success() {
+            return Err(BackendError::Other(format!(
+                "unpack {} into {}: {}",
+                tar.display(),
+                upper.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    for file in [config::LOG_FILE, config::STDIN_FILE] {
+        let from = dir.join(file);
+        if from.exists() {
+            std::fs::copy(&from, bundle.join(file)).map_err(|e| io("copy", &from, e))?;
+        }
+    }
+    let images = std::fs::canonicalize(dir.join(IMAGES_DIR))
+        .map_err(|e| io("find", &dir.join(IMAGES_DIR), e))?;
+    let spec = RestoreSpec {
+        criu: criu.path.clone(),
+        images,
+        stdout: saved.stdout.clone(),
+        stderr: saved.stderr.clone(),
+        stdin: saved.stdin.clone(),
+        mounts: saved
+            .mounts
+            .iter()
+            .zip(&container.mounts)
+            .map(|(m, host)| (m.cookie.clone(), host.host.clone()))
+            .collect(),
+    };
+    config::write_json(bundle, crate::restore::SPEC_FILE, &spec)
+        .map_err(|e| io("write", &bundle.join(crate::restore::SPEC_FILE), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdio_keys_name_external_files_once() {
+        let keys = StdioKeys {
+            stdin: Some("file[18:3]".into()),
+            stdout: Some("pipe:[12]".into()),
+            stderr: Some("pipe:[13]".into()),
+        };
+        assert_eq!(keys.external_files(), vec!["file[18:3]"]);
+        let keys = StdioKeys {
+            stdin: Some("file[18:3]".into()),
+            stdout: Some("file[18:3]".into()),
+            stderr: None,
+        };
+        assert_eq!(keys.external_files(), vec!["file[18:3]"]);
+    }
+
+    #[test]
+    fn mountinfo_and_fdinfo() {
+        let info =
+            "129 125 0:46 / / rw - overlay overlay rw\n131 129 0:54 / /proc rw - proc proc rw\n";
+        let ids = mount_ids(info);
+        assert!(ids.contains(&129) && ids.contains(&131) && ids.len() == 2);
+        assert_eq!(
+            fdinfo_mnt_id("pos:\t0\nflags:\t0100000\nmnt_id:\t24\n"),
+            Some(24)
+        );
+        assert_eq!(fdinfo_mnt_id("pos:\t0\n"), None);
+    }
+
+    #[test]
+    fn the_hook_quotes_its_paths() {
+        let s = hook_script(Path::new("/b/it's"), Path::new("/c"), true);
+        assert!(s.contains("--directory '/b/it'\\''s/upper'"), "{s}");
+        assert!(s.contains("post-dump"));
+        let s = hook_script(Path::new("/b"), Path::new("/c"), false);
+        assert!(!s.contains("tar"), "{s}");
+        assert!(
+            s.contains("cp '/b/container.log' '/c/container.log'"),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,463 @@
+//! The vm backend's configuration: a TOML file whose `[hypervisor]` table has Kuasar's
+//! fields (seed 002) plus `accel` and `machine`, and a `[vm]` table for warren's own
+//! settings (templates, pool, health checks). Every field has a default, so an empty file
+//! (or none) works when the assets are where `scripts/vm-assets.sh --install` puts them.
+//!
+//! ```toml
+//! [hypervisor]
+//! path = "/usr/bin/qemu-system-x86_64"
+//! vcpus = 1
+//! memory_in_mb = 256
+//! kernel_path = "/var/lib/warren/vm/vmlinux"
+//! image_path = ""                 # a raw disk image for every VM (read-only); "" = none
+//! initrd_path = "/var/lib/warren/vm/initramfs.cpio"
+//! kernel_params = ""              # appended to warren's own
+//! hugepages = false               # guest RAM from /dev/hugepages
+//! entropy_source = "/dev/urandom" # a virtio-rng device reads it; also seeds clones
+//! debug = false                   # the guest console verbose, in console.log
+//! accel = "auto"                  # "kvm", "tcg" or "auto" (KVM when it works here)
+//! machine = "microvm"
+//!
+//! [vm]
+//! templates = true                # create sandboxes as clones of a booted template
+//! pool = 2                        # clones kept ready per template
+//! ```
+//!
+//! [`VmConfig::validate`] checks everything it can without booting (files exist, numbers in
+//! range, the machine type is one qemu knows) and names the field and value of every problem.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Least guest RAM: Debian's kernel keeps ~60 MB of it for itself.
+pub const MIN_MEMORY_MB: u64 = 128;
+/// Most vCPUs a sandbox may ask for.
+pub const MAX_VCPUS: u32 = 64;
+/// Where `scripts/vm-assets.sh --install` puts the kernel and initramfs.
+pub const DEFAULT_ASSETS: &str = "/var/lib/warren/vm";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// Kuasar's `[sandbox]` table is accepted (its sample config has an empty one).
+    pub sandbox: Option<toml::Table>,
+    pub hypervisor: Hypervisor,
+    pub vm: Settings,
+}
+
+/// Seed 002's `[hypervisor]` table, with qemu's `accel` and `machine`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hypervisor {
+    pub path: PathBuf,
+    pub vcpus: u32,
+    pub memory_in_mb: u64,
+    pub kernel_path: PathBuf,
+    pub image_path: PathBuf,
+    pub initrd_path: PathBuf,
+    pub kernel_params: String,
+    pub hugepages: bool,
+    pub entropy_source: PathBuf,
+    pub debug: bool,
+    pub accel: Accel,
+    pub machine: String,
+    /// Kuasar's virtiofsd table is accepted and ignored: warren shares images as block
+    /// devices, not over virtiofs.
+    pub virtiofsd: Option<toml::Table>,
+}
+
+impl Default for Hypervisor {
+    fn default() -> Self {
+        Hypervisor {
+            path: PathBuf::from("qemu-system-x86_64"),
+            vcpus: 1,
+            memory_in_mb: 256,
+            kernel_path: Path::new(DEFAULT_ASSETS).join("vmlinux"),
+            image_path: PathBuf::new(),
+            initrd_path: Path::new(DEFAULT_ASSETS).join("initramfs.cpio"),
+            kernel_params: String::new(),
+            hugepages: false,
+            entropy_source: PathBuf::from("/dev/urandom"),
+            debug: false,
+            accel: Accel::Auto,
+            machine: "microvm".to_string(),
+            virtiofsd: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+    Auto,
+}
+
+/// warren's own `[vm]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Create sandboxes without an image as copy-on-write clones of a booted template.
+    pub templates: bool,
+    /// Clones kept restored and ready per template (0: restore on demand).
+    pub pool: usize,
+    /// Where templates keep guest RAM (a shared-memory file system).
+    pub template_dir: PathBuf,
+    /// Longest a cold boot may take until the guest answers.
+    pub boot_timeout_ms: u64,
+    /// Health pings: how often, how long each may take, how many may fail in a row before
+    /// the sandbox is marked Failed.
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    pub health_failures: u32,
+    /// Memory qemu itself may use beyond guest RAM (its cgroup's limit is the sum).
+    pub qemu_overhead_mb: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            templates: true,
+            pool: 2,
+            template_dir: PathBuf::from("/dev/shm/warren-vm"),
+            boot_timeout_ms: 30_000,
+            health_interval_ms: 2_000,
+            health_timeout_ms: 3_000,
+            health_failures: 3,
+            qemu_overhead_mb: 512,
+        }
+    }
+}
+
+impl Settings {
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_millis(self.boot_timeout_ms)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// A field with a value that cannot work: names both.
+    #[error("{field}: {value:?} {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Display,
+    reason: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl VmConfig {
+    /// Reads a config file; a missing file gives the defaults only when `required` is false.
+    pub fn load(path: &Path, required: bool) -> Result<VmConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(VmConfig::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<VmConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Checks what can be checked without booting. `machines` are the machine types the
+    /// qemu binary knows (`-machine help`).
+    pub fn validate(&self, machines: &[String]) -> Result<(), ConfigError> {
+        let h = &self.hypervisor;
+        if h.vcpus == 0 || h.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "hypervisor.vcpus",
+                h.vcpus,
+                format!("is not between 1 and {MAX_VCPUS}"),
+            ));
+        }
+        if h.memory_in_mb < MIN_MEMORY_MB {
+            return Err(invalid(
+                "hypervisor.memory_in_mb",
+                h.memory_in_mb,
+                format!("is below the minimum of {MIN_MEMORY_MB} (the guest kernel keeps ~60 MB)"),
+            ));
+        }
+        for (field, path, required) in [
+            ("hypervisor.kernel_path", &h.kernel_path, true),
+            ("hypervisor.initrd_path", &h.initrd_path, true),
+            ("hypervisor.image_path", &h.image_path, false),
+            ("hypervisor.entropy_source", &h.entropy_source, false),
+        ] {
+            if path.as_os_str().is_empty() {
+                if required {
+                    return Err(invalid(field, "", "is empty"));
+                }
+                continue;
+            }
+            if !path.exists() {
+                let hint = if field == "hypervisor.kernel_path" || field == "hypervisor.initrd_path"
+                {
+                    " (scripts/vm-assets.sh --install DIR builds it)"
+                } else {
+                    ""
+                };
+                return Err(invalid(
+                    field,
+                    path.display(),
+                    format!("does not exist{hint}"),
+                ));
+            }
+        }
+        if h.hugepages && !Path::new("/dev/hugepages").is_dir() {
+            return Err(invalid(
+                "hypervisor.hugepages",
+                true,
+                "needs hugetlbfs mounted on /dev/hugepages",
+            ));
+        }
+        if !machines.is_empty() && !machines.contains(&h.machine) {
+            let mut known: Vec<&str> = machines.iter().map(String::as_str).take(8).collect();
+            known.sort_unstable();
+            return Err(invalid(
+                "hypervisor.machine",
+                &h.machine,
+                format!(
+                    "is not a machine type {} knows (e.g. {})",
+                    h.path.display(),
+                    known.join(", ")
+                ),
+            ));
+        }
+        if h.kernel_params.contains('\n') {
+            return Err(invalid(
+                "hypervisor.kernel_params",
+                &h.kernel_params,
+                "contains a newline",
+            ));
+        }
+        let s = &self.vm;
+        if s.health_interval_ms == 0 || s.health_timeout_ms == 0 || s.health_failures == 0 {
+            return Err(invalid(
+                "vm.health_interval_ms/health_timeout_ms/health_failures",
+                format!(
+                    "{}/{}/{}",
+                    s.health_interval_ms, s.health_timeout_ms, s.health_failures
+                ),
+                "must all be above 0",
+            ));
+        }
+        if s.pool > 64 {
+            return Err(invalid("vm.pool", s.pool, "is more than 64"));
+        }
+        Ok(())
+    }
+}
+
+/// How the VMs of this node are accelerated, found once at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acceleration {
+    /// `kvm` or `tcg`.
+    pub accel: &'static str,
+    /// Why, for `warren info` ("/dev/kvm is PVM, no vmx/svm: TCG").
+    pub why: String,
+}
+
+/// Picks KVM when it works on this host, else TCG. KVM works when /dev/kvm opens read-write
+/// and the CPU shows hardware virtualization (`vmx`/`svm`): a /dev/kvm without them is a
+/// software nested-virtualization driver (PVM) that Debian's kernel does not boot under.
+pub fn probe_accel(
+    requested: Accel,
+    cpuinfo: &str,
+    kvm_opens: bool,
+) -> Result<Acceleration, ConfigError> {
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    match requested {
+        Accel::Tcg => Ok(Acceleration {
+            accel: "tcg",
+            why: "accel = \"tcg\" in the config".into(),
+        }),
+        Accel::Kvm if kvm_opens => Ok(Acceleration {
+            accel: "kvm",
+            why: "accel = \"kvm\" in the config".into(),
+        }),
+        Accel::Kvm => Err(invalid(
+            "hypervisor.accel",
+            "kvm",
+            "cannot be used: /dev/kvm does not open read-write",
+        )),
+        Accel::Auto if kvm_opens && hw => Ok(Acceleration {
+            accel: "kvm",
+            why: "/dev/kvm with hardware virtualization".into(),
+        }),
+        Accel::Auto if kvm_opens => Ok(Acceleration {
+            accel: "tcg",
+            why: "/dev/kvm is there but the CPU has no vmx/svm (software nested virtualization such as PVM): TCG".into(),
+        }),
+        Accel::Auto => Ok(Acceleration {
+            accel: "tcg",
+            why: "no usable /dev/kvm: TCG".into(),
+        }),
+    }
+}
+
+/// The machine types a qemu binary knows, from `-machine help`.
+pub fn machine_types(help: &str) -> Vec<String> {
+    help.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kuasar_config_parses_with_accel_and_machine() {
+        let text = r#"
+[sandbox]
+[hypervisor]
+  path = "/usr/bin/qemu-system-x86_64"
+  vcpus = 2
+  memory_in_mb = 512
+  kernel_path = "/k"
+  image_path = ""
+  initrd_path = "/i"
+  kernel_params = "loglevel=3"
+  hugepages = false
+  entropy_source = "/dev/urandom"
+  debug = true
+  accel = "tcg"
+  machine = "q35"
+[hypervisor.virtiofsd]
+  path = "/usr/local/bin/virtiofsd"
+"#;
+        let c = VmConfig::parse(text, "vm.toml").expect("parse");
+        assert_eq!(c.hypervisor.vcpus, 2);
+        assert_eq!(c.hypervisor.memory_in_mb, 512);
+        assert_eq!(c.hypervisor.accel, Accel::Tcg);
+        assert_eq!(c.hypervisor.machine, "q35");
+        assert!(c.hypervisor.debug);
+        assert_eq!(c.vm, Settings::default());
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let machines = vec!["microvm".to_string(), "q35".to_string()];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").expect("write");
+        let good = |c: &mut VmConfig| {
+            c.hypervisor.kernel_path = file.clone();
+            c.hypervisor.initrd_path = file.clone();
+        };
+        let mut c = VmConfig::default();
+        good(&mut c);
+        c.validate(&machines).expect("valid");
+        type Change = Box<dyn Fn(&mut VmConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|c| c.hypervisor.memory_in_mb = 64),
+                "hypervisor.memory_in_mb: \"64\" is below the minimum of 128",
+            ),
+            (Box::new(|c| c.hypervisor.vcpus = 0), "hypervisor.vcpus"),
+            (
+                Box::new(|c| c.hypervisor.machine = "pc-bogus".into()),
+                "hypervisor.machine: \"pc-bogus\" is not a machine type",
+            ),
+            (
+                Box::new(|c| c.hypervisor.kernel_path = "/nope/vmlinux".into()),
+                "hypervisor.kernel_path: \"/nope/vmlinux\" does not exist",
+            ),
+            (
+                Box::new(|c| c.hypervisor.image_path = "/nope.img".into()),
+                "hypervisor.image_path",
+            ),
+            (
+                Box::new(|c| c.vm.health_failures = 0),
+                "vm.health_interval_ms/health_timeout_ms/health_failures",
+            ),
+        ];
+        for (change, want) in cases {
+            let mut c = VmConfig::default();
+            good(&mut c);
+            change(&mut c);
+            let err = c.validate(&machines).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
+        let err = VmConfig::parse("[hypervisor]\nmemory_in_mb = \"lots\"", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("memory_in_mb"), "{err}");
+        let err = VmConfig::parse("[hypervisor]\naccel = \"hvf\"", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("accel"), "{err}");
+    }
+
+    #[test]
+    fn accel_probe() {
+        let pvm = "processor : 0\nflags : fpu vme sse sse2 hypervisor\n";
+        let vmx = "flags : fpu vmx sse\n";
+        assert_eq!(
+            probe_accel(Accel::Auto, pvm, true).expect("auto").accel,
+            "tcg"
+        );
+        assert!(
+            probe_accel(Accel::Auto, pvm, true)
+                .expect("auto")
+                .why
+                .contains("PVM")
+        );
+        assert_eq!(
+            probe_accel(Accel::Auto, vmx, true).expect("auto").accel,
+            "kvm"
+        );
+        assert_eq!(
+            probe_accel(Accel::Auto, vmx, false).expect("auto").accel,
+            "tcg"
+        );
+        assert_eq!(
+            probe_accel(Accel::Kvm, pvm, true).expect("forced").accel,
+            "kvm"
+        );
+        assert!(probe_accel(Accel::Kvm, vmx, false).is_err());
+        assert_eq!(
+            probe_accel(Accel::Tcg, vmx, true).expect("tcg").accel,
+            "tcg"
+        );
+    }
+
+    #[test]
+    fn machine_help_is_parsed() {
+        let help = "Supported machines are:\nmicrovm              microvm (i386)\npc                   Standard PC (alias of pc-i440fx-7.2)\nq35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)\n";
+        assert_eq!(machine_types(help), ["microvm", "pc", "q35"]);
+    }
+}

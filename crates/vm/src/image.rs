@@ -1,0 +1,123 @@
+//! A sandbox's image as a disk: the image's layers merged into one read-only ext4 file,
+//! made once per image and shared by every VM that runs it (seed 002's `image_path`, per
+//! image). The guest mounts it under a writable overlay of its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use warren_image::{Image, ImageStore};
+use warren_runtime::BackendError;
+
+/// The disk of image `name`, making it if needed; the image's config with it.
+pub fn root_disk(
+    images: &ImageStore,
+    cache: &Path,
+    name: &str,
+) -> Result<(PathBuf, Image), BackendError> {
+    let image = images.resolve(name).map_err(|e| {
+        BackendError::Invalid(format!(
+            "spec.image: {name:?}: {}",
+            warren_runtime::error_chain(&e)
+        ))
+    })?;
+    let key: String = image
+        .id
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(24)
+        .collect();
+    let disk = cache.join(format!("{key}.ext4"));
+    if disk.is_file() {
+        return Ok((disk, image));
+    }
+    std::fs::create_dir_all(cache).map_err(|e| io("create", cache, e))?;
+    let work = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(cache)
+        .map_err(|e| io("create a directory in", cache, e))?;
+    let merged = work.path().join("merged");
+    std::fs::create_dir(&merged).map_err(|e| io("create", &merged, e))?;
+    // Several layers: an overlay mount merges them (whiteouts included) for mkfs to read.
+    let source = match image.layers.as_slice() {
+        [] => merged.clone(),
+        [one] => one.clone(),
+        layers => {
+            let lower: Vec<String> = layers
+                .iter()
+                .rev()
+                .map(|l| l.display().to_string())
+                .collect();
+            let options = format!("lowerdir={}", lower.join(":"));
+            nix::mount::mount(
+                Some("overlay"),
+                &merged,
+                Some("overlay"),
+                nix::mount::MsFlags::MS_RDONLY,
+                Some(options.as_str()),
+            )
+            .map_err(|e| {
+                BackendError::Other(format!("merge the layers of {name}: {}", e.desc()))
+            })?;
+            merged.clone()
+        }
+    };
+    let bytes = tree_size(&source);
+    // Room for ext4's own structures and inodes, rounded to MiB.
+    let size_mb = (bytes * 13 / 10) / (1 << 20) + 16;
+    let tmp = work.path().join("disk.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "warren-root",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+        ])
+        .arg(&source)
+        .arg(&tmp)
+        .arg(format!("{size_mb}M"))
+        .output();
+    if source == merged && image.layers.len() > 1 {
+        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    }
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Err(BackendError::Other(format!(
+                "mkfs.ext4 for image {name}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )));
+        }
+        Err(e) => return Err(io("run mkfs.ext4 (e2fsprogs) for", &tmp, e)),
+    }
+    std::fs::rename(&tmp, &disk).map_err(|e| io("move into place", &disk, e))?;
+    Ok((disk, image))
+}
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Bytes of the regular files under `dir` (symlinks not followed).
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => total += 64,
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,507 @@
+//! A running VM sandbox's monitor: one task per VM that owns its qemu process and its log.
+//!
+//! The log is complete and closed before the end is recorded, so whoever sees an ended
+//! status reads the whole log (no `logs_settled` wait is needed).
+//!
+//! It streams the workload's output into the sandbox's CRI log, pings the guest on an
+//! interval, enforces the spec's timeout, and notices every way the VM can end: the
+//! workload's exit (reported by the guest), qemu's exit (killed, crashed, or the guest
+//! kernel panicked: `panic=-1` reboots and `-no-reboot` makes that qemu's exit), or a guest
+//! that stopped answering. It records the end (`exit.json`, then the in-memory status and an
+//! event) and tears the VM down: the guest is asked to power off, qemu is killed if it does
+//! not.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tracing::{debug, warn};
+use warren_guest::proto;
+use warren_runtime::logs::{LogWriter, Stream};
+use warren_runtime::{BackendError, BackendEvent, BackendStatus};
+use warren_spec::ResourceInfo;
+
+use crate::backend::{Inner, Plan, Running, guest_error, open_log};
+use crate::channel::{self, Client};
+use crate::qemu;
+use crate::vm::{self, ExitRecord, QemuProcess, VmState};
+
+/// The reasons the control plane shows, as the linux backend names them.
+pub const REASON_OOM: &str = "OOMKilled";
+pub const REASON_TIMEOUT: &str = "Timeout";
+
+/// A VM that runs its sandbox's workload, ready for [`run`].
+#[derive(Debug)]
+pub(crate) struct Launched {
+    pub qemu: QemuProcess,
+    pub running: Running,
+    pub log: LogWriter,
+    /// `cold` or `clone`.
+    pub how: &'static str,
+}
+
+/// Boots (or clones) the sandbox's VM and starts its workload.
+pub(crate) async fn launch(
+    inner: &Arc<Inner>,
+    id: &str,
+    dir: &Path,
+    plan: &Plan,
+    resources: &ResourceInfo,
+) -> Result<Launched, BackendError> {
+    let cgroup = inner.make_cgroup(id, plan.memory_mb, resources)?;
+    let result = launch_in(inner, id, dir, plan, cgroup.as_ref()).await;
+    if result.is_err()
+        && let Some(cg) = &cgroup
+    {
+        let _ = cg.kill_all();
+        let _ = cg.remove();
+    }
+    result
+}
+
+async fn launch_in(
+    inner: &Arc<Inner>,
+    id: &str,
+    dir: &Path,
+    plan: &Plan,
+    cgroup: Option<&warren_linux::cgroup::Cgroup>,
+) -> Result<Launched, BackendError> {
+    let clone = if plan.root_disk.is_none() {
+        crate::template::take(inner, plan.vcpus, plan.memory_mb, dir, cgroup).await
+    } else {
+        None
+    };
+    let (booted, how) = match clone {
+        Some(mut booted) => {
+            // A clone holds its template's identity and RNG state until told otherwise.
+            let seed = entropy(&inner.config.vm.hypervisor.entropy_source);
+            let prepared = tokio::time::timeout(
+                Duration::from_secs(10),
+                booted.client.prepare(proto::PrepareRequest {
+                    hostname: plan.start.hostname.clone(),
+                    sandbox_id: id.to_string(),
+                    seed,
+                }),
+            )
+            .await;
+            if !matches!(prepared, Ok(Ok(_))) {
+                booted.qemu.kill_and_wait(Duration::from_secs(5)).await;
+                return Err(BackendError::Other(format!(
+                    "prepare the clone: {}",
+                    match prepared {
+                        Ok(Err(s)) => s.message().to_string(),
+                        _ => "the guest did not answer".into(),
+                    }
+                )));
+            }
+            (booted, "clone")
+        }
+        None => {
+            std::fs::create_dir_all(dir).map_err(|e| BackendError::Io {
+                action: "create",
+                path: dir.display().to_string(),
+                source: e,
+            })?;
+            let mut machine = inner.machine(plan.vcpus, plan.memory_mb);
+            machine.root_disk = plan.root_disk.as_deref();
+            let args = machine.args(dir);
+            let booted = vm::boot(
+                &inner.config.vm.hypervisor.path,
+                &args,
+                dir,
+                inner.config.vm.vm.boot_timeout(),
+                cgroup,
+            )
+            .await?;
+            (booted, "cold")
+        }
+    };
+    let vm::Booted { mut qemu, client } = booted;
+    let mut c = client.clone();
+    let started = tokio::time::timeout(Duration::from_secs(30), c.start(plan.start.clone())).await;
+    let failure = match started {
+        Ok(Ok(_)) => None,
+        Ok(Err(s)) => Some(guest_error("start", s)),
+        Err(_) => Some(BackendError::Other(
+            "start: the guest did not answer within 30s".into(),
+        )),
+    };
+    if let Some(e) = failure {
+        qemu.kill_and_wait(Duration::from_secs(5)).await;
+        return Err(e);
+    }
+    let state = VmState {
+        qemu_pid: qemu.pid,
+        qemu_start: qemu.start,
+        accel: inner.accel().to_string(),
+        cgroup: cgroup.map(|_| id.to_string()),
+        env: plan.start.env.clone(),
+        cwd: plan.start.cwd.clone(),
+        uid: plan.start.uid,
+        gid: plan.start.gid,
+        deadline_ms: plan.timeout.map(|t| now_ms() + t.as_millis() as u64),
+    };
+    let written = vm::write_json(dir, vm::STATE_FILE, &state);
+    let log = open_log(inner, dir);
+    let log = match (written, log) {
+        (Ok(()), Ok(log)) => log,
+        (Err(e), _) => {
+            qemu.kill_and_wait(Duration::from_secs(5)).await;
+            return Err(BackendError::Io {
+                action: "write",
+                path: dir.join(vm::STATE_FILE).display().to_string(),
+                source: e,
+            });
+        }
+        (_, Err(e)) => {
+            qemu.kill_and_wait(Duration::from_secs(5)).await;
+            return Err(e);
+        }
+    };
+    let running = Running {
+        client,
+        qemu: qemu.reference(),
+        state,
+        stopping: Arc::new(AtomicBool::new(false)),
+    };
+    Ok(Launched {
+        qemu,
+        running,
+        log,
+        how,
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// 64 bytes from the configured entropy source (the host's urandom if it cannot be read).
+pub(crate) fn entropy(source: &Path) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut seed = vec![0u8; 64];
+    let read =
+        |path: &Path, buf: &mut [u8]| std::fs::File::open(path).and_then(|mut f| f.read_exact(buf));
+    if source.as_os_str().is_empty() || read(source, &mut seed).is_err() {
+        let _ = read(Path::new("/dev/urandom"), &mut seed);
+    }
+    seed
+}
+
+/// What [`run`] needs.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    pub inner: Arc<Inner>,
+    pub id: String,
+    pub dir: std::path::PathBuf,
+    pub qemu: QemuProcess,
+    pub running: Running,
+    pub log: LogWriter,
+    /// Bytes of stdout and stderr already in the log.
+    pub offsets: [u64; 2],
+    /// The workload is killed this long from now.
+    pub timeout: Option<Duration>,
+    pub done: watch::Sender<bool>,
+}
+
+enum End {
+    Exited(proto::ExitStatus),
+    QemuGone(String),
+    Unhealthy(String),
+}
+
+/// Follows the VM until it ends, then records the end and tears the VM down.
+pub(crate) async fn run(w: Watch) {
+    let Watch {
+        inner,
+        id,
+        dir,
+        mut qemu,
+        running,
+        log,
+        mut offsets,
+        timeout,
+        done,
+    } = w;
+    let settings = &inner.config.vm.vm;
+    let mut client = running.client.clone();
+    let mut output: Option<tonic::Streaming<proto::OutputEvent>> = None;
+    let mut health = tokio::time::interval(Duration::from_millis(settings.health_interval_ms));
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    health.tick().await;
+    let mut failures = 0u32;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut timed_out = false;
+    let end = loop {
+        if output.is_none() {
+            let request = proto::OutputRequest {
+                stdout_offset: offsets[0],
+                stderr_offset: offsets[1],
+            };
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(5), client.output(request)).await
+            {
+                output = Some(stream.into_inner());
+            }
+        }
+        let next_output = async {
+            match &mut output {
+                Some(stream) => stream.next().await,
+                // No stream (the guest did not answer): retry after a pause.
+                None => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some(Err(tonic::Status::unavailable("no output stream")))
+                }
+            }
+        };
+        let until_deadline = async {
+            match deadline {
+                Some(d) if !timed_out => tokio::time::sleep_until(d).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            how = qemu.wait() => break End::QemuGone(how),
+            event = next_output => match event {
+                Some(Ok(proto::OutputEvent { event: Some(event) })) => {
+                    if let Some(exit) = record(&log, &mut offsets, event) {
+                        break End::Exited(exit);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    output = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = health.tick() => {
+                let ping = tokio::time::timeout(
+                    Duration::from_millis(settings.health_timeout_ms),
+                    client.ping(proto::PingRequest {}),
+                ).await;
+                if matches!(ping, Ok(Ok(_))) {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                    debug!(id, failures, "vm: a health ping failed");
+                    if failures >= settings.health_failures {
+                        break End::Unhealthy(format!(
+                            "the guest stopped answering: {failures} health pings in a row failed (each given {} ms)",
+                            settings.health_timeout_ms
+                        ));
+                    }
+                }
+            }
+            () = until_deadline => {
+                timed_out = true;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.signal(proto::SignalRequest { signal: libc::SIGKILL }),
+                ).await;
+            }
+        }
+    };
+    let stopping = running.stopping.load(Ordering::SeqCst);
+    let status = match &end {
+        _ if stopping => BackendStatus::Stopped,
+        End::Exited(_) if timed_out => BackendStatus::Failed {
+            reason: REASON_TIMEOUT.into(),
+        },
+        End::Exited(e) if e.oom_killed => BackendStatus::Failed {
+            reason: REASON_OOM.into(),
+        },
+        End::Exited(e) => BackendStatus::Exited { code: e.code },
+        End::QemuGone(how) => BackendStatus::Failed {
+            reason: match qemu::panic_line(&dir) {
+                Some(line) => format!("the guest kernel panicked: {line}"),
+                None => {
+                    let words = qemu::last_words(&dir);
+                    format!(
+                        "the VM ended unexpectedly: qemu {how}{}",
+                        if words.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({words})")
+                        }
+                    )
+                }
+            },
+        },
+        End::Unhealthy(reason) => BackendStatus::Failed {
+            reason: reason.clone(),
+        },
+    };
+    let _ = log.close();
+    if let Err(e) = vm::write_json(&dir, vm::EXIT_FILE, &ExitRecord::of(&status)) {
+        warn!(id, "vm: write {}: {e}", vm::EXIT_FILE);
+    }
+    inner.ended(&id, &status);
+    if status != BackendStatus::Stopped {
+        let _ = inner.events.send(BackendEvent {
+            id: id.clone(),
+            status: status.clone(),
+        });
+    }
+    // Tear down: a guest that answers powers off (qemu exits by itself), else qemu is killed.
+    if qemu.running() {
+        if matches!(end, End::Exited(_)) {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.shutdown(proto::ShutdownRequest {}),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), qemu.wait()).await;
+        }
+        if qemu.running() {
+            qemu.kill_and_wait(Duration::from_secs(10)).await;
+        }
+    }
+    if let Some(name) = &running.state.cgroup
+        && let Some(cg) = inner.cgroup(name)
+    {
+        let _ = cg.kill_all();
+        let _ = cg.remove();
+    }
+    inner.finished(&id);
+    let _ = done.send(true);
+}
+
+/// Writes one output event to the log; returns the exit when it is one.
+fn record(
+    log: &LogWriter,
+    offsets: &mut [u64; 2],
+    event: proto::output_event::Event,
+) -> Option<proto::ExitStatus> {
+    use proto::output_event::Event;
+    let index = |s: i32| {
+        if s == proto::Stream::Stderr as i32 {
+            1
+        } else {
+            0
+        }
+    };
+    let stream = |i: usize| {
+        if i == 1 {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        }
+    };
+    match event {
+        Event::Chunk(chunk) => {
+            let i = index(chunk.stream);
+            let data = &chunk.data;
+            // Skip what the log has already (a resumed stream overlaps), note a gap.
+            if chunk.offset > offsets[i] {
+                let _ = log.write(
+                    Stream::Stderr,
+                    format!(
+                        "\nwarren: {} bytes of output are missing\n",
+                        chunk.offset - offsets[i]
+                    )
+                    .as_bytes(),
+                );
+                offsets[i] = chunk.offset;
+            }
+            let skip = (offsets[i] - chunk.offset).min(data.len() as u64) as usize;
+            if skip < data.len() {
+                let _ = log.write(stream(i), &data[skip..]);
+                offsets[i] += (data.len() - skip) as u64;
+            }
+            None
+        }
+        Event::Dropped(d) => {
+            let i = index(d.stream);
+            let _ = log.write(
+                Stream::Stderr,
+                format!("\nwarren: {} bytes of {} were dropped by the guest (no host read them in time)\n", d.bytes, stream(i)).as_bytes(),
+            );
+            offsets[i] = offsets[i].max(d.offset + d.bytes);
+            None
+        }
+        Event::Exit(exit) => Some(exit),
+    }
+}
+
+/// Bytes of each stream a log already holds: the content of its records, plus the newline
+/// each full record stood for.
+pub(crate) fn logged_offsets(path: &Path) -> [u64; 2] {
+    let mut offsets = [0u64; 2];
+    let Ok(records) = warren_runtime::logs::read_logs(path, None, None) else {
+        return offsets;
+    };
+    for r in records {
+        let i = if r.stream == Stream::Stderr { 1 } else { 0 };
+        offsets[i] += r.content.len() as u64 + u64::from(!r.partial);
+    }
+    offsets
+}
+
+/// A VM found again after a restart.
+pub(crate) struct Adopted {
+    pub running: Running,
+    pub done: watch::Receiver<bool>,
+}
+
+/// Takes a running VM back: reconnects to its guest and resumes its monitor where its log
+/// ends. `Err` says why it cannot be (then the sandbox is reported Failed).
+pub(crate) async fn readopt(
+    inner: &Arc<Inner>,
+    id: &str,
+    dir: &Path,
+    state: VmState,
+) -> Result<Adopted, String> {
+    let Some(mut qemu) = QemuProcess::adopt(state.qemu_pid, state.qemu_start) else {
+        let words = qemu::last_words(dir);
+        return Err(format!(
+            "the VM ended while no server watched it{}",
+            if words.is_empty() {
+                String::new()
+            } else {
+                format!(" ({words})")
+            }
+        ));
+    };
+    let socket = dir.join(qemu::CHANNEL_SOCKET);
+    let client: Client =
+        match channel::ready(&socket, Duration::from_secs(10), || qemu.running()).await {
+            Ok(c) => c,
+            Err(e) => {
+                qemu.kill_and_wait(Duration::from_secs(5)).await;
+                return Err(format!("the VM runs but its guest does not answer: {e}"));
+            }
+        };
+    let log = open_log(inner, dir).map_err(|e| e.to_string())?;
+    let offsets = logged_offsets(&dir.join(vm::LOG_FILE));
+    let timeout = state
+        .deadline_ms
+        .map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+    let running = Running {
+        client,
+        qemu: qemu.reference(),
+        state,
+        stopping: Arc::new(AtomicBool::new(false)),
+    };
+    let (done_tx, done_rx) = watch::channel(false);
+    tokio::spawn(run(Watch {
+        inner: Arc::clone(inner),
+        id: id.to_string(),
+        dir: dir.to_path_buf(),
+        qemu,
+        running: running.clone(),
+        log,
+        offsets,
+        timeout,
+        done: done_tx,
+    }));
+    Ok(Adopted {
+        running,
+        done: done_rx,
+    })
+}

@@ -1,0 +1,549 @@
+//! Templates and clones: a VM booted once and saved, then restored many times.
+//!
+//! A template is a VM of one shape (vCPUs, memory) booted with its RAM in a file on a
+//! shared-memory file system (`share=on`), left idle with its guest waiting for a host,
+//! paused and saved with qemu's `x-ignore-shared` capability: the device state goes to a
+//! small file and the RAM stays in its file, not copied. A clone is qemu started with the
+//! same devices, the same RAM file mapped private (`share=off`: copy-on-write, so clones
+//! share every page they do not write), and `-incoming defer`; restoring it reads only the
+//! device state, so it answers in tens of milliseconds even under TCG.
+//!
+//! Every clone starts with the template's memory: its hostname and the kernel's RNG state.
+//! `Prepare` gives each its own hostname and id and reseeds its CRNG from the host's
+//! entropy before anything runs in it.
+//!
+//! Templates are keyed by everything that shapes the saved state (qemu, kernel, initramfs,
+//! shape, acceleration, machine, kernel parameters), so a changed asset makes a new one.
+//! They are made on first use of a shape (that create boots cold) or ahead of time by
+//! `warren vm template build`. A pool of restored clones per template makes a create a
+//! hand-out: the clone's directory is renamed to the sandbox's and qemu moved into its
+//! cgroup.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use serde_json::json;
+use sha2::Digest as _;
+use tracing::{info, warn};
+use warren_runtime::BackendError;
+
+use crate::backend::{Inner, POOL_DIR, VmBackendConfig};
+use crate::qemu::{self, MemoryFile};
+use crate::qmp::Qmp;
+use crate::vm::{self, Booted, QemuProcess, QemuRef};
+
+/// Saved device state, beside the RAM file, in a template's directory.
+const STATE: &str = "state";
+const RAM: &str = "ram";
+/// A pool clone's identity file (its qemu, to kill a leftover after a crash).
+const POOL_STATE: &str = "pool.json";
+/// How long one QMP answer (and a restore's incoming migration) may take: generous, as a
+/// loaded host under TCG is slow, and a failed restore falls back to a slower cold boot.
+const QMP_PATIENCE: Duration = Duration::from_secs(30);
+
+type Shape = (u32, u64);
+
+#[derive(Debug)]
+pub struct Templates {
+    root: PathBuf,
+    pool_dir: PathBuf,
+    enabled: bool,
+    target: usize,
+    state: Mutex<State>,
+    refill: Arc<tokio::sync::Notify>,
+    /// The server is stopping: no more pool clones.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    building: HashSet<Shape>,
+    /// Shapes whose template failed to build (not retried until restart), with why.
+    failed: HashMap<Shape, String>,
+    /// Shapes used since start: the pool keeps clones of these ready.
+    wanted: HashSet<Shape>,
+    pool: Vec<Clone>,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Clone {
+    shape: Shape,
+    dir: PathBuf,
+    booted: Booted,
+}
+
+impl Templates {
+    pub(crate) fn new(config: &VmBackendConfig) -> Templates {
+        Templates {
+            root: config.vm.vm.template_dir.clone(),
+            pool_dir: config.dir.join(POOL_DIR),
+            enabled: config.vm.vm.templates,
+            target: config.vm.vm.pool,
+            state: Mutex::new(State::default()),
+            refill: Arc::new(tokio::sync::Notify::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Clones ready now, for tests and `warren info`.
+    pub fn pooled(&self) -> usize {
+        self.lock().pool.len()
+    }
+}
+
+impl Drop for Templates {
+    /// Pool clones belong to this server: they end with it (sandboxes do not).
+    fn drop(&mut self) {
+        let pool = std::mem::take(&mut self.lock().pool);
+        for clone in pool {
+            clone.booted.qemu.reference().kill();
+            let _ = std::fs::remove_dir_all(&clone.dir);
+        }
+    }
+}
+
+/// The key of a template of `shape`: a hash of everything its saved state depends on.
+fn key(inner: &Inner, shape: Shape) -> String {
+    let h = &inner.config.vm.hypervisor;
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                format!("{}:{}:{}", m.len(), m.mtime(), m.ino())
+            })
+            .unwrap_or_default()
+    };
+    let machine = inner.machine(shape.0, shape.1);
+    let mut hasher = sha2::Sha256::new();
+    for part in [
+        h.path.display().to_string(),
+        stamp(&h.kernel_path),
+        stamp(&h.initrd_path),
+        h.image_path.display().to_string(),
+        h.entropy_source.display().to_string(),
+        format!("{shape:?}"),
+        inner.accel().to_string(),
+        h.machine.clone(),
+        machine.kernel_params(),
+        warren_guest::VERSION.to_string(),
+    ] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn template_dir(inner: &Inner, shape: Shape) -> PathBuf {
+    inner.templates.root.join(key(inner, shape))
+}
+
+fn ready(dir: &Path) -> bool {
+    dir.join(STATE).is_file() && dir.join(RAM).is_file()
+}
+
+/// Boots a template VM of `shape` and saves it; returns its directory. An existing one is
+/// kept unless `rebuild`.
+pub(crate) async fn build(
+    inner: &Arc<Inner>,
+    vcpus: u32,
+    memory_mb: u64,
+    rebuild: bool,
+) -> Result<PathBuf, BackendError> {
+    inner
+        .available
+        .as_ref()
+        .map_err(|e| BackendError::Other(e.clone()))?;
+    let shape = (vcpus, memory_mb);
+    let dir = template_dir(inner, shape);
+    if ready(&dir) && !rebuild {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&inner.templates.root)
+        .map_err(|e| io("create", &inner.templates.root, e))?;
+    let work =
+        inner
+            .templates
+            .root
+            .join(format!(".{}-{}.tmp", key(inner, shape), std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir(&work).map_err(|e| io("create", &work, e))?;
+    let result = save(inner, shape, &work).await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&work, &dir).map_err(|e| io("move into place", &dir, e))?;
+    info!(template = %dir.display(), vcpus, memory_mb, "vm: template saved");
+    Ok(dir)
+}
+
+async fn save(inner: &Inner, shape: Shape, dir: &Path) -> Result<(), BackendError> {
+    let mut machine = inner.machine(shape.0, shape.1);
+    machine.memory_file = Some(MemoryFile {
+        path: dir.join(RAM),
+        shared: true,
+    });
+    let args = machine.args(dir);
+    // The host never connects to a template's guest: it waits for the guest to say on its
+    // console that it waits for a host, then pauses it there. A clone's host connection is
+    // then the first its port ever had (as in a cold boot); a template whose guest had seen
+    // a host come and go restored with its port's output stalled.
+    let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
+        .map_err(|e| io("start qemu", &inner.config.vm.hypervisor.path, e))?;
+    let mut qemu = QemuProcess::child(child);
+    let console = dir.join(qemu::CONSOLE_LOG);
+    let deadline = tokio::time::Instant::now() + inner.config.vm.vm.boot_timeout();
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains(warren_guest::WAITING_FOR_HOST) {
+            break;
+        }
+        if !qemu.running() {
+            let how = qemu.wait().await;
+            return Err(vm::boot_error(dir, "", Some(how)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            qemu.kill_and_wait(Duration::from_secs(5)).await;
+            return Err(vm::boot_error(
+                dir,
+                "the template's guest did not come up",
+                None,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let saved = async {
+        let mut qmp = Qmp::connect(&dir.join(qemu::QMP_SOCKET), QMP_PATIENCE).await?;
+        qmp.execute("stop", None).await?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+        )
+        .await?;
+        let uri = format!("exec:cat > {}", dir.join(STATE).display());
+        qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        qmp.wait_migration(Duration::from_secs(60)).await?;
+        qmp.execute("quit", None).await.map(|_| ())
+    }
+    .await;
+    qemu.kill_and_wait(Duration::from_secs(10)).await;
+    saved.map_err(|e: crate::qmp::QmpError| {
+        BackendError::Other(format!(
+            "save the template: {}",
+            warren_runtime::error_chain(&e)
+        ))
+    })?;
+    // Only the saved state and the RAM are the template; the boot's files go.
+    for name in [qemu::QMP_SOCKET, qemu::CHANNEL_SOCKET, qemu::QEMU_LOG] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    Ok(())
+}
+
+/// Restores a clone of the template in `template` into `dir`.
+async fn restore(
+    inner: &Inner,
+    shape: Shape,
+    template: &Path,
+    dir: &Path,
+) -> Result<Booted, BackendError> {
+    std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+    let mut machine = inner.machine(shape.0, shape.1);
+    machine.memory_file = Some(MemoryFile {
+        path: template.join(RAM),
+        shared: false,
+    });
+    machine.incoming = true;
+    let args = machine.args(dir);
+    let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
+        .map_err(|e| io("start qemu", &inner.config.vm.hypervisor.path, e))?;
+    let mut qemu = QemuProcess::child(child);
+    let restored = async {
+        let qmp_path = dir.join(qemu::QMP_SOCKET);
+        let deadline = tokio::time::Instant::now() + QMP_PATIENCE;
+        // qemu binds the socket a moment before it listens: retry until it answers.
+        let mut qmp = loop {
+            match Qmp::connect(&qmp_path, QMP_PATIENCE).await {
+                Ok(q) => break q,
+                Err(crate::qmp::QmpError::Io { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+        )
+        .await?;
+        let uri = format!("exec:cat {}", template.join(STATE).display());
+        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        loop {
+            let status = qmp.execute("query-status", None).await?;
+            if status["status"].as_str() != Some("inmigrate") {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::qmp::QmpError::Timeout {
+                    path: qmp_path.display().to_string(),
+                    command: "migrate-incoming".into(),
+                    timeout: QMP_PATIENCE,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        qmp.execute("cont", None).await.map(|_| ())
+    }
+    .await;
+    if let Err(e) = restored {
+        qemu.kill_and_wait(Duration::from_secs(5)).await;
+        return Err(vm::boot_error(
+            dir,
+            &format!("restore: {}", warren_runtime::error_chain(&e)),
+            None,
+        ));
+    }
+    let socket = dir.join(qemu::CHANNEL_SOCKET);
+    let patience = inner.config.vm.vm.boot_timeout();
+    match crate::channel::ready(&socket, patience, || qemu.running()).await {
+        Ok(client) => Ok(Booted { qemu, client }),
+        Err(e) => {
+            qemu.kill_and_wait(Duration::from_secs(5)).await;
+            Err(vm::boot_error(dir, &e.to_string(), None))
+        }
+    }
+}
+
+/// A clone for a sandbox of this shape in `dir` (moved into `cgroup`): from the pool, else
+/// restored now; `None` when there is no template yet (one is built in the background, and
+/// this sandbox boots cold).
+pub(crate) async fn take(
+    inner: &Arc<Inner>,
+    vcpus: u32,
+    memory_mb: u64,
+    dir: &Path,
+    cgroup: Option<&warren_linux::cgroup::Cgroup>,
+) -> Option<Booted> {
+    let t = &inner.templates;
+    if !t.enabled {
+        return None;
+    }
+    let shape = (vcpus, memory_mb);
+    let template = template_dir(inner, shape);
+    let pooled = {
+        let mut state = t.lock();
+        state.wanted.insert(shape);
+        let found = state.pool.iter().position(|c| c.shape == shape);
+        found.map(|i| state.pool.swap_remove(i))
+    };
+    t.refill.notify_one();
+    let pooled = pooled.map(|mut c| {
+        let alive = c.booted.qemu.running();
+        (c, alive)
+    });
+    let mut booted = match pooled {
+        Some((mut clone, true)) => {
+            if let Err(e) = std::fs::rename(&clone.dir, dir) {
+                warn!("vm: move a pool clone to {}: {e}", dir.display());
+                clone
+                    .booted
+                    .qemu
+                    .kill_and_wait(Duration::from_secs(5))
+                    .await;
+                let _ = std::fs::remove_dir_all(&clone.dir);
+                return None;
+            }
+            let _ = std::fs::remove_file(dir.join(POOL_STATE));
+            clone.booted
+        }
+        Some((clone, false)) => {
+            let _ = std::fs::remove_dir_all(&clone.dir);
+            return None;
+        }
+        None if ready(&template) => match restore(inner, shape, &template, dir).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("vm: restore a clone: {e}");
+                let _ = std::fs::remove_dir_all(dir);
+                return None;
+            }
+        },
+        None => {
+            spawn_build(inner, shape);
+            return None;
+        }
+    };
+    if let Some(cg) = cgroup
+        && let Err(e) = cg.add_pid(booted.qemu.pid)
+    {
+        warn!("vm: move a clone into its cgroup: {e}");
+        booted.qemu.kill_and_wait(Duration::from_secs(5)).await;
+        let _ = std::fs::remove_dir_all(dir);
+        return None;
+    }
+    Some(booted)
+}
+
+/// Builds the template of `shape` in the background, once.
+fn spawn_build(inner: &Arc<Inner>, shape: Shape) {
+    {
+        let mut state = inner.templates.lock();
+        if state.failed.contains_key(&shape) || !state.building.insert(shape) {
+            return;
+        }
+    }
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let Some(inner) = weak.upgrade() else { return };
+        let result = build(&inner, shape.0, shape.1, false).await;
+        let mut state = inner.templates.lock();
+        state.building.remove(&shape);
+        if let Err(e) = result {
+            let why = warren_runtime::error_chain(&e);
+            warn!(
+                vcpus = shape.0,
+                memory_mb = shape.1,
+                "vm: no template: {why}"
+            );
+            state.failed.insert(shape, why);
+        } else {
+            drop(state);
+            inner.templates.refill.notify_one();
+        }
+    });
+}
+
+/// Kills and removes pool clones a previous server left (killed before it could end them).
+pub(crate) fn clean_pool(inner: &Inner) {
+    let pool = &inner.templates.pool_dir;
+    for entry in std::fs::read_dir(pool).into_iter().flatten().flatten() {
+        if let Ok(r) = vm::read_json::<(i32, u64)>(&entry.path(), POOL_STATE) {
+            QemuRef {
+                pid: r.0,
+                start: r.1,
+            }
+            .kill();
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
+/// Starts the task that keeps the pool full.
+pub(crate) fn start_refill(inner: &Arc<Inner>) {
+    let t = &inner.templates;
+    if !t.enabled || t.target == 0 {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(refill_loop(Arc::downgrade(inner)));
+        runtime.spawn(end_pool_on_stop(Arc::downgrade(inner)));
+    }
+}
+
+/// Pool clones belong to the server: a stopping server (SIGTERM, SIGINT) ends them, whether
+/// or not the backend is dropped on the way out. (After a `kill -9` the next start does,
+/// from their `pool.json`.)
+async fn end_pool_on_stop(weak: Weak<Inner>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    if let Some(inner) = weak.upgrade() {
+        inner
+            .templates
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let pool = std::mem::take(&mut inner.templates.lock().pool);
+        for clone in pool {
+            clone.booted.qemu.reference().kill();
+            let _ = std::fs::remove_dir_all(&clone.dir);
+        }
+    }
+}
+
+/// Keeps `pool` clones ready for every shape used since start whose template exists; sleeps
+/// until a clone is taken or a template is built (or 5 s). Ends with the backend.
+async fn refill_loop(weak: Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let wanted: Vec<Shape> = inner.templates.lock().wanted.iter().copied().collect();
+        for shape in wanted {
+            let template = template_dir(&inner, shape);
+            if !ready(&template) {
+                continue;
+            }
+            loop {
+                let (count, n) = {
+                    let mut state = inner.templates.lock();
+                    state.seq += 1;
+                    (
+                        state.pool.iter().filter(|c| c.shape == shape).count(),
+                        state.seq,
+                    )
+                };
+                if count >= inner.templates.target
+                    || inner
+                        .templates
+                        .stopped
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    break;
+                }
+                let dir = inner
+                    .templates
+                    .pool_dir
+                    .join(format!("{}-{n}", std::process::id()));
+                match restore(&inner, shape, &template, &dir).await {
+                    Ok(booted) => {
+                        let _ =
+                            vm::write_json(&dir, POOL_STATE, &(booted.qemu.pid, booted.qemu.start));
+                        inner
+                            .templates
+                            .lock()
+                            .pool
+                            .push(Clone { shape, dir, booted });
+                    }
+                    Err(e) => {
+                        warn!("vm: cannot fill the pool: {e}");
+                        let _ = std::fs::remove_dir_all(&dir);
+                        break;
+                    }
+                }
+            }
+        }
+        // Not holding the backend while asleep: dropping it ends the loop.
+        let refill = Arc::clone(&inner.templates.refill);
+        drop(inner);
+        tokio::select! {
+            () = refill.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}

@@ -1,0 +1,268 @@
+//! One VM's process and files: booting it cold, following qemu, ending it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use warren_runtime::{BackendError, BackendStatus};
+
+use crate::channel::{self, Client};
+use crate::qemu;
+
+/// Written once the VM runs: what a restarted server needs to find it again.
+pub const STATE_FILE: &str = "vm.json";
+/// Written when the sandbox ended: how, for a server that was not there to see it.
+pub const EXIT_FILE: &str = "exit.json";
+/// The workload's output, CRI format.
+pub const LOG_FILE: &str = "container.log";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmState {
+    pub qemu_pid: i32,
+    /// qemu's start time (`/proc/PID/stat` field 22), so a recycled pid is not taken for it.
+    pub qemu_start: u64,
+    pub accel: String,
+    /// The host cgroup qemu runs in (its name under the parent), when it has one.
+    pub cgroup: Option<String>,
+    /// The workload's settings, which `exec` starts from.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// When the workload is killed for its timeout, in ms since the Unix epoch.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+}
+
+/// How a sandbox ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitRecord {
+    #[serde(default)]
+    pub code: Option<i32>,
+    #[serde(default)]
+    pub stopped: bool,
+    #[serde(default)]
+    pub failed: Option<String>,
+}
+
+impl ExitRecord {
+    pub fn status(&self) -> BackendStatus {
+        match (self.stopped, &self.failed, self.code) {
+            (true, _, _) => BackendStatus::Stopped,
+            (false, Some(reason), _) => BackendStatus::Failed {
+                reason: reason.clone(),
+            },
+            (false, None, Some(code)) => BackendStatus::Exited { code },
+            (false, None, None) => BackendStatus::Failed {
+                reason: "ended without an exit status".into(),
+            },
+        }
+    }
+
+    pub fn of(status: &BackendStatus) -> ExitRecord {
+        match status {
+            BackendStatus::Exited { code } => ExitRecord {
+                code: Some(*code),
+                stopped: false,
+                failed: None,
+            },
+            BackendStatus::Failed { reason } => ExitRecord {
+                code: None,
+                stopped: false,
+                failed: Some(reason.clone()),
+            },
+            _ => ExitRecord {
+                code: None,
+                stopped: true,
+                failed: None,
+            },
+        }
+    }
+}
+
+pub use warren_linux::config::{read_json, write_json};
+
+/// A qemu process: ours (a child) or found again after a restart (a pidfd).
+#[derive(Debug)]
+pub struct QemuProcess {
+    pub pid: i32,
+    pub start: u64,
+    waiter: Waiter,
+}
+
+#[derive(Debug)]
+enum Waiter {
+    Child(tokio::process::Child),
+    Pidfd(AsyncFd<std::os::fd::OwnedFd>),
+    Ended(String),
+}
+
+/// Enough to kill a qemu from anywhere: its pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuRef {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl QemuRef {
+    pub fn alive(&self) -> bool {
+        warren_linux::config::process_start_time(self.pid) == Some(self.start) && !zombie(self.pid)
+    }
+
+    /// SIGKILL, unless the pid now belongs to another process.
+    pub fn kill(&self) {
+        if warren_linux::config::process_start_time(self.pid) == Some(self.start) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true)
+}
+
+impl QemuProcess {
+    pub fn child(child: tokio::process::Child) -> QemuProcess {
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        QemuProcess {
+            pid,
+            start: warren_linux::config::process_start_time(pid).unwrap_or(0),
+            waiter: Waiter::Child(child),
+        }
+    }
+
+    /// The qemu `state` names, if it still runs.
+    pub fn adopt(pid: i32, start: u64) -> Option<QemuProcess> {
+        let r = QemuRef { pid, start };
+        if !r.alive() {
+            return None;
+        }
+        let fd = crate::sys::pidfd_open(pid).ok()?;
+        Some(QemuProcess {
+            pid,
+            start,
+            waiter: Waiter::Pidfd(crate::sys::watch_pidfd(fd).ok()?),
+        })
+    }
+
+    pub fn reference(&self) -> QemuRef {
+        QemuRef {
+            pid: self.pid,
+            start: self.start,
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        match &mut self.waiter {
+            Waiter::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Waiter::Pidfd(_) => self.reference().alive(),
+            Waiter::Ended(_) => false,
+        }
+    }
+
+    /// Waits for qemu's end; says how it ended. Cancel-safe; returns at once once ended.
+    pub async fn wait(&mut self) -> String {
+        let how = match &mut self.waiter {
+            Waiter::Ended(how) => return how.clone(),
+            Waiter::Child(c) => match c.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt as _;
+                    match (status.code(), status.signal()) {
+                        (Some(code), _) => format!("exited with status {code}"),
+                        (None, Some(sig)) => format!("was killed by signal {sig}"),
+                        _ => "ended".to_string(),
+                    }
+                }
+                Err(e) => format!("could not be waited for ({e})"),
+            },
+            Waiter::Pidfd(fd) => {
+                let _ = fd.readable().await;
+                "ended".to_string()
+            }
+        };
+        self.waiter = Waiter::Ended(how.clone());
+        how
+    }
+
+    /// Kills qemu and waits for its end (at most `patience`).
+    pub async fn kill_and_wait(&mut self, patience: Duration) {
+        if let Waiter::Child(c) = &mut self.waiter {
+            let _ = c.start_kill();
+        } else {
+            self.reference().kill();
+        }
+        let _ = tokio::time::timeout(patience, self.wait()).await;
+    }
+}
+
+/// A VM that booted and answers.
+#[derive(Debug)]
+pub struct Booted {
+    pub qemu: QemuProcess,
+    pub client: Client,
+}
+
+/// Starts qemu with `args` in `dir` and waits until warren-guest answers.
+pub async fn boot(
+    program: &Path,
+    args: &[std::ffi::OsString],
+    dir: &Path,
+    patience: Duration,
+    cgroup: Option<&warren_linux::cgroup::Cgroup>,
+) -> Result<Booted, BackendError> {
+    let child = qemu::spawn(program, args, dir).map_err(|e| BackendError::Io {
+        action: "start qemu",
+        path: program.display().to_string(),
+        source: e,
+    })?;
+    let mut qemu = QemuProcess::child(child);
+    if let Some(cg) = cgroup
+        && let Err(e) = cg.add_pid(qemu.pid)
+    {
+        qemu.kill_and_wait(Duration::from_secs(5)).await;
+        return Err(BackendError::Other(format!(
+            "move qemu into its cgroup: {}",
+            warren_runtime::error_chain(&e)
+        )));
+    }
+    let socket = dir.join(qemu::CHANNEL_SOCKET);
+    match channel::ready(&socket, patience, || qemu.running()).await {
+        Ok(client) => Ok(Booted { qemu, client }),
+        Err(e) => {
+            let how = if qemu.running() {
+                qemu.kill_and_wait(Duration::from_secs(5)).await;
+                None
+            } else {
+                Some(qemu.wait().await)
+            };
+            Err(boot_error(dir, &e.to_string(), how))
+        }
+    }
+}
+
+/// Why a VM did not come up, with qemu's or the console's last words.
+pub fn boot_error(dir: &Path, what: &str, qemu_end: Option<String>) -> BackendError {
+    let mut msg = match qemu_end {
+        Some(how) => format!("the VM did not boot: qemu {how}"),
+        None => format!("the VM did not boot: {what}"),
+    };
+    let words = qemu::last_words(dir);
+    if !words.is_empty() {
+        msg.push_str(&format!(" ({words})"));
+    }
+    BackendError::Other(msg)
+}
+
+/// A VM directory's path for a sandbox.
+pub fn sandbox_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(id)
+}
