@@ -7,6 +7,10 @@
 //! sandboxes), so a server that restarted, or a standby that took over, learns everything
 //! from the first one. Changes that could not be sent are kept (the newest per sandbox) and
 //! sent with the next heartbeat that gets through.
+//!
+//! `--server` may name several servers (replicas on one etcd): the agent talks to the one
+//! that leads. A standby refuses and names the leader, which is asked next; a server that
+//! cannot be reached passes the turn to the next one ([`Servers`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -31,9 +35,73 @@ const IMAGES_EVERY: Duration = Duration::from_secs(5);
 /// Most changes kept while the server cannot be reached (the newest per sandbox).
 const MAX_PENDING: usize = 100_000;
 
+/// The servers an agent may talk to, the one to ask first at the front.
+#[derive(Debug)]
+pub struct Servers {
+    list: std::sync::Mutex<Vec<Address>>,
+}
+
+impl Servers {
+    /// `list` must not be empty ([`client::parse_servers`] never returns an empty one).
+    pub fn new(list: Vec<Address>) -> Self {
+        Servers {
+            list: std::sync::Mutex::new(list),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Address>> {
+        // Updates are single reorders; after a panic elsewhere the list is intact.
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server to ask now.
+    pub fn current(&self) -> Option<Address> {
+        self.lock().first().cloned()
+    }
+
+    /// After a failed call to [`Servers::current`]: the leader a standby named goes first;
+    /// otherwise, if the failure was about leadership or reaching the server, the next
+    /// server's turn comes (an answer such as a wrong token keeps the same server).
+    pub fn failed(&self, status: &tonic::Status) {
+        let mut list = self.lock();
+        if let Some(leader) = client::leader_hint(status) {
+            list.retain(|a| *a != leader);
+            list.insert(0, leader);
+        } else if client::retryable(status) && list.len() > 1 {
+            list.rotate_left(1);
+        }
+    }
+}
+
+impl std::fmt::Display for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = self.lock();
+        let names: Vec<String> = list.iter().map(ToString::to_string).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// Connects to the server [`Servers`] names first; a failure passes the turn on.
+async fn connect(servers: &Servers, token: &str) -> Result<NodesClient, tonic::Status> {
+    let Some(server) = servers.current() else {
+        return Err(tonic::Status::invalid_argument("--server names no server"));
+    };
+    match client::connect_nodes(&server, Some(token)).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let status = tonic::Status::unavailable(format!(
+                "cannot connect to {server}: {}",
+                warren_runtime::error_chain(&e)
+            ));
+            servers.failed(&status);
+            Err(status)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    pub server: Address,
+    pub servers: Arc<Servers>,
     pub token: String,
     /// Where the server reaches this agent's HTTP API (host:port).
     pub advertise: String,
@@ -75,19 +143,22 @@ pub async fn run(
         if images.1.is_none_or(|t| t.elapsed() >= IMAGES_EVERY) {
             images = (node.images(), Some(Instant::now()));
         }
-        if client.is_none() {
-            client = client::connect_nodes(&config.server, Some(&config.token))
-                .await
-                .ok();
-        }
         let sent = match client.as_mut() {
             Some(c) => send(c, &node, &config, &images.0, &pending).await,
-            None => Err(format!("cannot connect to {}", config.server)),
+            None => match connect(&config.servers, &config.token).await {
+                Ok(c) => send(client.insert(c), &node, &config, &images.0, &pending).await,
+                Err(status) => Err(status),
+            },
         };
         match sent {
             Ok(reply) => {
                 if !connected {
-                    info!(server = %config.server, node = node.node(), "registered with the control plane");
+                    let server = config.servers.current().map(|a| a.to_string());
+                    info!(
+                        server = server.as_deref().unwrap_or_default(),
+                        node = node.node(),
+                        "registered with the control plane"
+                    );
                     connected = true;
                 }
                 pending.clear();
@@ -104,12 +175,14 @@ pub async fn run(
                     .collect();
                 node.set_warm(&targets);
             }
-            Err(e) => {
+            Err(status) => {
                 if connected {
-                    warn!(server = %config.server, error = %e, "heartbeat failed; retrying");
+                    warn!(servers = %config.servers, error = %status.message(), "heartbeat failed; retrying");
                     connected = false;
                 }
-                client = None;
+                if client.take().is_some() {
+                    config.servers.failed(&status);
+                }
                 // Retry sooner than a full interval, without spinning.
                 interval = interval.min(FIRST_INTERVAL);
             }
@@ -132,7 +205,7 @@ async fn send(
     config: &LinkConfig,
     images: &[String],
     pending: &[BackendEvent],
-) -> Result<v1::HeartbeatReply, String> {
+) -> Result<v1::HeartbeatReply, tonic::Status> {
     let hb = v1::AgentHeartbeat {
         node: node.node().to_string(),
         address: config.advertise.clone(),
@@ -148,8 +221,8 @@ async fn send(
     let call = client.heartbeat(hb);
     match tokio::time::timeout(Duration::from_secs(5), call).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(status.message().to_string()),
-        Err(_) => Err("no answer within 5 s".into()),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(tonic::Status::unavailable("no answer within 5 s")),
     }
 }
 
@@ -157,16 +230,16 @@ async fn send(
 #[derive(Debug)]
 pub struct LinkOracle {
     node: String,
-    server: Address,
+    servers: Arc<Servers>,
     token: String,
     client: tokio::sync::Mutex<Option<NodesClient>>,
 }
 
 impl LinkOracle {
-    pub fn new(node: &str, server: Address, token: &str) -> Self {
+    pub fn new(node: &str, servers: Arc<Servers>, token: &str) -> Self {
         LinkOracle {
             node: node.to_string(),
-            server,
+            servers,
             token: token.to_string(),
             client: tokio::sync::Mutex::new(None),
         }
@@ -179,9 +252,9 @@ impl Oracle for LinkOracle {
         let mut guard = self.client.lock().await;
         if guard.is_none() {
             *guard = Some(
-                client::connect_nodes(&self.server, Some(&self.token))
+                connect(&self.servers, &self.token)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|s| s.message().to_string())?,
             );
         }
         let Some(c) = guard.as_mut() else {
@@ -202,10 +275,13 @@ impl Oracle for LinkOracle {
                 .collect()),
             Ok(Err(status)) => {
                 *guard = None;
+                self.servers.failed(&status);
                 Err(status.message().to_string())
             }
             Err(_) => {
                 *guard = None;
+                self.servers
+                    .failed(&tonic::Status::unavailable("no answer within 10 s"));
                 Err("no answer within 10 s".into())
             }
         }

@@ -74,9 +74,11 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         .server
         .as_deref()
         .ok_or_else(|| usage("--server: required (the control plane, e.g. tcp://10.0.0.1:9090)"))?;
-    let server: warren_control::Address = server
-        .parse()
-        .map_err(|e: String| usage(format!("--server: {e}")))?;
+    // One server, or the replicas on one etcd (the agent follows the leader among them).
+    let servers = Arc::new(link::Servers::new(
+        warren_control::client::parse_servers(server)
+            .map_err(|e| usage(format!("--server: {e}")))?,
+    ));
     let token = g.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
         usage("--token: required (the agent API and the control plane both use it)")
     })?;
@@ -146,7 +148,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         node.clone(),
         built.events,
         LinkConfig {
-            server: server.clone(),
+            servers: servers.clone(),
             token: token.clone(),
             advertise: advertise.clone(),
             labels,
@@ -157,13 +159,13 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let janitor = tokio::spawn(
         Janitor::new(
             agent,
-            Arc::new(LinkOracle::new(&node_name, server.clone(), &token)),
+            Arc::new(LinkOracle::new(&node_name, servers.clone(), &token)),
             args.orphan_timeout,
         )
         .on_removed(Arc::new(move |id| forget.forget(id)))
         .run(stop_rx.clone()),
     );
-    info!(node = %node_name, address = %bound, advertise = %advertise, server = %server, capacity = args.capacity, dir = %dir.display(), "warren agent listening");
+    info!(node = %node_name, address = %bound, advertise = %advertise, servers = %servers, capacity = args.capacity, dir = %dir.display(), "warren agent listening");
     // One line on stdout for scripts and tests that asked for port 0.
     println!("warren agent listening on {bound}");
     let mut stop = stop_rx.clone();

@@ -81,6 +81,14 @@ impl TestAgent {
         }
     }
 
+    /// Gives `--server` another value (e.g. several servers, comma-separated).
+    pub fn with_servers(mut self, servers: &str) -> TestAgent {
+        if let Some(i) = self.args.iter().position(|a| a == "--server") {
+            self.args[i + 1] = servers.to_string();
+        }
+        self
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
