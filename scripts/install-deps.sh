@@ -30,6 +30,8 @@ fi
 "$(dirname "$0")/install-criu.sh"
 # etcd (the etcd store's tests start their own) and protoc (etcd-client's build needs one).
 "$(dirname "$0")/install-etcd.sh"
+# nftables, iproute2, nsenter: the linux backend's `network.mode: egress` (and its tests).
+"$(dirname "$0")/install-egress.sh"
 
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
 # The vm backend: qemu, Debian's kernel and the initramfs with a static warren-guest.

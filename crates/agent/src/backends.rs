@@ -27,6 +27,9 @@ pub struct BackendsConfig {
     pub linux_warm: Vec<(String, usize)>,
     /// The image store; `<dir>/images` when `None`.
     pub images_dir: Option<PathBuf>,
+    /// Where linux `network.mode: egress` sandboxes get their addresses (CIDR, a `/30`
+    /// each); every server and agent on one host needs a range of its own.
+    pub linux_egress_range: String,
 }
 
 /// The backends, ready to hand to an [`crate::Agent`].
@@ -81,6 +84,8 @@ pub fn build(config: &BackendsConfig) -> Result<Backends, BackendsError> {
             // CRIU found the default way; checkpoints are taken through the server's own
             // backends only for now (docs/nodes.md).
             criu: None,
+            egress_range: warren_linux::egress::parse_range(&config.linux_egress_range)
+                .map_err(|e| fail("linux")(&e))?,
         },
         events,
     )

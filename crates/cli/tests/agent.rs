@@ -350,6 +350,19 @@ fn bad_cluster_flags_name_the_flag() {
             ],
             "--advertise",
         ),
+        (
+            vec![
+                "agent",
+                "--server",
+                "tcp://127.0.0.1:1,",
+                "--token",
+                "t",
+                "--linux-egress-cidr",
+                "10.0.0.0/30",
+            ],
+            "--linux-egress-cidr",
+        ),
+        (vec!["agent", "--server", ",", "--token", "t"], "--server"),
         (vec!["server", "--consistency", "eventual"], "--consistency"),
         (vec!["run", "--mode", "eventual"], "--mode"),
     ] {

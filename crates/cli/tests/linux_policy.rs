@@ -91,7 +91,7 @@ fn a_denied_syscall_fails_with_eperm_and_an_allow_list_stops_the_rest() {
 }
 
 #[test]
-fn network_none_takes_loopback_down_and_egress_is_refused() {
+fn network_none_takes_loopback_down_and_loopback_keeps_the_host_out() {
     let l = linux_or_skip!();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -127,19 +127,6 @@ fn network_none_takes_loopback_down_and_egress_is_refused() {
     assert!(!text.contains("nc=0"), "{text}");
     assert!(text.contains("Connection refused"), "{text}");
     drop(listener);
-
-    apply(
-        &l,
-        "egress",
-        "  network:\n    mode: egress\n    egress: [{cidr: 10.0.0.0/8}]\n",
-    );
-    let out = l.run("egress", &["--wait", "--policy", "egress"], &["true"]);
-    assert_ne!(out.status.code(), Some(0));
-    let err = stderr(&out);
-    assert!(
-        err.contains("policy.network.mode") && err.contains("not supported on linux"),
-        "{err}"
-    );
 }
 
 #[test]
@@ -214,4 +201,470 @@ fn a_name_the_architecture_lacks_is_refused_at_create() {
         "{}",
         stderr(&out)
     );
+}
+
+/// An exec list for the busybox image: its applets (all one file, /bin/busybox, reached
+/// through the /bin symlinks and the shell's /proc/self/exe), what the workloads copy into
+/// /tmp/a, and one script.
+const EXEC_POLICY: &str = "  exec:\n    allow: [\"/bin/*\", \"/tmp/a/*\", /tmp/c/script-ok]\n";
+
+/// Makes /tmp/a/busybox and /tmp/b/busybox (two copies of busybox, named so for its applet
+/// dispatch: different files the list tells apart) and two scripts, then runs them every
+/// way a shell can.
+const EXEC_PROBE: &str = "exec 2>&1; mkdir /tmp/a /tmp/b /tmp/c; \
+    cp /bin/busybox /tmp/a/; cp /bin/busybox /tmp/b/; \
+    /tmp/a/busybox echo listed; \
+    /tmp/b/busybox echo unlisted; echo rc=$?; \
+    cd /tmp/b && ./busybox echo relative; echo rc=$?; cd /; \
+    ln -s /tmp/b/busybox /tmp/c/busybox; /tmp/c/busybox echo link; echo rc=$?; \
+    printf '#!/bin/sh\\necho from-script\\n' >/tmp/c/script-ok; \
+    cp /tmp/c/script-ok /tmp/c/script-no; chmod +x /tmp/c/script-ok /tmp/c/script-no; \
+    /tmp/c/script-ok; /tmp/c/script-no; echo rc=$?; \
+    PATH=/tmp/c:$PATH script-no; echo rc=$?; \
+    /tmp/nothere; echo rc=$?; grep Seccomp_filters /proc/self/status";
+
+/// `warren run` flags for `/bin/sh -c SCRIPT`: under an exec list the command must be named
+/// (the image's own cannot be checked at admission).
+const SH: [&str; 2] = ["--entrypoint", "/bin/sh"];
+
+fn bundle_of(l: &Linux, name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        l.get(name)["status"]["backendInfo"]["bundle"]
+            .as_str()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn an_exec_list_stops_unlisted_programs_in_the_kernel_even_from_a_shell() {
+    let l = linux_or_skip!();
+    apply(&l, "execs", EXEC_POLICY);
+    apply(&l, "nochroot", "  syscalls:\n    deny: [chroot]\n");
+    let run = |name: &str, policy: Option<&str>, script: &str| {
+        let mut flags = vec!["--wait"];
+        flags.extend(SH);
+        if let Some(p) = policy {
+            flags.extend(["--policy", p]);
+        }
+        let out = l.run(name, &flags, &["-c", script]);
+        (stdout(&out), stderr(&out))
+    };
+
+    // Without an exec list nothing changes: every program runs, and the process has only
+    // the sandbox's own seccomp filter (no gate).
+    for (name, policy) in [("free", None), ("syscalls-only", Some("nochroot"))] {
+        let (text, err) = run(name, policy, EXEC_PROBE);
+        assert!(
+            text.starts_with("listed\nunlisted\nrc=0\nrelative\nrc=0\nlink\nrc=0\n"),
+            "{text}{err}"
+        );
+        assert!(
+            text.contains("from-script\nfrom-script\nrc=0\nfrom-script\nrc=0\n"),
+            "{text}"
+        );
+        assert!(text.contains("Seccomp_filters:\t1\n"), "{text}");
+        assert!(!bundle_of(&l, name).join("gate.sock").exists());
+    }
+
+    let (text, err) = run("gated", Some("execs"), EXEC_PROBE);
+    // Listed files run (the applets too: the shell re-executes /proc/self/exe for them).
+    assert!(text.starts_with("listed\n"), "{text}{err}");
+    // Unlisted ones fail with EPERM, as a shell reports it: message and status 126; by a
+    // relative path, through a symlink, a script, a script found on $PATH.
+    for denied in [
+        "/tmp/b/busybox",
+        "./busybox",
+        "/tmp/c/busybox",
+        "/tmp/c/script-no",
+        "script-no",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "/bin/sh: {denied}: Operation not permitted\nrc=126\n"
+            )),
+            "{denied}: {text}"
+        );
+    }
+    assert!(
+        !text.contains("unlisted") && !text.contains("relative") && !text.contains("link\n"),
+        "{text}"
+    );
+    // A listed script runs with its interpreter (which the kernel loads, unchecked).
+    assert_eq!(text.matches("from-script").count(), 1, "{text}");
+    // A missing file is still "not found" (PATH searches go on).
+    assert!(text.contains("/tmp/nothere: not found\nrc=127\n"), "{text}");
+    // One more filter: the gate.
+    assert!(text.contains("Seccomp_filters:\t2\n"), "{text}");
+    assert!(bundle_of(&l, "gated").join("gate.sock").exists());
+
+    // The workload's own exec is checked too (here a shell replacing itself).
+    let (text, err) = run(
+        "exec-self",
+        Some("execs"),
+        "exec 2>&1; mkdir /tmp/b; cp /bin/busybox /tmp/b/; exec /tmp/b/busybox echo hi",
+    );
+    assert!(!text.contains("hi\n"), "{text}");
+    assert!(text.contains("Operation not permitted"), "{text}{err}");
+}
+
+#[test]
+fn warren_exec_and_warm_shells_are_gated_too() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start_with(&["--warm", "linux:busybox=1"]);
+    apply(&l, "execs", EXEC_POLICY);
+    wait_warm(&l, 1);
+    let mut flags = vec!["--policy", "execs"];
+    flags.extend(SH);
+    let out = l.run(
+        "held",
+        &flags,
+        &[
+            "-c",
+            "mkdir /tmp/a /tmp/b; cp /bin/busybox /tmp/a/; cp /bin/busybox /tmp/b/; \
+             touch /tmp/ready; sleep 1000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("held", "Running");
+    assert!(
+        cgroup_of(&l, "held").starts_with("warm-"),
+        "came from the pool"
+    );
+    let ready = bundle_of(&l, "held").join("upper/tmp/ready");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workload never got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // `warren exec` of an unlisted program fails; of a listed one, runs.
+    let out = l.warren(&["exec", "held", "--", "/tmp/b/busybox", "echo", "hi"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert_ne!(stdout(&out), "hi\n");
+    assert!(
+        stderr(&out).contains("Operation not permitted"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = l.warren(&["exec", "held", "--", "/tmp/a/busybox", "echo", "hi"]);
+    assert_eq!(stdout(&out), "hi\n", "{}", stderr(&out));
+    // A shell started by exec is held to the list as well.
+    let out = l.warren(&[
+        "exec",
+        "held",
+        "--",
+        "/bin/sh",
+        "-c",
+        "/tmp/b/busybox echo no 2>&1; echo rc=$?; /tmp/a/busybox echo yes",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("Operation not permitted\nrc=126\nyes\n"),
+        "{text}{}",
+        stderr(&out)
+    );
+    // The warm shell's workload (pid 1) carries the gate.
+    let out = l.warren(&["exec", "held", "--", "/bin/cat", "/proc/1/status"]);
+    assert!(
+        stdout(&out).contains("Seccomp_filters:\t2\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A checkpoint would restore it without its gate: refused, and it keeps running.
+    let out = l.warren(&["checkpoint", "held", "--name", "ck"]);
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("its policy has an exec list"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(l.get("held")["status"]["phase"], "Running");
+    let out = l.warren(&["checkpoint", "ls", "-o", "json"]);
+    assert!(!stdout(&out).contains("\"ck\""), "{}", stdout(&out));
+}
+
+#[test]
+fn a_dead_supervisor_fails_execs_closed_with_enosys() {
+    let l = linux_or_skip!();
+    apply(&l, "execs", EXEC_POLICY);
+    // Execs /bin/true every 50 ms, recording each status in /tmp/rcs; writes nothing to
+    // stdout or stderr, whose reader (the supervisor) is about to die.
+    let script = "exec >/dev/null 2>/tmp/err; mkfifo /tmp/f; exec 3<>/tmp/f; i=0; \
+        while [ $i -lt 600 ]; do /bin/true; echo $? >>/tmp/rcs; read -t 0.05 x <&3; \
+        i=$((i+1)); done";
+    let out = l.run(
+        "orphan",
+        &["--policy", "execs", "--entrypoint", "/bin/sh"],
+        &["-c", script],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("orphan", "Running");
+    let bundle = bundle_of(&l, "orphan");
+    let rcs = bundle.join("upper/tmp/rcs");
+    let wait_for = |line: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&rcs).unwrap_or_default();
+            if text.lines().any(|l| l == line) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {line:?} in {}: {text}",
+                rcs.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for("0");
+    let state = common::json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
+    let supervisor = state["supervisorPid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The workload lives on, and its execs fail: the kernel answers ENOSYS when no listener
+    // is left. Nothing hangs.
+    wait_for("126");
+    let err = std::fs::read_to_string(bundle.join("upper/tmp/err")).unwrap();
+    assert!(err.contains("/bin/true: Function not implemented"), "{err}");
+}
+
+#[test]
+fn writable_paths_are_the_only_writable_part_of_the_rootfs() {
+    let l = linux_or_skip!();
+    apply(&l, "wr", "  filesystem:\n    writable: [/tmp, /out]\n");
+    let probe = [
+        "/bin/sh",
+        "-c",
+        "exec 2>&1; touch /tmp/x && echo tmp=ok; touch /out/x && echo out=ok; \
+         touch /etc/x; echo etc=$?; mkdir /newdir; echo root=$?; \
+         echo shm >/dev/shm/x && echo shm=ok",
+    ];
+    let out = l.run("wr-free", &["--wait"], &probe);
+    let text = stdout(&out);
+    assert!(
+        text.contains("etc=0") && text.contains("root=0"),
+        "{text}{}",
+        stderr(&out)
+    );
+
+    let out = l.run("wr", &["--wait", "--policy", "wr"], &probe);
+    let text = stdout(&out);
+    // Listed paths are writable (a missing one is made), the rest of the rootfs is not;
+    // /dev/shm is a mount of its own and stays writable.
+    assert!(text.contains("tmp=ok\nout=ok\n"), "{text}{}", stderr(&out));
+    assert!(text.contains("Read-only file system\netc=1\n"), "{text}");
+    assert!(text.contains("root=1\n"), "{text}");
+    assert!(text.contains("shm=ok\n"), "{text}");
+}
+
+/// A network namespace of the test's own (never an outside address): a veth pair whose
+/// host end is `.1` of a /29 of TEST-NET-2 (198.51.100.0/24, documentation only) and whose
+/// namespace end holds `.2` and `.3`; listeners bound in it on any port. Removed on drop,
+/// with the warren range's nftables table.
+struct OtherNetns {
+    name: String,
+    host_if: String,
+    net: [u8; 4],
+    table: String,
+}
+
+fn sh(cmd: &str) -> std::process::Output {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap()
+}
+
+fn sh_ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(out.status.success(), "{cmd}: {}", stderr(&out));
+    stdout(&out)
+}
+
+impl OtherNetns {
+    fn new(table: &str) -> OtherNetns {
+        let pid = std::process::id();
+        let base = (pid % 31) as u8 * 8;
+        let n = OtherNetns {
+            name: format!("wt-egress-{pid}"),
+            host_if: format!("wte{}", pid % 100_000),
+            net: [198, 51, 100, base],
+            table: table.to_string(),
+        };
+        let (ns, hif) = (&n.name, &n.host_if);
+        let [a, b, c, d] = n.net;
+        sh_ok(&format!(
+            "ip netns add {ns} && ip link add {hif} type veth peer name eth0 netns {ns} && \
+             ip addr add {a}.{b}.{c}.{}/29 dev {hif} && ip link set {hif} up && \
+             ip -n {ns} addr add {a}.{b}.{c}.{}/29 dev eth0 && \
+             ip -n {ns} addr add {a}.{b}.{c}.{}/29 dev eth0 && \
+             ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
+            d + 1,
+            d + 2,
+            d + 3
+        ));
+        n
+    }
+
+    fn addr(&self, host: u8) -> String {
+        let [a, b, c, d] = self.net;
+        format!("{a}.{b}.{c}.{}", d + host)
+    }
+
+    /// Two listeners in the namespace (on every address), each answering "hello\n".
+    fn listen(&self) -> (u16, u16) {
+        let path = format!("/run/netns/{}", self.name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // This thread only: the test's other threads stay in the host's namespace.
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listeners: Vec<_> = (0..2)
+                .map(|_| std::net::TcpListener::bind("0.0.0.0:0").unwrap())
+                .collect();
+            tx.send(
+                listeners
+                    .iter()
+                    .map(|l| l.local_addr().unwrap().port())
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            for l in listeners {
+                std::thread::spawn(move || {
+                    for mut conn in l.incoming().flatten() {
+                        let _ = std::io::Write::write_all(&mut conn, b"hello\n");
+                    }
+                });
+            }
+        });
+        let ports = rx.recv().unwrap();
+        (ports[0], ports[1])
+    }
+}
+
+impl Drop for OtherNetns {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "ip netns del {}; ip link del {} 2>/dev/null; nft delete table inet {}",
+            self.name, self.host_if, self.table
+        ));
+    }
+}
+
+#[test]
+fn egress_reaches_the_listed_destinations_and_ports_only() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    for tool in ["ip", "nft", "nsenter"] {
+        if sh(&format!("command -v {tool}")).stdout.is_empty() {
+            panic!("{tool} is missing: run scripts/install-egress.sh (install-deps.sh does)");
+        }
+    }
+    // A range of this server's own (parallel test servers must not share one).
+    let k = std::process::id() % 250;
+    let range = format!("198.19.{k}.0/24");
+    let table = format!("warren_198_19_{k}_0_24");
+    let other = OtherNetns::new(&table);
+    let (open, closed) = other.listen();
+    let mut l = Linux::start_with(&["--linux-egress-cidr", &range, "--warm", "linux:busybox=1"]);
+    apply(
+        &l,
+        "out",
+        &format!(
+            "  network:\n    mode: egress\n    egress:\n      - {{cidr: {}, ports: [{open}]}}\n",
+            other.addr(2)
+        ),
+    );
+    let probe = format!(
+        "exec 2>&1; cat /sys/class/net/lo/flags; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; \
+         for to in '{a} {open}' '{a} {closed}' '{b} {open}'; do \
+         echo \"try $to\"; nc -w 3 $to </dev/null; echo rc=$?; done",
+        a = other.addr(2),
+        b = other.addr(3)
+    );
+    // From the warm pool (the pair is made at the claim), then cold (a bind mount keeps a
+    // sandbox out of the pool; the pair is made while the child waits).
+    wait_warm(&l, 1);
+    let host_dir = tempfile::tempdir().unwrap();
+    let mapdir = format!("/mnt::{}", host_dir.path().display());
+    for (name, extra) in [
+        ("egress-warm", vec![]),
+        ("egress-cold", vec!["--mapdir", &mapdir]),
+    ] {
+        let mut flags = vec!["--wait", "--policy", "out"];
+        flags.extend(extra);
+        let out = l.run(name, &flags, &["sh", "-c", &probe]);
+        let text = stdout(&out);
+        assert!(
+            text.starts_with("0x9\ninet 198.19."),
+            "{name}: {text}{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            cgroup_of(&l, name).starts_with("warm-"),
+            name == "egress-warm"
+        );
+        let parts: Vec<&str> = text.split("try ").skip(1).collect();
+        assert_eq!(parts.len(), 3, "{text}");
+        // The listed address and port answer; another port or address of the same listener
+        // does not (rejected at once, not timed out).
+        assert!(parts[0].contains("hello\nrc=0"), "{name}: {text}");
+        for denied in &parts[1..] {
+            assert!(
+                !denied.contains("hello") && !denied.contains("rc=0"),
+                "{name}: {text}"
+            );
+            assert!(denied.contains("No route to host"), "{name}: {text}");
+        }
+    }
+
+    // A running egress sandbox has its chain and its veth pair; delete removes both.
+    let out = l.run("held", &["--policy", "out"], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("held", "Running");
+    let chains = || sh_ok(&format!("nft list table inet {table} 2>/dev/null || true"));
+    let prefix = format!(" wrc613{k:02x}");
+    let links = || {
+        sh_ok(&format!(
+            "ip -o link show | grep -o '{prefix}[0-9a-f]*' || true"
+        ))
+    };
+    assert_eq!(chains().matches("chain sb_wr").count(), 1, "{}", chains());
+    assert_eq!(links().lines().count(), 1, "{}", links());
+    l.ok(&["rm", "held"]);
+    assert_eq!(chains().matches("chain sb_wr").count(), 0, "{}", chains());
+    assert!(links().trim().is_empty(), "{}", links());
+
+    // A supervisor killed with its sandbox leaves a chain; the next server start removes it.
+    let out = l.run("crashed", &["--policy", "out"], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("crashed", "Running");
+    let bundle = bundle_of(&l, "crashed");
+    l.server.kill9();
+    let state = common::json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
+    for key in ["supervisorPid", "pid"] {
+        let pid = state[key].as_i64().unwrap() as i32;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(chains().matches("chain sb_wr").count(), 1, "{}", chains());
+    l.server.spawn();
+    assert_eq!(chains().matches("chain sb_wr").count(), 0, "{}", chains());
+    assert!(links().trim().is_empty(), "{}", links());
 }

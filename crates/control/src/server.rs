@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub linux_warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints; `None` finds one (`warren_linux::criu`).
     pub criu: Option<PathBuf>,
+    /// The IPv4 range `network.mode: egress` linux sandboxes take their addresses from
+    /// (a `/30` each); [`DEFAULT_EGRESS_RANGE`] unless configured.
+    pub linux_egress_range: String,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (HTTP); `None`: nowhere.
     pub metrics_listen: Option<String>,
     /// A metrics address that cannot be bound fails the start (else: a warning, no metrics).
@@ -119,6 +122,10 @@ pub struct StoreConfig {
 /// The metrics address when none is given: loopback only (metrics describe the node's
 /// workload; expose them wider on purpose, with `--metrics-listen 0.0.0.0:9091`).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9091";
+
+/// The linux backend's egress range when none is given: RFC 2544's benchmarking block,
+/// which clashes with no LAN or public address (see crates/linux/src/egress.rs).
+pub const DEFAULT_EGRESS_RANGE: &str = warren_linux::egress::DEFAULT_RANGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -249,6 +256,11 @@ impl Server {
                 default_stop_grace: config.default_grace,
                 warm: config.linux_warm.clone(),
                 criu: config.criu.clone(),
+                egress_range: warren_linux::egress::parse_range(&config.linux_egress_range)
+                    .map_err(|e| ServerError::Backend {
+                        backend: "linux",
+                        message: e.to_string(),
+                    })?,
             },
             events.clone(),
         )

@@ -26,6 +26,7 @@ use crate::config::{self, BindMount, ContainerConfig, Exit, Limits, State};
 use crate::exec::ExecSpec;
 
 mod checkpoint;
+mod network;
 mod pty;
 mod spec;
 mod warm;
@@ -57,6 +58,8 @@ pub struct LinuxConfig {
     pub warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints (`--criu`); `None` finds one ([`crate::criu`]).
     pub criu: Option<PathBuf>,
+    /// Where `network.mode: egress` sandboxes get their addresses (a `/30` each).
+    pub egress_range: ipnet::Ipv4Net,
 }
 
 impl LinuxConfig {
@@ -111,6 +114,8 @@ struct Inner {
     refill: Arc<tokio::sync::Notify>,
     /// The CRIU binary, found at the first checkpoint or restore.
     criu: std::sync::OnceLock<crate::criu::Criu>,
+    /// Addresses and tables of egress sandboxes.
+    network: network::Network,
 }
 
 /// Where warm shells wait (hidden: not a sandbox of [`Backend::list`]).
@@ -160,8 +165,10 @@ impl LinuxBackend {
         }
         std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
         let warm = config.warm.clone();
+        let network = network::Network::new(&config.dir, config.egress_range);
         let backend = LinuxBackend {
             inner: Arc::new(Inner {
+                network,
                 config,
                 events,
                 available,
@@ -438,8 +445,15 @@ impl Backend for LinuxBackend {
             });
         }
         let (container, image_id) = container_config(inner, config)?;
-        crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
-            .map_err(|e| BackendError::Invalid(crate::error_chain(&e)))?;
+        if let Err(e) = crate::seccomp::compiled_with(
+            &container.deny_syscalls,
+            container.policy_syscalls.as_ref(),
+        ) {
+            if container.egress.is_some() {
+                inner.network.release(id);
+            }
+            return Err(BackendError::Invalid(crate::error_chain(&e)));
+        }
         let bundle = self.bundle(id);
         let info = base_info(&image_id, &bundle, &container);
         inner.lock().insert(
@@ -603,6 +617,11 @@ impl Backend for LinuxBackend {
             }
         }
         self.inner.lock().remove(id);
+        if self.inner.network.holds(id) {
+            let inner = Arc::clone(&self.inner);
+            let id = id.to_string();
+            let _ = tokio::task::spawn_blocking(move || inner.network.release(&id)).await;
+        }
         let bundle_for_rm = bundle.clone();
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&bundle_for_rm))
             .await

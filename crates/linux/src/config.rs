@@ -56,6 +56,10 @@ pub struct ContainerConfig {
     /// `false` leaves the network namespace's `lo` down (a policy's `network.mode: none`).
     #[serde(default = "yes")]
     pub loopback: bool,
+    /// A policy's `network.mode: egress`: the sandbox's veth pair and allow-list
+    /// ([`crate::egress`]), set up by its supervisor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::egress::Egress>,
     /// Guest paths a policy makes read-only (bind remounts; missing paths are skipped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub read_only_paths: Vec<String>,
@@ -63,6 +67,14 @@ pub struct ContainerConfig {
     /// anything else (missing paths are skipped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub masked_paths: Vec<String>,
+    /// A policy's `filesystem.writable`: when given, the rest of the rootfs is read-only and
+    /// only these paths (made when missing) are writable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable_paths: Vec<String>,
+    /// A policy's `exec.allow` globs: every `execve` in the sandbox is checked against them
+    /// by its supervisor ([`crate::execgate`]). `None`: no check, no gate at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_allow: Option<Vec<String>>,
     pub cgroup_parent: String,
     #[serde(default)]
     pub limits: Limits,
@@ -148,9 +160,11 @@ impl State {
         }
     }
 
-    /// The supervisor that wrote this is still running (not a recycled pid).
+    /// The supervisor that wrote this is still running (not a recycled pid, nor a zombie
+    /// waiting for a reaper: an orphan's reaper on this kind of machine is a second late).
     pub fn supervisor_alive(&self) -> bool {
         process_start_time(self.supervisor_pid) == Some(self.supervisor_start)
+            && !process_is_zombie(self.supervisor_pid)
     }
 }
 
@@ -210,4 +224,13 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces: split after it.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether a process has ended and waits to be reaped (`/proc/PID/stat` field 3 is `Z`).
+pub fn process_is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }

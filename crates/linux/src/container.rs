@@ -18,9 +18,12 @@
 //!    null, zero, full, random, urandom, tty, a private devpts and `/dev/shm`), the user's bind
 //!    mounts (host directories opened before the pivot and mounted through `/proc/self/fd`),
 //!    masks kernel files as docker does and makes `/proc/sys` and friends read-only;
-//! 5. sets the hostname, brings up `lo`, optionally remounts `/` read-only;
+//! 5. sets the hostname, brings up `lo`; applies the policy's paths (each `writable` path a
+//!    mount of its own, `readOnly` paths remounted read-only, `masked` paths hidden) and
+//!    remounts `/` read-only when asked or when the policy lists writable paths;
 //! 6. switches to the user's uid/gid, drops the capability bounding set to docker's default
-//!    set, changes directory, installs the seccomp filter (which sets `no_new_privs`) and
+//!    set, changes directory, installs the exec gate when the policy has an exec list
+//!    ([`crate::execgate`]) and the seccomp filter (which sets `no_new_privs`), and
 //!    `execve`s the workload.
 //!
 //! Any failure is written to the error pipe (close-on-exec, so a successful `execve` closes it
@@ -104,15 +107,25 @@ pub struct ChildPlan<'a> {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// Where the exec gate's listener goes, when the policy has an exec list.
+    pub gate: Option<OwnedFd>,
+    /// With `network.mode: egress`: the child writes a byte on the first once its network
+    /// namespace exists and waits for one on the second, while the supervisor gives the
+    /// namespace its veth pair ([`crate::egress`]).
+    pub network: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// Runs in the forked child; returns only with an error (else it has become the workload).
 pub fn child_main(plan: ChildPlan<'_>) -> String {
     let result = prepare(plan.config, plan.bundle, &plan.cgroup_procs).and_then(|()| {
+        if let Some((ready, go)) = plan.network {
+            wait_for_network(ready, go)?;
+        }
         finish(
             plan.config,
             plan.seccomp,
             [plan.stdin, plan.stdout, plan.stderr],
+            plan.gate.as_ref(),
         )
     });
     match result {
@@ -124,7 +137,8 @@ pub fn child_main(plan: ChildPlan<'_>) -> String {
 /// The warm variant: prepares everything an image needs (namespaces, rootfs, `/proc`,
 /// `/dev`, masks), writes one byte to `ready`, then waits for the claimed sandbox's
 /// configuration on `claim` (JSON, until end of file) and finishes with it. A warm shell
-/// has no bind mounts: sandboxes that need some start cold.
+/// has no bind mounts: sandboxes that need some start cold. `gate` is used only when the
+/// claimed sandbox's policy has an exec list.
 pub fn warm_child_main(
     template: &ContainerConfig,
     bundle: &Path,
@@ -132,6 +146,7 @@ pub fn warm_child_main(
     ready: OwnedFd,
     claim: OwnedFd,
     stdio: [OwnedFd; 3],
+    gate: OwnedFd,
 ) -> String {
     let result = prepare(template, bundle, cgroup_procs).and_then(|()| {
         nix::unistd::write(&ready, b"r").map_err(|e| err("report ready", e))?;
@@ -144,11 +159,33 @@ pub fn warm_child_main(
         let seccomp =
             crate::seccomp::compiled_with(&config.deny_syscalls, config.policy_syscalls.as_ref())
                 .map_err(|e| crate::error_chain(&e))?;
-        finish(&config, &seccomp, stdio)
+        finish(&config, &seccomp, stdio, Some(&gate))
     });
     match result {
         Ok(never) => match never {},
         Err(e) => e,
+    }
+}
+
+/// Tells the supervisor the network namespace exists and waits until it is set up.
+fn wait_for_network(ready: OwnedFd, go: OwnedFd) -> Result<(), String> {
+    nix::unistd::write(&ready, b"n").map_err(|e| err("report the network namespace", e))?;
+    drop(ready);
+    match read_byte(&go) {
+        Ok(1) => Ok(()),
+        // The supervisor reports its own error; this one is only seen if it died.
+        _ => Err("the sandbox's network was not set up".to_string()),
+    }
+}
+
+/// Reads one byte of a pipe (0: its end), retrying when a signal interrupts.
+pub(crate) fn read_byte(fd: &OwnedFd) -> nix::Result<usize> {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(fd, &mut byte) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other,
+        }
     }
 }
 
@@ -246,6 +283,7 @@ fn finish(
     cfg: &ContainerConfig,
     seccomp: &seccompiler::BpfProgram,
     stdio: [OwnedFd; 3],
+    gate: Option<&OwnedFd>,
 ) -> Result<std::convert::Infallible, String> {
     sethostname(&cfg.hostname).map_err(|e| err(format!("sethostname {}", cfg.hostname), e))?;
     // The policy's part is applied here, not in `prepare`, which a warm shell runs before it
@@ -253,13 +291,23 @@ fn finish(
     if !cfg.loopback {
         set_loopback(false).map_err(|e| err("take down lo (policy network.mode none)", e))?;
     }
+    // Writable paths become mounts of their own first, so the read-only remounts below
+    // (a `readOnly` path above one, the root) leave them writable.
+    // `writable: [/]` leaves everything as it is.
+    let root_writable = cfg
+        .writable_paths
+        .iter()
+        .any(|p| p.trim_matches('/').is_empty());
+    for path in cfg.writable_paths.iter().filter(|_| !root_writable) {
+        writable_path(path)?;
+    }
     for path in &cfg.read_only_paths {
         read_only_path(path)?;
     }
     for path in &cfg.masked_paths {
         mask_path(path)?;
     }
-    if cfg.read_only_rootfs {
+    if cfg.read_only_rootfs || (!cfg.writable_paths.is_empty() && !root_writable) {
         remount_read_only("/")?;
     }
 
@@ -283,6 +331,11 @@ fn finish(
     drop((stdin, stdout, stderr));
     close_other_fds();
 
+    // The gate first: the sandbox's own filter may not allow `seccomp` or `sendmsg`.
+    if cfg.exec_allow.is_some() {
+        let gate = gate.ok_or("policy exec.allow: no exec gate was prepared")?;
+        crate::execgate::arm(std::os::fd::AsFd::as_fd(gate))?;
+    }
     crate::seccomp::install(seccomp).map_err(|e| err("install seccomp filter", e))?;
     let e = nix::unistd::execve(&program, &argv, &env).unwrap_err();
     Err(format!("exec {:?}: {}", cfg.argv[0], e.desc()))
@@ -474,11 +527,27 @@ fn mask_path(path: &str) -> Result<(), String> {
     result.map_err(|e| err(format!("mask {path}"), e))
 }
 
+/// Makes `path` (a directory when missing) a mount of its own, so it stays writable when the
+/// root is remounted read-only.
+fn writable_path(path: &str) -> Result<(), String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        mkdir_all(path)?;
+    }
+    bind_on_itself(path)
+}
+
 /// Bind-mounts `path` on itself and remounts it read-only. A missing path is skipped.
 fn read_only_path(path: &str) -> Result<(), String> {
     if std::fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
+    bind_on_itself(path)?;
+    remount_read_only(path)
+}
+
+/// Makes `path` a mount of its own (with what is mounted below it), whose flags can then be
+/// changed apart from its parent's.
+fn bind_on_itself(path: &str) -> Result<(), String> {
     mount(
         Some(path),
         path,
@@ -486,8 +555,7 @@ fn read_only_path(path: &str) -> Result<(), String> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| err(format!("bind {path}"), e))?;
-    remount_read_only(path)
+    .map_err(|e| err(format!("bind {path}"), e))
 }
 
 fn remount_read_only(path: &str) -> Result<(), String> {

@@ -5,8 +5,10 @@
 //! cgroup, enters its namespaces through `/proc/PID/ns/*` (the mount namespace last: it
 //! brings the container's root and `/proc`), forks (entering a pid namespace applies to
 //! children only) and the child drops to the sandbox's capabilities, user and seccomp
-//! filter before `execve`. The helper waits and exits with the process's status, so the
-//! backend sees an ordinary child process.
+//! filter before `execve` — and, under a policy's exec list, the exec gate, whose listener it
+//! hands to the sandbox's supervisor through `<bundle>/gate.sock` ([`crate::execgate`]). The
+//! helper waits and exits with the process's status, so the backend sees an ordinary child
+//! process.
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -56,6 +58,12 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
     let seccomp =
         crate::seccomp::compiled_with(&container.deny_syscalls, container.policy_syscalls.as_ref())
             .map_err(|e| crate::error_chain(&e))?;
+    // Under an exec list, the process's execs go to the sandbox's gate: connect while the
+    // bundle (a host path) is still reachable.
+    let gate = match &container.exec_allow {
+        Some(_) => Some(crate::execgate::connect(bundle)?),
+        None => None,
+    };
     let pid = state.pid;
     let mut namespaces = Vec::new();
     for (name, flag) in [
@@ -91,7 +99,7 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
     let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
     match forked {
         ForkResult::Child => {
-            let message = child(&spec, &seccomp);
+            let message = child(&spec, &seccomp, gate.as_ref());
             eprintln!("warren exec: {message}");
             // SAFETY: ends the child at once without running the helper's exit handlers.
             #[allow(unsafe_code)]
@@ -123,7 +131,11 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
     }
 }
 
-fn child(spec: &ExecSpec, seccomp: &seccompiler::BpfProgram) -> String {
+fn child(
+    spec: &ExecSpec,
+    seccomp: &seccompiler::BpfProgram,
+    gate: Option<&std::os::fd::OwnedFd>,
+) -> String {
     use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     for sig in [
@@ -180,6 +192,11 @@ fn child(spec: &ExecSpec, seccomp: &seccompiler::BpfProgram) -> String {
         (Err(e), _) | (_, Err(e)) => return e,
     };
     crate::container::close_other_fds();
+    if let Some(gate) = gate
+        && let Err(e) = crate::execgate::arm(std::os::fd::AsFd::as_fd(gate))
+    {
+        return e;
+    }
     if let Err(e) = crate::seccomp::install(seccomp) {
         return format!("install seccomp filter: {e}");
     }

@@ -32,13 +32,19 @@
 //!   restore mode) mounts a new sandbox's overlay in a mount namespace of its own and has
 //!   CRIU bind it as the container's root (`--root`, as runc does), so no mount ever appears
 //!   on the host. See `docs/checkpoint.md`.
+//! - **A policy's exec list is enforced in the kernel** ([`execgate`]): `execve` goes to the
+//!   sandbox's supervisor through seccomp user notification, which answers by the policy.
+//!   **`network.mode: egress`** ([`egress`]) is a veth pair and an nftables allow-list set up
+//!   by the supervisor.
 
 pub mod backend;
 pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod criu;
+pub mod egress;
 pub mod exec;
+pub mod execgate;
 pub mod restore;
 pub mod seccomp;
 pub mod supervisor;

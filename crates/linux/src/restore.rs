@@ -116,6 +116,8 @@ fn restore(bundle: &Path) -> Result<Running, String> {
             stderr,
             signals,
             started: Instant::now(),
+            // A checkpoint of a gated or egress sandbox is refused (backend/checkpoint.rs).
+            gate: None,
         }),
         Err(e) => {
             let _ = cgroup.kill_all();

@@ -436,17 +436,17 @@ pub fn syscall_number(name: &str) -> Option<i64> {
 
 // Classic BPF opcodes (linux/bpf_common.h) for the spliced prologue: class | size/op | mode.
 /// BPF_LD | BPF_W | BPF_ABS.
-const BPF_LD_W_ABS: u16 = 0x20;
+pub(crate) const BPF_LD_W_ABS: u16 = 0x20;
 /// BPF_JMP | BPF_JEQ | BPF_K.
-const BPF_JMP_JEQ_K: u16 = 0x15;
+pub(crate) const BPF_JMP_JEQ_K: u16 = 0x15;
 /// BPF_JMP | BPF_JGE | BPF_K.
 #[cfg(target_arch = "x86_64")]
 const BPF_JMP_JGE_K: u16 = 0x35;
 /// BPF_RET | BPF_K.
-const BPF_RET_K: u16 = 0x06;
+pub(crate) const BPF_RET_K: u16 = 0x06;
 /// `offsetof(struct seccomp_data, nr)` and `arch`.
-const SECCOMP_DATA_NR: u32 = 0;
-const SECCOMP_DATA_ARCH: u32 = 4;
+pub(crate) const SECCOMP_DATA_NR: u32 = 0;
+pub(crate) const SECCOMP_DATA_ARCH: u32 = 4;
 /// Kernel limit on a classic BPF program (`BPF_MAXINSNS`).
 const BPF_MAX_LEN: usize = 4096;
 /// Arch-validation instructions seccompiler emits first: load arch, compare, kill.

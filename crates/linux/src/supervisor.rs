@@ -36,6 +36,7 @@ use warren_runtime::logs::{LogWriter, Stream};
 use crate::cgroup::{Cgroup, CgroupLayout};
 use crate::config::{self, ContainerConfig, Exit, State};
 use crate::container::{ChildPlan, child_main};
+use crate::execgate::{self, Gate};
 
 /// How long output may still drain after the workload's end (its pid namespace is gone by
 /// then, so only a descriptor passed outside could keep a pipe open).
@@ -89,6 +90,8 @@ pub(crate) struct Running {
     pub(crate) stderr: OwnedFd,
     pub(crate) signals: SignalFd,
     pub(crate) started: Instant,
+    /// The exec gate, when the policy has an exec list.
+    pub(crate) gate: Option<Gate>,
 }
 
 fn start(bundle: &Path) -> Result<Running, String> {
@@ -102,7 +105,19 @@ fn start(bundle: &Path) -> Result<Running, String> {
                 return Err(crate::error_chain(&e));
             }
         };
-    let result = fork_container(bundle, &config, &cgroup, &seccomp);
+    let mut gate = match config.exec_allow.as_deref().map(Gate::new).transpose() {
+        Ok(gate) => gate,
+        Err(e) => {
+            let _ = cgroup.remove();
+            return Err(e);
+        }
+    };
+    let result = fork_container(bundle, &config, &cgroup, &seccomp, gate.as_mut());
+    if result.is_err()
+        && let Some(e) = &config.egress
+    {
+        let _ = crate::egress::teardown(e);
+    }
     match result {
         Ok((pid, stdout, stderr)) => Ok(Running {
             config,
@@ -112,6 +127,7 @@ fn start(bundle: &Path) -> Result<Running, String> {
             stderr,
             signals,
             started: Instant::now(),
+            gate,
         }),
         Err(e) => {
             let _ = cgroup.kill_all();
@@ -163,11 +179,27 @@ fn fork_container(
     config: &ContainerConfig,
     cgroup: &Cgroup,
     seccomp: &seccompiler::BpfProgram,
+    mut gate: Option<&mut Gate>,
 ) -> Result<(Pid, OwnedFd, OwnedFd), String> {
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (fail_r, fail_w) = pipe()?;
+    let (gate_keep, gate_child) = match gate {
+        Some(_) => {
+            let (keep, child) = execgate::socketpair()?;
+            (Some(keep), Some(child))
+        }
+        None => (None, None),
+    };
+    let (net_parent, net_child) = match config.egress {
+        Some(_) => {
+            let (ready_r, ready_w) = pipe()?;
+            let (go_r, go_w) = pipe()?;
+            (Some((ready_r, go_w)), Some((ready_w, go_r)))
+        }
+        None => (None, None),
+    };
     let given = bundle.join(config::STDIN_FILE);
     let stdin_path = if given.exists() {
         given.as_path()
@@ -193,6 +225,8 @@ fn fork_container(
                 stdin,
                 stdout: out_w,
                 stderr: err_w,
+                gate: gate_child,
+                network: net_child,
             });
             let _ = nix::unistd::write(&fail_w, message.as_bytes());
             // SAFETY: _exit ends the process at once, skipping the parent's atexit handlers
@@ -203,20 +237,27 @@ fn fork_container(
             }
         }
         ForkResult::Parent { child } => {
-            drop((out_w, err_w, fail_w, stdin));
-            let mut message = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                match nix::unistd::read(&fail_r, &mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => message.extend_from_slice(&buf[..n]),
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(format!("read the start result: {e}")),
-                }
+            drop((out_w, err_w, fail_w, stdin, gate_child, net_child));
+            if let (Some(e), Some((ready, go))) = (&config.egress, net_parent) {
+                set_up_network(e, child, ready, go)?;
             }
+            // With a gate, the child's own execve waits for the gate's answer.
+            let message = match (gate.as_deref_mut(), gate_keep) {
+                (Some(gate), Some(inbox)) => {
+                    gate.add_inbox(inbox);
+                    execgate::wait_started(&fail_r, gate)
+                }
+                _ => read_to_end(&fail_r),
+            };
             if !message.is_empty() {
                 let _ = waitpid(child, None);
-                return Err(String::from_utf8_lossy(&message).into_owned());
+                return Err(message);
+            }
+            if let Some(gate) = gate
+                && let Err(e) = gate.started(bundle)
+            {
+                // `warren exec` then fails closed: its helper finds no gate to hand over to.
+                eprintln!("supervisor: exec gate: {e}");
             }
             let state = State::new(child.as_raw(), &config.id);
             if let Err(e) = config::write_json(bundle, config::STATE_FILE, &state) {
@@ -254,6 +295,27 @@ pub(crate) fn open_input(path: &Path) -> Result<OwnedFd, String> {
     .map_err(fail)
 }
 
+/// Waits for the child's network namespace, gives it its veth pair and allow-list, and lets
+/// the child go on. If the child died first, returns quietly: its message follows on the
+/// error pipe.
+fn set_up_network(
+    e: &crate::egress::Egress,
+    child: Pid,
+    ready: OwnedFd,
+    go: OwnedFd,
+) -> Result<(), String> {
+    if crate::container::read_byte(&ready) != Ok(1) {
+        return Ok(());
+    }
+    if let Err(err) = crate::egress::setup(e, child.as_raw()) {
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return Err(format!("policy network.mode egress: {err}"));
+    }
+    let _ = nix::unistd::write(&go, b"g");
+    Ok(())
+}
+
 fn supervise(bundle: &Path, running: Running) {
     let Running {
         config,
@@ -263,6 +325,7 @@ fn supervise(bundle: &Path, running: Running) {
         stderr,
         signals,
         started,
+        mut gate,
     } = running;
     let log = match LogWriter::with_limit(bundle.join(config::LOG_FILE), config.log_max_bytes) {
         Ok(log) => Some(log),
@@ -331,6 +394,10 @@ fn supervise(bundle: &Path, running: Running) {
                 which.push(i);
             }
         }
+        let gate_at = fds.len();
+        if let Some(gate) = &gate {
+            fds.extend(gate.poll_fds());
+        }
         match poll(&mut fds, wait) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
@@ -342,7 +409,12 @@ fn supervise(bundle: &Path, running: Running) {
             .iter()
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
+        let gate_ready: Vec<Option<PollFlags>> =
+            fds[gate_at..].iter().map(PollFd::revents).collect();
         drop(fds);
+        if let Some(gate) = &mut gate {
+            gate.handle(&gate_ready);
+        }
 
         for (slot, i) in which.iter().enumerate() {
             if !ready[slot + 1] {
@@ -404,8 +476,16 @@ fn supervise(bundle: &Path, running: Running) {
     if let Err(e) = cgroup.remove() {
         eprintln!("supervisor: remove the cgroup: {}", crate::error_chain(&e));
     }
+    if let Some(e) = &config.egress
+        && let Err(err) = crate::egress::teardown(e)
+    {
+        eprintln!("supervisor: egress teardown: {err}");
+    }
     if let Some(log) = &log {
         let _ = log.close();
+    }
+    if let Some(gate) = gate {
+        eprintln!("supervisor: exec gate: {}", gate.summary());
     }
     let (code, signal) = match status {
         Some(WaitStatus::Exited(_, code)) => (code, None),
@@ -487,6 +567,8 @@ struct WarmShell {
     claim: OwnedFd,
     listener: std::os::unix::net::UnixListener,
     signals: SignalFd,
+    /// The supervisor's end of the exec gate's socketpair, used if the claim has an exec list.
+    gate_inbox: OwnedFd,
 }
 
 /// `warren-supervise --warm BUNDLE`: prepares a warm shell, reports `ok PID` once it is
@@ -536,6 +618,7 @@ fn warm_fork(
     let (fail_r, fail_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let (claim_r, claim_w) = pipe()?;
+    let (gate_keep, gate_child) = execgate::socketpair()?;
     let stdin = nix::fcntl::open(
         "/dev/null",
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
@@ -553,7 +636,7 @@ fn warm_fork(
     let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
     match forked {
         ForkResult::Child => {
-            drop((out_r, err_r, fail_r, ready_r, claim_w, listener));
+            drop((out_r, err_r, fail_r, ready_r, claim_w, listener, gate_keep));
             let message = crate::container::warm_child_main(
                 template,
                 bundle,
@@ -561,6 +644,7 @@ fn warm_fork(
                 ready_w,
                 claim_r,
                 [stdin, out_w, err_w],
+                gate_child,
             );
             let _ = nix::unistd::write(&fail_w, message.as_bytes());
             // SAFETY: ends the child at once, without the supervisor's exit handlers.
@@ -570,15 +654,8 @@ fn warm_fork(
             }
         }
         ForkResult::Parent { child } => {
-            drop((out_w, err_w, fail_w, ready_w, claim_r, stdin));
-            let mut byte = [0u8; 1];
-            let ready = loop {
-                match nix::unistd::read(&ready_r, &mut byte) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    other => break other,
-                }
-            };
-            if ready != Ok(1) {
+            drop((out_w, err_w, fail_w, ready_w, claim_r, stdin, gate_child));
+            if crate::container::read_byte(&ready_r) != Ok(1) {
                 let message = read_to_end(&fail_r);
                 let _ = kill(child, Signal::SIGKILL);
                 let _ = waitpid(child, None);
@@ -604,6 +681,7 @@ fn warm_fork(
                 claim: claim_w,
                 listener,
                 signals,
+                gate_inbox: gate_keep,
             })
         }
     }
@@ -696,10 +774,38 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
             reply("error the claim does not fit this shell (another image, or bind mounts)");
             continue;
         }
+        let mut gate = match claim
+            .config
+            .exec_allow
+            .as_deref()
+            .map(Gate::new)
+            .transpose()
+        {
+            Ok(gate) => gate,
+            Err(e) => {
+                reply(&format!("error {e}"));
+                continue;
+            }
+        };
+        if let Some(e) = &claim.config.egress
+            && let Err(err) = crate::egress::setup(e, shell.pid.as_raw())
+        {
+            let why = format!("policy network.mode egress: {err}");
+            reply(&format!("error {why}"));
+            let _ = crate::egress::teardown(e);
+            discard(shell.pid, &shell.cgroup);
+            return Err(why);
+        }
+        let undo_network = || {
+            if let Some(e) = &claim.config.egress {
+                let _ = crate::egress::teardown(e);
+            }
+        };
         if let Err(e) = shell.cgroup.update(&(&claim.config.limits).into()) {
             let why = crate::error_chain(&e);
             reply(&format!("error {why}"));
             discard(shell.pid, &shell.cgroup);
+            undo_network();
             return Err(why);
         }
         let WarmShell {
@@ -711,12 +817,20 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
             fail,
             claim: claim_fd,
             signals,
+            gate_inbox,
             ..
         } = shell;
         let written = serde_json::to_vec(&claim.config)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::File::from(claim_fd).write_all(&bytes));
-        let message = read_to_end(&fail);
+        // With a gate, the workload's execve waits for the gate's answer.
+        let message = match &mut gate {
+            Some(gate) if written.is_ok() => {
+                gate.add_inbox(gate_inbox);
+                execgate::wait_started(&fail, gate)
+            }
+            _ => read_to_end(&fail),
+        };
         if written.is_err() || !message.is_empty() {
             let why = if message.is_empty() {
                 "the warm shell died".to_string()
@@ -725,6 +839,7 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
             };
             reply(&format!("error {}", why.replace('\n', " ")));
             discard(pid, &cgroup);
+            undo_network();
             return Err(why);
         }
         let state = State::new(pid.as_raw(), &template.id);
@@ -732,6 +847,11 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
             eprintln!("supervisor: write {}: {e}", config::STATE_FILE);
         }
         let _ = std::fs::remove_file(claim.bundle.join(config::CONTROL_SOCKET));
+        if let Some(gate) = &mut gate
+            && let Err(e) = gate.started(&claim.bundle)
+        {
+            eprintln!("supervisor: exec gate: {e}");
+        }
         reply(&format!("ok {pid}"));
         return Ok((
             claim.bundle,
@@ -743,6 +863,7 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
                 stderr,
                 signals,
                 started: Instant::now(),
+                gate,
             },
         ));
     }

@@ -59,6 +59,8 @@ impl Env {
                 default_stop_grace: Duration::from_secs(2),
                 warm: Vec::new(),
                 criu: None,
+                // No egress sandboxes here; a range is required all the same.
+                egress_range: warren_linux::egress::parse_range("198.18.0.0/15").unwrap(),
             },
             tx,
         )

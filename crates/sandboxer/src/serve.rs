@@ -156,6 +156,7 @@ fn server_config(config: &Config) -> ServerConfig {
         cgroup_parent: "warren".to_string(),
         linux_warm: Vec::new(),
         criu: None,
+        linux_egress_range: warren_control::server::DEFAULT_EGRESS_RANGE.to_string(),
         metrics_listen: None,
         metrics_required: false,
         // A stored policy named `default`, if one is applied through --api-listen.

@@ -46,9 +46,9 @@ mod state;
 
 pub use error::SpecError;
 pub use policy::{
-    ArgCondition, ArgOp, EgressRule, EnvPolicy, ExecPolicy, FilesystemPolicy, NetworkMode,
-    NetworkPolicy, PathAccess, Policy, PolicyMode, PolicySpec, PortEntry, ResourceCeilings,
-    SyscallEntry, SyscallPolicy, SyscallRule, glob_matches, parse_cidr,
+    ArgCondition, ArgOp, EgressRule, EnvPolicy, ExecPolicy, FilesystemPolicy, GlobList,
+    NetworkMode, NetworkPolicy, PathAccess, Policy, PolicyMode, PolicySpec, PortEntry,
+    ResourceCeilings, SyscallEntry, SyscallPolicy, SyscallRule, glob_matches, parse_cidr,
 };
 pub use policy_eval::{Decision, UNSET, Violation};
 pub use quantity::{

@@ -356,6 +356,12 @@ impl Policy {
         }
     }
 
+    /// The `egress` destinations, compiled: each network with its inclusive port ranges
+    /// (empty: every port). What a backend that filters packets itself installs.
+    pub fn egress_destinations(&self) -> impl Iterator<Item = (IpNet, &[(u16, u16)])> {
+        self.egress.iter().map(|r| (r.net, r.ports.as_slice()))
+    }
+
     /// How a guest path may be mounted: `None` when the policy has no filesystem section
     /// (anything goes), else `Some(access)`.
     pub fn path_access(&self, guest: &str) -> Option<PathAccess> {
@@ -446,6 +452,26 @@ fn globs(field: &str, patterns: &[String], errors: &mut Vec<SpecError>) -> Optio
             ));
             None
         }
+    }
+}
+
+/// A list of globs compiled once and matched as the exec and env rules match them (`*` does
+/// not cross `/`, `**` does): what a backend that enforces `exec.allow` itself matches with.
+#[derive(Debug, Clone)]
+pub struct GlobList(GlobSet);
+
+impl GlobList {
+    /// Compiles `patterns`; each error names `field[i]` and the pattern.
+    pub fn new(field: &str, patterns: &[String]) -> Result<GlobList, Vec<SpecError>> {
+        let mut errors = Vec::new();
+        match globs(field, patterns, &mut errors) {
+            Some(set) if errors.is_empty() => Ok(GlobList(set)),
+            _ => Err(errors),
+        }
+    }
+
+    pub fn is_match(&self, value: &str) -> bool {
+        self.0.is_match(value)
     }
 }
 

@@ -62,6 +62,10 @@ pub struct Args {
     /// pools change this later).
     #[arg(long, value_name = "linux:IMAGE=N")]
     warm: Vec<String>,
+    /// IPv4 range the linux backend gives `network.mode: egress` sandboxes their addresses
+    /// from (a /30 each; /29 or larger). Each server and agent on a host needs its own.
+    #[arg(long, value_name = "CIDR", default_value = warren_control::server::DEFAULT_EGRESS_RANGE)]
+    linux_egress_cidr: String,
 }
 
 fn default_dir() -> PathBuf {
@@ -97,6 +101,8 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|w| super::server::parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
         .collect::<anyhow::Result<_>>()?;
+    warren_linux::egress::parse_range(&args.linux_egress_cidr)
+        .map_err(|e| usage(format!("--linux-egress-cidr: {e}")))?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on --listen {}", args.listen))?;
@@ -122,6 +128,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         cgroup_parent: args.cgroup_parent.clone(),
         linux_warm: warm,
         images_dir: args.image_dir.clone(),
+        linux_egress_range: args.linux_egress_cidr.clone(),
     })?;
     let agent = Agent::new(node_name.clone(), built.backends);
     for report in agent.report() {

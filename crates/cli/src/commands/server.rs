@@ -75,6 +75,10 @@ pub struct Args {
     /// /usr/local/lib/warren/criu/criu (scripts/install-criu.sh), then criu on PATH.
     #[arg(long, value_name = "PATH")]
     criu: Option<std::path::PathBuf>,
+    /// IPv4 range the linux backend gives `network.mode: egress` sandboxes their addresses
+    /// from (a /30 each; /29 or larger). Each server on a host needs a range of its own.
+    #[arg(long, value_name = "CIDR", default_value = warren_control::server::DEFAULT_EGRESS_RANGE)]
+    linux_egress_cidr: String,
     /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP on ADDR (port 0: any
     /// free port; `off`: not at all). Default 127.0.0.1:9091, skipped with a warning when
     /// that port is taken.
@@ -247,6 +251,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .collect::<anyhow::Result<_>>()?,
         cgroup_parent: args.cgroup_parent,
         criu: args.criu,
+        linux_egress_range: args.linux_egress_cidr,
         default_policy: match args.default_policy {
             Some(name) => {
                 warren_spec::validate_name("--default-policy", &name)

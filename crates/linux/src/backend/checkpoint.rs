@@ -90,10 +90,25 @@ pub(super) async fn checkpoint(
             }
         }
     };
-    let criu = inner.criu()?;
     let bundle = backend.bundle(id);
     let container: ContainerConfig = config::read_json(&bundle, config::CONFIG_FILE)
         .map_err(|e| io("read", &bundle.join(config::CONFIG_FILE), e))?;
+    // CRIU cannot restore a seccomp user-notification listener (the exec gate) nor a veth
+    // pair whose host end the supervisor owns (egress): refuse rather than restore a sandbox
+    // without the policy that confined it.
+    if container.exec_allow.is_some() {
+        return Err(BackendError::Invalid(format!(
+            "sandbox {id}: its policy has an exec list (enforced by a seccomp listener CRIU \
+             cannot restore); checkpoints of such sandboxes are not supported"
+        )));
+    }
+    if container.egress.is_some() {
+        return Err(BackendError::Invalid(format!(
+            "sandbox {id}: its policy's network.mode is egress (a veth pair CRIU cannot \
+             restore); checkpoints of such sandboxes are not supported"
+        )));
+    }
+    let criu = inner.criu()?;
     let image = image_of(inner, config, &container)?;
     let stdio = stdio_of(pid).map_err(|e| io("inspect the workload's descriptors", &bundle, e))?;
     let mounts: Vec<ExternalMount> = container

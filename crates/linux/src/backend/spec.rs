@@ -102,8 +102,14 @@ pub(super) fn container_config(
             deny_syscalls: spec.deny_syscalls.clone(),
             policy_syscalls: enforced.syscalls,
             loopback: enforced.loopback,
+            egress: match enforced.egress {
+                Some(allow) => Some(inner.network.take(&config.id, allow)?),
+                None => None,
+            },
             read_only_paths: enforced.read_only_paths,
             masked_paths: enforced.masked_paths,
+            writable_paths: enforced.writable_paths,
+            exec_allow: enforced.exec_allow,
             cgroup_parent: inner.config.cgroup_parent.clone(),
             limits,
             log_max_bytes: inner.config.log_max_bytes,
@@ -120,8 +126,13 @@ pub(super) fn container_config(
 pub(super) struct PolicyEnforcement {
     pub(super) syscalls: Option<crate::config::PolicySyscalls>,
     pub(super) loopback: bool,
+    /// `network.mode: egress`: the IPv4 destinations (IPv6 ones cannot be reached: the
+    /// sandbox gets IPv4 only).
+    pub(super) egress: Option<Vec<crate::egress::Destination>>,
     pub(super) read_only_paths: Vec<String>,
     pub(super) masked_paths: Vec<String>,
+    pub(super) writable_paths: Vec<String>,
+    pub(super) exec_allow: Option<Vec<String>>,
 }
 
 impl PolicyEnforcement {
@@ -130,23 +141,28 @@ impl PolicyEnforcement {
             return Ok(PolicyEnforcement {
                 syscalls: None,
                 loopback: true,
+                egress: None,
                 read_only_paths: Vec::new(),
                 masked_paths: Vec::new(),
+                writable_paths: Vec::new(),
+                exec_allow: None,
             });
         };
         let policy = &applied.policy;
         let spec = policy.spec();
-        let loopback = match policy.network_mode() {
-            None | Some(NetworkMode::Loopback) => true,
-            Some(NetworkMode::None) => false,
-            Some(NetworkMode::Egress) => {
-                return Err(BackendError::Invalid(format!(
-                    "policy.network.mode: \"egress\" (policy {:?}) is not supported on linux yet; \
-                     use none or loopback",
-                    policy.name()
-                )));
-            }
-        };
+        let loopback = policy.network_mode() != Some(NetworkMode::None);
+        let egress = (policy.network_mode() == Some(NetworkMode::Egress)).then(|| {
+            policy
+                .egress_destinations()
+                .filter_map(|(net, ports)| match net {
+                    ipnet::IpNet::V4(net) => Some(crate::egress::Destination {
+                        net: net.to_string(),
+                        ports: ports.to_vec(),
+                    }),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect()
+        });
         let fs = spec.filesystem.clone().unwrap_or_default();
         Ok(PolicyEnforcement {
             syscalls: spec
@@ -157,8 +173,11 @@ impl PolicyEnforcement {
                     syscalls,
                 }),
             loopback,
+            egress,
             read_only_paths: fs.read_only,
             masked_paths: fs.masked,
+            writable_paths: fs.writable,
+            exec_allow: spec.exec.as_ref().map(|e| e.allow.clone()),
         })
     }
 }
