@@ -11,7 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/warren/v1/sandbox.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/warren/v1/sandbox.proto",
+                "proto/warren/v1/cluster.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

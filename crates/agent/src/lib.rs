@@ -7,8 +7,18 @@
 //! control plane hands sandboxes back through [`Agent::adopt`] and removes orphans the agent
 //! reports through [`Agent::list`].
 //!
-//! `warren server` embeds one agent in-process (the default, one machine). The remote agent
-//! process and its HTTP API come with the multi-node control plane.
+//! `warren server` embeds one agent in-process (the default, one machine). `warren agent` runs
+//! one as its own process ([`node::NodeAgent`]) behind seed 004's HTTP API ([`http`], port
+//! 5758), which the control plane calls through [`remote::RemoteAgent`]; the wire types are in
+//! [`api`]. Every agent, in-process or not, runs a [`janitor`] that removes what the control
+//! plane does not know.
+
+pub mod api;
+pub mod backends;
+pub mod http;
+pub mod janitor;
+pub mod node;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +54,52 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The agent holds as many sandboxes as it may (`--capacity`).
+    #[error("agent {node} is full: it holds {capacity} sandboxes, its capacity")]
+    Full { node: String, capacity: u32 },
+    /// A remote agent answered with an error.
+    #[error("agent {node}: {message}")]
+    Remote {
+        node: String,
+        kind: api::ErrorKind,
+        message: String,
+    },
+    /// A remote agent could not be reached (or its reply could not be read).
+    #[error("agent {node} at {address} cannot be reached: {message}")]
+    Unreachable {
+        node: String,
+        address: String,
+        message: String,
+    },
+    /// A request the agent cannot take (bad base64, a policy that does not compile).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AgentError {
+    /// The kind of error, as the HTTP API and the control plane's gRPC codes see it.
+    pub fn kind(&self) -> api::ErrorKind {
+        use api::ErrorKind as K;
+        match self {
+            AgentError::Unavailable { .. } | AgentError::Unreachable { .. } => K::Unavailable,
+            AgentError::Full { .. } => K::Capacity,
+            AgentError::Remote { kind, .. } => *kind,
+            AgentError::Invalid(_) => K::Invalid,
+            AgentError::Backend(b) => match b {
+                BackendError::Capacity { .. } => K::Capacity,
+                BackendError::Unsupported { .. } => K::Unsupported,
+                BackendError::NotFound { .. } => K::NotFound,
+                BackendError::AlreadyExists { .. } => K::AlreadyExists,
+                BackendError::Invalid(_) => K::Invalid,
+                BackendError::Io { .. } | BackendError::Other(_) => K::Internal,
+            },
+        }
+    }
+
+    /// True when the sandbox is not there (a delete of it has nothing left to do).
+    pub fn is_not_found(&self) -> bool {
+        self.kind() == api::ErrorKind::NotFound
+    }
 }
 
 impl Agent {
@@ -149,6 +205,11 @@ impl Agent {
         Ok(self.backend(config.spec.backend)?.adopt(config).await?)
     }
 
+    /// The sandbox's info as its backend knows it now.
+    pub fn info(&self, kind: BackendKind, id: &str) -> Option<BackendInfo> {
+        self.backends.get(&kind)?.info(id)
+    }
+
     /// The sandbox's log file, when its backend keeps one.
     pub fn log_path(&self, kind: BackendKind, id: &str) -> Option<std::path::PathBuf> {
         self.backends.get(&kind)?.log_path(id)
@@ -171,6 +232,80 @@ impl Agent {
             all.extend(backend.list().await?.into_iter().map(|id| (kind, id)));
         }
         Ok(all)
+    }
+
+    /// Keeps `count` pre-warmed sandboxes of `image` ready on `kind` (pools).
+    pub fn set_warm(&self, kind: BackendKind, image: &str, count: usize) -> Result<(), AgentError> {
+        Ok(self.backend(kind)?.set_warm(image, count)?)
+    }
+
+    /// Every backend kind as the API reports it: available or not, and why.
+    pub fn backend_states(&self) -> Vec<api::BackendState> {
+        self.report()
+            .into_iter()
+            .map(|r| api::BackendState {
+                kind: r.kind,
+                available: r.available.is_ok(),
+                reason: r.available.err().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Sets what pools keep pre-warmed here. `pooled` holds the images pools asked for
+    /// before: one no longer listed goes to zero; warm sandboxes of `--warm` that no pool
+    /// names stay as they are.
+    pub fn apply_warm_targets(
+        &self,
+        targets: &[(BackendKind, String, u32)],
+        pooled: &std::sync::Mutex<std::collections::HashSet<(BackendKind, String)>>,
+    ) {
+        let current: std::collections::HashMap<(BackendKind, String), usize> = self
+            .warm()
+            .into_iter()
+            .map(|(k, i, _, t)| ((k, i), t))
+            .collect();
+        let mut wanted: std::collections::HashMap<(BackendKind, String), usize> = targets
+            .iter()
+            .map(|(k, i, n)| ((*k, i.clone()), *n as usize))
+            .collect();
+        {
+            let mut pooled = pooled.lock().unwrap_or_else(|p| p.into_inner());
+            for key in pooled.iter() {
+                wanted.entry(key.clone()).or_insert(0);
+            }
+            *pooled = wanted
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, _)| k.clone())
+                .collect();
+        }
+        for ((kind, image), count) in wanted {
+            if current.get(&(kind, image.clone())).copied().unwrap_or(0) == count {
+                continue;
+            }
+            match self.set_warm(kind, &image, count) {
+                Ok(()) => {
+                    tracing::info!(backend = %kind, image, count, "pool: keeping pre-warmed sandboxes")
+                }
+                Err(e) => {
+                    warn!(backend = %kind, image, error = %e, "pool: cannot keep pre-warmed sandboxes")
+                }
+            }
+        }
+    }
+
+    /// Pre-warmed sandboxes per backend and image: (backend, image, ready, target).
+    pub fn warm(&self) -> Vec<(BackendKind, String, usize, usize)> {
+        let mut all = Vec::new();
+        for (&kind, backend) in &self.backends {
+            all.extend(
+                backend
+                    .warm()
+                    .into_iter()
+                    .map(|(image, ready, target)| (kind, image, ready, target)),
+            );
+        }
+        all
     }
 
     /// Resources held per backend.

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         cli.command,
         commands::Command::Server(_)
             | commands::Command::Sandboxer(_)
+            | commands::Command::Agent(_)
             | commands::Command::Bench(_)
     ) {
         restore_sigpipe();
@@ -38,7 +39,9 @@ fn main() -> ExitCode {
     // multi-threaded client on the project's 2-core machine; docs/PERFORMANCE.md).
     let mut builder = if matches!(
         cli.command,
-        commands::Command::Server(_) | commands::Command::Sandboxer(_)
+        commands::Command::Server(_)
+            | commands::Command::Sandboxer(_)
+            | commands::Command::Agent(_)
     ) {
         tokio::runtime::Builder::new_multi_thread()
     } else {

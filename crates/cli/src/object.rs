@@ -48,6 +48,13 @@ pub fn to_object(sb: &v1::Sandbox) -> anyhow::Result<Value> {
     let st = sb.status.clone().unwrap_or_default();
     let mut status = Map::new();
     status.insert("phase".into(), json!(st.phase));
+    if let Some(seed) = seed_phase(&st.phase) {
+        // Seed 004 (Fast Sandbox) calls this phase by another name.
+        status.insert("seedPhase".into(), json!(seed));
+    }
+    if st.recreations > 0 {
+        status.insert("recreations".into(), json!(st.recreations));
+    }
     if let Some(code) = st.exit_code {
         status.insert("exitCode".into(), json!(code));
     }
@@ -106,6 +113,15 @@ pub fn each_document<T>(
         bail!("{source}: no {kind} objects found");
     }
     Ok(out)
+}
+
+/// Seed 004's name for a phase warren names otherwise (docs/api.md, "Phases").
+pub fn seed_phase(phase: &str) -> Option<&'static str> {
+    match phase {
+        "Creating" => Some("Bound"),
+        "Stopping" => Some("Terminating"),
+        _ => None,
+    }
 }
 
 /// Checks `apiVersion` and `kind` and returns the object's `metadata` and `spec` (`status`,

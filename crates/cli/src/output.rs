@@ -68,9 +68,11 @@ pub fn age(created_at_ms: i64) -> String {
 
 fn phase(sb: &v1::Sandbox) -> String {
     let st = sb.status.clone().unwrap_or_default();
-    match st.exit_code {
-        Some(code) => format!("{}({code})", st.phase),
-        None => st.phase,
+    match (st.exit_code, object::seed_phase(&st.phase)) {
+        (Some(code), _) => format!("{}({code})", st.phase),
+        // Seed 004's name beside warren's: "Creating (Bound)".
+        (None, Some(seed)) => format!("{} ({seed})", st.phase),
+        (None, None) => st.phase,
     }
 }
 

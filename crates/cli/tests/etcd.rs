@@ -3,6 +3,8 @@
 //! the standby takes over from a leader killed with -9 during 500 strong creates without
 //! losing or doubling any acknowledged one, and a deposed leader's writes are refused.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cluster::{TestAgent, eventually};
 use common::{TestServer, http_get, json, stderr};
 use warren_control::Address;
 use warren_control::client::{self, Failover};
@@ -62,7 +65,7 @@ fn wait_leading(server: &TestServer, within: Duration) {
 fn strong(name: &str) -> v1::CreateSandboxRequest {
     let spec = SandboxSpec {
         name: name.to_string(),
-        consistency: Consistency::Strong,
+        consistency: Some(Consistency::Strong),
         ..SandboxSpec::default()
     };
     v1::CreateSandboxRequest {
@@ -443,4 +446,77 @@ fn a_deposed_leader_stops_writing_and_exits() {
     assert!(out.status.success(), "{}", stderr(&out));
     b.ok(&["get", "via-list"]);
     let _ = client::parse_servers(&both).expect("list");
+}
+
+/// The state of agent `name` as `server` sees it ("" when it does not know it).
+fn node_state(server: &TestServer, name: &str) -> String {
+    let out = server.warren(&["nodes", "-o", "json"]);
+    if !out.status.success() {
+        return String::new();
+    }
+    let nodes = json(&String::from_utf8_lossy(&out.stdout));
+    nodes["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == name)
+        .and_then(|n| n["state"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let start = |etcd: &EtcdServer| {
+        let mut args = on_etcd(etcd, "2s");
+        args.extend(["--local-capacity", "0", "--agent-timeout", "3s"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestServer::start_with(&args, Some(TOKEN))
+    };
+    let mut a = start(&etcd);
+    wait_leading(&a, Duration::from_secs(10));
+    let b = start(&etcd);
+    // The standby first: the agent follows its refusal's hint to the leader. A short
+    // orphan timeout: a janitor that took the fail-over for "unknown" would show at once.
+    let mut agent = TestAgent::prepare(&a, "edge", &[], "127.0.0.1:0", &["--orphan-timeout", "1s"])
+        .with_servers(&format!("{},{}", b.address, a.address));
+    agent.spawn(TOKEN);
+    eventually(
+        Duration::from_secs(10),
+        "the agent registered with the leader",
+        || node_state(&a, "edge") == "Up",
+    );
+    for i in 0..3 {
+        a.ok(&["run", "--name", &format!("e{i}"), "--mode", "strong"]);
+    }
+    let ids_before = agent.slot_ids();
+    assert_eq!(ids_before.len(), 3, "{}", agent.log());
+
+    a.kill9();
+    wait_leading(&b, Duration::from_secs(15));
+    eventually(
+        Duration::from_secs(10),
+        "the agent registered with the new leader",
+        || node_state(&b, "edge") == "Up",
+    );
+    for i in 0..3 {
+        let got = json(&b.ok(&["get", &format!("e{i}"), "-o", "json"]));
+        assert_eq!(got["status"]["phase"], "Running", "{got}");
+        assert_eq!(got["status"]["node"], "edge", "{got}");
+    }
+    // Past the orphan timeout: the agent's janitor asks the new leader and keeps them.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.slot_ids(), ids_before, "agent log:\n{}", agent.log());
+    // And the new leader places new sandboxes on it.
+    b.ok(&["run", "--name", "after", "--mode", "strong"]);
+    let got = json(&b.ok(&["get", "after", "-o", "json"]));
+    assert_eq!(got["status"]["node"], "edge", "{got}");
+    assert!(
+        agent.log().contains("registered with the control plane"),
+        "{}",
+        agent.log()
+    );
 }

@@ -470,7 +470,7 @@ fn acknowledged_creates_survive_kill_9() {
                     }
                     let mut spec = SandboxSpec {
                         name: format!("k{i:03}"),
-                        consistency: warren_spec::Consistency::Strong,
+                        consistency: Some(warren_spec::Consistency::Strong),
                         ..Default::default()
                     };
                     spec.resources.limits.memory = Some("64Mi".into());

@@ -6,6 +6,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// The gRPC API's TCP port when an address gives none (seed 004's fast path).
+pub const DEFAULT_TCP_PORT: u16 = 9090;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Unix(PathBuf),
@@ -17,7 +20,7 @@ impl FromStr for Address {
     type Err = String;
 
     /// `unix:///run/warren.sock`, `/run/warren.sock`, `tcp://127.0.0.1:9090`,
-    /// `http://127.0.0.1:9090` or `127.0.0.1:9090`.
+    /// `http://127.0.0.1:9090`, `127.0.0.1:9090`, or `tcp://HOST` (port 9090).
     fn from_str(s: &str) -> Result<Self, String> {
         let unix = |p: &str| {
             if p.is_empty() {
@@ -29,8 +32,17 @@ impl FromStr for Address {
             }
         };
         let tcp = |hp: &str| match hp.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(Address::Tcp(hp.to_string()))
+            Some((host, port)) if !host.is_empty() && !hp.ends_with(']') => {
+                match port.parse::<u16>() {
+                    Ok(_) => Ok(Address::Tcp(hp.to_string())),
+                    Err(_) => Err(format!(
+                        "{s:?}: {port:?} is not a port (expected e.g. tcp://127.0.0.1:9090)"
+                    )),
+                }
+            }
+            // No port: the gRPC API's default, seed 004's 9090.
+            _ if !hp.is_empty() && !hp.contains('/') => {
+                Ok(Address::Tcp(format!("{hp}:{DEFAULT_TCP_PORT}")))
             }
             _ => Err(format!(
                 "{s:?} is not host:port (expected e.g. tcp://127.0.0.1:9090)"
@@ -51,8 +63,12 @@ impl FromStr for Address {
             Err(format!(
                 "{s:?}: unknown scheme (expected unix:// or tcp://)"
             ))
-        } else {
+        } else if s.contains(':') {
             tcp(s)
+        } else {
+            Err(format!(
+                "{s:?} is not an address (expected unix:///path.sock, tcp://host[:port] or host:port)"
+            ))
         }
     }
 }
@@ -125,10 +141,17 @@ mod tests {
             "localhost:0".parse(),
             Ok(Address::Tcp("localhost:0".into()))
         );
+        assert_eq!(
+            "tcp://nohost".parse(),
+            Ok(Address::Tcp("nohost:9090".into())),
+            "TCP without a port is the default 9090"
+        );
+        assert_eq!("tcp://[::1]".parse(), Ok(Address::Tcp("[::1]:9090".into())));
         for bad in [
             "unix://",
-            "tcp://nohost",
+            "tcp://",
             "tcp://h:99999",
+            "tcp://h:port",
             "grpc://x:1",
             "justaname",
         ] {

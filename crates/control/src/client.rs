@@ -131,6 +131,30 @@ async fn connect_channel(
     Ok((channel, bearer))
 }
 
+pub type NodesClient =
+    warren_proto::v1::nodes_client::NodesClient<InterceptedService<Channel, Bearer>>;
+
+/// A client of the server's node registry (agents heartbeat through it; `warren nodes`).
+pub async fn connect_nodes(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<NodesClient, ConnectError> {
+    let (channel, bearer) = connect_channel(address, token).await?;
+    Ok(warren_proto::v1::nodes_client::NodesClient::with_interceptor(channel, bearer))
+}
+
+pub type PoolsClient =
+    warren_proto::v1::pools_client::PoolsClient<InterceptedService<Channel, Bearer>>;
+
+/// A client of the server's pools.
+pub async fn connect_pools(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<PoolsClient, ConnectError> {
+    let (channel, bearer) = connect_channel(address, token).await?;
+    Ok(warren_proto::v1::pools_client::PoolsClient::with_interceptor(channel, bearer))
+}
+
 /// `--server` / `WARREN_SERVER`: one address or several, comma-separated (replicas on one
 /// etcd; the leader among them is found by [`connect_leader`]).
 pub fn parse_servers(s: &str) -> Result<Vec<Address>, String> {

@@ -11,13 +11,14 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 use warren_agent::AgentError;
+use warren_agent::api::ErrorKind;
 use warren_proto::v1::sandboxes_server::Sandboxes;
 use warren_proto::v1::{self, sandbox_event};
 use warren_proto::{failure_policy_from_pb, resource_info_to_pb, resources_from_pb, spec_from_pb};
-use warren_runtime::{BackendError, ExecProcess, ExecRequest, Stdin, logs};
+use warren_runtime::{ExecProcess, ExecRequest, Stdin, logs};
 use warren_spec::BackendKind;
 
-use crate::plane::{ControlError, ControlPlane, EventKind, SandboxUpdate};
+use crate::plane::{ControlError, ControlPlane, EventKind, LogSource, SandboxUpdate};
 
 /// Maps every control plane error to the gRPC code a client can act on.
 pub fn status_of(e: ControlError) -> Status {
@@ -31,14 +32,25 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::AlreadyExists { .. } => Status::already_exists(msg),
         ControlError::Busy { .. } | ControlError::RevisionMismatch { .. } => Status::aborted(msg),
         ControlError::Agent(AgentError::Unavailable { .. }) => Status::failed_precondition(msg),
-        ControlError::Agent(AgentError::Backend(b)) => match b {
-            BackendError::Capacity { .. } => Status::resource_exhausted(msg),
-            BackendError::Unsupported { .. } => Status::unimplemented(msg),
-            BackendError::NotFound { .. } => Status::not_found(msg),
-            BackendError::AlreadyExists { .. } => Status::already_exists(msg),
-            BackendError::Invalid(_) => Status::invalid_argument(msg),
-            BackendError::Io { .. } | BackendError::Other(_) => Status::internal(msg),
+        ControlError::Agent(AgentError::Unreachable { .. }) => Status::unavailable(msg),
+        ControlError::Agent(a) => match a.kind() {
+            ErrorKind::Capacity => Status::resource_exhausted(msg),
+            ErrorKind::Unsupported => Status::unimplemented(msg),
+            ErrorKind::NotFound => Status::not_found(msg),
+            ErrorKind::AlreadyExists => Status::already_exists(msg),
+            ErrorKind::Invalid => Status::invalid_argument(msg),
+            ErrorKind::Unavailable => Status::failed_precondition(msg),
+            ErrorKind::Unauthorized => Status::permission_denied(msg),
+            ErrorKind::Internal => Status::internal(msg),
         },
+        ControlError::Schedule(_) | ControlError::PoolFull { .. } => {
+            Status::resource_exhausted(msg)
+        }
+        ControlError::InvalidPool(_) => Status::invalid_argument(msg),
+        ControlError::PoolNotFound { .. } => Status::not_found(msg),
+        ControlError::PoolMissing { .. } | ControlError::PoolInUse { .. } => {
+            Status::failed_precondition(msg)
+        }
         ControlError::Store(_) => Status::unavailable(msg),
         ControlError::NoLogs { .. } => Status::failed_precondition(msg),
         ControlError::WaitTimeout { .. } => Status::deadline_exceeded(msg),
@@ -112,6 +124,41 @@ fn event_type(kind: EventKind) -> sandbox_event::Type {
     }
 }
 
+impl SandboxService {
+    /// A sandbox's output streamed from its remote agent (which applies `tail` and `since`
+    /// and, with `follow`, ends the stream when the sandbox ends).
+    async fn remote_logs(
+        &self,
+        agent: std::sync::Arc<warren_agent::remote::RemoteAgent>,
+        id: String,
+        req: v1::StreamLogsRequest,
+    ) -> Result<Response<LogStream>, Status> {
+        let mut rx = agent
+            .logs(&id, req.follow, req.tail.map(|t| t as usize), req.since_ms)
+            .await
+            .map_err(|e| status_of(ControlError::Agent(e)))?;
+        let mut shutdown = self.shutdown.clone();
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = shutdown.changed() => return,
+                };
+                let out = match next {
+                    None => return,
+                    Some(Ok(r)) => Ok(log_entry(r)),
+                    Some(Err(e)) => Err(Status::unavailable(format!("following the log: {e}"))),
+                };
+                let end = out.is_err();
+                if tx.send(out).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
 #[tonic::async_trait]
 impl Sandboxes for SandboxService {
     async fn create_sandbox(
@@ -122,7 +169,7 @@ impl Sandboxes for SandboxService {
         let req = req.into_inner();
         let pb = req.spec.ok_or_else(|| invalid("spec: missing"))?;
         let spec = spec_from_pb(pb).map_err(invalid)?;
-        let (backend, mode) = (spec.backend, spec.consistency.as_str());
+        let (backend, mode) = (spec.backend, self.plane.consistency_of(&spec).as_str());
         let stdin = (!req.stdin.is_empty()).then(|| Stdin::from(req.stdin));
         let metrics = self.plane.metrics();
         let (mut rec, created) = match self.plane.create_with(spec, stdin).await {
@@ -324,7 +371,12 @@ impl Sandboxes for SandboxService {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = req.into_inner();
-        let (path, done) = self.plane.log_source(&req.name).await.map_err(status_of)?;
+        let (path, done) = match self.plane.log_source(&req.name).await.map_err(status_of)? {
+            LogSource::File { path, done } => (path, done),
+            LogSource::Remote { agent, id } => {
+                return self.remote_logs(agent, id, req).await;
+            }
+        };
         let since = req.since_ms.map(|ms| {
             std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
         });

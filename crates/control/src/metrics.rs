@@ -11,7 +11,15 @@
 //!   (`Exited`, `Stopped`, `Failed` with the first word of its reason: `OOMKilled`,
 //!   `Timeout`, `MemoryLimit`, `Trap`, `lost`...);
 //! - `warren_deletes_total{backend}`;
-//! - `warren_agents_up`: agents able to run sandboxes (the in-process one for now).
+//! - `warren_agents_up`: agents that are up (heartbeating, or the in-process one);
+//! - `warren_schedule_duration_seconds`: time the scheduler takes to place a sandbox;
+//! - `warren_errors_total{reason}`: failures by cause (`no_agent`, `capacity`,
+//!   `port_conflict`, `agent_unreachable`, `agent_lost`, `persist`, `recreate_failed`,
+//!   `pool_full`);
+//! - `warren_recreations_total{backend,cause}`: AutoRecreate re-creates, `lost` or `failed`;
+//! - `warren_pool_sandboxes{pool,state}`: per pool, `ready` and `target` pre-warmed
+//!   sandboxes and those `in_use`, read at each scrape;
+//! - `warren_pool_creates_total{pool,result}`: creates from a pool, `hit` or `miss`.
 //!
 //! Labels hold only fixed vocabularies (backend, phase, mode, code, reason class), never a
 //! sandbox name or anything a workload wrote.
@@ -64,6 +72,34 @@ struct BackendLabels {
     backend: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecreateLabels {
+    backend: String,
+    cause: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+    state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolCreateLabels {
+    pool: String,
+    result: String,
+}
+
+fn schedule_histogram() -> Histogram {
+    // 100 ns to ~0.4 s.
+    Histogram::new(exponential_buckets(100e-9, 2.0, 22))
+}
+
 fn create_histogram() -> Histogram {
     // 50 µs to ~13 s.
     Histogram::new(exponential_buckets(50e-6, 2.0, 19))
@@ -79,6 +115,11 @@ pub struct Metrics {
     ends: Family<EndLabels, Counter>,
     deletes: Family<BackendLabels, Counter>,
     agents_up: Gauge,
+    schedule: Histogram,
+    errors: Family<ReasonLabels, Counter>,
+    recreations: Family<RecreateLabels, Counter>,
+    pool_sandboxes: Family<PoolLabels, Gauge>,
+    pool_creates: Family<PoolCreateLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,6 +132,11 @@ impl Default for Metrics {
         let ends = Family::<EndLabels, Counter>::default();
         let deletes = Family::<BackendLabels, Counter>::default();
         let agents_up = Gauge::default();
+        let schedule = schedule_histogram();
+        let errors = Family::<ReasonLabels, Counter>::default();
+        let recreations = Family::<RecreateLabels, Counter>::default();
+        let pool_sandboxes = Family::<PoolLabels, Gauge>::default();
+        let pool_creates = Family::<PoolCreateLabels, Counter>::default();
         let mut registry = Registry::with_prefix("warren");
         registry.register(
             "sandboxes",
@@ -115,8 +161,29 @@ impl Default for Metrics {
         registry.register("deletes", "Sandboxes deleted", deletes.clone());
         registry.register(
             "agents_up",
-            "Agents able to run sandboxes",
+            "Agents that are up (heartbeating, or in-process)",
             agents_up.clone(),
+        );
+        registry.register(
+            "schedule_duration_seconds",
+            "Time the scheduler takes to place a sandbox",
+            schedule.clone(),
+        );
+        registry.register("errors", "Failures by cause", errors.clone());
+        registry.register(
+            "recreations",
+            "Sandboxes AutoRecreate created again, by cause (lost, failed)",
+            recreations.clone(),
+        );
+        registry.register(
+            "pool_sandboxes",
+            "Sandboxes of each pool: ready and target pre-warmed ones, and those in use",
+            pool_sandboxes.clone(),
+        );
+        registry.register(
+            "pool_creates",
+            "Creates from a pool, hit (pre-warmed) or miss (cold)",
+            pool_creates.clone(),
         );
         Metrics {
             registry: Mutex::new(registry),
@@ -126,6 +193,11 @@ impl Default for Metrics {
             ends,
             deletes,
             agents_up,
+            schedule,
+            errors,
+            recreations,
+            pool_sandboxes,
+            pool_creates,
         }
     }
 }
@@ -167,12 +239,47 @@ impl Metrics {
             .inc();
     }
 
+    /// Time the scheduler took to place (or refuse) a sandbox.
+    pub fn scheduled(&self, took: Duration) {
+        self.schedule.observe(took.as_secs_f64());
+    }
+
+    /// A failure of kind `reason` (a fixed word).
+    pub fn error(&self, reason: &str) {
+        self.errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// An AutoRecreate re-create; `cause` is `lost` or `failed`.
+    pub fn recreated(&self, backend: BackendKind, cause: &str) {
+        self.recreations
+            .get_or_create(&RecreateLabels {
+                backend: backend.to_string(),
+                cause: cause.to_string(),
+            })
+            .inc();
+    }
+
+    /// A create from a pool, which did (`hit`) or did not take a pre-warmed sandbox.
+    pub fn pool_create(&self, pool: &str, hit: bool) {
+        self.pool_creates
+            .get_or_create(&PoolCreateLabels {
+                pool: pool.to_string(),
+                result: if hit { "hit" } else { "miss" }.to_string(),
+            })
+            .inc();
+    }
+
     /// Counts `phase` if it is an end (called for every change of a sandbox).
     pub fn observe(&self, backend: BackendKind, phase: &Phase) {
         let (name, reason) = match phase {
             Phase::Exited { .. } => ("Exited", String::new()),
             Phase::Stopped => ("Stopped", String::new()),
             Phase::Failed { reason } => ("Failed", reason_class(reason)),
+            Phase::Expired => ("Expired", String::new()),
             Phase::Deleted => {
                 self.deletes
                     .get_or_create(&BackendLabels {
@@ -203,8 +310,22 @@ impl Metrics {
                 })
                 .set(n as i64);
         }
-        let up = plane.agent().report().iter().any(|r| r.available.is_ok());
-        self.agents_up.set(i64::from(up));
+        self.agents_up.set(plane.nodes().up_count() as i64);
+        self.pool_sandboxes.clear();
+        for (pool, st) in plane.pool_sizes() {
+            for (state, n) in [
+                ("ready", st.ready),
+                ("target", st.target),
+                ("in_use", st.in_use),
+            ] {
+                self.pool_sandboxes
+                    .get_or_create(&PoolLabels {
+                        pool: pool.clone(),
+                        state: state.to_string(),
+                    })
+                    .set(i64::from(n));
+            }
+        }
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         // Writing to a String cannot fail.

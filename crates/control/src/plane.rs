@@ -6,10 +6,14 @@
 //! across an await. The slow part of a mutation (backend, store) runs in a spawned task, so a
 //! client that hangs up mid-call cannot leave a sandbox half-made or forever busy.
 //!
-//! Order of a create (one machine): validate -> reserve the name -> backend create + start ->
-//! persist (group commit) -> acknowledge. A crash before the commit leaves at most backend
-//! state without a record, which the start-up reconcile removes as an orphan; an
-//! acknowledged create is always in the store.
+//! Order of a create: validate -> reserve the name -> place it on a node (the scheduler,
+//! `nodes.rs`) -> backend create + start on that node's agent -> persist (group commit) ->
+//! acknowledge. A crash before the commit leaves at most backend state without a record,
+//! which the start-up reconcile (local agent) or the agent's janitor (every agent) removes
+//! as an orphan; an acknowledged create is always in the store.
+//!
+//! What happens when a node or a sandbox fails (Lost, AutoRecreate) is in `plane/failure.rs`,
+//! heartbeats and the janitor's questions in `plane/cluster.rs`, pools in `plane/pools.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,15 +22,15 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 use warren_agent::{Agent, AgentError};
-use warren_runtime::{
-    AppliedPolicy, BackendError, BackendEvent, BackendStatus, SandboxConfig, Stdin,
-};
+use warren_runtime::{BackendEvent, BackendStatus, SandboxConfig};
 use warren_spec::{
     BackendKind, Consistency, FailurePolicy, Phase, ResourceInfo, ResourceRequirements, SandboxSpec,
 };
 
 use crate::metrics::Metrics;
-use crate::record::{self, PolicyRecord, SandboxRecord, now_ms};
+use crate::nodes::{NodeHandle, Nodes};
+use crate::record::{self, SandboxRecord, now_ms};
+use crate::scheduler::HostPort;
 use crate::selector::Selector;
 use crate::store::{Store, StoreError, Write};
 
@@ -73,6 +77,8 @@ struct Registry {
     ids: HashMap<String, String>,
     /// Backend events that arrived while their sandbox was busy; applied when it is released.
     deferred: HashMap<String, BackendStatus>,
+    /// AutoRecreate sandboxes waiting to be created again (Lost or Failed), by name.
+    recovering: HashMap<String, failure::Recovery>,
     /// Callers of [`ControlPlane::wait`], by sandbox name: answered by the next terminal
     /// record of that name (so each end wakes its own waiters, not every waiter).
     waiters: HashMap<String, Vec<oneshot::Sender<Arc<SandboxRecord>>>>,
@@ -91,6 +97,7 @@ impl Registry {
             self.ids.remove(&entry.record.id);
             self.deferred.remove(&entry.record.id);
         }
+        self.recovering.remove(name);
     }
 
     /// The sandbox, if it exists and no other operation holds it.
@@ -118,14 +125,40 @@ impl Registry {
 
 #[derive(Debug)]
 struct Inner {
-    agent: Agent,
+    nodes: Nodes,
     store: Arc<dyn Store>,
     registry: Mutex<Registry>,
     events: broadcast::Sender<Event>,
     default_grace: Duration,
+    /// For creates whose spec names no consistency (`warren server --consistency`).
+    default_consistency: Consistency,
     metrics: Metrics,
     policies: policy::Policies,
+    pools: pools::Pools,
     checkpoints: checkpoint::Checkpointing,
+}
+
+/// How a control plane is set up beyond its agent and store.
+#[derive(Debug, Clone)]
+pub struct PlaneOptions {
+    pub default_grace: Duration,
+    /// Most sandboxes the in-process agent holds (`None`: no limit but the backends'; 0: it
+    /// runs nothing, the server only controls remote agents).
+    pub local_capacity: Option<u32>,
+    /// A remote agent silent for this long is lost.
+    pub agent_timeout: Duration,
+    pub default_consistency: Consistency,
+}
+
+impl Default for PlaneOptions {
+    fn default() -> Self {
+        PlaneOptions {
+            default_grace: Duration::from_secs(10),
+            local_capacity: None,
+            agent_timeout: crate::nodes::DEFAULT_AGENT_TIMEOUT,
+            default_consistency: Consistency::Fast,
+        }
+    }
 }
 
 /// Cheap to clone; every clone is the same control plane.
@@ -155,23 +188,63 @@ const EVENT_BUFFER: usize = 4096;
 
 impl ControlPlane {
     pub fn new(agent: Agent, store: Arc<dyn Store>, default_grace: Duration) -> Self {
+        Self::with_options(
+            agent,
+            store,
+            PlaneOptions {
+                default_grace,
+                ..PlaneOptions::default()
+            },
+        )
+    }
+
+    pub fn with_options(agent: Agent, store: Arc<dyn Store>, options: PlaneOptions) -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         ControlPlane {
             inner: Arc::new(Inner {
-                agent,
+                nodes: Nodes::new(agent, options.local_capacity, options.agent_timeout),
                 store,
                 registry: Mutex::default(),
                 events,
-                default_grace,
+                default_grace: options.default_grace,
+                default_consistency: options.default_consistency,
                 metrics: Metrics::default(),
                 policies: policy::Policies::default(),
+                pools: pools::Pools::default(),
                 checkpoints: checkpoint::Checkpointing::default(),
             }),
         }
     }
 
+    /// The server's in-process agent.
     pub fn agent(&self) -> &Agent {
-        &self.inner.agent
+        self.inner.nodes.local()
+    }
+
+    pub fn nodes(&self) -> &Nodes {
+        &self.inner.nodes
+    }
+
+    /// The node a sandbox lives on.
+    fn node(&self, rec: &SandboxRecord) -> NodeHandle {
+        self.inner.nodes.handle(&rec.node)
+    }
+
+    /// The backend config of a stored sandbox (no stdin: a restart or a re-create reads
+    /// none).
+    fn config_of(&self, rec: &SandboxRecord) -> SandboxConfig {
+        SandboxConfig {
+            id: rec.id.clone(),
+            spec: rec.spec.clone(),
+            resources: rec.resources.clone(),
+            stdin: None,
+            policy: self.applied_of(rec),
+        }
+    }
+
+    /// The consistency a create of `spec` gets: its own, else the server's default.
+    pub fn consistency_of(&self, spec: &SandboxSpec) -> Consistency {
+        spec.consistency.unwrap_or(self.inner.default_consistency)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -206,7 +279,7 @@ impl ControlPlane {
     /// sequence numbers follow the order of the changes.
     fn emit(&self, registry: &mut Registry, kind: EventKind, record: Arc<SandboxRecord>) {
         registry.sequence += 1;
-        if record.status.is_terminal()
+        if ends_a_wait(&record)
             && let Some(waiters) = registry.waiters.remove(&record.spec.name)
         {
             for waiter in waiters {
@@ -221,11 +294,16 @@ impl ControlPlane {
         });
     }
 
-    /// Loads every record from the store and reconciles it with the node's backends: what
-    /// the store has is adopted; what the backends have beyond it is removed as an orphan.
+    /// Loads every record from the store and reconciles it with the in-process agent's
+    /// backends: what the store has there is adopted; what the backends have beyond it is
+    /// removed as an orphan. Sandboxes on remote agents are counted on their nodes, which
+    /// wait for their agents to heartbeat (the plane then hands them back) or to time out
+    /// (their sandboxes are then Lost).
     pub async fn recover(&self) -> Result<usize, ControlError> {
         let policies = self.recover_policies(self.inner.store.as_ref())?;
         info!(policies, "policies loaded");
+        let pools = self.recover_pools()?;
+        info!(pools, "pools loaded");
         let rows = self.inner.store.scan(record::PREFIX)?;
         let mut known = HashSet::new();
         let mut loaded = Vec::new();
@@ -236,22 +314,29 @@ impl ControlPlane {
                 Err(e) => warn!(key, error = %e, "store: unreadable sandbox record left as it is"),
             }
         }
+        let local = self.agent().clone();
+        let held: HashSet<(BackendKind, String)> = local.list().await?.into_iter().collect();
         for mut rec in loaded {
+            // A record from before nodes were named in full (or a renamed server) whose
+            // sandbox the local backends hold is local.
+            let on_local = rec.node == local.node()
+                || rec.node.is_empty()
+                || held.contains(&(rec.spec.backend, rec.id.clone()));
+            if !on_local {
+                self.inner.nodes.take(&rec.node, &host_ports(&rec.spec));
+                self.lock().insert(Arc::new(rec), false);
+                continue;
+            }
+            rec.node = local.node().to_string();
             known.insert((rec.spec.backend, rec.id.clone()));
-            let config = SandboxConfig {
-                id: rec.id.clone(),
-                spec: rec.spec.clone(),
-                resources: rec.resources.clone(),
-                stdin: None,
-                policy: self.applied_of(&rec),
-            };
+            let config = self.config_of(&rec);
             let was = rec.status.clone();
-            match self.inner.agent.adopt(&config).await {
+            match local.adopt(&config).await {
                 Ok((status, info)) => {
                     rec.status = phase_of(&status);
                     rec.backend_info = info;
                 }
-                Err(AgentError::Backend(BackendError::NotFound { .. })) => {
+                Err(e) if e.is_not_found() => {
                     rec.status = Phase::Failed {
                         reason: "lost: the backend no longer has it".into(),
                     };
@@ -268,18 +353,19 @@ impl ControlPlane {
                 rec.updated_at_ms = now_ms();
                 self.persist(&rec).await?;
             }
+            self.inner.nodes.take(&rec.node, &host_ports(&rec.spec));
             self.lock().insert(Arc::new(rec), false);
         }
-        let held = self.inner.agent.list().await?;
         for (kind, id) in held {
             if known.contains(&(kind, id.clone())) {
                 continue;
             }
-            match self.inner.agent.delete(kind, &id).await {
+            match local.delete(kind, &id).await {
                 Ok(()) => info!(backend = %kind, id, "removed an orphan the store does not know"),
                 Err(e) => warn!(backend = %kind, id, error = %e, "could not remove an orphan"),
             }
         }
+        self.refresh_pools();
         Ok(self.lock().sandboxes.len())
     }
 
@@ -293,174 +379,6 @@ impl ControlPlane {
             })
             .await?;
         Ok(())
-    }
-
-    /// Creates and starts a sandbox. Returns the record and whether this call created it
-    /// (false when an identical sandbox already existed: a retried create).
-    pub async fn create(
-        &self,
-        spec: SandboxSpec,
-    ) -> Result<(Arc<SandboxRecord>, bool), ControlError> {
-        self.create_with(spec, None).await
-    }
-
-    /// [`Plane::create`], the workload reading `stdin` (not stored: a restart reads none).
-    pub async fn create_with(
-        &self,
-        spec: SandboxSpec,
-        stdin: Option<Stdin>,
-    ) -> Result<(Arc<SandboxRecord>, bool), ControlError> {
-        let resources = spec
-            .validate()
-            .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
-        let applied = self.admit(&spec, &resources)?;
-        let now = now_ms();
-        let pending = SandboxRecord {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            spec,
-            status: Phase::Creating,
-            resources,
-            node: self.inner.agent.node().to_string(),
-            backend_info: BTreeMap::new(),
-            revision: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            policy: applied.as_ref().map(|a| PolicyRecord {
-                spec: a.policy.spec().clone(),
-                decision: a.decision.clone(),
-            }),
-        };
-        {
-            let mut reg = self.lock();
-            if let Some(entry) = reg.sandboxes.get(&pending.spec.name) {
-                if entry.busy {
-                    return Err(ControlError::Busy {
-                        name: pending.spec.name,
-                    });
-                }
-                if entry.record.spec == pending.spec && entry.record.status == Phase::Running {
-                    return Ok((entry.record.clone(), false));
-                }
-                return Err(ControlError::AlreadyExists {
-                    name: pending.spec.name,
-                });
-            }
-            reg.insert(Arc::new(pending.clone()), true);
-        }
-        let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_create(pending, stdin, applied).await });
-        let record = done
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))??;
-        Ok((record, true))
-    }
-
-    /// Runs the sandbox and records it, in the spec's consistency mode:
-    /// - **Strong**: the record is durable as `Creating` before the agent runs anything, and
-    ///   as `Running` before the reply; a failed run removes the record again. A sandbox
-    ///   the caller was told about always survives a crash of the server.
-    /// - **Fast**: the agent runs first and the reply does not wait for the disk: the
-    ///   `Running` record is queued to the store (in order with later changes) and written
-    ///   behind. If that write fails, the sandbox is removed again (it is an orphan no
-    ///   record describes), as the start-up reconcile would after a crash.
-    async fn finish_create(
-        &self,
-        mut rec: SandboxRecord,
-        stdin: Option<Stdin>,
-        policy: Option<AppliedPolicy>,
-    ) -> Result<Arc<SandboxRecord>, ControlError> {
-        let name = rec.spec.name.clone();
-        let strong = rec.spec.consistency == Consistency::Strong;
-        if strong && let Err(e) = self.persist(&rec).await {
-            self.lock().remove(&name);
-            return Err(e);
-        }
-        let config = SandboxConfig {
-            id: rec.id.clone(),
-            spec: rec.spec.clone(),
-            resources: rec.resources.clone(),
-            stdin,
-            policy,
-        };
-        let info = match self.inner.agent.run(&config).await {
-            Ok(info) => info,
-            Err(e) => {
-                self.forget_create(&name, strong).await;
-                return Err(e.into());
-            }
-        };
-        rec.status = Phase::Running;
-        rec.backend_info = info;
-        rec.revision = 1;
-        rec.updated_at_ms = now_ms();
-        let name = rec.spec.name.clone();
-        let value = serde_json::to_vec(&rec).map_err(|e| ControlError::Internal(e.to_string()));
-        let queued = value.and_then(|value| {
-            let write = Write::Put {
-                key: record::key(&name),
-                value,
-            };
-            Ok(if strong {
-                self.inner.store.submit(write)?
-            } else {
-                self.inner.store.submit_behind(write)?
-            })
-        });
-        let durable = match queued {
-            Ok(ack) if strong => ack
-                .await
-                .map_err(|_| ControlError::Store(StoreError::Closed))
-                .and_then(|r| r.map_err(ControlError::from)),
-            Ok(ack) => {
-                let this = self.clone();
-                let (kind, id, name) = (rec.spec.backend, rec.id.clone(), name.clone());
-                tokio::spawn(async move {
-                    if let Ok(Ok(())) = ack.await {
-                        return;
-                    }
-                    warn!(sandbox = %name, "a fast create could not be persisted; removing it");
-                    if let Err(e) = this.inner.agent.delete(kind, &id).await {
-                        warn!(sandbox = %name, error = %e, "removing an unpersisted sandbox failed");
-                    }
-                    let mut reg = this.lock();
-                    if let Some(entry) = reg.sandboxes.get(&name)
-                        && entry.record.id == id
-                    {
-                        let mut gone = (*entry.record).clone();
-                        gone.status = Phase::Deleted;
-                        reg.remove(&name);
-                        this.emit(&mut reg, EventKind::Deleted, Arc::new(gone));
-                    }
-                });
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = durable {
-            // Not acknowledged, so not kept: undo the backend's work.
-            if let Err(undo) = self.inner.agent.delete(rec.spec.backend, &rec.id).await {
-                warn!(sandbox = %name, error = %undo, "rollback after a failed persist failed");
-            }
-            self.forget_create(&name, strong).await;
-            return Err(e);
-        }
-        Ok(self.publish(rec, EventKind::Added))
-    }
-
-    /// Drops the registry entry of a create that failed (and, in strong mode, its record).
-    async fn forget_create(&self, name: &str, strong: bool) {
-        if strong
-            && let Err(e) = self
-                .inner
-                .store
-                .write(Write::Delete {
-                    key: record::key(name),
-                })
-                .await
-        {
-            warn!(sandbox = %name, error = %e, "could not remove the record of a failed create");
-        }
-        self.lock().remove(name);
     }
 
     /// Makes a new state of a busy sandbox current: stores it, releases the sandbox, tells
@@ -513,20 +431,38 @@ impl ControlPlane {
         name: &str,
         grace: Option<Duration>,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
-        let rec = {
+        self.delete_as(name, grace, false).await
+    }
+
+    /// [`ControlPlane::delete`]; `expired`: its `expireTime` passed, so it goes through
+    /// `Expired` (seed 004's phase) instead of `Stopping`.
+    async fn delete_as(
+        &self,
+        name: &str,
+        grace: Option<Duration>,
+        expired: bool,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let (rec, stop) = {
             let mut reg = self.lock();
             let entry = reg.idle_entry(name)?;
             entry.busy = true;
-            if entry.record.status.can_transition_to(&Phase::Stopping) {
-                let mut stopping = (*entry.record).clone();
-                stopping.status = Phase::Stopping;
-                entry.record = Arc::new(stopping);
+            let stop = entry.record.status.can_transition_to(&Phase::Stopping);
+            let next = if expired {
+                Phase::Expired
+            } else {
+                Phase::Stopping
+            };
+            let rec = if entry.record.status.can_transition_to(&next) {
+                let mut changed = (*entry.record).clone();
+                changed.status = next;
+                entry.record = Arc::new(changed);
                 let rec = entry.record.clone();
                 self.emit(&mut reg, EventKind::Modified, rec.clone());
                 rec
             } else {
                 entry.record.clone()
-            }
+            };
+            (rec, stop)
         };
         let grace = grace
             .or_else(|| {
@@ -536,7 +472,7 @@ impl ControlPlane {
             })
             .unwrap_or(self.inner.default_grace);
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_delete(rec, grace).await });
+        let done = tokio::spawn(async move { this.finish_delete(rec, grace, stop).await });
         done.await
             .map_err(|e| ControlError::Internal(e.to_string()))?
     }
@@ -545,6 +481,7 @@ impl ControlPlane {
         &self,
         rec: Arc<SandboxRecord>,
         grace: Duration,
+        stop: bool,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = rec.spec.name.clone();
         let kind = rec.spec.backend;
@@ -561,20 +498,29 @@ impl ControlPlane {
             }
         };
         let mut last = rec.status.clone();
-        if rec.status == Phase::Stopping {
-            match self.inner.agent.stop(kind, &rec.id, grace).await {
+        // A sandbox whose node is lost (or never came back) cannot be reached: its record
+        // goes now, and the node's janitor removes the sandbox if the agent returns.
+        let reachable = self.inner.nodes.is_up(&rec.node);
+        let node = self.node(&rec);
+        if stop && reachable {
+            match node.stop(kind, &rec.id, grace).await {
                 Ok(status) => last = phase_of(&status),
-                Err(AgentError::Backend(BackendError::NotFound { .. })) => {}
+                Err(e) if e.is_not_found() => {}
                 // Still try to delete: a backend that cannot stop gracefully must free anyway.
                 Err(e) => warn!(sandbox = %name, error = %e, "stop failed; deleting anyway"),
             }
         }
-        match self.inner.agent.delete(kind, &rec.id).await {
-            Ok(()) | Err(AgentError::Backend(BackendError::NotFound { .. })) => {}
-            Err(e) => {
-                fail(self, format!("delete failed: {e}"));
-                return Err(e.into());
+        if reachable {
+            match node.delete(kind, &rec.id).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    fail(self, format!("delete failed: {e}"));
+                    return Err(e.into());
+                }
             }
+        } else {
+            info!(sandbox = %name, node = %rec.node, "node unreachable: deleting the record only; its janitor removes the sandbox");
         }
         if let Err(e) = self
             .inner
@@ -590,6 +536,7 @@ impl ControlPlane {
             );
             return Err(e.into());
         }
+        self.unplace(&rec);
         let mut gone = (*rec).clone();
         gone.status = Phase::Deleted;
         gone.revision += 1;
@@ -633,7 +580,7 @@ impl ControlPlane {
         };
         let mut n = 0;
         for name in due {
-            match self.delete(&name, None).await {
+            match self.delete_as(&name, None, true).await {
                 Ok(_) => {
                     info!(sandbox = %name, "expired and deleted");
                     n += 1;
@@ -692,29 +639,12 @@ impl ControlPlane {
         rec.status = next;
         rec.revision += 1;
         rec.updated_at_ms = now_ms();
-        let durable = serde_json::to_vec(&rec)
-            .map_err(|e| ControlError::Internal(e.to_string()))
-            .and_then(|value| {
-                Ok(self.inner.store.submit_behind(Write::Put {
-                    key: record::key(&name),
-                    value,
-                })?)
-            });
+        self.write_behind(&rec);
         self.inner.metrics.observe(rec.spec.backend, &rec.status);
         let rec = Arc::new(rec);
         entry.record = rec.clone();
+        self.note_failure(&mut reg, &rec);
         self.emit(&mut reg, EventKind::Modified, rec);
-        drop(reg);
-        match durable {
-            Ok(ack) => {
-                tokio::spawn(async move {
-                    if let Ok(Err(e)) = ack.await {
-                        warn!(sandbox = %name, error = %e, "could not persist a status change");
-                    }
-                });
-            }
-            Err(e) => warn!(sandbox = %name, error = %e, "could not persist a status change"),
-        }
     }
 
     /// Waits until the sandbox has finished (Stopped, Exited, Failed) or is deleted.
@@ -729,7 +659,7 @@ impl ControlPlane {
                 .sandboxes
                 .get(name)
                 .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
-            if entry.record.status.is_terminal() && !entry.busy {
+            if ends_a_wait(&entry.record) && !entry.busy {
                 return Ok(entry.record.clone());
             }
             let (tx, rx) = oneshot::channel();
@@ -757,8 +687,6 @@ impl ControlPlane {
         }
     }
 
-    /// The sandbox's log file, and a flag that turns true once it has finished (so a
-    /// follower knows when to stop).
     /// Starts a process inside a running sandbox.
     pub async fn exec(
         &self,
@@ -767,8 +695,7 @@ impl ControlPlane {
     ) -> Result<warren_runtime::ExecProcess, ControlError> {
         let rec = self.running(name)?;
         Ok(self
-            .inner
-            .agent
+            .node(&rec)
             .exec(rec.spec.backend, &rec.id, request)
             .await?)
     }
@@ -782,11 +709,12 @@ impl ControlPlane {
         }
         let rec = self.running(name)?;
         let kind = rec.spec.backend;
-        self.inner.agent.signal(kind, &rec.id, signal).await?;
+        let node = self.node(&rec);
+        node.signal(kind, &rec.id, signal).await?;
         // Backends without a process (slot, wasm) stop at once and send no event of their
         // own: the record follows here. A linux workload's end arrives as an event.
         // Such a sandbox ended by a signal, as a process would: exit code 128 + signal.
-        if let Ok(status) = self.inner.agent.status(kind, &rec.id).await
+        if let Ok(status) = node.status(kind, &rec.id).await
             && phase_of(&status).is_terminal()
         {
             let status = match status {
@@ -814,10 +742,9 @@ impl ControlPlane {
         Ok(rec)
     }
 
-    pub async fn log_source(
-        &self,
-        name: &str,
-    ) -> Result<(std::path::PathBuf, watch::Receiver<bool>), ControlError> {
+    /// Where a sandbox's output is: a local log file with a flag that turns true once the
+    /// sandbox has finished (so a follower knows when to stop), or its remote agent.
+    pub async fn log_source(&self, name: &str) -> Result<LogSource, ControlError> {
         let (rec, mut rx) = {
             let reg = self.lock();
             let entry = reg
@@ -827,21 +754,34 @@ impl ControlPlane {
             (entry.record.clone(), self.inner.events.subscribe())
         };
         let kind = rec.spec.backend;
-        let path =
-            self.inner
-                .agent
-                .log_path(kind, &rec.id)
-                .ok_or_else(|| ControlError::NoLogs {
-                    name: name.into(),
-                    backend: kind,
-                })?;
+        let agent = match self.node(&rec) {
+            NodeHandle::Local(agent) => agent,
+            NodeHandle::Remote(remote) => {
+                return Ok(LogSource::Remote {
+                    agent: remote,
+                    id: rec.id.clone(),
+                });
+            }
+            NodeHandle::Unregistered(node) => {
+                return Err(ControlError::Agent(AgentError::Unreachable {
+                    node,
+                    address: "-".into(),
+                    message: "its agent has not registered with this server".into(),
+                }));
+            }
+        };
+        let path = agent
+            .log_path(kind, &rec.id)
+            .ok_or_else(|| ControlError::NoLogs {
+                name: name.into(),
+                backend: kind,
+            })?;
         if rec.status.is_terminal() {
-            self.inner.agent.logs_settled(kind, &rec.id).await;
+            agent.logs_settled(kind, &rec.id).await;
         }
         let (done_tx, done_rx) = watch::channel(rec.status.is_terminal());
         if !rec.status.is_terminal() {
             let name = name.to_string();
-            let this = self.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -854,11 +794,14 @@ impl ControlPlane {
                         _ = done_tx.closed() => return,
                     }
                 }
-                this.inner.agent.logs_settled(kind, &rec.id).await;
+                agent.logs_settled(kind, &rec.id).await;
                 let _ = done_tx.send(true);
             });
         }
-        Ok((path, done_rx))
+        Ok(LogSource::File {
+            path,
+            done: done_rx,
+        })
     }
 
     pub fn summary(&self) -> Summary {
@@ -870,11 +813,11 @@ impl ControlPlane {
         let sandboxes = reg.sandboxes.len();
         drop(reg);
         let mut allocated = ResourceInfo::default();
-        for r in self.inner.agent.allocated().values() {
+        for r in self.agent().allocated().values() {
             add(&mut allocated, r);
         }
         Summary {
-            node: self.inner.agent.node().to_string(),
+            node: self.agent().node().to_string(),
             store: self.inner.store.describe(),
             sandboxes,
             by_backend,
@@ -900,6 +843,42 @@ pub fn add(total: &mut ResourceInfo, r: &ResourceInfo) {
     total.network_bandwidth = sum(total.network_bandwidth, r.network_bandwidth);
 }
 
+/// Whether a waiter ([`ControlPlane::wait`]) is answered by this record: its sandbox has
+/// finished, or is Lost with nobody to bring it back (Manual).
+fn ends_a_wait(rec: &SandboxRecord) -> bool {
+    rec.status.is_terminal()
+        || (matches!(rec.status, Phase::Lost { .. })
+            && rec.spec.failure_policy == FailurePolicy::Manual)
+}
+
+/// The host ports a sandbox publishes on its node.
+pub fn host_ports(spec: &SandboxSpec) -> Vec<HostPort> {
+    spec.ports
+        .iter()
+        .filter_map(|p| {
+            p.host_port.map(|port| HostPort {
+                protocol: p.protocol,
+                port,
+            })
+        })
+        .collect()
+}
+
+/// Where [`ControlPlane::log_source`] finds a sandbox's output.
+#[derive(Debug)]
+pub enum LogSource {
+    /// A log file on this host, and a flag that turns true once the sandbox has finished.
+    File {
+        path: std::path::PathBuf,
+        done: watch::Receiver<bool>,
+    },
+    /// The agent holding it.
+    Remote {
+        agent: Arc<warren_agent::remote::RemoteAgent>,
+        id: String,
+    },
+}
+
 fn phase_of(status: &BackendStatus) -> Phase {
     match status {
         BackendStatus::Created | BackendStatus::Running => Phase::Running,
@@ -912,13 +891,18 @@ fn phase_of(status: &BackendStatus) -> Phase {
 }
 
 mod checkpoint;
+mod cluster;
+mod create;
 mod error;
+mod failure;
 mod policy;
+mod pools;
 mod update;
 
 pub use checkpoint::{CheckpointSource, CheckpointTarget, Taken};
 pub use error::ControlError;
 pub use policy::{DEFAULT_POLICY, PolicyEntry};
+pub use pools::{PoolEntry, PoolSpec, PoolStatus};
 
 #[cfg(test)]
 mod tests;

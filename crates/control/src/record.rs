@@ -30,6 +30,13 @@ pub struct SandboxRecord {
     /// The policy the sandbox was admitted under and the decision; `None`: no policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRecord>,
+    /// How many times AutoRecreate created it again (after its node was lost or it failed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recreations: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A policy as a sandbox holds it: its spec then (a later apply does not change it) and
@@ -44,7 +51,7 @@ impl SandboxRecord {
     pub fn to_pb(&self) -> v1::Sandbox {
         let (exit_code, reason) = match &self.status {
             Phase::Exited { code } => (Some(*code), String::new()),
-            Phase::Failed { reason } => (None, reason.clone()),
+            Phase::Failed { reason } | Phase::Lost { reason } => (None, reason.clone()),
             _ => (None, String::new()),
         };
         v1::Sandbox {
@@ -58,6 +65,7 @@ impl SandboxRecord {
                 node: self.node.clone(),
                 backend_info: self.backend_info.clone().into_iter().collect(),
                 policy: self.policy.as_ref().map(|p| decision_to_pb(&p.decision)),
+                recreations: self.recreations,
             }),
             revision: self.revision,
             created_at_ms: self.created_at_ms,

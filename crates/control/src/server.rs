@@ -29,7 +29,9 @@ use warren_image::ImageStore;
 use warren_linux::{LinuxBackend, LinuxConfig};
 use warren_proto::v1::checkpoints_server::CheckpointsServer;
 use warren_proto::v1::images_server::ImagesServer;
+use warren_proto::v1::nodes_server::NodesServer;
 use warren_proto::v1::policies_server::PoliciesServer;
+use warren_proto::v1::pools_server::PoolsServer;
 use warren_proto::v1::sandboxes_server::SandboxesServer;
 use warren_runtime::{Backend, SlotBackend, SlotCapacity};
 use warren_vm::{VmBackend, VmBackendConfig, VmConfig};
@@ -73,9 +75,38 @@ pub struct ServerConfig {
     /// `--default-policy`: the policy for sandboxes that name none, which must then exist.
     /// `None`: a policy named `default` if one is stored, else none (docs/policy.md).
     pub default_policy: Option<String>,
+    /// Agents, consistency default and failure handling (`--local-capacity`,
+    /// `--agent-timeout`, `--consistency`, `--orphan-timeout`).
+    pub cluster: ClusterConfig,
     /// The vm backend's configuration (`--vm-config`), or why it could not be read (then
     /// the backend is unavailable with that reason).
     pub vm: Result<VmConfig, String>,
+}
+
+/// The server's settings for several nodes.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Most sandboxes the in-process agent holds (`None`: no limit but the backends'; 0:
+    /// the server only controls `warren agent` processes).
+    pub local_capacity: Option<u32>,
+    /// A remote agent silent this long is lost (its sandboxes too).
+    pub agent_timeout: Duration,
+    /// Consistency of creates whose spec names none.
+    pub consistency: warren_spec::Consistency,
+    /// The in-process agent's janitor removes sandboxes the plane does not know after
+    /// this long.
+    pub orphan_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            local_capacity: None,
+            agent_timeout: crate::nodes::DEFAULT_AGENT_TIMEOUT,
+            consistency: warren_spec::Consistency::Fast,
+            orphan_timeout: warren_agent::janitor::DEFAULT_ORPHAN_TIMEOUT,
+        }
+    }
 }
 
 /// Which store a server keeps its state in, and (etcd) how it takes part in the election.
@@ -147,6 +178,7 @@ pub struct Server {
     address: Address,
     token: Option<Arc<str>>,
     metrics: Option<(TcpListener, std::net::SocketAddr)>,
+    orphan_timeout: Duration,
     /// What each backend says of how it runs here (`Backend::describe`).
     details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
     /// On etcd: this server's part in the leader election.
@@ -275,7 +307,16 @@ impl Server {
                 }
             }
         }
-        let plane = ControlPlane::new(agent, store, config.default_grace);
+        let plane = ControlPlane::with_options(
+            agent,
+            store,
+            crate::plane::PlaneOptions {
+                default_grace: config.default_grace,
+                local_capacity: config.cluster.local_capacity,
+                agent_timeout: config.cluster.agent_timeout,
+                default_consistency: config.cluster.consistency,
+            },
+        );
         plane.set_default_policy(config.default_policy.clone());
         let checkpoints =
             crate::checkpoints::store::CheckpointStore::open(&config.dir.join("checkpoints"))
@@ -335,6 +376,7 @@ impl Server {
             address,
             token: config.token.map(Arc::from),
             metrics,
+            orphan_timeout: config.cluster.orphan_timeout,
             details,
             election,
         })
@@ -381,12 +423,41 @@ impl Server {
             PoliciesServer::new(crate::policies::PolicyService::new(self.plane.clone())),
             move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        let (token, gate) = (self.token.clone(), roles);
+        let (token, gate) = (self.token.clone(), roles.clone());
         let checkpoints = InterceptedService::new(
             CheckpointsServer::new(crate::checkpoints::CheckpointService::new(
                 self.plane.clone(),
             )),
             move |req: Request<()>| admit(&gate, authorize(&token, req)?),
+        );
+        // Agents register and heartbeat with the leader only (a standby's refusal names it).
+        let (token, gate) = (self.token.clone(), roles.clone());
+        let nodes = InterceptedService::new(
+            NodesServer::new(crate::cluster_grpc::NodesService::new(self.plane.clone())),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
+        );
+        let (token, gate) = (self.token.clone(), roles.clone());
+        let pools = InterceptedService::new(
+            PoolsServer::new(crate::cluster_grpc::PoolsService::new(self.plane.clone())),
+            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
+        );
+        // Failure handling and the janitor act only while this server leads: a standby's
+        // plane knows no sandbox, and one still recovering has not adopted its own yet.
+        let supervision = tokio::spawn(supervise_loop(
+            self.plane.clone(),
+            roles.clone(),
+            stop_rx.clone(),
+        ));
+        let janitor = tokio::spawn(
+            warren_agent::janitor::Janitor::new(
+                self.plane.agent().clone(),
+                Arc::new(crate::link::PlaneOracle {
+                    plane: self.plane.clone(),
+                    roles: roles.clone(),
+                }),
+                self.orphan_timeout,
+            )
+            .run(stop_rx.clone()),
         );
         let (health, health_service) = tonic_health::server::health_reporter();
         let (deposed_tx, deposed_rx) = tokio::sync::oneshot::channel::<String>();
@@ -445,7 +516,9 @@ impl Server {
             .add_service(sandboxes)
             .add_service(images)
             .add_service(policies)
-            .add_service(checkpoints);
+            .add_service(checkpoints)
+            .add_service(nodes)
+            .add_service(pools);
         let result = match self.listener {
             Listener::Unix(l, path) => {
                 let served = router
@@ -467,6 +540,8 @@ impl Server {
             }
         };
         expiry.abort();
+        supervision.abort();
+        janitor.abort();
         if let Some(metrics) = metrics {
             metrics.abort();
         }
@@ -525,6 +600,13 @@ async fn lead(
 /// Resolves once the server is told to stop (the guard `wait_for` returns is not `Send`).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Whether this server leads (and has recovered): always without an election.
+pub fn leads(roles: &Option<watch::Receiver<Role>>) -> bool {
+    roles
+        .as_ref()
+        .is_none_or(|r| matches!(*r.borrow(), Role::Leader))
 }
 
 /// The metadata key a standby names the leader's address in.
@@ -631,6 +713,34 @@ async fn expiry_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = tick.tick() => { plane.expire().await; }
             // The sender only ever sends `true`, and dropping it also means stop.
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Lost agents, AutoRecreate and pools: every 250 ms (a quarter of the shortest agent
+/// timeout a test uses, so a lost agent is noticed soon after its timeout).
+async fn supervise_loop(
+    plane: ControlPlane,
+    roles: Option<watch::Receiver<Role>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if !leads(&roles) {
+                    continue;
+                }
+                plane.supervise().await;
+                n += 1;
+                // Pools follow usage once a second (and right after every change).
+                if n.is_multiple_of(4) {
+                    plane.refresh_pools();
+                }
+            }
             _ = stop.changed() => return,
         }
     }

@@ -29,9 +29,11 @@ mod checkpoint;
 mod network;
 mod pty;
 mod spec;
+mod warm;
 
 use pty::*;
 use spec::*;
+use warm::*;
 
 /// The reason a sandbox failed when the kernel OOM-killed it.
 pub const REASON_OOM: &str = "OOMKilled";
@@ -104,6 +106,10 @@ struct Inner {
     available: Result<crate::cgroup::CgroupLayout, String>,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     shells: Mutex<Vec<Shell>>,
+    /// Warm shells to keep per image name: `--warm`, then what pools set.
+    targets: Mutex<Vec<(String, usize)>>,
+    /// The refill task runs.
+    refilling: std::sync::atomic::AtomicBool,
     /// Wakes the refill task when a shell was taken.
     refill: Arc<tokio::sync::Notify>,
     /// The CRIU binary, found at the first checkpoint or restore.
@@ -134,14 +140,6 @@ struct Pending {
     stdin: Option<Stdin>,
 }
 
-/// A warm shell ready to be claimed: its bundle under `<dir>/.warm` and its supervisor.
-#[derive(Debug)]
-struct Shell {
-    bundle: PathBuf,
-    child: tokio::process::Child,
-    image_id: String,
-}
-
 fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
     BackendError::Io {
         action,
@@ -166,6 +164,7 @@ impl LinuxBackend {
             clean_warm_dir(&warm_dir, layout, &config.cgroup_parent);
         }
         std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
+        let warm = config.warm.clone();
         let network = network::Network::new(&config.dir, config.egress_range);
         let backend = LinuxBackend {
             inner: Arc::new(Inner {
@@ -176,6 +175,8 @@ impl LinuxBackend {
                 sandboxes: Mutex::new(HashMap::new()),
                 shells: Mutex::new(Vec::new()),
                 refill: Arc::new(tokio::sync::Notify::new()),
+                targets: Mutex::new(warm),
+                refilling: std::sync::atomic::AtomicBool::new(false),
                 criu: std::sync::OnceLock::new(),
             }),
         };
@@ -183,6 +184,10 @@ impl LinuxBackend {
             && backend.inner.available.is_ok()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            backend
+                .inner
+                .refilling
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             runtime.spawn(refill_loop(Arc::downgrade(&backend.inner)));
         }
         Ok(backend)
@@ -231,27 +236,6 @@ impl Inner {
         );
     }
 
-    /// A ready warm shell of this image, if there is one.
-    fn take_shell(&self, image_id: &str) -> Option<Shell> {
-        let mut shells = self
-            .shells
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = shells.iter().position(|s| s.image_id == image_id)?;
-        let shell = shells.swap_remove(i);
-        self.refill.notify_one();
-        Some(shell)
-    }
-
-    fn warm_count(&self, image_id: &str) -> usize {
-        self.shells
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .filter(|s| s.image_id == image_id)
-            .count()
-    }
-
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Sandbox>> {
         self.sandboxes
             .lock()
@@ -275,137 +259,6 @@ impl Inner {
                 id: id.to_string(),
                 status,
             });
-        }
-    }
-}
-
-impl Drop for Inner {
-    /// Warm shells belong to this server: they end with it (sandboxes do not).
-    fn drop(&mut self) {
-        let shells = std::mem::take(
-            self.shells
-                .get_mut()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for shell in &shells {
-            if let Some(pid) = shell.child.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        for shell in shells {
-            let _ = std::fs::remove_dir_all(&shell.bundle);
-        }
-    }
-}
-
-/// Removes warm shells a previous server left (killed before it could end them).
-fn clean_warm_dir(warm_dir: &Path, layout: &crate::cgroup::CgroupLayout, cgroup_parent: &str) {
-    let Ok(entries) = std::fs::read_dir(warm_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let bundle = entry.path();
-        if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
-            if state.supervisor_alive() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(state.supervisor_pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let cg = crate::cgroup::Cgroup::open(layout, cgroup_parent, &state.cgroup);
-            let _ = cg.kill_all();
-            let _ = cg.remove();
-        }
-        let _ = std::fs::remove_dir_all(&bundle);
-    }
-}
-
-/// Keeps `--warm` pools full: starts shells until each image has its count, then sleeps until
-/// one is taken (or 5 s, to retry an image that was missing). Ends with the backend.
-async fn refill_loop(weak: std::sync::Weak<Inner>) {
-    let mut reported = std::collections::HashSet::new();
-    loop {
-        let Some(inner) = weak.upgrade() else { return };
-        for (name, target) in &inner.config.warm {
-            let image = match inner.config.images.resolve(name) {
-                Ok(image) => image,
-                Err(e) => {
-                    if reported.insert(name.clone()) {
-                        warn!(image = %name, "linux: warm pool waits for its image: {}", crate::error_chain(&e));
-                    }
-                    continue;
-                }
-            };
-            while inner.warm_count(&image.id) < *target {
-                match start_shell(&inner, &image).await {
-                    Ok(shell) => inner
-                        .shells
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(shell),
-                    Err(e) => {
-                        warn!(image = %name, "linux: cannot start a warm shell: {e}");
-                        break;
-                    }
-                }
-            }
-        }
-        // Not holding the backend while asleep: dropping it ends the loop.
-        let refill = Arc::clone(&inner.refill);
-        drop(inner);
-        tokio::select! {
-            () = refill.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-    }
-}
-
-static SHELL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Starts one warm shell of `image` and waits until it is ready.
-async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell, BackendError> {
-    let n = SHELL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let wid = format!("warm-{}-{n}", std::process::id());
-    let bundle = inner.config.dir.join(WARM_DIR).join(&wid);
-    let template = ContainerConfig {
-        id: wid.clone(),
-        layers: image.layers.clone(),
-        rootfs: None,
-        argv: Vec::new(),
-        env: Vec::new(),
-        cwd: "/".to_string(),
-        hostname: "warm".to_string(),
-        uid: 0,
-        gid: 0,
-        read_only_rootfs: false,
-        mounts: Vec::new(),
-        deny_syscalls: Vec::new(),
-        policy_syscalls: None,
-        loopback: true,
-        egress: None,
-        read_only_paths: Vec::new(),
-        masked_paths: Vec::new(),
-        writable_paths: Vec::new(),
-        exec_allow: None,
-        cgroup_parent: inner.config.cgroup_parent.clone(),
-        limits: Limits::default(),
-        log_max_bytes: inner.config.log_max_bytes,
-        stop_grace_ms: inner.config.default_stop_grace.as_millis() as u64,
-        timeout_ms: None,
-    };
-    make_bundle(&bundle, &template)?;
-    match spawn_supervisor(inner, &bundle, Some("--warm")).await {
-        Ok((child, _pid)) => Ok(Shell {
-            bundle,
-            child,
-            image_id: image.id.clone(),
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&bundle);
-            Err(e)
         }
     }
 }
@@ -493,66 +346,6 @@ async fn cold_start(
         std::fs::write(&path, stdin.bytes()).map_err(|e| io("write", &path, e))?;
     }
     spawn_supervisor(inner, bundle, None).await
-}
-
-/// Hands a warm shell to the sandbox: its bundle becomes the sandbox's, the supervisor gets
-/// the configuration and the workload is `execve`d in the prepared container.
-async fn claim(
-    inner: &Inner,
-    shell: Shell,
-    bundle: &Path,
-    container: &ContainerConfig,
-) -> Result<(tokio::process::Child, i32), BackendError> {
-    use tokio::io::AsyncWriteExt;
-    let Shell {
-        bundle: warm,
-        mut child,
-        ..
-    } = shell;
-    debug!(shell = %warm.display(), "linux: claiming a warm shell");
-    std::fs::rename(&warm, bundle).map_err(|e| io("rename warm shell to", bundle, e))?;
-    config::write_json(bundle, config::CONFIG_FILE, container)
-        .map_err(|e| io("write", &bundle.join(config::CONFIG_FILE), e))?;
-    let claim = config::Claim {
-        bundle: bundle.to_path_buf(),
-        config: container.clone(),
-    };
-    let mut line = serde_json::to_string(&claim)
-        .map_err(|e| BackendError::Other(format!("encode claim: {e}")))?;
-    line.push('\n');
-    let socket = bundle.join(config::CONTROL_SOCKET);
-    let talk = async {
-        let mut stream = tokio::net::UnixStream::connect(&socket).await?;
-        stream.write_all(line.as_bytes()).await?;
-        let mut reply = String::new();
-        tokio::io::BufReader::new(stream)
-            .read_line(&mut reply)
-            .await?;
-        Ok::<_, std::io::Error>(reply)
-    };
-    let reply = match talk.await {
-        Ok(reply) => reply,
-        Err(e) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(io("claim warm shell", &socket, e));
-        }
-    };
-    let reply = reply.trim_end();
-    match reply.strip_prefix("ok ").map(str::parse::<i32>) {
-        Some(Ok(pid)) => {
-            debug!(
-                pid,
-                warm_shells = inner.shells.lock().map(|s| s.len()).unwrap_or(0),
-                "linux: claimed"
-            );
-            Ok((child, pid))
-        }
-        _ => {
-            let _ = child.wait().await;
-            Err(start_error(reply))
-        }
-    }
 }
 
 /// What a sandbox's info says from the start: its image, bundle and command.
@@ -706,10 +499,15 @@ impl Backend for LinuxBackend {
         } else {
             None
         };
+        let warm = shell.is_some();
         let (child, pid) = match shell {
             Some(shell) => claim(&inner, shell, &bundle, &container).await?,
             None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
         };
+        if let Some(sb) = inner.lock().get_mut(id) {
+            // Pools count a create that took a warm shell as a hit.
+            sb.info.insert("warm".into(), warm.to_string());
+        }
         supervise_child(&inner, id, bundle, child, pid);
         Ok(())
     }
@@ -1064,6 +862,14 @@ impl Backend for LinuxBackend {
 
     fn log_path(&self, id: &str) -> Option<PathBuf> {
         Some(self.bundle(id).join(config::LOG_FILE))
+    }
+
+    fn set_warm(&self, image: &str, count: usize) -> Result<(), BackendError> {
+        self.set_warm_target(image, count)
+    }
+
+    fn warm(&self) -> Vec<(String, usize, usize)> {
+        self.warm_state()
     }
 
     async fn checkpoint(

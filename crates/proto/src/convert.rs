@@ -84,10 +84,12 @@ pub fn failure_policy_from_pb(
     }
 }
 
-fn consistency_from_pb(raw: i32) -> Result<Consistency, ConvertError> {
+/// `None` for UNSPECIFIED: the server's default applies.
+fn consistency_from_pb(raw: i32) -> Result<Option<Consistency>, ConvertError> {
     match v1::Consistency::try_from(raw) {
-        Ok(v1::Consistency::Unspecified | v1::Consistency::Fast) => Ok(Consistency::Fast),
-        Ok(v1::Consistency::Strong) => Ok(Consistency::Strong),
+        Ok(v1::Consistency::Unspecified) => Ok(None),
+        Ok(v1::Consistency::Fast) => Ok(Some(Consistency::Fast)),
+        Ok(v1::Consistency::Strong) => Ok(Some(Consistency::Strong)),
         Err(_) => Err(err(
             "spec.consistency",
             raw,
@@ -123,9 +125,11 @@ pub fn spec_to_pb(s: &SandboxSpec) -> v1::SandboxSpec {
         policy: s.policy.clone(),
         failure_policy: failure_policy_to_pb(s.failure_policy) as i32,
         consistency: match s.consistency {
-            Consistency::Fast => v1::Consistency::Fast as i32,
-            Consistency::Strong => v1::Consistency::Strong as i32,
+            None => v1::Consistency::Unspecified as i32,
+            Some(Consistency::Fast) => v1::Consistency::Fast as i32,
+            Some(Consistency::Strong) => v1::Consistency::Strong as i32,
         },
+        recovery_timeout_seconds: s.recovery_timeout_seconds,
         pool: s.pool.clone(),
         expire_time: s.expire_time,
         // LinuxResources serializes infallibly (plain data); an error here would be a bug in
@@ -230,6 +234,7 @@ pub fn spec_from_pb(s: v1::SandboxSpec) -> Result<SandboxSpec, ConvertError> {
         failure_policy: failure_policy_from_pb("spec.failurePolicy", s.failure_policy)?
             .unwrap_or_default(),
         consistency: consistency_from_pb(s.consistency)?,
+        recovery_timeout_seconds: s.recovery_timeout_seconds,
         pool: s.pool,
         expire_time: s.expire_time,
         oci,
@@ -299,7 +304,8 @@ mod tests {
             host_port: Some(8080),
         });
         spec.failure_policy = FailurePolicy::AutoRecreate;
-        spec.consistency = Consistency::Strong;
+        spec.consistency = Some(Consistency::Strong);
+        spec.recovery_timeout_seconds = Some(3.0);
         spec.expire_time = Some(1_900_000_000);
         spec.mounts.push(Mount {
             guest: "/data".into(),

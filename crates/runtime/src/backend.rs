@@ -255,6 +255,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn allocated(&self) -> ResourceInfo {
         ResourceInfo::default()
     }
+
+    /// Keeps `count` pre-warmed sandboxes of `image` ready, so a create of that image takes
+    /// one instead of starting cold (pools); 0 ends them. Backends without warm sandboxes
+    /// refuse.
+    fn set_warm(&self, image: &str, count: usize) -> Result<(), BackendError> {
+        let _ = (image, count);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "pre-warmed sandboxes (pools)",
+        })
+    }
+
+    /// Pre-warmed sandboxes by image: (image, ready now, target).
+    fn warm(&self) -> Vec<(String, usize, usize)> {
+        Vec::new()
+    }
 }
 
 /// Names of the sandbox directories directly under `dir`: every subdirectory except hidden

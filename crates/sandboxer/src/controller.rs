@@ -333,7 +333,7 @@ impl Controller for Service {
             annotations: annotations(&own, &[], State::Created),
             backend: BackendKind::Slot,
             // containerd is told the sandbox exists only once warren has it on disk.
-            consistency: Consistency::Strong,
+            consistency: Some(Consistency::Strong),
             ..SandboxSpec::default()
         };
         let (rec, _) = self.plane.create(spec).await.map_err(status_of)?;

@@ -161,6 +161,7 @@ fn server_config(config: &Config) -> ServerConfig {
         metrics_required: false,
         // A stored policy named `default`, if one is applied through --api-listen.
         default_policy: None,
+        cluster: Default::default(),
         vm: Err("the sandboxer runs slot pods only".to_string()),
     }
 }

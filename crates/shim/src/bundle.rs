@@ -213,7 +213,7 @@ pub fn plan(
         backend,
         oci,
         // containerd is told the task exists only once warren has it on disk.
-        consistency: Consistency::Strong,
+        consistency: Some(Consistency::Strong),
         ..SandboxSpec::default()
     };
     if backend == BackendKind::Linux {

@@ -236,8 +236,14 @@ pub struct SandboxSpec {
     pub policy: Option<String>,
     #[serde(default)]
     pub failure_policy: FailurePolicy,
-    #[serde(default)]
-    pub consistency: Consistency,
+    /// When the create is acknowledged; `None`: the server's default (`warren server
+    /// --consistency`, fast unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+    /// With `failurePolicy: AutoRecreate`: how long to wait for the agent of a Lost sandbox
+    /// to come back before re-creating it on another agent (0, the default: at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_timeout_seconds: Option<f64>,
     /// Pre-warmed pool to take the sandbox from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
@@ -442,6 +448,15 @@ impl SandboxSpec {
                 "spec.timeoutSeconds",
                 &t.to_string(),
                 "must be more than 0 and at most a year",
+            ));
+        }
+        if let Some(t) = self.recovery_timeout_seconds
+            && !(t.is_finite() && (0.0..=86400.0).contains(&t))
+        {
+            errors.push(SpecError::invalid(
+                "spec.recoveryTimeoutSeconds",
+                &t.to_string(),
+                "must be from 0 to 86400",
             ));
         }
         if let Some(t) = self.stop_grace_period_seconds

@@ -36,7 +36,7 @@ fn deserializes_camel_case_json() {
     assert_eq!(s.backend, BackendKind::Linux);
     assert_eq!(s.working_dir.as_deref(), Some("/work"));
     assert_eq!(s.failure_policy, FailurePolicy::AutoRecreate);
-    assert_eq!(s.consistency, Consistency::Strong);
+    assert_eq!(s.consistency, Some(Consistency::Strong));
     assert_eq!(
         s.ports[1],
         PortSpec {
@@ -65,7 +65,7 @@ fn minimal_spec_serializes_tidily() {
     assert_eq!(s.validate(), Ok(ResourceInfo::default()));
     assert_eq!(
         serde_json::to_string(&s).unwrap(),
-        r#"{"name":"a","backend":"slot","failurePolicy":"Manual","consistency":"fast"}"#
+        r#"{"name":"a","backend":"slot","failurePolicy":"Manual"}"#
     );
 }
 
@@ -460,4 +460,22 @@ fn linux_fields_are_validated_naming_the_field() {
     );
     assert_eq!(crate::parse_user("7").unwrap(), (7, 7));
     assert_eq!(crate::parse_user("7:8").unwrap(), (7, 8));
+}
+
+#[test]
+fn failure_policy_fields_are_validated_naming_the_field() {
+    let s: SandboxSpec = serde_json::from_str(
+        r#"{"name": "a", "failurePolicy": "AutoRecreate", "recoveryTimeoutSeconds": 1.5}"#,
+    )
+    .unwrap();
+    assert_eq!(s.failure_policy, FailurePolicy::AutoRecreate);
+    assert_eq!(s.recovery_timeout_seconds, Some(1.5));
+    assert_eq!(s.consistency, None, "unset: the server's default applies");
+    s.validate().expect("valid");
+    for bad in [-1.0, f64::NAN, 86401.0] {
+        let mut t = s.clone();
+        t.recovery_timeout_seconds = Some(bad);
+        let e = t.validate().unwrap_err();
+        assert_eq!(e.field(), "spec.recoveryTimeoutSeconds", "{e}");
+    }
 }

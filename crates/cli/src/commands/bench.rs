@@ -37,6 +37,8 @@ macro_rules! out {
 // After `out!`, which they use.
 #[path = "bench_checkpoint.rs"]
 mod checkpoint;
+#[path = "bench_cluster.rs"]
+mod cluster;
 #[path = "bench_linux.rs"]
 mod linux;
 #[path = "bench_vm.rs"]
@@ -118,10 +120,24 @@ struct CreateArgs {
     /// --slot-dir for the private server (default: inside its state dir, on disk).
     #[arg(long)]
     slot_dir: Option<std::path::PathBuf>,
-    /// Consistency of each create: fast (acknowledged once it runs, record written behind)
-    /// or strong (acknowledged once the record is durable).
+    /// Consistency of each create: fast (acknowledged once it runs, record written behind),
+    /// strong (acknowledged once the record is durable), or both (one phase each).
     #[arg(long = "mode", default_value = "fast")]
     consistency: String,
+    /// Start N `warren agent` processes on loopback: the private server runs nothing itself
+    /// and every create goes to an agent over HTTP.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    agents: usize,
+    /// Image of the sandboxes (linux: a name in the server's image store).
+    #[arg(long, short = 'i')]
+    image: Option<String>,
+    /// linux: an OCI image layout to import as --image first (see `bench run`).
+    #[arg(long, value_name = "DIR")]
+    image_layout: Option<std::path::PathBuf>,
+    /// Also measure N creates from a pool of N pre-warmed sandboxes (hits) against N cold
+    /// creates of the same image (misses); linux with --image.
+    #[arg(long, value_name = "N")]
+    pool: Option<usize>,
     /// Keep the sandboxes instead of deleting them afterwards.
     #[arg(long)]
     keep: bool,
@@ -151,6 +167,21 @@ impl PrivateServer {
         slot_dir: Option<&std::path::Path>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_listening(log_level, slot_dir, extra, None)
+    }
+
+    /// Its state directory (`--dir`).
+    fn state_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("state")
+    }
+
+    /// With `tcp_token`: on TCP (127.0.0.1, a free port) with that token, for agents.
+    fn start_listening(
+        log_level: &str,
+        slot_dir: Option<&std::path::Path>,
+        extra: &[&str],
+        tcp_token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("warren-bench-").tempdir()?;
         let sock = dir.path().join("warren.sock");
         let log = std::fs::File::create(dir.path().join("server.log"))?;
@@ -162,22 +193,40 @@ impl PrivateServer {
         }
         // The server must not outlive this process, however it ends.
         die_with_parent(&mut cmd);
-        let child = cmd
-            .arg("--dir")
+        let listen = match tcp_token {
+            Some(_) => "tcp://127.0.0.1:0".to_string(),
+            None => format!("unix://{}", sock.display()),
+        };
+        cmd.arg("--dir")
             .arg(dir.path().join("state"))
             .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
+            .arg(listen)
             .arg("--log-level")
             .arg(log_level)
             .args(extra)
             .env_remove("WARREN_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting a private warren server")?;
+            .stdout(if tcp_token.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(log);
+        if let Some(t) = tcp_token {
+            cmd.env("WARREN_TOKEN", t);
+        }
+        let mut child = cmd.spawn().context("starting a private warren server")?;
+        let address = match tcp_token {
+            None => Address::Unix(sock),
+            Some(_) => {
+                let line = first_line(&mut child, "warren server listening on ")
+                    .context("the private server did not start (see its log)")?;
+                line.parse()
+                    .map_err(|e: String| anyhow::anyhow!("private server address: {e}"))?
+            }
+        };
         Ok(PrivateServer {
             child,
-            address: Address::Unix(sock),
+            address,
             _dir: dir,
         })
     }
@@ -317,83 +366,159 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     if a.count == 0 || a.concurrency == 0 || a.connections == 0 {
         return Err(usage("-n, -c and --connections must be at least 1"));
     }
+    let modes: Vec<warren_spec::Consistency> = match a.consistency.as_str() {
+        "both" => vec![
+            warren_spec::Consistency::Fast,
+            warren_spec::Consistency::Strong,
+        ],
+        m => vec![
+            m.parse()
+                .map_err(|e| usage(format!("--mode: {e} (or both)")))?,
+        ],
+    };
+    if a.agents > 0 && g.server.is_some() {
+        return Err(usage(
+            "--agents: starts its own server and agents; leave out --server",
+        ));
+    }
+    if a.pool.is_some() && (backend != BackendKind::Linux || a.image.is_none()) {
+        return Err(usage("--pool: needs -b linux and --image"));
+    }
+    let parent = format!("warren-bench-{}", std::process::id());
+    // Declared first, so dropped last: linux sandboxes left by the agents go with it.
+    let _cgroups = (backend == BackendKind::Linux).then(|| linux::CgroupSweep(parent.clone()));
+    let token = (a.agents > 0).then(|| format!("bench-{:x}", std::process::id()));
+    let mut server_flags = vec!["--cgroup-parent", parent.as_str()];
+    if a.agents > 0 {
+        server_flags.extend(["--local-capacity", "0"]);
+    }
     let private = if g.server.is_none() {
-        Some(PrivateServer::start(
+        Some(PrivateServer::start_listening(
             &a.server_log_level,
             a.slot_dir.as_deref(),
-            &[],
+            &server_flags,
+            token.as_deref(),
         )?)
     } else {
         None
     };
+    let token = token.or_else(|| g.token.clone());
     let address = match &private {
         Some(p) => p.address.clone(),
         None => g.address()?,
     };
     let mut clients = Vec::new();
     for _ in 0..a.connections {
-        clients.push(connect_retrying(&address, g.token.as_deref()).await?);
+        clients.push(connect_retrying(&address, token.as_deref()).await?);
     }
-    let consistency: warren_spec::Consistency = a
-        .consistency
-        .parse()
-        .map_err(|e| usage(format!("--mode: {e}")))?;
+    let _agents = match (&private, a.agents) {
+        (Some(server), n) if n > 0 => {
+            let capacity = a.count.max(a.pool.unwrap_or(0)).max(1);
+            Some(
+                cluster::start_agents(
+                    server,
+                    n,
+                    token.as_deref().unwrap_or_default(),
+                    capacity,
+                    &["--cgroup-parent", &parent],
+                    &a.server_log_level,
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
+    if let (Some(layout), Some(image)) = (&a.image_layout, &a.image) {
+        let mut images = client::connect_images(&address, token.as_deref()).await?;
+        answer(
+            images
+                .import_image(v1::ImportImageRequest {
+                    path: std::fs::canonicalize(layout)?.display().to_string(),
+                    name: Some(image.clone()),
+                })
+                .await,
+        )
+        .context("importing --image-layout")?;
+    }
     let run_id = format!("{:x}", std::process::id());
-    let where_ = if private.is_some() {
-        "private server"
-    } else {
-        "server"
+    let where_ = match (&private, a.agents) {
+        (Some(_), 0) => "private server".to_string(),
+        (Some(_), n) => format!("private server with {n} remote agents"),
+        (None, _) => "server".to_string(),
     };
     if !a.json {
+        let modes: Vec<&str> = modes.iter().map(|m| m.as_str()).collect();
         out!(
-            "warren bench create: backend={backend} n={} c={} connections={} mode={consistency} ({where_} at {address}; records in group commits)",
+            "warren bench create: backend={backend} n={} c={} connections={} mode={} ({where_} at {address}; records in group commits)",
             a.count,
             a.concurrency,
-            a.connections
+            a.connections,
+            modes.join("+")
         );
     }
-    let prefix = Arc::new(format!("bench-{run_id}"));
-    let p = prefix.clone();
-    let created = drive(&clients, a.count, a.concurrency, move |mut c, i| {
-        let mut spec = SandboxSpec {
-            name: format!("{p}-{i}"),
-            backend,
-            consistency,
-            ..SandboxSpec::default()
-        };
-        spec.annotations
-            .insert("resources.limits.cpu".into(), "1".into());
-        spec.annotations
-            .insert("resources.limits.memory".into(), "256Mi".into());
-        spec.labels.insert("bench".into(), p.to_string());
-        async move {
-            c.create_sandbox(v1::CreateSandboxRequest {
-                spec: Some(spec_to_pb(&spec)),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-        }
-    })
-    .await?;
-    let create_json = report("create", &created);
-    let mut delete_json = serde_json::Value::Null;
-    if !a.keep {
-        let p = prefix.clone();
-        let deleted = drive(&clients, a.count, a.concurrency, move |mut c, i| {
-            let req = v1::DeleteSandboxRequest {
+    let prefix = format!("bench-{run_id}");
+    let mut base = SandboxSpec {
+        backend,
+        image: a.image.clone(),
+        ..SandboxSpec::default()
+    };
+    if backend == BackendKind::Linux {
+        base.command = vec!["/bin/sleep".into(), "3600".into()];
+        base.stop_grace_period_seconds = Some(0.0);
+    }
+    base.annotations
+        .insert("resources.limits.cpu".into(), "1".into());
+    base.annotations
+        .insert("resources.limits.memory".into(), "256Mi".into());
+    base.labels.insert("bench".into(), prefix.clone());
+    let (modes_json, errors) = if a.keep {
+        let (p, b, mode) = (prefix.clone(), base.clone(), modes[0]);
+        let created = drive(&clients, a.count, a.concurrency, move |mut c, i| {
+            let spec = SandboxSpec {
                 name: format!("{p}-{i}"),
-                grace_period_seconds: Some(0),
+                consistency: Some(mode),
+                ..b.clone()
             };
-            async move { c.delete_sandbox(req).await.map(|_| ()) }
+            async move {
+                c.create_sandbox(v1::CreateSandboxRequest {
+                    spec: Some(spec_to_pb(&spec)),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+            }
         })
         .await?;
-        delete_json = report("delete", &deleted);
-    }
+        let json = report(&format!("create ({mode})"), &created);
+        (
+            serde_json::json!({ mode.as_str(): {"create": json, "delete": null} }),
+            created.errors,
+        )
+    } else {
+        cluster::mode_phases(&clients, a.count, a.concurrency, &base, &modes, &prefix).await?
+    };
+    let pool_json = match a.pool {
+        Some(n) => {
+            cluster::pool_phases(
+                &clients,
+                &address,
+                token.as_deref(),
+                n,
+                a.concurrency,
+                &base,
+                &prefix,
+            )
+            .await?
+        }
+        None => serde_json::Value::Null,
+    };
     if a.json {
+        // `create` and `delete` hold the first mode's figures; `modes` every mode's.
+        let first = &modes_json[modes[0].as_str()];
         let all = serde_json::json!({
             "backend": backend.as_str(), "n": a.count, "concurrency": a.concurrency,
-            "connections": a.connections, "create": create_json, "delete": delete_json,
+            "connections": a.connections, "agents": a.agents, "create": first["create"],
+            "delete": first["delete"], "modes": modes_json, "pool": pool_json,
         });
         out!("{all}");
     }
@@ -406,12 +531,35 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     if !a.keep && info.sandboxes != 0 && private.is_some() {
         bail!("{} sandboxes left after the delete phase", info.sandboxes);
     }
+    drop(_agents);
     drop(private);
-    Ok(if created.errors > 0 {
+    Ok(if errors > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The first line a child prints on stdout, without `prefix`; within 30 s.
+fn first_line(child: &mut std::process::Child, prefix: &str) -> anyhow::Result<String> {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep reading: a closed pipe would fail the child's later prints.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("no answer within 30 s")?;
+    line.trim_end()
+        .strip_prefix(prefix)
+        .map(str::to_string)
+        .with_context(|| format!("unexpected first line {line:?}"))
 }
 
 /// The peer that runs the same workload outside warren, if it is installed.

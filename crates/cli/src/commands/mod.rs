@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use warren_control::Address;
 use warren_control::client::{self, Client};
 
+mod agent;
 mod apply;
 mod bench;
 mod checkpoint;
@@ -17,7 +18,9 @@ mod info;
 mod kill;
 mod logs;
 mod ls;
+mod nodes;
 mod policy;
+mod pool;
 mod restore;
 mod rm;
 mod run;
@@ -52,6 +55,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the control plane with its local agent.
     Server(server::Args),
+    /// Run a node agent for a control plane (`--server`, `--token`): seed 004's HTTP API on
+    /// port 5758, registration and heartbeats, the janitor.
+    Agent(agent::Args),
+    /// List the control plane's agents: state, load, capacity, backends, images.
+    #[command(alias = "node")]
+    Nodes(nodes::Args),
+    /// Manage pools of pre-warmed sandboxes (create, ls, get, rm).
+    #[command(alias = "pools")]
+    Pool(pool::Args),
     /// Serve containerd's sandbox API (a containerd 2.x `type = "sandbox"` proxy plugin).
     Sandboxer(sandboxer::Args),
     /// Create and start a sandbox.
@@ -113,7 +125,7 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 pub fn init_logging(cli: &Cli) {
     // Client commands log only warnings unless asked; the server logs at --log-level.
     let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Server(_) | Command::Sandboxer(_), l) => l.to_string(),
+        (Command::Server(_) | Command::Sandboxer(_) | Command::Agent(_), l) => l.to_string(),
         (_, "info") => "warn".to_string(),
         (_, l) => l.to_string(),
     };
@@ -140,6 +152,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Server(a) => server::run(a, &g).await,
+        Command::Agent(a) => agent::run(a, &g).await,
+        Command::Nodes(a) => nodes::run(a, &g).await,
+        Command::Pool(a) => pool::run(a, &g).await,
         Command::Sandboxer(a) => sandboxer::run(a).await,
         Command::Run(a) => run::run(*a, &g).await,
         Command::Ls(a) => ls::run(a, &g).await,
@@ -210,6 +225,16 @@ impl Globals {
     pub async fn connect_images(&self) -> anyhow::Result<client::ImagesClient> {
         let address = self.leader_address().await?;
         Ok(client::connect_images(&address, self.token.as_deref()).await?)
+    }
+
+    pub async fn connect_nodes(&self) -> anyhow::Result<client::NodesClient> {
+        let address = self.leader_address().await?;
+        Ok(client::connect_nodes(&address, self.token.as_deref()).await?)
+    }
+
+    pub async fn connect_pools(&self) -> anyhow::Result<client::PoolsClient> {
+        let address = self.leader_address().await?;
+        Ok(client::connect_pools(&address, self.token.as_deref()).await?)
     }
 
     pub async fn connect_checkpoints(&self) -> anyhow::Result<client::CheckpointsClient> {

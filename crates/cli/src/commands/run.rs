@@ -130,9 +130,14 @@ pub struct Args {
     /// What to do when the sandbox or its node fails: Manual or AutoRecreate.
     #[arg(long, default_value = "Manual")]
     failure_policy: String,
-    /// fast (reply before persisting) or strong (persist first).
-    #[arg(long = "mode", default_value = "fast")]
-    consistency: String,
+    /// fast (reply before persisting) or strong (persist first); the server's default
+    /// (`warren server --consistency`) when absent.
+    #[arg(long = "mode")]
+    consistency: Option<String>,
+    /// With --failure-policy AutoRecreate: how long to wait for a lost agent to come back
+    /// before re-creating the sandbox elsewhere, e.g. 30s (default: at once).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    recovery_timeout: Option<Duration>,
     /// Pool to take a pre-warmed sandbox from.
     #[arg(long)]
     pool: Option<String>,
@@ -215,10 +220,11 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         .failure_policy
         .parse()
         .map_err(|e| usage(format!("--failure-policy: {e}")))?;
-    let consistency: Consistency = args
+    let consistency: Option<Consistency> = args
         .consistency
-        .parse()
-        .map_err(|e| usage(format!("--mode: {e}")))?;
+        .as_deref()
+        .map(|c| c.parse().map_err(|e| usage(format!("--mode: {e}"))))
+        .transpose()?;
     let ports = args
         .ports
         .iter()
@@ -260,6 +266,7 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         policy: args.policy.clone(),
         failure_policy,
         consistency,
+        recovery_timeout_seconds: args.recovery_timeout.map(|d| d.as_secs_f64()),
         pool: args.pool.clone(),
         expire_time,
         mounts: args

@@ -88,6 +88,22 @@ pub struct Args {
     /// policy named `default` applies when one is stored). See docs/policy.md.
     #[arg(long, value_name = "NAME")]
     default_policy: Option<String>,
+    /// Consistency of creates that name none: fast (acknowledged once running, record
+    /// written behind) or strong (acknowledged once the record is durable).
+    #[arg(long, default_value = "fast")]
+    consistency: String,
+    /// Most sandboxes the server's own agent runs (default: no limit but the backends'); 0
+    /// makes the server a pure control plane for `warren agent` processes.
+    #[arg(long, value_name = "N")]
+    local_capacity: Option<u32>,
+    /// A `warren agent` silent this long is lost, and so are its sandboxes (AutoRecreate
+    /// ones are created again elsewhere), e.g. 3s.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    agent_timeout: Duration,
+    /// The server's own agent's janitor removes sandboxes the server does not know after
+    /// this long, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    orphan_timeout: Duration,
     /// The vm backend's config (TOML: `[hypervisor]` with Kuasar's fields plus accel and
     /// machine, `[vm]` for templates and the pool; docs/vm.md). Default: /etc/warren/vm.toml
     /// when it exists, else built-in defaults (assets in /var/lib/warren/vm).
@@ -112,7 +128,7 @@ pub struct Args {
 }
 
 /// `linux:IMAGE=N`: the backend (only linux has warm shells), the image name, the count.
-fn parse_warm(s: &str) -> Result<(String, usize), String> {
+pub(super) fn parse_warm(s: &str) -> Result<(String, usize), String> {
     let (backend, rest) = s.split_once(':').ok_or("expected linux:IMAGE=N")?;
     if backend != "linux" {
         return Err(format!(
@@ -132,7 +148,7 @@ fn parse_warm(s: &str) -> Result<(String, usize), String> {
     Ok((image.to_string(), count))
 }
 
-fn hostname() -> String {
+pub(super) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
@@ -188,7 +204,23 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         .slot_capacity
         .parse()
         .map_err(|e: String| usage(format!("--slot-capacity: {e}")))?;
+    if args.agent_timeout < Duration::from_millis(200) {
+        return Err(usage(format!(
+            "--agent-timeout: {:?} is shorter than 200ms",
+            args.agent_timeout
+        )));
+    }
+    let cluster = warren_control::server::ClusterConfig {
+        local_capacity: args.local_capacity,
+        agent_timeout: args.agent_timeout,
+        consistency: args
+            .consistency
+            .parse()
+            .map_err(|e| usage(format!("--consistency: {e}")))?,
+        orphan_timeout: args.orphan_timeout,
+    };
     let config = ServerConfig {
+        cluster,
         dir: args
             .dir
             .unwrap_or_else(warren_control::address::default_dir),
@@ -263,7 +295,7 @@ pub fn load_vm_config(path: Option<&std::path::Path>) -> Result<warren_control::
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::terminate()),

@@ -155,29 +155,35 @@ impl Drop for Linux {
                 }
             }
         }
-        for parent in cgroup_parents(&self.cgroup_parent) {
-            for _ in 0..50 {
-                let mut busy = false;
-                if let Ok(entries) = std::fs::read_dir(&parent) {
-                    for e in entries.flatten().filter(|e| e.path().is_dir()) {
-                        if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
-                            for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
-                                let _ = nix::sys::signal::kill(
-                                    nix::unistd::Pid::from_raw(pid),
-                                    nix::sys::signal::Signal::SIGKILL,
-                                );
-                            }
+        kill_cgroups(&self.cgroup_parent);
+    }
+}
+
+/// Kills every process in the cgroups under `parent` (every hierarchy) and removes them:
+/// sandboxes outlive the server or agent that started them, by design.
+pub fn kill_cgroups(parent: &str) {
+    for parent in cgroup_parents(parent) {
+        for _ in 0..50 {
+            let mut busy = false;
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                    if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
+                        for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
                         }
-                        busy |= std::fs::remove_dir(e.path()).is_err();
                     }
+                    busy |= std::fs::remove_dir(e.path()).is_err();
                 }
-                if !busy {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = std::fs::remove_dir(&parent);
+            if !busy {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = std::fs::remove_dir(&parent);
     }
 }
 

@@ -18,6 +18,8 @@ pub struct TestServer {
     /// `http://ADDR/metrics` of the running server.
     pub metrics: Option<String>,
     extra: Vec<String>,
+    /// Where a TCP server listens (`tcp://127.0.0.1:0` unless a test says).
+    tcp_listen: String,
 }
 
 impl TestServer {
@@ -28,12 +30,17 @@ impl TestServer {
 
     /// A server with extra `warren server` flags; `tcp_token` makes it listen on TCP port 0.
     pub fn start_with(extra: &[&str], tcp_token: Option<&str>) -> Self {
+        Self::start_on("tcp://127.0.0.1:0", extra, tcp_token)
+    }
+
+    /// [`TestServer::start_with`], listening on `tcp_listen` when it has a token.
+    pub fn start_on(tcp_listen: &str, extra: &[&str], tcp_token: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("warren-it-")
             .tempdir()
             .expect("tempdir");
         let listen = match tcp_token {
-            Some(_) => "tcp://127.0.0.1:0".to_string(),
+            Some(_) => tcp_listen.to_string(),
             None => format!("unix://{}", dir.path().join("w.sock").display()),
         };
         let mut server = TestServer {
@@ -43,6 +50,7 @@ impl TestServer {
             token: tcp_token.map(str::to_string),
             metrics: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tcp_listen: tcp_listen.to_string(),
         };
         server.spawn();
         server
@@ -55,7 +63,7 @@ impl TestServer {
     /// Starts the server process (again) on the same dir and waits until it listens.
     pub fn spawn(&mut self) {
         let listen = if self.token.is_some() {
-            "tcp://127.0.0.1:0".to_string()
+            self.tcp_listen.clone()
         } else {
             self.address.clone()
         };
@@ -85,13 +93,7 @@ impl TestServer {
             .stderr(log)
             .spawn()
             .expect("spawn warren server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("server did not start; log:\n{}", self.log()));
@@ -175,6 +177,18 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The child's stdout, line by line, read on a thread to its end.
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }
 
 pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {

@@ -20,7 +20,7 @@ use warren_agent::AgentError;
 use warren_runtime::{Backend, SandboxConfig};
 use warren_spec::{BackendKind, Phase};
 
-use super::{ControlError, ControlPlane, EventKind};
+use super::{ControlError, ControlPlane, EventKind, host_ports};
 use crate::checkpoints::store::{
     self as ckpt, CheckpointError, CheckpointStore, Manifest, ManifestBase,
 };
@@ -106,7 +106,7 @@ impl ControlPlane {
         let unavailable = |reason: String| {
             ControlError::Agent(AgentError::Unavailable {
                 kind,
-                node: self.inner.agent.node().to_string(),
+                node: self.agent().node().to_string(),
                 reason,
             })
         };
@@ -135,6 +135,18 @@ impl ControlPlane {
                     name: name.into(),
                     phase: entry.record.status.name().to_string(),
                 });
+            }
+            // Checkpoints go through this server's own backends, not the node seam: a
+            // sandbox on a `warren agent` cannot be checkpointed yet.
+            if entry.record.node != self.agent().node() {
+                return Err(ControlError::Agent(AgentError::Remote {
+                    node: entry.record.node.clone(),
+                    kind: warren_agent::api::ErrorKind::Unsupported,
+                    message: format!(
+                        "sandbox {name:?} runs on agent {:?}; checkpoints are taken only on the server's own node for now",
+                        entry.record.node
+                    ),
+                }));
             }
             entry.busy = true;
             entry.record.clone()
@@ -324,7 +336,7 @@ impl ControlPlane {
             spec,
             status: Phase::Creating,
             resources,
-            node: self.inner.agent.node().to_string(),
+            node: self.agent().node().to_string(),
             backend_info: BTreeMap::new(),
             revision: 0,
             created_at_ms: now,
@@ -333,6 +345,7 @@ impl ControlPlane {
                 spec: a.policy.spec().clone(),
                 decision: a.decision.clone(),
             }),
+            recreations: 0,
         };
         {
             let mut reg = self.lock();
@@ -343,6 +356,9 @@ impl ControlPlane {
             }
             reg.insert(Arc::new(rec.clone()), true);
         }
+        // Restores run on this server's own node (its backends, not the scheduler's
+        // choice); counted there so the node's load stays right, given back on failure.
+        self.inner.nodes.take(&rec.node, &host_ports(&rec.spec));
         let this = self.clone();
         let taken = Taken {
             manifest,
@@ -364,6 +380,7 @@ impl ControlPlane {
                 Ok(info) => info,
                 Err(e) => {
                     this.lock().remove(&name);
+                    this.unplace(&rec);
                     return Err(ControlError::Agent(AgentError::Backend(e)));
                 }
             };
@@ -378,6 +395,7 @@ impl ControlPlane {
                     warn!(sandbox = %name, error = %undo, "rollback of a restore failed");
                 }
                 this.lock().remove(&name);
+                this.unplace(&rec);
                 return Err(e);
             }
             this.inner.metrics.observe(rec.spec.backend, &rec.status);

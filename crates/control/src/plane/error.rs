@@ -54,6 +54,23 @@ pub enum ControlError {
         name: String,
         sandboxes: Vec<String>,
     },
+    /// No node can take the sandbox.
+    #[error(transparent)]
+    Schedule(#[from] crate::scheduler::ScheduleError),
+    #[error("invalid pool: {0}")]
+    InvalidPool(String),
+    #[error("pool {name:?} not found")]
+    PoolNotFound { name: String },
+    /// A create names a pool that is not stored.
+    #[error("spec.pool: {name:?} does not exist; create it with `warren pool create`")]
+    PoolMissing { name: String },
+    #[error("pool {name:?} has sandboxes {}; delete them first", sandboxes.join(", "))]
+    PoolInUse {
+        name: String,
+        sandboxes: Vec<String>,
+    },
+    #[error("pool {name:?} is full: it holds its max of {max} sandboxes")]
+    PoolFull { name: String, max: u32 },
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoints::store::CheckpointError),
     /// One line per violation: `field: "value" violates rule`.

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use warren_runtime::{Backend, SlotBackend};
+use warren_runtime::{Backend, BackendError, SlotBackend};
 
 use super::*;
 use crate::store::RedbStore;

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::warn;
-use warren_agent::AgentError;
-use warren_runtime::{BackendError, SandboxConfig};
 use warren_spec::{Phase, ResourceInfo, SandboxSpec};
 
 use super::{ControlError, ControlPlane, EventKind, SandboxUpdate};
@@ -69,7 +67,8 @@ impl ControlPlane {
             return result;
         }
         let resized = resources != old.resources && old.status == Phase::Running;
-        if resized && let Err(e) = self.inner.agent.update(kind, &old.id, &resources).await {
+        let node = self.node(&old);
+        if resized && let Err(e) = node.update(kind, &old.id, &resources).await {
             release(self);
             return Err(e.into());
         }
@@ -80,9 +79,7 @@ impl ControlPlane {
         rec.revision += 1;
         rec.updated_at_ms = now_ms();
         if let Err(e) = self.persist(&rec).await {
-            if resized
-                && let Err(undo) = self.inner.agent.update(kind, &old.id, &old.resources).await
-            {
+            if resized && let Err(undo) = node.update(kind, &old.id, &old.resources).await {
                 warn!(sandbox = %name, error = %undo, "rollback of a resize failed");
             }
             release(self);
@@ -103,17 +100,19 @@ impl ControlPlane {
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let name = old.spec.name.clone();
         let kind = old.spec.backend;
+        let node = self.node(old);
         if old.status == Phase::Running {
             let grace = spec
                 .stop_grace_period_seconds
                 .map(Duration::from_secs_f64)
                 .unwrap_or(self.inner.default_grace);
-            if let Err(e) = self.inner.agent.stop(kind, &old.id, grace).await {
+            if let Err(e) = node.stop(kind, &old.id, grace).await {
                 warn!(sandbox = %name, error = %e, "stop before a re-create failed");
             }
         }
-        match self.inner.agent.delete(kind, &old.id).await {
-            Ok(()) | Err(AgentError::Backend(BackendError::NotFound { .. })) => {}
+        match node.delete(kind, &old.id).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
         let mut rec = old.clone();
@@ -128,14 +127,8 @@ impl ControlPlane {
             reg.ids.remove(&old.id);
             reg.ids.insert(rec.id.clone(), name.clone());
         }
-        let config = SandboxConfig {
-            id: rec.id.clone(),
-            spec: rec.spec.clone(),
-            resources: rec.resources.clone(),
-            stdin: None,
-            policy: self.applied_of(&rec),
-        };
-        let started = self.inner.agent.run(&config).await;
+        let config = self.config_of(&rec);
+        let started = node.run(&config).await;
         match &started {
             Ok(info) => {
                 rec.status = Phase::Running;
@@ -151,7 +144,7 @@ impl ControlPlane {
         if let Err(e) = self.persist(&rec).await {
             // Not kept: the new sandbox goes too, and the name maps to the old record again.
             if started.is_ok()
-                && let Err(undo) = self.inner.agent.delete(kind, &rec.id).await
+                && let Err(undo) = node.delete(kind, &rec.id).await
             {
                 warn!(sandbox = %name, error = %undo, "rollback of a re-create failed");
             }

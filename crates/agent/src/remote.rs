@@ -1,0 +1,383 @@
+//! [`RemoteAgent`]: the control plane's client of a `warren agent` process's HTTP API.
+//!
+//! One HTTP/1.1 connection pool per agent (keep-alive, `TCP_NODELAY`): a create is one POST on
+//! a warm connection. Every call has a deadline, so an agent that stops answering fails the
+//! call with [`AgentError::Unreachable`] instead of holding it forever; the control plane's
+//! heartbeat timeout decides separately whether the agent is lost.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use warren_runtime::logs::{self, LogRecord};
+use warren_runtime::{BackendInfo, BackendStatus, SandboxConfig};
+use warren_spec::{BackendKind, ResourceInfo};
+
+use crate::AgentError;
+use crate::api::{
+    AgentStatus, CreateRequest, CreateResponse, DeleteRequest, ErrorBody, ErrorKind, PolicyWire,
+    SandboxState, SignalRequest, UpdateRequest,
+};
+
+/// Longest a create or stop may take on the agent (a stop waits out its grace period, a
+/// linux create may pull nothing but still unpacks).
+const SLOW_CALL: Duration = Duration::from_secs(120);
+/// Longest anything else may take.
+const QUICK_CALL: Duration = Duration::from_secs(10);
+
+/// A node agent reached over HTTP.
+#[derive(Debug, Clone)]
+pub struct RemoteAgent {
+    node: String,
+    /// `http://host:port`.
+    base: String,
+    bearer: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// `host:port` or `http://host:port[/]` as a base URL; the port defaults to 5758.
+pub fn base_url(address: &str) -> Result<String, String> {
+    let hp = address
+        .strip_prefix("http://")
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    if hp.is_empty()
+        || hp.contains('/')
+        || address.contains("://") && !address.starts_with("http://")
+    {
+        return Err(format!(
+            "{address:?} is not an agent address (expected host:port or http://host:port)"
+        ));
+    }
+    let has_port = match hp.rsplit_once(':') {
+        // `[::1]` alone has colons but no port.
+        Some((host, port)) => !host.ends_with(':') && !hp.ends_with(']') && !port.is_empty(),
+        None => false,
+    };
+    if has_port {
+        let port = hp.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+        if port.parse::<u16>().is_err() {
+            return Err(format!("{address:?}: {port:?} is not a port"));
+        }
+        Ok(format!("http://{hp}"))
+    } else {
+        Ok(format!("http://{hp}:{}", crate::api::DEFAULT_PORT))
+    }
+}
+
+impl RemoteAgent {
+    pub fn new(node: &str, address: &str, token: &str) -> Result<Self, AgentError> {
+        let base = base_url(address).map_err(AgentError::Invalid)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(RemoteAgent {
+            node: node.to_string(),
+            base,
+            bearer: format!("Bearer {token}"),
+            client,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn unreachable(&self, message: impl std::fmt::Display) -> AgentError {
+        AgentError::Unreachable {
+            node: self.node.clone(),
+            address: self.base.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        deadline: Duration,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(hyper::header::AUTHORIZATION, &self.bearer);
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| self.unreachable(e))?;
+        let resp = tokio::time::timeout(deadline, self.client.request(req))
+            .await
+            .map_err(|_| self.unreachable(format!("no answer within {deadline:?}")))?
+            .map_err(|e| self.unreachable(warren_runtime::error_chain(&e)))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = tokio::time::timeout(deadline, resp.into_body().collect())
+            .await
+            .map_err(|_| self.unreachable("the error reply did not arrive"))?
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
+        let (kind, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => (b.kind, b.error),
+            Err(_) => (
+                ErrorKind::from_http_status(status),
+                format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+            ),
+        };
+        Err(AgentError::Remote {
+            node: self.node.clone(),
+            kind,
+            message,
+        })
+    }
+
+    async fn call<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+        deadline: Duration,
+    ) -> Result<R, AgentError> {
+        let body = match body {
+            Some(b) => Some(serde_json::to_vec(b).map_err(|e| self.unreachable(e))?),
+            None => None,
+        };
+        let resp = self.send(method, path, body, deadline).await?;
+        let bytes = tokio::time::timeout(deadline, resp.into_body().collect())
+            .await
+            .map_err(|_| self.unreachable("the reply did not arrive in time"))?
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.unreachable(format!("unreadable reply: {e}")))
+    }
+
+    fn create_request(config: &SandboxConfig) -> CreateRequest {
+        CreateRequest {
+            id: config.id.clone(),
+            spec: config.spec.clone(),
+            resources: config.resources.clone(),
+            policy: config.policy.as_ref().map(|p| PolicyWire {
+                name: p.policy.name().to_string(),
+                spec: p.policy.spec().clone(),
+                decision: p.decision.clone(),
+            }),
+            stdin: config
+                .stdin
+                .as_ref()
+                .map(|s| base64::engine::general_purpose::STANDARD.encode(s.bytes())),
+        }
+    }
+
+    /// Creates and starts a sandbox on the agent.
+    pub async fn run(&self, config: &SandboxConfig) -> Result<BackendInfo, AgentError> {
+        let reply: CreateResponse = self
+            .call(
+                "POST",
+                "/api/v1/agent/create",
+                Some(&Self::create_request(config)),
+                SLOW_CALL,
+            )
+            .await?;
+        Ok(reply.info)
+    }
+
+    /// Hands a sandbox the control plane knows back to the agent; its status there.
+    pub async fn adopt(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<(BackendStatus, BackendInfo), AgentError> {
+        let reply: CreateResponse = self
+            .call(
+                "POST",
+                "/api/v1/agent/adopt",
+                Some(&Self::create_request(config)),
+                SLOW_CALL,
+            )
+            .await?;
+        Ok((reply.status.into(), reply.info))
+    }
+
+    pub async fn stop(
+        &self,
+        kind: BackendKind,
+        id: &str,
+        grace: Duration,
+    ) -> Result<BackendStatus, AgentError> {
+        let req = DeleteRequest {
+            id: id.to_string(),
+            backend: Some(kind),
+            grace_period_seconds: Some(grace.as_secs_f64()),
+        };
+        let reply: SandboxState = self
+            .call("POST", "/api/v1/agent/stop", Some(&req), SLOW_CALL + grace)
+            .await?;
+        Ok(reply.status.into())
+    }
+
+    /// Removes a sandbox (stopping it at once if it still runs).
+    pub async fn delete(&self, kind: BackendKind, id: &str) -> Result<(), AgentError> {
+        let req = DeleteRequest {
+            id: id.to_string(),
+            backend: Some(kind),
+            grace_period_seconds: Some(0.0),
+        };
+        let _: SandboxState = self
+            .call("POST", "/api/v1/agent/delete", Some(&req), SLOW_CALL)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn status(&self, _kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(AgentError::Invalid(format!(
+                "id: {id:?} is not a sandbox id"
+            )));
+        }
+        let reply: SandboxState = self
+            .call(
+                "GET",
+                &format!("/api/v1/agent/status?sandbox={id}"),
+                None::<&()>,
+                QUICK_CALL,
+            )
+            .await?;
+        Ok(reply.status.into())
+    }
+
+    pub async fn update(
+        &self,
+        kind: BackendKind,
+        id: &str,
+        resources: &ResourceInfo,
+    ) -> Result<(), AgentError> {
+        let req = UpdateRequest {
+            id: id.to_string(),
+            backend: Some(kind),
+            resources: resources.clone(),
+        };
+        let _: serde_json::Value = self
+            .call("POST", "/api/v1/agent/update", Some(&req), QUICK_CALL)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn signal(&self, kind: BackendKind, id: &str, signal: i32) -> Result<(), AgentError> {
+        let req = SignalRequest {
+            id: id.to_string(),
+            backend: Some(kind),
+            signal,
+        };
+        let _: serde_json::Value = self
+            .call("POST", "/api/v1/agent/signal", Some(&req), QUICK_CALL)
+            .await?;
+        Ok(())
+    }
+
+    /// Everything the agent holds and has.
+    pub async fn agent_status(&self) -> Result<AgentStatus, AgentError> {
+        self.call("GET", "/api/v1/agent/status", None::<&()>, QUICK_CALL)
+            .await
+    }
+
+    /// The sandbox's log records: what exists now (the last `tail`, from `since_ms`), then,
+    /// with `follow`, what it writes until it ends. Records arrive on the receiver; an error
+    /// ends the stream.
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: Option<usize>,
+        since_ms: Option<i64>,
+    ) -> Result<mpsc::Receiver<Result<LogRecord, AgentError>>, AgentError> {
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(AgentError::Invalid(format!(
+                "id: {id:?} is not a sandbox id"
+            )));
+        }
+        let mut path = format!("/api/v1/agent/logs?sandbox={id}&follow={follow}");
+        if let Some(t) = tail {
+            path.push_str(&format!("&tail={t}"));
+        }
+        if let Some(s) = since_ms {
+            path.push_str(&format!("&sinceMs={s}"));
+        }
+        let resp = self.send("GET", &path, None, QUICK_CALL).await?;
+        let (tx, rx) = mpsc::channel(256);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            loop {
+                let frame = match body.frame().await {
+                    None => return,
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(this.unreachable(e))).await;
+                        return;
+                    }
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
+                    continue;
+                };
+                for line in buf[..end].split(|&b| b == b'\n') {
+                    if let Ok(r) = logs::parse_line(line)
+                        && tx.send(Ok(r)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                buf.drain(..=end);
+            }
+        });
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_get_the_default_port() {
+        assert_eq!(base_url("10.0.0.2").as_deref(), Ok("http://10.0.0.2:5758"));
+        assert_eq!(
+            base_url("http://10.0.0.2:99/").as_deref(),
+            Ok("http://10.0.0.2:99")
+        );
+        assert_eq!(base_url("[::1]").as_deref(), Ok("http://[::1]:5758"));
+        assert_eq!(base_url("[::1]:7").as_deref(), Ok("http://[::1]:7"));
+        for bad in ["", "https://x:1", "h:port", "a/b"] {
+            assert!(base_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! `warren agent` processes on loopback with a real server: the agent API's auth and errors,
+//! sandboxes on remote agents (placement by capacity, exits and logs reaching the server,
+//! delete, resetRevision), the janitor on agents and in the server, expireTime.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::time::Duration;
+
+use cluster::{TestAgent, eventually, http};
+use common::{TestServer, http_get, json, stderr};
+
+const TOKEN: &str = "t0k3n";
+
+fn module(name: &str) -> String {
+    format!(
+        "{}/../wasm/tests/modules/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A control plane that runs nothing itself, on TCP with a token.
+fn control_plane(extra: &[&str]) -> TestServer {
+    let mut flags = vec!["--local-capacity", "0", "--agent-timeout", "1s"];
+    flags.extend_from_slice(extra);
+    TestServer::start_with(&flags, Some(TOKEN))
+}
+
+fn nodes(server: &TestServer) -> serde_json::Value {
+    json(&server.ok(&["nodes", "-o", "json"]))
+}
+
+fn node_state(server: &TestServer, name: &str) -> String {
+    nodes(server)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn wait_up(server: &TestServer, names: &[&str]) {
+    eventually(Duration::from_secs(10), "agents registered", || {
+        names.iter().all(|n| node_state(server, n) == "Up")
+    });
+}
+
+#[test]
+fn agent_api_needs_the_token_and_names_bad_fields() {
+    let server = control_plane(&[]);
+    let agent = TestAgent::start(&server, "a", &[]);
+    // Every call needs the token, health probes too.
+    for path in ["/healthz", "/readyz", "/api/v1/agent/status"] {
+        assert_eq!(http("GET", &agent.url(path), None, None).0, 401, "{path}");
+        assert_eq!(
+            http("GET", &agent.url(path), Some("wrong"), None).0,
+            401,
+            "{path}"
+        );
+    }
+    let (code, body) = http(
+        "POST",
+        &agent.url("/api/v1/agent/create"),
+        None,
+        Some(r#"{"id":"x","spec":{"name":"x"}}"#),
+    );
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("bearer token"), "{body}");
+    let (code, body) = http("GET", &agent.url("/healthz"), Some(TOKEN), None);
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+
+    // Bad JSON: 400, naming the field.
+    let cases = [
+        (r#"{"id": 5, "spec": {"name": "x"}}"#, "id"),
+        (r#"{"id": "abc"}"#, "missing field `spec`"),
+        (
+            r#"{"id": "abc", "spec": {"name": "x", "resources": {"limits": {"cpu": [1]}}}}"#,
+            "spec.resources.limits.cpu",
+        ),
+        (
+            r#"{"id": "abc", "spec": {"name": "x", "imagee": "y"}}"#,
+            "imagee",
+        ),
+        ("{", "invalid request body"),
+    ];
+    for (body, names) in cases {
+        let (code, reply) = http(
+            "POST",
+            &agent.url("/api/v1/agent/create"),
+            Some(TOKEN),
+            Some(body),
+        );
+        assert_eq!(code, 400, "{body} -> {reply}");
+        assert!(reply.contains(names), "{body}: {reply} should name {names}");
+        assert!(reply.contains(r#""kind":"invalid""#), "{reply}");
+    }
+    let (code, reply) = http(
+        "POST",
+        &agent.url("/api/v1/agent/delete"),
+        Some(TOKEN),
+        Some(r#"{"id": "abc", "gracePeriodSeconds": "soon"}"#),
+    );
+    assert_eq!(code, 400, "{reply}");
+    assert!(reply.contains("gracePeriodSeconds"), "{reply}");
+    let (code, reply) = http("GET", &agent.url("/api/v1/agent/logs"), Some(TOKEN), None);
+    assert_eq!(code, 400, "{reply}");
+    assert!(reply.contains("sandbox"), "{reply}");
+    let (code, reply) = http(
+        "GET",
+        &agent.url("/api/v1/agent/status?sandbox=nope"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 404, "{reply}");
+
+    let (code, status) = http("GET", &agent.url("/api/v1/agent/status"), Some(TOKEN), None);
+    assert_eq!(code, 200);
+    let status = json(&status);
+    assert_eq!(status["node"], "a");
+    assert_eq!(status["capacity"], 5, "seed 004's default capacity");
+    assert!(
+        agent.log().contains("registered with the control plane"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn sandboxes_run_on_remote_agents_by_capacity() {
+    let server = control_plane(&[]);
+    let a = TestAgent::start(&server, "a", &["--capacity", "4"]);
+    let b = TestAgent::start(&server, "b", &["--capacity", "4"]);
+    wait_up(&server, &["a", "b"]);
+
+    let node_of = |name: &str| {
+        json(&server.ok(&["get", name, "-o", "json"]))["status"]["node"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut on = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..4 {
+        server.ok(&["run", "--name", &format!("s{i}")]);
+        *on.entry(node_of(&format!("s{i}"))).or_default() += 1;
+    }
+    // Least loaded first: two each.
+    assert_eq!(on.get("a"), Some(&2), "{on:?}");
+    assert_eq!(on.get("b"), Some(&2), "{on:?}");
+    assert_eq!(a.slot_ids().len(), 2);
+    assert_eq!(b.slot_ids().len(), 2);
+    // Host port 8080 at most once per agent: both have room, the third is refused.
+    server.ok(&["run", "--name", "p1", "-p", "8080:80"]);
+    server.ok(&["run", "--name", "p2", "-p", "8080:80"]);
+    assert_ne!(node_of("p1"), node_of("p2"));
+    let out = server.warren(&["run", "--name", "p3", "-p", "8080:80"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("host port 8080/tcp"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A wasm module on a remote agent: its output and its exit reach the server.
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("exit3.wat"),
+        "--name",
+        "w",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("hello.wat"),
+        "--name",
+        "h",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert_eq!(server.ok(&["logs", "h"]), "hello\n", "logs from the agent");
+    let got = json(&server.ok(&["get", "w", "-o", "json"]));
+    assert_eq!(got["status"]["phase"], "Exited");
+    assert_eq!(got["status"]["exitCode"], 3);
+
+    // Both agents are full now.
+    let out = server.warren(&["run", "--name", "more"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("full"), "{}", stderr(&out));
+
+    // resetRevision re-creates it on its agent: new id, old files gone.
+    let before = json(&server.ok(&["get", "s0", "-o", "json"]));
+    let node = before["status"]["node"].as_str().unwrap().to_string();
+    let agent = if node == "a" { &a } else { &b };
+    let old_id = before["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    server.ok(&["update", "s0", "--reset-revision", "r2"]);
+    let after = json(&server.ok(&["get", "s0", "-o", "json"]));
+    assert_eq!(after["status"]["phase"], "Running");
+    let new_id = after["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(old_id, new_id);
+    let ids = agent.slot_ids();
+    assert!(ids.contains(&new_id) && !ids.contains(&old_id), "{ids:?}");
+
+    // Delete frees the slot and the files.
+    server.ok(&["rm", "s1"]);
+    server.ok(&["run", "--name", "more"]);
+
+    let (code, metrics) = http_get(server.metrics.as_ref().unwrap());
+    assert_eq!(code, 200);
+    assert!(metrics.contains("warren_agents_up 3"), "{metrics}");
+    assert!(
+        metrics.contains("warren_schedule_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"warren_errors_total{reason="capacity"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"warren_errors_total{reason="port_conflict"}"#),
+        "{metrics}"
+    );
+    let table = server.ok(&["nodes"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("4/4"), "{table}");
+}
+
+#[test]
+fn janitors_remove_orphans_on_agents_and_in_the_server() {
+    let server = control_plane(&["--orphan-timeout", "1s"]);
+    let agent = TestAgent::start(&server, "a", &["--orphan-timeout", "1s"]);
+    wait_up(&server, &["a"]);
+    server.ok(&["run", "--name", "known"]);
+    // A sandbox the control plane never heard of, made straight through the agent's API.
+    let (code, reply) = http(
+        "POST",
+        &agent.url("/api/v1/agent/create"),
+        Some(TOKEN),
+        Some(r#"{"id": "orphan1", "spec": {"name": "o"}}"#),
+    );
+    assert_eq!(code, 200, "{reply}");
+    assert!(agent.slot_ids().contains(&"orphan1".to_string()));
+    eventually(
+        Duration::from_secs(6),
+        "the agent's janitor removed the orphan",
+        || !agent.slot_ids().contains(&"orphan1".to_string()),
+    );
+    assert!(
+        agent.log().contains("janitor: removed an orphan"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.slot_ids().len(), 1, "the known sandbox stays");
+
+    // The server's own agent: files no record describes, as a crash between a fast create
+    // and its write would leave.
+    let local = TestServer::start_with(&["--orphan-timeout", "1s"], None);
+    local.ok(&["run", "--name", "kept"]);
+    let orphan = local.state_dir().join("slot").join("0123456789abcdef");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("resources.json"), "{}").unwrap();
+    eventually(
+        Duration::from_secs(6),
+        "the server's janitor removed the orphan",
+        || !orphan.exists(),
+    );
+    assert!(
+        local.log().contains("janitor: removed an orphan"),
+        "{}",
+        local.log()
+    );
+    assert_eq!(
+        json(&local.ok(&["get", "kept", "-o", "json"]))["status"]["phase"],
+        "Running"
+    );
+}
+
+#[test]
+fn expire_time_goes_through_expired_then_deleted() {
+    let server = TestServer::start();
+    let mut watch = std::process::Command::new(common::WARREN)
+        .args(["watch", "-o", "json"])
+        .env("WARREN_SERVER", &server.address)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    server.ok(&["run", "--name", "short", "--expire-in", "1s"]);
+    eventually(Duration::from_secs(5), "expired and deleted", || {
+        server.warren(&["get", "short"]).status.code() == Some(1)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let phases: Vec<&str> = ["Running", "Expired", "Deleted"]
+        .into_iter()
+        .filter(|p| text.contains(&format!("\"{p}\"")))
+        .collect();
+    assert_eq!(phases, ["Running", "Expired", "Deleted"], "{text}");
+    let expired = text.find("\"Expired\"").unwrap();
+    let deleted = text.rfind("\"Deleted\"").unwrap();
+    assert!(expired < deleted, "Expired comes before Deleted: {text}");
+}
+
+#[test]
+fn bad_cluster_flags_name_the_flag() {
+    let server = TestServer::start();
+    for (args, names) in [
+        (vec!["agent", "--token", "t"], "--server"),
+        (vec!["agent", "--server", "tcp://127.0.0.1:1"], "--token"),
+        (
+            vec![
+                "agent",
+                "--server",
+                "tcp://127.0.0.1:1",
+                "--token",
+                "t",
+                "--capacity",
+                "0",
+            ],
+            "--capacity",
+        ),
+        (
+            vec![
+                "agent",
+                "--server",
+                "tcp://127.0.0.1:1",
+                "--token",
+                "t",
+                "--listen",
+                "0.0.0.0:0",
+            ],
+            "--advertise",
+        ),
+        (
+            vec![
+                "agent",
+                "--server",
+                "tcp://127.0.0.1:1,",
+                "--token",
+                "t",
+                "--linux-egress-cidr",
+                "10.0.0.0/30",
+            ],
+            "--linux-egress-cidr",
+        ),
+        (vec!["agent", "--server", ",", "--token", "t"], "--server"),
+        (vec!["server", "--consistency", "eventual"], "--consistency"),
+        (vec!["run", "--mode", "eventual"], "--mode"),
+    ] {
+        let mut cmd = std::process::Command::new(common::WARREN);
+        cmd.args(&args)
+            .env_remove("WARREN_TOKEN")
+            .env_remove("WARREN_SERVER");
+        let out = common::run_with_stdin(cmd, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(names), "{args:?}: {}", stderr(&out));
+    }
+    drop(server);
+}

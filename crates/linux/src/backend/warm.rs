@@ -1,0 +1,333 @@
+//! Warm shells: containers made ahead of time for an image, waiting to be claimed by a
+//! create of that image (the warm pool). Their number per image is set by `--warm` at start
+//! and by pools later ([`Backend::set_warm`]); a refill task keeps each image at its target
+//! and ends shells beyond it.
+
+use super::*;
+
+/// A warm shell ready to be claimed: its bundle under `<dir>/.warm` and its supervisor.
+#[derive(Debug)]
+pub(super) struct Shell {
+    bundle: PathBuf,
+    child: tokio::process::Child,
+    image_id: String,
+}
+
+/// Most warm shells of one image.
+const MAX_WARM: usize = 1000;
+
+impl LinuxBackend {
+    /// Sets how many warm shells of `image` (a name in the image store) to keep ready.
+    pub(super) fn set_warm_target(&self, image: &str, count: usize) -> Result<(), BackendError> {
+        let inner = &self.inner;
+        if let Err(reason) = &inner.available {
+            return Err(BackendError::Other(format!(
+                "the linux backend cannot run here: {reason}"
+            )));
+        }
+        if count > MAX_WARM {
+            return Err(BackendError::Invalid(format!(
+                "warm: {count} shells of {image:?} is more than {MAX_WARM}"
+            )));
+        }
+        {
+            let mut targets = inner
+                .targets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match targets.iter_mut().find(|(name, _)| name == image) {
+                Some(t) => t.1 = count,
+                None => targets.push((image.to_string(), count)),
+            }
+        }
+        if !inner
+            .refilling
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let runtime = tokio::runtime::Handle::try_current()
+                .map_err(|e| BackendError::Other(format!("warm shells need a runtime: {e}")))?;
+            runtime.spawn(refill_loop(Arc::downgrade(inner)));
+        }
+        inner.refill.notify_one();
+        Ok(())
+    }
+
+    /// Warm shells per image name: (image, ready, target).
+    pub(super) fn warm_state(&self) -> Vec<(String, usize, usize)> {
+        let inner = &self.inner;
+        let targets = inner
+            .targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        targets
+            .into_iter()
+            .map(|(name, target)| {
+                let ready = inner
+                    .config
+                    .images
+                    .resolve(&name)
+                    .map(|i| inner.warm_count(&i.id))
+                    .unwrap_or(0);
+                (name, ready, target)
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    /// A ready warm shell of this image, if there is one.
+    pub(super) fn take_shell(&self, image_id: &str) -> Option<Shell> {
+        let mut shells = self
+            .shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = shells.iter().position(|s| s.image_id == image_id)?;
+        let shell = shells.swap_remove(i);
+        self.refill.notify_one();
+        Some(shell)
+    }
+
+    pub(super) fn warm_count(&self, image_id: &str) -> usize {
+        self.shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.image_id == image_id)
+            .count()
+    }
+}
+
+impl Drop for Inner {
+    /// Warm shells belong to this server: they end with it (sandboxes do not).
+    fn drop(&mut self) {
+        let shells = std::mem::take(
+            self.shells
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for shell in &shells {
+            if let Some(pid) = shell.child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for shell in shells {
+            let _ = std::fs::remove_dir_all(&shell.bundle);
+        }
+    }
+}
+
+/// Ends a shell nobody claimed (its image has more than its target): the supervisor, its
+/// cgroup and its bundle.
+async fn end_shell(inner: &Inner, mut shell: Shell) {
+    if let Some(pid) = shell.child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(5), shell.child.wait())
+        .await
+        .is_err()
+    {
+        let _ = shell.child.start_kill();
+        let _ = shell.child.wait().await;
+    }
+    if let (Ok(layout), Ok(state)) = (
+        &inner.available,
+        config::read_json::<State>(&shell.bundle, config::STATE_FILE),
+    ) {
+        let cg = crate::cgroup::Cgroup::open(layout, &inner.config.cgroup_parent, &state.cgroup);
+        let _ = cg.kill_all();
+        let _ = cg.remove();
+    }
+    let _ = std::fs::remove_dir_all(&shell.bundle);
+}
+
+/// Removes warm shells a previous server left (killed before it could end them).
+pub(super) fn clean_warm_dir(
+    warm_dir: &Path,
+    layout: &crate::cgroup::CgroupLayout,
+    cgroup_parent: &str,
+) {
+    let Ok(entries) = std::fs::read_dir(warm_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let bundle = entry.path();
+        if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
+            if state.supervisor_alive() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(state.supervisor_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let cg = crate::cgroup::Cgroup::open(layout, cgroup_parent, &state.cgroup);
+            let _ = cg.kill_all();
+            let _ = cg.remove();
+        }
+        let _ = std::fs::remove_dir_all(&bundle);
+    }
+}
+
+/// Keeps warm pools at their targets: starts shells until each image has its count and ends
+/// those beyond it, then sleeps until one is taken or a target changes (or 5 s, to retry an
+/// image that was missing). Ends with the backend.
+pub(super) async fn refill_loop(weak: std::sync::Weak<Inner>) {
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let targets = inner
+            .targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (name, target) in &targets {
+            let image = match inner.config.images.resolve(name) {
+                Ok(image) => image,
+                Err(e) => {
+                    if reported.insert(name.clone()) {
+                        warn!(image = %name, "linux: warm pool waits for its image: {}", crate::error_chain(&e));
+                    }
+                    continue;
+                }
+            };
+            while inner.warm_count(&image.id) < *target {
+                match start_shell(&inner, &image).await {
+                    Ok(shell) => inner
+                        .shells
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(shell),
+                    Err(e) => {
+                        warn!(image = %name, "linux: cannot start a warm shell: {e}");
+                        break;
+                    }
+                }
+            }
+            let surplus = inner.warm_count(&image.id).saturating_sub(*target);
+            for _ in 0..surplus {
+                if let Some(shell) = inner.take_shell(&image.id) {
+                    end_shell(&inner, shell).await;
+                }
+            }
+        }
+        // Not holding the backend while asleep: dropping it ends the loop.
+        let refill = Arc::clone(&inner.refill);
+        drop(inner);
+        tokio::select! {
+            () = refill.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+static SHELL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Starts one warm shell of `image` and waits until it is ready.
+async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell, BackendError> {
+    let n = SHELL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let wid = format!("warm-{}-{n}", std::process::id());
+    let bundle = inner.config.dir.join(WARM_DIR).join(&wid);
+    let template = ContainerConfig {
+        id: wid.clone(),
+        layers: image.layers.clone(),
+        rootfs: None,
+        argv: Vec::new(),
+        env: Vec::new(),
+        cwd: "/".to_string(),
+        hostname: "warm".to_string(),
+        uid: 0,
+        gid: 0,
+        read_only_rootfs: false,
+        mounts: Vec::new(),
+        deny_syscalls: Vec::new(),
+        policy_syscalls: None,
+        loopback: true,
+        egress: None,
+        read_only_paths: Vec::new(),
+        masked_paths: Vec::new(),
+        writable_paths: Vec::new(),
+        exec_allow: None,
+        cgroup_parent: inner.config.cgroup_parent.clone(),
+        limits: Limits::default(),
+        log_max_bytes: inner.config.log_max_bytes,
+        stop_grace_ms: inner.config.default_stop_grace.as_millis() as u64,
+        timeout_ms: None,
+    };
+    make_bundle(&bundle, &template)?;
+    match spawn_supervisor(inner, &bundle, Some("--warm")).await {
+        Ok((child, _pid)) => Ok(Shell {
+            bundle,
+            child,
+            image_id: image.id.clone(),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&bundle);
+            Err(e)
+        }
+    }
+}
+
+/// Hands a warm shell to the sandbox: its bundle becomes the sandbox's, the supervisor gets
+/// the configuration and the workload is `execve`d in the prepared container.
+pub(super) async fn claim(
+    inner: &Inner,
+    shell: Shell,
+    bundle: &Path,
+    container: &ContainerConfig,
+) -> Result<(tokio::process::Child, i32), BackendError> {
+    use tokio::io::AsyncWriteExt;
+    let Shell {
+        bundle: warm,
+        mut child,
+        ..
+    } = shell;
+    debug!(shell = %warm.display(), "linux: claiming a warm shell");
+    std::fs::rename(&warm, bundle).map_err(|e| io("rename warm shell to", bundle, e))?;
+    config::write_json(bundle, config::CONFIG_FILE, container)
+        .map_err(|e| io("write", &bundle.join(config::CONFIG_FILE), e))?;
+    let claim = config::Claim {
+        bundle: bundle.to_path_buf(),
+        config: container.clone(),
+    };
+    let mut line = serde_json::to_string(&claim)
+        .map_err(|e| BackendError::Other(format!("encode claim: {e}")))?;
+    line.push('\n');
+    let socket = bundle.join(config::CONTROL_SOCKET);
+    let talk = async {
+        let mut stream = tokio::net::UnixStream::connect(&socket).await?;
+        stream.write_all(line.as_bytes()).await?;
+        let mut reply = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut reply)
+            .await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    let reply = match talk.await {
+        Ok(reply) => reply,
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(io("claim warm shell", &socket, e));
+        }
+    };
+    let reply = reply.trim_end();
+    match reply.strip_prefix("ok ").map(str::parse::<i32>) {
+        Some(Ok(pid)) => {
+            debug!(
+                pid,
+                warm_shells = inner.shells.lock().map(|s| s.len()).unwrap_or(0),
+                "linux: claimed"
+            );
+            Ok((child, pid))
+        }
+        _ => {
+            let _ = child.wait().await;
+            Err(start_error(reply))
+        }
+    }
+}
