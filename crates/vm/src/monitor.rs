@@ -91,6 +91,9 @@ async fn launch_in(
             )
             .await;
             if !matches!(prepared, Ok(Ok(_))) {
+                if pooled {
+                    crate::template::refill_soon(inner);
+                }
                 booted.qemu.kill_and_wait(Duration::from_secs(5)).await;
                 return Err(BackendError::Other(format!(
                     "prepare the clone: {}",
@@ -125,6 +128,9 @@ async fn launch_in(
     let vm::Booted { mut qemu, client } = booted;
     let mut c = client.clone();
     let started = tokio::time::timeout(Duration::from_secs(30), c.start(plan.start.clone())).await;
+    if pooled {
+        crate::template::refill_soon(inner);
+    }
     let failure = match started {
         Ok(Ok(_)) => None,
         Ok(Err(s)) => Some(guest_error("start", s)),

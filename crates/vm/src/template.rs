@@ -348,7 +348,9 @@ pub(crate) async fn take(
         let found = state.pool.iter().position(|c| c.shape == shape);
         found.map(|i| state.pool.swap_remove(i))
     };
-    t.refill.notify_one();
+    if pooled.is_none() {
+        t.refill.notify_one();
+    }
     let pooled = pooled.map(|mut c| {
         let alive = c.booted.qemu.running();
         (c, alive)
@@ -356,6 +358,7 @@ pub(crate) async fn take(
     let mut booted = match pooled {
         Some((mut clone, true)) => {
             if let Err(e) = std::fs::rename(&clone.dir, dir) {
+                t.refill.notify_one();
                 warn!("vm: move a pool clone to {}: {e}", dir.display());
                 clone
                     .booted
@@ -369,6 +372,7 @@ pub(crate) async fn take(
             (clone.booted, true)
         }
         Some((clone, false)) => {
+            t.refill.notify_one();
             let _ = std::fs::remove_dir_all(&clone.dir);
             return None;
         }
@@ -389,11 +393,19 @@ pub(crate) async fn take(
         && let Err(e) = cg.add_pid(booted.0.qemu.pid)
     {
         warn!("vm: move a clone into its cgroup: {e}");
+        t.refill.notify_one();
         booted.0.qemu.kill_and_wait(Duration::from_secs(5)).await;
         let _ = std::fs::remove_dir_all(dir);
         return None;
     }
     Some(booted)
+}
+
+/// Wakes the pool's refill, after a hand-out finished: a clone restored meanwhile would take
+/// the CPU the handed-out guest needs for `Prepare` and `Start` (on two cores under TCG it
+/// made a hand-out several times slower).
+pub(crate) fn refill_soon(inner: &Inner) {
+    inner.templates.refill.notify_one();
 }
 
 /// Builds the template of `shape` in the background, once.
