@@ -251,12 +251,14 @@ async fn save(inner: &Inner, shape: Shape, dir: &Path) -> Result<(), BackendErro
     Ok(())
 }
 
-/// Restores a clone of the template in `template` into `dir`.
+/// Restores a clone of the template in `template` into `dir`; `for_pool`: a pool clone,
+/// whose `pool.json` names its qemu from the start.
 async fn restore(
     inner: &Inner,
     shape: Shape,
     template: &Path,
     dir: &Path,
+    for_pool: bool,
 ) -> Result<Booted, BackendError> {
     std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let mut machine = inner.machine(shape.0, shape.1);
@@ -269,6 +271,10 @@ async fn restore(
     let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
         .map_err(|e| io("start qemu", &inner.config.vm.hypervisor.path, e))?;
     let mut qemu = QemuProcess::child(child);
+    if for_pool {
+        // From now on a stopping server finds it (`end_pool`), even mid-restore.
+        let _ = vm::write_json(dir, POOL_STATE, &(qemu.pid, qemu.start));
+    }
     let restored = async {
         let qmp_path = dir.join(qemu::QMP_SOCKET);
         let deadline = tokio::time::Instant::now() + QMP_PATIENCE;
@@ -376,7 +382,7 @@ pub(crate) async fn take(
             let _ = std::fs::remove_dir_all(&clone.dir);
             return None;
         }
-        None if ready(&template) => match restore(inner, shape, &template, dir).await {
+        None if ready(&template) => match restore(inner, shape, &template, dir, false).await {
             Ok(b) => (b, false),
             Err(e) => {
                 warn!("vm: restore a clone: {e}");
@@ -489,6 +495,9 @@ async fn end_pool_on_stop(weak: Weak<Inner>) {
             clone.booted.qemu.reference().kill();
             let _ = std::fs::remove_dir_all(&clone.dir);
         }
+        // And a clone still being restored for the pool (its `pool.json` is written when
+        // its qemu starts): the process may exit before that restore finishes.
+        clean_pool(&inner);
     }
 }
 
@@ -524,15 +533,22 @@ async fn refill_loop(weak: Weak<Inner>) {
                     .templates
                     .pool_dir
                     .join(format!("{}-{n}", std::process::id()));
-                match restore(&inner, shape, &template, &dir).await {
+                match restore(&inner, shape, &template, &dir, true).await {
                     Ok(booted) => {
-                        let _ =
-                            vm::write_json(&dir, POOL_STATE, &(booted.qemu.pid, booted.qemu.start));
-                        inner
+                        let mut state = inner.templates.lock();
+                        // Checked under the lock `end_pool` takes the pool with: a clone
+                        // restored while the server stopped is ended, not pooled.
+                        if inner
                             .templates
-                            .lock()
-                            .pool
-                            .push(Clone { shape, dir, booted });
+                            .stopped
+                            .load(std::sync::atomic::Ordering::SeqCst)
+                        {
+                            drop(state);
+                            booted.qemu.reference().kill();
+                            let _ = std::fs::remove_dir_all(&dir);
+                            break;
+                        }
+                        state.pool.push(Clone { shape, dir, booted });
                     }
                     Err(e) => {
                         warn!("vm: cannot fill the pool: {e}");
