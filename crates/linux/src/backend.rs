@@ -140,30 +140,20 @@ struct Pending {
     stdin: Option<Stdin>,
 }
 
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
-    BackendError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 fn not_found(id: &str) -> BackendError {
-    BackendError::NotFound {
-        backend: BackendKind::Linux,
-        id: id.to_string(),
-    }
+    BackendError::not_found(BackendKind::Linux, id)
 }
 
 impl LinuxBackend {
     pub fn new(config: LinuxConfig, events: EventSink) -> Result<Self, BackendError> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| io("create", &config.dir, e))?;
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| BackendError::io("create", &config.dir, e))?;
         let available = probe();
         let warm_dir = config.dir.join(WARM_DIR);
         if let Ok(layout) = &available {
             clean_warm_dir(&warm_dir, layout, &config.cgroup_parent);
         }
-        std::fs::create_dir_all(&warm_dir).map_err(|e| io("create", &warm_dir, e))?;
+        std::fs::create_dir_all(&warm_dir).map_err(|e| BackendError::io("create", &warm_dir, e))?;
         let warm = config.warm.clone();
         let network = network::Network::new(&config.dir, config.egress_range);
         let backend = LinuxBackend {
@@ -274,7 +264,7 @@ fn make_bundle(bundle: &Path, container: &ContainerConfig) -> Result<(), Backend
     };
     make().map_err(|e| {
         let _ = std::fs::remove_dir_all(bundle);
-        io("create bundle", bundle, e)
+        BackendError::io("create bundle", bundle, e)
     })
 }
 
@@ -285,7 +275,8 @@ async fn spawn_supervisor(
     mode: Option<&str>,
 ) -> Result<(tokio::process::Child, i32), BackendError> {
     let log_path = bundle.join(config::SUPERVISOR_LOG_FILE);
-    let log = std::fs::File::create(&log_path).map_err(|e| io("create", &log_path, e))?;
+    let log =
+        std::fs::File::create(&log_path).map_err(|e| BackendError::io("create", &log_path, e))?;
     let (program, args) = inner
         .config
         .supervisor
@@ -300,14 +291,14 @@ async fn spawn_supervisor(
         .stderr(log)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|e| io("start supervisor", Path::new(program), e))?;
+        .map_err(|e| BackendError::io("start supervisor", Path::new(program), e))?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         let mut reader = tokio::io::BufReader::new(out);
         reader
             .read_line(&mut line)
             .await
-            .map_err(|e| io("read from supervisor", bundle, e))?;
+            .map_err(|e| BackendError::io("read from supervisor", bundle, e))?;
     }
     let line = line.trim_end();
     match line.strip_prefix("ok ").map(str::parse::<i32>) {
@@ -343,7 +334,7 @@ async fn cold_start(
     make_bundle(bundle, container)?;
     if let Some(stdin) = stdin {
         let path = bundle.join(config::STDIN_FILE);
-        std::fs::write(&path, stdin.bytes()).map_err(|e| io("write", &path, e))?;
+        std::fs::write(&path, stdin.bytes()).map_err(|e| BackendError::io("write", &path, e))?;
     }
     spawn_supervisor(inner, bundle, None).await
 }
@@ -567,7 +558,7 @@ impl Backend for LinuxBackend {
             bundle.join(config::STOP_FILE),
             grace.as_millis().to_string(),
         )
-        .map_err(|e| io("write", &bundle.join(config::STOP_FILE), e))?;
+        .map_err(|e| BackendError::io("write", &bundle.join(config::STOP_FILE), e))?;
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(supervisor),
             nix::sys::signal::Signal::SIGTERM,
@@ -622,17 +613,10 @@ impl Backend for LinuxBackend {
             let id = id.to_string();
             let _ = tokio::task::spawn_blocking(move || inner.network.release(&id)).await;
         }
-        let bundle_for_rm = bundle.clone();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&bundle_for_rm))
+        tokio::task::spawn_blocking(move || warren_runtime::remove_tree(&bundle))
             .await
             .map_err(|e| BackendError::Other(format!("remove bundle: {e}")))?
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(io("remove", &bundle, e))
-                }
-            })
+            .map(drop)
     }
 
     async fn status(&self, id: &str) -> Result<BackendStatus, BackendError> {
@@ -656,7 +640,7 @@ impl Backend for LinuxBackend {
         let container: ContainerConfig =
             config::read_json(&bundle, config::CONFIG_FILE).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => not_found(&id),
-                _ => io("read", &bundle.join(config::CONFIG_FILE), e),
+                _ => BackendError::io("read", &bundle.join(config::CONFIG_FILE), e),
             })?;
         let mut info = BackendInfo::new();
         info.insert("bundle".into(), bundle.display().to_string());
@@ -685,12 +669,12 @@ impl Backend for LinuxBackend {
             pending: None,
         };
         if let Some(pid) = watch_pid {
-            let pidfd = pidfd_open(pid).map_err(|e| io("pidfd_open", &bundle, e))?;
+            let pidfd = pidfd_open(pid).map_err(|e| BackendError::io("pidfd_open", &bundle, e))?;
             // SAFETY: the AsyncFd owns the pidfd and nothing else closes or replaces it while
             // it is registered.
             #[allow(unsafe_code)]
             let afd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
-                .map_err(|e| io("watch supervisor", &bundle, e.into()))?;
+                .map_err(|e| BackendError::io("watch supervisor", &bundle, e.into()))?;
             let (done_tx, done_rx) = watch::channel(false);
             sandbox.supervisor = Some(pid);
             sandbox.done = Some(done_rx);
@@ -758,7 +742,7 @@ impl Backend for LinuxBackend {
             }
         }
         let container: ContainerConfig = config::read_json(&bundle, config::CONFIG_FILE)
-            .map_err(|e| io("read", &bundle.join(config::CONFIG_FILE), e))?;
+            .map_err(|e| BackendError::io("read", &bundle.join(config::CONFIG_FILE), e))?;
         let mut env = container.env.clone();
         for (k, v) in &request.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
@@ -793,7 +777,7 @@ impl Backend for LinuxBackend {
             .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args).arg("--exec").arg(&bundle).arg(json);
-        let spawn_error = |e| io("start exec helper", Path::new(program), e);
+        let spawn_error = |e| BackendError::io("start exec helper", Path::new(program), e);
         let (mut child, stdin, stdout, stderr, resize): (_, BoxWrite, BoxRead, Option<BoxRead>, _) =
             match request.tty {
                 Some((rows, cols)) => {
@@ -803,11 +787,16 @@ impl Backend for LinuxBackend {
                         ws_xpixel: 0,
                         ws_ypixel: 0,
                     };
-                    let state: State = config::read_json(&bundle, config::STATE_FILE)
-                        .map_err(|e| io("read", &bundle.join(config::STATE_FILE), e))?;
+                    let state: State =
+                        config::read_json(&bundle, config::STATE_FILE).map_err(|e| {
+                            BackendError::io("read", &bundle.join(config::STATE_FILE), e)
+                        })?;
                     let pty = container_pty(state.pid, &size)
-                        .map_err(|e| io("open a terminal in", &bundle, e))?;
-                    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io("dup", &bundle, e));
+                        .map_err(|e| BackendError::io("open a terminal in", &bundle, e))?;
+                    let dup = |fd: &OwnedFd| {
+                        fd.try_clone()
+                            .map_err(|e| BackendError::io("dup", &bundle, e))
+                    };
                     cmd.stdin(Stdio::from(dup(&pty.slave)?))
                         .stdout(Stdio::from(dup(&pty.slave)?))
                         .stderr(Stdio::from(pty.slave));

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
 use warren_spec::{BackendKind, Decision, Policy, ResourceInfo, SandboxSpec};
@@ -100,6 +101,34 @@ pub enum BackendError {
     Invalid(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl BackendError {
+    /// An I/O error on `path`, naming what was being done to it.
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        BackendError::Io {
+            action,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub fn not_found(backend: BackendKind, id: &str) -> Self {
+        BackendError::NotFound {
+            backend,
+            id: id.to_string(),
+        }
+    }
+}
+
+/// Removes a sandbox's directory tree; `Ok(false)` when it was already gone. It blocks:
+/// async callers run it on the blocking pool.
+pub fn remove_tree(dir: &Path) -> Result<bool, BackendError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(BackendError::io("remove", dir, source)),
+    }
 }
 
 /// A status change a backend noticed on its own (a workload exited, hit its timeout, was

@@ -19,7 +19,7 @@ pub mod slot;
 
 pub use backend::{
     AppliedPolicy, Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, CheckpointInfo,
-    EventSink, ExecProcess, ExecRequest, Resize, SandboxConfig, Stdin, sandbox_dirs,
+    EventSink, ExecProcess, ExecRequest, Resize, SandboxConfig, Stdin, remove_tree, sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};
 

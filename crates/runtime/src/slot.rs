@@ -124,7 +124,7 @@ impl SlotBackend {
     /// A slot backend writing under `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>, capacity: SlotCapacity) -> Result<Self, BackendError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
+        std::fs::create_dir_all(&dir).map_err(|source| BackendError::io("create", &dir, source))?;
         Ok(SlotBackend {
             dir,
             capacity,
@@ -216,7 +216,7 @@ fn write_resources(
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(source) => return Err(io("create", &dir, source)),
+        Err(source) => return Err(BackendError::io("create", &dir, source)),
     }
     let mut json = resources.to_json_pretty();
     json.push('\n');
@@ -226,8 +226,9 @@ fn write_resources(
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, BackendError> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|source| io("write", &tmp, source))?;
-    std::fs::rename(&tmp, &path).map_err(|source| io("rename into place", &path, source))?;
+    std::fs::write(&tmp, bytes).map_err(|source| BackendError::io("write", &tmp, source))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|source| BackendError::io("rename into place", &path, source))?;
     Ok(path)
 }
 
@@ -242,15 +243,6 @@ fn write_policy(dir: &Path, config: &SandboxConfig) -> Result<(), BackendError> 
         .map_err(|e| BackendError::Other(format!("policy decision as JSON: {e}")))?;
     json.push(b'\n');
     write_atomic(&dir.join(&config.id), POLICY_FILE, &json).map(|_| ())
-}
-
-/// Removes a sandbox's directory; `Ok(false)` when it did not exist.
-fn remove_sandbox_dir(dir: &Path) -> Result<bool, BackendError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(io("remove", dir, source)),
-    }
 }
 
 /// Checks that `add` more of a whole-numbered resource fits next to `held`, up to `max`.
@@ -272,14 +264,6 @@ fn fits_whole(
         });
     }
     Ok(())
-}
-
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
-    BackendError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 fn log_resources(event: &str, id: &str, name: &str, r: &ResourceInfo) {
@@ -338,7 +322,7 @@ impl Backend for SlotBackend {
             .and_then(|_| write_policy(&self.dir, config));
         if let Err(e) = written {
             self.release(&config.id);
-            let _ = remove_sandbox_dir(&self.dir.join(&config.id));
+            let _ = crate::remove_tree(&self.dir.join(&config.id));
             return Err(e);
         }
         log_resources(
@@ -366,7 +350,7 @@ impl Backend for SlotBackend {
 
     async fn delete(&self, id: &str) -> Result<(), BackendError> {
         let entry = self.release(id);
-        let existed = remove_sandbox_dir(&self.dir.join(id))?;
+        let existed = crate::remove_tree(&self.dir.join(id))?;
         let Some(entry) = entry else {
             // Not in memory: an orphan left by a previous run, whose files are now gone.
             return if existed { Ok(()) } else { Err(not_found(id)) };
@@ -503,10 +487,7 @@ impl SlotBackend {
 }
 
 fn not_found(id: &str) -> BackendError {
-    BackendError::NotFound {
-        backend: BackendKind::Slot,
-        id: id.to_string(),
-    }
+    BackendError::not_found(BackendKind::Slot, id)
 }
 
 #[cfg(test)]

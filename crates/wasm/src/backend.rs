@@ -109,7 +109,7 @@ impl WasmBackend {
         events: EventSink,
         images: Option<ImageStore>,
     ) -> Result<Self, BackendError> {
-        std::fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
+        std::fs::create_dir_all(&dir).map_err(|source| BackendError::io("create", &dir, source))?;
         let inner = Self::build(&dir, config, events, images);
         if let Err(reason) = &inner {
             warn!(dir = %dir.display(), "wasm: backend unavailable: {reason}");
@@ -421,19 +421,8 @@ fn read_status(dir: &Path) -> Option<BackendStatus> {
     })
 }
 
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
-    BackendError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 fn not_found(id: &str) -> BackendError {
-    BackendError::NotFound {
-        backend: BackendKind::Wasm,
-        id: id.to_string(),
-    }
+    BackendError::not_found(BackendKind::Wasm, id)
 }
 
 fn load_error(e: LoadError) -> BackendError {
@@ -836,16 +825,10 @@ impl Backend for WasmBackend {
         }
         let removed = inner.lock().remove(id);
         let dir = inner.sandbox_dir(id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if removed.is_some() {
-                    Ok(())
-                } else {
-                    Err(not_found(id))
-                }
-            }
-            Err(source) => Err(io("remove", &dir, source)),
+        if warren_runtime::remove_tree(&dir)? || removed.is_some() {
+            Ok(())
+        } else {
+            Err(not_found(id))
         }
     }
 

@@ -92,7 +92,7 @@ pub(super) async fn checkpoint(
     };
     let bundle = backend.bundle(id);
     let container: ContainerConfig = config::read_json(&bundle, config::CONFIG_FILE)
-        .map_err(|e| io("read", &bundle.join(config::CONFIG_FILE), e))?;
+        .map_err(|e| BackendError::io("read", &bundle.join(config::CONFIG_FILE), e))?;
     // CRIU cannot restore a seccomp user-notification listener (the exec gate) nor a veth
     // pair whose host end the supervisor owns (egress): refuse rather than restore a sandbox
     // without the policy that confined it.
@@ -110,7 +110,8 @@ pub(super) async fn checkpoint(
     }
     let criu = inner.criu()?;
     let image = image_of(inner, config, &container)?;
-    let stdio = stdio_of(pid).map_err(|e| io("inspect the workload's descriptors", &bundle, e))?;
+    let stdio = stdio_of(pid)
+        .map_err(|e| BackendError::io("inspect the workload's descriptors", &bundle, e))?;
     let mounts: Vec<ExternalMount> = container
         .mounts
         .iter()
@@ -123,9 +124,9 @@ pub(super) async fn checkpoint(
 
     let work = bundle.join(DUMP_WORK_DIR);
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir(&work).map_err(|e| io("create", &work, e))?;
+    std::fs::create_dir(&work).map_err(|e| BackendError::io("create", &work, e))?;
     let images = dir.join(IMAGES_DIR);
-    std::fs::create_dir(&images).map_err(|e| io("create", &images, e))?;
+    std::fs::create_dir(&images).map_err(|e| BackendError::io("create", &images, e))?;
     let hook = work.join("post-dump.sh");
     let script = hook_script(&bundle, dir, container.rootfs.is_none());
     std::fs::OpenOptions::new()
@@ -134,10 +135,10 @@ pub(super) async fn checkpoint(
         .mode(0o700)
         .open(&hook)
         .and_then(|mut f| std::io::Write::write_all(&mut f, script.as_bytes()))
-        .map_err(|e| io("write", &hook, e))?;
+        .map_err(|e| BackendError::io("write", &hook, e))?;
     let mark = bundle.join(CHECKPOINTED_MARK);
     if !leave_running {
-        std::fs::write(&mark, b"").map_err(|e| io("write", &mark, e))?;
+        std::fs::write(&mark, b"").map_err(|e| BackendError::io("write", &mark, e))?;
     }
     let external_files: Vec<String> = stdio
         .external_files()
@@ -160,7 +161,7 @@ pub(super) async fn checkpoint(
         .stderr(Stdio::null())
         .status()
         .await
-        .map_err(|e| io("run", &criu.path, e));
+        .map_err(|e| BackendError::io("run", &criu.path, e));
     let log_path = work.join(criu::DUMP_LOG);
     let failed = match status {
         Ok(s) if s.success() => None,
@@ -196,7 +197,8 @@ pub(super) async fn checkpoint(
     }
     let given = bundle.join(config::STDIN_FILE);
     if given.exists() {
-        std::fs::copy(&given, dir.join(config::STDIN_FILE)).map_err(|e| io("copy", &given, e))?;
+        std::fs::copy(&given, dir.join(config::STDIN_FILE))
+            .map_err(|e| BackendError::io("copy", &given, e))?;
     }
     let saved = LinuxCheckpoint {
         image: image.clone(),
@@ -208,7 +210,7 @@ pub(super) async fn checkpoint(
         mounts,
     };
     config::write_json(dir, LINUX_FILE, &saved)
-        .map_err(|e| io("write", &dir.join(LINUX_FILE), e))?;
+        .map_err(|e| BackendError::io("write", &dir.join(LINUX_FILE), e))?;
     let mut info = CheckpointInfo::new();
     info.insert("engine".into(), "criu".into());
     info.insert("criuVersion".into(), criu.version.clone());
@@ -433,7 +435,7 @@ async fn fill_bundle(
             .stdin(Stdio::null())
             .output()
             .await
-            .map_err(|e| io("run tar to unpack", &tar, e))?;
+            .map_err(|e| BackendError::io("run tar to unpack", &tar, e))?;
         if !out.status.success() {
             return Err(BackendError::Other(format!(
                 "unpack {} into {}: {}",
@@ -446,11 +448,12 @@ async fn fill_bundle(
     for file in [config::LOG_FILE, config::STDIN_FILE] {
         let from = dir.join(file);
         if from.exists() {
-            std::fs::copy(&from, bundle.join(file)).map_err(|e| io("copy", &from, e))?;
+            std::fs::copy(&from, bundle.join(file))
+                .map_err(|e| BackendError::io("copy", &from, e))?;
         }
     }
     let images = std::fs::canonicalize(dir.join(IMAGES_DIR))
-        .map_err(|e| io("find", &dir.join(IMAGES_DIR), e))?;
+        .map_err(|e| BackendError::io("find", &dir.join(IMAGES_DIR), e))?;
     let spec = RestoreSpec {
         criu: criu.path.clone(),
         images,
@@ -465,7 +468,7 @@ async fn fill_bundle(
             .collect(),
     };
     config::write_json(bundle, crate::restore::SPEC_FILE, &spec)
-        .map_err(|e| io("write", &bundle.join(crate::restore::SPEC_FILE), e))
+        .map_err(|e| BackendError::io("write", &bundle.join(crate::restore::SPEC_FILE), e))
 }
 
 #[cfg(test)]

@@ -287,9 +287,10 @@ pub(super) async fn claim(
         ..
     } = shell;
     debug!(shell = %warm.display(), "linux: claiming a warm shell");
-    std::fs::rename(&warm, bundle).map_err(|e| io("rename warm shell to", bundle, e))?;
+    std::fs::rename(&warm, bundle)
+        .map_err(|e| BackendError::io("rename warm shell to", bundle, e))?;
     config::write_json(bundle, config::CONFIG_FILE, container)
-        .map_err(|e| io("write", &bundle.join(config::CONFIG_FILE), e))?;
+        .map_err(|e| BackendError::io("write", &bundle.join(config::CONFIG_FILE), e))?;
     let claim = config::Claim {
         bundle: bundle.to_path_buf(),
         config: container.clone(),
@@ -312,7 +313,7 @@ pub(super) async fn claim(
         Err(e) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            return Err(io("claim warm shell", &socket, e));
+            return Err(BackendError::io("claim warm shell", &socket, e));
         }
     };
     let reply = reply.trim_end();
