@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use warren_proto::{decision_to_pb, resource_info_to_pb, spec_to_pb, v1};
+use warren_runtime::AppliedPolicy;
 use warren_spec::{Decision, Phase, PolicySpec, ResourceInfo, SandboxSpec};
 
 /// Key prefix of sandbox records in the store.
@@ -48,6 +49,33 @@ pub struct PolicyRecord {
 }
 
 impl SandboxRecord {
+    /// A new sandbox about to be created on `node` (empty: not placed yet), with a fresh id,
+    /// admitted under `applied`.
+    pub fn creating(
+        spec: SandboxSpec,
+        resources: ResourceInfo,
+        node: String,
+        applied: Option<&AppliedPolicy>,
+    ) -> Self {
+        let now = now_ms();
+        SandboxRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            spec,
+            status: Phase::Creating,
+            resources,
+            node,
+            backend_info: BTreeMap::new(),
+            revision: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+            policy: applied.map(|a| PolicyRecord {
+                spec: a.policy.spec().clone(),
+                decision: a.decision.clone(),
+            }),
+            recreations: 0,
+        }
+    }
+
     pub fn to_pb(&self) -> v1::Sandbox {
         let (exit_code, reason) = match &self.status {
             Phase::Exited { code } => (Some(*code), String::new()),

@@ -24,7 +24,7 @@ use super::{ControlError, ControlPlane, EventKind, host_ports};
 use crate::checkpoints::store::{
     self as ckpt, CheckpointError, CheckpointStore, Manifest, ManifestBase,
 };
-use crate::record::{PolicyRecord, SandboxRecord, now_ms};
+use crate::record::{SandboxRecord, now_ms};
 
 /// Where a new checkpoint goes.
 #[derive(Debug, Clone)]
@@ -330,23 +330,12 @@ impl ControlPlane {
         let applied = self.admit(&spec, &resources)?;
         let backend = self.checkpoint_backend(spec.backend)?;
         self.make_room(&spec.name).await?;
-        let now = now_ms();
-        let mut rec = SandboxRecord {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+        let mut rec = SandboxRecord::creating(
             spec,
-            status: Phase::Creating,
             resources,
-            node: self.agent().node().to_string(),
-            backend_info: BTreeMap::new(),
-            revision: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            policy: applied.as_ref().map(|a| PolicyRecord {
-                spec: a.policy.spec().clone(),
-                decision: a.decision.clone(),
-            }),
-            recreations: 0,
-        };
+            self.agent().node().to_string(),
+            applied.as_ref(),
+        );
         {
             let mut reg = self.lock();
             if reg.sandboxes.contains_key(&rec.spec.name) {

@@ -1,7 +1,6 @@
 //! A create: validation, admission, the name, placement on a node, the agent's work and
 //! the record, in the sandbox's consistency mode (see `ControlPlane::finish_create`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tracing::warn;
@@ -10,7 +9,7 @@ use warren_runtime::{AppliedPolicy, SandboxConfig, Stdin};
 use warren_spec::{Consistency, Phase, SandboxSpec};
 
 use super::{ControlError, ControlPlane, EventKind, host_ports};
-use crate::record::{self, PolicyRecord, SandboxRecord, now_ms};
+use crate::record::{self, SandboxRecord, now_ms};
 use crate::scheduler::{Demand, ScheduleError};
 use crate::store::{StoreError, Write};
 
@@ -35,23 +34,7 @@ impl ControlPlane {
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
         let applied = self.admit(&spec, &resources)?;
-        let now = now_ms();
-        let mut pending = SandboxRecord {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            spec,
-            status: Phase::Creating,
-            resources,
-            node: String::new(),
-            backend_info: BTreeMap::new(),
-            revision: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            policy: applied.as_ref().map(|a| PolicyRecord {
-                spec: a.policy.spec().clone(),
-                decision: a.decision.clone(),
-            }),
-            recreations: 0,
-        };
+        let mut pending = SandboxRecord::creating(spec, resources, String::new(), applied.as_ref());
         {
             let mut reg = self.lock();
             if let Some(entry) = reg.sandboxes.get(&pending.spec.name) {
