@@ -275,6 +275,19 @@ impl ControlPlane {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Names of the sandboxes whose record passes `keep`, sorted.
+    fn sandbox_names(&self, keep: impl Fn(&SandboxRecord) -> bool) -> Vec<String> {
+        let reg = self.lock();
+        let mut names: Vec<String> = reg
+            .sandboxes
+            .values()
+            .filter(|e| keep(&e.record))
+            .map(|e| e.record.spec.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Records a new state of a sandbox and tells watchers. Call with the registry locked, so
     /// sequence numbers follow the order of the changes.
     fn emit(&self, registry: &mut Registry, kind: EventKind, record: Arc<SandboxRecord>) {

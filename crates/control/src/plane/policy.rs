@@ -191,20 +191,7 @@ impl ControlPlane {
 
     /// Names of the sandboxes admitted under the policy `name`, sorted.
     pub fn sandboxes_under(&self, name: &str) -> Vec<String> {
-        let reg = self.lock();
-        let mut names: Vec<String> = reg
-            .sandboxes
-            .values()
-            .filter(|e| {
-                e.record
-                    .policy
-                    .as_ref()
-                    .is_some_and(|p| p.decision.policy == name)
-            })
-            .map(|e| e.record.spec.name.clone())
-            .collect();
-        names.sort();
-        names
+        self.sandbox_names(|r| r.policy.as_ref().is_some_and(|p| p.decision.policy == name))
     }
 
     /// Removes a policy no sandbox holds.

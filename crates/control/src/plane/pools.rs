@@ -297,15 +297,7 @@ impl ControlPlane {
 
     /// Names of the sandboxes created from the pool, sorted.
     fn pool_users(&self, name: &str) -> Vec<String> {
-        let reg = self.lock();
-        let mut names: Vec<String> = reg
-            .sandboxes
-            .values()
-            .filter(|e| e.record.spec.pool.as_deref() == Some(name))
-            .map(|e| e.record.spec.name.clone())
-            .collect();
-        names.sort();
-        names
+        self.sandbox_names(|r| r.spec.pool.as_deref() == Some(name))
     }
 
     fn in_use(&self) -> HashMap<String, u32> {
