@@ -127,7 +127,8 @@ struct Sandbox {
     info: BackendInfo,
     status: BackendStatus,
     supervisor: Option<i32>,
-    /// Flips to true once the supervisor has ended and `status` holds the outcome.
+    /// Flips to true once the supervisor has ended (its clean-up done). `status` holds the
+    /// workload's outcome from the moment the supervisor reports it, which is earlier.
     done: Option<watch::Receiver<bool>>,
     /// What `start` needs, between create and start.
     pending: Option<Pending>,
@@ -145,6 +146,29 @@ fn not_found(id: &str) -> BackendError {
 }
 
 impl LinuxBackend {
+    /// Waits until the sandbox's supervisor has finished its clean-up (it reports the
+    /// workload's end first); one that does not within the stop slack is killed.
+    async fn supervisor_gone(&self, id: &str, bundle: &Path) {
+        let (done, supervisor) = match self.inner.lock().get(id) {
+            Some(sb) => (sb.done.clone(), sb.supervisor),
+            None => return,
+        };
+        let (Some(mut done), Some(pid)) = (done, supervisor) else {
+            return;
+        };
+        if tokio::time::timeout(STOP_SLACK, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            warn!(
+                id,
+                "linux: supervisor still cleaning up after the stop slack; killing it"
+            );
+            self.inner.kill_everything(&cgroup_name(bundle, id), pid);
+            let _ = tokio::time::timeout(STOP_SLACK, done.wait_for(|d| *d)).await;
+        }
+    }
+
     pub fn new(config: LinuxConfig, events: EventSink) -> Result<Self, BackendError> {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| BackendError::io("create", &config.dir, e))?;
@@ -232,9 +256,24 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records the end of a sandbox's supervisor and tells the control plane.
+    /// Records the end of a sandbox's supervisor (and of its workload, when the supervisor
+    /// did not report that before).
     fn finished(&self, id: &str, bundle: &Path) {
-        let status = exit_status(bundle);
+        let reported = {
+            let mut sandboxes = self.lock();
+            let Some(sb) = sandboxes.get_mut(id) else {
+                return;
+            };
+            sb.supervisor = None;
+            sb.status != BackendStatus::Running
+        };
+        if !reported {
+            self.ended(id, exit_status(bundle));
+        }
+    }
+
+    /// Records the end of a sandbox's workload and tells the control plane.
+    fn ended(&self, id: &str, status: BackendStatus) {
         debug!(id, ?status, "linux: sandbox ended");
         {
             let mut sandboxes = self.lock();
@@ -242,7 +281,6 @@ impl Inner {
                 return;
             };
             sb.status = status.clone();
-            sb.supervisor = None;
         }
         if status != BackendStatus::Stopped {
             let _ = self.events.send(BackendEvent {
@@ -268,12 +306,23 @@ fn make_bundle(bundle: &Path, container: &ContainerConfig) -> Result<(), Backend
     })
 }
 
+/// A supervisor that reported `ok PID`.
+#[derive(Debug)]
+struct Started {
+    child: tokio::process::Child,
+    /// Its stdout after the `ok` line, where it reports the workload's end (`exit JSON`)
+    /// before its own clean-up: the sandbox's end is known without waiting for that.
+    reports: Option<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// The workload's pid.
+    pid: i32,
+}
+
 /// Starts a supervisor on `bundle` and waits for its `ok PID` (or its error).
 async fn spawn_supervisor(
     inner: &Inner,
     bundle: &Path,
     mode: Option<&str>,
-) -> Result<(tokio::process::Child, i32), BackendError> {
+) -> Result<Started, BackendError> {
     let log_path = bundle.join(config::SUPERVISOR_LOG_FILE);
     let log =
         std::fs::File::create(&log_path).map_err(|e| BackendError::io("create", &log_path, e))?;
@@ -293,8 +342,8 @@ async fn spawn_supervisor(
         .spawn()
         .map_err(|e| BackendError::io("start supervisor", Path::new(program), e))?;
     let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let mut reader = tokio::io::BufReader::new(out);
+    let mut reports = child.stdout.take().map(tokio::io::BufReader::new);
+    if let Some(reader) = &mut reports {
         reader
             .read_line(&mut line)
             .await
@@ -302,7 +351,11 @@ async fn spawn_supervisor(
     }
     let line = line.trim_end();
     match line.strip_prefix("ok ").map(str::parse::<i32>) {
-        Some(Ok(pid)) => Ok((child, pid)),
+        Some(Ok(pid)) => Ok(Started {
+            child,
+            reports,
+            pid,
+        }),
         _ => {
             let _ = child.wait().await;
             Err(start_error(line))
@@ -330,7 +383,7 @@ async fn cold_start(
     bundle: &Path,
     container: &ContainerConfig,
     stdin: Option<&Stdin>,
-) -> Result<(tokio::process::Child, i32), BackendError> {
+) -> Result<Started, BackendError> {
     make_bundle(bundle, container)?;
     if let Some(stdin) = stdin {
         let path = bundle.join(config::STDIN_FILE);
@@ -348,15 +401,14 @@ fn base_info(image_id: &str, bundle: &Path, container: &ContainerConfig) -> Back
     info
 }
 
-/// Marks the sandbox Running under the supervisor `child` (which reported the workload's
-/// `pid`), and records its end when the supervisor exits.
-fn supervise_child(
-    inner: &Arc<Inner>,
-    id: &str,
-    bundle: PathBuf,
-    mut child: tokio::process::Child,
-    pid: i32,
-) {
+/// Marks the sandbox Running under its supervisor, records the workload's end as soon as the
+/// supervisor reports it, and flips `done` once the supervisor itself has ended.
+fn supervise_child(inner: &Arc<Inner>, id: &str, bundle: PathBuf, started: Started) {
+    let Started {
+        mut child,
+        reports,
+        pid,
+    } = started;
     let supervisor = child.id().map(|p| p as i32);
     let (done_tx, done_rx) = watch::channel(false);
     if let Some(sb) = inner.lock().get_mut(id) {
@@ -368,21 +420,37 @@ fn supervise_child(
     let inner = Arc::clone(inner);
     let id = id.to_string();
     tokio::spawn(async move {
+        if let Some(reports) = reports
+            && let Some(exit) = read_exit(reports).await
+        {
+            inner.ended(&id, exit_status_of(&bundle, Ok(exit)));
+        }
         let _ = child.wait().await;
         inner.finished(&id, &bundle);
         let _ = done_tx.send(true);
     });
 }
 
+/// The supervisor's `exit JSON` line; `None` when it ended without one (then `exit.json`
+/// says, or nothing does).
+async fn read_exit(mut reports: impl tokio::io::AsyncBufRead + Unpin) -> Option<Exit> {
+    let mut line = String::new();
+    reports.read_line(&mut line).await.ok()?;
+    serde_json::from_str(line.trim_end().strip_prefix("exit ")?).ok()
+}
+
 /// The outcome the supervisor recorded in `exit.json`.
 fn exit_status(bundle: &Path) -> BackendStatus {
-    if bundle.join(checkpoint::CHECKPOINTED_MARK).exists()
-        && bundle.join(config::EXIT_FILE).exists()
-    {
+    exit_status_of(bundle, config::read_json::<Exit>(bundle, config::EXIT_FILE))
+}
+
+/// The sandbox's status from the workload's end as the supervisor reported or recorded it.
+fn exit_status_of(bundle: &Path, exit: std::io::Result<Exit>) -> BackendStatus {
+    if exit.is_ok() && bundle.join(checkpoint::CHECKPOINTED_MARK).exists() {
         // CRIU killed the workload after dumping it: the sandbox was stopped, not killed.
         return BackendStatus::Stopped;
     }
-    match config::read_json::<Exit>(bundle, config::EXIT_FILE) {
+    match exit {
         Ok(exit) if exit.oom_killed => BackendStatus::Failed {
             reason: REASON_OOM.to_string(),
         },
@@ -491,7 +559,7 @@ impl Backend for LinuxBackend {
             None
         };
         let warm = shell.is_some();
-        let (child, pid) = match shell {
+        let started = match shell {
             Some(shell) => claim(&inner, shell, &bundle, &container).await?,
             None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
         };
@@ -499,7 +567,7 @@ impl Backend for LinuxBackend {
             // Pools count a create that took a warm shell as a hit.
             sb.info.insert("warm".into(), warm.to_string());
         }
-        supervise_child(&inner, id, bundle, child, pid);
+        supervise_child(&inner, id, bundle, started);
         Ok(())
     }
 
@@ -589,6 +657,7 @@ impl Backend for LinuxBackend {
                     "sandbox {id} is still running after a forced stop"
                 )));
             }
+            self.supervisor_gone(id, &bundle).await;
         } else if !bundle.is_dir() {
             return Err(not_found(id));
         } else if let Ok(state) = config::read_json::<State>(&bundle, config::STATE_FILE) {
@@ -901,4 +970,51 @@ fn cgroup_name(bundle: &Path, id: &str) -> String {
     config::read_json::<State>(bundle, config::STATE_FILE)
         .map(|s| s.cgroup)
         .unwrap_or_else(|_| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_supervisors_exit_line_is_read_and_anything_else_is_not() {
+        let line = b"exit {\"code\":3,\"signal\":null,\"oomKilled\":true,\"stopped\":false,\"timedOut\":false}\n";
+        let exit = read_exit(&line[..]).await.expect("an exit line");
+        assert_eq!(exit.code, 3);
+        assert!(exit.oom_killed);
+        // The supervisor died before reporting (EOF), or wrote something else: `exit.json`
+        // decides then.
+        assert_eq!(read_exit(&b""[..]).await, None);
+        assert_eq!(read_exit(&b"ok 12\n"[..]).await, None);
+        assert_eq!(read_exit(&b"exit {\"code\":\n"[..]).await, None);
+    }
+
+    #[test]
+    fn a_reported_end_becomes_the_status_the_file_would_give() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exit = |code, oom_killed, stopped| Exit {
+            code,
+            signal: None,
+            oom_killed,
+            stopped,
+            timed_out: false,
+        };
+        assert_eq!(
+            exit_status_of(dir.path(), Ok(exit(7, false, false))),
+            BackendStatus::Exited { code: 7 }
+        );
+        assert_eq!(
+            exit_status_of(dir.path(), Ok(exit(137, true, false))),
+            BackendStatus::Failed {
+                reason: REASON_OOM.into()
+            }
+        );
+        assert_eq!(
+            exit_status_of(dir.path(), Ok(exit(143, false, true))),
+            BackendStatus::Stopped
+        );
+        config::write_json(dir.path(), config::EXIT_FILE, &exit(5, false, false))
+            .expect("write exit.json");
+        assert_eq!(exit_status(dir.path()), BackendStatus::Exited { code: 5 });
+    }
 }

@@ -10,8 +10,10 @@
 //!
 //! Protocol with the backend, all through the bundle directory and one pipe:
 //! - reads `container.json`;
-//! - prints exactly one line on stdout: `ok PID` once the workload has `execve`d, or
-//!   `error MESSAGE` (then exits 1, leaving nothing behind), and closes stdout;
+//! - prints one line on stdout: `ok PID` once the workload has `execve`d, or `error MESSAGE`
+//!   (then exits 1, leaving nothing behind); after `ok`, one more when the workload has
+//!   ended, `exit JSON` (what `exit.json` will hold), before the clean-up below, and then
+//!   closes stdout;
 //! - writes `state.json` (its own pid and start time, the workload's pid) before `ok`;
 //! - copies the workload's stdout/stderr into `container.log` (CRI format, size-capped);
 //! - on SIGTERM, sends the workload SIGTERM and SIGKILLs the cgroup after the grace period
@@ -55,7 +57,6 @@ pub(crate) fn run(bundle: &Path, start: fn(&Path) -> Result<Running, String>) ->
     match start(bundle) {
         Ok(running) => {
             report(&format!("ok {}", running.pid));
-            silence_stdout();
             supervise(bundle, running);
             0
         }
@@ -72,7 +73,8 @@ fn report(line: &str) {
     let _ = out.flush();
 }
 
-/// Points stdout at /dev/null so nothing later depends on the server's end of the pipe.
+/// Points stdout at /dev/null once the last report is made, so nothing later depends on the
+/// server's end of the pipe.
 fn silence_stdout() {
     if let Ok(null) = nix::fcntl::open("/dev/null", OFlag::O_WRONLY, nix::sys::stat::Mode::empty())
     {
@@ -327,6 +329,10 @@ fn supervise(bundle: &Path, running: Running) {
         started,
         mut gate,
     } = running;
+    // The workload's mount namespace, held so that its end does not wait for the namespace's
+    // teardown (unmounting the overlay and the rest): that happens when this is dropped,
+    // after the end is reported. A workload already gone leaves nothing to hold.
+    let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok();
     let log = match LogWriter::with_limit(bundle.join(config::LOG_FILE), config.log_max_bytes) {
         Ok(log) => Some(log),
         Err(e) => {
@@ -467,6 +473,29 @@ fn supervise(bundle: &Path, running: Running) {
         }
     }
     let oom_killed = cgroup.oom_killed().unwrap_or(false);
+    let (code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (code, None),
+        Some(WaitStatus::Signaled(_, sig, _)) => (128 + sig as i32, Some(sig as i32)),
+        _ => (128 + libc::SIGKILL, Some(libc::SIGKILL)),
+    };
+    let exit = Exit {
+        code,
+        signal,
+        oom_killed,
+        stopped,
+        timed_out,
+    };
+    // The log is complete before the end is known: a reader after the end sees all of it.
+    if let Some(log) = &log {
+        let _ = log.close();
+    }
+    // The server learns the end now; the clean-up below is off its path (it waits for this
+    // process to end only before deleting the bundle).
+    if let Ok(json) = serde_json::to_string(&exit) {
+        report(&format!("exit {json}"));
+    }
+    silence_stdout();
+    drop(mount_ns);
     if let Err(e) = cgroup.kill_all() {
         eprintln!(
             "supervisor: kill what is left in the cgroup: {}",
@@ -481,24 +510,9 @@ fn supervise(bundle: &Path, running: Running) {
     {
         eprintln!("supervisor: egress teardown: {err}");
     }
-    if let Some(log) = &log {
-        let _ = log.close();
-    }
     if let Some(gate) = gate {
         eprintln!("supervisor: exec gate: {}", gate.summary());
     }
-    let (code, signal) = match status {
-        Some(WaitStatus::Exited(_, code)) => (code, None),
-        Some(WaitStatus::Signaled(_, sig, _)) => (128 + sig as i32, Some(sig as i32)),
-        _ => (128 + libc::SIGKILL, Some(libc::SIGKILL)),
-    };
-    let exit = Exit {
-        code,
-        signal,
-        oom_killed,
-        stopped,
-        timed_out,
-    };
     if let Err(e) = config::write_json(bundle, config::EXIT_FILE, &exit) {
         eprintln!("supervisor: write {}: {e}", config::EXIT_FILE);
     }
@@ -585,7 +599,6 @@ pub fn warm_main(bundle: &Path) -> i32 {
         }
     };
     report(&format!("ok {}", shell.pid));
-    silence_stdout();
     match wait_for_claim(shell) {
         Ok((bundle, running)) => {
             supervise(&bundle, running);

@@ -385,7 +385,7 @@ pub(super) async fn restore(
         spawn_supervisor(&inner, &bundle, Some("--restore")).await
     }
     .await;
-    let (child, pid) = match started {
+    let started = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&bundle);
@@ -404,7 +404,7 @@ pub(super) async fn restore(
             pending: None,
         },
     );
-    supervise_child(&inner, id, bundle, child, pid);
+    supervise_child(&inner, id, bundle, started);
     Ok(backend.info(id).unwrap_or(info))
 }
 

@@ -10,6 +10,8 @@ use super::*;
 pub(super) struct Shell {
     bundle: PathBuf,
     child: tokio::process::Child,
+    /// The supervisor's stdout, which reports the workload's end once claimed.
+    reports: Option<tokio::io::BufReader<tokio::process::ChildStdout>>,
     image_id: String,
 }
 
@@ -260,9 +262,10 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
     };
     make_bundle(&bundle, &template)?;
     match spawn_supervisor(inner, &bundle, Some("--warm")).await {
-        Ok((child, _pid)) => Ok(Shell {
+        Ok(started) => Ok(Shell {
             bundle,
-            child,
+            child: started.child,
+            reports: started.reports,
             image_id: image.id.clone(),
         }),
         Err(e) => {
@@ -279,11 +282,12 @@ pub(super) async fn claim(
     shell: Shell,
     bundle: &Path,
     container: &ContainerConfig,
-) -> Result<(tokio::process::Child, i32), BackendError> {
+) -> Result<Started, BackendError> {
     use tokio::io::AsyncWriteExt;
     let Shell {
         bundle: warm,
         mut child,
+        reports,
         ..
     } = shell;
     debug!(shell = %warm.display(), "linux: claiming a warm shell");
@@ -324,7 +328,11 @@ pub(super) async fn claim(
                 warm_shells = inner.shells.lock().map(|s| s.len()).unwrap_or(0),
                 "linux: claimed"
             );
-            Ok((child, pid))
+            Ok(Started {
+                child,
+                reports,
+                pid,
+            })
         }
         _ => {
             let _ = child.wait().await;
