@@ -465,6 +465,27 @@ fn node_state(server: &TestServer, name: &str) -> String {
         .to_string()
 }
 
+/// The registration key of agent `node` in etcd: its lease id, if the key exists.
+fn registration_lease(etcd: &EtcdServer, node: &str) -> Option<i64> {
+    runtime().block_on(async {
+        let store = warren_control::store::EtcdStore::open(&[etcd.endpoint()])
+            .await
+            .expect("open etcd");
+        let key = format!("{}{node}", warren_control::registrations::PREFIX);
+        let got = store.get_leased(&key).await.expect("read a registration");
+        got.map(|(value, lease)| {
+            let text = String::from_utf8_lossy(&value);
+            assert!(!text.contains(TOKEN), "the token is in the key: {text}");
+            lease
+        })
+    })
+}
+
+/// Registrations live in etcd under leases renewed by the agents' heartbeats: the standby
+/// that takes over from a leader killed with -9 loads them and has the agents Up before
+/// they heartbeat to it (its log says how many it loaded), keeps their sandboxes (not Lost,
+/// not re-created, not reaped), and an agent killed later is Lost once its lease expires
+/// (its key gone), not before.
 #[test]
 fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
     let Some(etcd) = EtcdServer::start() else {
@@ -481,26 +502,49 @@ fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
     let b = start(&etcd);
     // The standby first: the agent follows its refusal's hint to the leader. A short
     // orphan timeout: a janitor that took the fail-over for "unknown" would show at once.
+    let both = format!("{},{}", b.address, a.address);
     let mut agent = TestAgent::prepare(&a, "edge", &[], "127.0.0.1:0", &["--orphan-timeout", "1s"])
-        .with_servers(&format!("{},{}", b.address, a.address));
+        .with_servers(&both);
     agent.spawn(TOKEN);
-    eventually(
-        Duration::from_secs(10),
-        "the agent registered with the leader",
-        || node_state(&a, "edge") == "Up",
-    );
+    eventually(Duration::from_secs(10), "edge registered", || {
+        node_state(&a, "edge") == "Up"
+    });
     for i in 0..3 {
         a.ok(&["run", "--name", &format!("e{i}"), "--mode", "strong"]);
     }
     let ids_before = agent.slot_ids();
     assert_eq!(ids_before.len(), 3, "{}", agent.log());
+    // A second agent, with nothing on it.
+    let mut idle = TestAgent::prepare(&a, "idle", &[], "127.0.0.1:0", &[]).with_servers(&both);
+    idle.spawn(TOKEN);
+    eventually(
+        Duration::from_secs(10),
+        "the agents registered with the leader, in etcd",
+        || {
+            ["edge", "idle"]
+                .iter()
+                .all(|n| node_state(&a, n) == "Up" && registration_lease(&etcd, n).is_some())
+        },
+    );
+    let idle_lease = registration_lease(&etcd, "idle");
 
     a.kill9();
     wait_leading(&b, Duration::from_secs(15));
-    eventually(
-        Duration::from_secs(10),
-        "the agent registered with the new leader",
-        || node_state(&b, "edge") == "Up",
+    // Loaded from their keys, which the agents' heartbeats to the standby kept alive
+    // through the fail-over (the leader TTL, 2 s, plus recovery: about the lease's 3 s).
+    assert!(
+        b.log()
+            .lines()
+            .any(|l| l.contains("agent registrations loaded from etcd") && l.contains("agents=2")),
+        "new leader's log:\n{}",
+        b.log()
+    );
+    assert_eq!(node_state(&b, "edge"), "Up");
+    assert_eq!(node_state(&b, "idle"), "Up");
+    assert_eq!(
+        registration_lease(&etcd, "idle"),
+        idle_lease,
+        "the same lease, renewed through the fail-over"
     );
     for i in 0..3 {
         let got = json(&b.ok(&["get", &format!("e{i}"), "-o", "json"]));
@@ -510,13 +554,34 @@ fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
     // Past the orphan timeout: the agent's janitor asks the new leader and keeps them.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.slot_ids(), ids_before, "agent log:\n{}", agent.log());
-    // And the new leader places new sandboxes on it.
-    b.ok(&["run", "--name", "after", "--mode", "strong"]);
-    let got = json(&b.ok(&["get", "after", "-o", "json"]));
-    assert_eq!(got["status"]["node"], "edge", "{got}");
     assert!(
         agent.log().contains("registered with the control plane"),
         "{}",
         agent.log()
     );
+    // An agent killed now is Lost once etcd expires its lease (TTL = --agent-timeout, 3 s),
+    // and not before.
+    idle.kill9();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(10), "the killed agent is Lost", || {
+        node_state(&b, "idle") == "Lost"
+    });
+    let took = killed.elapsed();
+    // Its last renewal was at most one heartbeat interval (750 ms) before the kill.
+    assert!(
+        took >= Duration::from_millis(2000),
+        "lost after {took:?}, before its lease could expire"
+    );
+    assert_eq!(registration_lease(&etcd, "idle"), None, "its key is gone");
+    assert!(
+        b.log().contains("agent's registration expired"),
+        "{}",
+        b.log()
+    );
+    eprintln!("agent killed -> Lost on etcd lease expiry: {took:?} (lease TTL 3 s)");
+    assert_eq!(node_state(&b, "edge"), "Up");
+    // And the new leader places new sandboxes on the agent that lives.
+    b.ok(&["run", "--name", "after", "--mode", "strong"]);
+    let got = json(&b.ok(&["get", "after", "-o", "json"]));
+    assert_eq!(got["status"]["node"], "edge", "{got}");
 }

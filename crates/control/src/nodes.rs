@@ -5,9 +5,9 @@
 //! in-process [`Agent`] of `warren server` (the embedded default, called directly, no copy
 //! of anything) or a [`RemoteAgent`] reached over seed 004's HTTP API. Remote agents
 //! register and stay registered by heartbeating (`warren.v1.Nodes/Heartbeat`); whether one is
-//! alive is decided in one place, [`Nodes::is_alive`], from its last heartbeat and the
-//! server's `--agent-timeout`. (With a distributed store that decision becomes "its lease
-//! has not expired"; nothing else changes.)
+//! alive is decided in one place, [`Nodes::is_alive`]: on the embedded store from its last
+//! heartbeat and the server's `--agent-timeout`; on etcd from its registration's key, which
+//! lives under a lease its heartbeats renew ([`crate::registrations`]): lost = lease expired.
 //!
 //! A node can be known before it registers: records loaded at start-up name the nodes their
 //! sandboxes run on, and those nodes wait, unschedulable, for their agent to heartbeat
@@ -36,6 +36,15 @@ pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// an image reference (a Wasm module path).
 pub fn image_key(name: &str) -> String {
     warren_image::normalize_name(name).unwrap_or_else(|_| name.to_string())
+}
+
+/// The backends among `backends` a node can run now.
+fn available(backends: &[BackendState]) -> Vec<BackendKind> {
+    backends
+        .iter()
+        .filter(|b| b.available)
+        .map(|b| b.kind)
+        .collect()
 }
 
 /// Where the plane sends a node's work.
@@ -214,6 +223,21 @@ struct Entry {
     warm: Vec<WarmState>,
     /// What the pools want pre-warmed here: (backend, image, count).
     warm_targets: Vec<(BackendKind, String, u32)>,
+    /// Whether its registration's key exists in etcd (the liveness decision there).
+    lease: Lease,
+    /// Heartbeated to this server (false for one only loaded from its registration).
+    heard: bool,
+}
+
+/// What decides an agent's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// No key known (the embedded store, or not written yet): its heartbeats' age.
+    None,
+    /// Its key exists: alive until etcd expires the lease.
+    Held,
+    /// Its key is gone: the lease expired.
+    Expired,
 }
 
 #[derive(Debug, Default)]
@@ -273,6 +297,8 @@ impl Nodes {
             images: Vec::new(),
             warm: Vec::new(),
             warm_targets: Vec::new(),
+            lease: Lease::None,
+            heard: true,
         });
         Nodes {
             local,
@@ -299,10 +325,18 @@ impl Nodes {
     }
 
     /// Whether a node is alive: the one decision every "is it lost" question goes through.
-    /// The in-process agent always is; a remote one while its last heartbeat is younger
-    /// than the agent timeout.
+    /// The in-process agent always is; a remote one while its registration's key exists
+    /// (etcd: until its lease expires), or, with no key, while its last heartbeat is
+    /// younger than the agent timeout.
     fn is_alive(&self, entry: &Entry, now: Instant) -> bool {
-        entry.handle.is_local() || now.duration_since(entry.last_seen) <= self.timeout
+        if entry.handle.is_local() {
+            return true;
+        }
+        match entry.lease {
+            Lease::Held => true,
+            Lease::Expired => false,
+            Lease::None => now.duration_since(entry.last_seen) <= self.timeout,
+        }
     }
 
     /// The handle of `node` (an unregistered one fails every call, naming the node).
@@ -357,6 +391,8 @@ impl Nodes {
                 images: Vec::new(),
                 warm: Vec::new(),
                 warm_targets: Vec::new(),
+                lease: Lease::None,
+                heard: false,
             });
         }
         i
@@ -373,9 +409,12 @@ impl Nodes {
             )));
         }
         let i = Self::entry(&mut inner, &hb.node);
+        // A node loaded from its registration was given the cluster's token: take the one
+        // its agent presents.
         let fresh_handle = match &inner.entries[i].handle {
             NodeHandle::Remote(r) => {
-                r.base() != warren_agent::remote::base_url(&hb.address).unwrap_or_default()
+                !inner.entries[i].heard
+                    || r.base() != warren_agent::remote::base_url(&hb.address).unwrap_or_default()
             }
             _ => true,
         };
@@ -389,7 +428,12 @@ impl Nodes {
             None
         };
         let entry = &mut inner.entries[i];
-        let reconcile = entry.state != NodeState::Up || entry.boot_id != hb.boot_id;
+        let reconcile = entry.state != NodeState::Up || entry.boot_id != hb.boot_id || !entry.heard;
+        entry.heard = true;
+        if entry.lease == Lease::Expired {
+            // Alive after all: its key is written again; until then its heartbeats decide.
+            entry.lease = Lease::None;
+        }
         if let Some(h) = handle {
             entry.handle = h;
         }
@@ -400,12 +444,7 @@ impl Nodes {
         entry.state = NodeState::Up;
         let labels_changed = entry.labels != hb.labels;
         entry.labels = hb.labels;
-        let kinds: Vec<BackendKind> = hb
-            .backends
-            .iter()
-            .filter(|b| b.available)
-            .map(|b| b.kind)
-            .collect();
+        let kinds = available(&hb.backends);
         entry.backends = hb.backends;
         entry.images = hb.images.clone();
         let warm: Vec<(String, u32)> = hb
@@ -427,6 +466,78 @@ impl Nodes {
             reconcile,
             warm_targets,
         })
+    }
+
+    /// Adds (or refreshes) a node from its registration in etcd, as a new leader does before
+    /// it recovers: Up, called with the cluster's `token` until its agent heartbeats (with
+    /// no token the node takes no new sandboxes until then). Returns whether the node is up.
+    pub fn load_registration(
+        &self,
+        reg: &crate::registrations::Registration,
+        token: Option<&str>,
+    ) -> bool {
+        if reg.node == self.local.node() {
+            return false;
+        }
+        let handle = match RemoteAgent::new(&reg.node, &reg.address, token.unwrap_or_default()) {
+            Ok(r) => NodeHandle::Remote(Arc::new(r)),
+            Err(e) => {
+                tracing::warn!(node = %reg.node, error = %e, "registration with a bad address ignored");
+                return false;
+            }
+        };
+        let mut inner = self.lock();
+        let i = Self::entry(&mut inner, &reg.node);
+        let entry = &mut inner.entries[i];
+        if entry.heard {
+            return entry.state == NodeState::Up;
+        }
+        entry.handle = handle;
+        entry.address = reg.address.clone();
+        entry.boot_id = reg.boot_id.clone();
+        entry.labels = reg.labels.clone();
+        entry.backends = reg.backends.clone();
+        entry.images = reg.images.clone();
+        entry.last_seen = Instant::now();
+        entry.last_seen_ms = now_ms();
+        entry.state = NodeState::Up;
+        entry.lease = Lease::Held;
+        let kinds = available(&reg.backends);
+        let images: Vec<String> = reg.images.iter().map(|i| image_key(i)).collect();
+        inner.sched.configure(i, reg.capacity, &kinds);
+        inner.sched.set_images(i, &images);
+        inner.sched.set_up(i, token.is_some());
+        Self::refresh_pools(&mut inner);
+        true
+    }
+
+    /// Whether `node`'s registration key exists (a watch on the keys says).
+    pub fn set_lease(&self, node: &str, held: bool) {
+        let mut inner = self.lock();
+        if let Some(i) = inner.sched.find(node) {
+            let entry = &mut inner.entries[i];
+            if !entry.handle.is_local() {
+                entry.lease = if held { Lease::Held } else { Lease::Expired };
+            }
+        }
+    }
+
+    /// After a watch on the keys started again: the nodes named have keys, the others that
+    /// had one have lost it.
+    pub fn set_leases_present(&self, present: &[String]) {
+        let mut inner = self.lock();
+        for i in 0..inner.entries.len() {
+            let has = present.iter().any(|n| n == inner.sched.name(i));
+            let entry = &mut inner.entries[i];
+            if entry.handle.is_local() {
+                continue;
+            }
+            entry.lease = match (entry.lease, has) {
+                (_, true) => Lease::Held,
+                (Lease::Held, false) => Lease::Expired,
+                (other, false) => other,
+            };
+        }
     }
 
     /// Marks nodes whose agent is no longer alive as Lost; returns their names. A node that
