@@ -31,6 +31,13 @@ use crate::selector::Selector;
 /// `warren server --agent-timeout` says.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long after a warm hand-out to an agent its reports may only lower the count of that
+/// image's pre-warmed sandboxes: a report sent before the agent took the one handed out
+/// (a heartbeat crossing the create) would count it again, and the next create would be
+/// placed on a sandbox that is gone and start cold. Longer than a create takes to reach the
+/// agent; a refill reported meanwhile is counted from the first report after it.
+pub const HANDOUT_SETTLE: Duration = Duration::from_secs(1);
+
 /// The name image affinity compares: the image store's normal form (`busybox` and
 /// `docker.io/library/busybox` are `busybox:latest`), or the name as given when it is not
 /// an image reference (a Wasm module path).
@@ -227,6 +234,8 @@ struct Entry {
     lease: Lease,
     /// Heartbeated to this server (false for one only loaded from its registration).
     heard: bool,
+    /// When a pre-warmed sandbox of each image (its key) was last handed out here.
+    handed_out: HashMap<String, Instant>,
 }
 
 /// What decides an agent's liveness.
@@ -299,6 +308,7 @@ impl Nodes {
             warm_targets: Vec::new(),
             lease: Lease::None,
             heard: true,
+            handed_out: HashMap::new(),
         });
         Nodes {
             local,
@@ -352,7 +362,42 @@ impl Nodes {
     pub fn allocate(&self, demand: &Demand<'_>) -> Result<(String, Placement), ScheduleError> {
         let mut inner = self.lock();
         let p = inner.sched.allocate(demand)?;
+        if p.affinity == crate::scheduler::Affinity::Warm
+            && let Some(image) = demand.image
+        {
+            inner.entries[p.agent]
+                .handed_out
+                .insert(image.to_string(), Instant::now());
+        }
         Ok((inner.sched.name(p.agent).to_string(), p))
+    }
+
+    /// The warm counts an agent reported, as the scheduler should take them: within
+    /// [`HANDOUT_SETTLE`] of a hand-out of an image, no more than it counts now.
+    fn settled_warm(
+        inner: &mut Inner,
+        i: usize,
+        reported: Vec<(String, u32)>,
+    ) -> Vec<(String, u32)> {
+        let now = Instant::now();
+        let entry = &mut inner.entries[i];
+        entry
+            .handed_out
+            .retain(|_, at| now.duration_since(*at) < HANDOUT_SETTLE);
+        if entry.handed_out.is_empty() {
+            return reported;
+        }
+        reported
+            .into_iter()
+            .map(|(image, ready)| {
+                let ready = if inner.entries[i].handed_out.contains_key(&image) {
+                    ready.min(inner.sched.warm_of(i, &image))
+                } else {
+                    ready
+                };
+                (image, ready)
+            })
+            .collect()
     }
 
     /// The index of `node` for [`Demand::avoid`].
@@ -393,6 +438,7 @@ impl Nodes {
                 warm_targets: Vec::new(),
                 lease: Lease::None,
                 heard: false,
+                handed_out: HashMap::new(),
             });
         }
         i
@@ -455,6 +501,7 @@ impl Nodes {
         let images: Vec<String> = hb.images.iter().map(|i| image_key(i)).collect();
         entry.warm = hb.warm;
         let warm_targets = entry.warm_targets.clone();
+        let warm = Self::settled_warm(&mut inner, i, warm);
         inner.sched.configure(i, hb.capacity, &kinds);
         inner.sched.set_images(i, &images);
         inner.sched.set_warm(i, &warm);
@@ -624,6 +671,7 @@ impl Nodes {
             .collect();
         let mut inner = self.lock();
         if let Some(i) = inner.sched.find(self.local.node()) {
+            let pairs = Self::settled_warm(&mut inner, i, pairs);
             inner.sched.set_warm(i, &pairs);
             inner.entries[i].warm = warm;
         }
@@ -770,6 +818,47 @@ mod tests {
         assert!(n.heartbeat(hb("a", 2), "t").unwrap().reconcile, "came back");
         let e = n.heartbeat(hb("local", 1), "t").unwrap_err();
         assert!(e.to_string().contains("server's own agent"), "{e}");
+    }
+
+    /// A heartbeat sent before the agent took a handed-out warm sandbox does not count it
+    /// again: the next create is not placed on a pool that is already empty.
+    #[test]
+    fn stale_warm_reports_do_not_undo_a_hand_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = nodes(tmp.path(), Some(0), Duration::from_secs(60));
+        let with_warm = |ready: u32| {
+            let mut h = hb("a", 10);
+            h.images = vec!["busybox".into()];
+            h.warm = vec![WarmState {
+                backend: BackendKind::Slot,
+                image: "busybox".into(),
+                ready,
+                target: 1,
+            }];
+            h
+        };
+        n.heartbeat(with_warm(1), "t").unwrap();
+        let image = image_key("busybox");
+        let d = Demand {
+            image: Some(&image),
+            ..slot()
+        };
+        let warm = crate::scheduler::Affinity::Warm;
+        assert_eq!(n.allocate(&d).unwrap().1.affinity, warm);
+        // The agent's report crossed the create: it still says 1 ready.
+        n.heartbeat(with_warm(1), "t").unwrap();
+        assert_ne!(
+            n.allocate(&d).unwrap().1.affinity,
+            warm,
+            "the pool is empty"
+        );
+        // It may say fewer at once...
+        n.heartbeat(with_warm(0), "t").unwrap();
+        assert_ne!(n.allocate(&d).unwrap().1.affinity, warm);
+        // ...and more once the hand-out has settled (a refill).
+        std::thread::sleep(HANDOUT_SETTLE + Duration::from_millis(50));
+        n.heartbeat(with_warm(1), "t").unwrap();
+        assert_eq!(n.allocate(&d).unwrap().1.affinity, warm);
     }
 
     #[test]
