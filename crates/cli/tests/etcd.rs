@@ -5,9 +5,14 @@
 //! registrations live under leases across a fail-over, and fast creates lost with an
 //! unreachable store are removed by the agent's janitor.
 
+#![allow(clippy::unwrap_used)] // a panic is how a test fails (and the shared harnesses')
+
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[allow(unused_macros)] // linux_or_skip: the linux backend is one part of one test here
+#[path = "common/linux.rs"]
+mod linux_harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -598,8 +603,49 @@ fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
 /// resumes; the others wait behind it in the leader's queue and die with it.) Once a server
 /// leads again, the agent's janitor removes the orphans (their files gone, each removal
 /// logged) within the orphan timeout, and keeps every sandbox whose record persisted.
+/// Every sandbox the agent holds: slot ones (files) and linux ones (bundles), by id.
+fn held(agent: &TestAgent) -> Vec<String> {
+    let mut ids = agent.slot_ids();
+    if let Ok(dir) = std::fs::read_dir(agent.state_dir().join("linux")) {
+        ids.extend(
+            dir.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| !n.starts_with('.')),
+        );
+    }
+    ids.sort();
+    ids
+}
+
+/// Whether a process runs `sleep SECONDS` (each test sandbox sleeps a number of its own).
+fn sleeping(seconds: u32) -> bool {
+    let wanted = format!("sleep\0{seconds}\0");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).ends_with(&wanted))
+        })
+}
+
+/// Kills what the agent's linux sandboxes left (they outlive the agent by design).
+struct Cgroups(String);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        linux_harness::kill_cgroups(&self.0);
+    }
+}
+
 #[test]
 fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
+    if let Some(reason) = linux_harness::skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
     let Some(mut etcd) = EtcdServer::start() else {
         return;
     };
@@ -613,14 +659,27 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     wait_leading(&a, Duration::from_secs(10));
     let b = start(&etcd);
     let orphan_timeout = Duration::from_secs(2);
+    let cgroups = Cgroups(format!("warren-it-orphans-{}", std::process::id()));
     let mut agent = TestAgent::prepare(
         &a,
         "edge",
         &[],
         "127.0.0.1:0",
-        &["--orphan-timeout", "2s", "--capacity", "20"],
+        &[
+            "--orphan-timeout",
+            "2s",
+            "--capacity",
+            "20",
+            "--cgroup-parent",
+            &cgroups.0,
+        ],
     )
     .with_servers(&format!("{},{}", b.address, a.address));
+    let layout = warren_image::testing::busybox_layout(agent.dir.path(), "busybox").unwrap();
+    warren_image::ImageStore::open(&agent.state_dir().join("images"))
+        .unwrap()
+        .import(&layout, None)
+        .unwrap();
     agent.spawn(TOKEN);
     eventually(Duration::from_secs(10), "the agent registered", || {
         node_state(&a, "edge") == "Up"
@@ -630,13 +689,19 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     let client = rt
         .block_on(client::connect(&address, Some(TOKEN)))
         .expect("connect");
-    let create = |name: &str| {
+    // A linux sandbox sleeps `sleep` seconds (a process to look for); else a slot one.
+    let create = |name: &str, sleep: Option<u32>| {
         let mut c = client.clone();
-        let spec = SandboxSpec {
+        let mut spec = SandboxSpec {
             name: name.to_string(),
             consistency: Some(Consistency::Fast),
             ..SandboxSpec::default()
         };
+        if let Some(seconds) = sleep {
+            spec.backend = warren_spec::BackendKind::Linux;
+            spec.image = Some("busybox".into());
+            spec.command = vec!["sleep".into(), seconds.to_string()];
+        }
         let req = v1::CreateSandboxRequest {
             spec: Some(spec_to_pb(&spec)),
             ..Default::default()
@@ -644,32 +709,39 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
         rt.block_on(c.create_sandbox(req)).map(|_| ())
     };
     for i in 0..5 {
-        create(&format!("kept-{i}")).expect("a fast create");
+        let sleep = (i == 4).then_some(7100);
+        create(&format!("kept-{i}"), sleep).expect("a fast create");
     }
     eventually(
         Duration::from_secs(10),
         "the kept records persisted",
         || (0..5).all(|i| etcd_get(&etcd, &format!("sandboxes/kept-{i}")).is_some()),
     );
-    let kept = agent.slot_ids();
+    let kept = held(&agent);
     assert_eq!(kept.len(), 5, "{}", agent.log());
+    eventually(
+        Duration::from_secs(10),
+        "the kept linux sandbox runs",
+        || sleeping(7100),
+    );
 
     // The store stops answering; fast creates are still acknowledged (agent first, the
     // record written behind), and the leader dies before any of those writes lands.
     etcd.pause();
     let paused = Instant::now();
-    let mut ids: BTreeMap<String, String> = BTreeMap::new();
-    for i in 0..5 {
-        let before = agent.slot_ids();
+    // name -> (id, what its process sleeps if it is a linux sandbox)
+    let mut ids: BTreeMap<String, (String, Option<u32>)> = BTreeMap::new();
+    for i in 0..6 {
+        let before = held(&agent);
         let name = format!("late-{i}");
-        create(&name).expect("a fast create is acknowledged without the store");
-        let new: Vec<String> = agent
-            .slot_ids()
+        let sleep = (i % 2 == 1).then_some(7200 + i);
+        create(&name, sleep).expect("a fast create is acknowledged without the store");
+        let new: Vec<String> = held(&agent)
             .into_iter()
             .filter(|id| !before.contains(id))
             .collect();
         assert_eq!(new.len(), 1, "{new:?}");
-        ids.insert(name, new[0].clone());
+        ids.insert(name, (new[0].clone(), sleep));
     }
     assert!(
         paused.elapsed() < Duration::from_secs(2),
@@ -678,7 +750,14 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     );
     a.kill9();
     etcd.resume();
-    assert_eq!(agent.slot_ids().len(), 10, "{}", agent.log());
+    assert_eq!(held(&agent).len(), 11, "{}", agent.log());
+    for (_, sleep) in ids.values() {
+        if let Some(s) = sleep {
+            eventually(Duration::from_secs(10), "a late linux sandbox runs", || {
+                sleeping(*s)
+            });
+        }
+    }
 
     wait_leading(&b, Duration::from_secs(20));
     let leading = Instant::now();
@@ -690,7 +769,7 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
         "writes queued behind a hung store landed after the leader died: {persisted:?}"
     );
     let mut expected = kept.clone();
-    expected.extend(persisted.iter().map(|(_, id)| id.to_string()));
+    expected.extend(persisted.iter().map(|(_, (id, _))| id.to_string()));
     expected.sort();
     // Each orphan is older than the timeout by now: the first janitor pass that reaches
     // the new leader (every half timeout) removes it.
@@ -698,7 +777,7 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     eventually(
         orphan_timeout * 2 + Duration::from_secs(1),
         "the janitor removed the orphans and only them",
-        || agent.slot_ids() == expected,
+        || held(&agent) == expected,
     );
     let took = leading.elapsed();
     eprintln!(
@@ -707,7 +786,10 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
         persisted.len()
     );
     let log = agent.log();
-    for (_, id) in &orphans {
+    for (_, (id, sleep)) in &orphans {
+        if let Some(s) = sleep {
+            assert!(!sleeping(*s), "the orphan's process {s} still runs");
+        }
         assert!(
             log.lines()
                 .any(|l| l.contains("janitor: removed an orphan") && l.contains(id.as_str())),
@@ -731,7 +813,13 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
         let out = b.warren(&["get", name]);
         assert!(!out.status.success(), "an unpersisted create is unknown");
     }
-    // And the persisted ones stay, past another orphan timeout.
+    // And the persisted ones stay, past another orphan timeout, processes included.
     std::thread::sleep(orphan_timeout + Duration::from_millis(500));
-    assert_eq!(agent.slot_ids(), expected, "{}", agent.log());
+    assert_eq!(held(&agent), expected, "{}", agent.log());
+    assert!(sleeping(7100), "the kept linux sandbox's process");
+    for (_, sleep) in persisted.iter().map(|(_, v)| v) {
+        if let Some(s) = sleep {
+            assert!(sleeping(*s), "a persisted linux sandbox's process");
+        }
+    }
 }
