@@ -716,7 +716,9 @@ impl Nodes {
         }
     }
 
-    /// Members of a pool that are up, by name.
+    /// Members of a pool that are up and can take sandboxes, by name: a node of capacity 0
+    /// (the server's own under `--local-capacity 0`) gets no share of the pool's pre-warmed
+    /// sandboxes, which could never be handed out there.
     pub fn pool_members(&self, pool: &str) -> Vec<String> {
         let inner = self.lock();
         let Some((selector, backend)) = inner.pools.get(pool) else {
@@ -726,10 +728,11 @@ impl Nodes {
             .entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| {
+            .filter(|(i, e)| {
                 e.state == NodeState::Up
                     && selector.matches(&e.labels)
                     && e.backends.iter().any(|b| b.kind == *backend && b.available)
+                    && inner.sched.load(*i).1 > 0
             })
             .map(|(i, _)| inner.sched.name(i).to_string())
             .collect();
@@ -859,6 +862,18 @@ mod tests {
         std::thread::sleep(HANDOUT_SETTLE + Duration::from_millis(50));
         n.heartbeat(with_warm(1), "t").unwrap();
         assert_eq!(n.allocate(&d).unwrap().1.affinity, warm);
+    }
+
+    /// Pools spread their pre-warmed sandboxes over the nodes that can take sandboxes.
+    #[test]
+    fn nodes_without_capacity_get_no_share_of_a_pool() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = nodes(tmp.path(), Some(0), Duration::from_secs(60));
+        n.heartbeat(hb("a", 2), "t").unwrap();
+        n.heartbeat(hb("full", 0), "t").unwrap();
+        let every = Selector::parse("").unwrap();
+        n.set_pool("p", Some((every, BackendKind::Slot)));
+        assert_eq!(n.pool_members("p"), vec!["a".to_string()]);
     }
 
     #[test]
