@@ -1,7 +1,11 @@
 //! Several nodes for real: three `warren agent` processes, each in its own network namespace
 //! joined to a bridge by a veth pair (198.18.0.0/24, the benchmarking range), and a server
-//! on the bridge's address with a token. Needs root (network namespaces); removes every
-//! namespace, veth, bridge and process it made, pass or fail.
+//! on the bridge's address with a token, its state in a real etcd the test starts (issue 7:
+//! "one server with etcd"; the agents' registrations live there under leases, so a killed
+//! agent is lost when its lease expires). The embedded store's cluster path is covered by
+//! agent.rs and pools.rs. Needs root (network namespaces) and etcd
+//! (`scripts/install-etcd.sh`); removes every namespace, veth, bridge, process and etcd data
+//! dir it made, pass or fail.
 //!
 //! The tests here run one at a time (one subnet, one bridge address).
 
@@ -17,29 +21,47 @@ use std::time::{Duration, Instant};
 
 use cluster::{Netns, TestAgent, eventually, http};
 use common::{TestServer, http_get, json};
+use warren_control::store::testing::EtcdServer;
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::{FailurePolicy, PortSpec, Protocol, SandboxSpec};
 
 const TOKEN: &str = "netns-t0k3n";
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Agents first, so they go before the server and the namespaces they run in.
+/// Agents first, so they go before the server, its etcd and the namespaces they run in.
 struct Cluster {
     agents: Vec<TestAgent>,
     server: TestServer,
+    #[allow(dead_code)] // kept for its Drop: after the server
+    etcd: EtcdServer,
     #[allow(dead_code)] // kept for its Drop: the namespaces go last
     net: Netns,
 }
 
-/// A server on the bridge and one agent per capacity in its own namespace; `image_on`
-/// gets a busybox image in its store before it starts.
-fn cluster(capacities: &[u32], image_on: Option<usize>, extra_agent: &[&str]) -> Cluster {
+/// A server on the bridge, on `etcd`, and one agent per capacity in its own namespace;
+/// `image_on` gets a busybox image in its store before it starts.
+fn cluster(
+    etcd: EtcdServer,
+    capacities: &[u32],
+    image_on: Option<usize>,
+    extra_agent: &[&str],
+) -> Cluster {
     let net = Netns::create(capacities.len());
     let server = TestServer::start_on(
         &format!("tcp://{}:0", Netns::BRIDGE_IP),
-        &["--local-capacity", "0", "--agent-timeout", "1500ms"],
+        &[
+            "--local-capacity",
+            "0",
+            "--agent-timeout",
+            "1500ms",
+            "--store",
+            &etcd.url(),
+        ],
         Some(TOKEN),
     );
+    eventually(Duration::from_secs(15), "the server leads on etcd", || {
+        server.warren(&["info"]).status.success()
+    });
     let mut agents = Vec::new();
     for (i, cap) in capacities.iter().enumerate() {
         let cap = cap.to_string();
@@ -65,6 +87,7 @@ fn cluster(capacities: &[u32], image_on: Option<usize>, extra_agent: &[&str]) ->
     let c = Cluster {
         agents,
         server,
+        etcd,
         net,
     };
     eventually(Duration::from_secs(10), "every agent registered", || {
@@ -141,23 +164,22 @@ fn sandboxes(server: &TestServer) -> BTreeMap<String, (String, String, Vec<u64>)
         .collect()
 }
 
-fn skip() -> bool {
-    match Netns::skip_reason() {
-        Some(reason) => {
-            eprintln!("{reason}");
-            true
-        }
-        None => false,
+/// The test's etcd, or `None` (said loudly) when network namespaces or etcd are missing.
+fn prerequisites() -> Option<EtcdServer> {
+    if let Some(reason) = Netns::skip_reason() {
+        eprintln!("{reason}");
+        return None;
     }
+    EtcdServer::start()
 }
 
 #[test]
 fn three_hundred_creates_spread_by_capacity_and_affinity() {
-    if skip() {
-        return;
-    }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let c = cluster(&[120, 100, 80], Some(0), &[]);
+    let Some(etcd) = prerequisites() else {
+        return;
+    };
+    let c = cluster(etcd, &[120, 100, 80], Some(0), &[]);
 
     // 100 of the image agent-0 has: image affinity puts them all there.
     let with_image: Vec<SandboxSpec> = (0..100)
@@ -233,11 +255,11 @@ fn three_hundred_creates_spread_by_capacity_and_affinity() {
 
 #[test]
 fn a_killed_agent_loses_manual_sandboxes_and_auto_recreate_runs_elsewhere() {
-    if skip() {
-        return;
-    }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let mut c = cluster(&[10, 10, 10], None, &["--orphan-timeout", "1s"]);
+    let Some(etcd) = prerequisites() else {
+        return;
+    };
+    let mut c = cluster(etcd, &[10, 10, 10], None, &["--orphan-timeout", "1s"]);
     let specs: Vec<SandboxSpec> = (0..20)
         .map(|i| {
             let (kind, policy) = if i % 2 == 0 {
@@ -289,6 +311,15 @@ fn a_killed_agent_loses_manual_sandboxes_and_auto_recreate_runs_elsewhere() {
     );
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(5), "{took:?}");
+    // Lost because etcd expired its registration's lease (TTL 2 s: 1500ms rounded up).
+    assert!(
+        c.server
+            .log()
+            .lines()
+            .any(|l| l.contains("registration expired") && l.contains(victim)),
+        "{}",
+        c.server.log()
+    );
     eprintln!(
         "kill -9 of {victim}: {} re-created elsewhere and {} Lost within {took:?}",
         auto.len(),

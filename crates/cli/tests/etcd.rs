@@ -1,11 +1,18 @@
 //! `warren server --store etcd://...` with real etcd and real server processes: records
 //! survive restarts, an unreachable store fails creates cleanly, two servers elect a leader,
 //! the standby takes over from a leader killed with -9 during 500 strong creates without
-//! losing or doubling any acknowledged one, and a deposed leader's writes are refused.
+//! losing or doubling any acknowledged one, a deposed leader's writes are refused, agents'
+//! registrations live under leases across a fail-over, and fast creates lost with an
+//! unreachable store are removed by the agent's janitor.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails (and the shared harnesses')
 
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[allow(unused_macros)] // linux_or_skip: the linux backend is one part of one test here
+#[path = "common/linux.rs"]
+mod linux_harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -465,6 +472,31 @@ fn node_state(server: &TestServer, name: &str) -> String {
         .to_string()
 }
 
+/// A key in etcd (under warren's root): its value and lease, if it exists.
+fn etcd_get(etcd: &EtcdServer, key: &str) -> Option<(Vec<u8>, i64)> {
+    runtime().block_on(async {
+        let store = warren_control::store::EtcdStore::open(&[etcd.endpoint()])
+            .await
+            .expect("open etcd");
+        store.get_leased(key).await.expect("read a key")
+    })
+}
+
+/// The registration key of agent `node` in etcd: its lease id, if the key exists.
+fn registration_lease(etcd: &EtcdServer, node: &str) -> Option<i64> {
+    let key = format!("{}{node}", warren_control::registrations::PREFIX);
+    etcd_get(etcd, &key).map(|(value, lease)| {
+        let text = String::from_utf8_lossy(&value);
+        assert!(!text.contains(TOKEN), "the token is in the key: {text}");
+        lease
+    })
+}
+
+/// Registrations live in etcd under leases renewed by the agents' heartbeats: the standby
+/// that takes over from a leader killed with -9 loads them and has the agents Up before
+/// they heartbeat to it (its log says how many it loaded), keeps their sandboxes (not Lost,
+/// not re-created, not reaped), and an agent killed later is Lost once its lease expires
+/// (its key gone), not before.
 #[test]
 fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
     let Some(etcd) = EtcdServer::start() else {
@@ -481,26 +513,49 @@ fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
     let b = start(&etcd);
     // The standby first: the agent follows its refusal's hint to the leader. A short
     // orphan timeout: a janitor that took the fail-over for "unknown" would show at once.
+    let both = format!("{},{}", b.address, a.address);
     let mut agent = TestAgent::prepare(&a, "edge", &[], "127.0.0.1:0", &["--orphan-timeout", "1s"])
-        .with_servers(&format!("{},{}", b.address, a.address));
+        .with_servers(&both);
     agent.spawn(TOKEN);
-    eventually(
-        Duration::from_secs(10),
-        "the agent registered with the leader",
-        || node_state(&a, "edge") == "Up",
-    );
+    eventually(Duration::from_secs(10), "edge registered", || {
+        node_state(&a, "edge") == "Up"
+    });
     for i in 0..3 {
         a.ok(&["run", "--name", &format!("e{i}"), "--mode", "strong"]);
     }
     let ids_before = agent.slot_ids();
     assert_eq!(ids_before.len(), 3, "{}", agent.log());
+    // A second agent, with nothing on it.
+    let mut idle = TestAgent::prepare(&a, "idle", &[], "127.0.0.1:0", &[]).with_servers(&both);
+    idle.spawn(TOKEN);
+    eventually(
+        Duration::from_secs(10),
+        "the agents registered with the leader, in etcd",
+        || {
+            ["edge", "idle"]
+                .iter()
+                .all(|n| node_state(&a, n) == "Up" && registration_lease(&etcd, n).is_some())
+        },
+    );
+    let idle_lease = registration_lease(&etcd, "idle");
 
     a.kill9();
     wait_leading(&b, Duration::from_secs(15));
-    eventually(
-        Duration::from_secs(10),
-        "the agent registered with the new leader",
-        || node_state(&b, "edge") == "Up",
+    // Loaded from their keys, which the agents' heartbeats to the standby kept alive
+    // through the fail-over (the leader TTL, 2 s, plus recovery: about the lease's 3 s).
+    assert!(
+        b.log()
+            .lines()
+            .any(|l| l.contains("agent registrations loaded from etcd") && l.contains("agents=2")),
+        "new leader's log:\n{}",
+        b.log()
+    );
+    assert_eq!(node_state(&b, "edge"), "Up");
+    assert_eq!(node_state(&b, "idle"), "Up");
+    assert_eq!(
+        registration_lease(&etcd, "idle"),
+        idle_lease,
+        "the same lease, renewed through the fail-over"
     );
     for i in 0..3 {
         let got = json(&b.ok(&["get", &format!("e{i}"), "-o", "json"]));
@@ -510,13 +565,261 @@ fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
     // Past the orphan timeout: the agent's janitor asks the new leader and keeps them.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.slot_ids(), ids_before, "agent log:\n{}", agent.log());
-    // And the new leader places new sandboxes on it.
-    b.ok(&["run", "--name", "after", "--mode", "strong"]);
-    let got = json(&b.ok(&["get", "after", "-o", "json"]));
-    assert_eq!(got["status"]["node"], "edge", "{got}");
     assert!(
         agent.log().contains("registered with the control plane"),
         "{}",
         agent.log()
     );
+    // An agent killed now is Lost once etcd expires its lease (TTL = --agent-timeout, 3 s),
+    // and not before.
+    idle.kill9();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(10), "the killed agent is Lost", || {
+        node_state(&b, "idle") == "Lost"
+    });
+    let took = killed.elapsed();
+    // Its last renewal was at most one heartbeat interval (750 ms) before the kill.
+    assert!(
+        took >= Duration::from_millis(2000),
+        "lost after {took:?}, before its lease could expire"
+    );
+    assert_eq!(registration_lease(&etcd, "idle"), None, "its key is gone");
+    assert!(
+        b.log().contains("agent's registration expired"),
+        "{}",
+        b.log()
+    );
+    eprintln!("agent killed -> Lost on etcd lease expiry: {took:?} (lease TTL 3 s)");
+    assert_eq!(node_state(&b, "edge"), "Up");
+    // And the new leader places new sandboxes on the agent that lives.
+    b.ok(&["run", "--name", "after", "--mode", "strong"]);
+    let got = json(&b.ok(&["get", "after", "-o", "json"]));
+    assert_eq!(got["status"]["node"], "edge", "{got}");
+}
+
+/// Fast-mode creates acknowledged while etcd is unreachable (SIGSTOP), then the leader dies
+/// before its writes behind land: the records that never persisted leave orphans on the
+/// agent. (The first write may already be in etcd's socket when it stops, and land when it
+/// resumes; the others wait behind it in the leader's queue and die with it.) Once a server
+/// leads again, the agent's janitor removes the orphans (their files gone, each removal
+/// logged) within the orphan timeout, and keeps every sandbox whose record persisted.
+/// Every sandbox the agent holds: slot ones (files) and linux ones (bundles), by id.
+fn held(agent: &TestAgent) -> Vec<String> {
+    let mut ids = agent.slot_ids();
+    if let Ok(dir) = std::fs::read_dir(agent.state_dir().join("linux")) {
+        ids.extend(
+            dir.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| !n.starts_with('.')),
+        );
+    }
+    ids.sort();
+    ids
+}
+
+/// Whether a process runs `sleep SECONDS` (each test sandbox sleeps a number of its own).
+fn sleeping(seconds: u32) -> bool {
+    let wanted = format!("sleep\0{seconds}\0");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).ends_with(&wanted))
+        })
+}
+
+/// Kills what the agent's linux sandboxes left (they outlive the agent by design).
+struct Cgroups(String);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        linux_harness::kill_cgroups(&self.0);
+    }
+}
+
+#[test]
+fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
+    if let Some(reason) = linux_harness::skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let Some(mut etcd) = EtcdServer::start() else {
+        return;
+    };
+    let start = |etcd: &EtcdServer| {
+        let mut args = on_etcd(etcd, "2s");
+        args.extend(["--local-capacity", "0"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestServer::start_with(&args, Some(TOKEN))
+    };
+    let mut a = start(&etcd);
+    wait_leading(&a, Duration::from_secs(10));
+    let b = start(&etcd);
+    let orphan_timeout = Duration::from_secs(2);
+    let cgroups = Cgroups(format!("warren-it-orphans-{}", std::process::id()));
+    let mut agent = TestAgent::prepare(
+        &a,
+        "edge",
+        &[],
+        "127.0.0.1:0",
+        &[
+            "--orphan-timeout",
+            "2s",
+            "--capacity",
+            "20",
+            "--cgroup-parent",
+            &cgroups.0,
+        ],
+    )
+    .with_servers(&format!("{},{}", b.address, a.address));
+    let layout = warren_image::testing::busybox_layout(agent.dir.path(), "busybox").unwrap();
+    warren_image::ImageStore::open(&agent.state_dir().join("images"))
+        .unwrap()
+        .import(&layout, None)
+        .unwrap();
+    agent.spawn(TOKEN);
+    eventually(Duration::from_secs(10), "the agent registered", || {
+        node_state(&a, "edge") == "Up"
+    });
+    let rt = runtime();
+    let address: Address = a.address.parse().expect("address");
+    let client = rt
+        .block_on(client::connect(&address, Some(TOKEN)))
+        .expect("connect");
+    // A linux sandbox sleeps `sleep` seconds (a process to look for); else a slot one.
+    let create = |name: &str, sleep: Option<u32>| {
+        let mut c = client.clone();
+        let mut spec = SandboxSpec {
+            name: name.to_string(),
+            consistency: Some(Consistency::Fast),
+            ..SandboxSpec::default()
+        };
+        if let Some(seconds) = sleep {
+            spec.backend = warren_spec::BackendKind::Linux;
+            spec.image = Some("busybox".into());
+            spec.command = vec!["sleep".into(), seconds.to_string()];
+        }
+        let req = v1::CreateSandboxRequest {
+            spec: Some(spec_to_pb(&spec)),
+            ..Default::default()
+        };
+        rt.block_on(c.create_sandbox(req)).map(|_| ())
+    };
+    for i in 0..5 {
+        let sleep = (i == 4).then_some(7100);
+        create(&format!("kept-{i}"), sleep).expect("a fast create");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the kept records persisted",
+        || (0..5).all(|i| etcd_get(&etcd, &format!("sandboxes/kept-{i}")).is_some()),
+    );
+    let kept = held(&agent);
+    assert_eq!(kept.len(), 5, "{}", agent.log());
+    eventually(
+        Duration::from_secs(10),
+        "the kept linux sandbox runs",
+        || sleeping(7100),
+    );
+
+    // The store stops answering; fast creates are still acknowledged (agent first, the
+    // record written behind), and the leader dies before any of those writes lands.
+    etcd.pause();
+    let paused = Instant::now();
+    // name -> (id, what its process sleeps if it is a linux sandbox)
+    let mut ids: BTreeMap<String, (String, Option<u32>)> = BTreeMap::new();
+    for i in 0..6 {
+        let before = held(&agent);
+        let name = format!("late-{i}");
+        let sleep = (i % 2 == 1).then_some(7200 + i);
+        create(&name, sleep).expect("a fast create is acknowledged without the store");
+        let new: Vec<String> = held(&agent)
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        ids.insert(name, (new[0].clone(), sleep));
+    }
+    assert!(
+        paused.elapsed() < Duration::from_secs(2),
+        "fast creates waited for the store: {:?}",
+        paused.elapsed()
+    );
+    a.kill9();
+    etcd.resume();
+    assert_eq!(held(&agent).len(), 11, "{}", agent.log());
+    for (_, sleep) in ids.values() {
+        if let Some(s) = sleep {
+            eventually(Duration::from_secs(10), "a late linux sandbox runs", || {
+                sleeping(*s)
+            });
+        }
+    }
+
+    wait_leading(&b, Duration::from_secs(20));
+    let leading = Instant::now();
+    let (persisted, orphans): (Vec<_>, Vec<_>) = ids
+        .iter()
+        .partition(|(name, _)| etcd_get(&etcd, &format!("sandboxes/{name}")).is_some());
+    assert!(
+        orphans.len() >= 3,
+        "writes queued behind a hung store landed after the leader died: {persisted:?}"
+    );
+    let mut expected = kept.clone();
+    expected.extend(persisted.iter().map(|(_, (id, _))| id.to_string()));
+    expected.sort();
+    // Each orphan is older than the timeout by now: the first janitor pass that reaches
+    // the new leader (every half timeout) removes it.
+    // (Its link may first ask the dead leader and pass the turn: one pass more.)
+    eventually(
+        orphan_timeout * 2 + Duration::from_secs(1),
+        "the janitor removed the orphans and only them",
+        || held(&agent) == expected,
+    );
+    let took = leading.elapsed();
+    eprintln!(
+        "{} orphans of unpersisted fast creates removed {took:?} after a leader served ({} late records persisted)",
+        orphans.len(),
+        persisted.len()
+    );
+    let log = agent.log();
+    for (_, (id, sleep)) in &orphans {
+        if let Some(s) = sleep {
+            assert!(!sleeping(*s), "the orphan's process {s} still runs");
+        }
+        assert!(
+            log.lines()
+                .any(|l| l.contains("janitor: removed an orphan") && l.contains(id.as_str())),
+            "{log}"
+        );
+    }
+    let removals = log
+        .lines()
+        .filter(|l| l.contains("janitor: removed an orphan"))
+        .count();
+    assert_eq!(removals, orphans.len(), "{log}");
+    for i in 0..5 {
+        let got = json(&b.ok(&["get", &format!("kept-{i}"), "-o", "json"]));
+        assert_eq!(got["status"]["phase"], "Running", "{got}");
+    }
+    for (name, _) in &persisted {
+        let got = json(&b.ok(&["get", name, "-o", "json"]));
+        assert_eq!(got["status"]["phase"], "Running", "{got}");
+    }
+    for (name, _) in &orphans {
+        let out = b.warren(&["get", name]);
+        assert!(!out.status.success(), "an unpersisted create is unknown");
+    }
+    // And the persisted ones stay, past another orphan timeout, processes included.
+    std::thread::sleep(orphan_timeout + Duration::from_millis(500));
+    assert_eq!(held(&agent), expected, "{}", agent.log());
+    assert!(sleeping(7100), "the kept linux sandbox's process");
+    for (_, sleep) in persisted.iter().map(|(_, v)| v) {
+        if let Some(s) = sleep {
+            assert!(sleeping(*s), "a persisted linux sandbox's process");
+        }
+    }
 }

@@ -110,11 +110,38 @@ fn bearer<T>(req: &Request<T>) -> String {
 #[derive(Debug, Clone)]
 pub struct NodesService {
     plane: ControlPlane,
+    /// On etcd: the server's role (only the leader serves) and the agents' registrations.
+    roles: Option<tokio::sync::watch::Receiver<crate::leader::Role>>,
+    registrations: Option<std::sync::Arc<crate::registrations::Registrations>>,
 }
 
 impl NodesService {
     pub fn new(plane: ControlPlane) -> Self {
-        NodesService { plane }
+        NodesService {
+            plane,
+            roles: None,
+            registrations: None,
+        }
+    }
+
+    /// On etcd: calls pass only on the leader (the service gates them itself, rather than
+    /// an interceptor, so that a refused heartbeat still renews its agent's lease).
+    pub fn with_leader(
+        mut self,
+        roles: Option<tokio::sync::watch::Receiver<crate::leader::Role>>,
+        registrations: Option<std::sync::Arc<crate::registrations::Registrations>>,
+    ) -> Self {
+        self.roles = roles;
+        self.registrations = registrations;
+        self
+    }
+
+    #[allow(clippy::result_large_err)] // tonic's Status.
+    fn admit(&self) -> Result<(), Status> {
+        match crate::server::refusal(&self.roles) {
+            Some(status) => Err(status),
+            None => Ok(()),
+        }
     }
 }
 
@@ -128,6 +155,14 @@ impl NodesApi for NodesService {
         let hb = req.into_inner();
         warren_spec::validate_name("node", &hb.node)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Err(refused) = self.admit() {
+            // Not the leader (a standby, or one still recovering): the agent is alive all
+            // the same, and its key must outlive a fail-over.
+            if let Some(r) = &self.registrations {
+                r.renew(&hb.node);
+            }
+            return Err(refused);
+        }
         warren_agent::remote::base_url(&hb.address)
             .map_err(|e| Status::invalid_argument(format!("address: {e}")))?;
         let backends = hb
@@ -158,23 +193,24 @@ impl NodesApi for NodesService {
             .into_iter()
             .map(change_from_pb)
             .collect::<Result<Vec<_>, Status>>()?;
+        let heartbeat = Heartbeat {
+            node: hb.node,
+            address: hb.address,
+            boot_id: hb.boot_id,
+            capacity: hb.capacity,
+            labels: hb.labels.into_iter().collect(),
+            backends,
+            images: hb.images,
+            warm,
+        };
+        let registration = self.registrations.as_ref().map(|r| (r, heartbeat.clone()));
         let outcome = self
             .plane
-            .heartbeat(
-                Heartbeat {
-                    node: hb.node,
-                    address: hb.address,
-                    boot_id: hb.boot_id,
-                    capacity: hb.capacity,
-                    labels: hb.labels.into_iter().collect(),
-                    backends,
-                    images: hb.images,
-                    warm,
-                },
-                changes,
-                &token,
-            )
+            .heartbeat(heartbeat, changes, &token)
             .map_err(status_of)?;
+        if let Some((r, hb)) = registration {
+            r.beat(&hb);
+        }
         Ok(Response::new(v1::HeartbeatReply {
             interval_ms: interval_ms(&self.plane),
             warm_targets: outcome
@@ -194,6 +230,7 @@ impl NodesApi for NodesService {
         &self,
         req: Request<v1::ReconcileRequest>,
     ) -> Result<Response<v1::ReconcileReply>, Status> {
+        self.admit()?;
         let req = req.into_inner();
         Ok(Response::new(v1::ReconcileReply {
             unknown: self.plane.unknown_ids(req.ids),
@@ -204,6 +241,7 @@ impl NodesApi for NodesService {
         &self,
         _req: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.admit()?;
         Ok(Response::new(v1::ListNodesResponse {
             nodes: self.plane.nodes().list().iter().map(node_to_pb).collect(),
         }))

@@ -32,6 +32,7 @@ pub mod nodes;
 pub mod plane;
 pub mod policies;
 pub mod record;
+pub mod registrations;
 pub mod scheduler;
 pub mod selector;
 pub mod server;

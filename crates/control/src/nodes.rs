@@ -5,9 +5,9 @@
 //! in-process [`Agent`] of `warren server` (the embedded default, called directly, no copy
 //! of anything) or a [`RemoteAgent`] reached over seed 004's HTTP API. Remote agents
 //! register and stay registered by heartbeating (`warren.v1.Nodes/Heartbeat`); whether one is
-//! alive is decided in one place, [`Nodes::is_alive`], from its last heartbeat and the
-//! server's `--agent-timeout`. (With a distributed store that decision becomes "its lease
-//! has not expired"; nothing else changes.)
+//! alive is decided in one place, [`Nodes::is_alive`]: on the embedded store from its last
+//! heartbeat and the server's `--agent-timeout`; on etcd from its registration's key, which
+//! lives under a lease its heartbeats renew ([`crate::registrations`]): lost = lease expired.
 //!
 //! A node can be known before it registers: records loaded at start-up name the nodes their
 //! sandboxes run on, and those nodes wait, unschedulable, for their agent to heartbeat
@@ -31,11 +31,27 @@ use crate::selector::Selector;
 /// `warren server --agent-timeout` says.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long after a warm hand-out to an agent its reports may only lower the count of that
+/// image's pre-warmed sandboxes: a report sent before the agent took the one handed out
+/// (a heartbeat crossing the create) would count it again, and the next create would be
+/// placed on a sandbox that is gone and start cold. Longer than a create takes to reach the
+/// agent; a refill reported meanwhile is counted from the first report after it.
+pub const HANDOUT_SETTLE: Duration = Duration::from_secs(1);
+
 /// The name image affinity compares: the image store's normal form (`busybox` and
 /// `docker.io/library/busybox` are `busybox:latest`), or the name as given when it is not
 /// an image reference (a Wasm module path).
 pub fn image_key(name: &str) -> String {
     warren_image::normalize_name(name).unwrap_or_else(|_| name.to_string())
+}
+
+/// The backends among `backends` a node can run now.
+fn available(backends: &[BackendState]) -> Vec<BackendKind> {
+    backends
+        .iter()
+        .filter(|b| b.available)
+        .map(|b| b.kind)
+        .collect()
 }
 
 /// Where the plane sends a node's work.
@@ -214,6 +230,23 @@ struct Entry {
     warm: Vec<WarmState>,
     /// What the pools want pre-warmed here: (backend, image, count).
     warm_targets: Vec<(BackendKind, String, u32)>,
+    /// Whether its registration's key exists in etcd (the liveness decision there).
+    lease: Lease,
+    /// Heartbeated to this server (false for one only loaded from its registration).
+    heard: bool,
+    /// When a pre-warmed sandbox of each image (its key) was last handed out here.
+    handed_out: HashMap<String, Instant>,
+}
+
+/// What decides an agent's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// No key known (the embedded store, or not written yet): its heartbeats' age.
+    None,
+    /// Its key exists: alive until etcd expires the lease.
+    Held,
+    /// Its key is gone: the lease expired.
+    Expired,
 }
 
 #[derive(Debug, Default)]
@@ -273,6 +306,9 @@ impl Nodes {
             images: Vec::new(),
             warm: Vec::new(),
             warm_targets: Vec::new(),
+            lease: Lease::None,
+            heard: true,
+            handed_out: HashMap::new(),
         });
         Nodes {
             local,
@@ -299,10 +335,18 @@ impl Nodes {
     }
 
     /// Whether a node is alive: the one decision every "is it lost" question goes through.
-    /// The in-process agent always is; a remote one while its last heartbeat is younger
-    /// than the agent timeout.
+    /// The in-process agent always is; a remote one while its registration's key exists
+    /// (etcd: until its lease expires), or, with no key, while its last heartbeat is
+    /// younger than the agent timeout.
     fn is_alive(&self, entry: &Entry, now: Instant) -> bool {
-        entry.handle.is_local() || now.duration_since(entry.last_seen) <= self.timeout
+        if entry.handle.is_local() {
+            return true;
+        }
+        match entry.lease {
+            Lease::Held => true,
+            Lease::Expired => false,
+            Lease::None => now.duration_since(entry.last_seen) <= self.timeout,
+        }
     }
 
     /// The handle of `node` (an unregistered one fails every call, naming the node).
@@ -318,7 +362,42 @@ impl Nodes {
     pub fn allocate(&self, demand: &Demand<'_>) -> Result<(String, Placement), ScheduleError> {
         let mut inner = self.lock();
         let p = inner.sched.allocate(demand)?;
+        if p.affinity == crate::scheduler::Affinity::Warm
+            && let Some(image) = demand.image
+        {
+            inner.entries[p.agent]
+                .handed_out
+                .insert(image.to_string(), Instant::now());
+        }
         Ok((inner.sched.name(p.agent).to_string(), p))
+    }
+
+    /// The warm counts an agent reported, as the scheduler should take them: within
+    /// [`HANDOUT_SETTLE`] of a hand-out of an image, no more than it counts now.
+    fn settled_warm(
+        inner: &mut Inner,
+        i: usize,
+        reported: Vec<(String, u32)>,
+    ) -> Vec<(String, u32)> {
+        let now = Instant::now();
+        let entry = &mut inner.entries[i];
+        entry
+            .handed_out
+            .retain(|_, at| now.duration_since(*at) < HANDOUT_SETTLE);
+        if entry.handed_out.is_empty() {
+            return reported;
+        }
+        reported
+            .into_iter()
+            .map(|(image, ready)| {
+                let ready = if inner.entries[i].handed_out.contains_key(&image) {
+                    ready.min(inner.sched.warm_of(i, &image))
+                } else {
+                    ready
+                };
+                (image, ready)
+            })
+            .collect()
     }
 
     /// The index of `node` for [`Demand::avoid`].
@@ -357,6 +436,9 @@ impl Nodes {
                 images: Vec::new(),
                 warm: Vec::new(),
                 warm_targets: Vec::new(),
+                lease: Lease::None,
+                heard: false,
+                handed_out: HashMap::new(),
             });
         }
         i
@@ -373,9 +455,12 @@ impl Nodes {
             )));
         }
         let i = Self::entry(&mut inner, &hb.node);
+        // A node loaded from its registration was given the cluster's token: take the one
+        // its agent presents.
         let fresh_handle = match &inner.entries[i].handle {
             NodeHandle::Remote(r) => {
-                r.base() != warren_agent::remote::base_url(&hb.address).unwrap_or_default()
+                !inner.entries[i].heard
+                    || r.base() != warren_agent::remote::base_url(&hb.address).unwrap_or_default()
             }
             _ => true,
         };
@@ -389,7 +474,12 @@ impl Nodes {
             None
         };
         let entry = &mut inner.entries[i];
-        let reconcile = entry.state != NodeState::Up || entry.boot_id != hb.boot_id;
+        let reconcile = entry.state != NodeState::Up || entry.boot_id != hb.boot_id || !entry.heard;
+        entry.heard = true;
+        if entry.lease == Lease::Expired {
+            // Alive after all: its key is written again; until then its heartbeats decide.
+            entry.lease = Lease::None;
+        }
         if let Some(h) = handle {
             entry.handle = h;
         }
@@ -400,12 +490,7 @@ impl Nodes {
         entry.state = NodeState::Up;
         let labels_changed = entry.labels != hb.labels;
         entry.labels = hb.labels;
-        let kinds: Vec<BackendKind> = hb
-            .backends
-            .iter()
-            .filter(|b| b.available)
-            .map(|b| b.kind)
-            .collect();
+        let kinds = available(&hb.backends);
         entry.backends = hb.backends;
         entry.images = hb.images.clone();
         let warm: Vec<(String, u32)> = hb
@@ -416,6 +501,7 @@ impl Nodes {
         let images: Vec<String> = hb.images.iter().map(|i| image_key(i)).collect();
         entry.warm = hb.warm;
         let warm_targets = entry.warm_targets.clone();
+        let warm = Self::settled_warm(&mut inner, i, warm);
         inner.sched.configure(i, hb.capacity, &kinds);
         inner.sched.set_images(i, &images);
         inner.sched.set_warm(i, &warm);
@@ -427,6 +513,78 @@ impl Nodes {
             reconcile,
             warm_targets,
         })
+    }
+
+    /// Adds (or refreshes) a node from its registration in etcd, as a new leader does before
+    /// it recovers: Up, called with the cluster's `token` until its agent heartbeats (with
+    /// no token the node takes no new sandboxes until then). Returns whether the node is up.
+    pub fn load_registration(
+        &self,
+        reg: &crate::registrations::Registration,
+        token: Option<&str>,
+    ) -> bool {
+        if reg.node == self.local.node() {
+            return false;
+        }
+        let handle = match RemoteAgent::new(&reg.node, &reg.address, token.unwrap_or_default()) {
+            Ok(r) => NodeHandle::Remote(Arc::new(r)),
+            Err(e) => {
+                tracing::warn!(node = %reg.node, error = %e, "registration with a bad address ignored");
+                return false;
+            }
+        };
+        let mut inner = self.lock();
+        let i = Self::entry(&mut inner, &reg.node);
+        let entry = &mut inner.entries[i];
+        if entry.heard {
+            return entry.state == NodeState::Up;
+        }
+        entry.handle = handle;
+        entry.address = reg.address.clone();
+        entry.boot_id = reg.boot_id.clone();
+        entry.labels = reg.labels.clone();
+        entry.backends = reg.backends.clone();
+        entry.images = reg.images.clone();
+        entry.last_seen = Instant::now();
+        entry.last_seen_ms = now_ms();
+        entry.state = NodeState::Up;
+        entry.lease = Lease::Held;
+        let kinds = available(&reg.backends);
+        let images: Vec<String> = reg.images.iter().map(|i| image_key(i)).collect();
+        inner.sched.configure(i, reg.capacity, &kinds);
+        inner.sched.set_images(i, &images);
+        inner.sched.set_up(i, token.is_some());
+        Self::refresh_pools(&mut inner);
+        true
+    }
+
+    /// Whether `node`'s registration key exists (a watch on the keys says).
+    pub fn set_lease(&self, node: &str, held: bool) {
+        let mut inner = self.lock();
+        if let Some(i) = inner.sched.find(node) {
+            let entry = &mut inner.entries[i];
+            if !entry.handle.is_local() {
+                entry.lease = if held { Lease::Held } else { Lease::Expired };
+            }
+        }
+    }
+
+    /// After a watch on the keys started again: the nodes named have keys, the others that
+    /// had one have lost it.
+    pub fn set_leases_present(&self, present: &[String]) {
+        let mut inner = self.lock();
+        for i in 0..inner.entries.len() {
+            let has = present.iter().any(|n| n == inner.sched.name(i));
+            let entry = &mut inner.entries[i];
+            if entry.handle.is_local() {
+                continue;
+            }
+            entry.lease = match (entry.lease, has) {
+                (_, true) => Lease::Held,
+                (Lease::Held, false) => Lease::Expired,
+                (other, false) => other,
+            };
+        }
     }
 
     /// Marks nodes whose agent is no longer alive as Lost; returns their names. A node that
@@ -513,6 +671,7 @@ impl Nodes {
             .collect();
         let mut inner = self.lock();
         if let Some(i) = inner.sched.find(self.local.node()) {
+            let pairs = Self::settled_warm(&mut inner, i, pairs);
             inner.sched.set_warm(i, &pairs);
             inner.entries[i].warm = warm;
         }
@@ -557,7 +716,9 @@ impl Nodes {
         }
     }
 
-    /// Members of a pool that are up, by name.
+    /// Members of a pool that are up and can take sandboxes, by name: a node of capacity 0
+    /// (the server's own under `--local-capacity 0`) gets no share of the pool's pre-warmed
+    /// sandboxes, which could never be handed out there.
     pub fn pool_members(&self, pool: &str) -> Vec<String> {
         let inner = self.lock();
         let Some((selector, backend)) = inner.pools.get(pool) else {
@@ -567,10 +728,11 @@ impl Nodes {
             .entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| {
+            .filter(|(i, e)| {
                 e.state == NodeState::Up
                     && selector.matches(&e.labels)
                     && e.backends.iter().any(|b| b.kind == *backend && b.available)
+                    && inner.sched.load(*i).1 > 0
             })
             .map(|(i, _)| inner.sched.name(i).to_string())
             .collect();
@@ -659,6 +821,59 @@ mod tests {
         assert!(n.heartbeat(hb("a", 2), "t").unwrap().reconcile, "came back");
         let e = n.heartbeat(hb("local", 1), "t").unwrap_err();
         assert!(e.to_string().contains("server's own agent"), "{e}");
+    }
+
+    /// A heartbeat sent before the agent took a handed-out warm sandbox does not count it
+    /// again: the next create is not placed on a pool that is already empty.
+    #[test]
+    fn stale_warm_reports_do_not_undo_a_hand_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = nodes(tmp.path(), Some(0), Duration::from_secs(60));
+        let with_warm = |ready: u32| {
+            let mut h = hb("a", 10);
+            h.images = vec!["busybox".into()];
+            h.warm = vec![WarmState {
+                backend: BackendKind::Slot,
+                image: "busybox".into(),
+                ready,
+                target: 1,
+            }];
+            h
+        };
+        n.heartbeat(with_warm(1), "t").unwrap();
+        let image = image_key("busybox");
+        let d = Demand {
+            image: Some(&image),
+            ..slot()
+        };
+        let warm = crate::scheduler::Affinity::Warm;
+        assert_eq!(n.allocate(&d).unwrap().1.affinity, warm);
+        // The agent's report crossed the create: it still says 1 ready.
+        n.heartbeat(with_warm(1), "t").unwrap();
+        assert_ne!(
+            n.allocate(&d).unwrap().1.affinity,
+            warm,
+            "the pool is empty"
+        );
+        // It may say fewer at once...
+        n.heartbeat(with_warm(0), "t").unwrap();
+        assert_ne!(n.allocate(&d).unwrap().1.affinity, warm);
+        // ...and more once the hand-out has settled (a refill).
+        std::thread::sleep(HANDOUT_SETTLE + Duration::from_millis(50));
+        n.heartbeat(with_warm(1), "t").unwrap();
+        assert_eq!(n.allocate(&d).unwrap().1.affinity, warm);
+    }
+
+    /// Pools spread their pre-warmed sandboxes over the nodes that can take sandboxes.
+    #[test]
+    fn nodes_without_capacity_get_no_share_of_a_pool() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = nodes(tmp.path(), Some(0), Duration::from_secs(60));
+        n.heartbeat(hb("a", 2), "t").unwrap();
+        n.heartbeat(hb("full", 0), "t").unwrap();
+        let every = Selector::parse("").unwrap();
+        n.set_pool("p", Some((every, BackendKind::Slot)));
+        assert_eq!(n.pool_members("p"), vec!["a".to_string()]);
     }
 
     #[test]

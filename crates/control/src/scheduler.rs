@@ -347,6 +347,14 @@ impl Scheduler {
         }
     }
 
+    /// Pre-warmed sandboxes of `image` the scheduler counts on agent `i` now.
+    pub fn warm_of(&self, i: usize, image: &str) -> u32 {
+        self.slots
+            .get(i)
+            .and_then(|s| s.warm.get(image).copied())
+            .unwrap_or(0)
+    }
+
     /// Which agents are members of `pool`; `None` removes the pool.
     pub fn set_pool(&mut self, pool: &str, members: Option<&[usize]>) {
         match members {

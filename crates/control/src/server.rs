@@ -183,6 +183,8 @@ pub struct Server {
     details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
     /// On etcd: this server's part in the leader election.
     election: Option<Arc<Election>>,
+    /// On etcd: the agents' registrations under leases.
+    registrations: Option<Arc<crate::registrations::Registrations>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -356,6 +358,9 @@ impl Server {
                 Err(e) => return Err(io("serve metrics on", Path::new(addr))(e)),
             },
         };
+        let registrations = etcd.as_ref().map(|etcd| {
+            crate::registrations::Registrations::new(etcd.clone(), config.cluster.agent_timeout)
+        });
         let election = etcd.map(|etcd| {
             let advertise = store_config
                 .advertise
@@ -379,6 +384,7 @@ impl Server {
             orphan_timeout: config.cluster.orphan_timeout,
             details,
             election,
+            registrations,
         })
     }
 
@@ -430,11 +436,15 @@ impl Server {
             )),
             move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
-        // Agents register and heartbeat with the leader only (a standby's refusal names it).
-        let (token, gate) = (self.token.clone(), roles.clone());
+        // Agents register and heartbeat with the leader only (a standby's refusal names it);
+        // the service applies the gate itself (a refused heartbeat still renews a lease).
+        let token = self.token.clone();
         let nodes = InterceptedService::new(
-            NodesServer::new(crate::cluster_grpc::NodesService::new(self.plane.clone())),
-            move |req: Request<()>| admit(&gate, authorize(&token, req)?),
+            NodesServer::new(
+                crate::cluster_grpc::NodesService::new(self.plane.clone())
+                    .with_leader(roles.clone(), self.registrations.clone()),
+            ),
+            move |req: Request<()>| authorize(&token, req),
         );
         let (token, gate) = (self.token.clone(), roles.clone());
         let pools = InterceptedService::new(
@@ -473,9 +483,14 @@ impl Server {
                 health
                     .set_not_serving::<SandboxesServer<SandboxService>>()
                     .await;
+                let registrations = self
+                    .registrations
+                    .clone()
+                    .map(|r| (r, self.token.as_deref().map(str::to_string)));
                 Some(tokio::spawn(lead(
                     election.clone(),
                     self.plane.clone(),
+                    registrations,
                     health.clone(),
                     stop_rx.clone(),
                     deposed_tx,
@@ -563,6 +578,7 @@ impl Server {
 async fn lead(
     election: Arc<Election>,
     plane: ControlPlane,
+    registrations: Option<(Arc<crate::registrations::Registrations>, Option<String>)>,
     health: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
     deposed: tokio::sync::oneshot::Sender<String>,
@@ -572,6 +588,20 @@ async fn lead(
         _ = stopped(&mut stop) => return,
     };
     let started = std::time::Instant::now();
+    // The agents alive now are Up before the records naming them are loaded, so none of
+    // their sandboxes is Lost (or re-created) for want of a heartbeat to this server yet.
+    let _following = match registrations {
+        Some((r, token)) => match r.lead(plane.clone(), token).await {
+            Ok(task) => Some(AbortOnDrop(task)),
+            Err(e) => {
+                let reason = format!("loading agent registrations failed: {e}");
+                let _ = deposed.send(reason);
+                election.resign(leadership).await;
+                return;
+            }
+        },
+        None => None,
+    };
     match plane.recover().await {
         Ok(n) => info!(
             sandboxes = n,
@@ -597,6 +627,15 @@ async fn lead(
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Resolves once the server is told to stop (the guard `wait_for` returns is not `Send`).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -615,10 +654,19 @@ pub const LEADER_METADATA: &str = "warren-leader";
 /// Lets a call through only on a leader that has recovered (etcd); always without election.
 #[allow(clippy::result_large_err)] // tonic's interceptor signature fixes the error type.
 fn admit(roles: &Option<watch::Receiver<Role>>, req: Request<()>) -> Result<Request<()>, Status> {
-    let Some(roles) = roles else { return Ok(req) };
+    match refusal(roles) {
+        Some(status) => Err(status),
+        None => Ok(req),
+    }
+}
+
+/// The answer of a server that does not lead (or has not recovered yet) to any call; `None`
+/// on the leader, and always without an election.
+pub(crate) fn refusal(roles: &Option<watch::Receiver<Role>>) -> Option<Status> {
+    let roles = roles.as_ref()?;
     let role = roles.borrow().clone();
     let (mut status, role) = match role {
-        Role::Leader => return Ok(req),
+        Role::Leader => return None,
         Role::Standby { leader } => {
             let mut status = Status::unavailable(format!(
                 "this warren server is a standby; the leader is {leader}"
@@ -646,7 +694,7 @@ fn admit(roles: &Option<watch::Receiver<Role>>, req: Request<()>) -> Result<Requ
         ROLE_METADATA,
         tonic::metadata::MetadataValue::from_static(role),
     );
-    Err(status)
+    Some(status)
 }
 
 /// The metadata key of a refusal by a server that does not lead: standby, starting, deposed.

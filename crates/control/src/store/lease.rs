@@ -400,3 +400,93 @@ async fn keep_alive(
         tokio::time::sleep_until(next.into()).await;
     }
 }
+
+/// Leases renewed by someone else's activity rather than kept alive in the background: an
+/// agent's registration lives while its heartbeats keep coming ([`crate::registrations`]).
+/// Each call is one etcd request with a timeout, no retries: the next heartbeat retries.
+impl EtcdStore {
+    /// Grants a lease of `ttl` (whole seconds, at least 1) that nothing keeps alive: it
+    /// expires unless [`EtcdStore::renew_lease`] is called within every TTL.
+    pub async fn grant_bare_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let shared = self.shared.clone();
+        self.on_store(async move {
+            let mut lease = shared.client.lease_client();
+            let granted = once(&shared, lease.grant(seconds, None)).await?;
+            Ok(granted.id())
+        })
+        .await
+    }
+
+    /// Renews lease `id` once; `Ok(false)` when etcd no longer has it (it expired).
+    pub async fn renew_lease(&self, id: i64) -> Result<bool, StoreError> {
+        let shared = self.shared.clone();
+        self.on_store(async move {
+            let mut client = shared.client.lease_client();
+            // Opening the stream sends one keep-alive and reads its answer: that is the
+            // renewal. etcd-client turns etcd's TTL-0 answer (expired) into this error.
+            once(&shared, async {
+                match client.keep_alive(id).await {
+                    Ok(_) => Ok(true),
+                    Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Puts `key` = `value` under lease `id` (granted by [`EtcdStore::grant_bare_lease`],
+    /// possibly by another server). Not fenced: only a lease's keys are written this way.
+    pub async fn put_leased(&self, key: &str, value: Vec<u8>, id: i64) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let key = full(key);
+        self.on_store(async move {
+            let mut kv = shared.client.kv_client();
+            let options = PutOptions::new().with_lease(id);
+            once(&shared, kv.put(key, value, Some(options))).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The value of `key` and the lease it is under (0: none), if it exists.
+    pub async fn get_leased(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let shared = self.shared.clone();
+        let key = full(key);
+        self.on_store(async move {
+            let mut kv = shared.client.kv_client();
+            let resp = once(&shared, kv.get(key, None)).await?;
+            Ok(resp
+                .kvs()
+                .first()
+                .map(|kv| (kv.value().to_vec(), kv.lease())))
+        })
+        .await
+    }
+}
+
+/// One etcd call under the request timeout; failures are recorded for `/readyz`.
+async fn once<T>(
+    shared: &super::etcd::Shared,
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(super::etcd::REQUEST_TIMEOUT, call).await {
+        Ok(Ok(v)) => {
+            shared.reached();
+            Ok(v)
+        }
+        Ok(Err(e)) => Err(shared.unreachable(&e)),
+        Err(_) => {
+            let message = format!("no answer within {:?}", super::etcd::REQUEST_TIMEOUT);
+            shared.mark_unreachable(message.clone());
+            Err(StoreError::Unreachable {
+                endpoints: shared.endpoints.clone(),
+                message,
+            })
+        }
+    }
+}
