@@ -330,7 +330,7 @@ fn a_killed_agent_loses_manual_sandboxes_and_auto_recreate_runs_elsewhere() {
         lost["status"]["reason"]
             .as_str()
             .unwrap()
-            .contains("agent-2 stopped answering"),
+            .contains("agent-2 stopped answering (its registration's lease expired"),
         "{lost}"
     );
     let moved = json(&c.server.ok(&["get", &auto[0], "-o", "json"]));

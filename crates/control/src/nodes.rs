@@ -605,6 +605,23 @@ impl Nodes {
         lost
     }
 
+    /// Why `node` counts as lost, for its sandboxes' reason: its registration's lease
+    /// expired, or (with no lease) it sent no heartbeat within the agent timeout.
+    pub fn lost_why(&self, node: &str) -> String {
+        let inner = self.lock();
+        let lease = inner.sched.find(node).map(|i| inner.entries[i].lease);
+        match lease {
+            Some(Lease::Expired) => format!(
+                "its registration's lease expired (no heartbeat renewed it for {})",
+                crate::plane::duration_text(self.timeout)
+            ),
+            _ => format!(
+                "no heartbeat for {}",
+                crate::plane::duration_text(self.timeout)
+            ),
+        }
+    }
+
     /// Whether `node` is up (schedulable).
     pub fn is_up(&self, node: &str) -> bool {
         let inner = self.lock();

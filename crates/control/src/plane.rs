@@ -908,6 +908,7 @@ mod cluster;
 mod create;
 mod error;
 mod failure;
+pub(crate) use failure::duration_text;
 mod policy;
 mod pools;
 mod update;

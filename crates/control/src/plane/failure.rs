@@ -76,17 +76,10 @@ impl ControlPlane {
 
     /// Every sandbox on a lost node that was running (or being stopped) is Lost.
     fn node_lost(&self, node: &str) {
-        let timeout = self.inner.nodes.timeout();
-        warn!(
-            node,
-            ?timeout,
-            "agent lost: no heartbeat within the agent timeout"
-        );
+        let why = self.inner.nodes.lost_why(node);
+        warn!(node, "agent lost: {why}");
         self.inner.metrics.error("agent_lost");
-        let reason = format!(
-            "agent {node} stopped answering (no heartbeat for {})",
-            humantime_secs(timeout)
-        );
+        let reason = format!("agent {node} stopped answering ({why})");
         let mut reg = self.lock();
         let names: Vec<String> = reg
             .sandboxes
@@ -306,7 +299,8 @@ impl ControlPlane {
 }
 
 /// "3s", "500ms": a timeout as a person writes it.
-fn humantime_secs(d: Duration) -> String {
+/// A duration as a user reads it: `3s`, `1500ms`.
+pub(crate) fn duration_text(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())
     } else {
