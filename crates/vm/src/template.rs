@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sha2::Digest as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_runtime::BackendError;
 
 use crate::backend::{Inner, POOL_DIR, VmBackendConfig};
@@ -324,11 +324,55 @@ async fn restore(
     let socket = dir.join(qemu::CHANNEL_SOCKET);
     let patience = inner.config.vm.vm.boot_timeout();
     match crate::channel::ready(&socket, patience, || qemu.running()).await {
-        Ok(client) => Ok(Booted { qemu, client }),
+        Ok(mut client) => {
+            if for_pool {
+                warm(inner, &mut client).await;
+            }
+            Ok(Booted { qemu, client })
+        }
         Err(e) => {
             qemu.kill_and_wait(Duration::from_secs(5)).await;
             Err(vm::boot_error(dir, &e.to_string(), None))
         }
+    }
+}
+
+/// Runs once in a pool clone what a hand-out runs: `Prepare`'s reseed, `Start`'s limits and
+/// a process started, run and reaped (`/bin/true` through `Exec`). Under TCG a restored
+/// clone starts with no translated code, and translating the guest kernel's and
+/// warren-guest's paths the first time they run cost a hand-out more than running them:
+/// warmed here, off the create path. Best effort: a clone that cannot is pooled as it is.
+async fn warm(inner: &Inner, client: &mut crate::channel::Client) {
+    use warren_guest::proto;
+    let seed = crate::monitor::entropy(&inner.config.vm.hypervisor.entropy_source);
+    let steps = async {
+        client
+            .prepare(proto::PrepareRequest {
+                seed,
+                ..Default::default()
+            })
+            .await?;
+        client.set_limits(proto::Limits::default()).await?;
+        let start = proto::ExecInput {
+            input: Some(proto::exec_input::Input::Start(proto::ExecStart {
+                argv: vec!["/bin/true".into()],
+                env: vec!["PATH=/bin:/sbin".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            })),
+        };
+        let mut replies = client.exec(tokio_stream::iter([start])).await?.into_inner();
+        while let Some(reply) = tokio_stream::StreamExt::next(&mut replies).await {
+            if let Some(proto::exec_output::Output::ExitCode(_)) = reply?.output {
+                break;
+            }
+        }
+        Ok::<(), tonic::Status>(())
+    };
+    match tokio::time::timeout(QMP_PATIENCE, steps).await {
+        Ok(Ok(())) => {}
+        Ok(Err(s)) => debug!("vm: warm a pool clone: {}", s.message()),
+        Err(_) => debug!("vm: warm a pool clone: no answer"),
     }
 }
 
