@@ -40,6 +40,7 @@ struct ChildArgs<'a> {
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     stdio: [RawFd; 3],
+    /// The parent's signal mask, restored once the child has exec'd.
     mask: libc::sigset_t,
     /// The errno that stopped the child before or at exec; 0 if it exec'd.
     error: AtomicI32,
@@ -82,8 +83,8 @@ pub fn spawn(program: &Program, stdio: [RawFd; 3]) -> std::io::Result<i32> {
         (end & !15) as *mut libc::c_void
     };
     // SAFETY: every signal is blocked around the clone so that no handler of this process
-    // runs in the child (which shares its memory); the old mask is restored after, and by
-    // the child before it execs. `all` is initialized by sigfillset before use.
+    // runs in the child (which shares its memory) before it has reset them; the old mask is
+    // restored after. `all` is initialized by sigfillset before use.
     #[allow(unsafe_code)]
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -163,7 +164,10 @@ fn enter_and_exec(a: &ChildArgs<'_>) -> libc::c_int {
                 libc::sigaction(sig, &action, std::ptr::null_mut());
             }
         }
-        if libc::pthread_sigmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut()) != 0 {
+        // The program starts with no signal blocked, as std's `Command` starts it.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
             return libc::EINVAL;
         }
         for (target, &fd) in a.stdio.iter().enumerate() {
