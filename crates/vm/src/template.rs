@@ -17,7 +17,7 @@
 //! They are made on first use of a shape (that create boots cold) or ahead of time by
 //! `warren vm template build`. A pool of restored clones per template makes a create a
 //! hand-out: the clone's directory is renamed to the sandbox's and qemu moved into its
-//! cgroup.
+//! cgroup (while its guest is prepared and started: see `monitor::launch`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -376,15 +376,14 @@ async fn warm(inner: &Inner, client: &mut crate::channel::Client) {
     }
 }
 
-/// A clone for a sandbox of this shape in `dir` (moved into `cgroup`): from the pool, else
-/// restored now; `None` when there is no template yet (one is built in the background, and
-/// this sandbox boots cold).
+/// A clone for a sandbox of this shape in `dir`: from the pool, else restored now; `None`
+/// when there is no template yet (one is built in the background, and this sandbox boots
+/// cold). The caller moves it into the sandbox's cgroup.
 pub(crate) async fn take(
     inner: &Arc<Inner>,
     vcpus: u32,
     memory_mb: u64,
     dir: &Path,
-    cgroup: Option<&warren_linux::cgroup::Cgroup>,
 ) -> Option<(Booted, bool)> {
     let t = &inner.templates;
     if !t.enabled {
@@ -405,7 +404,7 @@ pub(crate) async fn take(
         let alive = c.booted.qemu.running();
         (c, alive)
     });
-    let mut booted = match pooled {
+    match pooled {
         Some((mut clone, true)) => {
             if let Err(e) = std::fs::rename(&clone.dir, dir) {
                 t.refill.notify_one();
@@ -419,36 +418,26 @@ pub(crate) async fn take(
                 return None;
             }
             let _ = std::fs::remove_file(dir.join(POOL_STATE));
-            (clone.booted, true)
+            Some((clone.booted, true))
         }
         Some((clone, false)) => {
             t.refill.notify_one();
             let _ = std::fs::remove_dir_all(&clone.dir);
-            return None;
+            None
         }
         None if ready(&template) => match restore(inner, shape, &template, dir, false).await {
-            Ok(b) => (b, false),
+            Ok(b) => Some((b, false)),
             Err(e) => {
                 warn!("vm: restore a clone: {e}");
                 let _ = std::fs::remove_dir_all(dir);
-                return None;
+                None
             }
         },
         None => {
             spawn_build(inner, shape);
-            return None;
+            None
         }
-    };
-    if let Some(cg) = cgroup
-        && let Err(e) = cg.add_pid(booted.0.qemu.pid)
-    {
-        warn!("vm: move a clone into its cgroup: {e}");
-        t.refill.notify_one();
-        booted.0.qemu.kill_and_wait(Duration::from_secs(5)).await;
-        let _ = std::fs::remove_dir_all(dir);
-        return None;
     }
-    Some(booted)
 }
 
 /// Wakes the pool's refill, after a hand-out finished: a clone restored meanwhile would take
