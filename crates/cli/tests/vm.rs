@@ -575,6 +575,14 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
         // Handed out from the pool, or restored for this create when the pool ran dry.
         let from = &got["status"]["backendInfo"]["clone_from"];
         assert!(from == "pool" || from == "restore", "{got}");
+        // Its qemu is in the sandbox's cgroup once the create has answered.
+        let dir = got["status"]["backendInfo"]["dir"].as_str().unwrap();
+        let id = Path::new(dir).file_name().unwrap().to_string_lossy();
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pid_of(&got))).unwrap();
+        assert!(
+            cgroups.contains(&format!("{}/{id}", vm.cgroup_parent)),
+            "{cgroups}"
+        );
         let out = vm.ok(&[
             "exec",
             name,

@@ -1,7 +1,5 @@
 //! `Exec`: a process beside the workload, with pipes or a terminal, streamed both ways.
 
-use std::os::fd::OwnedFd;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -21,11 +19,8 @@ pub fn run(
 ) -> Result<Response<crate::service::ExecStream>, Status> {
     let argv0 = start.argv.first().cloned().unwrap_or_default();
     let tty = start.tty_rows > 0 && start.tty_cols > 0;
-    let mut cmd = guest.exec_launch(&start).command(tty)?;
+    let program = guest.exec_launch(&start).program(tty)?;
     let (tx, rx) = mpsc::channel(32);
-    let spawn = |cmd: &mut std::process::Command| {
-        guest.reaper.spawn(cmd).map_err(|e| spawn_error(&argv0, &e))
-    };
     let (pid, status, readers) = if tty {
         let size = nix::pty::Winsize {
             ws_row: start.tty_rows.min(u16::MAX.into()) as u16,
@@ -35,45 +30,35 @@ pub fn run(
         };
         let pty = nix::pty::openpty(Some(&size), None)
             .map_err(|e| Status::internal(format!("openpty: {}", e.desc())))?;
-        let dup = |fd: &OwnedFd| {
-            fd.try_clone()
-                .map_err(|e| Status::internal(format!("dup: {e}")))
-        };
-        cmd.stdin(Stdio::from(dup(&pty.slave)?))
-            .stdout(Stdio::from(dup(&pty.slave)?))
-            .stderr(Stdio::from(pty.slave));
-        let (child, status) = spawn(&mut cmd)?;
-        // The slave's copies in `cmd` must close here, or the master never sees the end.
-        drop(cmd);
+        let (pid, status) = guest
+            .reaper
+            .spawn(&program, [&pty.slave, &pty.slave, &pty.slave])
+            .map_err(|e| spawn_error(&argv0, &e))?;
+        // The slave must close here, or the master never sees the end.
+        drop(pty.slave);
         let master = Fd::new(pty.master).map_err(|e| Status::internal(format!("terminal: {e}")))?;
         let out = tokio::spawn(forward(master.clone(), tx.clone(), Out::Stdout));
         tokio::spawn(feed(input, Some(Box::new(master.clone())), Some(master)));
-        (child.id(), status, vec![out])
+        (pid, status, vec![out])
     } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let (mut child, status) = spawn(&mut cmd)?;
-        drop(cmd);
-        let pipe = |fd: Option<OwnedFd>| -> Result<OwnedFd, Status> {
-            fd.ok_or_else(|| Status::internal("exec without stdio"))
-        };
-        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe(
-            child.stdout.take().map(OwnedFd::from),
-        )?)
-        .map_err(|e| Status::internal(format!("stdout pipe: {e}")))?;
-        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe(
-            child.stderr.take().map(OwnedFd::from),
-        )?)
-        .map_err(|e| Status::internal(format!("stderr pipe: {e}")))?;
-        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(pipe(
-            child.stdin.take().map(OwnedFd::from),
-        )?)
-        .map_err(|e| Status::internal(format!("stdin pipe: {e}")))?;
+        let (stdin, child_stdin) = crate::process::pipe(true)?;
+        let (stdout, child_stdout) = crate::process::pipe(false)?;
+        let (stderr, child_stderr) = crate::process::pipe(false)?;
+        let (pid, status) = guest
+            .reaper
+            .spawn(&program, [&child_stdin, &child_stdout, &child_stderr])
+            .map_err(|e| spawn_error(&argv0, &e))?;
+        drop((child_stdin, child_stdout, child_stderr));
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout)
+            .map_err(|e| Status::internal(format!("stdout pipe: {e}")))?;
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)
+            .map_err(|e| Status::internal(format!("stderr pipe: {e}")))?;
+        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin)
+            .map_err(|e| Status::internal(format!("stdin pipe: {e}")))?;
         let out = tokio::spawn(forward(stdout, tx.clone(), Out::Stdout));
         let err = tokio::spawn(forward(stderr, tx.clone(), Out::Stderr));
         tokio::spawn(feed(input, Some(Box::new(stdin)), None));
-        (child.id(), status, vec![out, err])
+        (pid, status, vec![out, err])
     };
     let started = proto::ExecOutput {
         output: Some(Out::Started(pid)),

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -25,16 +26,33 @@ impl Reaper {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts `cmd`; the receiver gets its wait status.
+    /// Starts `program` with `stdio` as its standard input, output and error; the receiver
+    /// gets its wait status.
     pub fn spawn(
         &self,
-        cmd: &mut std::process::Command,
-    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<WaitStatus>)> {
+        program: &crate::sys::Program,
+        stdio: [&OwnedFd; 3],
+    ) -> std::io::Result<(u32, oneshot::Receiver<WaitStatus>)> {
+        // The child's descriptors 0-2 are made by dup2 from these: none may be 0-2 itself.
+        let mut above = Vec::new();
+        let mut raw = [0; 3];
+        for (i, fd) in stdio.into_iter().enumerate() {
+            raw[i] = if fd.as_raw_fd() > 2 {
+                fd.as_raw_fd()
+            } else {
+                // try_clone duplicates to 3 or above.
+                let copy = fd.try_clone()?;
+                let r = copy.as_raw_fd();
+                above.push(copy);
+                r
+            };
+        }
         let mut waiting = self.lock();
-        let child = cmd.spawn()?;
+        let pid = crate::sys::spawn(program, raw)?;
+        drop(above);
         let (tx, rx) = oneshot::channel();
-        waiting.insert(child.id() as i32, tx);
-        Ok((child, rx))
+        waiting.insert(pid, tx);
+        Ok((pid as u32, rx))
     }
 
     /// Reaps on every SIGCHLD, forever.
@@ -97,18 +115,31 @@ fn cstring(field: &str, value: &str) -> Result<CString, tonic::Status> {
 }
 
 impl Launch {
-    /// The command, with its pre-exec steps; stdio is the caller's to set.
-    pub fn command(&self, tty: bool) -> Result<std::process::Command, tonic::Status> {
-        let (program, args) = self
+    /// The program and its steps before exec, checked and ready to spawn.
+    pub fn program(&self, tty: bool) -> Result<crate::sys::Program, tonic::Status> {
+        let program = self
             .argv
-            .split_first()
+            .first()
             .ok_or_else(|| tonic::Status::invalid_argument("argv: empty"))?;
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(args).env_clear();
+        let argv = self
+            .argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| cstring(&format!("argv[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut envp = Vec::with_capacity(self.env.len());
+        let mut path = None;
         for (i, entry) in self.env.iter().enumerate() {
             match entry.split_once('=') {
                 Some((k, v)) if !k.is_empty() => {
-                    cmd.env(k, v);
+                    // The last of a repeated key wins, as with std's Command.
+                    envp.retain(|e: &CString| {
+                        e.to_bytes().split(|b| *b == b'=').next() != Some(k.as_bytes())
+                    });
+                    envp.push(cstring(&format!("env[{i}]"), entry)?);
+                    if k == "PATH" {
+                        path = Some(v);
+                    }
                 }
                 _ => {
                     return Err(tonic::Status::invalid_argument(format!(
@@ -117,10 +148,27 @@ impl Launch {
                 }
             }
         }
+        let paths = if program.contains('/') {
+            vec![cstring("argv[0]", program)?]
+        } else {
+            path.unwrap_or(DEFAULT_PATH)
+                .split(':')
+                .map(|dir| {
+                    // An empty entry is the current directory, as for execvp.
+                    let dir = if dir.is_empty() { "." } else { dir };
+                    cstring(
+                        "env PATH",
+                        &format!("{}/{program}", dir.trim_end_matches('/')),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let cwd = if self.cwd.is_empty() { "/" } else { &self.cwd };
-        crate::sys::pre_exec(
-            &mut cmd,
-            crate::sys::Enter {
+        Ok(crate::sys::Program {
+            paths,
+            argv,
+            envp,
+            enter: crate::sys::Enter {
                 cgroup_procs: self
                     .cgroup_procs
                     .as_deref()
@@ -136,9 +184,25 @@ impl Launch {
                 gid: self.gid,
                 tty,
             },
-        );
-        Ok(cmd)
+        })
     }
+}
+
+/// Where a program without a `/` is looked for when its env has no `PATH`.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A pipe: the parent's end and the child's.
+pub fn pipe(child_reads: bool) -> Result<(OwnedFd, OwnedFd), tonic::Status> {
+    let (r, w) = std::io::pipe().map_err(|e| tonic::Status::internal(format!("pipe: {e}")))?;
+    let (r, w) = (OwnedFd::from(r), OwnedFd::from(w));
+    Ok(if child_reads { (w, r) } else { (r, w) })
+}
+
+/// `/dev/null`, for a standard input with nothing in it.
+pub fn null() -> Result<OwnedFd, tonic::Status> {
+    std::fs::File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| tonic::Status::internal(format!("open /dev/null: {e}")))
 }
 
 /// A start error as the host sees it: a missing program or directory is the caller's input.
@@ -300,7 +364,7 @@ impl Output {
 }
 
 /// Copies a pipe into the workload's output until end of file.
-pub async fn pump(fd: std::os::fd::OwnedFd, output: Arc<Output>, stream: usize) {
+pub async fn pump(fd: OwnedFd, output: Arc<Output>, stream: usize) {
     use tokio::io::AsyncReadExt as _;
     let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
         Ok(p) => p,
@@ -342,6 +406,43 @@ mod tests {
                 at,
             ),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn launch(argv: &[&str], env: &[&str]) -> Launch {
+        Launch {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|s| s.to_string()).collect(),
+            cwd: String::new(),
+            uid: 0,
+            gid: 0,
+            root: None,
+            cgroup_procs: None,
+        }
+    }
+
+    #[test]
+    fn programs_are_found_on_the_path_they_are_given() {
+        let p = launch(&["true"], &["PATH=/a:/b/:", "X=1", "X=2"])
+            .program(false)
+            .unwrap();
+        let paths: Vec<_> = p.paths.iter().map(|c| c.to_str().unwrap()).collect();
+        assert_eq!(paths, ["/a/true", "/b/true", "./true"]);
+        let env: Vec<_> = p.envp.iter().map(|c| c.to_str().unwrap()).collect();
+        assert_eq!(env, ["PATH=/a:/b/:", "X=2"]);
+        assert_eq!(p.enter.cwd.to_str().unwrap(), "/");
+        let p = launch(&["./x", "y"], &[]).program(false).unwrap();
+        assert_eq!(p.paths.len(), 1);
+        assert_eq!(p.argv.len(), 2);
+        let p = launch(&["sh"], &[]).program(false).unwrap();
+        assert_eq!(p.paths.last().unwrap().to_str().unwrap(), "/bin/sh");
+        for (bad, field) in [
+            (launch(&[], &[]), "argv"),
+            (launch(&["a\0b"], &[]), "argv[0]"),
+            (launch(&["a"], &["NOEQUALS"]), "env[0]"),
+        ] {
+            let e = bad.program(false).unwrap_err();
+            assert!(e.message().starts_with(field), "{}", e.message());
         }
     }
 

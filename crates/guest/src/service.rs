@@ -3,7 +3,6 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -302,11 +301,11 @@ impl proto::guest_server::Guest for GuestService {
             g.state().root = Some(root);
         }
         let argv0 = req.argv.first().cloned().unwrap_or_default();
-        let mut cmd = g
+        let program = g
             .launch(req.argv, req.env, req.cwd, req.uid, req.gid)
-            .command(false)?;
+            .program(false)?;
         let stdin = if req.stdin.is_empty() {
-            Stdio::null()
+            crate::process::null()?
         } else {
             let path = std::env::temp_dir().join(format!("warren-stdin-{}", std::process::id()));
             std::fs::write(&path, &req.stdin)
@@ -314,24 +313,20 @@ impl proto::guest_server::Guest for GuestService {
             let file = std::fs::File::open(&path)
                 .map_err(|e| Status::internal(format!("open {}: {e}", path.display())))?;
             let _ = std::fs::remove_file(&path);
-            Stdio::from(file)
+            OwnedFd::from(file)
         };
-        cmd.stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let (mut child, status) = g
+        let (stdout, child_stdout) = crate::process::pipe(false)?;
+        let (stderr, child_stderr) = crate::process::pipe(false)?;
+        let (pid, status) = g
             .reaper
-            .spawn(&mut cmd)
+            .spawn(&program, [&stdin, &child_stdout, &child_stderr])
             .map_err(|e| spawn_error(&argv0, &e))?;
-        let pid = child.id();
+        // The child's ends close here, or the pipes never end.
+        drop((stdin, child_stdout, child_stderr));
         g.state().workload = Some(pid as i32);
         let output = Arc::clone(&g.output);
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(OwnedFd::from(out), Arc::clone(&output), 0));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(OwnedFd::from(err), Arc::clone(&output), 1));
-        }
+        tokio::spawn(pump(stdout, Arc::clone(&output), 0));
+        tokio::spawn(pump(stderr, Arc::clone(&output), 1));
         tokio::spawn(async move {
             let status = status.await;
             let (code, signal) = match &status {

@@ -238,3 +238,37 @@ async fn exec_with_pipes_and_a_terminal() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("24 100"), "{out:?}");
 }
+
+/// The workload starts as std's `Command` would start it: a session of its own, no signal
+/// blocked, SIGPIPE at its default (Rust ignores it in the guest), none of the guest's handlers.
+#[tokio::test]
+async fn a_workload_starts_with_default_signals_in_its_own_session() {
+    let mut g = guest().await;
+    g.client
+        .start(start(&[
+            "sh",
+            "-c",
+            "grep -E '^(SigBlk|SigIgn|SigCgt)' /proc/self/status; ps -o sid= -p $$ 2>/dev/null || cut -d' ' -f6 /proc/self/stat; echo pid $$",
+        ]))
+        .await
+        .unwrap();
+    let (out, _, exit) = output(&mut g, [0, 0]).await;
+    assert_eq!(exit.code, 0, "{out}");
+    let field = |name: &str| {
+        let line = out.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    assert_eq!(field("SigBlk:"), 0, "{out}");
+    let sigpipe = 1u64 << (libc::SIGPIPE - 1);
+    assert_eq!(field("SigIgn:") & sigpipe, 0, "{out}");
+    let pid: u64 = out
+        .lines()
+        .last()
+        .unwrap()
+        .strip_prefix("pid ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sid: u64 = out.lines().rev().nth(1).unwrap().trim().parse().unwrap();
+    assert_eq!(sid, pid, "the workload leads its own session: {out}");
+}

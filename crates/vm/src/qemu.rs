@@ -226,7 +226,8 @@ pub fn host_tsc_khz() -> Option<u64> {
 
 /// Starts qemu for a VM whose files live in `dir`: in its own process group (a terminal's
 /// Ctrl-C to the server does not reach it), not killed with the server (VMs outlive a
-/// server restart), its stderr in `qemu.log`.
+/// server restart), without transparent huge pages (see [`crate::sys`]), its stderr in
+/// `qemu.log`.
 pub fn spawn(
     program: &Path,
     args: &[OsString],
@@ -234,14 +235,15 @@ pub fn spawn(
 ) -> std::io::Result<tokio::process::Child> {
     let log = std::fs::File::create(dir.join(QEMU_LOG))?;
     let err = OwnedFd::from(log.try_clone()?);
-    tokio::process::Command::new(program)
-        .args(args)
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err))
         .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
+        .kill_on_drop(false);
+    crate::sys::without_huge_pages(&mut cmd);
+    cmd.spawn()
 }
 
 /// The last lines of a VM's logs, for an error message: what qemu said, else the console.

@@ -17,7 +17,7 @@
 //! They are made on first use of a shape (that create boots cold) or ahead of time by
 //! `warren vm template build`. A pool of restored clones per template makes a create a
 //! hand-out: the clone's directory is renamed to the sandbox's and qemu moved into its
-//! cgroup.
+//! cgroup (while its guest is prepared and started: see `monitor::launch`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sha2::Digest as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_runtime::BackendError;
 
 use crate::backend::{Inner, POOL_DIR, VmBackendConfig};
@@ -324,7 +324,12 @@ async fn restore(
     let socket = dir.join(qemu::CHANNEL_SOCKET);
     let patience = inner.config.vm.vm.boot_timeout();
     match crate::channel::ready(&socket, patience, || qemu.running()).await {
-        Ok(client) => Ok(Booted { qemu, client }),
+        Ok(mut client) => {
+            if for_pool {
+                warm(inner, &mut client).await;
+            }
+            Ok(Booted { qemu, client })
+        }
         Err(e) => {
             qemu.kill_and_wait(Duration::from_secs(5)).await;
             Err(vm::boot_error(dir, &e.to_string(), None))
@@ -332,15 +337,53 @@ async fn restore(
     }
 }
 
-/// A clone for a sandbox of this shape in `dir` (moved into `cgroup`): from the pool, else
-/// restored now; `None` when there is no template yet (one is built in the background, and
-/// this sandbox boots cold).
+/// Runs once in a pool clone what a hand-out runs: `Prepare`'s reseed, `Start`'s limits and
+/// a process started, run and reaped (`/bin/true` through `Exec`). Under TCG a restored
+/// clone starts with no translated code, and translating the guest kernel's and
+/// warren-guest's paths the first time they run cost a hand-out more than running them:
+/// warmed here, off the create path. Best effort: a clone that cannot is pooled as it is.
+async fn warm(inner: &Inner, client: &mut crate::channel::Client) {
+    use warren_guest::proto;
+    let seed = crate::monitor::entropy(&inner.config.vm.hypervisor.entropy_source);
+    let steps = async {
+        client
+            .prepare(proto::PrepareRequest {
+                seed,
+                ..Default::default()
+            })
+            .await?;
+        client.set_limits(proto::Limits::default()).await?;
+        let start = proto::ExecInput {
+            input: Some(proto::exec_input::Input::Start(proto::ExecStart {
+                argv: vec!["/bin/true".into()],
+                env: vec!["PATH=/bin:/sbin".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            })),
+        };
+        let mut replies = client.exec(tokio_stream::iter([start])).await?.into_inner();
+        while let Some(reply) = tokio_stream::StreamExt::next(&mut replies).await {
+            if let Some(proto::exec_output::Output::ExitCode(_)) = reply?.output {
+                break;
+            }
+        }
+        Ok::<(), tonic::Status>(())
+    };
+    match tokio::time::timeout(QMP_PATIENCE, steps).await {
+        Ok(Ok(())) => {}
+        Ok(Err(s)) => debug!("vm: warm a pool clone: {}", s.message()),
+        Err(_) => debug!("vm: warm a pool clone: no answer"),
+    }
+}
+
+/// A clone for a sandbox of this shape in `dir`: from the pool, else restored now; `None`
+/// when there is no template yet (one is built in the background, and this sandbox boots
+/// cold). The caller moves it into the sandbox's cgroup.
 pub(crate) async fn take(
     inner: &Arc<Inner>,
     vcpus: u32,
     memory_mb: u64,
     dir: &Path,
-    cgroup: Option<&warren_linux::cgroup::Cgroup>,
 ) -> Option<(Booted, bool)> {
     let t = &inner.templates;
     if !t.enabled {
@@ -361,7 +404,7 @@ pub(crate) async fn take(
         let alive = c.booted.qemu.running();
         (c, alive)
     });
-    let mut booted = match pooled {
+    match pooled {
         Some((mut clone, true)) => {
             if let Err(e) = std::fs::rename(&clone.dir, dir) {
                 t.refill.notify_one();
@@ -375,36 +418,26 @@ pub(crate) async fn take(
                 return None;
             }
             let _ = std::fs::remove_file(dir.join(POOL_STATE));
-            (clone.booted, true)
+            Some((clone.booted, true))
         }
         Some((clone, false)) => {
             t.refill.notify_one();
             let _ = std::fs::remove_dir_all(&clone.dir);
-            return None;
+            None
         }
         None if ready(&template) => match restore(inner, shape, &template, dir, false).await {
-            Ok(b) => (b, false),
+            Ok(b) => Some((b, false)),
             Err(e) => {
                 warn!("vm: restore a clone: {e}");
                 let _ = std::fs::remove_dir_all(dir);
-                return None;
+                None
             }
         },
         None => {
             spawn_build(inner, shape);
-            return None;
+            None
         }
-    };
-    if let Some(cg) = cgroup
-        && let Err(e) = cg.add_pid(booted.0.qemu.pid)
-    {
-        warn!("vm: move a clone into its cgroup: {e}");
-        t.refill.notify_one();
-        booted.0.qemu.kill_and_wait(Duration::from_secs(5)).await;
-        let _ = std::fs::remove_dir_all(dir);
-        return None;
     }
-    Some(booted)
 }
 
 /// Wakes the pool's refill, after a hand-out finished: a clone restored meanwhile would take
