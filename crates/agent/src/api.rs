@@ -11,6 +11,7 @@
 //! | `POST /api/v1/agent/signal` | [`SignalRequest`] | `{}` |
 //! | `GET /api/v1/agent/status[?sandbox=ID]` | | [`AgentStatus`] or one [`SandboxState`] |
 //! | `GET /api/v1/agent/logs?sandbox=ID[&follow=true][&tail=N][&sinceMs=T]` | | CRI log lines, streamed |
+//! | `GET /api/v1/agent/exec?sandbox=ID[&backend=KIND]` | WebSocket upgrade | the process's stdio and exit ([`crate::exec`]) |
 //! | `GET /healthz`, `GET /readyz` | | `ok` / `ready` |
 //!
 //! Every call needs `Authorization: Bearer TOKEN` (401 otherwise). Errors are

@@ -48,6 +48,7 @@ pub fn router(node: Arc<NodeAgent>, token: &str) -> Router {
         .route("/api/v1/agent/signal", post(signal))
         .route("/api/v1/agent/status", get(status))
         .route("/api/v1/agent/logs", get(logs_route))
+        .route("/api/v1/agent/exec", get(exec_route))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
@@ -255,6 +256,53 @@ async fn status(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
         },
         None => json(StatusCode::OK, &s.node.status().await),
     }
+}
+
+/// `warren exec` over a WebSocket ([`crate::exec`]); the sandbox is checked before the
+/// upgrade, so an unknown one is a plain 404.
+async fn exec_route(
+    State(s): State<Shared>,
+    RawQuery(q): RawQuery,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    let mut id = String::new();
+    let mut backend = None;
+    for (k, v) in query_pairs(q.as_deref().unwrap_or_default()) {
+        match k.as_str() {
+            "sandbox" => id = v,
+            "backend" => match v.parse::<warren_spec::BackendKind>() {
+                Ok(kind) => backend = Some(kind),
+                Err(e) => return error(ErrorKind::Invalid, format!("query backend: {v:?}: {e}")),
+            },
+            _ => {}
+        }
+    }
+    if id.is_empty() {
+        return error(
+            ErrorKind::Invalid,
+            "query sandbox: missing (expected ?sandbox=ID)".into(),
+        );
+    }
+    if !s.node.holds(&id) {
+        return error(
+            ErrorKind::NotFound,
+            format!("sandbox {id} is not on agent {}", s.node.node()),
+        );
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                ErrorKind::Invalid,
+                format!("exec is a WebSocket: {}", e.body_text()),
+            );
+        }
+    };
+    let node = s.node.clone();
+    upgrade.on_upgrade(move |socket| crate::exec::serve(node, id, backend, socket))
 }
 
 /// One record as a CRI log line, newline included (the file's own format).

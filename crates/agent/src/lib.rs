@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod backends;
+pub mod exec;
 pub mod http;
 pub mod janitor;
 pub mod node;

@@ -262,6 +262,27 @@ impl NodeAgent {
         self.agent.signal(kind, &req.id, req.signal).await
     }
 
+    /// Starts a process in a sandbox this agent holds (`warren exec`).
+    pub async fn exec(
+        &self,
+        id: &str,
+        backend: Option<BackendKind>,
+        request: warren_runtime::ExecRequest,
+    ) -> Result<warren_runtime::ExecProcess, AgentError> {
+        if request.argv.is_empty() {
+            return Err(AgentError::Invalid(
+                "argv: empty (give the program to run)".into(),
+            ));
+        }
+        let kind = self.backend_of(id, backend)?;
+        self.agent.exec(kind, id, request).await
+    }
+
+    /// Whether this agent holds the sandbox `id`.
+    pub fn holds(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
     /// One sandbox's status.
     pub async fn sandbox(&self, id: &str) -> Result<SandboxState, AgentError> {
         let kind = self.backend_of(id, None)?;

@@ -284,6 +284,16 @@ impl RemoteAgent {
         Ok(())
     }
 
+    /// Starts a process in the sandbox over a WebSocket ([`crate::exec`]).
+    pub async fn exec(
+        &self,
+        kind: BackendKind,
+        id: &str,
+        request: warren_runtime::ExecRequest,
+    ) -> Result<warren_runtime::ExecProcess, AgentError> {
+        crate::exec::connect(&self.node, &self.base, &self.bearer, kind, id, request).await
+    }
+
     pub async fn signal(&self, kind: BackendKind, id: &str, signal: i32) -> Result<(), AgentError> {
         let req = SignalRequest {
             id: id.to_string(),

@@ -7,11 +7,15 @@
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[allow(unused_macros)] // linux_or_skip: one test here runs linux sandboxes
+#[path = "common/linux.rs"]
+mod linux_harness;
 
 use std::time::Duration;
 
 use cluster::{TestAgent, eventually, http};
 use common::{TestServer, http_get, json, stderr};
+use linux_harness::stdout;
 
 const TOKEN: &str = "t0k3n";
 
@@ -375,4 +379,100 @@ fn bad_cluster_flags_name_the_flag() {
         assert!(stderr(&out).contains(names), "{args:?}: {}", stderr(&out));
     }
     drop(server);
+}
+
+/// `warren exec` into a sandbox that runs on a remote agent: through the agent's WebSocket
+/// exec, with output on both streams, the exit code, stdin and a terminal, as a local exec.
+#[test]
+fn exec_reaches_sandboxes_on_remote_agents() {
+    if let Some(reason) = linux_harness::skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let server = control_plane(&[]);
+    let cgroups = linux_harness::Cgroups(format!("warren-it-exec-{}", std::process::id()));
+    let mut agent = TestAgent::prepare(
+        &server,
+        "far",
+        &[],
+        "127.0.0.1:0",
+        &["--cgroup-parent", &cgroups.0],
+    );
+    linux_harness::import_busybox(agent.dir.path(), &agent.state_dir().join("images"));
+    agent.spawn(TOKEN);
+    wait_up(&server, &["far"]);
+    server.ok(&[
+        "run",
+        "-b",
+        "linux",
+        "-i",
+        "busybox",
+        "--name",
+        "box",
+        "-e",
+        "GREETING=hi",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    eventually(Duration::from_secs(20), "box running", || {
+        json(&server.ok(&["get", "box", "-o", "json"]))["status"]["phase"] == "Running"
+    });
+    let got = json(&server.ok(&["get", "box", "-o", "json"]));
+    assert_eq!(got["status"]["node"], "far", "{got}");
+    let id = got["metadata"]["uid"].as_str().unwrap().to_string();
+
+    let text = server.ok(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $(hostname); cat /proc/1/cmdline",
+    ]);
+    assert_eq!(text, "hi box\nsleep\x001000\x00");
+    let out = server.warren(&["exec", "box", "--", "sh", "-c", "echo oops >&2; exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "oops\n");
+    assert_eq!(stdout(&out), "");
+    // Stdin crosses too, to its end (`wc -c` answers only once it has seen EOF).
+    let input = "x".repeat(100_000);
+    let out = server.warren_stdin(
+        &["exec", "-i", "box", "--", "busybox", "wc", "-c"],
+        Some(&input),
+    );
+    assert_eq!(stdout(&out).trim(), "100000", "{}", stderr(&out));
+    let out = server.warren(&["exec", "-t", "box", "--", "busybox", "tty"]);
+    assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
+    let out = server.warren(&["exec", "box", "--", "/no/such/program"]);
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+
+    // The agent's API refuses an exec into what it does not hold, before any upgrade.
+    let (code, reply) = http(
+        "GET",
+        &agent.url("/api/v1/agent/exec?sandbox=nope"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 404, "{reply}");
+    assert!(
+        reply.contains("sandbox nope is not on agent far"),
+        "{reply}"
+    );
+    let (code, _) = http(
+        "GET",
+        &agent.url("/api/v1/agent/exec?sandbox=x"),
+        None,
+        None,
+    );
+    assert_eq!(code, 401);
+    let (code, reply) = http(
+        "GET",
+        &agent.url(&format!("/api/v1/agent/exec?sandbox={id}")),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 400, "{reply}");
+    assert!(reply.contains("exec is a WebSocket"), "{reply}");
+    server.ok(&["rm", "-f", "box"]);
 }

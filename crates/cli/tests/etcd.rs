@@ -631,15 +631,6 @@ fn sleeping(seconds: u32) -> bool {
         })
 }
 
-/// Kills what the agent's linux sandboxes left (they outlive the agent by design).
-struct Cgroups(String);
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        linux_harness::kill_cgroups(&self.0);
-    }
-}
-
 #[test]
 fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     if let Some(reason) = linux_harness::skip_reason() {
@@ -659,7 +650,7 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     wait_leading(&a, Duration::from_secs(10));
     let b = start(&etcd);
     let orphan_timeout = Duration::from_secs(2);
-    let cgroups = Cgroups(format!("warren-it-orphans-{}", std::process::id()));
+    let cgroups = linux_harness::Cgroups(format!("warren-it-orphans-{}", std::process::id()));
     let mut agent = TestAgent::prepare(
         &a,
         "edge",
@@ -675,11 +666,7 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
         ],
     )
     .with_servers(&format!("{},{}", b.address, a.address));
-    let layout = warren_image::testing::busybox_layout(agent.dir.path(), "busybox").unwrap();
-    warren_image::ImageStore::open(&agent.state_dir().join("images"))
-        .unwrap()
-        .import(&layout, None)
-        .unwrap();
+    linux_harness::import_busybox(agent.dir.path(), &agent.state_dir().join("images"));
     agent.spawn(TOKEN);
     eventually(Duration::from_secs(10), "the agent registered", || {
         node_state(&a, "edge") == "Up"

@@ -147,11 +147,7 @@ fn pools_on_a_remote_agent_hit_miss_and_max() {
             "tier=warm",
         ],
     );
-    let layout = warren_image::testing::busybox_layout(agent.dir.path(), "busybox").unwrap();
-    warren_image::ImageStore::open(&agent.state_dir().join("images"))
-        .unwrap()
-        .import(&layout, None)
-        .unwrap();
+    linux_harness::import_busybox(agent.dir.path(), &agent.state_dir().join("images"));
     agent.spawn(TOKEN);
     let agent = LinuxAgent {
         agent,

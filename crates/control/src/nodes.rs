@@ -141,7 +141,7 @@ impl NodeHandle {
         }
     }
 
-    /// Exec needs a two-way stream the agent's HTTP API does not carry: local sandboxes only.
+    /// On a remote agent, over a WebSocket of its HTTP API.
     pub async fn exec(
         &self,
         kind: BackendKind,
@@ -150,11 +150,7 @@ impl NodeHandle {
     ) -> Result<ExecProcess, AgentError> {
         match self {
             NodeHandle::Local(a) => a.exec(kind, id, request).await,
-            NodeHandle::Remote(r) => Err(AgentError::Remote {
-                node: r.node().to_string(),
-                kind: warren_agent::api::ErrorKind::Unsupported,
-                message: "exec into a sandbox on a remote agent is not supported yet".into(),
-            }),
+            NodeHandle::Remote(r) => r.exec(kind, id, request).await,
             NodeHandle::Unregistered(n) => Err(not_registered(n)),
         }
     }

@@ -220,3 +220,22 @@ pub fn cgroup_of(l: &Linux, name: &str) -> String {
     let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
     state["cgroup"].as_str().unwrap().to_string()
 }
+
+/// Kills what the linux sandboxes under this cgroup parent left and removes their cgroups,
+/// on drop: for agents and servers whose sandboxes outlive them by design.
+pub struct Cgroups(pub String);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        kill_cgroups(&self.0);
+    }
+}
+
+/// Imports the busybox test image into the image store at `images`, built under `scratch`.
+pub fn import_busybox(scratch: &Path, images: &Path) {
+    let layout = warren_image::testing::busybox_layout(scratch, "busybox").expect("busybox layout");
+    warren_image::ImageStore::open(images)
+        .expect("image store")
+        .import(&layout, None)
+        .expect("import busybox");
+}
