@@ -6,6 +6,9 @@
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
 mod common;
+#[allow(unused_macros)] // linux_or_skip is not used here
+#[path = "common/linux.rs"]
+mod linux_harness;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -161,19 +164,8 @@ impl Drop for Vm {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let parent = hierarchy.path().join(&self.cgroup_parent);
-            for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
-                if child.path().is_dir() {
-                    let _ = std::fs::remove_dir(child.path());
-                }
-            }
-            let _ = std::fs::remove_dir(&parent);
-        }
+        // Killed qemus leave their cgroups only once they have exited.
+        linux_harness::kill_cgroups(&self.cgroup_parent);
     }
 }
 

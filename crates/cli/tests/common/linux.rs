@@ -159,31 +159,37 @@ impl Drop for Linux {
     }
 }
 
-/// Kills every process in the cgroups under `parent` (every hierarchy) and removes them:
-/// sandboxes outlive the server or agent that started them, by design.
+/// Kills every process in the cgroups under `parent` (every hierarchy) and in `parent`
+/// itself, and removes them all: sandboxes outlive the server or agent that started them,
+/// by design. Retries while killed processes are still leaving.
 pub fn kill_cgroups(parent: &str) {
+    let kill_in = |dir: &Path| {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    };
     for parent in cgroup_parents(parent) {
-        for _ in 0..50 {
-            let mut busy = false;
+        for _ in 0..250 {
+            if !parent.exists() {
+                break;
+            }
+            kill_in(&parent);
             if let Ok(entries) = std::fs::read_dir(&parent) {
                 for e in entries.flatten().filter(|e| e.path().is_dir()) {
-                    if let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) {
-                        for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                    }
-                    busy |= std::fs::remove_dir(e.path()).is_err();
+                    kill_in(&e.path());
+                    let _ = std::fs::remove_dir(e.path());
                 }
             }
-            if !busy {
+            if std::fs::remove_dir(&parent).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = std::fs::remove_dir(&parent);
     }
 }
 
