@@ -104,25 +104,15 @@ pub(crate) struct Plan {
 }
 
 fn not_found(id: &str) -> BackendError {
-    BackendError::NotFound {
-        backend: BackendKind::Vm,
-        id: id.to_string(),
-    }
-}
-
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
-    BackendError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
-    }
+    BackendError::not_found(BackendKind::Vm, id)
 }
 
 impl VmBackend {
     /// Probes qemu, the assets and the acceleration; a backend that cannot run here is still
     /// made (it reports why through `is_available`).
     pub fn new(config: VmBackendConfig, events: EventSink) -> Result<Self, BackendError> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| io("create", &config.dir, e))?;
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| BackendError::io("create", &config.dir, e))?;
         let available = probe(&config);
         match &available {
             Ok(a) => info!(accel = a.accel, why = %a.why, "vm: VMs run under {}", a.accel),
@@ -633,17 +623,11 @@ impl Backend for VmBackend {
             }
         }
         self.inner.lock().remove(id);
-        let rm = dir.clone();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&rm))
+        let shown = dir.display().to_string();
+        tokio::task::spawn_blocking(move || warren_runtime::remove_tree(&dir))
             .await
-            .map_err(|e| BackendError::Other(format!("remove {}: {e}", dir.display())))?
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(io("remove", &dir, e))
-                }
-            })
+            .map_err(|e| BackendError::Other(format!("remove {shown}: {e}")))?
+            .map(drop)
     }
 
     async fn status(&self, id: &str) -> Result<BackendStatus, BackendError> {

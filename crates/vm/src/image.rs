@@ -30,13 +30,13 @@ pub fn root_disk(
     if disk.is_file() {
         return Ok((disk, image));
     }
-    std::fs::create_dir_all(cache).map_err(|e| io("create", cache, e))?;
+    std::fs::create_dir_all(cache).map_err(|e| BackendError::io("create", cache, e))?;
     let work = tempfile::Builder::new()
         .prefix(".build-")
         .tempdir_in(cache)
-        .map_err(|e| io("create a directory in", cache, e))?;
+        .map_err(|e| BackendError::io("create a directory in", cache, e))?;
     let merged = work.path().join("merged");
-    std::fs::create_dir(&merged).map_err(|e| io("create", &merged, e))?;
+    std::fs::create_dir(&merged).map_err(|e| BackendError::io("create", &merged, e))?;
     // Several layers: an overlay mount merges them (whiteouts included) for mkfs to read.
     let source = match image.layers.as_slice() {
         [] => merged.clone(),
@@ -92,18 +92,10 @@ pub fn root_disk(
                 String::from_utf8_lossy(&o.stderr).trim()
             )));
         }
-        Err(e) => return Err(io("run mkfs.ext4 (e2fsprogs) for", &tmp, e)),
+        Err(e) => return Err(BackendError::io("run mkfs.ext4 (e2fsprogs) for", &tmp, e)),
     }
-    std::fs::rename(&tmp, &disk).map_err(|e| io("move into place", &disk, e))?;
+    std::fs::rename(&tmp, &disk).map_err(|e| BackendError::io("move into place", &disk, e))?;
     Ok((disk, image))
-}
-
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
-    BackendError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 /// Bytes of the regular files under `dir` (symlinks not followed).

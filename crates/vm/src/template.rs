@@ -169,21 +169,21 @@ pub(crate) async fn build(
         return Ok(dir);
     }
     std::fs::create_dir_all(&inner.templates.root)
-        .map_err(|e| io("create", &inner.templates.root, e))?;
+        .map_err(|e| BackendError::io("create", &inner.templates.root, e))?;
     let work =
         inner
             .templates
             .root
             .join(format!(".{}-{}.tmp", key(inner, shape), std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir(&work).map_err(|e| io("create", &work, e))?;
+    std::fs::create_dir(&work).map_err(|e| BackendError::io("create", &work, e))?;
     let result = save(inner, shape, &work).await;
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&work);
         return Err(e);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&work, &dir).map_err(|e| io("move into place", &dir, e))?;
+    std::fs::rename(&work, &dir).map_err(|e| BackendError::io("move into place", &dir, e))?;
     info!(template = %dir.display(), vcpus, memory_mb, "vm: template saved");
     Ok(dir)
 }
@@ -200,7 +200,7 @@ async fn save(inner: &Inner, shape: Shape, dir: &Path) -> Result<(), BackendErro
     // then the first its port ever had (as in a cold boot); a template whose guest had seen
     // a host come and go restored with its port's output stalled.
     let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
-        .map_err(|e| io("start qemu", &inner.config.vm.hypervisor.path, e))?;
+        .map_err(|e| BackendError::io("start qemu", &inner.config.vm.hypervisor.path, e))?;
     let mut qemu = QemuProcess::child(child);
     let console = dir.join(qemu::CONSOLE_LOG);
     let deadline = tokio::time::Instant::now() + inner.config.vm.vm.boot_timeout();
@@ -260,7 +260,7 @@ async fn restore(
     dir: &Path,
     for_pool: bool,
 ) -> Result<Booted, BackendError> {
-    std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| BackendError::io("create", dir, e))?;
     let mut machine = inner.machine(shape.0, shape.1);
     machine.memory_file = Some(MemoryFile {
         path: template.join(RAM),
@@ -269,7 +269,7 @@ async fn restore(
     machine.incoming = true;
     let args = machine.args(dir);
     let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
-        .map_err(|e| io("start qemu", &inner.config.vm.hypervisor.path, e))?;
+        .map_err(|e| BackendError::io("start qemu", &inner.config.vm.hypervisor.path, e))?;
     let mut qemu = QemuProcess::child(child);
     if for_pool {
         // From now on a stopping server finds it (`end_pool`), even mid-restore.
@@ -598,13 +598,5 @@ async fn refill_loop(weak: Weak<Inner>) {
             () = refill.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-    }
-}
-
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> BackendError {
-    BackendError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
     }
 }
