@@ -263,7 +263,7 @@ impl EtcdStore {
 }
 
 /// Why a write is refused before it is sent, if it is.
-fn refusal(fence: &Fence) -> Option<StoreError> {
+pub(super) fn refusal(fence: &Fence) -> Option<StoreError> {
     match fence {
         Fence::Open | Fence::Held { .. } => None,
         Fence::Standby { leader } => Some(StoreError::NotLeader {
@@ -530,20 +530,7 @@ async fn commit_chunk(shared: &Shared, chunk: &Chunk) -> Result<(), StoreError> 
             Write::Delete { key } => TxnOp::delete(format!("{ROOT}{key}"), None),
         })
         .collect();
-    let guarded = match &fence {
-        Fence::Held { key, revision } => Some((key.clone(), *revision)),
-        _ => None,
-    };
-    let txn = match &guarded {
-        Some((key, revision)) => Txn::new()
-            .when([Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                *revision,
-            )])
-            .and_then(ops),
-        None => Txn::new().and_then(ops),
-    };
+    let txn = fenced_txn(&fence, ops);
     let kv = shared.client.kv_client();
     let resp = retry(shared, "commit", || {
         let mut kv = kv.clone();
@@ -552,14 +539,34 @@ async fn commit_chunk(shared: &Shared, chunk: &Chunk) -> Result<(), StoreError> 
     })
     .await?;
     if !resp.succeeded() {
-        let reason = "the leader key is no longer this server's (another server leads)".to_string();
-        error!(reason, "etcd refused a fenced write: leadership lost");
-        shared.fence.send_replace(Fence::Lost {
-            reason: reason.clone(),
-        });
-        return Err(StoreError::Fenced { reason });
+        return Err(leadership_lost(shared));
     }
     Ok(())
+}
+
+/// A transaction of `ops` that etcd carries out only while `fence` holds (the leader key
+/// still has the revision this server created it with).
+pub(super) fn fenced_txn(fence: &Fence, ops: Vec<TxnOp>) -> Txn {
+    match fence {
+        Fence::Held { key, revision } => Txn::new()
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                *revision,
+            )])
+            .and_then(ops),
+        _ => Txn::new().and_then(ops),
+    }
+}
+
+/// Etcd refused a fenced transaction: another server leads. The fence is lost for good.
+pub(super) fn leadership_lost(shared: &Shared) -> StoreError {
+    let reason = "the leader key is no longer this server's (another server leads)".to_string();
+    error!(reason, "etcd refused a fenced write: leadership lost");
+    shared.fence.send_replace(Fence::Lost {
+        reason: reason.clone(),
+    });
+    StoreError::Fenced { reason }
 }
 
 /// The writer loop: ends when the queue closes (the store is dropped), after committing

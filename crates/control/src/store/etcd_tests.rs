@@ -213,6 +213,20 @@ async fn fenced_writes_fail_once_the_leader_key_changes() {
         panic!("b should win once a's lease is revoked");
     };
     b.set_fence(Fence::Held { key, revision: rb });
+    // A registration's put is fenced too: a deposed leader's is refused by etcd.
+    let bare = a
+        .grant_bare_lease(Duration::from_secs(5))
+        .await
+        .expect("bare lease");
+    let e = a
+        .put_leased("nodes/n1", b"stale".to_vec(), bare)
+        .await
+        .expect_err("fenced put_leased");
+    assert!(matches!(e, StoreError::Fenced { .. }), "{e:?}");
+    assert_eq!(b.get_leased("nodes/n1").await.expect("get"), None);
+    b.put_leased("nodes/n1", b"fresh".to_vec(), bare)
+        .await
+        .expect("the leader's put_leased");
     let e = a.write(put("x", b"stale")).await.expect_err("fenced");
     assert!(matches!(e, StoreError::Fenced { .. }), "{e:?}");
     assert!(matches!(a.fence(), Fence::Lost { .. }));

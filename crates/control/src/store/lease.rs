@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, PutOptions, TxnOp, WatchOptions};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
@@ -440,14 +440,22 @@ impl EtcdStore {
     }
 
     /// Puts `key` = `value` under lease `id` (granted by [`EtcdStore::grant_bare_lease`],
-    /// possibly by another server). Not fenced: only a lease's keys are written this way.
+    /// possibly by another server). Fenced like every other write: a standby's or a deposed
+    /// leader's put is refused.
     pub async fn put_leased(&self, key: &str, value: Vec<u8>, id: i64) -> Result<(), StoreError> {
         let shared = self.shared.clone();
         let key = full(key);
         self.on_store(async move {
+            let fence = shared.fence.borrow().clone();
+            if let Some(refused) = super::etcd::refusal(&fence) {
+                return Err(refused);
+            }
+            let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(id)));
+            let txn = super::etcd::fenced_txn(&fence, vec![put]);
             let mut kv = shared.client.kv_client();
-            let options = PutOptions::new().with_lease(id);
-            once(&shared, kv.put(key, value, Some(options))).await?;
+            if !once(&shared, kv.txn(txn)).await?.succeeded() {
+                return Err(super::etcd::leadership_lost(&shared));
+            }
             Ok(())
         })
         .await
