@@ -68,6 +68,39 @@ struct Vm {
     cgroup_parent: String,
     /// The config file and the templates (guest RAM files), removed with the test.
     _config: tempfile::TempDir,
+    /// Dropped last: the next test's VMs start once this one's are gone.
+    _turn: Turn,
+}
+
+/// How many tests run VMs at once. Under TCG every vCPU is a busy host thread: with all
+/// seven tests' VMs (one test alone boots ten clones, another spins a hung guest) on two
+/// cores, a guest once took over 30 s to answer its first call.
+const VM_TESTS_AT_ONCE: usize = 2;
+
+static RUNNING: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// One of the [`VM_TESTS_AT_ONCE`] turns, held while a test's VMs run.
+struct Turn;
+
+impl Turn {
+    fn take() -> Turn {
+        let (count, freed) = &RUNNING;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= VM_TESTS_AT_ONCE {
+            n = freed.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let (count, freed) = &RUNNING;
+        *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        freed.notify_one();
+    }
 }
 
 impl Vm {
@@ -79,6 +112,7 @@ impl Vm {
         let (kernel, initrd) = assets().as_ref().unwrap_or_else(|e| panic!("{e}"));
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let turn = Turn::take();
         let cgroup_parent = format!("warren-vm-it-{}-{n}", std::process::id());
         let config_dir = tempfile::tempdir().unwrap();
         let config = config_dir.path().join("vm.toml");
@@ -105,6 +139,7 @@ impl Vm {
             server,
             cgroup_parent,
             _config: config_dir,
+            _turn: turn,
         }
     }
 
@@ -479,6 +514,7 @@ impl Vm {
         let config_dir = tempfile::tempdir().unwrap();
         let config = config_dir.path().join("vm.toml");
         std::fs::write(&config, format!("[hypervisor]\n{hypervisor}")).unwrap();
+        let turn = Turn::take();
         let cgroup_parent = format!("warren-vm-it-bad-{}", std::process::id());
         let server = TestServer::start_with(
             &[
@@ -493,6 +529,7 @@ impl Vm {
             server,
             cgroup_parent,
             _config: config_dir,
+            _turn: turn,
         }
     }
 }
