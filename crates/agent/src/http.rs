@@ -345,8 +345,8 @@ async fn logs_route(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response 
         .map(|ms| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
     let (records, offset) = match logs::read_logs_from(&path, query.tail, since) {
         Ok(found) => found,
-        Err(_) if !path.exists() => (Vec::new(), 0),
-        Err(e) => return error(ErrorKind::Internal, e.to_string()),
+        Err(e) if e.is_not_found() => (Vec::new(), 0),
+        Err(e) => return error(ErrorKind::Internal, warren_runtime::error_chain(&e)),
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     tokio::spawn(async move {

@@ -384,11 +384,12 @@ impl Sandboxes for SandboxService {
         // A sandbox that has not written anything yet has no file: that is an empty log.
         let (records, offset) = match logs::read_logs_from(&path, tail, since) {
             Ok(found) => found,
-            Err(_) if !path.exists() => (Vec::new(), 0),
+            Err(e) if e.is_not_found() => (Vec::new(), 0),
             Err(e) => {
                 return Err(Status::internal(format!(
-                    "reading the log of {:?}: {e}",
-                    req.name
+                    "reading the log of {:?}: {}",
+                    req.name,
+                    warren_runtime::error_chain(&e)
                 )));
             }
         };

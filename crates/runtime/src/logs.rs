@@ -86,6 +86,15 @@ pub enum LogError {
     },
 }
 
+impl LogError {
+    /// The file is not there (a sandbox that has not written anything yet has no log).
+    /// Callers test this rather than `path.exists()` after the fact: the file may appear
+    /// between a failed read and the check.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, LogError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 fn parse_error(field: &'static str, value: &[u8], reason: &'static str) -> LogError {
     let cut = &value[..value.len().min(64)];
     LogError::Parse {
@@ -963,5 +972,18 @@ mod tests {
         let r = follower.next().await.expect("next").expect("a record");
         assert_eq!(r.content, b"new");
         assert!(follower.next().await.expect("next").is_none());
+    }
+
+    #[test]
+    fn a_missing_log_is_told_apart_from_an_unreadable_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = read_logs_from(&dir.path().join("none.log"), None, None)
+            .expect_err("a missing file is an error");
+        assert!(missing.is_not_found(), "{missing:?}");
+        // A directory exists but cannot be read as a file: a real error, with its cause.
+        let unreadable = read_logs_from(dir.path(), None, None).expect_err("a dir is not a log");
+        assert!(!unreadable.is_not_found(), "{unreadable:?}");
+        let chain = crate::error_chain(&unreadable);
+        assert!(chain.contains("directory"), "the cause is printed: {chain}");
     }
 }
