@@ -20,6 +20,14 @@ pub mod proto {
 /// stale initramfs would speak an older protocol).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// `Start` takes `seed` (a clone's `Prepare` folded into its `Start`). A guest without it
+/// would ignore the field and keep its template's RNG state, so a host sends it only to a
+/// guest whose `Ping` lists this.
+pub const FEATURE_START_SEEDS: &str = "start-seeds";
+
+/// What this guest lists in `PingReply::features`.
+pub const FEATURES: &[&str] = &[FEATURE_START_SEEDS];
+
 /// The virtio-serial port's name (`-device virtserialport,name=...`).
 pub const PORT_NAME: &str = "warren.0";
 

@@ -65,6 +65,27 @@ impl Guest {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Mixes the host's `seed` into the kernel's CRNG and reseeds it (a clone shares its
+    /// template's RNG state until then).
+    fn reseed(&self, seed: &[u8]) -> Result<(), Status> {
+        if seed.len() < 32 {
+            return Err(Status::invalid_argument(format!(
+                "seed: {} bytes is fewer than 32",
+                seed.len()
+            )));
+        }
+        if self.pid1 {
+            let random = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/urandom")
+                .map_err(|e| Status::internal(format!("open /dev/urandom: {e}")))?;
+            use std::os::fd::AsRawFd as _;
+            crate::sys::reseed(random.as_raw_fd(), seed)
+                .map_err(|e| Status::internal(format!("reseed the kernel's CRNG: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn set_identity(&self, hostname: &str, id: &str) -> Result<(), Status> {
         if !hostname.is_empty() && self.pid1 {
             nix::unistd::sethostname(hostname).map_err(|e| {
@@ -256,6 +277,10 @@ impl proto::guest_server::Guest for GuestService {
             sandbox_id: state.sandbox_id.clone(),
             running: state.workload.is_some() && g.output.exit().is_none(),
             version: warren_guest::VERSION.to_string(),
+            features: warren_guest::FEATURES
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
         }))
     }
 
@@ -264,21 +289,7 @@ impl proto::guest_server::Guest for GuestService {
         req: Request<proto::PrepareRequest>,
     ) -> Result<Response<proto::PrepareReply>, Status> {
         let req = req.into_inner();
-        if req.seed.len() < 32 {
-            return Err(Status::invalid_argument(format!(
-                "seed: {} bytes is fewer than 32",
-                req.seed.len()
-            )));
-        }
-        if self.guest.pid1 {
-            let random = std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/urandom")
-                .map_err(|e| Status::internal(format!("open /dev/urandom: {e}")))?;
-            use std::os::fd::AsRawFd as _;
-            crate::sys::reseed(random.as_raw_fd(), &req.seed)
-                .map_err(|e| Status::internal(format!("reseed the kernel's CRNG: {e}")))?;
-        }
+        self.guest.reseed(&req.seed)?;
         self.guest.set_identity(&req.hostname, &req.sandbox_id)?;
         Ok(Response::new(proto::PrepareReply {}))
     }
@@ -293,6 +304,9 @@ impl proto::guest_server::Guest for GuestService {
             return Err(Status::failed_precondition(
                 "the workload was started already",
             ));
+        }
+        if !req.seed.is_empty() {
+            g.reseed(&req.seed)?;
         }
         g.set_identity(&req.hostname, &req.sandbox_id)?;
         g.apply_limits(&req.limits.unwrap_or_default())?;

@@ -107,6 +107,13 @@ async fn workload_output_exit_code_and_resume() {
         .unwrap()
         .into_inner();
     assert_eq!(ping.version, warren_guest::VERSION);
+    assert!(
+        ping.features
+            .iter()
+            .any(|f| f == warren_guest::FEATURE_START_SEEDS),
+        "{:?}",
+        ping.features
+    );
     assert!(!ping.running);
     let mut req = start(&[
         "sh",
@@ -140,6 +147,15 @@ async fn signals_and_bad_programs() {
         missing.message().contains("/no/such/program"),
         "{missing:?}"
     );
+    // A Start that seeds the CRNG needs as much entropy as Prepare, and starts nothing
+    // without it.
+    let short_seed = proto::StartRequest {
+        seed: vec![7; 8],
+        ..start(&["true"])
+    };
+    let err = g.client.start(short_seed).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("seed: 8 bytes"), "{err:?}");
     let bad_env = proto::StartRequest {
         env: vec!["NOEQUALS".into()],
         ..start(&["true"])

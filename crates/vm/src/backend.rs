@@ -398,6 +398,8 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
         },
         hostname,
         sandbox_id: config.id.clone(),
+        // A cold boot's kernel seeded itself; a clone's is set at launch.
+        seed: Vec::new(),
     };
     info.insert("command".into(), argv.join(" "));
     info.insert("vcpus".into(), vcpus.to_string());

@@ -54,13 +54,22 @@ pub fn client(path: &Path) -> Result<Client, ChannelError> {
     Ok(GuestClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
+/// A guest that answered its first ping.
+#[derive(Debug)]
+pub struct Ready {
+    pub client: Client,
+    /// It takes a seed in `Start` ([`warren_guest::FEATURE_START_SEEDS`]): a clone's
+    /// `Prepare` can be folded into its `Start`.
+    pub start_seeds: bool,
+}
+
 /// Connects and waits until the guest answers a ping, for at most `patience`; `alive` says
 /// whether the VM still runs (a VM that died ends the wait at once).
 pub async fn ready(
     path: &Path,
     patience: Duration,
     mut alive: impl FnMut() -> bool,
-) -> Result<Client, ChannelError> {
+) -> Result<Ready, ChannelError> {
     let display = path.display().to_string();
     let deadline = tokio::time::Instant::now() + patience;
     let mut last = String::new();
@@ -81,7 +90,14 @@ pub async fn ready(
                         wanted: warren_guest::VERSION.to_string(),
                     });
                 }
-                return Ok(c);
+                let start_seeds = reply
+                    .features
+                    .iter()
+                    .any(|f| f == warren_guest::FEATURE_START_SEEDS);
+                return Ok(Ready {
+                    client: c,
+                    start_seeds,
+                });
             }
             Ok(Err(status)) => {
                 tracing::debug!(

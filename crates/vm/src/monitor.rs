@@ -89,9 +89,15 @@ async fn launch_in(
         }
         _ => None,
     };
+    let mut start = plan.start.clone();
     let (booted, how) = match clone.map(|(booted, _)| booted) {
+        // A clone holds its template's identity and RNG state until told otherwise: in its
+        // Start where its guest takes a seed there (one round trip less), else by Prepare.
+        Some(booted) if booted.start_seeds => {
+            start.seed = entropy(&inner.config.vm.hypervisor.entropy_source);
+            (booted, "clone")
+        }
         Some(mut booted) => {
-            // A clone holds its template's identity and RNG state until told otherwise.
             let seed = entropy(&inner.config.vm.hypervisor.entropy_source);
             let prepared = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -137,9 +143,11 @@ async fn launch_in(
             (booted, "cold")
         }
     };
-    let vm::Booted { mut qemu, client } = booted;
+    let vm::Booted {
+        mut qemu, client, ..
+    } = booted;
     let mut c = client.clone();
-    let started = tokio::time::timeout(Duration::from_secs(30), c.start(plan.start.clone())).await;
+    let started = tokio::time::timeout(Duration::from_secs(30), c.start(start)).await;
     if pooled {
         crate::template::refill_soon(inner);
     }
@@ -504,7 +512,7 @@ pub(crate) async fn readopt(
     let socket = dir.join(qemu::CHANNEL_SOCKET);
     let client: Client =
         match channel::ready(&socket, Duration::from_secs(10), || qemu.running()).await {
-            Ok(c) => c,
+            Ok(ready) => ready.client,
             Err(e) => {
                 qemu.kill_and_wait(Duration::from_secs(5)).await;
                 return Err(format!("the VM runs but its guest does not answer: {e}"));

@@ -324,11 +324,15 @@ async fn restore(
     let socket = dir.join(qemu::CHANNEL_SOCKET);
     let patience = inner.config.vm.vm.boot_timeout();
     match crate::channel::ready(&socket, patience, || qemu.running()).await {
-        Ok(mut client) => {
+        Ok(mut ready) => {
             if for_pool {
-                warm(inner, &mut client).await;
+                warm(inner, &mut ready.client).await;
             }
-            Ok(Booted { qemu, client })
+            Ok(Booted {
+                qemu,
+                client: ready.client,
+                start_seeds: ready.start_seeds,
+            })
         }
         Err(e) => {
             qemu.kill_and_wait(Duration::from_secs(5)).await;

@@ -209,6 +209,8 @@ impl QemuProcess {
 pub struct Booted {
     pub qemu: QemuProcess,
     pub client: Client,
+    /// Its guest takes a seed in `Start` (see [`channel::Ready`]).
+    pub start_seeds: bool,
 }
 
 /// Starts qemu with `args` in `dir` and waits until warren-guest answers.
@@ -236,7 +238,11 @@ pub async fn boot(
     }
     let socket = dir.join(qemu::CHANNEL_SOCKET);
     match channel::ready(&socket, patience, || qemu.running()).await {
-        Ok(client) => Ok(Booted { qemu, client }),
+        Ok(ready) => Ok(Booted {
+            qemu,
+            client: ready.client,
+            start_seeds: ready.start_seeds,
+        }),
         Err(e) => {
             let how = if qemu.running() {
                 qemu.kill_and_wait(Duration::from_secs(5)).await;
