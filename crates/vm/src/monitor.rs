@@ -165,9 +165,13 @@ async fn launch_in(
         ))),
         (Ok(Ok(_)), Ok(())) => None,
         (Ok(Err(s)), _) => Some(guest_error("start", s)),
-        (Err(_), _) => Some(BackendError::Other(
-            "start: the guest did not answer within 30s".into(),
-        )),
+        (Err(_), _) => {
+            // The console's last lines say where the guest was (a panic, a hung task...).
+            Some(BackendError::Other(format!(
+                "start: the guest did not answer within 30s{}",
+                qemu::last_words_note(dir)
+            )))
+        }
     };
     if let Some(e) = failure {
         qemu.kill_and_wait(Duration::from_secs(5)).await;
@@ -362,14 +366,9 @@ pub(crate) async fn run(w: Watch) {
             reason: match qemu::panic_line(&dir) {
                 Some(line) => format!("the guest kernel panicked: {line}"),
                 None => {
-                    let words = qemu::last_words(&dir);
                     format!(
                         "the VM ended unexpectedly: qemu {how}{}",
-                        if words.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({words})")
-                        }
+                        qemu::last_words_note(&dir)
                     )
                 }
             },
@@ -499,14 +498,9 @@ pub(crate) async fn readopt(
     state: VmState,
 ) -> Result<Adopted, String> {
     let Some(mut qemu) = QemuProcess::adopt(state.qemu_pid, state.qemu_start) else {
-        let words = qemu::last_words(dir);
         return Err(format!(
             "the VM ended while no server watched it{}",
-            if words.is_empty() {
-                String::new()
-            } else {
-                format!(" ({words})")
-            }
+            qemu::last_words_note(dir)
         ));
     };
     let socket = dir.join(qemu::CHANNEL_SOCKET);

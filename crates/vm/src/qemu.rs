@@ -269,6 +269,17 @@ pub fn last_words(dir: &Path) -> String {
     }
 }
 
+/// [`last_words`] in brackets after a space, to end an error message with; empty when
+/// there are none.
+pub fn last_words_note(dir: &Path) -> String {
+    let words = last_words(dir);
+    if words.is_empty() {
+        words
+    } else {
+        format!(" ({words})")
+    }
+}
+
 /// A guest kernel panic's line in the console log, if there was one.
 pub fn panic_line(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(CONSOLE_LOG)).ok()?;
@@ -373,5 +384,18 @@ mod tests {
             "{joined}"
         );
         assert!(!joined.contains("-incoming"), "{joined}");
+    }
+
+    #[test]
+    fn last_words_are_qemus_else_the_consoles_last_three_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_words_note(dir.path()), "");
+        std::fs::write(dir.path().join(CONSOLE_LOG), "one\n\ntwo\n three \nfour\n").unwrap();
+        assert_eq!(
+            last_words_note(dir.path()),
+            " (console: two | three | four)"
+        );
+        std::fs::write(dir.path().join(QEMU_LOG), "qemu-system-x86_64: bad\n").unwrap();
+        assert_eq!(last_words(dir.path()), "qemu: qemu-system-x86_64: bad");
     }
 }

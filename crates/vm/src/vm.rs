@@ -261,10 +261,7 @@ pub fn boot_error(dir: &Path, what: &str, qemu_end: Option<String>) -> BackendEr
         Some(how) => format!("the VM did not boot: qemu {how}"),
         None => format!("the VM did not boot: {what}"),
     };
-    let words = qemu::last_words(dir);
-    if !words.is_empty() {
-        msg.push_str(&format!(" ({words})"));
-    }
+    msg.push_str(&qemu::last_words_note(dir));
     BackendError::Other(msg)
 }
 
