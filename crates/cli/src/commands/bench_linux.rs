@@ -24,14 +24,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use warren_control::client::{self, Client};
-use warren_proto::v1;
+use warren_proto::{spec_to_pb, v1};
 use warren_spec::{BackendKind, SandboxSpec};
 
 use super::{
@@ -260,7 +260,8 @@ async fn measure(
     })
     .await?;
     let deletes = report("delete", &deleted);
-    let mut failed = runs.errors > 0 || deleted.errors > 0;
+    let (running, warm_hits, running_json) = create_to_running(&clients, a, &base, prefix).await?;
+    let mut failed = runs.errors > 0 || deleted.errors > 0 || running.errors > 0;
     if private.is_some() {
         let info = answer(c.get_server_info(v1::GetServerInfoRequest {}).await)?;
         if info.sandboxes != 0 {
@@ -329,6 +330,7 @@ async fn measure(
                 "backend": "linux", "image": a.image, "args": a.args, "n": a.count,
                 "supervisor": supervisor,
                 "concurrency": a.concurrency, "warren": ours, "delete": deletes,
+                "running": running_json, "running_warm_hits": warm_hits,
                 "peers": peers_json,
             })
         );
@@ -338,6 +340,72 @@ async fn measure(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Create → running: the create RPC alone, which answers once the workload has `execve`d
+/// (from a warm shell, once the shell was claimed and its workload started). The sandboxes
+/// are waited for and deleted after, untimed. Returns the phase and how many creates took a
+/// warm shell.
+async fn create_to_running(
+    clients: &[Client],
+    a: &RunArgs,
+    base: &SandboxSpec,
+    prefix: &str,
+) -> anyhow::Result<(Phase, usize, Value)> {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (p, spec, counted) = (prefix.to_string(), base.clone(), hits.clone());
+    let phase = drive(clients, a.count, a.concurrency, move |mut c, i| {
+        let mut spec = spec.clone();
+        spec.name = format!("{p}-running-{i}");
+        let counted = counted.clone();
+        async move {
+            let reply = c
+                .create_sandbox(v1::CreateSandboxRequest {
+                    spec: Some(spec_to_pb(&spec)),
+                    ..Default::default()
+                })
+                .await?;
+            let warm = reply
+                .into_inner()
+                .sandbox
+                .and_then(|s| s.status)
+                .and_then(|s| s.backend_info.get("warm").cloned());
+            if warm.as_deref() == Some("true") {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let hits = hits.load(Ordering::Relaxed);
+    let json = report("running", &phase);
+    out!(
+        "         (create->running: the create call alone, answered once the workload has \
+         started; {hits} of {} from a warm shell)",
+        phase.hist.len()
+    );
+    let p = prefix.to_string();
+    let ended = drive(clients, a.count, a.concurrency, move |mut c, i| {
+        let name = format!("{p}-running-{i}");
+        async move {
+            let _ = c
+                .wait_sandbox(v1::WaitSandboxRequest {
+                    name: name.clone(),
+                    timeout_ms: Some(60_000),
+                })
+                .await;
+            delete(c, name).await
+        }
+    })
+    .await?;
+    if ended.errors > 0 {
+        out!(
+            "error: {} of the create->running sandboxes could not be deleted: {}",
+            ended.errors,
+            ended.first_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok((phase, hits, json))
 }
 
 /// warren's figure over the peer's at quantile `q`: below 1 means warren is faster.
