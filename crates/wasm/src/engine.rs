@@ -1,7 +1,7 @@
 //! The wasmtime engine and the thread that advances its epoch.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -66,9 +66,11 @@ pub(crate) struct Ticker {
 #[derive(Debug, Default)]
 struct TickShared {
     running: AtomicUsize,
-    /// The thread is parked (or about to park): `try_enter` must wake it.
+    /// The thread is parked (or about to park): `try_enter` clears it and wakes the thread.
     parked: AtomicBool,
     stop: AtomicBool,
+    /// Epoch increments so far.
+    ticks: AtomicU64,
 }
 
 /// Held by a running instance; the ticker ticks while any exists.
@@ -96,8 +98,14 @@ impl Ticker {
                                 // Woken by `enter` or drop; the timeout guards a lost wake-up.
                                 std::thread::park_timeout(Duration::from_millis(200));
                             }
-                            s.parked.store(false, Ordering::SeqCst);
-                            idle_since = None;
+                            // An enter clears `parked` when it wakes us: linger again after
+                            // its instance. After a timeout (or a spurious wake-up) with
+                            // nothing running, park again at once: an idle node must not
+                            // tick (it did, 50 ms of every 250, before this).
+                            let woken = !s.parked.swap(false, Ordering::SeqCst);
+                            if woken || s.running.load(Ordering::SeqCst) > 0 {
+                                idle_since = None;
+                            }
                             continue;
                         }
                     } else {
@@ -105,6 +113,7 @@ impl Ticker {
                     }
                     std::thread::sleep(TICK);
                     engine.increment_epoch();
+                    s.ticks.fetch_add(1, Ordering::Relaxed);
                 }
             })?;
         Ok(Ticker {
@@ -125,7 +134,7 @@ impl Ticker {
             })
             .ok()?;
         if before == 0
-            && self.shared.parked.load(Ordering::SeqCst)
+            && self.shared.parked.swap(false, Ordering::SeqCst)
             && let Some(thread) = &self.thread
         {
             thread.thread().unpark();
@@ -138,6 +147,11 @@ impl Ticker {
     #[cfg(test)]
     pub(crate) fn running(&self) -> usize {
         self.shared.running.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Ordering::Relaxed)
     }
 }
 
@@ -171,11 +185,24 @@ mod tests {
         .expect("engine");
         let ticker = Ticker::start(engine).expect("ticker");
         assert_eq!(ticker.running(), 0);
+        // Idle from the start: it lingers LINGER, then parks; its 200 ms timeouts must not
+        // start it ticking again.
+        let idle = |ticker: &Ticker| {
+            std::thread::sleep(LINGER + Duration::from_millis(100));
+            let parked_at = ticker.ticks();
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(ticker.ticks(), parked_at, "ticked while idle");
+        };
+        idle(&ticker);
+        let before = ticker.ticks();
         let guard = ticker.try_enter(1).expect("room for one");
         assert_eq!(ticker.running(), 1);
         assert!(ticker.try_enter(1).is_none());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(ticker.ticks() > before, "no tick while an instance ran");
         drop(guard);
         assert_eq!(ticker.running(), 0);
+        idle(&ticker);
         let started = std::time::Instant::now();
         drop(ticker);
         assert!(started.elapsed() < Duration::from_millis(100));
