@@ -39,12 +39,15 @@ if ((enable)) && [ -n "$destdir" ]; then
   exit 2
 fi
 
-bins=(warren containerd-shim-warren-v1 resource-slot-sandboxer)
+# warren-supervise: the linux backend's per-sandbox supervisor, found beside warren (without
+# it the server runs `warren __supervise`, which starts slower); built static.
+bins=(warren warren-supervise containerd-shim-warren-v1 resource-slot-sandboxer)
 units=(warren.service warren-sandboxer.service kuasar-resource-slot.service)
 bin_dir=${bin_dir:-${CARGO_TARGET_DIR:-target}/release}
 
 if ((build)); then
   cargo build --release --locked -p warren-cli -p warren-shim -p warren-sandboxer
+  scripts/build-supervisor.sh "$bin_dir"
 fi
 for b in "${bins[@]}"; do
   [ -x "$bin_dir/$b" ] || { echo "install.sh: $bin_dir/$b: no such executable (build first, or give --bin-dir)" >&2; exit 1; }

@@ -13,6 +13,11 @@ cargo fmt --all --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== static supervisor"
+# What installs ship (scripts/install.sh): checked by bench_linux's the_static_supervisor_runs_sandboxes.
+WARREN_STATIC_SUPERVISOR=$(scripts/build-supervisor.sh --dev - | tail -n 1)
+export WARREN_STATIC_SUPERVISOR
+
 echo "== tests"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 # One closing line for the whole run, summed over every test binary.

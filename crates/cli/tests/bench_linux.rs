@@ -22,9 +22,15 @@ fn skip_reason() -> Option<&'static str> {
 /// Runs `warren bench run -b linux ... --json -- /bin/true` on a private server; returns the
 /// JSON line and the bench's pid (which names its cgroup parent).
 fn bench(extra: &[&str]) -> (serde_json::Value, u32) {
+    bench_with(Path::new(WARREN), extra)
+}
+
+/// [`bench`] with the `warren` at `program` (its private server runs that binary, and the
+/// supervisor beside it when there is a fresh one).
+fn bench_with(program: &Path, extra: &[&str]) -> (serde_json::Value, u32) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let layout = warren_image::testing::busybox_layout(tmp.path(), "busybox").expect("layout");
-    let child = Command::new(WARREN)
+    let child = Command::new(program)
         .args([
             "bench",
             "run",
@@ -112,6 +118,63 @@ fn runs_the_installed_peers_and_removes_their_state() {
         assert_eq!(got["ok"], 2, "{peer}: {json}");
         assert!(got["warren_over_peer_p50"].as_f64().is_some(), "{json}");
     }
+    assert!(
+        leftover_cgroups(pid).is_empty(),
+        "{:?}",
+        leftover_cgroups(pid)
+    );
+}
+
+/// Whether the ELF executable at `path` asks for a program interpreter (the dynamic loader):
+/// a `PT_INTERP` program header. Static executables have none.
+fn has_interpreter(path: &Path) -> bool {
+    let elf = std::fs::read(path).expect("read the executable");
+    assert_eq!(&elf[..4], b"\x7fELF", "{}: not an ELF file", path.display());
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes")) == 3
+    })
+}
+
+/// The static `warren-supervise` that `scripts/build-supervisor.sh` makes (installs ship it):
+/// a sandbox's whole life through it. `scripts/test.sh` builds it and names it in
+/// `WARREN_STATIC_SUPERVISOR`; a plain `cargo test` has not built it, and says so.
+#[test]
+fn the_static_supervisor_runs_sandboxes() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let Some(built) = std::env::var_os("WARREN_STATIC_SUPERVISOR") else {
+        eprintln!(
+            "SKIP: WARREN_STATIC_SUPERVISOR is not set (scripts/test.sh builds the static \
+             supervisor with scripts/build-supervisor.sh --dev - and sets it)"
+        );
+        return;
+    };
+    let built = Path::new(&built);
+    assert!(!has_interpreter(built), "{} is not static", built.display());
+    assert!(
+        has_interpreter(Path::new(WARREN)),
+        "the ELF check reads headers"
+    );
+    // `warren` and the static supervisor side by side, as an install lays them out.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let warren = dir.path().join("warren");
+    std::fs::copy(WARREN, &warren).expect("copy warren");
+    std::fs::copy(built, dir.path().join("warren-supervise")).expect("copy the supervisor");
+    let (json, pid) = bench_with(&warren, &["--peer-runs", "0"]);
+    assert_eq!(
+        json["supervisor"],
+        dir.path().join("warren-supervise").display().to_string(),
+        "the server took the static supervisor: {json}"
+    );
+    assert_eq!(json["warren"]["ok"], 3, "{json}");
+    assert_eq!(json["running"]["ok"], 3, "{json}");
+    assert_eq!(json["delete"]["ok"], 3, "{json}");
     assert!(
         leftover_cgroups(pid).is_empty(),
         "{:?}",

@@ -7,8 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BINS: [&str; 3] = [
+const BINS: [&str; 4] = [
     "warren",
+    "warren-supervise",
     "containerd-shim-warren-v1",
     "resource-slot-sandboxer",
 ];
@@ -23,7 +24,7 @@ fn repo() -> PathBuf {
 }
 
 /// A --bin-dir as `cargo build --release` would leave it: the real sandboxer binary, and
-/// stand-ins for the two binaries of other crates (this test checks the installer, not them).
+/// stand-ins for the binaries of other crates (this test checks the installer, not them).
 fn bin_dir(root: &Path) -> PathBuf {
     let dir = root.join("built");
     std::fs::create_dir_all(&dir).unwrap();
@@ -32,7 +33,7 @@ fn bin_dir(root: &Path) -> PathBuf {
         dir.join("resource-slot-sandboxer"),
     )
     .unwrap();
-    for b in ["warren", "containerd-shim-warren-v1"] {
+    for b in ["warren", "warren-supervise", "containerd-shim-warren-v1"] {
         let p = dir.join(b);
         std::fs::write(&p, "#!/bin/sh\nexit 0\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
