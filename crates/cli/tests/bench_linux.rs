@@ -82,7 +82,16 @@ fn runs_deletes_and_cleans_up_without_peers() {
         eprintln!("{reason}");
         return;
     }
-    let (json, pid) = bench(&["--peer-runs", "0"]);
+    // Its private server keeps its sandboxes under a --linux-dir, in a directory of its own
+    // that goes with the run.
+    let under = tempfile::tempdir().expect("tempdir");
+    let dir = under.path().to_str().expect("utf-8");
+    let (json, pid) = bench(&["--peer-runs", "0", "--linux-dir", dir]);
+    assert_eq!(json["linux_dir"], dir, "{json}");
+    let left: Vec<_> = std::fs::read_dir(under.path())
+        .expect("read --linux-dir")
+        .collect();
+    assert!(left.is_empty(), "left under --linux-dir: {left:?}");
     assert_eq!(json["backend"], "linux", "{json}");
     assert_eq!(json["warren"]["ok"], 3, "{json}");
     assert_eq!(json["warren"]["failed"], 0, "{json}");

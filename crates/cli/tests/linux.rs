@@ -363,7 +363,15 @@ fn exec_runs_inside_the_sandbox() {
 
 #[test]
 fn sandboxes_survive_a_server_kill_and_are_adopted() {
-    let mut l = linux_or_skip!();
+    // Its sandboxes in a --linux-dir of their own, which the restarted server finds again.
+    let linux_dir = tempfile::tempdir().unwrap();
+    let mut l = match skip_reason() {
+        Some(reason) => {
+            eprintln!("{reason}");
+            return;
+        }
+        None => Linux::start_with(&["--linux-dir", linux_dir.path().to_str().unwrap()]),
+    };
     // Strong: acknowledged only once recorded, so a kill -9 right after cannot lose it.
     let out = l.run(
         "survivor",
@@ -376,6 +384,11 @@ fn sandboxes_survive_a_server_kill_and_are_adopted() {
         l.get("survivor")["status"]["backendInfo"]["bundle"]
             .as_str()
             .expect("bundle"),
+    );
+    assert!(
+        bundle.starts_with(linux_dir.path()),
+        "{} is not under --linux-dir",
+        bundle.display()
     );
     let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
     let pid = state["pid"].as_i64().expect("pid").to_string();
@@ -400,6 +413,7 @@ fn sandboxes_survive_a_server_kill_and_are_adopted() {
     l.wait_phase("short", "Exited");
     l.ok(&["rm", "survivor"]);
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!bundle.exists(), "{} left behind", bundle.display());
 }
 
 #[test]

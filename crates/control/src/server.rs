@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub slot_capacity: SlotCapacity,
     /// Where the slot backend writes `<id>/resources.json`; `<dir>/slot` when `None`.
     pub slot_dir: Option<PathBuf>,
+    /// Where the linux backend keeps its sandboxes (bundles, logs, overlay upper layers);
+    /// `<dir>/linux` when `None`.
+    pub linux_dir: Option<PathBuf>,
     pub wasm: WasmConfig,
     /// SIGTERM-to-SIGKILL time for deletes that do not give one.
     pub default_grace: Duration,
@@ -250,7 +253,10 @@ impl Server {
         })?;
         let linux = LinuxBackend::new(
             LinuxConfig {
-                dir: config.dir.join("linux"),
+                dir: config
+                    .linux_dir
+                    .clone()
+                    .unwrap_or_else(|| config.dir.join("linux")),
                 images: images.clone(),
                 supervisor: config.linux_supervisor.clone(),
                 cgroup_parent: config.cgroup_parent.clone(),

@@ -146,6 +146,7 @@ fn server_config(config: &Config) -> ServerConfig {
             .unwrap_or_else(|| "local".to_string()),
         slot_capacity: SlotCapacity::default(),
         slot_dir: None,
+        linux_dir: None,
         wasm: WasmConfig {
             // The sandboxer runs slot pods only: keep the Wasm pool (unused) small.
             pool_instances: 1,

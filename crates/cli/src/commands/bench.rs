@@ -92,6 +92,11 @@ struct RunArgs {
     /// Log level of the private server.
     #[arg(long, default_value = "info")]
     server_log_level: String,
+    /// -b linux: the private server keeps its sandboxes in a new directory under this one
+    /// (its --linux-dir, removed after the run), e.g. on a tmpfs; default: inside its state
+    /// dir, on disk.
+    #[arg(long, value_name = "DIR")]
+    linux_dir: Option<std::path::PathBuf>,
     /// Print the figures as one JSON object.
     #[arg(long)]
     json: bool,

@@ -96,12 +96,30 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     // Declared first, so dropped last: once the server and the peers are gone, it kills and
     // removes whatever is left under the run's cgroup parent.
     let _cgroups = CgroupSweep(parent.clone());
+    let linux_dir = match (&a.linux_dir, &g.server) {
+        (Some(_), Some(_)) => {
+            return Err(usage(
+                "bench run -b linux: --linux-dir is for the private server; a server given with -s has its own",
+            ));
+        }
+        (Some(under), None) => Some(
+            tempfile::Builder::new()
+                .prefix("warren-bench-linux-")
+                .tempdir_in(under)
+                .with_context(|| format!("--linux-dir {}", under.display()))?,
+        ),
+        (None, _) => None,
+    };
     let private = match g.server {
-        None => Some(PrivateServer::start(
-            &a.server_log_level,
-            None,
-            &["--cgroup-parent", &parent],
-        )?),
+        None => {
+            let mut extra = vec!["--cgroup-parent".to_string(), parent.clone()];
+            if let Some(d) = &linux_dir {
+                extra.push("--linux-dir".into());
+                extra.push(d.path().display().to_string());
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Some(PrivateServer::start(&a.server_log_level, None, &extra)?)
+        }
         Some(_) => None,
     };
     let prefix = format!("run-{:x}", std::process::id());
@@ -125,6 +143,7 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         }
     }
     drop(private);
+    drop(linux_dir);
     result
 }
 
@@ -203,7 +222,13 @@ async fn measure(
     };
     if !a.json {
         let where_ = match private {
-            Some(_) => format!("private server, cgroup parent {parent}, supervisor {supervisor}"),
+            Some(_) => format!(
+                "private server, cgroup parent {parent}, supervisor {supervisor}, sandboxes {}",
+                match &a.linux_dir {
+                    Some(d) => format!("under {}", d.display()),
+                    None => "in its state dir".to_string(),
+                }
+            ),
             None => format!("server at {address}"),
         };
         out!(
@@ -328,7 +353,7 @@ async fn measure(
             "{}",
             json!({
                 "backend": "linux", "image": a.image, "args": a.args, "n": a.count,
-                "supervisor": supervisor,
+                "supervisor": supervisor, "linux_dir": a.linux_dir,
                 "concurrency": a.concurrency, "warren": ours, "delete": deletes,
                 "running": running_json, "running_warm_hits": warm_hits,
                 "peers": peers_json,

@@ -37,6 +37,13 @@ pub struct Args {
     /// and much faster than most disks.
     #[arg(long)]
     slot_dir: Option<PathBuf>,
+    /// Where the linux backend keeps its sandboxes: bundles, logs and each sandbox's overlay
+    /// upper layer (its writes to its root filesystem). Default: <dir>/linux. On a tmpfs
+    /// (e.g. /run/warren/linux) creates are faster, but a sandbox's writes to its root
+    /// filesystem then live in memory (charged to its memory limit) and nothing there
+    /// survives a reboot.
+    #[arg(long)]
+    linux_dir: Option<PathBuf>,
     /// Name of this node. Default: the host name.
     #[arg(long)]
     node: Option<String>,
@@ -229,6 +236,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         node: args.node.unwrap_or_else(hostname),
         slot_capacity,
         slot_dir: args.slot_dir,
+        linux_dir: args.linux_dir,
         wasm: WasmConfig {
             pool_instances: args.wasm_pool,
             max_memory_bytes: warren_spec::parse_bytes(&args.wasm_max_memory)
