@@ -610,6 +610,45 @@ fn wait_gone(pids: &[i32], what: &str) {
     }
 }
 
+/// `bench run -b linux` against a server with a warm pool counts and times the hand-outs.
+#[test]
+fn bench_times_warm_hand_outs_apart() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start_with(&["--warm", "linux:busybox=4"]);
+    wait_warm(&l, 4);
+    // Its warm-up run and the two create->exit runs take three shells: the first
+    // create->running run finds the fourth, whatever the refill does meanwhile.
+    let out = l.warren(&[
+        "bench",
+        "run",
+        "-b",
+        "linux",
+        "-i",
+        "busybox",
+        "-n",
+        "2",
+        "--peer-runs",
+        "0",
+        "--json",
+        "--",
+        "/bin/true",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let got = json(text.lines().last().unwrap_or_default());
+    let hits = got["running_warm_hits"]
+        .as_u64()
+        .expect("running_warm_hits");
+    assert!((1..=2).contains(&hits), "{got}");
+    let p50 = got["running"]["warm_hit_p50_us"]
+        .as_u64()
+        .expect("a hand-out time");
+    assert!(p50 > 0, "{got}");
+}
+
 #[test]
 fn warm_pool_serves_creates_with_their_own_settings() {
     if let Some(reason) = skip_reason() {

@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -377,13 +377,15 @@ async fn create_to_running(
     base: &SandboxSpec,
     prefix: &str,
 ) -> anyhow::Result<(Phase, usize, Value)> {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let (p, spec, counted) = (prefix.to_string(), base.clone(), hits.clone());
+    // The hand-outs' own times (µs), apart from the creates that found no warm shell.
+    let hit_times = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let (p, spec, counted) = (prefix.to_string(), base.clone(), hit_times.clone());
     let phase = drive(clients, a.count, a.concurrency, move |mut c, i| {
         let mut spec = spec.clone();
         spec.name = format!("{p}-running-{i}");
         let counted = counted.clone();
         async move {
+            let t = Instant::now();
             let reply = c
                 .create_sandbox(v1::CreateSandboxRequest {
                     spec: Some(spec_to_pb(&spec)),
@@ -396,19 +398,41 @@ async fn create_to_running(
                 .and_then(|s| s.status)
                 .and_then(|s| s.backend_info.get("warm").cloned());
             if warm.as_deref() == Some("true") {
-                counted.fetch_add(1, Ordering::Relaxed);
+                let took = t.elapsed().as_micros() as u64;
+                counted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(took);
             }
             Ok(())
         }
     })
     .await?;
-    let hits = hits.load(Ordering::Relaxed);
-    let json = report("running", &phase);
+    let mut hit_times = std::mem::take(
+        &mut *hit_times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    hit_times.sort_unstable();
+    let hits = hit_times.len();
+    let mut json = report("running", &phase);
     out!(
         "         (create->running: the create call alone, answered once the workload has \
          started; {hits} of {} from a warm shell)",
         phase.hist.len()
     );
+    if hits > 0 {
+        let at = |q: f64| hit_times[((hits as f64 * q) as usize).min(hits - 1)];
+        out!(
+            "warm hit p50 {:>8}  p90 {:>8}  ({hits} hand-outs of a warm shell alone)",
+            us(at(0.5)),
+            us(at(0.9))
+        );
+        if let Some(map) = json.as_object_mut() {
+            map.insert("warm_hit_p50_us".into(), json!(at(0.5)));
+            map.insert("warm_hit_p90_us".into(), json!(at(0.9)));
+        }
+    }
     let p = prefix.to_string();
     let ended = drive(clients, a.count, a.concurrency, move |mut c, i| {
         let name = format!("{p}-running-{i}");
