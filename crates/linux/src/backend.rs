@@ -560,7 +560,13 @@ impl Backend for LinuxBackend {
         };
         let warm = shell.is_some();
         let started = match shell {
-            Some(shell) => claim(&inner, shell, &bundle, &container).await?,
+            Some(shell) => {
+                let claimed = claim(&inner, shell, &bundle, &container).await;
+                // Refilled after the hand-out, not during it: a new shell's supervisor start
+                // competed with the claim for the CPUs.
+                inner.refill.notify_one();
+                claimed?
+            }
             None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
         };
         if let Some(sb) = inner.lock().get_mut(id) {

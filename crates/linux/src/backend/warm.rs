@@ -85,9 +85,9 @@ impl Inner {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let i = shells.iter().position(|s| s.image_id == image_id)?;
-        let shell = shells.swap_remove(i);
-        self.refill.notify_one();
-        Some(shell)
+        // The caller wakes the refill once it is done with the shell (a hand-out's claim
+        // should not share the CPUs with a new shell's start).
+        Some(shells.swap_remove(i))
     }
 
     pub(super) fn warm_count(&self, image_id: &str) -> usize {
