@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if pid1 {
         init::early();
+        sys::watch_spawns();
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -30,6 +30,55 @@ pub struct Program {
     pub enter: Enter,
 }
 
+/// The pid of a child between its clone and its exec (0: none). The child stores it
+/// (it shares this memory until it execs), so [`watch_spawns`] can say where a start that
+/// never finishes is stuck: the parent thread waits inside `clone` until then.
+static SPAWNING: AtomicI32 = AtomicI32::new(0);
+
+/// How long a child may stay between clone and exec before [`watch_spawns`] reports it.
+const SPAWN_STUCK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts a thread that prints, on the console, where a child that has not exec'd after
+/// [`SPAWN_STUCK`] is in the kernel (`/proc/PID/stack` of it and of PID 1), once per child.
+/// Only diagnostics: starts in a guest (about one in a hundred under TCG) once hung there
+/// for reasons not found yet.
+pub fn watch_spawns() {
+    let spawned = std::thread::Builder::new()
+        .name("spawn-watch".into())
+        .spawn(|| {
+            let (mut seen, mut since, mut told) = (0, std::time::Instant::now(), 0);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let pid = SPAWNING.load(Ordering::SeqCst);
+                if pid != seen {
+                    (seen, since) = (pid, std::time::Instant::now());
+                    continue;
+                }
+                if pid == 0 || told == pid || since.elapsed() < SPAWN_STUCK {
+                    continue;
+                }
+                told = pid;
+                let stack = |p: &str| {
+                    std::fs::read_to_string(format!("/proc/{p}/stack"))
+                        .unwrap_or_else(|e| format!("({e})"))
+                        .lines()
+                        .map(|l| l.split_whitespace().last().unwrap_or(l).to_string())
+                        .collect::<Vec<_>>()
+                        .join(" < ")
+                };
+                eprintln!(
+                    "warren-guest: child {pid} has not exec'd after {:?}; it is in: {}; PID 1 is in: {}",
+                    since.elapsed(),
+                    stack(&pid.to_string()),
+                    stack("1")
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("warren-guest: no spawn watch: {e}");
+    }
+}
+
 /// The child's stack: it only makes system calls.
 const CHILD_STACK: usize = 64 << 10;
 
@@ -104,6 +153,7 @@ pub fn spawn(program: &Program, stdio: [RawFd; 3]) -> std::io::Result<i32> {
         )
     };
     let clone_error = std::io::Error::last_os_error();
+    SPAWNING.store(0, Ordering::SeqCst);
     // SAFETY: restores the mask saved above.
     #[allow(unsafe_code)]
     unsafe {
@@ -124,6 +174,10 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` of `spawn`, alive while the parent waits for us.
     #[allow(unsafe_code)]
     let args = unsafe { &*arg.cast::<ChildArgs<'_>>() };
+    // SAFETY: a plain system call.
+    #[allow(unsafe_code)]
+    let pid = unsafe { libc::syscall(libc::SYS_getpid) };
+    SPAWNING.store(pid as i32, Ordering::SeqCst);
     let errno = enter_and_exec(args);
     args.error.store(errno, Ordering::SeqCst);
     // SAFETY: `_exit` ends this process without running any of the parent's exit handlers.
