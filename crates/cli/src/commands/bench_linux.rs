@@ -378,7 +378,9 @@ async fn create_to_running(
     prefix: &str,
 ) -> anyhow::Result<(Phase, usize, Value)> {
     // The hand-outs' own times (µs), apart from the creates that found no warm shell.
-    let hit_times = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let hit_times = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let (p, spec, counted) = (prefix.to_string(), base.clone(), hit_times.clone());
     let phase = drive(clients, a.count, a.concurrency, move |mut c, i| {
         let mut spec = spec.clone();
@@ -402,19 +404,17 @@ async fn create_to_running(
                 counted
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(took);
+                    .saturating_record(took);
             }
             Ok(())
         }
     })
     .await?;
-    let mut hit_times = std::mem::take(
-        &mut *hit_times
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
-    hit_times.sort_unstable();
-    let hits = hit_times.len();
+    let hit_times = hit_times
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let hits = hit_times.len() as usize;
     let mut json = report("running", &phase);
     out!(
         "         (create->running: the create call alone, answered once the workload has \
@@ -422,7 +422,7 @@ async fn create_to_running(
         phase.hist.len()
     );
     if hits > 0 {
-        let at = |q: f64| hit_times[((hits as f64 * q) as usize).min(hits - 1)];
+        let at = |q: f64| hit_times.value_at_quantile(q);
         out!(
             "warm hit p50 {:>8}  p90 {:>8}  ({hits} hand-outs of a warm shell alone)",
             us(at(0.5)),
