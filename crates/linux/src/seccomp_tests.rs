@@ -18,6 +18,11 @@ fn native_arch() -> u32 {
 /// A classic-BPF interpreter for the instructions seccompiler and the prologue emit, run on a
 /// `struct seccomp_data` (nr, arch, instruction pointer, six arguments).
 fn run(program: &[sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> u32 {
+    run_counting(program, arch, nr, args).0
+}
+
+/// [`run`], also returning how many instructions it executed.
+fn run_counting(program: &[sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> (u32, usize) {
     let mut data = Vec::new();
     data.extend_from_slice(&(nr as i32).to_ne_bytes());
     data.extend_from_slice(&arch.to_ne_bytes());
@@ -25,10 +30,11 @@ fn run(program: &[sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> u32 {
     for arg in args {
         data.extend_from_slice(&arg.to_ne_bytes());
     }
-    let (mut acc, mut pc) = (0u32, 0usize);
+    let (mut acc, mut pc, mut steps) = (0u32, 0usize, 0usize);
     loop {
         let insn = &program[pc];
         pc += 1;
+        steps += 1;
         match insn.code {
             0x20 => {
                 let at = insn.k as usize;
@@ -36,7 +42,7 @@ fn run(program: &[sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> u32 {
             }
             0x54 => acc &= insn.k,
             0x05 => pc += insn.k as usize,
-            0x06 => return insn.k,
+            0x06 => return (insn.k, steps),
             code @ (0x15 | 0x25 | 0x35 | 0x45) => {
                 let taken = match code {
                     0x15 => acc == insn.k,
@@ -145,19 +151,24 @@ fn policy_deny_list_adds_to_the_defaults() {
     assert_eq!(eval(&program, syscall_number("mkdirat").unwrap(), 0), ALLOW);
 }
 
+/// `socket(AF_INET6, ...)`: a rule with an argument condition.
+fn inet6_sockets() -> SyscallEntry {
+    SyscallEntry::Rule(warren_spec::SyscallRule {
+        name: "socket".into(),
+        args: vec![ArgCondition {
+            index: 0,
+            op: ArgOp::Eq,
+            value: libc::AF_INET6 as u64,
+            mask: None,
+        }],
+    })
+}
+
 #[test]
 fn policy_argument_conditions_narrow_the_rule() {
     let policy = SyscallPolicy {
         allow: None,
-        deny: Some(vec![SyscallEntry::Rule(warren_spec::SyscallRule {
-            name: "socket".into(),
-            args: vec![ArgCondition {
-                index: 0,
-                op: ArgOp::Eq,
-                value: libc::AF_INET6 as u64,
-                mask: None,
-            }],
-        })]),
+        deny: Some(vec![inet6_sockets()]),
     };
     let program = compile_with(&[], Some(&policy)).unwrap();
     assert_eq!(
@@ -324,4 +335,113 @@ fn compile_cost() {
     let per_lookup = started.elapsed() / rounds;
     let len = compile(&[]).unwrap().len();
     eprintln!("seccomp: compile {per_compile:?}, cached {per_lookup:?}, {len} instructions");
+}
+
+/// The policies the balanced-dispatch tests compare: the default profile, a deny-list with
+/// argument conditions, an allow-list (inverted default) and a spec deny-list.
+fn profiles() -> Vec<(Vec<String>, Option<SyscallPolicy>)> {
+    let conditional = SyscallPolicy {
+        allow: None,
+        deny: Some(vec![SyscallEntry::Name("chmod".into()), inet6_sockets()]),
+    };
+    let allow = allow_policy(&[
+        "read",
+        "write",
+        "exit_group",
+        "clone",
+        "personality",
+        "mount",
+    ]);
+    // Every other syscall: ~180 ranges apart, more than `jt`/`jf` can jump across.
+    let mut numbered: Vec<&(&str, i64)> = SYSCALLS.iter().collect();
+    numbered.sort_by_key(|(_, nr)| *nr);
+    let alternate: Vec<&str> = numbered
+        .iter()
+        .step_by(2)
+        .map(|(name, _)| name.trim_start_matches("SYS_"))
+        .collect();
+    vec![
+        (vec![], None),
+        (vec!["mkdir".into(), "getpid".into()], None),
+        (vec![], Some(conditional)),
+        (vec!["write".into()], Some(allow)),
+        (vec![], Some(allow_policy(&alternate))),
+    ]
+}
+
+#[test]
+fn balanced_dispatch_decides_as_seccompilers_linear_one() {
+    let args = [
+        [0; 6],
+        [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0],
+        [libc::AF_INET6 as u64, 1, 0, 0, 0, 0],
+        [0x40_0000, 0, 0, 0, 0, 0],
+        [u64::MAX; 6],
+        [0xffff_ffff, 0x2_0008, 8, 0x1000_0000, 1, 2],
+    ];
+    for (extra, policy) in profiles() {
+        let tree = compile_with(&extra, policy.as_ref()).unwrap();
+        let linear = compile_linear(&extra, policy.as_ref()).unwrap();
+        assert_ne!(tree, linear, "the dispatch was not rebuilt");
+        let numbers = (-1..1100).chain([0x4000_0000, 0x4000_0000 | 165, i64::from(i32::MAX)]);
+        for nr in numbers {
+            for a in args {
+                for arch in [native_arch(), AUDIT_ARCH_I386] {
+                    assert_eq!(
+                        run(&tree, arch, nr, a),
+                        run(&linear, arch, nr, a),
+                        "syscall {nr} args {a:?} arch {arch:#x} under {extra:?} {policy:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What the kernel's action cache emulates per syscall at install, and what an uncached
+/// syscall walks at run time: a few dozen instructions, not the whole list.
+#[test]
+fn balanced_dispatch_is_short() {
+    for (i, (extra, policy)) in profiles().into_iter().enumerate() {
+        // (most, total) instructions executed over the syscall numbers the cache covers.
+        let walked = |program: &[sock_filter]| {
+            let steps: Vec<usize> = (0..512)
+                .map(|nr| run_counting(program, native_arch(), nr, [0; 6]).1)
+                .collect();
+            (*steps.iter().max().unwrap(), steps.iter().sum::<usize>())
+        };
+        let (tree_most, tree_total) = walked(&compile_with(&extra, policy.as_ref()).unwrap());
+        let (linear_most, linear_total) = walked(&compile_linear(&extra, policy.as_ref()).unwrap());
+        assert!(
+            tree_most <= 30,
+            "{tree_most} steps at most (linear: {linear_most})"
+        );
+        // The default profile's ~100 syscalls; the small allow-list is short either way.
+        if i == 0 {
+            assert!(
+                linear_total > 4 * tree_total,
+                "{tree_total} steps in all against {linear_total} linear"
+            );
+        }
+    }
+}
+
+#[test]
+fn balance_refuses_a_layout_it_does_not_know() {
+    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    let mut program = compile_linear(&[], None).unwrap().to_vec();
+    // The linear program with the prologue spliced in no longer has the number load at 3.
+    assert!(matches!(
+        tree::balance(&program),
+        Err(SeccompError::Layout(_))
+    ));
+    // Raw layout: head, then a block whose rule jumps past the block's end.
+    program.drain(3..8);
+    assert!(tree::balance(&program).is_ok());
+    let rule = 4 + 3;
+    program[rule] = insn(0x15, 200, 0, 0);
+    assert!(matches!(
+        tree::balance(&program),
+        Err(SeccompError::Layout(_))
+    ));
 }
