@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Builds what the vm backend boots, from Debian's packages and this repository:
-#   vmlinux          Debian's cloud kernel (linux-image-cloud-amd64), uncompressed: qemu loads
-#                    the ELF directly (PVH), ~2x faster under TCG than decompressing a bzImage;
-#   initramfs.cpio   warren-guest as /init (static), the virtio modules it loads, busybox.
+#   vmlinux          the guest kernel, an uncompressed ELF qemu boots directly (PVH), ~2x
+#                    faster under TCG than decompressing a bzImage. By default warren's minimal
+#                    kernel (scripts/build-guest-kernel.sh: Debian's linux-source-6.1 with
+#                    crates/vm/kernel/guest.config, everything built in; ~5 min to build once),
+#                    whose cold boots take ~0.55x the time of Debian's cloud kernel
+#                    (docs/PERFORMANCE.md). WARREN_GUEST_KERNEL=debian takes Debian's cloud
+#                    kernel (linux-image-cloud-amd64) instead, with its virtio modules;
+#   initramfs.cpio   warren-guest as /init (static), busybox, and the modules a Debian kernel
+#                    needs (none for the minimal one).
 # Everything is cached by content: a second run only checks (cargo's no-op build included).
 #
 #   scripts/vm-assets.sh [OUT]     default OUT: $WARREN_VM_ASSETS, else target/vm-assets
@@ -20,7 +26,16 @@ out=${1:-${WARREN_VM_ASSETS:-$root/target/vm-assets}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-# The kernel's virtio drivers are modules: loaded by warren-guest in this order.
+kernel=${WARREN_GUEST_KERNEL:-minimal}
+case "$kernel" in
+  minimal | debian) ;;
+  *)
+    echo "vm-assets: WARREN_GUEST_KERNEL=$kernel: expected minimal or debian" >&2
+    exit 1
+    ;;
+esac
+
+# Debian's kernel has its virtio drivers as modules: loaded by warren-guest in this order.
 modules=(
   kernel/drivers/virtio/virtio_ring.ko
   kernel/drivers/virtio/virtio.ko
@@ -42,7 +57,13 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# --- the kernel: the package linux-image-cloud-amd64 points at, extracted once.
+if [ "$kernel" = minimal ]; then
+  kdir=$out/kernel/minimal
+  "$root/scripts/build-guest-kernel.sh" "$kdir" >/dev/null
+  modules=()
+  ln -sfn "kernel/minimal/vmlinux" "$out/vmlinux"
+else
+# --- Debian's kernel: the package linux-image-cloud-amd64 points at, extracted once.
 pkg=$(apt-cache show linux-image-cloud-amd64 2>/dev/null | awk '/^Depends:/ { print $2; exit }' || true)
 if [ -z "$pkg" ]; then
   apt-get update -qq
@@ -82,6 +103,7 @@ if [ ! -s "$kdir/vmlinux" ]; then
   trap - EXIT
 fi
 ln -sfn "kernel/$pkg/vmlinux" "$out/vmlinux"
+fi
 
 # --- warren-guest, static (gnu target with crt-static; RUSTFLAGS reach only the target's
 # crates because --target is given, so build scripts and proc macros stay dynamic). Its own
@@ -96,17 +118,18 @@ if ! ldd "$guest" 2>&1 | grep -qE 'statically linked|not a dynamic executable'; 
 fi
 
 # --- the initramfs, rebuilt only when an input changed.
-sum=$( (sha256sum "$guest" /bin/busybox "$kdir"/modules/*.ko; echo "${modules[*]}") | sha256sum | cut -c1-16)
+sum=$( (sha256sum "$guest" /bin/busybox; ((${#modules[@]})) && sha256sum "$kdir"/modules/*.ko; echo "$kernel ${modules[*]}") | sha256sum | cut -c1-16)
 if [ "$(cat "$out/initramfs.sum" 2>/dev/null)" != "$sum" ] || [ ! -s "$out/initramfs.cpio" ]; then
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
-  mkdir -p "$stage"/{bin,sbin,dev,proc,sys,run,tmp,etc,root,lib/modules/warren}
+  mkdir -p "$stage"/{bin,sbin,dev,proc,sys,run,tmp,etc,root}
   cp "$guest" "$stage/init"
   cp /bin/busybox "$stage/bin/busybox"
   for applet in $(/bin/busybox --list); do
     [ -e "$stage/bin/$applet" ] || ln -s busybox "$stage/bin/$applet"
   done
   for m in "${modules[@]}"; do
+    mkdir -p "$stage/lib/modules/warren"
     cp "$kdir/modules/$(basename "$m")" "$stage/lib/modules/warren/"
     basename "$m" >>"$stage/lib/modules/warren/order"
   done

@@ -1,5 +1,6 @@
 //! PID 1's start: the file systems every Linux userland expects, the kernel modules the
-//! VM's devices need (Debian's kernel has virtio as modules), and the cgroup for workloads.
+//! VM's devices need (Debian's kernel has virtio as modules; warren's minimal one has none),
+//! and the cgroup for workloads.
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! The `vm` backend: each sandbox is a microVM.
 //!
 //! qemu (`-M microvm` by default) runs a guest kernel and an initramfs the project builds
-//! (`scripts/vm-assets.sh`: Debian's kernel, `warren-guest` as PID 1, busybox). The host
+//! (`scripts/vm-assets.sh`: a minimal kernel, `warren-guest` as PID 1, busybox). The host
 //! talks to the guest over a virtio-serial port backed by a unix socket (no vhost-vsock is
 //! needed), with the task API of `warren-guest` (tonic); qemu itself is driven over QMP
 //! (JSON lines on another unix socket, [`qmp`]).
