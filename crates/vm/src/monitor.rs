@@ -59,13 +59,14 @@ pub(crate) async fn launch(
     // yet) a guest that booted and answered its ping does not answer `Start`. Its VM is
     // killed by then and nothing of the workload reached the host, so one more VM is
     // tried; the log says so.
-    if let Err(BackendError::Other(e)) = &result
-        && e.starts_with(START_NO_ANSWER)
+    if let Err(f) = &result
+        && f.start_unanswered
     {
-        warn!(id, "vm: {e}; trying once more in another VM");
+        warn!(id, "vm: {}; trying once more in another VM", f.error);
         let _ = warren_runtime::remove_tree(dir);
         result = launch_in(inner, id, dir, plan, cgroup.as_ref(), START_PATIENCE).await;
     }
+    let result = result.map_err(|f| f.error);
     if result.is_err()
         && let Some(cg) = &cgroup
     {
@@ -78,8 +79,22 @@ pub(crate) async fn launch(
 /// How long a guest may take to answer `Start`: the first try, and the one after it.
 const FIRST_START_PATIENCE: Duration = Duration::from_secs(15);
 const START_PATIENCE: Duration = Duration::from_secs(30);
-/// How the error of a `Start` that got no answer begins.
-const START_NO_ANSWER: &str = "start: the guest did not answer within";
+
+/// Why [`launch_in`] failed, and whether it was a `Start` the guest never answered (worth
+/// one more VM).
+struct LaunchFailed {
+    error: BackendError,
+    start_unanswered: bool,
+}
+
+impl From<BackendError> for LaunchFailed {
+    fn from(error: BackendError) -> Self {
+        LaunchFailed {
+            error,
+            start_unanswered: false,
+        }
+    }
+}
 
 async fn launch_in(
     inner: &Arc<Inner>,
@@ -88,7 +103,7 @@ async fn launch_in(
     plan: &Plan,
     cgroup: Option<&warren_linux::cgroup::Cgroup>,
     patience: Duration,
-) -> Result<Launched, BackendError> {
+) -> Result<Launched, LaunchFailed> {
     let clone = if plan.root_disk.is_none() {
         crate::template::take(inner, plan.vcpus, plan.memory_mb, dir).await
     } else {
@@ -137,7 +152,8 @@ async fn launch_in(
                         Ok(Err(s)) => s.message().to_string(),
                         _ => "the guest did not answer".into(),
                     }
-                )));
+                ))
+                .into());
             }
             (booted, "clone")
         }
@@ -178,18 +194,19 @@ async fn launch_in(
         None => Ok(()),
     };
     let failure = match (started, joined) {
-        (_, Err(e)) => Some(BackendError::Other(format!(
-            "move the clone's qemu into its cgroup: {e}"
-        ))),
-        (Ok(Ok(_)), Ok(())) => None,
-        (Ok(Err(s)), _) => Some(guest_error("start", s)),
-        (Err(_), _) => {
-            // The console's last lines say where the guest was (a panic, a hung task...).
-            Some(BackendError::Other(format!(
-                "{START_NO_ANSWER} {patience:?}{}",
-                qemu::last_words_note(dir)
-            )))
+        (_, Err(e)) => {
+            Some(BackendError::Other(format!("move the clone's qemu into its cgroup: {e}")).into())
         }
+        (Ok(Ok(_)), Ok(())) => None,
+        (Ok(Err(s)), _) => Some(guest_error("start", s).into()),
+        (Err(_), _) => Some(LaunchFailed {
+            // The console's last lines say where the guest was (a panic, a hung task...).
+            error: BackendError::Other(format!(
+                "start: the guest did not answer within {patience:?}{}",
+                qemu::last_words_note(dir)
+            )),
+            start_unanswered: true,
+        }),
     };
     if let Some(e) = failure {
         qemu.kill_and_wait(Duration::from_secs(5)).await;
@@ -216,11 +233,12 @@ async fn launch_in(
                 action: "write",
                 path: dir.join(vm::STATE_FILE).display().to_string(),
                 source: e,
-            });
+            }
+            .into());
         }
         (_, Err(e)) => {
             qemu.kill_and_wait(Duration::from_secs(5)).await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     let running = Running {
