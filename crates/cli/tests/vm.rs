@@ -425,13 +425,19 @@ fn qmp(path: &Path, command: &str) {
 #[test]
 fn a_server_killed_with_sigkill_readopts_its_vms() {
     let mut vm = vm_or_skip!("templates = false");
-    vm.ok(&["run", "-b", "vm", "--name", "victim", "--", "sleep", "600"]);
+    // Strong: acknowledged only once recorded, so a kill -9 right after cannot lose them
+    // (a fast create's record is written behind; one lost that way is an orphan, removed).
+    vm.ok(&[
+        "run", "-b", "vm", "--mode", "strong", "--name", "victim", "--", "sleep", "600",
+    ]);
     let victim = pid_of(&vm.wait_phase("victim", "Running", Duration::from_secs(60)));
     // `run` returns once the workload started: the server dies while it prints.
     vm.ok(&[
         "run",
         "-b",
         "vm",
+        "--mode",
+        "strong",
         "--name",
         "ticker",
         "--",
