@@ -1,7 +1,7 @@
 //! A real `warren server` and containerd 1.6 (Debian's, on a private root, state dir and
 //! socket) driving `containerd-shim-warren-v1`. Everything is torn down when the `Env` drops,
 //! pass or fail: the containerd process, the shims it started, mounts under its root, the
-//! warren server, the temp dir.
+//! warren server, its cgroup parent, the temp dir.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -74,6 +74,8 @@ pub struct Env {
     server: Option<Child>,
     address: String,
     started: bool,
+    /// The server's `--cgroup-parent`, one per `Env`: removed on drop.
+    cgroup_parent: String,
 }
 
 impl Env {
@@ -100,6 +102,7 @@ impl Env {
             server: None,
             address: String::new(),
             started: false,
+            cgroup_parent: format!("warren-shim-it-{}-{}", std::process::id(), next_env()),
         };
         env.start_server();
         env.start_containerd();
@@ -118,6 +121,8 @@ impl Env {
             .arg(self.path("warren"))
             .arg("--listen")
             .arg(format!("unix://{}", self.path("w.sock").display()))
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
             .env_remove("WARREN_TOKEN")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -366,6 +371,34 @@ impl Drop for Env {
         if let Some(mut c) = self.server.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        remove_cgroup_parent(&self.cgroup_parent);
+    }
+}
+
+fn next_env() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Removes `parent` (emptied of processes by then) and the cgroups under it, depth first, in
+/// every v1 hierarchy and in a v2 root. Best effort: a test teardown must not panic.
+fn remove_cgroup_parent(parent: &str) {
+    fn remove_tree(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    remove_tree(&root.join(parent));
+    if let Ok(hierarchies) = std::fs::read_dir(root) {
+        for h in hierarchies.flatten() {
+            remove_tree(&h.path().join(parent));
         }
     }
 }
