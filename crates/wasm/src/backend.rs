@@ -218,6 +218,9 @@ impl Drop for WasmBackend {
                     current.task.abort();
                 }
             }
+            // Files written behind are on disk once the backend is gone, and nothing writes
+            // into its directory after (a server stopping, a test removing its temp dir).
+            inner.files.flush(Duration::from_secs(5));
         }
     }
 }
@@ -326,6 +329,15 @@ impl FileWorker {
             job();
         }
         rx
+    }
+
+    /// Waits (blocking, at most `patience`) until the jobs queued so far are done.
+    fn flush(&self, patience: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(self.submit(move || {
+            let _ = tx.send(());
+        }));
+        let _ = rx.recv_timeout(patience);
     }
 }
 

@@ -19,12 +19,13 @@ fn module(name: &str) -> String {
         .to_string()
 }
 
+/// Fields drop in order: the backend (which finishes its file work) before the directory.
 struct Harness {
-    dir: TempDir,
     backend: WasmBackend,
     events: UnboundedReceiver<BackendEvent>,
     /// Events received while waiting for another sandbox's.
     early: HashMap<String, BackendStatus>,
+    dir: TempDir,
 }
 
 fn small() -> WasmConfig {
