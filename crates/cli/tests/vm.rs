@@ -172,6 +172,37 @@ impl Vm {
         }
     }
 
+    /// `warren run -b vm --name NAME RUN...` until the sandbox's object satisfies `wanted`
+    /// (each that does not is removed), for `patience`; returns the object that did (kept)
+    /// and that run's stdout.
+    fn run_until(
+        &self,
+        name: &str,
+        run: &[&str],
+        wanted: impl Fn(&serde_json::Value) -> bool,
+        what: &str,
+        patience: Duration,
+    ) -> (serde_json::Value, String) {
+        let deadline = Instant::now() + patience;
+        let mut args = vec!["run", "-b", "vm", "--name", name];
+        args.extend_from_slice(run);
+        loop {
+            let out = self.warren(&args);
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            let got = self.get(name);
+            if wanted(&got) {
+                return (got, stdout(&out));
+            }
+            self.ok(&["rm", name]);
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not after {patience:?}: {got}\n{}",
+                self.server.log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// qemu processes started for this server's VMs (found by their directory).
     fn qemus(&self) -> Vec<i32> {
         let dir = self.server.dir.path().display().to_string();
@@ -565,6 +596,59 @@ fn an_image_is_the_root_of_its_vm() {
 }
 
 #[test]
+fn image_sandboxes_clone_from_a_template_of_their_image() {
+    let vm = vm_or_skip!("templates = true\npool = 1");
+    let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
+    vm.ok(&["image", "import", layout.to_str().unwrap()]);
+    // The image's passwd has a nobody line; the initramfs's has none.
+    let nobody = "grep -c nobody /etc/passwd || true";
+    // The first create of the image boots cold and builds its template behind it.
+    let (_, out) = vm.run_until(
+        "probe",
+        &["-i", "busybox", "--wait", "--", "sh", "-c", nobody],
+        |got| got["status"]["backendInfo"]["boot"] == "clone",
+        "a clone of the image",
+        Duration::from_secs(120),
+    );
+    assert_eq!(out, "1\n", "{}", vm.server.log());
+    vm.ok(&["rm", "probe"]);
+    // Two clones of the image: each has the image as its root and its own writable layer.
+    // "a" is a hand-out from the pool, whose warm-up mounted the root before the create.
+    let (got, _) = vm.run_until(
+        "a",
+        &["-i", "busybox", "--", "sleep", "600"],
+        |got| got["status"]["backendInfo"]["clone_from"] == "pool",
+        "a hand-out of the image from the pool",
+        Duration::from_secs(60),
+    );
+    assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
+    vm.ok(&[
+        "run", "-b", "vm", "-i", "busybox", "--name", "b", "--", "sleep", "600",
+    ]);
+    let got = vm.wait_phase("b", "Running", Duration::from_secs(60));
+    assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
+    vm.ok(&["exec", "a", "--", "sh", "-c", "echo from-a > /etc/mine"]);
+    assert_eq!(vm.ok(&["exec", "a", "--", "cat", "/etc/mine"]), "from-a\n");
+    let seen = vm.warren(&["exec", "b", "--", "cat", "/etc/mine"]);
+    assert_ne!(
+        seen.status.code(),
+        Some(0),
+        "b sees a's file: {}",
+        stdout(&seen)
+    );
+    for name in ["a", "b"] {
+        assert_eq!(vm.ok(&["exec", name, "--", "sh", "-c", nobody]), "1\n");
+    }
+    // A sandbox of the same size without the image is not one of its clones.
+    let out = vm.warren(&[
+        "run", "-b", "vm", "--name", "plain", "--wait", "--", "sh", "-c", nobody,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "0\n");
+    vm.ok(&["rm", "a", "b", "plain"]);
+}
+
+#[test]
 fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
     let vm = vm_or_skip!("templates = true\npool = 2");
     let first = vm.warren(&[
@@ -572,22 +656,14 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
     ]);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
     // The first create of a shape boots cold and builds the template behind it.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = vm.warren(&["run", "-b", "vm", "--name", "probe", "--wait", "--", "true"]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        let boot = vm.get("probe")["status"]["backendInfo"]["boot"].clone();
-        vm.ok(&["rm", "probe"]);
-        if boot == "clone" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no clone after 120 s:\n{}",
-            vm.server.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    vm.run_until(
+        "probe",
+        &["--wait", "--", "true"],
+        |got| got["status"]["backendInfo"]["boot"] == "clone",
+        "a clone",
+        Duration::from_secs(120),
+    );
+    vm.ok(&["rm", "probe"]);
     let names: Vec<String> = (0..10).map(|i| format!("clone{i}")).collect();
     std::thread::scope(|s| {
         for name in &names {

@@ -44,6 +44,8 @@ struct State {
     workload: Option<i32>,
     /// The root processes run in (an image's overlay), when not the initramfs.
     root: Option<String>,
+    /// The `root_device` the root was mounted from.
+    root_device: String,
 }
 
 impl Guest {
@@ -139,6 +141,29 @@ impl Guest {
             .lines()
             .filter_map(|l| l.strip_prefix("oom_kill "))
             .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+    }
+
+    /// Mounts `device` as the workload's root unless a `Prepare` did; a root mounted from
+    /// another device is an error. Only PID 1 mounts (a guest run as a test process keeps the
+    /// host's root).
+    fn ensure_root(&self, device: &str) -> Result<(), Status> {
+        if !self.pid1 {
+            return Ok(());
+        }
+        // Held while mounting: a second caller waits and finds the root mounted.
+        let mut state = self.state();
+        if state.root_device == device {
+            return Ok(());
+        }
+        if !state.root_device.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "root_device {device:?}: the root is mounted from {:?} already",
+                state.root_device
+            )));
+        }
+        state.root = Some(self.mount_root(device)?);
+        state.root_device = device.to_string();
+        Ok(())
     }
 
     /// Mounts the image on `device` read-only under a writable overlay (tmpfs upper), with
@@ -291,6 +316,9 @@ impl proto::guest_server::Guest for GuestService {
         let req = req.into_inner();
         self.guest.reseed(&req.seed)?;
         self.guest.set_identity(&req.hostname, &req.sandbox_id)?;
+        if !req.root_device.is_empty() {
+            self.guest.ensure_root(&req.root_device)?;
+        }
         Ok(Response::new(proto::PrepareReply {}))
     }
 
@@ -310,9 +338,8 @@ impl proto::guest_server::Guest for GuestService {
         }
         g.set_identity(&req.hostname, &req.sandbox_id)?;
         g.apply_limits(&req.limits.unwrap_or_default())?;
-        if !req.root_device.is_empty() && g.pid1 {
-            let root = g.mount_root(&req.root_device)?;
-            g.state().root = Some(root);
+        if !req.root_device.is_empty() {
+            g.ensure_root(&req.root_device)?;
         }
         let argv0 = req.argv.first().cloned().unwrap_or_default();
         let program = g

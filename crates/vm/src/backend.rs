@@ -145,14 +145,22 @@ impl VmBackend {
 
     /// Builds the template for VMs of the default shape, unless it exists.
     pub async fn build_template(&self) -> Result<PathBuf, BackendError> {
-        let h = &self.inner.config.vm.hypervisor;
-        crate::template::build(&self.inner, h.vcpus, h.memory_in_mb, false).await
+        crate::template::build(&self.inner, &self.default_shape(), false).await
     }
 
     /// Builds the template for VMs of the default shape again.
     pub async fn rebuild_template(&self) -> Result<PathBuf, BackendError> {
+        crate::template::build(&self.inner, &self.default_shape(), true).await
+    }
+
+    /// The config's vCPUs and memory, without an image.
+    fn default_shape(&self) -> crate::template::Shape {
         let h = &self.inner.config.vm.hypervisor;
-        crate::template::build(&self.inner, h.vcpus, h.memory_in_mb, true).await
+        crate::template::Shape {
+            vcpus: h.vcpus,
+            memory_mb: h.memory_in_mb,
+            root_disk: None,
+        }
     }
 
     /// Clones ready in the pool now.
@@ -392,7 +400,7 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
             .map(|s| s.bytes().to_vec())
             .unwrap_or_default(),
         root_device: if root_disk.is_some() {
-            format!("serial:{}", qemu::ROOT_DISK_SERIAL)
+            qemu::root_device()
         } else {
             String::new()
         },

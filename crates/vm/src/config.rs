@@ -100,7 +100,8 @@ pub enum Accel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Create sandboxes without an image as copy-on-write clones of a booted template.
+    /// Create sandboxes as copy-on-write clones of a booted template (one per shape, and per
+    /// image for sandboxes with one).
     pub templates: bool,
     /// Clones kept restored and ready per template (0: restore on demand).
     pub pool: usize,

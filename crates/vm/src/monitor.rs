@@ -104,11 +104,12 @@ async fn launch_in(
     cgroup: Option<&warren_linux::cgroup::Cgroup>,
     patience: Duration,
 ) -> Result<Launched, LaunchFailed> {
-    let clone = if plan.root_disk.is_none() {
-        crate::template::take(inner, plan.vcpus, plan.memory_mb, dir).await
-    } else {
-        None
+    let shape = crate::template::Shape {
+        vcpus: plan.vcpus,
+        memory_mb: plan.memory_mb,
+        root_disk: plan.root_disk.clone(),
     };
+    let clone = crate::template::take(inner, &shape, dir).await;
     let pooled = clone.as_ref().is_some_and(|(_, pooled)| *pooled);
     // A clone's qemu joins the sandbox's cgroup while its guest is prepared and started, and
     // the create answers once it has joined: moving a multi-threaded process between v1
@@ -138,6 +139,8 @@ async fn launch_in(
                     hostname: plan.start.hostname.clone(),
                     sandbox_id: id.to_string(),
                     seed,
+                    // `Start` mounts the root (if a warm-up has not).
+                    root_device: String::new(),
                 }),
             )
             .await;

@@ -21,6 +21,12 @@ pub const QEMU_LOG: &str = "qemu.log";
 /// The serial number of the sandbox image's disk; the guest finds its device by it.
 pub const ROOT_DISK_SERIAL: &str = "warren-root";
 
+/// How the guest finds the image's disk (`StartRequest.root_device`): by its serial number,
+/// as device names depend on probe order.
+pub fn root_device() -> String {
+    format!("serial:{ROOT_DISK_SERIAL}")
+}
+
 /// Guest RAM in a file, for templates (shared, written by the template) and clones (a
 /// private copy-on-write mapping of the template's file).
 #[derive(Debug, Clone)]

@@ -1,12 +1,18 @@
 //! Templates and clones: a VM booted once and saved, then restored many times.
 //!
-//! A template is a VM of one shape (vCPUs, memory) booted with its RAM in a file on a
+//! A template is a VM of one shape (vCPUs, memory, and the image disk of an image sandbox)
+//! booted with its RAM in a file on a
 //! shared-memory file system (`share=on`), left idle with its guest waiting for a host,
 //! paused and saved with qemu's `x-ignore-shared` capability: the device state goes to a
 //! small file and the RAM stays in its file, not copied. A clone is qemu started with the
 //! same devices, the same RAM file mapped private (`share=off`: copy-on-write, so clones
 //! share every page they do not write), and `-incoming defer`; restoring it reads only the
 //! device state, so it answers in tens of milliseconds even under TCG.
+//!
+//! An image sandbox's clone comes from a template of its image: the image's disk (read-only,
+//! shared by every VM of the image: see `image`) is attached to the template as it is to a
+//! cold boot, so a clone restores the same devices, and its guest mounts the disk as its root
+//! at `Start`, as a cold-booted one does. The template's guest has not mounted it.
 //!
 //! Every clone starts with the template's memory: its hostname and the kernel's RNG state.
 //! `Prepare` gives each its own hostname and id and reseeds its CRNG from the host's
@@ -43,7 +49,22 @@ const POOL_STATE: &str = "pool.json";
 /// loaded host under TCG is slow, and a failed restore falls back to a slower cold boot.
 const QMP_PATIENCE: Duration = Duration::from_secs(30);
 
-type Shape = (u32, u64);
+/// What a template's saved state is made for: the VM's size and its devices.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Shape {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    /// An image sandbox's root disk (the image's, shared read-only).
+    pub root_disk: Option<PathBuf>,
+}
+
+impl Shape {
+    fn machine<'a>(&'a self, inner: &'a Inner) -> qemu::Machine<'a> {
+        let mut machine = inner.machine(self.vcpus, self.memory_mb);
+        machine.root_disk = self.root_disk.as_deref();
+        machine
+    }
+}
 
 #[derive(Debug)]
 pub struct Templates {
@@ -112,7 +133,7 @@ impl Drop for Templates {
 }
 
 /// The key of a template of `shape`: a hash of everything its saved state depends on.
-fn key(inner: &Inner, shape: Shape) -> String {
+fn key(inner: &Inner, shape: &Shape) -> String {
     let h = &inner.config.vm.hypervisor;
     let stamp = |p: &Path| {
         std::fs::metadata(p)
@@ -122,7 +143,7 @@ fn key(inner: &Inner, shape: Shape) -> String {
             })
             .unwrap_or_default()
     };
-    let machine = inner.machine(shape.0, shape.1);
+    let machine = shape.machine(inner);
     let mut hasher = sha2::Sha256::new();
     for part in [
         h.path.display().to_string(),
@@ -130,7 +151,13 @@ fn key(inner: &Inner, shape: Shape) -> String {
         stamp(&h.initrd_path),
         h.image_path.display().to_string(),
         h.entropy_source.display().to_string(),
-        format!("{shape:?}"),
+        format!("{} {}", shape.vcpus, shape.memory_mb),
+        shape.root_disk.as_deref().map(stamp).unwrap_or_default(),
+        shape
+            .root_disk
+            .as_deref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         inner.accel().to_string(),
         h.machine.clone(),
         machine.kernel_params(),
@@ -143,7 +170,7 @@ fn key(inner: &Inner, shape: Shape) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-fn template_dir(inner: &Inner, shape: Shape) -> PathBuf {
+fn template_dir(inner: &Inner, shape: &Shape) -> PathBuf {
     inner.templates.root.join(key(inner, shape))
 }
 
@@ -155,15 +182,13 @@ fn ready(dir: &Path) -> bool {
 /// kept unless `rebuild`.
 pub(crate) async fn build(
     inner: &Arc<Inner>,
-    vcpus: u32,
-    memory_mb: u64,
+    shape: &Shape,
     rebuild: bool,
 ) -> Result<PathBuf, BackendError> {
     inner
         .available
         .as_ref()
         .map_err(|e| BackendError::Other(e.clone()))?;
-    let shape = (vcpus, memory_mb);
     let dir = template_dir(inner, shape);
     if ready(&dir) && !rebuild {
         return Ok(dir);
@@ -184,12 +209,18 @@ pub(crate) async fn build(
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&work, &dir).map_err(|e| BackendError::io("move into place", &dir, e))?;
-    info!(template = %dir.display(), vcpus, memory_mb, "vm: template saved");
+    info!(
+        template = %dir.display(),
+        vcpus = shape.vcpus,
+        memory_mb = shape.memory_mb,
+        disk = ?shape.root_disk,
+        "vm: template saved"
+    );
     Ok(dir)
 }
 
-async fn save(inner: &Inner, shape: Shape, dir: &Path) -> Result<(), BackendError> {
-    let mut machine = inner.machine(shape.0, shape.1);
+async fn save(inner: &Inner, shape: &Shape, dir: &Path) -> Result<(), BackendError> {
+    let mut machine = shape.machine(inner);
     machine.memory_file = Some(MemoryFile {
         path: dir.join(RAM),
         shared: true,
@@ -255,19 +286,20 @@ async fn save(inner: &Inner, shape: Shape, dir: &Path) -> Result<(), BackendErro
 /// whose `pool.json` names its qemu from the start.
 async fn restore(
     inner: &Inner,
-    shape: Shape,
+    shape: &Shape,
     template: &Path,
     dir: &Path,
     for_pool: bool,
 ) -> Result<Booted, BackendError> {
     std::fs::create_dir_all(dir).map_err(|e| BackendError::io("create", dir, e))?;
-    let mut machine = inner.machine(shape.0, shape.1);
+    let mut machine = shape.machine(inner);
     machine.memory_file = Some(MemoryFile {
         path: template.join(RAM),
         shared: false,
     });
     machine.incoming = true;
     let args = machine.args(dir);
+    let began = std::time::Instant::now();
     let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
         .map_err(|e| BackendError::io("start qemu", &inner.config.vm.hypervisor.path, e))?;
     let mut qemu = QemuProcess::child(child);
@@ -325,8 +357,11 @@ async fn restore(
     let patience = inner.config.vm.vm.boot_timeout();
     match crate::channel::ready(&socket, patience, || qemu.running()).await {
         Ok(mut ready) => {
+            debug!(dir = %dir.display(), took = ?began.elapsed(), "vm: clone answered");
             if for_pool {
-                warm(inner, &mut ready.client).await;
+                let t = std::time::Instant::now();
+                warm(inner, shape, &mut ready.client).await;
+                debug!(dir = %dir.display(), took = ?t.elapsed(), "vm: pool clone warmed");
             }
             Ok(Booted {
                 qemu,
@@ -342,17 +377,19 @@ async fn restore(
 }
 
 /// Runs once in a pool clone what a hand-out runs: `Prepare`'s reseed, `Start`'s limits and
-/// a process started, run and reaped (`/bin/true` through `Exec`). Under TCG a restored
-/// clone starts with no translated code, and translating the guest kernel's and
-/// warren-guest's paths the first time they run cost a hand-out more than running them:
-/// warmed here, off the create path. Best effort: a clone that cannot is pooled as it is.
-async fn warm(inner: &Inner, client: &mut crate::channel::Client) {
+/// a process started, run and reaped (`/bin/true` through `Exec`, in the initramfs). Under
+/// TCG a restored clone starts with no translated code, and translating the guest kernel's
+/// and warren-guest's paths the first time they run cost a hand-out more than running them:
+/// warmed here, off the create path. An image clone's root is mounted here too (`Prepare`'s
+/// `root_device`; ~0.1 s of a hand-out under TCG), so its `Start` finds it mounted. Best
+/// effort: a clone that cannot is pooled as it is, and its `Start` mounts the root.
+async fn warm(inner: &Inner, shape: &Shape, client: &mut crate::channel::Client) {
     use warren_guest::proto;
-    let seed = crate::monitor::entropy(&inner.config.vm.hypervisor.entropy_source);
+    let seed = || crate::monitor::entropy(&inner.config.vm.hypervisor.entropy_source);
     let steps = async {
         client
             .prepare(proto::PrepareRequest {
-                seed,
+                seed: seed(),
                 ..Default::default()
             })
             .await?;
@@ -371,34 +408,37 @@ async fn warm(inner: &Inner, client: &mut crate::channel::Client) {
                 break;
             }
         }
+        if shape.root_disk.is_some() {
+            client
+                .prepare(proto::PrepareRequest {
+                    seed: seed(),
+                    root_device: qemu::root_device(),
+                    ..Default::default()
+                })
+                .await?;
+        }
         Ok::<(), tonic::Status>(())
     };
     match tokio::time::timeout(QMP_PATIENCE, steps).await {
         Ok(Ok(())) => {}
-        Ok(Err(s)) => debug!("vm: warm a pool clone: {}", s.message()),
-        Err(_) => debug!("vm: warm a pool clone: no answer"),
+        Ok(Err(s)) => warn!("vm: warm a pool clone: {}", s.message()),
+        Err(_) => warn!("vm: warm a pool clone: no answer in {QMP_PATIENCE:?}"),
     }
 }
 
 /// A clone for a sandbox of this shape in `dir`: from the pool, else restored now; `None`
 /// when there is no template yet (one is built in the background, and this sandbox boots
 /// cold). The caller moves it into the sandbox's cgroup.
-pub(crate) async fn take(
-    inner: &Arc<Inner>,
-    vcpus: u32,
-    memory_mb: u64,
-    dir: &Path,
-) -> Option<(Booted, bool)> {
+pub(crate) async fn take(inner: &Arc<Inner>, shape: &Shape, dir: &Path) -> Option<(Booted, bool)> {
     let t = &inner.templates;
     if !t.enabled {
         return None;
     }
-    let shape = (vcpus, memory_mb);
     let template = template_dir(inner, shape);
     let pooled = {
         let mut state = t.lock();
-        state.wanted.insert(shape);
-        let found = state.pool.iter().position(|c| c.shape == shape);
+        state.wanted.insert(shape.clone());
+        let found = state.pool.iter().position(|c| c.shape == *shape);
         found.map(|i| state.pool.swap_remove(i))
     };
     if pooled.is_none() {
@@ -452,24 +492,26 @@ pub(crate) fn refill_soon(inner: &Inner) {
 }
 
 /// Builds the template of `shape` in the background, once.
-fn spawn_build(inner: &Arc<Inner>, shape: Shape) {
+fn spawn_build(inner: &Arc<Inner>, shape: &Shape) {
     {
         let mut state = inner.templates.lock();
-        if state.failed.contains_key(&shape) || !state.building.insert(shape) {
+        if state.failed.contains_key(shape) || !state.building.insert(shape.clone()) {
             return;
         }
     }
     let weak = Arc::downgrade(inner);
+    let shape = shape.clone();
     tokio::spawn(async move {
         let Some(inner) = weak.upgrade() else { return };
-        let result = build(&inner, shape.0, shape.1, false).await;
+        let result = build(&inner, &shape, false).await;
         let mut state = inner.templates.lock();
         state.building.remove(&shape);
         if let Err(e) = result {
             let why = warren_runtime::error_chain(&e);
             warn!(
-                vcpus = shape.0,
-                memory_mb = shape.1,
+                vcpus = shape.vcpus,
+                memory_mb = shape.memory_mb,
+                disk = ?shape.root_disk,
                 "vm: no template: {why}"
             );
             state.failed.insert(shape, why);
@@ -543,9 +585,9 @@ async fn end_pool_on_stop(weak: Weak<Inner>) {
 async fn refill_loop(weak: Weak<Inner>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let wanted: Vec<Shape> = inner.templates.lock().wanted.iter().copied().collect();
+        let wanted: Vec<Shape> = inner.templates.lock().wanted.iter().cloned().collect();
         for shape in wanted {
-            let template = template_dir(&inner, shape);
+            let template = template_dir(&inner, &shape);
             if !ready(&template) {
                 continue;
             }
@@ -570,7 +612,7 @@ async fn refill_loop(weak: Weak<Inner>) {
                     .templates
                     .pool_dir
                     .join(format!("{}-{n}", std::process::id()));
-                match restore(&inner, shape, &template, &dir, true).await {
+                match restore(&inner, &shape, &template, &dir, true).await {
                     Ok(booted) => {
                         let mut state = inner.templates.lock();
                         // Checked under the lock `end_pool` takes the pool with: a clone
@@ -585,7 +627,11 @@ async fn refill_loop(weak: Weak<Inner>) {
                             let _ = std::fs::remove_dir_all(&dir);
                             break;
                         }
-                        state.pool.push(Clone { shape, dir, booted });
+                        state.pool.push(Clone {
+                            shape: shape.clone(),
+                            dir,
+                            booted,
+                        });
                     }
                     Err(e) => {
                         warn!("vm: cannot fill the pool: {e}");
