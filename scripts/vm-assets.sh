@@ -63,46 +63,46 @@ if [ "$kernel" = minimal ]; then
   modules=()
   ln -sfn "kernel/minimal/vmlinux" "$out/vmlinux"
 else
-# --- Debian's kernel: the package linux-image-cloud-amd64 points at, extracted once.
-pkg=$(apt-cache show linux-image-cloud-amd64 2>/dev/null | awk '/^Depends:/ { print $2; exit }' || true)
-if [ -z "$pkg" ]; then
-  apt-get update -qq
-  pkg=$(apt-cache show linux-image-cloud-amd64 | awk '/^Depends:/ { print $2; exit }')
-fi
-kdir=$out/kernel/$pkg
-if [ ! -s "$kdir/vmlinux" ]; then
-  echo "vm-assets: fetching $pkg"
-  tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
-  (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null) || (cd "$tmp" && apt-get update -qq && apt-get download -qq "$pkg")
-  dpkg -x "$tmp"/*.deb "$tmp/x"
-  bz=$(ls "$tmp"/x/boot/vmlinuz-*)
-  # The bzImage wraps the kernel compressed (lz4 for Debian's cloud kernel, xz for the
-  # generic one): find the stream that decompresses to an ELF.
-  found=
-  for magic in '\x02\x21\x4c\x18:lz4 -dc' '\xfd7zXZ\x00:xz -dc' '\x28\xb5\x2f\xfd:zstd -dc' '\x1f\x8b\x08:gzip -dc'; do
-    pattern=${magic%%:*}
-    tool=${magic#*:}
-    for off in $(LC_ALL=C grep -obUaP "$pattern" "$bz" | cut -d: -f1); do
-      tail -c +$((off + 1)) "$bz" | $tool >"$tmp/vmlinux" 2>/dev/null || true
-      if [ "$(head -c 4 "$tmp/vmlinux" | od -An -c | tr -d ' ')" = '177ELF' ]; then
-        found=1
-        break 2
-      fi
+  # --- Debian's kernel: the package linux-image-cloud-amd64 points at, extracted once.
+  pkg=$(apt-cache show linux-image-cloud-amd64 2>/dev/null | awk '/^Depends:/ { print $2; exit }' || true)
+  if [ -z "$pkg" ]; then
+    apt-get update -qq
+    pkg=$(apt-cache show linux-image-cloud-amd64 | awk '/^Depends:/ { print $2; exit }')
+  fi
+  kdir=$out/kernel/$pkg
+  if [ ! -s "$kdir/vmlinux" ]; then
+    echo "vm-assets: fetching $pkg"
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null) || (cd "$tmp" && apt-get update -qq && apt-get download -qq "$pkg")
+    dpkg -x "$tmp"/*.deb "$tmp/x"
+    bz=$(ls "$tmp"/x/boot/vmlinuz-*)
+    # The bzImage wraps the kernel compressed (lz4 for Debian's cloud kernel, xz for the
+    # generic one): find the stream that decompresses to an ELF.
+    found=
+    for magic in '\x02\x21\x4c\x18:lz4 -dc' '\xfd7zXZ\x00:xz -dc' '\x28\xb5\x2f\xfd:zstd -dc' '\x1f\x8b\x08:gzip -dc'; do
+      pattern=${magic%%:*}
+      tool=${magic#*:}
+      for off in $(LC_ALL=C grep -obUaP "$pattern" "$bz" | cut -d: -f1); do
+        tail -c +$((off + 1)) "$bz" | $tool >"$tmp/vmlinux" 2>/dev/null || true
+        if [ "$(head -c 4 "$tmp/vmlinux" | od -An -c | tr -d ' ')" = '177ELF' ]; then
+          found=1
+          break 2
+        fi
+      done
     done
-  done
-  [ -n "$found" ] || { echo "vm-assets: no kernel image found in $bz" >&2; exit 1; }
-  mkdir -p "$kdir/modules"
-  kver=$(ls "$tmp/x/lib/modules")
-  for m in "${modules[@]}"; do
-    cp "$tmp/x/lib/modules/$kver/$m" "$kdir/modules/"
-  done
-  echo "$kver" >"$kdir/version"
-  mv "$tmp/vmlinux" "$kdir/vmlinux"
-  rm -rf "$tmp"
-  trap - EXIT
-fi
-ln -sfn "kernel/$pkg/vmlinux" "$out/vmlinux"
+    [ -n "$found" ] || { echo "vm-assets: no kernel image found in $bz" >&2; exit 1; }
+    mkdir -p "$kdir/modules"
+    kver=$(ls "$tmp/x/lib/modules")
+    for m in "${modules[@]}"; do
+      cp "$tmp/x/lib/modules/$kver/$m" "$kdir/modules/"
+    done
+    echo "$kver" >"$kdir/version"
+    mv "$tmp/vmlinux" "$kdir/vmlinux"
+    rm -rf "$tmp"
+    trap - EXIT
+  fi
+  ln -sfn "kernel/$pkg/vmlinux" "$out/vmlinux"
 fi
 
 # --- warren-guest, static (gnu target with crt-static; RUSTFLAGS reach only the target's
