@@ -307,12 +307,19 @@ async fn restore(
         // From now on a stopping server finds it (`end_pool`), even mid-restore.
         let _ = vm::write_json(dir, POOL_STATE, &(qemu.pid, qemu.start));
     }
+    // A pool clone's restore gives up sooner: the pool refills one clone at a time, and a
+    // restore that hangs (rare; a guest that never answers) held it up for the whole wait.
+    let patience = if for_pool {
+        POOL_PATIENCE
+    } else {
+        QMP_PATIENCE
+    };
     let restored = async {
         let qmp_path = dir.join(qemu::QMP_SOCKET);
-        let deadline = tokio::time::Instant::now() + QMP_PATIENCE;
+        let deadline = tokio::time::Instant::now() + patience;
         // qemu binds the socket a moment before it listens: retry until it answers.
         let mut qmp = loop {
-            match Qmp::connect(&qmp_path, QMP_PATIENCE).await {
+            match Qmp::connect(&qmp_path, patience).await {
                 Ok(q) => break q,
                 Err(crate::qmp::QmpError::Io { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -337,7 +344,7 @@ async fn restore(
                 return Err(crate::qmp::QmpError::Timeout {
                     path: qmp_path.display().to_string(),
                     command: "migrate-incoming".into(),
-                    timeout: QMP_PATIENCE,
+                    timeout: patience,
                 });
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -354,13 +361,22 @@ async fn restore(
         ));
     }
     let socket = dir.join(qemu::CHANNEL_SOCKET);
-    let patience = inner.config.vm.vm.boot_timeout();
+    let patience = if for_pool {
+        POOL_PATIENCE.min(inner.config.vm.vm.boot_timeout())
+    } else {
+        inner.config.vm.vm.boot_timeout()
+    };
     match crate::channel::ready(&socket, patience, || qemu.running()).await {
         Ok(mut ready) => {
             debug!(dir = %dir.display(), took = ?began.elapsed(), "vm: clone answered");
             if for_pool {
                 let t = std::time::Instant::now();
-                warm(inner, shape, &mut ready.client).await;
+                if let Err(why) = warm(inner, shape, &mut ready.client).await {
+                    // A guest that does not answer here would not answer a hand-out's
+                    // `Start` either: not pooled.
+                    qemu.kill_and_wait(Duration::from_secs(5)).await;
+                    return Err(vm::boot_error(dir, &format!("warm-up: {why}"), None));
+                }
                 debug!(dir = %dir.display(), took = ?t.elapsed(), "vm: pool clone warmed");
             }
             Ok(Booted {
@@ -381,9 +397,13 @@ async fn restore(
 /// TCG a restored clone starts with no translated code, and translating the guest kernel's
 /// and warren-guest's paths the first time they run cost a hand-out more than running them:
 /// warmed here, off the create path. An image clone's root is mounted here too (`Prepare`'s
-/// `root_device`; ~0.1 s of a hand-out under TCG), so its `Start` finds it mounted. Best
-/// effort: a clone that cannot is pooled as it is, and its `Start` mounts the root.
-async fn warm(inner: &Inner, shape: &Shape, client: &mut crate::channel::Client) {
+/// `root_device`; ~0.1 s of a hand-out under TCG), so its `Start` finds it mounted. A clone
+/// whose guest fails or does not answer within `WARM_PATIENCE` is not pooled.
+async fn warm(
+    inner: &Inner,
+    shape: &Shape,
+    client: &mut crate::channel::Client,
+) -> Result<(), String> {
     use warren_guest::proto;
     let seed = || crate::monitor::entropy(&inner.config.vm.hypervisor.entropy_source);
     let steps = async {
@@ -419,12 +439,19 @@ async fn warm(inner: &Inner, shape: &Shape, client: &mut crate::channel::Client)
         }
         Ok::<(), tonic::Status>(())
     };
-    match tokio::time::timeout(QMP_PATIENCE, steps).await {
-        Ok(Ok(())) => {}
-        Ok(Err(s)) => warn!("vm: warm a pool clone: {}", s.message()),
-        Err(_) => warn!("vm: warm a pool clone: no answer in {QMP_PATIENCE:?}"),
+    match tokio::time::timeout(WARM_PATIENCE, steps).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err(format!("the guest did not answer within {WARM_PATIENCE:?}")),
     }
 }
+
+/// How long a pool clone's warm-up may take (~0.3 s under TCG here); the pool refills one
+/// clone at a time, so a guest that hangs holds the refill up this long.
+const WARM_PATIENCE: Duration = Duration::from_secs(10);
+/// How long each step of a pool clone's restore (the migration, the guest's answer) may
+/// take: ~0.2 s in all under TCG here, seconds on a loaded host.
+const POOL_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A clone for a sandbox of this shape in `dir`: from the pool, else restored now; `None`
 /// when there is no template yet (one is built in the background, and this sandbox boots
