@@ -68,15 +68,16 @@ struct RunArgs {
     /// Backend to run on.
     #[arg(long, short = 'b', default_value = "wasm")]
     backend: String,
-    /// Image (linux) or module (wasm) to run; none for vm.
+    /// Image (linux, vm) or module (wasm) to run; vm: none runs in the initramfs, an image
+    /// needs --image-layout.
     #[arg(long, short = 'i', visible_alias = "module", default_value = "")]
     image: String,
     /// vm: the vm backend's config (as `warren server --vm-config`).
     #[arg(long, env = "WARREN_VM_CONFIG", value_name = "FILE")]
     vm_config: Option<std::path::PathBuf>,
-    /// linux: an OCI image layout (directory, or tar of one) to import as --image before the
-    /// run; the peers' rootfs is unpacked from it too. Without it the image must already be
-    /// in the server's store. Make a busybox one with
+    /// linux, vm: an OCI image layout (directory, or tar of one) to import as --image before
+    /// the run. linux: the peers' rootfs is unpacked from it too, and without it the image
+    /// must already be in the server's store. Make a busybox one with
     /// `cargo run --release -p warren-image --example busybox-layout -- DIR`.
     #[arg(long, value_name = "DIR")]
     image_layout: Option<std::path::PathBuf>,

@@ -14,6 +14,10 @@
 //! (hand-out, `Prepare`, `Start`), the issue's "clone create → guest ready". How many creates
 //! were hand-outs (`backendInfo.clone_from = pool`) is printed beside it.
 //!
+//! With `--image NAME --image-layout DIR` every sandbox (not the bare boot) runs the image:
+//! the layout is imported into both servers, the image's disk is made on its first create
+//! (untimed, in the warm-up), and the clones come from a template of the image.
+//!
 //! The VM config is `--vm-config`'s (or `WARREN_VM_CONFIG`, or /etc/warren/vm.toml); the two
 //! private servers get copies with `templates` off and on. Everything made is removed on the
 //! way out: the servers and their VMs, the cgroups under the run's parent.
@@ -26,13 +30,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use warren_control::client::Client;
+use warren_control::client::{self, Client};
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::{BackendKind, SandboxSpec};
 
 use super::{
     Globals, Phase, PrivateServer, RunArgs, connect_retrying, create_and_wait, drive, report, usage,
 };
+use crate::commands::answer;
 
 pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     if a.args.is_empty() {
@@ -45,6 +50,21 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
             "bench run -b vm starts its own servers (cold and with templates): drop --server",
         ));
     }
+    let workload = Workload {
+        args: a.args.clone(),
+        image: (!a.image.is_empty()).then(|| a.image.clone()),
+    };
+    let layout = match (&workload.image, &a.image_layout) {
+        (Some(_), Some(layout)) => Some(std::path::absolute(layout)?),
+        (Some(image), None) => {
+            return Err(usage(format!(
+                "--image {image}: give --image-layout too (the bench's servers are private \
+                 and start with no images)"
+            )));
+        }
+        (None, Some(_)) => return Err(usage("--image-layout: give --image NAME too")),
+        (None, None) => None,
+    };
     let config = crate::commands::server::load_vm_config(a.vm_config.as_deref())
         .map_err(|e| anyhow::anyhow!("--vm-config: {e}"))?;
     let scratch = tempfile::Builder::new()
@@ -54,9 +74,10 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     let _cgroups = super::linux::CgroupSweep(parent.clone());
     if !a.json {
         out!(
-            "warren bench run: backend=vm n={} c={} kernel={} initrd={}",
+            "warren bench run: backend=vm n={} c={} image={} kernel={} initrd={}",
             a.count,
             a.concurrency,
+            workload.image.as_deref().unwrap_or("none (the initramfs)"),
             config.hypervisor.kernel_path.display(),
             config.hypervisor.initrd_path.display()
         );
@@ -82,15 +103,27 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         )?;
         let mut client = connect_retrying(&server.address, None).await?;
         let accel = accel_of(&mut client).await;
+        if let (Some(layout), Some(image)) = (&layout, &workload.image) {
+            let mut images = client::connect_images(&server.address, None).await?;
+            answer(
+                images
+                    .import_image(v1::ImportImageRequest {
+                        path: layout.display().to_string(),
+                        name: Some(image.clone()),
+                    })
+                    .await,
+            )
+            .with_context(|| format!("importing {} as {image}", layout.display()))?;
+        }
         let prefix = format!("{phase}-{:x}", std::process::id());
-        warm_up(&mut client, &prefix, &a.args, templates).await?;
-        let (p, args) = (prefix.clone(), a.args.clone());
+        warm_up(&mut client, &prefix, &workload, templates).await?;
+        let (p, w) = (prefix.clone(), workload.clone());
         let runs = drive(
             &[client.clone()],
             a.count,
             a.concurrency,
             move |mut c, i| {
-                let spec = vm_spec(&format!("{p}-{i}"), &args);
+                let spec = w.spec(&format!("{p}-{i}"));
                 async move { create_and_wait(&mut c, &spec).await }
             },
         )
@@ -115,8 +148,10 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         let mut value = report(phase, &runs);
         medians.push((phase, runs.hist.value_at_quantile(0.5)));
         if templates {
-            value["rss"] = clone_rss(&mut client, &prefix).await.unwrap_or(Value::Null);
-            let (ready, hits) = create_to_running(&mut client, &prefix, &a.args, a.count).await?;
+            value["rss"] = clone_rss(&mut client, &prefix, &workload)
+                .await
+                .unwrap_or(Value::Null);
+            let (ready, hits) = create_to_running(&mut client, &prefix, &workload, a.count).await?;
             out!(
                 "clone create->running, pool refilled before each ({hits} of {} were hand-outs)",
                 a.count
@@ -147,12 +182,22 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn vm_spec(name: &str, args: &[String]) -> SandboxSpec {
-    SandboxSpec {
-        name: name.to_string(),
-        backend: BackendKind::Vm,
-        args: args.to_vec(),
-        ..SandboxSpec::default()
+/// What every timed sandbox runs: the command, in the initramfs or in an image.
+#[derive(Clone, Debug)]
+struct Workload {
+    args: Vec<String>,
+    image: Option<String>,
+}
+
+impl Workload {
+    fn spec(&self, name: &str) -> SandboxSpec {
+        SandboxSpec {
+            name: name.to_string(),
+            backend: BackendKind::Vm,
+            image: self.image.clone(),
+            args: self.args.clone(),
+            ..SandboxSpec::default()
+        }
     }
 }
 
@@ -182,12 +227,12 @@ async fn accel_of(client: &mut Client) -> String {
 async fn warm_up(
     client: &mut Client,
     prefix: &str,
-    args: &[String],
+    workload: &Workload,
     templates: bool,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     for i in 0.. {
-        let spec = vm_spec(&format!("{prefix}-warm{i}"), args);
+        let spec = workload.spec(&format!("{prefix}-warm{i}"));
         create_and_wait(client, &spec)
             .await
             .map_err(|s| anyhow::anyhow!("warm-up run: {}", s.message()))?;
@@ -228,7 +273,7 @@ async fn warm_up(
 async fn create_to_running(
     client: &mut Client,
     prefix: &str,
-    args: &[String],
+    workload: &Workload,
     n: usize,
 ) -> anyhow::Result<(Phase, usize)> {
     let mut phase = Phase {
@@ -241,7 +286,7 @@ async fn create_to_running(
     for i in 0..n {
         // A clone restore takes a few hundred ms under TCG; the pool keeps two.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let spec = vm_spec(&format!("{prefix}-ready{i}"), args);
+        let spec = workload.spec(&format!("{prefix}-ready{i}"));
         let t = Instant::now();
         let created = client
             .create_sandbox(v1::CreateSandboxRequest {
@@ -279,11 +324,11 @@ async fn create_to_running(
 }
 
 /// The RSS and PSS of one idle clone's qemu.
-async fn clone_rss(client: &mut Client, prefix: &str) -> Option<Value> {
+async fn clone_rss(client: &mut Client, prefix: &str, workload: &Workload) -> Option<Value> {
     let name = format!("{prefix}-rss");
     let spec = SandboxSpec {
         args: vec!["sleep".into(), "60".into()],
-        ..vm_spec(&name, &[])
+        ..workload.spec(&name)
     };
     let created = client
         .create_sandbox(v1::CreateSandboxRequest {
