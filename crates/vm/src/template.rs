@@ -1,18 +1,19 @@
 //! Templates and clones: a VM booted once and saved, then restored many times.
 //!
-//! A template is a VM of one shape (vCPUs, memory, and the image disk of an image sandbox)
-//! booted with its RAM in a file on a
-//! shared-memory file system (`share=on`), left idle with its guest waiting for a host,
-//! paused and saved with qemu's `x-ignore-shared` capability: the device state goes to a
-//! small file and the RAM stays in its file, not copied. A clone is qemu started with the
-//! same devices, the same RAM file mapped private (`share=off`: copy-on-write, so clones
-//! share every page they do not write), and `-incoming defer`; restoring it reads only the
-//! device state, so it answers in tens of milliseconds even under TCG.
+//! A template is a VM of one shape (vCPUs, memory, and an image sandbox's image disk) booted
+//! with its RAM in a file on a shared-memory file system (`share=on`), left idle with its
+//! guest waiting for a host, paused and saved with qemu's `x-ignore-shared` capability: the
+//! device state goes to a small file and the RAM stays in its file, not copied. A clone is
+//! qemu started with the same devices, the same RAM file mapped private (`share=off`:
+//! copy-on-write, so clones share every page they do not write), and `-incoming defer`;
+//! restoring it reads only the device state, so it answers in tens of milliseconds even
+//! under TCG.
 //!
 //! An image sandbox's clone comes from a template of its image: the image's disk (read-only,
 //! shared by every VM of the image: see `image`) is attached to the template as it is to a
 //! cold boot, so a clone restores the same devices, and its guest mounts the disk as its root
-//! at `Start`, as a cold-booted one does. The template's guest has not mounted it.
+//! at `Start`, as a cold-booted one does (a pool clone during its warm-up: see `warm`). The
+//! template's guest has not mounted it.
 //!
 //! Every clone starts with the template's memory: its hostname and the kernel's RNG state.
 //! `Prepare` gives each its own hostname and id and reseeds its CRNG from the host's
