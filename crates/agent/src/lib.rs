@@ -37,6 +37,8 @@ pub struct BackendReport {
     pub kind: BackendKind,
     /// `Err(reason)` when the backend cannot run here.
     pub available: Result<(), String>,
+    /// The backend's own summary now ([`Backend::describe`]), when it runs here.
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,11 +125,19 @@ impl Agent {
     pub fn report(&self) -> Vec<BackendReport> {
         BackendKind::ALL
             .iter()
-            .map(|&kind| BackendReport {
-                kind,
-                available: match self.backends.get(&kind) {
-                    Some(b) => b.is_available(),
-                    None => Err("not built into this server yet".to_string()),
+            .map(|&kind| match self.backends.get(&kind) {
+                Some(b) => {
+                    let available = b.is_available();
+                    BackendReport {
+                        kind,
+                        detail: available.is_ok().then(|| b.describe()).flatten(),
+                        available,
+                    }
+                }
+                None => BackendReport {
+                    kind,
+                    available: Err("not built into this server yet".to_string()),
+                    detail: None,
                 },
             })
             .collect()

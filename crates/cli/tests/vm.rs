@@ -155,21 +155,38 @@ impl Vm {
         json(&self.ok(&["get", name, "-o", "json"]))
     }
 
-    /// Waits until `name`'s phase is `phase`; returns the object.
-    fn wait_phase(&self, name: &str, phase: &str, patience: Duration) -> serde_json::Value {
+    /// Calls `attempt` every `pause` until it gives `Ok`, for `patience`; then fails with the
+    /// last `Err` and the server's log.
+    fn poll<T>(
+        &self,
+        patience: Duration,
+        pause: Duration,
+        mut attempt: impl FnMut() -> Result<T, String>,
+    ) -> T {
         let deadline = Instant::now() + patience;
         loop {
+            match attempt() {
+                Ok(value) => return value,
+                Err(why) => assert!(
+                    Instant::now() < deadline,
+                    "{why}, after {patience:?}\nserver log:\n{}",
+                    self.server.log()
+                ),
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Waits until `name`'s phase is `phase`; returns the object.
+    fn wait_phase(&self, name: &str, phase: &str, patience: Duration) -> serde_json::Value {
+        self.poll(patience, Duration::from_millis(100), || {
             let got = self.get(name);
             if got["status"]["phase"] == phase {
-                return got;
+                Ok(got)
+            } else {
+                Err(format!("{name} is not {phase}: {got}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{name} is not {phase} after {patience:?}: {got}\nserver log:\n{}",
-                self.server.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     }
 
     /// `warren run -b vm --name NAME RUN...` until the sandbox's object satisfies `wanted`
@@ -183,24 +200,37 @@ impl Vm {
         what: &str,
         patience: Duration,
     ) -> (serde_json::Value, String) {
-        let deadline = Instant::now() + patience;
         let mut args = vec!["run", "-b", "vm", "--name", name];
         args.extend_from_slice(run);
-        loop {
+        self.poll(patience, Duration::from_millis(500), || {
             let out = self.warren(&args);
             assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
             let got = self.get(name);
             if wanted(&got) {
-                return (got, stdout(&out));
+                return Ok((got, stdout(&out)));
             }
             self.ok(&["rm", name]);
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not after {patience:?}: {got}\n{}",
-                self.server.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+            Err(format!("{what}: not yet: {got}"))
+        })
+    }
+
+    /// Waits until `warren info` says the vm backend's pool holds `n` clones; returns what
+    /// it says.
+    fn wait_pool(&self, n: usize, patience: Duration) -> String {
+        let wanted = format!("{n} clone(s) ready");
+        self.poll(patience, Duration::from_millis(100), || {
+            let info = json(&self.ok(&["info", "-o", "json"]));
+            let vm = info["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["name"] == "vm"))
+                .map(|b| b["detail"].as_str().unwrap_or_default().to_string())
+                .unwrap_or_default();
+            if vm.contains(&wanted) {
+                Ok(vm)
+            } else {
+                Err(format!("the pool does not hold {n}: {vm}"))
+            }
+        })
     }
 
     /// qemu processes started for this server's VMs (found by their directory).
@@ -593,6 +623,8 @@ fn an_image_is_the_root_of_its_vm() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     // The image's passwd has a nobody line; the initramfs's has none.
     assert_eq!(stdout(&out), "1\nwritten\n");
+    let info = vm.ok(&["info"]);
+    assert!(info.contains("templates off"), "{info}");
 }
 
 #[test]
@@ -613,15 +645,19 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
     assert_eq!(out, "1\n", "{}", vm.server.log());
     vm.ok(&["rm", "probe"]);
     // Two clones of the image: each has the image as its root and its own writable layer.
-    // "a" is a hand-out from the pool, whose warm-up mounted the root before the create.
-    let (got, _) = vm.run_until(
-        "a",
-        &["-i", "busybox", "--", "sleep", "600"],
-        |got| got["status"]["backendInfo"]["clone_from"] == "pool",
-        "a hand-out of the image from the pool",
-        Duration::from_secs(60),
+    // "a" is a hand-out from the pool (`warren info` says it is ready), whose warm-up mounted
+    // the root before the create.
+    let info = vm.wait_pool(1, Duration::from_secs(60));
+    assert!(
+        info.contains("templates on") && info.contains("1 kept per shape"),
+        "{info}"
     );
+    vm.ok(&[
+        "run", "-b", "vm", "-i", "busybox", "--name", "a", "--", "sleep", "600",
+    ]);
+    let got = vm.get("a");
     assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
+    assert_eq!(got["status"]["backendInfo"]["clone_from"], "pool", "{got}");
     vm.ok(&[
         "run", "-b", "vm", "-i", "busybox", "--name", "b", "--", "sleep", "600",
     ]);

@@ -74,25 +74,11 @@ pub struct SandboxService {
     plane: ControlPlane,
     /// Flips to true on shutdown, ending watch streams so a graceful stop does not wait on them.
     shutdown: watch::Receiver<bool>,
-    /// How each backend runs on this node, for `GetServerInfo` (`Backend::describe`).
-    details: std::sync::Arc<std::collections::BTreeMap<warren_spec::BackendKind, String>>,
 }
 
 impl SandboxService {
     pub fn new(plane: ControlPlane, shutdown: watch::Receiver<bool>) -> Self {
-        SandboxService {
-            plane,
-            shutdown,
-            details: std::sync::Arc::default(),
-        }
-    }
-
-    pub fn with_details(
-        mut self,
-        details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
-    ) -> Self {
-        self.details = std::sync::Arc::new(details);
-        self
+        SandboxService { plane, shutdown }
     }
 }
 
@@ -442,10 +428,8 @@ impl Sandboxes for SandboxService {
             .map(|r| v1::BackendInfo {
                 name: r.kind.to_string(),
                 available: r.available.is_ok(),
-                detail: match &r.available {
-                    Ok(()) => self.details.get(&r.kind).cloned().unwrap_or_default(),
-                    Err(_) => String::new(),
-                },
+                // Asked now: a backend's summary can change (the vm backend's pool).
+                detail: r.detail.unwrap_or_default(),
                 reason: r.available.err().unwrap_or_default(),
                 sandboxes: summary.by_backend.get(&r.kind).copied().unwrap_or(0) as u64,
             })

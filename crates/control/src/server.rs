@@ -182,8 +182,6 @@ pub struct Server {
     token: Option<Arc<str>>,
     metrics: Option<(TcpListener, std::net::SocketAddr)>,
     orphan_timeout: Duration,
-    /// What each backend says of how it runs here (`Backend::describe`).
-    details: std::collections::BTreeMap<warren_spec::BackendKind, String>,
     /// On etcd: this server's part in the leader election.
     election: Option<Arc<Election>>,
     /// On etcd: the agents' registrations under leases.
@@ -302,10 +300,6 @@ impl Server {
             Arc::new(linux),
             Arc::new(vm),
         ];
-        let details = backends
-            .iter()
-            .filter_map(|b| b.describe().map(|d| (b.kind(), d)))
-            .collect();
         let agent = Agent::new(config.node.clone(), backends.iter().cloned());
         for report in agent.report() {
             match &report.available {
@@ -388,7 +382,6 @@ impl Server {
             token: config.token.map(Arc::from),
             metrics,
             orphan_timeout: config.cluster.orphan_timeout,
-            details,
             election,
             registrations,
         })
@@ -417,8 +410,7 @@ impl Server {
     /// ends watch streams, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let service =
-            SandboxService::new(self.plane.clone(), stop_rx.clone()).with_details(self.details);
+        let service = SandboxService::new(self.plane.clone(), stop_rx.clone());
         let roles = self.election.as_ref().map(|e| e.roles());
         let (token, gate) = (self.token.clone(), roles.clone());
         let sandboxes = InterceptedService::new(

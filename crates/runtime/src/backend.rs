@@ -159,7 +159,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `Ok` when this node can run the backend, else why not ("no /dev/kvm").
     fn is_available(&self) -> Result<(), String>;
 
-    /// How an available backend runs here, for `warren info` (the vm backend: "tcg: ...").
+    /// How an available backend runs here now, for `warren info` (the vm backend: "tcg: ...",
+    /// and its clone pool). Asked on every `GetServerInfo`: keep it cheap.
     fn describe(&self) -> Option<String> {
         None
     }

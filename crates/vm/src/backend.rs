@@ -441,8 +441,11 @@ impl Backend for VmBackend {
     fn describe(&self) -> Option<String> {
         let a = self.inner.available.as_ref().ok()?;
         Some(format!(
-            "{} ({}), machine {}",
-            a.accel, a.why, self.inner.config.vm.hypervisor.machine
+            "{} ({}), machine {}; {}",
+            a.accel,
+            a.why,
+            self.inner.config.vm.hypervisor.machine,
+            self.inner.templates.summary()
         ))
     }
 

@@ -120,6 +120,20 @@ impl Templates {
     pub fn pooled(&self) -> usize {
         self.lock().pool.len()
     }
+
+    /// For `warren info`: "templates off", or the clones ready and what the pool keeps.
+    pub fn summary(&self) -> String {
+        if !self.enabled {
+            return "templates off".to_string();
+        }
+        let state = self.lock();
+        format!(
+            "templates on; pool: {} clone(s) ready, {} kept per shape, {} shape(s) in use",
+            state.pool.len(),
+            self.target,
+            state.wanted.len()
+        )
+    }
 }
 
 impl Drop for Templates {
