@@ -40,3 +40,4 @@ pub mod vm;
 
 pub use backend::{VmBackend, VmBackendConfig};
 pub use config::{Acceleration, VmConfig};
+pub use template::parse_pool_summary;

@@ -127,13 +127,24 @@ impl Templates {
             return "templates off".to_string();
         }
         let state = self.lock();
-        format!(
-            "templates on; pool: {} clone(s) ready, {} kept per shape, {} shape(s) in use",
-            state.pool.len(),
-            self.target,
-            state.wanted.len()
-        )
+        pool_summary(state.pool.len(), self.target, state.wanted.len())
     }
+}
+
+/// The pool's part of the vm backend's `warren info` detail.
+fn pool_summary(ready: usize, kept: usize, shapes: usize) -> String {
+    format!(
+        "templates on; pool: {ready} clone(s) ready, {kept} kept per shape, {shapes} shape(s) in use"
+    )
+}
+
+/// `(ready, kept per shape)` from a vm backend's `warren info` detail, for clients that wait
+/// for the pool (`warren bench run -b vm`); `None` when it says nothing of a pool.
+pub fn parse_pool_summary(detail: &str) -> Option<(usize, usize)> {
+    let (_, rest) = detail.split_once("pool: ")?;
+    let (ready, rest) = rest.split_once(" clone(s) ready, ")?;
+    let (kept, _) = rest.split_once(" kept per shape")?;
+    Some((ready.parse().ok()?, kept.parse().ok()?))
 }
 
 impl Drop for Templates {
@@ -690,5 +701,24 @@ async fn refill_loop(weak: Weak<Inner>) {
             () = refill.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_summary_parses_back() {
+        let detail = format!("tcg (no vmx), machine microvm; {}", pool_summary(1, 2, 3));
+        assert_eq!(parse_pool_summary(&detail), Some((1, 2)));
+        assert_eq!(
+            parse_pool_summary("tcg, machine microvm; templates off"),
+            None
+        );
+        assert_eq!(
+            parse_pool_summary("pool: x clone(s) ready, 2 kept per shape"),
+            None
+        );
     }
 }

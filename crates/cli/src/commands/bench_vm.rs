@@ -10,7 +10,7 @@
 //! and reboots, timed from spawn to the marker: the physical floor of a cold boot here.
 //! Each phase has one untimed warm-up run first. Clone → running: on the templates server,
 //! the create RPC alone (it returns once the guest acknowledged the workload's start), one at
-//! a time with an untimed pause before each so the pool has refilled: a pool hit's cost
+//! a time, each once the pool has refilled (`warren info` says so): a pool hit's cost
 //! (hand-out, `Prepare`, `Start`), the issue's "clone create → guest ready". How many creates
 //! were hand-outs (`backendInfo.clone_from = pool`) is printed beside it.
 //!
@@ -262,7 +262,7 @@ async fn warm_up(
     }
     if templates {
         // Let the pool refill after the warm-up took from it.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        pool_refilled(client).await;
     }
     Ok(())
 }
@@ -284,8 +284,7 @@ async fn create_to_running(
     };
     let mut hits = 0;
     for i in 0..n {
-        // A clone restore takes a few hundred ms under TCG; the pool keeps two.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        pool_refilled(client).await;
         let spec = workload.spec(&format!("{prefix}-ready{i}"));
         let t = Instant::now();
         let created = client
@@ -321,6 +320,35 @@ async fn create_to_running(
             .await;
     }
     Ok((phase, hits))
+}
+
+/// Waits until the server's vm pool is full again (`warren info`: "pool: N clone(s) ready,
+/// K kept per shape"; one shape in use here), for at most 30 s, then a moment more so the
+/// refill's last restore is not competing with what comes next. A server whose detail does
+/// not say gets a fixed 1.5 s.
+async fn pool_refilled(client: &mut Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let detail = client
+            .get_server_info(v1::GetServerInfoRequest {})
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().backends.into_iter().find(|b| b.name == "vm"))
+            .map(|b| b.detail)
+            .unwrap_or_default();
+        match warren_vm::parse_pool_summary(&detail) {
+            Some((ready, kept)) if ready >= kept => break,
+            Some(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Some(_) => break,
+            None => {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                return;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 /// The RSS and PSS of one idle clone's qemu.
