@@ -67,7 +67,7 @@ struct Vm {
     server: TestServer,
     cgroup_parent: String,
     /// The config file and the templates (guest RAM files), removed with the test.
-    _config: tempfile::TempDir,
+    config_dir: tempfile::TempDir,
     /// Dropped last: the next test's VMs start once this one's are gone.
     _turn: Turn,
 }
@@ -138,7 +138,7 @@ impl Vm {
         Vm {
             server,
             cgroup_parent,
-            _config: config_dir,
+            config_dir,
             _turn: turn,
         }
     }
@@ -233,9 +233,11 @@ impl Vm {
         })
     }
 
-    /// qemu processes started for this server's VMs (found by their directory).
+    /// qemu processes started for this server's VMs and templates (found by their
+    /// directories).
     fn qemus(&self) -> Vec<i32> {
         let dir = self.server.dir.path().display().to_string();
+        let templates = self.config_dir.path().display().to_string();
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -243,7 +245,9 @@ impl Vm {
             };
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("qemu-system") && cmdline.contains(&dir) {
+            if cmdline.contains("qemu-system")
+                && (cmdline.contains(&dir) || cmdline.contains(&templates))
+            {
                 found.push(pid);
             }
         }
@@ -595,7 +599,7 @@ impl Vm {
         Vm {
             server,
             cgroup_parent,
-            _config: config_dir,
+            config_dir,
             _turn: turn,
         }
     }

@@ -132,6 +132,7 @@ impl VmBackend {
             }),
         };
         crate::template::clean_pool(&backend.inner);
+        crate::template::clean_builds(&backend.inner);
         if backend.inner.available.is_ok() {
             crate::template::start_refill(&backend.inner);
         }

@@ -46,6 +46,9 @@ const STATE: &str = "state";
 const RAM: &str = "ram";
 /// A pool clone's identity file (its qemu, to kill a leftover after a crash).
 const POOL_STATE: &str = "pool.json";
+/// In a template being built: its qemu and the server building it, so that a later server
+/// ends a build whose server was killed (`clean_builds`).
+const BUILD_STATE: &str = "build.json";
 /// How long one QMP answer (and a restore's incoming migration) may take: generous, as a
 /// loaded host under TCG is slow, and a failed restore falls back to a slower cold boot.
 const QMP_PATIENCE: Duration = Duration::from_secs(30);
@@ -259,6 +262,15 @@ async fn save(inner: &Inner, shape: &Shape, dir: &Path) -> Result<(), BackendErr
     let child = qemu::spawn(&inner.config.vm.hypervisor.path, &args, dir)
         .map_err(|e| BackendError::io("start qemu", &inner.config.vm.hypervisor.path, e))?;
     let mut qemu = QemuProcess::child(child);
+    let server = std::process::id() as i32;
+    let owner = (
+        (qemu.pid, qemu.start),
+        (
+            server,
+            warren_linux::config::process_start_time(server).unwrap_or_default(),
+        ),
+    );
+    let _ = vm::write_json(dir, BUILD_STATE, &owner);
     let console = dir.join(qemu::CONSOLE_LOG);
     let deadline = tokio::time::Instant::now() + inner.config.vm.vm.boot_timeout();
     loop {
@@ -302,7 +314,12 @@ async fn save(inner: &Inner, shape: &Shape, dir: &Path) -> Result<(), BackendErr
         ))
     })?;
     // Only the saved state and the RAM are the template; the boot's files go.
-    for name in [qemu::QMP_SOCKET, qemu::CHANNEL_SOCKET, qemu::QEMU_LOG] {
+    for name in [
+        qemu::QMP_SOCKET,
+        qemu::CHANNEL_SOCKET,
+        qemu::QEMU_LOG,
+        BUILD_STATE,
+    ] {
         let _ = std::fs::remove_file(dir.join(name));
     }
     Ok(())
@@ -573,6 +590,38 @@ fn spawn_build(inner: &Arc<Inner>, shape: &Shape) {
             inner.templates.refill.notify_one();
         }
     });
+}
+
+/// Ends template builds whose server is gone (killed mid-build: its qemu would idle on
+/// forever) and removes their directories. The template directory may be shared by several
+/// servers: a build whose server lives is left alone.
+pub(crate) fn clean_builds(inner: &Inner) {
+    let root = &inner.templates.root;
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let Ok((q, s)) = vm::read_json::<((i32, u64), (i32, u64))>(&entry.path(), BUILD_STATE)
+        else {
+            continue;
+        };
+        // Alive and not a zombie (a killed server's parent may not have reaped it yet).
+        let server = QemuRef {
+            pid: s.0,
+            start: s.1,
+        };
+        if server.alive() {
+            continue;
+        }
+        warn!(dir = %entry.path().display(), "vm: ending a template build whose server is gone");
+        QemuRef {
+            pid: q.0,
+            start: q.1,
+        }
+        .kill();
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
 }
 
 /// Kills and removes pool clones a previous server left (killed before it could end them).
