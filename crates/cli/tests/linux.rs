@@ -67,6 +67,39 @@ fn output_exit_code_env_cwd_hostname_and_user() {
     // The default hostname is the sandbox's name.
     let out = l.run("named-box", &["--wait"], &["hostname"]);
     assert_eq!(stdout(&out), "named-box\n");
+
+    let out = l.run("caps", &["--wait"], &CAPS_OF_THE_WORKLOAD);
+    assert_default_caps(&stdout(&out));
+}
+
+/// A command printing the workload's own status, capability sets included.
+const CAPS_OF_THE_WORKLOAD: [&str; 2] = ["cat", "/proc/self/status"];
+
+/// Docker's default set, which a root workload gets (CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
+/// KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD, AUDIT_WRITE,
+/// SETFCAP: bits 0, 1, 3-8, 10, 13, 18, 27, 29, 31).
+const DEFAULT_CAPS: &str = "00000000a80425fb";
+
+/// `/proc/self/status` of a root workload: the default set is its bounding,
+/// permitted and effective set; it inherits and carries no ambient capability.
+fn assert_default_caps(status: &str) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in {status:?}"))
+            .to_string()
+    };
+    for (name, want) in [
+        ("CapBnd", DEFAULT_CAPS),
+        ("CapPrm", DEFAULT_CAPS),
+        ("CapEff", DEFAULT_CAPS),
+        ("CapInh", "0000000000000000"),
+        ("CapAmb", "0000000000000000"),
+    ] {
+        assert_eq!(field(name), want, "{name} in {status:?}");
+    }
 }
 
 #[test]
@@ -684,6 +717,11 @@ fn warm_pool_serves_creates_with_their_own_settings() {
         cgroup_of(&l, "w1").starts_with("warm-"),
         "w1 came from the pool"
     );
+    // A warm shell drops the bounding set before its claim; the rest at the claim.
+    wait_warm(&l, 2);
+    let out = l.run("w-caps", &["--wait"], &CAPS_OF_THE_WORKLOAD);
+    assert_default_caps(&stdout(&out));
+    assert!(cgroup_of(&l, "w-caps").starts_with("warm-"));
     let out = l.run(
         "w2",
         &["--wait", "-m", "50M"],
@@ -744,7 +782,7 @@ fn warm_pool_serves_creates_with_their_own_settings() {
         !cgroup_of(&l, "input").starts_with("warm-"),
         "a sandbox with input starts cold"
     );
-    l.ok(&["rm", "w1", "w2", "cold", "input"]);
+    l.ok(&["rm", "w1", "w-caps", "w2", "cold", "input"]);
 
     // Killed, the server leaves its shells; the next one removes them and makes its own.
     wait_warm(&l, 2);

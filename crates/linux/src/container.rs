@@ -21,10 +21,15 @@
 //! 5. sets the hostname, brings up `lo`; applies the policy's paths (each `writable` path a
 //!    mount of its own, `readOnly` paths remounted read-only, `masked` paths hidden) and
 //!    remounts `/` read-only when asked or when the policy lists writable paths;
-//! 6. switches to the user's uid/gid, drops the capability bounding set to docker's default
-//!    set, changes directory, installs the exec gate when the policy has an exec list
+//! 6. drops the capability bounding set to docker's default set, switches to the user's
+//!    uid/gid (the other capability sets reduced to the default in between), changes
+//!    directory, installs the exec gate when the policy has an exec list
 //!    ([`crate::execgate`]) and the seccomp filter (which sets `no_new_privs`), and
 //!    `execve`s the workload.
+//!
+//! A warm shell ([`warm_child_main`]) runs 1–4 ahead of time, then also drops the bounding
+//! set and compiles the default seccomp profile, before it reports ready; at its claim only
+//! 5, the rest of 6 and a filter other than the default are left.
 //!
 //! Any failure is written to the error pipe (close-on-exec, so a successful `execve` closes it
 //! with nothing written) and the child exits 127: the supervisor turns that into a clear
@@ -121,6 +126,7 @@ pub fn child_main(plan: ChildPlan<'_>) -> String {
         if let Some((ready, go)) = plan.network {
             wait_for_network(ready, go)?;
         }
+        drop_bounding_set()?;
         finish(
             plan.config,
             plan.seccomp,
@@ -149,6 +155,12 @@ pub fn warm_child_main(
     gate: OwnedFd,
 ) -> String {
     let result = prepare(template, bundle, cgroup_procs).and_then(|()| {
+        // What no claim changes is done before the shell is ready: the bounding set (every
+        // sandbox gets the default set) and the default seccomp profile, compiled into this
+        // process's cache, where a claim with that profile finds it.
+        drop_bounding_set()?;
+        crate::seccomp::compiled_with(&template.deny_syscalls, template.policy_syscalls.as_ref())
+            .map_err(|e| crate::error_chain(&e))?;
         nix::unistd::write(&ready, b"r").map_err(|e| err("report ready", e))?;
         drop(ready);
         let mut file = std::fs::File::from(claim);
@@ -315,7 +327,7 @@ fn finish(
     let uid = Uid::from_raw(cfg.uid);
     nix::unistd::setgroups(&[gid]).map_err(|e| err("setgroups", e))?;
     setresgid(gid, gid, gid).map_err(|e| err(format!("setgid {}", cfg.gid), e))?;
-    drop_capabilities()?;
+    restrict_capabilities()?;
     setresuid(uid, uid, uid).map_err(|e| err(format!("setuid {}", cfg.uid), e))?;
     chdir(cfg.cwd.as_str()).map_err(|e| err(format!("chdir {} (working dir)", cfg.cwd), e))?;
 
@@ -582,21 +594,72 @@ fn mkdir_all(path: &str) -> Result<(), String> {
 }
 
 pub(crate) fn drop_capabilities() -> Result<(), String> {
-    let keep: caps::CapsHashSet = DEFAULT_CAPS.iter().copied().collect();
+    drop_bounding_set()?;
+    restrict_capabilities()
+}
+
+/// Takes every capability outside the default set out of the bounding set, so no `execve`
+/// (of a setuid or file-capability binary) can gain it. The process's own sets are left as
+/// they are: a warm shell does this before its claim, and still mounts afterwards.
+fn drop_bounding_set() -> Result<(), String> {
     for cap in caps::all() {
-        if !keep.contains(&cap) {
+        if !DEFAULT_CAPS.contains(&cap) {
             caps::drop(None, caps::CapSet::Bounding, cap)
                 .map_err(|e| err(format!("drop {cap} from the bounding set"), e))?;
         }
     }
-    for set in [
-        caps::CapSet::Inheritable,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
-        let current = caps::read(None, set).map_err(|e| err("read capabilities", e))?;
-        let new: caps::CapsHashSet = current.intersection(&keep).copied().collect();
-        caps::set(None, set, &new).map_err(|e| err(format!("set {set:?} capabilities"), e))?;
+    Ok(())
+}
+
+/// Reduces the inheritable, effective and permitted sets to the default set (the bounding
+/// set already is).
+///
+/// One `capget` and one `capset` for the three sets, where the `caps` crate makes three of
+/// each (it sets one set at a time): this runs on every sandbox start, and each syscall is
+/// several microseconds on a virtualized host.
+fn restrict_capabilities() -> Result<(), String> {
+    /// `struct __user_cap_header_struct` (linux/capability.h).
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    /// `struct __user_cap_data_struct`; version 3 takes two: capabilities 0–31, 32–63.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut keep = [0u32; 2];
+    for cap in DEFAULT_CAPS {
+        let bit = cap.index();
+        keep[usize::from(bit / 32)] |= 1 << (bit % 32);
+    }
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: header and data are what capget(2) and capset(2) take for version 3; the
+    // kernel reads and writes only within them.
+    #[allow(unsafe_code)]
+    let got = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if got != 0 {
+        return Err(err("read capabilities", nix::errno::Errno::last()));
+    }
+    for (d, k) in data.iter_mut().zip(keep) {
+        d.effective &= k;
+        d.permitted &= k;
+        d.inheritable &= k;
+    }
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    let set = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    if set != 0 {
+        return Err(err("set capabilities", nix::errno::Errno::last()));
     }
     Ok(())
 }

@@ -434,13 +434,12 @@ pub fn compiled_with(
 }
 
 /// Installs `program` on the calling thread, setting `no_new_privs` first (which the kernel
-/// requires without `CAP_SYS_ADMIN`, and which keeps setuid binaries from gaining privileges).
+/// requires without `CAP_SYS_ADMIN`, and which keeps setuid binaries from gaining privileges;
+/// seccompiler's `apply_filter` sets it, and a test checks the flag after an install).
 ///
-/// Async-signal-safe: it makes three syscalls (`prctl` twice, as seccompiler sets the flag
-/// again, and `seccomp`) and does not allocate, so a forked child of a multi-threaded parent
-/// may call it before `execve`.
+/// Async-signal-safe: it makes two syscalls (`prctl` and `seccomp`) and does not allocate,
+/// so a forked child of a multi-threaded parent may call it before `execve`.
 pub fn install(program: &BpfProgram) -> Result<(), Errno> {
-    nix::sys::prctl::set_no_new_privs()?;
     seccompiler::apply_filter(program).map_err(|err| match err {
         seccompiler::Error::Prctl(io) | seccompiler::Error::Seccomp(io) => {
             Errno::from_raw(io.raw_os_error().unwrap_or(libc::EINVAL))

@@ -445,3 +445,37 @@ fn balance_refuses_a_layout_it_does_not_know() {
         Err(SeccompError::Layout(_))
     ));
 }
+
+/// `install` relies on seccompiler's `apply_filter` to set `no_new_privs` (the kernel refuses
+/// a filter from a process without it and without `CAP_SYS_ADMIN`, and the flag keeps setuid
+/// binaries from gaining privileges): checked in a forked child, as an installed filter
+/// cannot be taken off.
+#[test]
+fn install_sets_no_new_privs() {
+    let program = compile_with(&[], None).unwrap();
+    // SAFETY: the child makes only raw syscalls (no allocation, no lock) and ends in _exit.
+    #[allow(unsafe_code)]
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let code = match install(&program) {
+                // SAFETY: PR_GET_NO_NEW_PRIVS takes no pointers.
+                #[allow(unsafe_code)]
+                Ok(()) => unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) },
+                Err(_) => 2,
+            };
+            // SAFETY: ends the forked child without running the test harness's handlers.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::_exit(code)
+            }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).unwrap();
+            assert_eq!(
+                status,
+                nix::sys::wait::WaitStatus::Exited(child, 1),
+                "exit 1: no_new_privs set; 0: not set; 2: the install failed"
+            );
+        }
+    }
+}

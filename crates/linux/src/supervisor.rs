@@ -822,7 +822,7 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
             return Err(why);
         }
         let WarmShell {
-            template,
+            template: _,
             pid,
             cgroup,
             stdout,
@@ -836,6 +836,13 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
         let written = serde_json::to_vec(&claim.config)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::File::from(claim_fd).write_all(&bytes));
+        // Written while the workload's process finishes its setup (the backend only renamed
+        // the bundle): `warren exec`, a checkpoint and a restarted server read it.
+        let recorded = match &written {
+            Ok(()) => config::write_json(&claim.bundle, config::CONFIG_FILE, &claim.config)
+                .map_err(|e| format!("write {}: {e}", config::CONFIG_FILE)),
+            Err(_) => Ok(()),
+        };
         // With a gate, the workload's execve waits for the gate's answer.
         let message = match &mut gate {
             Some(gate) if written.is_ok() => {
@@ -844,21 +851,18 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
             }
             _ => read_to_end(&fail),
         };
-        if written.is_err() || !message.is_empty() {
-            let why = if message.is_empty() {
-                "the warm shell died".to_string()
-            } else {
-                message
+        if written.is_err() || !message.is_empty() || recorded.is_err() {
+            let why = match recorded {
+                _ if !message.is_empty() => message,
+                Err(e) => e,
+                Ok(()) => "the warm shell died".to_string(),
             };
             reply(&format!("error {}", why.replace('\n', " ")));
             discard(pid, &cgroup);
             undo_network();
             return Err(why);
         }
-        let state = State::new(pid.as_raw(), &template.id);
-        if let Err(e) = config::write_json(&claim.bundle, config::STATE_FILE, &state) {
-            eprintln!("supervisor: write {}: {e}", config::STATE_FILE);
-        }
+        // `state.json` stays as the shell wrote it: the same supervisor, workload and cgroup.
         let _ = std::fs::remove_file(claim.bundle.join(config::CONTROL_SOCKET));
         if let Some(gate) = &mut gate
             && let Err(e) = gate.started(&claim.bundle)

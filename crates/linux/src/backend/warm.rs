@@ -291,10 +291,9 @@ pub(super) async fn claim(
         ..
     } = shell;
     debug!(shell = %warm.display(), "linux: claiming a warm shell");
+    // The supervisor writes the sandbox's `container.json` while its workload starts.
     std::fs::rename(&warm, bundle)
         .map_err(|e| BackendError::io("rename warm shell to", bundle, e))?;
-    config::write_json(bundle, config::CONFIG_FILE, container)
-        .map_err(|e| BackendError::io("write", &bundle.join(config::CONFIG_FILE), e))?;
     let claim = config::Claim {
         bundle: bundle.to_path_buf(),
         config: container.clone(),
