@@ -680,6 +680,12 @@ fn bench_times_warm_hand_outs_apart() {
         .as_u64()
         .expect("a hand-out time");
     assert!(p50 > 0, "{got}");
+    // Then one hand-out per run from a full pool, each a warm shell.
+    let ready = &got["ready_pool"];
+    assert_eq!(ready["hand_outs"], 2, "{got}");
+    assert_eq!(ready["cold"], 0, "{got}");
+    assert!(ready["p50_us"].as_u64().is_some_and(|t| t > 0), "{got}");
+    assert!(text.contains("warm ready p50"), "{text}");
 }
 
 #[test]

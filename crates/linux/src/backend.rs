@@ -33,6 +33,7 @@ mod warm;
 
 use pty::*;
 use spec::*;
+pub use warm::parse_warm_summary;
 use warm::*;
 
 /// The reason a sandbox failed when the kernel OOM-killed it.
@@ -936,6 +937,11 @@ impl Backend for LinuxBackend {
         self.warm_state()
     }
 
+    fn describe(&self) -> Option<String> {
+        let pools = self.warm_state();
+        (!pools.is_empty()).then(|| warm::warm_summary(&pools))
+    }
+
     async fn checkpoint(
         &self,
         config: &SandboxConfig,
@@ -1022,5 +1028,24 @@ mod tests {
         config::write_json(dir.path(), config::EXIT_FILE, &exit(5, false, false))
             .expect("write exit.json");
         assert_eq!(exit_status(dir.path()), BackendStatus::Exited { code: 5 });
+    }
+
+    #[test]
+    fn the_warm_summary_reads_back_per_image() {
+        let detail = warm::warm_summary(&[
+            ("busybox".into(), 3, 4),
+            ("registry.local:5000/app:v1".into(), 0, 2),
+        ]);
+        assert_eq!(
+            detail,
+            "warm shells: busybox 3/4 ready, registry.local:5000/app:v1 0/2 ready"
+        );
+        assert_eq!(parse_warm_summary(&detail, "busybox"), Some((3, 4)));
+        assert_eq!(
+            parse_warm_summary(&detail, "registry.local:5000/app:v1"),
+            Some((0, 2))
+        );
+        assert_eq!(parse_warm_summary(&detail, "alpine"), None);
+        assert_eq!(parse_warm_summary("", "busybox"), None);
     }
 }

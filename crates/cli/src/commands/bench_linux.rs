@@ -286,6 +286,7 @@ async fn measure(
     .await?;
     let deletes = report("delete", &deleted);
     let (running, warm_hits, running_json) = create_to_running(&clients, a, &base, prefix).await?;
+    let ready = hand_outs_from_a_ready_pool(&mut c, a, &base, prefix).await?;
     let mut failed = runs.errors > 0 || deleted.errors > 0 || running.errors > 0;
     if private.is_some() {
         let info = answer(c.get_server_info(v1::GetServerInfoRequest {}).await)?;
@@ -356,7 +357,7 @@ async fn measure(
                 "supervisor": supervisor, "linux_dir": a.linux_dir,
                 "concurrency": a.concurrency, "warren": ours, "delete": deletes,
                 "running": running_json, "running_warm_hits": warm_hits,
-                "peers": peers_json,
+                "ready_pool": ready, "peers": peers_json,
             })
         );
     }
@@ -455,6 +456,107 @@ async fn create_to_running(
         );
     }
     Ok((phase, hits, json))
+}
+
+/// Most timed hand-outs from a ready pool.
+const READY_POOL_RUNS: usize = 50;
+
+/// Hand-outs from a ready pool, when the server keeps warm shells of the image: up to
+/// [`READY_POOL_RUNS`] creates, one at a time, each made once `warren info` reports the pool
+/// full and a moment has passed (so the refill's last shell start is not competing), each
+/// create → running timed alone. What a create meets when sandboxes are asked for now and
+/// then; back to back (above), creates drain the pool faster than it refills and share the
+/// CPUs with the refill. `None` without a pool of the image; an error when a create fails.
+async fn hand_outs_from_a_ready_pool(
+    c: &mut Client,
+    a: &RunArgs,
+    base: &SandboxSpec,
+    prefix: &str,
+) -> anyhow::Result<Option<Value>> {
+    if warm_pool(c, &a.image).await.is_none() {
+        return Ok(None);
+    }
+    let mut times = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut cold = 0;
+    for i in 0..a.count.min(READY_POOL_RUNS) {
+        if !pool_full(c, &a.image).await {
+            out!(
+                "warm ready: the pool of {} did not refill in 30 s; stopped after {i} hand-outs",
+                a.image
+            );
+            break;
+        }
+        let mut spec = base.clone();
+        spec.name = format!("{prefix}-ready-{i}");
+        let t = Instant::now();
+        let reply = c
+            .create_sandbox(v1::CreateSandboxRequest {
+                spec: Some(spec_to_pb(&spec)),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("create {} (ready pool)", spec.name))?;
+        let took = t.elapsed().as_micros() as u64;
+        let warm = reply
+            .into_inner()
+            .sandbox
+            .and_then(|s| s.status)
+            .and_then(|s| s.backend_info.get("warm").cloned());
+        if warm.as_deref() == Some("true") {
+            times.saturating_record(took);
+        } else {
+            cold += 1;
+        }
+        let _ = c
+            .wait_sandbox(v1::WaitSandboxRequest {
+                name: spec.name.clone(),
+                timeout_ms: Some(60_000),
+            })
+            .await;
+        delete(c.clone(), spec.name)
+            .await
+            .with_context(|| format!("delete {prefix}-ready-{i}"))?;
+    }
+    let hits = times.len();
+    if hits == 0 {
+        out!("warm ready: no create took a warm shell ({cold} started cold)");
+        return Ok(Some(json!({ "hand_outs": 0, "cold": cold })));
+    }
+    let at = |q: f64| times.value_at_quantile(q);
+    out!(
+        "warm ready p50 {:>8}  p90 {:>8}  ({hits} hand-outs, each from a full pool after a pause; {cold} cold)",
+        us(at(0.5)),
+        us(at(0.9))
+    );
+    Ok(Some(json!({
+        "hand_outs": hits, "cold": cold, "p50_us": at(0.5), "p90_us": at(0.9),
+    })))
+}
+
+/// `(ready, target)` of the server's warm pool of `image`, from `warren info`.
+async fn warm_pool(c: &mut Client, image: &str) -> Option<(usize, usize)> {
+    let info = c
+        .get_server_info(v1::GetServerInfoRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let linux = info.backends.into_iter().find(|b| b.name == "linux")?;
+    warren_linux::parse_warm_summary(&linux.detail, image)
+}
+
+/// Waits (30 s at most) until the pool of `image` is full, then 100 ms more; false when it
+/// did not fill.
+async fn pool_full(c: &mut Client, image: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match warm_pool(c, image).await {
+            Some((ready, target)) if ready >= target => break,
+            _ if Instant::now() >= deadline => return false,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    true
 }
 
 /// warren's figure over the peer's at quantile `q`: below 1 means warren is faster.
