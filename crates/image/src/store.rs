@@ -31,6 +31,34 @@ pub struct ImageStore {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// The last `index.json` read, with the stamp of the file it came from: readers (every
+    /// create resolves its image; pools and `warren info` list) parse it again only when the
+    /// file changed. Writes go through a temp file and a rename, so a changed index is a new
+    /// file.
+    index: std::sync::Mutex<Option<(IndexStamp, Arc<IndexFile>)>>,
+}
+
+/// What identifies one version of `index.json`: its inode, size and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl IndexStamp {
+    fn of(meta: &fs::Metadata) -> IndexStamp {
+        use std::os::unix::fs::MetadataExt as _;
+        IndexStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// What [`ImageStore::gc`] deleted.
@@ -206,7 +234,10 @@ impl ImageStore {
         }
         let root = fs::canonicalize(dir).map_err(io_err!("resolving", dir))?;
         Ok(ImageStore {
-            inner: Arc::new(Inner { root }),
+            inner: Arc::new(Inner {
+                root,
+                index: std::sync::Mutex::new(None),
+            }),
         })
     }
 
@@ -378,13 +409,61 @@ impl ImageStore {
         self.lock_blocking("gc.lock", FlockOperation::LockShared)
     }
 
-    fn load_index(&self) -> Result<IndexFile, ImageError> {
+    /// The index as it is on disk now, for readers: parsed again only when the file changed
+    /// since the last read (one `stat` otherwise).
+    fn current_index(&self) -> Result<Arc<IndexFile>, ImageError> {
         let path = self.root().join("index.json");
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(IndexFile::default()),
+        let stamp = match fs::metadata(&path) {
+            Ok(meta) => IndexStamp::of(&meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Arc::new(IndexFile::default()));
+            }
             Err(e) => return Err(ImageError::io("reading", path, e)),
         };
+        let cache = || {
+            self.inner
+                .index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((cached, index)) = cache().as_ref()
+            && *cached == stamp
+        {
+            return Ok(Arc::clone(index));
+        }
+        let (stamp, index) = self.read_index()?;
+        let index = Arc::new(index);
+        if let Some(stamp) = stamp {
+            *cache() = Some((stamp, Arc::clone(&index)));
+        }
+        Ok(index)
+    }
+
+    /// The index read from disk, for a writer (under `index.lock`).
+    fn load_index(&self) -> Result<IndexFile, ImageError> {
+        Ok(self.read_index()?.1)
+    }
+
+    /// Reads and checks `index.json`, with the stamp of the file read (`None`: there is none,
+    /// an empty index).
+    fn read_index(&self) -> Result<(Option<IndexStamp>, IndexFile), ImageError> {
+        let path = self.root().join("index.json");
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok((None, IndexFile::default()));
+            }
+            Err(e) => return Err(ImageError::io("reading", path, e)),
+        };
+        // The stamp of the file that is read, taken from its handle: a rename meanwhile
+        // cannot pair one version's stamp with another's content.
+        let stamp = file
+            .metadata()
+            .map(|m| IndexStamp::of(&m))
+            .map_err(|e| ImageError::io("reading", path.clone(), e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| ImageError::io("reading", path.clone(), e))?;
         let index: IndexFile = serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
             path: path.clone(),
             reason: format!("index.json does not parse: {e}"),
@@ -398,7 +477,7 @@ impl ImageStore {
                 ),
             });
         }
-        Ok(index)
+        Ok((Some(stamp), index))
     }
 
     fn save_index(&self, index: &IndexFile) -> Result<(), ImageError> {
@@ -449,7 +528,7 @@ impl ImageStore {
 
     /// All images, sorted by name (images without names last, by id).
     pub fn list(&self) -> Result<Vec<ImageSummary>, ImageError> {
-        let index = self.load_index()?;
+        let index = self.current_index()?;
         let mut out: Vec<ImageSummary> = index.images.iter().map(|(id, r)| r.summary(id)).collect();
         out.sort_by(|a, b| match (a.names.first(), b.names.first()) {
             (Some(x), Some(y)) => x.cmp(y),
@@ -508,7 +587,7 @@ impl ImageStore {
     /// of at least 4 hex digits (with or without `sha256:`), and returns its unpacked layers
     /// (bottom to top) and config, or for a Wasm artifact its module blob.
     pub fn resolve(&self, name_or_id: &str) -> Result<Image, ImageError> {
-        let index = self.load_index()?;
+        let index = self.current_index()?;
         let id = match Self::find(&index, name_or_id)? {
             Match::Name { id, .. } | Match::Id(id) => id,
         };
@@ -608,7 +687,7 @@ impl ImageStore {
     fn collect(&self, _exclusive: &LockGuard) -> Result<GcStats, ImageError> {
         // Only removals can change the index meanwhile, and they only drop references, so this
         // snapshot keeps at least everything still in use.
-        let index = self.load_index()?;
+        let index = self.current_index()?;
         let mut blobs = BTreeSet::new();
         let mut layers = BTreeSet::new();
         for (id, record) in &index.images {

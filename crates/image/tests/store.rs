@@ -288,6 +288,34 @@ fn resolve_by_name_id_and_prefix() {
     assert_eq!(err, format!("image \"sha256:{other}\" not found"));
 }
 
+/// Readers keep the parsed index between calls; a change to the file, from this store, from
+/// another handle on the same directory (another process) or by hand, is seen at the next
+/// read.
+#[test]
+fn a_changed_index_is_read_again() {
+    let (tmp, store) = setup();
+    let layout = testing::busybox_layout(&tmp.path().join("bb"), "busybox:1.36").unwrap();
+    let id = store.import(&layout, None).unwrap()[0].id.clone();
+    assert_eq!(store.resolve("busybox:1.36").unwrap().id, id);
+    // Another handle (as another process would) adds a name and then removes the image.
+    let other = ImageStore::open(&tmp.path().join("store")).unwrap();
+    other.import(&layout, Some("mine:v1")).unwrap();
+    assert_eq!(store.resolve("mine:v1").unwrap().id, id);
+    assert_eq!(store.list().unwrap()[0].names.len(), 2);
+    other.remove(&id).unwrap();
+    assert!(matches!(
+        store.resolve("busybox:1.36"),
+        Err(ImageError::NotFound(_))
+    ));
+    assert!(store.list().unwrap().is_empty());
+    // Damaged by hand: the next read says so rather than answering from memory.
+    store.import(&layout, None).unwrap();
+    assert_eq!(store.resolve("busybox:1.36").unwrap().id, id);
+    fs::write(tmp.path().join("store/index.json"), b"{ not json").unwrap();
+    let err = store.resolve("busybox:1.36").unwrap_err().to_string();
+    assert!(err.contains("index.json does not parse"), "{err}");
+}
+
 #[test]
 fn remove_and_garbage_collect_keeps_shared_layers() {
     let (tmp, store) = setup();
