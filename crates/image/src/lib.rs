@@ -89,6 +89,38 @@ pub use error::ImageError;
 pub use reference::normalize_name;
 pub use store::{GcStats, ImageStore};
 
+/// What tells a file's content changed without reading it: a write changes the size or the
+/// modification time, and always the change time (which no caller can set back); a replaced
+/// file (rename over it) has another inode. Times are to the nanosecond. Used for the parsed
+/// `index.json` here and by the wasm backend's module cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    /// The identity of the file at `path` now (symlinks followed).
+    pub fn of(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self::of_metadata(&std::fs::metadata(path)?))
+    }
+
+    /// The identity of the file `meta` describes (from an open handle, say).
+    pub fn of_metadata(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 /// One image in the store, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSummary {

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{ImageError, io_err};
 use crate::oci::{self, ConfigFile, Manifest};
 use crate::reference::{Digest, Reference};
-use crate::{Image, ImageConfig, ImageKind, ImageSummary, unpack};
+use crate::{FileIdentity, Image, ImageConfig, ImageKind, ImageSummary, unpack};
 
 const INDEX_VERSION: u32 = 1;
 /// Manifests, indexes and configs are small; refuse to read a "JSON" blob larger than this.
@@ -35,30 +35,7 @@ struct Inner {
     /// create resolves its image; pools and `warren info` list) parse it again only when the
     /// file changed. Writes go through a temp file and a rename, so a changed index is a new
     /// file.
-    index: std::sync::Mutex<Option<(IndexStamp, Arc<IndexFile>)>>,
-}
-
-/// What identifies one version of `index.json`: its inode, size and change times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct IndexStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl IndexStamp {
-    fn of(meta: &fs::Metadata) -> IndexStamp {
-        use std::os::unix::fs::MetadataExt as _;
-        IndexStamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
+    index: std::sync::Mutex<Option<(FileIdentity, Arc<IndexFile>)>>,
 }
 
 /// What [`ImageStore::gc`] deleted.
@@ -413,8 +390,8 @@ impl ImageStore {
     /// since the last read (one `stat` otherwise).
     fn current_index(&self) -> Result<Arc<IndexFile>, ImageError> {
         let path = self.root().join("index.json");
-        let stamp = match fs::metadata(&path) {
-            Ok(meta) => IndexStamp::of(&meta),
+        let stamp = match FileIdentity::of(&path) {
+            Ok(stamp) => stamp,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(Arc::new(IndexFile::default()));
             }
@@ -446,7 +423,7 @@ impl ImageStore {
 
     /// Reads and checks `index.json`, with the stamp of the file read (`None`: there is none,
     /// an empty index).
-    fn read_index(&self) -> Result<(Option<IndexStamp>, IndexFile), ImageError> {
+    fn read_index(&self) -> Result<(Option<FileIdentity>, IndexFile), ImageError> {
         let path = self.root().join("index.json");
         let mut file = match File::open(&path) {
             Ok(file) => file,
@@ -459,7 +436,7 @@ impl ImageStore {
         // cannot pair one version's stamp with another's content.
         let stamp = file
             .metadata()
-            .map(|m| IndexStamp::of(&m))
+            .map(|m| FileIdentity::of_metadata(&m))
             .map_err(|e| ImageError::io("reading", path.clone(), e))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)

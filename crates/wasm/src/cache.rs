@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
+use warren_image::FileIdentity;
 use wasmtime::component::Component;
 use wasmtime::{Engine, ExternType, Module, Precompiled};
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -76,32 +77,6 @@ pub(crate) struct ModuleCache {
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
     compiles: AtomicU64,
-}
-
-/// What tells a file's content changed without reading it: a write changes the size or the
-/// modification time, and always the change time (which no caller can set back); a replaced
-/// file (rename over it) has another inode. Times are to the nanosecond.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileIdentity {
-    fn of(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path)?;
-        Ok(FileIdentity {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
-    }
 }
 
 impl fmt::Debug for ModuleCache {

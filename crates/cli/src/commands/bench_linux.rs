@@ -388,20 +388,8 @@ async fn create_to_running(
         spec.name = format!("{p}-running-{i}");
         let counted = counted.clone();
         async move {
-            let t = Instant::now();
-            let reply = c
-                .create_sandbox(v1::CreateSandboxRequest {
-                    spec: Some(spec_to_pb(&spec)),
-                    ..Default::default()
-                })
-                .await?;
-            let warm = reply
-                .into_inner()
-                .sandbox
-                .and_then(|s| s.status)
-                .and_then(|s| s.backend_info.get("warm").cloned());
-            if warm.as_deref() == Some("true") {
-                let took = t.elapsed().as_micros() as u64;
+            let (took, warm) = timed_create(&mut c, &spec).await?;
+            if warm {
                 counted
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -458,6 +446,24 @@ async fn create_to_running(
     Ok((phase, hits, json))
 }
 
+/// One create call, timed (µs), and whether it took a warm shell.
+async fn timed_create(c: &mut Client, spec: &SandboxSpec) -> Result<(u64, bool), tonic::Status> {
+    let t = Instant::now();
+    let reply = c
+        .create_sandbox(v1::CreateSandboxRequest {
+            spec: Some(spec_to_pb(spec)),
+            ..Default::default()
+        })
+        .await?;
+    let took = t.elapsed().as_micros() as u64;
+    let warm = reply
+        .into_inner()
+        .sandbox
+        .and_then(|s| s.status)
+        .is_some_and(|s| s.backend_info.get("warm").is_some_and(|w| w == "true"));
+    Ok((took, warm))
+}
+
 /// Most timed hand-outs from a ready pool.
 const READY_POOL_RUNS: usize = 50;
 
@@ -488,21 +494,10 @@ async fn hand_outs_from_a_ready_pool(
         }
         let mut spec = base.clone();
         spec.name = format!("{prefix}-ready-{i}");
-        let t = Instant::now();
-        let reply = c
-            .create_sandbox(v1::CreateSandboxRequest {
-                spec: Some(spec_to_pb(&spec)),
-                ..Default::default()
-            })
+        let (took, warm) = timed_create(c, &spec)
             .await
             .with_context(|| format!("create {} (ready pool)", spec.name))?;
-        let took = t.elapsed().as_micros() as u64;
-        let warm = reply
-            .into_inner()
-            .sandbox
-            .and_then(|s| s.status)
-            .and_then(|s| s.backend_info.get("warm").cloned());
-        if warm.as_deref() == Some("true") {
+        if warm {
             times.saturating_record(took);
         } else {
             cold += 1;
