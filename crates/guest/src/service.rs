@@ -145,11 +145,8 @@ impl Guest {
 
     /// Mounts `device` as the workload's root unless a `Prepare` did; a root mounted from
     /// another device is an error. Only PID 1 mounts (a guest run as a test process keeps the
-    /// host's root).
+    /// host's root), but the device is recorded either way, so the check is the same.
     fn ensure_root(&self, device: &str) -> Result<(), Status> {
-        if !self.pid1 {
-            return Ok(());
-        }
         // Held while mounting: a second caller waits and finds the root mounted.
         let mut state = self.state();
         if state.root_device == device {
@@ -161,7 +158,9 @@ impl Guest {
                 state.root_device
             )));
         }
-        state.root = Some(self.mount_root(device)?);
+        if self.pid1 {
+            state.root = Some(self.mount_root(device)?);
+        }
         state.root_device = device.to_string();
         Ok(())
     }

@@ -288,3 +288,45 @@ async fn a_workload_starts_with_default_signals_in_its_own_session() {
     let sid: u64 = out.lines().rev().nth(1).unwrap().trim().parse().unwrap();
     assert_eq!(sid, pid, "the workload leads its own session: {out}");
 }
+
+/// A pool clone's warm-up (`Prepare`) names the disk its root is mounted from; a `Start` for
+/// another disk is refused with both names, and one for the same disk goes ahead. (Outside a
+/// VM the guest mounts nothing, but checks the same.)
+#[tokio::test]
+async fn a_start_for_another_root_device_than_prepared_is_refused() {
+    let mut g = guest().await;
+    g.client
+        .prepare(proto::PrepareRequest {
+            hostname: "clone".into(),
+            sandbox_id: "sb-1".into(),
+            seed: vec![7; 32],
+            root_device: "serial:image-a".into(),
+        })
+        .await
+        .unwrap();
+    let err = g
+        .client
+        .start(proto::StartRequest {
+            root_device: "serial:image-b".into(),
+            ..start(&["true"])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("\"serial:image-b\"")
+            && err.message().contains("\"serial:image-a\""),
+        "{}",
+        err.message()
+    );
+    // Nothing was started: the same disk still can be.
+    g.client
+        .start(proto::StartRequest {
+            root_device: "serial:image-a".into(),
+            ..start(&["sh", "-c", "echo started"])
+        })
+        .await
+        .unwrap();
+    let (out, _, exit) = output(&mut g, [0, 0]).await;
+    assert_eq!((out.as_str(), exit.code), ("started\n", 0));
+}
