@@ -688,6 +688,68 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
     vm.ok(&["rm", "a", "b", "plain"]);
 }
 
+/// `warren vm template build` ahead of the first create, for the size `-m` gives (as `run`
+/// takes it): the first create of that size is a clone; another size still boots cold.
+#[test]
+fn a_template_built_ahead_makes_the_first_create_a_clone() {
+    let vm = vm_or_skip!("templates = true\npool = 1");
+    let config = vm.config_dir.path().join("vm.toml");
+    let config = config.to_str().unwrap();
+    let bad = vm.warren(&[
+        "vm",
+        "template",
+        "build",
+        "--vm-config",
+        config,
+        "-m",
+        "lots",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("--memory \"lots\""),
+        "{}",
+        stderr(&bad)
+    );
+
+    let out = vm.warren(&[
+        "vm",
+        "template",
+        "build",
+        "--vm-config",
+        config,
+        "-m",
+        "256Mi",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let built = stdout(&out);
+    let dir = built
+        .strip_prefix("template ")
+        .and_then(|rest| rest.split(" ready in ").next())
+        .unwrap_or_else(|| panic!("{built}"));
+    assert!(
+        Path::new(dir).starts_with(vm.config_dir.path().join("templates"))
+            && Path::new(dir).is_dir(),
+        "{built}"
+    );
+    let sized = vm.warren(&[
+        "run", "-b", "vm", "--name", "sized", "-m", "256Mi", "--wait", "--", "true",
+    ]);
+    assert_eq!(sized.status.code(), Some(0), "{}", stderr(&sized));
+    let got = vm.get("sized");
+    assert_eq!(
+        got["status"]["backendInfo"]["boot"],
+        "clone",
+        "{got}\n{}",
+        vm.server.log()
+    );
+    let other = vm.warren(&[
+        "run", "-b", "vm", "--name", "other", "-m", "300Mi", "--wait", "--", "true",
+    ]);
+    assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
+    assert_eq!(vm.get("other")["status"]["backendInfo"]["boot"], "cold");
+    vm.ok(&["rm", "sized", "other"]);
+}
+
 #[test]
 fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
     let vm = vm_or_skip!("templates = true\npool = 2");

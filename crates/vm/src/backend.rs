@@ -144,24 +144,20 @@ impl VmBackend {
         self.inner.available.as_ref()
     }
 
-    /// Builds the template for VMs of the default shape, unless it exists.
-    pub async fn build_template(&self) -> Result<PathBuf, BackendError> {
-        crate::template::build(&self.inner, &self.default_shape(), false).await
-    }
-
-    /// Builds the template for VMs of the default shape again.
-    pub async fn rebuild_template(&self) -> Result<PathBuf, BackendError> {
-        crate::template::build(&self.inner, &self.default_shape(), true).await
-    }
-
-    /// The config's vCPUs and memory, without an image.
-    fn default_shape(&self) -> crate::template::Shape {
-        let h = &self.inner.config.vm.hypervisor;
-        crate::template::Shape {
-            vcpus: h.vcpus,
-            memory_mb: h.memory_in_mb,
+    /// Builds the template of VMs without an image for sandboxes with these limits (none:
+    /// the config's default size), unless it exists or `rebuild`. Returns its directory.
+    pub async fn build_template(
+        &self,
+        resources: &ResourceInfo,
+        rebuild: bool,
+    ) -> Result<PathBuf, BackendError> {
+        let (vcpus, memory_mb) = vm_size(&self.inner.config.vm.hypervisor, resources)?;
+        let shape = crate::template::Shape {
+            vcpus,
+            memory_mb,
             root_disk: None,
-        }
+        };
+        crate::template::build(&self.inner, &shape, rebuild).await
     }
 
     /// Clones ready in the pool now.
@@ -281,6 +277,46 @@ impl Inner {
     }
 }
 
+/// The vCPUs and memory (MB) of a sandbox's VM: from its limits (its memory plus what the
+/// guest kernel keeps), else the config's.
+fn vm_size(
+    h: &crate::config::Hypervisor,
+    resources: &ResourceInfo,
+) -> Result<(u32, u64), BackendError> {
+    let invalid = |field: &str, value: &dyn std::fmt::Display, reason: &str| {
+        BackendError::Invalid(format!("{field}: {value} {reason}"))
+    };
+    let memory_mb = match resources.memory_limit {
+        Some(bytes) if bytes < MIN_SANDBOX_MEMORY => {
+            return Err(invalid(
+                "resources.limits.memory",
+                &warren_spec::format_bytes(bytes),
+                &format!(
+                    "is below the vm backend's minimum of {}",
+                    warren_spec::format_bytes(MIN_SANDBOX_MEMORY)
+                ),
+            ));
+        }
+        Some(bytes) => (bytes.div_ceil(1 << 20) + GUEST_OVERHEAD_MB).max(MIN_MEMORY_MB),
+        None => h.memory_in_mb,
+    };
+    let vcpus = match resources.cpu_limit {
+        Some(cpu) if cpu > f64::from(crate::config::MAX_VCPUS) => {
+            return Err(invalid(
+                "resources.limits.cpu",
+                &cpu,
+                &format!(
+                    "is more than the vm backend's {} vCPUs",
+                    crate::config::MAX_VCPUS
+                ),
+            ));
+        }
+        Some(cpu) => (cpu.ceil() as u32).max(1),
+        None => h.vcpus,
+    };
+    Ok((vcpus, memory_mb))
+}
+
 /// The plan of a sandbox: validates everything a create can check.
 fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), BackendError> {
     let spec = &config.spec;
@@ -320,34 +356,7 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
                 .into(),
         ));
     }
-    let memory_mb = match config.resources.memory_limit {
-        Some(bytes) if bytes < MIN_SANDBOX_MEMORY => {
-            return Err(invalid(
-                "resources.limits.memory",
-                &warren_spec::format_bytes(bytes),
-                &format!(
-                    "is below the vm backend's minimum of {}",
-                    warren_spec::format_bytes(MIN_SANDBOX_MEMORY)
-                ),
-            ));
-        }
-        Some(bytes) => (bytes.div_ceil(1 << 20) + GUEST_OVERHEAD_MB).max(MIN_MEMORY_MB),
-        None => h.memory_in_mb,
-    };
-    let vcpus = match config.resources.cpu_limit {
-        Some(cpu) if cpu > f64::from(crate::config::MAX_VCPUS) => {
-            return Err(invalid(
-                "resources.limits.cpu",
-                &cpu,
-                &format!(
-                    "is more than the vm backend's {} vCPUs",
-                    crate::config::MAX_VCPUS
-                ),
-            ));
-        }
-        Some(cpu) => (cpu.ceil() as u32).max(1),
-        None => h.vcpus,
-    };
+    let (vcpus, memory_mb) = vm_size(h, &config.resources)?;
     let mut env: Vec<String> = image_config.map(|c| c.env.clone()).unwrap_or_default();
     for (k, v) in &spec.env {
         env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);

@@ -1,5 +1,7 @@
-//! `warren vm template build`: boots and saves the vm backend's template ahead of the first
-//! create (otherwise the first create of a shape boots cold and builds it behind).
+//! `warren vm template build [--cpu C] [-m M]`: boots and saves the vm backend's template of
+//! a shape ahead of its first create (otherwise the first create of a shape boots cold and
+//! builds it behind). The shape is the one sandboxes with those limits get, computed by the
+//! backend as for a create; without them, the config's default.
 //!
 //! It runs in this process, not through a server: the template lands in the config's
 //! `vm.template_dir`, keyed by everything it depends on, where a server with the same
@@ -11,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 
-use super::Globals;
+use super::{Globals, usage};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,7 +30,8 @@ enum What {
 
 #[derive(Debug, clap::Subcommand)]
 enum Template {
-    /// Boot a template VM of the config's default shape and save it.
+    /// Boot a template VM and save it: of the config's default size, or of the size of
+    /// sandboxes created with the same --cpu and --memory (as `warren run -b vm` takes them).
     Build(BuildArgs),
 }
 
@@ -40,10 +43,40 @@ struct BuildArgs {
     /// Build again even if a template with the same key exists.
     #[arg(long)]
     rebuild: bool,
+    /// The CPU limit of the sandboxes it is for, in cores: 2, 0.5, 500m (a VM gets it
+    /// rounded up to whole vCPUs).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// The memory limit of the sandboxes it is for: 256Mi, 1Gi (the VM gets it plus what
+    /// the guest kernel keeps).
+    #[arg(long, short = 'm')]
+    memory: Option<String>,
+}
+
+impl BuildArgs {
+    /// The limits of the sandboxes the template is for.
+    fn limits(&self) -> anyhow::Result<warren_spec::ResourceInfo> {
+        let cpu = self
+            .cpu
+            .as_deref()
+            .map(|c| warren_spec::parse_cpu(c).map_err(|e| usage(format!("--cpu {c:?}: {e}"))))
+            .transpose()?;
+        let memory = self
+            .memory
+            .as_deref()
+            .map(|m| warren_spec::parse_bytes(m).map_err(|e| usage(format!("--memory {m:?}: {e}"))))
+            .transpose()?;
+        Ok(warren_spec::ResourceInfo {
+            cpu_limit: cpu,
+            memory_limit: memory,
+            ..Default::default()
+        })
+    }
 }
 
 pub async fn run(args: Args, _g: &Globals) -> anyhow::Result<ExitCode> {
     let What::Template(Template::Build(a)) = args.what;
+    let limits = a.limits()?;
     let config = super::server::load_vm_config(a.vm_config.as_deref())
         .map_err(|e| anyhow::anyhow!("--vm-config: {e}"))?;
     // A scratch directory: the backend's own dir holds a server's pool, which this must not
@@ -68,12 +101,10 @@ pub async fn run(args: Args, _g: &Globals) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the vm backend cannot run here: {reason}");
     }
     let t = Instant::now();
-    let dir = if a.rebuild {
-        backend.rebuild_template().await
-    } else {
-        backend.build_template().await
-    }
-    .context("building the template")?;
+    let dir = backend
+        .build_template(&limits, a.rebuild)
+        .await
+        .context("building the template")?;
     println!(
         "template {} ready in {:.1}s",
         dir.display(),
