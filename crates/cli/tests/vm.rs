@@ -109,6 +109,11 @@ impl Vm {
     }
 
     fn start_with(vm_section: &str, hypervisor_extra: &str) -> Vm {
+        Self::start_with_args(vm_section, hypervisor_extra, &[])
+    }
+
+    /// With more arguments for `warren server`.
+    fn start_with_args(vm_section: &str, hypervisor_extra: &str, server_args: &[&str]) -> Vm {
         let (kernel, initrd) = assets().as_ref().unwrap_or_else(|e| panic!("{e}"));
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -126,15 +131,14 @@ impl Vm {
             ),
         )
         .unwrap();
-        let server = TestServer::start_with(
-            &[
-                "--cgroup-parent",
-                &cgroup_parent,
-                "--vm-config",
-                config.to_str().unwrap(),
-            ],
-            None,
-        );
+        let mut args = vec![
+            "--cgroup-parent",
+            &cgroup_parent,
+            "--vm-config",
+            config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(server_args);
+        let server = TestServer::start_with(&args, None);
         Vm {
             server,
             cgroup_parent,
@@ -217,7 +221,11 @@ impl Vm {
     /// Waits until `warren info` says the vm backend's pool holds `n` clones; returns what
     /// it says.
     fn wait_pool(&self, n: usize, patience: Duration) -> String {
-        let wanted = format!("{n} clone(s) ready");
+        self.wait_info(&format!("{n} clone(s) ready"), patience)
+    }
+
+    /// Waits until the vm backend's `warren info` detail contains `wanted`; returns it.
+    fn wait_info(&self, wanted: &str, patience: Duration) -> String {
         self.poll(patience, Duration::from_millis(100), || {
             let info = json(&self.ok(&["info", "-o", "json"]));
             let vm = info["backends"]
@@ -225,10 +233,10 @@ impl Vm {
                 .and_then(|b| b.iter().find(|b| b["name"] == "vm"))
                 .map(|b| b["detail"].as_str().unwrap_or_default().to_string())
                 .unwrap_or_default();
-            if vm.contains(&wanted) {
+            if vm.contains(wanted) {
                 Ok(vm)
             } else {
-                Err(format!("the pool does not hold {n}: {vm}"))
+                Err(format!("no {wanted:?} in {vm:?}"))
             }
         })
     }
@@ -686,6 +694,52 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "0\n");
     vm.ok(&["rm", "a", "b", "plain"]);
+}
+
+/// `--warm vm:busybox=1`: the image's template is built at start once the image is in the
+/// store, and a clone of it kept ready, so the image's very first create is a hand-out.
+#[test]
+fn a_warm_image_is_a_clone_from_its_first_create() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let vm = Vm::start_with_args(
+        "templates = true\npool = 0",
+        "",
+        &["--warm", "vm:busybox=1"],
+    );
+    // Listed before its image exists.
+    vm.wait_info("; warm: busybox 0/1 ready", Duration::from_secs(10));
+    let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
+    vm.ok(&["image", "import", layout.to_str().unwrap()]);
+    let info = vm.wait_info("; warm: busybox 1/1 ready", Duration::from_secs(120));
+    assert!(
+        info.contains("pool: 1 clone(s) ready, 0 kept per shape"),
+        "{info}"
+    );
+    let out = vm.warren(&[
+        "run",
+        "-b",
+        "vm",
+        "-i",
+        "busybox",
+        "--name",
+        "first",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "grep -c nobody /etc/passwd || true",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1\n", "the image is its root");
+    let got = vm.get("first");
+    assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
+    assert_eq!(got["status"]["backendInfo"]["clone_from"], "pool", "{got}");
+    // And the pool is refilled for the next.
+    vm.wait_info("; warm: busybox 1/1 ready", Duration::from_secs(60));
+    vm.ok(&["rm", "first"]);
 }
 
 /// `warren vm template build` ahead of the first create, for the size `-m` gives (as `run`

@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub cgroup_parent: String,
     /// Warm shells kept ready per image for the linux backend.
     pub linux_warm: Vec<(String, usize)>,
+    /// Clones kept ready per image for the vm backend.
+    pub vm_warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints; `None` finds one (`warren_linux::criu`).
     pub criu: Option<PathBuf>,
     /// The IPv4 range `network.mode: egress` linux sandboxes take their addresses from
@@ -287,6 +289,7 @@ impl Server {
                 cgroup_parent: config.cgroup_parent.clone(),
                 log_max_bytes: config.wasm.log_max_bytes,
                 default_stop_grace: config.default_grace,
+                warm: config.vm_warm.clone(),
             },
             events.clone(),
         )

@@ -156,6 +156,7 @@ fn server_config(config: &Config) -> ServerConfig {
         linux_supervisor: warren_control::LinuxConfig::default_supervisor(),
         cgroup_parent: "warren".to_string(),
         linux_warm: Vec::new(),
+        vm_warm: Vec::new(),
         criu: None,
         linux_egress_range: warren_control::server::DEFAULT_EGRESS_RANGE.to_string(),
         metrics_listen: None,

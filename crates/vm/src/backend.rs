@@ -54,6 +54,8 @@ pub struct VmBackendConfig {
     pub cgroup_parent: String,
     pub log_max_bytes: Option<u64>,
     pub default_stop_grace: Duration,
+    /// Clones of an image's sandboxes kept ready, by image name (`--warm vm:IMAGE=N`).
+    pub warm: Vec<(String, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -446,6 +448,14 @@ impl Backend for VmBackend {
             .as_ref()
             .map(|_| ())
             .map_err(Clone::clone)
+    }
+
+    fn set_warm(&self, image: &str, count: usize) -> Result<(), BackendError> {
+        self.inner.templates.set_warm(image, count)
+    }
+
+    fn warm(&self) -> Vec<(String, usize, usize)> {
+        self.inner.templates.warm()
     }
 
     fn describe(&self) -> Option<String> {

@@ -89,6 +89,11 @@ struct State {
     failed: HashMap<Shape, String>,
     /// Shapes used since start: the pool keeps clones of these ready.
     wanted: HashSet<Shape>,
+    /// Clones to keep ready of an image's sandboxes (`--warm vm:IMAGE=N`, pools), by the
+    /// image's name: its template is built ahead of its first create.
+    warm: std::collections::BTreeMap<String, usize>,
+    /// The shape each warm image's sandboxes get (its disk found by the refill).
+    warm_shapes: HashMap<String, Shape>,
     pool: Vec<Clone>,
     seq: u64,
 }
@@ -107,7 +112,10 @@ impl Templates {
             pool_dir: config.dir.join(POOL_DIR),
             enabled: config.vm.vm.templates,
             target: config.vm.vm.pool,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                warm: config.warm.iter().cloned().collect(),
+                ..State::default()
+            }),
             refill: Arc::new(tokio::sync::Notify::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
         }
@@ -124,15 +132,70 @@ impl Templates {
         self.lock().pool.len()
     }
 
-    /// For `warren info`: "templates off", or the clones ready and what the pool keeps.
+    /// For `warren info`: "templates off", or the clones ready and what the pool keeps
+    /// (then "; warm: busybox 1/2 ready, ..." for images kept warm).
     pub fn summary(&self) -> String {
         if !self.enabled {
             return "templates off".to_string();
         }
+        let summary = {
+            let state = self.lock();
+            pool_summary(state.pool.len(), self.target, state.wanted.len())
+        };
+        let warm: Vec<String> = self
+            .warm()
+            .into_iter()
+            .map(|(image, ready, target)| format!("{image} {ready}/{target} ready"))
+            .collect();
+        if warm.is_empty() {
+            summary
+        } else {
+            format!("{summary}; warm: {}", warm.join(", "))
+        }
+    }
+
+    /// Sets how many clones of `image`'s sandboxes to keep ready (0: none).
+    pub(crate) fn set_warm(&self, image: &str, count: usize) -> Result<(), BackendError> {
+        if !self.enabled {
+            return Err(BackendError::Invalid(format!(
+                "warm {image}: the vm backend's templates are off (vm.templates in its config)"
+            )));
+        }
+        if count > MAX_WARM {
+            return Err(BackendError::Invalid(format!(
+                "warm {image}: {count} clones is more than {MAX_WARM}"
+            )));
+        }
+        {
+            let mut state = self.lock();
+            if count == 0 {
+                state.warm.remove(image);
+            } else {
+                state.warm.insert(image.to_string(), count);
+            }
+        }
+        self.refill.notify_one();
+        Ok(())
+    }
+
+    /// Warm images: (image, clones of its sandboxes ready, target).
+    pub(crate) fn warm(&self) -> Vec<(String, usize, usize)> {
         let state = self.lock();
-        pool_summary(state.pool.len(), self.target, state.wanted.len())
+        state
+            .warm
+            .iter()
+            .map(|(image, &target)| {
+                let ready = state.warm_shapes.get(image).map_or(0, |shape| {
+                    state.pool.iter().filter(|c| c.shape == *shape).count()
+                });
+                (image.clone(), ready, target)
+            })
+            .collect()
     }
 }
+
+/// Most clones kept warm for one image.
+const MAX_WARM: usize = 100;
 
 /// The pool's part of the vm backend's `warren info` detail.
 fn pool_summary(ready: usize, kept: usize, shapes: usize) -> String {
@@ -642,7 +705,8 @@ pub(crate) fn clean_pool(inner: &Inner) {
 /// Starts the task that keeps the pool full.
 pub(crate) fn start_refill(inner: &Arc<Inner>) {
     let t = &inner.templates;
-    if !t.enabled || t.target == 0 {
+    // Also without a pool (`pool = 0`): images kept warm are filled by the same loop.
+    if !t.enabled {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -682,17 +746,100 @@ async fn end_pool_on_stop(weak: Weak<Inner>) {
     }
 }
 
-/// Keeps `pool` clones ready for every shape used since start whose template exists; sleeps
-/// until a clone is taken or a template is built (or 5 s). Ends with the backend.
-async fn refill_loop(weak: Weak<Inner>) {
-    loop {
-        let Some(inner) = weak.upgrade() else { return };
-        let wanted: Vec<Shape> = inner.templates.lock().wanted.iter().cloned().collect();
-        for shape in wanted {
-            let template = template_dir(&inner, &shape);
-            if !ready(&template) {
+/// What the pool keeps: `pool` clones of every shape used since start, and for each warm
+/// image its count of clones of its sandboxes' shape (whose template is built first). Shapes
+/// without a template yet are left out.
+fn refill_targets(inner: &Arc<Inner>, reported: &mut HashSet<String>) -> HashMap<Shape, usize> {
+    let t = &inner.templates;
+    let (wanted, warm) = {
+        let state = t.lock();
+        (state.wanted.clone(), state.warm.clone())
+    };
+    let mut targets: HashMap<Shape, usize> = wanted.into_iter().map(|s| (s, t.target)).collect();
+    for (image, count) in warm {
+        let shape = match warm_shape(inner, &image) {
+            Ok(shape) => shape,
+            Err(e) => {
+                if reported.insert(image.clone()) {
+                    warn!(%image, "vm: warm clones wait for their image: {}", warren_runtime::error_chain(&e));
+                }
                 continue;
             }
+        };
+        t.lock().warm_shapes.insert(image, shape.clone());
+        let target = targets.entry(shape).or_insert(0);
+        *target = (*target).max(count);
+    }
+    targets.retain(|shape, _| {
+        let built = ready(&template_dir(inner, shape));
+        if !built && t.lock().warm_shapes.values().any(|s| s == shape) {
+            spawn_build(inner, shape);
+        }
+        built
+    });
+    targets
+}
+
+/// The shape of `image`'s sandboxes at the config's size: its disk made if need be.
+fn warm_shape(inner: &Inner, image: &str) -> Result<Shape, BackendError> {
+    let images = inner.config.images.as_ref().ok_or_else(|| {
+        BackendError::Invalid(format!("warm {image}: this server has no image store"))
+    })?;
+    let cache = inner.config.dir.join(crate::backend::IMAGES_DIR);
+    let (disk, _) = crate::image::root_disk(images, &cache, image)?;
+    let h = &inner.config.vm.hypervisor;
+    Ok(Shape {
+        vcpus: h.vcpus,
+        memory_mb: h.memory_in_mb,
+        root_disk: Some(disk),
+    })
+}
+
+/// Ends pooled clones beyond their shape's target (a warm image's count lowered or set to 0).
+async fn trim_pool(inner: &Inner, targets: &HashMap<Shape, usize>) {
+    let surplus: Vec<Clone> = {
+        let mut state = inner.templates.lock();
+        let mut kept: HashMap<Shape, usize> = HashMap::new();
+        let wanted = state.wanted.clone();
+        let (keep, surplus): (Vec<Clone>, Vec<Clone>) =
+            std::mem::take(&mut state.pool).into_iter().partition(|c| {
+                let n = kept.entry(c.shape.clone()).or_insert(0);
+                *n += 1;
+                // A used shape whose template went missing keeps its clones.
+                *n <= targets
+                    .get(&c.shape)
+                    .copied()
+                    .unwrap_or(if wanted.contains(&c.shape) {
+                        inner.templates.target
+                    } else {
+                        0
+                    })
+            });
+        state.pool = keep;
+        surplus
+    };
+    for mut clone in surplus {
+        debug!(dir = %clone.dir.display(), "vm: ending a pool clone beyond its target");
+        clone
+            .booted
+            .qemu
+            .kill_and_wait(Duration::from_secs(5))
+            .await;
+        let _ = std::fs::remove_dir_all(&clone.dir);
+    }
+}
+
+/// Keeps the pool at its targets ([`refill_targets`]), ending clones beyond them; sleeps
+/// until a clone is taken, a target changes or a template is built (or 5 s). Ends with the
+/// backend.
+async fn refill_loop(weak: Weak<Inner>) {
+    let mut reported = HashSet::new();
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let targets = refill_targets(&inner, &mut reported);
+        trim_pool(&inner, &targets).await;
+        for (shape, target) in targets {
+            let template = template_dir(&inner, &shape);
             loop {
                 let (count, n) = {
                     let mut state = inner.templates.lock();
@@ -702,7 +849,7 @@ async fn refill_loop(weak: Weak<Inner>) {
                         state.seq,
                     )
                 };
-                if count >= inner.templates.target
+                if count >= target
                     || inner
                         .templates
                         .stopped

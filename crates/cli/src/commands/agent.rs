@@ -99,7 +99,13 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let warm = args
         .warm
         .iter()
-        .map(|w| super::server::parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
+        .map(|w| match super::server::parse_warm(w) {
+            Ok((warren_spec::BackendKind::Linux, image, n)) => Ok((image, n)),
+            Ok(_) => Err(usage(format!(
+                "--warm {w:?}: an agent runs no vm backend (only linux keeps warm sandboxes here)"
+            ))),
+            Err(e) => Err(usage(format!("--warm {w:?}: {e}"))),
+        })
         .collect::<anyhow::Result<_>>()?;
     warren_linux::egress::parse_range(&args.linux_egress_cidr)
         .map_err(|e| usage(format!("--linux-egress-cidr: {e}")))?;

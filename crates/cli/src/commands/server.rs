@@ -10,6 +10,7 @@ use tracing::info;
 use warren_control::store::StoreUrl;
 use warren_control::{Address, Server, ServerConfig, StoreConfig, WasmConfig};
 use warren_runtime::SlotCapacity;
+use warren_spec::BackendKind;
 
 use super::{Globals, usage};
 
@@ -69,10 +70,11 @@ pub struct Args {
     /// Default time between SIGTERM and SIGKILL when deleting, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// Keep N pre-created containers of an image ready, so a create from the pool only
-    /// sets the workload's settings and execs it: linux:IMAGE=N (repeatable). Sandboxes with
-    /// --mapdir start cold.
-    #[arg(long, value_name = "linux:IMAGE=N")]
+    /// Keep N sandboxes of an image ready (repeatable): linux:IMAGE=N pre-created
+    /// containers, so a create from the pool only sets the workload's settings and execs it
+    /// (sandboxes with --mapdir start cold); vm:IMAGE=N restored clones of the image's
+    /// template, built at start (needs vm.templates).
+    #[arg(long, value_name = "linux|vm:IMAGE=N")]
     warm: Vec<String>,
     /// Parent cgroup of the linux backend's sandboxes (in every v1 hierarchy, or under the
     /// v2 root).
@@ -134,14 +136,19 @@ pub struct Args {
     leader_ttl: Duration,
 }
 
-/// `linux:IMAGE=N`: the backend (only linux has warm shells), the image name, the count.
-pub(super) fn parse_warm(s: &str) -> Result<(String, usize), String> {
+/// `linux:IMAGE=N` or `vm:IMAGE=N`: the backend (linux keeps warm shells, vm clones of the
+/// image's template), the image name, the count.
+pub(super) fn parse_warm(s: &str) -> Result<(BackendKind, String, usize), String> {
     let (backend, rest) = s.split_once(':').ok_or("expected linux:IMAGE=N")?;
-    if backend != "linux" {
-        return Err(format!(
-            "backend {backend:?} keeps no warm pool (only linux does)"
-        ));
-    }
+    let kind = match backend {
+        "linux" => BackendKind::Linux,
+        "vm" => BackendKind::Vm,
+        _ => {
+            return Err(format!(
+                "backend {backend:?} keeps no warm pool (linux and vm do)"
+            ));
+        }
+    };
     let (image, count) = rest.rsplit_once('=').ok_or("expected linux:IMAGE=N")?;
     if image.is_empty() {
         return Err("the image is empty".into());
@@ -150,9 +157,9 @@ pub(super) fn parse_warm(s: &str) -> Result<(String, usize), String> {
         .parse()
         .map_err(|_| format!("{count:?} is not a count"))?;
     if count > 1000 {
-        return Err(format!("{count} warm shells is more than 1000"));
+        return Err(format!("{count} warm sandboxes is more than 1000"));
     }
-    Ok((image.to_string(), count))
+    Ok((kind, image.to_string(), count))
 }
 
 pub(super) fn hostname() -> String {
@@ -163,7 +170,20 @@ pub(super) fn hostname() -> String {
         .unwrap_or_else(|| "local".to_string())
 }
 
+/// The `--warm` entries of one backend.
+fn warm_of(kind: BackendKind, warm: &[(BackendKind, String, usize)]) -> Vec<(String, usize)> {
+    warm.iter()
+        .filter(|(k, ..)| *k == kind)
+        .map(|(_, image, n)| (image.clone(), *n))
+        .collect()
+}
+
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    let warm: Vec<(BackendKind, String, usize)> = args
+        .warm
+        .iter()
+        .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
+        .collect::<anyhow::Result<_>>()?;
     let store = match args.store.as_deref() {
         None => StoreUrl::default(),
         Some(s) => s
@@ -252,11 +272,8 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         },
         default_grace: args.grace,
         linux_supervisor: warren_control::LinuxConfig::default_supervisor(),
-        linux_warm: args
-            .warm
-            .iter()
-            .map(|w| parse_warm(w).map_err(|e| usage(format!("--warm {w:?}: {e}"))))
-            .collect::<anyhow::Result<_>>()?,
+        linux_warm: warm_of(BackendKind::Linux, &warm),
+        vm_warm: warm_of(BackendKind::Vm, &warm),
         cgroup_parent: args.cgroup_parent,
         criu: args.criu,
         linux_egress_range: args.linux_egress_cidr,

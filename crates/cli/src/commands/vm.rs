@@ -94,6 +94,7 @@ pub async fn run(args: Args, _g: &Globals) -> anyhow::Result<ExitCode> {
             cgroup_parent: "warren".into(),
             log_max_bytes: None,
             default_stop_grace: std::time::Duration::from_secs(10),
+            warm: Vec::new(),
         },
         events,
     )?;
