@@ -742,6 +742,62 @@ fn a_warm_image_is_a_clone_from_its_first_create() {
     vm.ok(&["rm", "first"]);
 }
 
+/// A pool of vm sandboxes (`warren pool create -b vm`): clones of its image's template are
+/// kept ready on the server's own node, a create from it is a hit, and removing the pool
+/// ends its clones.
+#[test]
+fn a_pool_of_vm_sandboxes() {
+    let vm = vm_or_skip!("templates = true\npool = 0");
+    let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
+    vm.ok(&["image", "import", layout.to_str().unwrap()]);
+    assert_eq!(
+        vm.ok(&[
+            "pool",
+            "create",
+            "vms",
+            "-b",
+            "vm",
+            "--image",
+            "busybox",
+            "--buffer-min",
+            "1"
+        ]),
+        "pool vms created\n"
+    );
+    let status = |vm: &Vm| json(&vm.ok(&["pool", "get", "vms", "-o", "json"]))["status"].clone();
+    vm.poll(Duration::from_secs(120), Duration::from_millis(200), || {
+        let s = status(&vm);
+        if s["ready"] == 1 {
+            Ok(())
+        } else {
+            Err(format!("the pool is not ready: {s}"))
+        }
+    });
+    let out = vm.warren(&[
+        "run",
+        "--pool",
+        "vms",
+        "--name",
+        "hit",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "grep -c nobody /etc/passwd || true",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1\n", "the pool's image is the root");
+    let got = vm.get("hit");
+    assert_eq!(got["spec"]["backend"], "vm", "{got}");
+    assert_eq!(got["status"]["backendInfo"]["warm"], "true", "{got}");
+    assert_eq!(got["status"]["backendInfo"]["clone_from"], "pool", "{got}");
+    assert_eq!(status(&vm)["hits"], 1);
+    vm.ok(&["rm", "hit"]);
+    assert_eq!(vm.ok(&["pool", "rm", "vms"]), "pool vms deleted\n");
+    let info = vm.wait_info("pool: 0 clone(s) ready", Duration::from_secs(30));
+    assert!(!info.contains("warm:"), "{info}");
+}
+
 /// `warren vm template build` ahead of the first create, for the size `-m` gives (as `run`
 /// takes it): the first create of that size is a clone; another size still boots cold.
 #[test]

@@ -530,6 +530,8 @@ impl Backend for VmBackend {
                 let from = if started.pooled { "pool" } else { "restore" };
                 sb.info.insert("clone_from".into(), from.into());
             }
+            // As the linux backend says it: pools count a hand-out as a hit.
+            sb.info.insert("warm".into(), started.pooled.to_string());
         }
         tokio::spawn(crate::monitor::run(crate::monitor::Watch {
             inner,

@@ -53,7 +53,7 @@ struct CreateArgs {
     /// The image every sandbox of the pool runs.
     #[arg(long, short = 'i')]
     image: String,
-    /// Backend of its sandboxes (pre-warmed sandboxes exist for linux).
+    /// Backend of its sandboxes: linux (warm shells) or vm (clones of the image's template).
     #[arg(long, short = 'b', default_value = "linux")]
     backend: String,
     /// Sandboxes the pool always holds, in use or pre-warmed.

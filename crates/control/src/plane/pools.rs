@@ -42,7 +42,7 @@ fn linux() -> BackendKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolSpec {
-    /// Backend of its sandboxes: the one with pre-warmed sandboxes, linux.
+    /// Backend of its sandboxes: one with pre-warmed sandboxes, linux (the default) or vm.
     #[serde(default = "linux")]
     pub backend: BackendKind,
     pub image: String,
@@ -75,9 +75,9 @@ impl PoolSpec {
     /// Every problem, naming the field and its value.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
-        if self.backend != BackendKind::Linux {
+        if !matches!(self.backend, BackendKind::Linux | BackendKind::Vm) {
             errors.push(format!(
-                "spec.backend: {:?} keeps no pre-warmed sandboxes (pools need linux)",
+                "spec.backend: {:?} keeps no pre-warmed sandboxes (pools need linux or vm)",
                 self.backend.as_str()
             ));
         }
