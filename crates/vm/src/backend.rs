@@ -122,6 +122,10 @@ impl VmBackend {
         }
         let cgroups = warren_linux::cgroup::CgroupLayout::detect().ok();
         let templates = crate::template::Templates::new(&config);
+        // `--warm vm:...` that cannot work stops the server with the reason.
+        for (image, count) in &config.warm {
+            templates.set_warm(image, *count)?;
+        }
         let backend = VmBackend {
             inner: Arc::new(Inner {
                 config,

@@ -112,10 +112,7 @@ impl Templates {
             pool_dir: config.dir.join(POOL_DIR),
             enabled: config.vm.vm.templates,
             target: config.vm.vm.pool,
-            state: Mutex::new(State {
-                warm: config.warm.iter().cloned().collect(),
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
             refill: Arc::new(tokio::sync::Notify::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
         }
@@ -916,5 +913,47 @@ mod tests {
             parse_pool_summary("pool: x clone(s) ready, 2 kept per shape"),
             None
         );
+    }
+
+    fn templates(on: bool) -> Templates {
+        let mut vm = crate::config::VmConfig::default();
+        vm.vm.templates = on;
+        vm.vm.pool = 2;
+        Templates::new(&VmBackendConfig {
+            dir: PathBuf::from("/nonexistent/vm"),
+            vm,
+            config_error: None,
+            images: None,
+            cgroup_parent: "warren-test".into(),
+            log_max_bytes: None,
+            default_stop_grace: Duration::from_secs(1),
+            warm: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn warm_targets_are_set_listed_and_refused_with_reasons() {
+        let err = templates(false).set_warm("busybox", 1).unwrap_err();
+        assert!(err.to_string().contains("vm.templates"), "{err}");
+        let t = templates(true);
+        let err = t.set_warm("busybox", MAX_WARM + 1).unwrap_err();
+        assert!(err.to_string().contains("more than 100"), "{err}");
+        t.set_warm("busybox", 2).unwrap();
+        t.set_warm("alpine", 1).unwrap();
+        // Nothing is ready before the refill has found the images and filled the pool.
+        assert_eq!(
+            t.warm(),
+            vec![("alpine".into(), 0, 1), ("busybox".into(), 0, 2)]
+        );
+        assert!(
+            t.summary().ends_with(
+                "2 kept per shape, 0 shape(s) in use; warm: alpine 0/1 ready, busybox 0/2 ready"
+            ),
+            "{}",
+            t.summary()
+        );
+        assert_eq!(parse_pool_summary(&t.summary()), Some((0, 2)));
+        t.set_warm("alpine", 0).unwrap();
+        assert_eq!(t.warm(), vec![("busybox".into(), 0, 2)]);
     }
 }
