@@ -159,6 +159,18 @@ impl Vm {
         json(&self.ok(&["get", name, "-o", "json"]))
     }
 
+    /// `warren run --name NAME FLAGS... --wait` of a command that tells busybox's image from
+    /// the initramfs; checks it ran in the image, and returns the sandbox.
+    fn run_in_busybox(&self, name: &str, flags: &[&str]) -> serde_json::Value {
+        let mut args = vec!["run", "--name", name];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--wait", "--", "sh", "-c", NOBODY]);
+        let out = self.warren(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "1\n", "busybox's image is the root of {name}");
+        self.get(name)
+    }
+
     /// Calls `attempt` every `pause` until it gives `Ok`, for `patience`; then fails with the
     /// last `Err` and the server's log.
     fn poll<T>(
@@ -639,17 +651,18 @@ fn an_image_is_the_root_of_its_vm() {
     assert!(info.contains("templates off"), "{info}");
 }
 
+/// Prints 1 in busybox's image (its passwd has a nobody line), 0 in the initramfs.
+const NOBODY: &str = "grep -c nobody /etc/passwd || true";
+
 #[test]
 fn image_sandboxes_clone_from_a_template_of_their_image() {
     let vm = vm_or_skip!("templates = true\npool = 1");
     let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
     vm.ok(&["image", "import", layout.to_str().unwrap()]);
-    // The image's passwd has a nobody line; the initramfs's has none.
-    let nobody = "grep -c nobody /etc/passwd || true";
     // The first create of the image boots cold and builds its template behind it.
     let (_, out) = vm.run_until(
         "probe",
-        &["-i", "busybox", "--wait", "--", "sh", "-c", nobody],
+        &["-i", "busybox", "--wait", "--", "sh", "-c", NOBODY],
         |got| got["status"]["backendInfo"]["boot"] == "clone",
         "a clone of the image",
         Duration::from_secs(120),
@@ -685,11 +698,11 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
         stdout(&seen)
     );
     for name in ["a", "b"] {
-        assert_eq!(vm.ok(&["exec", name, "--", "sh", "-c", nobody]), "1\n");
+        assert_eq!(vm.ok(&["exec", name, "--", "sh", "-c", NOBODY]), "1\n");
     }
     // A sandbox of the same size without the image is not one of its clones.
     let out = vm.warren(&[
-        "run", "-b", "vm", "--name", "plain", "--wait", "--", "sh", "-c", nobody,
+        "run", "-b", "vm", "--name", "plain", "--wait", "--", "sh", "-c", NOBODY,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "0\n");
@@ -718,23 +731,7 @@ fn a_warm_image_is_a_clone_from_its_first_create() {
         info.contains("pool: 1 clone(s) ready, 0 kept per shape"),
         "{info}"
     );
-    let out = vm.warren(&[
-        "run",
-        "-b",
-        "vm",
-        "-i",
-        "busybox",
-        "--name",
-        "first",
-        "--wait",
-        "--",
-        "sh",
-        "-c",
-        "grep -c nobody /etc/passwd || true",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "1\n", "the image is its root");
-    let got = vm.get("first");
+    let got = vm.run_in_busybox("first", &["-b", "vm", "-i", "busybox"]);
     assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
     assert_eq!(got["status"]["backendInfo"]["clone_from"], "pool", "{got}");
     // And the pool is refilled for the next.
@@ -773,21 +770,7 @@ fn a_pool_of_vm_sandboxes() {
             Err(format!("the pool is not ready: {s}"))
         }
     });
-    let out = vm.warren(&[
-        "run",
-        "--pool",
-        "vms",
-        "--name",
-        "hit",
-        "--wait",
-        "--",
-        "sh",
-        "-c",
-        "grep -c nobody /etc/passwd || true",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "1\n", "the pool's image is the root");
-    let got = vm.get("hit");
+    let got = vm.run_in_busybox("hit", &["--pool", "vms"]);
     assert_eq!(got["spec"]["backend"], "vm", "{got}");
     assert_eq!(got["status"]["backendInfo"]["warm"], "true", "{got}");
     assert_eq!(got["status"]["backendInfo"]["clone_from"], "pool", "{got}");
@@ -805,15 +788,18 @@ fn a_template_built_ahead_makes_the_first_create_a_clone() {
     let vm = vm_or_skip!("templates = true\npool = 1");
     let config = vm.config_dir.path().join("vm.toml");
     let config = config.to_str().unwrap();
-    let bad = vm.warren(&[
-        "vm",
-        "template",
-        "build",
-        "--vm-config",
-        config,
-        "-m",
-        "lots",
-    ]);
+    let build = |memory: &str| {
+        vm.warren(&[
+            "vm",
+            "template",
+            "build",
+            "--vm-config",
+            config,
+            "-m",
+            memory,
+        ])
+    };
+    let bad = build("lots");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(
         stderr(&bad).contains("--memory \"lots\""),
@@ -821,15 +807,7 @@ fn a_template_built_ahead_makes_the_first_create_a_clone() {
         stderr(&bad)
     );
 
-    let out = vm.warren(&[
-        "vm",
-        "template",
-        "build",
-        "--vm-config",
-        config,
-        "-m",
-        "256Mi",
-    ]);
+    let out = build("256Mi");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let built = stdout(&out);
     let dir = built

@@ -105,6 +105,14 @@ struct Clone {
     booted: Booted,
 }
 
+impl Clone {
+    /// Kills its qemu and removes its directory.
+    async fn end(mut self) {
+        self.booted.qemu.kill_and_wait(Duration::from_secs(5)).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Templates {
     pub(crate) fn new(config: &VmBackendConfig) -> Templates {
         Templates {
@@ -579,16 +587,11 @@ pub(crate) async fn take(inner: &Arc<Inner>, shape: &Shape, dir: &Path) -> Optio
         (c, alive)
     });
     match pooled {
-        Some((mut clone, true)) => {
+        Some((clone, true)) => {
             if let Err(e) = std::fs::rename(&clone.dir, dir) {
                 t.refill.notify_one();
                 warn!("vm: move a pool clone to {}: {e}", dir.display());
-                clone
-                    .booted
-                    .qemu
-                    .kill_and_wait(Duration::from_secs(5))
-                    .await;
-                let _ = std::fs::remove_dir_all(&clone.dir);
+                clone.end().await;
                 return None;
             }
             let _ = std::fs::remove_file(dir.join(POOL_STATE));
@@ -815,14 +818,9 @@ async fn trim_pool(inner: &Inner, targets: &HashMap<Shape, usize>) {
         state.pool = keep;
         surplus
     };
-    for mut clone in surplus {
+    for clone in surplus {
         debug!(dir = %clone.dir.display(), "vm: ending a pool clone beyond its target");
-        clone
-            .booted
-            .qemu
-            .kill_and_wait(Duration::from_secs(5))
-            .await;
-        let _ = std::fs::remove_dir_all(&clone.dir);
+        clone.end().await;
     }
 }
 
