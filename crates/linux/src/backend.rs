@@ -33,7 +33,7 @@ mod warm;
 
 use pty::*;
 use spec::*;
-pub use warm::parse_warm_summary;
+pub use warm::WARM_LABEL;
 use warm::*;
 
 /// The reason a sandbox failed when the kernel OOM-killed it.
@@ -939,7 +939,7 @@ impl Backend for LinuxBackend {
 
     fn describe(&self) -> Option<String> {
         let pools = self.warm_state();
-        (!pools.is_empty()).then(|| warm::warm_summary(&pools))
+        (!pools.is_empty()).then(|| format!("{WARM_LABEL}{}", warren_runtime::format_warm(&pools)))
     }
 
     async fn checkpoint(
@@ -1028,24 +1028,5 @@ mod tests {
         config::write_json(dir.path(), config::EXIT_FILE, &exit(5, false, false))
             .expect("write exit.json");
         assert_eq!(exit_status(dir.path()), BackendStatus::Exited { code: 5 });
-    }
-
-    #[test]
-    fn the_warm_summary_reads_back_per_image() {
-        let detail = warm::warm_summary(&[
-            ("busybox".into(), 3, 4),
-            ("registry.local:5000/app:v1".into(), 0, 2),
-        ]);
-        assert_eq!(
-            detail,
-            "warm shells: busybox 3/4 ready, registry.local:5000/app:v1 0/2 ready"
-        );
-        assert_eq!(parse_warm_summary(&detail, "busybox"), Some((3, 4)));
-        assert_eq!(
-            parse_warm_summary(&detail, "registry.local:5000/app:v1"),
-            Some((0, 2))
-        );
-        assert_eq!(parse_warm_summary(&detail, "alpine"), None);
-        assert_eq!(parse_warm_summary("", "busybox"), None);
     }
 }

@@ -303,6 +303,29 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 }
 
+/// Pre-warmed sandboxes as a backend's `warren info` detail lists them, after its own
+/// label: "busybox 3/4 ready, alpine 0/2 ready" (image as named in `--warm` or the pool;
+/// ready of target). [`parse_warm`] reads it back.
+pub fn format_warm(pools: &[(String, usize, usize)]) -> String {
+    let pools: Vec<String> = pools
+        .iter()
+        .map(|(image, ready, target)| format!("{image} {ready}/{target} ready"))
+        .collect();
+    pools.join(", ")
+}
+
+/// `(ready, target)` of `image` from a detail whose [`format_warm`] list follows `label`
+/// (the linux backend's "warm shells: ", the vm backend's "warm: "), for clients that wait
+/// for a pool (`warren bench run`); `None` when the image has none.
+pub fn parse_warm(detail: &str, label: &str, image: &str) -> Option<(usize, usize)> {
+    let (_, pools) = detail.split_once(label)?;
+    pools.split(", ").find_map(|pool| {
+        let (name, rest) = pool.split_once(' ')?;
+        let (ready, target) = rest.strip_suffix(" ready")?.split_once('/')?;
+        (name == image).then_some((ready.parse().ok()?, target.parse().ok()?))
+    })
+}
+
 /// Names of the sandbox directories directly under `dir`: every subdirectory except hidden
 /// ones and those in `skip` (a backend's own, such as its cache), sorted. Backends keep one directory
 /// per sandbox, named by its id, so this is what [`Backend::list`] reports.
@@ -362,5 +385,31 @@ impl fmt::Debug for ExecProcess {
         f.debug_struct("ExecProcess")
             .field("tty", &self.resize.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{format_warm, parse_warm};
+
+    #[test]
+    fn a_warm_list_reads_back_per_image() {
+        let list = format_warm(&[
+            ("busybox".into(), 3, 4),
+            ("registry.local:5000/app:v1".into(), 0, 2),
+        ]);
+        assert_eq!(
+            list,
+            "busybox 3/4 ready, registry.local:5000/app:v1 0/2 ready"
+        );
+        let detail = format!("templates on; warm: {list}");
+        assert_eq!(parse_warm(&detail, "warm: ", "busybox"), Some((3, 4)));
+        assert_eq!(
+            parse_warm(&detail, "warm: ", "registry.local:5000/app:v1"),
+            Some((0, 2))
+        );
+        assert_eq!(parse_warm(&detail, "warm: ", "alpine"), None);
+        assert_eq!(parse_warm(&detail, "warm shells: ", "busybox"), None);
+        assert_eq!(parse_warm("", "warm: ", "busybox"), None);
     }
 }

@@ -147,15 +147,14 @@ impl Templates {
             let state = self.lock();
             pool_summary(state.pool.len(), self.target, state.wanted.len())
         };
-        let warm: Vec<String> = self
-            .warm()
-            .into_iter()
-            .map(|(image, ready, target)| format!("{image} {ready}/{target} ready"))
-            .collect();
+        let warm = self.warm();
         if warm.is_empty() {
             summary
         } else {
-            format!("{summary}; warm: {}", warm.join(", "))
+            format!(
+                "{summary}; {WARM_LABEL}{}",
+                warren_runtime::format_warm(&warm)
+            )
         }
     }
 
@@ -201,6 +200,10 @@ impl Templates {
 
 /// Most clones kept warm for one image.
 const MAX_WARM: usize = 100;
+
+/// What the vm backend's `warren info` detail puts before its images kept warm, then
+/// [`warren_runtime::format_warm`]'s list: "...; warm: busybox 1/2 ready".
+pub const WARM_LABEL: &str = "warm: ";
 
 /// The pool's part of the vm backend's `warren info` detail.
 fn pool_summary(ready: usize, kept: usize, shapes: usize) -> String {

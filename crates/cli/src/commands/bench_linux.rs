@@ -536,7 +536,7 @@ async fn warm_pool(c: &mut Client, image: &str) -> Option<(usize, usize)> {
         .ok()?
         .into_inner();
     let linux = info.backends.into_iter().find(|b| b.name == "linux")?;
-    warren_linux::parse_warm_summary(&linux.detail, image)
+    warren_runtime::parse_warm(&linux.detail, warren_linux::WARM_LABEL, image)
 }
 
 /// Waits (30 s at most) until the pool of `image` is full, then 100 ms more; false when it

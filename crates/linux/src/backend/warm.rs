@@ -77,27 +77,9 @@ impl LinuxBackend {
     }
 }
 
-/// The warm pools' part of the linux backend's `warren info` detail, e.g. "warm shells:
-/// busybox 3/4 ready, alpine 0/2 ready" (image as named in `--warm` or the pool; ready of
-/// target).
-pub(super) fn warm_summary(pools: &[(String, usize, usize)]) -> String {
-    let pools: Vec<String> = pools
-        .iter()
-        .map(|(image, ready, target)| format!("{image} {ready}/{target} ready"))
-        .collect();
-    format!("warm shells: {}", pools.join(", "))
-}
-
-/// `(ready, target)` of `image`'s warm pool from a linux backend's `warren info` detail, for
-/// clients that wait for the pool (`warren bench run -b linux`); `None` when it has none.
-pub fn parse_warm_summary(detail: &str, image: &str) -> Option<(usize, usize)> {
-    let (_, pools) = detail.split_once("warm shells: ")?;
-    pools.split(", ").find_map(|pool| {
-        let (name, rest) = pool.split_once(' ')?;
-        let (ready, target) = rest.strip_suffix(" ready")?.split_once('/')?;
-        (name == image).then_some((ready.parse().ok()?, target.parse().ok()?))
-    })
-}
+/// What the linux backend's `warren info` detail starts its warm pools with, before
+/// [`warren_runtime::format_warm`]'s list: "warm shells: busybox 3/4 ready".
+pub const WARM_LABEL: &str = "warm shells: ";
 
 impl Inner {
     /// A ready warm shell of this image, if there is one.
