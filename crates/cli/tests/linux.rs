@@ -688,6 +688,81 @@ fn bench_times_warm_hand_outs_apart() {
     assert!(text.contains("warm ready p50"), "{text}");
 }
 
+/// A warm shell whose supervisor was killed (by hand, by the OOM killer) is never handed
+/// out: a create still runs, `warren info` stops counting the dead shells, and the pool
+/// replaces them and removes what they left (processes, cgroups, bundles).
+#[test]
+fn dead_warm_shells_are_replaced_not_handed_out() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start_with(&["--warm", "linux:busybox=2"]);
+    wait_warm(&l, 2);
+    let warm = l.server.state_dir().join("linux/.warm");
+    let mut killed = Vec::new();
+    let mut cgroups = Vec::new();
+    let mut bundles = Vec::new();
+    for e in std::fs::read_dir(&warm).unwrap().flatten() {
+        let state = json(&std::fs::read_to_string(e.path().join("state.json")).unwrap());
+        let supervisor = state["supervisorPid"].as_i64().unwrap() as i32;
+        // Only the supervisor: its workload is left for the clean-up to find.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(supervisor),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        killed.push(supervisor);
+        killed.push(state["pid"].as_i64().unwrap() as i32);
+        cgroups.push(state["cgroup"].as_str().unwrap().to_string());
+        bundles.push(e.path());
+    }
+    assert_eq!(cgroups.len(), 2, "two warm shells");
+
+    let out = l.run("after", &["--wait"], &["echo", "still works"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "still works\n");
+    assert!(
+        !cgroups.contains(&cgroup_of(&l, "after")),
+        "a killed shell was handed out"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = l.ok(&["info"]);
+        let fresh = warm_pids(&l);
+        if info.contains("warm shells: busybox 2/2 ready")
+            && fresh.len() == 4
+            && !fresh.iter().any(|p| killed.contains(p))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not replace its dead shells: {info}\n{}",
+            l.server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_gone(&killed, "the killed shells' processes");
+    let left: Vec<String> = l
+        .leftover_cgroups()
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().map(String::from))
+        .collect();
+    for cgroup in &cgroups {
+        assert!(!left.contains(cgroup), "{cgroup} left behind: {left:?}");
+    }
+    for bundle in &bundles {
+        assert!(!bundle.exists(), "{} left behind", bundle.display());
+    }
+    assert!(
+        l.server.log().contains("supervisor had ended"),
+        "the server says why: {}",
+        l.server.log()
+    );
+}
+
 #[test]
 fn warm_pool_serves_creates_with_their_own_settings() {
     if let Some(reason) = skip_reason() {

@@ -554,20 +554,32 @@ impl Backend for LinuxBackend {
         };
         let bundle = self.bundle(id);
         // A warm shell's stdin is set when it is made: input needs a cold start.
-        let shell = if container.mounts.is_empty() && stdin.is_none() {
+        let (shell, dead) = if container.mounts.is_empty() && stdin.is_none() {
             inner.take_shell(&image_id)
         } else {
-            None
+            (None, Vec::new())
         };
-        let warm = shell.is_some();
-        let started = match shell {
+        end_dead_shells(&inner, dead);
+        let claimed = match shell {
             Some(shell) => {
                 let claimed = claim(&inner, shell, &bundle, &container).await;
                 // Refilled after the hand-out, not during it: a new shell's supervisor start
                 // competed with the claim for the CPUs.
                 inner.refill.notify_one();
-                claimed?
+                match claimed {
+                    Ok(started) => Some(started),
+                    Err(ClaimError::Gone(e)) => {
+                        warn!(id, error = %e, "linux: the warm shell was gone at its claim; starting cold");
+                        None
+                    }
+                    Err(ClaimError::Failed(e)) => return Err(e),
+                }
             }
+            None => None,
+        };
+        let warm = claimed.is_some();
+        let started = match claimed {
+            Some(started) => started,
             None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
         };
         if let Some(sb) = inner.lock().get_mut(id) {

@@ -15,6 +15,13 @@ pub(super) struct Shell {
     image_id: String,
 }
 
+impl Shell {
+    /// Whether its supervisor still waits for a claim (reaped here if it has ended).
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
 /// Most warm shells of one image.
 const MAX_WARM: usize = 1000;
 
@@ -82,24 +89,45 @@ impl LinuxBackend {
 pub const WARM_LABEL: &str = "warm shells: ";
 
 impl Inner {
-    /// A ready warm shell of this image, if there is one.
-    pub(super) fn take_shell(&self, image_id: &str) -> Option<Shell> {
+    /// A ready warm shell of this image, if there is one, and the shells found dead on the
+    /// way, for the caller to [`end_shell`].
+    pub(super) fn take_shell(&self, image_id: &str) -> (Option<Shell>, Vec<Shell>) {
         let mut shells = self
             .shells
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = shells.iter().position(|s| s.image_id == image_id)?;
-        // The caller wakes the refill once it is done with the shell (a hand-out's claim
-        // should not share the CPUs with a new shell's start).
-        Some(shells.swap_remove(i))
+        let mut dead = Vec::new();
+        while let Some(i) = shells.iter().position(|s| s.image_id == image_id) {
+            let mut shell = shells.swap_remove(i);
+            if shell.alive() {
+                // The caller wakes the refill once it is done with the shell (a hand-out's
+                // claim should not share the CPUs with a new shell's start).
+                return (Some(shell), dead);
+            }
+            dead.push(shell);
+        }
+        (None, dead)
     }
 
+    /// Takes the shells whose supervisor has ended (killed by hand or by the OOM killer):
+    /// a claim cannot reach them, and the refill replaces them.
+    pub(super) fn take_dead_shells(&self) -> Vec<Shell> {
+        self.shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extract_if(.., |s| !s.alive())
+            .collect()
+    }
+
+    /// Live warm shells of this image.
     pub(super) fn warm_count(&self, image_id: &str) -> usize {
         self.shells
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
+            .iter_mut()
             .filter(|s| s.image_id == image_id)
+            .map(Shell::alive)
+            .filter(|alive| *alive)
             .count()
     }
 }
@@ -142,15 +170,38 @@ async fn end_shell(inner: &Inner, mut shell: Shell) {
         let _ = shell.child.start_kill();
         let _ = shell.child.wait().await;
     }
+    remove_shell(inner, &shell.bundle);
+}
+
+/// Removes what is left of a shell whose supervisor has ended: its processes, its cgroup
+/// and its bundle (at `bundle`: where the shell was, or the sandbox's after a claim).
+fn remove_shell(inner: &Inner, bundle: &Path) {
     if let (Ok(layout), Ok(state)) = (
         &inner.available,
-        config::read_json::<State>(&shell.bundle, config::STATE_FILE),
+        config::read_json::<State>(bundle, config::STATE_FILE),
     ) {
         let cg = crate::cgroup::Cgroup::open(layout, &inner.config.cgroup_parent, &state.cgroup);
         let _ = cg.kill_all();
         let _ = cg.remove();
     }
-    let _ = std::fs::remove_dir_all(&shell.bundle);
+    let _ = std::fs::remove_dir_all(bundle);
+}
+
+/// Ends, in the background, shells found dead (see [`Inner::take_shell`]).
+pub(super) fn end_dead_shells(inner: &Arc<Inner>, dead: Vec<Shell>) {
+    if dead.is_empty() {
+        return;
+    }
+    warn!(
+        shells = dead.len(),
+        "linux: warm shells whose supervisor had ended were dropped from the pool"
+    );
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        for shell in dead {
+            end_shell(&inner, shell).await;
+        }
+    });
 }
 
 /// Removes warm shells a previous server left (killed before it could end them).
@@ -186,6 +237,16 @@ pub(super) async fn refill_loop(weak: std::sync::Weak<Inner>) {
     let mut reported = std::collections::HashSet::new();
     loop {
         let Some(inner) = weak.upgrade() else { return };
+        let dead = inner.take_dead_shells();
+        if !dead.is_empty() {
+            warn!(
+                shells = dead.len(),
+                "linux: warm shells whose supervisor had ended are replaced"
+            );
+        }
+        for shell in dead {
+            end_shell(&inner, shell).await;
+        }
         let targets = inner
             .targets
             .lock()
@@ -216,7 +277,8 @@ pub(super) async fn refill_loop(weak: std::sync::Weak<Inner>) {
             }
             let surplus = inner.warm_count(&image.id).saturating_sub(*target);
             for _ in 0..surplus {
-                if let Some(shell) = inner.take_shell(&image.id) {
+                let (shell, dead) = inner.take_shell(&image.id);
+                for shell in shell.into_iter().chain(dead) {
                     end_shell(&inner, shell).await;
                 }
             }
@@ -279,6 +341,17 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
     }
 }
 
+/// Why a claim failed.
+#[derive(Debug)]
+pub(super) enum ClaimError {
+    /// The shell's supervisor was gone before it got the claim, so nothing of the sandbox
+    /// ran; the shell is removed and a cold start can take its place.
+    Gone(BackendError),
+    /// The claim reached the shell and failed there (a command that does not exist,
+    /// limits the cgroup refused...): the create's error.
+    Failed(BackendError),
+}
+
 /// Hands a warm shell to the sandbox: its bundle becomes the sandbox's, the supervisor gets
 /// the configuration and the workload is `execve`d in the prepared container.
 pub(super) async fn claim(
@@ -286,41 +359,70 @@ pub(super) async fn claim(
     shell: Shell,
     bundle: &Path,
     container: &ContainerConfig,
-) -> Result<Started, BackendError> {
+) -> Result<Started, ClaimError> {
     use tokio::io::AsyncWriteExt;
-    let Shell {
-        bundle: warm,
-        mut child,
-        reports,
-        ..
-    } = shell;
-    debug!(shell = %warm.display(), "linux: claiming a warm shell");
-    // The supervisor writes the sandbox's `container.json` while its workload starts.
-    std::fs::rename(&warm, bundle)
-        .map_err(|e| BackendError::io("rename warm shell to", bundle, e))?;
+    debug!(shell = %shell.bundle.display(), "linux: claiming a warm shell");
     let claim = config::Claim {
         bundle: bundle.to_path_buf(),
         config: container.clone(),
     };
-    let mut line = serde_json::to_string(&claim)
-        .map_err(|e| BackendError::Other(format!("encode claim: {e}")))?;
+    let mut line = match serde_json::to_string(&claim) {
+        Ok(line) => line,
+        Err(e) => {
+            end_shell(inner, shell).await;
+            return Err(ClaimError::Failed(BackendError::Other(format!(
+                "encode claim: {e}"
+            ))));
+        }
+    };
     line.push('\n');
+    // The supervisor writes the sandbox's `container.json` while its workload starts.
+    if let Err(e) = std::fs::rename(&shell.bundle, bundle) {
+        end_shell(inner, shell).await;
+        return Err(ClaimError::Gone(BackendError::io(
+            "rename warm shell to",
+            bundle,
+            e,
+        )));
+    }
+    let Shell {
+        mut child, reports, ..
+    } = shell;
     let socket = bundle.join(config::CONTROL_SOCKET);
-    let talk = async {
+    let sent = async {
         let mut stream = tokio::net::UnixStream::connect(&socket).await?;
         stream.write_all(line.as_bytes()).await?;
-        let mut reply = String::new();
-        tokio::io::BufReader::new(stream)
-            .read_line(&mut reply)
-            .await?;
-        Ok::<_, std::io::Error>(reply)
+        Ok::<_, std::io::Error>(stream)
     };
-    let reply = match talk.await {
+    let answered = match sent.await {
+        Ok(stream) => {
+            let mut reply = String::new();
+            tokio::io::BufReader::new(stream)
+                .read_line(&mut reply)
+                .await
+                .map(|_| reply)
+        }
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            remove_shell(inner, bundle);
+            return Err(ClaimError::Gone(BackendError::io(
+                "claim warm shell",
+                &socket,
+                e,
+            )));
+        }
+    };
+    let reply = match answered {
         Ok(reply) => reply,
         Err(e) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            return Err(BackendError::io("claim warm shell", &socket, e));
+            return Err(ClaimError::Failed(BackendError::io(
+                "claim warm shell",
+                &socket,
+                e,
+            )));
         }
     };
     let reply = reply.trim_end();
@@ -339,7 +441,7 @@ pub(super) async fn claim(
         }
         _ => {
             let _ = child.wait().await;
-            Err(start_error(reply))
+            Err(ClaimError::Failed(start_error(reply)))
         }
     }
 }
