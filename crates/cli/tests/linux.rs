@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{json, stderr};
-use linux_harness::{Linux, cgroup_of, skip_reason, stdout, wait_warm};
+use linux_harness::{Linux, cgroup_of, skip_reason, stdout, wait_gone, wait_warm};
 
 #[test]
 fn output_exit_code_env_cwd_hostname_and_user() {
@@ -628,21 +628,6 @@ fn warm_pids(l: &Linux) -> Vec<i32> {
     pids
 }
 
-fn wait_gone(pids: &[i32], what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // A zombie (reaped late by init) counts as gone.
-    let alive = |p: &i32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-            !s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-    };
-    while pids.iter().any(alive) {
-        assert!(Instant::now() < deadline, "{what}: {pids:?} still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `bench run -b linux` against a server with a warm pool counts and times the hand-outs.
 #[test]
 fn bench_times_warm_hand_outs_apart() {
@@ -761,6 +746,42 @@ fn dead_warm_shells_are_replaced_not_handed_out() {
         "the server says why: {}",
         l.server.log()
     );
+}
+
+/// A supervisor killed while its sandbox runs (by hand, by the OOM killer) leaves the
+/// workload unwatched: the sandbox is Failed, says why, and its processes are killed.
+#[test]
+fn a_killed_supervisor_fails_its_sandbox_and_ends_the_workload() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    let out = l.run("victim", &[], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let bundle = PathBuf::from(
+        l.get("victim")["status"]["backendInfo"]["bundle"]
+            .as_str()
+            .expect("bundle"),
+    );
+    let state = json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
+    let supervisor = state["supervisorPid"].as_i64().unwrap() as i32;
+    let workload = state["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let got = l.wait_phase("victim", "Failed");
+    let reason = got["status"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("supervisor ended without recording")
+            && reason.contains("its processes were killed"),
+        "{got}"
+    );
+    wait_gone(&[workload], "the workload of a killed supervisor");
+    l.ok(&["rm", "victim"]);
+    assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
 }
 
 #[test]

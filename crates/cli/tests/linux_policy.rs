@@ -393,7 +393,7 @@ fn warren_exec_and_warm_shells_are_gated_too() {
 
 #[test]
 fn a_dead_supervisor_fails_execs_closed_with_enosys() {
-    let l = linux_or_skip!();
+    let mut l = linux_or_skip!();
     apply(&l, "execs", EXEC_POLICY);
     // Execs /bin/true every 50 ms, recording each status in /tmp/rcs; writes nothing to
     // stdout or stderr, whose reader (the supervisor) is about to die.
@@ -427,6 +427,9 @@ fn a_dead_supervisor_fails_execs_closed_with_enosys() {
     wait_for("0");
     let state = common::json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());
     let supervisor = state["supervisorPid"].as_i64().unwrap() as i32;
+    // The server first: a running server ends a sandbox whose supervisor was killed, and
+    // this is about the time before anyone does.
+    l.server.kill9();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor),
         nix::sys::signal::Signal::SIGKILL,
@@ -437,6 +440,20 @@ fn a_dead_supervisor_fails_execs_closed_with_enosys() {
     wait_for("126");
     let err = std::fs::read_to_string(bundle.join("upper/tmp/err")).unwrap();
     assert!(err.contains("/bin/true: Function not implemented"), "{err}");
+    // The restarted server finds the supervisor gone: the sandbox is Failed and its
+    // workload killed.
+    l.server.spawn();
+    let got = l.wait_phase("orphan", "Failed");
+    assert!(
+        got["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("its processes were killed")),
+        "{got}"
+    );
+    linux_harness::wait_gone(
+        &[state["pid"].as_i64().unwrap() as i32],
+        "the orphaned workload",
+    );
 }
 
 #[test]

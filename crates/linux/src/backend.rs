@@ -269,8 +269,23 @@ impl Inner {
             sb.status != BackendStatus::Running
         };
         if !reported {
-            self.ended(id, exit_status(bundle));
+            self.ended(id, self.status_after_supervisor(id, bundle));
         }
+    }
+
+    /// The status of a sandbox whose supervisor has ended, from what it recorded. One that
+    /// ended without recording the workload's end (killed: by hand, by the OOM killer) left
+    /// its workload unwatched, its output unread and its time limit unenforced: what runs
+    /// in the sandbox's cgroup is killed, so a Failed sandbox runs nothing.
+    fn status_after_supervisor(&self, id: &str, bundle: &Path) -> BackendStatus {
+        let status = exit_status(bundle);
+        if !bundle.join(config::EXIT_FILE).exists()
+            && let Some(cg) = self.cgroup(&cgroup_name(bundle, id))
+            && let Err(e) = cg.kill_all()
+        {
+            warn!(id, error = %crate::error_chain(&e), "linux: kill what the sandbox's supervisor left");
+        }
+        status
     }
 
     /// Records the end of a sandbox's workload and tells the control plane.
@@ -462,7 +477,7 @@ fn exit_status_of(bundle: &Path, exit: std::io::Result<Exit>) -> BackendStatus {
         Ok(exit) => BackendStatus::Exited { code: exit.code },
         Err(e) => BackendStatus::Failed {
             reason: format!(
-                "the supervisor ended without recording the workload's end ({e}); see {}",
+                "the supervisor ended without recording the workload's end ({e}), so its processes were killed; see {}",
                 bundle.join(config::SUPERVISOR_LOG_FILE).display()
             ),
         },
@@ -744,7 +759,7 @@ impl Backend for LinuxBackend {
                     watch_pid = Some(state.supervisor_pid);
                     BackendStatus::Running
                 } else {
-                    exit_status(&bundle)
+                    inner.status_after_supervisor(&id, &bundle)
                 }
             }
         };

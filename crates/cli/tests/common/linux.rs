@@ -245,3 +245,19 @@ pub fn import_busybox(scratch: &Path, images: &Path) {
         .import(&layout, None)
         .expect("import busybox");
 }
+
+/// Waits (10 s at most) until none of `pids` runs; a zombie (reaped late by init) counts
+/// as gone.
+pub fn wait_gone(pids: &[i32], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alive = |p: &i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    };
+    while pids.iter().any(alive) {
+        assert!(Instant::now() < deadline, "{what}: {pids:?} still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
