@@ -737,6 +737,48 @@ fn a_warm_image_is_a_clone_from_its_first_create() {
     // And the pool is refilled for the next.
     vm.wait_info("; warm: busybox 1/1 ready", Duration::from_secs(60));
     vm.ok(&["rm", "first"]);
+
+    // A pool clone whose qemu was killed (by hand, by the OOM killer) is not handed out:
+    // the create restores a fresh clone instead of booting cold, and the pool replaces it.
+    let pooled = vm.poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || match vm.qemus()[..] {
+            [one] => Ok(one),
+            ref all => Err(format!("not one qemu (the pool clone): {all:?}")),
+        },
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pooled),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    vm.poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        if alive(pooled) {
+            Err(format!("qemu {pooled} still runs"))
+        } else {
+            Ok(())
+        }
+    });
+    let got = vm.run_in_busybox("second", &["-b", "vm", "-i", "busybox"]);
+    assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
+    vm.ok(&["rm", "second"]);
+    vm.poll(Duration::from_secs(60), Duration::from_millis(100), || {
+        let qemus = vm.qemus();
+        let info = vm.wait_info("; warm: busybox ", Duration::from_secs(1));
+        if info.contains("busybox 1/1 ready") && qemus.len() == 1 && !qemus.contains(&pooled) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the killed clone was not replaced: {info}, qemus {qemus:?}"
+            ))
+        }
+    });
+    assert!(
+        vm.server.log().contains("qemu had ended"),
+        "the server says why: {}",
+        vm.server.log()
+    );
 }
 
 /// A pool of vm sandboxes (`warren pool create -b vm`): clones of its image's template are

@@ -105,6 +105,26 @@ struct Clone {
     booted: Booted,
 }
 
+impl State {
+    /// Live pool clones, of `shape` or all (one whose qemu has ended is not counted).
+    fn ready(&mut self, shape: Option<&Shape>) -> usize {
+        self.pool
+            .iter_mut()
+            .filter(|c| shape.is_none_or(|s| c.shape == *s))
+            .map(|c| c.booted.qemu.running())
+            .filter(|alive| *alive)
+            .count()
+    }
+
+    /// Takes the pool clones whose qemu has ended (killed by hand, by the OOM killer):
+    /// nothing can be handed out of them, and the refill replaces them.
+    fn take_dead(&mut self) -> Vec<Clone> {
+        self.pool
+            .extract_if(.., |c| !c.booted.qemu.running())
+            .collect()
+    }
+}
+
 impl Clone {
     /// Kills its qemu and removes its directory.
     async fn end(mut self) {
@@ -134,7 +154,7 @@ impl Templates {
 
     /// Clones ready now, for tests and `warren info`.
     pub fn pooled(&self) -> usize {
-        self.lock().pool.len()
+        self.lock().ready(None)
     }
 
     /// For `warren info`: "templates off", or the clones ready and what the pool keeps
@@ -144,8 +164,8 @@ impl Templates {
             return "templates off".to_string();
         }
         let summary = {
-            let state = self.lock();
-            pool_summary(state.pool.len(), self.target, state.wanted.len())
+            let mut state = self.lock();
+            pool_summary(state.ready(None), self.target, state.wanted.len())
         };
         let warm = self.warm();
         if warm.is_empty() {
@@ -184,15 +204,13 @@ impl Templates {
 
     /// Warm images: (image, clones of its sandboxes ready, target).
     pub(crate) fn warm(&self) -> Vec<(String, usize, usize)> {
-        let state = self.lock();
-        state
-            .warm
-            .iter()
-            .map(|(image, &target)| {
-                let ready = state.warm_shapes.get(image).map_or(0, |shape| {
-                    state.pool.iter().filter(|c| c.shape == *shape).count()
-                });
-                (image.clone(), ready, target)
+        let mut state = self.lock();
+        let warm: Vec<(String, usize)> = state.warm.iter().map(|(i, &n)| (i.clone(), n)).collect();
+        warm.into_iter()
+            .map(|(image, target)| {
+                let shape = state.warm_shapes.get(&image).cloned();
+                let ready = shape.map_or(0, |shape| state.ready(Some(&shape)));
+                (image, ready, target)
             })
             .collect()
     }
@@ -576,21 +594,27 @@ pub(crate) async fn take(inner: &Arc<Inner>, shape: &Shape, dir: &Path) -> Optio
         return None;
     }
     let template = template_dir(inner, shape);
-    let pooled = {
+    let (pooled, dead) = {
         let mut state = t.lock();
         state.wanted.insert(shape.clone());
-        let found = state.pool.iter().position(|c| c.shape == *shape);
-        found.map(|i| state.pool.swap_remove(i))
+        let mut dead = Vec::new();
+        let mut pooled = None;
+        while let Some(i) = state.pool.iter().position(|c| c.shape == *shape) {
+            let mut clone = state.pool.swap_remove(i);
+            if clone.booted.qemu.running() {
+                pooled = Some(clone);
+                break;
+            }
+            dead.push(clone);
+        }
+        (pooled, dead)
     };
     if pooled.is_none() {
         t.refill.notify_one();
     }
-    let pooled = pooled.map(|mut c| {
-        let alive = c.booted.qemu.running();
-        (c, alive)
-    });
+    end_dead(dead).await;
     match pooled {
-        Some((clone, true)) => {
+        Some(clone) => {
             if let Err(e) = std::fs::rename(&clone.dir, dir) {
                 t.refill.notify_one();
                 warn!("vm: move a pool clone to {}: {e}", dir.display());
@@ -599,11 +623,6 @@ pub(crate) async fn take(inner: &Arc<Inner>, shape: &Shape, dir: &Path) -> Optio
             }
             let _ = std::fs::remove_file(dir.join(POOL_STATE));
             Some((clone.booted, true))
-        }
-        Some((clone, false)) => {
-            t.refill.notify_one();
-            let _ = std::fs::remove_dir_all(&clone.dir);
-            None
         }
         None if ready(&template) => match restore(inner, shape, &template, dir, false).await {
             Ok(b) => Some((b, false)),
@@ -617,6 +636,20 @@ pub(crate) async fn take(inner: &Arc<Inner>, shape: &Shape, dir: &Path) -> Optio
             spawn_build(inner, shape);
             None
         }
+    }
+}
+
+/// Removes pool clones whose qemu has ended (found by [`State::take_dead`] or a hand-out).
+async fn end_dead(dead: Vec<Clone>) {
+    if dead.is_empty() {
+        return;
+    }
+    warn!(
+        clones = dead.len(),
+        "vm: pool clones whose qemu had ended were dropped from the pool"
+    );
+    for clone in dead {
+        clone.end().await;
     }
 }
 
@@ -834,6 +867,8 @@ async fn refill_loop(weak: Weak<Inner>) {
     let mut reported = HashSet::new();
     loop {
         let Some(inner) = weak.upgrade() else { return };
+        let dead = inner.templates.lock().take_dead();
+        end_dead(dead).await;
         let targets = refill_targets(&inner, &mut reported);
         trim_pool(&inner, &targets).await;
         for (shape, target) in targets {
@@ -842,10 +877,7 @@ async fn refill_loop(weak: Weak<Inner>) {
                 let (count, n) = {
                     let mut state = inner.templates.lock();
                     state.seq += 1;
-                    (
-                        state.pool.iter().filter(|c| c.shape == shape).count(),
-                        state.seq,
-                    )
+                    (state.ready(Some(&shape)), state.seq)
                 };
                 if count >= target
                     || inner
