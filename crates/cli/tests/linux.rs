@@ -613,6 +613,74 @@ fn pull_from_a_local_registry_and_run() {
     assert!(!l.ok(&["image", "ls", "-o", "name"]).contains(&reference));
 }
 
+/// `warren image rm` does not pull the layers from under a sandbox or a warm pool: removing
+/// the image's last name (or its id) is refused, naming what uses it; dropping one of
+/// several names is not. Once the sandbox is gone, the image is removed.
+#[test]
+fn an_image_in_use_is_not_removed() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    let image_id = || {
+        json(&l.ok(&["image", "ls", "-o", "json"]))[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let id = image_id();
+    let layout = warren_image::testing::busybox_layout(l.server.dir.path(), "other").unwrap();
+    l.ok(&[
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--name",
+        "bb:2",
+    ]);
+    assert_eq!(image_id(), id, "the same image under two names");
+    let out = l.run("user", &[], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let out = l.warren(&["image", "rm", "bb:2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "one of two names: {}",
+        stderr(&out)
+    );
+    for target in ["busybox", id.as_str()] {
+        let out = l.warren(&["image", "rm", target]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stderr(&out).contains("is in use by sandbox user: remove it first"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = l.warren(&["exec", "user", "--", "ls", "/bin/busybox"]);
+    assert_eq!(
+        stdout(&out),
+        "/bin/busybox\n",
+        "the root is intact: {}",
+        stderr(&out)
+    );
+
+    l.ok(&["rm", "-f", "user"]);
+    l.ok(&["image", "rm", "busybox"]);
+    assert_eq!(l.ok(&["image", "ls", "-o", "json"]).trim(), "[]");
+
+    // A warm pool of the image keeps it too.
+    let warm = Linux::start_with(&["--warm", "linux:busybox=1"]);
+    let out = warm.warren(&["image", "rm", "busybox"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("is in use by the linux warm pool of busybox: remove it first"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// The supervisor and workload pids of the warm shells now in the pool.
 fn warm_pids(l: &Linux) -> Vec<i32> {
     let mut pids = Vec::new();

@@ -7,14 +7,47 @@ use tonic::{Request, Response, Status};
 use warren_image::{ImageError, ImageStore, ImageSummary, PullOptions, PullProgress};
 use warren_proto::v1::{self, images_server::Images, pull_image_progress};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ImagesService {
     store: ImageStore,
+    /// What uses the images: the server's sandboxes and warm pools.
+    plane: crate::plane::ControlPlane,
+}
+
+impl std::fmt::Debug for ImagesService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImagesService")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ImagesService {
-    pub fn new(store: ImageStore) -> Self {
-        ImagesService { store }
+    pub fn new(store: ImageStore, plane: crate::plane::ControlPlane) -> Self {
+        ImagesService { store, plane }
+    }
+
+    /// What keeps `image` in use on this node, when removing `name` would delete it (not
+    /// when it only drops one of its names): its sandboxes, in any phase, and the warm
+    /// pools of its names. A running sandbox's root is made of the image's layers.
+    fn users(&self, image: &warren_image::Image, name: &str) -> Vec<String> {
+        let hex = |s: &str| s.strip_prefix("sha256:").unwrap_or(s).to_string();
+        let by_id = hex(&image.id).starts_with(&hex(name));
+        if image.names.len() > 1 && !by_id {
+            return Vec::new();
+        }
+        let mut users: Vec<String> = self
+            .plane
+            .sandboxes_of_image(&image.id)
+            .into_iter()
+            .map(|n| format!("sandbox {n}"))
+            .collect();
+        for (backend, warm, _, target) in self.plane.agent().warm() {
+            if target > 0 && self.store.resolve(&warm).is_ok_and(|i| i.id == image.id) {
+                users.push(format!("the {backend} warm pool of {warm}"));
+            }
+        }
+        users
     }
 }
 
@@ -158,6 +191,19 @@ impl Images for ImagesService {
         req: Request<v1::RemoveImageRequest>,
     ) -> Result<Response<v1::RemoveImageResponse>, Status> {
         let name = req.into_inner().name;
+        let store = self.store.clone();
+        let wanted = name.clone();
+        let found = blocking(move || store.resolve(&wanted)).await?;
+        let users = self.users(&found, &name);
+        if !users.is_empty() {
+            let short = found.id.strip_prefix("sha256:").unwrap_or(&found.id);
+            return Err(Status::failed_precondition(format!(
+                "image {name} ({}) is in use by {}: remove {} first",
+                &short[..short.len().min(12)],
+                users.join(", "),
+                if users.len() == 1 { "it" } else { "them" }
+            )));
+        }
         let store = self.store.clone();
         let image = blocking(move || store.remove(&name)).await?;
         Ok(Response::new(v1::RemoveImageResponse {

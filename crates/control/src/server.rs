@@ -422,7 +422,10 @@ impl Server {
         );
         let (token, gate) = (self.token.clone(), roles.clone());
         let images = InterceptedService::new(
-            ImagesServer::new(crate::images::ImagesService::new(self.images.clone())),
+            ImagesServer::new(crate::images::ImagesService::new(
+                self.images.clone(),
+                self.plane.clone(),
+            )),
             move |req: Request<()>| admit(&gate, authorize(&token, req)?),
         );
         let (token, gate) = (self.token.clone(), roles.clone());
