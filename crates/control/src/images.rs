@@ -38,7 +38,9 @@ impl ImagesService {
         }
         let mut users: Vec<String> = self
             .plane
-            .sandboxes_of_image(&image.id)
+            .sandboxes_of_image(&image.id, |name| {
+                self.store.resolve(name).ok().map(|i| i.id)
+            })
             .into_iter()
             .map(|n| format!("sandbox {n}"))
             .collect();

@@ -288,6 +288,30 @@ impl ControlPlane {
         names
     }
 
+    /// Sandboxes on the server's own node made from the image `id`, in any phase, sorted:
+    /// what `warren image rm` must not pull the layers from under. The image is the one
+    /// their backend recorded, or, for a create still in flight (not placed yet, or not
+    /// recorded), the one `resolve` finds for the spec's image name.
+    pub fn sandboxes_of_image(
+        &self,
+        id: &str,
+        resolve: impl Fn(&str) -> Option<String>,
+    ) -> Vec<String> {
+        let node = self.agent().node().to_string();
+        self.sandbox_names(|r| {
+            (r.node == node || r.node.is_empty())
+                && match r.backend_info.get("image") {
+                    Some(image) => image == id,
+                    None => r
+                        .spec
+                        .image
+                        .as_deref()
+                        .and_then(&resolve)
+                        .is_some_and(|i| i == id),
+                }
+        })
+    }
+
     /// Records a new state of a sandbox and tells watchers. Call with the registry locked, so
     /// sequence numbers follow the order of the changes.
     fn emit(&self, registry: &mut Registry, kind: EventKind, record: Arc<SandboxRecord>) {

@@ -194,16 +194,6 @@ impl ControlPlane {
         self.sandbox_names(|r| r.policy.as_ref().is_some_and(|p| p.decision.policy == name))
     }
 
-    /// Sandboxes on the server's own node made from the image `id` (as their backends
-    /// recorded it), in any phase, sorted: what `warren image rm` must not pull the layers
-    /// from under.
-    pub fn sandboxes_of_image(&self, id: &str) -> Vec<String> {
-        let node = self.agent().node().to_string();
-        self.sandbox_names(|r| {
-            r.node == node && r.backend_info.get("image").is_some_and(|i| i == id)
-        })
-    }
-
     /// Removes a policy no sandbox holds.
     pub async fn delete_policy(&self, name: &str) -> Result<PolicyEntry, ControlError> {
         let entry = self.get_policy(name)?;
