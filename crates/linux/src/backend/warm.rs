@@ -187,7 +187,8 @@ fn remove_shell(inner: &Inner, bundle: &Path) {
     let _ = std::fs::remove_dir_all(bundle);
 }
 
-/// Ends, in the background, shells found dead (see [`Inner::take_shell`]).
+/// Ends, in the background, shells found dead (see [`Inner::take_shell`]), then wakes the
+/// refill.
 pub(super) fn end_dead_shells(inner: &Arc<Inner>, dead: Vec<Shell>) {
     if dead.is_empty() {
         return;
@@ -201,6 +202,8 @@ pub(super) fn end_dead_shells(inner: &Arc<Inner>, dead: Vec<Shell>) {
         for shell in dead {
             end_shell(&inner, shell).await;
         }
+        // Replaced now rather than at the refill's next 5 s round.
+        inner.refill.notify_one();
     });
 }
 
