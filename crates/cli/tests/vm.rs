@@ -630,6 +630,33 @@ fn an_image_is_the_root_of_its_vm() {
     let vm = vm_or_skip!("templates = false");
     let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
     vm.ok(&["image", "import", layout.to_str().unwrap()]);
+    // While the first create of the image is still booting (its disk is made first, then a
+    // cold boot: seconds under TCG), the image is in use: `image rm` is refused.
+    std::thread::scope(|s| {
+        let create = s.spawn(|| {
+            vm.warren(&[
+                "run", "-b", "vm", "-i", "busybox", "--name", "booting", "--", "sleep", "60",
+            ])
+        });
+        vm.poll(Duration::from_secs(30), Duration::from_millis(5), || {
+            let out = vm.warren(&["get", "booting", "-o", "json"]);
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err("the create is not listed yet".to_string())
+            }
+        });
+        let out = vm.warren(&["image", "rm", "busybox"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stderr(&out).contains("is in use by sandbox booting: remove it first"),
+            "{}",
+            stderr(&out)
+        );
+        let out = create.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    });
+    vm.ok(&["rm", "-f", "booting"]);
     let out = vm.warren(&[
         "run",
         "-b",
