@@ -193,18 +193,26 @@ pub(super) fn end_dead_shells(inner: &Arc<Inner>, dead: Vec<Shell>) {
     if dead.is_empty() {
         return;
     }
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        end_dead(&inner, dead).await;
+        // Replaced now rather than at the refill's next 5 s round.
+        inner.refill.notify_one();
+    });
+}
+
+/// Ends shells whose supervisor had ended, saying so.
+async fn end_dead(inner: &Inner, dead: Vec<Shell>) {
+    if dead.is_empty() {
+        return;
+    }
     warn!(
         shells = dead.len(),
         "linux: warm shells whose supervisor had ended were dropped from the pool"
     );
-    let inner = Arc::clone(inner);
-    tokio::spawn(async move {
-        for shell in dead {
-            end_shell(&inner, shell).await;
-        }
-        // Replaced now rather than at the refill's next 5 s round.
-        inner.refill.notify_one();
-    });
+    for shell in dead {
+        end_shell(inner, shell).await;
+    }
 }
 
 /// Removes warm shells a previous server left (killed before it could end them).
@@ -240,16 +248,7 @@ pub(super) async fn refill_loop(weak: std::sync::Weak<Inner>) {
     let mut reported = std::collections::HashSet::new();
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let dead = inner.take_dead_shells();
-        if !dead.is_empty() {
-            warn!(
-                shells = dead.len(),
-                "linux: warm shells whose supervisor had ended are replaced"
-            );
-        }
-        for shell in dead {
-            end_shell(&inner, shell).await;
-        }
+        end_dead(&inner, inner.take_dead_shells()).await;
         let targets = inner
             .targets
             .lock()
