@@ -193,6 +193,8 @@ impl Images for ImagesService {
         req: Request<v1::RemoveImageRequest>,
     ) -> Result<Response<v1::RemoveImageResponse>, Status> {
         let name = req.into_inner().name;
+        // No sandbox is registered between the users' check and the deletion.
+        let _removing = self.plane.removing_image().await;
         let store = self.store.clone();
         let wanted = name.clone();
         let found = blocking(move || store.resolve(&wanted)).await?;

@@ -136,6 +136,12 @@ struct Inner {
     policies: policy::Policies,
     pools: pools::Pools,
     checkpoints: checkpoint::Checkpointing,
+    /// Orders `warren image rm` against new sandboxes. A create or restore registers its
+    /// sandbox holding a read guard; a removal holds the write guard from its check of the
+    /// image's users to the deletion of its layers. So a new sandbox is either seen by the
+    /// check (the removal is refused) or finds the image gone (its create fails cleanly);
+    /// never a root whose layers are deleted under it.
+    images: tokio::sync::RwLock<()>,
 }
 
 /// How a control plane is set up beyond its agent and store.
@@ -212,6 +218,7 @@ impl ControlPlane {
                 policies: policy::Policies::default(),
                 pools: pools::Pools::default(),
                 checkpoints: checkpoint::Checkpointing::default(),
+                images: tokio::sync::RwLock::new(()),
             }),
         }
     }
@@ -286,6 +293,18 @@ impl ControlPlane {
             .collect();
         names.sort();
         names
+    }
+
+    /// Held while a new sandbox is registered (see `Inner::images`).
+    pub(crate) async fn registering(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.inner.images.read().await
+    }
+
+    /// Held by an image removal from its check of the image's users
+    /// ([`ControlPlane::sandboxes_of_image`]) to the deletion of its layers: no sandbox is
+    /// registered meanwhile.
+    pub async fn removing_image(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.inner.images.write().await
     }
 
     /// Sandboxes on the server's own node made from the image `id`, in any phase, sorted:

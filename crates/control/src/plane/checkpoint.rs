@@ -337,6 +337,7 @@ impl ControlPlane {
             applied.as_ref(),
         );
         {
+            let _registering = self.registering().await;
             let mut reg = self.lock();
             if reg.sandboxes.contains_key(&rec.spec.name) {
                 return Err(ControlError::AlreadyExists {

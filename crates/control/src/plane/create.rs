@@ -36,6 +36,7 @@ impl ControlPlane {
         let applied = self.admit(&spec, &resources)?;
         let mut pending = SandboxRecord::creating(spec, resources, String::new(), applied.as_ref());
         {
+            let _registering = self.registering().await;
             let mut reg = self.lock();
             if let Some(entry) = reg.sandboxes.get(&pending.spec.name) {
                 if entry.busy {

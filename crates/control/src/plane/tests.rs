@@ -424,3 +424,32 @@ async fn each_end_answers_its_own_waiters() {
     );
     assert!(plane.lock().waiters.is_empty());
 }
+
+/// A create that starts while `warren image rm` runs waits to register its sandbox until
+/// the removal is done, so the removal's check of the image's users cannot miss it.
+#[tokio::test]
+async fn a_create_registers_only_once_an_image_removal_is_done() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let mut with_image = spec("a");
+    with_image.image = Some("busybox".into());
+    let removing = plane.removing_image().await;
+    let p = plane.clone();
+    let create = tokio::spawn(async move { p.create(with_image).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        plane
+            .sandboxes_of_image("sha256:b", |_| Some("sha256:b".into()))
+            .is_empty(),
+        "registered during the removal"
+    );
+    assert!(!create.is_finished());
+    drop(removing);
+    let (rec, created) = create.await.expect("join").expect("create");
+    assert!(created);
+    assert_eq!(rec.status, Phase::Running);
+    assert_eq!(
+        plane.sandboxes_of_image("sha256:b", |_| Some("sha256:b".into())),
+        vec!["a".to_string()]
+    );
+}
