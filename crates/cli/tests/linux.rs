@@ -696,6 +696,29 @@ fn warm_pids(l: &Linux) -> Vec<i32> {
     pids
 }
 
+/// Waits (20 s at most) until the busybox pool is full again (2 shells) with none of
+/// `old` (its shells' pids, from [`warm_pids`]) in it, then until those have ended.
+fn wait_replaced(l: &Linux, old: &[i32], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = l.ok(&["info"]);
+        let now = warm_pids(l);
+        if info.contains("warm shells: busybox 2/2 ready")
+            && now.len() == 4
+            && !now.iter().any(|p| old.contains(p))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not replace {what}: {info} {now:?} (old {old:?})\n{}",
+            l.server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_gone(old, what);
+}
+
 /// `bench run -b linux` against a server with a warm pool counts and times the hand-outs.
 #[test]
 fn bench_times_warm_hand_outs_apart() {
@@ -780,24 +803,7 @@ fn dead_warm_shells_are_replaced_not_handed_out() {
         "a killed shell was handed out"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let info = l.ok(&["info"]);
-        let fresh = warm_pids(&l);
-        if info.contains("warm shells: busybox 2/2 ready")
-            && fresh.len() == 4
-            && !fresh.iter().any(|p| killed.contains(p))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pool did not replace its dead shells: {info}\n{}",
-            l.server.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    wait_gone(&killed, "the killed shells' processes");
+    wait_replaced(&l, &killed, "the killed shells");
     let left: Vec<String> = l
         .leftover_cgroups()
         .iter()
@@ -814,6 +820,77 @@ fn dead_warm_shells_are_replaced_not_handed_out() {
         "the server says why: {}",
         l.server.log()
     );
+
+    // A shell that cannot be reached at its claim (its socket gone, its supervisor alive)
+    // is dropped there, and the create starts cold.
+    wait_warm(&l, 2);
+    let mut cgroups = Vec::new();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir(&warm).unwrap().flatten() {
+        let state = json(&std::fs::read_to_string(e.path().join("state.json")).unwrap());
+        cgroups.push(state["cgroup"].as_str().unwrap().to_string());
+        pids.push(state["supervisorPid"].as_i64().unwrap() as i32);
+        pids.push(state["pid"].as_i64().unwrap() as i32);
+        std::fs::remove_file(e.path().join("ctl.sock")).unwrap();
+    }
+    for name in ["unreachable-1", "unreachable-2"] {
+        let out = l.run(name, &["--wait"], &["echo", "cold"]);
+        assert_eq!(stdout(&out), "cold\n", "{}", stderr(&out));
+        assert!(
+            !cgroups.contains(&cgroup_of(&l, name)),
+            "{name} ran in a shell"
+        );
+    }
+    assert!(
+        l.server.log().contains("gone at its claim; starting cold"),
+        "{}",
+        l.server.log()
+    );
+    wait_gone(&pids, "the unreachable shells' processes");
+    let left = format!("{:?}", l.leftover_cgroups());
+    for cgroup in &cgroups {
+        assert!(
+            !left.contains(cgroup.as_str()),
+            "{cgroup} left behind: {left}"
+        );
+    }
+}
+
+/// A warm pool follows its image's name: imported again as another image, the name's
+/// shells are replaced by shells of the new one (the old ones are ended, never handed out),
+/// and a create from the pool runs the new image.
+#[test]
+fn a_warm_pool_follows_its_image_when_imported_again() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start_with(&["--warm", "linux:busybox=2"]);
+    wait_warm(&l, 2);
+    let old = warm_pids(&l);
+    assert_eq!(old.len(), 4, "two shells: {old:?}");
+    let release = warren_image::testing::Entry::file("etc/release", 0o644, b"2\n");
+    let layout = warren_image::testing::busybox_layout_with(
+        &l.server.dir.path().join("v2"),
+        "busybox",
+        vec![release],
+    )
+    .unwrap();
+    l.ok(&[
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--name",
+        "busybox",
+    ]);
+
+    // The first create after the import finds no shell of the new image and starts cold.
+    let out = l.run("first", &["--wait"], &["cat", "/etc/release"]);
+    assert_eq!(stdout(&out), "2\n", "{}", stderr(&out));
+    wait_replaced(&l, &old, "the old image's shells");
+    let out = l.run("warm", &["--wait"], &["cat", "/etc/release"]);
+    assert_eq!(stdout(&out), "2\n", "{}", stderr(&out));
+    assert!(cgroup_of(&l, "warm").starts_with("warm-"), "from the pool");
 }
 
 /// A supervisor killed while its sandbox runs (by hand, by the OOM killer) leaves the

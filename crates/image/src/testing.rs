@@ -129,6 +129,12 @@ impl Default for Config {
 /// minimal etc/passwd and etc/group. Config: `PATH=/usr/bin:/bin`, `Cmd ["sh"]`. The index's
 /// ref-name annotation is `name`, normalized (`busybox` -> `busybox:latest`).
 pub fn busybox_layout(dir: &Path, name: &str) -> io::Result<PathBuf> {
+    busybox_layout_with(dir, name, Vec::new())
+}
+
+/// [`busybox_layout`] with `extra` entries in its layer (after the usual ones): another
+/// image of the same tools, `etc/release` telling versions apart.
+pub fn busybox_layout_with(dir: &Path, name: &str, extra: Vec<Entry>) -> io::Result<PathBuf> {
     let busybox = fs::read("/bin/busybox").map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -165,6 +171,7 @@ pub fn busybox_layout(dir: &Path, name: &str) -> io::Result<PathBuf> {
         0o644,
         b"root:x:0:\nnobody:x:65534:\n",
     ));
+    entries.extend(extra);
     write_layout(dir, Some(name), &[Layer::gzip(entries)], &Config::default())
 }
 

@@ -595,7 +595,15 @@ impl Backend for LinuxBackend {
         let warm = claimed.is_some();
         let started = match claimed {
             Some(started) => started,
-            None => cold_start(&inner, &bundle, &container, stdin.as_ref()).await?,
+            None => {
+                let started = cold_start(&inner, &bundle, &container, stdin.as_ref()).await;
+                // A pool without a shell of this image may hold shells of the image its name
+                // stood for before an import: the refill renews it now, not in 5 s.
+                if inner.has_warm_targets() {
+                    inner.refill.notify_one();
+                }
+                started?
+            }
         };
         if let Some(sb) = inner.lock().get_mut(id) {
             // Pools count a create that took a warm shell as a hit.

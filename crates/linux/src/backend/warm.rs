@@ -3,6 +3,10 @@
 //! and by pools later ([`Backend::set_warm`]); a refill task keeps each image at its target
 //! and ends shells beyond it.
 
+use std::collections::HashSet;
+
+use tracing::info;
+
 use super::*;
 
 /// A warm shell ready to be claimed: its bundle under `<dir>/.warm` and its supervisor.
@@ -117,6 +121,26 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extract_if(.., |s| !s.alive())
             .collect()
+    }
+
+    /// Takes the shells of images other than `current` (the images their pools' names
+    /// stand for now): a name imported again stands for another image, whose creates would
+    /// never claim them.
+    fn take_stale_shells(&self, current: &HashSet<&str>) -> Vec<Shell> {
+        self.shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extract_if(.., |s| !current.contains(s.image_id.as_str()))
+            .collect()
+    }
+
+    /// Whether any warm pool is set (even at 0: its shells may still be ending).
+    pub(super) fn has_warm_targets(&self) -> bool {
+        !self
+            .targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
     }
 
     /// Live warm shells of this image.
@@ -254,17 +278,33 @@ pub(super) async fn refill_loop(weak: std::sync::Weak<Inner>) {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        let mut pools = Vec::new();
         for (name, target) in &targets {
-            let image = match inner.config.images.resolve(name) {
-                Ok(image) => image,
+            match inner.config.images.resolve(name) {
+                Ok(image) => pools.push((name, image, *target)),
                 Err(e) => {
                     if reported.insert(name.clone()) {
                         warn!(image = %name, "linux: warm pool waits for its image: {}", crate::error_chain(&e));
                     }
-                    continue;
                 }
-            };
-            while inner.warm_count(&image.id) < *target {
+            }
+        }
+        let current: HashSet<&str> = pools
+            .iter()
+            .map(|(_, image, _)| image.id.as_str())
+            .collect();
+        let stale = inner.take_stale_shells(&current);
+        if !stale.is_empty() {
+            info!(
+                shells = stale.len(),
+                "linux: warm shells of an image no pool names any more (imported again, or removed) are ended"
+            );
+        }
+        for shell in stale {
+            end_shell(&inner, shell).await;
+        }
+        for (name, image, target) in pools {
+            while inner.warm_count(&image.id) < target {
                 match start_shell(&inner, &image).await {
                     Ok(shell) => inner
                         .shells
@@ -277,7 +317,7 @@ pub(super) async fn refill_loop(weak: std::sync::Weak<Inner>) {
                     }
                 }
             }
-            let surplus = inner.warm_count(&image.id).saturating_sub(*target);
+            let surplus = inner.warm_count(&image.id).saturating_sub(target);
             for _ in 0..surplus {
                 let (shell, dead) = inner.take_shell(&image.id);
                 for shell in shell.into_iter().chain(dead) {
