@@ -486,6 +486,22 @@ fn bad_input_gets_clear_errors() {
     let ls = l.ok(&["ls", "-o", "name"]);
     assert_eq!(ls, "", "failed creates are not listed");
 
+    // A CPU limit above the node's CPUs limits nothing: refused at create and at update.
+    let too_many = "1000";
+    let out = l.run("f", &["--cpu", too_many], &["true"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = "spec.resources.limits.cpu: 1000 is more than this node's";
+    assert!(stderr(&out).contains(said), "{}", stderr(&out));
+    let out = l.run("g", &["--cpu", "500m"], &["sleep", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = l.warren(&["update", "g", "--cpu", too_many]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(said), "{}", stderr(&out));
+    let g = l.get("g");
+    assert_eq!(g["spec"]["resources"]["limits"]["cpu"], "500m", "{g}");
+    assert_eq!(g["status"]["resources"]["cpu_limit"], 0.5, "{g}");
+    l.ok(&["rm", "-f", "g"]);
+
     // Layers that try to escape the rootfs are refused at import, and touch nothing.
     let evil = l.server.dir.path().join("evil");
     for kind in warren_image::testing::Malicious::ALL {

@@ -810,11 +810,12 @@ impl Backend for LinuxBackend {
     /// below what it uses now is refused by the kernel, and reported).
     async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
         let bundle = self.bundle(id);
+        let limits = limits_of(resources)?;
         let running = {
             let mut sandboxes = self.inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
             if let Some(pending) = &mut sb.pending {
-                pending.container.limits = limits_of(resources);
+                pending.container.limits = limits.clone();
             }
             sb.resources = resources.clone();
             sb.status == BackendStatus::Running
@@ -826,7 +827,6 @@ impl Backend for LinuxBackend {
             .inner
             .cgroup(&cgroup_name(&bundle, id))
             .ok_or_else(|| BackendError::Other("no cgroup layout on this node".into()))?;
-        let limits = limits_of(resources);
         cgroup
             .update(&(&limits).into())
             .map_err(|e| BackendError::Invalid(format!("resize: {}", crate::error_chain(&e))))?;

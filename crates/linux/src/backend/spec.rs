@@ -75,7 +75,7 @@ pub(super) fn container_config(
         });
     }
     let enforced = PolicyEnforcement::of(config)?;
-    let limits = limits_of(&config.resources);
+    let limits = limits_of(&config.resources)?;
     let grace = spec
         .stop_grace_period_seconds
         .map(Duration::from_secs_f64)
@@ -236,14 +236,38 @@ impl RootSource {
     }
 }
 
-/// The cgroup limits a sandbox's resources ask for.
-pub(super) fn limits_of(r: &ResourceInfo) -> Limits {
-    Limits {
+/// The cgroup limits a sandbox's resources ask for. A CPU limit above the node's online
+/// CPUs is refused, as docker refuses it: it would limit nothing, and its user most likely
+/// meant millicores (`500m`, not `500`).
+pub(super) fn limits_of(r: &ResourceInfo) -> Result<Limits, BackendError> {
+    limits_on(r, online_cpus())
+}
+
+/// [`limits_of`] on a node with `online` CPUs (`None`: not known, nothing refused).
+fn limits_on(r: &ResourceInfo, online: Option<u64>) -> Result<Limits, BackendError> {
+    if let (Some(cpu), Some(online)) = (r.cpu_limit, online)
+        && cpu > online as f64
+    {
+        return Err(BackendError::Invalid(format!(
+            "spec.resources.limits.cpu: {cpu} is more than this node's {online} CPUs \
+             (it would limit nothing; millicores are written 500m)"
+        )));
+    }
+    Ok(Limits {
         memory_bytes: r.memory_limit,
         pids: r.pid_limit,
         cpu_limit_millis: r.cpu_limit.map(|c| (c * 1000.0).round() as u64),
         cpu_request_millis: r.cpu_request.map(|c| (c * 1000.0).round() as u64),
-    }
+    })
+}
+
+/// The CPUs online on this host.
+fn online_cpus() -> Option<u64> {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n > 0)
 }
 
 /// Kubernetes' rule: `command` replaces the image's entrypoint, `args` its cmd; args alone
@@ -278,5 +302,33 @@ pub(super) fn hostname(spec: &SandboxSpec) -> String {
         "sandbox".to_string()
     } else {
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_limit_above_the_nodes_cpus_is_refused_naming_both() {
+        let cpus = |limit| ResourceInfo {
+            cpu_limit: Some(limit),
+            ..Default::default()
+        };
+        let err = limits_on(&cpus(1000.0), Some(2)).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.resources.limits.cpu: 1000 is more than this node's 2 CPUs"),
+            "{err}"
+        );
+        assert!(limits_on(&cpus(2.5), Some(2)).is_err());
+        let fits = limits_on(&cpus(2.0), Some(2)).expect("all the node's CPUs");
+        assert_eq!(fits.cpu_limit_millis, Some(2000));
+        assert_eq!(
+            limits_on(&cpus(0.25), Some(2)).unwrap().cpu_limit_millis,
+            Some(250)
+        );
+        // Without a count nothing is refused; without a limit neither.
+        assert!(limits_on(&cpus(1000.0), None).is_ok());
+        assert!(limits_on(&ResourceInfo::default(), Some(1)).is_ok());
     }
 }
