@@ -857,17 +857,12 @@ fn a_template_built_ahead_makes_the_first_create_a_clone() {
     let vm = vm_or_skip!("templates = true\npool = 1");
     let config = vm.config_dir.path().join("vm.toml");
     let config = config.to_str().unwrap();
-    let build = |memory: &str| {
-        vm.warren(&[
-            "vm",
-            "template",
-            "build",
-            "--vm-config",
-            config,
-            "-m",
-            memory,
-        ])
+    let build_with = |args: &[&str]| {
+        let mut all = vec!["vm", "template", "build", "--vm-config", config];
+        all.extend_from_slice(args);
+        vm.warren(&all)
     };
+    let build = |memory: &str| build_with(&["-m", memory]);
     let bad = build("lots");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(
@@ -905,6 +900,41 @@ fn a_template_built_ahead_makes_the_first_create_a_clone() {
     assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
     assert_eq!(vm.get("other")["status"]["backendInfo"]["boot"], "cold");
     vm.ok(&["rm", "sized", "other"]);
+
+    // An image's template, from the server's image store (`--dir`): the image's first
+    // create of that size is a clone too.
+    let state = vm.server.state_dir();
+    let state = state.to_str().unwrap();
+    let build_image =
+        |image: &str, dir: &str| build_with(&["-m", "256Mi", "-i", image, "--dir", dir]);
+    let nowhere = vm.config_dir.path().join("nowhere");
+    let out = build_image("busybox", nowhere.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no image store there"),
+        "{}",
+        stderr(&out)
+    );
+    let layout = warren_image::testing::busybox_layout(vm.server.dir.path(), "busybox").unwrap();
+    vm.ok(&["image", "import", layout.to_str().unwrap()]);
+    let out = build_image("nope", state);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("-i nope") && stderr(&out).contains("not found"),
+        "{}",
+        stderr(&out)
+    );
+    let out = build_image("busybox", state);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_ne!(stdout(&out), built, "another template than the plain one");
+    let got = vm.run_in_busybox("imaged", &["-b", "vm", "-i", "busybox", "-m", "256Mi"]);
+    assert_eq!(
+        got["status"]["backendInfo"]["boot"],
+        "clone",
+        "{got}\n{}",
+        vm.server.log()
+    );
+    vm.ok(&["rm", "imaged"]);
 }
 
 #[test]

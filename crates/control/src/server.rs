@@ -126,6 +126,16 @@ pub struct StoreConfig {
 
 /// The metrics address when none is given: loopback only (metrics describe the node's
 /// workload; expose them wider on purpose, with `--metrics-listen 0.0.0.0:9091`).
+/// Where a server on `dir` (its `--dir`) keeps its image store.
+pub fn images_dir(dir: &Path) -> PathBuf {
+    dir.join("images")
+}
+
+/// The vm backend's directory of a server on `dir` (its `--dir`).
+pub fn vm_dir(dir: &Path) -> PathBuf {
+    dir.join("vm")
+}
+
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9091";
 
 /// The linux backend's egress range when none is given: RFC 2544's benchmarking block,
@@ -237,7 +247,7 @@ impl Server {
             })?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let images =
-            ImageStore::open(&config.dir.join("images")).map_err(|e| ServerError::Backend {
+            ImageStore::open(&images_dir(&config.dir)).map_err(|e| ServerError::Backend {
                 backend: "image store",
                 message: crate::images::error_chain(&e),
             })?;
@@ -282,7 +292,7 @@ impl Server {
         };
         let vm = VmBackend::new(
             VmBackendConfig {
-                dir: config.dir.join("vm"),
+                dir: vm_dir(&config.dir),
                 vm: vm_config,
                 config_error,
                 images: Some(images.clone()),

@@ -150,18 +150,22 @@ impl VmBackend {
         self.inner.available.as_ref()
     }
 
-    /// Builds the template of VMs without an image for sandboxes with these limits (none:
-    /// the config's default size), unless it exists or `rebuild`. Returns its directory.
+    /// Builds the template of VMs for sandboxes with these limits (none: the config's
+    /// default size), unless it exists or `rebuild`. Returns its directory. With
+    /// `root_disk` (an image's disk, as [`crate::image::root_disk`] makes it in the server's
+    /// [`crate::image::disk_cache`]) it is the template of that image's sandboxes; without,
+    /// of sandboxes without an image.
     pub async fn build_template(
         &self,
         resources: &ResourceInfo,
+        root_disk: Option<PathBuf>,
         rebuild: bool,
     ) -> Result<PathBuf, BackendError> {
         let (vcpus, memory_mb) = vm_size(&self.inner.config.vm.hypervisor, resources)?;
         let shape = crate::template::Shape {
             vcpus,
             memory_mb,
-            root_disk: None,
+            root_disk,
         };
         crate::template::build(&self.inner, &shape, rebuild).await
     }
@@ -336,7 +340,7 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
             let images = inner.config.images.as_ref().ok_or_else(|| {
                 BackendError::Invalid("spec.image: this server has no image store".into())
             })?;
-            let cache = inner.config.dir.join(IMAGES_DIR);
+            let cache = crate::image::disk_cache(&inner.config.dir);
             let (disk, image) = crate::image::root_disk(images, &cache, name)?;
             info.insert("image".into(), image.id.clone());
             (Some(disk), Some(image))

@@ -8,6 +8,11 @@ use std::process::Command;
 use warren_image::{Image, ImageStore};
 use warren_runtime::BackendError;
 
+/// Where the vm backend whose directory is `vm_dir` keeps its image disks.
+pub fn disk_cache(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(crate::backend::IMAGES_DIR)
+}
+
 /// The disk of image `name`, making it if needed; the image's config with it.
 pub fn root_disk(
     images: &ImageStore,

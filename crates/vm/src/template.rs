@@ -821,7 +821,7 @@ fn warm_shape(inner: &Inner, image: &str) -> Result<Shape, BackendError> {
     let images = inner.config.images.as_ref().ok_or_else(|| {
         BackendError::Invalid(format!("warm {image}: this server has no image store"))
     })?;
-    let cache = inner.config.dir.join(crate::backend::IMAGES_DIR);
+    let cache = crate::image::disk_cache(&inner.config.dir);
     let (disk, _) = crate::image::root_disk(images, &cache, image)?;
     let h = &inner.config.vm.hypervisor;
     Ok(Shape {

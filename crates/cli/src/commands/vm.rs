@@ -1,11 +1,14 @@
-//! `warren vm template build [--cpu C] [-m M]`: boots and saves the vm backend's template of
-//! a shape ahead of its first create (otherwise the first create of a shape boots cold and
-//! builds it behind). The shape is the one sandboxes with those limits get, computed by the
-//! backend as for a create; without them, the config's default.
+//! `warren vm template build [--cpu C] [-m M] [-i IMAGE [--dir DIR]]`: boots and saves the
+//! vm backend's template of a shape ahead of its first create (otherwise the first create of
+//! a shape boots cold and builds it behind). The shape is the one sandboxes with those
+//! limits (and that image) get, computed by the backend as for a create; without limits,
+//! the config's default size.
 //!
 //! It runs in this process, not through a server: the template lands in the config's
 //! `vm.template_dir`, keyed by everything it depends on, where a server with the same
-//! config finds it.
+//! config finds it. An image is taken from the server's image store under its `--dir`, and
+//! its disk made (or found) where that server keeps image disks: the template's key names
+//! the disk, so the server's creates of the image find this template.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +54,14 @@ struct BuildArgs {
     /// the guest kernel keeps).
     #[arg(long, short = 'm')]
     memory: Option<String>,
+    /// The image of the sandboxes it is for (`warren run -b vm -i IMAGE`), a name or id in
+    /// the image store of the server on --dir.
+    #[arg(long, short = 'i')]
+    image: Option<String>,
+    /// The `--dir` of the server whose image store has the image [default: the server's
+    /// default, /var/lib/warren for root].
+    #[arg(long, value_name = "DIR", requires = "image")]
+    dir: Option<PathBuf>,
 }
 
 impl BuildArgs {
@@ -102,8 +113,12 @@ pub async fn run(args: Args, _g: &Globals) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the vm backend cannot run here: {reason}");
     }
     let t = Instant::now();
+    let disk = match &a.image {
+        Some(image) => Some(image_disk(a.dir.clone(), image)?),
+        None => None,
+    };
     let dir = backend
-        .build_template(&limits, a.rebuild)
+        .build_template(&limits, disk, a.rebuild)
         .await
         .context("building the template")?;
     println!(
@@ -112,4 +127,24 @@ pub async fn run(args: Args, _g: &Globals) -> anyhow::Result<ExitCode> {
         t.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The disk of `image` where the server on `dir` keeps image disks, made if it is missing.
+fn image_disk(dir: Option<PathBuf>, image: &str) -> anyhow::Result<PathBuf> {
+    let dir = dir.unwrap_or_else(warren_control::address::default_dir);
+    let images = warren_control::server::images_dir(&dir);
+    if !images.is_dir() {
+        anyhow::bail!(
+            "--dir {}: no image store there ({} is missing): give the server's --dir, with \
+             the image imported or pulled on that server",
+            dir.display(),
+            images.display()
+        );
+    }
+    let store = warren_image::ImageStore::open(&images)
+        .with_context(|| format!("opening the image store {}", images.display()))?;
+    let cache = warren_vm::image::disk_cache(&warren_control::server::vm_dir(&dir));
+    let (disk, _) = warren_vm::image::root_disk(&store, &cache, image)
+        .map_err(|e| anyhow::anyhow!("-i {image}: {}", warren_runtime::error_chain(&e)))?;
+    Ok(disk)
 }
