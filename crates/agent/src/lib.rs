@@ -305,6 +305,14 @@ impl Agent {
         }
     }
 
+    /// Tells every backend an image was deleted from the node's store
+    /// ([`Backend::images_removed`]).
+    pub fn images_removed(&self) {
+        for backend in self.backends.values() {
+            backend.images_removed();
+        }
+    }
+
     /// Pre-warmed sandboxes per backend and image: (backend, image, ready, target).
     pub fn warm(&self) -> Vec<(BackendKind, String, usize, usize)> {
         let mut all = Vec::new();

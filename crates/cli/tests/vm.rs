@@ -676,6 +676,36 @@ fn an_image_is_the_root_of_its_vm() {
     assert_eq!(stdout(&out), "1\nwritten\n");
     let info = vm.ok(&["info"]);
     assert!(info.contains("templates off"), "{info}");
+
+    // An image removed while no server ran: the next server removes its disk at start.
+    vm.ok(&["rm", "img"]);
+    assert_eq!(image_disks(&vm).len(), 1, "busybox's disk");
+    let mut vm = vm;
+    vm.server.kill9();
+    warren_image::ImageStore::open(&vm.server.state_dir().join("images"))
+        .unwrap()
+        .remove("busybox")
+        .unwrap();
+    vm.server.spawn();
+    vm.poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || match image_disks(&vm)[..] {
+            [] => Ok(()),
+            ref left => Err(format!("left behind: {left:?}")),
+        },
+    );
+}
+
+/// The image disks the server's vm backend has made (`<dir>/vm/.images/*.ext4`).
+fn image_disks(vm: &Vm) -> Vec<PathBuf> {
+    std::fs::read_dir(vm.server.state_dir().join("vm/.images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ext4"))
+        .collect()
 }
 
 /// Prints 1 in busybox's image (its passwd has a nobody line), 0 in the initramfs.
@@ -734,6 +764,62 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "0\n");
     vm.ok(&["rm", "a", "b", "plain"]);
+
+    // Removing the image removes what the vm backend made of it: its disk, its template
+    // and its pool clones; the plain shape's template and pool stay.
+    let ext4 = || image_disks(&vm);
+    let templates = vm.config_dir.path().join("templates");
+    let template_disks = || -> Vec<Option<String>> {
+        std::fs::read_dir(&templates)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| std::fs::read_to_string(e.path().join("disk")).ok())
+            .collect()
+    };
+    let disk = ext4();
+    assert_eq!(disk.len(), 1, "busybox's disk: {disk:?}");
+    let disk = disk[0].display().to_string();
+    assert!(
+        template_disks().contains(&Some(disk.clone())),
+        "{:?}",
+        template_disks()
+    );
+    // The plain shape's template is built behind its first create.
+    vm.poll(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || match template_disks() {
+            t if t.contains(&None) => Ok(()),
+            t => Err(format!("no template of the plain shape: {t:?}")),
+        },
+    );
+    vm.wait_info("2 shape(s) in use", Duration::from_secs(10));
+    vm.ok(&["image", "rm", "busybox"]);
+    vm.poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        let (left, kept) = (ext4(), template_disks());
+        // The plain shape's pool clone is the one qemu left.
+        if left.is_empty() && !kept.contains(&Some(disk.clone())) && vm.qemus().len() == 1 {
+            Ok(())
+        } else {
+            Err(format!(
+                "left behind: disks {left:?}, templates {kept:?}, qemus {:?}",
+                vm.qemus()
+            ))
+        }
+    });
+    assert!(template_disks().contains(&None), "{:?}", template_disks());
+    vm.wait_info(
+        "pool: 1 clone(s) ready, 1 kept per shape, 1 shape(s) in use",
+        Duration::from_secs(60),
+    );
+    assert!(
+        vm.server
+            .log()
+            .contains("removed the disk of a removed image"),
+        "{}",
+        vm.server.log()
+    );
 }
 
 /// `--warm vm:busybox=1`: the image's template is built at start once the image is in the

@@ -210,6 +210,12 @@ impl Images for ImagesService {
         }
         let store = self.store.clone();
         let image = blocking(move || store.remove(&name)).await?;
+        // Untagging one of several names deletes nothing.
+        let store = self.store.clone();
+        let id = found.id.clone();
+        if blocking(move || Ok(store.resolve(&id).is_err())).await? {
+            self.plane.agent().images_removed();
+        }
         Ok(Response::new(v1::RemoveImageResponse {
             image: Some(image_to_pb(&image)),
         }))

@@ -301,6 +301,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn warm(&self) -> Vec<(String, usize, usize)> {
         Vec::new()
     }
+
+    /// An image was deleted from the node's image store: a backend that keeps things made
+    /// from images (the vm backend's image disks and templates) drops those of images the
+    /// store no longer has.
+    fn images_removed(&self) {}
 }
 
 /// Pre-warmed sandboxes as a backend's `warren info` detail lists them, after its own

@@ -142,6 +142,8 @@ impl VmBackend {
         if backend.inner.available.is_ok() {
             crate::template::start_refill(&backend.inner);
         }
+        // Images removed while no server ran (or by an older one) leave their disks.
+        backend.images_removed();
         Ok(backend)
     }
 
@@ -177,6 +179,36 @@ impl VmBackend {
 
     fn dir(&self, id: &str) -> PathBuf {
         vm::sandbox_dir(&self.inner.config.dir, id)
+    }
+}
+
+/// Removes the disks of images the store no longer has and what was made from them (see
+/// [`crate::template::forget_disks`]). A VM still running from one keeps its open file.
+async fn collect_image_disks(inner: Arc<Inner>) {
+    let Some(images) = &inner.config.images else {
+        return;
+    };
+    let cache = crate::image::disk_cache(&inner.config.dir);
+    let orphans = match crate::image::orphan_disks(images, &cache) {
+        Ok(orphans) => orphans,
+        Err(e) => {
+            warn!("vm: cannot list the images to collect their disks: {e}");
+            return;
+        }
+    };
+    if orphans.is_empty() {
+        return;
+    }
+    let disks: std::collections::HashSet<PathBuf> = orphans.iter().cloned().collect();
+    crate::template::forget_disks(&inner, &disks).await;
+    for disk in &orphans {
+        match std::fs::remove_file(disk) {
+            Ok(()) => info!(disk = %disk.display(), "vm: removed the disk of a removed image"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(disk = %disk.display(), "vm: cannot remove the disk of a removed image: {e}")
+            }
+        }
     }
 }
 
@@ -464,6 +496,17 @@ impl Backend for VmBackend {
 
     fn warm(&self) -> Vec<(String, usize, usize)> {
         self.inner.templates.warm()
+    }
+
+    /// Removes, in the background, the disks of images the store no longer has, with their
+    /// templates and pool clones.
+    fn images_removed(&self) {
+        if self.inner.config.images.is_none() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(collect_image_disks(Arc::clone(&self.inner)));
+        }
     }
 
     fn describe(&self) -> Option<String> {

@@ -25,13 +25,7 @@ pub fn root_disk(
             warren_runtime::error_chain(&e)
         ))
     })?;
-    let key: String = image
-        .id
-        .trim_start_matches("sha256:")
-        .chars()
-        .take(24)
-        .collect();
-    let disk = cache.join(format!("{key}.ext4"));
+    let disk = cache.join(disk_name(&image.id));
     if disk.is_file() {
         return Ok((disk, image));
     }
@@ -101,6 +95,41 @@ pub fn root_disk(
     }
     std::fs::rename(&tmp, &disk).map_err(|e| BackendError::io("move into place", &disk, e))?;
     Ok((disk, image))
+}
+
+/// The file name of the disk of the image `id` in the cache.
+fn disk_name(id: &str) -> String {
+    let key: String = id.trim_start_matches("sha256:").chars().take(24).collect();
+    format!("{key}.ext4")
+}
+
+/// The disks in `cache` of images the store no longer has (removed since). The cache is
+/// read before the store: a disk made meanwhile for a new image is not taken for an orphan.
+pub(crate) fn orphan_disks(
+    images: &ImageStore,
+    cache: &Path,
+) -> Result<Vec<PathBuf>, BackendError> {
+    let disks: Vec<(String, PathBuf)> = std::fs::read_dir(cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(name, _)| name.ends_with(".ext4") && !name.starts_with('.'))
+        .collect();
+    if disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kept: std::collections::HashSet<String> = images
+        .list()
+        .map_err(|e| BackendError::Other(warren_runtime::error_chain(&e)))?
+        .iter()
+        .map(|i| disk_name(&i.id))
+        .collect();
+    Ok(disks
+        .into_iter()
+        .filter(|(name, _)| !kept.contains(name))
+        .map(|(_, path)| path)
+        .collect())
 }
 
 /// Bytes of the regular files under `dir` (symlinks not followed).

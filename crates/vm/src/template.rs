@@ -27,6 +27,7 @@
 //! cgroup (while its guest is prepared and started: see `monitor::launch`).
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::ffi::OsStringExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -49,6 +50,9 @@ const POOL_STATE: &str = "pool.json";
 /// In a template being built: its qemu and the server building it, so that a later server
 /// ends a build whose server was killed (`clean_builds`).
 const BUILD_STATE: &str = "build.json";
+/// In a template of an image's sandboxes: the path of the image's disk, so the template
+/// goes when the image does ([`forget_disks`]).
+const DISK: &str = "disk";
 /// How long one QMP answer (and a restore's incoming migration) may take: generous, as a
 /// loaded host under TCG is slow, and a failed restore falls back to a slower cold boot.
 const QMP_PATIENCE: Duration = Duration::from_secs(30);
@@ -320,7 +324,13 @@ pub(crate) async fn build(
             .join(format!(".{}-{}.tmp", key(inner, shape), std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir(&work).map_err(|e| BackendError::io("create", &work, e))?;
-    let result = save(inner, shape, &work).await;
+    let mut result = save(inner, shape, &work).await;
+    if result.is_ok()
+        && let Some(disk) = &shape.root_disk
+    {
+        result = std::fs::write(work.join(DISK), disk.as_os_str().as_encoded_bytes())
+            .map_err(|e| BackendError::io("write", &work.join(DISK), e));
+    }
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&work);
         return Err(e);
@@ -689,6 +699,37 @@ fn spawn_build(inner: &Arc<Inner>, shape: &Shape) {
             inner.templates.refill.notify_one();
         }
     });
+}
+
+/// Drops what was made for the image disks `disks` (their images are gone from the store):
+/// their shapes leave the pool and the warm images' shapes, and their templates (found by
+/// the disk each names) are removed, and their pool clones ended.
+pub(crate) async fn forget_disks(inner: &Inner, disks: &HashSet<PathBuf>) {
+    let of = |s: &Shape| s.root_disk.as_ref().is_some_and(|d| disks.contains(d));
+    let clones: Vec<Clone> = {
+        let mut state = inner.templates.lock();
+        state.wanted.retain(|s| !of(s));
+        state.failed.retain(|s, _| !of(s));
+        state.warm_shapes.retain(|_, s| !of(s));
+        state.pool.extract_if(.., |c| of(&c.shape)).collect()
+    };
+    for entry in std::fs::read_dir(&inner.templates.root)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(named) = std::fs::read(entry.path().join(DISK)) else {
+            continue;
+        };
+        let named = PathBuf::from(std::ffi::OsString::from_vec(named));
+        if disks.contains(&named) {
+            info!(template = %entry.path().display(), disk = %named.display(), "vm: removing the template of a removed image");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    for clone in clones {
+        clone.end().await;
+    }
 }
 
 /// Ends template builds whose server is gone (killed mid-build: its qemu would idle on
