@@ -129,6 +129,14 @@ fn dump_kill_restore_counts_on_with_its_logs_and_open_file() {
     assert!(held > at_dump, "/tmp/held at {held}, dumped at {at_dump}");
 
     l.ok(&["rm", "counter"]);
+    // The checkpoint needs its image: removing it is refused, naming the checkpoint.
+    let out = l.warren(&["image", "rm", "busybox"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("is in use by checkpoint ck1: remove it first"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(l.ok(&["checkpoint", "rm", "ck1"]), "ck1\n");
     assert!(!l.ok(&["checkpoint", "ls"]).contains("ck1"));
     let out = l.warren(&["restore", "ck1"]);
@@ -137,6 +145,7 @@ fn dump_kill_restore_counts_on_with_its_logs_and_open_file() {
         "{}",
         stderr(&out)
     );
+    l.ok(&["image", "rm", "busybox"]);
 }
 
 #[test]

@@ -28,8 +28,9 @@ impl ImagesService {
     }
 
     /// What keeps `image` in use on this node, when removing `name` would delete it (not
-    /// when it only drops one of its names): its sandboxes, in any phase, and the warm
-    /// pools of its names. A running sandbox's root is made of the image's layers.
+    /// when it only drops one of its names): its sandboxes, in any phase, the checkpoints
+    /// taken of them and the warm pools of its names. A running sandbox's root is made of
+    /// the image's layers, and a restore needs them. Reads files: call off the async workers.
     fn users(&self, image: &warren_image::Image, name: &str) -> Vec<String> {
         let hex = |s: &str| s.strip_prefix("sha256:").unwrap_or(s).to_string();
         let by_id = hex(&image.id).starts_with(&hex(name));
@@ -44,6 +45,12 @@ impl ImagesService {
             .into_iter()
             .map(|n| format!("sandbox {n}"))
             .collect();
+        users.extend(
+            self.plane
+                .checkpoints_of_image(&image.id)
+                .into_iter()
+                .map(|n| format!("checkpoint {n}")),
+        );
         for (backend, warm, _, target) in self.plane.agent().warm() {
             if target > 0 && self.store.resolve(&warm).is_ok_and(|i| i.id == image.id) {
                 users.push(format!("the {backend} warm pool of {warm}"));
@@ -198,7 +205,9 @@ impl Images for ImagesService {
         let store = self.store.clone();
         let wanted = name.clone();
         let found = blocking(move || store.resolve(&wanted)).await?;
-        let users = self.users(&found, &name);
+        let this = self.clone();
+        let (image, asked) = (found.clone(), name.clone());
+        let users = blocking(move || Ok(this.users(&image, &asked))).await?;
         if !users.is_empty() {
             let short = found.id.strip_prefix("sha256:").unwrap_or(&found.id);
             return Err(Status::failed_precondition(format!(

@@ -102,6 +102,21 @@ impl ControlPlane {
         Ok(Arc::clone(&self.enabled()?.store))
     }
 
+    /// Stored checkpoints of sandboxes made from the image `id`, by name: restoring one
+    /// needs the image (its root's layers). Reads every manifest.
+    pub fn checkpoints_of_image(&self, id: &str) -> Vec<String> {
+        let Ok(store) = self.checkpoint_store() else {
+            return Vec::new();
+        };
+        store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, m)| m.engine.get("image").is_some_and(|i| i == id))
+            .map(|(_, m)| m.name)
+            .collect()
+    }
+
     fn checkpoint_backend(&self, kind: BackendKind) -> Result<Arc<dyn Backend>, ControlError> {
         let unavailable = |reason: String| {
             ControlError::Agent(AgentError::Unavailable {
