@@ -904,6 +904,22 @@ fn a_warm_pool_follows_its_image_when_imported_again() {
     let out = l.run("first", &["--wait"], &["cat", "/etc/release"]);
     assert_eq!(stdout(&out), "2\n", "{}", stderr(&out));
     wait_replaced(&l, &old, "the old image's shells");
+    // The old image has no name now: `image prune` removes it; `--all` keeps busybox, which
+    // the pool and a sandbox use.
+    let out = l.ok(&["image", "prune"]);
+    assert!(
+        out.ends_with("1 image(s) removed, 0 in use kept\n"),
+        "{out}"
+    );
+    let out = l.ok(&["image", "prune", "--all"]);
+    assert!(
+        out.contains("(busybox:latest): ")
+            && out.contains("in use by sandbox first, the linux warm pool of busybox")
+            && out.ends_with("0 image(s) removed, 1 in use kept\n"),
+        "{out}"
+    );
+    let images = json(&l.ok(&["image", "ls", "-o", "json"]));
+    assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
     let out = l.run("warm", &["--wait"], &["cat", "/etc/release"]);
     assert_eq!(stdout(&out), "2\n", "{}", stderr(&out));
     assert!(cgroup_of(&l, "warm").starts_with("warm-"), "from the pool");

@@ -1,4 +1,4 @@
-//! `warren image import|ls|rm` and `warren pull`: the server's image store.
+//! `warren image import|ls|rm|prune` and `warren pull`: the server's image store.
 
 use std::process::ExitCode;
 
@@ -35,6 +35,14 @@ enum ImageCommand {
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// Remove the images no name points to (left when a name is imported or pulled again);
+    /// with --all, every image. Images in use (by sandboxes, checkpoints, warm pools) are
+    /// kept, saying by what.
+    Prune {
+        /// Every image, named or not, that nothing uses.
+        #[arg(long, short = 'a')]
+        all: bool,
     },
     /// Pull an image from a registry (same as `warren pull`).
     Pull(PullArgs),
@@ -104,8 +112,48 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        ImageCommand::Prune { all } => prune(all, g).await,
         ImageCommand::Pull(args) => pull(args, g).await,
     }
+}
+
+/// `warren image prune`: removes by id each image without names (or every one, `all`); the
+/// server refuses those in use, which are kept.
+async fn prune(all: bool, g: &Globals) -> anyhow::Result<ExitCode> {
+    let mut client = g.connect_images().await?;
+    let images = answer(client.list_images(v1::ListImagesRequest {}).await)?.images;
+    let (mut removed, mut kept, mut failed) = (0, 0, false);
+    for image in images.iter().filter(|i| all || i.names.is_empty()) {
+        let shown = match image.names.as_slice() {
+            [] => short_id(&image.id).to_string(),
+            names => format!("{} ({})", short_id(&image.id), names.join(", ")),
+        };
+        match client
+            .remove_image(v1::RemoveImageRequest {
+                name: image.id.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                println!("removed {shown}");
+                removed += 1;
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                println!("kept {shown}: {}", s.message());
+                kept += 1;
+            }
+            Err(s) => {
+                eprintln!("error: {shown}: {}", ServerError(s));
+                failed = true;
+            }
+        }
+    }
+    println!("{removed} image(s) removed, {kept} in use kept");
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub async fn pull(args: PullArgs, g: &Globals) -> anyhow::Result<ExitCode> {
