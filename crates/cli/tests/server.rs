@@ -770,3 +770,43 @@ fn reset_revision_recreates_the_sandbox() {
     assert_eq!(adopted["metadata"]["uid"], again["metadata"]["uid"]);
     assert_eq!(adopted["status"]["phase"], "Running", "{adopted}");
 }
+
+/// Started from a shell with a low open-file limit (1024 is common), the server raises it
+/// to the hard limit: each sandbox holds files open in it.
+#[test]
+fn the_server_raises_its_open_file_limit() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--nofile=256:")
+        .arg("--")
+        .arg(common::WARREN)
+        .arg("server")
+        .arg("--dir")
+        .arg(dir.path().join("state"))
+        .arg("--listen")
+        .arg(format!("unix://{}/w.sock", dir.path().display()))
+        .args(["--metrics-listen", "off"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs warren server");
+    let mut first = String::new();
+    let read = std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first);
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        read.is_ok() && first.starts_with("warren server listening on"),
+        "{first:?}"
+    );
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("{limits}"));
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers.len(), 2, "{line}");
+    assert_ne!(numbers[0], "256", "not raised: {line}");
+    assert_eq!(numbers[0], numbers[1], "soft is the hard limit: {line}");
+}

@@ -74,6 +74,7 @@ fn default_dir() -> PathBuf {
 }
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    super::raise_open_files();
     let server = g
         .server
         .as_deref()

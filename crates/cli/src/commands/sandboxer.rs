@@ -8,6 +8,7 @@ pub use warren_sandboxer::Args;
 use super::usage;
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    super::raise_open_files();
     let config = args.config().map_err(|e| usage(e.to_string()))?;
     warren_sandboxer::run(config, warren_sandboxer::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -179,6 +179,7 @@ fn warm_of(kind: BackendKind, warm: &[(BackendKind, String, usize)]) -> Vec<(Str
 }
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    super::raise_open_files();
     let warm: Vec<(BackendKind, String, usize)> = args
         .warm
         .iter()
