@@ -261,13 +261,17 @@ fn limits_on(r: &ResourceInfo, online: Option<u64>) -> Result<Limits, BackendErr
     })
 }
 
-/// The CPUs online on this host.
+/// The CPUs online on this host, counted once (glibc reads a file in /sys for it: not on
+/// every create).
 fn online_cpus() -> Option<u64> {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
-        .ok()
-        .flatten()
-        .and_then(|n| u64::try_from(n).ok())
-        .filter(|n| *n > 0)
+    static ONLINE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *ONLINE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+            .ok()
+            .flatten()
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n > 0)
+    })
 }
 
 /// Kubernetes' rule: `command` replaces the image's entrypoint, `args` its cmd; args alone
