@@ -124,8 +124,6 @@ pub struct StoreConfig {
     pub leader_ttl: Option<Duration>,
 }
 
-/// The metrics address when none is given: loopback only (metrics describe the node's
-/// workload; expose them wider on purpose, with `--metrics-listen 0.0.0.0:9091`).
 /// Where a server on `dir` (its `--dir`) keeps its image store.
 pub fn images_dir(dir: &Path) -> PathBuf {
     dir.join("images")
@@ -136,6 +134,8 @@ pub fn vm_dir(dir: &Path) -> PathBuf {
     dir.join("vm")
 }
 
+/// The metrics address when none is given: loopback only (metrics describe the node's
+/// workload; expose them wider on purpose, with `--metrics-listen 0.0.0.0:9091`).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9091";
 
 /// The linux backend's egress range when none is given: RFC 2544's benchmarking block,
