@@ -1061,7 +1061,14 @@ fn warm_pool_serves_creates_with_their_own_settings() {
         !cgroup_of(&l, "input").starts_with("warm-"),
         "a sandbox with input starts cold"
     );
-    l.ok(&["rm", "w1", "w-caps", "w2", "cold", "input"]);
+    // And a storage limit: the writable layer is a file system made for the sandbox.
+    let out = l.run("sized", &["--wait", "--storage", "16Mi"], &["true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        !cgroup_of(&l, "sized").starts_with("warm-"),
+        "a sandbox with a storage limit starts cold"
+    );
+    l.ok(&["rm", "w1", "w-caps", "w2", "cold", "input", "sized"]);
 
     // Killed, the server leaves its shells; the next one removes them and makes its own.
     wait_warm(&l, 2);
@@ -1230,4 +1237,82 @@ fn a_root_directory_runs_in_place() {
     let out = l.warren(&["run", "-b", "linux", "-i", "/no/such/root", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("/no/such/root"), "{}", stderr(&out));
+}
+
+/// `--storage` bounds what a sandbox can write: its writable layer is a file system of that
+/// size (loop-mounted in the sandbox's mount namespace only), so filling it fails with
+/// ENOSPC inside instead of filling the host's disk. Nothing stays mounted or attached.
+#[test]
+fn a_storage_limit_bounds_the_writable_layer() {
+    let l = linux_or_skip!();
+    let fill = "dd if=/dev/zero of=/fill bs=1M count=64 2>&1; echo rc=$?; \
+                dd if=/dev/zero of=/tmp/more bs=1M count=1 2>&1 | tail -1";
+    let out = l.run(
+        "small",
+        &["--storage", "16Mi", "--wait"],
+        &["sh", "-c", fill],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("No space left on device"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert!(text.contains("rc=1"), "{text}");
+    let out = l.run(
+        "fits",
+        &["--storage", "16Mi", "--wait"],
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/f bs=1M count=4 2>/dev/null && wc -c < /f",
+        ],
+    );
+    assert_eq!(stdout(&out), "4194304\n", "{}", stderr(&out));
+    // Without a limit the same write goes through.
+    let out = l.run("free", &["--wait"], &["sh", "-c", fill]);
+    assert!(stdout(&out).contains("rc=0"), "{}", stdout(&out));
+
+    let out = l.run("tiny", &["--storage", "1Mi"], &["true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("spec.resources.limits.storage: 1048576 bytes is below the 8Mi"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.run("running", &["--storage", "16Mi"], &["sleep", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = l.warren(&["update", "running", "--storage", "32Mi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("spec.resources.limits.storage: sandbox"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.warren(&["checkpoint", "running"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("storage limit"), "{}", stderr(&out));
+
+    let state = l.server.state_dir();
+    l.ok(&["rm", "-f", "small", "fits", "free", "running"]);
+    // The loop devices are released with the sandboxes' mount namespaces.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attached: Vec<String> = std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+            .filter(|f| f.starts_with(state.to_str().unwrap()))
+            .collect();
+        if attached.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still attached: {attached:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(state.to_str().unwrap()),
+        "mounted on the host: {mounts}"
+    );
 }

@@ -322,6 +322,42 @@ fn make_bundle(bundle: &Path, container: &ContainerConfig) -> Result<(), Backend
     })
 }
 
+/// The writable layer's own file system for a storage limit: a sparse file of `bytes` in
+/// the bundle, made ext4 (no journal: the layer goes with the sandbox; no blocks reserved
+/// for root: the sandbox gets all of it). The container mounts it ([`config::STORAGE_DIR`]).
+async fn make_storage(bundle: &Path, bytes: u64) -> Result<(), BackendError> {
+    let file = bundle.join(config::STORAGE_FILE);
+    let dir = bundle.join(config::STORAGE_DIR);
+    std::fs::create_dir(&dir).map_err(|e| BackendError::io("create", &dir, e))?;
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(|e| BackendError::io("create", &file, e))?;
+    let out = tokio::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+        ])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| BackendError::io("run mkfs.ext4 (e2fsprogs) on", &file, e))?;
+    if !out.status.success() {
+        return Err(BackendError::Other(format!(
+            "mkfs.ext4 {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// A supervisor that reported `ok PID`.
 #[derive(Debug)]
 struct Started {
@@ -401,6 +437,12 @@ async fn cold_start(
     stdin: Option<&Stdin>,
 ) -> Result<Started, BackendError> {
     make_bundle(bundle, container)?;
+    if let Some(bytes) = container.storage_bytes
+        && let Err(e) = make_storage(bundle, bytes).await
+    {
+        let _ = std::fs::remove_dir_all(bundle);
+        return Err(e);
+    }
     if let Some(stdin) = stdin {
         let path = bundle.join(config::STDIN_FILE);
         std::fs::write(&path, stdin.bytes()).map_err(|e| BackendError::io("write", &path, e))?;
@@ -569,7 +611,10 @@ impl Backend for LinuxBackend {
         };
         let bundle = self.bundle(id);
         // A warm shell's stdin is set when it is made: input needs a cold start.
-        let (shell, dead) = if container.mounts.is_empty() && stdin.is_none() {
+        let (shell, dead) = if container.mounts.is_empty()
+            && stdin.is_none()
+            && container.storage_bytes.is_none()
+        {
             inner.take_shell(&image_id)
         } else {
             (None, Vec::new())
@@ -807,7 +852,8 @@ impl Backend for LinuxBackend {
     }
 
     /// Resizes a running sandbox: the new limits are written to its cgroup (a memory limit
-    /// below what it uses now is refused by the kernel, and reported).
+    /// below what it uses now is refused by the kernel, and reported). Its storage limit is
+    /// the size of a file system made at its start: changed only before.
     async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
         let bundle = self.bundle(id);
         let limits = limits_of(resources)?;
@@ -815,7 +861,14 @@ impl Backend for LinuxBackend {
             let mut sandboxes = self.inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
             if let Some(pending) = &mut sb.pending {
+                let dir = pending.container.rootfs.is_some();
+                pending.container.storage_bytes = spec::storage_of(resources, dir)?;
                 pending.container.limits = limits.clone();
+            } else if resources.storage_limit != sb.resources.storage_limit {
+                return Err(BackendError::Invalid(format!(
+                    "spec.resources.limits.storage: sandbox {id} has started: its writable \
+                     layer's size is set (re-create it with --reset-revision for another)"
+                )));
             }
             sb.resources = resources.clone();
             sb.status == BackendStatus::Running

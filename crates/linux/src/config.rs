@@ -24,6 +24,12 @@ pub const STOP_FILE: &str = "stop";
 pub const ROOTFS_DIR: &str = "rootfs";
 pub const UPPER_DIR: &str = "upper";
 pub const WORK_DIR: &str = "work";
+/// With a storage limit: the writable layer's own ext4 file system, a file of the limit's
+/// size in the bundle ...
+pub const STORAGE_FILE: &str = "storage.ext4";
+/// ... loop-mounted here in the container's mount namespace only (the overlay's `upper`
+/// and `work` are in it), so nothing is mounted on the host.
+pub const STORAGE_DIR: &str = "storage";
 
 /// Everything the supervisor needs to start one container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +91,10 @@ pub struct ContainerConfig {
     /// The workload is killed this long after it started, with reason `Timeout`.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// A storage limit: the size of the writable layer's own file system
+    /// ([`STORAGE_FILE`]); without, the writable layer is a directory of the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
 }
 
 /// A host directory visible inside the container.

@@ -234,6 +234,9 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
     .map_err(|e| err("make mounts private", e))?;
 
     let rootfs = bundle.join(crate::config::ROOTFS_DIR);
+    if cfg.storage_bytes.is_some() {
+        mount_storage(bundle)?;
+    }
     mount_overlay(cfg, bundle, &rootfs)?;
     // Host directories for bind mounts, opened while the host's tree is still visible.
     let mut host_dirs = Vec::with_capacity(cfg.mounts.len());
@@ -353,6 +356,34 @@ fn finish(
     Err(format!("exec {:?}: {}", cfg.argv[0], e.desc()))
 }
 
+/// Mounts the writable layer's own file system (a storage limit) in this mount namespace,
+/// with `upper` and `work` in it. util-linux's `mount` sets up the loop device, with
+/// autoclear: it is released when the last mount of it goes, with this namespace.
+fn mount_storage(bundle: &Path) -> Result<(), String> {
+    let file = bundle.join(crate::config::STORAGE_FILE);
+    let dir = bundle.join(crate::config::STORAGE_DIR);
+    let out = std::process::Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,nodev,nosuid"])
+        .arg(&file)
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| err("run mount (util-linux) for the storage limit", e))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mount {} on {}: {}",
+            file.display(),
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    for d in [crate::config::UPPER_DIR, crate::config::WORK_DIR] {
+        std::fs::create_dir(dir.join(d))
+            .map_err(|e| err(format!("create {d} in {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn mount_overlay(
     cfg: &ContainerConfig,
     bundle: &Path,
@@ -387,11 +418,16 @@ pub(crate) fn mount_overlay(
         .rev()
         .map(|l| l.display().to_string())
         .collect();
+    // With a storage limit the writable layer is on its own file system.
+    let writable = match cfg.storage_bytes {
+        Some(_) => bundle.join(crate::config::STORAGE_DIR),
+        None => bundle.to_path_buf(),
+    };
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.join(":"),
-        bundle.join(crate::config::UPPER_DIR).display(),
-        bundle.join(crate::config::WORK_DIR).display()
+        writable.join(crate::config::UPPER_DIR).display(),
+        writable.join(crate::config::WORK_DIR).display()
     );
     // `volatile` (Linux 5.10+): the upper layer is thrown away with the sandbox, so the
     // sync overlayfs does at unmount (a container's exit) buys nothing; older kernels

@@ -783,8 +783,11 @@ fn wait_for_claim(shell: WarmShell) -> Result<(std::path::PathBuf, Running), Str
         if claim.config.layers != shell.template.layers
             || claim.config.rootfs.is_some()
             || !claim.config.mounts.is_empty()
+            || claim.config.storage_bytes.is_some()
         {
-            reply("error the claim does not fit this shell (another image, or bind mounts)");
+            reply(
+                "error the claim does not fit this shell (another image, bind mounts or a storage limit)",
+            );
             continue;
         }
         let mut gate = match claim

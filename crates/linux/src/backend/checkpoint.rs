@@ -108,6 +108,13 @@ pub(super) async fn checkpoint(
              restore); checkpoints of such sandboxes are not supported"
         )));
     }
+    if container.storage_bytes.is_some() {
+        return Err(BackendError::Invalid(format!(
+            "sandbox {id}: it has a storage limit (its writable layer is a file system of its \
+             own, which checkpoints do not save yet); checkpoints of such sandboxes are not \
+             supported"
+        )));
+    }
     let criu = inner.criu()?;
     let image = image_of(inner, config, &container)?;
     let stdio = stdio_of(pid)

@@ -76,6 +76,7 @@ pub(super) fn container_config(
     }
     let enforced = PolicyEnforcement::of(config)?;
     let limits = limits_of(&config.resources)?;
+    let storage_bytes = storage_of(&config.resources, matches!(source, RootSource::Dir(_)))?;
     let grace = spec
         .stop_grace_period_seconds
         .map(Duration::from_secs_f64)
@@ -117,6 +118,7 @@ pub(super) fn container_config(
             timeout_ms: spec
                 .timeout_seconds
                 .map(|s| Duration::from_secs_f64(s).as_millis() as u64),
+            storage_bytes,
         },
         source.id(),
     ))
@@ -259,6 +261,31 @@ fn limits_on(r: &ResourceInfo, online: Option<u64>) -> Result<Limits, BackendErr
         cpu_limit_millis: r.cpu_limit.map(|c| (c * 1000.0).round() as u64),
         cpu_request_millis: r.cpu_request.map(|c| (c * 1000.0).round() as u64),
     })
+}
+
+/// The smallest storage limit: an ext4 file system's own structures need some room.
+pub(super) const MIN_STORAGE: u64 = 8 << 20;
+
+/// The size of the writable layer's file system a storage limit asks for. A prepared root
+/// directory (`dir`) is written in place: no limit can apply there.
+pub(super) fn storage_of(r: &ResourceInfo, dir: bool) -> Result<Option<u64>, BackendError> {
+    let Some(bytes) = r.storage_limit else {
+        return Ok(None);
+    };
+    let field = "spec.resources.limits.storage";
+    if dir {
+        return Err(BackendError::Invalid(format!(
+            "{field}: {bytes} bytes: a sandbox on a prepared root directory writes it in place; \
+             a storage limit needs an image"
+        )));
+    }
+    if bytes < MIN_STORAGE {
+        return Err(BackendError::Invalid(format!(
+            "{field}: {bytes} bytes is below the {}Mi a writable layer's file system needs",
+            MIN_STORAGE >> 20
+        )));
+    }
+    Ok(Some(bytes))
 }
 
 /// The CPUs online on this host, counted once (glibc reads a file in /sys for it: not on

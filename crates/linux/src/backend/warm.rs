@@ -367,6 +367,7 @@ async fn start_shell(inner: &Inner, image: &warren_image::Image) -> Result<Shell
         log_max_bytes: inner.config.log_max_bytes,
         stop_grace_ms: inner.config.default_stop_grace.as_millis() as u64,
         timeout_ms: None,
+        storage_bytes: None,
     };
     make_bundle(&bundle, &template)?;
     match spawn_supervisor(inner, &bundle, Some("--warm")).await {
