@@ -267,18 +267,14 @@ fn limits_on(r: &ResourceInfo, online: Option<u64>) -> Result<Limits, BackendErr
 pub(super) const MIN_STORAGE: u64 = 8 << 20;
 
 /// The size of the writable layer's file system a storage limit asks for. A prepared root
-/// directory (`dir`) is written in place: no limit can apply there.
+/// directory (`dir`: containerd's snapshot through the shim) is written in place: whoever
+/// prepared it limits it (kubelet evicts pods past their ephemeral-storage), so the limit
+/// is recorded, not applied, as containerd's runtimes do.
 pub(super) fn storage_of(r: &ResourceInfo, dir: bool) -> Result<Option<u64>, BackendError> {
-    let Some(bytes) = r.storage_limit else {
+    let Some(bytes) = r.storage_limit.filter(|_| !dir) else {
         return Ok(None);
     };
     let field = "spec.resources.limits.storage";
-    if dir {
-        return Err(BackendError::Invalid(format!(
-            "{field}: {bytes} bytes: a sandbox on a prepared root directory writes it in place; \
-             a storage limit needs an image"
-        )));
-    }
     if bytes < MIN_STORAGE {
         return Err(BackendError::Invalid(format!(
             "{field}: {bytes} bytes is below the {}Mi a writable layer's file system needs",
