@@ -1089,3 +1089,52 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
     rm.extend(names.iter().map(String::as_str));
     vm.ok(&rm);
 }
+
+/// A server killed while it builds a template leaves the build's qemu idling on: the next
+/// server (sharing the template directory) ends it and removes the half-built template.
+#[test]
+fn a_killed_servers_template_build_is_ended_at_the_next_start() {
+    let mut vm = vm_or_skip!("templates = true\npool = 0");
+    let templates = vm.config_dir.path().join("templates");
+    // The first create of a shape boots cold and builds its template behind it.
+    vm.ok(&["run", "-b", "vm", "--name", "first", "--", "sleep", "600"]);
+    let building = vm.poll(Duration::from_secs(30), Duration::from_millis(5), || {
+        std::fs::read_dir(&templates)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
+                    && p.join("build.json").is_file()
+            })
+            .ok_or_else(|| "no template build under way".to_string())
+    });
+    let owner = json(&std::fs::read_to_string(building.join("build.json")).unwrap());
+    let qemu = owner[0][0].as_i64().expect("the build's qemu") as i32;
+    vm.server.kill9();
+    assert!(
+        building.is_dir() && alive(qemu),
+        "the build ended before the kill"
+    );
+    vm.server.spawn();
+    vm.poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        if alive(qemu) || building.exists() {
+            Err(format!(
+                "the build's qemu {qemu} or {} is left",
+                building.display()
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(
+        vm.server
+            .log()
+            .contains("ending a template build whose server is gone"),
+        "{}",
+        vm.server.log()
+    );
+    vm.ok(&["rm", "-f", "first"]);
+}
