@@ -857,6 +857,8 @@ impl Backend for LinuxBackend {
     async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
         let bundle = self.bundle(id);
         let limits = limits_of(resources)?;
+        // What the sandbox started with (none before its start).
+        let started = config::read_json::<ContainerConfig>(&bundle, config::CONFIG_FILE).ok();
         let running = {
             let mut sandboxes = self.inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
@@ -864,7 +866,9 @@ impl Backend for LinuxBackend {
                 let dir = pending.container.rootfs.is_some();
                 pending.container.storage_bytes = spec::storage_of(resources, dir)?;
                 pending.container.limits = limits.clone();
-            } else if resources.storage_limit != sb.resources.storage_limit {
+            } else if let Some(started) = &started
+                && spec::storage_of(resources, started.rootfs.is_some())? != started.storage_bytes
+            {
                 return Err(BackendError::Invalid(format!(
                     "spec.resources.limits.storage: sandbox {id} has started: its writable \
                      layer's size is set (re-create it with --reset-revision for another)"
@@ -884,9 +888,7 @@ impl Backend for LinuxBackend {
             .update(&(&limits).into())
             .map_err(|e| BackendError::Invalid(format!("resize: {}", crate::error_chain(&e))))?;
         // Keep container.json in step, so an adopting server and `exec` see the new limits.
-        if let Ok(mut container) =
-            config::read_json::<ContainerConfig>(&bundle, config::CONFIG_FILE)
-        {
+        if let Some(mut container) = started {
             container.limits = limits;
             let _ = config::write_json(&bundle, config::CONFIG_FILE, &container);
         }

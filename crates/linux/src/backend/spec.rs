@@ -358,4 +358,25 @@ mod tests {
         assert!(limits_on(&cpus(1000.0), None).is_ok());
         assert!(limits_on(&ResourceInfo::default(), Some(1)).is_ok());
     }
+
+    #[test]
+    fn a_storage_limit_is_a_size_on_images_and_recorded_on_prepared_roots() {
+        let storage = |bytes| ResourceInfo {
+            storage_limit: Some(bytes),
+            ..Default::default()
+        };
+        assert_eq!(
+            storage_of(&storage(MIN_STORAGE), false).unwrap(),
+            Some(MIN_STORAGE)
+        );
+        let err = storage_of(&storage(MIN_STORAGE - 1), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.resources.limits.storage: 8388607 bytes is below the 8Mi"),
+            "{err}"
+        );
+        assert_eq!(storage_of(&storage(1), true).unwrap(), None);
+        assert_eq!(storage_of(&ResourceInfo::default(), false).unwrap(), None);
+    }
 }
