@@ -56,9 +56,9 @@ pub(crate) async fn launch(
     let cgroup = inner.make_cgroup(id, plan.memory_mb, resources)?;
     let mut result = launch_in(inner, id, dir, plan, cgroup.as_ref(), FIRST_START_PATIENCE).await;
     // Now and then (about one start in a hundred under TCG here; the cause is not found
-    // yet) a guest that booted and answered its ping does not answer `Start`. Its VM is
-    // killed by then and nothing of the workload reached the host, so one more VM is
-    // tried; the log says so.
+    // yet) a guest that booted and answered its ping does not answer `Start`, or its
+    // channel breaks during it. Its VM is killed by then and nothing of the workload
+    // reached the host, so one more VM is tried; the log says so.
     if let Err(f) = &result
         && f.start_unanswered
     {
@@ -79,6 +79,13 @@ pub(crate) async fn launch(
 /// How long a guest may take to answer `Start`: the first try, and the one after it.
 const FIRST_START_PATIENCE: Duration = Duration::from_secs(15);
 const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Whether a call failed because the channel to the guest broke, not because the guest
+/// said no.
+fn channel_lost(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
+        && s.message().contains("transport error")
+}
 
 /// Why [`launch_in`] failed, and whether it was a `Start` the guest never answered (worth
 /// one more VM).
@@ -201,6 +208,13 @@ async fn launch_in(
             Some(BackendError::Other(format!("move the clone's qemu into its cgroup: {e}")).into())
         }
         (Ok(Ok(_)), Ok(())) => None,
+        // The channel to the guest broke during the call (tonic's "transport error", seen
+        // once in CI on a freshly restored clone): as with no answer, the VM is killed and
+        // nothing of the workload reached the host, so it is worth another VM too.
+        (Ok(Err(s)), _) if channel_lost(&s) => Some(LaunchFailed {
+            error: guest_error("start", s),
+            start_unanswered: true,
+        }),
         (Ok(Err(s)), _) => Some(guest_error("start", s).into()),
         (Err(_), _) => Some(LaunchFailed {
             // The console's last lines say where the guest was (a panic, a hung task...).
@@ -578,4 +592,23 @@ pub(crate) async fn readopt(
         running,
         done: done_rx,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_channel_is_told_from_the_guests_own_errors() {
+        assert!(channel_lost(&tonic::Status::unknown("transport error")));
+        assert!(channel_lost(&tonic::Status::unavailable(
+            "transport error: connection reset"
+        )));
+        assert!(!channel_lost(&tonic::Status::unknown(
+            "exec \"nosuch\": not found"
+        )));
+        assert!(!channel_lost(&tonic::Status::invalid_argument(
+            "transport error"
+        )));
+    }
 }
