@@ -202,12 +202,14 @@ impl Images for ImagesService {
         let name = req.into_inner().name;
         // No sandbox is registered between the users' check and the deletion.
         let _removing = self.plane.removing_image().await;
-        let store = self.store.clone();
-        let wanted = name.clone();
-        let found = blocking(move || store.resolve(&wanted)).await?;
         let this = self.clone();
-        let (image, asked) = (found.clone(), name.clone());
-        let users = blocking(move || Ok(this.users(&image, &asked))).await?;
+        let asked = name.clone();
+        let (found, users) = blocking(move || {
+            let found = this.store.resolve(&asked)?;
+            let users = this.users(&found, &asked);
+            Ok((found, users))
+        })
+        .await?;
         if !users.is_empty() {
             let short = found.id.strip_prefix("sha256:").unwrap_or(&found.id);
             return Err(Status::failed_precondition(format!(
@@ -218,11 +220,14 @@ impl Images for ImagesService {
             )));
         }
         let store = self.store.clone();
-        let image = blocking(move || store.remove(&name)).await?;
-        // Untagging one of several names deletes nothing.
-        let store = self.store.clone();
         let id = found.id.clone();
-        if blocking(move || Ok(store.resolve(&id).is_err())).await? {
+        let (image, deleted) = blocking(move || {
+            let image = store.remove(&name)?;
+            // Untagging one of several names deletes nothing.
+            Ok((image, store.resolve(&id).is_err()))
+        })
+        .await?;
+        if deleted {
             self.plane.agent().images_removed();
         }
         Ok(Response::new(v1::RemoveImageResponse {
