@@ -16,6 +16,11 @@ command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 command -v containerd >/dev/null || need_apt+=(containerd)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The linux backend's storage limit: `mkfs.ext4` makes the writable layer's file system,
+# `mount` loop-mounts it; the open-file test runs the server under `prlimit`.
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+command -v mount >/dev/null || need_apt+=(mount)
+command -v prlimit >/dev/null || need_apt+=(util-linux)
 
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
