@@ -128,7 +128,13 @@ impl WasmBackend {
         let ticker = Ticker::start(engine.clone()).map_err(|e| format!("epoch thread: {e}"))?;
         Ok(Arc::new(Inner {
             dir: dir.to_path_buf(),
-            cache: ModuleCache::new(engine, linkers, dir.join(CACHE_DIR)),
+            cache: ModuleCache::new(
+                engine,
+                linkers,
+                dir.join(CACHE_DIR),
+                config.cache_modules,
+                config.cache_max_bytes,
+            ),
             config,
             ticker,
             files: FileWorker::start().map_err(|e| format!("file thread: {e}"))?,

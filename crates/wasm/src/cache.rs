@@ -7,7 +7,12 @@
 //! config changes without ever handing an engine code it cannot run.
 //!
 //! Two creates of the same new module at once both compile it; the second rename wins.
-//! Nothing is evicted: the set of modules a node runs is expected to be small.
+//!
+//! Both caches are bounded, so a node that runs a new module per sandbox (an agent's
+//! generated code) does not grow without end: memory keeps the `cache_modules` most recently
+//! used programs, the disk the most recently used files up to `cache_max_bytes` (a file's
+//! mtime is its last use; trimmed after each compile, the file just written kept even if it
+//! alone is larger). An evicted program still running stays alive with its instances.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,12 +30,14 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::run::{Linkers, Program};
 
-/// Counters for where modules came from; each load increments exactly one.
+/// Counters for where modules came from (each load increments exactly one of the first
+/// three) and how many programs left the memory cache to make room.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
     pub memory_hits: u64,
     pub disk_hits: u64,
     pub compiles: u64,
+    pub memory_evictions: u64,
 }
 
 /// Where a load found its module, reported in the sandbox's info as `cache`.
@@ -70,13 +77,68 @@ pub(crate) struct ModuleCache {
     dir: PathBuf,
     /// Hex of the engine-compatibility hash, part of every disk key.
     engine_key: String,
-    programs: Mutex<HashMap<[u8; 32], Program>>,
+    programs: Mutex<Programs>,
+    /// Most bytes of `.cwasm` files kept in `dir`; `None` is unlimited.
+    max_disk_bytes: Option<u64>,
     /// The digest of each file loaded, by path, with the identity it had then: a file whose
     /// identity is unchanged is not read and hashed again (one `statx` instead).
     digests: Mutex<HashMap<PathBuf, (FileIdentity, [u8; 32])>>,
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
     compiles: AtomicU64,
+    memory_evictions: AtomicU64,
+}
+
+/// The programs in memory, least recently used first out once `capacity` is reached.
+///
+/// A use stamps the entry with a counter; eviction scans for the lowest stamp. Evicting
+/// happens only after a compile or a disk read (milliseconds each), over at most `capacity`
+/// entries, so the scan costs nothing that shows, and a hit stays one hash lookup.
+struct Programs {
+    capacity: usize,
+    clock: u64,
+    entries: HashMap<[u8; 32], (Program, u64)>,
+}
+
+impl Programs {
+    fn new(capacity: usize) -> Self {
+        Programs {
+            capacity: capacity.max(1),
+            clock: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, digest: &[u8; 32]) -> Option<Program> {
+        self.clock += 1;
+        let (program, used) = self.entries.get_mut(digest)?;
+        *used = self.clock;
+        Some(program.clone())
+    }
+
+    /// Keeps `program`, returning how many programs it pushed out.
+    fn insert(&mut self, digest: [u8; 32], program: Program) -> u64 {
+        let mut evicted = 0;
+        while !self.entries.contains_key(&digest) && self.entries.len() >= self.capacity {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(key, _)| *key)
+            else {
+                break;
+            };
+            self.entries.remove(&oldest);
+            evicted += 1;
+        }
+        self.clock += 1;
+        self.entries.insert(digest, (program, self.clock));
+        evicted
+    }
+
+    fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.entries.contains_key(digest)
+    }
 }
 
 impl fmt::Debug for ModuleCache {
@@ -106,7 +168,15 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl ModuleCache {
-    pub(crate) fn new(engine: Engine, linkers: Linkers, dir: PathBuf) -> Self {
+    /// A cache in `dir` keeping at most `memory_programs` programs in memory and
+    /// `max_disk_bytes` of compiled files on disk.
+    pub(crate) fn new(
+        engine: Engine,
+        linkers: Linkers,
+        dir: PathBuf,
+        memory_programs: usize,
+        max_disk_bytes: Option<u64>,
+    ) -> Self {
         let mut hasher = ShaHasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
         // Belt and braces: the hash above includes wasmtime's own version already.
@@ -117,11 +187,13 @@ impl ModuleCache {
             linkers,
             dir,
             engine_key,
-            programs: Mutex::new(HashMap::new()),
+            programs: Mutex::new(Programs::new(memory_programs)),
+            max_disk_bytes,
             digests: Mutex::new(HashMap::new()),
             memory_hits: AtomicU64::new(0),
             disk_hits: AtomicU64::new(0),
             compiles: AtomicU64::new(0),
+            memory_evictions: AtomicU64::new(0),
         }
     }
 
@@ -130,10 +202,11 @@ impl ModuleCache {
             memory_hits: self.memory_hits.load(Ordering::Relaxed),
             disk_hits: self.disk_hits.load(Ordering::Relaxed),
             compiles: self.compiles.load(Ordering::Relaxed),
+            memory_evictions: self.memory_evictions.load(Ordering::Relaxed),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Program>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Programs> {
         self.programs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -153,7 +226,7 @@ impl ModuleCache {
         let known = self.digests().get(path).copied();
         if let Some((was, digest)) = known
             && was == identity
-            && let Some(pre) = self.lock().get(&digest).cloned()
+            && let Some(pre) = self.lock().get(&digest)
         {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
             debug!(module = %shown, "wasm: module cache hit (memory, file unchanged)");
@@ -164,10 +237,9 @@ impl ModuleCache {
         // Only an identity taken before the read may vouch for these bytes; one that
         // changed meanwhile just misses next time.
         if FileIdentity::of(path).is_ok_and(|now| now == identity) {
-            self.digests()
-                .insert(path.to_path_buf(), (identity, digest));
+            self.remember_digest(path, identity, digest);
         }
-        if let Some(pre) = self.lock().get(&digest).cloned() {
+        if let Some(pre) = self.lock().get(&digest) {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
             debug!(module = %shown, "wasm: module cache hit (memory)");
             return Ok((pre, Source::Memory));
@@ -177,8 +249,9 @@ impl ModuleCache {
             .join(format!("{}-{}.cwasm", hex(&digest), self.engine_key));
         let engine = self.engine.clone();
         let job_path = shown.clone();
+        let max_disk_bytes = self.max_disk_bytes;
         let (compiled, source) = tokio::task::spawn_blocking(move || {
-            compile_or_read(&engine, &bytes, &cwasm, &job_path)
+            compile_or_read(&engine, &bytes, &cwasm, &job_path, max_disk_bytes)
         })
         .await
         .map_err(|e| LoadError::Invalid(format!("loading {shown} failed: {e}")))??;
@@ -210,8 +283,31 @@ impl ModuleCache {
                 Program::Component(pre)
             }
         };
-        self.lock().insert(digest, program.clone());
+        let evicted = self.lock().insert(digest, program.clone());
+        if evicted > 0 {
+            self.memory_evictions.fetch_add(evicted, Ordering::Relaxed);
+            debug!(
+                evicted,
+                "wasm: module cache full in memory, least recently used left"
+            );
+        }
         Ok((program, source))
+    }
+
+    /// Remembers the digest of the file at `path`; the paths of programs no longer in memory
+    /// are forgotten once there are more than a few per program (so a node that runs a new
+    /// file per sandbox keeps a bounded map).
+    fn remember_digest(&self, path: &Path, identity: FileIdentity, digest: [u8; 32]) {
+        let mut digests = self.digests();
+        digests.insert(path.to_path_buf(), (identity, digest));
+        let limit = self.lock().capacity.saturating_mul(4).max(64);
+        if digests.len() > limit {
+            let programs = self.lock();
+            digests.retain(|_, (_, d)| programs.contains(d) || *d == digest);
+            if digests.len() > limit {
+                digests.retain(|_, (_, d)| *d == digest);
+            }
+        }
     }
 }
 
@@ -290,11 +386,18 @@ fn compile_or_read(
     bytes: &[u8],
     cwasm: &Path,
     shown: &str,
+    max_disk_bytes: Option<u64>,
 ) -> Result<(Compiled, Source), LoadError> {
     if cwasm.exists() {
         match deserialize_own_cache_file(engine, cwasm) {
             Ok(compiled) => {
                 debug!(module = %shown, cache = %cwasm.display(), "wasm: module cache hit (disk)");
+                // The mtime is the file's last use, for the trimming below.
+                if let Err(e) = std::fs::File::open(cwasm)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                {
+                    debug!(cache = %cwasm.display(), "wasm: cannot mark the cache file used: {e}");
+                }
                 return Ok((compiled, Source::Disk));
             }
             Err(e) => {
@@ -317,8 +420,75 @@ fn compile_or_read(
     info!(module = %shown, elapsed_ms = started.elapsed().as_millis() as u64, "wasm: compiled module");
     if let Err(e) = write_cache_file(&compiled, cwasm) {
         warn!(cache = %cwasm.display(), "wasm: cannot write the module cache: {e:#}");
+    } else if let Some(max) = max_disk_bytes {
+        trim_disk_cache(cwasm, max);
     }
     Ok((compiled, Source::Compiled))
+}
+
+/// How old a temporary file of [`write_cache_file`] must be to be taken for a crashed
+/// writer's and removed.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the least recently used `.cwasm` files beside `keep` until they hold at most
+/// `max` bytes (`keep`, just written, stays whatever its size), and temporaries a crash left.
+fn trim_disk_cache(keep: &Path, max: u64) {
+    let Some(dir) = keep.parent() else { return };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(dir = %dir.display(), "wasm: cannot list the module cache: {e}");
+            return;
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        let modified = meta.modified().unwrap_or(now);
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.contains(".tmp-") {
+            if now
+                .duration_since(modified)
+                .is_ok_and(|age| age > STALE_TEMPORARY)
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        } else if name.ends_with(".cwasm") && meta.is_file() {
+            files.push((modified, meta.len(), path));
+        }
+    }
+    let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+    if total <= max {
+        return;
+    }
+    files.sort();
+    let mut removed = 0u32;
+    for (_, len, path) in files {
+        if total <= max {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                total -= len;
+                removed += 1;
+            }
+            // Another compile's trim got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= len,
+            Err(e) => warn!(cache = %path.display(), "wasm: cannot remove a cache file: {e}"),
+        }
+    }
+    info!(
+        removed,
+        bytes = total,
+        max,
+        "wasm: module cache on disk trimmed to its size"
+    );
 }
 
 /// Loads a `.cwasm` this backend wrote, as the module or component its header says it is.
@@ -395,6 +565,28 @@ fn invalid_module(shown: &str, bytes: &[u8], e: &wasmtime::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digests_of_files_no_program_holds_are_forgotten() {
+        let engine = Engine::default();
+        let linkers = crate::run::linkers(&engine).expect("linkers");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ModuleCache::new(engine, linkers, dir.path().join("cache"), 1, None);
+        let identity = FileIdentity::of(dir.path()).expect("identity");
+        for i in 0..1000u32 {
+            let mut digest = [0u8; 32];
+            digest[..4].copy_from_slice(&i.to_le_bytes());
+            cache.remember_digest(&dir.path().join(format!("m{i}.wasm")), identity, digest);
+            assert!(
+                cache.digests().len() <= 65,
+                "{i}: {}",
+                cache.digests().len()
+            );
+        }
+        // The last one is always kept: the load that remembered it uses it next.
+        let last = dir.path().join("m999.wasm");
+        assert!(cache.digests().contains_key(&last));
+    }
 
     #[test]
     fn text_components_are_told_from_modules() {

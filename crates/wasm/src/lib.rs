@@ -85,6 +85,12 @@ pub struct WasmConfig {
     /// Most bytes one sandbox's log file may hold; later output is dropped with a notice, so
     /// a guest cannot fill the disk. `None` is unlimited.
     pub log_max_bytes: Option<u64>,
+    /// Most compiled modules kept in memory, ready to instantiate; the least recently used
+    /// goes first (at least 1).
+    pub cache_modules: usize,
+    /// Most bytes of compiled modules kept on disk (`<dir>/cache`); the least recently used
+    /// files go first once a compile passes it. `None` is unlimited.
+    pub cache_max_bytes: Option<u64>,
 }
 
 impl Default for WasmConfig {
@@ -95,6 +101,8 @@ impl Default for WasmConfig {
             default_timeout: None,
             fuel: None,
             log_max_bytes: Some(64 << 20),
+            cache_modules: 128,
+            cache_max_bytes: Some(1 << 30),
         }
     }
 }

@@ -449,7 +449,8 @@ async fn module_cache_hits_in_memory_then_on_disk() {
         CacheStats {
             memory_hits: 1,
             disk_hits: 0,
-            compiles: 1
+            compiles: 1,
+            memory_evictions: 0,
         }
     );
     let cached: Vec<_> = std::fs::read_dir(h.root().join("cache"))
@@ -472,7 +473,8 @@ async fn module_cache_hits_in_memory_then_on_disk() {
         CacheStats {
             memory_hits: 0,
             disk_hits: 1,
-            compiles: 0
+            compiles: 0,
+            memory_evictions: 0,
         }
     );
     fresh.start("three").await.expect("start");
@@ -484,6 +486,113 @@ async fn module_cache_hits_in_memory_then_on_disk() {
     }
     assert_eq!(h.list().await, ["one", "three", "two"]);
     let _ = h.events.try_recv();
+}
+
+/// Writes `n` modules that differ only in a comment (different files, different digests,
+/// the same compiled size) and returns their paths.
+fn variants(dir: &Path, n: usize) -> Vec<String> {
+    let hello = std::fs::read_to_string(module("hello.wat")).expect("hello.wat");
+    (0..n)
+        .map(|i| {
+            let path = dir.join(format!("variant{i}.wat"));
+            std::fs::write(&path, format!("{hello}\n;; variant {i}\n")).expect("write");
+            path.display().to_string()
+        })
+        .collect()
+}
+
+/// Creates sandbox `id` of the module at `path`; where its program came from.
+async fn cache_source(backend: &WasmBackend, id: &str, path: &str) -> String {
+    let info = backend.create(&sandbox(id, path)).await.expect("create");
+    info["cache"].clone()
+}
+
+/// The names of the compiled files in a backend's disk cache.
+fn cached_files(root: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(root.join("cache"))
+        .expect("cache dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".cwasm"))
+        .collect()
+}
+
+#[tokio::test]
+async fn module_caches_keep_the_most_recently_used() {
+    // Memory: two programs. Re-using v2 before v1 comes back makes v0, not v2, the one to
+    // go; a first-in-first-out cache would drop v2 instead.
+    let h = harness(WasmConfig {
+        cache_modules: 2,
+        cache_max_bytes: None,
+        ..small()
+    });
+    let v = variants(h.dir.path(), 3);
+    let mut n = 0;
+    let mut load = async |path: &str| {
+        n += 1;
+        cache_source(&h.backend, &format!("s{n}"), path).await
+    };
+    let mut sources = Vec::new();
+    for path in [&v[0], &v[1], &v[2], &v[0], &v[2], &v[1], &v[2]] {
+        sources.push(load(path).await);
+    }
+    assert_eq!(
+        sources,
+        [
+            "compiled", "compiled", "compiled", "disk", "memory", "disk", "memory"
+        ]
+    );
+    assert_eq!(
+        h.backend.cache_stats(),
+        CacheStats {
+            memory_hits: 2,
+            disk_hits: 2,
+            compiles: 3,
+            memory_evictions: 3,
+        }
+    );
+    let sizes: Vec<u64> = cached_files(&h.root())
+        .iter()
+        .map(|name| {
+            std::fs::metadata(h.root().join("cache").join(name))
+                .expect("stat")
+                .len()
+        })
+        .collect();
+    assert_eq!(sizes.len(), 3, "unlimited: every compiled file stays");
+
+    // Disk: room for two files. A disk hit marks v0 used, so v1 is the one a third compile
+    // pushes out.
+    let biggest = sizes.iter().copied().max().expect("sizes");
+    let d = harness(WasmConfig {
+        cache_modules: 1,
+        cache_max_bytes: Some(biggest * 5 / 2),
+        ..small()
+    });
+    let mut n = 0;
+    let mut load = async |path: &str| {
+        n += 1;
+        cache_source(&d.backend, &format!("d{n}"), path).await
+    };
+    assert_eq!(load(&v[0]).await, "compiled");
+    let first = cached_files(&d.root());
+    assert_eq!(load(&v[1]).await, "compiled");
+    let second: Vec<_> = cached_files(&d.root())
+        .difference(&first)
+        .cloned()
+        .collect();
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(load(&v[0]).await, "disk");
+    assert_eq!(load(&v[2]).await, "compiled");
+    let now = cached_files(&d.root());
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.is_superset(&first), "v0 was used last: {now:?}");
+    assert!(
+        !now.contains(&second[0]),
+        "v1 is the least recently used: {now:?}"
+    );
+    // What left the disk compiles again, and the limit holds.
+    assert_eq!(load(&v[1]).await, "compiled");
+    assert_eq!(cached_files(&d.root()).len(), 2);
 }
 
 impl Harness {

@@ -54,7 +54,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane with its local agent.
-    Server(server::Args),
+    Server(Box<server::Args>),
     /// Run a node agent for a control plane (`--server`, `--token`): seed 004's HTTP API on
     /// port 5758, registration and heartbeats, the janitor.
     Agent(agent::Args),
@@ -167,7 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         token: cli.token,
     };
     match cli.command {
-        Command::Server(a) => server::run(a, &g).await,
+        Command::Server(a) => server::run(*a, &g).await,
         Command::Agent(a) => agent::run(a, &g).await,
         Command::Nodes(a) => nodes::run(a, &g).await,
         Command::Pool(a) => pool::run(a, &g).await,

@@ -63,6 +63,14 @@ pub struct Args {
     /// Fuel per Wasm run (a deterministic CPU budget); default unmetered.
     #[arg(long)]
     wasm_fuel: Option<u64>,
+    /// Most compiled Wasm modules kept in memory, ready to instantiate (least recently used
+    /// out first).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    wasm_cache_modules: u32,
+    /// Most disk space for compiled Wasm modules (<dir>/wasm/cache), e.g. 1Gi; the least
+    /// recently used files go once a compile passes it. 0 means unlimited.
+    #[arg(long, default_value = "1Gi")]
+    wasm_cache_size: String,
     /// Largest log file of one sandbox, e.g. 64Mi; later output is dropped with a notice.
     /// 0 means unlimited.
     #[arg(long, default_value = "64Mi")]
@@ -266,6 +274,13 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             fuel: args.wasm_fuel,
             log_max_bytes: match warren_spec::parse_bytes(&args.log_max_size)
                 .map_err(|e| usage(format!("--log-max-size: {e}")))?
+            {
+                0 => None,
+                n => Some(n),
+            },
+            cache_modules: args.wasm_cache_modules as usize,
+            cache_max_bytes: match warren_spec::parse_bytes(&args.wasm_cache_size)
+                .map_err(|e| usage(format!("--wasm-cache-size: {e}")))?
             {
                 0 => None,
                 n => Some(n),
