@@ -765,8 +765,8 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
     assert_eq!(stdout(&out), "0\n");
     vm.ok(&["rm", "a", "b", "plain"]);
 
-    // Removing the image removes what the vm backend made of it: its disk, its template
-    // and its pool clones; the plain shape's template and pool stay.
+    // What the vm backend made of the image (its disk, its template, its pool clone) goes
+    // with it; the plain shape's template and pool stay.
     let ext4 = || image_disks(&vm);
     let templates = vm.config_dir.path().join("templates");
     let template_disks = || -> Vec<Option<String>> {
@@ -795,7 +795,34 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
         },
     );
     vm.wait_info("2 shape(s) in use", Duration::from_secs(10));
-    vm.ok(&["image", "rm", "busybox"]);
+
+    // Imported again under its name: the name's creates get the new image, so the pool no
+    // longer keeps a clone of the old one (still in the store, by id, with its disk).
+    let release = warren_image::testing::Entry::file("etc/release", 0o644, b"2\n");
+    let again = warren_image::testing::busybox_layout_with(
+        &vm.server.dir.path().join("v2"),
+        "busybox",
+        vec![release],
+    )
+    .unwrap();
+    vm.ok(&["image", "import", again.to_str().unwrap()]);
+    vm.wait_info(
+        "pool: 1 clone(s) ready, 1 kept per shape, 1 shape(s) in use",
+        Duration::from_secs(30),
+    );
+    vm.poll(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || match vm.qemus().len() {
+            1 => Ok(()),
+            n => Err(format!("{n} qemus: the old image's clone lives on")),
+        },
+    );
+    assert_eq!(ext4(), [PathBuf::from(&disk)], "the old image's disk stays");
+
+    // Removed (by id, as `image prune` does for images without names): its disk and its
+    // template go too.
+    vm.ok(&["image", "prune"]);
     vm.poll(Duration::from_secs(30), Duration::from_millis(100), || {
         let (left, kept) = (ext4(), template_disks());
         // The plain shape's pool clone is the one qemu left.

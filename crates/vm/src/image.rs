@@ -132,6 +132,21 @@ pub(crate) fn orphan_disks(
         .collect())
 }
 
+/// The disks in `cache` that images with a name would have (made or not): a disk outside
+/// this set is of an image only its id still reaches (imported again under its name) or gone.
+pub(crate) fn named_disks(
+    images: &ImageStore,
+    cache: &Path,
+) -> Result<std::collections::HashSet<PathBuf>, BackendError> {
+    Ok(images
+        .list()
+        .map_err(|e| BackendError::Other(warren_runtime::error_chain(&e)))?
+        .iter()
+        .filter(|i| !i.names.is_empty())
+        .map(|i| cache.join(disk_name(&i.id)))
+        .collect())
+}
+
 /// Bytes of the regular files under `dir` (symlinks not followed).
 fn tree_size(dir: &Path) -> u64 {
     let mut total = 0;

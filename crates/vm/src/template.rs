@@ -825,9 +825,30 @@ async fn end_pool_on_stop(weak: Weak<Inner>) {
 
 /// What the pool keeps: `pool` clones of every shape used since start, and for each warm
 /// image its count of clones of its sandboxes' shape (whose template is built first). Shapes
-/// without a template yet are left out.
+/// without a template yet are left out, and so are the used shapes of images no name stands
+/// for any more: imported again, a name's creates get the new image, and clones of the old
+/// one would idle until it is removed.
 fn refill_targets(inner: &Arc<Inner>, reported: &mut HashSet<String>) -> HashMap<Shape, usize> {
     let t = &inner.templates;
+    if let Some(images) = &inner.config.images {
+        let cache = crate::image::disk_cache(&inner.config.dir);
+        match crate::image::named_disks(images, &cache) {
+            Ok(named) => {
+                let mut state = t.lock();
+                let before = state.wanted.len();
+                state
+                    .wanted
+                    .retain(|s| s.root_disk.as_ref().is_none_or(|d| named.contains(d)));
+                if state.wanted.len() < before {
+                    info!(
+                        shapes = before - state.wanted.len(),
+                        "vm: the pool stops keeping clones of images no name stands for any more (imported again)"
+                    );
+                }
+            }
+            Err(e) => debug!("vm: cannot list the images for the pool: {e}"),
+        }
+    }
     let (wanted, warm) = {
         let state = t.lock();
         (state.wanted.clone(), state.warm.clone())
