@@ -570,6 +570,68 @@ impl OtherNetns {
     }
 }
 
+impl OtherNetns {
+    /// Two listeners in the namespace for `bytes` each way: `sink` reads them and sends how
+    /// long they took (from the first byte to the last), `source` sends them and closes.
+    fn transfer_listeners(
+        &self,
+        bytes: usize,
+    ) -> (u16, u16, std::sync::mpsc::Receiver<std::time::Duration>) {
+        use std::io::{Read, Write};
+        let path = format!("/run/netns/{}", self.name);
+        let (ports_tx, ports_rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let sink = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+            let source = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+            let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+            ports_tx.send((port(&sink), port(&source))).unwrap();
+            std::thread::spawn(move || {
+                for mut conn in source.incoming().flatten() {
+                    let _ = conn.write_all(&vec![7u8; bytes]);
+                }
+            });
+            for mut conn in sink.incoming().flatten() {
+                let mut buf = vec![0u8; 64 << 10];
+                let (mut got, mut first) = (0, None);
+                while got < bytes {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            first.get_or_insert_with(std::time::Instant::now);
+                            got += n;
+                        }
+                    }
+                }
+                let took = match first {
+                    Some(t) if got >= bytes => t.elapsed(),
+                    _ => std::time::Duration::MAX,
+                };
+                let _ = tx.send(took);
+            }
+        });
+        let (sink, source) = ports_rx.recv().unwrap();
+        (sink, source, rx)
+    }
+}
+
+/// The seconds of busybox's `time` report (`real\t0m 1.08s`) in `text`.
+fn busybox_real_time(text: &str) -> std::time::Duration {
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("real"))
+        .unwrap_or_else(|| panic!("no `time` report in {text:?}"));
+    let (minutes, seconds) = line.trim().split_once('m').expect("minutes");
+    let seconds: f64 = seconds
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .expect("seconds");
+    std::time::Duration::from_secs_f64(minutes.parse::<f64>().expect("minutes") * 60.0 + seconds)
+}
+
 impl Drop for OtherNetns {
     fn drop(&mut self) {
         let _ = sh(&format!(
@@ -585,7 +647,7 @@ fn egress_reaches_the_listed_destinations_and_ports_only() {
         eprintln!("{reason}");
         return;
     }
-    for tool in ["ip", "nft", "nsenter"] {
+    for tool in ["ip", "nft", "nsenter", "tc"] {
         if sh(&format!("command -v {tool}")).stdout.is_empty() {
             panic!("{tool} is missing: run scripts/install-egress.sh (install-deps.sh does)");
         }
@@ -647,6 +709,81 @@ fn egress_reaches_the_listed_destinations_and_ports_only() {
             assert!(denied.contains("No route to host"), "{name}: {text}");
         }
     }
+
+    // `--network-bandwidth` holds each way: 1 MiB at 8 Mbit/s takes about a second, where
+    // the same sandbox without it moves the MiB in a few milliseconds. A sandbox given a
+    // limit after its start gets it then.
+    const MIB: usize = 1 << 20;
+    let (sink, source, measured) = other.transfer_listeners(MIB);
+    apply(
+        &l,
+        "bulk",
+        &format!(
+            "  network:\n    mode: egress\n    egress:\n      - {{cidr: {}, ports: [{sink}, {source}]}}\n",
+            other.addr(2)
+        ),
+    );
+    let a = other.addr(2);
+    // Up: the sink times it. Down: `time` in the sandbox (the source cannot tell when the
+    // sandbox has read the last byte).
+    let transfer = format!(
+        "dd if=/dev/zero bs=64k count=16 2>/dev/null | nc -w 10 {a} {sink}; \
+         {{ time nc -w 10 {a} {source} </dev/null | wc -c; }} 2>&1"
+    );
+    let timed = |name: &str, text: &str| -> [std::time::Duration; 2] {
+        let up = measured
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the upload's time");
+        assert!(
+            text.lines().any(|l| l == MIB.to_string()),
+            "{name}: the download: {text}"
+        );
+        [up, busybox_real_time(text)]
+    };
+    let run = |name: &str, flags: &[&str]| -> [std::time::Duration; 2] {
+        let mut all = vec!["--wait", "--policy", "bulk"];
+        all.extend_from_slice(flags);
+        let out = l.run(name, &all, &["sh", "-c", &transfer]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", stderr(&out));
+        timed(name, &stdout(&out))
+    };
+    let free = run("bw-free", &[]);
+    let limited = run("bw-limited", &["--network-bandwidth", "8M"]);
+    eprintln!("1 MiB up, down: unlimited {free:?}, at 8 Mbit/s {limited:?}");
+    let slow = |way: &str, took: std::time::Duration| {
+        assert!(
+            took >= std::time::Duration::from_millis(700)
+                && took <= std::time::Duration::from_secs(5),
+            "{way}: 1 MiB at 8 Mbit/s took {took:?}"
+        );
+    };
+    for (way, (free, limited)) in ["up", "down"].iter().zip(free.iter().zip(limited)) {
+        slow(way, limited);
+        assert!(
+            *free * 2 < limited,
+            "{way}: unlimited {free:?} against {limited:?} limited"
+        );
+    }
+    // Set on a running sandbox, it holds from then on.
+    let out = l.run(
+        "bw-later",
+        &["--policy", "bulk"],
+        &[
+            "sh",
+            "-c",
+            &format!("until [ -e /tmp/go ]; do sleep 0.05; done; {transfer}"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("bw-later", "Running");
+    l.ok(&["update", "bw-later", "--network-bandwidth", "8M"]);
+    l.ok(&["exec", "bw-later", "--", "touch", "/tmp/go"]);
+    l.wait_phase("bw-later", "Exited");
+    let later = timed("bw-later", &l.ok(&["logs", "bw-later"]));
+    eprintln!("1 MiB up, down, limited after the start: {later:?}");
+    slow("up after the update", later[0]);
+    slow("down after the update", later[1]);
+    l.ok(&["rm", "bw-free", "bw-limited", "bw-later"]);
 
     // A running egress sandbox has its chain and its veth pair; delete removes both.
     let out = l.run("held", &["--policy", "out"], &["sleep", "1000"]);

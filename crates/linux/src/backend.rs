@@ -852,8 +852,9 @@ impl Backend for LinuxBackend {
     }
 
     /// Resizes a running sandbox: the new limits are written to its cgroup (a memory limit
-    /// below what it uses now is refused by the kernel, and reported). Its storage limit is
-    /// the size of a file system made at its start: changed only before.
+    /// below what it uses now is refused by the kernel, and reported), and an egress
+    /// sandbox's bandwidth to its veth pair's queues. Its storage limit is the size of a file
+    /// system made at its start: changed only before.
     async fn update(&self, id: &str, resources: &ResourceInfo) -> Result<(), BackendError> {
         let bundle = self.bundle(id);
         let limits = limits_of(resources)?;
@@ -866,6 +867,9 @@ impl Backend for LinuxBackend {
                 let dir = pending.container.rootfs.is_some();
                 pending.container.storage_bytes = spec::storage_of(resources, dir)?;
                 pending.container.limits = limits.clone();
+                if let Some(e) = &mut pending.container.egress {
+                    e.bandwidth = resources.network_bandwidth;
+                }
             } else if let Some(started) = &started
                 && spec::storage_of(resources, started.rootfs.is_some())? != started.storage_bytes
             {
@@ -889,6 +893,25 @@ impl Backend for LinuxBackend {
             .map_err(|e| BackendError::Invalid(format!("resize: {}", crate::error_chain(&e))))?;
         // Keep container.json in step, so an adopting server and `exec` see the new limits.
         if let Some(mut container) = started {
+            let bandwidth = resources.network_bandwidth;
+            if let Some(e) = &mut container.egress
+                && e.bandwidth != bandwidth
+            {
+                let state =
+                    config::read_json::<State>(&bundle, config::STATE_FILE).map_err(|err| {
+                        BackendError::io("read", &bundle.join(config::STATE_FILE), err)
+                    })?;
+                let egress = e.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::egress::shape(&egress, state.pid, bandwidth)
+                })
+                .await
+                .map_err(|err| BackendError::Other(format!("network bandwidth: {err}")))?
+                .map_err(|err| {
+                    BackendError::Other(format!("spec.resources.limits.network-bandwidth: {err}"))
+                })?;
+                e.bandwidth = bandwidth;
+            }
             container.limits = limits;
             let _ = config::write_json(&bundle, config::CONFIG_FILE, &container);
         }

@@ -52,6 +52,9 @@ pub struct Egress {
     pub index: u32,
     /// Destinations: IPv4 networks, each with inclusive port ranges (none: every port).
     pub allow: Vec<Destination>,
+    /// Most bits per second each way (the sandbox's `network_bandwidth`); `None` unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,7 +344,64 @@ pub fn setup(e: &Egress, pid: i32) -> Result<(), EgressError> {
         &nsenter,
         &[&net, ip.to_str().unwrap_or("ip"), "-batch", "-"],
         &sandbox_batch(e),
-    )
+    )?;
+    match e.bandwidth {
+        Some(bits) => shape(e, pid, Some(bits)),
+        None => Ok(()),
+    }
+}
+
+/// Sets the sandbox's bandwidth, both ways, or lifts it (`None`): a token bucket (`tbf`)
+/// as the root queue of each end of the pair. The host's end limits what the sandbox
+/// receives; the sandbox's `eth0` what it sends (its capabilities do not let it change that
+/// queue). Two short `tc` processes.
+pub fn shape(e: &Egress, pid: i32, bandwidth: Option<u64>) -> Result<(), EgressError> {
+    let (tc, nsenter) = (tool("tc")?, tool("nsenter")?);
+    let net = format!("--net=/proc/{pid}/ns/net");
+    let tc_path = tc.to_str().unwrap_or("tc");
+    let (host, sandbox) = (
+        qdisc_command(&e.host_if(), bandwidth),
+        qdisc_command("eth0", bandwidth),
+    );
+    let lifted = |r: Result<(), EgressError>| match r {
+        // Lifting a limit that was never set.
+        Err(EgressError::Command { message, .. })
+            if bandwidth.is_none() && is_no_qdisc(&message) =>
+        {
+            Ok(())
+        }
+        other => other,
+    };
+    lifted(run("tc (host side)", &tc, &["-batch", "-"], &host))?;
+    lifted(run(
+        "tc (sandbox side)",
+        &nsenter,
+        &[&net, tc_path, "-batch", "-"],
+        &sandbox,
+    ))
+}
+
+/// `tc -batch` input setting or removing `dev`'s root token bucket.
+fn qdisc_command(dev: &str, bandwidth: Option<u64>) -> String {
+    match bandwidth {
+        Some(bits) => {
+            let (rate, burst) = tbf_rate_and_burst(bits);
+            format!("qdisc replace dev {dev} root tbf rate {rate}bit burst {burst} latency 50ms\n")
+        }
+        None => format!("qdisc del dev {dev} root\n"),
+    }
+}
+
+/// The bucket for `bits` per second: its rate, and its size in bytes: 10 ms of traffic, but
+/// never under ten full-size frames (a bucket smaller than a frame passes nothing).
+fn tbf_rate_and_burst(bits: u64) -> (u64, u64) {
+    (bits, (bits / 8 / 100).max(10 * 1514))
+}
+
+fn is_no_qdisc(message: &str) -> bool {
+    message.contains("Cannot delete qdisc with handle of zero")
+        || message.contains("No such file or directory")
+        || message.contains("Invalid handle")
 }
 
 /// Removes what [`setup`] made (the pair too, if the namespace still holds it). Idempotent.
@@ -421,7 +481,28 @@ mod tests {
                     ports: Vec::new(),
                 },
             ],
+            bandwidth: None,
         }
+    }
+
+    #[test]
+    fn a_bandwidth_is_a_token_bucket_on_each_end() {
+        assert_eq!(
+            qdisc_command("wrc6120005", Some(100_000_000)),
+            "qdisc replace dev wrc6120005 root tbf rate 100000000bit burst 125000 latency 50ms\n"
+        );
+        // Slow links still get a bucket that holds whole frames.
+        assert_eq!(tbf_rate_and_burst(1_000_000), (1_000_000, 15_140));
+        assert_eq!(qdisc_command("eth0", None), "qdisc del dev eth0 root\n");
+        // Written only when set: container.json of sandboxes without one is unchanged.
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("bandwidth"), "{json}");
+        let limited = Egress {
+            bandwidth: Some(8_000_000),
+            ..sample()
+        };
+        let back: Egress = serde_json::from_str(&serde_json::to_string(&limited).unwrap()).unwrap();
+        assert_eq!(back, limited);
     }
 
     #[test]

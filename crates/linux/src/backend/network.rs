@@ -92,13 +92,19 @@ impl Network {
 
     /// Takes a `/30` for sandbox `id` with the policy's destinations. The first one of this
     /// server writes the range's table.
-    pub(super) fn take(&self, id: &str, allow: Vec<Destination>) -> Result<Egress, BackendError> {
+    pub(super) fn take(
+        &self,
+        id: &str,
+        allow: Vec<Destination>,
+        bandwidth: Option<u64>,
+    ) -> Result<Egress, BackendError> {
         let unavailable = |e: egress::EgressError| {
             BackendError::Invalid(format!(
                 "policy.network.mode: \"egress\" cannot be set up here: {e}"
             ))
         };
-        for tool in ["ip", "nft", "nsenter"] {
+        let tc = bandwidth.map(|_| "tc");
+        for tool in ["ip", "nft", "nsenter"].into_iter().chain(tc) {
             egress::tool(tool).map_err(unavailable)?;
         }
         let mut state = self.lock();
@@ -122,6 +128,7 @@ impl Network {
             prefix: self.range.prefix_len(),
             index,
             allow,
+            bandwidth,
         };
         state.held.insert(id.to_string(), e.clone());
         Ok(e)

@@ -104,7 +104,11 @@ pub(super) fn container_config(
             policy_syscalls: enforced.syscalls,
             loopback: enforced.loopback,
             egress: match enforced.egress {
-                Some(allow) => Some(inner.network.take(&config.id, allow)?),
+                Some(allow) => Some(inner.network.take(
+                    &config.id,
+                    allow,
+                    config.resources.network_bandwidth,
+                )?),
                 None => None,
             },
             read_only_paths: enforced.read_only_paths,
