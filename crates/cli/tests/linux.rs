@@ -1316,3 +1316,105 @@ fn a_storage_limit_bounds_the_writable_layer() {
         "mounted on the host: {mounts}"
     );
 }
+
+/// An HTTP GET of `/` on the node's `port`: the response, or empty when nothing answered.
+fn http_get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut got = String::new();
+    let _ = conn.read_to_string(&mut got);
+    got
+}
+
+/// `-p HOST:CONTAINER` publishes the sandbox's port on the node, as `docker run -p` does:
+/// busybox's httpd in the sandbox answers on the host's port, through a warm shell or a
+/// cold start, again after the server is killed and restarted, and the port is free once
+/// the workload ends. A port another process holds fails the create, naming it.
+#[test]
+fn published_ports_reach_the_sandbox_until_its_end() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let mut l = Linux::start_with(&["--warm", "linux:busybox=1"]);
+    wait_warm(&l, 1);
+    let free_port = || {
+        std::net::TcpListener::bind(("0.0.0.0", 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let serve = "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html && \
+                 exec httpd -f -p 8080 -h /www";
+    let answers = |port: u16, name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = http_get(port);
+            if got.contains(&format!("hello-from-{name}")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} on {port}: {got:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (warm, cold) = (free_port(), free_port());
+    let host_dir = tempfile::tempdir().unwrap();
+    let mapdir = format!("/mnt::{}", host_dir.path().display());
+    for (name, port, extra) in [
+        ("web-warm", warm, vec![]),
+        ("web-cold", cold, vec!["--mapdir", &mapdir]),
+    ] {
+        let published = format!("{port}:8080");
+        let mut flags = vec!["-p", &published];
+        flags.extend(extra);
+        let out = l.run(name, &flags, &["sh", "-c", serve]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let got = l.wait_phase(name, "Running");
+        assert_eq!(
+            got["status"]["backendInfo"]["ports"],
+            format!("0.0.0.0:{port}->8080/tcp"),
+            "{got}"
+        );
+        assert_eq!(cgroup_of(&l, name).starts_with("warm-"), name == "web-warm");
+        answers(port, name);
+    }
+
+    // Held by another process: the create fails and says which port.
+    let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = l.run("clash", &["-p", &format!("{port}:80")], &["true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains(&format!(
+            "spec.ports[0].hostPort: {port}/tcp cannot be published on this node"
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    // The server held the ports: killed, they close; restarted, it publishes them again.
+    l.server.kill9();
+    assert!(http_get(warm).is_empty(), "answered with no server");
+    l.server.spawn();
+    answers(warm, "web-warm");
+    assert_eq!(
+        l.get("web-warm")["status"]["backendInfo"]["ports"],
+        format!("0.0.0.0:{warm}->8080/tcp")
+    );
+
+    // The workload's end frees the port, before the sandbox is removed.
+    l.ok(&["kill", "web-warm"]);
+    l.wait_phase("web-warm", "Exited");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(("0.0.0.0", warm)).is_err() {
+        assert!(Instant::now() < deadline, "port {warm} still bound");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    l.ok(&["rm", "web-warm", "web-cold"]);
+    assert!(std::net::TcpListener::bind(("0.0.0.0", cold)).is_ok());
+}

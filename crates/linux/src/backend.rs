@@ -27,6 +27,7 @@ use crate::exec::ExecSpec;
 
 mod checkpoint;
 mod network;
+mod ports;
 mod pty;
 mod spec;
 mod warm;
@@ -133,6 +134,8 @@ struct Sandbox {
     done: Option<watch::Receiver<bool>>,
     /// What `start` needs, between create and start.
     pending: Option<Pending>,
+    /// The relays of its published ports, while its workload runs.
+    published: Option<ports::Published>,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,8 @@ struct Pending {
     container: ContainerConfig,
     image_id: String,
     stdin: Option<Stdin>,
+    /// Its published ports, bound at create (a taken one fails the create).
+    ports: ports::Bound,
 }
 
 fn not_found(id: &str) -> BackendError {
@@ -297,6 +302,8 @@ impl Inner {
                 return;
             };
             sb.status = status.clone();
+            // Its ports are free again, as docker frees a stopped container's.
+            sb.published = None;
         }
         if status != BackendStatus::Stopped {
             let _ = self.events.send(BackendEvent {
@@ -461,7 +468,13 @@ fn base_info(image_id: &str, bundle: &Path, container: &ContainerConfig) -> Back
 
 /// Marks the sandbox Running under its supervisor, records the workload's end as soon as the
 /// supervisor reports it, and flips `done` once the supervisor itself has ended.
-fn supervise_child(inner: &Arc<Inner>, id: &str, bundle: PathBuf, started: Started) {
+fn supervise_child(
+    inner: &Arc<Inner>,
+    id: &str,
+    bundle: PathBuf,
+    started: Started,
+    ports: ports::Bound,
+) {
     let Started {
         mut child,
         reports,
@@ -469,11 +482,16 @@ fn supervise_child(inner: &Arc<Inner>, id: &str, bundle: PathBuf, started: Start
     } = started;
     let supervisor = child.id().map(|p| p as i32);
     let (done_tx, done_rx) = watch::channel(false);
+    let published = publish(id, ports, pid);
     if let Some(sb) = inner.lock().get_mut(id) {
         sb.status = BackendStatus::Running;
         sb.supervisor = supervisor;
         sb.done = Some(done_rx);
         sb.info.insert("pid".into(), pid.to_string());
+        if let Some((published, shown)) = published {
+            sb.published = Some(published);
+            sb.info.insert("ports".into(), shown);
+        }
     }
     let inner = Arc::clone(inner);
     let id = id.to_string();
@@ -487,6 +505,22 @@ fn supervise_child(inner: &Arc<Inner>, id: &str, bundle: PathBuf, started: Start
         inner.finished(&id, &bundle);
         let _ = done_tx.send(true);
     });
+}
+
+/// Starts relaying the sandbox's bound ports into the namespace of its workload `pid`;
+/// `None` when it has none, or its workload is gone already.
+fn publish(id: &str, bound: ports::Bound, pid: i32) -> Option<(ports::Published, String)> {
+    if bound.is_empty() {
+        return None;
+    }
+    let shown = ports::shown(&bound);
+    match ports::serve(bound, Path::new(&format!("/proc/{pid}/ns/net"))) {
+        Ok(published) => Some((published, shown)),
+        Err(e) => {
+            warn!(id, error = %e, "linux: the sandbox's ports are not published");
+            None
+        }
+    }
 }
 
 /// The supervisor's `exit JSON` line; `None` when it ended without one (then `exit.json`
@@ -571,6 +605,15 @@ impl Backend for LinuxBackend {
             }
             return Err(BackendError::Invalid(crate::error_chain(&e)));
         }
+        let ports = match ports::bind(&config.spec.ports) {
+            Ok(ports) => ports,
+            Err(e) => {
+                if container.egress.is_some() {
+                    inner.network.release(id);
+                }
+                return Err(e);
+            }
+        };
         let bundle = self.bundle(id);
         let info = base_info(&image_id, &bundle, &container);
         inner.lock().insert(
@@ -585,7 +628,9 @@ impl Backend for LinuxBackend {
                     container,
                     image_id,
                     stdin: config.stdin.clone(),
+                    ports,
                 }),
+                published: None,
             },
         );
         Ok(info)
@@ -597,6 +642,7 @@ impl Backend for LinuxBackend {
             container,
             image_id,
             stdin,
+            ports,
         } = {
             let mut sandboxes = inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
@@ -654,7 +700,7 @@ impl Backend for LinuxBackend {
             // Pools count a create that took a warm shell as a hit.
             sb.info.insert("warm".into(), warm.to_string());
         }
-        supervise_child(&inner, id, bundle, started);
+        supervise_child(&inner, id, bundle, started, ports);
         Ok(())
     }
 
@@ -823,7 +869,23 @@ impl Backend for LinuxBackend {
             supervisor: None,
             done: None,
             pending: None,
+            published: None,
         };
+        // A running sandbox's ports are bound again (this server's predecessor held them).
+        if let (Some(_), Some(state)) = (watch_pid, &state) {
+            match ports::bind(&config.spec.ports) {
+                Ok(bound) => {
+                    if let Some((published, shown)) = publish(&id, bound, state.pid) {
+                        sandbox.published = Some(published);
+                        sandbox.info.insert("ports".into(), shown.clone());
+                        info.insert("ports".into(), shown);
+                    }
+                }
+                Err(e) => {
+                    warn!(id, error = %e, "linux: an adopted sandbox's ports are not published")
+                }
+            }
+        }
         if let Some(pid) = watch_pid {
             let pidfd = pidfd_open(pid).map_err(|e| BackendError::io("pidfd_open", &bundle, e))?;
             // SAFETY: the AsyncFd owns the pidfd and nothing else closes or replaces it while

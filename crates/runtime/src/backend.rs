@@ -121,6 +121,24 @@ impl BackendError {
     }
 }
 
+/// Refuses a spec that asks `kind`, a backend that publishes no ports, to publish one
+/// (`spec.ports[].hostPort`), naming the first: a port the user expects to reach would
+/// silently not answer.
+pub fn no_published_ports(kind: BackendKind, spec: &SandboxSpec) -> Result<(), BackendError> {
+    match spec
+        .ports
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| p.host_port.map(|h| (i, h, p.protocol)))
+    {
+        Some((i, host, protocol)) => Err(BackendError::Invalid(format!(
+            "spec.ports[{i}].hostPort: {host}/{protocol}: the {kind} backend publishes no ports \
+             (the linux backend does); leave hostPort out"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Removes a sandbox's directory tree; `Ok(false)` when it was already gone. It blocks:
 /// async callers run it on the blocking pool.
 pub fn remove_tree(dir: &Path) -> Result<bool, BackendError> {
@@ -395,7 +413,24 @@ impl fmt::Debug for ExecProcess {
 
 #[cfg(test)]
 mod tests {
-    use super::{format_warm, parse_warm};
+    use super::{format_warm, no_published_ports, parse_warm};
+    use warren_spec::{BackendKind, SandboxSpec};
+
+    #[test]
+    fn backends_without_publishing_refuse_a_host_port_by_name() {
+        let mut spec = SandboxSpec::default();
+        for p in ["8080", "53/udp"] {
+            spec.ports.push(p.parse().unwrap());
+        }
+        assert!(no_published_ports(BackendKind::Vm, &spec).is_ok());
+        spec.ports.push("5353:53/udp".parse().unwrap());
+        let err = no_published_ports(BackendKind::Wasm, &spec).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.ports[2].hostPort: 5353/udp: the wasm backend publishes no ports (the linux \
+             backend does); leave hostPort out"
+        );
+    }
 
     #[test]
     fn a_warm_list_reads_back_per_image() {

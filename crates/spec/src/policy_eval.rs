@@ -156,7 +156,7 @@ impl Policy {
                 (_, Some(host)) => out.push(
                     format!("spec.ports[{i}].hostPort"),
                     host.to_string(),
-                    format!("network.mode {mode} (ports are not published on the node)"),
+                    format!("network.mode {mode} (the policy publishes nothing on the node)"),
                 ),
                 (_, None) => {}
             }

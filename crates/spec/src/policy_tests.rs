@@ -244,7 +244,7 @@ fn network_modes_and_ports() {
     assert_eq!(
         eval(&lo, &spec),
         [
-            r#"spec.ports[1].hostPort: "80" violates network.mode loopback (ports are not published on the node)"#
+            r#"spec.ports[1].hostPort: "80" violates network.mode loopback (the policy publishes nothing on the node)"#
         ]
     );
     assert!(!none.connect_allowed("127.0.0.1".parse().unwrap(), 80));

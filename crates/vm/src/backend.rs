@@ -522,6 +522,7 @@ impl Backend for VmBackend {
 
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
         let id = &config.id;
+        warren_runtime::no_published_ports(BackendKind::Vm, &config.spec)?;
         if self.inner.lock().contains_key(id) {
             return Err(BackendError::AlreadyExists {
                 backend: BackendKind::Vm,

@@ -662,6 +662,7 @@ impl Backend for WasmBackend {
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
         let inner = self.inner()?;
         let id = &config.id;
+        warren_runtime::no_published_ports(BackendKind::Wasm, &config.spec)?;
         if id == CACHE_DIR {
             return Err(BackendError::Other(format!(
                 "sandbox id {id:?} is reserved by the wasm backend"

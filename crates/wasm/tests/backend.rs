@@ -1006,3 +1006,17 @@ async fn a_read_only_policy_path_is_mapped_read_only() {
     let host = std::fs::read_to_string(data.join("input.txt")).expect("read");
     assert_eq!(host, "from the host\n");
 }
+
+#[tokio::test]
+async fn a_host_port_is_refused_not_ignored() {
+    let h = harness(small());
+    let mut config = sandbox("web", &module("hello.wat"));
+    config.spec.ports.push("8080:80".parse().expect("port"));
+    let err = h.backend.create(&config).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("spec.ports[0].hostPort: 8080/tcp: the wasm backend publishes no ports"),
+        "{err}"
+    );
+    assert!(h.list().await.is_empty());
+}

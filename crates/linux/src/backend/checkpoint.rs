@@ -385,6 +385,7 @@ pub(super) async fn restore(
             container.mounts.len()
         )));
     }
+    let ports = super::ports::bind(&config.spec.ports)?;
     let bundle = backend.bundle(id);
     make_bundle(&bundle, &container)?;
     let started = async {
@@ -409,9 +410,10 @@ pub(super) async fn restore(
             supervisor: None,
             done: None,
             pending: None,
+            published: None,
         },
     );
-    supervise_child(&inner, id, bundle, started);
+    supervise_child(&inner, id, bundle, started, ports);
     Ok(backend.info(id).unwrap_or(info))
 }
 
