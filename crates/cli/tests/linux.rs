@@ -1418,3 +1418,174 @@ fn published_ports_reach_the_sandbox_until_its_end() {
     l.ok(&["rm", "web-warm", "web-cold"]);
     assert!(std::net::TcpListener::bind(("0.0.0.0", cold)).is_ok());
 }
+
+/// A tar archive with entries a hostile sandbox might send: each `(name, kind, data or link
+/// target)` written as given, `..` and absolute names included (tar's own checks skipped).
+fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut out = tar::Builder::new(Vec::new());
+    for (name, kind, data) in entries {
+        let mut header = tar::Header::new_old();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_mode(0o4755);
+        if *kind == tar::EntryType::Symlink {
+            header.as_old_mut().linkname[..data.len()].copy_from_slice(data.as_bytes());
+            header.set_size(0);
+            header.set_cksum();
+            out.append(&header, std::io::empty()).unwrap();
+        } else {
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            out.append(&header, data.as_bytes()).unwrap();
+        }
+    }
+    out.into_inner().unwrap()
+}
+
+/// `warren cp` copies into and out of a running sandbox as `docker cp` does (into an
+/// existing directory under the source's name, else as the destination; modes, times and
+/// symlinks kept; root-owned inside), and what a sandbox sends back stays in the
+/// destination: `..`, absolute paths, links leading out, devices and set-id bits are not
+/// written.
+#[test]
+fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    let out = l.run("box", &[], &["sleep", "600"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("box", "Running");
+    let here = tempfile::tempdir().unwrap();
+    let src = here.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(src.join("sub/b.txt"), "beta\n").unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(
+        src.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    let cp = |from: &str, to: &str| l.warren(&["cp", from, to]);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    // In: as a new path, then into an existing directory under its own name.
+    let out = cp(&s(&src), "box:/tmp/copied");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cp(&s(&src.join("a.txt")), "box:/tmp");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let inside = l.ok(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/copied/a.txt /tmp/copied/sub/b.txt /tmp/a.txt; readlink /tmp/copied/link; \
+         /tmp/copied/run.sh; stat -c '%u:%g' /tmp/copied/sub/b.txt",
+    ]);
+    assert_eq!(inside, "alpha\nbeta\nalpha\na.txt\nran\n0:0\n");
+
+    // Out: as a new path, then into an existing directory.
+    let back = here.path().join("back");
+    let out = cp("box:/tmp/copied", &s(&back));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(back.join("sub/b.txt")).unwrap(),
+        "beta\n"
+    );
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap(),
+        Path::new("a.txt")
+    );
+    let mode = std::fs::metadata(back.join("run.sh"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+        0o755
+    );
+    let out = cp("box:/tmp/a.txt", &s(here.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(here.path().join("a.txt")).unwrap(),
+        "alpha\n"
+    );
+
+    // Mistakes are named.
+    let out = cp("box:/no/such", &s(&here.path().join("x")));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("cp: packing box:/no/such failed"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cp(&s(&here.path().join("missing")), "box:/tmp");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("missing"), "{}", stderr(&out));
+
+    // A hostile sandbox: its `tar` answers with a crafted archive.
+    let outside = tempfile::tempdir().unwrap();
+    let escape = format!("{}/escaped", outside.path().display());
+    let evil = raw_tar(&[
+        ("x/ok.txt", tar::EntryType::Regular, "ok\n"),
+        ("x/../../escaped.txt", tar::EntryType::Regular, "no\n"),
+        (&escape, tar::EntryType::Regular, "no\n"),
+        ("elsewhere.txt", tar::EntryType::Regular, "no\n"),
+        (
+            "x/out",
+            tar::EntryType::Symlink,
+            outside.path().to_str().unwrap(),
+        ),
+        ("x/out/pwned.txt", tar::EntryType::Regular, "no\n"),
+        ("x/null", tar::EntryType::Char, ""),
+    ]);
+    std::fs::write(here.path().join("evil.tar"), evil).unwrap();
+    let out = cp(&s(&here.path().join("evil.tar")), "box:/tmp/evil.tar");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.ok(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "rm /bin/tar && printf '#!/bin/sh\\ncat /tmp/evil.tar\\n' > /bin/tar && chmod +x /bin/tar",
+    ]);
+    let landed = here.path().join("deep/er");
+    std::fs::create_dir_all(&landed).unwrap();
+    let got = landed.join("got");
+    let out = cp("box:/tmp/x", &s(&got));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(got.join("ok.txt")).unwrap(), "ok\n");
+    let mode = std::fs::metadata(got.join("ok.txt")).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7000,
+        0,
+        "set-id bits kept"
+    );
+    assert!(!got.join("null").exists(), "a device node was made");
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "written outside the destination"
+    );
+    for stray in [
+        here.path().join("deep/escaped.txt"),
+        landed.join("escaped.txt"),
+        landed.join("elsewhere.txt"),
+    ] {
+        assert!(!stray.exists(), "{} written", stray.display());
+    }
+    let said = stderr(&out);
+    eprintln!("{said}");
+    for skipped in [
+        "x/../../escaped.txt (a path out of the destination)",
+        "elsewhere.txt (not under the path asked for)",
+        "x/null (not a file, directory or link)",
+        "x/out/pwned.txt (",
+    ] {
+        assert!(said.contains(&format!("cp: skipped {skipped}")), "{said}");
+    }
+    l.ok(&["rm", "box"]);
+}

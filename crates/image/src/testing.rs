@@ -147,7 +147,7 @@ pub fn busybox_layout_with(dir: &Path, name: &str, extra: Vec<Entry>) -> io::Res
     ];
     for applet in [
         "sh", "true", "echo", "cat", "sleep", "ls", "mkdir", "id", "hostname", "env", "pwd", "ps",
-        "head", "dd", "yes", "touch", "rm", "mount",
+        "head", "dd", "yes", "touch", "rm", "mount", "tar",
     ] {
         entries.push(Entry::symlink(&format!("bin/{applet}"), "busybox"));
     }

@@ -86,6 +86,19 @@ fn terminal_size() -> v1::TerminalSize {
     }
 }
 
+/// Opens the exec stream: what `input` carries goes to the server (an `ExecStart` first).
+pub(super) async fn open(
+    g: &Globals,
+    input: mpsc::Receiver<v1::ExecInput>,
+) -> anyhow::Result<tonic::Streaming<v1::ExecOutput>> {
+    let mut client = g.connect().await?;
+    answer(
+        client
+            .exec(tokio_stream::wrappers::ReceiverStream::new(input))
+            .await,
+    )
+}
+
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     if args.command.first().is_none_or(|c| c.is_empty()) {
         return Err(usage("exec: give a command after --"));
@@ -144,13 +157,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         });
     }
     drop(tx);
-
-    let mut client = g.connect().await?;
-    let mut output = answer(
-        client
-            .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await,
-    )?;
+    let mut output = open(g, rx).await?;
     let _raw = RawMode::enable(args.tty && args.interactive);
     loop {
         let msg = match output.message().await {

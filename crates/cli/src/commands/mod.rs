@@ -11,6 +11,7 @@ mod agent;
 mod apply;
 mod bench;
 mod checkpoint;
+mod cp;
 mod exec;
 mod get;
 mod image;
@@ -90,6 +91,9 @@ pub enum Command {
     Info(info::Args),
     /// Run a command inside a running sandbox.
     Exec(exec::Args),
+    /// Copy files and directories between this machine and a sandbox (NAME:PATH), as
+    /// `docker cp` does (the sandbox needs `sh` and `tar`).
+    Cp(cp::Args),
     /// Manage the server's images: import, ls, rm, pull.
     Image(image::Args),
     /// Pull an image from a registry into the server's image store.
@@ -185,6 +189,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::run(a, &g).await,
         Command::Vm(a) => vm::run(a, &g).await,
         Command::Exec(a) => exec::run(a, &g).await,
+        Command::Cp(a) => cp::run(a, &g).await,
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,
         Command::Policy(a) => policy::run(a, &g).await,

@@ -1,0 +1,510 @@
+//! `warren cp SRC DEST`: copies files and directories between this machine and a running
+//! sandbox, as `docker cp` does; one side is `NAME:PATH`. Built on the exec API, as
+//! `kubectl cp` is: the sandbox's own `tar` packs or unpacks (and `sh` tells whether the
+//! destination is a directory), so it works on every backend with exec (linux, vm) and on
+//! sandboxes of remote agents. What comes out of a sandbox is untrusted: entries outside the
+//! path asked for, `..` and absolute paths, links that lead out of the destination and
+//! device files are skipped, set-id bits are dropped, and files belong to the local user.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use tokio::sync::mpsc;
+use warren_proto::v1::{self, exec_input::Input, exec_output::Output};
+
+use super::{Globals, ServerError, usage};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to copy: a local path, NAME:PATH in a sandbox, or `-` (a tar stream on stdin,
+    /// unpacked into a directory of the sandbox).
+    src: String,
+    /// Where: NAME:PATH in a sandbox, a local path, or `-` (a tar stream on stdout).
+    dest: String,
+}
+
+/// One side of a copy.
+#[derive(Debug, PartialEq)]
+enum Side {
+    Local(PathBuf),
+    Stdio,
+    Sandbox { name: String, path: String },
+}
+
+/// `NAME:PATH` is a sandbox's path when NAME is a sandbox name (so `./a:b` and `/a:b` are
+/// local, as with docker); `-` is stdin or stdout.
+fn side(arg: &str) -> Side {
+    if arg == "-" {
+        return Side::Stdio;
+    }
+    match arg.split_once(':') {
+        Some((name, path))
+            if !name.is_empty()
+                && warren_spec::validate_name("name", name).is_ok()
+                && !name.contains('/') =>
+        {
+            Side::Sandbox {
+                name: name.to_string(),
+                path: path.to_string(),
+            }
+        }
+        _ => Side::Local(PathBuf::from(arg)),
+    }
+}
+
+pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    match (side(&args.src), side(&args.dest)) {
+        (Side::Sandbox { name, path }, Side::Local(local)) => {
+            copy_out(g, &name, &path, Some(local)).await
+        }
+        (Side::Sandbox { name, path }, Side::Stdio) => copy_out(g, &name, &path, None).await,
+        (Side::Local(local), Side::Sandbox { name, path }) => {
+            copy_in(g, &local, &name, &path).await
+        }
+        (Side::Stdio, Side::Sandbox { name, path }) => copy_in_stream(g, &name, &path).await,
+        (Side::Sandbox { .. }, Side::Sandbox { .. }) => Err(usage(
+            "cp: copy between two sandboxes through this machine: cp A:PATH DIR, then cp DIR/... B:PATH",
+        )),
+        _ => Err(usage(
+            "cp: one of SRC and DEST must be NAME:PATH in a sandbox",
+        )),
+    }
+}
+
+/// A sandbox path made absolute, without a trailing slash (but `/` stays `/`).
+fn sandbox_path(path: &str) -> Result<String, anyhow::Error> {
+    if path.is_empty() {
+        return Err(usage("cp: the sandbox path is empty (NAME:/path)"));
+    }
+    let absolute = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    let trimmed = absolute.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    })
+}
+
+/// `(directory, name)` of an absolute sandbox path; `None` for `/` itself.
+fn split(path: &str) -> Option<(&str, &str)> {
+    let (dir, name) = path.rsplit_once('/')?;
+    if name.is_empty() || name == "." || name == ".." {
+        return None;
+    }
+    Some((if dir.is_empty() { "/" } else { dir }, name))
+}
+
+/// What an exec in the sandbox gave: its exit code and its stderr.
+struct Ran {
+    code: i32,
+    stderr: Vec<u8>,
+}
+
+impl Ran {
+    /// The stderr as one line for an error message, with control characters shown escaped
+    /// (a sandbox's output is untrusted: it must not drive this terminal).
+    fn reason(&self) -> String {
+        let text = String::from_utf8_lossy(&self.stderr);
+        let line: String = text.trim().escape_debug().collect();
+        let line = if line.chars().count() > 300 {
+            format!("{}...", line.chars().take(300).collect::<String>())
+        } else {
+            line
+        };
+        let hint = if self.code == 127 {
+            "; cp needs sh and tar in the sandbox"
+        } else {
+            ""
+        };
+        if line.is_empty() {
+            format!("exit code {}{hint}", self.code)
+        } else {
+            format!("{line} (exit code {}{hint})", self.code)
+        }
+    }
+}
+
+/// Runs `command` in sandbox `name` through the exec API, its stdin from `stdin` (closed at
+/// once when `None`), its stdout to `stdout` chunk by chunk (dropped when `None`).
+async fn exec(
+    g: &Globals,
+    name: &str,
+    command: &[&str],
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    stdout: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+) -> anyhow::Result<Ran> {
+    let (tx, rx) = mpsc::channel::<v1::ExecInput>(16);
+    let send = |input| v1::ExecInput { input: Some(input) };
+    tx.send(send(Input::Start(v1::ExecStart {
+        name: name.to_string(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })))
+    .await?;
+    match stdin {
+        Some(mut chunks) => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(chunk) = chunks.recv().await {
+                    if tx.send(send(Input::Stdin(chunk))).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(send(Input::CloseStdin(true))).await;
+            });
+        }
+        None => tx.send(send(Input::CloseStdin(true))).await?,
+    }
+    drop(tx);
+    let mut output = super::exec::open(g, rx).await?;
+    let mut stderr = Vec::new();
+    loop {
+        match output.message().await {
+            Ok(Some(msg)) => match msg.output {
+                Some(Output::Stdout(bytes)) => {
+                    if let Some(out) = &stdout {
+                        // The unpacking thread stopped (it failed): keep draining.
+                        let _ = out.send(bytes);
+                    }
+                }
+                // Enough for a reason; the rest is dropped.
+                Some(Output::Stderr(bytes)) if stderr.len() < 64 << 10 => {
+                    stderr.extend_from_slice(&bytes)
+                }
+                Some(Output::Stderr(_)) => {}
+                Some(Output::ExitCode(code)) => return Ok(Ran { code, stderr }),
+                None => {}
+            },
+            Ok(None) => bail!("the server ended the exec without an exit code"),
+            Err(s) => return Err(ServerError(s).into()),
+        }
+    }
+}
+
+/// Whether `path` is a directory in the sandbox (asked of its `sh`).
+async fn is_dir(g: &Globals, name: &str, path: &str) -> anyhow::Result<bool> {
+    let ran = exec(
+        g,
+        name,
+        &["sh", "-c", "[ -d \"$1\" ]", "sh", path],
+        None,
+        None,
+    )
+    .await?;
+    match ran.code {
+        0 => Ok(true),
+        1 => Ok(false),
+        _ => bail!(
+            "cp: cannot look at {name}:{path}: {} (cp needs sh and tar in the sandbox)",
+            ran.reason()
+        ),
+    }
+}
+
+/// Local → sandbox. Into an existing directory the source keeps its name; otherwise it is
+/// created as the destination path (whose parent must exist), as `docker cp` does.
+async fn copy_in(g: &Globals, local: &Path, name: &str, path: &str) -> anyhow::Result<ExitCode> {
+    let meta =
+        std::fs::symlink_metadata(local).with_context(|| format!("cp: {}", local.display()))?;
+    let dest = sandbox_path(path)?;
+    let (dir, entry) = if is_dir(g, name, &dest).await? {
+        let own = local
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_os_string()))
+            .ok_or_else(|| usage(format!("cp: {} has no name to copy under", local.display())))?;
+        (dest.clone(), PathBuf::from(own))
+    } else if path.ends_with('/') {
+        bail!("cp: {name}:{dest} is not a directory in the sandbox");
+    } else {
+        let (dir, file) =
+            split(&dest).ok_or_else(|| usage(format!("cp: cannot copy onto {name}:{dest}")))?;
+        (dir.to_string(), PathBuf::from(file))
+    };
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    let source = local.to_path_buf();
+    let packing = tokio::task::spawn_blocking(move || {
+        let mut builder = tar::Builder::new(ChunkWriter(tx));
+        builder.follow_symlinks(false);
+        append(&mut builder, &source, &entry, &meta)?;
+        builder.into_inner()?.flush()
+    });
+    let unpacked = unpack_inside(g, name, &dir, rx).await;
+    let packed = packing.await?;
+    unpacked?;
+    packed.with_context(|| format!("cp: reading {}", local.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Unpacks the tar stream `archive` carries into directory `dir` of the sandbox.
+async fn unpack_inside(
+    g: &Globals,
+    name: &str,
+    dir: &str,
+    archive: mpsc::Receiver<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let tar = ["tar", "-x", "-f", "-", "-C", dir];
+    let ran = exec(g, name, &tar, Some(archive), None).await?;
+    if ran.code != 0 {
+        bail!("cp: unpacking in {name}:{dir} failed: {}", ran.reason());
+    }
+    Ok(())
+}
+
+/// stdin (a tar stream) → a directory of the sandbox.
+async fn copy_in_stream(g: &Globals, name: &str, path: &str) -> anyhow::Result<ExitCode> {
+    let dest = sandbox_path(path)?;
+    if !is_dir(g, name, &dest).await? {
+        bail!(
+            "cp: {name}:{dest} is not a directory in the sandbox (a tar stream unpacks into one)"
+        );
+    }
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = stdin.read(&mut buf) {
+            if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    unpack_inside(g, name, &dest, rx).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Adds `path` (not following a symlink) to the archive as `name`, a directory with what it
+/// holds; owned by root in the sandbox, as `docker cp` makes them; modes and times kept.
+fn append<W: Write>(
+    builder: &mut tar::Builder<W>,
+    path: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    header.set_uid(0);
+    header.set_gid(0);
+    let _ = header.set_username("root");
+    let _ = header.set_groupname("root");
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        let target = std::fs::read_link(path)?;
+        header.set_size(0);
+        builder.append_link(&mut header, name, target)
+    } else if kind.is_dir() {
+        header.set_size(0);
+        builder.append_data(&mut header, name, std::io::empty())?;
+        let mut children: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            let meta = std::fs::symlink_metadata(child.path())?;
+            append(builder, &child.path(), &name.join(child.file_name()), &meta)?;
+        }
+        Ok(())
+    } else if kind.is_file() {
+        builder.append_data(&mut header, name, std::fs::File::open(path)?)
+    } else {
+        // Sockets, fifos and devices: docker skips them too.
+        eprintln!(
+            "cp: skipping {} (not a file, directory or symlink)",
+            path.display()
+        );
+        Ok(())
+    }
+}
+
+/// Sandbox → local (`None`: the tar stream to stdout). Into an existing local directory the
+/// source keeps its name; otherwise it is created as `local`.
+async fn copy_out(
+    g: &Globals,
+    name: &str,
+    path: &str,
+    local: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let src = sandbox_path(path)?;
+    let (dir, entry) = split(&src)
+        .ok_or_else(|| usage(format!("cp: name a path under / ({name}:/etc), not {src}")))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let entry_name = entry.to_string();
+    let unpacking = tokio::task::spawn_blocking(move || match local {
+        Some(local) => unpack(ChunkReader::new(rx), &entry_name, &local),
+        None => {
+            let mut out = std::io::stdout().lock();
+            for chunk in rx {
+                out.write_all(&chunk)?;
+            }
+            out.flush().map(|()| Vec::new()).map_err(Into::into)
+        }
+    });
+    let ran = exec(
+        g,
+        name,
+        &["tar", "-c", "-f", "-", "-C", dir, entry],
+        None,
+        Some(tx),
+    )
+    .await?;
+    let unpacked = unpacking.await?;
+    if ran.code != 0 {
+        bail!("cp: packing {name}:{src} failed: {}", ran.reason());
+    }
+    for skipped in unpacked? {
+        eprintln!("cp: skipped {skipped}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Unpacks an archive from a sandbox whose entries should all be under `top`: into `local`
+/// when it is a directory, else as `local` itself (through a temporary directory beside it,
+/// renamed once complete). Returns what was skipped, described.
+fn unpack(reader: impl Read, top: &str, local: &Path) -> anyhow::Result<Vec<String>> {
+    let into_dir = local.is_dir();
+    let parent = match local.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let staging = if into_dir {
+        None
+    } else {
+        Some(
+            tempfile::Builder::new()
+                .prefix(".warren-cp-")
+                .tempdir_in(&parent)
+                .with_context(|| format!("cp: cannot write in {}", parent.display()))?,
+        )
+    };
+    let dst = staging.as_ref().map_or(local, |s| s.path());
+    let mut archive = tar::Archive::new(reader);
+    // No set-id bits from a sandbox; ownership stays this user's (the default).
+    archive.set_mask(0o7000);
+    archive.set_preserve_permissions(true);
+    let mut skipped = Vec::new();
+    let mut got_top = false;
+    for entry in archive.entries().context("cp: reading the archive")? {
+        let mut entry = entry.context("cp: reading the archive")?;
+        let path = entry.path().context("cp: an entry's path")?.into_owned();
+        let shown: String = path.display().to_string().escape_debug().collect();
+        let mut parts = path.components().filter(|c| *c != Component::CurDir);
+        let under_top = parts.next().is_some_and(|c| c.as_os_str() == top);
+        let kind = entry.header().entry_type();
+        let allowed = kind.is_file()
+            || kind.is_dir()
+            || kind.is_symlink()
+            || kind.is_hard_link()
+            || kind == tar::EntryType::Continuous;
+        if !under_top || !allowed {
+            skipped.push(format!(
+                "{shown} ({})",
+                if under_top {
+                    "not a file, directory or link"
+                } else {
+                    "not under the path asked for"
+                }
+            ));
+            continue;
+        }
+        match entry.unpack_in(dst) {
+            Ok(true) => got_top = true,
+            Ok(false) => skipped.push(format!("{shown} (a path out of the destination)")),
+            Err(e) => skipped.push(format!("{shown} ({})", e.to_string().escape_debug())),
+        }
+    }
+    if !got_top {
+        bail!("cp: the sandbox sent nothing to copy");
+    }
+    if let Some(staging) = &staging {
+        let made = staging.path().join(top);
+        std::fs::rename(&made, local)
+            .with_context(|| format!("cp: moving the copy into place at {}", local.display()))?;
+    }
+    Ok(skipped)
+}
+
+/// Writes into a channel, chunk by chunk (a tar builder on a blocking thread feeding exec).
+struct ChunkWriter(mpsc::Sender<Vec<u8>>);
+
+impl Write for ChunkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(buf.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the exec ended"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads what a channel carries, chunk by chunk (exec's stdout for a tar reader).
+struct ChunkReader {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    current: std::io::Cursor<Vec<u8>>,
+}
+
+impl ChunkReader {
+    fn new(chunks: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        ChunkReader {
+            chunks,
+            current: std::io::Cursor::new(Vec::new()),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            match self.chunks.recv() {
+                Ok(chunk) => self.current = std::io::Cursor::new(chunk),
+                Err(_) => return Ok(0),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_are_told_apart_as_docker_does() {
+        assert_eq!(
+            side("web:/tmp/x"),
+            Side::Sandbox {
+                name: "web".into(),
+                path: "/tmp/x".into()
+            }
+        );
+        assert_eq!(side("./web:x"), Side::Local("./web:x".into()));
+        assert_eq!(side("/a:b"), Side::Local("/a:b".into()));
+        assert_eq!(side("-"), Side::Stdio);
+        assert_eq!(side("plain"), Side::Local("plain".into()));
+        assert_eq!(sandbox_path("tmp/x/").unwrap(), "/tmp/x");
+        assert_eq!(sandbox_path("/").unwrap(), "/");
+        assert_eq!(split("/tmp/x"), Some(("/tmp", "x")));
+        assert_eq!(split("/x"), Some(("/", "x")));
+        assert_eq!(split("/"), None);
+    }
+
+    #[test]
+    fn a_stderr_reason_cannot_drive_the_terminal() {
+        let ran = Ran {
+            code: 2,
+            stderr: b"tar: \x1b[31mno\x07 such file\n".to_vec(),
+        };
+        assert_eq!(
+            ran.reason(),
+            "tar: \\u{1b}[31mno\\u{7} such file (exit code 2)"
+        );
+    }
+}
