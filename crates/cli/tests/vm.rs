@@ -376,6 +376,23 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         stderr(&missing)
     );
 
+    // `warren cp` works over the same exec: a directory in, and back out.
+    let here = tempfile::tempdir().unwrap();
+    let src = here.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/f.txt"), "into a vm\n").unwrap();
+    vm.ok(&["cp", src.to_str().unwrap(), "box:/tmp/in"]);
+    assert_eq!(
+        vm.ok(&["exec", "box", "--", "cat", "/tmp/in/sub/f.txt"]),
+        "into a vm\n"
+    );
+    let back = here.path().join("back");
+    vm.ok(&["cp", "box:/tmp/in", back.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(back.join("sub/f.txt")).unwrap(),
+        "into a vm\n"
+    );
+
     // Delete: the VM, its cgroup and its files go.
     let obj = vm.get("box");
     let qemu = pid_of(&obj);
