@@ -446,6 +446,14 @@ fn exec_reaches_sandboxes_on_remote_agents() {
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
     let out = server.warren(&["exec", "box", "--", "/no/such/program"]);
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    // `warren cp` rides the same exec: in and back out.
+    let here = tempfile::tempdir().unwrap();
+    let file = here.path().join("note.txt");
+    std::fs::write(&file, "far away\n").unwrap();
+    server.ok(&["cp", file.to_str().unwrap(), "box:/tmp"]);
+    let back = here.path().join("back.txt");
+    server.ok(&["cp", "box:/tmp/note.txt", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "far away\n");
 
     // The agent's API refuses an exec into what it does not hold, before any upgrade.
     let (code, reply) = http(
