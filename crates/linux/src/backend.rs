@@ -339,30 +339,44 @@ async fn make_storage(bundle: &Path, bytes: u64) -> Result<(), BackendError> {
     std::fs::File::create(&file)
         .and_then(|f| f.set_len(bytes))
         .map_err(|e| BackendError::io("create", &file, e))?;
-    let out = tokio::process::Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-O",
-            "^has_journal",
-            "-E",
-            "root_owner=0:0",
-        ])
-        .arg(&file)
+    let mut mkfs = tokio::process::Command::new("mkfs.ext4");
+    mkfs.args([
+        "-q",
+        "-F",
+        "-m",
+        "0",
+        "-O",
+        "^has_journal",
+        "-E",
+        "root_owner=0:0",
+    ])
+    .arg(&file);
+    run_tool(mkfs, ("run mkfs.ext4 (e2fsprogs) on", &file), || {
+        format!("mkfs.ext4 {}", file.display())
+    })
+    .await
+}
+
+/// Runs a tool to its end with no input; a failure to start it is `spawn` (the action
+/// and the path it was for), an exit other than 0 is `failed()` and what it wrote on stderr.
+async fn run_tool(
+    mut cmd: tokio::process::Command,
+    spawn: (&'static str, &Path),
+    failed: impl FnOnce() -> String,
+) -> Result<(), BackendError> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| BackendError::io("run mkfs.ext4 (e2fsprogs) on", &file, e))?;
-    if !out.status.success() {
-        return Err(BackendError::Other(format!(
-            "mkfs.ext4 {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        .map_err(|e| BackendError::io(spawn.0, spawn.1, e))?;
+    if out.status.success() {
+        return Ok(());
     }
-    Ok(())
+    Err(BackendError::Other(format!(
+        "{}: {}",
+        failed(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
 }
 
 /// A supervisor that reported `ok PID`.

@@ -428,7 +428,8 @@ async fn fill_bundle(
     let tar = dir.join(ROOTFS_TAR);
     if container.rootfs.is_none() && tar.exists() {
         let upper = bundle.join(config::UPPER_DIR);
-        let out = tokio::process::Command::new("tar")
+        let mut unpack = tokio::process::Command::new("tar");
+        unpack
             .arg("--extract")
             .arg("--file")
             .arg(&tar)
@@ -440,19 +441,11 @@ async fn fill_bundle(
                 "--numeric-owner",
                 "--same-permissions",
                 "--same-owner",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| BackendError::io("run tar to unpack", &tar, e))?;
-        if !out.status.success() {
-            return Err(BackendError::Other(format!(
-                "unpack {} into {}: {}",
-                tar.display(),
-                upper.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+            ]);
+        super::run_tool(unpack, ("run tar to unpack", &tar), || {
+            format!("unpack {} into {}", tar.display(), upper.display())
+        })
+        .await?;
     }
     for file in [config::LOG_FILE, config::STDIN_FILE] {
         let from = dir.join(file);
