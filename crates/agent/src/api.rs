@@ -202,6 +202,9 @@ pub struct SandboxState {
     pub id: String,
     pub backend: BackendKind,
     pub status: WireStatus,
+    /// What it uses now (asked for one sandbox; absent when not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<warren_runtime::Usage>,
 }
 
 /// A backend as the agent found it.

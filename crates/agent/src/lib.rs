@@ -221,6 +221,11 @@ impl Agent {
         self.backends.get(&kind)?.info(id)
     }
 
+    /// What the sandbox uses now, when its backend measures it (see [`Backend::usage`]).
+    pub fn usage(&self, kind: BackendKind, id: &str) -> Option<warren_runtime::Usage> {
+        self.backends.get(&kind)?.usage(id)
+    }
+
     /// The sandbox's log file, when its backend keeps one.
     pub fn log_path(&self, kind: BackendKind, id: &str) -> Option<std::path::PathBuf> {
         self.backends.get(&kind)?.log_path(id)

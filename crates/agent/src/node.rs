@@ -215,6 +215,7 @@ impl NodeAgent {
             id: req.id.clone(),
             backend: kind,
             status: WireStatus::from(&status),
+            usage: None,
         })
     }
 
@@ -243,6 +244,7 @@ impl NodeAgent {
             id: req.id.clone(),
             backend: kind,
             status: WireStatus::from(&last.unwrap_or(BackendStatus::Stopped)),
+            usage: None,
         })
     }
 
@@ -291,6 +293,7 @@ impl NodeAgent {
             id: id.to_string(),
             backend: kind,
             status: WireStatus::from(&status),
+            usage: self.agent.usage(kind, id),
         })
     }
 
@@ -323,6 +326,7 @@ impl NodeAgent {
                 id,
                 backend: kind,
                 status,
+                usage: None,
             });
         }
         sandboxes.sort_by(|a, b| a.id.cmp(&b.id));

@@ -248,6 +248,19 @@ impl RemoteAgent {
     }
 
     pub async fn status(&self, _kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {
+        Ok(self.sandbox(id).await?.status.into())
+    }
+
+    /// What the sandbox uses now, as the agent's backend measures it.
+    pub async fn usage(
+        &self,
+        _kind: BackendKind,
+        id: &str,
+    ) -> Result<Option<warren_runtime::Usage>, AgentError> {
+        Ok(self.sandbox(id).await?.usage)
+    }
+
+    async fn sandbox(&self, id: &str) -> Result<SandboxState, AgentError> {
         if !id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -256,15 +269,13 @@ impl RemoteAgent {
                 "id: {id:?} is not a sandbox id"
             )));
         }
-        let reply: SandboxState = self
-            .call(
-                "GET",
-                &format!("/api/v1/agent/status?sandbox={id}"),
-                None::<&()>,
-                QUICK_CALL,
-            )
-            .await?;
-        Ok(reply.status.into())
+        self.call(
+            "GET",
+            &format!("/api/v1/agent/status?sandbox={id}"),
+            None::<&()>,
+            QUICK_CALL,
+        )
+        .await
     }
 
     pub async fn update(

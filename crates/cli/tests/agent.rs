@@ -446,6 +446,10 @@ fn exec_reaches_sandboxes_on_remote_agents() {
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
     let out = server.warren(&["exec", "box", "--", "/no/such/program"]);
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    // `warren stats` asks the agent.
+    let stats = server.stats("box");
+    assert_eq!(stats["measured"], true, "{stats}");
+    assert_eq!(stats["pids"], 1, "{stats}");
     // `warren cp` rides the same exec: in and back out.
     let here = tempfile::tempdir().unwrap();
     let file = here.path().join("note.txt");

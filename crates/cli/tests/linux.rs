@@ -1589,3 +1589,69 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
     }
     l.ok(&["rm", "box"]);
 }
+
+/// `warren stats`: CPU as a share of a core between two readings (a busy loop under
+/// `--cpu 0.5` shows about half a core, a sleeping one about none), memory against the
+/// limit, processes; backends that measure nothing say so; a sandbox named that is not
+/// running is an error.
+#[test]
+fn stats_show_what_running_sandboxes_use() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    let out = l.run(
+        "busy",
+        &["--cpu", "0.5", "-m", "64Mi"],
+        &["sh", "-c", "while :; do :; done"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = l.run("idle", &[], &["sh", "-c", "sleep 600 & sleep 600 & wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.ok(&["run", "--name", "record"]);
+    for name in ["busy", "idle"] {
+        l.wait_phase(name, "Running");
+    }
+    let text = l.ok(&[
+        "stats",
+        "busy",
+        "idle",
+        "record",
+        "--no-stream",
+        "--interval",
+        "1s",
+        "-o",
+        "json",
+    ]);
+    eprintln!("{text}");
+    let lines: Vec<serde_json::Value> = text.lines().map(json).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let (busy, idle, record) = (&lines[0], &lines[1], &lines[2]);
+    let cpu = |v: &serde_json::Value| v["cpuPercent"].as_f64().unwrap();
+    assert!((5.0..70.0).contains(&cpu(busy)), "{busy}");
+    assert!(cpu(idle) < 5.0, "{idle}");
+    assert_eq!(busy["memoryLimitBytes"], 64 << 20, "{busy}");
+    assert!(busy["memoryBytes"].as_u64().unwrap() > 0, "{busy}");
+    // sh and its two sleeps.
+    assert_eq!(idle["pids"], 3, "{idle}");
+    assert_eq!(record["measured"], false, "{record}");
+    assert!(record["cpuPercent"].is_null(), "{record}");
+
+    let table = l.ok(&["stats", "--no-stream", "--interval", "200ms"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("MEM USAGE / LIMIT"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("busy") && l.contains("/ 64Mi")),
+        "{table}"
+    );
+
+    l.ok(&["kill", "idle"]);
+    l.wait_phase("idle", "Exited");
+    let out = l.warren(&["stats", "idle", "--no-stream"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("idle"), "{}", stderr(&out));
+    l.ok(&["rm", "busy", "idle", "record"]);
+}

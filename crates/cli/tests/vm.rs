@@ -376,6 +376,12 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         stderr(&missing)
     );
 
+    // `warren stats`: qemu's cgroup, guest RAM and all.
+    let stats = vm.server.stats("box");
+    assert_eq!(stats["measured"], true, "{stats}");
+    assert!(stats["memoryBytes"].as_u64().unwrap() > 16 << 20, "{stats}");
+    assert!(stats["pids"].as_u64().unwrap() >= 1, "{stats}");
+
     // `warren cp` works over the same exec: a directory in, and back out.
     let here = tempfile::tempdir().unwrap();
     let src = here.path().join("src");

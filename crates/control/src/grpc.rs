@@ -350,6 +350,28 @@ impl Sandboxes for SandboxService {
         Ok(Response::new(v1::SignalSandboxResponse {}))
     }
 
+    async fn get_sandbox_usage(
+        &self,
+        req: Request<v1::GetSandboxUsageRequest>,
+    ) -> Result<Response<v1::SandboxUsage>, Status> {
+        let name = req.into_inner().name;
+        let usage = self.plane.usage(&name).await.map_err(status_of)?;
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let measured = usage.is_some();
+        let u = usage.unwrap_or_default();
+        Ok(Response::new(v1::SandboxUsage {
+            name,
+            measured,
+            cpu_ns: u.cpu_ns,
+            memory_bytes: u.memory_bytes,
+            memory_peak_bytes: u.memory_peak_bytes,
+            pids: u.pids,
+            time_ms,
+        }))
+    }
+
     type StreamLogsStream = LogStream;
 
     async fn stream_logs(

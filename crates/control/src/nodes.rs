@@ -120,6 +120,18 @@ impl NodeHandle {
         }
     }
 
+    pub async fn usage(
+        &self,
+        kind: BackendKind,
+        id: &str,
+    ) -> Result<Option<warren_runtime::Usage>, AgentError> {
+        match self {
+            NodeHandle::Local(a) => Ok(a.usage(kind, id)),
+            NodeHandle::Remote(r) => r.usage(kind, id).await,
+            NodeHandle::Unregistered(n) => Err(not_registered(n)),
+        }
+    }
+
     pub async fn update(
         &self,
         kind: BackendKind,

@@ -787,6 +787,13 @@ impl ControlPlane {
     }
 
     /// The sandbox's record, if it is Running.
+    /// What a running sandbox uses now, from its node; `None` where its backend measures
+    /// nothing.
+    pub async fn usage(&self, name: &str) -> Result<Option<warren_runtime::Usage>, ControlError> {
+        let rec = self.running(name)?;
+        Ok(self.node(&rec).usage(rec.spec.backend, &rec.id).await?)
+    }
+
     fn running(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
         let rec = self.get(name)?;
         if rec.status != Phase::Running {

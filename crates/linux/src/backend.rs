@@ -1114,6 +1114,15 @@ impl Backend for LinuxBackend {
         })
     }
 
+    /// The sandbox's cgroup counters while it runs.
+    fn usage(&self, id: &str) -> Option<warren_runtime::Usage> {
+        if self.inner.lock().get(id)?.status != BackendStatus::Running {
+            return None;
+        }
+        let cgroup = self.inner.cgroup(&cgroup_name(&self.bundle(id), id))?;
+        cgroup.stats().ok().map(Into::into)
+    }
+
     fn log_path(&self, id: &str) -> Option<PathBuf> {
         Some(self.bundle(id).join(config::LOG_FILE))
     }

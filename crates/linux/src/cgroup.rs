@@ -325,6 +325,17 @@ pub struct CgroupStats {
     pub pids: Option<u64>,
 }
 
+impl From<CgroupStats> for warren_runtime::Usage {
+    fn from(s: CgroupStats) -> Self {
+        warren_runtime::Usage {
+            cpu_ns: s.cpu_usage_ns,
+            memory_bytes: s.memory_bytes,
+            memory_peak_bytes: s.memory_peak_bytes,
+            pids: s.pids,
+        }
+    }
+}
+
 /// One cgroup, present in one directory per hierarchy.
 #[derive(Debug, Clone)]
 pub struct Cgroup {

@@ -149,6 +149,23 @@ pub fn remove_tree(dir: &Path) -> Result<bool, BackendError> {
     }
 }
 
+/// What a running sandbox uses now, as its backend measures it (a cgroup: the container's,
+/// or qemu's for a VM); a field is `None` when that is not measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// CPU time consumed since the start, in nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
+    /// Processes (tasks) in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
 /// A status change a backend noticed on its own (a workload exited, hit its timeout, was
 /// OOM-killed). Backends whose workloads end by themselves send these; the control plane
 /// turns them into record updates and watch events.
@@ -221,6 +238,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// previous run (what the control plane does not know is an orphan).
     async fn list(&self) -> Result<Vec<String>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// What the sandbox uses now; `None` when it is not running or this backend measures
+    /// nothing. Reads a few counters: cheap.
+    fn usage(&self, id: &str) -> Option<Usage> {
+        let _ = id;
+        None
     }
 
     /// The sandbox's log file (CRI log format, see [`crate::logs`]), when it has one.

@@ -717,6 +717,15 @@ impl Backend for VmBackend {
             .map(drop)
     }
 
+    /// The counters of the cgroup qemu runs in while the VM runs: guest RAM it touched plus
+    /// qemu's own, the vCPUs' and qemu's CPU time, qemu's threads.
+    fn usage(&self, id: &str) -> Option<warren_runtime::Usage> {
+        if self.inner.lock().get(id)?.status != BackendStatus::Running {
+            return None;
+        }
+        self.inner.cgroup(id)?.stats().ok().map(Into::into)
+    }
+
     async fn status(&self, id: &str) -> Result<BackendStatus, BackendError> {
         self.inner
             .lock()

@@ -27,6 +27,7 @@ mod rm;
 mod run;
 mod sandboxer;
 mod server;
+mod stats;
 mod update;
 mod vm;
 mod watch;
@@ -94,6 +95,8 @@ pub enum Command {
     /// Copy files and directories between this machine and a sandbox (NAME:PATH), as
     /// `docker cp` does (the sandbox needs `sh` and `tar`).
     Cp(cp::Args),
+    /// What running sandboxes use now: CPU, memory against their limit, processes.
+    Stats(stats::Args),
     /// Manage the server's images: import, ls, rm, pull.
     Image(image::Args),
     /// Pull an image from a registry into the server's image store.
@@ -190,6 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(a) => vm::run(a, &g).await,
         Command::Exec(a) => exec::run(a, &g).await,
         Command::Cp(a) => cp::run(a, &g).await,
+        Command::Stats(a) => stats::run(a, &g).await,
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,
         Command::Policy(a) => policy::run(a, &g).await,

@@ -160,6 +160,21 @@ impl TestServer {
     }
 
     /// Runs the CLI and asserts it succeeded; returns stdout.
+    /// One `warren stats NAME` reading as JSON (CPU over 200 ms).
+    #[allow(dead_code)]
+    pub fn stats(&self, name: &str) -> serde_json::Value {
+        let args = [
+            "stats",
+            name,
+            "--no-stream",
+            "--interval",
+            "200ms",
+            "-o",
+            "json",
+        ];
+        json(&self.ok(&args))
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.warren(args);
         assert!(
