@@ -1469,6 +1469,9 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
     )
     .unwrap();
     std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    // Larger than any one message: it crosses in many.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.join("big.bin"), &big).unwrap();
     let cp = |from: &str, to: &str| l.warren(&["cp", from, to]);
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
@@ -1499,6 +1502,10 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
     assert_eq!(
         std::fs::read_link(back.join("link")).unwrap(),
         Path::new("a.txt")
+    );
+    assert!(
+        std::fs::read(back.join("big.bin")).unwrap() == big,
+        "big.bin differs"
     );
     let mode = std::fs::metadata(back.join("run.sh"))
         .unwrap()
