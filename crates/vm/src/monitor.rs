@@ -81,10 +81,14 @@ const FIRST_START_PATIENCE: Duration = Duration::from_secs(15);
 const START_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Whether a call failed because the channel to the guest broke, not because the guest
-/// said no.
+/// said no: tonic's "transport error", or the call's stream reset under it ("operation was
+/// canceled": the guest's agent never cancels a call it answers).
 fn channel_lost(s: &tonic::Status) -> bool {
-    matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
-        && s.message().contains("transport error")
+    match s.code() {
+        tonic::Code::Cancelled => true,
+        tonic::Code::Unknown | tonic::Code::Unavailable => s.message().contains("transport error"),
+        _ => false,
+    }
 }
 
 /// Why [`launch_in`] failed, and whether it was a `Start` the guest never answered (worth
@@ -208,9 +212,10 @@ async fn launch_in(
             Some(BackendError::Other(format!("move the clone's qemu into its cgroup: {e}")).into())
         }
         (Ok(Ok(_)), Ok(())) => None,
-        // The channel to the guest broke during the call (tonic's "transport error", seen
-        // once in CI on a freshly restored clone): as with no answer, the VM is killed and
-        // nothing of the workload reached the host, so it is worth another VM too.
+        // The channel to the guest broke during the call (tonic's "transport error", and
+        // once "operation was canceled", each seen in CI on a freshly restored clone): as
+        // with no answer, the VM is killed and nothing of the workload reached the host, so
+        // it is worth another VM too.
         (Ok(Err(s)), _) if channel_lost(&s) => Some(LaunchFailed {
             error: guest_error("start", s),
             start_unanswered: true,
@@ -609,6 +614,12 @@ mod tests {
         )));
         assert!(!channel_lost(&tonic::Status::invalid_argument(
             "transport error"
+        )));
+        assert!(channel_lost(&tonic::Status::cancelled(
+            "operation was canceled"
+        )));
+        assert!(!channel_lost(&tonic::Status::failed_precondition(
+            "operation was canceled"
         )));
     }
 }
