@@ -195,6 +195,7 @@ fn three_hundred_creates_spread_by_capacity_and_affinity() {
                 container_port: 80,
                 protocol: Protocol::Tcp,
                 host_port: Some(7000 + (i % 25) as u16),
+                host_ip: None,
             }],
             ..spec(&format!("port-{i}"))
         })

@@ -1362,24 +1362,34 @@ fn published_ports_reach_the_sandbox_until_its_end() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
+    // Without an address: every IPv4 and IPv6 address, as docker.
+    let ipv6 = std::net::TcpListener::bind(("::1", 0)).is_ok();
+    let everywhere = |port: u16| {
+        if ipv6 {
+            format!("0.0.0.0:{port}->8080/tcp, [::]:{port}->8080/tcp")
+        } else {
+            format!("0.0.0.0:{port}->8080/tcp")
+        }
+    };
     let (warm, cold) = (free_port(), free_port());
     let host_dir = tempfile::tempdir().unwrap();
     let mapdir = format!("/mnt::{}", host_dir.path().display());
-    for (name, port, extra) in [
-        ("web-warm", warm, vec![]),
-        ("web-cold", cold, vec!["--mapdir", &mapdir]),
+    for (name, published, shown, extra) in [
+        ("web-warm", format!("{warm}:8080"), everywhere(warm), vec![]),
+        (
+            "web-cold",
+            format!("127.0.0.1:{cold}:8080"),
+            format!("127.0.0.1:{cold}->8080/tcp"),
+            vec!["--mapdir", &mapdir],
+        ),
     ] {
-        let published = format!("{port}:8080");
+        let port = if name == "web-warm" { warm } else { cold };
         let mut flags = vec!["-p", &published];
         flags.extend(extra);
         let out = l.run(name, &flags, &["sh", "-c", serve]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         let got = l.wait_phase(name, "Running");
-        assert_eq!(
-            got["status"]["backendInfo"]["ports"],
-            format!("0.0.0.0:{port}->8080/tcp"),
-            "{got}"
-        );
+        assert_eq!(got["status"]["backendInfo"]["ports"], shown, "{got}");
         assert_eq!(cgroup_of(&l, name).starts_with("warm-"), name == "web-warm");
         answers(port, name);
     }
@@ -1404,8 +1414,11 @@ fn published_ports_reach_the_sandbox_until_its_end() {
     answers(warm, "web-warm");
     assert_eq!(
         l.get("web-warm")["status"]["backendInfo"]["ports"],
-        format!("0.0.0.0:{warm}->8080/tcp")
+        everywhere(warm)
     );
+    // The cold one's, on 127.0.0.1 alone: another local address finds nothing.
+    answers(cold, "web-cold");
+    assert!(std::net::TcpStream::connect(("127.0.0.2", cold)).is_err());
 
     // The workload's end frees the port, before the sandbox is removed.
     l.ok(&["kill", "web-warm"]);

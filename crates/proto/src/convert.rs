@@ -120,6 +120,7 @@ pub fn spec_to_pb(s: &SandboxSpec) -> v1::SandboxSpec {
                     Protocol::Udp => v1::Protocol::Udp as i32,
                 },
                 host_port: p.host_port.map(u32::from),
+                host_ip: p.host_ip.map(|ip| ip.to_string()),
             })
             .collect(),
         policy: s.policy.clone(),
@@ -172,6 +173,14 @@ fn port_from_pb(i: usize, p: &v1::Port) -> Result<PortSpec, ConvertError> {
             u16::try_from(h).map_err(|_| err(&field("hostPort"), h, "is not a port (1-65535)"))
         })
         .transpose()?;
+    let host_ip = p
+        .host_ip
+        .as_deref()
+        .map(|ip| {
+            ip.parse()
+                .map_err(|_| err(&field("hostIP"), ip, "is not an IP address"))
+        })
+        .transpose()?;
     let protocol = match v1::Protocol::try_from(p.protocol) {
         Ok(v1::Protocol::Tcp) => Protocol::Tcp,
         Ok(v1::Protocol::Udp) => Protocol::Udp,
@@ -187,6 +196,7 @@ fn port_from_pb(i: usize, p: &v1::Port) -> Result<PortSpec, ConvertError> {
         container_port,
         protocol,
         host_port,
+        host_ip,
     })
 }
 
@@ -302,6 +312,13 @@ mod tests {
             container_port: 80,
             protocol: Protocol::Udp,
             host_port: Some(8080),
+            host_ip: None,
+        });
+        spec.ports.push(PortSpec {
+            container_port: 81,
+            protocol: Protocol::Tcp,
+            host_port: Some(8081),
+            host_ip: Some("::1".parse().unwrap()),
         });
         spec.failure_policy = FailurePolicy::AutoRecreate;
         spec.consistency = Some(Consistency::Strong);
@@ -342,6 +359,7 @@ mod tests {
                 container_port: 70000,
                 protocol: 0,
                 host_port: None,
+                host_ip: None,
             }],
             ..Default::default()
         };
@@ -353,6 +371,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(spec_from_pb(pb).expect_err("9").field, "spec.failurePolicy");
+        let pb = v1::SandboxSpec {
+            name: "x".into(),
+            ports: vec![v1::Port {
+                container_port: 80,
+                protocol: 0,
+                host_port: Some(8080),
+                host_ip: Some("localhost".into()),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            spec_from_pb(pb).expect_err("not an address").to_string(),
+            r#"spec.ports[0].hostIP: "localhost" is not an IP address"#
+        );
     }
 
     #[test]

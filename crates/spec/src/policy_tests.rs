@@ -229,6 +229,7 @@ fn network_modes_and_ports() {
             container_port: 8080,
             protocol: Protocol::Tcp,
             host_port: None,
+            host_ip: None,
         },
         "80:81".parse().unwrap(),
     ];

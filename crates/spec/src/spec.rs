@@ -158,13 +158,25 @@ pub struct PortSpec {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_port: Option<u16>,
+    /// The node's address the port is published on (Kubernetes' `hostIP`); without it, every
+    /// address, IPv4 and IPv6, as `docker run -p` does. Needs a `hostPort`.
+    #[serde(
+        rename = "hostIP",
+        alias = "hostIp",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub host_ip: Option<std::net::IpAddr>,
 }
 
 impl FromStr for PortSpec {
     type Err = SpecError;
     /// The CLI's `-p` forms, docker style: "8080", "80:8080" (host:container), "8080/udp",
-    /// "80:8080/tcp".
+    /// "80:8080/tcp", and with the node's address first: "127.0.0.1:80:8080",
+    /// "[::1]:80:8080".
     fn from_str(s: &str) -> Result<Self, SpecError> {
+        const FORMS: &str = r#"(expected "8080", "80:8080" as host:container, "127.0.0.1:80:8080" or "[::1]:80:8080", each with an optional "/udp")"#;
+        let bad = |what: &str| SpecError::invalid("port", s, format!("{what} {FORMS}"));
         let (ports, protocol) = match s.split_once('/') {
             Some((ports, proto)) => (
                 ports,
@@ -174,28 +186,53 @@ impl FromStr for PortSpec {
         };
         let port = |p: &str| -> Result<u16, SpecError> {
             match p.parse::<u16>() {
-                Ok(0) | Err(_) => Err(SpecError::invalid(
-                    "port",
-                    s,
-                    r#"is not a port (expected "8080", "80:8080" as host:container, or "8080/udp")"#,
-                )),
+                Ok(0) | Err(_) => Err(bad(&format!("has {p:?}, which is not a port (1-65535)"))),
                 Ok(port) => Ok(port),
             }
         };
-        let (host_port, container_port) = match ports.split_once(':') {
-            Some((host, container)) => (Some(port(host)?), port(container)?),
-            None => (None, port(ports)?),
+        let address = |a: &str| -> Result<std::net::IpAddr, SpecError> {
+            a.parse()
+                .map_err(|_| bad(&format!("has {a:?}, which is not an IP address")))
+        };
+        // "[v6]:host:container": the brackets keep the address's colons apart.
+        let (host_ip, ports) = match ports.strip_prefix('[') {
+            Some(rest) => {
+                let (ip, rest) = rest
+                    .split_once(']')
+                    .ok_or_else(|| bad("opens a \"[\" it never closes"))?;
+                let ports = rest
+                    .strip_prefix(':')
+                    .ok_or_else(|| bad("needs \":HOST:CONTAINER\" after the address"))?;
+                (Some(address(ip)?), ports)
+            }
+            None => (None, ports),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, host_port, container_port) = match (host_ip, parts.as_slice()) {
+            (None, [container]) => (None, None, port(container)?),
+            (ip, [host, container]) => (ip, Some(port(host)?), port(container)?),
+            (None, [ip, host, container]) => {
+                (Some(address(ip)?), Some(port(host)?), port(container)?)
+            }
+            (Some(_), [_]) => return Err(bad("needs \":HOST:CONTAINER\" after the address")),
+            _ => return Err(bad("has too many parts (an IPv6 address goes in brackets)")),
         };
         Ok(PortSpec {
             container_port,
             protocol,
             host_port,
+            host_ip,
         })
     }
 }
 
 impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host_ip {
+            Some(std::net::IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
+            Some(ip) => write!(f, "{ip}:")?,
+            None => {}
+        }
         if let Some(host) = self.host_port {
             write!(f, "{host}:")?;
         }
@@ -728,6 +765,13 @@ fn validate_ports(ports: &[PortSpec], errors: &mut Vec<SpecError>) {
                 field("containerPort"),
                 &p.container_port.to_string(),
                 reason,
+            ));
+        }
+        if let (Some(ip), None) = (p.host_ip, p.host_port) {
+            errors.push(SpecError::invalid(
+                field("hostIP"),
+                &ip.to_string(),
+                "needs a hostPort: only a published port has a node address",
             ));
         }
         match p.host_port {

@@ -24,7 +24,8 @@ fn deserializes_camel_case_json() {
         "env": {"PATH": "/bin"},
         "workingDir": "/work",
         "resources": {"requests": {"cpu": 0.5, "memory": "256Mi"}, "limits": {"memory": "1Gi", "pids": 100}},
-        "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP", "hostPort": 5353}],
+        "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP", "hostPort": 5353},
+                  {"containerPort": 80, "hostPort": 8080, "hostIP": "::1"}],
         "policy": "default",
         "failurePolicy": "AutoRecreate",
         "consistency": "strong",
@@ -42,8 +43,16 @@ fn deserializes_camel_case_json() {
         PortSpec {
             container_port: 53,
             protocol: Protocol::Udp,
-            host_port: Some(5353)
+            host_port: Some(5353),
+            host_ip: None,
         }
+    );
+    assert_eq!(s.ports[2].to_string(), "[::1]:8080:80/tcp");
+    // Written back under Kubernetes' name.
+    assert!(
+        serde_json::to_string(&s.ports[2])
+            .unwrap()
+            .contains(r#""hostIP":"::1""#)
     );
     assert_eq!(s.resources.limits.pids.as_deref(), Some("100"));
 
@@ -228,6 +237,7 @@ fn ports_validation() {
         container_port,
         protocol,
         host_port,
+        host_ip: None,
     };
     let mut s = spec("a");
     s.ports = vec![
@@ -254,6 +264,17 @@ fn ports_validation() {
         p(81, Protocol::Tcp, Some(8080)),
     ];
     assert_eq!(s.validate().unwrap_err().field(), "spec.ports[1].hostPort");
+    // An address only for a published port.
+    s.ports = vec![PortSpec {
+        host_ip: Some("127.0.0.1".parse().unwrap()),
+        ..p(80, Protocol::Tcp, None)
+    }];
+    assert_eq!(
+        first_error(&s),
+        r#"spec.ports[0].hostIP: "127.0.0.1" needs a hostPort: only a published port has a node address"#
+    );
+    s.ports[0].host_port = Some(8080);
+    assert!(s.validate().is_ok());
 }
 
 #[test]
@@ -285,6 +306,13 @@ fn port_strings() {
             container_port,
             protocol,
             host_port,
+            host_ip: None,
+        })
+    };
+    let at = |ip: &str, container_port, protocol, host_port| {
+        Ok(PortSpec {
+            host_ip: Some(ip.parse().unwrap()),
+            ..want(container_port, protocol, Some(host_port)).unwrap()
         })
     };
     assert_eq!(p("8080"), want(8080, Protocol::Tcp, None));
@@ -292,6 +320,12 @@ fn port_strings() {
     assert_eq!(p("8080/udp"), want(8080, Protocol::Udp, None));
     assert_eq!(p("53:5353/UDP"), want(5353, Protocol::Udp, Some(53)));
     assert_eq!(p("80:8080/tcp"), want(8080, Protocol::Tcp, Some(80)));
+    assert_eq!(
+        p("127.0.0.1:80:8080"),
+        at("127.0.0.1", 8080, Protocol::Tcp, 80)
+    );
+    assert_eq!(p("[::1]:53:5353/udp"), at("::1", 5353, Protocol::Udp, 53));
+    assert_eq!(p("[::]:80:8080"), at("::", 8080, Protocol::Tcp, 80));
     for bad in [
         "",
         "0",
@@ -305,6 +339,15 @@ fn port_strings() {
         "80/sctp",
         " 80",
         "80/udp/tcp",
+        "localhost:80:8080",
+        "127.0.0.1::8080",
+        "127.0.0.1:8080",
+        "::1:80:8080",
+        "[::1]:8080",
+        "[::1:80:8080",
+        "[::1]80:8080",
+        "[nope]:80:8080",
+        "1.2.3.4:1:2:3",
     ] {
         let err = p(bad).unwrap_err();
         assert_eq!(err.field(), "port", "{bad}");
@@ -313,7 +356,20 @@ fn port_strings() {
         p("80/sctp").unwrap_err().to_string(),
         r#"port: "sctp" is not a protocol (expected one of: tcp, udp)"#
     );
-    for port in ["8080/tcp", "80:8080/udp"] {
+    assert_eq!(
+        p("::1:80:8080").unwrap_err().to_string(),
+        r#"port: "::1:80:8080" has too many parts (an IPv6 address goes in brackets) (expected "8080", "80:8080" as host:container, "127.0.0.1:80:8080" or "[::1]:80:8080", each with an optional "/udp")"#
+    );
+    assert_eq!(
+        p("localhost:80:8080").unwrap_err().to_string(),
+        r#"port: "localhost:80:8080" has "localhost", which is not an IP address (expected "8080", "80:8080" as host:container, "127.0.0.1:80:8080" or "[::1]:80:8080", each with an optional "/udp")"#
+    );
+    for port in [
+        "8080/tcp",
+        "80:8080/udp",
+        "10.0.0.1:80:8080/tcp",
+        "[fe80::1]:53:53/udp",
+    ] {
         assert_eq!(p(port).unwrap().to_string(), port);
     }
 }

@@ -121,7 +121,8 @@ pub struct Args {
     /// Working directory inside the sandbox.
     #[arg(long, short = 'w')]
     workdir: Option<String>,
-    /// Port to expose: 8080, 80:8080 (host:container), 53/udp (repeatable).
+    /// Port to expose: 8080, 8080:80 (published on the node's port 8080, every address),
+    /// 127.0.0.1:8080:80 or [::1]:8080:80 (that address only), 53/udp (repeatable).
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
     /// Policy to apply (the server's default when absent).

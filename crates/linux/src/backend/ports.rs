@@ -5,7 +5,7 @@
 //! The sandbox needs no interface for it: a socket belongs to the network namespace it was
 //! created in, so the relay's inner socket is made by a short thread that has entered the
 //! sandbox's namespace (a fresh thread each time: a pooled one would carry the namespace to
-//! its next job). The sandbox sees connections from `127.0.0.1`. Ports are bound before the
+//! its next job). The sandbox sees connections from `127.0.0.1` (IPv6 clients too). Ports are bound before the
 //! workload starts, so a port the node already uses fails the start, naming it; they are
 //! released when the workload ends, and bound again by a server that adopts a running
 //! sandbox.
@@ -56,40 +56,83 @@ impl Drop for Published {
     }
 }
 
-/// Binds the node's side of every port with a `hostPort`, on all addresses (IPv4), as
-/// `docker run -p` does.
+/// Binds the node's side of every port with a `hostPort`: on its `hostIP`, else on every
+/// address, IPv4 and IPv6 (the latter skipped on a node without IPv6), as `docker run -p`
+/// does.
 pub(super) fn bind(ports: &[PortSpec]) -> Result<Bound, BackendError> {
     let mut bound = Bound::default();
     for (i, p) in ports.iter().enumerate() {
         let Some(host) = p.host_port else { continue };
-        let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, host));
-        let refused = |e: std::io::Error| {
-            BackendError::Invalid(format!(
-                "spec.ports[{i}].hostPort: {host}/{} cannot be published on this node: {e}",
-                p.protocol
-            ))
+        let addresses = match p.host_ip {
+            Some(ip) => vec![(SocketAddr::new(ip, host), false)],
+            None => vec![
+                (SocketAddr::from((Ipv4Addr::UNSPECIFIED, host)), false),
+                (SocketAddr::from((Ipv6Addr::UNSPECIFIED, host)), true),
+            ],
         };
-        match p.protocol {
-            Protocol::Tcp => {
-                let listener = std::net::TcpListener::bind(at).map_err(refused)?;
-                listener.set_nonblocking(true).map_err(refused)?;
-                bound.tcp.push((listener, p.container_port));
+        for (at, optional) in addresses {
+            let refused = |e: std::io::Error| {
+                let (field, what) = match p.host_ip {
+                    Some(_) => ("hostIP", at.to_string()),
+                    None => ("hostPort", host.to_string()),
+                };
+                BackendError::Invalid(format!(
+                    "spec.ports[{i}].{field}: {what}/{} cannot be published on this node: {e}",
+                    p.protocol
+                ))
+            };
+            let socket = match listen(at, p.protocol) {
+                Ok(socket) => socket,
+                Err(e) if optional && no_ipv6(&e) => continue,
+                Err(e) => return Err(refused(e)),
+            };
+            match p.protocol {
+                Protocol::Tcp => bound.tcp.push((socket.into(), p.container_port)),
+                Protocol::Udp => bound.udp.push((socket.into(), p.container_port)),
             }
-            Protocol::Udp => {
-                let socket = std::net::UdpSocket::bind(at).map_err(refused)?;
-                socket.set_nonblocking(true).map_err(refused)?;
-                bound.udp.push((socket, p.container_port));
-            }
+            bound
+                .shown
+                .push(format!("{at}->{}/{}", p.container_port, p.protocol));
         }
-        bound.shown.push(format!(
-            "0.0.0.0:{host}->{}/{}",
-            p.container_port, p.protocol
-        ));
     }
     Ok(bound)
 }
 
-/// What `backendInfo.ports` says: `0.0.0.0:8080->80/tcp, ...`, as `docker ps` shows them.
+/// A non-blocking socket bound to `at` (listening, for TCP). An IPv6 one takes IPv6 only,
+/// so that the IPv4 side of the same port stays a socket of its own.
+fn listen(at: SocketAddr, protocol: Protocol) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let kind = match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let socket = Socket::new(Domain::for_address(at), kind, None)?;
+    if at.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if protocol == Protocol::Tcp {
+        // As std's `TcpListener::bind`: a port whose last connections are in TIME_WAIT can
+        // be published again at once.
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&at.into())?;
+    if protocol == Protocol::Tcp {
+        socket.listen(1024)?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Whether `e` says the node has no IPv6 (the module absent, or disabled).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
+
+/// What `backendInfo.ports` says: `0.0.0.0:8080->80/tcp, [::]:8080->80/tcp, ...`, as
+/// `docker ps` shows them.
 pub(super) fn shown(bound: &Bound) -> String {
     bound.shown.join(", ")
 }
@@ -370,17 +413,27 @@ mod tests {
             spec(format!("{host_udp}:{udp_port}/udp")),
         ])
         .unwrap();
-        assert_eq!(
-            shown(&bound),
+        let ipv6 = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok();
+        let want = if ipv6 {
+            format!(
+                "0.0.0.0:{host_tcp}->{tcp_port}/tcp, [::]:{host_tcp}->{tcp_port}/tcp, \
+                 0.0.0.0:{host_udp}->{udp_port}/udp, [::]:{host_udp}->{udp_port}/udp"
+            )
+        } else {
+            eprintln!("this host has no IPv6: only the IPv4 side is tested");
             format!("0.0.0.0:{host_tcp}->{tcp_port}/tcp, 0.0.0.0:{host_udp}->{udp_port}/udp")
-        );
+        };
+        assert_eq!(shown(&bound), want);
         let published = serve(bound, &path).unwrap();
 
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        for round in 0..2 {
-            let mut conn = TcpStream::connect((Ipv4Addr::LOCALHOST, host_tcp))
-                .await
-                .unwrap();
+        let clients: &[std::net::IpAddr] = if ipv6 {
+            &[Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+        } else {
+            &[Ipv4Addr::LOCALHOST.into()]
+        };
+        for (round, client) in clients.iter().enumerate() {
+            let mut conn = TcpStream::connect((*client, host_tcp)).await.unwrap();
             conn.write_all(format!("ping{round}").as_bytes())
                 .await
                 .unwrap();
@@ -388,14 +441,11 @@ mod tests {
             conn.read_to_string(&mut got).await.unwrap();
             assert_eq!(got, format!("tcp:ping{round}"));
         }
-        let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let mut buf = [0u8; 100];
-        for round in 0..2 {
+        for (round, at) in clients.iter().enumerate() {
+            let client = UdpSocket::bind((*at, 0)).await.unwrap();
             client
-                .send_to(
-                    format!("d{round}").as_bytes(),
-                    (Ipv4Addr::LOCALHOST, host_udp),
-                )
+                .send_to(format!("d{round}").as_bytes(), (*at, host_udp))
                 .await
                 .unwrap();
             let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
@@ -408,8 +458,10 @@ mod tests {
         // Dropped (the workload's end): both ports are free again.
         drop(published);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, host_tcp)).is_err()
-            || std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, host_udp)).is_err()
+        while listen((Ipv4Addr::UNSPECIFIED, host_tcp).into(), Protocol::Tcp).is_err()
+            || listen((Ipv4Addr::UNSPECIFIED, host_udp).into(), Protocol::Udp).is_err()
+            || (ipv6 && listen((Ipv6Addr::UNSPECIFIED, host_tcp).into(), Protocol::Tcp).is_err())
+            || (ipv6 && listen((Ipv6Addr::UNSPECIFIED, host_udp).into(), Protocol::Udp).is_err())
         {
             assert!(Instant::now() < deadline, "the ports stay bound");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -430,5 +482,46 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_host_address_binds_that_address_alone() {
+        let free = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let spec = |s: &str| s.parse::<PortSpec>().unwrap();
+        let bound = bind(&[spec(&format!("127.0.0.1:{free}:80"))]).unwrap();
+        assert_eq!(shown(&bound), format!("127.0.0.1:{free}->80/tcp"));
+        // Another loopback address (all of 127/8 is local) and the wildcard stay free.
+        let other = std::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), free));
+        assert!(other.is_ok(), "127.0.0.2:{free} was taken too: {other:?}");
+        drop(other);
+        // A second sandbox on the same address is refused, naming the address.
+        let err = bind(&[spec(&format!("127.0.0.1:{free}:81"))]).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "spec.ports[0].hostIP: 127.0.0.1:{free}/tcp cannot be published on this node: "
+            )),
+            "{err}"
+        );
+        drop(bound);
+        // An address this node does not have.
+        let err = bind(&[spec("192.0.2.1:8080:80/udp")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "spec.ports[0].hostIP: 192.0.2.1:8080/udp cannot be published on this node: "
+            ),
+            "{err}"
+        );
+        if std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+            let bound = bind(&[spec(&format!("[::1]:{free}:80"))]).unwrap();
+            assert_eq!(shown(&bound), format!("[::1]:{free}->80/tcp"));
+            // IPv6 only: the IPv4 side of the port is free.
+            assert!(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, free)).is_ok());
+        } else {
+            eprintln!("this host has no IPv6: the [::1] case is not tested");
+        }
     }
 }
