@@ -688,15 +688,21 @@ fn an_image_is_the_root_of_its_vm() {
         "busybox",
         "--name",
         "img",
+        "--storage",
+        "8Mi",
         "--wait",
         "--",
         "sh",
         "-c",
-        "grep -c nobody /etc/passwd; echo written > /new-file && cat /new-file",
+        "grep -c nobody /etc/passwd; echo written > /new-file && cat /new-file; \
+         dd if=/dev/zero of=/big bs=1M count=6 2>/dev/null && echo 6M-root; \
+         dd if=/dev/zero of=/tmp/big bs=1M count=6 2>/dev/null || echo tmp-full; \
+         rm /big; dd if=/dev/zero of=/tmp/big bs=1M count=6 2>/dev/null && echo 6M-tmp",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    // The image's passwd has a nobody line; the initramfs's has none.
-    assert_eq!(stdout(&out), "1\nwritten\n");
+    // The image's passwd has a nobody line; the initramfs's has none. The root and /tmp
+    // share the 8 MiB storage limit: 6 MiB fit in either, not in both.
+    assert_eq!(stdout(&out), "1\nwritten\n6M-root\ntmp-full\n6M-tmp\n");
     let info = vm.ok(&["info"]);
     assert!(info.contains("templates off"), "{info}");
 
@@ -757,9 +763,10 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
         info.contains("templates on") && info.contains("1 kept per shape"),
         "{info}"
     );
-    vm.ok(&[
-        "run", "-b", "vm", "-i", "busybox", "--name", "a", "--", "sleep", "600",
-    ]);
+    let args: Vec<&str> = "run -b vm -i busybox --name a --storage 4Mi -- sleep 600"
+        .split(' ')
+        .collect();
+    vm.ok(&args);
     let got = vm.get("a");
     assert_eq!(got["status"]["backendInfo"]["boot"], "clone", "{got}");
     assert_eq!(got["status"]["backendInfo"]["clone_from"], "pool", "{got}");
@@ -780,6 +787,17 @@ fn image_sandboxes_clone_from_a_template_of_their_image() {
     for name in ["a", "b"] {
         assert_eq!(vm.ok(&["exec", name, "--", "sh", "-c", NOBODY]), "1\n");
     }
+    // a's storage limit (4 MiB) holds in a clone whose root was mounted before the create;
+    // b has none.
+    let fill = ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=8"];
+    let full = vm.warren(&[&["exec", "a", "--"][..], &fill].concat());
+    assert_ne!(full.status.code(), Some(0), "a wrote 8 MiB");
+    assert!(
+        stderr(&full).contains("No space left on device"),
+        "{}",
+        stderr(&full)
+    );
+    vm.ok(&[&["exec", "b", "--"][..], &fill].concat());
     // A sandbox of the same size without the image is not one of its clones.
     let out = vm.warren(&[
         "run", "-b", "vm", "--name", "plain", "--wait", "--", "sh", "-c", NOBODY,

@@ -25,8 +25,13 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// guest whose `Ping` lists this.
 pub const FEATURE_START_SEEDS: &str = "start-seeds";
 
+/// `Start` applies `storage_bytes`. A guest without it would ignore the field and let the
+/// workload write without a limit, so a host refuses to start a storage-limited sandbox in a
+/// guest whose `Ping` does not list this.
+pub const FEATURE_STORAGE_LIMIT: &str = "storage-limit";
+
 /// What this guest lists in `PingReply::features`.
-pub const FEATURES: &[&str] = &[FEATURE_START_SEEDS];
+pub const FEATURES: &[&str] = &[FEATURE_START_SEEDS, FEATURE_STORAGE_LIMIT];
 
 /// The virtio-serial port's name (`-device virtserialport,name=...`).
 pub const PORT_NAME: &str = "warren.0";

@@ -165,8 +165,32 @@ impl Guest {
         Ok(())
     }
 
+    /// Limits what the workload can write (the root's upper layer, /tmp and /run: one tmpfs)
+    /// to `bytes`, by resizing that tmpfs; the root must be mounted.
+    fn limit_storage(&self, bytes: u64) -> Result<(), Status> {
+        use nix::mount::{MsFlags, mount};
+        if !self.pid1 {
+            return Ok(());
+        }
+        let options = format!("size={bytes}");
+        mount(
+            None::<&str>,
+            RW_MOUNT,
+            None::<&str>,
+            MsFlags::MS_REMOUNT,
+            Some(options.as_str()),
+        )
+        .map_err(|e| {
+            Status::failed_precondition(format!(
+                "storage_bytes {bytes}: resize the writable layer: {}",
+                e.desc()
+            ))
+        })
+    }
+
     /// Mounts the image on `device` read-only under a writable overlay (tmpfs upper), with
-    /// /proc, /sys and /dev inside; returns the new root.
+    /// /proc, /sys and /dev inside, and /tmp and /run as directories of the upper layer's
+    /// tmpfs (so that a storage limit covers them too); returns the new root.
     fn mount_root(&self, device: &str) -> Result<String, Status> {
         use nix::mount::{MsFlags, mount};
         let device = &resolve_device(device)?;
@@ -193,9 +217,19 @@ impl Guest {
             None::<&str>,
         )
         .map_err(|e| err("mount tmpfs", e))?;
-        for dir in ["upper", "work"] {
-            std::fs::create_dir_all(Path::new(RW_MOUNT).join(dir))
-                .map_err(|e| Status::internal(format!("mkdir {RW_MOUNT}/{dir}: {e}")))?;
+        for (dir, mode) in [
+            ("upper", 0o755),
+            ("work", 0o755),
+            ("tmp", 0o1777),
+            ("run", 0o755),
+        ] {
+            let path = Path::new(RW_MOUNT).join(dir);
+            std::fs::create_dir_all(&path)
+                .and_then(|()| {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|e| Status::internal(format!("mkdir {}: {e}", path.display())))?;
         }
         let options =
             format!("lowerdir={IMAGE_MOUNT},upperdir={RW_MOUNT}/upper,workdir={RW_MOUNT}/work");
@@ -211,20 +245,19 @@ impl Guest {
             let target = Path::new(ROOT_MOUNT).join(dir);
             let _ = std::fs::create_dir_all(&target);
             let source = Path::new("/").join(dir);
-            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
-            if dir == "tmp" || dir == "run" {
-                mount(
-                    Some("tmpfs"),
-                    &target,
-                    Some("tmpfs"),
-                    MsFlags::empty(),
-                    None::<&str>,
-                )
-                .map_err(|e| err("mount tmpfs", e))?;
+            let source = if dir == "tmp" || dir == "run" {
+                Path::new(RW_MOUNT).join(dir)
             } else {
-                mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
-                    .map_err(|e| err("bind mount", e))?;
-            }
+                source
+            };
+            mount(
+                Some(&source),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| err("bind mount", e))?;
         }
         Ok(ROOT_MOUNT.to_string())
     }
@@ -339,6 +372,9 @@ impl proto::guest_server::Guest for GuestService {
         g.apply_limits(&req.limits.unwrap_or_default())?;
         if !req.root_device.is_empty() {
             g.ensure_root(&req.root_device)?;
+            if let Some(bytes) = req.storage_bytes {
+                g.limit_storage(bytes)?;
+            }
         }
         let argv0 = req.argv.first().cloned().unwrap_or_default();
         let program = g

@@ -460,6 +460,8 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
         sandbox_id: config.id.clone(),
         // A cold boot's kernel seeded itself; a clone's is set at launch.
         seed: Vec::new(),
+        // Without an image the workload writes to the initramfs: nothing to size.
+        storage_bytes: root_disk.as_ref().and(r.storage_limit),
     };
     info.insert("command".into(), argv.join(" "));
     info.insert("vcpus".into(), vcpus.to_string());

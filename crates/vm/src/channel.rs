@@ -61,6 +61,8 @@ pub struct Ready {
     /// It takes a seed in `Start` ([`warren_guest::FEATURE_START_SEEDS`]): a clone's
     /// `Prepare` can be folded into its `Start`.
     pub start_seeds: bool,
+    /// It applies `Start`'s `storage_bytes` ([`warren_guest::FEATURE_STORAGE_LIMIT`]).
+    pub storage_limit: bool,
 }
 
 /// Connects and waits until the guest answers a ping, for at most `patience`; `alive` says
@@ -90,13 +92,11 @@ pub async fn ready(
                         wanted: warren_guest::VERSION.to_string(),
                     });
                 }
-                let start_seeds = reply
-                    .features
-                    .iter()
-                    .any(|f| f == warren_guest::FEATURE_START_SEEDS);
+                let has = |feature: &str| reply.features.iter().any(|f| f == feature);
                 return Ok(Ready {
                     client: c,
-                    start_seeds,
+                    start_seeds: has(warren_guest::FEATURE_START_SEEDS),
+                    storage_limit: has(warren_guest::FEATURE_STORAGE_LIMIT),
                 });
             }
             Ok(Err(status)) => {

@@ -192,8 +192,24 @@ async fn launch_in(
         }
     };
     let vm::Booted {
-        mut qemu, client, ..
+        mut qemu,
+        client,
+        storage_limit,
+        ..
     } = booted;
+    if let Some(bytes) = start.storage_bytes
+        && !storage_limit
+    {
+        if pooled {
+            crate::template::refill_soon(inner);
+        }
+        qemu.kill_and_wait(Duration::from_secs(5)).await;
+        return Err(BackendError::Invalid(format!(
+            "spec.resources.limits.storage: {bytes} bytes cannot be enforced: this VM's guest \
+             predates storage limits (rebuild its initramfs with scripts/vm-assets.sh)"
+        ))
+        .into());
+    }
     let mut c = client.clone();
     let started = tokio::time::timeout(patience, c.start(start)).await;
     if pooled {

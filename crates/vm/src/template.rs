@@ -525,6 +525,7 @@ async fn restore(
                 qemu,
                 client: ready.client,
                 start_seeds: ready.start_seeds,
+                storage_limit: ready.storage_limit,
             })
         }
         Err(e) => {

@@ -211,6 +211,8 @@ pub struct Booted {
     pub client: Client,
     /// Its guest takes a seed in `Start` (see [`channel::Ready`]).
     pub start_seeds: bool,
+    /// Its guest applies `Start`'s `storage_bytes` (see [`channel::Ready`]).
+    pub storage_limit: bool,
 }
 
 /// Starts qemu with `args` in `dir` and waits until warren-guest answers.
@@ -242,6 +244,7 @@ pub async fn boot(
             qemu,
             client: ready.client,
             start_seeds: ready.start_seeds,
+            storage_limit: ready.storage_limit,
         }),
         Err(e) => {
             let how = if qemu.running() {
