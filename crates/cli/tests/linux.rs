@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{json, stderr};
-use linux_harness::{Linux, cgroup_of, skip_reason, stdout, wait_gone, wait_warm};
+use linux_harness::{Linux, cgroup_of, cgroup_parents, skip_reason, stdout, wait_gone, wait_warm};
 
 #[test]
 fn output_exit_code_env_cwd_hostname_and_user() {
@@ -959,6 +959,62 @@ fn a_killed_supervisor_fails_its_sandbox_and_ends_the_workload() {
     wait_gone(&[workload], "the workload of a killed supervisor");
     l.ok(&["rm", "victim"]);
     assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
+}
+
+/// A claim whose sandbox cannot be recorded (its `container.json`, written by the shell's
+/// supervisor while the workload starts, is in the way here) fails the create with the
+/// reason, and the shell goes whole: its processes, its cgroup, its bundle.
+#[test]
+fn a_claim_that_cannot_record_its_sandbox_fails_it_and_leaves_nothing() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start_with(&["--warm", "linux:busybox=1"]);
+    wait_warm(&l, 1);
+    let shells: Vec<PathBuf> = std::fs::read_dir(l.server.state_dir().join("linux/.warm"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(shells.len(), 1, "{shells:?}");
+    let pids = warm_pids(&l);
+    let state = json(&std::fs::read_to_string(shells[0].join("state.json")).unwrap());
+    let cgroup = state["cgroup"].as_str().unwrap().to_string();
+    let record = shells[0].join("container.json");
+    let _ = std::fs::remove_file(&record);
+    std::fs::create_dir_all(record.join("in-the-way")).unwrap();
+
+    let out = l.run("unrecorded", &["--wait"], &["echo", "ran"]);
+    assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("write container.json"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "", "the workload ran");
+    wait_gone(&pids, "the shell whose claim failed");
+    let bundle = l.server.state_dir().join("linux/unrecorded");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<PathBuf> = cgroup_parents(&l.cgroup_parent)
+            .into_iter()
+            .map(|p| p.join(&cgroup))
+            .filter(|p| p.exists())
+            .chain(bundle.exists().then(|| bundle.clone()))
+            .chain(shells[0].exists().then(|| shells[0].clone()))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The pool makes a new shell, which serves the next create.
+    wait_warm(&l, 1);
+    let out = l.run("recorded", &["--wait"], &["echo", "ran"]);
+    assert_eq!(stdout(&out), "ran\n", "{}", stderr(&out));
+    assert!(cgroup_of(&l, "recorded").starts_with("warm-"));
 }
 
 #[test]
