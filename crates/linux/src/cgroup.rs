@@ -473,6 +473,15 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The cgroup's directory on a v2 host (what `clone3(CLONE_INTO_CGROUP)` takes, see
+    /// [`crate::fork`]); `None` on v1.
+    pub fn v2_dir(&self) -> Option<&Path> {
+        match (self.version, self.hierarchies.as_slice(), &self.invalid) {
+            (2, [only], None) => Some(&only.dir),
+            _ => None,
+        }
+    }
+
     /// The `cgroup.procs` files, one per hierarchy, so a forked child can move itself in with
     /// `open` + `write` and no allocation. Empty for an invalid handle.
     pub fn procs_files(&self) -> Vec<PathBuf> {

@@ -258,6 +258,7 @@ fn all_limits() -> CgroupLimits {
 fn v1_create_writes_limits() {
     let (tmp, layout) = fake_v1();
     let cgroup = Cgroup::create(&layout, "warren", "x", &all_limits()).unwrap();
+    assert_eq!(cgroup.v2_dir(), None, "v1 has no directory to clone into");
     let dir = |h: &str| tmp.path().join(h).join("warren/x");
     assert_eq!(
         read(dir("memory").join("memory.limit_in_bytes")),
@@ -454,6 +455,7 @@ fn fake_v2(root_controllers: &str) -> (TempDir, CgroupLayout) {
 fn v2_create_enables_controllers_and_writes_limits() {
     let (tmp, layout) = fake_v2("cpuset cpu io memory hugetlb pids rdma misc\n");
     let cgroup = Cgroup::create(&layout, "warren", "x", &all_limits()).unwrap();
+    assert_eq!(cgroup.v2_dir(), Some(tmp.path().join("warren/x").as_path()));
     let root = tmp.path();
     assert_eq!(
         read(root.join("cgroup.subtree_control")),

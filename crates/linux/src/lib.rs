@@ -13,7 +13,8 @@
 //!   timeouts, and records the end (`exit.json`, with OOM kills read from the cgroup) even
 //!   when no server is there to see it. conmon and containerd's shims exist for the same
 //!   reasons. The supervisor is single-threaded, so it forks the container directly, without
-//!   the restrictions of forking a multi-threaded server.
+//!   the restrictions of forking a multi-threaded server; on cgroup v2, into its cgroup
+//!   ([`fork`]).
 //! - **Everything mounted lives in the container's mount namespace**: the overlay is mounted
 //!   after `unshare(CLONE_NEWNS)`, so it disappears with the last process of the sandbox and
 //!   no host mount can leak, even if the supervisor is killed.
@@ -45,6 +46,7 @@ pub mod criu;
 pub mod egress;
 pub mod exec;
 pub mod execgate;
+pub mod fork;
 pub mod restore;
 pub mod seccomp;
 pub mod supervisor;

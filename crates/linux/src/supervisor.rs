@@ -32,13 +32,14 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 use warren_runtime::logs::{LogWriter, Stream};
 
 use crate::cgroup::{Cgroup, CgroupLayout};
 use crate::config::{self, ContainerConfig, Exit, State};
 use crate::container::{ChildPlan, child_main};
 use crate::execgate::{self, Gate};
+use crate::fork::Forked;
 
 /// How long output may still drain after the workload's end (its pid namespace is gone by
 /// then, so only a descriptor passed outside could keep a pipe open).
@@ -209,20 +210,26 @@ fn fork_container(
         Path::new("/dev/null")
     };
     let stdin = open_input(stdin_path)?;
+    let cgroup_dir = v2_dir(cgroup);
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("unshare pid namespace: {e}"))?;
 
     // SAFETY: the supervisor is single-threaded (it is its own process and starts no
     // threads), so the child may run ordinary code after the fork; it ends in execve or _exit.
     #[allow(unsafe_code)]
-    let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
+    let forked = unsafe { crate::fork::fork_into(cgroup_dir.as_ref().map(|d| d.as_fd())) }
+        .map_err(|e| format!("fork: {e}"))?;
     match forked {
-        ForkResult::Child => {
-            drop((out_r, err_r, fail_r));
+        Forked::Child { in_cgroup } => {
+            drop((out_r, err_r, fail_r, cgroup_dir));
             let message = child_main(ChildPlan {
                 config,
                 bundle,
-                cgroup_procs: cgroup.procs_files(),
+                cgroup_procs: if in_cgroup {
+                    Vec::new()
+                } else {
+                    cgroup.procs_files()
+                },
                 seccomp,
                 stdin,
                 stdout: out_w,
@@ -238,8 +245,10 @@ fn fork_container(
                 libc::_exit(127)
             }
         }
-        ForkResult::Parent { child } => {
-            drop((out_w, err_w, fail_w, stdin, gate_child, net_child));
+        Forked::Parent { child } => {
+            drop((
+                out_w, err_w, fail_w, stdin, gate_child, net_child, cgroup_dir,
+            ));
             if let (Some(e), Some((ready, go))) = (&config.egress, net_parent) {
                 set_up_network(e, child, ready, go)?;
             }
@@ -642,18 +651,25 @@ fn warm_fork(
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .map_err(|e| format!("listen on {}: {e}", socket.display()))?;
+    let cgroup_dir = v2_dir(cgroup);
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("unshare pid namespace: {e}"))?;
     // SAFETY: the supervisor is single-threaded; the child ends in execve or _exit.
     #[allow(unsafe_code)]
-    let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
+    let forked = unsafe { crate::fork::fork_into(cgroup_dir.as_ref().map(|d| d.as_fd())) }
+        .map_err(|e| format!("fork: {e}"))?;
     match forked {
-        ForkResult::Child => {
+        Forked::Child { in_cgroup } => {
             drop((out_r, err_r, fail_r, ready_r, claim_w, listener, gate_keep));
+            drop(cgroup_dir);
             let message = crate::container::warm_child_main(
                 template,
                 bundle,
-                &cgroup.procs_files(),
+                &if in_cgroup {
+                    Vec::new()
+                } else {
+                    cgroup.procs_files()
+                },
                 ready_w,
                 claim_r,
                 [stdin, out_w, err_w],
@@ -666,8 +682,10 @@ fn warm_fork(
                 libc::_exit(127)
             }
         }
-        ForkResult::Parent { child } => {
-            drop((out_w, err_w, fail_w, ready_w, claim_r, stdin, gate_child));
+        Forked::Parent { child } => {
+            drop((
+                out_w, err_w, fail_w, ready_w, claim_r, stdin, gate_child, cgroup_dir,
+            ));
             if crate::container::read_byte(&ready_r) != Ok(1) {
                 let message = read_to_end(&fail_r);
                 let _ = kill(child, Signal::SIGKILL);
@@ -698,6 +716,15 @@ fn warm_fork(
             })
         }
     }
+}
+
+/// The cgroup's directory on a v2 host, open for `clone3(CLONE_INTO_CGROUP)`
+/// ([`crate::fork`]); `None` on v1, or if it cannot be opened (the child then joins by
+/// writing `cgroup.procs`, which reports the error if there is one).
+fn v2_dir(cgroup: &Cgroup) -> Option<std::fs::File> {
+    cgroup
+        .v2_dir()
+        .and_then(|dir| std::fs::File::open(dir).ok())
 }
 
 fn read_to_end(fd: &OwnedFd) -> String {
