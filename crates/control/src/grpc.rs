@@ -265,6 +265,18 @@ impl Sandboxes for SandboxService {
         }))
     }
 
+    async fn stop_sandbox(
+        &self,
+        req: Request<v1::StopSandboxRequest>,
+    ) -> Result<Response<v1::Sandbox>, Status> {
+        let req = req.into_inner();
+        let grace = req
+            .grace_period_seconds
+            .map(|s| Duration::from_secs(u64::from(s)));
+        let rec = self.plane.stop(&req.name, grace).await.map_err(status_of)?;
+        Ok(Response::new(rec.to_pb()))
+    }
+
     type WatchSandboxesStream = EventStream;
 
     async fn watch_sandboxes(

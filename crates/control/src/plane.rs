@@ -391,6 +391,16 @@ impl ControlPlane {
                 Ok((status, info)) => {
                     rec.status = phase_of(&status);
                     rec.backend_info = info;
+                    // An ended workload does not start again by itself; a backend that keeps
+                    // no state of its own (slot) reports everything it re-accounts as
+                    // Running. The record stays as it ended, and the backend is told.
+                    if was.is_terminal() && rec.status == Phase::Running {
+                        if let Err(e) = local.stop(rec.spec.backend, &rec.id, Duration::ZERO).await
+                        {
+                            warn!(sandbox = %rec.spec.name, error = %e, "could not stop an ended sandbox the backend reports running");
+                        }
+                        rec.status = was.clone();
+                    }
                 }
                 Err(e) if e.is_not_found() => {
                     rec.status = Phase::Failed {
@@ -490,6 +500,83 @@ impl ControlPlane {
         self.delete_as(name, grace, false).await
     }
 
+    /// Stops a Running sandbox's workload (SIGTERM, then SIGKILL after `grace`, else the
+    /// sandbox's own grace period) and keeps the sandbox: Running -> Stopping -> Stopped, as
+    /// `docker stop`. Its placement stays (as an exited sandbox's does) until it is deleted.
+    /// A sandbox in any other phase is returned as it is.
+    pub async fn stop(
+        &self,
+        name: &str,
+        grace: Option<Duration>,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let (before, rec) = {
+            let mut reg = self.lock();
+            let entry = reg.idle_entry(name)?;
+            if !entry.record.status.can_transition_to(&Phase::Stopping) {
+                return Ok(entry.record.clone());
+            }
+            entry.busy = true;
+            let before = entry.record.clone();
+            let mut changed = (*entry.record).clone();
+            changed.status = Phase::Stopping;
+            entry.record = Arc::new(changed);
+            let rec = entry.record.clone();
+            self.emit(&mut reg, EventKind::Modified, rec.clone());
+            (before, rec)
+        };
+        let grace = self.grace_of(&rec, grace);
+        let this = self.clone();
+        let done = tokio::spawn(async move { this.finish_stop(before, rec, grace).await });
+        done.await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+    }
+
+    async fn finish_stop(
+        &self,
+        before: Arc<SandboxRecord>,
+        rec: Arc<SandboxRecord>,
+        grace: Duration,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        let name = rec.spec.name.clone();
+        let stopped = match self.node(&rec).stop(rec.spec.backend, &rec.id, grace).await {
+            // Failed keeps its reason (an OOM kill during the grace period, say); any other
+            // end was asked for.
+            Ok(status) => match phase_of(&status) {
+                failed @ Phase::Failed { .. } => failed,
+                _ => Phase::Stopped,
+            },
+            Err(e) => {
+                // Nothing changed that the plane knows of: it is Running again, and the
+                // backend's own report of an end, if any, follows.
+                self.publish((*before).clone(), EventKind::Modified);
+                return Err(e.into());
+            }
+        };
+        let mut done = (*rec).clone();
+        done.status = stopped;
+        done.revision += 1;
+        done.updated_at_ms = now_ms();
+        if let Err(e) = self.persist(&done).await {
+            warn!(sandbox = %name, error = %e, "could not persist a stopped sandbox");
+            self.publish(done, EventKind::Modified);
+            return Err(e);
+        }
+        self.inner.metrics.observe(done.spec.backend, &done.status);
+        info!(sandbox = %name, status = %done.status, "stopped");
+        Ok(self.publish(done, EventKind::Modified))
+    }
+
+    /// The grace period of a stop: the call's, else the sandbox's, else the server's.
+    fn grace_of(&self, rec: &SandboxRecord, grace: Option<Duration>) -> Duration {
+        grace
+            .or_else(|| {
+                rec.spec
+                    .stop_grace_period_seconds
+                    .map(Duration::from_secs_f64)
+            })
+            .unwrap_or(self.inner.default_grace)
+    }
+
     /// [`ControlPlane::delete`]; `expired`: its `expireTime` passed, so it goes through
     /// `Expired` (seed 004's phase) instead of `Stopping`.
     async fn delete_as(
@@ -520,13 +607,7 @@ impl ControlPlane {
             };
             (rec, stop)
         };
-        let grace = grace
-            .or_else(|| {
-                rec.spec
-                    .stop_grace_period_seconds
-                    .map(Duration::from_secs_f64)
-            })
-            .unwrap_or(self.inner.default_grace);
+        let grace = self.grace_of(&rec, grace);
         let this = self.clone();
         let done = tokio::spawn(async move { this.finish_delete(rec, grace, stop).await });
         done.await

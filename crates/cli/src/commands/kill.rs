@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use warren_proto::v1;
 
-use super::{Globals, answer, report_each, usage};
+use super::{Globals, per_name, report_each, usage};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,15 +42,12 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let signal = parse_signal(&args.signal).map_err(usage)?;
     let client = g.connect().await?;
-    let calls = args.names.iter().map(|name| {
-        let mut client = client.clone();
-        let req = v1::SignalSandboxRequest {
-            name: name.clone(),
-            signal,
-        };
-        async move { (name, answer(client.signal_sandbox(req).await)) }
-    });
-    let results = futures::future::join_all(calls).await;
+    let results = per_name(&client, &args.names, |mut client, name| async move {
+        client
+            .signal_sandbox(v1::SignalSandboxRequest { name, signal })
+            .await
+    })
+    .await;
     Ok(report_each(results, |_| false))
 }
 

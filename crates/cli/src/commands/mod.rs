@@ -28,6 +28,7 @@ mod run;
 mod sandboxer;
 mod server;
 mod stats;
+mod stop;
 mod update;
 mod vm;
 mod watch;
@@ -80,6 +81,9 @@ pub enum Command {
     /// Delete sandboxes.
     #[command(alias = "delete")]
     Rm(rm::Args),
+    /// Stop sandboxes' workloads (SIGTERM, then SIGKILL after the grace period) and keep
+    /// the sandboxes, Stopped, until `rm`.
+    Stop(stop::Args),
     /// Send a signal to sandboxes' workloads (SIGKILL unless -s says otherwise).
     Kill(kill::Args),
     /// Create or update sandboxes from a YAML file.
@@ -184,6 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Get(a) => get::run(a, &g).await,
         Command::Logs(a) => logs::run(a, &g).await,
         Command::Rm(a) => rm::run(a, &g).await,
+        Command::Stop(a) => stop::run(a, &g).await,
         Command::Kill(a) => kill::run(a, &g).await,
         Command::Apply(a) => apply::run(a, &g).await,
         Command::Update(a) => update::run(a, &g).await,
@@ -313,6 +318,24 @@ pub fn report_each<T>(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Makes `call` for every name at once, each on a clone of `client` (one connection), and
+/// pairs each name with its result, in order, for [`report_each`].
+pub async fn per_name<'a, T, F, Fut>(
+    client: &Client,
+    names: &'a [String],
+    call: F,
+) -> Vec<(&'a String, anyhow::Result<T>)>
+where
+    F: Fn(Client, String) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let calls = names.iter().map(|name| {
+        let reply = call(client.clone(), name.clone());
+        async move { (name, answer(reply.await)) }
+    });
+    futures::future::join_all(calls).await
 }
 
 pub fn answer<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {

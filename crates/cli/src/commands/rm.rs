@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use warren_proto::v1;
 
-use super::{Globals, ServerError, answer, report_each};
+use super::{Globals, ServerError, per_name, report_each};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,15 +21,14 @@ pub struct Args {
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let client = g.connect().await?;
-    let deletes = args.names.iter().map(|name| {
-        let mut client = client.clone();
+    let results = per_name(&client, &args.names, |mut client, name| async move {
         let req = v1::DeleteSandboxRequest {
-            name: name.clone(),
+            name,
             grace_period_seconds: args.grace,
         };
-        async move { (name, answer(client.delete_sandbox(req).await)) }
-    });
-    let results = futures::future::join_all(deletes).await;
+        client.delete_sandbox(req).await
+    })
+    .await;
     Ok(report_each(results, |e| {
         args.force
             && e.downcast_ref::<ServerError>()

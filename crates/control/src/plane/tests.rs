@@ -247,6 +247,41 @@ async fn watch_sees_every_change_in_order() {
 }
 
 #[tokio::test]
+async fn stop_keeps_the_sandbox_stopped_until_it_is_deleted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    plane.create(spec("s")).await.expect("create");
+    let (_, _, mut rx) = plane.watch("").expect("watch");
+    let stopped = plane.stop("s", None).await.expect("stop");
+    assert_eq!(stopped.status, Phase::Stopped);
+    assert_eq!(plane.get("s").expect("kept").status, Phase::Stopped);
+    let mut seen = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        seen.push((ev.kind, ev.record.status.name()));
+    }
+    assert_eq!(
+        seen,
+        [
+            (EventKind::Modified, "Stopping"),
+            (EventKind::Modified, "Stopped"),
+        ]
+    );
+    // Not running: returned as it is, nothing changes.
+    let again = plane.stop("s", None).await.expect("stop again");
+    assert_eq!(again.revision, stopped.revision);
+    assert!(rx.try_recv().is_err(), "a second stop changed something");
+    assert!(matches!(
+        plane.stop("nope", None).await,
+        Err(ControlError::NotFound { .. })
+    ));
+    // Stored: a restarted server has it Stopped.
+    let plane = reopen(tmp.path(), plane).await;
+    assert_eq!(plane.get("s").expect("kept").status, Phase::Stopped);
+    plane.delete("s", None).await.expect("delete");
+    assert!(plane.get("s").is_err());
+}
+
+#[tokio::test]
 async fn expired_sandboxes_are_deleted() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let plane = plane_at(tmp.path(), "");
