@@ -1769,6 +1769,33 @@ fn stats_show_what_running_sandboxes_use() {
     assert_eq!(record["measured"], false, "{record}");
     assert!(record["cpuPercent"].is_null(), "{record}");
 
+    // Streaming: one reading per interval, each refresh's CPU against the one before.
+    struct Ends(std::process::Child);
+    impl Drop for Ends {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stream = Ends(
+        std::process::Command::new(common::WARREN)
+            .args(["stats", "busy", "-o", "json", "--interval", "300ms"])
+            .env("WARREN_SERVER", &l.server.address)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("stats"),
+    );
+    let rx = common::lines_of(stream.0.stdout.take().expect("stdout"));
+    let readings: Vec<serde_json::Value> = (0..4)
+        .map(|_| json(&rx.recv_timeout(Duration::from_secs(10)).expect("a reading")))
+        .collect();
+    drop(stream);
+    for pair in readings.windows(2) {
+        assert!((5.0..70.0).contains(&cpu(&pair[1])), "{}", pair[1]);
+        let gap = pair[1]["timeMs"].as_i64().unwrap() - pair[0]["timeMs"].as_i64().unwrap();
+        assert!((250..2000).contains(&gap), "{gap} ms between readings");
+    }
+
     let table = l.ok(&["stats", "--no-stream", "--interval", "200ms"]);
     assert!(table.starts_with("NAME"), "{table}");
     assert!(table.contains("MEM USAGE / LIMIT"), "{table}");

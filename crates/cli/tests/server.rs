@@ -399,17 +399,7 @@ fn watch_streams_changes() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("watch");
-    let stdout = watch.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::lines_of(watch.stdout.take().expect("stdout"));
     let next = || {
         let line = rx
             .recv_timeout(std::time::Duration::from_secs(10))

@@ -1,7 +1,9 @@
 //! `warren stats [NAME...]`: what running sandboxes use now, as `docker stats` shows it: CPU
 //! (100% is one core, from two readings `--interval` apart), memory against the sandbox's
-//! limit, processes. Streams until interrupted; `--no-stream` prints once.
+//! limit, processes. Streams until interrupted, one reading per sandbox and interval (each
+//! refresh's CPU is taken against the one before); `--no-stream` prints once.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,6 +55,8 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     }
     let mut client = g.connect().await?;
     let mut first = true;
+    // Each sandbox's last reading, by id (a sandbox re-created under its name starts over).
+    let mut last: HashMap<String, v1::SandboxUsage> = HashMap::new();
     loop {
         let sandboxes = if args.names.is_empty() {
             let list = answer(
@@ -77,14 +81,35 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .map(|s| s.spec.clone().unwrap_or_default().name)
             .collect();
         let strict = !args.names.is_empty();
-        let before = read(&mut client, &names, strict).await?;
-        tokio::time::sleep(args.interval).await;
+        // Sandboxes seen for the first time get a reading now; their CPU comes an interval
+        // later, with everyone's.
+        let new: Vec<(String, String)> = sandboxes
+            .iter()
+            .zip(&names)
+            .filter(|(sb, _)| !last.contains_key(&sb.id))
+            .map(|(sb, name)| (sb.id.clone(), name.clone()))
+            .collect();
+        if !new.is_empty() {
+            let new_names: Vec<String> = new.iter().map(|(_, name)| name.clone()).collect();
+            let readings = read(&mut client, &new_names, strict).await?;
+            for ((id, _), reading) in new.into_iter().zip(readings) {
+                if let Some(reading) = reading {
+                    last.insert(id, reading);
+                }
+            }
+            tokio::time::sleep(args.interval).await;
+        }
         let after = read(&mut client, &names, strict).await?;
         let mut lines = Vec::new();
-        for ((sb, before), after) in sandboxes.iter().zip(before).zip(after) {
-            let (Some(before), Some(after)) = (before, after) else {
+        let mut seen = HashMap::new();
+        for (sb, after) in sandboxes.iter().zip(after) {
+            let Some(after) = after else {
                 continue;
             };
+            let cpu = last
+                .get(&sb.id)
+                .and_then(|before| cpu_percent(before, &after));
+            seen.insert(sb.id.clone(), after.clone());
             let spec = sb.spec.clone().unwrap_or_default();
             let limits = sb
                 .status
@@ -99,15 +124,18 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                     spec.backend
                 },
                 memory_limit: limits.memory_limit,
-                cpu_percent: cpu_percent(&before, &after),
+                cpu_percent: cpu,
                 usage: after,
             });
         }
+        // Sandboxes that ended are forgotten.
+        last = seen;
         print(&lines, args.output, first);
         first = false;
         if args.no_stream {
             return Ok(ExitCode::SUCCESS);
         }
+        tokio::time::sleep(args.interval).await;
     }
 }
 

@@ -206,6 +206,22 @@ pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     rx
 }
 
+/// The lines of a streaming command's stdout as they come, read by a thread of their own
+/// (so that a test can wait for each with a timeout).
+pub fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
     use std::io::Write as _;
     cmd.stdin(if stdin.is_some() {
