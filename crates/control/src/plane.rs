@@ -70,6 +70,27 @@ struct Entry {
     busy: bool,
 }
 
+impl Entry {
+    /// Moves the record to `next` in memory (a step of a busy operation, stored at its
+    /// end); returns the new record, for the caller to emit.
+    fn step(&mut self, next: Phase) -> Arc<SandboxRecord> {
+        let mut changed = (*self.record).clone();
+        changed.status = next;
+        self.record = Arc::new(changed);
+        self.record.clone()
+    }
+}
+
+/// Runs the slow part of an operation in a task of its own, so that a client hanging up
+/// mid-call cannot leave a sandbox half made or forever busy.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ControlError>> + Send + 'static,
+) -> Result<T, ControlError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))?
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     sandboxes: HashMap<String, Entry>,
@@ -517,18 +538,13 @@ impl ControlPlane {
             }
             entry.busy = true;
             let before = entry.record.clone();
-            let mut changed = (*entry.record).clone();
-            changed.status = Phase::Stopping;
-            entry.record = Arc::new(changed);
-            let rec = entry.record.clone();
+            let rec = entry.step(Phase::Stopping);
             self.emit(&mut reg, EventKind::Modified, rec.clone());
             (before, rec)
         };
         let grace = self.grace_of(&rec, grace);
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_stop(before, rec, grace).await });
-        done.await
-            .map_err(|e| ControlError::Internal(e.to_string()))?
+        detached(async move { this.finish_stop(before, rec, grace).await }).await
     }
 
     async fn finish_stop(
@@ -596,10 +612,7 @@ impl ControlPlane {
                 Phase::Stopping
             };
             let rec = if entry.record.status.can_transition_to(&next) {
-                let mut changed = (*entry.record).clone();
-                changed.status = next;
-                entry.record = Arc::new(changed);
-                let rec = entry.record.clone();
+                let rec = entry.step(next);
                 self.emit(&mut reg, EventKind::Modified, rec.clone());
                 rec
             } else {
@@ -609,9 +622,7 @@ impl ControlPlane {
         };
         let grace = self.grace_of(&rec, grace);
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_delete(rec, grace, stop).await });
-        done.await
-            .map_err(|e| ControlError::Internal(e.to_string()))?
+        detached(async move { this.finish_delete(rec, grace, stop).await }).await
     }
 
     async fn finish_delete(

@@ -61,10 +61,9 @@ impl ControlPlane {
             }
         }
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_create(pending, stdin, applied).await });
-        let record = done
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))??;
+        let record =
+            super::detached(async move { this.finish_create(pending, stdin, applied).await })
+                .await?;
         Ok((record, true))
     }
 

@@ -44,9 +44,7 @@ impl ControlPlane {
             (entry.record.clone(), spec, (resources, policy))
         };
         let this = self.clone();
-        let done = tokio::spawn(async move { this.finish_update(old, spec, resources).await });
-        done.await
-            .map_err(|e| ControlError::Internal(e.to_string()))?
+        super::detached(async move { this.finish_update(old, spec, resources).await }).await
     }
 
     async fn finish_update(
