@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::sys::wait::{WaitStatus, waitpid};
+use warren_linux::cgroup::CgroupLayout;
 use warren_linux::fork::{Forked, fork_into};
 
 /// Forks a child that joins the cgroup whose `cgroup.procs` is `procs` (or is born in `dir`),
@@ -55,14 +56,6 @@ fn one(dir: Option<BorrowedFd<'_>>, procs: Option<&CString>) -> u64 {
     }
 }
 
-fn cgroup2_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4).map(Into::into))?
-    })
-}
-
 /// A cgroup made for the run, removed at its end.
 struct Dir(PathBuf);
 
@@ -87,7 +80,9 @@ fn main() {
         .map(|n| n.parse().expect("RUNS: a number"))
         .unwrap_or(300);
     let name = format!("warren-clone-bench-{}", std::process::id());
-    let v2 = Dir(cgroup2_mount().expect("no cgroup2 mount here").join(&name));
+    let v2 = Dir(CgroupLayout::cgroup2_mount()
+        .expect("no cgroup2 mount here")
+        .join(&name));
     std::fs::create_dir(&v2.0).expect("mkdir the v2 cgroup");
     let v2_fd = std::fs::File::open(&v2.0).expect("open the v2 cgroup");
     let v1 = Path::new("/sys/fs/cgroup/memory")

@@ -240,6 +240,16 @@ impl CgroupLayout {
         }
     }
 
+    /// The first `cgroup2` mount of this host, whatever the layout (a hybrid host's
+    /// `unified` one included): where a v2 cgroup can be made even when warren uses v1.
+    pub fn cgroup2_mount() -> Option<PathBuf> {
+        let text = fs::read_to_string(MOUNTINFO).ok()?;
+        text.lines()
+            .filter_map(MountInfo::parse)
+            .find(|m| m.fs_type == "cgroup2")
+            .map(|m| m.mount_point)
+    }
+
     /// 1 or 2.
     pub fn version(&self) -> u8 {
         match self {

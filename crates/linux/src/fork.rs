@@ -93,18 +93,8 @@ fn clone_into(_dir: BorrowedFd<'_>) -> Option<Forked> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgroup::CgroupLayout;
     use std::os::fd::AsFd;
-
-    /// A cgroup2 mount of this host (unified at /sys/fs/cgroup, or a hybrid host's
-    /// `unified`), from mountinfo.
-    fn cgroup2_mount() -> Option<std::path::PathBuf> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        text.lines().find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split(' ').next()? == "cgroup2")
-                .then(|| left.split(' ').nth(4).map(Into::into))?
-        })
-    }
 
     #[test]
     fn a_child_is_born_in_the_v2_cgroup_it_is_given() {
@@ -112,7 +102,7 @@ mod tests {
             eprintln!("SKIP: making a cgroup needs root");
             return;
         }
-        let Some(mount) = cgroup2_mount() else {
+        let Some(mount) = CgroupLayout::cgroup2_mount() else {
             eprintln!("SKIP: no cgroup2 hierarchy is mounted here");
             return;
         };
