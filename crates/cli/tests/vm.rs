@@ -1164,23 +1164,41 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
 fn a_killed_servers_template_build_is_ended_at_the_next_start() {
     let mut vm = vm_or_skip!("templates = true\npool = 0");
     let templates = vm.config_dir.path().join("templates");
-    // The first create of a shape boots cold and builds its template behind it.
-    vm.ok(&["run", "-b", "vm", "--name", "first", "--", "sleep", "600"]);
-    let building = vm.poll(Duration::from_secs(30), Duration::from_millis(5), || {
-        std::fs::read_dir(&templates)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
-                    && p.join("build.json").is_file()
-            })
-            .ok_or_else(|| "no template build under way".to_string())
+    // The first create of a shape boots cold and builds its template beside it. The build is
+    // looked for while the create runs (both boot at once: polled after the create, a quick
+    // build had already ended), and its qemu is then stopped so that it cannot end before
+    // the kill, however fast this host boots.
+    let (building, qemu) = std::thread::scope(|scope| {
+        let run =
+            scope.spawn(|| vm.ok(&["run", "-b", "vm", "--name", "first", "--", "sleep", "600"]));
+        let building = vm.poll(Duration::from_secs(30), Duration::from_millis(5), || {
+            std::fs::read_dir(&templates)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
+                        && p.join("build.json").is_file()
+                })
+                .ok_or_else(|| "no template build under way".to_string())
+        });
+        let owner = vm.poll(Duration::from_secs(5), Duration::from_millis(5), || {
+            std::fs::read_to_string(building.join("build.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .ok_or_else(|| "build.json unreadable".to_string())
+        });
+        let qemu = owner[0][0].as_i64().expect("the build's qemu") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qemu),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("stop the build's qemu");
+        run.join().expect("the first create");
+        (building, qemu)
     });
-    let owner = json(&std::fs::read_to_string(building.join("build.json")).unwrap());
-    let qemu = owner[0][0].as_i64().expect("the build's qemu") as i32;
     vm.server.kill9();
     assert!(
         building.is_dir() && alive(qemu),
