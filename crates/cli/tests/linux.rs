@@ -1072,6 +1072,68 @@ fn stop_ends_the_workload_and_keeps_the_sandbox() {
     assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
 }
 
+/// `warren wait NAME...`, as `docker wait`: blocks until each sandbox finishes and prints
+/// its exit code, one line per name in order; a missing name or `--timeout` is an error
+/// naming the sandbox, the others still printed.
+#[test]
+fn wait_prints_each_sandboxs_exit_code_in_order() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    for (name, script) in [
+        ("seven", "sleep 1; exit 7"),
+        ("zero", "exit 0"),
+        ("forever", "sleep 600"),
+    ] {
+        let out = l.run(name, &[], &["sh", "-c", script]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    // `seven` sleeps 1 s first: the wait most likely blocks for it (`forever` below surely).
+    let out = l.warren(&["wait", "seven", "zero"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "7\n0\n");
+    assert_eq!(l.get("seven")["status"]["phase"], "Exited");
+    // Still running after the timeout; a missing name: both errors, the finished one printed.
+    let out = l.warren(&["wait", "--timeout", "300ms", "forever", "nope", "zero"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "0\n");
+    let err = stderr(&out);
+    assert!(err.contains("forever") && err.contains("300ms"), "{err}");
+    assert!(err.contains("nope"), "{err}");
+    assert_eq!(l.get("forever")["status"]["phase"], "Running");
+    // A wait under way returns once the sandbox is killed.
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| l.warren(&["wait", "forever"]));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !waiting.is_finished(),
+            "the wait returned while forever ran"
+        );
+        l.ok(&["kill", "forever"]);
+        let out = waiting.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "137\n");
+    });
+    let out = l.warren(&["wait", "--timeout", "60d", "zero"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--timeout: \"60d\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.warren(&["wait", "--timeout", "soon", "zero"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--timeout: \"soon\""),
+        "{}",
+        stderr(&out)
+    );
+    l.ok(&["rm", "seven", "zero", "forever"]);
+    assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
+}
+
 #[test]
 fn warm_pool_serves_creates_with_their_own_settings() {
     if let Some(reason) = skip_reason() {

@@ -130,6 +130,9 @@ fn list_get_update_delete() {
         "update re-wrote the JSON"
     );
 
+    // Ended without an exit code (slot runs no process): `wait` prints its phase.
+    server.ok(&["stop", "b"]);
+    assert_eq!(server.ok(&["wait", "b"]), "Stopped\n");
     assert_eq!(server.ok(&["rm", "a", "b"]), "a\nb\n");
     assert!(!path.exists(), "delete removed the JSON");
     assert_eq!(server.ok(&["ls", "-o", "name"]), "");

@@ -31,6 +31,7 @@ mod stats;
 mod stop;
 mod update;
 mod vm;
+mod wait;
 mod watch;
 
 #[derive(Debug, Parser)]
@@ -86,6 +87,8 @@ pub enum Command {
     Stop(stop::Args),
     /// Send a signal to sandboxes' workloads (SIGKILL unless -s says otherwise).
     Kill(kill::Args),
+    /// Wait until sandboxes finish; print each one's exit code (or phase, without one).
+    Wait(wait::Args),
     /// Create or update sandboxes from a YAML file.
     Apply(apply::Args),
     /// Change a sandbox's resources, labels, annotations, expiry or failure policy.
@@ -189,6 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(a) => logs::run(a, &g).await,
         Command::Rm(a) => rm::run(a, &g).await,
         Command::Stop(a) => stop::run(a, &g).await,
+        Command::Wait(a) => wait::run(a, &g).await,
         Command::Kill(a) => kill::run(a, &g).await,
         Command::Apply(a) => apply::run(a, &g).await,
         Command::Update(a) => update::run(a, &g).await,
