@@ -61,6 +61,8 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// How long [`Cgroup::kill_all`] waits for the cgroup to empty.
 const KILL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long [`Cgroup::pause`] waits for the kernel to freeze every task.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`Cgroup::remove`] retries `EBUSY` (tasks that were just killed still exiting).
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_POLL_PAUSE: Duration = Duration::from_millis(20);
@@ -163,6 +165,24 @@ pub enum CgroupError {
         /// The OS error.
         #[source]
         source: Errno,
+    },
+    /// [`Cgroup::pause`] needs a freezer: v1's `freezer` hierarchy, or v2's `cgroup.freeze`
+    /// (Linux 5.2+).
+    #[error(
+        "no freezer for cgroup {path} (v1: the freezer hierarchy is not mounted; v2: no cgroup.freeze)"
+    )]
+    NoFreezer {
+        /// The cgroup directory.
+        path: PathBuf,
+    },
+    /// The kernel did not report the cgroup frozen in time (a task in an uninterruptible
+    /// sleep holds it up); it was thawed again.
+    #[error("cgroup {path} was not frozen after {waited:?}")]
+    NotFrozen {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// How long it waited.
+        waited: Duration,
     },
     /// Processes were still in the cgroup when [`Cgroup::kill_all`] gave up.
     #[error("processes {pids:?} still in cgroup {path} after {waited:?}")]
@@ -553,6 +573,79 @@ impl Cgroup {
             cpu_usage_ns,
             pids: self.read_number("pids", "pids.current")?,
         })
+    }
+
+    /// Freezes every process in the cgroup (a paused sandbox: its memory kept, no CPU) and
+    /// returns once the kernel reports it frozen: v1 `freezer.state` `FROZEN`, v2
+    /// `cgroup.events` `frozen 1`. Gives up after [`FREEZE_TIMEOUT`] and thaws it again.
+    pub fn pause(&self) -> Result<(), CgroupError> {
+        self.pause_within(FREEZE_TIMEOUT)
+    }
+
+    fn pause_within(&self, patience: Duration) -> Result<(), CgroupError> {
+        self.check_valid()?;
+        let Some((path, frozen, _)) = self.freezer() else {
+            return Err(CgroupError::NoFreezer {
+                path: self.primary_dir(),
+            });
+        };
+        write_file(&path, frozen)?;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        while !self.frozen()? {
+            if started.elapsed() >= patience {
+                let _ = self.thaw();
+                return Err(CgroupError::NotFrozen {
+                    path: self.primary_dir(),
+                    waited: started.elapsed(),
+                });
+            }
+            thread::sleep(pause);
+            pause = (pause * 2).min(MAX_POLL_PAUSE);
+        }
+        Ok(())
+    }
+
+    /// Thaws a paused cgroup; one that is not frozen (or has no freezer) is left as it is.
+    pub fn resume(&self) -> Result<(), CgroupError> {
+        self.check_valid()?;
+        if self.paused()? {
+            self.thaw()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the cgroup is frozen or being frozen (asked to freeze: the state a `pause`
+    /// leaves, which survives a restart of the server). False without a freezer.
+    pub fn paused(&self) -> Result<bool, CgroupError> {
+        self.check_valid()?;
+        let Some((path, frozen, _)) = self.freezer() else {
+            return Ok(false);
+        };
+        if !self.exists() {
+            return Ok(false);
+        }
+        let text = read_file(&path)?;
+        Ok(if self.version == 1 {
+            // FREEZING or FROZEN.
+            text.trim() != "THAWED"
+        } else {
+            text.trim() == frozen
+        })
+    }
+
+    /// Whether the kernel reports every task frozen.
+    fn frozen(&self) -> Result<bool, CgroupError> {
+        if self.version == 1 {
+            let path = self.dir_of("freezer").map(|d| d.join("freezer.state"));
+            return match path {
+                Some(path) => Ok(read_file(&path)?.trim() == "FROZEN"),
+                None => Ok(false),
+            };
+        }
+        let path = self.primary_dir().join("cgroup.events");
+        let text = read_file(&path)?;
+        Ok(keyed_value(&path, &text, "frozen")? == Some(1))
     }
 
     /// SIGKILLs every process in the cgroup and waits (up to ~1 s) until it is empty.

@@ -539,3 +539,58 @@ fn v2_missing_cgroup_is_an_error_not_a_missing_controller() {
     gone.remove().unwrap();
     assert!(tmp.path().join("warren").exists());
 }
+
+#[test]
+fn v1_pause_freezes_and_resume_thaws() {
+    let (tmp, layout) = fake_v1();
+    let cgroup = Cgroup::open(&layout, "warren", "x");
+    let state = tmp.path().join("freezer/warren/x/freezer.state");
+    assert!(!cgroup.paused().unwrap());
+    // The fake reads back what was written: FROZEN at once.
+    cgroup.pause().unwrap();
+    assert_eq!(read(&state), "FROZEN");
+    assert!(cgroup.paused().unwrap());
+    // Asked to freeze but not there yet counts as paused (resume must thaw it).
+    fs::write(&state, "FREEZING\n").unwrap();
+    assert!(cgroup.paused().unwrap());
+    cgroup.resume().unwrap();
+    assert_eq!(read(&state), "THAWED");
+    assert!(!cgroup.paused().unwrap());
+    // Without the freezer hierarchy: a clear error, and never paused.
+    let CgroupLayout::V1 { mut mounts } = layout else {
+        unreachable!()
+    };
+    mounts.remove("freezer");
+    let layout = CgroupLayout::V1 { mounts };
+    let cgroup = Cgroup::open(&layout, "warren", "x");
+    let err = cgroup.pause().unwrap_err();
+    assert!(matches!(err, CgroupError::NoFreezer { .. }), "{err}");
+    assert!(
+        err.to_string().contains("freezer hierarchy is not mounted"),
+        "{err}"
+    );
+    assert!(!cgroup.paused().unwrap());
+    cgroup.resume().unwrap();
+}
+
+#[test]
+fn v2_pause_waits_for_the_kernel_to_report_frozen() {
+    let (tmp, layout) = fake_v2("cpu memory pids\n");
+    let cgroup = Cgroup::open(&layout, "warren", "x");
+    let x = tmp.path().join("warren/x");
+    put(&x.join("cgroup.events"), "populated 1\nfrozen 1\n");
+    cgroup.pause().unwrap();
+    assert_eq!(read(x.join("cgroup.freeze")), "1");
+    assert!(cgroup.paused().unwrap());
+    cgroup.resume().unwrap();
+    assert_eq!(read(x.join("cgroup.freeze")), "0");
+    // The kernel never says frozen: given up on, and thawed again.
+    put(&x.join("cgroup.events"), "populated 1\nfrozen 0\n");
+    let err = cgroup.pause_within(Duration::from_millis(30)).unwrap_err();
+    assert!(matches!(err, CgroupError::NotFrozen { .. }), "{err}");
+    assert_eq!(read(x.join("cgroup.freeze")), "0");
+    // No cgroup.freeze (Linux before 5.2): no freezer.
+    fs::remove_file(x.join("cgroup.freeze")).unwrap();
+    let err = cgroup.pause().unwrap_err();
+    assert!(matches!(err, CgroupError::NoFreezer { .. }), "{err}");
+}
