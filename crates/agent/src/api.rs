@@ -158,6 +158,15 @@ pub struct SignalRequest {
     pub signal: i32,
 }
 
+/// `pause` and `resume`: the sandbox to pause or let run on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PauseRequest {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+}
+
 /// A sandbox's status as it crosses the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "PascalCase")]

@@ -46,6 +46,8 @@ pub fn router(node: Arc<NodeAgent>, token: &str) -> Router {
         .route("/api/v1/agent/stop", post(stop))
         .route("/api/v1/agent/update", post(update))
         .route("/api/v1/agent/signal", post(signal))
+        .route("/api/v1/agent/pause", post(pause))
+        .route("/api/v1/agent/resume", post(resume))
         .route("/api/v1/agent/status", get(status))
         .route("/api/v1/agent/logs", get(logs_route))
         .route("/api/v1/agent/exec", get(exec_route))
@@ -172,6 +174,12 @@ handler!(update, crate::api::UpdateRequest, |node, r| async move {
 });
 handler!(signal, crate::api::SignalRequest, |node, r| async move {
     node.signal(&r).await.map(|()| serde_json::json!({}))
+});
+handler!(pause, crate::api::PauseRequest, |node, r| async move {
+    node.pause(&r, true).await.map(|()| serde_json::json!({}))
+});
+handler!(resume, crate::api::PauseRequest, |node, r| async move {
+    node.pause(&r, false).await.map(|()| serde_json::json!({}))
 });
 
 /// `key=value&...` into pairs; values are ids, numbers and booleans, so `+` and `%XX` are

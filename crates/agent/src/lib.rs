@@ -196,6 +196,17 @@ impl Agent {
         Ok(self.backend(kind)?.signal(id, signal).await?)
     }
 
+    /// Pauses (`pause`) or resumes a sandbox's workload.
+    pub async fn pause(&self, kind: BackendKind, id: &str, pause: bool) -> Result<(), AgentError> {
+        let backend = self.backend(kind)?;
+        if pause {
+            backend.pause(id).await?;
+        } else {
+            backend.resume(id).await?;
+        }
+        Ok(())
+    }
+
     pub async fn status(&self, kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {
         Ok(self.backend(kind)?.status(id).await?)
     }

@@ -19,8 +19,8 @@ use warren_runtime::{AppliedPolicy, BackendStatus, SandboxConfig, Stdin};
 use warren_spec::{BackendKind, Policy};
 
 use crate::api::{
-    AgentStatus, BackendState, CreateRequest, CreateResponse, DeleteRequest, SandboxState,
-    SignalRequest, UpdateRequest, WarmState, WireStatus,
+    AgentStatus, BackendState, CreateRequest, CreateResponse, DeleteRequest, PauseRequest,
+    SandboxState, SignalRequest, UpdateRequest, WarmState, WireStatus,
 };
 use crate::{Agent, AgentError};
 
@@ -262,6 +262,12 @@ impl NodeAgent {
         }
         let kind = self.backend_of(&req.id, req.backend)?;
         self.agent.signal(kind, &req.id, req.signal).await
+    }
+
+    /// Pauses (`pause`) or resumes a sandbox this agent holds.
+    pub async fn pause(&self, req: &PauseRequest, pause: bool) -> Result<(), AgentError> {
+        let kind = self.backend_of(&req.id, req.backend)?;
+        self.agent.pause(kind, &req.id, pause).await
     }
 
     /// Starts a process in a sandbox this agent holds (`warren exec`).

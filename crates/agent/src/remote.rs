@@ -23,8 +23,8 @@ use warren_spec::{BackendKind, ResourceInfo};
 
 use crate::AgentError;
 use crate::api::{
-    AgentStatus, CreateRequest, CreateResponse, DeleteRequest, ErrorBody, ErrorKind, PolicyWire,
-    SandboxState, SignalRequest, UpdateRequest,
+    AgentStatus, CreateRequest, CreateResponse, DeleteRequest, ErrorBody, ErrorKind, PauseRequest,
+    PolicyWire, SandboxState, SignalRequest, UpdateRequest,
 };
 
 /// Longest a create or stop may take on the agent (a stop waits out its grace period, a
@@ -314,6 +314,21 @@ impl RemoteAgent {
         let _: serde_json::Value = self
             .call("POST", "/api/v1/agent/signal", Some(&req), QUICK_CALL)
             .await?;
+        Ok(())
+    }
+
+    /// Pauses (`pause`) or resumes the sandbox.
+    pub async fn pause(&self, kind: BackendKind, id: &str, pause: bool) -> Result<(), AgentError> {
+        let req = PauseRequest {
+            id: id.to_string(),
+            backend: Some(kind),
+        };
+        let path = if pause {
+            "/api/v1/agent/pause"
+        } else {
+            "/api/v1/agent/resume"
+        };
+        let _: serde_json::Value = self.call("POST", path, Some(&req), QUICK_CALL).await?;
         Ok(())
     }
 

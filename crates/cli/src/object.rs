@@ -52,6 +52,9 @@ pub fn to_object(sb: &v1::Sandbox) -> anyhow::Result<Value> {
         // Seed 004 (Fast Sandbox) calls this phase by another name.
         status.insert("seedPhase".into(), json!(seed));
     }
+    if st.paused {
+        status.insert("paused".into(), json!(true));
+    }
     if st.recreations > 0 {
         status.insert("recreations".into(), json!(st.recreations));
     }

@@ -69,6 +69,7 @@ pub fn age(created_at_ms: i64) -> String {
 fn phase(sb: &v1::Sandbox) -> String {
     let st = sb.status.clone().unwrap_or_default();
     match (st.exit_code, object::seed_phase(&st.phase)) {
+        _ if st.paused => format!("{} (Paused)", st.phase),
         (Some(code), _) => format!("{}({code})", st.phase),
         // Seed 004's name beside warren's: "Creating (Bound)".
         (None, Some(seed)) => format!("{} ({seed})", st.phase),

@@ -221,6 +221,14 @@ fn sandboxes_run_on_remote_agents_by_capacity() {
     let ids = agent.slot_ids();
     assert!(ids.contains(&new_id) && !ids.contains(&old_id), "{ids:?}");
 
+    // Pause and unpause through the agent's API (a slot sandbox's pause is recorded).
+    assert_eq!(server.ok(&["pause", "s2"]), "s2\n");
+    let got = json(&server.ok(&["get", "s2", "-o", "json"]));
+    assert_eq!(got["status"]["paused"], true, "{got}");
+    assert_eq!(server.ok(&["unpause", "s2"]), "s2\n");
+    let got = json(&server.ok(&["get", "s2", "-o", "json"]));
+    assert_eq!(got["status"].get("paused"), None, "{got}");
+
     // Delete frees the slot and the files.
     server.ok(&["rm", "s1"]);
     server.ok(&["run", "--name", "more"]);

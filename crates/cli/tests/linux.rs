@@ -1134,6 +1134,90 @@ fn wait_prints_each_sandboxs_exit_code_in_order() {
     assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
 }
 
+/// `warren pause` / `unpause`, as docker's: the workload is frozen (no output, no CPU)
+/// and runs on after; exec is refused while paused; the pause survives a restart of the
+/// server; stop and kill resume a paused workload so that their signal lands.
+#[test]
+fn pause_freezes_the_workload_until_unpause() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let mut l = Linux::start();
+    let ticker = "trap 'echo got-term; exit 0' TERM; while :; do echo tick; sleep 0.05; done";
+    for name in ["p1", "p2"] {
+        let out = l.run(name, &[], &["sh", "-c", ticker]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    fn ticks(l: &Linux, name: &str) -> usize {
+        l.ok(&["logs", name]).matches("tick").count()
+    }
+    fn grows(l: &Linux, name: &str) {
+        let before = ticks(l, name);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ticks(l, name) <= before {
+            assert!(Instant::now() < deadline, "{name} does not run");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Frozen: once a line in flight at the freeze is logged, nothing more comes.
+    fn still(l: &Linux, name: &str) {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = ticks(l, name);
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(ticks(l, name), before, "{name} ran while paused");
+    }
+    grows(&l, "p1");
+    assert_eq!(l.ok(&["pause", "p1"]), "p1\n");
+    let got = l.get("p1");
+    assert_eq!(got["status"]["phase"], "Running");
+    assert_eq!(got["status"]["paused"], true);
+    assert!(l.ok(&["ls"]).contains("Running (Paused)"));
+    still(&l, "p1");
+    // Pausing again changes nothing; exec is refused, naming the sandbox.
+    assert_eq!(l.ok(&["pause", "p1"]), "p1\n");
+    let out = l.warren(&["exec", "p1", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("\"p1\" is paused"),
+        "{}",
+        stderr(&out)
+    );
+    // Still paused after the server is killed and restarted.
+    l.server.kill9();
+    l.server.spawn();
+    assert_eq!(l.get("p1")["status"]["paused"], true);
+    still(&l, "p1");
+    assert_eq!(l.ok(&["unpause", "p1"]), "p1\n");
+    assert_eq!(l.get("p1")["status"].get("paused"), None);
+    grows(&l, "p1");
+    assert_eq!(l.ok(&["exec", "p1", "--", "echo", "in"]), "in\n");
+    // stop resumes it first: the trap answers SIGTERM at once.
+    l.ok(&["pause", "p1"]);
+    let started = Instant::now();
+    l.ok(&["stop", "p1"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(l.get("p1")["status"]["phase"], "Stopped");
+    assert!(l.ok(&["logs", "p1"]).contains("got-term"));
+    // Not running: refused, naming it. A SIGKILL reaches a paused workload.
+    let out = l.warren(&["pause", "p1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("\"p1\" is Stopped"),
+        "{}",
+        stderr(&out)
+    );
+    l.ok(&["pause", "p2"]);
+    l.ok(&["kill", "p2"]);
+    assert_eq!(l.ok(&["wait", "--timeout", "10s", "p2"]), "137\n");
+    l.ok(&["rm", "p1", "p2"]);
+    assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
+}
+
 #[test]
 fn warm_pool_serves_creates_with_their_own_settings() {
     if let Some(reason) = skip_reason() {

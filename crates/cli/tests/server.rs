@@ -130,6 +130,19 @@ fn list_get_update_delete() {
         "update re-wrote the JSON"
     );
 
+    // A slot sandbox runs nothing: its pause is recorded.
+    assert_eq!(server.ok(&["pause", "b"]), "b\n");
+    assert!(server.ok(&["ls"]).contains("Running (Paused)"));
+    assert_eq!(
+        json(&server.ok(&["get", "b", "-o", "json"]))["status"]["paused"],
+        true
+    );
+    server.ok(&["unpause", "b"]);
+    assert_eq!(
+        json(&server.ok(&["get", "b", "-o", "json"]))["status"].get("paused"),
+        None
+    );
+    server.ok(&["pause", "b"]);
     // Ended without an exit code (slot runs no process): `wait` prints its phase.
     server.ok(&["stop", "b"]);
     assert_eq!(server.ok(&["wait", "b"]), "Stopped\n");

@@ -1158,6 +1158,66 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
     vm.ok(&rm);
 }
 
+/// `warren pause` stops a VM's vCPUs: its workload writes nothing, the health pings that
+/// would find a silent guest unhealthy are not sent, exec is refused; a server killed
+/// meanwhile adopts it paused; `unpause` lets it run on, and `stop` resumes it first so
+/// that its SIGTERM lands.
+#[test]
+fn a_paused_vm_runs_nothing_and_is_not_failed() {
+    let mut vm = vm_or_skip!("templates = false");
+    let ticker = "trap 'echo got-term; exit 0' TERM; while :; do echo tick; sleep 0.1; done";
+    vm.ok(&["run", "-b", "vm", "--name", "p", "--", "sh", "-c", ticker]);
+    vm.wait_phase("p", "Running", Duration::from_secs(60));
+    fn ticks(vm: &Vm) -> usize {
+        vm.ok(&["logs", "p"]).matches("tick").count()
+    }
+    fn grows(vm: &Vm) {
+        let before = ticks(vm);
+        vm.poll(Duration::from_secs(30), Duration::from_millis(100), || {
+            (ticks(vm) > before)
+                .then_some(())
+                .ok_or_else(|| "p does not run".to_string())
+        });
+    }
+    grows(&vm);
+    assert_eq!(vm.ok(&["pause", "p"]), "p\n");
+    assert_eq!(vm.get("p")["status"]["paused"], true);
+    // Longer than the harness's health checks take to fail a silent guest (3 pings, each
+    // given 1.5 s, every 0.5 s): still Running, and silent.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = ticks(&vm);
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(ticks(&vm), before, "the paused VM wrote");
+    let got = vm.get("p");
+    assert_eq!(got["status"]["phase"], "Running", "{got}");
+    let out = vm.warren(&["exec", "p", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("\"p\" is paused"), "{}", stderr(&out));
+    let out = vm.warren(&["update", "p", "--pids", "50"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("is paused: unpause it"),
+        "{}",
+        stderr(&out)
+    );
+    // A new server adopts it, paused still.
+    vm.server.kill9();
+    vm.server.spawn();
+    let got = vm.wait_phase("p", "Running", Duration::from_secs(60));
+    assert_eq!(got["status"]["paused"], true, "{got}");
+    let before = ticks(&vm);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ticks(&vm), before, "the adopted VM runs");
+    assert_eq!(vm.ok(&["unpause", "p"]), "p\n");
+    grows(&vm);
+    assert_eq!(vm.ok(&["exec", "p", "--", "echo", "in"]), "in\n");
+    vm.ok(&["pause", "p"]);
+    vm.ok(&["stop", "-t", "20", "p"]);
+    assert_eq!(vm.get("p")["status"]["phase"], "Stopped");
+    assert!(vm.ok(&["logs", "p"]).contains("got-term"));
+    vm.ok(&["rm", "p"]);
+}
+
 /// A server killed while it builds a template leaves the build's qemu idling on: the next
 /// server (sharing the template directory) ends it and removes the half-built template.
 #[test]

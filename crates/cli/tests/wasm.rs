@@ -424,6 +424,16 @@ fn create_can_wait_for_the_end() {
     // The sandbox itself runs on after the caller stopped waiting.
     let got = json(&server.ok(&["get", "spin", "-o", "json"]));
     assert_eq!(got["status"]["phase"], "Running");
+    // wasm cannot pause a guest: refused, and it runs on.
+    let out = server.warren(&["pause", "spin"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("backend wasm does not support pause"),
+        "{}",
+        stderr(&out)
+    );
+    let got = json(&server.ok(&["get", "spin", "-o", "json"]));
+    assert_eq!(got["status"].get("paused"), None);
     server.ok(&["rm", "spin"]);
 }
 

@@ -54,7 +54,9 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::Store(_) => Status::unavailable(msg),
         ControlError::NoLogs { .. } => Status::failed_precondition(msg),
         ControlError::WaitTimeout { .. } => Status::deadline_exceeded(msg),
-        ControlError::NotRunning { .. } => Status::failed_precondition(msg),
+        ControlError::NotRunning { .. } | ControlError::Paused { .. } => {
+            Status::failed_precondition(msg)
+        }
         ControlError::Internal(_) => Status::internal(msg),
         ControlError::InvalidPolicy(_) => Status::invalid_argument(msg),
         ControlError::PolicyNotFound { .. } => Status::not_found(msg),
@@ -345,6 +347,30 @@ impl Sandboxes for SandboxService {
         let rec = self
             .plane
             .wait(&req.name, timeout)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(rec.to_pb()))
+    }
+
+    async fn pause_sandbox(
+        &self,
+        req: Request<v1::PauseSandboxRequest>,
+    ) -> Result<Response<v1::Sandbox>, Status> {
+        let rec = self
+            .plane
+            .pause(&req.into_inner().name, true)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(rec.to_pb()))
+    }
+
+    async fn unpause_sandbox(
+        &self,
+        req: Request<v1::PauseSandboxRequest>,
+    ) -> Result<Response<v1::Sandbox>, Status> {
+        let rec = self
+            .plane
+            .pause(&req.into_inner().name, false)
             .await
             .map_err(status_of)?;
         Ok(Response::new(rec.to_pb()))

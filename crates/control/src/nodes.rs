@@ -153,6 +153,14 @@ impl NodeHandle {
         }
     }
 
+    pub async fn pause(&self, kind: BackendKind, id: &str, pause: bool) -> Result<(), AgentError> {
+        match self {
+            NodeHandle::Local(a) => a.pause(kind, id, pause).await,
+            NodeHandle::Remote(r) => r.pause(kind, id, pause).await,
+            NodeHandle::Unregistered(n) => Err(not_registered(n)),
+        }
+    }
+
     /// On a remote agent, over a WebSocket of its HTTP API.
     pub async fn exec(
         &self,

@@ -76,6 +76,9 @@ impl Entry {
     fn step(&mut self, next: Phase) -> Arc<SandboxRecord> {
         let mut changed = (*self.record).clone();
         changed.status = next;
+        // Each step is a stop, a delete or a create: the workload is no longer paused (the
+        // backends resume a paused one before they stop it).
+        changed.paused = false;
         self.record = Arc::new(changed);
         self.record.clone()
     }
@@ -129,6 +132,18 @@ impl Registry {
             .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
         if entry.busy {
             return Err(ControlError::Busy { name: name.into() });
+        }
+        Ok(entry)
+    }
+
+    /// [`Registry::idle_entry`], Running.
+    fn idle_running_entry(&mut self, name: &str) -> Result<&mut Entry, ControlError> {
+        let entry = self.idle_entry(name)?;
+        if entry.record.status != Phase::Running {
+            return Err(ControlError::NotRunning {
+                name: name.into(),
+                phase: entry.record.status.name().to_string(),
+            });
         }
         Ok(entry)
     }
@@ -785,6 +800,7 @@ impl ControlPlane {
         }
         let mut rec = (*entry.record).clone();
         rec.status = next;
+        rec.paused = false;
         rec.revision += 1;
         rec.updated_at_ms = now_ms();
         self.write_behind(&rec);
@@ -841,7 +857,7 @@ impl ControlPlane {
         name: &str,
         request: warren_runtime::ExecRequest,
     ) -> Result<warren_runtime::ExecProcess, ControlError> {
-        let rec = self.running(name)?;
+        let rec = self.running_unpaused(name)?;
         Ok(self
             .node(&rec)
             .exec(rec.spec.backend, &rec.id, request)
@@ -859,6 +875,10 @@ impl ControlPlane {
         let kind = rec.spec.backend;
         let node = self.node(&rec);
         node.signal(kind, &rec.id, signal).await?;
+        // The backend resumed a paused workload to deliver the signal.
+        if rec.paused {
+            self.note_resumed(&rec);
+        }
         // Backends without a process (slot, wasm) stop at once and send no event of their
         // own: the record follows here. A linux workload's end arrives as an event.
         // Such a sandbox ended by a signal, as a process would: exit code 128 + signal.
@@ -1050,6 +1070,7 @@ mod cluster;
 mod create;
 mod error;
 mod failure;
+mod pause;
 pub(crate) use failure::duration_text;
 mod policy;
 mod pools;

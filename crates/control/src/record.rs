@@ -34,6 +34,9 @@ pub struct SandboxRecord {
     /// How many times AutoRecreate created it again (after its node was lost or it failed).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub recreations: u32,
+    /// A Running sandbox whose workload is paused (`warren pause`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -73,6 +76,7 @@ impl SandboxRecord {
                 decision: a.decision.clone(),
             }),
             recreations: 0,
+            paused: false,
         }
     }
 
@@ -94,6 +98,7 @@ impl SandboxRecord {
                 backend_info: self.backend_info.clone().into_iter().collect(),
                 policy: self.policy.as_ref().map(|p| decision_to_pb(&p.decision)),
                 recreations: self.recreations,
+                paused: self.paused && self.status == Phase::Running,
             }),
             revision: self.revision,
             created_at_ms: self.created_at_ms,

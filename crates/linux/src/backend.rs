@@ -152,6 +152,35 @@ fn not_found(id: &str) -> BackendError {
 }
 
 impl LinuxBackend {
+    /// A Running sandbox's cgroup (pause, unpause).
+    fn running_cgroup(&self, id: &str) -> Result<crate::cgroup::Cgroup, BackendError> {
+        let status = self
+            .inner
+            .lock()
+            .get(id)
+            .map(|sb| sb.status.clone())
+            .ok_or_else(|| not_found(id))?;
+        if status != BackendStatus::Running {
+            return Err(BackendError::Other(format!(
+                "sandbox {id} is {status:?}: there is no workload to pause or unpause"
+            )));
+        }
+        self.inner
+            .cgroup(&cgroup_name(&self.bundle(id), id))
+            .ok_or_else(|| BackendError::Other("linux: the backend is not available".into()))
+    }
+
+    /// Resumes a paused sandbox, so that a signal or a stop reaches its workload (a frozen
+    /// process acts on neither, and a v1 freezer holds even SIGKILL back).
+    fn thaw(&self, id: &str) {
+        if let Some(cg) = self.inner.cgroup(&cgroup_name(&self.bundle(id), id))
+            && cg.paused().unwrap_or(false)
+            && let Err(e) = cg.resume()
+        {
+            warn!(id, error = %crate::error_chain(&e), "linux: unpause before a stop or signal");
+        }
+    }
+
     /// Waits until the sandbox's supervisor has finished its clean-up (it reports the
     /// workload's end first); one that does not within the stop slack is killed.
     async fn supervisor_gone(&self, id: &str, bundle: &Path) {
@@ -722,6 +751,27 @@ impl Backend for LinuxBackend {
         self.inner.lock().get(id).map(|sb| sb.info.clone())
     }
 
+    /// Freezes the workload's cgroup (every process in it, execs included); the
+    /// supervisor, outside it, keeps watching.
+    async fn pause(&self, id: &str) -> Result<(), BackendError> {
+        let cgroup = self.running_cgroup(id)?;
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            cgroup.pause().map_err(|e| {
+                BackendError::Other(format!("pause sandbox {id}: {}", crate::error_chain(&e)))
+            })
+        })
+        .await
+        .map_err(|e| BackendError::Other(format!("pause: {e}")))?
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), BackendError> {
+        let cgroup = self.running_cgroup(id)?;
+        cgroup.resume().map_err(|e| {
+            BackendError::Other(format!("unpause sandbox {id}: {}", crate::error_chain(&e)))
+        })
+    }
+
     async fn signal(&self, id: &str, signal: i32) -> Result<(), BackendError> {
         let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| {
             BackendError::Invalid(format!(
@@ -743,6 +793,8 @@ impl Backend for LinuxBackend {
                 }
             }
         };
+        // A paused workload gets the signal once it runs again: it is resumed first.
+        self.thaw(id);
         // The workload is the container's init: its supervisor reaps it, so the pid stays
         // its own while the sandbox is Running. Like `docker kill`, a signal the workload
         // has no handler for is ignored by the kernel, except SIGKILL and SIGSTOP.
@@ -769,6 +821,7 @@ impl Backend for LinuxBackend {
                 (status, _, _) => return Ok(status.clone()),
             }
         };
+        self.thaw(id);
         std::fs::write(
             bundle.join(config::STOP_FILE),
             grace.as_millis().to_string(),

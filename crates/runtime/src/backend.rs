@@ -281,6 +281,27 @@ pub trait Backend: Send + Sync + fmt::Debug {
         }
     }
 
+    /// Freezes a running sandbox's workload where it is (`warren pause`, containerd's
+    /// Pause): it keeps its memory and gets no CPU until [`Backend::resume`]. A paused
+    /// sandbox is resumed by `stop`, `signal` and `delete` before they act, so that what
+    /// they send reaches it.
+    async fn pause(&self, id: &str) -> Result<(), BackendError> {
+        let _ = id;
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "pause",
+        })
+    }
+
+    /// Lets a paused sandbox run on; resuming one that is not paused changes nothing.
+    async fn resume(&self, id: &str) -> Result<(), BackendError> {
+        let _ = id;
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "unpause",
+        })
+    }
+
     /// Starts a process inside a running sandbox.
     async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, BackendError> {
         let _ = (id, request);

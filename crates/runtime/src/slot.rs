@@ -373,6 +373,15 @@ impl Backend for SlotBackend {
             .ok_or_else(|| not_found(id))
     }
 
+    /// A slot sandbox runs nothing: a pause is recorded by the control plane only.
+    async fn pause(&self, id: &str) -> Result<(), BackendError> {
+        self.status(id).await.map(|_| ())
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), BackendError> {
+        self.status(id).await.map(|_| ())
+    }
+
     /// A slot sandbox holds no process: its checkpoint is its record and resources, which
     /// the caller's manifest keeps. Nothing is written to `dir`.
     async fn checkpoint(

@@ -23,7 +23,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::api::{self, Status};
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExit, TaskIO, TaskPaused, TaskResumed, TaskStart,
+};
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::shim_async::Task;
@@ -85,6 +87,8 @@ pub fn terminates(signal: u32) -> bool {
 enum State {
     Created,
     Running,
+    /// Running, its workload paused in warren (`ctr task pause`).
+    Paused,
     Stopped,
 }
 
@@ -167,6 +171,97 @@ impl Service {
                 Code::DEADLINE_EXCEEDED,
                 format!("warren server at {server} did not answer within {CALL_TIMEOUT:?}"),
             )),
+        }
+    }
+
+    /// Pauses (`pause`) or resumes a running task's sandbox in warren, and tells containerd.
+    async fn pause_in_warren(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
+        let (state, server, in_warren) = self
+            .lock()
+            .get(id)
+            .map(|c| (c.state, c.server.clone(), c.in_warren))
+            .ok_or_else(|| not_found(id))?;
+        let (from, to) = if pause {
+            (State::Running, State::Paused)
+        } else {
+            (State::Paused, State::Running)
+        };
+        if state == to {
+            return Ok(api::Empty::default());
+        }
+        if state != from || !in_warren {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("task {id:?} is not running"),
+            ));
+        }
+        let mut client = self.client(&server).await?;
+        let req = v1::PauseSandboxRequest {
+            name: id.to_string(),
+        };
+        let what = if pause { "pause" } else { "resume" };
+        let call = async {
+            if pause {
+                client.pause_sandbox(req).await
+            } else {
+                client.unpause_sandbox(req).await
+            }
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => return Err(from_grpc(&format!("{what} sandbox {id:?}"), &s)),
+            Err(_) => {
+                return Err(err(
+                    Code::DEADLINE_EXCEEDED,
+                    format!("warren server at {server} did not answer within {CALL_TIMEOUT:?}"),
+                ));
+            }
+        }
+        if let Some(c) = self.lock().get_mut(id)
+            && c.state == from
+        {
+            c.state = to;
+        }
+        log::info!("task {id}: {what}d");
+        let topic = if pause {
+            topics::TASK_PAUSED_EVENT_TOPIC
+        } else {
+            topics::TASK_RESUMED_EVENT_TOPIC
+        };
+        let event: Box<dyn MessageDyn> = if pause {
+            Box::new(TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            })
+        } else {
+            Box::new(TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            })
+        };
+        self.publish(topic, event).await;
+        Ok(api::Empty::default())
+    }
+
+    /// A paused task that warren resumed to deliver a signal runs again.
+    async fn resumed(&self, id: &str) {
+        let was_paused = {
+            let mut map = self.lock();
+            match map.get_mut(id) {
+                Some(c) if c.state == State::Paused => {
+                    c.state = State::Running;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if was_paused {
+            let event = TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
+                .await;
         }
     }
 
@@ -546,7 +641,7 @@ impl Task for Service {
             let c = map.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
             match c.state {
                 State::Created => {}
-                State::Running => {
+                State::Running | State::Paused => {
                     return Err(err(
                         Code::FAILED_PRECONDITION,
                         format!("task {:?} is already running", req.id),
@@ -621,6 +716,7 @@ impl Task for Service {
             status: match c.state {
                 State::Created => Status::CREATED,
                 State::Running => Status::RUNNING,
+                State::Paused => Status::PAUSED,
                 State::Stopped => Status::STOPPED,
             }
             .into(),
@@ -647,12 +743,15 @@ impl Task for Service {
                 format!("task {:?}: process already finished", req.id),
             ));
         }
-        if linux && in_warren && state == State::Running {
+        if linux && in_warren && matches!(state, State::Running | State::Paused) {
             // The workload decides; the task ends when warren reports it ended.
             if req.signal == 0 {
                 return Ok(api::Empty::default());
             }
-            return self.signal_in_warren(&req.id, req.signal).await;
+            // warren resumes a paused workload to deliver the signal.
+            self.signal_in_warren(&req.id, req.signal).await?;
+            self.resumed(&req.id).await;
+            return Ok(api::Empty::default());
         }
         if terminates(req.signal) {
             // The task's status first: warren's end, which its watcher reports too, must not
@@ -719,7 +818,7 @@ impl Task for Service {
             })
             .ok_or_else(|| not_found(&req.id))?;
         match state {
-            State::Running => {
+            State::Running | State::Paused => {
                 return Err(err(
                     Code::FAILED_PRECONDITION,
                     format!("task {:?} is running: kill it first", req.id),
@@ -833,16 +932,17 @@ impl Task for Service {
         Err(unsupported("update", "use `warren update NAME`"))
     }
 
-    async fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        Err(unsupported("pause", "slot tasks run nothing to freeze"))
+    /// Pauses the task's sandbox in warren (its workload frozen: `warren pause`).
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.pause_in_warren(&req.id, true).await
     }
 
     async fn resume(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ResumeRequest,
+        req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(unsupported("resume", "slot tasks run nothing to freeze"))
+        self.pause_in_warren(&req.id, false).await
     }
 
     async fn checkpoint(

@@ -294,7 +294,18 @@ fn linux_task_is_killed_through_containerd() {
     assert!(rm_err.contains("exit code 4"), "ctr task rm: {rm_err}");
     env.ctr_ok(&["container", "rm", "big"]);
 
-    // sleep, the container's init, has no SIGTERM handler: only SIGKILL ends it.
+    // `ctr task pause` pauses the sandbox in warren, and `resume` lets it run on.
+    env.ctr_ok(&["task", "pause", "k1"]);
+    env.wait_task_status("k1", "PAUSED");
+    assert_eq!(env.sandbox("k1")["status"]["paused"], true);
+    env.ctr_ok(&["task", "resume", "k1"]);
+    env.wait_task_status("k1", "RUNNING");
+    assert_eq!(env.sandbox("k1")["status"].get("paused"), None);
+    env.ctr_ok(&["task", "pause", "k1"]);
+    env.wait_task_status("k1", "PAUSED");
+
+    // sleep, the container's init, has no SIGTERM handler: only SIGKILL ends it (paused:
+    // warren resumes it for the signal).
     env.ctr_ok(&["task", "kill", "-s", "SIGKILL", "k1"]);
     env.wait_task_status("k1", "STOPPED");
     let rm = env.ctr(&["task", "rm", "k1"]);

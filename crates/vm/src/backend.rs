@@ -93,6 +93,8 @@ pub(crate) struct Running {
     pub qemu: QemuRef,
     pub state: VmState,
     pub stopping: Arc<AtomicBool>,
+    /// Its vCPUs are stopped (`warren pause`): the monitor sends no health pings.
+    pub paused: Arc<AtomicBool>,
 }
 
 /// A sandbox planned by create: its VM's shape and the workload.
@@ -605,8 +607,32 @@ impl Backend for VmBackend {
         self.inner.lock().get(id).map(|sb| sb.info.clone())
     }
 
+    /// Stops the VM's vCPUs (QMP `stop`): the guest keeps its memory and runs nothing, its
+    /// clock included, until `resume` (QMP `cont`).
+    async fn pause(&self, id: &str) -> Result<(), BackendError> {
+        let running = self.running(id)?;
+        if !running.paused.swap(true, Ordering::SeqCst)
+            && let Err(e) = qmp_command(&self.dir(id), "stop").await
+        {
+            running.paused.store(false, Ordering::SeqCst);
+            return Err(BackendError::Other(format!("pause sandbox {id}: {e}")));
+        }
+        Ok(())
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), BackendError> {
+        let running = self.running(id)?;
+        resume(&self.dir(id), &running)
+            .await
+            .map_err(|e| BackendError::Other(format!("unpause sandbox {id}: {e}")))
+    }
+
     async fn signal(&self, id: &str, signal: i32) -> Result<(), BackendError> {
         let running = self.running(id)?;
+        // A paused guest answers nothing: it is resumed first, and then gets the signal.
+        resume(&self.dir(id), &running)
+            .await
+            .map_err(|e| BackendError::Other(format!("signal sandbox {id}: unpause: {e}")))?;
         let mut client = running.client.clone();
         tokio::time::timeout(
             Duration::from_secs(5),
@@ -652,6 +678,10 @@ impl Backend for VmBackend {
         running.stopping.store(true, Ordering::SeqCst);
         let mut done = done;
         if !grace.is_zero() {
+            // A paused guest would not see the SIGTERM: it runs again for its grace period.
+            if let Err(e) = resume(&self.dir(id), &running).await {
+                warn!(id, "vm: unpause before a stop: {e}");
+            }
             let mut client = running.client.clone();
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
@@ -801,6 +831,16 @@ impl Backend for VmBackend {
         let running = {
             let mut sandboxes = self.inner.lock();
             let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            if sb
+                .running
+                .as_ref()
+                .is_some_and(|r| r.paused.load(Ordering::SeqCst))
+            {
+                // Its guest runs nothing to apply them.
+                return Err(BackendError::Invalid(format!(
+                    "sandbox {id} is paused: unpause it before changing its limits"
+                )));
+            }
             if let Some(plan) = &mut sb.pending {
                 plan.start.limits = Some(limits);
             }
@@ -858,6 +898,26 @@ impl VmBackend {
             ))),
         }
     }
+}
+
+/// Runs one QMP command on the VM in `dir`.
+pub(crate) async fn qmp_command(dir: &Path, command: &str) -> Result<serde_json::Value, String> {
+    let path = dir.join(qemu::QMP_SOCKET);
+    let mut qmp = crate::qmp::Qmp::connect(&path, Duration::from_secs(5))
+        .await
+        .map_err(|e| warren_runtime::error_chain(&e))?;
+    qmp.execute(command, None)
+        .await
+        .map_err(|e| warren_runtime::error_chain(&e))
+}
+
+/// Lets a paused VM run on (QMP `cont`); one that is not paused is left as it is.
+pub(crate) async fn resume(dir: &Path, running: &Running) -> Result<(), String> {
+    if running.paused.load(Ordering::SeqCst) {
+        qmp_command(dir, "cont").await?;
+        running.paused.store(false, Ordering::SeqCst);
+    }
+    Ok(())
 }
 
 /// A guest's refusal as the backend's error: its own input errors stay the caller's.

@@ -284,6 +284,7 @@ async fn launch_in(
         qemu: qemu.reference(),
         state,
         stopping: Arc::new(AtomicBool::new(false)),
+        paused: Arc::new(AtomicBool::new(false)),
     };
     Ok(Launched {
         qemu,
@@ -292,6 +293,36 @@ async fn launch_in(
         how,
         pooled,
     })
+}
+
+/// The killed server's connection to a paused guest closed while the guest was stopped,
+/// and a stopped guest never learns of it: its side of that connection stays open, and
+/// would take the next host's greeting for its own. Bytes that are no HTTP/2 frame (a
+/// frame header claiming more than the largest frame) end it; the guest then says on its
+/// console that it waits for a host, and the next connection is greeted afresh.
+async fn end_stale_connection(dir: &Path) {
+    use tokio::io::AsyncWriteExt as _;
+    let waits = || {
+        std::fs::read_to_string(dir.join(qemu::CONSOLE_LOG))
+            .unwrap_or_default()
+            .matches(warren_guest::WAITING_FOR_HOST)
+            .count()
+    };
+    let before = waits();
+    let Ok(mut poke) = tokio::net::UnixStream::connect(dir.join(qemu::CHANNEL_SOCKET)).await else {
+        return;
+    };
+    if poke
+        .write_all(b"\xff\xff\xff warren: a new host\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while waits() <= before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn now_ms() -> u64 {
@@ -400,6 +431,11 @@ pub(crate) async fn run(w: Watch) {
                 }
             },
             _ = health.tick() => {
+                if running.paused.load(Ordering::SeqCst) {
+                    // A paused guest answers nothing, and is not ill for it.
+                    failures = 0;
+                    continue;
+                }
                 let ping = tokio::time::timeout(
                     Duration::from_millis(settings.health_timeout_ms),
                     client.ping(proto::PingRequest {}),
@@ -419,6 +455,10 @@ pub(crate) async fn run(w: Watch) {
             }
             () = until_deadline => {
                 timed_out = true;
+                // Its time is up paused or not: a paused guest runs again to be killed.
+                if let Err(e) = crate::backend::resume(&dir, &running).await {
+                    warn!(id, "vm: unpause at the timeout: {e}");
+                }
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
                     client.signal(proto::SignalRequest { signal: libc::SIGKILL }),
@@ -577,15 +617,36 @@ pub(crate) async fn readopt(
             qemu::last_words_note(dir)
         ));
     };
+    // A VM paused by the server that was killed runs again for the readiness check, and
+    // is paused again once adopted.
+    let paused = crate::backend::qmp_command(dir, "query-status")
+        .await
+        .is_ok_and(|s| s["status"] == "paused");
+    if paused {
+        if let Err(e) = crate::backend::qmp_command(dir, "cont").await {
+            qemu.kill_and_wait(Duration::from_secs(5)).await;
+            return Err(format!("the VM was paused and could not be resumed: {e}"));
+        }
+        end_stale_connection(dir).await;
+    }
     let socket = dir.join(qemu::CHANNEL_SOCKET);
-    let client: Client =
-        match channel::ready(&socket, Duration::from_secs(10), || qemu.running()).await {
-            Ok(ready) => ready.client,
-            Err(e) => {
+    // The guest has seen hosts before (unlike a fresh boot's or a clone's): a greeting it
+    // missed (taken by a connection it had not yet seen end) is sent again on a new
+    // connection, a few times, rather than waited for once.
+    let mut tries = 0;
+    let client: Client = loop {
+        tries += 1;
+        match channel::ready(&socket, Duration::from_secs(5), || qemu.running()).await {
+            Ok(ready) => break ready.client,
+            Err(e) if tries >= 4 || !qemu.running() => {
                 qemu.kill_and_wait(Duration::from_secs(5)).await;
-                return Err(format!("the VM runs but its guest does not answer: {e}"));
+                return Err(format!(
+                    "the VM runs but its guest does not answer ({tries} connections): {e}"
+                ));
             }
-        };
+            Err(e) => debug!(id, tries, "vm: an adopted guest did not answer yet: {e}"),
+        }
+    };
     let log = open_log(inner, dir).map_err(|e| e.to_string())?;
     let offsets = logged_offsets(&dir.join(vm::LOG_FILE));
     let timeout = state
@@ -596,7 +657,14 @@ pub(crate) async fn readopt(
         qemu: qemu.reference(),
         state,
         stopping: Arc::new(AtomicBool::new(false)),
+        paused: Arc::new(AtomicBool::new(false)),
     };
+    if paused {
+        match crate::backend::qmp_command(dir, "stop").await {
+            Ok(_) => running.paused.store(true, Ordering::SeqCst),
+            Err(e) => warn!(id, "vm: pause an adopted VM again: {e}"),
+        }
+    }
     let (done_tx, done_rx) = watch::channel(false);
     tokio::spawn(run(Watch {
         inner: Arc::clone(inner),

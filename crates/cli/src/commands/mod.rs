@@ -20,6 +20,7 @@ mod kill;
 mod logs;
 mod ls;
 mod nodes;
+mod pause;
 mod policy;
 mod pool;
 mod restore;
@@ -87,6 +88,11 @@ pub enum Command {
     Stop(stop::Args),
     /// Send a signal to sandboxes' workloads (SIGKILL unless -s says otherwise).
     Kill(kill::Args),
+    /// Freeze running sandboxes' workloads where they are (memory kept, no CPU).
+    Pause(pause::Args),
+    /// Let paused sandboxes run on.
+    #[command(alias = "resume")]
+    Unpause(pause::Args),
     /// Wait until sandboxes finish; print each one's exit code (or phase, without one).
     Wait(wait::Args),
     /// Create or update sandboxes from a YAML file.
@@ -193,6 +199,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(a) => rm::run(a, &g).await,
         Command::Stop(a) => stop::run(a, &g).await,
         Command::Wait(a) => wait::run(a, &g).await,
+        Command::Pause(a) => pause::run(a, true, &g).await,
+        Command::Unpause(a) => pause::run(a, false, &g).await,
         Command::Kill(a) => kill::run(a, &g).await,
         Command::Apply(a) => apply::run(a, &g).await,
         Command::Update(a) => update::run(a, &g).await,

@@ -144,12 +144,9 @@ impl ControlPlane {
         let store = self.checkpoint_store()?;
         let rec = {
             let mut reg = self.lock();
-            let entry = reg.idle_entry(name)?;
-            if entry.record.status != Phase::Running {
-                return Err(ControlError::NotRunning {
-                    name: name.into(),
-                    phase: entry.record.status.name().to_string(),
-                });
+            let entry = reg.idle_running_entry(name)?;
+            if entry.record.paused {
+                return Err(ControlError::Paused { name: name.into() });
             }
             // Checkpoints go through this server's own backends, not the node seam: a
             // sandbox on a `warren agent` cannot be checkpointed yet.

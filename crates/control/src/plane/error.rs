@@ -38,6 +38,8 @@ pub enum ControlError {
     NoLogs { name: String, backend: BackendKind },
     #[error("sandbox {name:?} is {phase}, not Running")]
     NotRunning { name: String, phase: String },
+    #[error("sandbox {name:?} is paused: unpause it first (`warren unpause`)")]
+    Paused { name: String },
     #[error("sandbox {name:?} did not finish within {waited:?}")]
     WaitTimeout { name: String, waited: Duration },
     #[error("internal error: {0}")]

@@ -230,6 +230,7 @@ impl ControlPlane {
         rec.id = uuid::Uuid::new_v4().simple().to_string();
         rec.node = node;
         rec.status = Phase::Creating;
+        rec.paused = false;
         rec.recreations += 1;
         rec.revision += 1;
         rec.updated_at_ms = now_ms();

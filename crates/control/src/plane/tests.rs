@@ -282,6 +282,50 @@ async fn stop_keeps_the_sandbox_stopped_until_it_is_deleted() {
 }
 
 #[tokio::test]
+async fn pause_is_recorded_refuses_exec_and_ends_with_a_stop() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = plane_at(tmp.path(), "");
+    let (created, _) = plane.create(spec("s")).await.expect("create");
+    let (_, _, mut rx) = plane.watch("").expect("watch");
+    let paused = plane.pause("s", true).await.expect("pause");
+    assert!(paused.paused);
+    assert_eq!(paused.status, Phase::Running);
+    assert_eq!(paused.revision, created.revision + 1);
+    assert!(paused.to_pb().status.expect("status").paused);
+    assert_eq!(rx.try_recv().expect("an event").kind, EventKind::Modified);
+    // Again: nothing changes.
+    let again = plane.pause("s", true).await.expect("pause again");
+    assert_eq!(again.revision, paused.revision);
+    assert!(rx.try_recv().is_err(), "a second pause changed something");
+    let exec = warren_runtime::ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    let refused = plane.exec("s", exec).await.map(|_| ()).unwrap_err();
+    assert!(matches!(refused, ControlError::Paused { .. }), "{refused}");
+    assert!(refused.to_string().contains("unpause"), "{refused}");
+    // Stored: a restarted server has it paused.
+    let plane = reopen(tmp.path(), plane).await;
+    assert!(plane.get("s").expect("kept").paused);
+    let resumed = plane.pause("s", false).await.expect("unpause");
+    assert!(!resumed.paused);
+    plane.pause("s", true).await.expect("pause");
+    // A stop ends the pause with the workload.
+    let stopped = plane.stop("s", None).await.expect("stop");
+    assert_eq!(stopped.status, Phase::Stopped);
+    assert!(!stopped.paused);
+    assert!(matches!(
+        plane.pause("s", true).await,
+        Err(ControlError::NotRunning { .. })
+    ));
+    assert!(matches!(
+        plane.pause("nope", true).await,
+        Err(ControlError::NotFound { .. })
+    ));
+    plane.delete("s", None).await.expect("delete");
+}
+
+#[tokio::test]
 async fn expired_sandboxes_are_deleted() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let plane = plane_at(tmp.path(), "");
