@@ -11,7 +11,7 @@ mod common;
 #[path = "common/linux.rs"]
 mod linux_harness;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster::{TestAgent, eventually, http};
 use common::{TestServer, http_get, json, stderr};
@@ -28,7 +28,7 @@ fn module(name: &str) -> String {
 
 /// A control plane that runs nothing itself, on TCP with a token.
 fn control_plane(extra: &[&str]) -> TestServer {
-    let mut flags = vec!["--local-capacity", "0", "--agent-timeout", "1s"];
+    let mut flags = vec!["--local-capacity", "0", "--agent-timeout", "5s"];
     flags.extend_from_slice(extra);
     TestServer::start_with(&flags, Some(TOKEN))
 }
@@ -306,6 +306,8 @@ fn janitors_remove_orphans_on_agents_and_in_the_server() {
 #[test]
 fn expire_time_goes_through_expired_then_deleted() {
     let server = TestServer::start();
+    // A sandbox there before the watch: its ADDED line says the watch is subscribed.
+    server.ok(&["run", "--name", "marker"]);
     let mut watch = std::process::Command::new(common::WARREN)
         .args(["watch", "-o", "json"])
         .env("WARREN_SERVER", &server.address)
@@ -313,23 +315,44 @@ fn expire_time_goes_through_expired_then_deleted() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let rx = common::lines_of(watch.stdout.take().expect("stdout"));
+    let mut text = String::new();
+    let mut until = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(what);
+                    text.push_str(&line);
+                    text.push('\n');
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no {what} in the watch, after 10 s:\n{text}"),
+            }
+        }
+    };
+    until("\"marker\"");
     server.ok(&["run", "--name", "short", "--expire-in", "1s"]);
-    eventually(Duration::from_secs(5), "expired and deleted", || {
-        server.warren(&["get", "short"]).status.code() == Some(1)
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    until("\"Deleted\"");
     let _ = watch.kill();
-    let out = watch.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = watch.wait();
+    let short: String = text
+        .lines()
+        .filter(|l| l.contains("\"short\""))
+        .collect::<Vec<_>>()
+        .join("\n");
     let phases: Vec<&str> = ["Running", "Expired", "Deleted"]
         .into_iter()
-        .filter(|p| text.contains(&format!("\"{p}\"")))
+        .filter(|p| short.contains(&format!("\"{p}\"")))
         .collect();
-    assert_eq!(phases, ["Running", "Expired", "Deleted"], "{text}");
-    let expired = text.find("\"Expired\"").unwrap();
-    let deleted = text.rfind("\"Deleted\"").unwrap();
-    assert!(expired < deleted, "Expired comes before Deleted: {text}");
+    assert_eq!(phases, ["Running", "Expired", "Deleted"], "{short}");
+    let expired = short.find("\"Expired\"").unwrap();
+    let deleted = short.rfind("\"Deleted\"").unwrap();
+    assert!(expired < deleted, "Expired comes before Deleted: {short}");
+    assert_eq!(server.warren(&["get", "short"]).status.code(), Some(1));
 }
 
 #[test]

@@ -311,7 +311,8 @@ fn a_killed_agent_loses_manual_sandboxes_and_auto_recreate_runs_elsewhere() {
         },
     );
     let took = killed.elapsed();
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Its lease's 2 s, etcd's expiry pass and the re-creates, on a machine maybe loaded.
+    assert!(took < Duration::from_secs(15), "{took:?}");
     // Lost because etcd expired its registration's lease (TTL 2 s: 1500ms rounded up).
     assert!(
         c.server

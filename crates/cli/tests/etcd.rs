@@ -150,8 +150,10 @@ fn a_server_on_etcd_recovers_its_records_after_a_restart() {
     server.ok(&["run", "--name", "s1", "--mode", "strong", "--cpu", "1"]);
     server.ok(&["run", "--name", "s2", "--mode", "strong", "-l", "app=x"]);
     server.ok(&["run", "--name", "f1"]);
-    // A fast create is written behind: give it its commit before the kill.
-    std::thread::sleep(Duration::from_millis(300));
+    // A fast create is written behind: wait for its commit before the kill.
+    eventually(Duration::from_secs(10), "f1's record is written", || {
+        etcd_get(&etcd, "sandboxes/f1").is_some()
+    });
     server.kill9();
     server.spawn();
     wait_leading(&server, Duration::from_secs(15));
@@ -226,8 +228,9 @@ fn an_unreachable_store_fails_creates_cleanly() {
     // the sandbox is removed again (no record, no sandbox).
     let started = Instant::now();
     let out = server.warren(&["run", "--name", "fast1", "-o", "json"]);
+    // (A create that waited for the store would wait for its 10 s of retries.)
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "fast does not wait"
     );
     if out.status.success() {
@@ -578,9 +581,10 @@ fn agents_follow_the_leader_and_keep_their_sandboxes_across_a_fail_over() {
         node_state(&b, "idle") == "Lost"
     });
     let took = killed.elapsed();
-    // Its last renewal was at most one heartbeat interval (750 ms) before the kill.
+    // Its last renewal was at most one heartbeat interval (750 ms) before the kill, or a
+    // late one more on a loaded machine: well over a second of its 3 s remains.
     assert!(
-        took >= Duration::from_millis(2000),
+        took >= Duration::from_millis(1200),
         "lost after {took:?}, before its lease could expire"
     );
     assert_eq!(registration_lease(&etcd, "idle"), None, "its key is gone");

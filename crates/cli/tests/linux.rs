@@ -820,16 +820,24 @@ fn dead_warm_shells_are_replaced_not_handed_out() {
     );
 
     wait_replaced(&l, &killed, "the killed shells");
-    let left: Vec<String> = l
-        .leftover_cgroups()
-        .iter()
-        .filter_map(|p| p.file_name()?.to_str().map(String::from))
-        .collect();
-    for cgroup in &cgroups {
-        assert!(!left.contains(cgroup), "{cgroup} left behind: {left:?}");
-    }
-    for bundle in &bundles {
-        assert!(!bundle.exists(), "{} left behind", bundle.display());
+    // Their clean-up runs in a task of its own: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = l
+            .leftover_cgroups()
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(String::from))
+            .collect();
+        let kept: Vec<&String> = cgroups.iter().filter(|c| left.contains(c)).collect();
+        let bundles_left: Vec<&PathBuf> = bundles.iter().filter(|b| b.exists()).collect();
+        if kept.is_empty() && bundles_left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {kept:?} {bundles_left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
         l.server.log().contains("supervisor had ended"),

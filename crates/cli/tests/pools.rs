@@ -129,7 +129,7 @@ fn pools_on_a_remote_agent_hit_miss_and_max() {
         return;
     }
     let server = TestServer::start_with(
-        &["--local-capacity", "0", "--agent-timeout", "1s"],
+        &["--local-capacity", "0", "--agent-timeout", "5s"],
         Some(TOKEN),
     );
     let cgroup_parent = format!("warren-it-pool-{}", std::process::id());

@@ -61,7 +61,9 @@ macro_rules! vm_or_skip {
     };
 }
 
-/// A server whose vm backend boots the project's assets, with short health checks. On drop
+/// A server whose vm backend boots the project's assets, with health checks that fail a
+/// silent guest in ~10 s (a TCG guest on a loaded 2-core machine can be starved for
+/// seconds), unless `vm_section` sets its own (the hang test's short ones). On drop
 /// (pass or fail) every qemu it started is killed: VMs outlive a killed server by design.
 struct Vm {
     server: TestServer,
@@ -121,12 +123,16 @@ impl Vm {
         let cgroup_parent = format!("warren-vm-it-{}-{n}", std::process::id());
         let config_dir = tempfile::tempdir().unwrap();
         let config = config_dir.path().join("vm.toml");
+        let health = if vm_section.contains("health_") {
+            ""
+        } else {
+            "health_interval_ms = 1000\nhealth_timeout_ms = 2000\nhealth_failures = 4\n"
+        };
         std::fs::write(
             &config,
             format!(
                 "[hypervisor]\nkernel_path = {kernel:?}\ninitrd_path = {initrd:?}\nmemory_in_mb = 192\n{hypervisor_extra}\n\
-                 [vm]\nhealth_interval_ms = 500\nhealth_timeout_ms = 1500\nhealth_failures = 3\n\
-                 template_dir = {:?}\n{vm_section}\n",
+                 [vm]\n{health}template_dir = {:?}\n{vm_section}\n",
                 config_dir.path().join("templates")
             ),
         )
@@ -452,7 +458,9 @@ fn memory_limit_inside_the_guest_is_enforced() {
 
 #[test]
 fn panics_hangs_and_killed_qemu_are_failed() {
-    let vm = vm_or_skip!("templates = false");
+    let vm = vm_or_skip!(
+        "templates = false\nhealth_interval_ms = 500\nhealth_timeout_ms = 1500\nhealth_failures = 3"
+    );
     for name in ["panic", "hang", "killed"] {
         vm.ok(&["run", "-b", "vm", "--name", name, "--", "sleep", "600"]);
     }
@@ -1164,7 +1172,9 @@ fn ten_clones_at_once_each_with_its_own_identity_and_entropy() {
 /// that its SIGTERM lands.
 #[test]
 fn a_paused_vm_runs_nothing_and_is_not_failed() {
-    let mut vm = vm_or_skip!("templates = false");
+    let mut vm = vm_or_skip!(
+        "templates = false\nhealth_interval_ms = 500\nhealth_timeout_ms = 1500\nhealth_failures = 3"
+    );
     let ticker = "trap 'echo got-term; exit 0' TERM; while :; do echo tick; sleep 0.1; done";
     vm.ok(&["run", "-b", "vm", "--name", "p", "--", "sh", "-c", ticker]);
     vm.wait_phase("p", "Running", Duration::from_secs(60));
@@ -1182,8 +1192,8 @@ fn a_paused_vm_runs_nothing_and_is_not_failed() {
     grows(&vm);
     assert_eq!(vm.ok(&["pause", "p"]), "p\n");
     assert_eq!(vm.get("p")["status"]["paused"], true);
-    // Longer than the harness's health checks take to fail a silent guest (3 pings, each
-    // given 1.5 s, every 0.5 s): still Running, and silent.
+    // Longer than its health checks take to fail a silent guest (3 pings, each given
+    // 1.5 s, every 0.5 s): still Running, and silent.
     std::thread::sleep(Duration::from_millis(500));
     let before = ticks(&vm);
     std::thread::sleep(Duration::from_secs(7));

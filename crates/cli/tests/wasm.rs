@@ -149,7 +149,7 @@ fn timeout_fails_the_sandbox_promptly() {
     );
     // The CLI's own start-up and the API round trips are in this figure; the backend test
     // holds the tight bound (timeout + 50 ms).
-    assert!(took < Duration::from_millis(300 + 1500), "took {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
     let got = json(&server.ok(&["get", "spin", "-o", "json"]));
     assert_eq!(got["status"]["phase"], "Failed");
     assert_eq!(got["status"]["reason"], "Timeout");

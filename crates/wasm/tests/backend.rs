@@ -180,21 +180,30 @@ async fn trap_is_reported() {
 async fn timeout_ends_an_infinite_loop_on_time_and_output_streams_while_running() {
     let mut h = harness(small());
     let mut config = sandbox("loop", &module("loop.wat"));
-    config.spec.timeout_seconds = Some(0.2);
+    config.spec.timeout_seconds = Some(1.0);
     h.backend.create(&config).await.expect("create");
     let started = Instant::now();
     h.backend.start("loop").await.expect("start");
-    // Output reaches the log while the guest still runs.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Output reaches the log while the guest still runs (well before its timeout, however
+    // slow this machine is at the moment).
+    let log = h.backend.log_path("loop").expect("log path");
+    while !log.exists() || h.output("loop", Stream::Stdout).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "no output yet"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         h.backend.status("loop").await.expect("status"),
         BackendStatus::Running
     );
     assert_eq!(h.output("loop", Stream::Stdout), "looping\n");
     assert_eq!(h.event("loop").await, failed("Timeout"));
+    // On time: not before it, and not a whole second late (a loaded 2-core machine).
     let elapsed = started.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(200) && elapsed <= Duration::from_millis(250),
+        elapsed >= Duration::from_secs(1) && elapsed <= Duration::from_secs(2),
         "timed out after {elapsed:?}"
     );
 }
@@ -671,7 +680,9 @@ async fn stop_ends_an_infinite_loop_promptly() {
         .expect("stop");
     let took = asked.elapsed();
     assert_eq!(status, BackendStatus::Stopped);
-    assert!(took < Duration::from_millis(50), "stop took {took:?}");
+    // Promptly: at the guest's next epoch tick, not after the 10 s grace (the bound leaves
+    // room for a loaded machine).
+    assert!(took < Duration::from_secs(1), "stop took {took:?}");
     assert_eq!(
         h.backend.status("loop").await.expect("status"),
         BackendStatus::Stopped
@@ -801,7 +812,9 @@ async fn busy_guests_do_not_starve_the_runtime() {
         worst = worst.max(t.elapsed());
     }
     eprintln!("worst 1 ms sleep with 4 spinning guests on 2 workers: {worst:?}");
-    assert!(worst < Duration::from_millis(30), "{worst:?}");
+    // A starved runtime waits for a guest's whole timeslice (300 ms here); the bound leaves
+    // room for the OS scheduler on a loaded 2-core machine.
+    assert!(worst < Duration::from_millis(200), "{worst:?}");
     for i in 0..4 {
         assert_eq!(h.event(&format!("spin{i}")).await, failed("Timeout"));
     }
