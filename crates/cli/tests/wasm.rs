@@ -424,16 +424,14 @@ fn create_can_wait_for_the_end() {
     // The sandbox itself runs on after the caller stopped waiting.
     let got = json(&server.ok(&["get", "spin", "-o", "json"]));
     assert_eq!(got["status"]["phase"], "Running");
-    // wasm cannot pause a guest: refused, and it runs on.
-    let out = server.warren(&["pause", "spin"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("backend wasm does not support pause"),
-        "{}",
-        stderr(&out)
-    );
+    // Paused and unpaused (the backend test checks that a paused guest runs nothing).
+    assert_eq!(server.ok(&["pause", "spin"]), "spin\n");
+    let got = json(&server.ok(&["get", "spin", "-o", "json"]));
+    assert_eq!(got["status"]["paused"], true);
+    assert_eq!(server.ok(&["unpause", "spin"]), "spin\n");
     let got = json(&server.ok(&["get", "spin", "-o", "json"]));
     assert_eq!(got["status"].get("paused"), None);
+    server.ok(&["pause", "spin"]);
     server.ok(&["rm", "spin"]);
 }
 

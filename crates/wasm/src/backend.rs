@@ -74,6 +74,8 @@ struct Sandbox {
 /// The run in progress, or the last one.
 struct Current {
     stop: Arc<Notify>,
+    /// The run's guest waits at its next epoch tick while this is true (`warren pause`).
+    paused: watch::Sender<bool>,
     /// Turns true once the run's status is recorded; closed if its task was cancelled.
     done: watch::Receiver<bool>,
     task: tokio::task::AbortHandle,
@@ -144,6 +146,22 @@ impl WasmBackend {
         }))
     }
 
+    /// Pauses (`paused`) or resumes a running sandbox's guest.
+    fn set_paused(&self, id: &str, paused: bool) -> Result<(), BackendError> {
+        let inner = self.inner()?;
+        let sandboxes = inner.lock();
+        let sandbox = sandboxes.get(id).ok_or_else(|| not_found(id))?;
+        match (&sandbox.status, &sandbox.current) {
+            (BackendStatus::Running, Some(current)) => {
+                current.paused.send_replace(paused);
+                Ok(())
+            }
+            (status, _) => Err(BackendError::Other(format!(
+                "sandbox {id} is {status:?}: there is no guest to pause or unpause"
+            ))),
+        }
+    }
+
     fn inner(&self) -> Result<&Arc<Inner>, BackendError> {
         self.inner.as_ref().map_err(|reason| {
             BackendError::Other(format!("the wasm backend is unavailable: {reason}"))
@@ -199,6 +217,7 @@ impl WasmBackend {
             timeout: None,
             log: None,
             stop: Arc::new(Notify::new()),
+            paused: watch::channel(false).1,
         };
         bench::instantiate(&job, n)
             .await
@@ -738,6 +757,7 @@ impl Backend for WasmBackend {
         let log = Arc::clone(&sandbox.log);
         let spec = &sandbox.spec;
         let stop = Arc::new(Notify::new());
+        let (paused, paused_rx) = watch::channel(false);
         let job = Job {
             program,
             argv: argv(spec, &sandbox.module),
@@ -750,6 +770,7 @@ impl Backend for WasmBackend {
             timeout: timeout(spec, &inner.config),
             log: Some(log),
             stop: Arc::clone(&stop),
+            paused: paused_rx,
         };
         sandbox.run += 1;
         sandbox.status = BackendStatus::Running;
@@ -764,10 +785,21 @@ impl Backend for WasmBackend {
         ));
         sandbox.current = Some(Current {
             stop,
+            paused,
             done,
             task: task.abort_handle(),
         });
         Ok(())
+    }
+
+    /// The guest stops at its next epoch tick (a few ms; one in a host call, a sleep say,
+    /// once that returns) and waits there, its memory kept, until `resume`.
+    async fn pause(&self, id: &str) -> Result<(), BackendError> {
+        self.set_paused(id, true)
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), BackendError> {
+        self.set_paused(id, false)
     }
 
     async fn stop(&self, id: &str, _grace: Duration) -> Result<BackendStatus, BackendError> {

@@ -144,6 +144,8 @@ pub(crate) struct Job {
     /// Where stdout and stderr go; `None` discards them (benchmarks).
     pub(crate) log: Option<Arc<LogWriter>>,
     pub(crate) stop: Arc<Notify>,
+    /// True while the sandbox is paused: the guest waits at its next epoch tick.
+    pub(crate) paused: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Runs the job to its end: exit, trap, timeout, or `stop`. The log is closed after.
@@ -274,7 +276,19 @@ pub(crate) fn new_store<W>(
     // Yield at every tick through tokio's `yield_now`, not a plain self-wake: tokio defers
     // the wake until its worker has polled the timer and I/O drivers, so busy guests cannot
     // starve timers (with a self-wake, drivers were polled only every 61 task polls, ~61 ms).
-    store.epoch_deadline_callback(|_| {
+    // A paused sandbox's guest waits at its tick until it is resumed (its task gets no CPU;
+    // `stop` and the timeout still end it: they race the call, see `race`).
+    let paused = job.paused.clone();
+    store.epoch_deadline_callback(move |_| {
+        if *paused.borrow() {
+            let mut paused = paused.clone();
+            return Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    let _ = paused.wait_for(|p| !*p).await;
+                }),
+            ));
+        }
         Ok(UpdateDeadline::YieldCustom(
             1,
             Box::pin(tokio::task::yield_now()),

@@ -208,6 +208,63 @@ async fn timeout_ends_an_infinite_loop_on_time_and_output_streams_while_running(
     );
 }
 
+/// `warren pause`: the guest stops at its next epoch tick and writes nothing until it is
+/// resumed; a paused guest still stops at once and still times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_guest_runs_nothing_until_resumed_and_still_ends() {
+    let mut h = harness(small());
+    h.backend
+        .create(&sandbox("spam", &module("chatty.wat")))
+        .await
+        .expect("create");
+    h.backend.start("spam").await.expect("start");
+    let log = h.backend.log_path("spam").expect("log path");
+    let size = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let grows = || async {
+        let before = size();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while size() <= before {
+            assert!(Instant::now() < deadline, "the guest does not run");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    grows().await;
+    h.backend.pause("spam").await.expect("pause");
+    // Its next tick, then nothing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = size();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(size(), before, "the paused guest wrote");
+    assert_eq!(
+        h.backend.status("spam").await.expect("status"),
+        BackendStatus::Running
+    );
+    h.backend.resume("spam").await.expect("resume");
+    grows().await;
+    h.backend.pause("spam").await.expect("pause");
+    let asked = Instant::now();
+    let status = h
+        .backend
+        .stop("spam", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert_eq!(status, BackendStatus::Stopped);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    let err = h.backend.pause("spam").await.expect_err("not running");
+    assert!(err.to_string().contains("no guest to pause"), "{err}");
+
+    let mut config = sandbox("late", &module("loop.wat"));
+    config.spec.timeout_seconds = Some(0.5);
+    h.backend.create(&config).await.expect("create");
+    h.backend.start("late").await.expect("start");
+    h.backend.pause("late").await.expect("pause");
+    assert_eq!(h.event("late").await, failed("Timeout"));
+}
+
 #[tokio::test]
 async fn default_timeout_applies_when_the_spec_has_none() {
     let mut h = harness(WasmConfig {
