@@ -1226,6 +1226,54 @@ fn pause_freezes_the_workload_until_unpause() {
     assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
 }
 
+/// `warren restart`, as `docker restart`: a running workload is stopped and started again,
+/// an ended one started again, a paused one too (unpaused); each under a new uid.
+#[test]
+fn restart_runs_the_workload_again_under_a_new_uid() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    let uid = |name: &str| l.get(name)["metadata"]["uid"].as_str().unwrap().to_string();
+    let out = l.run("once", &["--wait"], &["sh", "-c", "echo ran; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = l.run(
+        "long",
+        &["--stop-timeout", "1"],
+        &["sh", "-c", "echo up; exec sleep 600"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (once, long) = (uid("once"), uid("long"));
+    let long_pid = l.get("long")["status"]["backendInfo"]["pid"]
+        .as_str()
+        .unwrap()
+        .parse::<i32>()
+        .unwrap();
+    l.ok(&["pause", "long"]);
+    assert_eq!(l.ok(&["restart", "once", "long"]), "once\nlong\n");
+    assert_ne!(uid("once"), once);
+    assert_ne!(uid("long"), long);
+    // The ended one ran again, logging anew; the running one is a new process, not paused.
+    assert_eq!(l.ok(&["wait", "--timeout", "20s", "once"]), "3\n");
+    assert_eq!(l.ok(&["logs", "once"]), "ran\n");
+    let got = l.get("long");
+    assert_eq!(got["status"]["phase"], "Running", "{got}");
+    assert_eq!(got["status"].get("paused"), None, "{got}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{long_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{long_pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty(),
+        "the old workload still runs"
+    );
+    let out = l.warren(&["restart", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    l.ok(&["rm", "-f", "once", "long"]);
+    assert_eq!(l.leftover_cgroups(), Vec::<PathBuf>::new());
+}
+
 #[test]
 fn warm_pool_serves_creates_with_their_own_settings() {
     if let Some(reason) = skip_reason() {

@@ -23,6 +23,7 @@ mod nodes;
 mod pause;
 mod policy;
 mod pool;
+mod restart;
 mod restore;
 mod rm;
 mod run;
@@ -93,6 +94,8 @@ pub enum Command {
     /// Let paused sandboxes run on.
     #[command(alias = "resume")]
     Unpause(pause::Args),
+    /// Run sandboxes' workloads again from scratch (stopped first if running), under new uids.
+    Restart(restart::Args),
     /// Wait until sandboxes finish; print each one's exit code (or phase, without one).
     Wait(wait::Args),
     /// Create or update sandboxes from a YAML file.
@@ -201,6 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wait(a) => wait::run(a, &g).await,
         Command::Pause(a) => pause::run(a, true, &g).await,
         Command::Unpause(a) => pause::run(a, false, &g).await,
+        Command::Restart(a) => restart::run(a, &g).await,
         Command::Kill(a) => kill::run(a, &g).await,
         Command::Apply(a) => apply::run(a, &g).await,
         Command::Update(a) => update::run(a, &g).await,

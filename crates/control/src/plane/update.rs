@@ -115,6 +115,8 @@ impl ControlPlane {
         }
         let mut rec = old.clone();
         rec.id = uuid::Uuid::new_v4().simple().to_string();
+        // A new workload, not paused (the old one was resumed by its stop).
+        rec.paused = false;
         rec.spec = spec;
         rec.resources = resources;
         rec.policy = policy;
