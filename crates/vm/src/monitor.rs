@@ -197,18 +197,12 @@ async fn launch_in(
         storage_limit,
         ..
     } = booted;
-    if let Some(bytes) = start.storage_bytes
-        && !storage_limit
-    {
+    if let Err(refused) = storage_enforceable(start.storage_bytes, storage_limit) {
         if pooled {
             crate::template::refill_soon(inner);
         }
         qemu.kill_and_wait(Duration::from_secs(5)).await;
-        return Err(BackendError::Invalid(format!(
-            "spec.resources.limits.storage: {bytes} bytes cannot be enforced: this VM's guest \
-             predates storage limits (rebuild its initramfs with scripts/vm-assets.sh)"
-        ))
-        .into());
+        return Err(refused.into());
     }
     let mut c = client.clone();
     let started = tokio::time::timeout(patience, c.start(start)).await;
@@ -322,6 +316,18 @@ async fn end_stale_connection(dir: &Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while waits() <= before && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A storage limit needs a guest that applies it (`Ping`'s `storage-limit` feature): a
+/// stale initramfs would run the sandbox unlimited, so it is refused instead.
+fn storage_enforceable(bytes: Option<u64>, guest_applies: bool) -> Result<(), BackendError> {
+    match bytes {
+        Some(bytes) if !guest_applies => Err(BackendError::Invalid(format!(
+            "spec.resources.limits.storage: {bytes} bytes cannot be enforced: this VM's guest \
+             predates storage limits (rebuild its initramfs with scripts/vm-assets.sh)"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -686,6 +692,21 @@ pub(crate) async fn readopt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storage_limit_is_refused_by_a_guest_that_cannot_apply_it() {
+        assert!(storage_enforceable(None, false).is_ok());
+        assert!(storage_enforceable(None, true).is_ok());
+        assert!(storage_enforceable(Some(8 << 20), true).is_ok());
+        let err = storage_enforceable(Some(8 << 20), false).unwrap_err();
+        assert!(matches!(err, BackendError::Invalid(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("spec.resources.limits.storage: 8388608 bytes")
+                && msg.contains("vm-assets.sh"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn a_broken_channel_is_told_from_the_guests_own_errors() {
