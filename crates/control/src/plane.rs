@@ -799,8 +799,9 @@ impl ControlPlane {
             return;
         }
         let mut rec = (*entry.record).clone();
+        // An end (or a loss) ends a pause; a Lost sandbox found Running again keeps its own.
+        rec.paused &= next == Phase::Running;
         rec.status = next;
-        rec.paused = false;
         rec.revision += 1;
         rec.updated_at_ms = now_ms();
         self.write_behind(&rec);
