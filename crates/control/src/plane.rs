@@ -578,8 +578,11 @@ impl ControlPlane {
             },
             Err(e) => {
                 // Nothing changed that the plane knows of: it is Running again, and the
-                // backend's own report of an end, if any, follows.
-                self.publish((*before).clone(), EventKind::Modified);
+                // backend's own report of an end, if any, follows. Not paused: backends
+                // resume a paused workload first thing in a stop.
+                let mut running = (*before).clone();
+                running.paused = false;
+                self.publish(running, EventKind::Modified);
                 return Err(e.into());
             }
         };
