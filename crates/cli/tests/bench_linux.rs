@@ -190,3 +190,53 @@ fn the_static_supervisor_runs_sandboxes() {
         leftover_cgroups(pid)
     );
 }
+
+/// `warren bench pause`: its rounds and runc's are counted, and nothing is left (its
+/// sandbox, runc's container, either's cgroup).
+#[test]
+fn bench_pause_counts_its_rounds_and_runcs_and_cleans_up() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = warren_image::testing::busybox_layout(tmp.path(), "busybox").expect("layout");
+    let child = Command::new(WARREN)
+        .args(["bench", "pause", "-i", "busybox", "--image-layout"])
+        .arg(&layout)
+        .args(["-n", "3", "--peer-runs", "3", "--json"])
+        .env_remove("WARREN_SERVER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn warren bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for warren bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stdout.lines().last().unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    for what in ["pause", "unpause"] {
+        assert_eq!(json[what]["ok"], 3, "{json}");
+        assert_eq!(json[what]["failed"], 0, "{json}");
+    }
+    match json["runc"]["failed"].as_str() {
+        Some(why) if why.contains("not installed") => eprintln!("NOTE: runc skipped: {why}"),
+        Some(why) => panic!("runc failed: {why}"),
+        None => {
+            assert_eq!(json["runc"]["pause"]["ok"], 3, "{json}");
+            assert_eq!(json["runc"]["resume"]["ok"], 3, "{json}");
+        }
+    }
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let name = format!("warren-bench-pause-{pid}");
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|h| h.path().join(&name))
+        .filter(|d| d.exists())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

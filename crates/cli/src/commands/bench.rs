@@ -41,6 +41,8 @@ mod checkpoint;
 mod cluster;
 #[path = "bench_linux.rs"]
 mod linux;
+#[path = "bench_pause.rs"]
+mod pause;
 #[path = "bench_vm.rs"]
 mod vm;
 
@@ -61,6 +63,9 @@ enum What {
     /// Checkpoint and restore a small linux process through the API, beside `runc
     /// checkpoint` / `runc restore` of the same process (see `bench_checkpoint.rs`).
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Pause and unpause a running linux sandbox through the API, beside `runc pause` /
+    /// `runc resume` of the same process (see `bench_pause.rs`).
+    Pause(pause::PauseArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,7 +162,28 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         What::Create(a) => create(a, g).await,
         What::Run(a) => run_to_exit(a, g).await,
         What::Checkpoint(a) => checkpoint::run(a, g).await,
+        What::Pause(a) => pause::run(a, g).await,
     }
+}
+
+/// Imports the OCI image layout at `layout` into the server's store as `image`.
+async fn import_layout(
+    address: &Address,
+    token: Option<&str>,
+    layout: &std::path::Path,
+    image: &str,
+) -> anyhow::Result<v1::ImportImageResponse> {
+    let path = std::path::absolute(layout)?;
+    let mut images = client::connect_images(address, token).await?;
+    answer(
+        images
+            .import_image(v1::ImportImageRequest {
+                path: path.display().to_string(),
+                name: Some(image.to_string()),
+            })
+            .await,
+    )
+    .with_context(|| format!("importing {} as {image}", path.display()))
 }
 
 /// A `warren server` child on a temporary dir, stopped with SIGTERM when dropped.
@@ -435,16 +461,7 @@ async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     if let (Some(layout), Some(image)) = (&a.image_layout, &a.image) {
-        let mut images = client::connect_images(&address, token.as_deref()).await?;
-        answer(
-            images
-                .import_image(v1::ImportImageRequest {
-                    path: std::fs::canonicalize(layout)?.display().to_string(),
-                    name: Some(image.clone()),
-                })
-                .await,
-        )
-        .context("importing --image-layout")?;
+        import_layout(&address, token.as_deref(), layout, image).await?;
     }
     let run_id = format!("{:x}", std::process::id());
     let where_ = match (&private, a.agents) {

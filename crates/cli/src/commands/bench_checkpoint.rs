@@ -88,17 +88,7 @@ pub(super) async fn run(mut a: CheckpointArgs, g: &Globals) -> anyhow::Result<Ex
     let mut sandboxes = connect_retrying(&address, token).await?;
     let mut checkpoints = client::connect_checkpoints(&address, token).await?;
     if let Some(layout) = &a.image_layout {
-        let path = std::path::absolute(layout)?;
-        let mut images = client::connect_images(&address, token).await?;
-        answer(
-            images
-                .import_image(v1::ImportImageRequest {
-                    path: path.display().to_string(),
-                    name: Some(a.image.clone()),
-                })
-                .await,
-        )
-        .with_context(|| format!("importing {} as {}", path.display(), a.image))?;
+        super::import_layout(&address, token, layout, &a.image).await?;
     }
     if !a.json {
         out!(
@@ -214,37 +204,15 @@ pub(super) async fn run(mut a: CheckpointArgs, g: &Globals) -> anyhow::Result<Ex
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| format!("{e:#}")))
     };
-    let mut peer_json = json!(null);
-    match &peer {
-        Err(why) => {
-            out!("runc: skipped or failed: {why}");
-            peer_json = json!({ "failed": why });
-            failed |= !why.starts_with("--peer-runs");
-        }
-        Ok((dump, restore)) => {
-            let d = report("runc ckpt", dump);
-            let r = report("runc rst", restore);
-            let ratio = |ours: &Phase, theirs: &Phase| {
-                ours.hist.value_at_quantile(0.5) as f64
-                    / theirs.hist.value_at_quantile(0.5).max(1) as f64
-            };
-            out!(
-                "warren/runc p50: checkpoint {:.2}x ({} vs {}), restore {:.2}x ({} vs {})",
-                ratio(&ours_dump, dump),
-                us(ours_dump.hist.value_at_quantile(0.5)),
-                us(dump.hist.value_at_quantile(0.5)),
-                ratio(&ours_restore, restore),
-                us(ours_restore.hist.value_at_quantile(0.5)),
-                us(restore.hist.value_at_quantile(0.5)),
-            );
-            failed |= dump.errors > 0 || restore.errors > 0;
-            peer_json = json!({
-                "checkpoint": d, "restore": r,
-                "warren_over_runc_checkpoint_p50": ratio(&ours_dump, dump),
-                "warren_over_runc_restore_p50": ratio(&ours_restore, restore),
-            });
-        }
-    }
+    let (peer_json, peer_failed) = runc_beside(
+        [&ours_dump, &ours_restore],
+        &peer,
+        [
+            ("checkpoint", "checkpoint", "runc ckpt"),
+            ("restore", "restore", "runc rst"),
+        ],
+    );
+    failed |= peer_failed;
     if a.json {
         out!(
             "{}",
@@ -272,71 +240,26 @@ fn runc_rounds(
     runs: usize,
     criu: &Path,
 ) -> anyhow::Result<(Phase, Phase)> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("needs root");
-    }
-    let program = ["/usr/sbin/runc", "/usr/local/sbin/runc", "/usr/bin/runc"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .context("runc is not installed (Debian's runc comes with containerd)")?;
-    let dir = tempfile::Builder::new()
-        .prefix("warren-bench-runc-")
-        .tempdir()?;
-    let rootfs = dir.path().join("rootfs");
-    std::fs::create_dir(&rootfs)?;
-    match layout {
-        Some(layout) => {
-            unpack_layout(layout, image, &rootfs, dir.path())?;
-        }
-        None if is_busybox(image) => busybox_rootfs(&rootfs)?,
-        None => bail!("pass --image-layout DIR so runc runs the same files as image {image}"),
-    }
-    let bundle = dir.path().join("bundle");
-    write_config(&program, &bundle, &rootfs, args, &format!("/{parent}/runc"))?;
-    let root = dir.path().join("state");
-    std::fs::create_dir(&root)?;
-    let id = format!("wbck-{:x}", std::process::id());
-    // runc's stderr goes to a file: a detached container keeps the descriptor it was given,
-    // so a pipe would never reach end of file.
-    let errors_file = dir.path().join("runc.stderr");
-    let runc = |what: &[&str]| -> anyhow::Result<()> {
-        let err = std::fs::File::create(&errors_file)?;
-        let status = Command::new(&program)
-            .arg("--root")
-            .arg(&root)
-            .arg("--criu")
-            .arg(criu)
-            .args(what)
-            .current_dir(&bundle)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .status()
-            .with_context(|| format!("starting {}", program.display()))?;
-        if status.success() {
-            return Ok(());
-        }
-        bail!(
-            "runc {}: {}",
-            what.first().copied().unwrap_or_default(),
-            std::fs::read_to_string(&errors_file)
-                .unwrap_or_default()
-                .trim()
-        )
-    };
+    let runc_bundle = RuncBundle::prepare(layout, image, args, parent, "wbck")?;
+    let (program, bundle, root, id) = (
+        &runc_bundle.program,
+        &runc_bundle.bundle,
+        &runc_bundle.root,
+        &runc_bundle.id,
+    );
+    let runc = |what: &[&str]| runc_bundle.call(&["--criu".as_ref(), criu.as_os_str()], what);
     // A detached container's stdio must be pipes: runc (like warren) hands CRIU new pipes
     // for the dumped ones at a restore, but cannot restore a host file such as /dev/null.
     // The pipes' other ends are kept here until the run ends.
     let mut held = Vec::new();
     let mut detached = |what: &[&str]| -> anyhow::Result<()> {
-        let mut child = Command::new(&program)
+        let mut child = Command::new(program)
             .arg("--root")
-            .arg(&root)
+            .arg(root)
             .arg("--criu")
             .arg(criu)
             .args(what)
-            .current_dir(&bundle)
+            .current_dir(bundle)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -353,16 +276,16 @@ fn runc_rounds(
         )
     };
     let bundle_arg = bundle.to_string_lossy().into_owned();
-    detached(&["run", "-d", "--bundle", &bundle_arg, &id])?;
+    detached(&["run", "-d", "--bundle", &bundle_arg, id])?;
     let (mut dumps, mut restores) = (histogram()?, histogram()?);
     let (mut errors, mut first) = (0, None);
     let started = Instant::now();
     let mut result = Ok(());
     for round in 0..=runs {
-        let images = dir.path().join(format!("img-{round}"));
+        let images = runc_bundle.dir.path().join(format!("img-{round}"));
         let images_arg = images.to_string_lossy().into_owned();
         let t = Instant::now();
-        if let Err(e) = runc(&["checkpoint", "--image-path", &images_arg, &id]) {
+        if let Err(e) = runc(&["checkpoint", "--image-path", &images_arg, id]) {
             errors += 1;
             first.get_or_insert(e.to_string());
             result = Err(e);
@@ -377,7 +300,7 @@ fn runc_rounds(
             &images_arg,
             "--bundle",
             &bundle_arg,
-            &id,
+            id,
         ]) {
             errors += 1;
             first.get_or_insert(e.to_string());
@@ -390,11 +313,134 @@ fn runc_rounds(
         }
         let _ = std::fs::remove_dir_all(&images);
     }
-    let _ = runc(&["delete", "-f", &id]);
+    let _ = runc(&["delete", "-f", id]);
     result?;
     let elapsed = started.elapsed();
     Ok((
         phase(dumps, elapsed, errors, first.clone()),
         phase(restores, elapsed, errors, first),
     ))
+}
+
+/// An OCI bundle of the image's files and the workload for runc, with a state directory,
+/// in a temporary directory removed on drop.
+pub(super) struct RuncBundle {
+    pub(super) program: PathBuf,
+    pub(super) dir: tempfile::TempDir,
+    pub(super) bundle: PathBuf,
+    pub(super) root: PathBuf,
+    /// The container's id.
+    pub(super) id: String,
+    errors_file: PathBuf,
+}
+
+impl RuncBundle {
+    /// The bundle's rootfs is unpacked from `layout`, or made from /bin/busybox for busybox;
+    /// its cgroup goes under `parent`.
+    pub(super) fn prepare(
+        layout: Option<&Path>,
+        image: &str,
+        args: &[String],
+        parent: &str,
+        prefix: &str,
+    ) -> anyhow::Result<RuncBundle> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("needs root");
+        }
+        let program = ["/usr/sbin/runc", "/usr/local/sbin/runc", "/usr/bin/runc"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .context("runc is not installed (Debian's runc comes with containerd)")?;
+        let dir = tempfile::Builder::new()
+            .prefix("warren-bench-runc-")
+            .tempdir()?;
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir(&rootfs)?;
+        match layout {
+            Some(layout) => {
+                unpack_layout(layout, image, &rootfs, dir.path())?;
+            }
+            None if is_busybox(image) => busybox_rootfs(&rootfs)?,
+            None => bail!("pass --image-layout DIR so runc runs the same files as image {image}"),
+        }
+        let bundle = dir.path().join("bundle");
+        write_config(&program, &bundle, &rootfs, args, &format!("/{parent}/runc"))?;
+        let root = dir.path().join("state");
+        std::fs::create_dir(&root)?;
+        let errors_file = dir.path().join("runc.stderr");
+        Ok(RuncBundle {
+            program,
+            bundle,
+            root,
+            id: format!("{prefix}-{:x}", std::process::id()),
+            errors_file,
+            dir,
+        })
+    }
+
+    /// `runc --root STATE GLOBAL... WHAT...` in the bundle; its stderr in the error. (It
+    /// goes to a file: a detached container keeps the descriptor it was given, so a pipe
+    /// would never reach end of file.)
+    pub(super) fn call(&self, global: &[&std::ffi::OsStr], what: &[&str]) -> anyhow::Result<()> {
+        let err = std::fs::File::create(&self.errors_file)?;
+        let status = Command::new(&self.program)
+            .arg("--root")
+            .arg(&self.root)
+            .args(global)
+            .args(what)
+            .current_dir(&self.bundle)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        if status.success() {
+            return Ok(());
+        }
+        bail!(
+            "runc {}: {}",
+            what.first().copied().unwrap_or_default(),
+            std::fs::read_to_string(&self.errors_file)
+                .unwrap_or_default()
+                .trim()
+        )
+    }
+}
+
+/// Prints runc's two timed operations beside warren's (`ours`), with the p50 ratios; returns
+/// runc's JSON and whether anything failed (a skip by `--peer-runs 0` is no failure). `ops`:
+/// per operation, warren's name, runc's JSON key, and runc's report label.
+pub(super) fn runc_beside(
+    ours: [&Phase; 2],
+    peer: &Result<(Phase, Phase), String>,
+    ops: [(&str, &str, &str); 2],
+) -> (serde_json::Value, bool) {
+    let (first, second) = match peer {
+        Err(why) => {
+            out!("runc: skipped or failed: {why}");
+            return (json!({ "failed": why }), !why.starts_with("--peer-runs"));
+        }
+        Ok(phases) => phases,
+    };
+    let theirs = [first, second];
+    let ratio = |ours: &Phase, theirs: &Phase| {
+        ours.hist.value_at_quantile(0.5) as f64 / theirs.hist.value_at_quantile(0.5).max(1) as f64
+    };
+    let mut peer_json = serde_json::Map::new();
+    let mut line = Vec::new();
+    for i in 0..2 {
+        let (op, key, label) = ops[i];
+        peer_json.insert(key.to_string(), report(label, theirs[i]));
+        let r = ratio(ours[i], theirs[i]);
+        peer_json.insert(format!("warren_over_runc_{op}_p50"), json!(r));
+        line.push(format!(
+            "{op} {r:.2}x ({} vs {})",
+            us(ours[i].hist.value_at_quantile(0.5)),
+            us(theirs[i].hist.value_at_quantile(0.5))
+        ));
+    }
+    out!("warren/runc p50: {}", line.join(", "));
+    let failed = theirs.iter().any(|p| p.errors > 0);
+    (serde_json::Value::Object(peer_json), failed)
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use warren_control::client::{self, Client};
+use warren_control::client::Client;
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::{BackendKind, SandboxSpec};
 
@@ -193,17 +193,7 @@ async fn measure(
     let token = g.token.as_deref();
     let clients = vec![connect_retrying(&address, token).await?];
     if let Some(layout) = &a.image_layout {
-        let path = std::path::absolute(layout)?;
-        let mut images = client::connect_images(&address, token).await?;
-        let reply = answer(
-            images
-                .import_image(v1::ImportImageRequest {
-                    path: path.display().to_string(),
-                    name: Some(a.image.clone()),
-                })
-                .await,
-        )
-        .with_context(|| format!("importing {} as {}", path.display(), a.image))?;
+        let reply = super::import_layout(&address, token, layout, &a.image).await?;
         if !a.json {
             for image in reply.images {
                 out!("imported {} {}", image.names.join(", "), image.id);

@@ -30,14 +30,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use warren_control::client::{self, Client};
+use warren_control::client::Client;
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::{BackendKind, SandboxSpec};
 
 use super::{
     Globals, Phase, PrivateServer, RunArgs, connect_retrying, create_and_wait, drive, report, usage,
 };
-use crate::commands::answer;
 
 pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     if a.args.is_empty() {
@@ -104,16 +103,7 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         let mut client = connect_retrying(&server.address, None).await?;
         let accel = accel_of(&mut client).await;
         if let (Some(layout), Some(image)) = (&layout, &workload.image) {
-            let mut images = client::connect_images(&server.address, None).await?;
-            answer(
-                images
-                    .import_image(v1::ImportImageRequest {
-                        path: layout.display().to_string(),
-                        name: Some(image.clone()),
-                    })
-                    .await,
-            )
-            .with_context(|| format!("importing {} as {image}", layout.display()))?;
+            super::import_layout(&server.address, None, layout, image).await?;
         }
         let prefix = format!("{phase}-{:x}", std::process::id());
         warm_up(&mut client, &prefix, &workload, templates).await?;
