@@ -602,6 +602,11 @@ impl Cgroup {
             }
             thread::sleep(pause);
             pause = (pause * 2).min(MAX_POLL_PAUSE);
+            if self.version == 1 {
+                // v1 can stay FREEZING while tasks fork or sleep uninterruptibly; asking again
+                // retries the tasks that were missed (runc does the same).
+                write_file(&path, frozen)?;
+            }
         }
         Ok(())
     }
