@@ -423,6 +423,7 @@ impl ControlPlane {
             known.insert((rec.spec.backend, rec.id.clone()));
             let config = self.config_of(&rec);
             let was = rec.status.clone();
+            let was_paused = rec.paused;
             match local.adopt(&config).await {
                 Ok((status, info)) => {
                     rec.status = phase_of(&status);
@@ -449,7 +450,11 @@ impl ControlPlane {
                     }
                 }
             }
-            if rec.status != was {
+            if rec.status != Phase::Running {
+                // Only a Running workload can be frozen.
+                rec.paused = false;
+            }
+            if rec.status != was || rec.paused != was_paused {
                 info!(sandbox = %rec.spec.name, from = %was, to = %rec.status, "recovered with a new status");
                 rec.revision += 1;
                 rec.updated_at_ms = now_ms();
@@ -578,11 +583,21 @@ impl ControlPlane {
             },
             Err(e) => {
                 // Nothing changed that the plane knows of: it is Running again, and the
-                // backend's own report of an end, if any, follows. Not paused: backends
-                // resume a paused workload first thing in a stop.
-                let mut running = (*before).clone();
-                running.paused = false;
-                self.publish(running, EventKind::Modified);
+                // backend's own report of an end, if any, follows. A backend that got the
+                // stop resumed a paused workload first thing; an agent the stop did not
+                // reach (or whose answer was lost) may still hold it frozen, so the record
+                // keeps its pause then (`unpause` reaches the backend either way).
+                let reached = !matches!(e, AgentError::Unreachable { .. });
+                if reached && before.paused {
+                    let mut running = (*before).clone();
+                    running.paused = false;
+                    running.revision += 1;
+                    running.updated_at_ms = now_ms();
+                    self.write_behind(&running);
+                    self.publish(running, EventKind::Modified);
+                } else {
+                    self.publish((*before).clone(), EventKind::Modified);
+                }
                 return Err(e.into());
             }
         };

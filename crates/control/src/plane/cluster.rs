@@ -88,6 +88,8 @@ impl ControlPlane {
             }
             info!(sandbox = %updated.spec.name, node, from = %updated.status, to = %next, "status from its agent");
             updated.status = next;
+            // A Lost sandbox found Running again keeps its pause; any other phase ends it.
+            updated.paused &= updated.status == Phase::Running;
             updated.revision += 1;
             updated.updated_at_ms = now_ms();
             self.write_behind(&updated);

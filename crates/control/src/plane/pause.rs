@@ -12,14 +12,14 @@ use crate::record::{SandboxRecord, now_ms};
 
 impl ControlPlane {
     /// Pauses (`pause`) or resumes a Running sandbox; returns its record. Asking for the
-    /// state it is in changes nothing.
+    /// state the record says it is in still asks the backend (every backend's pause and
+    /// resume can be repeated), and changes no record: a workload the record does not call
+    /// paused but that is frozen (a server killed between the freeze and its record) is
+    /// thawed by an unpause.
     pub async fn pause(&self, name: &str, pause: bool) -> Result<Arc<SandboxRecord>, ControlError> {
         let old = {
             let mut reg = self.lock();
             let entry = reg.idle_running_entry(name)?;
-            if entry.record.paused == pause {
-                return Ok(entry.record.clone());
-            }
             entry.busy = true;
             entry.record.clone()
         };
@@ -39,6 +39,11 @@ impl ControlPlane {
             let deferred = self.lock().release(&name);
             self.apply_later(deferred);
             return Err(e.into());
+        }
+        if old.paused == pause {
+            let deferred = self.lock().release(&name);
+            self.apply_later(deferred);
+            return Ok(old);
         }
         let mut rec = (*old).clone();
         rec.paused = pause;

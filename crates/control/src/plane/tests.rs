@@ -532,3 +532,183 @@ async fn a_create_registers_only_once_an_image_removal_is_done() {
         vec!["a".to_string()]
     );
 }
+
+/// The slot backend, counting pause and resume calls; its stop can be made to fail and its
+/// adopt to report the workload ended.
+#[derive(Debug)]
+struct Probe {
+    slot: SlotBackend,
+    calls: std::sync::Mutex<Vec<&'static str>>,
+    fail_stop: std::sync::atomic::AtomicBool,
+    adopt_exited: bool,
+}
+
+impl Probe {
+    fn new(dir: &Path, adopt_exited: bool) -> Arc<Probe> {
+        Arc::new(Probe {
+            slot: SlotBackend::new(dir.join("slot"), "".parse().expect("capacity")).expect("slot"),
+            calls: Default::default(),
+            fail_stop: Default::default(),
+            adopt_exited,
+        })
+    }
+
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().expect("calls").clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Probe {
+    fn kind(&self) -> BackendKind {
+        self.slot.kind()
+    }
+    fn is_available(&self) -> Result<(), String> {
+        self.slot.is_available()
+    }
+    async fn create(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<warren_runtime::BackendInfo, BackendError> {
+        self.slot.create(config).await
+    }
+    async fn start(&self, id: &str) -> Result<(), BackendError> {
+        self.slot.start(id).await
+    }
+    async fn stop(&self, id: &str, grace: Duration) -> Result<BackendStatus, BackendError> {
+        if self.fail_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BackendError::Other("the stop failed".into()));
+        }
+        self.slot.stop(id, grace).await
+    }
+    async fn delete(&self, id: &str) -> Result<(), BackendError> {
+        self.slot.delete(id).await
+    }
+    async fn status(&self, id: &str) -> Result<BackendStatus, BackendError> {
+        self.slot.status(id).await
+    }
+    async fn adopt(
+        &self,
+        config: &SandboxConfig,
+    ) -> Result<(BackendStatus, warren_runtime::BackendInfo), BackendError> {
+        let (status, info) = self.slot.adopt(config).await?;
+        if self.adopt_exited {
+            return Ok((BackendStatus::Exited { code: 3 }, info));
+        }
+        Ok((status, info))
+    }
+    async fn list(&self) -> Result<Vec<String>, BackendError> {
+        self.slot.list().await
+    }
+    async fn pause(&self, id: &str) -> Result<(), BackendError> {
+        self.calls.lock().expect("calls").push("pause");
+        self.slot.pause(id).await
+    }
+    async fn resume(&self, id: &str) -> Result<(), BackendError> {
+        self.calls.lock().expect("calls").push("resume");
+        self.slot.resume(id).await
+    }
+}
+
+async fn probe_plane(dir: &Path, probe: &Arc<Probe>) -> ControlPlane {
+    let store = open_when_free(&dir.join("state.redb")).await;
+    let agent = Agent::new("n1", [probe.clone() as Arc<dyn Backend>]);
+    let plane = ControlPlane::new(agent, Arc::new(store), Duration::from_secs(1));
+    plane.recover().await.expect("recover");
+    plane
+}
+
+#[tokio::test]
+async fn pause_and_unpause_reach_the_backend_whatever_the_record_says() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let probe = Probe::new(tmp.path(), false);
+    let plane = probe_plane(tmp.path(), &probe).await;
+    let (created, _) = plane.create(spec("s")).await.expect("create");
+    let (_, _, mut rx) = plane.watch("").expect("watch");
+    // Not paused by its record, maybe frozen all the same (a server killed between the
+    // freeze and its record): the backend is asked, and the record stays as it is.
+    let same = plane.pause("s", false).await.expect("unpause");
+    assert_eq!(probe.calls(), ["resume"]);
+    assert_eq!(same.revision, created.revision);
+    assert!(
+        rx.try_recv().is_err(),
+        "an unpause of a running sandbox changed its record"
+    );
+    let paused = plane.pause("s", true).await.expect("pause");
+    assert!(paused.paused);
+    plane.pause("s", true).await.expect("pause again");
+    assert_eq!(probe.calls(), ["resume", "pause", "pause"]);
+    assert_eq!(plane.get("s").expect("s").revision, paused.revision);
+    plane.delete("s", None).await.expect("delete");
+}
+
+#[tokio::test]
+async fn a_failed_stop_ends_the_pause_only_where_the_backend_got_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let probe = Probe::new(tmp.path(), false);
+    let plane = probe_plane(tmp.path(), &probe).await;
+    plane.create(spec("s")).await.expect("create");
+    let paused = plane.pause("s", true).await.expect("pause");
+    // The backend got the stop (and resumed the workload first): Running, not paused, and
+    // stored so.
+    probe
+        .fail_stop
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = plane.stop("s", None).await.unwrap_err();
+    assert!(err.to_string().contains("the stop failed"), "{err}");
+    let after = plane.get("s").expect("s");
+    assert_eq!(after.status, Phase::Running);
+    assert!(!after.paused);
+    assert!(after.revision > paused.revision);
+    drop(plane);
+    let plane = probe_plane(tmp.path(), &probe).await;
+    assert!(
+        !plane.get("s").expect("s").paused,
+        "the end of the pause was not stored"
+    );
+
+    // A sandbox on an agent that has not registered (after a restart): the stop does not
+    // reach it, so its workload may still be frozen there and the record keeps the pause.
+    let mut far = spec("far");
+    let resources = far.validate().expect("valid");
+    far.backend = BackendKind::Slot;
+    let mut rec = SandboxRecord::creating(far, resources, "n2".into(), None);
+    rec.status = Phase::Running;
+    rec.paused = true;
+    rec.revision = 2;
+    plane
+        .inner
+        .store
+        .write(crate::store::Write::Put {
+            key: record::key("far"),
+            value: serde_json::to_vec(&rec).expect("json"),
+        })
+        .await
+        .expect("write");
+    drop(plane);
+    let plane = probe_plane(tmp.path(), &probe).await;
+    let err = plane.stop("far", None).await.unwrap_err();
+    assert!(err.to_string().contains("has not registered"), "{err}");
+    let far = plane.get("far").expect("far");
+    assert_eq!(far.status, Phase::Running);
+    assert!(far.paused, "a stop that reached no agent ended the pause");
+}
+
+#[tokio::test]
+async fn a_paused_sandbox_found_ended_at_a_restart_is_not_paused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plane = probe_plane(tmp.path(), &Probe::new(tmp.path(), false)).await;
+    plane.create(spec("s")).await.expect("create");
+    plane.pause("s", true).await.expect("pause");
+    drop(plane);
+    let plane = probe_plane(tmp.path(), &Probe::new(tmp.path(), true)).await;
+    let rec = plane.get("s").expect("s");
+    assert_eq!(rec.status, Phase::Exited { code: 3 });
+    assert!(!rec.paused);
+    // Stored so.
+    drop(plane);
+    let plane = probe_plane(tmp.path(), &Probe::new(tmp.path(), false)).await;
+    let rec = plane.get("s").expect("s");
+    assert!(!rec.paused);
+    assert_eq!(rec.status, Phase::Exited { code: 3 });
+}
