@@ -146,7 +146,31 @@ fn list_get_update_delete() {
     // Ended without an exit code (slot runs no process): `wait` prints its phase.
     server.ok(&["stop", "b"]);
     assert_eq!(server.ok(&["wait", "b"]), "Stopped\n");
-    assert_eq!(server.ok(&["rm", "a", "b"]), "a\nb\n");
+    // Each line as soon as it and those before it are known: `b` at once, `c` once stopped.
+    server.ok(&["run", "--name", "c"]);
+    let mut waiting = std::process::Command::new(common::WARREN)
+        .args(["wait", "b", "c"])
+        .env("WARREN_SERVER", &server.address)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn warren wait");
+    let stdout = waiting.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let _ = tx.send(line.expect("read"));
+        }
+    });
+    let first = lines.recv_timeout(std::time::Duration::from_secs(10));
+    let running = waiting.try_wait().expect("try_wait").is_none();
+    server.ok(&["stop", "c"]);
+    assert_eq!(first.as_deref(), Ok("Stopped"), "b's line waited for c");
+    assert!(running, "the wait ended while c ran");
+    let second = lines.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(second.as_deref(), Ok("Stopped"));
+    assert!(waiting.wait().expect("wait").success());
+    assert_eq!(server.ok(&["rm", "a", "b", "c"]), "a\nb\nc\n");
     assert!(!path.exists(), "delete removed the JSON");
     assert_eq!(server.ok(&["ls", "-o", "name"]), "");
     let out = server.warren(&["rm", "a"]);

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 
 use warren_proto::v1;
 
-use super::{Globals, per_name, usage};
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+
+use super::{Globals, answer, usage};
 use crate::output::printable;
 
 #[derive(Debug, clap::Args)]
@@ -23,14 +26,23 @@ pub struct Args {
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let timeout_ms = args.timeout.as_deref().map(timeout_ms).transpose()?;
     let client = g.connect().await?;
-    let results = per_name(&client, &args.names, |mut client, name| async move {
-        client
-            .wait_sandbox(v1::WaitSandboxRequest { name, timeout_ms })
-            .await
-    })
-    .await;
+    // All at once, each printed as soon as it and the names before it have ended.
+    let mut waits: FuturesOrdered<_> = args
+        .names
+        .iter()
+        .map(|name| {
+            let mut client = client.clone();
+            async move {
+                let request = v1::WaitSandboxRequest {
+                    name: name.clone(),
+                    timeout_ms,
+                };
+                (name, answer(client.wait_sandbox(request).await))
+            }
+        })
+        .collect();
     let mut failed = false;
-    for (name, result) in results {
+    while let Some((name, result)) = waits.next().await {
         match result {
             Ok(sandbox) => println!("{}", ended(name, &sandbox.status.unwrap_or_default())),
             Err(e) => {
