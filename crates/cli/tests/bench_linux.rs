@@ -59,21 +59,21 @@ fn bench_with(program: &Path, extra: &[&str]) -> (serde_json::Value, u32) {
     (json, pid)
 }
 
-/// Directories named `warren-bench-PID` left in any cgroup hierarchy.
+/// Directories named `warren-bench-PID` left in any cgroup hierarchy: under each v1
+/// hierarchy in `/sys/fs/cgroup`, or in it on a pure v2 host.
 fn leftover_cgroups(pid: u32) -> Vec<std::path::PathBuf> {
-    let name = format!("warren-bench-{pid}");
-    let mut left = Vec::new();
-    for h in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let dir = h.path().join(&name);
-        if dir.exists() {
-            left.push(dir);
-        }
-    }
-    left
+    cgroups_named(&format!("warren-bench-{pid}"))
+}
+
+/// `/sys/fs/cgroup/NAME` and `/sys/fs/cgroup/*/NAME` that exist.
+fn cgroups_named(name: &str) -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
+    std::iter::once(root.to_path_buf())
+        .chain(hierarchies.map(|h| h.path()))
+        .map(|h| h.join(name))
+        .filter(|dir| dir.exists())
+        .collect()
 }
 
 #[test]
@@ -230,13 +230,6 @@ fn bench_pause_counts_its_rounds_and_runcs_and_cleans_up() {
         }
     }
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let name = format!("warren-bench-pause-{pid}");
-    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|h| h.path().join(&name))
-        .filter(|d| d.exists())
-        .collect();
+    let left = cgroups_named(&format!("warren-bench-pause-{pid}"));
     assert!(left.is_empty(), "{left:?}");
 }
