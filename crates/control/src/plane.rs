@@ -68,6 +68,9 @@ pub struct SandboxUpdate {
 struct Entry {
     record: Arc<SandboxRecord>,
     busy: bool,
+    /// The busy operation is a pause or an unpause: a signal or an exec would race the
+    /// freeze (a signal thaws, an exec would join a workload being frozen), so they wait.
+    pausing: bool,
 }
 
 impl Entry {
@@ -112,8 +115,14 @@ struct Registry {
 impl Registry {
     fn insert(&mut self, record: Arc<SandboxRecord>, busy: bool) {
         self.ids.insert(record.id.clone(), record.spec.name.clone());
-        self.sandboxes
-            .insert(record.spec.name.clone(), Entry { record, busy });
+        self.sandboxes.insert(
+            record.spec.name.clone(),
+            Entry {
+                record,
+                busy,
+                pausing: false,
+            },
+        );
     }
 
     fn remove(&mut self, name: &str) {
@@ -152,6 +161,7 @@ impl Registry {
     fn release(&mut self, name: &str) -> Option<BackendEvent> {
         let entry = self.sandboxes.get_mut(name)?;
         entry.busy = false;
+        entry.pausing = false;
         let id = entry.record.id.clone();
         self.deferred
             .remove(&id)
@@ -890,7 +900,7 @@ impl ControlPlane {
                 "signal: {signal} is not a signal number (1-64)"
             )));
         }
-        let rec = self.running(name)?;
+        let rec = self.running_as(name, true)?;
         let kind = rec.spec.backend;
         let node = self.node(&rec);
         node.signal(kind, &rec.id, signal).await?;
@@ -926,7 +936,23 @@ impl ControlPlane {
     }
 
     fn running(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
-        let rec = self.get(name)?;
+        self.running_as(name, false)
+    }
+
+    /// [`ControlPlane::running`]; `settled`: `Busy` while a pause or an unpause is under
+    /// way (for a signal or an exec, which would race it).
+    fn running_as(&self, name: &str, settled: bool) -> Result<Arc<SandboxRecord>, ControlError> {
+        let rec = {
+            let reg = self.lock();
+            let entry = reg
+                .sandboxes
+                .get(name)
+                .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
+            if settled && entry.pausing {
+                return Err(ControlError::Busy { name: name.into() });
+            }
+            entry.record.clone()
+        };
         if rec.status != Phase::Running {
             return Err(ControlError::NotRunning {
                 name: name.into(),

@@ -21,6 +21,7 @@ impl ControlPlane {
             let mut reg = self.lock();
             let entry = reg.idle_running_entry(name)?;
             entry.busy = true;
+            entry.pausing = true;
             entry.record.clone()
         };
         let this = self.clone();
@@ -64,7 +65,7 @@ impl ControlPlane {
 
     /// The record of a Running sandbox that is not paused (exec, checkpoint).
     pub(super) fn running_unpaused(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
-        let rec = self.running(name)?;
+        let rec = self.running_as(name, true)?;
         if rec.paused {
             return Err(ControlError::Paused { name: name.into() });
         }

@@ -541,6 +541,8 @@ struct Probe {
     calls: std::sync::Mutex<Vec<&'static str>>,
     fail_stop: std::sync::atomic::AtomicBool,
     adopt_exited: bool,
+    /// Held by a test: a pause waits for it.
+    pause_gate: tokio::sync::Mutex<()>,
 }
 
 impl Probe {
@@ -550,6 +552,7 @@ impl Probe {
             calls: Default::default(),
             fail_stop: Default::default(),
             adopt_exited,
+            pause_gate: Default::default(),
         })
     }
 
@@ -602,6 +605,7 @@ impl Backend for Probe {
     }
     async fn pause(&self, id: &str) -> Result<(), BackendError> {
         self.calls.lock().expect("calls").push("pause");
+        let _gate = self.pause_gate.lock().await;
         self.slot.pause(id).await
     }
     async fn resume(&self, id: &str) -> Result<(), BackendError> {
@@ -711,4 +715,35 @@ async fn a_paused_sandbox_found_ended_at_a_restart_is_not_paused() {
     let rec = plane.get("s").expect("s");
     assert!(!rec.paused);
     assert_eq!(rec.status, Phase::Exited { code: 3 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_or_an_exec_waits_for_a_pause_under_way() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let probe = Probe::new(tmp.path(), false);
+    let plane = probe_plane(tmp.path(), &probe).await;
+    plane.create(spec("s")).await.expect("create");
+    let gate = probe.pause_gate.lock().await;
+    let pausing = tokio::spawn({
+        let plane = plane.clone();
+        async move { plane.pause("s", true).await }
+    });
+    while probe.calls().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The backend is freezing it: a signal would thaw it midway, an exec join it.
+    let signal = plane.signal("s", 15).await.unwrap_err();
+    assert!(matches!(signal, ControlError::Busy { .. }), "{signal}");
+    let exec = warren_runtime::ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    let exec = plane.exec("s", exec).await.map(|_| ()).unwrap_err();
+    assert!(matches!(exec, ControlError::Busy { .. }), "{exec}");
+    // Reading it is fine.
+    assert!(plane.usage("s").await.is_ok());
+    drop(gate);
+    assert!(pausing.await.expect("join").expect("pause").paused);
+    // Settled: a signal goes through (and, delivered, ends the pause).
+    plane.signal("s", 15).await.expect("signal");
 }
