@@ -324,7 +324,7 @@ pub fn report_each<T>(
             Ok(_) => println!("{}", crate::output::printable(name)),
             Err(e) if ignore(&e) => {}
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", named_error(name, &e));
                 failed = true;
             }
         }
@@ -333,6 +333,18 @@ pub fn report_each<T>(
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// An error of a call on sandbox `name`, naming it where the server's message does not
+/// (a backend's error names the sandbox's uid).
+pub fn named_error(name: &str, e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let quoted = format!("{name:?}");
+    if text.contains(&quoted) {
+        text
+    } else {
+        format!("sandbox {}: {text}", crate::output::printable(&quoted))
     }
 }
 
@@ -382,5 +394,30 @@ pub fn read_input(path: &str) -> anyhow::Result<String> {
         Ok(s)
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {path}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_names_its_sandbox_once() {
+        let uid = ServerError(tonic::Status::internal("pause sandbox 3f2a: not frozen"));
+        assert_eq!(
+            named_error("web", &uid.into()),
+            "sandbox \"web\": pause sandbox 3f2a: not frozen"
+        );
+        let named = ServerError(tonic::Status::not_found("sandbox \"web\" not found"));
+        assert_eq!(
+            named_error("web", &named.into()),
+            "sandbox \"web\" not found"
+        );
+        // A name is shown quoted, its control characters escaped.
+        let odd = ServerError(tonic::Status::internal("failed"));
+        assert_eq!(
+            named_error("a\u{1b}b", &odd.into()),
+            "sandbox \"a\\u{1b}b\": failed"
+        );
     }
 }

@@ -10,7 +10,7 @@ use warren_proto::v1;
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
 
-use super::{Globals, answer, usage};
+use super::{Globals, answer, named_error, usage};
 use crate::output::printable;
 
 #[derive(Debug, clap::Args)]
@@ -46,7 +46,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         match result {
             Ok(sandbox) => println!("{}", ended(name, &sandbox.status.unwrap_or_default())),
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", named_error(name, &e));
                 failed = true;
             }
         }
