@@ -370,7 +370,19 @@ enum End {
     Exited(proto::ExitStatus),
     QemuGone(String),
     Unhealthy(String),
+    /// Its timeout passed and the guest had not ended [`TIMEOUT_KILL_GRACE`] later (it was
+    /// paused again, or could not be resumed): qemu is killed.
+    TimedOut,
 }
+
+/// The monitor's output branch: a stream just opened, or the open stream's next event.
+enum Output {
+    Opened(tonic::Streaming<proto::OutputEvent>),
+    Event(Option<Result<proto::OutputEvent, tonic::Status>>),
+}
+
+/// How long a guest whose timeout passed has to end after its SIGKILL before qemu is.
+const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Follows the VM until it ends, then records the end and tears the VM down.
 pub(crate) async fn run(w: Watch) {
@@ -395,43 +407,47 @@ pub(crate) async fn run(w: Watch) {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
     let end = loop {
-        if output.is_none() {
-            let request = proto::OutputRequest {
-                stdout_offset: offsets[0],
-                stderr_offset: offsets[1],
-            };
-            if let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(5), client.output(request)).await
-            {
-                output = Some(stream.into_inner());
-            }
-        }
+        // Asking for the output stream is a branch of the select too: a guest that does not
+        // answer (paused, hung) must not keep the monitor from seeing qemu end.
         let next_output = async {
             match &mut output {
-                Some(stream) => stream.next().await,
-                // No stream (the guest did not answer): retry after a pause.
+                Some(stream) => Output::Event(stream.next().await),
                 None => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Some(Err(tonic::Status::unavailable("no output stream")))
+                    let request = proto::OutputRequest {
+                        stdout_offset: offsets[0],
+                        stderr_offset: offsets[1],
+                    };
+                    let mut client = client.clone();
+                    match tokio::time::timeout(Duration::from_secs(5), client.output(request)).await
+                    {
+                        Ok(Ok(stream)) => Output::Opened(stream.into_inner()),
+                        // No stream (the guest did not answer): retry after a pause.
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            Output::Event(Some(Err(tonic::Status::unavailable("no output stream"))))
+                        }
+                    }
                 }
             }
         };
         let until_deadline = async {
             match deadline {
                 Some(d) if !timed_out => tokio::time::sleep_until(d).await,
-                _ => std::future::pending().await,
+                Some(d) => tokio::time::sleep_until(d + TIMEOUT_KILL_GRACE).await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
             how = qemu.wait() => break End::QemuGone(how),
-            event = next_output => match event {
-                Some(Ok(proto::OutputEvent { event: Some(event) })) => {
+            next = next_output => match next {
+                Output::Opened(stream) => output = Some(stream),
+                Output::Event(Some(Ok(proto::OutputEvent { event: Some(event) }))) => {
                     if let Some(exit) = record(&log, &mut offsets, event) {
                         break End::Exited(exit);
                     }
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
+                Output::Event(Some(Ok(_))) => {}
+                Output::Event(Some(Err(_)) | None) => {
                     output = None;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -460,6 +476,10 @@ pub(crate) async fn run(w: Watch) {
                 }
             }
             () = until_deadline => {
+                if timed_out {
+                    warn!(id, "vm: the guest did not end after its timeout's SIGKILL; killing qemu");
+                    break End::TimedOut;
+                }
                 timed_out = true;
                 // Its time is up paused or not: a paused guest runs again to be killed.
                 if let Err(e) = crate::backend::resume(&dir, &running).await {
@@ -476,6 +496,9 @@ pub(crate) async fn run(w: Watch) {
     let status = match &end {
         _ if stopping => BackendStatus::Stopped,
         End::Exited(_) if timed_out => BackendStatus::Failed {
+            reason: REASON_TIMEOUT.into(),
+        },
+        End::TimedOut => BackendStatus::Failed {
             reason: REASON_TIMEOUT.into(),
         },
         End::Exited(e) if e.oom_killed => BackendStatus::Failed {
