@@ -176,10 +176,10 @@ impl Service {
 
     /// Pauses (`pause`) or resumes a running task's sandbox in warren, and tells containerd.
     async fn pause_in_warren(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
-        let (state, server, in_warren) = self
+        let (state, server, in_warren, pod) = self
             .lock()
             .get(id)
-            .map(|c| (c.state, c.server.clone(), c.in_warren))
+            .map(|c| (c.state, c.server.clone(), c.in_warren, c.pod.clone()))
             .ok_or_else(|| not_found(id))?;
         let (from, to) = if pause {
             (State::Running, State::Paused)
@@ -189,10 +189,21 @@ impl Service {
         if state == to {
             return Ok(api::Empty::default());
         }
-        if state != from || !in_warren {
+        if state != from {
             return Err(err(
                 Code::FAILED_PRECONDITION,
-                format!("task {id:?} is not running"),
+                format!("task {id:?} is {state:?}, not {from:?}"),
+            ));
+        }
+        if !in_warren {
+            // A pod's container is recorded on the pod's sandbox: warren freezes whole
+            // sandboxes, not one container among others.
+            let pod = pod.unwrap_or_default();
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                format!(
+                    "task {id:?} is a container of pod sandbox {pod:?}: warren pauses whole sandboxes"
+                ),
             ));
         }
         let mut client = self.client(&server).await?;
