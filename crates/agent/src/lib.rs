@@ -207,6 +207,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Whether the sandbox's workload is paused, as its backend sees it (`None`: it keeps
+    /// no such state, or has no such sandbox running).
+    pub async fn paused(&self, kind: BackendKind, id: &str) -> Option<bool> {
+        self.backend(kind).ok()?.paused(id).await
+    }
+
     pub async fn status(&self, kind: BackendKind, id: &str) -> Result<BackendStatus, AgentError> {
         Ok(self.backend(kind)?.status(id).await?)
     }

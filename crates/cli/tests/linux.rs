@@ -1200,6 +1200,20 @@ fn pause_freezes_the_workload_until_unpause() {
     assert_eq!(l.get("p1")["status"].get("paused"), None);
     grows(&l, "p1");
     assert_eq!(l.ok(&["exec", "p1", "--", "echo", "in"]), "in\n");
+    // At a restart the workload, not the record, says whether it is paused: a freeze the
+    // record missed (a server killed between the two) is found, and so is a thaw.
+    l.ok(&["pause", "p2"]);
+    let (freezer1, freezer2) = (freezer_of(&l, "p1"), freezer_of(&l, "p2"));
+    l.server.kill9();
+    freezer1.set(true);
+    freezer2.set(false);
+    l.server.spawn();
+    assert_eq!(l.get("p1")["status"]["paused"], true);
+    assert_eq!(l.get("p2")["status"].get("paused"), None);
+    still(&l, "p1");
+    grows(&l, "p2");
+    assert_eq!(l.ok(&["unpause", "p1"]), "p1\n");
+    grows(&l, "p1");
     // stop resumes it first: the trap answers SIGTERM at once.
     l.ok(&["pause", "p1"]);
     let started = Instant::now();
@@ -2014,4 +2028,77 @@ fn stats_show_what_running_sandboxes_use() {
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("idle"), "{}", stderr(&out));
     l.ok(&["rm", "busy", "idle", "record"]);
+}
+
+/// A running sandbox's freezer file (v1 `freezer.state`, v2 `cgroup.freeze`), found from its
+/// workload's `/proc/PID/cgroup`, to freeze or thaw it behind the server's back.
+struct Freezer {
+    file: PathBuf,
+    v1: bool,
+}
+
+fn freezer_of(l: &Linux, name: &str) -> Freezer {
+    let got = l.get(name);
+    let pid = got["status"]["backendInfo"]["pid"].as_str().expect("pid");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroups");
+    let v1 = cgroups.lines().find_map(|line| {
+        line.split_once(":freezer:")
+            .map(|(_, path)| path.to_string())
+    });
+    match v1 {
+        Some(path) => Freezer {
+            file: PathBuf::from(format!("/sys/fs/cgroup/freezer{path}/freezer.state")),
+            v1: true,
+        },
+        None => {
+            let path = cgroups
+                .lines()
+                .find_map(|line| line.strip_prefix("0::"))
+                .expect("a v1 freezer or a v2 cgroup");
+            Freezer {
+                file: PathBuf::from(format!("/sys/fs/cgroup{path}/cgroup.freeze")),
+                v1: false,
+            }
+        }
+    }
+}
+
+impl Freezer {
+    /// Freezes (and waits until the kernel says so) or thaws.
+    fn set(&self, frozen: bool) {
+        let value = match (self.v1, frozen) {
+            (true, true) => "FROZEN",
+            (true, false) => "THAWED",
+            (false, true) => "1",
+            (false, false) => "0",
+        };
+        std::fs::write(&self.file, value).expect("write the freezer");
+        if !frozen {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let done = if self.v1 {
+                std::fs::read_to_string(&self.file)
+                    .unwrap_or_default()
+                    .trim()
+                    == "FROZEN"
+            } else {
+                let events = self.file.with_file_name("cgroup.events");
+                std::fs::read_to_string(events)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l == "frozen 1")
+            };
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not frozen",
+                self.file.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

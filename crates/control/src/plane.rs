@@ -463,6 +463,13 @@ impl ControlPlane {
             if rec.status != Phase::Running {
                 // Only a Running workload can be frozen.
                 rec.paused = false;
+            } else if let Some(paused) = local.paused(rec.spec.backend, &rec.id).await {
+                // What the backend sees wins: a workload frozen or thawed while no server
+                // watched (killed between a freeze and its record, say).
+                if paused != rec.paused {
+                    warn!(sandbox = %rec.spec.name, paused, "the record's pause did not match the workload's; the record follows it");
+                }
+                rec.paused = paused;
             }
             if rec.status != was || rec.paused != was_paused {
                 info!(sandbox = %rec.spec.name, from = %was, to = %rec.status, "recovered with a new status");

@@ -765,6 +765,11 @@ impl Backend for LinuxBackend {
         .map_err(|e| BackendError::Other(format!("pause: {e}")))?
     }
 
+    async fn paused(&self, id: &str) -> Option<bool> {
+        // Frozen or being frozen (without a freezer nothing is).
+        self.running_cgroup(id).ok()?.paused().ok()
+    }
+
     async fn resume(&self, id: &str) -> Result<(), BackendError> {
         let cgroup = self.running_cgroup(id)?;
         cgroup.resume().map_err(|e| {

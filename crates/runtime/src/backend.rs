@@ -302,6 +302,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
         })
     }
 
+    /// Whether a running sandbox's workload is paused, as the backend itself sees it (its
+    /// cgroup's freezer, its VM's run state); `None` where the backend keeps no such state
+    /// of its own. Asked after an adoption, so that the record follows a workload frozen or
+    /// thawed while no server watched.
+    async fn paused(&self, id: &str) -> Option<bool> {
+        let _ = id;
+        None
+    }
+
     /// Starts a process inside a running sandbox.
     async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecProcess, BackendError> {
         let _ = (id, request);

@@ -620,6 +620,12 @@ impl Backend for VmBackend {
         Ok(())
     }
 
+    async fn paused(&self, id: &str) -> Option<bool> {
+        // An adopted VM's flag is QMP's run state at its adoption.
+        let running = self.running(id).ok()?;
+        Some(running.paused.load(Ordering::SeqCst))
+    }
+
     async fn resume(&self, id: &str) -> Result<(), BackendError> {
         let running = self.running(id)?;
         resume(&self.dir(id), &running)
