@@ -49,6 +49,7 @@ pub fn router(node: Arc<NodeAgent>, token: &str) -> Router {
         .route("/api/v1/agent/pause", post(pause))
         .route("/api/v1/agent/resume", post(resume))
         .route("/api/v1/agent/status", get(status))
+        .route("/api/v1/agent/processes", get(processes))
         .route("/api/v1/agent/logs", get(logs_route))
         .route("/api/v1/agent/exec", get(exec_route))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -263,6 +264,23 @@ async fn status(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
             Err(e) => agent_error(e),
         },
         None => json(StatusCode::OK, &s.node.status().await),
+    }
+}
+
+/// `GET /api/v1/agent/processes?sandbox=ID`: its processes (`warren top`).
+async fn processes(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let one = query_pairs(q.as_deref().unwrap_or_default())
+        .into_iter()
+        .find(|(k, _)| k == "sandbox")
+        .map(|(_, v)| v);
+    let Some(id) = one else {
+        return agent_error(AgentError::Invalid(
+            "sandbox: missing (GET /api/v1/agent/processes?sandbox=ID)".into(),
+        ));
+    };
+    match s.node.processes(&id).await {
+        Ok(list) => json(StatusCode::OK, &list),
+        Err(e) => agent_error(e),
     }
 }
 

@@ -207,6 +207,15 @@ impl Agent {
         Ok(())
     }
 
+    /// The processes of a running sandbox (`warren top`).
+    pub async fn processes(
+        &self,
+        kind: BackendKind,
+        id: &str,
+    ) -> Result<Vec<warren_runtime::ProcessInfo>, AgentError> {
+        Ok(self.backend(kind)?.processes(id).await?)
+    }
+
     /// Whether the sandbox's workload is paused, as its backend sees it (`None`: it keeps
     /// no such state, or has no such sandbox running).
     pub async fn paused(&self, kind: BackendKind, id: &str) -> Option<bool> {

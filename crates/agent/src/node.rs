@@ -303,6 +303,15 @@ impl NodeAgent {
         })
     }
 
+    /// The processes of a sandbox this agent holds (`warren top`).
+    pub async fn processes(
+        &self,
+        id: &str,
+    ) -> Result<Vec<warren_runtime::ProcessInfo>, AgentError> {
+        let kind = self.backend_of(id, None)?;
+        self.agent.processes(kind, id).await
+    }
+
     /// The sandbox's log file and its backend.
     pub fn log_path(&self, id: &str) -> Result<(BackendKind, PathBuf), AgentError> {
         let kind = self.backend_of(id, None)?;

@@ -260,15 +260,24 @@ impl RemoteAgent {
         Ok(self.sandbox(id).await?.usage)
     }
 
+    /// The sandbox's processes, as the agent's backend lists them (`warren top`).
+    pub async fn processes(
+        &self,
+        _kind: BackendKind,
+        id: &str,
+    ) -> Result<Vec<warren_runtime::ProcessInfo>, AgentError> {
+        check_id(id)?;
+        self.call(
+            "GET",
+            &format!("/api/v1/agent/processes?sandbox={id}"),
+            None::<&()>,
+            QUICK_CALL,
+        )
+        .await
+    }
+
     async fn sandbox(&self, id: &str) -> Result<SandboxState, AgentError> {
-        if !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(AgentError::Invalid(format!(
-                "id: {id:?} is not a sandbox id"
-            )));
-        }
+        check_id(id)?;
         self.call(
             "GET",
             &format!("/api/v1/agent/status?sandbox={id}"),
@@ -396,6 +405,20 @@ impl RemoteAgent {
             }
         });
         Ok(rx)
+    }
+}
+
+/// A sandbox id as it may go into a query string.
+fn check_id(id: &str) -> Result<(), AgentError> {
+    if id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(AgentError::Invalid(format!(
+            "id: {id:?} is not a sandbox id"
+        )))
     }
 }
 

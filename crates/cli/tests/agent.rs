@@ -120,16 +120,32 @@ fn agent_api_needs_the_token_and_names_bad_fields() {
         None,
     );
     assert_eq!(code, 404, "{reply}");
+    let (code, reply) = http(
+        "GET",
+        &agent.url("/api/v1/agent/processes"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 400, "{reply}");
+    assert!(reply.contains("sandbox: missing"), "{reply}");
+    let (code, reply) = http(
+        "GET",
+        &agent.url("/api/v1/agent/processes?sandbox=nope"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 404, "{reply}");
 
     let (code, status) = http("GET", &agent.url("/api/v1/agent/status"), Some(TOKEN), None);
     assert_eq!(code, 200);
     let status = json(&status);
     assert_eq!(status["node"], "a");
     assert_eq!(status["capacity"], 5, "seed 004's default capacity");
-    assert!(
-        agent.log().contains("registered with the control plane"),
-        "{}",
-        agent.log()
+    // Registration runs beside the API: on a loaded machine it may come after the calls.
+    eventually(
+        Duration::from_secs(15),
+        "the agent registered with the control plane",
+        || agent.log().contains("registered with the control plane"),
     );
 }
 
@@ -481,6 +497,11 @@ fn exec_reaches_sandboxes_on_remote_agents() {
     let stats = server.stats("box");
     assert_eq!(stats["measured"], true, "{stats}");
     assert_eq!(stats["pids"], 1, "{stats}");
+    // So does `warren top`: the one process, pid 1 inside.
+    let top = json(&server.ok(&["top", "box", "-o", "json"]));
+    assert_eq!(top.as_array().map(Vec::len), Some(1), "{top}");
+    assert_eq!(top[0]["command"], "sleep 1000", "{top}");
+    assert_eq!(top[0]["sandboxPid"], 1, "{top}");
     // `warren cp` rides the same exec: in and back out.
     let here = tempfile::tempdir().unwrap();
     let file = here.path().join("note.txt");

@@ -2102,3 +2102,79 @@ impl Freezer {
         }
     }
 }
+
+/// `warren top NAME`, as `docker top`: every process in the sandbox, with its pid inside the
+/// sandbox and on the host, its parent, user, state, memory and command line.
+#[test]
+fn top_lists_every_process_in_the_sandbox() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let l = Linux::start();
+    let out = l.run("t", &[], &["sh", "-c", "sleep 600 & sleep 601 & wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let init: u64 = l.get("t")["status"]["backendInfo"]["pid"]
+        .as_str()
+        .expect("pid")
+        .parse()
+        .expect("a number");
+    // Both sleeps are forked by the time `sh` waits; polled, since the create answers at
+    // its exec.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = json(&l.ok(&["top", "t", "-o", "json"]));
+        if list.as_array().map(Vec::len) == Some(3) {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "not 3 processes: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let by_command = |c: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["command"] == c)
+            .unwrap_or_else(|| panic!("no {c:?} in {list}"))
+            .clone()
+    };
+    let sh = by_command("sh -c sleep 600 & sleep 601 & wait");
+    assert_eq!(sh["pid"], init, "{sh}");
+    assert_eq!(sh["sandboxPid"], 1, "{sh}");
+    for c in ["sleep 600", "sleep 601"] {
+        let p = by_command(c);
+        assert_eq!(p["ppid"], init, "{p}");
+        assert_eq!(p["uid"], 0, "{p}");
+        assert_eq!(p["state"], "S", "{p}");
+        assert!(p["sandboxPid"].as_u64().is_some_and(|n| n > 1), "{p}");
+        assert!(p["rssBytes"].as_u64().is_some_and(|n| n > 0), "{p}");
+    }
+    // The table: a header, then one line per process, the sandbox's pid first.
+    let table = l.ok(&["top", "t"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("PID"), "{table}");
+    assert!(
+        lines[1..]
+            .iter()
+            .any(|line| line.starts_with("1 ") && line.ends_with("wait")),
+        "{table}"
+    );
+    assert!(table.contains("sleep 601"), "{table}");
+    // Only a running sandbox has processes; a missing one is named.
+    l.ok(&["stop", "-t", "0", "t"]);
+    let out = l.warren(&["top", "t"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("\"t\" is Stopped"),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.warren(&["top", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("\"nope\" not found"),
+        "{}",
+        stderr(&out)
+    );
+}

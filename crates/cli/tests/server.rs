@@ -130,6 +130,15 @@ fn list_get_update_delete() {
         "update re-wrote the JSON"
     );
 
+    // A slot sandbox runs nothing: no processes to list, and the error says so.
+    let out = server.warren(&["top", "b"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("does not support listing processes (top)")
+            && stderr(&out).contains("sandbox \"b\""),
+        "{}",
+        stderr(&out)
+    );
     // A slot sandbox runs nothing: its pause is recorded.
     assert_eq!(server.ok(&["pause", "b"]), "b\n");
     assert!(server.ok(&["ls"]).contains("Running (Paused)"));

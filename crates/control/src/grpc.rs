@@ -410,6 +410,30 @@ impl Sandboxes for SandboxService {
         }))
     }
 
+    async fn list_processes(
+        &self,
+        req: Request<v1::ListProcessesRequest>,
+    ) -> Result<Response<v1::ListProcessesResponse>, Status> {
+        let name = req.into_inner().name;
+        let processes = self.plane.processes(&name).await.map_err(status_of)?;
+        Ok(Response::new(v1::ListProcessesResponse {
+            name,
+            processes: processes
+                .into_iter()
+                .map(|p| v1::Process {
+                    pid: p.pid,
+                    sandbox_pid: p.sandbox_pid,
+                    ppid: p.ppid,
+                    uid: p.uid,
+                    state: p.state,
+                    cpu_ns: p.cpu_ns,
+                    rss_bytes: p.rss_bytes,
+                    command: p.command,
+                })
+                .collect(),
+        }))
+    }
+
     type StreamLogsStream = LogStream;
 
     async fn stream_logs(

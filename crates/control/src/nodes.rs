@@ -120,6 +120,18 @@ impl NodeHandle {
         }
     }
 
+    pub async fn processes(
+        &self,
+        kind: BackendKind,
+        id: &str,
+    ) -> Result<Vec<warren_runtime::ProcessInfo>, AgentError> {
+        match self {
+            NodeHandle::Local(a) => a.processes(kind, id).await,
+            NodeHandle::Remote(r) => r.processes(kind, id).await,
+            NodeHandle::Unregistered(n) => Err(not_registered(n)),
+        }
+    }
+
     pub async fn usage(
         &self,
         kind: BackendKind,

@@ -935,6 +935,15 @@ impl ControlPlane {
     }
 
     /// The sandbox's record, if it is Running.
+    /// The processes of a running sandbox, from its node (`warren top`).
+    pub async fn processes(
+        &self,
+        name: &str,
+    ) -> Result<Vec<warren_runtime::ProcessInfo>, ControlError> {
+        let rec = self.running(name)?;
+        Ok(self.node(&rec).processes(rec.spec.backend, &rec.id).await?)
+    }
+
     /// What a running sandbox uses now, from its node; `None` where its backend measures
     /// nothing.
     pub async fn usage(&self, name: &str) -> Result<Option<warren_runtime::Usage>, ControlError> {

@@ -765,6 +765,18 @@ impl Backend for LinuxBackend {
         .map_err(|e| BackendError::Other(format!("pause: {e}")))?
     }
 
+    async fn processes(&self, id: &str) -> Result<Vec<warren_runtime::ProcessInfo>, BackendError> {
+        let cgroup = self.running_cgroup(id)?;
+        let pids = cgroup.pids().map_err(|e| {
+            BackendError::Other(format!(
+                "list the processes of sandbox {id}: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
+        // A process that ends meanwhile is left out.
+        Ok(pids.into_iter().filter_map(process_info).collect())
+    }
+
     async fn paused(&self, id: &str) -> Option<bool> {
         // Frozen or being frozen (without a freezer nothing is).
         self.running_cgroup(id).ok()?.paused().ok()
@@ -1234,6 +1246,35 @@ impl Backend for LinuxBackend {
 }
 
 /// The sandbox's cgroup name: its id, unless it came from a warm shell (`state.json` says).
+/// One process as `/proc` shows it; `None` once it is gone.
+fn process_info(pid: i32) -> Option<warren_runtime::ProcessInfo> {
+    let process = procfs::process::Process::new(pid).ok()?;
+    let stat = process.stat().ok()?;
+    let status = process.status().ok()?;
+    let ticks = procfs::ticks_per_second().max(1);
+    let page = procfs::page_size();
+    let command = match process.cmdline() {
+        Ok(args) if !args.is_empty() => args.join(" "),
+        _ => format!("[{}]", stat.comm),
+    };
+    // NSpid lists its pid in each namespace, outermost first: the last is the sandbox's.
+    let sandbox_pid = status
+        .nspid
+        .as_ref()
+        .and_then(|ns| (ns.len() > 1).then(|| ns.last().copied()).flatten())
+        .and_then(|p| u32::try_from(p).ok());
+    Some(warren_runtime::ProcessInfo {
+        pid: pid as u32,
+        sandbox_pid,
+        ppid: stat.ppid as u32,
+        uid: status.ruid,
+        state: stat.state.to_string(),
+        cpu_ns: (stat.utime + stat.stime).saturating_mul(1_000_000_000) / ticks,
+        rss_bytes: stat.rss.saturating_mul(page),
+        command,
+    })
+}
+
 fn cgroup_name(bundle: &Path, id: &str) -> String {
     config::read_json::<State>(bundle, config::STATE_FILE)
         .map(|s| s.cgroup)

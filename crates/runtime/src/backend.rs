@@ -166,6 +166,28 @@ pub struct Usage {
     pub pids: Option<u64>,
 }
 
+/// One process in a sandbox, as `warren top` lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessInfo {
+    /// Its pid on the node (the host, or the VM's guest).
+    pub pid: u32,
+    /// Its pid as the sandbox sees it (in its pid namespace), where that differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_pid: Option<u32>,
+    pub ppid: u32,
+    /// Real user id, as the node numbers it.
+    pub uid: u32,
+    /// The kernel's state letter: R running, S sleeping, D disk wait, T stopped, Z zombie...
+    pub state: String,
+    /// User and system CPU time since it started, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
+    /// Its command line (untrusted: the sandbox sets it), or `[name]` without one.
+    pub command: String,
+}
+
 /// A status change a backend noticed on its own (a workload exited, hit its timeout, was
 /// OOM-killed). Backends whose workloads end by themselves send these; the control plane
 /// turns them into record updates and watch events.
@@ -299,6 +321,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Err(BackendError::Unsupported {
             backend: self.kind(),
             operation: "unpause",
+        })
+    }
+
+    /// The processes of a running sandbox, by pid (`warren top`).
+    async fn processes(&self, id: &str) -> Result<Vec<ProcessInfo>, BackendError> {
+        let _ = id;
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "listing processes (top)",
         })
     }
 

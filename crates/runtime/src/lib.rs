@@ -19,8 +19,8 @@ pub mod slot;
 
 pub use backend::{
     AppliedPolicy, Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, CheckpointInfo,
-    EventSink, ExecProcess, ExecRequest, Resize, SandboxConfig, Stdin, Usage, format_warm,
-    no_published_ports, parse_warm, remove_tree, sandbox_dirs,
+    EventSink, ExecProcess, ExecRequest, ProcessInfo, Resize, SandboxConfig, Stdin, Usage,
+    format_warm, no_published_ports, parse_warm, remove_tree, sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};
 

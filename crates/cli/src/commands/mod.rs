@@ -31,6 +31,7 @@ mod sandboxer;
 mod server;
 mod stats;
 mod stop;
+mod top;
 mod update;
 mod vm;
 mod wait;
@@ -113,6 +114,9 @@ pub enum Command {
     Cp(cp::Args),
     /// What running sandboxes use now: CPU, memory against their limit, processes.
     Stats(stats::Args),
+    /// The processes running in a sandbox (as `docker top`): pid inside it and on the node,
+    /// user, state, memory, CPU time, command.
+    Top(top::Args),
     /// Manage the server's images: import, ls, rm, pull.
     Image(image::Args),
     /// Pull an image from a registry into the server's image store.
@@ -215,6 +219,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(a) => exec::run(a, &g).await,
         Command::Cp(a) => cp::run(a, &g).await,
         Command::Stats(a) => stats::run(a, &g).await,
+        Command::Top(a) => top::run(a, &g).await,
         Command::Image(a) => image::run(a, &g).await,
         Command::Pull(a) => image::pull(a, &g).await,
         Command::Policy(a) => policy::run(a, &g).await,
