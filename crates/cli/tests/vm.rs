@@ -1236,14 +1236,15 @@ fn a_killed_servers_template_build_is_ended_at_the_next_start() {
         eprintln!("{reason}");
         return;
     }
-    // The build's "qemu" stops itself before it execs qemu, so the build is still under way
-    // at the kill however fast or slow this host is (racing a real build's few seconds
-    // failed both ways); every other qemu runs as usual.
+    // The build's "qemu" is a `sleep` that never boots a guest, so the build is still under
+    // way at the kill however fast or slow this host is (racing a real build's few seconds
+    // failed both ways); every other qemu runs as usual. (Not a stopped process: when its
+    // server dies, a process group holding a stopped process can be sent SIGHUP.)
     let wrapper_dir = tempfile::tempdir().unwrap();
     let wrapper = wrapper_dir.path().join("qemu");
     std::fs::write(
         &wrapper,
-        "#!/bin/sh\ncase \"$*\" in *'/templates/'*'.tmp/'*) kill -STOP $$ ;; esac\nexec qemu-system-x86_64 \"$@\"\n",
+        "#!/bin/sh\ncase \"$*\" in *'/templates/'*'.tmp/'*) exec sleep 300 ;; esac\nexec qemu-system-x86_64 \"$@\"\n",
     )
     .unwrap();
     std::fs::set_permissions(
@@ -1278,8 +1279,8 @@ fn a_killed_servers_template_build_is_ended_at_the_next_start() {
             .ok_or_else(|| "build.json unreadable".to_string())
     });
     let qemu = owner[0][0].as_i64().expect("the build's qemu") as i32;
-    // Not a qemu by its command line yet (the harness's clean-up looks for those): killed
-    // here if the test fails before the next server ends it.
+    // Not a qemu by its command line (the harness's clean-up looks for those): killed here
+    // if the test fails before the next server ends it.
     struct Kill(i32);
     impl Drop for Kill {
         fn drop(&mut self) {

@@ -375,13 +375,20 @@ enum End {
     TimedOut,
 }
 
-/// The monitor's output branch: a stream just opened, or the open stream's next event.
+/// The monitor's output branch: a request for the stream ended (with the stream, or none
+/// yet), or the open stream's next event.
 enum Output {
-    Opened(tonic::Streaming<proto::OutputEvent>),
+    Opened(Option<tonic::Streaming<proto::OutputEvent>>),
     Event(Option<Result<proto::OutputEvent, tonic::Status>>),
 }
 
-/// How long a guest whose timeout passed has to end after its SIGKILL before qemu is.
+/// A request for the guest's output stream under way.
+type OutputRequest = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<tonic::Streaming<proto::OutputEvent>>> + Send>,
+>;
+
+/// How long a guest whose timeout passed has to end after its SIGKILL was sent before
+/// qemu is killed.
 const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Follows the VM until it ends, then records the end and tears the VM down.
@@ -400,47 +407,60 @@ pub(crate) async fn run(w: Watch) {
     let settings = &inner.config.vm.vm;
     let mut client = running.client.clone();
     let mut output: Option<tonic::Streaming<proto::OutputEvent>> = None;
+    let mut opening: Option<OutputRequest> = None;
     let mut health = tokio::time::interval(Duration::from_millis(settings.health_interval_ms));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.tick().await;
     let mut failures = 0u32;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
+    // Once the timeout's SIGKILL is sent: when qemu is killed if the guest has not ended.
+    let mut kill_at: Option<tokio::time::Instant> = None;
     let end = loop {
-        // Asking for the output stream is a branch of the select too: a guest that does not
-        // answer (paused, hung) must not keep the monitor from seeing qemu end.
-        let next_output = async {
-            match &mut output {
-                Some(stream) => Output::Event(stream.next().await),
-                None => {
-                    let request = proto::OutputRequest {
-                        stdout_offset: offsets[0],
-                        stderr_offset: offsets[1],
-                    };
-                    let mut client = client.clone();
-                    match tokio::time::timeout(Duration::from_secs(5), client.output(request)).await
-                    {
-                        Ok(Ok(stream)) => Output::Opened(stream.into_inner()),
-                        // No stream (the guest did not answer): retry after a pause.
-                        _ => {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            Output::Event(Some(Err(tonic::Status::unavailable("no output stream"))))
-                        }
+        // Asking for the output stream is a branch of the select too, so that a guest that
+        // does not answer (paused, hung) cannot keep the monitor from seeing qemu end. The
+        // request is kept across turns of the loop: a health tick must not cancel it.
+        if output.is_none() && opening.is_none() {
+            let request = proto::OutputRequest {
+                stdout_offset: offsets[0],
+                stderr_offset: offsets[1],
+            };
+            let mut client = client.clone();
+            opening = Some(Box::pin(async move {
+                match tokio::time::timeout(Duration::from_secs(5), client.output(request)).await {
+                    Ok(Ok(stream)) => Some(stream.into_inner()),
+                    // No stream (the guest did not answer): asked again after a pause.
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        None
                     }
                 }
+            }));
+        }
+        let next_output = async {
+            match (&mut output, &mut opening) {
+                (Some(stream), _) => Output::Event(stream.next().await),
+                (None, Some(request)) => Output::Opened(request.as_mut().await),
+                (None, None) => std::future::pending().await,
             }
         };
         let until_deadline = async {
             match deadline {
-                Some(d) if !timed_out => tokio::time::sleep_until(d).await,
-                Some(d) => tokio::time::sleep_until(d + TIMEOUT_KILL_GRACE).await,
+                _ if timed_out => match kill_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                },
+                Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             how = qemu.wait() => break End::QemuGone(how),
             next = next_output => match next {
-                Output::Opened(stream) => output = Some(stream),
+                Output::Opened(stream) => {
+                    opening = None;
+                    output = stream;
+                }
                 Output::Event(Some(Ok(proto::OutputEvent { event: Some(event) }))) => {
                     if let Some(exit) = record(&log, &mut offsets, event) {
                         break End::Exited(exit);
@@ -489,6 +509,7 @@ pub(crate) async fn run(w: Watch) {
                     Duration::from_secs(2),
                     client.signal(proto::SignalRequest { signal: libc::SIGKILL }),
                 ).await;
+                kill_at = Some(tokio::time::Instant::now() + TIMEOUT_KILL_GRACE);
             }
         }
     };
