@@ -162,7 +162,7 @@ impl LinuxBackend {
             .ok_or_else(|| not_found(id))?;
         if status != BackendStatus::Running {
             return Err(BackendError::Other(format!(
-                "sandbox {id} is {status:?}: there is no workload to pause or unpause"
+                "sandbox {id} is {status:?}: its workload is not running"
             )));
         }
         self.inner
@@ -767,14 +767,24 @@ impl Backend for LinuxBackend {
 
     async fn processes(&self, id: &str) -> Result<Vec<warren_runtime::ProcessInfo>, BackendError> {
         let cgroup = self.running_cgroup(id)?;
-        let pids = cgroup.pids().map_err(|e| {
-            BackendError::Other(format!(
-                "list the processes of sandbox {id}: {}",
-                crate::error_chain(&e)
-            ))
-        })?;
-        // A process that ends meanwhile is left out.
-        Ok(pids.into_iter().filter_map(process_info).collect())
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let pids = cgroup.pids().map_err(|e| {
+                BackendError::Other(format!(
+                    "list the processes of sandbox {id}: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
+            // A process that ends meanwhile is left out, and so are warren's own exec
+            // helpers: in the cgroup, but outside the sandbox's pid namespace.
+            Ok(pids
+                .into_iter()
+                .filter_map(process_info)
+                .filter(|p| p.sandbox_pid.is_some())
+                .collect())
+        })
+        .await
+        .map_err(|e| BackendError::Other(format!("list processes: {e}")))?
     }
 
     async fn paused(&self, id: &str) -> Option<bool> {
@@ -1111,7 +1121,10 @@ impl Backend for LinuxBackend {
             .split_first()
             .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args).arg("--exec").arg(&bundle).arg(json);
+        cmd.args(args)
+            .arg("--exec")
+            .arg(&bundle)
+            .env(crate::exec::SPEC_ENV, json);
         let spawn_error = |e| BackendError::io("start exec helper", Path::new(program), e);
         let (mut child, stdin, stdout, stderr, resize): (_, BoxWrite, BoxRead, Option<BoxRead>, _) =
             match request.tty {
@@ -1245,7 +1258,6 @@ impl Backend for LinuxBackend {
     }
 }
 
-/// The sandbox's cgroup name: its id, unless it came from a warm shell (`state.json` says).
 /// One process as `/proc` shows it; `None` once it is gone.
 fn process_info(pid: i32) -> Option<warren_runtime::ProcessInfo> {
     let process = procfs::process::Process::new(pid).ok()?;
@@ -1275,6 +1287,7 @@ fn process_info(pid: i32) -> Option<warren_runtime::ProcessInfo> {
     })
 }
 
+/// The sandbox's cgroup name: its id, unless it came from a warm shell (`state.json` says).
 fn cgroup_name(bundle: &Path, id: &str) -> String {
     config::read_json::<State>(bundle, config::STATE_FILE)
         .map(|s| s.cgroup)

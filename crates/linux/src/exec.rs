@@ -1,6 +1,6 @@
 //! `warren exec`: a process started inside a running container.
 //!
-//! The backend starts the supervisor binary in exec mode (`--exec BUNDLE SPEC_JSON`) with the
+//! The backend starts the supervisor binary in exec mode (`--exec BUNDLE`, the spec's JSON in [`SPEC_ENV`]) with the
 //! caller's stdio (pipes, or a pseudo-terminal's slave side). That helper joins the sandbox's
 //! cgroup, enters its namespaces through `/proc/PID/ns/*` (the mount namespace last: it
 //! brings the container's root and `/proc`), forks (entering a pid namespace applies to
@@ -37,6 +37,12 @@ pub struct ExecSpec {
 
 /// Runs the exec helper; returns its exit code (the process's, or 126/127 when it could not
 /// be started, with the reason on stderr).
+/// The environment variable that carries the exec's spec to the helper: not its arguments,
+/// which any user of the host can read (`ps`, `/proc/PID/cmdline`), and the spec holds the
+/// process's environment. The helper's own environment is readable by its owner only, and
+/// the process it starts gets the spec's environment, not the helper's.
+pub const SPEC_ENV: &str = "WARREN_EXEC_SPEC";
+
 pub fn main(bundle: &Path, spec_json: &str) -> i32 {
     match run(bundle, spec_json) {
         Ok(code) => code,

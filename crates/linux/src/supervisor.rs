@@ -551,7 +551,8 @@ fn stop_grace(bundle: &Path, config: &ContainerConfig) -> Duration {
 
 /// The command line of the supervisor binary (after the program name): `BUNDLE` supervises a
 /// new container; `--restore BUNDLE` restores one from a checkpoint (see [`crate::restore`])
-/// and supervises it; `--exec BUNDLE SPEC_JSON` runs a process inside a running one.
+/// and supervises it; `--exec BUNDLE` runs a process inside a running one (its spec in
+/// [`crate::exec::SPEC_ENV`]).
 pub fn cli(args: &[std::ffi::OsString]) -> i32 {
     match args {
         [flag] if flag == "--build-id" => {
@@ -561,16 +562,16 @@ pub fn cli(args: &[std::ffi::OsString]) -> i32 {
         [bundle] => main(Path::new(bundle)),
         [flag, bundle] if flag == "--warm" => warm_main(Path::new(bundle)),
         [flag, bundle] if flag == "--restore" => crate::restore::main(Path::new(bundle)),
-        [flag, bundle, spec] if flag == "--exec" => match spec.to_str() {
-            Some(spec) => crate::exec::main(Path::new(bundle), spec),
-            None => {
-                eprintln!("warren-supervise: the exec spec is not UTF-8");
+        [flag, bundle] if flag == "--exec" => match std::env::var(crate::exec::SPEC_ENV) {
+            Ok(spec) => crate::exec::main(Path::new(bundle), &spec),
+            Err(e) => {
+                eprintln!("warren-supervise: --exec: {}: {e}", crate::exec::SPEC_ENV);
                 2
             }
         },
         _ => {
             eprintln!(
-                "usage: warren-supervise [--warm|--restore] BUNDLE | warren-supervise --exec BUNDLE SPEC_JSON"
+                "usage: warren-supervise [--warm|--restore] BUNDLE | warren-supervise --exec BUNDLE (the spec in $WARREN_EXEC_SPEC)"
             );
             2
         }
