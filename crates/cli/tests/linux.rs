@@ -2149,10 +2149,57 @@ fn top_lists_every_process_in_the_sandbox() {
         assert!(p["sandboxPid"].as_u64().is_some_and(|n| n > 1), "{p}");
         assert!(p["rssBytes"].as_u64().is_some_and(|n| n > 0), "{p}");
     }
-    // The table: a header, then one line per process, the sandbox's pid first.
+    // A process `warren exec` started is listed; warren's own exec helper (in the cgroup,
+    // outside the pid namespace) is not. Its environment (a secret, say) shows in no
+    // command line on the host.
+    let mut exec = std::process::Command::new(common::WARREN)
+        .args(["exec", "-e", "TOKEN=hunter2-top", "t", "--", "sleep", "602"])
+        .env("WARREN_SERVER", &l.server.address)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("warren exec");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let with_exec = loop {
+        let list = json(&l.ok(&["top", "t", "-o", "json"]));
+        if list.as_array().map(Vec::len) == Some(4) {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "not 4 processes: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = exec.kill();
+    let _ = exec.wait();
+    assert!(
+        with_exec
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["command"] == "sleep 602" && p["sandboxPid"].as_u64().is_some()),
+        "{with_exec}"
+    );
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("hunter2-top"),
+            "an exec's environment in a command line: {}",
+            String::from_utf8_lossy(&cmdline)
+        );
+    }
+    // The table: a header, then one line per process (the exec's `sleep` stays, as a
+    // `docker exec`'s process outlives its client), the sandbox's pids first: the sleeps'
+    // parent is pid 1; the init's and the exec's are outside the sandbox, 0.
     let table = l.ok(&["top", "t"]);
+    assert_eq!(table.lines().count(), 5, "{table}");
+    for line in table.lines().skip(1) {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let parent = match cells[7..].join(" ").as_str() {
+            "sleep 600" | "sleep 601" => "1",
+            _ => "0",
+        };
+        assert_eq!(cells[2], parent, "{table}");
+    }
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 4, "{table}");
     assert!(lines[0].starts_with("PID"), "{table}");
     assert!(
         lines[1..]

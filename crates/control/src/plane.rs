@@ -934,7 +934,6 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The sandbox's record, if it is Running.
     /// The processes of a running sandbox, from its node (`warren top`).
     pub async fn processes(
         &self,
@@ -951,6 +950,7 @@ impl ControlPlane {
         Ok(self.node(&rec).usage(rec.spec.backend, &rec.id).await?)
     }
 
+    /// The sandbox's record, if it is Running.
     fn running(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
         self.running_as(name, false)
     }

@@ -60,7 +60,11 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&all)?);
         }
         TopFormat::Table => {
-            let rows: Vec<Vec<String>> = list.processes.iter().map(row).collect();
+            let rows: Vec<Vec<String>> = list
+                .processes
+                .iter()
+                .map(|p| row(p, &list.processes))
+                .collect();
             output::table(
                 &[
                     "PID", "HOST PID", "PPID", "UID", "STATE", "RSS", "TIME", "COMMAND",
@@ -72,11 +76,17 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn row(p: &v1::Process) -> Vec<String> {
+/// One process's line. Its pid and its parent's are the sandbox's own, as `ps` inside it
+/// shows them (a parent outside the sandbox, the init's, is 0); the host's pid beside them.
+fn row(p: &v1::Process, all: &[v1::Process]) -> Vec<String> {
+    let ppid = all
+        .iter()
+        .find(|q| q.pid == p.ppid)
+        .map_or(0, |parent| parent.sandbox_pid.unwrap_or(parent.pid));
     vec![
         p.sandbox_pid.unwrap_or(p.pid).to_string(),
         p.pid.to_string(),
-        p.ppid.to_string(),
+        ppid.to_string(),
         p.uid.to_string(),
         p.state.clone(),
         format_bytes(p.rss_bytes),
@@ -110,8 +120,8 @@ mod tests {
     }
 
     #[test]
-    fn a_row_shows_the_sandbox_pid_first_and_the_host_pid_beside_it() {
-        let p = v1::Process {
+    fn a_row_shows_the_sandboxs_pids_first_and_the_host_pid_beside_them() {
+        let init = v1::Process {
             pid: 4242,
             sandbox_pid: Some(1),
             ppid: 4200,
@@ -119,26 +129,31 @@ mod tests {
             state: "S".into(),
             cpu_ns: 20_000_000,
             rss_bytes: 1 << 20,
+            command: "sh".into(),
+        };
+        let child = v1::Process {
+            pid: 4250,
+            sandbox_pid: Some(7),
+            ppid: 4242,
             command: "sleep 600".into(),
+            ..init.clone()
+        };
+        let all = [init.clone(), child.clone()];
+        // The init's parent is outside the sandbox: 0, as `ps` inside shows it.
+        let size = format_bytes(1 << 20);
+        assert_eq!(
+            row(&init, &all),
+            ["1", "4242", "0", "0", "S", size.as_str(), "0:00.02", "sh"]
+        );
+        assert_eq!(row(&child, &all)[..3], ["7", "4250", "1"]);
+        // Without a pid namespace of its own: the host's pids.
+        let alone = v1::Process {
+            sandbox_pid: None,
+            ..child
         };
         assert_eq!(
-            row(&p),
-            [
-                "1",
-                "4242",
-                "4200",
-                "0",
-                "S",
-                &format_bytes(1 << 20),
-                "0:00.02",
-                "sleep 600"
-            ]
+            row(&alone, &[init, alone.clone()])[..3],
+            ["4250", "4250", "1"]
         );
-        // Without a pid namespace of its own: the one pid.
-        let p = v1::Process {
-            sandbox_pid: None,
-            ..p
-        };
-        assert_eq!(row(&p)[0], "4242");
     }
 }

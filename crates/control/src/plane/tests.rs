@@ -728,7 +728,12 @@ async fn a_signal_or_an_exec_waits_for_a_pause_under_way() {
         let plane = plane.clone();
         async move { plane.pause("s", true).await }
     });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while probe.calls().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pause never reached the backend"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The backend is freezing it: a signal would thaw it midway, an exec join it.
