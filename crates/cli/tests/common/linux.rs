@@ -173,7 +173,23 @@ pub fn kill_cgroups(parent: &str) {
             }
         }
     };
-    for parent in cgroup_parents(parent) {
+    // A frozen task acts on no signal (a v1 freezer holds even SIGKILL back): every
+    // cgroup is thawed first (a test that failed with a sandbox paused leaves it frozen).
+    let thaw = |dir: &Path| {
+        for (file, value) in [("freezer.state", "THAWED"), ("cgroup.freeze", "0")] {
+            if dir.join(file).exists() {
+                let _ = std::fs::write(dir.join(file), value);
+            }
+        }
+    };
+    let parents = cgroup_parents(parent);
+    for parent in &parents {
+        thaw(parent);
+        for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            thaw(&e.path());
+        }
+    }
+    for parent in parents {
         for _ in 0..250 {
             if !parent.exists() {
                 break;
