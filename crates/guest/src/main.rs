@@ -2,7 +2,8 @@
 //!
 //! It mounts what a Linux userland expects, loads the VM's virtio modules, opens the
 //! virtio-serial port to the host and serves the task API (`warren.guest.v1`, tonic) on it
-//! for the VM's whole life, one HTTP/2 connection per host connection. It starts the
+//! for the VM's whole life, one HTTP/2 connection per host connection (or listens on the
+//! vsock port its kernel command line names, `warren.vsock=PORT`). It starts the
 //! sandbox's workload and `exec` processes (in the workload's cgroup, in the image's root
 //! when there is one), keeps the workload's output for the host, reaps every orphan, and
 //! ends the VM by rebooting (qemu runs with `-no-reboot`, so that is qemu's exit).
@@ -78,6 +79,22 @@ async fn serve(pid1: bool, args: &[String]) -> Result<(), String> {
                 .map_err(|e| format!("serve: {e}"))
         }
         [] if pid1 => {
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            if let Some(port) = warren_guest::vsock_port(&cmdline) {
+                let port = port?;
+                let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                    tokio_vsock::VMADDR_CID_ANY,
+                    port,
+                ))
+                .map_err(|e| format!("listen on vsock port {port}: {e}"))?;
+                eprintln!("{}", warren_guest::WAITING_FOR_HOST);
+                // Each host connection is a connection of its own: nothing stale to skip,
+                // no greeting.
+                return router
+                    .serve_with_incoming(listener.incoming())
+                    .await
+                    .map_err(|e| format!("serve: {e}"));
+            }
             let port = port::open(warren_guest::PORT_NAME, PORT_PATIENCE)
                 .await
                 .map_err(|e| e.to_string())?;
