@@ -39,6 +39,8 @@ fi
 "$(dirname "$0")/install-egress.sh"
 
 command -v cargo >/dev/null || { echo "install-deps: cargo (Rust 1.95) is required" >&2; exit 1; }
+# The vm backend's `channel = "vhost-user-vsock"`: rust-vmm's vhost-device-vsock, from crates.io.
+"$(dirname "$0")/install-vhost-vsock.sh"
 # The vm backend: qemu, the minimal guest kernel (built from Debian's source, ~5 min once) and the initramfs with a static warren-guest.
 "$(dirname "$0")/vm-assets.sh"
 echo "install-deps: ok"

@@ -264,27 +264,70 @@ impl Vm {
     fn qemus(&self) -> Vec<i32> {
         let dir = self.server.dir.path().display().to_string();
         let templates = self.config_dir.path().display().to_string();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("qemu-system")
+        processes(|cmdline| {
+            cmdline.contains("qemu-system")
                 && (cmdline.contains(&dir) || cmdline.contains(&templates))
-            {
-                found.push(pid);
-            }
+        })
+    }
+}
+
+/// The pids of the host's processes whose command line (arguments joined by NULs)
+/// satisfies `matches`.
+fn processes(matches: impl Fn(&str) -> bool) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if matches(&String::from_utf8_lossy(&cmdline)) {
+            found.push(pid);
         }
-        found
+    }
+    found
+}
+
+impl Vm {
+    /// `warren run -b vm --name echo --wait` of a shell that prints `text` (and a line on
+    /// stderr) and exits 3: checks the exit code, the output streamed and the logs; returns
+    /// the sandbox.
+    fn run_echo(&self, text: &str) -> serde_json::Value {
+        let script = format!("echo {text}; echo err >&2; exit 3");
+        let out = self.warren(&[
+            "run", "-b", "vm", "--name", "echo", "--wait", "--", "/bin/sh", "-c", &script,
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        assert_eq!(stdout(&out), format!("{text}\n"));
+        assert_eq!(self.ok(&["logs", "echo"]), format!("{text}\n"));
+        self.get("echo")
+    }
+
+    /// vhost-user vsock device processes started for this server's VMs.
+    fn vsock_devices(&self) -> Vec<i32> {
+        let dir = self.server.dir.path().display().to_string();
+        processes(|cmdline| cmdline.contains("vhost-device-vsock") && cmdline.contains(&dir))
+            .into_iter()
+            .filter(|&pid| alive(pid))
+            .collect()
+    }
+
+    /// Waits (10 s at most) until `n` vsock devices run; `when` says when, for the error.
+    fn wait_vsock_devices(&self, n: usize, when: &str) {
+        self.poll(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || match self.vsock_devices() {
+                found if found.len() == n => Ok(()),
+                found => Err(format!("vsock devices {when}: {found:?}, not {n}")),
+            },
+        );
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
         self.server.kill9();
-        for pid in self.qemus() {
+        for pid in self.qemus().into_iter().chain(self.vsock_devices()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -323,22 +366,7 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         "{info}"
     );
 
-    let out = vm.warren(&[
-        "run",
-        "-b",
-        "vm",
-        "--name",
-        "echo",
-        "--wait",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo hello from a vm; echo err >&2; exit 3",
-    ]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "hello from a vm\n");
-    assert_eq!(vm.ok(&["logs", "echo"]), "hello from a vm\n");
-    let got = vm.get("echo");
+    let got = vm.run_echo("hello from a vm");
     assert_eq!(got["status"]["phase"], "Exited", "{got}");
     assert_eq!(got["status"]["exitCode"], 3);
     assert_eq!(got["status"]["backendInfo"]["boot"], "cold");
@@ -608,6 +636,15 @@ fn bad_configs_are_clear_errors_at_create_and_start_no_qemu() {
             "hypervisor.machine: \"pc-bogus-9.9\" is not a machine type",
         ),
         ("accel = \"hvf\"", "accel"),
+        // (templates are on by default)
+        (
+            "channel = \"vhost-user-vsock\"",
+            "vm.templates: \"true\" cannot be used with hypervisor.channel = \"vhost-user-vsock\"",
+        ),
+        (
+            "channel = \"vhost-user-vsock\"\nvhost_user_vsock_path = \"/nonexistent/vhost-device-vsock\"",
+            "hypervisor.vhost_user_vsock_path: \"/nonexistent/vhost-device-vsock\" is not an executable file",
+        ),
     ] {
         let bad = Vm::start_bad(hypervisor);
         let out = bad.warren(&["run", "-b", "vm", "--name", "x", "--", "true"]);
@@ -1320,4 +1357,93 @@ fn a_killed_servers_template_build_is_ended_at_the_next_start() {
         vm.server.log()
     );
     vm.ok(&["rm", "-f", "first"]);
+}
+
+/// rust-vmm's vhost-device-vsock, which `scripts/install-deps.sh` installs.
+fn vhost_device_vsock() -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("vhost-device-vsock"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("vhost-device-vsock is not in PATH: run scripts/install-vhost-vsock.sh")
+        })
+}
+
+#[test]
+fn a_vm_over_vhost_user_vsock_runs_execs_and_is_readopted() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    let device = vhost_device_vsock();
+    let mut vm = Vm::start_with(
+        "templates = false",
+        &format!(
+            "channel = \"vhost-user-vsock\"\nvhost_user_vsock_path = {:?}",
+            device.display().to_string()
+        ),
+    );
+    let got = vm.run_echo("hello over vsock");
+    assert_eq!(got["status"]["backendInfo"]["channel"], "vhost-user-vsock");
+    assert_eq!(got["status"]["backendInfo"]["boot"], "cold");
+    // The VM's vsock device ends with it.
+    vm.wait_vsock_devices(0, "after the VM ended");
+
+    // A running VM: no virtio-serial port on its command line, exec over vsock.
+    vm.ok(&["run", "-b", "vm", "--name", "box", "--", "sleep", "600"]);
+    let obj = vm.wait_phase("box", "Running", Duration::from_secs(60));
+    let qemu = pid_of(&obj);
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        cmdline.contains("vhost-user-vsock-device") && !cmdline.contains("virtserialport"),
+        "{cmdline}"
+    );
+    assert_eq!(vm.vsock_devices().len(), 1, "one device per VM");
+    let out = vm.warren(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo in $(hostname); exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "in box\n");
+
+    // kill -9 of the server: the VMs and their devices run on, and the next server
+    // reconnects over vsock; a VM whose qemu died meanwhile is Failed, its device ended.
+    vm.ok(&["run", "-b", "vm", "--name", "victim", "--", "sleep", "600"]);
+    let victim = pid_of(&vm.wait_phase("victim", "Running", Duration::from_secs(60)));
+    vm.server.kill9();
+    assert!(alive(qemu), "qemu {qemu} died with its server");
+    assert_eq!(vm.vsock_devices().len(), 2, "a device died with its server");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    vm.server.spawn();
+    let got = vm.wait_phase("victim", "Failed", Duration::from_secs(30));
+    assert!(
+        got["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no server watched"),
+        "{got}"
+    );
+    vm.wait_vsock_devices(1, "once the victim was found dead (box's only)");
+    let got = vm.wait_phase("box", "Running", Duration::from_secs(30));
+    assert_eq!(got["status"]["backendInfo"]["channel"], "vhost-user-vsock");
+    assert_eq!(
+        vm.ok(&["exec", "box", "--", "sh", "-c", "echo again in $(hostname)"]),
+        "again in box\n"
+    );
+    let obj = vm.get("box");
+    let dir = PathBuf::from(obj["status"]["backendInfo"]["dir"].as_str().unwrap());
+    vm.ok(&["rm", "-f", "box", "echo", "victim"]);
+    assert!(!alive(qemu), "qemu {qemu} survived its sandbox");
+    assert!(!dir.exists(), "{} survived its sandbox", dir.display());
+    vm.wait_vsock_devices(0, "after rm");
+    assert!(vm.qemus().is_empty(), "stray qemu: {:?}", vm.qemus());
 }

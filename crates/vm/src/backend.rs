@@ -268,6 +268,7 @@ impl Inner {
             root_disk: None,
             memory_file: None,
             incoming: false,
+            vsock_cid: 0,
         }
     }
 
@@ -541,6 +542,10 @@ impl Backend for VmBackend {
             .map_err(|e| BackendError::Other(format!("plan: {e}")))??;
         info.insert("dir".into(), self.dir(id).display().to_string());
         info.insert("accel".into(), self.inner.accel().to_string());
+        info.insert(
+            "channel".into(),
+            self.inner.config.vm.hypervisor.channel.name().to_string(),
+        );
         self.inner.lock().insert(
             id.clone(),
             Sandbox {
@@ -738,6 +743,9 @@ impl Backend for VmBackend {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
+            if let Some(device) = state.vsock_device {
+                device.kill();
+            }
         }
         if let Some(cg) = self.inner.cgroup(id)
             && cg.exists()
@@ -804,6 +812,13 @@ impl Backend for VmBackend {
             (Some(state), None) => {
                 info.insert("pid".into(), state.qemu_pid.to_string());
                 info.insert("accel".into(), state.accel.clone());
+                let channel = match state.channel {
+                    None | Some(crate::channel::Address::Serial { .. }) => "serial",
+                    Some(crate::channel::Address::HybridVsock { .. }) => "vhost-user-vsock",
+                    Some(crate::channel::Address::Vsock { .. }) => "vsock",
+                };
+                info.insert("channel".into(), channel.to_string());
+                let device = state.vsock_device;
                 match crate::monitor::readopt(&self.inner, id, &dir, state).await {
                     Ok(adopted) => {
                         sandbox.running = Some(adopted.running);
@@ -811,6 +826,9 @@ impl Backend for VmBackend {
                         BackendStatus::Running
                     }
                     Err(reason) => {
+                        if let Some(device) = device {
+                            device.kill();
+                        }
                         let status = BackendStatus::Failed { reason };
                         let _ = vm::write_json(&dir, vm::EXIT_FILE, &ExitRecord::of(&status));
                         status

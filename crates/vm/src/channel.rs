@@ -1,18 +1,72 @@
-//! The host's end of the guest's channel: a tonic client over the unix socket qemu bound
-//! for the VM's virtio-serial port.
+//! The host's end of the guest's channel: a tonic client over one of the VM's channels
+//! ([`Address`]).
 //!
-//! qemu accepts one connection on that socket at a time, so a VM has one `Channel` (HTTP/2
-//! multiplexes every call over it). Bytes written before the guest opened its port wait in
-//! the socket, so the client can connect as soon as qemu runs and the first answer comes
-//! when the guest is up. If the connection breaks, tonic reconnects on the next call.
+//! On the virtio-serial port, qemu accepts one connection on its unix socket at a time, so a
+//! VM has one `Channel` (HTTP/2 multiplexes every call over it). Bytes written before the
+//! guest opened its port wait in the socket, so the client can connect as soon as qemu runs
+//! and the first answer comes when the guest is up. Over vsock each connection is the
+//! guest's own, and one that the guest does not listen for yet is refused (and tried again).
+//! If the connection breaks, tonic reconnects on the next call.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint, Uri};
 use warren_guest::proto::guest_client::GuestClient;
 
 pub type Client = GuestClient<Channel>;
+
+/// Where the host reaches a VM's guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Address {
+    /// qemu's unix socket for the virtio-serial port (greeted: see [`warren_guest::hello`]).
+    Serial { path: PathBuf },
+    /// The vhost-user vsock device's unix socket: `CONNECT <port>\n`, answered `OK ...\n`,
+    /// then the byte stream to the guest's port (Firecracker's hybrid vsock).
+    HybridVsock { path: PathBuf, port: u32 },
+    /// The guest's CID and port over the host kernel's vsock.
+    Vsock { cid: u32, port: u32 },
+}
+
+impl Address {
+    /// The address of the guest of the VM in `dir` whose qemu command line has `channel`.
+    pub fn of(dir: &Path, channel: crate::config::ChannelKind, cid: u32) -> Address {
+        use crate::config::ChannelKind;
+        match channel {
+            ChannelKind::Serial => Address::Serial {
+                path: dir.join(crate::qemu::CHANNEL_SOCKET),
+            },
+            ChannelKind::VhostUserVsock => Address::HybridVsock {
+                path: dir.join(crate::qemu::VSOCK_SOCKET),
+                port: warren_guest::VSOCK_PORT,
+            },
+            ChannelKind::Vsock => Address::Vsock {
+                cid,
+                port: warren_guest::VSOCK_PORT,
+            },
+        }
+    }
+
+    /// The unix socket to connect to, if the address is one.
+    fn socket(&self) -> Option<&Path> {
+        match self {
+            Address::Serial { path } | Address::HybridVsock { path, .. } => Some(path),
+            Address::Vsock { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Serial { path } => write!(f, "{}", path.display()),
+            Address::HybridVsock { path, port } => write!(f, "{} port {port}", path.display()),
+            Address::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -38,20 +92,72 @@ pub enum ChannelError {
     },
 }
 
-/// A client whose calls go over the socket at `path` (connected lazily, reconnected when
-/// broken).
-pub fn client(path: &Path) -> Result<Client, ChannelError> {
-    let socket: PathBuf = path.to_path_buf();
+/// A client whose calls go to `address` (connected lazily, reconnected when broken).
+pub fn client(address: &Address) -> Result<Client, ChannelError> {
+    let address = address.clone();
     let connector = tower::service_fn(move |_: Uri| {
-        let socket = socket.clone();
+        let address = address.clone();
         async move {
-            let stream = tokio::net::UnixStream::connect(socket).await?;
-            let stream = greet(stream).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            let io = match address {
+                Address::Serial { path } => {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Io::Unix(greet(stream).await?)
+                }
+                Address::HybridVsock { path, port } => {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Io::Unix(hybrid_connect(stream, port).await?)
+                }
+                Address::Vsock { cid, port } => Io::Vsock(
+                    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port))
+                        .await?,
+                ),
+            };
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
         }
     });
     let channel = Endpoint::from_static("http://guest").connect_with_connector_lazy(connector);
     Ok(GuestClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// Asks the vhost-user vsock device for a connection to the guest's `port`
+/// (`CONNECT <port>\n`); the device answers `OK <host port>\n` once the guest accepted.
+/// Bytes after that line are the guest's and are kept.
+async fn hybrid_connect(mut stream: tokio::net::UnixStream, port: u32) -> std::io::Result<Greeted> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            // The device closes the connection when the guest does not listen (yet).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("the guest refused vsock port {port}"),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if !line.starts_with("OK ") {
+                return Err(std::io::Error::other(format!(
+                    "the vsock device answered {:?} to CONNECT {port}",
+                    line.chars().take(80).collect::<String>()
+                )));
+            }
+            return Ok(Greeted {
+                leftover: buf.split_off(end + 1),
+                stream,
+            });
+        }
+        if buf.len() > 128 {
+            return Err(std::io::Error::other(
+                "the vsock device's answer to CONNECT has no end of line",
+            ));
+        }
+    }
 }
 
 /// A guest that answered its first ping.
@@ -68,19 +174,19 @@ pub struct Ready {
 /// Connects and waits until the guest answers a ping, for at most `patience`; `alive` says
 /// whether the VM still runs (a VM that died ends the wait at once).
 pub async fn ready(
-    path: &Path,
+    address: &Address,
     patience: Duration,
     mut alive: impl FnMut() -> bool,
 ) -> Result<Ready, ChannelError> {
-    let display = path.display().to_string();
+    let display = address.to_string();
     let deadline = tokio::time::Instant::now() + patience;
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline && alive() {
-        if !path.exists() {
+        if address.socket().is_some_and(|path| !path.exists()) {
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         }
-        let mut c = client(path)?;
+        let mut c = client(address)?;
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(remaining, c.ping(warren_guest::proto::PingRequest {})).await {
             Ok(Ok(reply)) => {
@@ -100,10 +206,7 @@ pub async fn ready(
                 });
             }
             Ok(Err(status)) => {
-                tracing::debug!(
-                    "vm: the guest at {} did not answer yet: {status}",
-                    path.display()
-                );
+                tracing::debug!("vm: the guest at {address} did not answer yet: {status}");
                 last = status.message().to_string();
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -208,5 +311,110 @@ impl tokio::io::AsyncWrite for Greeted {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// One connection's byte stream: a unix socket's (greeted, or past `CONNECT`) or an
+/// `AF_VSOCK` socket's.
+#[derive(Debug)]
+enum Io {
+    Unix(Greeted),
+    Vsock(tokio_vsock::VsockStream),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Vsock(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Unix(s) => std::pin::Pin::new(s).poll_write(cx, data),
+            Io::Vsock(s) => std::pin::Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Vsock(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Vsock(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A stand-in for the vsock device: reads the request line, answers `answer`.
+    async fn device(
+        answer: &'static [u8],
+    ) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while s.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            s.write_all(answer).await.unwrap();
+            String::from_utf8(line).unwrap()
+        });
+        (dir, path, task)
+    }
+
+    #[tokio::test]
+    async fn hybrid_vsock_connects_and_keeps_what_follows_the_answer() {
+        let (_dir, path, task) = device(b"OK 1073741824\nguest bytes").await;
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut greeted = hybrid_connect(stream, 1024).await.unwrap();
+        assert_eq!(task.await.unwrap(), "CONNECT 1024");
+        let mut rest = Vec::new();
+        greeted.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"guest bytes");
+    }
+
+    #[tokio::test]
+    async fn hybrid_vsock_refusals_are_errors() {
+        let (_dir, path, _task) = device(b"").await;
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let err = hybrid_connect(stream, 1024).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(err.to_string().contains("port 1024"), "{err}");
+
+        let (_dir, path, _task) = device(b"NOPE\n").await;
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let err = hybrid_connect(stream, 1024).await.unwrap_err();
+        assert!(err.to_string().contains("answered \"NOPE\""), "{err}");
     }
 }

@@ -17,6 +17,8 @@
 //! debug = false                   # the guest console verbose, in console.log
 //! accel = "auto"                  # "kvm", "tcg" or "auto" (KVM when it works here)
 //! machine = "microvm"
+//! channel = "serial"              # the host<->guest channel: "serial", "vsock" or "vhost-user-vsock"
+//! vhost_user_vsock_path = "vhost-device-vsock"  # the device for channel = "vhost-user-vsock"
 //!
 //! [vm]
 //! templates = true                # create sandboxes as clones of a booted template
@@ -63,6 +65,11 @@ pub struct Hypervisor {
     pub debug: bool,
     pub accel: Accel,
     pub machine: String,
+    /// The channel between the host and warren-guest.
+    pub channel: ChannelKind,
+    /// The vhost-user vsock device (rust-vmm's `vhost-device-vsock`) for
+    /// `channel = "vhost-user-vsock"`: a path, or a name looked up in `PATH`.
+    pub vhost_user_vsock_path: PathBuf,
     /// Kuasar's virtiofsd table is accepted and ignored: warren shares images as block
     /// devices, not over virtiofs.
     pub virtiofsd: Option<toml::Table>,
@@ -83,6 +90,8 @@ impl Default for Hypervisor {
             debug: false,
             accel: Accel::Auto,
             machine: "microvm".to_string(),
+            channel: ChannelKind::Serial,
+            vhost_user_vsock_path: PathBuf::from(VHOST_USER_VSOCK),
             virtiofsd: None,
         }
     }
@@ -95,6 +104,41 @@ pub enum Accel {
     Tcg,
     Auto,
 }
+
+/// The channel that carries the task API between the host and warren-guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelKind {
+    /// A virtio-serial port on a unix socket of qemu's: needs nothing from the host
+    /// kernel, and VMs on it can be snapshot (templates and clones).
+    Serial,
+    /// virtio-vsock served by the host kernel (`/dev/vhost-vsock`, the `vhost_vsock`
+    /// module); the host connects with `AF_VSOCK` to the guest's CID.
+    Vsock,
+    /// virtio-vsock served by a vhost-user device process per VM (rust-vmm's
+    /// `vhost-device-vsock`), which the host reaches on a unix socket (Firecracker's hybrid
+    /// vsock: `CONNECT <port>`). Needs no host kernel module; qemu cannot snapshot it.
+    VhostUserVsock,
+}
+
+impl ChannelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelKind::Serial => "serial",
+            ChannelKind::Vsock => "vsock",
+            ChannelKind::VhostUserVsock => "vhost-user-vsock",
+        }
+    }
+
+    pub fn is_vsock(self) -> bool {
+        self != ChannelKind::Serial
+    }
+}
+
+/// The default `hypervisor.vhost_user_vsock_path`; `scripts/install-deps.sh` installs it.
+pub const VHOST_USER_VSOCK: &str = "vhost-device-vsock";
+/// The host kernel's vsock device, which `channel = "vsock"` needs.
+pub const VHOST_VSOCK_DEVICE: &str = "/dev/vhost-vsock";
 
 /// warren's own `[vm]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +308,40 @@ impl VmConfig {
             ));
         }
         let s = &self.vm;
+        match h.channel {
+            ChannelKind::Serial => {}
+            ChannelKind::Vsock if !Path::new(VHOST_VSOCK_DEVICE).exists() => {
+                return Err(invalid(
+                    "hypervisor.channel",
+                    "vsock",
+                    format!(
+                        "needs {VHOST_VSOCK_DEVICE} (the host kernel's vhost_vsock module), which \
+                         this host lacks; use \"vhost-user-vsock\" or \"serial\""
+                    ),
+                ));
+            }
+            ChannelKind::VhostUserVsock if find_program(&h.vhost_user_vsock_path).is_none() => {
+                return Err(invalid(
+                    "hypervisor.vhost_user_vsock_path",
+                    h.vhost_user_vsock_path.display(),
+                    "is not an executable file here or in PATH (scripts/install-deps.sh \
+                     installs vhost-device-vsock)",
+                ));
+            }
+            _ => {}
+        }
+        if h.channel.is_vsock() && s.templates {
+            return Err(invalid(
+                "vm.templates",
+                true,
+                format!(
+                    "cannot be used with hypervisor.channel = \"{}\": clones are snapshots, \
+                     and qemu cannot snapshot a vhost-user device (warren does not clone over \
+                     kernel vsock either yet); set templates = false, or use channel = \"serial\"",
+                    h.channel.name()
+                ),
+            ));
+        }
         if s.health_interval_ms == 0 || s.health_timeout_ms == 0 || s.health_failures == 0 {
             return Err(invalid(
                 "vm.health_interval_ms/health_timeout_ms/health_failures",
@@ -279,6 +357,25 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// `program` as a path to run: itself when it names a path, else found in `PATH`; `None`
+/// when that is no executable file.
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.as_os_str().is_empty() {
+        return None;
+    }
+    if program.components().count() > 1 {
+        return executable(program).then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
 }
 
 /// How the VMs of this node are accelerated, found once at start.
@@ -417,6 +514,52 @@ mod tests {
             let err = c.validate(&machines).unwrap_err().to_string();
             assert!(err.starts_with(want), "{err}");
         }
+
+        // The channel: vsock has no templates; vhost-user-vsock needs its device program;
+        // kernel vsock needs /dev/vhost-vsock.
+        let mut c = VmConfig::default();
+        good(&mut c);
+        c.hypervisor.channel = ChannelKind::VhostUserVsock;
+        c.hypervisor.vhost_user_vsock_path = "/bin/sh".into();
+        let err = c.validate(&machines).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "vm.templates: \"true\" cannot be used with hypervisor.channel = \"vhost-user-vsock\""
+            ),
+            "{err}"
+        );
+        c.vm.templates = false;
+        c.validate(&machines)
+            .expect("vhost-user-vsock without templates");
+        for missing in ["/nope/vhost-device-vsock", "no-such-program-here"] {
+            c.hypervisor.vhost_user_vsock_path = missing.into();
+            let err = c.validate(&machines).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "hypervisor.vhost_user_vsock_path: {missing:?} is not an executable file"
+                )),
+                "{err}"
+            );
+        }
+        // A file that is not executable is not the device either.
+        c.hypervisor.vhost_user_vsock_path = file.clone();
+        assert!(c.validate(&machines).is_err());
+        c.hypervisor.channel = ChannelKind::Vsock;
+        let err = c.validate(&machines).map_err(|e| e.to_string());
+        if Path::new(VHOST_VSOCK_DEVICE).exists() {
+            err.expect("kernel vsock without templates, on a host with /dev/vhost-vsock");
+        } else {
+            let err = err.unwrap_err();
+            assert!(
+                err.starts_with("hypervisor.channel: \"vsock\" needs /dev/vhost-vsock"),
+                "{err}"
+            );
+        }
+        let c = VmConfig::parse("[hypervisor]\nchannel = \"vhost-user-vsock\"", "x.toml")
+            .expect("parse");
+        assert_eq!(c.hypervisor.channel, ChannelKind::VhostUserVsock);
+        let err = VmConfig::parse("[hypervisor]\nchannel = \"pipe\"", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("channel"), "{err}");
         let err = VmConfig::parse("[hypervisor]\nmemory_in_mb = \"lots\"", "x.toml").unwrap_err();
         assert!(err.to_string().contains("memory_in_mb"), "{err}");
         let err = VmConfig::parse("[hypervisor]\naccel = \"hvf\"", "x.toml").unwrap_err();

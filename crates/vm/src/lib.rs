@@ -2,9 +2,11 @@
 //!
 //! qemu (`-M microvm` by default) runs a guest kernel and an initramfs the project builds
 //! (`scripts/vm-assets.sh`: a minimal kernel, `warren-guest` as PID 1, busybox). The host
-//! talks to the guest over a virtio-serial port backed by a unix socket (no vhost-vsock is
-//! needed), with the task API of `warren-guest` (tonic); qemu itself is driven over QMP
-//! (JSON lines on another unix socket, [`qmp`]).
+//! talks to the guest with the task API of `warren-guest` (tonic) over a virtio-serial port
+//! backed by a unix socket (the default: no vhost-vsock needed, snapshots work), or over
+//! virtio-vsock, served by the host kernel or by a vhost-user device process per VM
+//! ([`config::ChannelKind`], [`channel::Address`]); qemu itself is driven over QMP (JSON
+//! lines on another unix socket, [`qmp`]).
 //!
 //! # Design
 //!

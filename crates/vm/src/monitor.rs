@@ -25,7 +25,8 @@ use warren_runtime::{BackendError, BackendEvent, BackendStatus};
 use warren_spec::ResourceInfo;
 
 use crate::backend::{Inner, Plan, Running, guest_error, open_log};
-use crate::channel::{self, Client};
+use crate::channel::{self, Address, Client};
+use crate::config::ChannelKind;
 use crate::qemu;
 use crate::vm::{self, ExitRecord, QemuProcess, VmState};
 
@@ -179,22 +180,37 @@ async fn launch_in(
             })?;
             let mut machine = inner.machine(plan.vcpus, plan.memory_mb);
             machine.root_disk = plan.root_disk.as_deref();
+            let h = &inner.config.vm.hypervisor;
+            if h.channel == ChannelKind::Vsock {
+                machine.vsock_cid = vsock_cid();
+            }
             let args = machine.args(dir);
+            let link = vm::Link {
+                address: Address::of(dir, h.channel, machine.vsock_cid),
+                device: (h.channel == ChannelKind::VhostUserVsock).then(|| {
+                    crate::config::find_program(&h.vhost_user_vsock_path)
+                        .unwrap_or_else(|| h.vhost_user_vsock_path.clone())
+                }),
+            };
             let booted = vm::boot(
-                &inner.config.vm.hypervisor.path,
+                &h.path,
                 &args,
                 dir,
                 inner.config.vm.vm.boot_timeout(),
                 cgroup,
+                &link,
             )
             .await?;
             (booted, "cold")
         }
     };
+    // (Every return before the state is written drops `device`, which kills it.)
     let vm::Booted {
         mut qemu,
         client,
         storage_limit,
+        address,
+        device,
         ..
     } = booted;
     if let Err(refused) = storage_enforceable(start.storage_bytes, storage_limit) {
@@ -254,6 +270,8 @@ async fn launch_in(
         uid: plan.start.uid,
         gid: plan.start.gid,
         deadline_ms: plan.timeout.map(|t| now_ms() + t.as_millis() as u64),
+        channel: Some(address),
+        vsock_device: device.as_ref().map(|d| d.process()),
     };
     let written = vm::write_json(dir, vm::STATE_FILE, &state);
     let log = open_log(inner, dir);
@@ -273,6 +291,10 @@ async fn launch_in(
             return Err(e.into());
         }
     };
+    // The device now outlives this create (the monitor ends it with the VM).
+    if let Some(device) = device {
+        device.keep();
+    }
     let running = Running {
         client,
         qemu: qemu.reference(),
@@ -336,6 +358,14 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A CID for a guest on the host kernel's vsock: random among the 2^32 - 4 a guest may
+/// have (qemu fails on one another VM holds, and the create fails with its message).
+fn vsock_cid() -> u32 {
+    let seed = entropy(Path::new("/dev/urandom"));
+    let r = u32::from_le_bytes([seed[0], seed[1], seed[2], seed[3]]);
+    3 + r % (u32::MAX - 3)
 }
 
 /// 64 bytes from the configured entropy source (the host's urandom if it cannot be read).
@@ -566,6 +596,9 @@ pub(crate) async fn run(w: Watch) {
             qemu.kill_and_wait(Duration::from_secs(10)).await;
         }
     }
+    if let Some(device) = running.state.vsock_device {
+        device.kill();
+    }
     if let Some(name) = &running.state.cgroup
         && let Some(cg) = inner.cgroup(name)
     {
@@ -654,7 +687,8 @@ pub(crate) struct Adopted {
 }
 
 /// Takes a running VM back: reconnects to its guest and resumes its monitor where its log
-/// ends. `Err` says why it cannot be (then the sandbox is reported Failed).
+/// ends. `Err` says why it cannot be (then the sandbox is reported Failed, and the caller
+/// ends the VM's vsock device).
 pub(crate) async fn readopt(
     inner: &Arc<Inner>,
     id: &str,
@@ -677,16 +711,19 @@ pub(crate) async fn readopt(
             qemu.kill_and_wait(Duration::from_secs(5)).await;
             return Err(format!("the VM was paused and could not be resumed: {e}"));
         }
-        end_stale_connection(dir).await;
+        // (A vsock connection is the guest's own: nothing stale can be left in it.)
+        if matches!(state.address(dir), Address::Serial { .. }) {
+            end_stale_connection(dir).await;
+        }
     }
-    let socket = dir.join(qemu::CHANNEL_SOCKET);
+    let address = state.address(dir);
     // The guest has seen hosts before (unlike a fresh boot's or a clone's): a greeting it
     // missed (taken by a connection it had not yet seen end) is sent again on a new
     // connection, a few times, rather than waited for once.
     let mut tries = 0;
     let client: Client = loop {
         tries += 1;
-        match channel::ready(&socket, Duration::from_secs(5), || qemu.running()).await {
+        match channel::ready(&address, Duration::from_secs(5), || qemu.running()).await {
             Ok(ready) => break ready.client,
             Err(e) if tries >= 4 || !qemu.running() => {
                 qemu.kill_and_wait(Duration::from_secs(5)).await;

@@ -3,6 +3,8 @@
 //! The layout of a VM's directory (its sandbox's, or a template's or pool clone's):
 //! `qmp.sock` (QMP), `ctl.sock` (the virtio-serial port to warren-guest), `console.log`
 //! (the guest's serial console: kernel messages, panics), `qemu.log` (qemu's own stderr).
+//! With `channel = "vhost-user-vsock"` also `vhost-vsock.sock` (qemu to the vsock device),
+//! `vsock.sock` (the host to the guest through it) and `vsock.log` (the device's stderr).
 //!
 //! A clone must be started with exactly the template's devices (migration restores device
 //! state by position), so both are made by [`Machine::args`] from the same inputs.
@@ -12,12 +14,17 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use crate::config::Hypervisor;
+use crate::config::{ChannelKind, Hypervisor};
 
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const CHANNEL_SOCKET: &str = "ctl.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const QEMU_LOG: &str = "qemu.log";
+/// The vhost-user vsock device's socket, which qemu connects to.
+pub const VHOST_USER_SOCKET: &str = "vhost-vsock.sock";
+/// The vhost-user vsock device's socket for the host's connections to the guest.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+pub const VSOCK_LOG: &str = "vsock.log";
 /// The serial number of the sandbox image's disk; the guest finds its device by it.
 pub const ROOT_DISK_SERIAL: &str = "warren-root";
 
@@ -51,6 +58,8 @@ pub struct Machine<'a> {
     pub memory_file: Option<MemoryFile>,
     /// Wait for a snapshot (`-incoming defer`) instead of booting.
     pub incoming: bool,
+    /// The guest's vsock CID, for `channel = "vsock"` (unique on the host).
+    pub vsock_cid: u32,
 }
 
 impl Machine<'_> {
@@ -94,6 +103,13 @@ impl Machine<'_> {
         if let Some(khz) = self.tsc_khz {
             p.push(format!("tsc_early_khz={khz}"));
         }
+        if self.hypervisor.channel.is_vsock() {
+            p.push(format!(
+                "{}={}",
+                warren_guest::VSOCK_PARAM,
+                warren_guest::VSOCK_PORT
+            ));
+        }
         if !self.hypervisor.kernel_params.trim().is_empty() {
             p.push(self.hypervisor.kernel_params.trim().to_string());
         }
@@ -119,6 +135,11 @@ impl Machine<'_> {
             )),
             (None, true) => Some(format!(
                 "memory-backend-file,id=ram,size={}M,mem-path=/dev/hugepages,share=on",
+                self.memory_mb
+            )),
+            // A vhost-user device reads and writes guest RAM itself: it must be shared.
+            (None, false) if h.channel == ChannelKind::VhostUserVsock => Some(format!(
+                "memory-backend-memfd,id=ram,size={}M,share=on",
                 self.memory_mb
             )),
             (None, false) => None,
@@ -162,20 +183,34 @@ impl Machine<'_> {
             "-qmp",
             &format!("unix:{},server=on,wait=off", path(QMP_SOCKET)),
         ]);
-        push(&[
-            "-device",
-            &self.virtio("serial"),
-            "-chardev",
-            &format!(
-                "socket,id=ctl,path={},server=on,wait=off",
-                path(CHANNEL_SOCKET)
-            ),
-            "-device",
-            &format!(
-                "virtserialport,chardev=ctl,name={}",
-                warren_guest::PORT_NAME
-            ),
-        ]);
+        // (`-device` names: virtio-mmio's `...-device` on microvm, else `...-pci`.)
+        let bus = if self.microvm() { "device" } else { "pci" };
+        match h.channel {
+            ChannelKind::Serial => push(&[
+                "-device",
+                &self.virtio("serial"),
+                "-chardev",
+                &format!(
+                    "socket,id=ctl,path={},server=on,wait=off",
+                    path(CHANNEL_SOCKET)
+                ),
+                "-device",
+                &format!(
+                    "virtserialport,chardev=ctl,name={}",
+                    warren_guest::PORT_NAME
+                ),
+            ]),
+            ChannelKind::Vsock => push(&[
+                "-device",
+                &format!("vhost-vsock-{bus},guest-cid={}", self.vsock_cid),
+            ]),
+            ChannelKind::VhostUserVsock => push(&[
+                "-chardev",
+                &format!("socket,id=vsock,path={}", path(VHOST_USER_SOCKET)),
+                "-device",
+                &format!("vhost-user-vsock-{bus},chardev=vsock"),
+            ]),
+        }
         if !h.entropy_source.as_os_str().is_empty() {
             push(&[
                 "-object",
@@ -316,6 +351,7 @@ mod tests {
                 shared: false,
             }),
             incoming: true,
+            vsock_cid: 0,
         };
         let args: Vec<String> = m
             .args(Path::new("/vm/x"))
@@ -373,6 +409,7 @@ mod tests {
             root_disk: None,
             memory_file: None,
             incoming: false,
+            vsock_cid: 0,
         };
         let joined: Vec<String> = m
             .args(Path::new("/vm/y"))
@@ -390,6 +427,67 @@ mod tests {
             "{joined}"
         );
         assert!(!joined.contains("-incoming"), "{joined}");
+    }
+
+    #[test]
+    fn vsock_channels_command_lines() {
+        let args = |h: &Hypervisor, cid: u32| {
+            let m = Machine {
+                hypervisor: h,
+                accel: "tcg",
+                vcpus: 1,
+                memory_mb: 192,
+                tsc_khz: None,
+                root_disk: None,
+                memory_file: None,
+                incoming: false,
+                vsock_cid: cid,
+            };
+            let args: Vec<String> = m
+                .args(Path::new("/vm/v"))
+                .into_iter()
+                .map(|a| a.into_string().expect("utf-8"))
+                .collect();
+            args.join(" ")
+        };
+        let user = Hypervisor {
+            channel: ChannelKind::VhostUserVsock,
+            ..Hypervisor::default()
+        };
+        let joined = args(&user, 0);
+        // Guest RAM is shared with the device; no virtio-serial port.
+        assert!(
+            joined.contains("memory-backend=ram")
+                && joined.contains("-object memory-backend-memfd,id=ram,size=192M,share=on"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "-chardev socket,id=vsock,path=/vm/v/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock"
+            ),
+            "{joined}"
+        );
+        assert!(
+            !joined.contains("virtserialport") && joined.contains("warren.vsock=1024"),
+            "{joined}"
+        );
+        let kernel = Hypervisor {
+            channel: ChannelKind::Vsock,
+            machine: "q35".into(),
+            ..Hypervisor::default()
+        };
+        let joined = args(&kernel, 77);
+        assert!(
+            joined.contains("-device vhost-vsock-pci,guest-cid=77"),
+            "{joined}"
+        );
+        assert!(
+            !joined.contains("memory-backend") && !joined.contains("virtserialport"),
+            "{joined}"
+        );
+        assert!(joined.contains("warren.vsock=1024"), "{joined}");
+        let serial = args(&Hypervisor::default(), 0);
+        assert!(!serial.contains("vsock"), "{serial}");
     }
 
     #[test]

@@ -311,6 +311,14 @@ pub(crate) async fn build(
         .available
         .as_ref()
         .map_err(|e| BackendError::Other(e.clone()))?;
+    let channel = inner.config.vm.hypervisor.channel;
+    if channel.is_vsock() {
+        return Err(BackendError::Invalid(format!(
+            "hypervisor.channel: {:?} has no templates (clones are snapshots, and qemu cannot \
+             snapshot a vhost-user device); templates need channel = \"serial\"",
+            channel.name()
+        )));
+    }
     let dir = template_dir(inner, shape);
     if ready(&dir) && !rebuild {
         return Ok(dir);
@@ -370,18 +378,10 @@ async fn save(inner: &Inner, shape: &Shape, dir: &Path) -> Result<(), BackendErr
         ),
     );
     let _ = vm::write_json(dir, BUILD_STATE, &owner);
-    let console = dir.join(qemu::CONSOLE_LOG);
-    let deadline = tokio::time::Instant::now() + inner.config.vm.vm.boot_timeout();
-    loop {
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if text.contains(warren_guest::WAITING_FOR_HOST) {
-            break;
-        }
-        if !qemu.running() {
-            let how = qemu.wait().await;
-            return Err(vm::boot_error(dir, "", Some(how)));
-        }
-        if tokio::time::Instant::now() >= deadline {
+    match vm::guest_waiting(dir, &mut qemu, inner.config.vm.vm.boot_timeout()).await {
+        Ok(()) => {}
+        Err(Some(how)) => return Err(vm::boot_error(dir, "", Some(how))),
+        Err(None) => {
             qemu.kill_and_wait(Duration::from_secs(5)).await;
             return Err(vm::boot_error(
                 dir,
@@ -389,7 +389,6 @@ async fn save(inner: &Inner, shape: &Shape, dir: &Path) -> Result<(), BackendErr
                 None,
             ));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let saved = async {
         let mut qmp = Qmp::connect(&dir.join(qemu::QMP_SOCKET), QMP_PATIENCE).await?;
@@ -502,13 +501,15 @@ async fn restore(
             None,
         ));
     }
-    let socket = dir.join(qemu::CHANNEL_SOCKET);
+    let address = crate::channel::Address::Serial {
+        path: dir.join(qemu::CHANNEL_SOCKET),
+    };
     let patience = if for_pool {
         POOL_PATIENCE.min(inner.config.vm.vm.boot_timeout())
     } else {
         inner.config.vm.vm.boot_timeout()
     };
-    match crate::channel::ready(&socket, patience, || qemu.running()).await {
+    match crate::channel::ready(&address, patience, || qemu.running()).await {
         Ok(mut ready) => {
             debug!(dir = %dir.display(), took = ?began.elapsed(), "vm: clone answered");
             if for_pool {
@@ -526,6 +527,8 @@ async fn restore(
                 client: ready.client,
                 start_seeds: ready.start_seeds,
                 storage_limit: ready.storage_limit,
+                address,
+                device: None,
             })
         }
         Err(e) => {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use warren_runtime::{BackendError, BackendStatus};
 
-use crate::channel::{self, Client};
+use crate::channel::{self, Address, Client};
 use crate::qemu;
 
 /// Written once the VM runs: what a restarted server needs to find it again.
@@ -34,6 +34,21 @@ pub struct VmState {
     /// When the workload is killed for its timeout, in ms since the Unix epoch.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// Where the guest is reached; absent: the virtio-serial port (`ctl.sock`).
+    #[serde(default)]
+    pub channel: Option<Address>,
+    /// The VM's vhost-user vsock device process, if it has one.
+    #[serde(default)]
+    pub vsock_device: Option<ProcessRef>,
+}
+
+impl VmState {
+    /// Where the guest of the VM in `dir` is reached.
+    pub fn address(&self, dir: &Path) -> Address {
+        self.channel.clone().unwrap_or_else(|| Address::Serial {
+            path: dir.join(qemu::CHANNEL_SOCKET),
+        })
+    }
 }
 
 /// How a sandbox ended.
@@ -100,12 +115,15 @@ enum Waiter {
     Ended(String),
 }
 
-/// Enough to kill a qemu from anywhere: its pid and start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Enough to kill a qemu (or a VM's vsock device) from anywhere: its pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuRef {
     pub pid: i32,
     pub start: u64,
 }
+
+/// A process of a VM's besides qemu (its vhost-user vsock device).
+pub type ProcessRef = QemuRef;
 
 impl QemuRef {
     pub fn alive(&self) -> bool {
@@ -213,16 +231,140 @@ pub struct Booted {
     pub start_seeds: bool,
     /// Its guest applies `Start`'s `storage_bytes` (see [`channel::Ready`]).
     pub storage_limit: bool,
+    /// Where its guest is reached.
+    pub address: Address,
+    /// Its vhost-user vsock device, killed if this is dropped before [`Device::keep`].
+    pub device: Option<Device>,
 }
 
-/// Starts qemu with `args` in `dir` and waits until warren-guest answers.
+/// How a cold boot's guest is reached.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub address: Address,
+    /// The vhost-user vsock device program to start beside qemu, if the channel needs one.
+    pub device: Option<PathBuf>,
+}
+
+/// A VM's vhost-user vsock device process (rust-vmm's `vhost-device-vsock`): it serves the
+/// guest's virtio-vsock device to qemu over `vhost-vsock.sock`, and the host's connections
+/// to the guest on `vsock.sock`. It outlives a server restart, as qemu does, and is killed
+/// when the VM ends (or when this is dropped before [`Device::keep`]).
+#[derive(Debug)]
+pub struct Device {
+    process: ProcessRef,
+    kept: bool,
+}
+
+impl Device {
+    /// Starts the device for the VM in `dir`, in `cgroup`, and waits until qemu can connect
+    /// to it.
+    pub async fn start(
+        program: &Path,
+        dir: &Path,
+        cgroup: Option<&warren_linux::cgroup::Cgroup>,
+    ) -> Result<Device, BackendError> {
+        let log = std::fs::File::create(dir.join(qemu::VSOCK_LOG))
+            .map_err(|e| BackendError::io("create", &dir.join(qemu::VSOCK_LOG), e))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| BackendError::io("open", &dir.join(qemu::VSOCK_LOG), e))?;
+        let socket = dir.join(qemu::VHOST_USER_SOCKET);
+        let mut cmd = tokio::process::Command::new(program);
+        // The guest's CID only matters to this device (each VM has its own).
+        cmd.arg("--guest-cid")
+            .arg("3")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(dir.join(qemu::VSOCK_SOCKET))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(log))
+            .stderr(std::process::Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| BackendError::Io {
+            action: "start the vsock device",
+            path: program.display().to_string(),
+            source: e,
+        })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let device = Device {
+            process: ProcessRef {
+                pid,
+                start: warren_linux::config::process_start_time(pid).unwrap_or(0),
+            },
+            kept: false,
+        };
+        if let Some(cg) = cgroup {
+            cg.add_pid(pid).map_err(|e| {
+                BackendError::Other(format!(
+                    "move the vsock device into its cgroup: {}",
+                    warren_runtime::error_chain(&e)
+                ))
+            })?;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::Other(format!(
+                    "the vsock device {} ended ({status}) before it listened{}",
+                    program.display(),
+                    tail_note(&dir.join(qemu::VSOCK_LOG))
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::Other(format!(
+                    "the vsock device {} did not listen on {} within 5 s",
+                    program.display(),
+                    socket.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(device)
+    }
+
+    pub fn process(&self) -> ProcessRef {
+        self.process
+    }
+
+    /// Keeps the device running past this handle (the VM's monitor ends it).
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.process.kill();
+        }
+    }
+}
+
+/// The last line of a log, in brackets after a space; empty when there is none.
+fn tail_note(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) => format!(" ({})", line.chars().take(200).collect::<String>()),
+        None => String::new(),
+    }
+}
+
+/// Starts qemu with `args` in `dir` (and the channel's device first, if it has one) and
+/// waits until warren-guest answers.
 pub async fn boot(
     program: &Path,
     args: &[std::ffi::OsString],
     dir: &Path,
     patience: Duration,
     cgroup: Option<&warren_linux::cgroup::Cgroup>,
+    link: &Link,
 ) -> Result<Booted, BackendError> {
+    let device = match &link.device {
+        Some(program) => Some(Device::start(program, dir, cgroup).await?),
+        None => None,
+    };
     let child = qemu::spawn(program, args, dir).map_err(|e| BackendError::Io {
         action: "start qemu",
         path: program.display().to_string(),
@@ -238,13 +380,34 @@ pub async fn boot(
             warren_runtime::error_chain(&e)
         )));
     }
-    let socket = dir.join(qemu::CHANNEL_SOCKET);
-    match channel::ready(&socket, patience, || qemu.running()).await {
+    let began = tokio::time::Instant::now();
+    if !matches!(link.address, Address::Serial { .. }) {
+        // Over vsock the host connects only once the guest says it listens: connections
+        // that reached vhost-device-vsock before the guest's driver had set up its queues
+        // were dropped ("a backend event before vring initialization"), and in about one
+        // boot in 50 here every later connection of that VM was then reset by the device.
+        match guest_waiting(dir, &mut qemu, patience).await {
+            Ok(()) => {}
+            Err(Some(how)) => return Err(boot_error(dir, "", Some(how))),
+            Err(None) => {
+                qemu.kill_and_wait(Duration::from_secs(5)).await;
+                return Err(boot_error(
+                    dir,
+                    &format!("the guest did not listen on vsock within {patience:?}"),
+                    None,
+                ));
+            }
+        }
+    }
+    let patience = patience.saturating_sub(began.elapsed());
+    match channel::ready(&link.address, patience, || qemu.running()).await {
         Ok(ready) => Ok(Booted {
             qemu,
             client: ready.client,
             start_seeds: ready.start_seeds,
             storage_limit: ready.storage_limit,
+            address: link.address.clone(),
+            device,
         }),
         Err(e) => {
             let how = if qemu.running() {
@@ -255,6 +418,31 @@ pub async fn boot(
             };
             Err(boot_error(dir, &e.to_string(), how))
         }
+    }
+}
+
+/// Waits until the guest of the VM in `dir` says on its console that it waits for a host
+/// ([`warren_guest::WAITING_FOR_HOST`]: its channel is open), for at most `patience`.
+/// `Err(Some(how))`: qemu ended, and how; `Err(None)`: the time ran out (qemu still runs).
+pub async fn guest_waiting(
+    dir: &Path,
+    qemu: &mut QemuProcess,
+    patience: Duration,
+) -> Result<(), Option<String>> {
+    let console = dir.join(qemu::CONSOLE_LOG);
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains(warren_guest::WAITING_FOR_HOST) {
+            return Ok(());
+        }
+        if !qemu.running() {
+            return Err(Some(qemu.wait().await));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(None);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -8,7 +8,9 @@
 //! it its identity and entropy, starts the workload). Bare qemu: qemu started on the same
 //! kernel and initramfs with an extra cpio whose init prints a marker on the serial console
 //! and reboots, timed from spawn to the marker: the physical floor of a cold boot here.
-//! Each phase has one untimed warm-up run first. Clone → running: on the templates server,
+//! Cold boots run on the config's channel, and, where that is the virtio-serial port and
+//! rust-vmm's `vhost-device-vsock` is installed, once more over vsock (`cold-vsock`): the
+//! two channels side by side. Each phase has one untimed warm-up run first. Clone → running: on the templates server,
 //! the create RPC alone (it returns once the guest acknowledged the workload's start), one at
 //! a time, each once the pool has refilled (`warren info` says so): a pool hit's cost
 //! (hand-out, `Prepare`, `Start`), the "clone create → guest ready". How many creates
@@ -83,8 +85,24 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
     }
     let mut results = serde_json::Map::new();
     let mut medians = Vec::new();
-    for (phase, templates) in [("cold", false), ("clone", true)] {
+    // Cold boots on the config's channel; where that is the virtio-serial port and the
+    // vhost-user vsock device is installed, cold boots over vsock too; clones need the port.
+    use warren_vm::config::ChannelKind;
+    let mut phases = vec![("cold", false, config.hypervisor.channel)];
+    if config.hypervisor.channel == ChannelKind::Serial {
+        if warren_vm::config::find_program(&config.hypervisor.vhost_user_vsock_path).is_some() {
+            phases.push(("cold-vsock", false, ChannelKind::VhostUserVsock));
+        }
+        phases.push(("clone", true, ChannelKind::Serial));
+    } else {
+        out!(
+            "clone: skipped: hypervisor.channel = {:?} has no templates",
+            config.hypervisor.channel.name()
+        );
+    }
+    for (phase, templates, channel) in phases {
         let mut c = config.clone();
+        c.hypervisor.channel = channel;
         c.vm.templates = templates;
         c.vm.pool = if templates { c.vm.pool.max(2) } else { 0 };
         c.vm.template_dir = scratch.path().join("templates");
@@ -133,7 +151,7 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
             },
         )
         .await?;
-        let label = format!("{phase} ({accel})");
+        let label = format!("{phase} ({accel}; channel {})", channel.name());
         out!("{label}");
         let mut value = report(phase, &runs);
         medians.push((phase, runs.hist.value_at_quantile(0.5)));
@@ -405,6 +423,7 @@ fn bare_boot(config: &warren_control::VmConfig, n: usize, scratch: &Path) -> any
         root_disk: None,
         memory_file: None,
         incoming: false,
+        vsock_cid: 0,
     };
     let params = format!("{} rdinit=/bench-init", machine.kernel_params());
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
