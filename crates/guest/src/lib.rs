@@ -55,8 +55,9 @@ pub fn vsock_port(cmdline: &str) -> Option<Result<u32, String>> {
     )
 }
 
-/// What the guest prints on its console when it waits for a host to connect (at boot, and
-/// after each host connection ended).
+/// What the guest prints on its console when it waits for a host to connect: at boot, and
+/// on the virtio-serial port after each host connection ended (over vsock, at boot only:
+/// it listens from then on).
 pub const WAITING_FOR_HOST: &str = "warren-guest: waiting for a host";
 
 /// Where the guest mounts its cgroup2 hierarchy, and the workload's cgroup under it.

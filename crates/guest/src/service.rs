@@ -516,6 +516,16 @@ impl proto::guest_server::Guest for GuestService {
         crate::exec::run(Arc::clone(&self.guest), start, input)
     }
 
+    async fn processes(
+        &self,
+        _req: Request<proto::ProcessesRequest>,
+    ) -> Result<Response<proto::ProcessesReply>, Status> {
+        let processes = tokio::task::spawn_blocking(processes)
+            .await
+            .map_err(|e| Status::internal(format!("list processes: {e}")))??;
+        Ok(Response::new(proto::ProcessesReply { processes }))
+    }
+
     async fn shutdown(
         &self,
         _req: Request<proto::ShutdownRequest>,
@@ -535,6 +545,69 @@ impl proto::guest_server::Guest for GuestService {
         });
         Ok(Response::new(proto::ShutdownReply {}))
     }
+}
+
+/// At most this many processes are listed, each command line at most this long.
+const MAX_PROCESSES: usize = 4096;
+const MAX_COMMAND: usize = 4096;
+
+/// Every descendant of this process (in a VM, of PID 1: every process of the workload's
+/// and of `Exec`), as `/proc` shows them; a process that ends meanwhile is left out.
+fn processes() -> Result<Vec<proto::GuestProcess>, Status> {
+    let all = procfs::process::all_processes()
+        .map_err(|e| Status::internal(format!("read /proc: {e}")))?;
+    let stats: Vec<(procfs::process::Process, procfs::process::Stat)> = all
+        .flatten()
+        .filter_map(|p| {
+            let stat = p.stat().ok()?;
+            Some((p, stat))
+        })
+        .collect();
+    // Descendants, found generation by generation from this process.
+    let mut wanted = std::collections::HashSet::from([std::process::id() as i32]);
+    loop {
+        let before = wanted.len();
+        for (_, stat) in &stats {
+            if wanted.contains(&stat.ppid) {
+                wanted.insert(stat.pid);
+            }
+        }
+        if wanted.len() == before {
+            break;
+        }
+    }
+    wanted.remove(&(std::process::id() as i32));
+    let ticks = procfs::ticks_per_second().max(1);
+    let page = procfs::page_size();
+    let mut list: Vec<proto::GuestProcess> = stats
+        .iter()
+        .filter(|(_, stat)| wanted.contains(&stat.pid))
+        .take(MAX_PROCESSES)
+        .map(|(process, stat)| {
+            let mut command = match process.cmdline() {
+                Ok(args) if !args.is_empty() => args.join(" "),
+                _ => format!("[{}]", stat.comm),
+            };
+            if command.len() > MAX_COMMAND {
+                let mut end = MAX_COMMAND;
+                while !command.is_char_boundary(end) {
+                    end -= 1;
+                }
+                command.truncate(end);
+            }
+            proto::GuestProcess {
+                pid: stat.pid as u32,
+                ppid: stat.ppid as u32,
+                uid: process.status().map(|s| s.ruid).unwrap_or_default(),
+                state: stat.state.to_string(),
+                cpu_ns: (stat.utime + stat.stime).saturating_mul(1_000_000_000) / ticks,
+                rss_bytes: stat.rss.saturating_mul(page),
+                command,
+            }
+        })
+        .collect();
+    list.sort_by_key(|p| p.pid);
+    Ok(list)
 }
 
 /// What exec needs of the guest.

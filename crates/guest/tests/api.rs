@@ -330,3 +330,58 @@ async fn a_start_for_another_root_device_than_prepared_is_refused() {
     let (out, _, exit) = output(&mut g, [0, 0]).await;
     assert_eq!((out.as_str(), exit.code), ("started\n", 0));
 }
+
+#[tokio::test]
+async fn processes_lists_the_workload_its_children_and_nothing_else() {
+    let mut g = guest().await;
+    let none = g
+        .client
+        .processes(proto::ProcessesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.processes.is_empty(), "{:?}", none.processes);
+    g.client
+        .start(start(&["sh", "-c", "sleep 31 & sleep 32; wait"]))
+        .await
+        .unwrap();
+    // The shell's children start a moment after it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = g
+            .client
+            .processes(proto::ProcessesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .processes;
+        if list.len() >= 3 || tokio::time::Instant::now() >= deadline {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let by_command = |c: &str| {
+        list.iter()
+            .find(|p| p.command == c)
+            .unwrap_or_else(|| panic!("no {c:?} in {list:?}"))
+    };
+    let shell = by_command("sh -c sleep 31 & sleep 32; wait");
+    assert_eq!(shell.ppid, g.child.id(), "{list:?}");
+    for sleeper in ["sleep 31", "sleep 32"] {
+        let p = by_command(sleeper);
+        assert_eq!(p.ppid, shell.pid, "{list:?}");
+        assert_eq!(p.uid, nix::unistd::getuid().as_raw(), "{p:?}");
+        assert!(p.rss_bytes > 0 && !p.state.is_empty(), "{p:?}");
+    }
+    assert_eq!(list.len(), 3, "only the workload's processes: {list:?}");
+    assert!(
+        list.windows(2).all(|w| w[0].pid < w[1].pid),
+        "sorted by pid: {list:?}"
+    );
+    for p in &list {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

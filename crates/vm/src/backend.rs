@@ -579,7 +579,16 @@ impl Backend for VmBackend {
         let (done_tx, done_rx) = watch::channel(false);
         {
             let mut sandboxes = inner.lock();
-            let sb = sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            let Some(sb) = sandboxes.get_mut(id) else {
+                // Deleted while it started: its VM must not outlive it.
+                drop(sandboxes);
+                started.running.state.kill();
+                if let Some(cg) = inner.cgroup(id) {
+                    let _ = cg.kill_all();
+                    let _ = cg.remove();
+                }
+                return Err(not_found(id));
+            };
             sb.status = BackendStatus::Running;
             sb.running = Some(started.running.clone());
             sb.done = Some(done_rx);
@@ -629,6 +638,64 @@ impl Backend for VmBackend {
         // An adopted VM's flag is QMP's run state at its adoption.
         let running = self.running(id).ok()?;
         Some(running.paused.load(Ordering::SeqCst))
+    }
+
+    async fn processes(&self, id: &str) -> Result<Vec<warren_runtime::ProcessInfo>, BackendError> {
+        let running = self.running(id)?;
+        // A paused guest answers nothing; `top` does not unpause it behind the user's back.
+        if running.paused.load(Ordering::SeqCst) {
+            return Err(BackendError::Invalid(
+                "the VM is paused: its guest lists its processes once unpaused".into(),
+            ));
+        }
+        let mut client = running.client.clone();
+        let reply = tokio::time::timeout(
+            PROCESSES_PATIENCE,
+            client.processes(proto::ProcessesRequest {}),
+        )
+        .await
+        .map_err(|_| {
+            BackendError::Other(format!(
+                "list processes: the guest did not answer within {PROCESSES_PATIENCE:?}"
+            ))
+        })?;
+        let list = match reply {
+            Ok(reply) => reply.into_inner().processes,
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                return Err(BackendError::Other(
+                    "list processes: this VM's guest predates `top` (rebuild the initramfs \
+                     with scripts/vm-assets.sh)"
+                        .into(),
+                ));
+            }
+            Err(s) => return Err(guest_error("list processes", s)),
+        };
+        // The guest's numbering: the VM is the sandbox, and no host process stands for one
+        // of the guest's. Guest-controlled input: bounded here as the guest bounds it.
+        Ok(list
+            .into_iter()
+            .take(4096)
+            .map(|mut p| {
+                if p.command.len() > 4096 {
+                    let mut end = 4096;
+                    while !p.command.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    p.command.truncate(end);
+                }
+                p
+            })
+            .map(|p| warren_runtime::ProcessInfo {
+                pid: p.pid,
+                sandbox_pid: None,
+                ppid: p.ppid,
+                uid: p.uid,
+                state: p.state,
+                cpu_ns: p.cpu_ns,
+                rss_bytes: p.rss_bytes,
+                command: p.command,
+            })
+            .collect())
     }
 
     async fn resume(&self, id: &str) -> Result<(), BackendError> {
@@ -804,20 +871,24 @@ impl Backend for VmBackend {
             running: None,
             done: None,
         };
+        if let Some(state) = &state {
+            info.insert("channel".into(), state.channel.name().to_string());
+        }
         let status = match (state, exit) {
-            (_, Some(exit)) => exit.status(),
+            (state, Some(exit)) => {
+                // A server killed between the exit's record and the VM's teardown leaves
+                // them running (with cgroups, their cgroup's removal ends them too).
+                if let Some(state) = state {
+                    state.kill();
+                }
+                exit.status()
+            }
             (None, None) => BackendStatus::Failed {
                 reason: "the VM never started (the server stopped during its start)".into(),
             },
             (Some(state), None) => {
                 info.insert("pid".into(), state.qemu_pid.to_string());
                 info.insert("accel".into(), state.accel.clone());
-                let channel = match state.channel {
-                    None | Some(crate::channel::Address::Serial { .. }) => "serial",
-                    Some(crate::channel::Address::HybridVsock { .. }) => "vhost-user-vsock",
-                    Some(crate::channel::Address::Vsock { .. }) => "vsock",
-                };
-                info.insert("channel".into(), channel.to_string());
                 let device = state.vsock_device;
                 match crate::monitor::readopt(&self.inner, id, &dir, state).await {
                     Ok(adopted) => {
@@ -943,6 +1014,9 @@ pub(crate) async fn resume(dir: &Path, running: &Running) -> Result<(), String> 
     }
     Ok(())
 }
+
+/// How long `top` waits for a guest's process list.
+const PROCESSES_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A guest's refusal as the backend's error: its own input errors stay the caller's.
 pub(crate) fn guest_error(what: &str, s: tonic::Status) -> BackendError {

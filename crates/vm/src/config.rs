@@ -106,11 +106,12 @@ pub enum Accel {
 }
 
 /// The channel that carries the task API between the host and warren-guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ChannelKind {
     /// A virtio-serial port on a unix socket of qemu's: needs nothing from the host
     /// kernel, and VMs on it can be snapshot (templates and clones).
+    #[default]
     Serial,
     /// virtio-vsock served by the host kernel (`/dev/vhost-vsock`, the `vhost_vsock`
     /// module); the host connects with `AF_VSOCK` to the guest's CID.
@@ -308,6 +309,18 @@ impl VmConfig {
             ));
         }
         let s = &self.vm;
+        if h.channel.is_vsock() && s.templates {
+            return Err(invalid(
+                "vm.templates",
+                true,
+                format!(
+                    "cannot be used with hypervisor.channel = \"{}\": clones are snapshots, \
+                     and qemu cannot snapshot a vhost-user device (warren does not clone over \
+                     kernel vsock either yet); set templates = false, or use channel = \"serial\"",
+                    h.channel.name()
+                ),
+            ));
+        }
         match h.channel {
             ChannelKind::Serial => {}
             ChannelKind::Vsock if !Path::new(VHOST_VSOCK_DEVICE).exists() => {
@@ -329,18 +342,6 @@ impl VmConfig {
                 ));
             }
             _ => {}
-        }
-        if h.channel.is_vsock() && s.templates {
-            return Err(invalid(
-                "vm.templates",
-                true,
-                format!(
-                    "cannot be used with hypervisor.channel = \"{}\": clones are snapshots, \
-                     and qemu cannot snapshot a vhost-user device (warren does not clone over \
-                     kernel vsock either yet); set templates = false, or use channel = \"serial\"",
-                    h.channel.name()
-                ),
-            ));
         }
         if s.health_interval_ms == 0 || s.health_timeout_ms == 0 || s.health_failures == 0 {
             return Err(invalid(
@@ -543,7 +544,17 @@ mod tests {
         }
         // A file that is not executable is not the device either.
         c.hypervisor.vhost_user_vsock_path = file.clone();
-        assert!(c.validate(&machines).is_err());
+        let err = c.validate(&machines).unwrap_err().to_string();
+        assert!(
+            err.starts_with("hypervisor.vhost_user_vsock_path:")
+                && err.contains("not an executable"),
+            "{err}"
+        );
+        // Templates are refused first: the device's path does not matter then.
+        c.vm.templates = true;
+        let err = c.validate(&machines).unwrap_err().to_string();
+        assert!(err.starts_with("vm.templates:"), "{err}");
+        c.vm.templates = false;
         c.hypervisor.channel = ChannelKind::Vsock;
         let err = c.validate(&machines).map_err(|e| e.to_string());
         if Path::new(VHOST_VSOCK_DEVICE).exists() {

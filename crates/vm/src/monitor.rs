@@ -270,7 +270,11 @@ async fn launch_in(
         uid: plan.start.uid,
         gid: plan.start.gid,
         deadline_ms: plan.timeout.map(|t| now_ms() + t.as_millis() as u64),
-        channel: Some(address),
+        channel: inner.config.vm.hypervisor.channel,
+        vsock_cid: match address {
+            Address::Vsock { cid, .. } => cid,
+            _ => 0,
+        },
         vsock_device: device.as_ref().map(|d| d.process()),
     };
     let written = vm::write_json(dir, vm::STATE_FILE, &state);
@@ -701,6 +705,16 @@ pub(crate) async fn readopt(
             qemu::last_words_note(dir)
         ));
     };
+    // Without its device a vsock guest cannot be reached: no use trying for seconds.
+    if let Some(device) = state.vsock_device
+        && !device.alive()
+    {
+        qemu.kill_and_wait(Duration::from_secs(5)).await;
+        return Err(format!(
+            "the VM's vsock device ended while no server watched it{}",
+            qemu::last_words_note(dir)
+        ));
+    }
     // A VM paused by the server that was killed runs again for the readiness check, and
     // is paused again once adopted.
     let paused = crate::backend::qmp_command(dir, "query-status")

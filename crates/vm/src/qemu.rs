@@ -486,6 +486,15 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("warren.vsock=1024"), "{joined}");
+        let microvm = Hypervisor {
+            channel: ChannelKind::Vsock,
+            ..Hypervisor::default()
+        };
+        let joined = args(&microvm, 3);
+        assert!(
+            joined.contains("-device vhost-vsock-device,guest-cid=3"),
+            "{joined}"
+        );
         let serial = args(&Hypervisor::default(), 0);
         assert!(!serial.contains("vsock"), "{serial}");
     }

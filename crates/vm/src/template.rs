@@ -314,8 +314,9 @@ pub(crate) async fn build(
     let channel = inner.config.vm.hypervisor.channel;
     if channel.is_vsock() {
         return Err(BackendError::Invalid(format!(
-            "hypervisor.channel: {:?} has no templates (clones are snapshots, and qemu cannot \
-             snapshot a vhost-user device); templates need channel = \"serial\"",
+            "hypervisor.channel: {:?} has no templates (clones are snapshots: qemu cannot \
+             snapshot a vhost-user device, and warren does not clone over kernel vsock yet); \
+             templates need channel = \"serial\"",
             channel.name()
         )));
     }

@@ -8,6 +8,7 @@ use tokio::io::unix::AsyncFd;
 use warren_runtime::{BackendError, BackendStatus};
 
 use crate::channel::{self, Address, Client};
+use crate::config::ChannelKind;
 use crate::qemu;
 
 /// Written once the VM runs: what a restarted server needs to find it again.
@@ -34,9 +35,14 @@ pub struct VmState {
     /// When the workload is killed for its timeout, in ms since the Unix epoch.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
-    /// Where the guest is reached; absent: the virtio-serial port (`ctl.sock`).
+    /// The channel to the guest (absent in older files: the virtio-serial port). Its
+    /// sockets are found in the VM's directory, wherever that is now (a pool clone's
+    /// directory is renamed to its sandbox's).
     #[serde(default)]
-    pub channel: Option<Address>,
+    pub channel: ChannelKind,
+    /// The guest's CID, for `channel = "vsock"`.
+    #[serde(default)]
+    pub vsock_cid: u32,
     /// The VM's vhost-user vsock device process, if it has one.
     #[serde(default)]
     pub vsock_device: Option<ProcessRef>,
@@ -45,9 +51,20 @@ pub struct VmState {
 impl VmState {
     /// Where the guest of the VM in `dir` is reached.
     pub fn address(&self, dir: &Path) -> Address {
-        self.channel.clone().unwrap_or_else(|| Address::Serial {
-            path: dir.join(qemu::CHANNEL_SOCKET),
-        })
+        Address::of(dir, self.channel, self.vsock_cid)
+    }
+
+    /// Kills what is left of the VM: qemu and its vsock device, each unless its pid now
+    /// names another process.
+    pub fn kill(&self) {
+        QemuRef {
+            pid: self.qemu_pid,
+            start: self.qemu_start,
+        }
+        .kill();
+        if let Some(device) = self.vsock_device {
+            device.kill();
+        }
     }
 }
 
@@ -277,13 +294,15 @@ impl Device {
             .arg(&socket)
             .arg("--uds-path")
             .arg(dir.join(qemu::VSOCK_SOCKET))
+            // Its log is a file nothing rotates: warnings only, whatever the server's is.
+            .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::from(log))
             .stderr(std::process::Stdio::from(err))
             .process_group(0)
             .kill_on_drop(false);
         let mut child = cmd.spawn().map_err(|e| BackendError::Io {
-            action: "start the vsock device",
+            action: "start the vsock device (hypervisor.vhost_user_vsock_path)",
             path: program.display().to_string(),
             source: e,
         })?;
@@ -314,9 +333,10 @@ impl Device {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(BackendError::Other(format!(
-                    "the vsock device {} did not listen on {} within 5 s",
+                    "the vsock device {} did not listen on {} within 5 s{}",
                     program.display(),
-                    socket.display()
+                    socket.display(),
+                    tail_note(&dir.join(qemu::VSOCK_LOG))
                 )));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;

@@ -1,7 +1,8 @@
 //! `warren top NAME`: the processes running in a sandbox, as `docker top` shows them: each
 //! one's pid inside the sandbox and on the node, user, state, resident memory, CPU time and
-//! command line. linux lists every process in the sandbox's cgroup; the other backends have
-//! no list (the server answers UNIMPLEMENTED, and the error says so).
+//! command line. linux lists every process in the sandbox's cgroup; vm, every process of the
+//! workload's and of `exec` in the guest, with the guest's pids (no host pid: `-`); slot and
+//! wasm have no list (the server answers UNIMPLEMENTED, and the error says so).
 
 use std::process::ExitCode;
 
@@ -85,7 +86,9 @@ fn row(p: &v1::Process, all: &[v1::Process]) -> Vec<String> {
         .map_or(0, |parent| parent.sandbox_pid.unwrap_or(parent.pid));
     vec![
         p.sandbox_pid.unwrap_or(p.pid).to_string(),
-        p.pid.to_string(),
+        // Without a pid of the sandbox's own, the pid is already the sandbox's (a VM's
+        // guest): no host process stands for it.
+        p.sandbox_pid.map_or("-".to_string(), |_| p.pid.to_string()),
         ppid.to_string(),
         p.uid.to_string(),
         p.state.clone(),
@@ -146,14 +149,11 @@ mod tests {
             ["1", "4242", "0", "0", "S", size.as_str(), "0:00.02", "sh"]
         );
         assert_eq!(row(&child, &all)[..3], ["7", "4250", "1"]);
-        // Without a pid namespace of its own: the host's pids.
-        let alone = v1::Process {
+        // A VM's processes have the guest's pids only: no host pid stands for them.
+        let guest = v1::Process {
             sandbox_pid: None,
             ..child
         };
-        assert_eq!(
-            row(&alone, &[init, alone.clone()])[..3],
-            ["4250", "4250", "1"]
-        );
+        assert_eq!(row(&guest, &[init, guest.clone()])[..3], ["4250", "-", "1"]);
     }
 }
