@@ -940,6 +940,11 @@ impl ControlPlane {
         name: &str,
     ) -> Result<Vec<warren_runtime::ProcessInfo>, ControlError> {
         let rec = self.running(name)?;
+        // A frozen cgroup's processes are still in /proc; a paused VM's guest answers
+        // nothing until it runs again.
+        if rec.paused && rec.spec.backend == BackendKind::Vm {
+            return Err(ControlError::Paused { name: name.into() });
+        }
         Ok(self.node(&rec).processes(rec.spec.backend, &rec.id).await?)
     }
 

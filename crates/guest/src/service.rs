@@ -563,20 +563,21 @@ fn processes() -> Result<Vec<proto::GuestProcess>, Status> {
             Some((p, stat))
         })
         .collect();
-    // Descendants, found generation by generation from this process.
-    let mut wanted = std::collections::HashSet::from([std::process::id() as i32]);
-    loop {
-        let before = wanted.len();
-        for (_, stat) in &stats {
-            if wanted.contains(&stat.ppid) {
-                wanted.insert(stat.pid);
+    // Descendants: from this process down its children.
+    let me = std::process::id() as i32;
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
+    for (_, stat) in &stats {
+        children.entry(stat.ppid).or_default().push(stat.pid);
+    }
+    let mut wanted = std::collections::HashSet::new();
+    let mut next = vec![me];
+    while let Some(pid) = next.pop() {
+        for &child in children.get(&pid).into_iter().flatten() {
+            if wanted.insert(child) {
+                next.push(child);
             }
         }
-        if wanted.len() == before {
-            break;
-        }
     }
-    wanted.remove(&(std::process::id() as i32));
     let ticks = procfs::ticks_per_second().max(1);
     let page = procfs::page_size();
     let mut list: Vec<proto::GuestProcess> = stats
@@ -584,9 +585,17 @@ fn processes() -> Result<Vec<proto::GuestProcess>, Status> {
         .filter(|(_, stat)| wanted.contains(&stat.pid))
         .take(MAX_PROCESSES)
         .map(|(process, stat)| {
-            let mut command = match process.cmdline() {
-                Ok(args) if !args.is_empty() => args.join(" "),
-                _ => format!("[{}]", stat.comm),
+            // Read as bytes: arguments need not be UTF-8.
+            let raw = std::fs::read(format!("/proc/{}/cmdline", stat.pid)).unwrap_or_default();
+            let args: Vec<String> = raw
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let mut command = if args.is_empty() {
+                format!("[{}]", stat.comm)
+            } else {
+                args.join(" ")
             };
             if command.len() > MAX_COMMAND {
                 let mut end = MAX_COMMAND;

@@ -345,7 +345,7 @@ async fn processes_lists_the_workload_its_children_and_nothing_else() {
         .start(start(&["sh", "-c", "sleep 31 & sleep 32; wait"]))
         .await
         .unwrap();
-    // The shell's children start a moment after it.
+    // The shell's children start (and exec) a moment after it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let list = loop {
         let list = g
@@ -355,11 +355,25 @@ async fn processes_lists_the_workload_its_children_and_nothing_else() {
             .unwrap()
             .into_inner()
             .processes;
-        if list.len() >= 3 || tokio::time::Instant::now() >= deadline {
+        let execd = |c: &str| list.iter().any(|p| p.command == c);
+        if (execd("sleep 31") && execd("sleep 32")) || tokio::time::Instant::now() >= deadline {
             break list;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // Killed at the end, passed or failed: the sleepers outlive the guest otherwise.
+    struct Kill(Vec<u32>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _kill = Kill(list.iter().map(|p| p.pid).collect());
     let by_command = |c: &str| {
         list.iter()
             .find(|p| p.command == c)
@@ -378,10 +392,4 @@ async fn processes_lists_the_workload_its_children_and_nothing_else() {
         list.windows(2).all(|w| w[0].pid < w[1].pid),
         "sorted by pid: {list:?}"
     );
-    for p in &list {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
 }

@@ -577,31 +577,40 @@ impl Backend for VmBackend {
         let dir = self.dir(id);
         let started = crate::monitor::launch(&inner, id, &dir, &plan, &resources).await?;
         let (done_tx, done_rx) = watch::channel(false);
-        {
+        let recorded = {
             let mut sandboxes = inner.lock();
-            let Some(sb) = sandboxes.get_mut(id) else {
-                // Deleted while it started: its VM must not outlive it.
-                drop(sandboxes);
-                started.running.state.kill();
-                if let Some(cg) = inner.cgroup(id) {
-                    let _ = cg.kill_all();
-                    let _ = cg.remove();
+            match sandboxes.get_mut(id) {
+                None => false,
+                Some(sb) => {
+                    sb.status = BackendStatus::Running;
+                    sb.running = Some(started.running.clone());
+                    sb.done = Some(done_rx);
+                    sb.info
+                        .insert("pid".into(), started.running.qemu.pid.to_string());
+                    sb.info.insert("boot".into(), started.how.to_string());
+                    if started.how == "clone" {
+                        // Whether the create was a hand-out or waited for a restore.
+                        let from = if started.pooled { "pool" } else { "restore" };
+                        sb.info.insert("clone_from".into(), from.into());
+                    }
+                    // As the linux backend says it: pools count a hand-out as a hit.
+                    sb.info.insert("warm".into(), started.pooled.to_string());
+                    true
                 }
-                return Err(not_found(id));
-            };
-            sb.status = BackendStatus::Running;
-            sb.running = Some(started.running.clone());
-            sb.done = Some(done_rx);
-            sb.info
-                .insert("pid".into(), started.running.qemu.pid.to_string());
-            sb.info.insert("boot".into(), started.how.to_string());
-            if started.how == "clone" {
-                // Whether the create was a hand-out or waited for a restore.
-                let from = if started.pooled { "pool" } else { "restore" };
-                sb.info.insert("clone_from".into(), from.into());
             }
-            // As the linux backend says it: pools count a hand-out as a hit.
-            sb.info.insert("warm".into(), started.pooled.to_string());
+        };
+        if !recorded {
+            // Deleted while it started: its VM, cgroup and directory (made again by the
+            // start after the delete removed it) must not outlive it.
+            let mut started = started;
+            started.qemu.kill_and_wait(Duration::from_secs(5)).await;
+            started.running.state.kill();
+            if let Some(cg) = inner.cgroup(id) {
+                let _ = cg.kill_all();
+                let _ = cg.remove();
+            }
+            let _ = tokio::task::spawn_blocking(move || warren_runtime::remove_tree(&dir)).await;
+            return Err(not_found(id));
         }
         tokio::spawn(crate::monitor::run(crate::monitor::Watch {
             inner,
@@ -643,6 +652,7 @@ impl Backend for VmBackend {
     async fn processes(&self, id: &str) -> Result<Vec<warren_runtime::ProcessInfo>, BackendError> {
         let running = self.running(id)?;
         // A paused guest answers nothing; `top` does not unpause it behind the user's back.
+        // (The control plane refuses first; this is for a pause it has not recorded.)
         if running.paused.load(Ordering::SeqCst) {
             return Err(BackendError::Invalid(
                 "the VM is paused: its guest lists its processes once unpaused".into(),
@@ -672,17 +682,21 @@ impl Backend for VmBackend {
         };
         // The guest's numbering: the VM is the sandbox, and no host process stands for one
         // of the guest's. Guest-controlled input: bounded here as the guest bounds it.
+        let bound = |text: &mut String, most: usize| {
+            if text.len() > most {
+                let mut end = most;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
+        };
         Ok(list
             .into_iter()
             .take(4096)
             .map(|mut p| {
-                if p.command.len() > 4096 {
-                    let mut end = 4096;
-                    while !p.command.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    p.command.truncate(end);
-                }
+                bound(&mut p.command, 4096);
+                bound(&mut p.state, 8);
                 p
             })
             .map(|p| warren_runtime::ProcessInfo {

@@ -80,10 +80,15 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
 /// One process's line. Its pid and its parent's are the sandbox's own, as `ps` inside it
 /// shows them (a parent outside the sandbox, the init's, is 0); the host's pid beside them.
 fn row(p: &v1::Process, all: &[v1::Process]) -> Vec<String> {
-    let ppid = all
-        .iter()
-        .find(|q| q.pid == p.ppid)
-        .map_or(0, |parent| parent.sandbox_pid.unwrap_or(parent.pid));
+    let ppid = match p.sandbox_pid {
+        // The pids are the sandbox's already (a VM's guest): its parent's is too, listed
+        // or not (the guest's PID 1 is not).
+        None => p.ppid,
+        Some(_) => all
+            .iter()
+            .find(|q| q.pid == p.ppid)
+            .map_or(0, |parent| parent.sandbox_pid.unwrap_or(parent.pid)),
+    };
     vec![
         p.sandbox_pid.unwrap_or(p.pid).to_string(),
         // Without a pid of the sandbox's own, the pid is already the sandbox's (a VM's
@@ -149,11 +154,21 @@ mod tests {
             ["1", "4242", "0", "0", "S", size.as_str(), "0:00.02", "sh"]
         );
         assert_eq!(row(&child, &all)[..3], ["7", "4250", "1"]);
-        // A VM's processes have the guest's pids only: no host pid stands for them.
-        let guest = v1::Process {
+        // A VM's processes have the guest's pids only: no host pid stands for them, and
+        // their parent's pid is the guest's too, whether listed or not (its PID 1 is not).
+        let workload = v1::Process {
+            pid: 180,
             sandbox_pid: None,
+            ppid: 1,
             ..child
         };
-        assert_eq!(row(&guest, &[init, guest.clone()])[..3], ["4250", "-", "1"]);
+        let exec = v1::Process {
+            pid: 191,
+            ppid: 180,
+            ..workload.clone()
+        };
+        let guest = [workload.clone(), exec.clone()];
+        assert_eq!(row(&workload, &guest)[..3], ["180", "-", "1"]);
+        assert_eq!(row(&exec, &guest)[..3], ["191", "-", "180"]);
     }
 }
