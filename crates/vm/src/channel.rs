@@ -92,31 +92,62 @@ pub enum ChannelError {
     },
 }
 
+/// Where a client's connections go: shared with the client, so that a VM whose directory
+/// moved (a pool clone handed out to its sandbox) is reconnected at its new place.
+#[derive(Debug, Clone)]
+pub struct Target(std::sync::Arc<std::sync::RwLock<Address>>);
+
+impl Target {
+    pub fn new(address: Address) -> Target {
+        Target(std::sync::Arc::new(std::sync::RwLock::new(address)))
+    }
+
+    pub fn get(&self) -> Address {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The next connection (the client's connection, once it breaks) goes to `address`.
+    pub fn set(&self, address: Address) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = address;
+    }
+}
+
 /// A client whose calls go to `address` (connected lazily, reconnected when broken).
 pub fn client(address: &Address) -> Result<Client, ChannelError> {
-    let address = address.clone();
+    Ok(client_to(Target::new(address.clone())))
+}
+
+/// A client whose calls go to wherever `target` says when it connects.
+pub fn client_to(target: Target) -> Client {
     let connector = tower::service_fn(move |_: Uri| {
-        let address = address.clone();
-        async move {
-            let io = match address {
-                Address::Serial { path } => {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Io::Unix(greet(stream).await?)
-                }
-                Address::HybridVsock { path, port } => {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Io::Unix(hybrid_connect(stream, port).await?)
-                }
-                Address::Vsock { cid, port } => Io::Vsock(
-                    tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port))
-                        .await?,
-                ),
-            };
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
-        }
+        let address = target.get();
+        async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(connect(address).await?)) }
     });
     let channel = Endpoint::from_static("http://guest").connect_with_connector_lazy(connector);
-    Ok(GuestClient::new(channel).max_decoding_message_size(64 << 20))
+    GuestClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// One connection to the guest at `address`, past its greeting or `CONNECT`.
+async fn connect(address: Address) -> std::io::Result<Io> {
+    Ok(match address {
+        Address::Serial { path } => {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            Io::Unix(greet(stream).await?)
+        }
+        Address::HybridVsock { path, port } => {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            Io::Unix(hybrid_connect(stream, port).await?)
+        }
+        Address::Vsock { cid, port } => Io::Vsock(
+            tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port)).await?,
+        ),
+    })
 }
 
 /// Asks the vhost-user vsock device for a connection to the guest's `port`
@@ -164,6 +195,8 @@ async fn hybrid_connect(mut stream: tokio::net::UnixStream, port: u32) -> std::i
 #[derive(Debug)]
 pub struct Ready {
     pub client: Client,
+    /// Where the client connects (see [`Target`]).
+    pub target: Target,
     /// It takes a seed in `Start` ([`warren_guest::FEATURE_START_SEEDS`]): a clone's
     /// `Prepare` can be folded into its `Start`.
     pub start_seeds: bool,
@@ -186,7 +219,8 @@ pub async fn ready(
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         }
-        let mut c = client(address)?;
+        let target = Target::new(address.clone());
+        let mut c = client_to(target.clone());
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(remaining, c.ping(warren_guest::proto::PingRequest {})).await {
             Ok(Ok(reply)) => {
@@ -201,6 +235,7 @@ pub async fn ready(
                 let has = |feature: &str| reply.features.iter().any(|f| f == feature);
                 return Ok(Ready {
                     client: c,
+                    target,
                     start_seeds: has(warren_guest::FEATURE_START_SEEDS),
                     storage_limit: has(warren_guest::FEATURE_STORAGE_LIMIT),
                 });
@@ -402,6 +437,21 @@ mod tests {
         let mut rest = Vec::new();
         greeted.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"guest bytes");
+    }
+
+    #[tokio::test]
+    async fn a_targets_next_connection_goes_where_it_was_moved() {
+        let (_dir, path, task) = device(b"OK 5\n").await;
+        let target = Target::new(Address::HybridVsock {
+            path: path.with_file_name("gone.sock"),
+            port: 1024,
+        });
+        let err = connect(target.get()).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        let shared = target.clone();
+        shared.set(Address::HybridVsock { path, port: 1024 });
+        assert!(connect(target.get()).await.is_ok());
+        assert_eq!(task.await.unwrap(), "CONNECT 1024");
     }
 
     #[tokio::test]

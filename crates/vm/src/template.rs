@@ -529,6 +529,7 @@ async fn restore(
                 start_seeds: ready.start_seeds,
                 storage_limit: ready.storage_limit,
                 address,
+                target: ready.target,
                 device: None,
             })
         }
@@ -637,7 +638,14 @@ pub(crate) async fn take(inner: &Arc<Inner>, shape: &Shape, dir: &Path) -> Optio
                 return None;
             }
             let _ = std::fs::remove_file(dir.join(POOL_STATE));
-            Some((clone.booted, true))
+            // Its socket moved with it: a reconnect (after a broken connection) finds it.
+            let address = crate::channel::Address::Serial {
+                path: dir.join(qemu::CHANNEL_SOCKET),
+            };
+            clone.booted.target.set(address.clone());
+            let mut booted = clone.booted;
+            booted.address = address;
+            Some((booted, true))
         }
         None if ready(&template) => match restore(inner, shape, &template, dir, false).await {
             Ok(b) => Some((b, false)),

@@ -250,6 +250,8 @@ pub struct Booted {
     pub storage_limit: bool,
     /// Where its guest is reached.
     pub address: Address,
+    /// Where its client connects: moved with the VM's directory.
+    pub target: channel::Target,
     /// Its vhost-user vsock device, killed if this is dropped before [`Device::keep`].
     pub device: Option<Device>,
 }
@@ -427,6 +429,7 @@ pub async fn boot(
             start_seeds: ready.start_seeds,
             storage_limit: ready.storage_limit,
             address: link.address.clone(),
+            target: ready.target,
             device,
         }),
         Err(e) => {
