@@ -35,8 +35,10 @@ fi
 
 # The build's dependencies (their runtime libraries stay installed for the binary), and what
 # CRIU runs while dumping and restoring a network namespace (`ip`) and tmpfs mounts (`tar`).
+# libprotobuf-dev holds google/protobuf/descriptor.proto, which the upstream tarball links to
+# (protobuf-compiler only recommends it, and recommends are not installed here).
 build_deps=(build-essential pkg-config xz-utils
-  libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
+  libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
   libnl-3-dev libnl-route-3-dev libnet1-dev libcap-dev libbsd-dev libgnutls28-dev
   libnftables-dev uuid-dev libaio-dev iproute2 tar)
 missing=()
