@@ -261,21 +261,22 @@ fn a_killed_agent_loses_manual_sandboxes_and_auto_recreate_runs_elsewhere() {
         return;
     };
     let mut c = cluster(etcd, &[10, 10, 10], None, &["--orphan-timeout", "1s"]);
-    let specs: Vec<SandboxSpec> = (0..20)
-        .map(|i| {
-            let (kind, policy) = if i % 2 == 0 {
-                ("auto", FailurePolicy::AutoRecreate)
-            } else {
-                ("man", FailurePolicy::Manual)
-            };
-            SandboxSpec {
+    // One kind at a time: concurrent creates are placed in the order they arrive, so a
+    // mixed batch can leave one agent with a single kind. Each batch alone spreads over
+    // the least loaded agents, so every agent holds some of each.
+    for (kind, policy) in [
+        ("auto", FailurePolicy::AutoRecreate),
+        ("man", FailurePolicy::Manual),
+    ] {
+        let specs: Vec<SandboxSpec> = (0..10)
+            .map(|i| SandboxSpec {
                 failure_policy: policy,
                 ..spec(&format!("{kind}-{i}"))
-            }
-        })
-        .collect();
-    for r in create_all(&c.server, specs) {
-        r.unwrap();
+            })
+            .collect();
+        for r in create_all(&c.server, specs) {
+            r.unwrap();
+        }
     }
     let before = sandboxes(&c.server);
     let victim = "agent-2";
@@ -299,7 +300,7 @@ fn a_killed_agent_loses_manual_sandboxes_and_auto_recreate_runs_elsewhere() {
     let killed = Instant::now();
     c.agents[2].kill9();
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "AutoRecreate sandboxes running elsewhere and Manual ones Lost",
         || {
             let now = sandboxes(&c.server);

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster::{TestAgent, eventually};
+use cluster::{TestAgent, eventually, node_state};
 use common::{TestServer, http_get, json, stderr};
 use warren_control::Address;
 use warren_control::client::{self, Failover};
@@ -458,23 +458,6 @@ fn a_deposed_leader_stops_writing_and_exits() {
     let _ = client::parse_servers(&both).expect("list");
 }
 
-/// The state of agent `name` as `server` sees it ("" when it does not know it).
-fn node_state(server: &TestServer, name: &str) -> String {
-    let out = server.warren(&["nodes", "-o", "json"]);
-    if !out.status.success() {
-        return String::new();
-    }
-    let nodes = json(&String::from_utf8_lossy(&out.stdout));
-    nodes["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n["name"] == name)
-        .and_then(|n| n["state"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// A key in etcd (under warren's root): its value and lease, if it exists.
 fn etcd_get(etcd: &EtcdServer, key: &str) -> Option<(Vec<u8>, i64)> {
     runtime().block_on(async {
@@ -644,15 +627,18 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
     let Some(mut etcd) = EtcdServer::start() else {
         return;
     };
-    let start = |etcd: &EtcdServer| {
-        let mut args = on_etcd(etcd, "2s");
+    let start = |etcd: &EtcdServer, leader_ttl: &str| {
+        let mut args = on_etcd(etcd, leader_ttl);
         args.extend(["--local-capacity", "0"].map(String::from));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         TestServer::start_with(&args, Some(TOKEN))
     };
-    let mut a = start(&etcd);
+    // `a` keeps its leadership for 4 to 6 s once the store stops answering (a keep-alive
+    // every third of the TTL; lost after a whole TTL without one): the creates while it is
+    // paused must all land before that, on a machine maybe loaded.
+    let mut a = start(&etcd, "6s");
     wait_leading(&a, Duration::from_secs(10));
-    let b = start(&etcd);
+    let b = start(&etcd, "2s");
     let orphan_timeout = Duration::from_secs(2);
     let cgroups = linux_harness::Cgroups(format!("warren-it-orphans-{}", std::process::id()));
     let mut agent = TestAgent::prepare(
@@ -735,7 +721,7 @@ fn fast_creates_lost_with_an_unreachable_store_are_removed_by_the_janitor() {
         ids.insert(name, (new[0].clone(), sleep));
     }
     assert!(
-        paused.elapsed() < Duration::from_secs(2),
+        paused.elapsed() < Duration::from_secs(4),
         "fast creates waited for the store: {:?}",
         paused.elapsed()
     );

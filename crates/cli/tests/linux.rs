@@ -326,11 +326,16 @@ fn stop_kills_after_the_grace_period() {
         &[
             "sh",
             "-c",
-            "trap 'exit 0' TERM; while :; do sleep 0.1; done",
+            "trap 'exit 0' TERM; echo up; while :; do sleep 0.1; done",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("polite", "Running");
+    // Its trap is set once it says so: a SIGTERM before that would be ignored.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !l.ok(&["logs", "polite"]).contains("up") {
+        assert!(Instant::now() < deadline, "polite never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let started = Instant::now();
     l.ok(&["rm", "polite"]);
     assert!(
@@ -2112,6 +2117,7 @@ fn top_lists_every_process_in_the_sandbox() {
         return;
     }
     let l = Linux::start();
+    const SH: &str = "sh -c sleep 600 & sleep 601 & wait";
     let out = l.run("t", &[], &["sh", "-c", "sleep 600 & sleep 601 & wait"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let init: u64 = l.get("t")["status"]["backendInfo"]["pid"]
@@ -2119,12 +2125,21 @@ fn top_lists_every_process_in_the_sandbox() {
         .expect("pid")
         .parse()
         .expect("a number");
-    // Both sleeps are forked by the time `sh` waits; polled, since the create answers at
-    // its exec.
+    // Polled until both sleeps have exec'd and sleep: the create answers at the workload's
+    // exec, and a child forked but not yet exec'd shows its parent's command line.
+    let settled = |list: &serde_json::Value, commands: &[&str]| {
+        let items = list.as_array().map(Vec::as_slice).unwrap_or_default();
+        items.len() == commands.len()
+            && commands.iter().all(|c| {
+                items
+                    .iter()
+                    .any(|p| p["command"] == *c && (c.starts_with("sh ") || p["state"] == "S"))
+            })
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let list = loop {
         let list = json(&l.ok(&["top", "t", "-o", "json"]));
-        if list.as_array().map(Vec::len) == Some(3) {
+        if settled(&list, &[SH, "sleep 600", "sleep 601"]) {
             break list;
         }
         assert!(Instant::now() < deadline, "not 3 processes: {list}");
@@ -2138,7 +2153,7 @@ fn top_lists_every_process_in_the_sandbox() {
             .unwrap_or_else(|| panic!("no {c:?} in {list}"))
             .clone()
     };
-    let sh = by_command("sh -c sleep 600 & sleep 601 & wait");
+    let sh = by_command(SH);
     assert_eq!(sh["pid"], init, "{sh}");
     assert_eq!(sh["sandboxPid"], 1, "{sh}");
     for c in ["sleep 600", "sleep 601"] {
@@ -2162,7 +2177,7 @@ fn top_lists_every_process_in_the_sandbox() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let with_exec = loop {
         let list = json(&l.ok(&["top", "t", "-o", "json"]));
-        if list.as_array().map(Vec::len) == Some(4) {
+        if settled(&list, &[SH, "sleep 600", "sleep 601", "sleep 602"]) {
             break list;
         }
         assert!(Instant::now() < deadline, "not 4 processes: {list}");

@@ -14,7 +14,7 @@ mod linux_harness;
 
 use std::time::Duration;
 
-use cluster::{TestAgent, eventually};
+use cluster::{TestAgent, eventually, node_state};
 use common::{TestServer, http_get, json, stderr};
 use linux_harness::{skip_reason, stdout};
 
@@ -149,6 +149,10 @@ fn pools_on_a_remote_agent_hit_miss_and_max() {
     );
     linux_harness::import_busybox(agent.dir.path(), &agent.state_dir().join("images"));
     agent.spawn(TOKEN);
+    // It registers after it listens; the server has no agent of its own to fall back on.
+    eventually(Duration::from_secs(10), "the agent registered", || {
+        node_state(&server, "pooled") == "Up"
+    });
     let agent = LinuxAgent {
         agent,
         cgroup_parent,

@@ -175,6 +175,25 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The state of agent `name` as `server` sees it ("" when it does not know it, or the
+/// server does not answer).
+pub fn node_state(server: &TestServer, name: &str) -> String {
+    let out = server.warren(&["nodes", "-o", "json"]);
+    if !out.status.success() {
+        return String::new();
+    }
+    let nodes: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("`warren nodes -o json` prints JSON");
+    nodes["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == name)
+        .and_then(|n| n["state"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A plain HTTP/1.1 request (one connection, closed after): the status code and the body.
 pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
     let rest = url.strip_prefix("http://").expect("an http:// url");

@@ -483,12 +483,24 @@ async fn each_end_answers_its_own_waiters() {
         tokio::spawn(async move { plane.wait(name, Some(Duration::from_secs(10))).await })
     };
     let (a1, a2, b) = (waiting("a"), waiting("a"), waiting("b"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        plane.lock().waiters.get("a").map(Vec::len),
-        Some(2),
-        "the 50 that timed out were pruned"
-    );
+    // The three tasks register when they first run: polled, not slept on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (on_a, on_b) = {
+            let inner = plane.lock();
+            let count = |n: &str| inner.waiters.get(n).map_or(0, Vec::len);
+            (count("a"), count("b"))
+        };
+        if on_a == 2 && on_b == 1 {
+            break;
+        }
+        // Until a's first new waiter registers, the 50 that timed out are still there.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{on_a} waiters on a (the 50 that timed out should be pruned), {on_b} on b"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let gone = plane.delete("a", None).await.expect("delete");
     for w in [a1, a2] {
         let rec = w.await.expect("join").expect("answered");
