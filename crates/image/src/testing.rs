@@ -585,8 +585,23 @@ impl Registry {
     }
 
     /// Starts a registry storing into `dir` (created) and waits until it listens.
+    ///
+    /// A port picked free can be taken by someone else before the registry binds it: the
+    /// registry then exits, and another port is tried (five in all).
     pub fn start(dir: &Path) -> io::Result<Registry> {
         fs::create_dir_all(dir)?;
+        let mut last = None;
+        for _ in 0..5 {
+            match Self::start_on_a_free_port(dir)? {
+                Ok(registry) => return Ok(registry),
+                Err(exited) => last = Some(exited),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("registry did not start")))
+    }
+
+    /// `Ok(Err(_))` when the registry exited before it listened (its port was taken, say).
+    fn start_on_a_free_port(dir: &Path) -> io::Result<io::Result<Registry>> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -607,13 +622,31 @@ impl Registry {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let registry = Registry {
+        let mut registry = Registry {
             child,
             port,
             dir: dir.to_path_buf(),
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            // Checked first, and again once connected: a listener on the port that is not
+            // this registry must not pass for it.
+            if let Some(status) = registry.child.try_wait()? {
+                return Ok(Err(io::Error::other(format!(
+                    "registry on port {port} exited ({status}): {}",
+                    registry.log()
+                ))));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if let Some(status) = registry.child.try_wait()? {
+                    return Ok(Err(io::Error::other(format!(
+                        "registry on port {port} exited ({status}): {}",
+                        registry.log()
+                    ))));
+                }
+                return Ok(Ok(registry));
+            }
             if std::time::Instant::now() > deadline {
                 return Err(io::Error::other(format!(
                     "registry did not listen on {port}: {}",
@@ -622,7 +655,6 @@ impl Registry {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Ok(registry)
     }
 
     pub fn log(&self) -> String {
