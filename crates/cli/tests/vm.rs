@@ -1469,6 +1469,21 @@ fn a_vm_over_vhost_user_vsock_runs_execs_and_is_readopted() {
     ]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert_eq!(stdout(&out), "in box\n");
+    // Paused and resumed: the host's connection over vsock outlives the stopped vCPUs.
+    assert_eq!(vm.ok(&["pause", "box"]), "box\n");
+    assert_eq!(vm.get("box")["status"]["paused"], true);
+    let out = vm.warren(&["exec", "box", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("\"box\" is paused"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(vm.ok(&["unpause", "box"]), "box\n");
+    assert_eq!(
+        vm.ok(&["exec", "box", "--", "echo", "resumed"]),
+        "resumed\n"
+    );
 
     // kill -9 of the server: the VMs and their devices run on, and the next server
     // reconnects over vsock; a VM whose qemu died meanwhile is Failed, its device ended.

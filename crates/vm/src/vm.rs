@@ -276,11 +276,12 @@ pub struct Device {
 
 impl Device {
     /// Starts the device for the VM in `dir`, in `cgroup`, and waits until qemu can connect
-    /// to it.
+    /// to it, for at most `patience` (part of the VM's boot time).
     pub async fn start(
         program: &Path,
         dir: &Path,
         cgroup: Option<&warren_linux::cgroup::Cgroup>,
+        patience: Duration,
     ) -> Result<Device, BackendError> {
         let log = std::fs::File::create(dir.join(qemu::VSOCK_LOG))
             .map_err(|e| BackendError::io("create", &dir.join(qemu::VSOCK_LOG), e))?;
@@ -324,7 +325,7 @@ impl Device {
                 ))
             })?;
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + patience;
         while !socket.exists() {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(BackendError::Other(format!(
@@ -335,7 +336,8 @@ impl Device {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(BackendError::Other(format!(
-                    "the vsock device {} did not listen on {} within 5 s{}",
+                    "the vsock device {} did not listen on {} within {patience:?} \
+                     (hypervisor.boot_timeout_ms){}",
                     program.display(),
                     socket.display(),
                     tail_note(&dir.join(qemu::VSOCK_LOG))
@@ -383,8 +385,10 @@ pub async fn boot(
     cgroup: Option<&warren_linux::cgroup::Cgroup>,
     link: &Link,
 ) -> Result<Booted, BackendError> {
+    // The whole boot, the vsock device's start included, gets `patience`.
+    let began = tokio::time::Instant::now();
     let device = match &link.device {
-        Some(program) => Some(Device::start(program, dir, cgroup).await?),
+        Some(program) => Some(Device::start(program, dir, cgroup, patience).await?),
         None => None,
     };
     let child = qemu::spawn(program, args, dir).map_err(|e| BackendError::Io {
@@ -402,13 +406,12 @@ pub async fn boot(
             warren_runtime::error_chain(&e)
         )));
     }
-    let began = tokio::time::Instant::now();
     if !matches!(link.address, Address::Serial { .. }) {
         // Over vsock the host connects only once the guest says it listens: connections
         // that reached vhost-device-vsock before the guest's driver had set up its queues
         // were dropped ("a backend event before vring initialization"), and in about one
         // boot in 50 here every later connection of that VM was then reset by the device.
-        match guest_waiting(dir, &mut qemu, patience).await {
+        match guest_waiting(dir, &mut qemu, patience.saturating_sub(began.elapsed())).await {
             Ok(()) => {}
             Err(Some(how)) => return Err(boot_error(dir, "", Some(how))),
             Err(None) => {
