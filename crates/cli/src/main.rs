@@ -8,6 +8,7 @@ use clap::Parser;
 mod commands;
 mod object;
 mod output;
+mod strict;
 
 use commands::{Cli, UsageError};
 
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::printable_message(&format!("{e:#}")));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

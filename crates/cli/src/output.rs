@@ -52,6 +52,21 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
+/// An error message for the terminal: line breaks and tabs kept, any other control
+/// character shown escaped (`\u{1b}`), since a message may quote a server's, an image's or
+/// a file's bytes.
+pub fn printable_message(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn age(created_at_ms: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -157,4 +172,18 @@ pub fn print_value(value: &Value, format: Format) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(value)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_keep_lines_and_escape_terminal_controls() {
+        assert_eq!(
+            printable_message("a\n\tb \u{1b}]0;pwned\u{7}\u{1b}[2J\rc"),
+            "a\n\tb \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\rc"
+        );
+        assert_eq!(printable_message("plain: ünïcode"), "plain: ünïcode");
+    }
 }

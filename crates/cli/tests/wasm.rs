@@ -241,7 +241,15 @@ fn bad_modules_are_refused_and_nothing_remains() {
     let server = TestServer::start();
     let not_wasm = server.dir.path().join("x.wasm");
     std::fs::write(&not_wasm, "secret text").expect("write");
+    // A file beyond the size a module may have (sparse: it takes no disk), and a device
+    // that would never end: refused before the server reads them.
+    let huge = server.dir.path().join("huge.wasm");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len((512 << 20) + 1))
+        .expect("sparse file");
     let cases = [
+        (huge.display().to_string(), "larger than the 512 MiB"),
+        ("/dev/zero".to_string(), "not a regular file"),
         (
             not_wasm.display().to_string(),
             "is not a WebAssembly module",
@@ -259,6 +267,20 @@ fn bad_modules_are_refused_and_nothing_remains() {
         assert!(err.contains(&path) && err.contains(want), "{err}");
         assert!(!err.contains("secret text"), "{err}");
     }
+    // A server's message quoting bytes that would drive the terminal shows them escaped.
+    let out = server.warren(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        "/nonexistent/\u{1b}[2J.wasm",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        !err.contains('\u{1b}') && err.contains("/nonexistent/\\u{1b}[2J.wasm"),
+        "{err:?}"
+    );
     assert_eq!(server.ok(&["ls", "-o", "name"]), "");
 }
 

@@ -470,6 +470,7 @@ fn load_error(e: LoadError) -> BackendError {
             source,
         },
         LoadError::Invalid(message) => BackendError::Other(message),
+        LoadError::Refused(message) => BackendError::Invalid(message),
     }
 }
 

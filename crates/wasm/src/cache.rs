@@ -69,6 +69,51 @@ pub(crate) enum LoadError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Not something a module can be read from (a device, a directory, too large a file).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The largest module or component file loaded (the largest real ones are tens of MiB): a
+/// path to something bigger, or to a device like `/dev/zero`, must not fill the server's
+/// memory.
+pub(crate) const MAX_MODULE_BYTES: u64 = 512 << 20;
+
+/// Reads a module file: a regular file of at most [`MAX_MODULE_BYTES`] (checked on the open
+/// file, and again while reading, in case it grows).
+fn read_module(path: &Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read as _;
+    let shown = || path.display().to_string();
+    let read_error = |source| LoadError::Read {
+        path: shown(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(LoadError::Refused(format!(
+            "wasm module {}: not a regular file",
+            shown()
+        )));
+    }
+    let too_large = || {
+        LoadError::Refused(format!(
+            "wasm module {}: larger than the {} MiB a module may have",
+            shown(),
+            MAX_MODULE_BYTES >> 20
+        ))
+    };
+    if meta.len() > MAX_MODULE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_MODULE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_MODULE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 pub(crate) struct ModuleCache {
@@ -232,7 +277,7 @@ impl ModuleCache {
             debug!(module = %shown, "wasm: module cache hit (memory, file unchanged)");
             return Ok((pre, Source::Memory));
         }
-        let bytes = std::fs::read(path).map_err(read_error)?;
+        let bytes = read_module(path)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         // Only an identity taken before the read may vouch for these bytes; one that
         // changed meanwhile just misses next time.
