@@ -105,7 +105,8 @@ pub fn each_document<T>(
     let mut out = Vec::new();
     for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let at = format!("{source}, document {}", i + 1);
-        let value: Value = serde::Deserialize::deserialize(doc)
+        // Strictly: `.nan`/`.inf` and duplicate keys are refused, not dropped.
+        let crate::strict::Strict(value) = serde::Deserialize::deserialize(doc)
             .with_context(|| format!("{at}: not valid YAML"))?;
         if value.is_null() {
             continue;

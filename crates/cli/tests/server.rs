@@ -351,6 +351,25 @@ fn tcp_needs_the_token() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
+    // Nor with a token no client could send.
+    for bad in ["é", "two words"] {
+        let out = common::run_with_stdin(
+            {
+                let mut c = std::process::Command::new(common::WARREN);
+                c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir"])
+                    .arg(dir.path())
+                    .env("WARREN_TOKEN", bad);
+                c
+            },
+            None,
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            stderr(&out).contains("printable ASCII without spaces"),
+            "{}",
+            stderr(&out)
+        );
+    }
 
     let server = TestServer::start_with(&[], Some("s3cret"));
     assert!(
@@ -389,6 +408,21 @@ fn tcp_needs_the_token() {
         stderr(&wrong).contains("token is wrong"),
         "{}",
         stderr(&wrong)
+    );
+    let unsendable = common::run_with_stdin(
+        {
+            let mut c = std::process::Command::new(common::WARREN);
+            c.args(["ls", "--token", "é"])
+                .env("WARREN_SERVER", &server.address);
+            c
+        },
+        None,
+    );
+    assert_eq!(unsendable.status.code(), Some(1));
+    assert!(
+        stderr(&unsendable).contains("printable ASCII without spaces"),
+        "{}",
+        stderr(&unsendable)
     );
     assert!(
         !server.log().contains("s3cret"),
@@ -848,4 +882,114 @@ fn the_server_raises_its_open_file_limit() {
     assert_eq!(numbers.len(), 2, "{line}");
     assert_ne!(numbers[0], "256", "not raised: {line}");
     assert_eq!(numbers[0], numbers[1], "soft is the hard limit: {line}");
+}
+
+/// What YAML can say but JSON cannot (`.nan`, `.inf`, a key twice) is refused by name,
+/// never silently dropped; so is an expiry already past.
+#[test]
+fn apply_refuses_non_finite_numbers_duplicate_keys_and_past_expiries() {
+    let server = TestServer::start();
+    let cases = [
+        (
+            "sandbox",
+            "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: a}\n\
+             spec: {resources: {limits: {cpu: .inf}}}\n",
+            ".inf is not a finite number",
+        ),
+        (
+            "sandbox",
+            "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: a}\n\
+             spec: {timeoutSeconds: .nan}\n",
+            ".nan is not a finite number",
+        ),
+        (
+            "sandbox",
+            "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: a, name: b}\n",
+            "duplicate key \"name\"",
+        ),
+        (
+            "sandbox",
+            "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {name: a}\nspec: {expireTime: 1}\n",
+            "spec.expireTime: \"1\" is in the past",
+        ),
+        (
+            "policy",
+            "apiVersion: warren.dev/v1\nkind: Policy\nmetadata: {name: p}\n\
+             spec: {maxLifetimeSeconds: .nan}\n",
+            ".nan is not a finite number",
+        ),
+        (
+            "policy",
+            "apiVersion: warren.dev/v1\nkind: Policy\nmetadata: {name: p}\n\
+             spec: {mode: audit, mode: enforce}\n",
+            "duplicate key \"mode\"",
+        ),
+    ];
+    for (i, (what, text, want)) in cases.iter().enumerate() {
+        let file = server.dir.path().join(format!("{i}.yaml"));
+        std::fs::write(&file, text).expect("write");
+        let f = file.to_str().expect("utf8");
+        let args: &[&str] = if *what == "policy" {
+            &["policy", "apply", "-f", f]
+        } else {
+            &["apply", "-f", f]
+        };
+        let out = server.warren(args);
+        assert_ne!(out.status.code(), Some(0), "{text}");
+        assert!(stderr(&out).contains(want), "{text}: {}", stderr(&out));
+    }
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "");
+    assert_eq!(server.ok(&["policy", "ls", "-o", "name"]), "");
+    // Through the flags: an expiry under a second is refused before any call.
+    for flag in ["0", "1ns", "999ms"] {
+        let out = server.warren(&["run", "--name", "x", "--expire-in", flag]);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert!(
+            stderr(&out).contains("--expire-in") && stderr(&out).contains("at least 1s"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    server.ok(&["run", "--name", "kept"]);
+    let out = server.warren(&["update", "kept", "--expire-in", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(server.ok(&["ls", "-o", "name"]), "kept\n");
+
+    // `watch` prints the formats it accepts: its first event here is kept's ADDED.
+    for (format, want) in [
+        ("name", vec!["kept"]),
+        ("yaml", vec!["---", "object:", "sequence:", "type: ADDED"]),
+    ] {
+        let mut watch = std::process::Command::new(common::WARREN)
+            .args(["watch", "-o", format])
+            .env("WARREN_SERVER", &server.address)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("watch");
+        let rx = common::lines_of(watch.stdout.take().expect("stdout"));
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !want
+            .iter()
+            .all(|w| seen.iter().any(|l: &String| l.starts_with(w)))
+        {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        let _ = watch.kill();
+        let _ = watch.wait();
+        for w in &want {
+            assert!(
+                seen.iter().any(|l| l.starts_with(w)),
+                "-o {format}: {seen:?}"
+            );
+        }
+        if format == "name" {
+            assert_eq!(seen[0], "kept", "{seen:?}");
+        }
+    }
 }

@@ -41,7 +41,7 @@ pub enum ConnectError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("the token is not a valid header value (printable ASCII only)")]
+    #[error("the token is not a valid header value (printable ASCII without spaces only)")]
     BadToken,
     #[error("no warren server leads among {tried}")]
     NoLeader { tried: String },
@@ -121,6 +121,8 @@ async fn connect_channel(
         }
     };
     let bearer = match token {
+        // A header takes bytes above ASCII too, but the server would never match them.
+        Some(t) if !valid_token(t) => return Err(ConnectError::BadToken),
         Some(t) => Bearer(Some(
             format!("Bearer {t}")
                 .parse()
@@ -333,6 +335,11 @@ impl Failover {
             }
         }
     }
+}
+
+/// Whether `token` can be sent as a bearer token: printable ASCII, no spaces, not empty.
+pub fn valid_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ pub enum Command {
     /// Stop sandboxes' workloads (SIGTERM, then SIGKILL after the grace period) and keep
     /// the sandboxes, Stopped, until `rm`.
     Stop(stop::Args),
-    /// Send a signal to sandboxes' workloads (SIGKILL unless -s says otherwise).
+    /// Send a signal to sandboxes' workloads (SIGKILL unless --signal says otherwise).
     Kill(kill::Args),
     /// Freeze running sandboxes' workloads where they are (memory kept, no CPU).
     Pause(pause::Args),
@@ -309,7 +309,7 @@ impl std::fmt::Display for ServerError {
         match self.0.code() {
             tonic::Code::Unavailable if msg.is_empty() => write!(f, "the server is unavailable"),
             _ if msg.is_empty() => write!(f, "{:?}", self.0.code()),
-            _ => f.write_str(msg),
+            _ => f.write_str(&crate::output::printable_message(msg)),
         }
     }
 }
@@ -374,6 +374,16 @@ where
 pub fn answer<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
     r.map(tonic::Response::into_inner)
         .map_err(|s| ServerError(s).into())
+}
+
+/// `--expire-in`: a duration of at least a second (an expiry is kept in whole seconds, and
+/// a shorter one would delete the sandbox as it is made).
+pub fn expiry(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 /// Parses repeated `KEY=VALUE` flags.

@@ -135,6 +135,12 @@ async fn ls(format: Format, g: &Globals) -> anyhow::Result<ExitCode> {
         output::print_value(&list, format)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if format == Format::Name {
+        for p in &reply.policies {
+            println!("{}", output::printable(&p.name));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let rows: Vec<Vec<String>> = reply
         .policies
         .iter()

@@ -142,8 +142,8 @@ pub struct Args {
     /// Pool to take a pre-warmed sandbox from.
     #[arg(long)]
     pool: Option<String>,
-    /// Delete the sandbox after this long, e.g. 30m, 2h.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Delete the sandbox after this long, e.g. 30m, 2h (at least 1s).
+    #[arg(long, value_parser = super::expiry)]
     expire_in: Option<Duration>,
     /// Program to run instead of the image's entrypoint (linux); what follows `--` are its
     /// arguments, replacing the image's command.

@@ -236,6 +236,14 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     if token.as_deref() == Some("") {
         return Err(usage("the token is empty"));
     }
+    if token
+        .as_deref()
+        .is_some_and(|t| !warren_control::client::valid_token(t))
+    {
+        return Err(usage(
+            "the token must be printable ASCII without spaces (a client could never send it)",
+        ));
+    }
     let slot_capacity: SlotCapacity = args
         .slot_capacity
         .parse()

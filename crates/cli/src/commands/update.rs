@@ -28,8 +28,8 @@ pub struct Args {
     /// Remove annotation KEY (repeatable).
     #[arg(long = "annotation-rm")]
     remove_annotations: Vec<String>,
-    /// Delete the sandbox this long from now, e.g. 30m.
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "no_expire")]
+    /// Delete the sandbox this long from now, e.g. 30m (at least 1s).
+    #[arg(long, value_parser = super::expiry, conflicts_with = "no_expire")]
     expire_in: Option<Duration>,
     /// Remove the expiry.
     #[arg(long)]

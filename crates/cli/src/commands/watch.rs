@@ -16,7 +16,8 @@ pub struct Args {
     /// Do not start with the sandboxes that exist now.
     #[arg(long)]
     no_initial: bool,
-    /// Output: table (one line per event) or json (one object per line).
+    /// Output: table or wide (one line per event), json (one object per line), yaml (one
+    /// document per event) or name (the sandbox's name per event).
     #[arg(short, long, value_enum, default_value = "table")]
     output: Format,
 }
@@ -41,9 +42,18 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             _ => "UNKNOWN",
         };
         let sb = ev.sandbox.unwrap_or_default();
+        let event = || -> anyhow::Result<serde_json::Value> {
+            Ok(
+                serde_json::json!({"type": kind, "sequence": ev.sequence, "object": object::to_object(&sb)?}),
+            )
+        };
         if args.output == Format::Json {
-            let line = serde_json::json!({"type": kind, "sequence": ev.sequence, "object": object::to_object(&sb)?});
-            println!("{line}");
+            println!("{}", event()?);
+        } else if args.output == Format::Yaml {
+            print!("---\n{}", yaml_serde::to_string(&event()?)?);
+        } else if args.output == Format::Name {
+            let name = sb.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+            println!("{}", printable(name));
         } else {
             let name = sb.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
             let phase = sb.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");

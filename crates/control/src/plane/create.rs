@@ -33,6 +33,7 @@ impl ControlPlane {
         let resources = spec
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+        refuse_past_expiry(spec.expire_time)?;
         let applied = self.admit(&spec, &resources)?;
         let mut pending = SandboxRecord::creating(spec, resources, String::new(), applied.as_ref());
         {
@@ -240,5 +241,18 @@ impl ControlPlane {
             warn!(sandbox = %name, error = %e, "could not remove the record of a failed create");
         }
         self.lock().remove(name);
+    }
+}
+
+/// An expiry already past would delete the sandbox as it is made: refused, naming the
+/// field, at create and when an update sets it. (The current second is still accepted.)
+pub(super) fn refuse_past_expiry(expire_time: Option<i64>) -> Result<(), ControlError> {
+    let now = now_ms() / 1000;
+    match expire_time {
+        Some(t) if t < now => Err(ControlError::InvalidSpec(format!(
+            "spec.expireTime: \"{t}\" is in the past (the server's clock says {now}, in unix \
+             seconds): the sandbox would be deleted as soon as it is made"
+        ))),
+        _ => Ok(()),
     }
 }

@@ -329,12 +329,36 @@ async fn pause_is_recorded_refuses_exec_and_ends_with_a_stop() {
 async fn expired_sandboxes_are_deleted() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let plane = plane_at(tmp.path(), "");
+    // An expiry already past is refused, at create and in an update.
+    let mut past = spec("past");
+    past.expire_time = Some(now_ms() / 1000 - 1);
+    match plane.create(past).await {
+        Err(ControlError::InvalidSpec(m)) => {
+            assert!(
+                m.contains("spec.expireTime") && m.contains("in the past"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
     let mut old = spec("old");
-    old.expire_time = Some(now_ms() / 1000 - 1);
+    let at = now_ms() / 1000 + 1;
+    old.expire_time = Some(at);
     plane.create(old).await.expect("create");
     let mut young = spec("young");
     young.expire_time = Some(now_ms() / 1000 + 3600);
     plane.create(young).await.expect("create");
+    let back = SandboxUpdate {
+        expire_time: Some(Some(now_ms() / 1000 - 1)),
+        ..SandboxUpdate::default()
+    };
+    assert!(matches!(
+        plane.update("young", back).await,
+        Err(ControlError::InvalidSpec(_))
+    ));
+    while now_ms() / 1000 < at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(plane.expire().await, 1);
     assert!(plane.get("old").is_err());
     assert!(plane.get("young").is_ok());

@@ -31,6 +31,9 @@ impl ControlPlane {
                     actual,
                 });
             }
+            if let Some(expire) = update.expire_time {
+                super::create::refuse_past_expiry(expire)?;
+            }
             let mut spec = entry.record.spec.clone();
             apply_update(&mut spec, &update);
             if spec == entry.record.spec {
