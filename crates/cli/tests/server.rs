@@ -793,6 +793,36 @@ sed -i 's/^metadata:$/metadata:\n  labels: {team: infra}/' "$1""#,
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("lots"), "{}", stderr(&out));
     assert!(!server.warren(&["get", "never"]).status.success());
+    // The edits are kept, in a file the error names, whether the client or the server
+    // refused them (here: a name taken by a different sandbox).
+    for (script, flags) in [
+        (
+            r#"sed -i 's/cpu: 500m/cpu: lots/' "$1""#,
+            ["--name", "never"],
+        ),
+        (
+            r#"sed -i 's/^  name: .*/  name: edited/' "$1""#,
+            ["--name", "other"],
+        ),
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["--cpu", "500m"]);
+        let out = run_edited(&server, script, &args);
+        assert_ne!(out.status.code(), Some(0));
+        let err = stderr(&out);
+        let kept = err
+            .split("your edits are kept in ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("no kept file named: {err}"));
+        let text = std::fs::read_to_string(kept).expect("the kept file");
+        std::fs::remove_file(kept).expect("remove the kept file");
+        assert!(
+            text.contains("cpu: lots") || text.contains("name: edited"),
+            "{text}"
+        );
+    }
+    assert!(!server.warren(&["get", "other"]).status.success());
 }
 
 #[test]

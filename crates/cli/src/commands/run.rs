@@ -290,9 +290,14 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let mut spec = build_spec(&args)?;
+    // The edited file, kept (and named) if the server refuses what it says.
+    let mut edited_file = None;
     if args.edit || bare_on_a_terminal() {
         match edit(&spec)? {
-            Some(edited) => spec = edited,
+            Some((edited, file)) => {
+                spec = edited;
+                edited_file = Some(file);
+            }
             None => {
                 eprintln!("edit cancelled: the file was empty; nothing created");
                 return Ok(ExitCode::SUCCESS);
@@ -318,7 +323,12 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                 async move { c.create_sandbox(request).await }
             })
             .await,
-    )?;
+    )
+    .map_err(|e| match edited_file.take() {
+        Some(file) => keep_edits(file, e),
+        None => e,
+    })?;
+    drop(edited_file);
     let mut client = failover.client().await?;
     let sb = reply.sandbox.unwrap_or_default();
     if args.wait {
@@ -358,9 +368,21 @@ fn bare_on_a_terminal() -> bool {
         && std::io::stdout().is_terminal()
 }
 
+/// Keeps the edited file past this command and says where it is, after `e`: edits are
+/// never thrown away with an error.
+fn keep_edits(file: tempfile::NamedTempFile, e: anyhow::Error) -> anyhow::Error {
+    match file.keep() {
+        Ok((_, path)) => e.context(format!(
+            "your edits are kept in {} (fix them, then `warren apply -f` it)",
+            path.display()
+        )),
+        Err(_) => e,
+    }
+}
+
 /// Writes `spec` as a YAML object to a temp file, opens the user's editor on it and reads
-/// back what was saved: `None` when it was emptied.
-fn edit(spec: &SandboxSpec) -> anyhow::Result<Option<SandboxSpec>> {
+/// back what was saved, with the file: `None` when it was emptied.
+fn edit(spec: &SandboxSpec) -> anyhow::Result<Option<(SandboxSpec, tempfile::NamedTempFile)>> {
     use anyhow::Context as _;
     let mut object = crate::object::to_object(&v1::Sandbox {
         spec: Some(spec_to_pb(spec)),
@@ -406,14 +428,20 @@ fn edit(spec: &SandboxSpec) -> anyhow::Result<Option<SandboxSpec>> {
     if blank {
         return Ok(None);
     }
-    let mut specs = crate::object::from_documents(&text, "the edited file")?;
+    let mut specs = match crate::object::from_documents(&text, "the edited file") {
+        Ok(specs) => specs,
+        Err(e) => return Err(keep_edits(file, e)),
+    };
     if specs.len() != 1 {
-        return Err(usage(format!(
-            "the edited file holds {} sandboxes; `warren run` creates one (use `warren apply -f`)",
-            specs.len()
-        )));
+        return Err(keep_edits(
+            file,
+            usage(format!(
+                "the edited file holds {} sandboxes; `warren run` creates one (use `warren apply -f`)",
+                specs.len()
+            )),
+        ));
     }
-    Ok(specs.pop())
+    Ok(specs.pop().map(|spec| (spec, file)))
 }
 
 /// Largest `--stdin` accepted: what fits in one gRPC message beside the spec.
