@@ -395,6 +395,8 @@ fn bad_cluster_flags_name_the_flag() {
         ),
         (vec!["agent", "--server", ",", "--token", "t"], "--server"),
         (vec!["server", "--consistency", "eventual"], "--consistency"),
+        (vec!["server", "--node", ""], "--node"),
+        (vec!["server", "--node", "evil\u{1b}]0;x\u{7}"], "--node"),
         (vec!["run", "--mode", "eventual"], "--mode"),
     ] {
         let mut cmd = std::process::Command::new(common::WARREN);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use warren_proto::{resource_info_from_pb, v1};
 
 use super::{Globals, answer};
-use crate::output::{Format, print_value, table};
+use crate::output::{Format, print_value, printable, table};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -31,9 +31,9 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         print_value(&value, args.output)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("version:   {}", info.version);
-    println!("node:      {}", info.node);
-    println!("store:     {}", info.store);
+    println!("version:   {}", printable(&info.version));
+    println!("node:      {}", printable(&info.node));
+    println!("store:     {}", printable(&info.store));
     println!("sandboxes: {}", info.sandboxes);
     println!("allocated: {}", allocated.to_json());
     println!();

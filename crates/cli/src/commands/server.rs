@@ -233,6 +233,10 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         ),
         None => g.token.clone(),
     };
+    if let Some(node) = &args.node {
+        // As an agent's: it names the node in tables, records and metrics.
+        warren_spec::validate_name("--node", node).map_err(|e| usage(e.to_string()))?;
+    }
     if token.as_deref() == Some("") {
         return Err(usage("the token is empty"));
     }
