@@ -68,11 +68,36 @@ pub struct SyscallPolicy {
 
 /// A syscall by name (`ptrace`), or with conditions on its arguments, all of which must
 /// hold for the entry to match.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum SyscallEntry {
     Name(String),
     Rule(SyscallRule),
+}
+
+// By hand rather than `untagged`: a rule's own error (an unknown `op`, say) reaches the
+// user, where an untagged enum only says that no variant matched.
+impl<'de> Deserialize<'de> for SyscallEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = SyscallEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a syscall name, or {name, args} with conditions on its arguments")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SyscallEntry, E> {
+                Ok(SyscallEntry::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<SyscallEntry, A::Error> {
+                SyscallRule::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(SyscallEntry::Rule)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,11 +187,38 @@ pub struct EgressRule {
     pub ports: Vec<PortEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum PortEntry {
     Port(u16),
     Range(String),
+}
+
+// By hand rather than `untagged`, so that a bad entry's error names its value.
+impl<'de> Deserialize<'de> for PortEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl serde::de::Visitor<'_> for Entry {
+            type Value = PortEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port (1 to 65535) or a range \"LOW-HIGH\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortEntry, E> {
+                u16::try_from(v)
+                    .map(PortEntry::Port)
+                    .map_err(|_| E::custom(format_args!("{v} is not a port (1 to 65535)")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortEntry, E> {
+                u16::try_from(v)
+                    .map(PortEntry::Port)
+                    .map_err(|_| E::custom(format_args!("{v} is not a port (1 to 65535)")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortEntry, E> {
+                Ok(PortEntry::Range(v.to_string()))
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 /// Paths inside the sandbox (absolute; a path covers everything below it). A mount must

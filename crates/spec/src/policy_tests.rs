@@ -537,4 +537,30 @@ fn policy_spec_reads_yaml_style_json() {
     assert_eq!(back, spec);
     let e = serde_json::from_str::<PolicySpec>(r#"{"network": {"mode": "open"}}"#).unwrap_err();
     assert!(e.to_string().contains("open"), "{e}");
+    // A bad entry of a list that takes two forms is named, not "no variant matched".
+    for (json, want) in [
+        (
+            r#"{"network": {"mode": "egress", "egress": [{"cidr": "10.0.0.0/8", "ports": [443, 70000]}]}}"#,
+            "70000 is not a port (1 to 65535)",
+        ),
+        (
+            r#"{"network": {"mode": "egress", "egress": [{"cidr": "10.0.0.0/8", "ports": [true]}]}}"#,
+            "a port (1 to 65535) or a range",
+        ),
+        (
+            r#"{"syscalls": {"deny": [{"name": "kill", "args": [{"index": 0, "op": "foo", "value": 1}]}]}}"#,
+            "unknown variant `foo`",
+        ),
+        (
+            r#"{"syscalls": {"deny": [{"name": "kill", "flags": 1}]}}"#,
+            "unknown field `flags`",
+        ),
+        (
+            r#"{"syscalls": {"deny": [7]}}"#,
+            "a syscall name, or {name, args}",
+        ),
+    ] {
+        let e = serde_json::from_str::<PolicySpec>(json).unwrap_err();
+        assert!(e.to_string().contains(want), "{json}: {e}");
+    }
 }
