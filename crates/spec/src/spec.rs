@@ -674,6 +674,10 @@ fn validate_annotations(annotations: &BTreeMap<String, String>) -> Result<(), Sp
             let reason = format!("is not an annotation key (1 to {MAX_ANNOTATION_KEY_LEN} bytes)");
             return Err(SpecError::invalid("spec.annotations", key, reason));
         }
+        if let Some(c) = key.chars().find(|c| c.is_control()) {
+            let reason = format!("is not an annotation key: it contains {c:?}");
+            return Err(SpecError::invalid("spec.annotations", key, reason));
+        }
         total += key.len() + value.len();
     }
     if total > MAX_ANNOTATIONS_BYTES {

@@ -178,6 +178,13 @@ fn other_fields() {
     let mut s = spec("a");
     s.annotations.insert(String::new(), "x".into());
     assert!(first_error(&s).starts_with("spec.annotations: \"\" is not an annotation key"));
+    s.annotations.clear();
+    s.annotations.insert("k\u{1b}[31m".into(), "v".into());
+    let e = first_error(&s);
+    assert!(
+        e.contains("is not an annotation key: it contains '\\u{1b}'") && !e.contains('\u{1b}'),
+        "{e}"
+    );
 
     let mut s = spec("a");
     s.annotations.insert("big".into(), "x".repeat(300 * 1024));
