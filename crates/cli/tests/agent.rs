@@ -396,6 +396,8 @@ fn bad_cluster_flags_name_the_flag() {
         (vec!["agent", "--server", ",", "--token", "t"], "--server"),
         (vec!["server", "--consistency", "eventual"], "--consistency"),
         (vec!["server", "--node", ""], "--node"),
+        (vec!["ls", "--log-level", "["], "--log-level"),
+        (vec!["server", "--log-level", "warren=bogus"], "--log-level"),
         (vec!["server", "--node", "evil\u{1b}]0;x\u{7}"], "--node"),
         (vec!["run", "--mode", "eventual"], "--mode"),
     ] {

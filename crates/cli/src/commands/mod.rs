@@ -52,7 +52,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "WARREN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
-    #[arg(long, global = true, env = "WARREN_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "WARREN_LOG", default_value = "info", value_parser = log_filter)]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
@@ -163,6 +163,15 @@ pub fn raise_open_files() {
 
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
+}
+
+/// `--log-level`: a level or a tracing filter, checked as it is parsed (a bad one would
+/// otherwise fall back to `info` without a word).
+fn log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("not a level or a tracing filter ({e})"))
 }
 
 pub fn init_logging(cli: &Cli) {
