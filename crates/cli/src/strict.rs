@@ -112,18 +112,26 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
-/// A mapping's key: a string, or a number or bool written as one (YAML allows `80: x`).
+/// A mapping's key, as written: YAML's typing is not applied to keys (`TRUE`, `1.10`, `~`
+/// or `0x1F` as an env name or label key stay that text), as when reading into JSON.
 struct Key(String);
 
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match StrictVisitor.visit_some(d)? {
-            Value::String(s) => Ok(Key(s)),
-            v @ (Value::Number(_) | Value::Bool(_)) => Ok(Key(v.to_string())),
-            v => Err(de::Error::custom(format_args!(
-                "a mapping's key must be a string, not {v}"
-            ))),
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                Ok(Key(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key, E> {
+                Ok(Key(v))
+            }
         }
+        d.deserialize_str(KeyVisitor)
     }
 }
 
@@ -144,6 +152,14 @@ mod tests {
             v,
             serde_json::json!({"a": 1, "b": -2, "c": 1.5, "d": ["x", true, null],
                 "e": {"f": "80"}, "80": "port"})
+        );
+        // Keys stay as written, whatever YAML would make of them as values.
+        let v = read("env: {NULL: a, TRUE: b, ~: c, 1.10: d, 0x1F: e, 1e3: f, +80: g, .inf: h}")
+            .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"env": {"NULL": "a", "TRUE": "b", "~": "c", "1.10": "d",
+                "0x1F": "e", "1e3": "f", "+80": "g", ".inf": "h"}})
         );
         let v = read(r#"{"a": [1, 2.5, "x"], "b": null}"#).unwrap();
         assert_eq!(v, serde_json::json!({"a": [1, 2.5, "x"], "b": null}));

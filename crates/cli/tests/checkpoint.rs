@@ -401,6 +401,18 @@ fn slot_sandboxes_checkpoint_their_record_and_wasm_says_unsupported() {
         "{}",
         stderr(&out)
     );
+    // A checkpoint kept past its sandbox's expiry is not restored only to be deleted.
+    server.ok(&["run", "--name", "brief", "--expire-in", "1s"]);
+    assert_eq!(server.ok(&["checkpoint", "brief", "--name", "bk"]), "bk\n");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let out = server.warren(&["restore", "bk", "--name", "brief2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("spec.expireTime") && stderr(&out).contains("in the past"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!server.warren(&["get", "brief2"]).status.success());
     // A wasm sandbox (a module that spins until its timeout) has no checkpoint.
     let wat = server.dir.path().join("spin.wat");
     std::fs::write(&wat, "(module (func (export \"_start\") (loop br 0)))").unwrap();

@@ -247,8 +247,11 @@ fn bad_modules_are_refused_and_nothing_remains() {
     std::fs::File::create(&huge)
         .and_then(|f| f.set_len((512 << 20) + 1))
         .expect("sparse file");
+    let fifo = server.dir.path().join("fifo.wasm");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
     let cases = [
         (huge.display().to_string(), "larger than the 512 MiB"),
+        (fifo.display().to_string(), "not a regular file"),
         ("/dev/zero".to_string(), "not a regular file"),
         (
             not_wasm.display().to_string(),

@@ -41,7 +41,7 @@ pub enum ConnectError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("the token is not a valid header value (printable ASCII without spaces only)")]
+    #[error("the token is not a valid header value (printable ASCII, spaces only between words)")]
     BadToken,
     #[error("no warren server leads among {tried}")]
     NoLeader { tried: String },
@@ -120,7 +120,8 @@ async fn connect_channel(
                 .map_err(unreachable)?
         }
     };
-    let bearer = match token {
+    // An empty token (`WARREN_TOKEN=` in a unit file) is no token, as it always was.
+    let bearer = match token.filter(|t| !t.is_empty()) {
         // A header takes bytes above ASCII too, but the server would never match them.
         Some(t) if !valid_token(t) => return Err(ConnectError::BadToken),
         Some(t) => Bearer(Some(
@@ -337,9 +338,13 @@ impl Failover {
     }
 }
 
-/// Whether `token` can be sent as a bearer token: printable ASCII, no spaces, not empty.
+/// Whether `token` can be sent as a bearer token and matched as given: printable ASCII,
+/// spaces only between words (a header value's ends are trimmed), not empty.
 pub fn valid_token(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty()
+        && !token.starts_with(' ')
+        && !token.ends_with(' ')
+        && token.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
 #[cfg(test)]

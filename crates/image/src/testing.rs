@@ -629,22 +629,15 @@ impl Registry {
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
-            // Checked first, and again once connected: a listener on the port that is not
-            // this registry must not pass for it.
+            // A registry that exited (its port taken) is retried on another port; a
+            // listener that is not a registry never passes for it.
             if let Some(status) = registry.child.try_wait()? {
                 return Ok(Err(io::Error::other(format!(
                     "registry on port {port} exited ({status}): {}",
                     registry.log()
                 ))));
             }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                if let Some(status) = registry.child.try_wait()? {
-                    return Ok(Err(io::Error::other(format!(
-                        "registry on port {port} exited ({status}): {}",
-                        registry.log()
-                    ))));
-                }
+            if answers_as_a_registry(port) {
                 return Ok(Ok(registry));
             }
             if std::time::Instant::now() > deadline {
@@ -688,4 +681,25 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether what listens on 127.0.0.1:`port` answers `GET /v2/` as a distribution registry
+/// does (with its `Docker-Distribution-Api-Version` header).
+fn answers_as_a_registry(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if conn
+        .write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut reply = Vec::new();
+    let _ = conn.take(64 * 1024).read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply)
+        .to_ascii_lowercase()
+        .contains("docker-distribution-api-version")
 }

@@ -88,6 +88,13 @@ fn read_module(path: &Path) -> Result<Vec<u8>, LoadError> {
         path: shown(),
         source,
     };
+    // Checked before the open too: opening a FIFO would wait for a writer.
+    if !std::fs::metadata(path).map_err(read_error)?.is_file() {
+        return Err(LoadError::Refused(format!(
+            "wasm module {}: not a regular file",
+            shown()
+        )));
+    }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let meta = file.metadata().map_err(read_error)?;
     if !meta.is_file() {

@@ -87,6 +87,12 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let token = g.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
         usage("--token: required (the agent API and the control plane both use it)")
     })?;
+    if !warren_control::client::valid_token(&token) {
+        return Err(usage(
+            "--token: must be printable ASCII, with spaces only between words (a client could \
+             never send it as it is)",
+        ));
+    }
     if args.capacity == 0 {
         return Err(usage("--capacity: 0 sandboxes is no agent at all"));
     }

@@ -290,6 +290,14 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let mut spec = build_spec(&args)?;
+    // What can fail without the server, before any editing (edits are never lost).
+    let stdin = match &args.stdin {
+        None => Vec::new(),
+        Some(path) => read_stdin(path)?,
+    };
+    // A create is idempotent by name: after a fail-over it is sent again to the new leader
+    // (the same spec answers the sandbox the first attempt made, if it made one).
+    let mut failover = g.failover()?;
     // The edited file, kept (and named) if the server refuses what it says.
     let mut edited_file = None;
     if args.edit || bare_on_a_terminal() {
@@ -304,13 +312,6 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let stdin = match &args.stdin {
-        None => Vec::new(),
-        Some(path) => read_stdin(path)?,
-    };
-    // A create is idempotent by name: after a fail-over it is sent again to the new leader
-    // (the same spec answers the sandbox the first attempt made, if it made one).
-    let mut failover = g.failover()?;
     let request = v1::CreateSandboxRequest {
         spec: Some(spec_to_pb(&spec)),
         stdin,
@@ -421,7 +422,15 @@ fn edit(spec: &SandboxSpec) -> anyhow::Result<Option<(SandboxSpec, tempfile::Nam
     if !status.success() {
         anyhow::bail!("the editor {editor:?} failed ({status}); nothing created");
     }
-    let text = std::fs::read_to_string(file.path())?;
+    let text = match std::fs::read_to_string(file.path()) {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(keep_edits(
+                file,
+                anyhow::Error::new(e).context("read the edited file"),
+            ));
+        }
+    };
     let blank = text
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));

@@ -245,7 +245,8 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         .is_some_and(|t| !warren_control::client::valid_token(t))
     {
         return Err(usage(
-            "the token must be printable ASCII without spaces (a client could never send it)",
+            "the token must be printable ASCII, with spaces only between words (a client could \
+             never send it as it is)",
         ));
     }
     let slot_capacity: SlotCapacity = args

@@ -339,6 +339,8 @@ impl ControlPlane {
         let resources = spec
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+        // A checkpoint kept past its sandbox's expiry would be restored only to be deleted.
+        super::create::refuse_past_expiry(spec.expire_time)?;
         let applied = self.admit(&spec, &resources)?;
         let backend = self.checkpoint_backend(spec.backend)?;
         self.make_room(&spec.name).await?;

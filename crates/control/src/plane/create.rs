@@ -33,7 +33,6 @@ impl ControlPlane {
         let resources = spec
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
-        refuse_past_expiry(spec.expire_time)?;
         let applied = self.admit(&spec, &resources)?;
         let mut pending = SandboxRecord::creating(spec, resources, String::new(), applied.as_ref());
         {
@@ -52,6 +51,9 @@ impl ControlPlane {
                     name: pending.spec.name,
                 });
             }
+            // After the lookup: a retried create of a sandbox that exists answers it, even
+            // a second after its expiry was computed.
+            refuse_past_expiry(pending.spec.expire_time)?;
             reg.insert(Arc::new(pending.clone()), true);
         }
         match self.place(&pending.spec, None) {
