@@ -62,8 +62,8 @@ pub use resources::{
     ResourceRequirements, extract_resources, resources_to_oci,
 };
 pub use spec::{
-    BackendKind, Consistency, FailurePolicy, MAX_NAME_LEN, Mount, PortSpec, Protocol, SandboxSpec,
-    parse_user, validate_hostname, validate_name,
+    BackendKind, Consistency, FailurePolicy, MAX_GRACE_SECONDS, MAX_NAME_LEN, Mount, PortSpec,
+    Protocol, SandboxSpec, parse_image_user, parse_user, validate_hostname, validate_name,
 };
 pub use state::{Phase, TransitionError};
 

@@ -167,6 +167,20 @@ impl Policy {
         let Some(fs) = &self.spec().filesystem else {
             return;
         };
+        // A root filesystem given as a host path is a host path the sandbox gets, read-write.
+        if let Some(root) = spec.image.as_deref().filter(|i| i.starts_with('/'))
+            && !self.host_path_allowed(root)
+        {
+            let allowed = fs.host_paths.as_deref().unwrap_or_default();
+            out.push(
+                "spec.image".to_string(),
+                root,
+                format!(
+                    "filesystem.hostPaths (a root filesystem path must be under one of {})",
+                    quoted_list(allowed)
+                ),
+            );
+        }
         for (i, m) in spec.mounts.iter().enumerate() {
             let field = |f: &str| format!("spec.mounts[{i}].{f}");
             if !self.host_path_allowed(&m.host) {

@@ -377,6 +377,27 @@ fn filesystem_rules() {
             r#"spec.workingDir: "/data/secret" violates filesystem.masked (one of ["/data/secret"])"#,
         ]
     );
+    // A root filesystem given as a host path is a host path too; an image name is not.
+    let mut spec = sandbox();
+    for (image, verdict) in [
+        ("/srv/roots/a", None),
+        ("busybox", None),
+        (
+            "/",
+            Some(
+                r#"spec.image: "/" violates filesystem.hostPaths (a root filesystem path must be under one of ["/srv"])"#,
+            ),
+        ),
+        (
+            "/srv2",
+            Some(
+                r#"spec.image: "/srv2" violates filesystem.hostPaths (a root filesystem path must be under one of ["/srv"])"#,
+            ),
+        ),
+    ] {
+        spec.image = Some(image.into());
+        assert_eq!(eval(&p, &spec), Vec::from_iter(verdict), "{image}");
+    }
     // A mount above a masked path would expose it.
     assert_eq!(p.path_access("/data"), Some(PathAccess::Masked));
     assert_eq!(p.path_access("/data/pub"), Some(PathAccess::ReadOnly));

@@ -12,6 +12,9 @@ use crate::resources::{ResourceInfo, ResourceRequirements, extract_resources_int
 
 /// Longest sandbox, pool or policy name; containerd IDs and cgroup paths must hold it.
 pub const MAX_NAME_LEN: usize = 128;
+/// The longest grace period between SIGTERM and SIGKILL, in seconds (an hour): a sandbox's
+/// own setting or one given to stop, delete or restart.
+pub const MAX_GRACE_SECONDS: u32 = 3600;
 /// Longest annotation key, and total annotation size, as in Kubernetes.
 const MAX_ANNOTATION_KEY_LEN: usize = 253;
 const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
@@ -497,12 +500,12 @@ impl SandboxSpec {
             ));
         }
         if let Some(t) = self.stop_grace_period_seconds
-            && !(t.is_finite() && (0.0..=3600.0).contains(&t))
+            && !(t.is_finite() && (0.0..=f64::from(MAX_GRACE_SECONDS)).contains(&t))
         {
             errors.push(SpecError::invalid(
                 "spec.stopGracePeriodSeconds",
                 &t.to_string(),
-                "must be from 0 to 3600",
+                format!("must be from 0 to {MAX_GRACE_SECONDS}"),
             ));
         }
         if let Some(h) = &self.hostname {
@@ -534,8 +537,8 @@ impl SandboxSpec {
     }
 }
 
-/// Checks a hostname: 1 to 63 characters of `[A-Za-z0-9-]` per dot-separated label, at most
-/// 253 in all (RFC 1123), since the kernel and resolvers take nothing else.
+/// Checks a hostname: 1 to 63 characters of `[A-Za-z0-9-]` per dot-separated label (RFC 1123),
+/// at most 64 in all, the kernel's limit (`sethostname` refuses longer ones).
 pub fn validate_hostname(h: &str) -> Result<(), SpecError> {
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -544,7 +547,17 @@ pub fn validate_hostname(h: &str) -> Result<(), SpecError> {
             && !l.ends_with('-')
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
-    if h.len() <= 253 && h.split('.').all(label_ok) {
+    if h.len() > MAX_HOSTNAME_LEN {
+        return Err(SpecError::invalid(
+            "spec.hostname",
+            h,
+            format!(
+                "is {} characters long; the kernel takes at most {MAX_HOSTNAME_LEN}",
+                h.len()
+            ),
+        ));
+    }
+    if h.split('.').all(label_ok) {
         Ok(())
     } else {
         Err(SpecError::invalid(
@@ -555,16 +568,54 @@ pub fn validate_hostname(h: &str) -> Result<(), SpecError> {
     }
 }
 
-/// Parses `UID[:GID]` (decimal numbers); the gid defaults to the uid.
+/// Parses an image config's `User` as [`parse_user`] does, naming the image config in its
+/// errors. A user name (`nobody`) is refused: it would need the image's `/etc/passwd`; the
+/// error asks for `--user`.
+pub fn parse_image_user(user: &str) -> Result<(u32, u32), SpecError> {
+    parse_user(user).map_err(|e| {
+        let reason = match e {
+            // Numeric but refused ((uid_t)-1, say): parse_user's reason.
+            SpecError::Invalid { reason, .. }
+                if user.bytes().all(|b| b.is_ascii_digit() || b == b':') =>
+            {
+                reason
+            }
+            _ => "is not numeric UID[:GID]; give --user".to_string(),
+        };
+        SpecError::invalid("image config User", user, reason)
+    })
+}
+
+/// The kernel's longest hostname (`__NEW_UTS_LEN`).
+const MAX_HOSTNAME_LEN: usize = 64;
+
+/// Parses `UID[:GID]` (decimal numbers); the gid defaults to the uid. 4294967295 is refused:
+/// it is `(uid_t)-1`, which `setresuid` takes as "leave unchanged", so the process would stay
+/// root.
 pub fn parse_user(s: &str) -> Result<(u32, u32), SpecError> {
     let bad = || SpecError::invalid("spec.user", s, "is not UID or UID:GID (decimal numbers)");
     let (uid, gid) = match s.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (s, None),
     };
-    let uid: u32 = uid.parse().map_err(|_| bad())?;
-    let gid: u32 = match gid {
-        Some(g) => g.parse().map_err(|_| bad())?,
+    let id = |text: &str| -> Result<u32, SpecError> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        match text.parse::<u32>() {
+            Ok(u32::MAX) => Err(SpecError::invalid(
+                "spec.user",
+                s,
+                "uses 4294967295, which is (uid_t)-1: the kernel takes it as \"no change\" and \
+                 the process would stay root",
+            )),
+            Ok(id) => Ok(id),
+            Err(_) => Err(bad()),
+        }
+    };
+    let uid = id(uid)?;
+    let gid = match gid {
+        Some(g) => id(g)?,
         None => uid,
     };
     Ok((uid, gid))

@@ -523,6 +523,54 @@ fn linux_fields_are_validated_naming_the_field() {
     );
     assert_eq!(crate::parse_user("7").unwrap(), (7, 7));
     assert_eq!(crate::parse_user("7:8").unwrap(), (7, 8));
+    assert_eq!(crate::parse_user("4294967294:0").unwrap(), (4294967294, 0));
+    // (uid_t)-1 means "no change" to setresuid: the process would stay root.
+    for minus_one in ["4294967295", "4294967295:0", "0:4294967295"] {
+        let err = crate::parse_user(minus_one).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.user") && err.contains("(uid_t)-1"),
+            "{err}"
+        );
+    }
+    for bad in [
+        "+5",
+        "5:+5",
+        "-1",
+        "",
+        ":",
+        "5:",
+        " 5",
+        "0x10",
+        "4294967296",
+    ] {
+        let err = crate::parse_user(bad).unwrap_err().to_string();
+        assert!(err.contains("is not UID or UID:GID"), "{bad:?}: {err}");
+    }
+    // An image config's User: named after the image config; a name asks for --user.
+    assert_eq!(crate::parse_image_user("10:20").unwrap(), (10, 20));
+    let err = crate::parse_image_user("4294967295")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("image config User") && err.contains("(uid_t)-1"),
+        "{err}"
+    );
+    let err = crate::parse_image_user("nobody").unwrap_err().to_string();
+    assert!(
+        err.starts_with("image config User") && err.contains("give --user"),
+        "{err}"
+    );
+    // Hostnames: the kernel takes 64 bytes at most, though RFC 1123 allows 253.
+    let long = format!("{}.{}", "a".repeat(40), "b".repeat(23));
+    assert_eq!(long.len(), 64);
+    crate::validate_hostname(&long).expect("64 characters");
+    let err = crate::validate_hostname(&format!("{long}c"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("65 characters long; the kernel takes at most 64"),
+        "{err}"
+    );
 }
 
 #[test]

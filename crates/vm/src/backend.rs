@@ -25,7 +25,7 @@ use warren_runtime::{
     Backend, BackendError, BackendInfo, BackendStatus, EventSink, ExecProcess, ExecRequest,
     SandboxConfig,
 };
-use warren_spec::{BackendKind, ResourceInfo, parse_user};
+use warren_spec::{BackendKind, ResourceInfo, parse_image_user, parse_user};
 
 use crate::channel::Client;
 use crate::config::{Acceleration, MIN_MEMORY_MB, VmConfig};
@@ -365,9 +365,6 @@ fn vm_size(
 /// The plan of a sandbox: validates everything a create can check.
 fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), BackendError> {
     let spec = &config.spec;
-    let invalid = |field: &str, value: &dyn std::fmt::Display, reason: &str| {
-        BackendError::Invalid(format!("{field}: {value} {reason}"))
-    };
     let h = &inner.config.vm.hypervisor;
     let mut info = BackendInfo::new();
     let (root_disk, image) = match &spec.image {
@@ -419,13 +416,9 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
     }
     let (uid, gid) = match (&spec.user, image_config.and_then(|c| c.user.as_deref())) {
         (Some(u), _) => parse_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?,
-        (None, Some(u)) if !u.is_empty() => parse_user(u).map_err(|_| {
-            invalid(
-                "image config User",
-                &format!("{u:?}"),
-                "is not numeric UID[:GID]; give --user",
-            )
-        })?,
+        (None, Some(u)) if !u.is_empty() => {
+            parse_image_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?
+        }
         _ => (0, 0),
     };
     let cwd = spec

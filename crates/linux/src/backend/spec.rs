@@ -49,17 +49,20 @@ pub(super) fn container_config(
         .unwrap_or_else(|| "/".to_string());
     let (uid, gid) = match (&spec.user, &image.user) {
         (Some(u), _) => parse_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?,
-        (None, Some(u)) if !u.is_empty() => parse_user(u).map_err(|_| {
-            invalid(
-                "image config User",
-                u,
-                "is not numeric UID[:GID]; give --user",
-            )
-        })?,
+        (None, Some(u)) if !u.is_empty() => {
+            warren_spec::parse_image_user(u).map_err(|e| BackendError::Invalid(e.to_string()))?
+        }
         _ => (0, 0),
     };
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for (i, m) in spec.mounts.iter().enumerate() {
+        if let Some(reason) = reserved_guest_path(&m.guest) {
+            return Err(invalid(
+                &format!("spec.mounts[{i}].guest"),
+                &m.guest,
+                reason,
+            ));
+        }
         let host = PathBuf::from(&m.host);
         if !host.exists() {
             return Err(invalid(
@@ -188,6 +191,27 @@ impl PolicyEnforcement {
     }
 }
 
+/// Why a container cannot take a bind mount at `guest`, if it cannot: the root is the
+/// image's (docker refuses `/` too), `/proc` is the pid namespace's own (runc refuses mounts
+/// on it), and `/dev` is made by the runtime.
+fn reserved_guest_path(guest: &str) -> Option<&'static str> {
+    let path = Path::new(guest);
+    let mut parts = path
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir));
+    parts.next(); // the root
+    match (parts.next(), parts.next()) {
+        (None, _) => Some("is the root: the image is the root filesystem"),
+        (Some(first), _) if first.as_os_str() == "proc" => {
+            Some("is /proc or under it, which the sandbox's own pid namespace fills")
+        }
+        (Some(first), None) if first.as_os_str() == "dev" => {
+            Some("is /dev, which the runtime makes (a path under it may be mounted)")
+        }
+        _ => None,
+    }
+}
+
 /// Where a container's root filesystem comes from: `spec.image` names an image in the
 /// store, or, starting with `/`, is a prepared root directory used in place (what the
 /// containerd shim hands over: containerd's mounted snapshot).
@@ -229,6 +253,21 @@ impl RootSource {
                     "spec.image: {name:?}: cannot use it as a root filesystem: {e}"
                 )));
             }
+        }
+        // The host's own root (however spelt, or bind-mounted elsewhere) would give the
+        // sandbox the host, read-write.
+        let same_file = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+            use std::os::unix::fs::MetadataExt as _;
+            (a.dev(), a.ino()) == (b.dev(), b.ino())
+        };
+        if let (Ok(this), Ok(root)) = (std::fs::metadata(&dir), std::fs::metadata("/"))
+            && same_file(&this, &root)
+        {
+            return Err(BackendError::Invalid(format!(
+                "spec.image: {name:?} is the host's root directory: a root filesystem path \
+                 must be a directory prepared for the sandbox (an unpacked image, containerd's \
+                 snapshot)"
+            )));
         }
         Ok(RootSource::Dir(dir))
     }
