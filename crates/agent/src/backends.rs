@@ -57,6 +57,12 @@ pub fn build(config: &BackendsConfig) -> Result<Backends, BackendsError> {
         }
     };
     std::fs::create_dir_all(&config.dir).map_err(|e| fail("node")(&e))?;
+    // Sandboxes' state, logs and root file systems: for root only.
+    std::fs::set_permissions(
+        &config.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(|e| fail("node")(&e))?;
     let slot = SlotBackend::new(config.dir.join("slot"), config.slot_capacity)
         .map_err(|e| fail("slot")(&e))?;
     let images_dir = config

@@ -22,6 +22,13 @@ impl std::fmt::Debug for ImagesService {
     }
 }
 
+/// Whether removing `name` would delete `image` (its id, or its last name) rather than drop
+/// one of its names.
+fn deletes(image: &warren_image::Image, name: &str) -> bool {
+    let hex = |s: &str| s.strip_prefix("sha256:").unwrap_or(s).to_string();
+    image.names.len() <= 1 || hex(&image.id).starts_with(&hex(name))
+}
+
 impl ImagesService {
     pub fn new(store: ImageStore, plane: crate::plane::ControlPlane) -> Self {
         ImagesService { store, plane }
@@ -32,9 +39,7 @@ impl ImagesService {
     /// taken of them and the warm pools of its names. A running sandbox's root is made of
     /// the image's layers, and a restore needs them. Reads files: call off the async workers.
     fn users(&self, image: &warren_image::Image, name: &str) -> Vec<String> {
-        let hex = |s: &str| s.strip_prefix("sha256:").unwrap_or(s).to_string();
-        let by_id = hex(&image.id).starts_with(&hex(name));
-        if image.names.len() > 1 && !by_id {
+        if !deletes(image, name) {
             return Vec::new();
         }
         let mut users: Vec<String> = self
@@ -80,6 +85,7 @@ fn status_of(e: ImageError) -> Status {
         | ImageError::InvalidModule { .. }
         | ImageError::WasmModule { .. } => Status::invalid_argument(msg),
         ImageError::Registry { .. } => Status::unavailable(msg),
+        ImageError::Changed { .. } => Status::aborted(msg),
         _ => Status::internal(msg),
     }
 }
@@ -210,6 +216,8 @@ impl Images for ImagesService {
             Ok((found, users))
         })
         .await?;
+        // What was checked: the removal of this image, as an untag or as a delete.
+        let may_delete = deletes(&found, &name);
         if !users.is_empty() {
             let short = found.id.strip_prefix("sha256:").unwrap_or(&found.id);
             return Err(Status::failed_precondition(format!(
@@ -222,7 +230,7 @@ impl Images for ImagesService {
         let store = self.store.clone();
         let id = found.id.clone();
         let (image, deleted) = blocking(move || {
-            let image = store.remove(&name)?;
+            let image = store.remove_checked(&name, &id, may_delete)?;
             // Untagging one of several names deletes nothing.
             Ok((image, store.resolve(&id).is_err()))
         })

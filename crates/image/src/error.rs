@@ -125,6 +125,14 @@ pub enum ImageError {
         reason: String,
     },
 
+    /// The image a removal was checked against changed before the removal (a pull or import
+    /// moved its name meanwhile).
+    #[error(
+        "image {name} changed while it was being removed (a pull or import of the same name?): \
+         retry"
+    )]
+    Changed { name: String },
+
     /// A blocking worker thread failed (panicked or was cancelled).
     #[error("image store worker thread failed: {0}")]
     Worker(String),

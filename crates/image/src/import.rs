@@ -1,12 +1,9 @@
 //! Importing an OCI image layout, from a directory or a (gzipped) tar of one.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-
-use rustix::fs::OFlags;
 
 use crate::ImageSummary;
 use crate::error::{ImageError, io_err};
@@ -42,6 +39,14 @@ impl ImageStore {
     /// `*.wat`) is imported with [`ImageStore::import_wasm`] instead, under `name` (required).
     pub fn import(&self, path: &Path, name: Option<&str>) -> Result<Vec<ImageSummary>, ImageError> {
         let meta = fs::metadata(path).map_err(io_err!("reading", path))?;
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(ImageError::InvalidLayout {
+                path: path.to_path_buf(),
+                reason: "is neither a directory nor a regular file (a layout, a tar of one or \
+                         a Wasm module)"
+                    .to_string(),
+            });
+        }
         if !meta.is_dir() && wasm::looks_like_module(path)? {
             let Some(name) = name else {
                 return Err(ImageError::InvalidName {
@@ -195,7 +200,7 @@ impl ImageStore {
         self.put_blob_bytes(&image.manifest.config.digest()?, &config_bytes)?;
         for descriptor in &image.manifest.layers {
             let digest = descriptor.digest()?;
-            if !self.has_blob(&digest) {
+            if !self.has_blob_of_size(&digest, descriptor.declared_size())? {
                 let path = layout_blob_path(layout, &digest);
                 let mut file = open_layout_blob(&path, shown, &digest)?;
                 self.put_blob_reader(&digest, descriptor.declared_size(), &mut file, &path)?;
@@ -220,7 +225,7 @@ impl ImageStore {
             path: path.to_path_buf(),
             reason,
         };
-        let file = File::open(path).map_err(io_err!("opening", path))?;
+        let file = crate::open_regular(path, false).map_err(io_err!("opening", path))?;
         let reader = unpack::decompress(file).map_err(io_err!("reading", path))?;
         let staged = self.temp_dir("import")?;
         let blobs = staged.path().join("blobs/sha256");
@@ -270,17 +275,13 @@ fn layout_blob_path(layout: &Path, digest: &Digest) -> PathBuf {
 /// Opens a layout blob without following a symlink in its last component: a layout handed to
 /// the store must not make it read some other file of the host.
 fn open_layout_blob(path: &Path, shown: &Path, digest: &Digest) -> Result<File, ImageError> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ImageError::InvalidLayout {
-                path: shown.to_path_buf(),
-                reason: format!("blob {digest} is missing"),
-            },
-            _ => ImageError::io("opening", path, e),
-        })
+    crate::open_regular(path, true).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ImageError::InvalidLayout {
+            path: shown.to_path_buf(),
+            reason: format!("blob {digest} is missing"),
+        },
+        _ => ImageError::io("opening", path, e),
+    })
 }
 
 /// Reads a small (JSON) blob of the layout and checks it against its descriptor.
@@ -303,6 +304,8 @@ fn read_layout_json(
 
 fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    File::open(path)?.take(limit).read_to_end(&mut bytes)?;
+    crate::open_regular(path, false)?
+        .take(limit)
+        .read_to_end(&mut bytes)?;
     Ok(bytes)
 }

@@ -83,11 +83,42 @@ mod wasm;
 
 use std::path::PathBuf;
 
+use std::fs::File;
+
 use serde::{Deserialize, Serialize};
 
 pub use error::ImageError;
 pub use reference::normalize_name;
 pub use store::{GcStats, ImageStore};
+
+/// Opens a file the store was pointed at (a layout's, an import's) for reading, refusing
+/// anything but a regular file. The path is first opened with `O_PATH`, which opens nothing:
+/// no FIFO open waits for a writer (holding the store's locks), no device open has side
+/// effects (`/dev/watchdog` arms on open). Only once that handle is known to be a regular
+/// file is it opened for reading, through `/proc/self/fd`, so the file checked is the file
+/// read. `nofollow` refuses a symlink as the last component.
+pub(crate) fn open_regular(path: &std::path::Path, nofollow: bool) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut flags = rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC;
+    if nofollow {
+        flags |= rustix::fs::OFlags::NOFOLLOW;
+    }
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)?;
+    if !handle.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+}
 
 /// What tells a file's content changed without reading it: a write changes the size or the
 /// modification time, and always the change time (which no caller can set back); a replaced

@@ -115,7 +115,7 @@ impl ImageStore {
                 .layers
                 .iter()
                 .filter_map(|l| l.declared_size())
-                .sum(),
+                .fold(0, u64::saturating_add),
         });
 
         // From the first write until the image is registered, garbage collection must wait.
@@ -125,25 +125,34 @@ impl ImageStore {
             .map_err(|e| ImageError::Worker(e.to_string()))??;
 
         let config_digest = manifest.config.digest()?;
+        let config_size = declared_size(&manifest.config, "config", MAX_JSON_BLOB)?;
+        // Every size is checked before anything is stored.
+        let layer_sizes = manifest
+            .layers
+            .iter()
+            .map(|l| declared_size(l, "layer", crate::unpack::MAX_LAYER_BYTES))
+            .collect::<Result<Vec<u64>, ImageError>>()?;
         let mut config_bytes = Vec::new();
-        client
-            .pull_blob(&image_ref, config_digest.as_str(), &mut config_bytes)
+        let mut stream = client
+            .pull_blob_stream(&image_ref, config_digest.as_str())
             .await
             .map_err(|e| registry_err("fetching the config", e.into()))?;
-        if config_bytes.len() as u64 > MAX_JSON_BLOB {
-            return Err(ImageError::InvalidManifest {
-                what: format!("config {config_digest}"),
-                reason: format!("larger than {MAX_JSON_BLOB} bytes"),
-            });
+        // Read no further than the size declared: a registry could send without end.
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| registry_err("fetching the config", e.into()))?;
+            config_bytes.extend_from_slice(&chunk);
+            if config_bytes.len() as u64 > config_size {
+                break;
+            }
         }
+        verify_size(&config_digest, Some(config_size), config_bytes.len() as u64)?;
         let record = ImageRecord::new(&manifest, &config_bytes, &what)?;
         self.put_blob_bytes(&id, &manifest_bytes)?;
         self.put_blob_bytes(&config_digest, &config_bytes)?;
 
-        for descriptor in &manifest.layers {
+        for (descriptor, &total) in manifest.layers.iter().zip(&layer_sizes) {
             let digest = descriptor.digest()?;
-            let total = descriptor.declared_size().unwrap_or(0);
-            if self.has_blob(&digest) {
+            if self.has_blob_of_size(&digest, descriptor.declared_size())? {
                 progress(PullProgress::Layer {
                     digest: digest.to_string(),
                     done: total,
@@ -151,20 +160,14 @@ impl ImageStore {
                 });
                 continue;
             }
-            self.download_layer(
-                &client,
-                &image_ref,
-                &digest,
-                descriptor.declared_size(),
-                progress,
-            )
-            .await
-            .map_err(|e| match e {
-                DownloadError::Store(e) => e,
-                DownloadError::Registry(source) => {
-                    registry_err(&format!("fetching layer {digest}"), source)
-                }
-            })?;
+            self.download_layer(&client, &image_ref, &digest, total, progress)
+                .await
+                .map_err(|e| match e {
+                    DownloadError::Store(e) => e,
+                    DownloadError::Registry(source) => {
+                        registry_err(&format!("fetching layer {digest}"), source)
+                    }
+                })?;
         }
         if let Some(module) = &record.wasm {
             self.check_wasm_blob(module)?;
@@ -200,14 +203,14 @@ impl ImageStore {
         client: &oci_client::Client,
         image_ref: &oci_client::Reference,
         digest: &Digest,
-        declared: Option<u64>,
+        declared: u64,
         progress: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> Result<(), DownloadError> {
         let mut stream = client
             .pull_blob_stream(image_ref, digest.as_str())
             .await
             .map_err(|e| DownloadError::Registry(e.into()))?;
-        let total = declared.or(stream.content_length).unwrap_or(0);
+        let total = declared;
         progress(PullProgress::Layer {
             digest: digest.to_string(),
             done: 0,
@@ -224,19 +227,24 @@ impl ImageStore {
                 let chunk = chunk.map_err(|e| DownloadError::Registry(e.into()))?;
                 hasher.update(&chunk);
                 done += chunk.len() as u64;
+                // Stopped as soon as it is longer than declared: a registry could send
+                // without end.
+                if done > declared {
+                    break;
+                }
                 file.write_all(&chunk)
                     .await
                     .map_err(|e| ImageError::io("writing", &tmp, e))?;
                 progress(PullProgress::Layer {
                     digest: digest.to_string(),
                     done,
-                    total: total.max(done),
+                    total,
                 });
             }
             file.sync_all()
                 .await
                 .map_err(|e| ImageError::io("writing", &tmp, e))?;
-            verify_size(digest, declared, done)?;
+            verify_size(digest, Some(declared), done)?;
             verify_digest("blob", digest, &format!("{:x}", hasher.finalize()))?;
             self.commit_blob(&tmp, digest)?;
             Ok::<(), DownloadError>(())
@@ -246,6 +254,29 @@ impl ImageStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
+    }
+}
+
+/// The size a manifest declares for its config or a layer: required when pulling (a download
+/// stops at it), and at most `max`.
+fn declared_size(
+    descriptor: &crate::oci::Descriptor,
+    what: &str,
+    max: u64,
+) -> Result<u64, ImageError> {
+    let invalid = |reason: String| ImageError::InvalidManifest {
+        what: format!("{what} {}", descriptor.digest),
+        reason,
+    };
+    match descriptor.declared_size() {
+        None => Err(invalid(format!(
+            "its size is {}, not a positive number of bytes",
+            descriptor.size
+        ))),
+        Some(size) if size > max => Err(invalid(format!(
+            "it is {size} bytes, more than the {max} bytes a {what} may have"
+        ))),
+        Some(size) => Ok(size),
     }
 }
 

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,7 +149,10 @@ impl ImageRecord {
         ImageSummary {
             id: id.to_string(),
             names: self.names.clone(),
-            size: self.layers.iter().map(|l| l.size).sum::<u64>() + wasm_size,
+            size: self
+                .layers
+                .iter()
+                .fold(wasm_size, |sum, l| sum.saturating_add(l.size)),
             layers: self.layers.len() + usize::from(self.wasm.is_some()),
             created: self.created.clone(),
             kind: if self.wasm.is_some() {
@@ -209,6 +213,10 @@ impl ImageStore {
         ] {
             fs::create_dir_all(&sub).map_err(io_err!("creating", &sub))?;
         }
+        // Layers keep their files' owners and modes, set-id bits included, and images may
+        // hold secrets: only root may look inside (as /var/lib/docker is 0710).
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err!("restricting", dir))?;
         let root = fs::canonicalize(dir).map_err(io_err!("resolving", dir))?;
         Ok(ImageStore {
             inner: Arc::new(Inner {
@@ -256,6 +264,26 @@ impl ImageStore {
 
     pub(crate) fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()
+    }
+
+    /// Whether the blob `digest` is stored, checked against the size a descriptor declares
+    /// for it: a stored blob is not read again, so a manifest could otherwise record any size
+    /// for a layer the store already has.
+    pub(crate) fn has_blob_of_size(
+        &self,
+        digest: &Digest,
+        declared: Option<u64>,
+    ) -> Result<bool, ImageError> {
+        let path = self.blob_path(digest);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                verify_size(digest, declared, meta.len())?;
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(ImageError::io("reading", path, e)),
+        }
     }
 
     /// Stores a small blob held in memory, after checking it against `digest`.
@@ -616,6 +644,28 @@ impl ImageStore {
     /// image are then deleted (unless an import is running; see the crate docs). Returns the
     /// image with the names that were removed.
     pub fn remove(&self, name_or_id: &str) -> Result<ImageSummary, ImageError> {
+        self.remove_as(name_or_id, None)
+    }
+
+    /// [`ImageStore::remove`] of what a caller checked: `name_or_id` must still be image
+    /// `id`, and the removal may delete it (rather than drop one of its names) only when
+    /// `may_delete`. Checked under the index lock, so a pull or import that moves the name
+    /// between the caller's check and the removal makes it fail with
+    /// [`ImageError::Changed`] instead of deleting an image nobody checked.
+    pub fn remove_checked(
+        &self,
+        name_or_id: &str,
+        id: &str,
+        may_delete: bool,
+    ) -> Result<ImageSummary, ImageError> {
+        self.remove_as(name_or_id, Some((id, may_delete)))
+    }
+
+    fn remove_as(
+        &self,
+        name_or_id: &str,
+        expected: Option<(&str, bool)>,
+    ) -> Result<ImageSummary, ImageError> {
         let summary = {
             let _lock = self.lock_blocking("index.lock", FlockOperation::LockExclusive)?;
             let mut index = self.load_index()?;
@@ -626,6 +676,14 @@ impl ImageStore {
             let Some(record) = index.images.get_mut(&id) else {
                 return Err(ImageError::NotFound(name_or_id.to_string()));
             };
+            if let Some((expected_id, may_delete)) = expected {
+                let deletes = name.is_none() || record.names.len() <= 1;
+                if id != expected_id || (deletes && !may_delete) {
+                    return Err(ImageError::Changed {
+                        name: name_or_id.to_string(),
+                    });
+                }
+            }
             let summary = match name {
                 Some(name) if record.names.len() > 1 => {
                     record.names.retain(|n| *n != name);
@@ -663,8 +721,9 @@ impl ImageStore {
     /// The collection itself; `_exclusive` proves no import is between writing and registering.
     fn collect(&self, _exclusive: &LockGuard) -> Result<GcStats, ImageError> {
         // Only removals can change the index meanwhile, and they only drop references, so this
-        // snapshot keeps at least everything still in use.
-        let index = self.current_index()?;
+        // snapshot keeps at least everything still in use. Read from the file, not the cached
+        // copy: deleting is the one place where a stale cache would cost data.
+        let index = self.load_index()?;
         let mut blobs = BTreeSet::new();
         let mut layers = BTreeSet::new();
         for (id, record) in &index.images {

@@ -135,6 +135,17 @@ pub fn busybox_layout(dir: &Path, name: &str) -> io::Result<PathBuf> {
 /// [`busybox_layout`] with `extra` entries in its layer (after the usual ones): another
 /// image of the same tools, `etc/release` telling versions apart.
 pub fn busybox_layout_with(dir: &Path, name: &str, extra: Vec<Entry>) -> io::Result<PathBuf> {
+    busybox_layout_stacked(dir, name, extra, Vec::new())
+}
+
+/// [`busybox_layout_with`] with `above`, more layers stacked on the busybox one (bottom
+/// first).
+pub fn busybox_layout_stacked(
+    dir: &Path,
+    name: &str,
+    extra: Vec<Entry>,
+    above: Vec<Layer>,
+) -> io::Result<PathBuf> {
     let busybox = fs::read("/bin/busybox").map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -172,7 +183,9 @@ pub fn busybox_layout_with(dir: &Path, name: &str, extra: Vec<Entry>) -> io::Res
         b"root:x:0:\nnobody:x:65534:\n",
     ));
     entries.extend(extra);
-    write_layout(dir, Some(name), &[Layer::gzip(entries)], &Config::default())
+    let mut layers = vec![Layer::gzip(entries)];
+    layers.extend(above);
+    write_layout(dir, Some(name), &layers, &Config::default())
 }
 
 /// Writes an OCI image layout into `layout` (created if missing; returned) with one image made

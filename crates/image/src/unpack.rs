@@ -22,12 +22,24 @@
 //!
 //! Directory modes, owners and times are applied after the last entry, so that a directory
 //! shipped read-only can still be filled.
+//!
+//! Sizes are bounded too, because a layer of a few KB can claim gigabytes:
+//!
+//! * the tar crate reads a GNU long name or link, or a PAX record, whole into memory before it
+//!   yields the entry they describe, so the bytes read between two entries are capped at
+//!   [`MAX_HEADER_BYTES`]; entry names and link targets longer than [`MAX_NAME_BYTES`] (the
+//!   kernel's `PATH_MAX`) are refused;
+//! * a layer may unpack to at most [`MAX_LAYER_BYTES`], counted both on the uncompressed stream
+//!   and on the files written (a GNU sparse entry expands holes the stream does not carry);
+//! * runs of zeros are written as holes, so a sparse file stays sparse on disk.
 
+use std::cell::Cell;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::rc::Rc;
 
 use rustix::fs::{
     AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags, fchmod, fchown,
@@ -39,6 +51,23 @@ use sha2::{Digest as _, Sha256};
 use crate::error::ImageError;
 use crate::reference::Digest;
 
+/// Most bytes of tar headers, GNU long names and links and PAX records read between two
+/// entries. The tar crate holds them in memory, so without a cap a tiny compressed layer can
+/// claim a name of gigabytes. Real headers are a few KiB at most (PAX xattrs included).
+pub(crate) const MAX_HEADER_BYTES: u64 = 1 << 20;
+
+/// The longest entry name or link target (the kernel's `PATH_MAX`): nothing longer can be
+/// created or resolved in a rootfs.
+pub(crate) const MAX_NAME_BYTES: usize = 4096;
+
+/// Most bytes a layer may unpack to, on the uncompressed stream and in the files it writes:
+/// the biggest real layers (CUDA, model weights) are tens of GiB; a decompression bomb or a
+/// sparse entry with a hole of exabytes is stopped here instead of filling the disk.
+pub(crate) const MAX_LAYER_BYTES: u64 = 64 << 30;
+
+/// Shown instead of names longer than this in errors (a name may be 4 KiB of anything).
+const SHOWN_NAME_BYTES: usize = 256;
+
 pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
@@ -49,13 +78,25 @@ pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
 /// `layer` names the layer in errors. On error `dest` may hold a partial tree: the caller
 /// removes it.
 pub(crate) fn unpack_layer(blob: &Path, dest: &Path, layer: &str) -> Result<Digest, ImageError> {
+    unpack_within(blob, dest, layer, MAX_LAYER_BYTES)
+}
+
+/// [`unpack_layer`] with `max_bytes` for [`MAX_LAYER_BYTES`].
+fn unpack_within(
+    blob: &Path,
+    dest: &Path,
+    layer: &str,
+    max_bytes: u64,
+) -> Result<Digest, ImageError> {
     let file = File::open(blob).map_err(|e| ImageError::io("opening layer blob", blob, e))?;
     let reader = decompress(file).map_err(|e| ImageError::Unpack {
         layer: layer.to_string(),
         entry: "<compression header>".to_string(),
         source: e,
     })?;
-    let mut archive = tar::Archive::new(HashingReader::new(reader));
+    let header_budget = Rc::new(Cell::new(MAX_HEADER_BYTES));
+    let mut archive =
+        tar::Archive::new(HashingReader::new(reader, max_bytes, header_budget.clone()));
     let root = openat(rustix::fs::CWD, dest, DIR_FLAGS, Mode::empty())
         .map_err(|e| ImageError::io("opening layer directory", dest, e.into()))?;
     let mut extractor = Extractor {
@@ -66,14 +107,25 @@ pub(crate) fn unpack_layer(blob: &Path, dest: &Path, layer: &str) -> Result<Dige
         dir_removed: false,
         dirs: Vec::new(),
         root_meta: None,
+        written: 0,
+        max_bytes,
+        buffer: Vec::new(),
     };
     let entries = archive
         .entries()
         .map_err(|e| extractor.io("<archive>", e))?;
+    let mut previous = String::from("<start of archive>");
     for entry in entries {
-        let mut entry = entry.map_err(|e| extractor.io("<next header>", e))?;
-        extractor.entry(&mut entry)?;
+        let mut entry =
+            entry.map_err(|e| extractor.io(&format!("<header after {previous}>"), e))?;
+        // The entry's own data is bounded by MAX_LAYER_BYTES, not by the header budget; it is
+        // read to its end here so the next header read starts from a full budget.
+        header_budget.set(UNBOUNDED);
+        previous = extractor.entry(&mut entry)?;
+        io::copy(&mut entry, &mut io::sink()).map_err(|e| extractor.io(&previous, e))?;
+        header_budget.set(MAX_HEADER_BYTES);
     }
+    header_budget.set(UNBOUNDED);
     extractor.finish()?;
     // The tar may end with padding the entry iterator does not read; it is part of the diff_id.
     let mut hashing = archive.into_inner();
@@ -121,16 +173,27 @@ pub(crate) fn split_path(raw: &[u8]) -> Result<Vec<Vec<u8>>, &'static str> {
     Ok(out)
 }
 
+/// A header budget that is not counted down (while an entry's data is read).
+const UNBOUNDED: u64 = u64::MAX;
+
+/// The layer's uncompressed stream: hashed for the diff_id, capped at `max_bytes` in all and
+/// at the shared header budget (see [`MAX_HEADER_BYTES`]) between entries.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
+    total: u64,
+    max_bytes: u64,
+    header_budget: Rc<Cell<u64>>,
 }
 
 impl<R: Read> HashingReader<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, max_bytes: u64, header_budget: Rc<Cell<u64>>) -> Self {
         HashingReader {
             inner,
             hasher: Sha256::new(),
+            total: 0,
+            max_bytes,
+            header_budget,
         }
     }
 
@@ -143,6 +206,30 @@ impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.total += n as u64;
+        if self.total > self.max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the layer is larger than the {} a layer may unpack to",
+                    size_shown(self.max_bytes)
+                ),
+            ));
+        }
+        let budget = self.header_budget.get();
+        if budget != UNBOUNDED {
+            let Some(left) = budget.checked_sub(n as u64) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "more than {} KiB of tar headers before one entry (a long name, link \
+                         or PAX record that large is refused)",
+                        MAX_HEADER_BYTES >> 10
+                    ),
+                ));
+            };
+            self.header_budget.set(left);
+        }
         Ok(n)
     }
 }
@@ -170,11 +257,38 @@ struct Extractor<'a> {
     dir_removed: bool,
     dirs: Vec<DeferredDir>,
     root_meta: Option<Meta>,
+    /// Bytes of regular files written so far, holes included.
+    written: u64,
+    /// The most `written` may reach ([`MAX_LAYER_BYTES`]).
+    max_bytes: u64,
+    /// The copy buffer for regular files, allocated on first use.
+    buffer: Vec<u8>,
 }
 
 fn display(components: &[Vec<u8>]) -> String {
     let joined: Vec<u8> = components.join(&b'/');
-    String::from_utf8_lossy(&joined).into_owned()
+    shown(&joined)
+}
+
+/// `bytes` in the largest binary unit that divides it (`64 GiB`, `1 MiB`).
+fn size_shown(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// A name as errors show it: lossy UTF-8, cut short after [`SHOWN_NAME_BYTES`].
+fn shown(raw: &[u8]) -> String {
+    if raw.len() <= SHOWN_NAME_BYTES {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    format!(
+        "{}... ({} bytes)",
+        String::from_utf8_lossy(&raw[..SHOWN_NAME_BYTES]),
+        raw.len()
+    )
 }
 
 impl Extractor<'_> {
@@ -194,12 +308,30 @@ impl Extractor<'_> {
         }
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw).into_owned();
+    /// Creates what one entry describes; returns its name as errors show it.
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<String, ImageError> {
+        let raw = entry.path_bytes();
+        let name = shown(&raw);
+        if raw.len() > MAX_NAME_BYTES {
+            return Err(self.unsafe_entry(
+                &name,
+                format!("has a name longer than the {MAX_NAME_BYTES} bytes a path may have"),
+            ));
+        }
         let components = split_path(&raw).map_err(|reason| self.unsafe_entry(&name, reason))?;
         let header = entry.header();
         let kind = header.entry_type();
+        // Records the tar crate hands over as entries (a PAX global header, or a long-name
+        // or PAX record in an old-style header) describe nothing to create. Asking for their
+        // PAX extensions would read their data whole into memory; the caller drains it.
+        if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+        {
+            tracing::debug!(layer = self.layer, entry = %name, kind = ?kind, "skipping record");
+            return Ok(name);
+        }
         let mut meta = Meta {
             mode: header.mode().map_err(|e| self.io(&name, e))? & 0o7777,
             uid: header
@@ -215,6 +347,12 @@ impl Extractor<'_> {
             mtime: header.mtime().unwrap_or(0),
         };
         let link = entry.link_name_bytes().map(|l| l.into_owned());
+        if link.as_ref().is_some_and(|l| l.len() > MAX_NAME_BYTES) {
+            return Err(self.unsafe_entry(
+                &name,
+                format!("links to a name longer than the {MAX_NAME_BYTES} bytes a path may have"),
+            ));
+        }
         let mut xattrs = Vec::new();
         if let Some(extensions) = entry.pax_extensions().map_err(|e| self.io(&name, e))? {
             for extension in extensions {
@@ -238,10 +376,10 @@ impl Extractor<'_> {
             if kind.is_dir() {
                 self.root_meta = Some(meta);
             }
-            return Ok(());
+            return Ok(name);
         };
         if let Some(target) = file_name.strip_prefix(b".wh.") {
-            return self.whiteout(parents, target, &name);
+            return self.whiteout(parents, target, &name).map(|()| name);
         }
 
         let supported = matches!(
@@ -258,7 +396,7 @@ impl Extractor<'_> {
             // Device nodes (a container's /dev comes from the runtime), pax global headers and
             // unknown types: nothing to create, not even their parent directories.
             tracing::debug!(layer = self.layer, entry = %name, kind = ?kind, "skipping entry");
-            return Ok(());
+            return Ok(name);
         }
 
         let parent = self.open_parent(parents, &name)?;
@@ -281,7 +419,7 @@ impl Extractor<'_> {
         if !std::mem::take(&mut self.dir_removed) {
             self.cache = Some((parents.to_vec(), parent));
         }
-        result
+        result.map(|()| name)
     }
 
     /// Opens the directory `components` below the root, creating missing ones, without
@@ -431,13 +569,63 @@ impl Extractor<'_> {
         )
         .map_err(|e| self.io(&entry, e.into()))?;
         let mut file = File::from(fd);
-        io::copy(data, &mut file).map_err(|e| self.io(&entry, e))?;
+        self.copy_sparse(data, &mut file, &entry)?;
         self.set_owner(&file, &entry, meta)?;
         // After chown, which clears set-id bits.
         fchmod(&file, Mode::from_raw_mode(meta.mode)).map_err(|e| self.io(&entry, e.into()))?;
         self.set_xattrs(&file, &entry, xattrs)?;
         rustix::fs::futimens(&file, &timestamps(meta.mtime))
             .map_err(|e| self.io(&entry, e.into()))?;
+        Ok(())
+    }
+
+    /// Copies an entry's data into `file`, seeking over zero-filled chunks instead of writing
+    /// them (a sparse entry's holes stay holes), within [`MAX_LAYER_BYTES`] for the layer.
+    fn copy_sparse(
+        &mut self,
+        data: &mut impl Read,
+        file: &mut File,
+        entry: &str,
+    ) -> Result<(), ImageError> {
+        const CHUNK: usize = 64 * 1024;
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.resize(CHUNK, 0);
+        let mut length = 0u64;
+        let mut ends_in_hole = false;
+        let result = loop {
+            let n = match data.read(&mut buffer) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(self.io(entry, e)),
+            };
+            length += n as u64;
+            self.written += n as u64;
+            if self.written > self.max_bytes {
+                break Err(self.unsafe_entry(
+                    entry,
+                    format!(
+                        "takes the layer past the {} a layer may unpack to",
+                        size_shown(self.max_bytes)
+                    ),
+                ));
+            }
+            let chunk = &buffer[..n];
+            ends_in_hole = chunk.iter().all(|&b| b == 0);
+            let step = if ends_in_hole {
+                file.seek(SeekFrom::Current(n as i64)).map(drop)
+            } else {
+                file.write_all(chunk)
+            };
+            if let Err(e) = step {
+                break Err(self.io(entry, e));
+            }
+        };
+        self.buffer = buffer;
+        result?;
+        if ends_in_hole {
+            file.set_len(length).map_err(|e| self.io(entry, e))?;
+        }
         Ok(())
     }
 
@@ -643,7 +831,13 @@ impl Extractor<'_> {
     fn finish(&mut self) -> Result<(), ImageError> {
         self.cache = None;
         let dirs = std::mem::take(&mut self.dirs);
+        // Newest first, each directory once: a directory listed twice gets its last entry's
+        // mode, as tar applies them (a later `secret/` 0700 tightens an earlier 0755).
+        let mut done = std::collections::HashSet::new();
         for dir in dirs.iter().rev() {
+            if !done.insert(&dir.components) {
+                continue;
+            }
             let entry = display(&dir.components);
             let Some((name, parents)) = dir.components.split_last() else {
                 continue;
@@ -724,5 +918,223 @@ mod tests {
         assert!(split_path(b"a/..").is_err());
         // `..` as part of a longer name is just a name.
         assert_eq!(ok("a/..b"), vec![b"a".to_vec(), b"..b".to_vec()]);
+    }
+
+    /// A tar of `entries` (header, data) as the layer blob in a temp dir, with an empty
+    /// destination beside it.
+    fn layer(entries: Vec<(tar::Header, Vec<u8>)>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut builder = tar::Builder::new(Vec::new());
+        for (mut header, data) in entries {
+            header.set_cksum();
+            builder.append(&header, data.as_slice()).expect("append");
+        }
+        let blob = dir.path().join("layer.tar");
+        std::fs::write(&blob, builder.into_inner().expect("tar")).expect("write blob");
+        let dest = dir.path().join("rootfs");
+        std::fs::create_dir(&dest).expect("dest");
+        (dir, dest)
+    }
+
+    fn file_header(name: &str, size: u64) -> tar::Header {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(name).expect("name");
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(size);
+        header
+    }
+
+    /// A GNU long-name record for `name`, as GNU tar writes one before the entry it names.
+    fn long_name(name: &[u8]) -> (tar::Header, Vec<u8>) {
+        let mut data = name.to_vec();
+        data.push(0);
+        let mut header = file_header("././@LongLink", data.len() as u64);
+        header.set_entry_type(tar::EntryType::GNULongName);
+        (header, data)
+    }
+
+    fn error_text(e: &ImageError) -> String {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn long_names_are_capped_before_they_are_read_whole() {
+        // A 2 MiB long name: refused once the header budget is spent, not read into memory.
+        let name = vec![b'a'; 2 << 20];
+        let (dir, dest) = layer(vec![
+            long_name(&name),
+            (file_header("short", 1), b"x".to_vec()),
+        ]);
+        let err = unpack_layer(&dir.path().join("layer.tar"), &dest, "L1").unwrap_err();
+        let text = error_text(&err);
+        assert!(
+            text.contains("1024 KiB of tar headers before one entry"),
+            "{text}"
+        );
+        assert!(text.contains("<header after <start of archive>>"), "{text}");
+        assert!(
+            text.len() < 1024,
+            "the name is not quoted whole: {} bytes",
+            text.len()
+        );
+        assert_eq!(std::fs::read_dir(&dest).expect("dest").count(), 0);
+
+        // A name within the budget but past PATH_MAX: refused, shown cut short.
+        let name = [b"dir/".as_slice(), &[b'b'; 5000]].concat();
+        let (dir, dest) = layer(vec![
+            long_name(&name),
+            (file_header("short", 1), b"x".to_vec()),
+        ]);
+        let err = unpack_layer(&dir.path().join("layer.tar"), &dest, "L2").unwrap_err();
+        let text = error_text(&err);
+        assert!(
+            text.contains("longer than the 4096 bytes a path may have"),
+            "{text}"
+        );
+        assert!(text.contains("... (5004 bytes)"), "{text}");
+        assert_eq!(std::fs::read_dir(&dest).expect("dest").count(), 0);
+
+        // A long name of a normal length still works, and entries after it too.
+        let name = format!("{}/file", "d".repeat(200));
+        let (dir, dest) = layer(vec![
+            long_name(name.as_bytes()),
+            (file_header("short", 2), b"hi".to_vec()),
+            (file_header("next", 3), b"yes".to_vec()),
+        ]);
+        unpack_layer(&dir.path().join("layer.tar"), &dest, "L3").expect("unpacks");
+        assert_eq!(std::fs::read(dest.join(&name)).expect("long"), b"hi");
+        assert_eq!(std::fs::read(dest.join("next")).expect("next"), b"yes");
+    }
+
+    /// A GNU sparse entry `name` of `real_size` bytes whose only data is `data` at its end.
+    fn sparse(name: &str, real_size: u64, data: &[u8]) -> (tar::Header, Vec<u8>) {
+        let mut header = file_header(name, data.len() as u64);
+        header.set_entry_type(tar::EntryType::GNUSparse);
+        let gnu = header.as_gnu_mut().expect("gnu");
+        gnu.set_real_size(real_size);
+        gnu.sparse[0].set_offset(real_size - data.len() as u64);
+        gnu.sparse[0].set_length(data.len() as u64);
+        (header, data.to_vec())
+    }
+
+    #[test]
+    fn sparse_entries_stay_sparse_and_count_against_the_layer_cap() {
+        use std::os::unix::fs::MetadataExt as _;
+        let real = 256 << 20;
+        let tail = vec![b'x'; 4096];
+        let (dir, dest) = layer(vec![sparse("holes", real, &tail)]);
+        let blob = dir.path().join("layer.tar");
+        unpack_layer(&blob, &dest, "S1").expect("unpacks");
+        let meta = std::fs::metadata(dest.join("holes")).expect("holes");
+        assert_eq!(meta.len(), real);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "a 256 MiB hole takes {} bytes on disk",
+            meta.blocks() * 512
+        );
+        let mut file = File::open(dest.join("holes")).expect("open");
+        file.seek(SeekFrom::Start(real - 4096)).expect("seek");
+        let mut end = Vec::new();
+        file.read_to_end(&mut end).expect("read");
+        assert_eq!(end, tail);
+
+        // The same entry in a layer capped at 1 MiB: the holes count, the entry is refused.
+        let dest = dir.path().join("capped");
+        std::fs::create_dir(&dest).expect("dest");
+        let err = unpack_within(&blob, &dest, "S2", 1 << 20).unwrap_err();
+        let text = error_text(&err);
+        assert!(
+            text.contains("layer S2 entry \"holes\" takes the layer past the 1 MiB"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_pax_global_header_is_skipped_unread() {
+        // 2 MiB of what is not PAX records: parsing it (after reading it whole) failed.
+        let mut global = file_header("pax_global_header", 2 << 20);
+        global.set_entry_type(tar::EntryType::XGlobalHeader);
+        let (dir, dest) = layer(vec![
+            (global, vec![b'z'; 2 << 20]),
+            (file_header("after", 2), b"ok".to_vec()),
+        ]);
+        unpack_layer(&dir.path().join("layer.tar"), &dest, "G").expect("unpacks");
+        assert_eq!(std::fs::read(dest.join("after")).expect("after"), b"ok");
+        assert!(!dest.join("pax_global_header").exists());
+    }
+
+    #[test]
+    fn trailing_and_all_zero_files_keep_their_length() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tail = [b"data".as_slice(), &[0u8; 128 << 10]].concat();
+        let zeros = vec![0u8; 200 << 10];
+        let (dir, dest) = layer(vec![
+            (file_header("tail", tail.len() as u64), tail.clone()),
+            (file_header("zeros", zeros.len() as u64), zeros.clone()),
+        ]);
+        unpack_layer(&dir.path().join("layer.tar"), &dest, "Z").expect("unpacks");
+        assert_eq!(std::fs::read(dest.join("tail")).expect("tail"), tail);
+        assert_eq!(std::fs::read(dest.join("zeros")).expect("zeros"), zeros);
+        let meta = std::fs::metadata(dest.join("zeros")).expect("zeros");
+        assert!(meta.blocks() * 512 < 200 << 10, "all zeros is a hole");
+    }
+
+    #[test]
+    fn a_directory_listed_twice_gets_its_last_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = |name: &str, mode: u32| {
+            let mut header = file_header(name, 0);
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(mode);
+            (header, Vec::new())
+        };
+        let (tmp, dest) = layer(vec![
+            dir("secret/", 0o755),
+            (file_header("secret/key", 1), b"k".to_vec()),
+            dir("secret/", 0o700),
+            dir("open/", 0o700),
+            dir("open/", 0o751),
+        ]);
+        unpack_layer(&tmp.path().join("layer.tar"), &dest, "D").expect("unpacks");
+        let mode = |p: &str| {
+            std::fs::metadata(dest.join(p))
+                .expect(p)
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("secret"), 0o700);
+        assert_eq!(mode("open"), 0o751);
+    }
+
+    #[test]
+    fn the_uncompressed_stream_is_capped() {
+        let data = vec![7u8; 3 << 20];
+        let (dir, dest) = layer(vec![(file_header("big", data.len() as u64), data)]);
+        let err = unpack_within(&dir.path().join("layer.tar"), &dest, "B", 2 << 20).unwrap_err();
+        let text = error_text(&err);
+        assert!(
+            text.contains("larger than the 2 MiB a layer may unpack to"),
+            "{text}"
+        );
+        // Under the cap it unpacks, every byte written.
+        let dest = dir.path().join("roomy");
+        std::fs::create_dir(&dest).expect("dest");
+        unpack_within(&dir.path().join("layer.tar"), &dest, "B", 4 << 20).expect("unpacks");
+        assert_eq!(
+            std::fs::read(dest.join("big")).expect("big"),
+            vec![7u8; 3 << 20]
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! ([`Image::wasm_module`]), whether it is an artifact's blob or a `.wasm` entrypoint in tar
 //! layers (the runwasi convention).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -75,14 +75,33 @@ pub(crate) fn looks_like_module(path: &Path) -> Result<bool, ImageError> {
         return Ok(true);
     }
     let mut head = [0u8; 4];
-    let mut file = File::open(path).map_err(io_err!("opening", path))?;
+    let mut file = crate::open_regular(path, false).map_err(io_err!("opening", path))?;
     let n = file.read(&mut head).map_err(io_err!("reading", path))?;
     Ok(n == head.len() && &head == oci::WASM_MAGIC)
 }
 
+/// The largest module file imported, as the wasm backend loads at most (real modules are
+/// tens of MiB).
+const MAX_MODULE_BYTES: u64 = 512 << 20;
+
 /// Reads a module file: a Wasm binary as is, WAT text compiled to one.
 fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
-    let bytes = fs::read(path).map_err(io_err!("reading", path))?;
+    let mut bytes = Vec::new();
+    crate::open_regular(path, false)
+        .map_err(io_err!("opening", path))?
+        .take(MAX_MODULE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err!("reading", path))?;
+    if bytes.len() as u64 > MAX_MODULE_BYTES {
+        return Err(ImageError::InvalidModule {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it is larger than the {} MiB a module may have",
+                MAX_MODULE_BYTES >> 20
+            ),
+            source: None,
+        });
+    }
     if bytes.starts_with(oci::WASM_MAGIC) {
         if bytes.len() < 8 {
             return Err(ImageError::InvalidModule {

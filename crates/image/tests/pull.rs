@@ -172,3 +172,116 @@ fn pull_a_wasm_artifact() {
     // The manifest went through the registry unchanged: the same image as importing it.
     assert_eq!(store.import(&layout, None).unwrap()[0].id, summary.id);
 }
+
+/// A registry that lies: its manifest declares `declared` bytes for the layer, and for the
+/// config too when `config_lies` (else the config is a true one), and it sends `sent` bytes
+/// for each lie (then closes). Serves until the test process ends (the thread waits in
+/// `accept` on its own copy of the socket).
+fn lying_registry(declared: usize, sent: usize, config_lies: bool) -> (std::net::TcpListener, u16) {
+    use sha2::{Digest as _, Sha256};
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = vec![b'z'; sent];
+    let digest = format!("sha256:{:x}", Sha256::digest(&body));
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [digest]},
+    }))
+    .unwrap();
+    let config_digest = format!("sha256:{:x}", Sha256::digest(&config));
+    let (config_digest, config_size) = if config_lies {
+        (digest.clone(), declared)
+    } else {
+        (config_digest, config.len())
+    };
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest, "size": declared}],
+    }))
+    .unwrap();
+    let manifest_digest = format!("sha256:{:x}", Sha256::digest(&manifest));
+    let server = listener.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for stream in server.incoming() {
+            let Ok(mut stream) = stream else { return };
+            // The whole request head is read: closing with some of it unread would reset the
+            // connection under the response.
+            let mut reader = BufReader::new(&stream);
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (kind, payload): (&str, &[u8]) = if path.contains("/manifests/") {
+                ("application/vnd.oci.image.manifest.v1+json", &manifest)
+            } else if path.ends_with(&config_digest) && !config_lies {
+                ("application/octet-stream", &config)
+            } else if path.contains("/blobs/") {
+                ("application/octet-stream", &body)
+            } else {
+                ("application/json", b"{}")
+            };
+            // The digest header only for the manifest (a client checks a blob against it).
+            let digest_header = if path.contains("/manifests/") {
+                format!("Docker-Content-Digest: {manifest_digest}\r\n")
+            } else {
+                String::new()
+            };
+            // No Content-Length: the body ends when the connection does.
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\n{digest_header}\
+                 Docker-Distribution-API-Version: registry/2.0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(payload);
+        }
+    });
+    (listener, port)
+}
+
+#[test]
+fn a_registry_sending_more_than_declared_is_cut_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&tmp.path().join("store")).unwrap();
+    // 64 MiB sent for a config or a layer declared as 100 bytes: the pull stops early.
+    for config_lies in [true, false] {
+        let (_listener, port) = lying_registry(100, 64 << 20, config_lies);
+        let (result, _) = pull_with_events(&store, &format!("127.0.0.1:{port}/liar:latest"));
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, ImageError::SizeMismatch { expected: 100, actual, .. } if actual < 1 << 20),
+            "config lies: {config_lies}: {err:?}"
+        );
+        assert_eq!(
+            fs::read_dir(store.root().join("tmp")).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+    }
+    // A size of 0 (or none) is refused before any download (into a store of its own).
+    let store = ImageStore::open(&tmp.path().join("store2")).unwrap();
+    let (_listener, port) = lying_registry(0, 10, false);
+    let (result, _) = pull_with_events(&store, &format!("127.0.0.1:{port}/liar:latest"));
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("its size is 0, not a positive number of bytes"),
+        "{err}"
+    );
+    assert!(store.list().unwrap().is_empty());
+    // Refused before anything was stored, the manifest and config included.
+    assert_eq!(
+        fs::read_dir(store.root().join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

@@ -690,3 +690,127 @@ fn removals_racing_imports_never_break_an_image() {
     assert_eq!(dir_count(&blobs_dir(&store)), 0);
     assert_eq!(dir_count(&store.root().join("tmp")), 0);
 }
+
+/// Runs `import` on another thread and fails the test if it has not returned within a minute
+/// (a FIFO opened for reading blocks until a writer comes).
+fn import_or_hang(store: &ImageStore, path: &Path, name: Option<&str>) -> Result<(), ImageError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (store, path, name) = (store.clone(), path.to_path_buf(), name.map(str::to_string));
+    std::thread::spawn(move || {
+        let _ = tx.send(store.import(&path, name.as_deref()).map(drop));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("import still waiting on a FIFO after a minute")
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+#[test]
+fn fifos_devices_and_misdeclared_sizes_are_refused() {
+    let (tmp, store) = setup();
+    // Layers keep set-id files and images may hold secrets: the store is root's alone.
+    let mode = fs::metadata(store.root()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "store root mode {mode:o}");
+
+    // A FIFO or a device as the thing to import.
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    for path in [fifo.as_path(), Path::new("/dev/zero")] {
+        let err = import_or_hang(&store, path, Some("x")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is neither a directory nor a regular file"),
+            "{}: {err}",
+            path.display()
+        );
+    }
+
+    // A FIFO inside a layout, as index.json or as a layer blob.
+    let layout = testing::busybox_layout(&tmp.path().join("bb"), "busybox").unwrap();
+    let index = layout.join("index.json");
+    let saved = fs::read(&index).unwrap();
+    fs::remove_file(&index).unwrap();
+    mkfifo(&index);
+    let err = import_or_hang(&store, &layout, None).unwrap_err();
+    assert!(err.to_string().contains("index.json"), "{err}");
+    assert!(
+        std::error::Error::source(&err)
+            .is_some_and(|s| s.to_string().contains("not a regular file")),
+        "{err}"
+    );
+    fs::remove_file(&index).unwrap();
+    fs::write(&index, &saved).unwrap();
+    let manifest = read_json(&blob_path(
+        &layout,
+        read_json(&index)["manifests"][0]["digest"]
+            .as_str()
+            .unwrap(),
+    ));
+    let layer = blob_path(&layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    let layer_bytes = fs::read(&layer).unwrap();
+    fs::remove_file(&layer).unwrap();
+    mkfifo(&layer);
+    let err = import_or_hang(&store, &layout, None).unwrap_err();
+    assert!(
+        std::error::Error::source(&err)
+            .is_some_and(|s| s.to_string().contains("not a regular file")),
+        "{err}"
+    );
+    assert!(store.list().unwrap().is_empty());
+    fs::remove_file(&layer).unwrap();
+    fs::write(&layer, &layer_bytes).unwrap();
+    store.import(&layout, None).unwrap();
+
+    // A manifest that reuses a stored layer under a size it does not have: refused, not
+    // recorded (the sizes summed to an overflow).
+    rewrite(
+        &layout,
+        |_| {},
+        |manifest| manifest["layers"][0]["size"] = (i64::MAX).into(),
+    );
+    set_ref_name(&layout, "liar:latest");
+    let err = store.import(&layout, None).unwrap_err();
+    assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
+    let names: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .flat_map(|image| image.names)
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("liar")), "{names:?}");
+}
+
+#[test]
+fn a_checked_removal_fails_when_the_image_changed_meanwhile() {
+    let (tmp, store) = setup();
+    let layout = testing::busybox_layout(&tmp.path().join("bb"), "busybox").unwrap();
+    let id = store.import(&layout, Some("app:v1")).unwrap()[0].id.clone();
+    store.import(&layout, Some("app:v2")).unwrap();
+    // Checked as an untag, done as one.
+    store.remove_checked("app:v1", &id, false).unwrap();
+    // Checked as an untag, but the name is now the image's last: refused, nothing removed.
+    let err = store.remove_checked("app:v2", &id, false).unwrap_err();
+    assert!(matches!(err, ImageError::Changed { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("changed while it was being removed"),
+        "{err}"
+    );
+    assert_eq!(store.resolve("app:v2").unwrap().id, id);
+    // Checked against another image: refused.
+    let other = format!("sha256:{}", "0".repeat(64));
+    let err = store.remove_checked("app:v2", &other, true).unwrap_err();
+    assert!(matches!(err, ImageError::Changed { .. }), "{err}");
+    // As checked: deleted.
+    store.remove_checked("app:v2", &id, true).unwrap();
+    assert!(store.list().unwrap().is_empty());
+}

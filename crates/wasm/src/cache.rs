@@ -79,29 +79,24 @@ pub(crate) enum LoadError {
 /// memory.
 pub(crate) const MAX_MODULE_BYTES: u64 = 512 << 20;
 
-/// Reads a module file: a regular file of at most [`MAX_MODULE_BYTES`] (checked on the open
-/// file, and again while reading, in case it grows).
-fn read_module(path: &Path) -> Result<Vec<u8>, LoadError> {
+/// Reads a module file: a regular file of at most [`MAX_MODULE_BYTES`]. `before` is the
+/// path's metadata taken before the open (opening a FIFO would wait for a writer); the open
+/// file is checked again, and its length while reading, in case it changed or grows.
+fn read_module(path: &Path, before: &std::fs::Metadata) -> Result<Vec<u8>, LoadError> {
     use std::io::Read as _;
     let shown = || path.display().to_string();
     let read_error = |source| LoadError::Read {
         path: shown(),
         source,
     };
-    // Checked before the open too: opening a FIFO would wait for a writer.
-    if !std::fs::metadata(path).map_err(read_error)?.is_file() {
-        return Err(LoadError::Refused(format!(
-            "wasm module {}: not a regular file",
-            shown()
-        )));
+    let not_regular = || LoadError::Refused(format!("wasm module {}: not a regular file", shown()));
+    if !before.is_file() {
+        return Err(not_regular());
     }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let meta = file.metadata().map_err(read_error)?;
     if !meta.is_file() {
-        return Err(LoadError::Refused(format!(
-            "wasm module {}: not a regular file",
-            shown()
-        )));
+        return Err(not_regular());
     }
     let too_large = || {
         LoadError::Refused(format!(
@@ -274,7 +269,8 @@ impl ModuleCache {
             path: shown.clone(),
             source,
         };
-        let identity = FileIdentity::of(path).map_err(read_error)?;
+        let before = std::fs::metadata(path).map_err(read_error)?;
+        let identity = FileIdentity::of_metadata(&before);
         let known = self.digests().get(path).copied();
         if let Some((was, digest)) = known
             && was == identity
@@ -284,7 +280,7 @@ impl ModuleCache {
             debug!(module = %shown, "wasm: module cache hit (memory, file unchanged)");
             return Ok((pre, Source::Memory));
         }
-        let bytes = read_module(path)?;
+        let bytes = read_module(path, &before)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         // Only an identity taken before the read may vouch for these bytes; one that
         // changed meanwhile just misses next time.
