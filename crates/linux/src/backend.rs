@@ -207,6 +207,13 @@ impl LinuxBackend {
     pub fn new(config: LinuxConfig, events: EventSink) -> Result<Self, BackendError> {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| BackendError::io("create", &config.dir, e))?;
+        // Bundles hold sandboxes' writable layers, set-id files a sandbox made among them:
+        // root's alone, as the server's own dir is.
+        std::fs::set_permissions(
+            &config.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| BackendError::io("restrict", &config.dir, e))?;
         let available = probe();
         let warm_dir = config.dir.join(WARM_DIR);
         if let Ok(layout) = &available {

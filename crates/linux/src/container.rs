@@ -412,22 +412,29 @@ pub(crate) fn mount_overlay(
             ));
         }
     }
-    let lower: Vec<String> = cfg
-        .layers
-        .iter()
-        .rev()
-        .map(|l| l.display().to_string())
-        .collect();
     // With a storage limit the writable layer is on its own file system.
     let writable = match cfg.storage_bytes {
         Some(_) => bundle.join(crate::config::STORAGE_DIR),
         None => bundle.to_path_buf(),
     };
+    let upper = writable.join(crate::config::UPPER_DIR);
+    let work = writable.join(crate::config::WORK_DIR);
+    // Top layer first, as overlayfs lists lower layers.
+    let lower: Vec<&Path> = cfg.layers.iter().rev().map(PathBuf::as_path).collect();
+    match mount_overlay_per_layer(rootfs, &lower, &upper, &work) {
+        Ok(true) => return Ok(()),
+        // No new mount API, or no `lowerdir+` (Linux before 6.8): the one-string mount.
+        Ok(false) => {}
+        Err(e) => {
+            return Err(err(format!("mount overlay on {}", rootfs.display()), e));
+        }
+    }
+    let lower: Vec<String> = lower.iter().map(|l| l.display().to_string()).collect();
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.join(":"),
-        writable.join(crate::config::UPPER_DIR).display(),
-        writable.join(crate::config::WORK_DIR).display()
+        upper.display(),
+        work.display()
     );
     // `volatile` (Linux 5.10+): the upper layer is thrown away with the sandbox, so the
     // sync overlayfs does at unmount (a container's exit) buys nothing; older kernels
@@ -449,7 +456,72 @@ pub(crate) fn mount_overlay(
             Some(data.as_str()),
         )
     })
-    .map_err(|e| err(format!("mount overlay on {}", rootfs.display()), e))
+    .map_err(|e| {
+        // The options are one page at most: ~40 layer paths fill it.
+        let hint = if data.len() >= 4096 {
+            format!(
+                " ({} layers take {} bytes of mount options, more than the 4096 this kernel \
+                 takes; Linux 6.8+ mounts any number)",
+                lower.len(),
+                data.len()
+            )
+        } else {
+            String::new()
+        };
+        err(format!("mount overlay on {}{hint}", rootfs.display()), e)
+    })
+}
+
+/// Mounts the overlay with the new mount API, each layer its own `lowerdir+` (Linux 6.8+),
+/// so an image may have as many layers as overlayfs stacks (500): the one-string `mount(2)`
+/// options are one page, which ~40 layer paths fill. `Ok(false)`: this kernel cannot (no
+/// `fsopen`, or one a seccomp filter or LSM refuses, or no `lowerdir+`), and the caller
+/// falls back; any later error is the mount's own.
+fn mount_overlay_per_layer(
+    rootfs: &Path,
+    lower: &[&Path],
+    upper: &Path,
+    work: &Path,
+) -> Result<bool, nix::errno::Errno> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
+        fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+    };
+    let errno = |e: rustix::io::Errno| nix::errno::Errno::from_raw(e.raw_os_error());
+    use rustix::io::Errno;
+    let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        Ok(fs) => fs,
+        Err(Errno::NOSYS | Errno::PERM | Errno::ACCESS) => return Ok(false),
+        Err(e) => return Err(errno(e)),
+    };
+    for (i, layer) in lower.iter().enumerate() {
+        match fsconfig_set_string(&fs, "lowerdir+", *layer) {
+            Ok(()) => {}
+            // An unknown parameter: overlayfs before 6.8.
+            Err(Errno::INVAL) if i == 0 => return Ok(false),
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    fsconfig_set_string(&fs, "upperdir", upper).map_err(errno)?;
+    fsconfig_set_string(&fs, "workdir", work).map_err(errno)?;
+    // See the legacy mount's `volatile`: kept where the kernel has it.
+    let _ = fsconfig_set_flag(&fs, "volatile");
+    fsconfig_create(&fs).map_err(errno)?;
+    let mnt = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(errno)?;
+    move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        rootfs,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(errno)?;
+    Ok(true)
 }
 
 fn mount_kernel_filesystems() -> Result<(), String> {
