@@ -30,7 +30,9 @@ pub fn status_of(e: ControlError) -> Status {
         | ControlError::Selector(_) => Status::invalid_argument(msg),
         ControlError::NotFound { .. } => Status::not_found(msg),
         ControlError::AlreadyExists { .. } => Status::already_exists(msg),
-        ControlError::Busy { .. } | ControlError::RevisionMismatch { .. } => Status::aborted(msg),
+        ControlError::Busy { .. }
+        | ControlError::Stopping { .. }
+        | ControlError::RevisionMismatch { .. } => Status::aborted(msg),
         ControlError::Agent(AgentError::Unavailable { .. }) => Status::failed_precondition(msg),
         ControlError::Agent(AgentError::Unreachable { .. }) => Status::unavailable(msg),
         ControlError::Agent(a) => match a.kind() {
@@ -69,6 +71,56 @@ pub fn status_of(e: ControlError) -> Status {
 
 fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("invalid sandbox spec: {e}"))
+}
+
+/// What `run` checks in a spec, checked in an exec too: a NUL cannot cross `execve` (the
+/// string would be cut short), a variable name has no `=`, and the working directory is
+/// absolute (the sandbox's root is the only place it could be relative to).
+fn check_exec_start(start: &v1::ExecStart) -> Result<(), Status> {
+    let bad = |field: String, value: &str, reason: &str| {
+        Err(Status::invalid_argument(format!(
+            "exec: {field}: {value:?} {reason}"
+        )))
+    };
+    for (i, arg) in start.command.iter().enumerate() {
+        if arg.contains('\0') {
+            return bad(format!("command[{i}]"), arg, "contains a NUL character");
+        }
+    }
+    for (key, value) in &start.env {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return bad(
+                "env".into(),
+                key,
+                "is not a variable name (empty, or with '=' or NUL)",
+            );
+        }
+        if value.contains('\0') {
+            return bad(format!("env[{key:?}]"), value, "contains a NUL character");
+        }
+    }
+    if let Some(dir) = start.working_dir.as_deref().filter(|d| !d.is_empty())
+        && (!dir.starts_with('/') || dir.contains('\0'))
+    {
+        return bad(
+            "workingDir".into(),
+            dir,
+            "must be an absolute path (without NUL)",
+        );
+    }
+    Ok(())
+}
+
+/// A stop or delete request's grace period, within what a sandbox's own setting may be: a
+/// stop holds its sandbox for the whole period.
+fn grace_period(seconds: Option<u32>) -> Result<Option<Duration>, Status> {
+    match seconds {
+        Some(s) if s > warren_spec::MAX_GRACE_SECONDS => Err(Status::invalid_argument(format!(
+            "grace_period_seconds: {s} must be from 0 to {}",
+            warren_spec::MAX_GRACE_SECONDS
+        ))),
+        s => Ok(s.map(|s| Duration::from_secs(u64::from(s)))),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -254,9 +306,7 @@ impl Sandboxes for SandboxService {
         req: Request<v1::DeleteSandboxRequest>,
     ) -> Result<Response<v1::DeleteSandboxResponse>, Status> {
         let req = req.into_inner();
-        let grace = req
-            .grace_period_seconds
-            .map(|s| Duration::from_secs(u64::from(s)));
+        let grace = grace_period(req.grace_period_seconds)?;
         let rec = self
             .plane
             .delete(&req.name, grace)
@@ -272,9 +322,7 @@ impl Sandboxes for SandboxService {
         req: Request<v1::StopSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
         let req = req.into_inner();
-        let grace = req
-            .grace_period_seconds
-            .map(|s| Duration::from_secs(u64::from(s)));
+        let grace = grace_period(req.grace_period_seconds)?;
         let rec = self.plane.stop(&req.name, grace).await.map_err(status_of)?;
         Ok(Response::new(rec.to_pb()))
     }
@@ -548,6 +596,7 @@ impl Sandboxes for SandboxService {
         if start.command.is_empty() || start.command[0].is_empty() {
             return Err(Status::invalid_argument("exec: command is empty"));
         }
+        check_exec_start(&start)?;
         let size = |s: Option<v1::TerminalSize>| {
             let s = s.unwrap_or_default();
             let clamp = |v: u32, d: u16| {

@@ -140,6 +140,9 @@ impl Registry {
             .get_mut(name)
             .ok_or_else(|| ControlError::NotFound { name: name.into() })?;
         if entry.busy {
+            if entry.record.status == Phase::Stopping {
+                return Err(ControlError::Stopping { name: name.into() });
+            }
             return Err(ControlError::Busy { name: name.into() });
         }
         Ok(entry)
@@ -783,7 +786,12 @@ impl ControlPlane {
                     info!(sandbox = %name, "expired and deleted");
                     n += 1;
                 }
-                Err(ControlError::Busy { .. } | ControlError::NotFound { .. }) => {}
+                // Busy (a stop waiting out its grace, say): the next sweep deletes it.
+                Err(
+                    ControlError::Busy { .. }
+                    | ControlError::Stopping { .. }
+                    | ControlError::NotFound { .. },
+                ) => {}
                 Err(e) => warn!(sandbox = %name, error = %e, "could not delete an expired sandbox"),
             }
         }
@@ -907,10 +915,15 @@ impl ControlPlane {
                 "signal: {signal} is not a signal number (1-64)"
             )));
         }
-        let rec = self.running_as(name, true)?;
+        // A stop's grace period can be cut short, as `docker kill` does during `docker stop`:
+        // the workload's end then ends the stop, which records it.
+        let rec = self.running_as(name, true, true)?;
         let kind = rec.spec.backend;
         let node = self.node(&rec);
         node.signal(kind, &rec.id, signal).await?;
+        if rec.status == Phase::Stopping {
+            return Ok(());
+        }
         // The backend resumed a paused workload to deliver the signal.
         if rec.paused {
             self.note_resumed(&rec);
@@ -957,12 +970,19 @@ impl ControlPlane {
 
     /// The sandbox's record, if it is Running.
     fn running(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
-        self.running_as(name, false)
+        self.running_as(name, false, false)
     }
 
     /// [`ControlPlane::running`]; `settled`: `Busy` while a pause or an unpause is under
     /// way (for a signal or an exec, which would race it).
-    fn running_as(&self, name: &str, settled: bool) -> Result<Arc<SandboxRecord>, ControlError> {
+    /// The record of a Running sandbox (`stopping_too`: or one being stopped); `settled`: not
+    /// while a pause or unpause is under way.
+    fn running_as(
+        &self,
+        name: &str,
+        settled: bool,
+        stopping_too: bool,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
         let rec = {
             let reg = self.lock();
             let entry = reg
@@ -974,7 +994,7 @@ impl ControlPlane {
             }
             entry.record.clone()
         };
-        if rec.status != Phase::Running {
+        if rec.status != Phase::Running && !(stopping_too && rec.status == Phase::Stopping) {
             return Err(ControlError::NotRunning {
                 name: name.into(),
                 phase: rec.status.name().to_string(),

@@ -11,8 +11,8 @@ pub struct Args {
     /// Sandbox names.
     #[arg(required = true)]
     names: Vec<String>,
-    /// Seconds between SIGTERM and SIGKILL (the sandbox's default when absent).
-    #[arg(long, short = 't')]
+    /// Seconds between SIGTERM and SIGKILL, 0 to 3600 (the sandbox's default when absent).
+    #[arg(long, short = 't', value_parser = clap::value_parser!(u32).range(..=i64::from(warren_spec::MAX_GRACE_SECONDS)))]
     grace: Option<u32>,
     /// Do not fail on names that do not exist.
     #[arg(long, short = 'f')]

@@ -14,8 +14,8 @@ pub struct Args {
     /// Sandbox names.
     #[arg(required = true)]
     names: Vec<String>,
-    /// Seconds between SIGTERM and SIGKILL (the sandbox's own setting when absent).
-    #[arg(long, short = 't')]
+    /// Seconds between SIGTERM and SIGKILL, 0 to 3600 (the sandbox's own setting when absent).
+    #[arg(long, short = 't', visible_alias = "time", value_parser = clap::value_parser!(u32).range(..=i64::from(warren_spec::MAX_GRACE_SECONDS)))]
     grace: Option<u32>,
 }
 

@@ -516,6 +516,23 @@ pub fn check_output(to: &Path) -> Result<(), CheckpointError> {
     if !to.is_absolute() {
         return Err(invalid("is not an absolute path"));
     }
+    // Written as given, never through a link (a dangling one failed with "File exists").
+    if std::fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(invalid("is a symlink: give the path it points to"));
+    }
+    // A directory is written for any other name, so an archive kind warren does not write
+    // would silently become a directory named like one.
+    let name = to.to_string_lossy();
+    if let Some(kind) = [
+        ".zip", ".tar.xz", ".txz", ".tar.zst", ".tar.bz2", ".tbz2", ".7z",
+    ]
+    .iter()
+    .find(|kind| name.ends_with(*kind))
+    {
+        return Err(invalid(&format!(
+            "ends in {kind}: the output is a directory, or a .tar, .tar.gz or .tgz archive"
+        )));
+    }
     if is_archive(to) {
         if to.exists() {
             return Err(invalid("exists already"));
@@ -616,14 +633,19 @@ pub fn import(from: &Path, into: &Path) -> Result<(), CheckpointError> {
         Box::new(std::io::BufReader::new(file))
     };
     let mut archive = tar::Archive::new(reader);
+    // The tar crate's errors quote the header bytes they could not parse: for a file that is
+    // not a checkpoint (`restore /etc/shadow`) that is the file's content, so they are not
+    // passed on.
     let entries = archive
         .entries()
-        .map_err(|e| corrupt(format!("not a tar archive: {e}")))?;
+        .map_err(|_| corrupt("it is not a tar archive".to_string()))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| corrupt(format!("a tar entry is unreadable: {e}")))?;
+        let mut entry = entry.map_err(|_| {
+            corrupt("it is not a checkpoint archive (a tar header is not valid)".to_string())
+        })?;
         let path = entry
             .path()
-            .map_err(|e| corrupt(format!("a tar entry's name is unreadable: {e}")))?
+            .map_err(|_| corrupt("a tar entry's name is not valid".to_string()))?
             .into_owned();
         let rel: PathBuf = path
             .components()
@@ -787,6 +809,28 @@ mod tests {
             store.delete("one"),
             Err(CheckpointError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn outputs_that_are_links_or_unknown_archives_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dangling = tmp.path().join("dangling");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        let err = check_output(&dangling).unwrap_err().to_string();
+        assert!(err.contains("is a symlink"), "{err}");
+        let to_dir = tmp.path().join("to-dir");
+        std::os::unix::fs::symlink(tmp.path(), &to_dir).unwrap();
+        assert!(check_output(&to_dir).is_err());
+        let err = check_output(&tmp.path().join("x.zip"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ends in .zip: the output is a directory, or a .tar"),
+            "{err}"
+        );
+        for fine in ["x.tar", "x.tar.gz", "x.tgz", "plain-dir"] {
+            check_output(&tmp.path().join(fine)).unwrap();
+        }
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub enum ControlError {
     AlreadyExists { name: String },
     #[error("another operation on sandbox {name:?} is in progress; retry")]
     Busy { name: String },
+    /// Busy with a stop, which waits out its grace period before SIGKILL.
+    #[error(
+        "sandbox {name:?} is stopping (SIGKILL follows its grace period); `warren kill {name}` \
+         ends it now"
+    )]
+    Stopping { name: String },
     #[error("sandbox {name:?} is at revision {actual}, not {expected}")]
     RevisionMismatch {
         name: String,

@@ -65,7 +65,7 @@ impl ControlPlane {
 
     /// The record of a Running sandbox that is not paused (exec, checkpoint).
     pub(super) fn running_unpaused(&self, name: &str) -> Result<Arc<SandboxRecord>, ControlError> {
-        let rec = self.running_as(name, true)?;
+        let rec = self.running_as(name, true, false)?;
         if rec.paused {
             return Err(ControlError::Paused { name: name.into() });
         }
