@@ -11,6 +11,7 @@ mod common;
 #[path = "common/linux.rs"]
 mod linux_harness;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
 
 use cluster::{TestAgent, eventually, http, node_state};
@@ -43,6 +44,16 @@ fn wait_up(server: &TestServer, names: &[&str]) {
 fn agent_api_needs_the_token_and_names_bad_fields() {
     let server = control_plane(&[]);
     let agent = TestAgent::start(&server, "a", &[]);
+    // The agent's state (sandboxes' roots and logs, the image store's layers with their
+    // set-id files) is root's alone.
+    for dir in [agent.state_dir(), agent.state_dir().join("images")] {
+        let mode = std::fs::metadata(&dir)
+            .expect("state dir")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700, "{}: {mode:o}", dir.display());
+    }
     // Every call needs the token, health probes too.
     for path in ["/healthz", "/readyz", "/api/v1/agent/status"] {
         assert_eq!(http("GET", &agent.url(path), None, None).0, 401, "{path}");

@@ -401,6 +401,21 @@ fn slot_sandboxes_checkpoint_their_record_and_wasm_says_unsupported() {
         "{}",
         stderr(&out)
     );
+    // A file that is not a checkpoint: refused without quoting its content.
+    let secret = server.dir.path().join("shadow");
+    std::fs::write(
+        &secret,
+        "root:hunter2-marker:19000:0:99999:7:::\n".repeat(20),
+    )
+    .unwrap();
+    let out = server.warren(&["restore", secret.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a checkpoint archive"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
     // A checkpoint kept past its sandbox's expiry is not restored only to be deleted.
     server.ok(&["run", "--name", "brief", "--expire-in", "1s"]);
     assert_eq!(server.ok(&["checkpoint", "brief", "--name", "bk"]), "bk\n");

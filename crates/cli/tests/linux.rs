@@ -319,6 +319,36 @@ fn stop_kills_after_the_grace_period() {
         "rm took {took:?} with a 1 s grace"
     );
 
+    // A kill during a stop's grace period ends the stop early, as `docker kill` during
+    // `docker stop` does; meanwhile, rm says what it waits for and how to end it.
+    let out = l.run("long", &[], &["sleep", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("long", "Running");
+    std::thread::scope(|s| {
+        let started = Instant::now();
+        let stop = s.spawn(|| l.warren(&["stop", "-t", "600", "long"]));
+        l.wait_phase("long", "Stopping");
+        let out = l.warren(&["rm", "long"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(
+                "is stopping (SIGKILL follows its grace period); `warren kill long` ends it now"
+            ),
+            "{}",
+            stderr(&out)
+        );
+        l.ok(&["kill", "long"]);
+        let out = stop.join().expect("stop thread");
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "a 600 s stop ended by kill took {:?}",
+            started.elapsed()
+        );
+    });
+    l.wait_phase("long", "Stopped");
+    l.ok(&["rm", "long"]);
+
     // A workload that handles SIGTERM ends at once, well before the 10 s default grace.
     let out = l.run(
         "polite",
@@ -394,6 +424,14 @@ fn exec_runs_inside_the_sandbox() {
     );
     let out = l.warren(&["exec", "-t", "host", "--", "busybox", "tty"]);
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
+    // A relative working directory is refused, as run refuses it.
+    let out = l.warren(&["exec", "-w", "tmp", "host", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(r#"exec: workingDir: "tmp" must be an absolute path"#),
+        "{}",
+        stderr(&out)
+    );
     l.ok(&["rm", "host"]);
     let out = l.warren(&["exec", "host", "--", "true"]);
     assert_eq!(out.status.code(), Some(1));
@@ -401,15 +439,23 @@ fn exec_runs_inside_the_sandbox() {
 
 #[test]
 fn sandboxes_survive_a_server_kill_and_are_adopted() {
-    // Its sandboxes in a --linux-dir of their own, which the restarted server finds again.
-    let linux_dir = tempfile::tempdir().unwrap();
+    // Its sandboxes in a --linux-dir of their own (made by the server, inside a temp dir),
+    // which the restarted server finds again.
+    let parent = tempfile::tempdir().unwrap();
+    let linux_dir = parent.path().join("linux");
     let mut l = match skip_reason() {
         Some(reason) => {
             eprintln!("{reason}");
             return;
         }
-        None => Linux::start_with(&["--linux-dir", linux_dir.path().to_str().unwrap()]),
+        None => Linux::start_with(&["--linux-dir", linux_dir.to_str().unwrap()]),
     };
+    // Bundles hold sandboxes' writable layers (set-id files a sandbox made among them):
+    // nobody but root may reach them.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&linux_dir).unwrap().permissions(),
+    ) & 0o777;
+    assert_eq!(mode, 0o700, "--linux-dir mode {mode:o}");
     // Strong: acknowledged only once recorded, so a kill -9 right after cannot lose it.
     let out = l.run(
         "survivor",
@@ -424,7 +470,7 @@ fn sandboxes_survive_a_server_kill_and_are_adopted() {
             .expect("bundle"),
     );
     assert!(
-        bundle.starts_with(linux_dir.path()),
+        bundle.starts_with(&linux_dir),
         "{} is not under --linux-dir",
         bundle.display()
     );
@@ -482,6 +528,31 @@ fn bad_input_gets_clear_errors() {
     assert!(stderr(&out).contains("spec.user"), "{}", stderr(&out));
     let out = l.warren(&["run", "-b", "linux", "--name", "e", "--", "true"]);
     assert!(stderr(&out).contains("spec.image"), "{}", stderr(&out));
+    // A bind mount over the root, /proc or /dev itself is refused, naming it; under /dev
+    // is fine.
+    let host = l.server.dir.path().to_str().unwrap().to_string();
+    for (guest, why) in [
+        ("/", "is the root"),
+        ("/proc", "is /proc or under it"),
+        ("/proc/sys/x", "is /proc or under it"),
+        ("/dev/", "is /dev, which the runtime makes"),
+    ] {
+        let mapdir = format!("{guest}::{host}");
+        let out = l.run("f", &["--mapdir", &mapdir], &["true"]);
+        assert_eq!(out.status.code(), Some(1), "{guest}");
+        assert!(
+            stderr(&out).contains(&format!("spec.mounts[0].guest: {guest:?} {why}")),
+            "{guest}: {}",
+            stderr(&out)
+        );
+    }
+    let out = l.run(
+        "g",
+        &["--mapdir", &format!("/dev/hostdir::{host}:ro"), "--wait"],
+        &["ls", "-d", "/dev/hostdir"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.ok(&["rm", "g"]);
     // Nothing of the failed creates is left.
     assert!(
         l.leftover_cgroups().is_empty(),
@@ -1522,6 +1593,70 @@ fn kill_signals_the_workload() {
     l.ok(&["rm", "trapper", "victim"]);
 }
 
+/// An image of 80 layers (docker allows 127): the one-string overlay mount options are one
+/// page, which ~40 layer paths fill, so they are given one by one where the kernel can.
+#[test]
+fn an_image_of_many_layers_runs() {
+    use warren_image::testing::{Entry, Layer};
+    let l = linux_or_skip!();
+    if !kernel_at_least(6, 8) {
+        eprintln!("SKIP an_image_of_many_layers_runs: Linux before 6.8 has no overlay lowerdir+");
+        return;
+    }
+    let layers: Vec<Layer> = (0..80)
+        .map(|i| {
+            Layer::gzip(vec![
+                Entry::dir("layers", 0o755),
+                Entry::file(
+                    &format!("layers/{i:02}"),
+                    0o644,
+                    format!("{i}\n").as_bytes(),
+                ),
+                Entry::file("layers/top", 0o644, format!("{i}\n").as_bytes()),
+            ])
+        })
+        .collect();
+    let layout = warren_image::testing::busybox_layout_stacked(
+        &l.server.dir.path().join("tall"),
+        "tall",
+        Vec::new(),
+        layers,
+    )
+    .unwrap();
+    l.ok(&["image", "import", layout.to_str().unwrap()]);
+    let out = l.warren(&[
+        "run",
+        "-b",
+        "linux",
+        "-i",
+        "tall",
+        "--name",
+        "tall",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "ls /layers | wc -l; cat /layers/00 /layers/79 /layers/top",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // 80 files and `top`, each layer's own; `top` from the uppermost.
+    let text = stdout(&out);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words, ["81", "0", "79", "79"], "{text}");
+    l.ok(&["rm", "tall"]);
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
 #[test]
 fn a_root_directory_runs_in_place() {
     let l = linux_or_skip!();
@@ -1569,6 +1704,61 @@ fn a_root_directory_runs_in_place() {
     let out = l.warren(&["run", "-b", "linux", "-i", "/no/such/root", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("/no/such/root"), "{}", stderr(&out));
+    // The host's own root, however spelt or wherever bind-mounted, is never a sandbox's.
+    // The bind mount is read-only and outside every temp dir, and its guard only unmounts
+    // and `rmdir`s: nothing recursive may ever walk into the host's root.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let elsewhere =
+        std::env::temp_dir().join(format!("warren-hostroot-bind-{}", std::process::id()));
+    std::fs::create_dir(&elsewhere).unwrap();
+    let _unmount = Unmount(elsewhere.clone());
+    for args in [&["--bind", "/"][..], &["-o", "remount,bind,ro"][..]] {
+        let done = std::process::Command::new("mount")
+            .args(args)
+            .arg(&elsewhere)
+            .status()
+            .unwrap();
+        assert!(done.success(), "mount {args:?} {}", elsewhere.display());
+    }
+    for host_root in ["/", "//", "/./", elsewhere.to_str().unwrap()] {
+        let out = l.warren(&["run", "-b", "linux", "-i", host_root, "--", "true"]);
+        assert_ne!(out.status.code(), Some(0), "{host_root}");
+        assert!(
+            stderr(&out).contains("is the host's root directory"),
+            "{host_root}: {}",
+            stderr(&out)
+        );
+    }
+    // Under a policy, a root directory is a host path and must lie under its hostPaths.
+    let policy = root.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: warren.dev/v1\nkind: Policy\nmetadata:\n  name: hp\nspec:\n  \
+         filesystem:\n    hostPaths: [/srv/sandboxes]\n",
+    )
+    .unwrap();
+    l.ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    let out = l.warren(&[
+        "run", "-b", "linux", "-i", dir, "--policy", "hp", "--", "true",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains(&format!(
+            "spec.image: \"{dir}\" violates filesystem.hostPaths"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    l.ok(&["policy", "rm", "hp"]);
 }
 
 /// `--storage` bounds what a sandbox can write: its writable layer is a file system of that
@@ -1773,7 +1963,7 @@ fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
         header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
         header.set_entry_type(*kind);
         header.set_mode(0o4755);
-        if *kind == tar::EntryType::Symlink {
+        if kind.is_symlink() || kind.is_hard_link() {
             header.as_old_mut().linkname[..data.len()].copy_from_slice(data.as_bytes());
             header.set_size(0);
             header.set_cksum();
@@ -1940,6 +2130,98 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
         assert!(said.contains(&format!("cp: skipped {skipped}")), "{said}");
     }
     l.ok(&["rm", "box"]);
+}
+
+/// What `warren cp` brings out of a sandbox is the copy's own: a hard link in the archive
+/// joins a file the copy made (as a sandbox's own `tar` sends them), never a file the
+/// destination directory already held (`warren cp ev:/x ~` with `x/key` linked to
+/// `.ssh/id_rsa` would make the copy the user's key), and nothing is written or linked
+/// through a symlink the sandbox sent (`x/up` → `..`, then `x/up/secret`).
+#[test]
+fn cp_out_links_only_to_what_the_copy_made() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("{reason}");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let l = Linux::start();
+    let out = l.run("hl", &[], &["sleep", "600"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("hl", "Running");
+    let cp = |from: &str, to: &str| l.warren(&["cp", from, to]);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let here = tempfile::tempdir().unwrap();
+    let dest = here.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    let secret = dest.join("secret");
+    std::fs::write(&secret, "private\n").unwrap();
+
+    // The sandbox's own tar: a hard link inside the copy stays one.
+    l.ok(&[
+        "exec",
+        "hl",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/y/sub && echo data > /tmp/y/sub/f && ln /tmp/y/sub/f /tmp/y/g",
+    ]);
+    let out = cp("hl:/tmp/y", &s(&dest));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("skipped"), "{}", stderr(&out));
+    let f = std::fs::metadata(dest.join("y/sub/f")).unwrap();
+    let g = std::fs::metadata(dest.join("y/g")).unwrap();
+    assert_eq!((f.dev(), f.ino()), (g.dev(), g.ino()), "not one file");
+    assert_eq!(std::fs::read_to_string(dest.join("y/g")).unwrap(), "data\n");
+
+    // A hostile sandbox's archive.
+    let evil = raw_tar(&[
+        ("x/data", tar::EntryType::Regular, "data\n"),
+        ("x/hl_inside", tar::EntryType::Link, "x/data"),
+        ("x/hl_sibling", tar::EntryType::Link, "secret"),
+        ("x/up", tar::EntryType::Symlink, ".."),
+        ("x/up/secret", tar::EntryType::Regular, "pwned\n"),
+        ("x/hl_via", tar::EntryType::Link, "x/up/secret"),
+    ]);
+    std::fs::write(here.path().join("evil.tar"), evil).unwrap();
+    let out = cp(&s(&here.path().join("evil.tar")), "hl:/evil.tar");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.ok(&[
+        "exec",
+        "hl",
+        "--",
+        "sh",
+        "-c",
+        "rm /bin/tar && printf '#!/bin/sh\\ncat /evil.tar\\n' > /bin/tar && chmod +x /bin/tar",
+    ]);
+    let out = cp("hl:/x", &s(&dest));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = stderr(&out);
+    eprintln!("{said}");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "private\n");
+    let s_meta = std::fs::metadata(&secret).unwrap();
+    assert_eq!(s_meta.nlink(), 1, "the user's file was hard-linked");
+    let sibling = std::fs::symlink_metadata(dest.join("x/hl_sibling"));
+    assert!(
+        sibling.is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound),
+        "x/hl_sibling made"
+    );
+    assert!(!dest.join("x/hl_via").exists(), "x/hl_via made");
+    let data = std::fs::metadata(dest.join("x/data")).unwrap();
+    let inside = std::fs::metadata(dest.join("x/hl_inside")).unwrap();
+    assert_eq!((data.dev(), data.ino()), (inside.dev(), inside.ino()));
+    assert_ne!((s_meta.dev(), s_meta.ino()), (inside.dev(), inside.ino()));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("x/hl_inside")).unwrap(),
+        "data\n"
+    );
+    for skipped in [
+        "x/hl_sibling (a hard link to secret, not to a file this copy made)",
+        "x/up/secret (under a symlink from the sandbox)",
+        "x/hl_via (a hard link to x/up/secret, not to a file this copy made)",
+    ] {
+        assert!(said.contains(&format!("cp: skipped {skipped}\n")), "{said}");
+    }
+    l.ok(&["rm", "hl"]);
 }
 
 /// `warren stats`: CPU as a share of a core between two readings (a busy loop under

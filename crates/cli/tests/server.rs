@@ -337,32 +337,28 @@ fn unreachable_server_is_a_clear_error() {
 
 #[test]
 fn tcp_needs_the_token() {
+    // `warren ARGS` with each env var set (`Some`) or removed (`None`).
+    let warren = |args: &[&str], env: &[(&str, Option<&str>)]| {
+        let mut c = std::process::Command::new(common::WARREN);
+        c.args(args);
+        for (key, value) in env {
+            match value {
+                Some(value) => c.env(key, value),
+                None => c.env_remove(key),
+            };
+        }
+        common::run_with_stdin(c, None)
+    };
     // Without a token, a TCP server refuses to start.
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = common::run_with_stdin(
-        {
-            let mut c = std::process::Command::new(common::WARREN);
-            c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir"])
-                .arg(dir.path())
-                .env_remove("WARREN_TOKEN");
-            c
-        },
-        None,
-    );
+    let dir_arg = dir.path().to_str().expect("utf-8 temp dir");
+    let serve = ["server", "--listen", "tcp://127.0.0.1:0", "--dir", dir_arg];
+    let out = warren(&serve, &[("WARREN_TOKEN", None)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
     // Nor with a token no client could send.
     for bad in ["é", " padded "] {
-        let out = common::run_with_stdin(
-            {
-                let mut c = std::process::Command::new(common::WARREN);
-                c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir"])
-                    .arg(dir.path())
-                    .env("WARREN_TOKEN", bad);
-                c
-            },
-            None,
-        );
+        let out = warren(&serve, &[("WARREN_TOKEN", Some(bad))]);
         assert_eq!(out.status.code(), Some(2), "{bad}");
         assert!(
             stderr(&out).contains("printable ASCII, with spaces only between words"),
@@ -378,46 +374,22 @@ fn tcp_needs_the_token() {
         server.address
     );
     server.ok(&["run", "--name", "t"]);
-    let no_token = common::run_with_stdin(
-        {
-            let mut c = std::process::Command::new(common::WARREN);
-            c.args(["ls"])
-                .env("WARREN_SERVER", &server.address)
-                .env_remove("WARREN_TOKEN");
-            c
-        },
-        None,
-    );
+    let at = ("WARREN_SERVER", Some(server.address.as_str()));
+    let no_token = warren(&["ls"], &[at, ("WARREN_TOKEN", None)]);
     assert_eq!(no_token.status.code(), Some(1));
     assert!(
         stderr(&no_token).contains("needs a bearer token"),
         "{}",
         stderr(&no_token)
     );
-    let wrong = common::run_with_stdin(
-        {
-            let mut c = std::process::Command::new(common::WARREN);
-            c.args(["ls", "--token", "guess"])
-                .env("WARREN_SERVER", &server.address);
-            c
-        },
-        None,
-    );
+    let wrong = warren(&["ls", "--token", "guess"], &[at]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(
         stderr(&wrong).contains("token is wrong"),
         "{}",
         stderr(&wrong)
     );
-    let unsendable = common::run_with_stdin(
-        {
-            let mut c = std::process::Command::new(common::WARREN);
-            c.args(["ls", "--token", "é"])
-                .env("WARREN_SERVER", &server.address);
-            c
-        },
-        None,
-    );
+    let unsendable = warren(&["ls", "--token", "é"], &[at]);
     assert_eq!(unsendable.status.code(), Some(1));
     assert!(
         stderr(&unsendable).contains("printable ASCII, spaces only between words"),
@@ -433,15 +405,12 @@ fn tcp_needs_the_token() {
     phrase.ok(&["run", "--name", "p"]);
     // An empty WARREN_TOKEN is no token, for a server that needs none.
     let open = TestServer::start();
-    let out = common::run_with_stdin(
-        {
-            let mut c = std::process::Command::new(common::WARREN);
-            c.args(["ls"])
-                .env("WARREN_SERVER", &open.address)
-                .env("WARREN_TOKEN", "");
-            c
-        },
-        None,
+    let out = warren(
+        &["ls"],
+        &[
+            ("WARREN_SERVER", Some(open.address.as_str())),
+            ("WARREN_TOKEN", Some("")),
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
@@ -1035,4 +1004,118 @@ fn apply_refuses_non_finite_numbers_duplicate_keys_and_past_expiries() {
             assert_eq!(seen[0], "kept", "{seen:?}");
         }
     }
+}
+
+/// A stop or delete holds its sandbox for the grace period, so it is bounded as a sandbox's
+/// own setting is (an hour), by the CLI and by the server.
+#[test]
+fn grace_periods_are_bounded() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "g"]);
+    for args in [
+        ["stop", "-t", "3601", "g"],
+        ["rm", "--grace", "4294967295", "g"],
+    ] {
+        let out = server.warren(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&out).contains("for '--grace <GRACE>'") && stderr(&out).contains("0..=3600"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let address: Address = server.address.parse().expect("address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut client = warren_control::client::connect(&address, None)
+            .await
+            .expect("connect");
+        let err = client
+            .stop_sandbox(v1::StopSandboxRequest {
+                name: "g".into(),
+                grace_period_seconds: Some(u32::MAX),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "grace_period_seconds: 4294967295 must be from 0 to 3600"
+        );
+        let err = client
+            .delete_sandbox(v1::DeleteSandboxRequest {
+                name: "g".into(),
+                grace_period_seconds: Some(3601),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    });
+    // `--time` is docker's spelling; the sandbox is still there to stop.
+    server.ok(&["stop", "--time", "0", "g"]);
+    server.ok(&["rm", "--grace", "3600", "g"]);
+}
+
+/// An exec's command, env and working directory are checked as a spec's are, before any
+/// backend sees them (a NUL would cut the string short at `execve`).
+#[test]
+fn exec_requests_are_checked_naming_the_field() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "x"]);
+    let address: Address = server.address.parse().expect("address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let start = |edit: &dyn Fn(&mut v1::ExecStart)| {
+        let mut start = v1::ExecStart {
+            name: "x".into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        };
+        edit(&mut start);
+        start
+    };
+    let cases: Vec<(v1::ExecStart, &str)> = vec![
+        (
+            start(&|s| s.command.push("a\0b".into())),
+            r#"exec: command[1]: "a\0b" contains a NUL character"#,
+        ),
+        (
+            start(&|s| {
+                s.env.insert("A=B".into(), "1".into());
+            }),
+            r#"exec: env: "A=B" is not a variable name"#,
+        ),
+        (
+            start(&|s| {
+                s.env.insert("A".into(), "1\0x".into());
+            }),
+            r#"exec: env["A"]: "1\0x" contains a NUL character"#,
+        ),
+        (
+            start(&|s| s.working_dir = Some("rel/dir".into())),
+            r#"exec: workingDir: "rel/dir" must be an absolute path"#,
+        ),
+    ];
+    rt.block_on(async {
+        let mut client = warren_control::client::connect(&address, None)
+            .await
+            .expect("connect");
+        for (start, said) in cases {
+            let first = v1::ExecInput {
+                input: Some(v1::exec_input::Input::Start(start)),
+            };
+            let err = client
+                .exec(tokio_stream::iter(vec![first]))
+                .await
+                .map(drop)
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{said}: {err}");
+            assert!(err.message().starts_with(said), "{said}: {}", err.message());
+        }
+    });
 }

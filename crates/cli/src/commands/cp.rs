@@ -3,10 +3,13 @@
 //! `kubectl cp` is: the sandbox's own `tar` packs or unpacks (and `sh` tells whether the
 //! destination is a directory), so it works on every backend with exec (linux, vm) and on
 //! sandboxes of remote agents. What comes out of a sandbox is untrusted: entries outside the
-//! path asked for, `..` and absolute paths, links that lead out of the destination and
+//! path asked for, `..` and absolute paths, links that lead out of the destination, entries
+//! under a symlink the sandbox sent, hard links to anything but a file this copy made, and
 //! device files are skipped, set-id bits are dropped, and files belong to the local user.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
@@ -360,9 +363,80 @@ async fn copy_out(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A path of an archive (an entry's or a hard link's target) as plain names, `.` dropped;
+/// `None` when it has `..`, a root or a prefix.
+fn plain(path: &Path) -> Option<PathBuf> {
+    let mut plain = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::Normal(name) => plain.push(name),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(plain)
+}
+
+/// A file on this machine: (device, inode).
+type Inode = (u64, u64);
+
+fn inode(meta: &std::fs::Metadata) -> Inode {
+    (meta.dev(), meta.ino())
+}
+
+/// What an unpacking made so far, by inode (a path may be replaced later; an inode that is
+/// still there is still what the copy made).
+#[derive(Default)]
+struct Made {
+    /// Files: a hard link may only join one of these, never a file the destination had.
+    files: HashSet<Inode>,
+    /// Symlinks: nothing is unpacked through one, nor hard-linked through one (they may
+    /// lead anywhere in the destination directory, beside the copy).
+    symlinks: HashSet<Inode>,
+}
+
+impl Made {
+    /// Whether one of `path`'s parents, from `dst` down, is a symlink this copy made.
+    fn through_symlink(&self, dst: &Path, path: &Path) -> bool {
+        let mut at = dst.to_path_buf();
+        let mut parts: Vec<_> = path.components().collect();
+        parts.pop();
+        parts.into_iter().any(|part| {
+            at.push(part);
+            std::fs::symlink_metadata(&at)
+                .is_ok_and(|m| m.file_type().is_symlink() && self.symlinks.contains(&inode(&m)))
+        })
+    }
+
+    /// Whether `target` (plain, under `dst`) is a file this copy made, reached through none
+    /// of the symlinks it made.
+    fn is_own_file(&self, dst: &Path, target: &Path) -> bool {
+        !self.through_symlink(dst, target)
+            && std::fs::symlink_metadata(dst.join(target))
+                .is_ok_and(|m| m.file_type().is_file() && self.files.contains(&inode(&m)))
+    }
+
+    /// Notes what was just unpacked at `path` (plain, under `dst`).
+    fn note(&mut self, dst: &Path, path: &Path) {
+        if let Ok(meta) = std::fs::symlink_metadata(dst.join(path)) {
+            let kind = meta.file_type();
+            if kind.is_file() {
+                self.files.insert(inode(&meta));
+            } else if kind.is_symlink() {
+                self.symlinks.insert(inode(&meta));
+            }
+        }
+    }
+}
+
 /// Unpacks an archive from a sandbox whose entries should all be under `top`: into `local`
 /// when it is a directory, else as `local` itself (through a temporary directory beside it,
 /// renamed once complete). Returns what was skipped, described.
+///
+/// What the destination directory already holds beside the copy is the user's: an entry
+/// under a symlink the archive made is skipped (it would land wherever the sandbox pointed
+/// it, `../secret` say), and a hard link must join a file this copy made, else the copy
+/// would be the user's own file (`x/key` → `.ssh/id_rsa`), to be read or changed through it.
 fn unpack(reader: impl Read, top: &str, local: &Path) -> anyhow::Result<Vec<String>> {
     let into_dir = local.is_dir();
     let parent = match local.parent() {
@@ -386,6 +460,7 @@ fn unpack(reader: impl Read, top: &str, local: &Path) -> anyhow::Result<Vec<Stri
     archive.set_preserve_permissions(true);
     let mut skipped = Vec::new();
     let mut got_top = false;
+    let mut made = Made::default();
     for entry in archive.entries().context("cp: reading the archive")? {
         let mut entry = entry.context("cp: reading the archive")?;
         let path = entry.path().context("cp: an entry's path")?.into_owned();
@@ -409,14 +484,54 @@ fn unpack(reader: impl Read, top: &str, local: &Path) -> anyhow::Result<Vec<Stri
             ));
             continue;
         }
+        // With `..` (or worse) `unpack_in` skips it.
+        let rel = plain(&path);
+        if let Some(rel) = &rel {
+            if made.through_symlink(dst, rel) {
+                skipped.push(format!("{shown} (under a symlink from the sandbox)"));
+                continue;
+            }
+            if kind.is_hard_link() {
+                let target = entry.link_name().ok().flatten().map(|t| t.into_owned());
+                let own = target
+                    .as_deref()
+                    .and_then(plain)
+                    .is_some_and(|t| made.is_own_file(dst, &t));
+                if !own {
+                    let target: String = target
+                        .map_or_else(|| "nothing".into(), |t| t.display().to_string())
+                        .escape_debug()
+                        .collect();
+                    skipped.push(format!(
+                        "{shown} (a hard link to {target}, not to a file this copy made)"
+                    ));
+                    continue;
+                }
+            }
+        }
         match entry.unpack_in(dst) {
-            Ok(true) => got_top = true,
+            Ok(true) => {
+                got_top = true;
+                if let Some(rel) = &rel {
+                    made.note(dst, rel);
+                }
+            }
             Ok(false) => skipped.push(format!("{shown} (a path out of the destination)")),
             Err(e) => skipped.push(format!("{shown} ({})", e.to_string().escape_debug())),
         }
     }
     if !got_top {
-        bail!("cp: the sandbox sent nothing to copy");
+        // Nothing landed: why is in what was skipped (a read-only destination, say).
+        match skipped.first() {
+            None => bail!("cp: the sandbox sent nothing to copy"),
+            Some(first) => bail!(
+                "cp: nothing was copied: {first}{}",
+                match skipped.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more skipped)", n - 1),
+                }
+            ),
+        }
     }
     if let Some(staging) = &staging {
         let made = staging.path().join(top);
@@ -493,6 +608,144 @@ mod tests {
         assert_eq!(split("/tmp/x"), Some(("/tmp", "x")));
         assert_eq!(split("/x"), Some(("/", "x")));
         assert_eq!(split("/"), None);
+    }
+
+    /// A tar archive written as given (no checks): `(name, kind, data or link target)`.
+    fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+        let mut out = tar::Builder::new(Vec::new());
+        for (name, kind, data) in entries {
+            let mut header = tar::Header::new_old();
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_entry_type(*kind);
+            header.set_mode(0o644);
+            if kind.is_symlink() || kind.is_hard_link() {
+                header.as_old_mut().linkname[..data.len()].copy_from_slice(data.as_bytes());
+                header.set_size(0);
+                header.set_cksum();
+                out.append(&header, std::io::empty()).unwrap();
+            } else {
+                header.set_size(data.len() as u64);
+                header.set_cksum();
+                out.append(&header, data.as_bytes()).unwrap();
+            }
+        }
+        out.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_hard_link_joins_only_a_file_the_copy_made() {
+        use tar::EntryType::{Directory, Link, Regular, Symlink};
+        let d = tempfile::tempdir().unwrap();
+        let dst = d.path();
+        std::fs::write(dst.join("secret"), "private\n").unwrap();
+        std::fs::create_dir(dst.join("x")).unwrap();
+        std::fs::write(dst.join("x/old"), "mine\n").unwrap();
+        let abs = format!("{}/secret", dst.display());
+        let evil = raw_tar(&[
+            ("x/", Directory, ""),
+            ("x/a", Regular, "a\n"),
+            ("x/hl_ok", Link, "x/a"),
+            ("x/hl_dot", Link, "./x/./a"),
+            ("x/hl_sibling", Link, "secret"),
+            ("x/hl_dotsecret", Link, "./secret"),
+            ("x/hl_up", Link, "x/../secret"),
+            ("x/hl_abs", Link, &abs),
+            ("x/hl_old", Link, "x/old"),
+            ("x/hl_none", Link, "x/nothing"),
+            ("x/up", Symlink, ".."),
+            ("x/up/secret", Regular, "pwned\n"),
+            ("x/hl_via", Link, "x/up/secret"),
+            ("x/s", Symlink, "a"),
+            ("x/hl_sym", Link, "x/s"),
+            ("x/hl_\x1b[31m", Link, "\x1b]0;t\x07"),
+        ]);
+        let skipped = unpack(&evil[..], "x", dst).unwrap();
+        let secret = std::fs::metadata(dst.join("secret")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dst.join("secret")).unwrap(),
+            "private\n"
+        );
+        assert_eq!(secret.nlink(), 1);
+        assert_eq!(
+            std::fs::read_to_string(dst.join("x/old")).unwrap(),
+            "mine\n"
+        );
+        assert_eq!(std::fs::metadata(dst.join("x/old")).unwrap().nlink(), 1);
+        let a = std::fs::metadata(dst.join("x/a")).unwrap();
+        for ok in ["x/hl_ok", "x/hl_dot"] {
+            assert_eq!(
+                inode(&std::fs::metadata(dst.join(ok)).unwrap()),
+                inode(&a),
+                "{ok}"
+            );
+        }
+        assert_eq!(a.nlink(), 3);
+        for gone in [
+            "x/hl_sibling",
+            "x/hl_dotsecret",
+            "x/hl_up",
+            "x/hl_abs",
+            "x/hl_old",
+            "x/hl_none",
+            "x/hl_via",
+            "x/hl_sym",
+            "x/hl_\x1b[31m",
+        ] {
+            assert!(
+                std::fs::symlink_metadata(dst.join(gone)).is_err(),
+                "{gone} made"
+            );
+        }
+        for said in [
+            "x/hl_sibling (a hard link to secret, not to a file this copy made)",
+            "x/hl_dotsecret (a hard link to ./secret, not to a file this copy made)",
+            "x/hl_up (a hard link to x/../secret, not to a file this copy made)",
+            &format!("x/hl_abs (a hard link to {abs}, not to a file this copy made)"),
+            "x/hl_old (a hard link to x/old, not to a file this copy made)",
+            "x/hl_none (a hard link to x/nothing, not to a file this copy made)",
+            "x/up/secret (under a symlink from the sandbox)",
+            "x/hl_via (a hard link to x/up/secret, not to a file this copy made)",
+            "x/hl_sym (a hard link to x/s, not to a file this copy made)",
+            "x/hl_\\u{1b}[31m (a hard link to \\u{1b}]0;t\\u{7}, not to a file this copy made)",
+        ] {
+            assert!(
+                skipped.iter().any(|s| s == said),
+                "{said} not in {skipped:#?}"
+            );
+        }
+        assert_eq!(skipped.len(), 10, "{skipped:#?}");
+    }
+
+    #[test]
+    fn a_copy_that_lands_nowhere_says_why() {
+        // sysfs takes no new files, not even root's.
+        let archive = raw_tar(&[("x", tar::EntryType::Regular, "data\n")]);
+        let err = unpack(&archive[..], "x", Path::new("/sys")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.starts_with("cp: nothing was copied: x ("), "{text}");
+        assert!(!Path::new("/sys/x").exists());
+        // An empty archive is still "nothing sent".
+        let empty = raw_tar(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack(&empty[..], "x", dir.path()).unwrap_err();
+        assert_eq!(format!("{err:#}"), "cp: the sandbox sent nothing to copy");
+    }
+
+    #[test]
+    fn a_hard_link_inside_a_copy_made_as_a_new_path_is_kept() {
+        use tar::EntryType::{Directory, Link, Regular};
+        let d = tempfile::tempdir().unwrap();
+        let got = d.path().join("got");
+        let tar = raw_tar(&[
+            ("x/", Directory, ""),
+            ("x/sub/", Directory, ""),
+            ("x/sub/a", Regular, "a\n"),
+            ("x/b", Link, "x/sub/a"),
+        ]);
+        assert!(unpack(&tar[..], "x", &got).unwrap().is_empty());
+        let a = std::fs::metadata(got.join("sub/a")).unwrap();
+        assert_eq!(inode(&std::fs::metadata(got.join("b")).unwrap()), inode(&a));
+        assert_eq!(std::fs::read_to_string(got.join("b")).unwrap(), "a\n");
     }
 
     #[test]
