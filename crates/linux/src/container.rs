@@ -421,7 +421,7 @@ pub(crate) fn mount_overlay(
     let work = writable.join(crate::config::WORK_DIR);
     // Top layer first, as overlayfs lists lower layers.
     let lower: Vec<&Path> = cfg.layers.iter().rev().map(PathBuf::as_path).collect();
-    match mount_overlay_per_layer(rootfs, &lower, &upper, &work) {
+    match mount_overlay_per_layer(rootfs, &lower, Some((&upper, &work))) {
         Ok(true) => return Ok(()),
         // No new mount API, or no `lowerdir+` (Linux before 6.8): the one-string mount.
         Ok(false) => {}
@@ -457,31 +457,35 @@ pub(crate) fn mount_overlay(
         )
     })
     .map_err(|e| {
-        // The options are one page at most: ~40 layer paths fill it.
-        let hint = if data.len() >= 4096 {
-            format!(
-                " ({} layers take {} bytes of mount options, more than the 4096 this kernel \
-                 takes; Linux 6.8+ mounts any number)",
-                lower.len(),
-                data.len()
-            )
-        } else {
-            String::new()
-        };
+        let hint = overlay_options_hint(lower.len(), data.len());
         err(format!("mount overlay on {}{hint}", rootfs.display()), e)
     })
 }
 
-/// Mounts the overlay with the new mount API, each layer its own `lowerdir+` (Linux 6.8+),
-/// so an image may have as many layers as overlayfs stacks (500): the one-string `mount(2)`
-/// options are one page, which ~40 layer paths fill. `Ok(false)`: this kernel cannot (no
-/// `fsopen`, or one a seccomp filter or LSM refuses, or no `lowerdir+`), and the caller
-/// falls back; any later error is the mount's own.
-fn mount_overlay_per_layer(
-    rootfs: &Path,
+/// What to add to the error of a one-string overlay mount of `layers` layers whose options
+/// were `options_len` bytes: the options are one page at most, which ~40 layer paths fill.
+pub fn overlay_options_hint(layers: usize, options_len: usize) -> String {
+    if options_len >= 4096 {
+        format!(
+            " ({layers} layers take {options_len} bytes of mount options, more than the 4096 \
+             this kernel takes; Linux 6.8+ mounts any number)"
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Mounts an overlay on `target` with the new mount API, each layer its own `lowerdir+`
+/// (Linux 6.8+; `lower` top first), so an image may have as many layers as overlayfs stacks
+/// (500): the one-string `mount(2)` options are one page, which ~40 layer paths fill.
+/// `writable` is the (upper, work) pair; without one the mount is read-only, and needs two
+/// layers at least. `Ok(false)`: this kernel cannot (no `fsopen`, or one a seccomp filter or
+/// LSM refuses, or no `lowerdir+`), and the caller falls back to the one-string mount; any
+/// later error is the mount's own.
+pub fn mount_overlay_per_layer(
+    target: &Path,
     lower: &[&Path],
-    upper: &Path,
-    work: &Path,
+    writable: Option<(&Path, &Path)>,
 ) -> Result<bool, nix::errno::Errno> {
     use rustix::mount::{
         FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
@@ -502,22 +506,23 @@ fn mount_overlay_per_layer(
             Err(e) => return Err(errno(e)),
         }
     }
-    fsconfig_set_string(&fs, "upperdir", upper).map_err(errno)?;
-    fsconfig_set_string(&fs, "workdir", work).map_err(errno)?;
-    // See the legacy mount's `volatile`: kept where the kernel has it.
-    let _ = fsconfig_set_flag(&fs, "volatile");
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_NODEV;
+    match writable {
+        Some((upper, work)) => {
+            fsconfig_set_string(&fs, "upperdir", upper).map_err(errno)?;
+            fsconfig_set_string(&fs, "workdir", work).map_err(errno)?;
+            // See the legacy mount's `volatile`: kept where the kernel has it.
+            let _ = fsconfig_set_flag(&fs, "volatile");
+        }
+        None => attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY,
+    }
     fsconfig_create(&fs).map_err(errno)?;
-    let mnt = fsmount(
-        &fs,
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NODEV,
-    )
-    .map_err(errno)?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(errno)?;
     move_mount(
         &mnt,
         "",
         rustix::fs::CWD,
-        rootfs,
+        target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
     .map_err(errno)?;

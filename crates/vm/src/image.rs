@@ -41,22 +41,8 @@ pub fn root_disk(
         [] => merged.clone(),
         [one] => one.clone(),
         layers => {
-            let lower: Vec<String> = layers
-                .iter()
-                .rev()
-                .map(|l| l.display().to_string())
-                .collect();
-            let options = format!("lowerdir={}", lower.join(":"));
-            nix::mount::mount(
-                Some("overlay"),
-                &merged,
-                Some("overlay"),
-                nix::mount::MsFlags::MS_RDONLY,
-                Some(options.as_str()),
-            )
-            .map_err(|e| {
-                BackendError::Other(format!("merge the layers of {name}: {}", e.desc()))
-            })?;
+            merge_layers(layers, &merged)
+                .map_err(|e| BackendError::Other(format!("merge the layers of {name}: {e}")))?;
             merged.clone()
         }
     };
@@ -95,6 +81,31 @@ pub fn root_disk(
     }
     std::fs::rename(&tmp, &disk).map_err(|e| BackendError::io("move into place", &disk, e))?;
     Ok((disk, image))
+}
+
+/// Mounts `layers` (bottom first, two at least) read-only on `merged` as one overlay: each
+/// layer its own `lowerdir+` where the kernel has it (Linux 6.8+: any number of layers), else
+/// the one-string mount, whose one page of options ~40 layer paths fill.
+fn merge_layers(layers: &[PathBuf], merged: &Path) -> Result<(), String> {
+    let lower: Vec<&Path> = layers.iter().rev().map(PathBuf::as_path).collect();
+    match warren_linux::container::mount_overlay_per_layer(merged, &lower, None) {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(e) => return Err(e.desc().to_string()),
+    }
+    let lower: Vec<String> = lower.iter().map(|l| l.display().to_string()).collect();
+    let options = format!("lowerdir={}", lower.join(":"));
+    nix::mount::mount(
+        Some("overlay"),
+        merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(options.as_str()),
+    )
+    .map_err(|e| {
+        let hint = warren_linux::container::overlay_options_hint(layers.len(), options.len());
+        format!("{}{hint}", e.desc())
+    })
 }
 
 /// The file name of the disk of the image `id` in the cache.
@@ -161,4 +172,105 @@ fn tree_size(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_image::testing::{Config, Entry, Layer, write_layout};
+
+    /// Whether the running kernel is at least `major.minor`.
+    fn kernel_at_least(major: u32, minor: u32) -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut parts = release
+            .trim()
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+    }
+
+    /// The files of `dir` on the ext4 `disk`, read with debugfs (no mount).
+    fn disk_ls(disk: &Path, dir: &str) -> Vec<String> {
+        let out = Command::new("debugfs")
+            .args(["-R", &format!("ls -p {dir}")])
+            .arg(disk)
+            .output()
+            .expect("run debugfs");
+        assert!(out.status.success(), "{out:?}");
+        // `/inode/mode/uid/gid/name/size/` lines.
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// An image of more layers than one page of mount options can list becomes one disk:
+    /// every layer's file in it, a whiteout honoured, the uppermost copy of a file winning.
+    #[test]
+    fn an_image_of_many_layers_merges_into_one_disk() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIP an_image_of_many_layers_merges_into_one_disk: needs root to mount");
+            return;
+        }
+        if !kernel_at_least(6, 8) {
+            eprintln!(
+                "SKIP an_image_of_many_layers_merges_into_one_disk: Linux before 6.8 has no \
+                 overlay lowerdir+"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let layers: Vec<Layer> = (0..80)
+            .map(|i| {
+                let mut entries = vec![
+                    Entry::dir("layers", 0o755),
+                    Entry::file(&format!("layers/{i:02}"), 0o644, b"x"),
+                    Entry::file("layers/top", 0o644, format!("{i}\n").as_bytes()),
+                ];
+                if i == 50 {
+                    entries.push(Entry::file("layers/.wh.07", 0o644, b""));
+                }
+                Layer::gzip(entries)
+            })
+            .collect();
+        let layout = write_layout(
+            &dir.path().join("layout"),
+            Some("tall"),
+            &layers,
+            &Config::default(),
+        )
+        .unwrap();
+        let store = ImageStore::open(&dir.path().join("store")).unwrap();
+        store.import(&layout, None).unwrap();
+        let cache = dir.path().join("cache");
+        let (disk, image) = root_disk(&store, &cache, "tall").unwrap();
+        assert_eq!(image.layers.len(), 80);
+        let lower_bytes: usize = image.layers.iter().map(|l| l.as_os_str().len() + 1).sum();
+        assert!(
+            lower_bytes > 4096,
+            "the layers' paths fit one page: {lower_bytes} bytes"
+        );
+
+        let mut want: Vec<String> = (0..80)
+            .filter(|i| *i != 7)
+            .map(|i| format!("{i:02}"))
+            .collect();
+        want.push("top".to_string());
+        assert_eq!(disk_ls(&disk, "/layers"), want);
+        let top = Command::new("debugfs")
+            .args(["-R", "cat /layers/top"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&top.stdout), "79\n");
+        // The build's directory, and the overlay on it, are gone: the disk alone is left.
+        let left: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [disk.file_name().unwrap().to_owned()]);
+    }
 }
