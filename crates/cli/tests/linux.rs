@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{json, stderr};
 use linux_harness::{Linux, cgroup_of, cgroup_parents, skip_reason, stdout, wait_gone, wait_warm};
+use warren_image::testing::{Entry, layer_tar};
 
 #[test]
 fn output_exit_code_env_cwd_hostname_and_user() {
@@ -1597,7 +1598,7 @@ fn kill_signals_the_workload() {
 /// page, which ~40 layer paths fill, so they are given one by one where the kernel can.
 #[test]
 fn an_image_of_many_layers_runs() {
-    use warren_image::testing::{Entry, Layer};
+    use warren_image::testing::Layer;
     let l = linux_or_skip!();
     if !kernel_at_least(6, 8) {
         eprintln!("SKIP an_image_of_many_layers_runs: Linux before 6.8 has no overlay lowerdir+");
@@ -1954,29 +1955,6 @@ fn published_ports_reach_the_sandbox_until_its_end() {
     assert!(std::net::TcpListener::bind(("0.0.0.0", cold)).is_ok());
 }
 
-/// A tar archive with entries a hostile sandbox might send: each `(name, kind, data or link
-/// target)` written as given, `..` and absolute names included (tar's own checks skipped).
-fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
-    let mut out = tar::Builder::new(Vec::new());
-    for (name, kind, data) in entries {
-        let mut header = tar::Header::new_old();
-        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        header.set_entry_type(*kind);
-        header.set_mode(0o4755);
-        if kind.is_symlink() || kind.is_hard_link() {
-            header.as_old_mut().linkname[..data.len()].copy_from_slice(data.as_bytes());
-            header.set_size(0);
-            header.set_cksum();
-            out.append(&header, std::io::empty()).unwrap();
-        } else {
-            header.set_size(data.len() as u64);
-            header.set_cksum();
-            out.append(&header, data.as_bytes()).unwrap();
-        }
-    }
-    out.into_inner().unwrap()
-}
-
 /// `warren cp` copies into and out of a running sandbox as `docker cp` does (into an
 /// existing directory under the source's name, else as the destination; modes, times and
 /// symlinks kept; root-owned inside), and what a sandbox sends back stays in the
@@ -2071,19 +2049,20 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
     // A hostile sandbox: its `tar` answers with a crafted archive.
     let outside = tempfile::tempdir().unwrap();
     let escape = format!("{}/escaped", outside.path().display());
-    let evil = raw_tar(&[
-        ("x/ok.txt", tar::EntryType::Regular, "ok\n"),
-        ("x/../../escaped.txt", tar::EntryType::Regular, "no\n"),
-        (&escape, tar::EntryType::Regular, "no\n"),
-        ("elsewhere.txt", tar::EntryType::Regular, "no\n"),
-        (
-            "x/out",
-            tar::EntryType::Symlink,
-            outside.path().to_str().unwrap(),
-        ),
-        ("x/out/pwned.txt", tar::EntryType::Regular, "no\n"),
-        ("x/null", tar::EntryType::Char, ""),
-    ]);
+    let evil = layer_tar(&[
+        Entry::file("x/ok.txt", 0o4755, b"ok\n"),
+        Entry::file("x/../../escaped.txt", 0o4755, b"no\n"),
+        Entry::file(&escape, 0o4755, b"no\n"),
+        Entry::file("elsewhere.txt", 0o4755, b"no\n"),
+        Entry::symlink("x/out", outside.path().to_str().unwrap()),
+        Entry::file("x/out/pwned.txt", 0o4755, b"no\n"),
+        Entry::CharDevice {
+            path: "x/null".into(),
+            major: 1,
+            minor: 3,
+        },
+    ])
+    .unwrap();
     std::fs::write(here.path().join("evil.tar"), evil).unwrap();
     let out = cp(&s(&here.path().join("evil.tar")), "box:/tmp/evil.tar");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -2174,14 +2153,15 @@ fn cp_out_links_only_to_what_the_copy_made() {
     assert_eq!(std::fs::read_to_string(dest.join("y/g")).unwrap(), "data\n");
 
     // A hostile sandbox's archive.
-    let evil = raw_tar(&[
-        ("x/data", tar::EntryType::Regular, "data\n"),
-        ("x/hl_inside", tar::EntryType::Link, "x/data"),
-        ("x/hl_sibling", tar::EntryType::Link, "secret"),
-        ("x/up", tar::EntryType::Symlink, ".."),
-        ("x/up/secret", tar::EntryType::Regular, "pwned\n"),
-        ("x/hl_via", tar::EntryType::Link, "x/up/secret"),
-    ]);
+    let evil = layer_tar(&[
+        Entry::file("x/data", 0o4755, b"data\n"),
+        Entry::hardlink("x/hl_inside", "x/data"),
+        Entry::hardlink("x/hl_sibling", "secret"),
+        Entry::symlink("x/up", ".."),
+        Entry::file("x/up/secret", 0o4755, b"pwned\n"),
+        Entry::hardlink("x/hl_via", "x/up/secret"),
+    ])
+    .unwrap();
     std::fs::write(here.path().join("evil.tar"), evil).unwrap();
     let out = cp(&s(&here.path().join("evil.tar")), "hl:/evil.tar");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

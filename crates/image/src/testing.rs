@@ -451,7 +451,9 @@ fn layout_tar_bytes(layout: &Path) -> io::Result<Vec<u8>> {
     builder.into_inner()
 }
 
-/// A tar of `entries`, with names written raw (GNU long-name records past 100 bytes).
+/// A tar of `entries`, names and link targets written as given (`..` and absolute ones
+/// included, as a hostile image or sandbox would send them; GNU long-name records past 100
+/// bytes).
 pub fn layer_tar(entries: &[Entry]) -> io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for entry in entries {

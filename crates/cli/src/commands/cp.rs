@@ -589,6 +589,7 @@ impl Read for ChunkReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warren_image::testing::{Entry, layer_tar};
 
     #[test]
     fn sides_are_told_apart_as_docker_does() {
@@ -610,55 +611,33 @@ mod tests {
         assert_eq!(split("/"), None);
     }
 
-    /// A tar archive written as given (no checks): `(name, kind, data or link target)`.
-    fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
-        let mut out = tar::Builder::new(Vec::new());
-        for (name, kind, data) in entries {
-            let mut header = tar::Header::new_old();
-            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-            header.set_entry_type(*kind);
-            header.set_mode(0o644);
-            if kind.is_symlink() || kind.is_hard_link() {
-                header.as_old_mut().linkname[..data.len()].copy_from_slice(data.as_bytes());
-                header.set_size(0);
-                header.set_cksum();
-                out.append(&header, std::io::empty()).unwrap();
-            } else {
-                header.set_size(data.len() as u64);
-                header.set_cksum();
-                out.append(&header, data.as_bytes()).unwrap();
-            }
-        }
-        out.into_inner().unwrap()
-    }
-
     #[test]
     fn a_hard_link_joins_only_a_file_the_copy_made() {
-        use tar::EntryType::{Directory, Link, Regular, Symlink};
         let d = tempfile::tempdir().unwrap();
         let dst = d.path();
         std::fs::write(dst.join("secret"), "private\n").unwrap();
         std::fs::create_dir(dst.join("x")).unwrap();
         std::fs::write(dst.join("x/old"), "mine\n").unwrap();
         let abs = format!("{}/secret", dst.display());
-        let evil = raw_tar(&[
-            ("x/", Directory, ""),
-            ("x/a", Regular, "a\n"),
-            ("x/hl_ok", Link, "x/a"),
-            ("x/hl_dot", Link, "./x/./a"),
-            ("x/hl_sibling", Link, "secret"),
-            ("x/hl_dotsecret", Link, "./secret"),
-            ("x/hl_up", Link, "x/../secret"),
-            ("x/hl_abs", Link, &abs),
-            ("x/hl_old", Link, "x/old"),
-            ("x/hl_none", Link, "x/nothing"),
-            ("x/up", Symlink, ".."),
-            ("x/up/secret", Regular, "pwned\n"),
-            ("x/hl_via", Link, "x/up/secret"),
-            ("x/s", Symlink, "a"),
-            ("x/hl_sym", Link, "x/s"),
-            ("x/hl_\x1b[31m", Link, "\x1b]0;t\x07"),
-        ]);
+        let evil = layer_tar(&[
+            Entry::dir("x/", 0o755),
+            Entry::file("x/a", 0o644, b"a\n"),
+            Entry::hardlink("x/hl_ok", "x/a"),
+            Entry::hardlink("x/hl_dot", "./x/./a"),
+            Entry::hardlink("x/hl_sibling", "secret"),
+            Entry::hardlink("x/hl_dotsecret", "./secret"),
+            Entry::hardlink("x/hl_up", "x/../secret"),
+            Entry::hardlink("x/hl_abs", &abs),
+            Entry::hardlink("x/hl_old", "x/old"),
+            Entry::hardlink("x/hl_none", "x/nothing"),
+            Entry::symlink("x/up", ".."),
+            Entry::file("x/up/secret", 0o644, b"pwned\n"),
+            Entry::hardlink("x/hl_via", "x/up/secret"),
+            Entry::symlink("x/s", "a"),
+            Entry::hardlink("x/hl_sym", "x/s"),
+            Entry::hardlink("x/hl_\x1b[31m", "\x1b]0;t\x07"),
+        ])
+        .unwrap();
         let skipped = unpack(&evil[..], "x", dst).unwrap();
         let secret = std::fs::metadata(dst.join("secret")).unwrap();
         assert_eq!(
@@ -719,13 +698,13 @@ mod tests {
     #[test]
     fn a_copy_that_lands_nowhere_says_why() {
         // sysfs takes no new files, not even root's.
-        let archive = raw_tar(&[("x", tar::EntryType::Regular, "data\n")]);
+        let archive = layer_tar(&[Entry::file("x", 0o644, b"data\n")]).unwrap();
         let err = unpack(&archive[..], "x", Path::new("/sys")).unwrap_err();
         let text = format!("{err:#}");
         assert!(text.starts_with("cp: nothing was copied: x ("), "{text}");
         assert!(!Path::new("/sys/x").exists());
         // An empty archive is still "nothing sent".
-        let empty = raw_tar(&[]);
+        let empty = layer_tar(&[]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let err = unpack(&empty[..], "x", dir.path()).unwrap_err();
         assert_eq!(format!("{err:#}"), "cp: the sandbox sent nothing to copy");
@@ -733,15 +712,15 @@ mod tests {
 
     #[test]
     fn a_hard_link_inside_a_copy_made_as_a_new_path_is_kept() {
-        use tar::EntryType::{Directory, Link, Regular};
         let d = tempfile::tempdir().unwrap();
         let got = d.path().join("got");
-        let tar = raw_tar(&[
-            ("x/", Directory, ""),
-            ("x/sub/", Directory, ""),
-            ("x/sub/a", Regular, "a\n"),
-            ("x/b", Link, "x/sub/a"),
-        ]);
+        let tar = layer_tar(&[
+            Entry::dir("x/", 0o755),
+            Entry::dir("x/sub/", 0o755),
+            Entry::file("x/sub/a", 0o644, b"a\n"),
+            Entry::hardlink("x/b", "x/sub/a"),
+        ])
+        .unwrap();
         assert!(unpack(&tar[..], "x", &got).unwrap().is_empty());
         let a = std::fs::metadata(got.join("sub/a")).unwrap();
         assert_eq!(inode(&std::fs::metadata(got.join("b")).unwrap()), inode(&a));
