@@ -1760,6 +1760,49 @@ fn a_root_directory_runs_in_place() {
         stderr(&out)
     );
     l.ok(&["policy", "rm", "hp"]);
+    // A host path is checked where it leads on the node: a symlink under an allowed
+    // directory (one a sandbox could make in a writable mount) reaches nothing outside it.
+    let shared = tempfile::tempdir().unwrap();
+    let allowed = std::fs::canonicalize(shared.path())
+        .unwrap()
+        .join("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    std::os::unix::fs::symlink(root.path(), allowed.join("link")).unwrap();
+    let link = allowed.join("link");
+    let link = link.to_str().unwrap();
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: warren.dev/v1\nkind: Policy\nmetadata:\n  name: hp2\nspec:\n  \
+             filesystem:\n    hostPaths: [{}]\n    writable: [/]\n",
+            allowed.display()
+        ),
+    )
+    .unwrap();
+    l.ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    let target = std::fs::canonicalize(root.path()).unwrap();
+    let resolves = format!(
+        "{link:?} resolves to {:?}, outside the policy's filesystem.hostPaths",
+        target.display().to_string()
+    );
+    let out = l.warren(&[
+        "run", "-b", "linux", "-i", link, "--policy", "hp2", "--", "true",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains(&format!("spec.image: {resolves}")),
+        "{}",
+        stderr(&out)
+    );
+    let map = format!("/mnt::{link}");
+    let out = l.run("linked", &["--policy", "hp2", "--mapdir", &map], &["true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains(&format!("spec.mounts[0].host: {resolves}")),
+        "{}",
+        stderr(&out)
+    );
+    l.ok(&["policy", "rm", "hp2"]);
 }
 
 /// `--storage` bounds what a sandbox can write: its writable layer is a file system of that

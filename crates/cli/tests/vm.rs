@@ -671,6 +671,14 @@ fn bad_configs_are_clear_errors_at_create_and_start_no_qemu() {
             "hypervisor.machine: \"pc-bogus-9.9\" is not a machine type",
         ),
         ("accel = \"hvf\"", "accel"),
+        (
+            "path = \"/bin/false\"",
+            "hypervisor.path: /bin/false is not a qemu-system binary",
+        ),
+        (
+            "entropy_source = \"/tmp\"",
+            "hypervisor.entropy_source: \"/tmp\" is not a regular file or a character device",
+        ),
         // (templates are on by default; the device's path is checked by config's unit tests)
         (
             "channel = \"vhost-user-vsock\"",

@@ -113,6 +113,7 @@ pub struct PolicySyscalls {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BindMount {
+    /// The host directory, resolved (symlinks followed) when the sandbox was created.
     pub host: PathBuf,
     pub guest: String,
     #[serde(default)]

@@ -241,13 +241,7 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
     // Host directories for bind mounts, opened while the host's tree is still visible.
     let mut host_dirs = Vec::with_capacity(cfg.mounts.len());
     for m in &cfg.mounts {
-        let fd = nix::fcntl::open(
-            &m.host,
-            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| err(format!("open mount source {}", m.host.display()), e))?;
-        host_dirs.push(fd);
+        host_dirs.push(open_mount_source(&m.host)?);
     }
 
     chdir(&rootfs).map_err(|e| err(format!("chdir {}", rootfs.display()), e))?;
@@ -384,6 +378,29 @@ fn mount_storage(bundle: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens `path`, a host directory to mount (resolved when the sandbox was created), as an
+/// `O_PATH` descriptor to mount through `/proc/self/fd`, and refuses it if it now leads
+/// elsewhere: a directory swapped for a symlink since would otherwise mount what the symlink
+/// names, outside what the policy's `hostPaths` allowed.
+fn open_mount_source(path: &Path) -> Result<OwnedFd, String> {
+    let fd = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err(format!("open mount source {}", path.display()), e))?;
+    let opened = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| err(format!("read what {} opened", path.display()), e))?;
+    if opened != path {
+        return Err(format!(
+            "mount source {} now leads to {} (changed since the sandbox was created)",
+            path.display(),
+            opened.display()
+        ));
+    }
+    Ok(fd)
+}
+
 pub(crate) fn mount_overlay(
     cfg: &ContainerConfig,
     bundle: &Path,
@@ -391,8 +408,10 @@ pub(crate) fn mount_overlay(
 ) -> Result<(), String> {
     if let Some(dir) = &cfg.rootfs {
         // As runc does with a bundle's rootfs: the directory itself, recursively, in place.
+        let fd = open_mount_source(dir)?;
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
         return mount(
-            Some(dir.as_path()),
+            Some(source.as_str()),
             rootfs,
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
@@ -876,4 +895,31 @@ fn set_loopback(up: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_mount_source;
+
+    /// A mount source is mounted as the path it was resolved to, or not at all: one that
+    /// leads elsewhere since (a directory swapped for a symlink) is refused, naming both.
+    #[test]
+    fn a_mount_source_that_leads_elsewhere_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir(dir.join("data")).unwrap();
+        std::fs::create_dir(dir.join("elsewhere")).unwrap();
+        assert!(open_mount_source(&dir.join("data")).is_ok());
+        std::fs::remove_dir(dir.join("data")).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("data")).unwrap();
+        let e = open_mount_source(&dir.join("data")).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "mount source {} now leads to {} (changed since the sandbox was created)",
+                dir.join("data").display(),
+                dir.join("elsewhere").display()
+            )
+        );
+    }
 }

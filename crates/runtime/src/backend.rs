@@ -139,6 +139,76 @@ pub fn no_published_ports(kind: BackendKind, spec: &SandboxSpec) -> Result<(), B
     }
 }
 
+/// `host`, the host path of `field` (a bind mount's source, a root filesystem), resolved on
+/// this node with its symlinks followed: what a mount of it reaches. A policy's `hostPaths`
+/// is checked again on the resolved path: a symlink under an allowed directory (one a
+/// sandbox may have made in a writable mount of its own) must not lead a later sandbox
+/// elsewhere. A path the policy did not allow as written was admitted on purpose (audit
+/// mode) and is not refused here.
+pub fn resolve_host_path(
+    field: &str,
+    host: &str,
+    policy: Option<&Policy>,
+) -> Result<std::path::PathBuf, BackendError> {
+    let resolved = std::fs::canonicalize(host).map_err(|e| {
+        let reason = match e.kind() {
+            std::io::ErrorKind::NotFound => "does not exist".to_string(),
+            _ => format!("cannot be resolved on this node: {e}"),
+        };
+        BackendError::Invalid(format!("{field}: {host:?} {reason}"))
+    })?;
+    if let Some(policy) = policy
+        && policy.host_path_allowed(host)
+    {
+        let shown = resolved.to_string_lossy();
+        if !policy.host_path_allowed(&shown) {
+            return Err(BackendError::Invalid(format!(
+                "{field}: {host:?} resolves to {shown:?}, outside the policy's \
+                 filesystem.hostPaths"
+            )));
+        }
+    }
+    Ok(resolved)
+}
+
+/// Refuses what only the linux backend does, for backend `kind`: a read-only root
+/// (`spec.readOnlyRootfs`), extra denied syscalls (`spec.denySyscalls`), and, unless the
+/// backend maps host directories, `spec.mounts`. Ignored, each would leave the user
+/// believing in a limit that is not there.
+pub fn linux_only_fields(
+    kind: BackendKind,
+    spec: &SandboxSpec,
+    maps_host_dirs: bool,
+) -> Result<(), BackendError> {
+    let refuse = |field: String, value: &str, what: &str| {
+        Err(BackendError::Invalid(format!(
+            "{field}: {value:?}: the {kind} backend {what}; the linux backend does"
+        )))
+    };
+    if !maps_host_dirs && let Some(m) = spec.mounts.first() {
+        return refuse(
+            "spec.mounts[0].host".to_string(),
+            &m.host,
+            "maps no host directory into a sandbox (warren cp copies files in)",
+        );
+    }
+    if spec.read_only_rootfs {
+        return refuse(
+            "spec.readOnlyRootfs".to_string(),
+            "true",
+            "has no read-only root",
+        );
+    }
+    if let Some(name) = spec.deny_syscalls.first() {
+        return refuse(
+            "spec.denySyscalls[0]".to_string(),
+            name,
+            "filters no syscalls of its own",
+        );
+    }
+    Ok(())
+}
+
 /// Removes a sandbox's directory tree; `Ok(false)` when it was already gone. It blocks:
 /// async callers run it on the blocking pool.
 pub fn remove_tree(dir: &Path) -> Result<bool, BackendError> {
@@ -498,7 +568,9 @@ impl fmt::Debug for ExecProcess {
 
 #[cfg(test)]
 mod tests {
-    use super::{format_warm, no_published_ports, parse_warm};
+    use super::{
+        format_warm, linux_only_fields, no_published_ports, parse_warm, resolve_host_path,
+    };
     use warren_spec::{BackendKind, SandboxSpec};
 
     #[test]
@@ -536,5 +608,85 @@ mod tests {
         assert_eq!(parse_warm(&detail, "warm: ", "alpine"), None);
         assert_eq!(parse_warm(&detail, "warm shells: ", "busybox"), None);
         assert_eq!(parse_warm("", "warm: ", "busybox"), None);
+    }
+
+    /// A host path is taken as resolved on the node: a symlink under a directory the policy
+    /// allows does not lead a sandbox outside it, a path that is missing is named.
+    #[test]
+    fn a_host_path_is_checked_where_its_symlinks_lead() {
+        let d = tempfile::tempdir().unwrap();
+        let allowed = d.path().join("allowed");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(allowed.join("real")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+        let spec: warren_spec::PolicySpec = serde_json::from_value(serde_json::json!({
+            "filesystem": {"hostPaths": [allowed.to_str().unwrap()]}
+        }))
+        .unwrap();
+        let policy = warren_spec::Policy::compile("p", spec).unwrap();
+        let show = |p: &std::path::Path| p.to_str().unwrap().to_string();
+
+        let real = show(&allowed.join("real"));
+        let got = resolve_host_path("spec.mounts[0].host", &real, Some(&policy)).unwrap();
+        assert_eq!(got, std::fs::canonicalize(allowed.join("real")).unwrap());
+
+        let link = show(&allowed.join("link"));
+        let err = resolve_host_path("spec.mounts[1].host", &link, Some(&policy))
+            .unwrap_err()
+            .to_string();
+        let target = show(&std::fs::canonicalize(&outside).unwrap());
+        assert_eq!(
+            err,
+            format!(
+                "spec.mounts[1].host: {link:?} resolves to {target:?}, outside the policy's \
+                 filesystem.hostPaths"
+            )
+        );
+        // Without a policy, or one that did not allow the path as written (audit mode
+        // admitted it), the resolved path is used as it is.
+        let got = resolve_host_path("spec.mounts[1].host", &link, None).unwrap();
+        assert_eq!(show(&got), target);
+        let missing = show(&allowed.join("missing"));
+        let err = resolve_host_path("spec.image", &missing, Some(&policy))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, format!("spec.image: {missing:?} does not exist"));
+    }
+
+    /// What only linux does is refused by the others, naming the field, not ignored.
+    #[test]
+    fn linux_only_fields_are_refused_by_name() {
+        let mut spec = SandboxSpec::default();
+        assert!(linux_only_fields(BackendKind::Vm, &spec, false).is_ok());
+        spec.deny_syscalls.push("mkdir".into());
+        let err = linux_only_fields(BackendKind::Wasm, &spec, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.denySyscalls[0]: \"mkdir\": the wasm backend filters no syscalls of its own; \
+             the linux backend does"
+        );
+        spec.read_only_rootfs = true;
+        let err = linux_only_fields(BackendKind::Vm, &spec, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("spec.readOnlyRootfs: \"true\": the vm backend has no read-only root"),
+            "{err}"
+        );
+        spec.mounts.push(warren_spec::Mount {
+            host: "/srv/data".into(),
+            guest: "/data".into(),
+            read_only: false,
+        });
+        let err = linux_only_fields(BackendKind::Vm, &spec, false).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "spec.mounts[0].host: \"/srv/data\": the vm backend maps no host directory"
+            ),
+            "{err}"
+        );
+        // The wasm backend maps them (WASI preopens): the next field is the one named.
+        let err = linux_only_fields(BackendKind::Wasm, &spec, true).unwrap_err();
+        assert!(err.to_string().starts_with("spec.readOnlyRootfs"), "{err}");
     }
 }

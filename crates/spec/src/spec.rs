@@ -400,6 +400,29 @@ impl Mount {
 }
 
 impl SandboxSpec {
+    /// The hostname the workload sees: `hostname`, else the name made a valid one
+    /// (characters other than ASCII letters and digits become `-`, at most 63, no trailing
+    /// `-`; `sandbox` if nothing is left).
+    pub fn hostname_or_default(&self) -> String {
+        if let Some(h) = &self.hostname {
+            return h.clone();
+        }
+        let mut h: String = self
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(63)
+            .collect();
+        while h.ends_with('-') {
+            h.pop();
+        }
+        if h.is_empty() {
+            "sandbox".to_string()
+        } else {
+            h
+        }
+    }
+
     /// Validates every field and returns the extracted resources (annotations > oci >
     /// resources). On failure, returns the first error; see [`SandboxSpec::validate_all`].
     pub fn validate(&self) -> Result<ResourceInfo, SpecError> {

@@ -590,3 +590,24 @@ fn failure_policy_fields_are_validated_naming_the_field() {
         assert_eq!(e.field(), "spec.recoveryTimeoutSeconds", "{e}");
     }
 }
+
+/// A sandbox without a hostname gets its name made into a valid one, as every backend
+/// sets it: at most 63 characters, letters and digits, `-` for the rest, none trailing.
+#[test]
+fn the_default_hostname_is_the_name_made_valid() {
+    let mut s = SandboxSpec::default();
+    for (name, want) in [
+        ("web", "web"),
+        ("under_score.x", "under-score-x"),
+        ("trail_", "trail"),
+        ("__", "sandbox"),
+    ] {
+        s.name = name.into();
+        assert_eq!(s.hostname_or_default(), want, "{name}");
+    }
+    s.name = "a".repeat(70);
+    assert_eq!(s.hostname_or_default(), "a".repeat(63));
+    assert!(validate_hostname(&s.hostname_or_default()).is_ok());
+    s.hostname = Some("given.example".into());
+    assert_eq!(s.hostname_or_default(), "given.example");
+}

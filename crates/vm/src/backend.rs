@@ -236,6 +236,14 @@ fn probe(config: &VmBackendConfig) -> Result<Acceleration, String> {
             )
         })?;
     let machines = crate::config::machine_types(&String::from_utf8_lossy(&help.stdout));
+    if !help.status.success() || machines.is_empty() {
+        return Err(format!(
+            "hypervisor.path: {} is not a qemu-system binary (`-machine help` {}, listing no \
+             machine types); install qemu-system-x86",
+            h.path.display(),
+            help.status
+        ));
+    }
     config.vm.validate(&machines).map_err(|e| e.to_string())?;
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let kvm_opens = std::fs::OpenOptions::new()
@@ -345,6 +353,16 @@ fn vm_size(
         Some(bytes) => (bytes.div_ceil(1 << 20) + GUEST_OVERHEAD_MB).max(MIN_MEMORY_MB),
         None => h.memory_in_mb,
     };
+    // qemu would start, then fail to map the guest's memory.
+    if let (Some(bytes), Some(total)) = (resources.memory_limit, crate::config::host_memory_mb())
+        && memory_mb > total
+    {
+        return Err(invalid(
+            "resources.limits.memory",
+            &warren_spec::format_bytes(bytes),
+            &format!("is more than this host's memory ({total} MB)"),
+        ));
+    }
     let vcpus = match resources.cpu_limit {
         Some(cpu) if cpu > f64::from(crate::config::MAX_VCPUS) => {
             return Err(invalid(
@@ -410,7 +428,7 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         );
     }
-    let hostname = spec.hostname.clone().unwrap_or_else(|| spec.name.clone());
+    let hostname = spec.hostname_or_default();
     if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
         env.push(format!("HOSTNAME={hostname}"));
     }
@@ -521,6 +539,7 @@ impl Backend for VmBackend {
     async fn create(&self, config: &SandboxConfig) -> Result<BackendInfo, BackendError> {
         let id = &config.id;
         warren_runtime::no_published_ports(BackendKind::Vm, &config.spec)?;
+        warren_runtime::linux_only_fields(BackendKind::Vm, &config.spec, false)?;
         if self.inner.lock().contains_key(id) {
             return Err(BackendError::AlreadyExists {
                 backend: BackendKind::Vm,

@@ -280,12 +280,36 @@ impl VmConfig {
                     format!("does not exist{hint}"),
                 ));
             }
+            // What qemu reads as a file; the entropy source may be a device too. A FIFO
+            // would block whoever opens it until a writer came.
+            use std::os::unix::fs::FileTypeExt as _;
+            let kind = std::fs::metadata(path).map(|m| m.file_type());
+            let ok = match &kind {
+                Ok(t) if field == "hypervisor.entropy_source" => t.is_file() || t.is_char_device(),
+                Ok(t) => t.is_file(),
+                Err(_) => false,
+            };
+            if !ok {
+                let want = if field == "hypervisor.entropy_source" {
+                    "is not a regular file or a character device"
+                } else {
+                    "is not a regular file"
+                };
+                return Err(invalid(field, path.display(), want));
+            }
         }
         if h.hugepages && !Path::new("/dev/hugepages").is_dir() {
             return Err(invalid(
                 "hypervisor.hugepages",
                 true,
                 "needs hugetlbfs mounted on /dev/hugepages",
+            ));
+        }
+        if h.machine == "none" {
+            return Err(invalid(
+                "hypervisor.machine",
+                "none",
+                "has no CPU or devices to boot a guest on (microvm or q35 do)",
             ));
         }
         if !machines.is_empty() && !machines.contains(&h.machine) {
@@ -301,11 +325,20 @@ impl VmConfig {
                 ),
             ));
         }
-        if h.kernel_params.contains('\n') {
+        if h.kernel_params.contains(['\n', '\0']) {
             return Err(invalid(
                 "hypervisor.kernel_params",
                 &h.kernel_params,
-                "contains a newline",
+                "contains a newline or NUL",
+            ));
+        }
+        if let Some(total) = host_memory_mb()
+            && h.memory_in_mb > total
+        {
+            return Err(invalid(
+                "hypervisor.memory_in_mb",
+                h.memory_in_mb,
+                format!("is more than this host's {total} MB"),
             ));
         }
         let s = &self.vm;
@@ -353,11 +386,22 @@ impl VmConfig {
                 "must all be above 0",
             ));
         }
+        if s.boot_timeout_ms == 0 {
+            return Err(invalid("vm.boot_timeout_ms", 0, "must be above 0"));
+        }
         if s.pool > 64 {
             return Err(invalid("vm.pool", s.pool, "is more than 64"));
         }
         Ok(())
     }
+}
+
+/// This host's memory in MB (`MemTotal` of /proc/meminfo), if it can be read.
+pub fn host_memory_mb() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }
 
 /// `program` as a path to run: itself when it names a path, else found in `PATH`; `None`
@@ -507,6 +551,34 @@ mod tests {
                 Box::new(|c| c.vm.health_failures = 0),
                 "vm.health_interval_ms/health_timeout_ms/health_failures",
             ),
+            (
+                Box::new(|c| c.vm.boot_timeout_ms = 0),
+                "vm.boot_timeout_ms: \"0\" must be above 0",
+            ),
+            (
+                Box::new(|c| c.hypervisor.kernel_params = "a\0b".into()),
+                "hypervisor.kernel_params: \"a\\0b\" contains a newline or NUL",
+            ),
+            (
+                Box::new(|c| c.hypervisor.machine = "none".into()),
+                "hypervisor.machine: \"none\" has no CPU or devices",
+            ),
+            (
+                Box::new(|c| c.hypervisor.memory_in_mb = 99_999_999_999),
+                "hypervisor.memory_in_mb: \"99999999999\" is more than this host's",
+            ),
+            (
+                Box::new(|c| c.hypervisor.kernel_path = "/tmp".into()),
+                "hypervisor.kernel_path: \"/tmp\" is not a regular file",
+            ),
+            (
+                Box::new(|c| c.hypervisor.image_path = "/tmp".into()),
+                "hypervisor.image_path: \"/tmp\" is not a regular file",
+            ),
+            (
+                Box::new(|c| c.hypervisor.entropy_source = "/tmp".into()),
+                "hypervisor.entropy_source: \"/tmp\" is not a regular file or a character device",
+            ),
         ];
         for (change, want) in cases {
             let mut c = VmConfig::default();
@@ -515,6 +587,24 @@ mod tests {
             let err = c.validate(&machines).unwrap_err().to_string();
             assert!(err.starts_with(want), "{err}");
         }
+        // A FIFO as the entropy source would block its reader until a writer came.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut c = VmConfig::default();
+        good(&mut c);
+        c.hypervisor.entropy_source = fifo.clone();
+        let err = c.validate(&machines).unwrap_err().to_string();
+        assert!(
+            err.contains("is not a regular file or a character device"),
+            "{err}"
+        );
+        // Devices are what entropy sources usually are.
+        c.hypervisor.entropy_source = "/dev/urandom".into();
+        c.validate(&machines).expect("a character device");
+        // And one that became a FIFO after the check does not hold up its reader.
+        let seed = crate::monitor::entropy(&fifo);
+        assert_eq!(seed.len(), 64);
+        assert_ne!(seed, vec![0u8; 64], "fell back to urandom");
 
         // The channel: vsock has no templates; vhost-user-vsock needs its device program;
         // kernel vsock needs /dev/vhost-vsock.

@@ -373,11 +373,19 @@ fn vsock_cid() -> u32 {
 }
 
 /// 64 bytes from the configured entropy source (the host's urandom if it cannot be read).
+/// Opened non-blocking: a source that has nothing to give (a FIFO put in its place) falls
+/// back at once instead of holding up the caller, an async worker.
 pub(crate) fn entropy(source: &Path) -> Vec<u8> {
     use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let mut seed = vec![0u8; 64];
-    let read =
-        |path: &Path, buf: &mut [u8]| std::fs::File::open(path).and_then(|mut f| f.read_exact(buf));
+    let read = |path: &Path, buf: &mut [u8]| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .and_then(|mut f| f.read_exact(buf))
+    };
     if source.as_os_str().is_empty() || read(source, &mut seed).is_err() {
         let _ = read(Path::new("/dev/urandom"), &mut seed);
     }

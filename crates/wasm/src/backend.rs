@@ -609,16 +609,20 @@ fn mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Vec<(PathBuf, String, 
     spec.mounts
         .iter()
         .filter_map(|m| {
+            // What the preopen reaches: a symlink to outside the policy's hostPaths (made
+            // since the create) maps nothing.
+            let host = std::fs::canonicalize(&m.host).unwrap_or_else(|_| PathBuf::from(&m.host));
             let read_only = match policy {
                 None => m.read_only,
                 Some(p) if !p.host_path_allowed(&m.host) => return None,
+                Some(p) if !p.host_path_allowed(&host.to_string_lossy()) => return None,
                 Some(p) => match p.path_access(&m.guest) {
                     None | Some(PathAccess::Writable) => m.read_only,
                     Some(PathAccess::ReadOnly) => true,
                     Some(PathAccess::Masked | PathAccess::None) => return None,
                 },
             };
-            Some((PathBuf::from(&m.host), m.guest.clone(), read_only))
+            Some((host, m.guest.clone(), read_only))
         })
         .collect()
 }
@@ -645,9 +649,14 @@ impl Inner {
         Ok(usize::try_from(limit).unwrap_or(usize::MAX))
     }
 
-    fn check_mounts(spec: &SandboxSpec) -> Result<(), BackendError> {
+    fn check_mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Result<(), BackendError> {
         for (i, mount) in spec.mounts.iter().enumerate() {
-            if !Path::new(&mount.host).is_dir() {
+            let host = warren_runtime::resolve_host_path(
+                &format!("spec.mounts[{i}].host"),
+                &mount.host,
+                policy,
+            )?;
+            if !host.is_dir() {
                 return Err(BackendError::Other(format!(
                     "spec.mounts[{i}].host: {:?} is not a directory on this node",
                     mount.host
@@ -683,6 +692,7 @@ impl Backend for WasmBackend {
         let inner = self.inner()?;
         let id = &config.id;
         warren_runtime::no_published_ports(BackendKind::Wasm, &config.spec)?;
+        warren_runtime::linux_only_fields(BackendKind::Wasm, &config.spec, true)?;
         if id == CACHE_DIR {
             return Err(BackendError::Other(format!(
                 "sandbox id {id:?} is reserved by the wasm backend"
@@ -696,7 +706,10 @@ impl Backend for WasmBackend {
         }
         let module = inner.module_source(&config.spec)?;
         let memory_limit = inner.memory_limit(&config.resources)?;
-        Inner::check_mounts(&config.spec)?;
+        Inner::check_mounts(
+            &config.spec,
+            config.policy.as_ref().map(|p| p.policy.as_ref()),
+        )?;
         let (program, source) = inner.cache.load(&module.path).await.map_err(load_error)?;
         // Made behind (see `create_files`): the create does not wait for the disk.
         let dir = inner.sandbox_dir(id);

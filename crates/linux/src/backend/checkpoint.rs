@@ -238,7 +238,7 @@ fn image_of(
         return Ok(None);
     }
     let name = config.spec.image.as_deref().unwrap_or_default();
-    match RootSource::of(inner, name)? {
+    match RootSource::of(inner, name, None)? {
         RootSource::Image(image) if image.layers == container.layers => Ok(Some(image.id)),
         RootSource::Image(image) => Err(BackendError::Invalid(format!(
             "spec.image: {name:?} now names image {}, not the one sandbox {} runs; \

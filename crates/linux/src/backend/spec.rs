@@ -15,7 +15,8 @@ pub(super) fn container_config(
     let name = spec.image.as_deref().ok_or_else(|| {
         BackendError::Invalid("spec.image: the linux backend needs an image".into())
     })?;
-    let source = RootSource::of(inner, name)?;
+    let policy = config.policy.as_ref().map(|p| p.policy.as_ref());
+    let source = RootSource::of(inner, name, policy)?;
     let image = match &source {
         RootSource::Image(image) => &image.config,
         RootSource::Dir(_) => &warren_image::ImageConfig::default(),
@@ -40,7 +41,7 @@ pub(super) fn container_config(
         );
     }
     if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
-        env.push(format!("HOSTNAME={}", hostname(spec)));
+        env.push(format!("HOSTNAME={}", spec.hostname_or_default()));
     }
     let cwd = spec
         .working_dir
@@ -63,14 +64,10 @@ pub(super) fn container_config(
                 reason,
             ));
         }
-        let host = PathBuf::from(&m.host);
-        if !host.exists() {
-            return Err(invalid(
-                &format!("spec.mounts[{i}].host"),
-                &m.host,
-                "does not exist",
-            ));
-        }
+        // Resolved here, and bound as resolved: the supervisor refuses a path that leads
+        // elsewhere by then.
+        let host =
+            warren_runtime::resolve_host_path(&format!("spec.mounts[{i}].host"), &m.host, policy)?;
         mounts.push(BindMount {
             host,
             guest: m.guest.clone(),
@@ -98,7 +95,7 @@ pub(super) fn container_config(
             argv,
             env,
             cwd,
-            hostname: hostname(spec),
+            hostname: spec.hostname_or_default(),
             uid,
             gid,
             read_only_rootfs: spec.read_only_rootfs,
@@ -221,7 +218,11 @@ pub(super) enum RootSource {
 }
 
 impl RootSource {
-    pub(super) fn of(inner: &Inner, name: &str) -> Result<RootSource, BackendError> {
+    pub(super) fn of(
+        inner: &Inner,
+        name: &str,
+        policy: Option<&warren_spec::Policy>,
+    ) -> Result<RootSource, BackendError> {
         if !name.starts_with('/') {
             return inner
                 .config
@@ -269,7 +270,11 @@ impl RootSource {
                  snapshot)"
             )));
         }
-        Ok(RootSource::Dir(dir))
+        Ok(RootSource::Dir(warren_runtime::resolve_host_path(
+            "spec.image",
+            name,
+            policy,
+        )?))
     }
 
     /// Warm shells are kept per image id; a directory never matches one.
@@ -351,27 +356,6 @@ pub(super) fn command_line(
         (false, _) => spec.command.iter().chain(&spec.args).cloned().collect(),
         (true, false) => entrypoint.iter().chain(&spec.args).cloned().collect(),
         (true, true) => entrypoint.iter().chain(cmd).cloned().collect(),
-    }
-}
-
-/// The spec's hostname, else the sandbox name made into one.
-pub(super) fn hostname(spec: &SandboxSpec) -> String {
-    if let Some(h) = &spec.hostname {
-        return h.clone();
-    }
-    let mut h: String = spec
-        .name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(63)
-        .collect();
-    while h.ends_with('-') {
-        h.pop();
-    }
-    if h.is_empty() {
-        "sandbox".to_string()
-    } else {
-        h
     }
 }
 
