@@ -94,7 +94,10 @@ impl NodeAgent {
     }
 
     /// The backend holding `id`, from the request or what the agent recorded.
+    /// The id is checked first: every request that names a sandbox comes through here, and
+    /// backends make paths of ids.
     fn backend_of(&self, id: &str, given: Option<BackendKind>) -> Result<BackendKind, AgentError> {
+        check_id(id)?;
         if let Some(kind) = given {
             return Ok(kind);
         }
@@ -108,12 +111,12 @@ impl NodeAgent {
 
     /// The sandbox's config from the wire: the policy compiled, stdin decoded.
     fn config(req: CreateRequest) -> Result<SandboxConfig, AgentError> {
-        if !valid_id(&req.id) {
-            return Err(AgentError::Invalid(format!(
-                "id: {:?} is not a sandbox id (1 to 128 letters, digits, '-' or '_')",
-                req.id
-            )));
-        }
+        check_id(&req.id)?;
+        // Checked again here: the agent holds its node to what a spec may ask, whoever sent it.
+        req.spec
+            .validate()
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        check_resources(&req.resources)?;
         let policy = match req.policy {
             None => None,
             Some(p) => {
@@ -250,6 +253,7 @@ impl NodeAgent {
 
     pub async fn update(&self, req: &UpdateRequest) -> Result<(), AgentError> {
         let kind = self.backend_of(&req.id, req.backend)?;
+        check_resources(&req.resources)?;
         self.agent.update(kind, &req.id, &req.resources).await
     }
 
@@ -408,13 +412,38 @@ impl NodeAgent {
     }
 }
 
+/// CPU amounts are counts of CPUs: finite and not negative (the byte and count fields are
+/// unsigned on the wire already).
+fn check_resources(r: &warren_spec::ResourceInfo) -> Result<(), AgentError> {
+    for (field, value) in [
+        ("resources.cpu_limit", r.cpu_limit),
+        ("resources.cpu_request", r.cpu_request),
+    ] {
+        if let Some(v) = value
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err(AgentError::Invalid(format!(
+                "{field}: {v} is not a number of CPUs (finite, 0 or more)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Ids the control plane makes are uuids; anything reaching a path must stay a plain name.
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
+fn check_id(id: &str) -> Result<(), AgentError> {
+    let valid = !id.is_empty()
         && id.len() <= 128
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(AgentError::Invalid(format!(
+            "id: {id:?} is not a sandbox id (1 to 128 letters, digits, '-' or '_')"
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -496,5 +525,65 @@ mod tests {
         assert_eq!(n.held(), vec![(BackendKind::Slot, "old".to_string())]);
         let adopted = n.adopt(create("old")).await.unwrap();
         assert_eq!(adopted.status, WireStatus::Running);
+    }
+
+    /// A request's id names a sandbox, never a path: one that climbs out of the backend's
+    /// directory (or is empty, naming the directory itself) is refused before any backend
+    /// sees it, whatever the call.
+    #[tokio::test]
+    async fn an_id_that_is_a_path_reaches_no_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(victim.join("sub")).unwrap();
+        let n = node(&dir.path().join("slot"), 4);
+        n.create(create("a")).await.unwrap();
+        for id in ["../victim", "", "a/../../victim", "."] {
+            let del = DeleteRequest {
+                id: id.into(),
+                backend: Some(BackendKind::Slot),
+                grace_period_seconds: None,
+            };
+            let err = n.delete(&del).await.unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("id: {id:?} is not a sandbox id")),
+                "{err}"
+            );
+            assert!(n.sandbox(id).await.is_err());
+            assert!(n.log_path(id).is_err());
+        }
+        assert!(victim.join("sub").is_dir());
+        assert!(dir.path().join("slot").is_dir());
+        assert_eq!(n.load_count(), 1);
+    }
+
+    /// What a spec may ask is checked on the agent too: an invalid spec or a negative CPU
+    /// amount is refused naming the field, at create and at update.
+    #[tokio::test]
+    async fn invalid_specs_and_negative_cpus_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path(), 4);
+        let mut bad = create("b");
+        bad.resources.cpu_limit = Some(-1.0);
+        let err = n.create(bad).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "resources.cpu_limit: -1 is not a number of CPUs (finite, 0 or more)"
+        );
+        let mut bad = create("c");
+        bad.spec.hostname = Some("-bad".into());
+        let err = n.create(bad).await.unwrap_err().to_string();
+        assert!(err.starts_with("spec.hostname"), "{err}");
+        assert_eq!(n.load_count(), 0);
+        n.create(create("a")).await.unwrap();
+        let update = UpdateRequest {
+            id: "a".into(),
+            backend: None,
+            resources: warren_spec::ResourceInfo {
+                cpu_request: Some(f64::NAN),
+                ..Default::default()
+            },
+        };
+        let err = n.update(&update).await.unwrap_err().to_string();
+        assert!(err.starts_with("resources.cpu_request: NaN"), "{err}");
     }
 }
