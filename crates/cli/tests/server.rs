@@ -242,6 +242,43 @@ fn apply_creates_updates_and_refuses_immutable_changes() {
         "{}",
         stderr(&out)
     );
+    // Every field an update cannot carry is refused by name, not dropped as "unchanged".
+    let with = |extra: &str| {
+        format!(
+            "apiVersion: warren.dev/v1\nkind: Sandbox\nmetadata: {{name: other}}\nspec:\n{extra}"
+        )
+    };
+    for (extra, field) in [
+        ("  timeoutSeconds: 7\n", "spec.timeoutSeconds"),
+        (
+            "  stopGracePeriodSeconds: 60\n",
+            "spec.stopGracePeriodSeconds",
+        ),
+        ("  user: \"0\"\n", "spec.user"),
+        ("  hostname: h2\n", "spec.hostname"),
+        ("  consistency: strong\n", "spec.consistency"),
+        (
+            "  recoveryTimeoutSeconds: 5\n",
+            "spec.recoveryTimeoutSeconds",
+        ),
+        ("  readOnlyRootfs: true\n", "spec.readOnlyRootfs"),
+        ("  denySyscalls: [mkdir]\n", "spec.denySyscalls"),
+        ("  mounts: [{guest: /data, host: /srv}]\n", "spec.mounts"),
+    ] {
+        std::fs::write(&file, with(extra)).expect("write");
+        let out = server.warren(&["apply", "-f", f]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{extra}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr(&out).contains(&format!("sandbox/other: {field} cannot change")),
+            "{extra}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]

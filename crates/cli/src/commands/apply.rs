@@ -37,6 +37,30 @@ fn immutable_changes(live: &SandboxSpec, want: &SandboxSpec) -> Vec<&'static str
     check(live.policy != want.policy, "spec.policy");
     check(live.pool != want.pool, "spec.pool");
     check(live.oci != want.oci, "spec.oci");
+    check(live.consistency != want.consistency, "spec.consistency");
+    check(
+        live.recovery_timeout_seconds != want.recovery_timeout_seconds,
+        "spec.recoveryTimeoutSeconds",
+    );
+    check(live.mounts != want.mounts, "spec.mounts");
+    check(
+        live.timeout_seconds != want.timeout_seconds,
+        "spec.timeoutSeconds",
+    );
+    check(
+        live.stop_grace_period_seconds != want.stop_grace_period_seconds,
+        "spec.stopGracePeriodSeconds",
+    );
+    check(live.hostname != want.hostname, "spec.hostname");
+    check(live.user != want.user, "spec.user");
+    check(
+        live.read_only_rootfs != want.read_only_rootfs,
+        "spec.readOnlyRootfs",
+    );
+    check(
+        live.deny_syscalls != want.deny_syscalls,
+        "spec.denySyscalls",
+    );
     changed
 }
 

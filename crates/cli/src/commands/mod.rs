@@ -392,7 +392,21 @@ pub fn expiry(s: &str) -> Result<std::time::Duration, String> {
     if d < std::time::Duration::from_secs(1) {
         return Err("must be at least 1s".into());
     }
+    if d > MAX_EXPIRY {
+        return Err("must be at most 100 years".into());
+    }
     Ok(d)
+}
+
+/// The longest `--expire-in`: past it, the unix time would not be a date anyone means.
+const MAX_EXPIRY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86400);
+
+/// The unix time (seconds) `d` from now; `d` is an [`expiry`].
+pub fn expire_time(d: std::time::Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.saturating_add(d).as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Parses repeated `KEY=VALUE` flags.
@@ -424,6 +438,21 @@ pub fn read_input(path: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expiry_is_a_date_someone_means() {
+        assert_eq!(expiry("1h"), Ok(std::time::Duration::from_secs(3600)));
+        assert_eq!(expiry("500ms"), Err("must be at least 1s".to_string()));
+        for huge in ["18446744073709551615s", "9223372036854775807s", "101years"] {
+            assert_eq!(
+                expiry(huge),
+                Err("must be at most 100 years".to_string()),
+                "{huge}"
+            );
+        }
+        let at = expire_time(expiry("99years").unwrap());
+        assert!(at > 4_000_000_000 && at < 6_000_000_000, "{at}");
+    }
 
     #[test]
     fn an_error_names_its_sandbox_once() {

@@ -236,12 +236,7 @@ pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut resources = ResourceRequirements::default();
     args.resources.apply_to(&mut resources);
-    let expire_time = args.expire_in.map(|d| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        (now + d).as_secs() as i64
-    });
+    let expire_time = args.expire_in.map(super::expire_time);
     Ok(SandboxSpec {
         name: args.name.clone().unwrap_or_else(generated_name),
         labels: key_values("--label", &args.labels)?,

@@ -87,12 +87,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             .into_iter()
             .collect(),
         remove_annotations: args.remove_annotations,
-        expire_time: args.expire_in.map(|d| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            (now + d).as_secs() as i64
-        }),
+        expire_time: args.expire_in.map(super::expire_time),
         clear_expire_time: args.no_expire,
         failure_policy,
         expected_revision,
