@@ -482,6 +482,28 @@ impl Nodes {
                 hb.node
             )));
         }
+        // Names are unique among the agents: another agent (another boot, elsewhere) taking
+        // the name of one that is alive would have its sandboxes handed over, and run twice.
+        // The same address with a new boot is that agent restarted.
+        if let Some(i) = inner.sched.find(&hb.node) {
+            let e = &inner.entries[i];
+            let since = e.last_seen.elapsed();
+            if e.heard
+                && e.boot_id != hb.boot_id
+                && e.address != hb.address
+                && since <= self.timeout
+            {
+                return Err(AgentError::Invalid(format!(
+                    "node: {:?} is the name of the agent at {}, which is alive (its last \
+                     heartbeat {} ago): give this agent another --node, or stop that one (its \
+                     name is free {} after its last heartbeat)",
+                    hb.node,
+                    e.address,
+                    crate::plane::duration_text(since),
+                    crate::plane::duration_text(self.timeout)
+                )));
+            }
+        }
         let i = Self::entry(&mut inner, &hb.node);
         // A node loaded from its registration was given the cluster's token: take the one
         // its agent presents.
@@ -842,6 +864,29 @@ mod tests {
             pool: None,
             avoid: None,
         }
+    }
+
+    /// A second agent under the name of one that is alive is refused, naming the first;
+    /// the first restarted (same address, new boot) is not, and once the first is lost its
+    /// name is free.
+    #[test]
+    fn a_name_held_by_a_live_agent_is_refused_to_another() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = nodes(tmp.path(), Some(0), Duration::from_millis(300));
+        n.heartbeat(hb("a", 2), "t").unwrap();
+        let mut other = hb("a", 2);
+        other.boot_id = "b9".into();
+        other.address = "127.0.0.1:2".into();
+        let err = n.heartbeat(other.clone(), "t").unwrap_err().to_string();
+        assert!(
+            err.starts_with("node: \"a\" is the name of the agent at 127.0.0.1:1, which is alive"),
+            "{err}"
+        );
+        let mut restarted = hb("a", 2);
+        restarted.boot_id = "b2".into();
+        assert!(n.heartbeat(restarted, "t").unwrap().reconcile);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(n.heartbeat(other, "t").unwrap().reconcile);
     }
 
     #[test]
