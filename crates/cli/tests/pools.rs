@@ -92,6 +92,18 @@ fn pools_on_the_servers_own_agent() {
         "{}",
         stderr(&out)
     );
+    // Another backend than the pool's is refused, not replaced; the default one gives way,
+    // and what is printed is the backend the sandbox runs on.
+    let out = l.warren(&["run", "--pool", "bb", "-b", "wasm", "--", "true"]);
+    assert!(
+        stderr(&out).contains("spec.backend: \"wasm\" is not the backend of pool \"bb\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = l.ok(&[
+        "run", "--pool", "bb", "--name", "shown", "--", "sleep", "60",
+    ]);
+    assert!(out.starts_with("sandbox/shown created (linux, "), "{out}");
     let out = l.warren(&["pool", "rm", "bb"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -99,7 +111,7 @@ fn pools_on_the_servers_own_agent() {
         "names the sandbox: {}",
         stderr(&out)
     );
-    l.ok(&["rm", "hit"]);
+    l.ok(&["rm", "hit", "shown"]);
     assert_eq!(l.ok(&["pool", "rm", "bb"]), "pool bb deleted\n");
     eventually(
         Duration::from_secs(10),

@@ -338,10 +338,17 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             } else {
                 "already exists"
             };
+            // The server's choice: a pool's sandbox runs on the pool's backend.
+            let backend = sb
+                .spec
+                .as_ref()
+                .map(|s| s.backend.clone())
+                .filter(|b| !b.is_empty())
+                .unwrap_or_else(|| spec.backend.to_string());
             println!(
                 "sandbox/{} {verb} ({}, {})",
                 printable(&spec.name),
-                spec.backend,
+                printable(&backend),
                 printable(&st.phase)
             );
             let mut info: Vec<_> = st.backend_info.iter().collect();

@@ -406,6 +406,14 @@ impl ControlPlane {
             .cloned()
             .ok_or_else(|| ControlError::PoolMissing { name: name.clone() })?;
         match &spec.image {
+            // The default backend (slot) gives way to the pool's; another one was asked for.
+            None if spec.backend != BackendKind::Slot && spec.backend != pool.spec.backend => {
+                return Err(ControlError::InvalidSpec(format!(
+                    "spec.backend: {:?} is not the backend of pool {name:?} ({:?})",
+                    spec.backend.as_str(),
+                    pool.spec.backend.as_str()
+                )));
+            }
             None => {
                 spec.image = Some(pool.spec.image.clone());
                 spec.backend = pool.spec.backend;
