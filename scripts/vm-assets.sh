@@ -118,11 +118,16 @@ if ! ldd "$guest" 2>&1 | grep -qE 'statically linked|not a dynamic executable'; 
 fi
 
 # --- the initramfs, rebuilt only when an input changed.
-sum=$( (sha256sum "$guest" /bin/busybox; ((${#modules[@]})) && sha256sum "$kdir"/modules/*.ko; echo "$kernel ${modules[*]}") | sha256sum | cut -c1-16)
+sum=$( (sha256sum "$guest" /bin/busybox; ((${#modules[@]})) && sha256sum "$kdir"/modules/*.ko; echo "$kernel ${modules[*]} modes-2") | sha256sum | cut -c1-16)
 if [ "$(cat "$out/initramfs.sum" 2>/dev/null)" != "$sum" ] || [ ! -s "$out/initramfs.cpio" ]; then
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
   mkdir -p "$stage"/{bin,sbin,dev,proc,sys,run,tmp,etc,root}
+  # The stage's modes are the guest's: / must not keep mktemp's 0700 (only root could
+  # run anything), /tmp is everyone's.
+  chmod 755 "$stage" "$stage"/{bin,sbin,dev,proc,sys,run,etc}
+  chmod 1777 "$stage/tmp"
+  chmod 700 "$stage/root"
   cp "$guest" "$stage/init"
   cp /bin/busybox "$stage/bin/busybox"
   for applet in $(/bin/busybox --list); do

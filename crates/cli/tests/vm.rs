@@ -402,6 +402,31 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         .server
         .warren_stdin(&["exec", "-i", "box", "--", "cat"], Some("piped in\n"));
     assert_eq!(stdout(&out), "piped in\n", "{}", stderr(&out));
+    // The initramfs root is a root like any other: another user can run things in it.
+    let out = vm.warren(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "id -u; ls -ld / /tmp /root | cut -c1-10",
+    ]);
+    assert_eq!(
+        stdout(&out),
+        "1000\ndrwxr-xr-x\ndrwx------\ndrwxrwxrwt\n",
+        "{}",
+        stderr(&out)
+    );
+    // A missing working directory is named as such, not as a missing program.
+    let out = vm.warren(&["exec", "-w", "/nonexistent", "box", "--", "/bin/pwd"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("working directory \"/nonexistent\": No such file or directory"),
+        "{}",
+        stderr(&out)
+    );
     let missing = vm.warren(&["exec", "box", "--", "/no/such/thing"]);
     assert_ne!(missing.status.code(), Some(0));
     assert!(

@@ -207,6 +207,12 @@ pub fn null() -> Result<OwnedFd, tonic::Status> {
 
 /// A start error as the host sees it: a missing program or directory is the caller's input.
 pub fn spawn_error(argv0: &str, e: &std::io::Error) -> tonic::Status {
+    if let Some(workdir) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::sys::WorkdirError>())
+    {
+        return tonic::Status::invalid_argument(workdir.to_string());
+    }
     match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
             tonic::Status::invalid_argument(format!("exec {argv0:?}: {e}"))

@@ -82,6 +82,19 @@ pub fn watch_spawns() {
 /// The child's stack: it only makes system calls.
 const CHILD_STACK: usize = 64 << 10;
 
+/// Set in the child's errno when `chdir` failed, not a later step: a missing working
+/// directory is not a missing program. (errno values are far below it.)
+const IN_CHDIR: libc::c_int = 1 << 24;
+
+/// A process could not start because its working directory could not be entered.
+#[derive(Debug, thiserror::Error)]
+#[error("working directory {dir:?}: {source}")]
+pub struct WorkdirError {
+    pub dir: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// What the child reads (and writes its error to): it lives in the parent's frame, which
 /// the child shares until it execs.
 struct ChildArgs<'a> {
@@ -166,6 +179,16 @@ pub fn spawn(program: &Program, stdio: [RawFd; 3]) -> std::io::Result<i32> {
     match args.error.load(Ordering::SeqCst) {
         0 => Ok(pid),
         // The child has exited (127); the reaper collects it.
+        errno if errno & IN_CHDIR != 0 => {
+            let os = std::io::Error::from_raw_os_error(errno & !IN_CHDIR);
+            Err(std::io::Error::new(
+                os.kind(),
+                WorkdirError {
+                    dir: program.enter.cwd.to_string_lossy().into_owned(),
+                    source: os,
+                },
+            ))
+        }
         errno => Err(std::io::Error::from_raw_os_error(errno)),
     }
 }
@@ -253,7 +276,7 @@ fn enter_and_exec(a: &ChildArgs<'_>) -> libc::c_int {
             return errno();
         }
         if libc::chdir(e.cwd.as_ptr()) == -1 {
-            return errno();
+            return errno() | IN_CHDIR;
         }
         if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == -1
             || libc::syscall(libc::SYS_setgid, e.gid) == -1

@@ -121,7 +121,7 @@ impl Machine<'_> {
         let h = self.hypervisor;
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
-        let path = |name: &str| dir.join(name).display().to_string();
+        let path = |name: &str| opt_path(&dir.join(name));
         let mut machine = h.machine.clone();
         if self.microvm() {
             machine.push_str(",x-option-roms=off,rtc=on,isa-serial=on");
@@ -130,7 +130,7 @@ impl Machine<'_> {
             (Some(file), _) => Some(format!(
                 "memory-backend-file,id=ram,size={}M,mem-path={},share={}",
                 self.memory_mb,
-                file.path.display(),
+                opt_path(&file.path),
                 if file.shared { "on" } else { "off" }
             )),
             (None, true) => Some(format!(
@@ -214,7 +214,7 @@ impl Machine<'_> {
         if !h.entropy_source.as_os_str().is_empty() {
             push(&[
                 "-object",
-                &format!("rng-random,id=rng,filename={}", h.entropy_source.display()),
+                &format!("rng-random,id=rng,filename={}", opt_path(&h.entropy_source)),
                 "-device",
                 &format!("{},rng=rng", self.virtio("rng")),
             ]);
@@ -224,7 +224,7 @@ impl Machine<'_> {
                 "-drive",
                 &format!(
                     "file={},format=raw,if=none,id=root,readonly=on",
-                    disk.display()
+                    opt_path(disk)
                 ),
                 "-device",
                 &format!(
@@ -238,7 +238,7 @@ impl Machine<'_> {
                 "-drive",
                 &format!(
                     "file={},format=raw,if=none,id=image,readonly=on",
-                    h.image_path.display()
+                    opt_path(&h.image_path)
                 ),
                 "-device",
                 &format!("{},drive=image,serial=warren-image", self.virtio("blk")),
@@ -327,6 +327,12 @@ pub fn panic_line(dir: &Path) -> Option<String> {
     text.lines()
         .find(|l| l.contains("Kernel panic"))
         .map(|l| l.trim().chars().take(200).collect())
+}
+
+/// A path as a value in a qemu option list (`key=value,...`): a comma is doubled, as qemu
+/// reads `,,` as one comma, so a directory with a comma in its name stays one value.
+fn opt_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 #[cfg(test)]
@@ -427,6 +433,48 @@ mod tests {
             "{joined}"
         );
         assert!(!joined.contains("-incoming"), "{joined}");
+    }
+
+    /// Paths go into qemu's `key=value,...` lists with their commas doubled: a comma in a
+    /// directory name does not start another option.
+    #[test]
+    fn a_comma_in_a_path_stays_in_its_value() {
+        let h = Hypervisor {
+            entropy_source: "/dev/ent,ropy".into(),
+            image_path: "/img/a,b.raw".into(),
+            ..Hypervisor::default()
+        };
+        let m = Machine {
+            hypervisor: &h,
+            accel: "tcg",
+            vcpus: 1,
+            memory_mb: 128,
+            tsc_khz: None,
+            root_disk: Some(Path::new("/img/ro,ot.ext4")),
+            memory_file: Some(MemoryFile {
+                path: "/dev/shm/t,x/ram".into(),
+                shared: true,
+            }),
+            incoming: false,
+            vsock_cid: 0,
+        };
+        let joined: Vec<String> = m
+            .args(Path::new("/vm/co,mma"))
+            .into_iter()
+            .map(|a| a.into_string().expect("utf-8"))
+            .collect();
+        let joined = joined.join(" ");
+        for want in [
+            "file,id=console,path=/vm/co,,mma/console.log",
+            "unix:/vm/co,,mma/qmp.sock,server=on",
+            "socket,id=ctl,path=/vm/co,,mma/ctl.sock,server=on",
+            "rng-random,id=rng,filename=/dev/ent,,ropy",
+            "file=/img/ro,,ot.ext4,format=raw",
+            "file=/img/a,,b.raw,format=raw",
+            "mem-path=/dev/shm/t,,x/ram,share=on",
+        ] {
+            assert!(joined.contains(want), "{want}: {joined}");
+        }
     }
 
     #[test]

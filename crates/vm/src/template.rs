@@ -399,7 +399,7 @@ async fn save(inner: &Inner, shape: &Shape, dir: &Path) -> Result<(), BackendErr
             Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
         )
         .await?;
-        let uri = format!("exec:cat > {}", dir.join(STATE).display());
+        let uri = format!("exec:cat > {}", shell_word(&dir.join(STATE))?);
         qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
         qmp.wait_migration(Duration::from_secs(60)).await?;
         qmp.execute("quit", None).await.map(|_| ())
@@ -474,7 +474,7 @@ async fn restore(
             Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
         )
         .await?;
-        let uri = format!("exec:cat {}", template.join(STATE).display());
+        let uri = format!("exec:cat {}", shell_word(&template.join(STATE))?);
         qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await?;
         loop {
@@ -1005,6 +1005,18 @@ async fn refill_loop(weak: Weak<Inner>) {
     }
 }
 
+/// `path` as one word of the `sh -c` line qemu's `exec:` migration runs: quoted, so a
+/// directory with spaces or shell characters in its name is that directory.
+fn shell_word(path: &Path) -> Result<String, crate::qmp::QmpError> {
+    let text = path.display().to_string();
+    shlex::try_quote(&text)
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|e| crate::qmp::QmpError::Protocol {
+            path: text.clone(),
+            message: format!("cannot be quoted for qemu's exec: migration: {e}"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1063,5 +1075,19 @@ mod tests {
         assert_eq!(parse_pool_summary(&t.summary()), Some((0, 2)));
         t.set_warm("alpine", 0).unwrap();
         assert_eq!(t.warm(), vec![("busybox".into(), 0, 2)]);
+    }
+
+    #[test]
+    fn a_state_path_is_one_shell_word() {
+        for dir in ["/dev/shm/warren-vm/t1", "/tmp/a b/$(touch x)/it's;`id`"] {
+            let path = Path::new(dir).join("state");
+            let word = shell_word(&path).unwrap();
+            let line = format!("cat > {word}");
+            assert_eq!(
+                shlex::split(&line).unwrap(),
+                ["cat", ">", path.to_str().unwrap()],
+                "{line}"
+            );
+        }
     }
 }
