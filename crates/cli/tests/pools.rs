@@ -38,6 +38,13 @@ fn pools_on_the_servers_own_agent() {
     let out = l.warren(&["pool", "create", "bad", "--image", "busybox", "-b", "slot"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("spec.backend"), "{}", stderr(&out));
+    let out = l.warren(&["pool", "create", "bad", "--image", "busybox", "-b", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("spec.backend: \"nope\" is not a backend (expected one of"),
+        "{}",
+        stderr(&out)
+    );
     let out = l.warren(&[
         "pool",
         "create",

@@ -21,7 +21,7 @@ fn interval_ms(plane: &ControlPlane) -> u32 {
 
 fn backend(field: &str, name: &str) -> Result<BackendKind, Status> {
     name.parse::<BackendKind>()
-        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+        .map_err(|e| Status::invalid_argument(e.in_field(field).to_string()))
 }
 
 pub fn backend_state_to_pb(b: &BackendState) -> v1::BackendInfo {
