@@ -118,7 +118,7 @@ if ! ldd "$guest" 2>&1 | grep -qE 'statically linked|not a dynamic executable'; 
 fi
 
 # --- the initramfs, rebuilt only when an input changed.
-sum=$( (sha256sum "$guest" /bin/busybox; ((${#modules[@]})) && sha256sum "$kdir"/modules/*.ko; echo "$kernel ${modules[*]} modes-2") | sha256sum | cut -c1-16)
+sum=$( (sha256sum "$guest" /bin/busybox; ((${#modules[@]})) && sha256sum "$kdir"/modules/*.ko; echo "$kernel ${modules[*]} modes-3") | sha256sum | cut -c1-16)
 if [ "$(cat "$out/initramfs.sum" 2>/dev/null)" != "$sum" ] || [ ! -s "$out/initramfs.cpio" ]; then
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
@@ -140,6 +140,10 @@ if [ "$(cat "$out/initramfs.sum" 2>/dev/null)" != "$sum" ] || [ ! -s "$out/initr
   done
   echo 'root:x:0:0:root:/root:/bin/sh' >"$stage/etc/passwd"
   echo 'root:x:0:' >"$stage/etc/group"
+  # Files too, whatever the builder's umask.
+  chmod 755 "$stage/init" "$stage/bin/busybox"
+  chmod 644 "$stage/etc/passwd" "$stage/etc/group"
+  [ -d "$stage/lib" ] && chmod -R u=rwX,go=rX "$stage/lib"
   # Uncompressed: under TCG the kernel unpacks a plain cpio faster than it inflates one.
   (cd "$stage" && find . | LC_ALL=C sort | /bin/busybox cpio -o -H newc 2>/dev/null) >"$out/initramfs.cpio.tmp"
   mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"

@@ -483,16 +483,15 @@ impl Nodes {
             )));
         }
         // Names are unique among the agents: another agent (another boot, elsewhere) taking
-        // the name of one that is alive would have its sandboxes handed over, and run twice.
-        // The same address with a new boot is that agent restarted.
+        // the name of one that still heartbeats would have its sandboxes handed over, and
+        // run twice. The same address with a new boot is that agent restarted; a new address
+        // is taken once the old one has been silent for half the agent timeout (two of its
+        // heartbeats missed), so an agent restarted elsewhere is never lost meanwhile.
+        let quiet = self.timeout / 2;
         if let Some(i) = inner.sched.find(&hb.node) {
             let e = &inner.entries[i];
             let since = e.last_seen.elapsed();
-            if e.heard
-                && e.boot_id != hb.boot_id
-                && e.address != hb.address
-                && since <= self.timeout
-            {
+            if e.heard && e.boot_id != hb.boot_id && e.address != hb.address && since < quiet {
                 return Err(AgentError::Invalid(format!(
                     "node: {:?} is the name of the agent at {}, which is alive (its last \
                      heartbeat {} ago): give this agent another --node, or stop that one (its \
@@ -500,7 +499,7 @@ impl Nodes {
                     hb.node,
                     e.address,
                     crate::plane::duration_text(since),
-                    crate::plane::duration_text(self.timeout)
+                    crate::plane::duration_text(quiet)
                 )));
             }
         }
@@ -866,13 +865,13 @@ mod tests {
         }
     }
 
-    /// A second agent under the name of one that is alive is refused, naming the first;
-    /// the first restarted (same address, new boot) is not, and once the first is lost its
-    /// name is free.
+    /// A second agent under the name of one that still heartbeats is refused, naming the
+    /// first; the first restarted (same address, new boot) is not, and once the first has
+    /// been silent for half the timeout, its name is free.
     #[test]
     fn a_name_held_by_a_live_agent_is_refused_to_another() {
         let tmp = tempfile::tempdir().unwrap();
-        let n = nodes(tmp.path(), Some(0), Duration::from_millis(300));
+        let n = nodes(tmp.path(), Some(0), Duration::from_millis(1000));
         n.heartbeat(hb("a", 2), "t").unwrap();
         let mut other = hb("a", 2);
         other.boot_id = "b9".into();
@@ -885,8 +884,11 @@ mod tests {
         let mut restarted = hb("a", 2);
         restarted.boot_id = "b2".into();
         assert!(n.heartbeat(restarted, "t").unwrap().reconcile);
-        std::thread::sleep(Duration::from_millis(400));
+        // Silent for half the timeout: the name is taken by the newcomer (an agent restarted
+        // at a new address) before the node would be lost.
+        std::thread::sleep(Duration::from_millis(600));
         assert!(n.heartbeat(other, "t").unwrap().reconcile);
+        assert_eq!(n.up_count(), 2, "the local node and a");
     }
 
     #[test]

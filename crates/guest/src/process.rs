@@ -211,7 +211,14 @@ pub fn spawn_error(argv0: &str, e: &std::io::Error) -> tonic::Status {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<crate::sys::WorkdirError>())
     {
-        return tonic::Status::invalid_argument(workdir.to_string());
+        return match workdir.source.kind() {
+            std::io::ErrorKind::NotFound
+            | std::io::ErrorKind::PermissionDenied
+            | std::io::ErrorKind::NotADirectory => {
+                tonic::Status::invalid_argument(workdir.to_string())
+            }
+            _ => tonic::Status::internal(workdir.to_string()),
+        };
     }
     match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {

@@ -141,14 +141,15 @@ pub fn no_published_ports(kind: BackendKind, spec: &SandboxSpec) -> Result<(), B
 
 /// `host`, the host path of `field` (a bind mount's source, a root filesystem), resolved on
 /// this node with its symlinks followed: what a mount of it reaches. A policy's `hostPaths`
-/// is checked again on the resolved path: a symlink under an allowed directory (one a
-/// sandbox may have made in a writable mount of its own) must not lead a later sandbox
-/// elsewhere. A path the policy did not allow as written was admitted on purpose (audit
-/// mode) and is not refused here.
+/// is checked again on the resolved path (against its entries as written and as they
+/// resolve here: `/srv` may be a link to `/var/srv`): a symlink under an allowed directory
+/// (one a sandbox may have made in a writable mount of its own) must not lead a later
+/// sandbox elsewhere. A path the policy did not allow as written was admitted on purpose
+/// (audit mode), and an audit-mode policy only has the finding logged.
 pub fn resolve_host_path(
     field: &str,
     host: &str,
-    policy: Option<&Policy>,
+    policy: Option<&AppliedPolicy>,
 ) -> Result<std::path::PathBuf, BackendError> {
     let resolved = std::fs::canonicalize(host).map_err(|e| {
         let reason = match e.kind() {
@@ -157,15 +158,20 @@ pub fn resolve_host_path(
         };
         BackendError::Invalid(format!("{field}: {host:?} {reason}"))
     })?;
-    if let Some(policy) = policy
-        && policy.host_path_allowed(host)
+    if let Some(applied) = policy
+        && applied.policy.host_path_allowed(host)
     {
         let shown = resolved.to_string_lossy();
-        if !policy.host_path_allowed(&shown) {
-            return Err(BackendError::Invalid(format!(
+        if !applied.policy.resolved_host_path_allowed(&shown) {
+            let finding = format!(
                 "{field}: {host:?} resolves to {shown:?}, outside the policy's \
                  filesystem.hostPaths"
-            )));
+            );
+            if applied.decision.mode == warren_spec::PolicyMode::Audit {
+                tracing::warn!(policy = %applied.decision.policy, "audit: {finding}");
+            } else {
+                return Err(BackendError::Invalid(finding));
+            }
         }
     }
     Ok(resolved)
@@ -620,19 +626,32 @@ mod tests {
         std::fs::create_dir_all(allowed.join("real")).unwrap();
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
-        let spec: warren_spec::PolicySpec = serde_json::from_value(serde_json::json!({
-            "filesystem": {"hostPaths": [allowed.to_str().unwrap()]}
-        }))
-        .unwrap();
-        let policy = warren_spec::Policy::compile("p", spec).unwrap();
+        // An entry of hostPaths that is itself a link (as `/srv` -> `/var/srv` is on some
+        // hosts) allows what is under where it leads.
+        std::os::unix::fs::symlink(&allowed, d.path().join("alias")).unwrap();
+        let applied = |mode: &str| {
+            let spec: warren_spec::PolicySpec = serde_json::from_value(serde_json::json!({
+                "filesystem": {"hostPaths": [d.path().join("alias").to_str().unwrap()]}
+            }))
+            .unwrap();
+            let decision: warren_spec::Decision = serde_json::from_value(serde_json::json!({
+                "policy": "p", "hash": "", "mode": mode, "admitted": true
+            }))
+            .unwrap();
+            super::AppliedPolicy {
+                policy: std::sync::Arc::new(warren_spec::Policy::compile("p", spec).unwrap()),
+                decision,
+            }
+        };
+        let enforce = applied("enforce");
         let show = |p: &std::path::Path| p.to_str().unwrap().to_string();
 
-        let real = show(&allowed.join("real"));
-        let got = resolve_host_path("spec.mounts[0].host", &real, Some(&policy)).unwrap();
+        let real = show(&d.path().join("alias/real"));
+        let got = resolve_host_path("spec.mounts[0].host", &real, Some(&enforce)).unwrap();
         assert_eq!(got, std::fs::canonicalize(allowed.join("real")).unwrap());
 
-        let link = show(&allowed.join("link"));
-        let err = resolve_host_path("spec.mounts[1].host", &link, Some(&policy))
+        let link = show(&d.path().join("alias/link"));
+        let err = resolve_host_path("spec.mounts[1].host", &link, Some(&enforce))
             .unwrap_err()
             .to_string();
         let target = show(&std::fs::canonicalize(&outside).unwrap());
@@ -643,12 +662,14 @@ mod tests {
                  filesystem.hostPaths"
             )
         );
-        // Without a policy, or one that did not allow the path as written (audit mode
-        // admitted it), the resolved path is used as it is.
+        // Without a policy, or under one in audit mode (the finding is logged), the
+        // resolved path is used as it is.
         let got = resolve_host_path("spec.mounts[1].host", &link, None).unwrap();
         assert_eq!(show(&got), target);
+        let got = resolve_host_path("spec.mounts[1].host", &link, Some(&applied("audit")));
+        assert_eq!(show(&got.unwrap()), target);
         let missing = show(&allowed.join("missing"));
-        let err = resolve_host_path("spec.image", &missing, Some(&policy))
+        let err = resolve_host_path("spec.image", &missing, Some(&enforce))
             .unwrap_err()
             .to_string();
         assert_eq!(err, format!("spec.image: {missing:?} does not exist"));

@@ -447,6 +447,27 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Whether `resolved`, a host path with its symlinks followed on this node, lies under
+    /// one of `hostPaths`, each taken as written or as it resolves on this node (a `/srv`
+    /// that is a link to `/var/srv`). Reads the file system: call it on the node.
+    pub fn resolved_host_path_allowed(&self, resolved: &str) -> bool {
+        match self
+            .spec
+            .filesystem
+            .as_ref()
+            .and_then(|f| f.host_paths.as_ref())
+        {
+            None => true,
+            Some(list) => list.iter().any(|p| {
+                path_under(resolved, p)
+                    || std::fs::canonicalize(p)
+                        .is_ok_and(|c| path_under(resolved, &c.to_string_lossy()))
+            }),
+        }
+    }
+}
+
 /// What the policy lets a sandbox do with a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathAccess {

@@ -354,14 +354,24 @@ fn vm_size(
         None => h.memory_in_mb,
     };
     // qemu would start, then fail to map the guest's memory.
-    if let (Some(bytes), Some(total)) = (resources.memory_limit, crate::config::host_memory_mb())
+    if let Some(total) = crate::config::host_memory_mb()
         && memory_mb > total
     {
-        return Err(invalid(
-            "resources.limits.memory",
-            &warren_spec::format_bytes(bytes),
-            &format!("is more than this host's memory ({total} MB)"),
-        ));
+        return Err(match resources.memory_limit {
+            Some(bytes) => invalid(
+                "resources.limits.memory",
+                &warren_spec::format_bytes(bytes),
+                &format!(
+                    "with the guest kernel's {GUEST_OVERHEAD_MB} MiB is more than this host's \
+                     memory and swap ({total} MB)"
+                ),
+            ),
+            None => invalid(
+                "hypervisor.memory_in_mb",
+                &memory_mb,
+                &format!("is more than this host's memory and swap ({total} MB)"),
+            ),
+        });
     }
     let vcpus = match resources.cpu_limit {
         Some(cpu) if cpu > f64::from(crate::config::MAX_VCPUS) => {
@@ -1060,4 +1070,48 @@ pub(crate) fn open_log(inner: &Inner, dir: &Path) -> Result<LogWriter, BackendEr
     LogWriter::with_limit(dir.join(vm::LOG_FILE), inner.config.log_max_bytes).map_err(|e| {
         BackendError::Other(format!("open the log: {}", warren_runtime::error_chain(&e)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More guest RAM than the host has (and swap) is refused at create, naming the field
+    /// it came from, instead of failing in qemu after it started.
+    #[test]
+    fn a_vm_larger_than_the_host_is_refused_naming_the_field() {
+        let Some(total) = crate::config::host_memory_mb() else {
+            eprintln!(
+                "SKIP a_vm_larger_than_the_host_is_refused_naming_the_field: no /proc/meminfo"
+            );
+            return;
+        };
+        let h = crate::config::Hypervisor::default();
+        let fits = ResourceInfo {
+            memory_limit: Some(256 << 20),
+            ..Default::default()
+        };
+        assert_eq!(vm_size(&h, &fits).unwrap().1, 256 + GUEST_OVERHEAD_MB);
+        let huge = ResourceInfo {
+            memory_limit: Some((total + 1) << 20),
+            ..Default::default()
+        };
+        let err = vm_size(&h, &huge).unwrap_err().to_string();
+        assert!(
+            err.starts_with("resources.limits.memory: ")
+                && err.contains("is more than this host's memory and swap"),
+            "{err}"
+        );
+        let big_default = crate::config::Hypervisor {
+            memory_in_mb: total + 1,
+            ..Default::default()
+        };
+        let err = vm_size(&big_default, &ResourceInfo::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("hypervisor.memory_in_mb: {} is more", total + 1)),
+            "{err}"
+        );
+    }
 }

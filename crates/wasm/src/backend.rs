@@ -615,7 +615,7 @@ fn mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Vec<(PathBuf, String, 
             let read_only = match policy {
                 None => m.read_only,
                 Some(p) if !p.host_path_allowed(&m.host) => return None,
-                Some(p) if !p.host_path_allowed(&host.to_string_lossy()) => return None,
+                Some(p) if !p.resolved_host_path_allowed(&host.to_string_lossy()) => return None,
                 Some(p) => match p.path_access(&m.guest) {
                     None | Some(PathAccess::Writable) => m.read_only,
                     Some(PathAccess::ReadOnly) => true,
@@ -649,7 +649,10 @@ impl Inner {
         Ok(usize::try_from(limit).unwrap_or(usize::MAX))
     }
 
-    fn check_mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Result<(), BackendError> {
+    fn check_mounts(
+        spec: &SandboxSpec,
+        policy: Option<&warren_runtime::AppliedPolicy>,
+    ) -> Result<(), BackendError> {
         for (i, mount) in spec.mounts.iter().enumerate() {
             let host = warren_runtime::resolve_host_path(
                 &format!("spec.mounts[{i}].host"),
@@ -706,10 +709,7 @@ impl Backend for WasmBackend {
         }
         let module = inner.module_source(&config.spec)?;
         let memory_limit = inner.memory_limit(&config.resources)?;
-        Inner::check_mounts(
-            &config.spec,
-            config.policy.as_ref().map(|p| p.policy.as_ref()),
-        )?;
+        Inner::check_mounts(&config.spec, config.policy.as_ref())?;
         let (program, source) = inner.cache.load(&module.path).await.map_err(load_error)?;
         // Made behind (see `create_files`): the create does not wait for the disk.
         let dir = inner.sandbox_dir(id);

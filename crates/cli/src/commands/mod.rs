@@ -398,8 +398,9 @@ pub fn expiry(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-/// The longest `--expire-in`: past it, the unix time would not be a date anyone means.
-const MAX_EXPIRY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86400);
+/// The longest `--expire-in`: a hundred years (of 365.25 days, as `100y` is), past which
+/// the unix time would not be a date anyone means.
+const MAX_EXPIRY: std::time::Duration = std::time::Duration::from_secs(100 * 31_557_600);
 
 /// The unix time (seconds) `d` from now; `d` is an [`expiry`].
 pub fn expire_time(d: std::time::Duration) -> i64 {
@@ -443,7 +444,8 @@ mod tests {
     fn an_expiry_is_a_date_someone_means() {
         assert_eq!(expiry("1h"), Ok(std::time::Duration::from_secs(3600)));
         assert_eq!(expiry("500ms"), Err("must be at least 1s".to_string()));
-        for huge in ["18446744073709551615s", "9223372036854775807s", "101years"] {
+        assert!(expiry("100y").is_ok());
+        for huge in ["18446744073709551615s", "9223372036854775807s", "100y 1s"] {
             assert_eq!(
                 expiry(huge),
                 Err("must be at most 100 years".to_string()),

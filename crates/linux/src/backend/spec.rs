@@ -15,7 +15,7 @@ pub(super) fn container_config(
     let name = spec.image.as_deref().ok_or_else(|| {
         BackendError::Invalid("spec.image: the linux backend needs an image".into())
     })?;
-    let policy = config.policy.as_ref().map(|p| p.policy.as_ref());
+    let policy = config.policy.as_ref();
     let source = RootSource::of(inner, name, policy)?;
     let image = match &source {
         RootSource::Image(image) => &image.config,
@@ -221,7 +221,7 @@ impl RootSource {
     pub(super) fn of(
         inner: &Inner,
         name: &str,
-        policy: Option<&warren_spec::Policy>,
+        policy: Option<&warren_runtime::AppliedPolicy>,
     ) -> Result<RootSource, BackendError> {
         if !name.starts_with('/') {
             return inner
