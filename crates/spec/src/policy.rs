@@ -435,23 +435,22 @@ impl Policy {
 
     /// Whether a mount may come from the host directory `host`.
     pub fn host_path_allowed(&self, host: &str) -> bool {
-        match self
-            .spec
-            .filesystem
-            .as_ref()
-            .and_then(|f| f.host_paths.as_ref())
-        {
-            None => true,
-            Some(list) => list.iter().any(|p| path_under(host, p)),
-        }
+        self.host_paths_allow(|p| path_under(host, p))
     }
-}
 
-impl Policy {
     /// Whether `resolved`, a host path with its symlinks followed on this node, lies under
     /// one of `hostPaths`, each taken as written or as it resolves on this node (a `/srv`
     /// that is a link to `/var/srv`). Reads the file system: call it on the node.
     pub fn resolved_host_path_allowed(&self, resolved: &str) -> bool {
+        self.host_paths_allow(|p| {
+            path_under(resolved, p)
+                || std::fs::canonicalize(p)
+                    .is_ok_and(|c| path_under(resolved, &c.to_string_lossy()))
+        })
+    }
+
+    /// Whether `hostPaths` is unset, or one of its entries passes `under`.
+    fn host_paths_allow(&self, under: impl Fn(&str) -> bool) -> bool {
         match self
             .spec
             .filesystem
@@ -459,11 +458,7 @@ impl Policy {
             .and_then(|f| f.host_paths.as_ref())
         {
             None => true,
-            Some(list) => list.iter().any(|p| {
-                path_under(resolved, p)
-                    || std::fs::canonicalize(p)
-                        .is_ok_and(|c| path_under(resolved, &c.to_string_lossy()))
-            }),
+            Some(list) => list.iter().any(|p| under(p)),
         }
     }
 }
