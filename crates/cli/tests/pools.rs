@@ -111,6 +111,11 @@ fn pools_on_the_servers_own_agent() {
         "run", "--pool", "bb", "--name", "shown", "--", "sleep", "60",
     ]);
     assert!(out.starts_with("sandbox/shown created (linux, "), "{out}");
+    // The pool's image named without a backend is the pool's too.
+    let out = l.ok(&[
+        "run", "--pool", "bb", "-i", "busybox", "--name", "named", "--", "sleep", "60",
+    ]);
+    assert!(out.starts_with("sandbox/named created (linux, "), "{out}");
     let out = l.warren(&["pool", "rm", "bb"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -118,7 +123,7 @@ fn pools_on_the_servers_own_agent() {
         "names the sandbox: {}",
         stderr(&out)
     );
-    l.ok(&["rm", "hit", "shown"]);
+    l.ok(&["rm", "hit", "shown", "named"]);
     assert_eq!(l.ok(&["pool", "rm", "bb"]), "pool bb deleted\n");
     eventually(
         Duration::from_secs(10),

@@ -392,8 +392,8 @@ impl ControlPlane {
             .apply_warm_targets(targets, &self.inner.pools.local);
     }
 
-    /// A create naming a pool: the pool must exist and have room; a spec without an image
-    /// takes the pool's image and backend, one with an image must match them.
+    /// A create naming a pool: the pool must exist and have room; the spec takes the pool's
+    /// image and backend, and may name only those (or the default backend, slot).
     pub(super) fn fill_from_pool(&self, spec: &mut SandboxSpec) -> Result<(), ControlError> {
         let Some(name) = spec.pool.clone() else {
             return Ok(());
@@ -405,34 +405,24 @@ impl ControlPlane {
             .get(&name)
             .cloned()
             .ok_or_else(|| ControlError::PoolMissing { name: name.clone() })?;
-        match &spec.image {
-            // The default backend (slot) gives way to the pool's; another one was asked for.
-            None if spec.backend != BackendKind::Slot && spec.backend != pool.spec.backend => {
-                return Err(ControlError::InvalidSpec(format!(
-                    "spec.backend: {:?} is not the backend of pool {name:?} ({:?})",
-                    spec.backend.as_str(),
-                    pool.spec.backend.as_str()
-                )));
-            }
-            None => {
-                spec.image = Some(pool.spec.image.clone());
-                spec.backend = pool.spec.backend;
-            }
-            Some(image) if *image != pool.spec.image => {
-                return Err(ControlError::InvalidSpec(format!(
-                    "spec.image: {image:?} is not the image of pool {name:?} ({:?})",
-                    pool.spec.image
-                )));
-            }
-            Some(_) if spec.backend != pool.spec.backend => {
-                return Err(ControlError::InvalidSpec(format!(
-                    "spec.backend: {:?} is not the backend of pool {name:?} ({:?})",
-                    spec.backend.as_str(),
-                    pool.spec.backend.as_str()
-                )));
-            }
-            Some(_) => {}
+        if let Some(image) = &spec.image
+            && *image != pool.spec.image
+        {
+            return Err(ControlError::InvalidSpec(format!(
+                "spec.image: {image:?} is not the image of pool {name:?} ({:?})",
+                pool.spec.image
+            )));
         }
+        // The default backend (slot) gives way to the pool's; another one was asked for.
+        if spec.backend != BackendKind::Slot && spec.backend != pool.spec.backend {
+            return Err(ControlError::InvalidSpec(format!(
+                "spec.backend: {:?} is not the backend of pool {name:?} ({:?})",
+                spec.backend.as_str(),
+                pool.spec.backend.as_str()
+            )));
+        }
+        spec.image = Some(pool.spec.image.clone());
+        spec.backend = pool.spec.backend;
         if pool.spec.max > 0 && !self.lock().sandboxes.contains_key(&spec.name) {
             let in_use = self.in_use().get(&name).copied().unwrap_or(0);
             if in_use >= pool.spec.max {
