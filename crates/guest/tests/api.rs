@@ -355,7 +355,9 @@ async fn processes_lists_the_workload_its_children_and_nothing_else() {
             .unwrap()
             .into_inner()
             .processes;
-        let execd = |c: &str| list.iter().any(|p| p.command == c);
+        // Mid-exec a sleeper already shows its new command line but no
+        // resident pages yet: wait until both have faulted some in.
+        let execd = |c: &str| list.iter().any(|p| p.command == c && p.rss_bytes > 0);
         if (execd("sleep 31") && execd("sleep 32")) || tokio::time::Instant::now() >= deadline {
             break list;
         }
