@@ -19,7 +19,8 @@ WARREN_STATIC_SUPERVISOR=$(scripts/build-supervisor.sh --dev - | tail -n 1)
 export WARREN_STATIC_SUPERVISOR
 
 echo "== tests"
-cargo test --workspace --locked 2>&1 | tee target/test-output.txt
+# --no-fail-fast: one run reports every failing binary, not only the first.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' \
   target/test-output.txt
