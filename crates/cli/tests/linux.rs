@@ -146,13 +146,11 @@ fn pids_memory_and_cpu_limits_are_enforced() {
     // throttle counter shows the quota is what holds them back. Measured from the host's
     // side of the cgroup. The lower bound is loose (5%): on this shared 2-core machine the
     // other tests may leave the loops less than their quota; the upper bound is the limit.
-    let out = l.run(
+    l.run_running(
         "cpu",
         &["--cpu", "0.2"],
         &["sh", "-c", "yes > /dev/null & yes > /dev/null & wait"],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("cpu", "Running");
     let cgroup = cgroup_of(&l, "cpu");
     let layout = warren_linux::cgroup::CgroupLayout::detect().unwrap();
     // (cpu seconds used, periods throttled)
@@ -309,9 +307,7 @@ fn the_sandbox_sees_neither_host_processes_nor_host_files() {
 fn stop_kills_after_the_grace_period() {
     let l = linux_or_skip!();
     // pid 1 of a pid namespace gets no SIGTERM it has not asked for, so `sleep` ignores it.
-    let out = l.run("stubborn", &["--stop-timeout", "1"], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("stubborn", "Running");
+    l.run_running("stubborn", &["--stop-timeout", "1"], &["sleep", "1000"]);
     let started = Instant::now();
     l.ok(&["rm", "stubborn"]);
     let took = started.elapsed();
@@ -322,9 +318,7 @@ fn stop_kills_after_the_grace_period() {
 
     // A kill during a stop's grace period ends the stop early, as `docker kill` during
     // `docker stop` does; meanwhile, rm says what it waits for and how to end it.
-    let out = l.run("long", &[], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("long", "Running");
+    l.run_running("long", &[], &["sleep", "1000"]);
     std::thread::scope(|s| {
         let started = Instant::now();
         let stop = s.spawn(|| l.warren(&["stop", "-t", "600", "long"]));
@@ -397,9 +391,7 @@ fn stop_kills_after_the_grace_period() {
 #[test]
 fn exec_runs_inside_the_sandbox() {
     let l = linux_or_skip!();
-    let out = l.run("host", &["-e", "GREETING=hi"], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("host", "Running");
+    l.run_running("host", &["-e", "GREETING=hi"], &["sleep", "1000"]);
     let text = l.ok(&[
         "exec",
         "host",
@@ -1496,13 +1488,11 @@ fn warm_pool_serves_creates_with_their_own_settings() {
 #[test]
 fn update_resizes_a_running_sandbox() {
     let l = linux_or_skip!();
-    let out = l.run(
+    l.run_running(
         "resize",
         &["-m", "64Mi", "--pids", "30"],
         &["sleep", "1000"],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("resize", "Running");
     let cgroup = cgroup_of(&l, "resize");
     let file = |controller: &str, name: &str| {
         use warren_linux::cgroup::CgroupLayout;
@@ -1566,9 +1556,7 @@ fn kill_signals_the_workload() {
     assert_eq!(got["status"]["exitCode"], 7, "{got}");
 
     // SIGKILL (the default) ends even an init that handles nothing: 128 + 9.
-    let out = l.run("victim", &[], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("victim", "Running");
+    l.run_running("victim", &[], &["sleep", "1000"]);
     l.ok(&["kill", "victim"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let got = loop {
@@ -1952,9 +1940,7 @@ fn published_ports_reach_the_sandbox_until_its_end() {
         let port = if name == "web-warm" { warm } else { cold };
         let mut flags = vec!["-p", &published];
         flags.extend(extra);
-        let out = l.run(name, &flags, &["sh", "-c", serve]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        let got = l.wait_phase(name, "Running");
+        let got = l.run_running(name, &flags, &["sh", "-c", serve]);
         assert_eq!(got["status"]["backendInfo"]["ports"], shown, "{got}");
         assert_eq!(cgroup_of(&l, name).starts_with("warm-"), name == "web-warm");
         answers(port, name);
@@ -2005,14 +1991,8 @@ fn published_ports_reach_the_sandbox_until_its_end() {
 /// written.
 #[test]
 fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("{reason}");
-        return;
-    }
-    let l = Linux::start();
-    let out = l.run("box", &[], &["sleep", "600"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("box", "Running");
+    let l = linux_or_skip!();
+    l.run_running("box", &[], &["sleep", "600"]);
     let here = tempfile::tempdir().unwrap();
     let src = here.path().join("src");
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -2106,17 +2086,7 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
         },
     ])
     .unwrap();
-    std::fs::write(here.path().join("evil.tar"), evil).unwrap();
-    let out = cp(&s(&here.path().join("evil.tar")), "box:/tmp/evil.tar");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.ok(&[
-        "exec",
-        "box",
-        "--",
-        "sh",
-        "-c",
-        "rm /bin/tar && printf '#!/bin/sh\\ncat /tmp/evil.tar\\n' > /bin/tar && chmod +x /bin/tar",
-    ]);
+    l.hostile_tar("box", &evil);
     let landed = here.path().join("deep/er");
     std::fs::create_dir_all(&landed).unwrap();
     let got = landed.join("got");
@@ -2161,15 +2131,9 @@ fn cp_copies_both_ways_and_a_sandboxs_archive_stays_in_its_destination() {
 /// through a symlink the sandbox sent (`x/up` → `..`, then `x/up/secret`).
 #[test]
 fn cp_out_links_only_to_what_the_copy_made() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("{reason}");
-        return;
-    }
     use std::os::unix::fs::MetadataExt as _;
-    let l = Linux::start();
-    let out = l.run("hl", &[], &["sleep", "600"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("hl", "Running");
+    let l = linux_or_skip!();
+    l.run_running("hl", &[], &["sleep", "600"]);
     let cp = |from: &str, to: &str| l.warren(&["cp", from, to]);
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let here = tempfile::tempdir().unwrap();
@@ -2205,17 +2169,7 @@ fn cp_out_links_only_to_what_the_copy_made() {
         Entry::hardlink("x/hl_via", "x/up/secret"),
     ])
     .unwrap();
-    std::fs::write(here.path().join("evil.tar"), evil).unwrap();
-    let out = cp(&s(&here.path().join("evil.tar")), "hl:/evil.tar");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.ok(&[
-        "exec",
-        "hl",
-        "--",
-        "sh",
-        "-c",
-        "rm /bin/tar && printf '#!/bin/sh\\ncat /evil.tar\\n' > /bin/tar && chmod +x /bin/tar",
-    ]);
+    l.hostile_tar("hl", &evil);
     let out = cp("hl:/x", &s(&dest));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let said = stderr(&out);

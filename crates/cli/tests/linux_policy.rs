@@ -45,9 +45,7 @@ fn a_denied_syscall_fails_with_eperm_and_an_allow_list_stops_the_rest() {
     assert!(stdout(&out).contains("Operation not permitted"));
 
     // `warren exec` into a sandbox under the policy runs under the same filter.
-    let out = l.run("held", &["--policy", "nomkdir"], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("held", "Running");
+    l.run_running("held", &["--policy", "nomkdir"], &["sleep", "1000"]);
     let mut exec = vec!["exec", "held", "--"];
     exec.extend_from_slice(&mkdir);
     let out = l.warren(&exec);
@@ -400,13 +398,11 @@ fn a_dead_supervisor_fails_execs_closed_with_enosys() {
     let script = "exec >/dev/null 2>/tmp/err; mkfifo /tmp/f; exec 3<>/tmp/f; i=0; \
         while [ $i -lt 600 ]; do /bin/true; echo $? >>/tmp/rcs; read -t 0.05 x <&3; \
         i=$((i+1)); done";
-    let out = l.run(
+    l.run_running(
         "orphan",
         &["--policy", "execs", "--entrypoint", "/bin/sh"],
         &["-c", script],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("orphan", "Running");
     let bundle = bundle_of(&l, "orphan");
     let rcs = bundle.join("upper/tmp/rcs");
     let wait_for = |line: &str| {
@@ -786,9 +782,7 @@ fn egress_reaches_the_listed_destinations_and_ports_only() {
     l.ok(&["rm", "bw-free", "bw-limited", "bw-later"]);
 
     // A running egress sandbox has its chain and its veth pair; delete removes both.
-    let out = l.run("held", &["--policy", "out"], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("held", "Running");
+    l.run_running("held", &["--policy", "out"], &["sleep", "1000"]);
     let chains = || sh_ok(&format!("nft list table inet {table} 2>/dev/null || true"));
     let prefix = format!(" wrc613{k:02x}");
     let links = || {
@@ -803,9 +797,7 @@ fn egress_reaches_the_listed_destinations_and_ports_only() {
     assert!(links().trim().is_empty(), "{}", links());
 
     // A supervisor killed with its sandbox leaves a chain; the next server start removes it.
-    let out = l.run("crashed", &["--policy", "out"], &["sleep", "1000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    l.wait_phase("crashed", "Running");
+    l.run_running("crashed", &["--policy", "out"], &["sleep", "1000"]);
     let bundle = bundle_of(&l, "crashed");
     l.server.kill9();
     let state = common::json(&std::fs::read_to_string(bundle.join("state.json")).unwrap());

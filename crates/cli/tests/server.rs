@@ -6,8 +6,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 
-use common::{TestServer, json, read, resources_path, stderr};
-use warren_control::Address;
+use common::{TestServer, json, read, resources_path, stderr, with_client};
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::SandboxSpec;
 
@@ -542,17 +541,9 @@ fn watch_streams_changes() {
 #[test]
 fn acknowledged_creates_survive_kill_9() {
     let mut server = TestServer::start();
-    let address: Address = server.address.parse().expect("address");
+    let address = server.address.clone();
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = warren_control::client::connect(&address, None)
-            .await
-            .expect("connect");
+    with_client(&address, async |client| {
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut workers = Vec::new();
         for _ in 0..16 {
@@ -1061,15 +1052,7 @@ fn grace_periods_are_bounded() {
             stderr(&out)
         );
     }
-    let address: Address = server.address.parse().expect("address");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut client = warren_control::client::connect(&address, None)
-            .await
-            .expect("connect");
+    with_client(&server.address, async |mut client| {
         let err = client
             .stop_sandbox(v1::StopSandboxRequest {
                 name: "g".into(),
@@ -1102,11 +1085,6 @@ fn grace_periods_are_bounded() {
 fn exec_requests_are_checked_naming_the_field() {
     let server = TestServer::start();
     server.ok(&["run", "--name", "x"]);
-    let address: Address = server.address.parse().expect("address");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     let start = |edit: &dyn Fn(&mut v1::ExecStart)| {
         let mut start = v1::ExecStart {
             name: "x".into(),
@@ -1138,10 +1116,7 @@ fn exec_requests_are_checked_naming_the_field() {
             r#"exec: workingDir: "rel/dir" must be an absolute path"#,
         ),
     ];
-    rt.block_on(async {
-        let mut client = warren_control::client::connect(&address, None)
-            .await
-            .expect("connect");
+    with_client(&server.address, async |mut client| {
         for (start, said) in cases {
             let first = v1::ExecInput {
                 input: Some(v1::exec_input::Input::Start(start)),

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, json, stderr};
+use common::{TestServer, json, stderr, with_client};
 
 fn module(name: &str) -> String {
     format!(
@@ -405,15 +405,7 @@ fn stdin_from_the_api_reaches_the_workload() {
 fn create_can_wait_for_the_end() {
     use warren_proto::{spec_to_pb, v1};
     let server = TestServer::start();
-    let address: warren_control::address::Address = server.address.parse().expect("address");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut client = warren_control::client::connect(&address, None)
-            .await
-            .expect("connect");
+    with_client(&server.address, async |mut client| {
         let spec = |name: &str, module_file: &str| warren_spec::SandboxSpec {
             name: name.into(),
             backend: warren_spec::BackendKind::Wasm,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{TestServer, json};
+use crate::common::{TestServer, json, stderr};
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -82,6 +82,34 @@ impl Linux {
         args.push("--");
         args.extend_from_slice(cmd);
         self.warren(&args)
+    }
+
+    /// [`Linux::run`] that must succeed, waited until the sandbox is Running.
+    pub fn run_running(&self, name: &str, flags: &[&str], cmd: &[&str]) -> serde_json::Value {
+        let out = self.run(name, flags, cmd);
+        assert_eq!(out.status.code(), Some(0), "run {name}: {}", stderr(&out));
+        self.wait_phase(name, "Running")
+    }
+
+    /// Makes the sandbox's `tar` answer every `warren cp` out of it with `archive`: what a
+    /// hostile sandbox can do.
+    pub fn hostile_tar(&self, name: &str, archive: &[u8]) {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let local = scratch.path().join("evil.tar");
+        std::fs::write(&local, archive).expect("write evil.tar");
+        self.ok(&[
+            "cp",
+            local.to_str().expect("utf-8"),
+            &format!("{name}:/evil.tar"),
+        ]);
+        self.ok(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "rm /bin/tar && printf '#!/bin/sh\\ncat /evil.tar\\n' > /bin/tar && chmod +x /bin/tar",
+        ]);
     }
 
     pub fn get(&self, name: &str) -> serde_json::Value {

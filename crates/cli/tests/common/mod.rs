@@ -242,6 +242,26 @@ pub fn run_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("wait warren")
 }
 
+/// Runs `f` with a gRPC client of the server at `address`, on a runtime of its own: for
+/// requests the CLI refuses before sending, and for many in flight at once.
+pub fn with_client<T>(
+    address: &str,
+    f: impl AsyncFnOnce(warren_control::client::Client) -> T,
+) -> T {
+    let address: warren_control::address::Address = address.parse().expect("address");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = warren_control::client::connect(&address, None)
+            .await
+            .expect("connect");
+        f(client).await
+    })
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
