@@ -310,6 +310,11 @@ fn bad_input_fails_with_the_field_named() {
             1,
             "request 2 is more than the limit 1",
         ),
+        (
+            &["run", "--name", "x", "-i", "BUSYBOX::x"],
+            1,
+            "spec.image: invalid image name \"BUSYBOX::x\": repository component \"BUSYBOX:\"",
+        ),
         (&["ls", "-l", "a b"], 1, "label selector \"a b\""),
         (&["get", "nope"], 1, "sandbox \"nope\" not found"),
         (&["frobnicate"], 2, "unrecognized subcommand"),

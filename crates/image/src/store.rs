@@ -583,6 +583,8 @@ impl ImageStore {
             || (query.len() >= 4 && query.bytes().all(|b| b.is_ascii_hexdigit()));
         let shown = match Reference::parse(query) {
             Ok(reference) if !looks_like_id => reference.familiar(),
+            // Not a name at all: say what is wrong with it, not that no image has it.
+            Err(invalid) if !looks_like_id => return Err(invalid),
             _ => query.to_string(),
         };
         Err(ImageError::NotFound(shown))
@@ -887,6 +889,14 @@ mod tests {
         );
         let err = ImageStore::find(&index, "sha256:abc0").err().unwrap();
         assert!(matches!(err, ImageError::NotFound(_)));
+        // Neither a name nor an id: what is wrong with it, not "not found".
+        let err = ImageStore::find(&index, "BUSYBOX::x").err().unwrap();
+        assert!(
+            err.to_string().starts_with(
+                "invalid image name \"BUSYBOX::x\": repository component \"BUSYBOX:\""
+            ),
+            "{err}"
+        );
         index
             .images
             .insert(format!("sha256:abcd{}", "3".repeat(60)), record(&[]));

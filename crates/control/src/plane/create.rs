@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tracing::warn;
 use warren_agent::AgentError;
 use warren_runtime::{AppliedPolicy, SandboxConfig, Stdin};
-use warren_spec::{Consistency, Phase, SandboxSpec};
+use warren_spec::{BackendKind, Consistency, Phase, SandboxSpec};
 
 use super::{ControlError, ControlPlane, EventKind, host_ports};
 use crate::record::{self, SandboxRecord, now_ms};
@@ -33,6 +33,14 @@ impl ControlPlane {
         let resources = spec
             .validate()
             .map_err(|e| ControlError::InvalidSpec(e.to_string()))?;
+        // The slot backend runs no image, but schedules by it (affinity, warm pools): a
+        // name no registry could serve is a mistake, said now rather than never.
+        if spec.backend == BackendKind::Slot
+            && let Some(image) = &spec.image
+        {
+            warren_image::normalize_name(image)
+                .map_err(|e| ControlError::InvalidSpec(format!("spec.image: {e}")))?;
+        }
         let applied = self.admit(&spec, &resources)?;
         let mut pending = SandboxRecord::creating(spec, resources, String::new(), applied.as_ref());
         {
