@@ -1087,21 +1087,27 @@ impl ControlPlane {
     }
 }
 
-/// Adds `r` to `total` field by field; a field set in neither stays unset.
+/// Adds `r` to `total` field by field; a field set in neither stays unset. Whole numbers
+/// stop at `u64::MAX` (no overflow, however large the parts).
 pub fn add(total: &mut ResourceInfo, r: &ResourceInfo) {
-    fn sum<T: std::ops::Add<Output = T> + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+    fn sum<T: Copy>(a: Option<T>, b: Option<T>, plus: impl Fn(T, T) -> T) -> Option<T> {
         match (a, b) {
-            (Some(a), Some(b)) => Some(a + b),
+            (Some(a), Some(b)) => Some(plus(a, b)),
             (a, b) => a.or(b),
         }
     }
-    total.cpu_limit = sum(total.cpu_limit, r.cpu_limit);
-    total.cpu_request = sum(total.cpu_request, r.cpu_request);
-    total.memory_limit = sum(total.memory_limit, r.memory_limit);
-    total.memory_request = sum(total.memory_request, r.memory_request);
-    total.pid_limit = sum(total.pid_limit, r.pid_limit);
-    total.storage_limit = sum(total.storage_limit, r.storage_limit);
-    total.network_bandwidth = sum(total.network_bandwidth, r.network_bandwidth);
+    let cores = |a: f64, b: f64| a + b;
+    total.cpu_limit = sum(total.cpu_limit, r.cpu_limit, cores);
+    total.cpu_request = sum(total.cpu_request, r.cpu_request, cores);
+    total.memory_limit = sum(total.memory_limit, r.memory_limit, u64::saturating_add);
+    total.memory_request = sum(total.memory_request, r.memory_request, u64::saturating_add);
+    total.pid_limit = sum(total.pid_limit, r.pid_limit, u64::saturating_add);
+    total.storage_limit = sum(total.storage_limit, r.storage_limit, u64::saturating_add);
+    total.network_bandwidth = sum(
+        total.network_bandwidth,
+        r.network_bandwidth,
+        u64::saturating_add,
+    );
 }
 
 /// Whether a waiter ([`ControlPlane::wait`]) is answered by this record: its sandbox has

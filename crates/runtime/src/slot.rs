@@ -99,10 +99,43 @@ struct Entry {
     status: BackendStatus,
 }
 
+/// What all sandboxes hold together: wider than one sandbox's [`Held`], so no number of
+/// sandboxes each near `u64::MAX` bytes or pids can overflow the sum.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    cpu: f64,
+    memory: u128,
+    pids: u128,
+}
+
+impl Totals {
+    fn add(&mut self, h: Held) {
+        self.cpu += h.cpu;
+        self.memory += u128::from(h.memory);
+        self.pids += u128::from(h.pids);
+    }
+
+    fn sub(&mut self, h: Held) {
+        self.cpu -= h.cpu;
+        self.memory -= u128::from(h.memory);
+        self.pids -= u128::from(h.pids);
+    }
+
+    fn without(mut self, h: Held) -> Totals {
+        self.sub(h);
+        self
+    }
+}
+
+/// A total as the `u64` a [`ResourceInfo`] holds, `u64::MAX` when it is more.
+fn clamp(total: u128) -> u64 {
+    u64::try_from(total).unwrap_or(u64::MAX)
+}
+
 #[derive(Debug, Default)]
 struct State {
     sandboxes: HashMap<String, Entry>,
-    total: Held,
+    total: Totals,
 }
 
 pub struct SlotBackend {
@@ -161,8 +194,9 @@ impl SlotBackend {
                 });
             }
         }
+        let held = state.total.without(remove);
         if let Some(max) = cap.cpu {
-            let free = max - (state.total.cpu - remove.cpu);
+            let free = max - held.cpu;
             // Compare in millicores so float noise never refuses an exact fit.
             if (add.cpu * 1000.0).round() > (free * 1000.0).round() {
                 return Err(BackendError::Capacity {
@@ -177,17 +211,11 @@ impl SlotBackend {
         fits_whole(
             "memory",
             cap.memory,
-            state.total.memory - remove.memory,
+            clamp(held.memory),
             add.memory,
             format_bytes,
         )?;
-        fits_whole(
-            "pids",
-            cap.pids,
-            state.total.pids - remove.pids,
-            add.pids,
-            count,
-        )?;
+        fits_whole("pids", cap.pids, clamp(held.pids), add.pids, count)?;
         Ok(())
     }
 
@@ -308,9 +336,7 @@ impl Backend for SlotBackend {
             }
             self.check_fits(&state, held, Held::default(), true)?;
             // Reserve before the file write so two creates cannot both take the last slot.
-            state.total.cpu += held.cpu;
-            state.total.memory += held.memory;
-            state.total.pids += held.pids;
+            state.total.add(held);
             let entry = Entry {
                 resources: config.resources.clone(),
                 held,
@@ -423,9 +449,8 @@ impl Backend for SlotBackend {
             let mut state = self.lock();
             let old = state.sandboxes.get(id).ok_or_else(|| not_found(id))?.held;
             self.check_fits(&state, held, old, false)?;
-            state.total.cpu += held.cpu - old.cpu;
-            state.total.memory = state.total.memory - old.memory + held.memory;
-            state.total.pids = state.total.pids - old.pids + held.pids;
+            state.total.sub(old);
+            state.total.add(held);
             if let Some(entry) = state.sandboxes.get_mut(id) {
                 entry.held = held;
                 entry.resources = resources.clone();
@@ -453,13 +478,9 @@ impl Backend for SlotBackend {
         let held = Held::of(&config.resources);
         let mut state = self.lock();
         if let Some(old) = state.sandboxes.remove(&config.id) {
-            state.total.cpu -= old.held.cpu;
-            state.total.memory -= old.held.memory;
-            state.total.pids -= old.held.pids;
+            state.total.sub(old.held);
         }
-        state.total.cpu += held.cpu;
-        state.total.memory += held.memory;
-        state.total.pids += held.pids;
+        state.total.add(held);
         let entry = Entry {
             resources: config.resources.clone(),
             held,
@@ -477,8 +498,8 @@ impl Backend for SlotBackend {
         let state = self.lock();
         ResourceInfo {
             cpu_request: Some(state.total.cpu),
-            memory_request: Some(state.total.memory),
-            pid_limit: Some(state.total.pids),
+            memory_request: Some(clamp(state.total.memory)),
+            pid_limit: Some(clamp(state.total.pids)),
             ..ResourceInfo::default()
         }
     }
@@ -488,9 +509,7 @@ impl SlotBackend {
     fn release(&self, id: &str) -> Option<Entry> {
         let mut state = self.lock();
         let entry = state.sandboxes.remove(id)?;
-        state.total.cpu -= entry.held.cpu;
-        state.total.memory -= entry.held.memory;
-        state.total.pids -= entry.held.pids;
+        state.total.sub(entry.held);
         Some(entry)
     }
 }

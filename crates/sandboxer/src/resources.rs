@@ -203,19 +203,41 @@ pub fn containers(tasks: &prost_types::Any) -> Result<Vec<(String, ResourceInfo)
 }
 
 /// The pod's own resources plus every container's, field by field; a field nobody sets
-/// stays unset.
+/// stays unset. A member with a CPU or memory request but no limit of it (a Kubernetes
+/// Burstable container) can use any amount, so the pod has no such limit either. A request
+/// still above its limit comes only from OCI shares (a weight; runc takes any pair) and is
+/// counted as the limit: the total is a sandbox's resources, where request ≤ limit holds.
 pub fn total<'a>(
-    pod: &ResourceInfo,
+    pod: &'a ResourceInfo,
     containers: impl IntoIterator<Item = &'a ResourceInfo>,
 ) -> ResourceInfo {
-    let mut t = pod.clone();
-    for r in containers {
+    let members: Vec<&ResourceInfo> = std::iter::once(pod).chain(containers).collect();
+    let mut t = ResourceInfo::default();
+    for r in &members {
         warren_control::plane::add(&mut t, r);
+    }
+    if members
+        .iter()
+        .any(|r| r.cpu_request.is_some() && r.cpu_limit.is_none())
+    {
+        t.cpu_limit = None;
+    }
+    if members
+        .iter()
+        .any(|r| r.memory_request.is_some() && r.memory_limit.is_none())
+    {
+        t.memory_limit = None;
     }
     // Sums of millicores in f64 drift ("0.30000000000000004"): keep whole millicores.
     let millis = |c: Option<f64>| c.map(|c| (c * 1000.0).round() / 1000.0);
     t.cpu_limit = millis(t.cpu_limit);
     t.cpu_request = millis(t.cpu_request);
+    if let (Some(request), Some(limit)) = (t.cpu_request, t.cpu_limit) {
+        t.cpu_request = Some(request.min(limit));
+    }
+    if let (Some(request), Some(limit)) = (t.memory_request, t.memory_limit) {
+        t.memory_request = Some(request.min(limit));
+    }
     t
 }
 

@@ -115,6 +115,41 @@ async fn capacity_is_enforced_and_released() {
     assert_eq!(json.cpu_limit, Some(2.0), "update rewrites the JSON");
 }
 
+/// Sandboxes each holding near `u64::MAX` bytes or pids add up without overflowing (a
+/// panic there left the second create busy for good), with and without a capacity.
+#[tokio::test]
+async fn huge_holdings_add_up_without_overflow() {
+    let huge = ResourceInfo {
+        memory_limit: Some(10 << 60),
+        pid_limit: Some(u64::MAX),
+        ..Default::default()
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let slot = SlotBackend::new(tmp.path(), SlotCapacity::default()).expect("backend");
+    for id in ["a", "b", "c"] {
+        slot.create(&config(id, huge.clone())).await.expect(id);
+    }
+    let allocated = slot.allocated();
+    assert_eq!(allocated.memory_request, Some(u64::MAX), "{allocated:?}");
+    assert_eq!(allocated.pid_limit, Some(u64::MAX), "{allocated:?}");
+    slot.update("a", &huge).await.expect("update");
+    for id in ["a", "b"] {
+        slot.delete(id).await.expect(id);
+    }
+    assert_eq!(slot.allocated().memory_request, Some(10 << 60));
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let slot = SlotBackend::new(tmp.path(), "memory=15Ei".parse().expect("cap")).expect("backend");
+    slot.create(&config("a", huge.clone()))
+        .await
+        .expect("a fits");
+    let err = slot
+        .create(&config("b", huge.clone()))
+        .await
+        .expect_err("b does not");
+    assert!(err.to_string().starts_with("not enough memory"), "{err}");
+}
+
 #[tokio::test]
 async fn sandbox_count_capacity() {
     let tmp = tempfile::tempdir().expect("tempdir");

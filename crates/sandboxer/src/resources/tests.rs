@@ -197,7 +197,7 @@ fn total_adds_field_by_field_and_annotations_round_trip() {
     };
     let t = total(&pod, [&c1, &c2]);
     assert_eq!(t.cpu_limit, Some(0.3), "whole millicores, no float drift");
-    assert_eq!(t.memory_limit, Some(100));
+    assert_eq!(t.memory_limit, None, "c2 requests memory with no limit");
     assert_eq!(t.memory_request, Some(50));
     assert_eq!(t.pid_limit, Some(10));
     assert_eq!(t.storage_limit, Some(1 << 30));
@@ -206,4 +206,54 @@ fn total_adds_field_by_field_and_annotations_round_trip() {
     let back =
         extract_resources(&as_annotations(&t), None, &ResourceRequirements::default()).unwrap();
     assert_eq!(back, t);
+}
+
+/// Kubernetes' common Burstable pod: c1 limited, c2 with only a request. The pod can use
+/// any amount, and the total passes the checks every sandbox's resources pass.
+#[test]
+fn a_member_without_a_limit_leaves_the_pod_unlimited_and_the_total_valid() {
+    let c1 = ResourceInfo {
+        cpu_limit: Some(1.0),
+        cpu_request: Some(1.0),
+        memory_limit: Some(1 << 30),
+        memory_request: Some(1 << 30),
+        ..ResourceInfo::default()
+    };
+    let c2 = ResourceInfo {
+        cpu_request: Some(0.5),
+        memory_limit: Some(1 << 20),
+        memory_request: Some(1 << 20),
+        ..ResourceInfo::default()
+    };
+    let t = total(&ResourceInfo::default(), [&c1, &c2]);
+    assert_eq!((t.cpu_request, t.cpu_limit), (Some(1.5), None));
+    assert_eq!(
+        (t.memory_request, t.memory_limit),
+        (Some((1 << 30) + (1 << 20)), Some((1 << 30) + (1 << 20)))
+    );
+    let back =
+        extract_resources(&as_annotations(&t), None, &ResourceRequirements::default()).unwrap();
+    assert_eq!(back, t);
+
+    // OCI shares above the quota (a weight, not a request) count as the limit.
+    let shares = ResourceInfo {
+        cpu_limit: Some(1.0),
+        cpu_request: Some(2.0),
+        ..ResourceInfo::default()
+    };
+    let t = total(&shares, []);
+    assert_eq!((t.cpu_request, t.cpu_limit), (Some(1.0), Some(1.0)));
+    assert!(extract_resources(&as_annotations(&t), None, &ResourceRequirements::default()).is_ok());
+
+    // Totals past u64 stop at its maximum instead of overflowing.
+    let huge = ResourceInfo {
+        memory_limit: Some(u64::MAX / 2 + 1),
+        pid_limit: Some(u64::MAX),
+        ..ResourceInfo::default()
+    };
+    let t = total(&huge, [&huge]);
+    assert_eq!(
+        (t.memory_limit, t.pid_limit),
+        (Some(u64::MAX), Some(u64::MAX))
+    );
 }
