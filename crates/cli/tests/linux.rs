@@ -388,6 +388,99 @@ fn stop_kills_after_the_grace_period() {
     assert_eq!(got["status"]["reason"], "Timeout", "{got}");
 }
 
+/// A line longer than a log record (16 KiB) is one line to `--tail` and `-t`; a `logs -f`
+/// whose client went away lets go of the log at once (not when the sandbox next writes);
+/// one the server's shutdown ends says so and fails, unlike a sandbox's end.
+#[test]
+fn logs_count_whole_lines_and_followers_end_with_their_client_or_the_server() {
+    let mut l = linux_or_skip!();
+    let out = l.run(
+        "long",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo first; head -c 50000 /dev/zero | tr '\\0' x; echo; echo end",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.wait_phase("long", "Exited");
+    let long_line = "x".repeat(50000);
+    // (Line lengths, not the lines: a failure would print 50 kB of x.)
+    let shape = |text: &str| -> Vec<usize> { text.lines().map(str::len).collect() };
+    assert_eq!(
+        shape(&l.ok(&["logs", "--tail", "2", "long"])),
+        [long_line.len(), 3]
+    );
+    let stamped = l.ok(&["logs", "-t", "long"]);
+    let lines: Vec<&str> = stamped.lines().collect();
+    assert_eq!(lines.len(), 3, "{:?}", shape(&stamped));
+    for (line, text) in lines.iter().zip(["first", long_line.as_str(), "end"]) {
+        let (time, rest) = line.split_once(' ').expect("a timestamp");
+        assert!(time.ends_with('Z') && time.contains('T'), "{time}");
+        assert!(rest == text, "{} bytes, not {}", rest.len(), text.len());
+    }
+
+    l.run_running("silent", &[], &["sleep", "600"]);
+    let log = l.server.state_dir().join("linux");
+    let server_pid = l.server.pid();
+    // The server's open files under its linux directory: the followers' logs.
+    let held = || {
+        std::fs::read_dir(format!("/proc/{server_pid}/fd"))
+            .map(|fds| {
+                fds.flatten()
+                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                    .filter(|target| target.starts_with(&log) && target.ends_with("container.log"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let before = held();
+    let follow = || {
+        std::process::Command::new(common::WARREN)
+            .args(["logs", "-f", "silent"])
+            .env("WARREN_SERVER", &l.server.address)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("logs -f")
+    };
+    let mut followers: Vec<_> = (0..5).map(|_| follow()).collect();
+    let wait_for = |want: &dyn Fn(usize) -> bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !want(held()) {
+            assert!(Instant::now() < deadline, "{what}: {} held", held());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(&|n| n >= before + 5, "five followers open the log");
+    for f in &mut followers {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    wait_for(&|n| n <= before, "the followers' files closed");
+
+    let last = follow();
+    let watch = std::process::Command::new(common::WARREN)
+        .args(["watch"])
+        .env("WARREN_SERVER", &l.server.address)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    wait_for(&|n| n > before, "the last follower opens the log");
+    assert!(l.server.terminate().success());
+    for child in [last, watch] {
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("the server is shutting down"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn exec_runs_inside_the_sandbox() {
     let l = linux_or_skip!();

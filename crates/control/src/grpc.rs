@@ -182,7 +182,7 @@ impl SandboxService {
             loop {
                 let next = tokio::select! {
                     next = rx.recv() => next,
-                    _ = shutdown.changed() => return,
+                    _ = stream_ended(&tx, &mut shutdown) => return,
                 };
                 let out = match next {
                     None => return,
@@ -353,8 +353,7 @@ impl Sandboxes for SandboxService {
             loop {
                 let ev = tokio::select! {
                     ev = rx.recv() => ev,
-                    // Only ever set to true: any change (or the sender gone) means stop.
-                    _ = shutdown.changed() => return,
+                    _ = stream_ended(&tx, &mut shutdown) => return,
                 };
                 match ev {
                     Ok(ev) => {
@@ -525,7 +524,7 @@ impl Sandboxes for SandboxService {
             loop {
                 let next = tokio::select! {
                     next = follower.next() => next,
-                    _ = shutdown.changed() => return,
+                    _ = stream_ended(&tx, &mut shutdown) => return,
                 };
                 match next {
                     Ok(Some(r)) if since.is_none_or(|s| r.time >= s) => {
@@ -696,6 +695,24 @@ async fn pump(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// What ends a long-lived stream early: the client hanging up (its follower would otherwise
+/// hold a file and a task until the sandbox next writes), or the server shutting down
+/// (`shutdown` only ever turns true), said as UNAVAILABLE: a clean end would read as the
+/// sandbox's.
+async fn stream_ended<T>(
+    tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = tx.closed() => {}
+        _ = shutdown.changed() => {
+            let _ = tx
+                .send(Err(Status::unavailable("the server is shutting down")))
+                .await;
         }
     }
 }

@@ -506,9 +506,38 @@ pub fn read_logs_from(
         .filter(|r| since.is_none_or(|since| r.time >= since))
         .collect();
     if let Some(n) = tail {
-        records.drain(..records.len().saturating_sub(n));
+        keep_last_lines(&mut records, n);
     }
     Ok((records, end as u64))
+}
+
+/// Drops all but the records of the last `n` lines. A line is the records of one stream up
+/// to one that is not partial (a long line is many records, maybe with the other stream's
+/// between them), or up to the end of the log; lines count in the order they end.
+fn keep_last_lines(records: &mut Vec<LogRecord>, n: usize) {
+    // From the end: each stream's line that earlier partial records belong to.
+    let mut open: [Option<usize>; 2] = [None; 2];
+    let mut ended = 0;
+    let keep: Vec<bool> = (0..records.len())
+        .rev()
+        .map(|i| {
+            let stream = match records[i].stream {
+                Stream::Stdout => 0,
+                Stream::Stderr => 1,
+            };
+            let line = match open[stream] {
+                Some(line) if records[i].partial => line,
+                _ => {
+                    ended += 1;
+                    ended - 1
+                }
+            };
+            open[stream] = Some(line);
+            line < n
+        })
+        .collect();
+    let mut keep = keep.into_iter().rev();
+    records.retain(|_| keep.next().unwrap_or(false));
 }
 
 /// Follows a log file as it grows, polling every [`FOLLOW_POLL`], until `done` turns true (or
@@ -796,6 +825,46 @@ mod tests {
         );
         assert_eq!(read_logs(&path, Some(0), None).expect("read"), []);
         assert_eq!(read_logs(&path, Some(99), None).expect("read").len(), 5);
+        // A line longer than one record counts once, and a partial line at the end too.
+        let long = dir.path().join("long.log");
+        let w = LogWriter::create(&long).expect("create");
+        let big = vec![b'x'; 3 * MAX_RECORD_CONTENT + 5];
+        w.write(Stream::Stdout, b"a\n").expect("write");
+        w.write(Stream::Stdout, &big).expect("write");
+        w.write(Stream::Stderr, b"e\n").expect("write");
+        w.write(Stream::Stdout, b"\nend").expect("write");
+        w.close().expect("close");
+        let lines = |rs: Vec<LogRecord>| -> Vec<(Stream, usize)> {
+            let mut out: Vec<(Stream, usize)> = Vec::new();
+            let mut open = [false; 2];
+            for r in rs {
+                let s = r.stream as usize;
+                match out.iter_mut().rev().find(|l| l.0 == r.stream) {
+                    Some(l) if open[s] => l.1 += r.content.len(),
+                    _ => out.push((r.stream, r.content.len())),
+                }
+                open[s] = r.partial;
+            }
+            out
+        };
+        // Lines in the order they end: a, e, the long one, end.
+        let (a, e, long_line, end) = (
+            (Stream::Stdout, 1),
+            (Stream::Stderr, 1),
+            (Stream::Stdout, big.len()),
+            (Stream::Stdout, 3),
+        );
+        let wants: [&[(Stream, usize)]; 5] = [
+            &[],
+            &[end],
+            &[long_line, end],
+            &[long_line, e, end],
+            &[a, long_line, e, end],
+        ];
+        for (n, want) in wants.iter().enumerate() {
+            let got = lines(read_logs(&long, Some(n), None).expect("read"));
+            assert_eq!(got, *want, "--tail {n}");
+        }
         assert_eq!(
             text(read_logs(&path, None, Some(middle)).expect("read")),
             [b"3", b"4", b"5"]

@@ -64,6 +64,9 @@ pub async fn stream(
         since_ms,
     };
     let mut entries = answer(client.stream_logs(req).await)?;
+    // Per stream: the last entry was partial, so the next one goes on the same line (and
+    // gets no timestamp of its own).
+    let mut mid_line = [false; 2];
     loop {
         let entry = match entries.message().await {
             Ok(Some(e)) => e,
@@ -71,7 +74,9 @@ pub async fn stream(
             Err(s) => return Err(ServerError(s).into()),
         };
         let mut line = Vec::with_capacity(entry.content.len() + 40);
-        if timestamps {
+        let stderr = entry.stream == log_entry::Stream::Stderr as i32;
+        let continues = std::mem::replace(&mut mid_line[usize::from(stderr)], entry.partial);
+        if timestamps && !continues {
             let t = std::time::UNIX_EPOCH
                 + Duration::from_nanos(u64::try_from(entry.time_ns).unwrap_or(0));
             line.extend_from_slice(humantime::format_rfc3339_nanos(t).to_string().as_bytes());
@@ -81,7 +86,6 @@ pub async fn stream(
         if !entry.partial {
             line.push(b'\n');
         }
-        let stderr = entry.stream == log_entry::Stream::Stderr as i32;
         // A closed pipe (`warren logs x | head`) ends the command quietly.
         let written = if stderr {
             std::io::stderr().lock().write_all(&line)
