@@ -20,10 +20,12 @@ export WARREN_STATIC_SUPERVISOR
 
 echo "== tests"
 # --no-fail-fast: one run reports every failing binary, not only the first.
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
-# One closing line for the whole run, summed over every test binary.
+status=0
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt || status=$?
+# One closing line for the whole run, summed over every test binary (failed or not).
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' \
   target/test-output.txt
+[ "$status" -eq 0 ] || exit "$status"
 
 echo "== fuzz (${FUZZ_SECONDS:-10}s per target)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
