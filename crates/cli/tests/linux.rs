@@ -508,8 +508,47 @@ fn exec_runs_inside_the_sandbox() {
         "{}",
         stderr(&out)
     );
+    // Found but not runnable is 126, as in a shell and `docker exec`.
+    for args in [
+        &["exec", "host", "--", "/etc/passwd"][..],
+        &["exec", "-w", "/no/such/dir", "host", "--", "true"],
+    ] {
+        let out = l.warren(args);
+        assert_eq!(out.status.code(), Some(126), "{args:?}: {}", stderr(&out));
+    }
     let out = l.warren(&["exec", "-t", "host", "--", "busybox", "tty"]);
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
+    // A client that goes away takes its process with it, terminal or not: nobody is left
+    // to read its output or its exit.
+    for (flags, seconds) in [(&[][..], "1357"), (&["-t"][..], "1358")] {
+        let mut args = vec!["exec"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["host", "--", "sleep", seconds]);
+        let mut client = std::process::Command::new(common::WARREN)
+            .args(&args)
+            .env("WARREN_SERVER", &l.server.address)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("exec");
+        let sleeper = |text: &str| text.contains(&format!("sleep {seconds}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sleeper(&l.ok(&["top", "host"])) {
+            assert!(Instant::now() < deadline, "exec {flags:?} never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        client.kill().expect("kill the client");
+        let _ = client.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeper(&l.ok(&["top", "host"])) {
+            assert!(
+                Instant::now() < deadline,
+                "exec {flags:?}: the process outlived its client"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     // A relative working directory is refused, as run refuses it.
     let out = l.warren(&["exec", "-w", "tmp", "host", "--", "true"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

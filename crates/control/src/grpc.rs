@@ -652,22 +652,31 @@ impl Sandboxes for SandboxService {
                 }
             }
         });
+        let mut shutdown = self.shutdown.clone();
         let stream = async_stream(move |tx| async move {
             use v1::exec_output::Output;
-            let out = pump(stdout, tx.clone(), Output::Stdout);
-            let err = async {
-                if let Some(stderr) = stderr {
-                    pump(stderr, tx.clone(), Output::Stderr).await;
+            let run = async {
+                let out = pump(stdout, tx.clone(), Output::Stdout);
+                let err = async {
+                    if let Some(stderr) = stderr {
+                        pump(stderr, tx.clone(), Output::Stderr).await;
+                    }
+                };
+                tokio::join!(out, err);
+                match wait.await {
+                    Ok(code) => Ok(v1::ExecOutput {
+                        output: Some(Output::ExitCode(code)),
+                    }),
+                    Err(e) => Err(Status::internal(format!(
+                        "exec: waiting for the process: {e}"
+                    ))),
                 }
             };
-            tokio::join!(out, err);
-            let msg = match wait.await {
-                Ok(code) => Ok(v1::ExecOutput {
-                    output: Some(Output::ExitCode(code)),
-                }),
-                Err(e) => Err(Status::internal(format!(
-                    "exec: waiting for the process: {e}"
-                ))),
+            // A client gone (or a server stopping) drops `wait`, which ends the process:
+            // nobody is left to read its output or its exit (`docker exec` does the same).
+            let msg = tokio::select! {
+                msg = run => msg,
+                _ = stream_ended(&tx, &mut shutdown) => return,
             };
             let _ = tx.send(msg).await;
         });

@@ -610,18 +610,6 @@ fn exit_status_of(bundle: &Path, exit: std::io::Result<Exit>) -> BackendStatus {
     }
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    #[allow(unsafe_code)]
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    #[allow(unsafe_code)]
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 #[async_trait::async_trait]
 impl Backend for LinuxBackend {
     fn kind(&self) -> BackendKind {
@@ -988,7 +976,8 @@ impl Backend for LinuxBackend {
             }
         }
         if let Some(pid) = watch_pid {
-            let pidfd = pidfd_open(pid).map_err(|e| BackendError::io("pidfd_open", &bundle, e))?;
+            let pidfd =
+                config::pidfd_open(pid).map_err(|e| BackendError::io("pidfd_open", &bundle, e))?;
             // SAFETY: the AsyncFd owns the pidfd and nothing else closes or replaces it while
             // it is registered.
             #[allow(unsafe_code)]
@@ -1128,10 +1117,12 @@ impl Backend for LinuxBackend {
             .split_first()
             .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
         let mut cmd = tokio::process::Command::new(program);
+        // Dropping `wait` (the caller went away) kills the helper, and with it the process.
         cmd.args(args)
             .arg("--exec")
             .arg(&bundle)
-            .env(crate::exec::SPEC_ENV, json);
+            .env(crate::exec::SPEC_ENV, json)
+            .kill_on_drop(true);
         let spawn_error = |e| BackendError::io("start exec helper", Path::new(program), e);
         let (mut child, stdin, stdout, stderr, resize): (_, BoxWrite, BoxRead, Option<BoxRead>, _) =
             match request.tty {

@@ -8,7 +8,8 @@
 //! filter before `execve` — and, under a policy's exec list, the exec gate, whose listener it
 //! hands to the sandbox's supervisor through `<bundle>/gate.sock` ([`crate::execgate`]). The
 //! helper waits and exits with the process's status, so the backend sees an ordinary child
-//! process.
+//! process; the process gets SIGKILL if the helper dies (the backend kills it when the
+//! exec's caller goes away).
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -98,6 +99,10 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
         setns(fd, *flag).map_err(|e| format!("enter the {name} namespace: {e}"))?;
     }
     drop(namespaces);
+    // The process dies with this helper, which the backend kills when its caller goes away
+    // (a client that hung up): see [`die_with`].
+    let helper = config::pidfd_open(std::process::id() as i32)
+        .map_err(|e| format!("pidfd_open of the exec helper: {e}"))?;
 
     // SAFETY: the helper is single-threaded; the child runs ordinary code and ends in execve
     // or _exit.
@@ -105,12 +110,12 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
     let forked = unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))?;
     match forked {
         ForkResult::Child => {
-            let message = child(&spec, &seccomp, gate.as_ref());
+            let (code, message) = child(&spec, &seccomp, gate.as_ref(), &helper);
             eprintln!("warren exec: {message}");
             // SAFETY: ends the child at once without running the helper's exit handlers.
             #[allow(unsafe_code)]
             unsafe {
-                libc::_exit(127)
+                libc::_exit(code)
             }
         }
         ForkResult::Parent { child } => {
@@ -137,11 +142,35 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
     }
 }
 
+/// Makes the calling process get SIGKILL when the helper (its parent) ends, and checks the
+/// helper did not end already. After the last credential change: one clears the setting.
+fn die_with(helper: &std::os::fd::OwnedFd) -> Result<(), String> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number.
+    #[allow(unsafe_code)]
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "set the parent-death signal: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // A pidfd polls readable once its process has ended.
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(helper),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err("the exec's caller went away".into()),
+        Err(e) => Err(format!("poll the exec helper: {e}")),
+    }
+}
+
 fn child(
     spec: &ExecSpec,
     seccomp: &seccompiler::BpfProgram,
     gate: Option<&std::os::fd::OwnedFd>,
-) -> String {
+    helper: &std::os::fd::OwnedFd,
+) -> (i32, String) {
     use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     for sig in [
@@ -160,32 +189,39 @@ fn child(
         #[allow(unsafe_code)]
         let rc = unsafe { libc::ioctl(std::io::stdin().as_raw_fd(), libc::TIOCSCTTY, 0) };
         if rc < 0 {
-            return format!(
-                "set the controlling terminal: {}",
-                std::io::Error::last_os_error()
+            return (
+                126,
+                format!(
+                    "set the controlling terminal: {}",
+                    std::io::Error::last_os_error()
+                ),
             );
         }
     }
     let gid = Gid::from_raw(spec.gid);
     let uid = Uid::from_raw(spec.uid);
     if let Err(e) = nix::unistd::setgroups(&[gid]) {
-        return format!("setgroups: {e}");
+        return (126, format!("setgroups: {e}"));
     }
     if let Err(e) = setresgid(gid, gid, gid) {
-        return format!("setgid {}: {e}", spec.gid);
+        return (126, format!("setgid {}: {e}", spec.gid));
     }
     if let Err(e) = crate::container::drop_capabilities() {
-        return e;
+        return (126, e);
     }
     if let Err(e) = setresuid(uid, uid, uid) {
-        return format!("setuid {}: {e}", spec.uid);
+        return (126, format!("setuid {}: {e}", spec.uid));
+    }
+    if let Err(e) = die_with(helper) {
+        return (126, e);
     }
     if let Err(e) = chdir(spec.cwd.as_str()) {
-        return format!("chdir {}: {e}", spec.cwd);
+        return (126, format!("chdir {}: {e}", spec.cwd));
     }
+    // 127 when there is no such program, 126 when it cannot be run: the shell's codes.
     let program = match crate::container::find_program(&spec.argv, &spec.env) {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return (127, e),
     };
     let to_c = |items: &[String]| -> Result<Vec<CString>, String> {
         items
@@ -195,17 +231,22 @@ fn child(
     };
     let (argv, env) = match (to_c(&spec.argv), to_c(&spec.env)) {
         (Ok(a), Ok(e)) => (a, e),
-        (Err(e), _) | (_, Err(e)) => return e,
+        (Err(e), _) | (_, Err(e)) => return (126, e),
     };
     crate::container::close_other_fds();
     if let Some(gate) = gate
         && let Err(e) = crate::execgate::arm(std::os::fd::AsFd::as_fd(gate))
     {
-        return e;
+        return (126, e);
     }
     if let Err(e) = crate::seccomp::install(seccomp) {
-        return format!("install seccomp filter: {e}");
+        return (126, format!("install seccomp filter: {e}"));
     }
     let e = nix::unistd::execve(&program, &argv, &env).unwrap_err();
-    format!("exec {:?}: {}", spec.argv[0], e.desc())
+    let code = if e == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    };
+    (code, format!("exec {:?}: {}", spec.argv[0], e.desc()))
 }

@@ -560,7 +560,8 @@ pub struct ExecProcess {
     pub stderr: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
     /// Resizes the terminal (rows, columns); `None` without one.
     pub resize: Option<Resize>,
-    /// Resolves to the exit status (128 + signal when killed).
+    /// Resolves to the exit status (128 + signal when killed). Dropped before that (the
+    /// caller went away), it kills the process where the backend can (linux).
     pub wait: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<i32>> + Send>>,
 }
 
