@@ -208,10 +208,13 @@ pub async fn serve(
         }
         let _ = sink.close().await;
     });
+    // Whether the client is gone (the socket closed or broke), rather than done with stdin.
+    let mut gone = true;
     while let Some(Ok(msg)) = stream.next().await {
         match msg {
             Message::Binary(bytes) => {
                 if stdin.write_all(&bytes).await.is_err() {
+                    gone = false;
                     break;
                 }
                 let _ = stdin.flush().await;
@@ -222,7 +225,10 @@ pub async fn serve(
                         let _ = resize(rows, cols);
                     }
                 }
-                Ok(ExecControl::CloseStdin) => break,
+                Ok(ExecControl::CloseStdin) => {
+                    gone = false;
+                    break;
+                }
                 Err(e) => debug!(id, "exec: control message ignored: {e}"),
             },
             Message::Close(_) => break,
@@ -231,6 +237,25 @@ pub async fn serve(
     }
     let _ = stdin.shutdown().await;
     drop(stdin);
+    // A client gone, now or while the process runs on without stdin: nobody is left to
+    // read its output or its exit. Aborting the ender drops `wait`, which ends the process.
+    let mut ender = ender;
+    if !gone {
+        let closed = async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut ender => {}
+            () = closed => gone = true,
+        }
+    }
+    if gone {
+        ender.abort();
+    }
     let _ = ender.await;
     let _ = writer.await;
 }
@@ -321,13 +346,24 @@ pub(crate) async fn connect(
         let mut buf = vec![0u8; 32 * 1024];
         let mut stdin_open = true;
         let mut exit_tx = Some(exit_tx);
-        let mut finish = |r: std::io::Result<i32>| {
+        let finish = |exit_tx: &mut Option<oneshot::Sender<_>>, r: std::io::Result<i32>| {
             if let Some(tx) = exit_tx.take() {
                 let _ = tx.send(r);
             }
         };
         loop {
             tokio::select! {
+                // The caller dropped `wait` (its client went away): closing the exec makes
+                // the agent end the process.
+                () = async {
+                    match exit_tx.as_mut() {
+                        Some(tx) => tx.closed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = socket.close(None).await;
+                    break;
+                }
                 msg = socket.next() => match msg {
                     Some(Ok(tungstenite::Message::Binary(b))) => {
                         let (tag, bytes) = match b.split_first() {
@@ -347,16 +383,16 @@ pub(crate) async fn connect(
                     }
                     Some(Ok(tungstenite::Message::Text(t))) => {
                         match serde_json::from_str::<ExecEvent>(&t) {
-                            Ok(ExecEvent::Exit { code }) => finish(Ok(code)),
+                            Ok(ExecEvent::Exit { code }) => finish(&mut exit_tx, Ok(code)),
                             Ok(ExecEvent::Error { error }) => {
-                                finish(Err(std::io::Error::other(error.error)));
+                                finish(&mut exit_tx, Err(std::io::Error::other(error.error)));
                             }
                             _ => {}
                         }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
-                        finish(Err(std::io::Error::other(format!("exec stream: {e}"))));
+                        finish(&mut exit_tx, Err(std::io::Error::other(format!("exec stream: {e}"))));
                         break;
                     }
                     None => break,
@@ -379,9 +415,12 @@ pub(crate) async fn connect(
                 }
             }
         }
-        finish(Err(std::io::Error::other(
-            "the agent closed the exec without its exit status",
-        )));
+        finish(
+            &mut exit_tx,
+            Err(std::io::Error::other(
+                "the agent closed the exec without its exit status",
+            )),
+        );
         // Dropping the writers ends the readers' streams.
         drop(err_w.take());
     });

@@ -488,6 +488,9 @@ fn exec_reaches_sandboxes_on_remote_agents() {
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
     let out = server.warren(&["exec", "box", "--", "/no/such/program"]);
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    // A client that goes away ends its process on the agent too.
+    common::exec_ends_with_its_client(&server, "box", &[], "1359");
+    common::exec_ends_with_its_client(&server, "box", &["-t"], "1360");
     // `warren stats` asks the agent.
     let stats = server.stats("box");
     assert_eq!(stats["measured"], true, "{stats}");

@@ -437,9 +437,8 @@ fn logs_count_whole_lines_and_followers_end_with_their_client_or_the_server() {
     };
     let before = held();
     let follow = || {
-        std::process::Command::new(common::WARREN)
-            .args(["logs", "-f", "silent"])
-            .env("WARREN_SERVER", &l.server.address)
+        l.server
+            .command(&["logs", "-f", "silent"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -461,9 +460,9 @@ fn logs_count_whole_lines_and_followers_end_with_their_client_or_the_server() {
     wait_for(&|n| n <= before, "the followers' files closed");
 
     let last = follow();
-    let watch = std::process::Command::new(common::WARREN)
-        .args(["watch"])
-        .env("WARREN_SERVER", &l.server.address)
+    let watch = l
+        .server
+        .command(&["watch"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -518,37 +517,12 @@ fn exec_runs_inside_the_sandbox() {
     }
     let out = l.warren(&["exec", "-t", "host", "--", "busybox", "tty"]);
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
-    // A client that goes away takes its process with it, terminal or not: nobody is left
-    // to read its output or its exit.
-    for (flags, seconds) in [(&[][..], "1357"), (&["-t"][..], "1358")] {
-        let mut args = vec!["exec"];
-        args.extend_from_slice(flags);
-        args.extend_from_slice(&["host", "--", "sleep", seconds]);
-        let mut client = std::process::Command::new(common::WARREN)
-            .args(&args)
-            .env("WARREN_SERVER", &l.server.address)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("exec");
-        let sleeper = |text: &str| text.contains(&format!("sleep {seconds}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sleeper(&l.ok(&["top", "host"])) {
-            assert!(Instant::now() < deadline, "exec {flags:?} never started");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        client.kill().expect("kill the client");
-        let _ = client.wait();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sleeper(&l.ok(&["top", "host"])) {
-            assert!(
-                Instant::now() < deadline,
-                "exec {flags:?}: the process outlived its client"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    // A client that goes away takes its process with it, terminal or not.
+    common::exec_ends_with_its_client(&l.server, "host", &[], "1357");
+    common::exec_ends_with_its_client(&l.server, "host", &["-t"], "1358");
+    // Reaped, not left as zombies to a pid 1 (`sleep`) that reaps nothing.
+    let stats = l.server.stats("host");
+    assert_eq!(stats["pids"], 1, "{stats}");
     // A relative working directory is refused, as run refuses it.
     let out = l.warren(&["exec", "-w", "tmp", "host", "--", "true"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

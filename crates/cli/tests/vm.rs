@@ -435,6 +435,10 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         stderr(&missing)
     );
 
+    // A client that goes away ends its process in the guest too.
+    common::exec_ends_with_its_client(&vm.server, "box", &[], "1361");
+    common::exec_ends_with_its_client(&vm.server, "box", &["-t"], "1362");
+
     // `warren top`: the guest's processes with the guest's pids, an exec's among them.
     std::thread::scope(|s| {
         let exec = s.spawn(|| vm.warren(&["exec", "box", "--", "sleep", "5"]));

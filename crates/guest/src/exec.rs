@@ -65,7 +65,21 @@ pub fn run(
     };
     let _ = tx.try_send(Ok(started));
     tokio::spawn(async move {
-        let code = match status.await {
+        let mut status = status;
+        let ended = tokio::select! {
+            ended = &mut status => ended,
+            // The host hung up (its client went away): nobody is left to read the
+            // process's output or its exit. Killed, and reaped by the reaper as usual.
+            () = tx.closed() => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = status.await;
+                return;
+            }
+        };
+        let code = match ended {
             Ok(s) => exit_code(&s).0,
             Err(_) => 128 + libc::SIGKILL,
         };

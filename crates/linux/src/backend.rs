@@ -610,6 +610,29 @@ fn exit_status_of(bundle: &Path, exit: std::io::Result<Exit>) -> BackendStatus {
     }
 }
 
+/// The exec helper, told to end its process if `wait` is dropped before it ended (the
+/// caller went away); the helper reaps the process and exits, and is reaped here at once,
+/// not when tokio next looks at orphans: a zombie counts against the sandbox's pids limit.
+struct EndOnDrop(Option<tokio::process::Child>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    crate::exec::END_SIGNAL,
+                );
+            }
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = child.wait().await;
+                });
+            }
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Backend for LinuxBackend {
     fn kind(&self) -> BackendKind {
@@ -1117,14 +1140,12 @@ impl Backend for LinuxBackend {
             .split_first()
             .ok_or_else(|| BackendError::Other("no supervisor command configured".into()))?;
         let mut cmd = tokio::process::Command::new(program);
-        // Dropping `wait` (the caller went away) kills the helper, and with it the process.
         cmd.args(args)
             .arg("--exec")
             .arg(&bundle)
-            .env(crate::exec::SPEC_ENV, json)
-            .kill_on_drop(true);
+            .env(crate::exec::SPEC_ENV, json);
         let spawn_error = |e| BackendError::io("start exec helper", Path::new(program), e);
-        let (mut child, stdin, stdout, stderr, resize): (_, BoxWrite, BoxRead, Option<BoxRead>, _) =
+        let (child, stdin, stdout, stderr, resize): (_, BoxWrite, BoxRead, Option<BoxRead>, _) =
             match request.tty {
                 Some((rows, cols)) => {
                     let size = nix::pty::Winsize {
@@ -1179,9 +1200,14 @@ impl Backend for LinuxBackend {
                     )
                 }
             };
+        let mut child = EndOnDrop(Some(child));
         let wait = Box::pin(async move {
             use std::os::unix::process::ExitStatusExt;
-            let status = child.wait().await?;
+            let status = match child.0.as_mut() {
+                Some(c) => c.wait().await?,
+                None => return Err(std::io::Error::other("exec: no helper")),
+            };
+            let _ = child.0.take();
             Ok(status
                 .code()
                 .unwrap_or_else(|| 128 + status.signal().unwrap_or(libc::SIGKILL)))

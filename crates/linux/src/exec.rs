@@ -119,6 +119,19 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
             }
         }
         ForkResult::Parent { child } => {
+            // SIGUSR1 from the backend (its caller went away): the process is killed, and
+            // reaped here, so no zombie is left to the sandbox's pid 1, which may reap
+            // nothing.
+            CHILD.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            let end = nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::Handler(end_child),
+                nix::sys::signal::SaFlags::empty(),
+                nix::sys::signal::SigSet::empty(),
+            );
+            // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+            #[allow(unsafe_code)]
+            unsafe { nix::sys::signal::sigaction(END_SIGNAL, &end) }
+                .map_err(|e| format!("sigaction: {e}"))?;
             // The caller's signals are for the process, not for the helper.
             for sig in [
                 nix::sys::signal::Signal::SIGINT,
@@ -141,6 +154,24 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
         }
     }
 }
+
+/// The exec'd process, for [`end_child`].
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The helper's SIGUSR1 handler: kills the exec'd process.
+extern "C" fn end_child(_: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The signal that makes the helper kill the exec'd process (and reap it, and exit).
+pub const END_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
 
 /// Makes the calling process get SIGKILL when the helper (its parent) ends, and checks the
 /// helper did not end already. After the last credential change: one clears the setting.

@@ -561,7 +561,7 @@ pub struct ExecProcess {
     /// Resizes the terminal (rows, columns); `None` without one.
     pub resize: Option<Resize>,
     /// Resolves to the exit status (128 + signal when killed). Dropped before that (the
-    /// caller went away), it kills the process where the backend can (linux).
+    /// caller went away), it ends the process (linux, vm, remote agents).
     pub wait: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<i32>> + Send>>,
 }
 

@@ -110,10 +110,17 @@ pub(crate) async fn exec(
     // Keeps the input stream open while the process runs (the guest stops reading input
     // when it ends, and resizes still need a way in).
     let keep_input = input_tx.clone();
+    let mut exit_tx = exit_tx;
     tokio::spawn(async move {
         let _keep = keep_input;
         let result = loop {
-            match replies.next().await {
+            let reply = tokio::select! {
+                reply = replies.next() => reply,
+                // The caller dropped `wait` (its client went away): dropping the call
+                // makes the guest end the process.
+                () = exit_tx.closed() => return,
+            };
+            match reply {
                 Some(Ok(proto::ExecOutput { output: Some(out) })) => match out {
                     Output::Stdout(b) => {
                         let _ = out_w.write_all(&b).await;

@@ -149,6 +149,11 @@ impl TestServer {
     }
 
     pub fn warren_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        run_with_stdin(self.command(args), stdin)
+    }
+
+    /// The CLI with `args`, pointed at this server (and its token), not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(WARREN);
         cmd.args(args)
             .env("WARREN_SERVER", &self.address)
@@ -156,7 +161,7 @@ impl TestServer {
         if let Some(t) = &self.token {
             cmd.env("WARREN_TOKEN", t);
         }
-        run_with_stdin(cmd, stdin)
+        cmd
     }
 
     /// Runs the CLI and asserts it succeeded; returns stdout.
@@ -260,6 +265,41 @@ pub fn with_client<T>(
             .expect("connect");
         f(client).await
     })
+}
+
+/// `warren exec [FLAGS] NAME -- sleep SECONDS` whose client is killed: the process must end
+/// too (nobody is left to read its output or its exit), as `warren top` shows.
+pub fn exec_ends_with_its_client(server: &TestServer, name: &str, flags: &[&str], seconds: &str) {
+    let mut args = vec!["exec"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[name, "--", "sleep", seconds]);
+    let mut client = server
+        .command(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("exec");
+    let sleeper = || {
+        server
+            .ok(&["top", name])
+            .contains(&format!("sleep {seconds}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sleeper() {
+        assert!(Instant::now() < deadline, "exec {flags:?} never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.kill().expect("kill the client");
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sleeper() {
+        assert!(
+            Instant::now() < deadline,
+            "exec {flags:?}: the process outlived its client"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn stderr(o: &Output) -> String {
