@@ -2566,11 +2566,22 @@ fn top_lists_every_process_in_the_sandbox() {
             String::from_utf8_lossy(&cmdline)
         );
     }
-    // The table: a header, then one line per process (the exec's `sleep` stays, as a
-    // `docker exec`'s process outlives its client), the sandbox's pids first: the sleeps'
-    // parent is pid 1; the init's and the exec's are outside the sandbox, 0.
-    let table = l.ok(&["top", "t"]);
-    assert_eq!(table.lines().count(), 5, "{table}");
+    // The table: a header, then one line per process (the exec's `sleep` ends with its
+    // client, a moment after it), the sandbox's pids first: the sleeps' parent is pid 1;
+    // the init's is outside the sandbox, 0.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let table = loop {
+        let table = l.ok(&["top", "t"]);
+        if !table.contains("sleep 602") {
+            break table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exec outlived its client: {table}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(table.lines().count(), 4, "{table}");
     for line in table.lines().skip(1) {
         let cells: Vec<&str> = line.split_whitespace().collect();
         let parent = match cells[7..].join(" ").as_str() {
@@ -2588,6 +2599,32 @@ fn top_lists_every_process_in_the_sandbox() {
         "{table}"
     );
     assert!(table.contains("sleep 601"), "{table}");
+    // Arguments that are not UTF-8 show as they can (U+FFFD), never as a kernel thread's
+    // `[comm]` a workload could hide behind.
+    l.ok(&[
+        "exec",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        "sh -c 'sleep 603; true' \"$(printf 'x\\377')\" >/dev/null 2>&1 &",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = json(&l.ok(&["top", "t", "-o", "json"]));
+        let commands: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["command"].as_str())
+            .collect();
+        if commands.contains(&"sh -c sleep 603; true x\u{fffd}") {
+            assert!(!commands.iter().any(|c| c.starts_with('[')), "{list}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Only a running sandbox has processes; a missing one is named.
     l.ok(&["stop", "-t", "0", "t"]);
     let out = l.warren(&["top", "t"]);

@@ -673,7 +673,8 @@ impl Sandboxes for SandboxService {
                 }
             };
             // A client gone (or a server stopping) drops `wait`, which ends the process:
-            // nobody is left to read its output or its exit (`docker exec` does the same).
+            // nobody is left to read its output or its exit (a `docker exec`'s would run on,
+            // moby#9098; for sandboxes that run untrusted code, a leak).
             let msg = tokio::select! {
                 msg = run => msg,
                 _ = stream_ended(&tx, &mut shutdown) => return,

@@ -1289,9 +1289,17 @@ fn process_info(pid: i32) -> Option<warren_runtime::ProcessInfo> {
     let status = process.status().ok()?;
     let ticks = procfs::ticks_per_second().max(1);
     let page = procfs::page_size();
-    let command = match process.cmdline() {
-        Ok(args) if !args.is_empty() => args.join(" "),
-        _ => format!("[{}]", stat.comm),
+    // Read as bytes: arguments need not be UTF-8, and a process whose are not must not pass
+    // for a kernel thread (`[sh]`).
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let command = match args.is_empty() {
+        false => args.join(" "),
+        true => format!("[{}]", stat.comm),
     };
     // NSpid lists its pid in each namespace, outermost first: the last is the sandbox's.
     let sandbox_pid = status
