@@ -148,6 +148,70 @@ fn dump_kill_restore_counts_on_with_its_logs_and_open_file() {
     l.ok(&["image", "rm", "busybox"]);
 }
 
+/// A restore that would fail (here: a mapped host directory gone since the checkpoint)
+/// fails before it touches the finished sandbox it would replace: that one, its logs and
+/// its files stay. Once the directory is back, the same restore continues it.
+#[test]
+fn a_failing_restore_leaves_the_sandbox_it_would_replace() {
+    let l = criu_or_skip!();
+    let host = tempfile::tempdir().unwrap();
+    let data = host.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mapdir = format!("/data::{}", data.display());
+    let out = l.run(
+        "mapped",
+        &["--mapdir", &mapdir],
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /data/n; sleep 0.1; done",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    l.wait_phase("mapped", "Running");
+    let written = || std::fs::read_to_string(data.join("n")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while written().trim().parse::<u64>().unwrap_or(0) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "never wrote to /data: {:?}",
+            written()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    l.ok(&["checkpoint", "mapped", "--name", "ckm"]);
+    assert_eq!(l.get("mapped")["status"]["phase"], "Stopped");
+    let uid = l.get("mapped")["metadata"]["uid"].clone();
+
+    std::fs::remove_file(data.join("n")).unwrap();
+    std::fs::remove_dir(&data).unwrap();
+    let out = l.warren(&["restore", "ckm"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("spec.mounts"), "{}", stderr(&out));
+    let kept = l.get("mapped");
+    assert_eq!(kept["status"]["phase"], "Stopped", "{kept}");
+    assert_eq!(
+        kept["metadata"]["uid"], uid,
+        "the same sandbox, not replaced"
+    );
+
+    std::fs::create_dir(&data).unwrap();
+    assert_eq!(l.ok(&["restore", "ckm"]), "mapped\n");
+    let got = l.get("mapped");
+    assert_eq!(got["status"]["phase"], "Running", "{got}");
+    assert_ne!(got["metadata"]["uid"], uid, "replaced by its continuation");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while written().trim().parse::<u64>().unwrap_or(0) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the restore does not write to /data"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    l.ok(&["rm", "mapped"]);
+    l.ok(&["checkpoint", "rm", "ckm"]);
+}
+
 #[test]
 fn leave_running_and_a_copy_under_a_new_name_beside_the_original() {
     let l = criu_or_skip!();

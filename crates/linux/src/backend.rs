@@ -1256,6 +1256,13 @@ impl Backend for LinuxBackend {
         checkpoint::checkpoint(self, config, dir, leave_running).await
     }
 
+    async fn check_restore(&self, config: &SandboxConfig, dir: &Path) -> Result<(), BackendError> {
+        let (this, config, dir) = (self.clone(), config.clone(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || checkpoint::check_restore(&this, &config, &dir))
+            .await
+            .map_err(|e| BackendError::Other(format!("check restore: {e}")))?
+    }
+
     async fn restore(
         &self,
         config: &SandboxConfig,

@@ -445,6 +445,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
         })
     }
 
+    /// Checks, changing nothing, what would make [`Backend::restore`] of the checkpoint in
+    /// `dir` fail at once (a missing image or host directory, no restore at all): a restore
+    /// that replaces a finished sandbox of the same name deletes it only once this passed.
+    async fn check_restore(
+        &self,
+        config: &SandboxConfig,
+        dir: &std::path::Path,
+    ) -> Result<(), BackendError> {
+        let _ = (config, dir);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "restore",
+        })
+    }
+
     /// Creates a sandbox from a checkpoint's payload `dir` (written by [`Backend::checkpoint`]
     /// and verified by the caller) and runs it from where it was saved. On failure nothing
     /// of the new sandbox remains.

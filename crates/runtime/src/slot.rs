@@ -429,6 +429,14 @@ impl Backend for SlotBackend {
         Ok(crate::CheckpointInfo::new())
     }
 
+    async fn check_restore(
+        &self,
+        _config: &SandboxConfig,
+        _dir: &std::path::Path,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Accounts for the sandbox again, as a create does.
     async fn restore(
         &self,

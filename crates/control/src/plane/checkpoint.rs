@@ -343,13 +343,25 @@ impl ControlPlane {
         super::create::refuse_past_expiry(spec.expire_time)?;
         let applied = self.admit(&spec, &resources)?;
         let backend = self.checkpoint_backend(spec.backend)?;
-        self.make_room(&spec.name).await?;
         let mut rec = SandboxRecord::creating(
             spec,
             resources,
             self.agent().node().to_string(),
             applied.as_ref(),
         );
+        // What would fail at once fails before a finished sandbox of the name is replaced.
+        let check = SandboxConfig {
+            id: rec.id.clone(),
+            spec: rec.spec.clone(),
+            resources: rec.resources.clone(),
+            stdin: None,
+            policy: applied.clone(),
+        };
+        backend
+            .check_restore(&check, &dir)
+            .await
+            .map_err(|e| ControlError::Agent(AgentError::Backend(e)))?;
+        self.make_room(&rec.spec.name).await?;
         {
             let _registering = self.registering().await;
             let mut reg = self.lock();

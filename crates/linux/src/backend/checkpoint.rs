@@ -361,42 +361,21 @@ pub(super) async fn restore(
             id: id.clone(),
         });
     }
-    let saved: LinuxCheckpoint = config::read_json(dir, LINUX_FILE)
-        .map_err(|e| BackendError::Invalid(format!("checkpoint: {LINUX_FILE}: {e}")))?;
-    let criu = inner.criu()?;
-    // The image by the id the checkpoint recorded: its name may mean another image here.
-    let mut by_id = config.clone();
-    if let Some(image) = &saved.image {
-        by_id.spec.image = Some(image.clone());
-    }
-    let (container, image_id) = container_config(&inner, &by_id).map_err(|e| match (e, &saved.image) {
-        (BackendError::Invalid(msg), Some(image)) if msg.starts_with("spec.image") => {
-            BackendError::Invalid(format!(
-                "{msg}: the checkpoint runs image {image} ({}); import or pull it on this server first",
-                config.spec.image.as_deref().unwrap_or("unnamed")
-            ))
-        }
-        (e, _) => e,
-    })?;
-    if container.mounts.len() != saved.mounts.len() {
-        return Err(BackendError::Invalid(format!(
-            "checkpoint: {LINUX_FILE} lists {} bind mounts, the spec {}",
-            saved.mounts.len(),
-            container.mounts.len()
-        )));
-    }
-    let ports = super::ports::bind(&config.spec.ports)?;
+    let (saved, criu, container, image_id) = prepare(&inner, config, dir)?;
     let bundle = backend.bundle(id);
-    make_bundle(&bundle, &container)?;
     let started = async {
+        let ports = super::ports::bind(&config.spec.ports)?;
+        make_bundle(&bundle, &container)?;
         fill_bundle(dir, &bundle, &container, &saved, &criu).await?;
-        spawn_supervisor(&inner, &bundle, Some("--restore")).await
+        let started = spawn_supervisor(&inner, &bundle, Some("--restore")).await?;
+        Ok::<_, BackendError>((started, ports))
     }
     .await;
-    let started = match started {
+    let (started, ports) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&bundle);
+            inner.network.release(id);
             return Err(e);
         }
     };
@@ -415,6 +394,53 @@ pub(super) async fn restore(
     );
     supervise_child(&inner, id, bundle, started, ports);
     Ok(backend.info(id).unwrap_or(info))
+}
+
+/// What a restore of the checkpoint in `dir` needs, checked: its `linux.json`, CRIU, and
+/// the container's config (its image by the id the checkpoint recorded, its host paths where
+/// they lead now, its egress block taken, which the caller gives back on failure).
+fn prepare(
+    inner: &Arc<Inner>,
+    config: &SandboxConfig,
+    dir: &Path,
+) -> Result<(LinuxCheckpoint, Criu, ContainerConfig, String), BackendError> {
+    let saved: LinuxCheckpoint = config::read_json(dir, LINUX_FILE)
+        .map_err(|e| BackendError::Invalid(format!("checkpoint: {LINUX_FILE}: {e}")))?;
+    let criu = inner.criu()?;
+    // The image by the id the checkpoint recorded: its name may mean another image here.
+    let mut by_id = config.clone();
+    if let Some(image) = &saved.image {
+        by_id.spec.image = Some(image.clone());
+    }
+    let (container, image_id) = container_config(inner, &by_id).map_err(|e| match (e, &saved.image) {
+        (BackendError::Invalid(msg), Some(image)) if msg.starts_with("spec.image") => {
+            BackendError::Invalid(format!(
+                "{msg}: the checkpoint runs image {image} ({}); import or pull it on this server first",
+                config.spec.image.as_deref().unwrap_or("unnamed")
+            ))
+        }
+        (e, _) => e,
+    })?;
+    if container.mounts.len() != saved.mounts.len() {
+        inner.network.release(&config.id);
+        return Err(BackendError::Invalid(format!(
+            "checkpoint: {LINUX_FILE} lists {} bind mounts, the spec {}",
+            saved.mounts.len(),
+            container.mounts.len()
+        )));
+    }
+    Ok((saved, criu, container, image_id))
+}
+
+/// [`prepare`] alone, giving back what it took: what would make a restore fail at once.
+pub(super) fn check_restore(
+    backend: &LinuxBackend,
+    config: &SandboxConfig,
+    dir: &Path,
+) -> Result<(), BackendError> {
+    prepare(&backend.inner, config, dir)?;
+    backend.inner.network.release(&config.id);
+    Ok(())
 }
 
 /// Puts the checkpoint's files where the restoring supervisor expects them.
