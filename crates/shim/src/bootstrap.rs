@@ -171,9 +171,7 @@ async fn delete(flags: &Flags) -> anyhow::Result<()> {
     };
     match bundle::load(&bundle, &flags.id, &flags.namespace) {
         Ok(plan) => {
-            let token = std::env::var(bundle::ENV_TOKEN)
-                .ok()
-                .filter(|t| !t.is_empty());
+            let token = bundle::token_for(&plan.server);
             let removed =
                 match warren_control::client::connect(&plan.server, token.as_deref()).await {
                     Ok(mut client) => warren::remove_sandbox(&mut client, &flags.id)

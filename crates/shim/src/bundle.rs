@@ -273,6 +273,27 @@ fn apply_workload(spec: &mut SandboxSpec, w: Workload) -> Result<(), BundleError
     Ok(())
 }
 
+/// The bearer token (`WARREN_TOKEN`) for `server`: only the server the shim's own
+/// configuration names (`WARREN_SERVER`, else the default socket) gets it. A
+/// `warren.dev/server` annotation is the pod author's to write: a server it names elsewhere
+/// is called without the token, so no pod can send the node's token to a host it chose.
+pub fn token_for(server: &Address) -> Option<String> {
+    let env = |key| std::env::var(key).ok();
+    token_given(server, env(ENV_SERVER).as_deref(), env(ENV_TOKEN))
+}
+
+/// [`token_for`] with the environment's `WARREN_SERVER` and `WARREN_TOKEN` given.
+fn token_given(
+    server: &Address,
+    env_server: Option<&str>,
+    token: Option<String>,
+) -> Option<String> {
+    let configured = server_address(None, env_server).ok()?;
+    (*server == configured)
+        .then_some(token?)
+        .filter(|t| !t.is_empty())
+}
+
 /// The annotation wins over the environment, which wins over the default socket.
 pub fn server_address(annotation: Option<&str>, env: Option<&str>) -> Result<Address, BundleError> {
     if let Some(v) = annotation {
@@ -295,6 +316,30 @@ pub fn server_address(annotation: Option<&str>, env: Option<&str>) -> Result<Add
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_configured_server_gets_the_token() {
+        let token = || Some("secret".to_string());
+        let configured = "tcp://127.0.0.1:9090";
+        let from_annotation = |a: &str| server_address(Some(a), Some(configured)).unwrap();
+        assert_eq!(
+            token_given(&from_annotation(configured), Some(configured), token()),
+            token()
+        );
+        assert_eq!(
+            token_given(
+                &from_annotation("tcp://attacker.example:1"),
+                Some(configured),
+                token()
+            ),
+            None,
+            "a server a pod's annotation names elsewhere"
+        );
+        let default = server_address(None, None).unwrap();
+        assert_eq!(token_given(&default, None, token()), token());
+        assert_eq!(token_given(&default, Some(configured), token()), None);
+        assert_eq!(token_given(&default, None, Some(String::new())), None);
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -124,7 +124,6 @@ struct Container {
 #[derive(Clone)]
 pub struct Service {
     namespace: String,
-    token: Option<String>,
     containers: Arc<Mutex<HashMap<String, Container>>>,
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
@@ -142,9 +141,6 @@ impl Service {
     pub fn new(namespace: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
         Service {
             namespace,
-            token: std::env::var(bundle::ENV_TOKEN)
-                .ok()
-                .filter(|t| !t.is_empty()),
             containers: Arc::default(),
             publisher: Arc::new(publisher),
             exit,
@@ -161,7 +157,7 @@ impl Service {
     async fn client(&self, server: &Address) -> TtrpcResult<warren_control::client::Client> {
         match tokio::time::timeout(
             CALL_TIMEOUT,
-            warren_control::client::connect(server, self.token.as_deref()),
+            warren_control::client::connect(server, bundle::token_for(server).as_deref()),
         )
         .await
         {
