@@ -203,29 +203,25 @@ pub fn containers(tasks: &prost_types::Any) -> Result<Vec<(String, ResourceInfo)
 }
 
 /// The pod's own resources plus every container's, field by field; a field nobody sets
-/// stays unset. A member with a CPU or memory request but no limit of it (a Kubernetes
-/// Burstable container) can use any amount, so the pod has no such limit either. A request
-/// still above its limit comes only from OCI shares (a weight; runc takes any pair) and is
-/// counted as the limit: the total is a sandbox's resources, where request ≤ limit holds.
+/// stays unset. A container without a CPU or memory limit (a Kubernetes Burstable or
+/// BestEffort one) can use any amount, so the pod has no such limit either; the pod's own
+/// entry (the pause container's, whose `cpu.shares` containerd sets to 2) does not count
+/// for this. A request still above its limit comes only from OCI shares (a weight; runc
+/// takes any pair) and is counted as the limit: the total is a sandbox's resources, where
+/// request ≤ limit holds.
 pub fn total<'a>(
     pod: &'a ResourceInfo,
     containers: impl IntoIterator<Item = &'a ResourceInfo>,
 ) -> ResourceInfo {
-    let members: Vec<&ResourceInfo> = std::iter::once(pod).chain(containers).collect();
-    let mut t = ResourceInfo::default();
-    for r in &members {
+    let containers: Vec<&ResourceInfo> = containers.into_iter().collect();
+    let mut t = pod.clone();
+    for r in &containers {
         warren_control::plane::add(&mut t, r);
     }
-    if members
-        .iter()
-        .any(|r| r.cpu_request.is_some() && r.cpu_limit.is_none())
-    {
+    if containers.iter().any(|r| r.cpu_limit.is_none()) {
         t.cpu_limit = None;
     }
-    if members
-        .iter()
-        .any(|r| r.memory_request.is_some() && r.memory_limit.is_none())
-    {
+    if containers.iter().any(|r| r.memory_limit.is_none()) {
         t.memory_limit = None;
     }
     // Sums of millicores in f64 drift ("0.30000000000000004"): keep whole millicores.

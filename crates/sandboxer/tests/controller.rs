@@ -311,28 +311,57 @@ async fn create_start_update_status_stop_wait_shutdown() {
     );
 
     // Two containers join: the pod holds its own resources plus theirs.
-    c.update(update_request(id, serde_json::json!({"tasks": [
-        {"task_id": "c1", "spec": {"annotations": {"resources.limits.cpu": "500m",
-            "resources.requests.cpu": "250m"}}, "rootfs": [], "stdin": "", "stdout": "", "stderr": "", "processes": []},
-        {"task_id": "c2", "spec": {"linux": {"resources": {"memory": {"limit": 268435456}, "pids": {"limit": 50}}}}},
-    ]})))
+    let c2 = serde_json::json!({"task_id": "c2", "spec": {"linux": {"resources": {
+        "cpu": {"quota": 50000, "period": 100000},
+        "memory": {"limit": 268435456}, "pids": {"limit": 50}}}}});
+    c.update(update_request(
+        id,
+        serde_json::json!({"tasks": [
+            {"task_id": "c1", "spec": {"annotations": {"resources.limits.cpu": "500m",
+                "resources.requests.cpu": "250m", "resources.limits.memory": "256Mi"}},
+                "rootfs": [], "stdin": "", "stdout": "", "stderr": "", "processes": []},
+            c2.clone(),
+        ]}),
+    ))
     .await
     .unwrap();
     assert_eq!(
         resources(&mut c, id).await,
-        json(1.5, Some(0.25), (1 << 30) + (256 << 20), 150)
+        json(2.0, Some(0.25), (1 << 30) + (512 << 20), 150)
     );
 
     // c1 leaves.
-    c.update(update_request(id, serde_json::json!({"tasks": [
-        {"task_id": "c2", "spec": {"linux": {"resources": {"memory": {"limit": 268435456}, "pids": {"limit": 50}}}}},
-    ]})))
+    c.update(update_request(
+        id,
+        serde_json::json!({"tasks": [c2.clone()]}),
+    ))
     .await
     .unwrap();
     assert_eq!(
         resources(&mut c, id).await,
-        json(1.0, None, (1 << 30) + (256 << 20), 150)
+        json(1.5, None, (1 << 30) + (256 << 20), 150)
     );
+
+    // A container without a CPU limit (Burstable) leaves the pod without one.
+    c.update(update_request(
+        id,
+        serde_json::json!({"tasks": [c2.clone(),
+            {"task_id": "c3", "spec": {"annotations": {"resources.requests.cpu": "100m",
+                "resources.limits.memory": "64Mi"}}},
+        ]}),
+    ))
+    .await
+    .unwrap();
+    let burstable = resources(&mut c, id).await;
+    assert_eq!(
+        burstable["cpu_limit"],
+        serde_json::Value::Null,
+        "{burstable}"
+    );
+    assert_eq!(burstable["cpu_request"], 0.1, "{burstable}");
+    c.update(update_request(id, serde_json::json!({"tasks": [c2]})))
+        .await
+        .unwrap();
 
     let st = status(&mut c, id, true).await.unwrap();
     assert_eq!(st.state, "SANDBOX_READY");
@@ -374,7 +403,7 @@ async fn create_start_update_status_stop_wait_shutdown() {
     // Stopped but not shut down: still accounted.
     assert_eq!(
         resources(&mut c, id).await,
-        json(1.0, None, (1 << 30) + (256 << 20), 150)
+        json(1.5, None, (1 << 30) + (256 << 20), 150)
     );
     let e = c
         .start(ControllerStartRequest {

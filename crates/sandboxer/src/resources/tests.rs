@@ -180,25 +180,26 @@ fn bad_tasks_name_the_field() {
 #[test]
 fn total_adds_field_by_field_and_annotations_round_trip() {
     let pod = ResourceInfo {
-        cpu_limit: Some(0.1),
-        memory_limit: Some(100),
+        memory_request: Some(100),
         ..ResourceInfo::default()
     };
     let c1 = ResourceInfo {
-        cpu_limit: Some(0.2),
+        cpu_limit: Some(0.1),
         pid_limit: Some(10),
         network_bandwidth: Some(1_000_000),
         ..ResourceInfo::default()
     };
     let c2 = ResourceInfo {
+        cpu_limit: Some(0.2),
         memory_request: Some(50),
+        memory_limit: Some(200),
         storage_limit: Some(1 << 30),
         ..ResourceInfo::default()
     };
     let t = total(&pod, [&c1, &c2]);
     assert_eq!(t.cpu_limit, Some(0.3), "whole millicores, no float drift");
-    assert_eq!(t.memory_limit, None, "c2 requests memory with no limit");
-    assert_eq!(t.memory_request, Some(50));
+    assert_eq!(t.memory_limit, None, "c1 has no memory limit");
+    assert_eq!(t.memory_request, Some(150));
     assert_eq!(t.pid_limit, Some(10));
     assert_eq!(t.storage_limit, Some(1 << 30));
     assert_eq!(t.network_bandwidth, Some(1_000_000));
@@ -225,6 +226,17 @@ fn a_member_without_a_limit_leaves_the_pod_unlimited_and_the_total_valid() {
         memory_request: Some(1 << 20),
         ..ResourceInfo::default()
     };
+    // The pause container's shares (a request of 2m, no limit) change nothing.
+    let pause = ResourceInfo {
+        cpu_request: Some(0.002),
+        ..ResourceInfo::default()
+    };
+    let guaranteed = total(&pause, [&c1]);
+    assert_eq!(
+        (guaranteed.cpu_request, guaranteed.cpu_limit),
+        (Some(1.0), Some(1.0)),
+        "the request 1.002 counted as the limit"
+    );
     let t = total(&ResourceInfo::default(), [&c1, &c2]);
     assert_eq!((t.cpu_request, t.cpu_limit), (Some(1.5), None));
     assert_eq!(
