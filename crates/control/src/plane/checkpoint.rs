@@ -349,7 +349,9 @@ impl ControlPlane {
             self.agent().node().to_string(),
             applied.as_ref(),
         );
-        // What would fail at once fails before a finished sandbox of the name is replaced.
+        // What would fail at once fails before a finished sandbox of the name is replaced
+        // (after the cheap refusal of a name still in use, which make_room repeats).
+        self.refuse_unfinished(&rec.spec.name)?;
         let check = SandboxConfig {
             id: rec.id.clone(),
             spec: rec.spec.clone(),
@@ -422,19 +424,25 @@ impl ControlPlane {
             .map_err(|e| ControlError::Internal(e.to_string()))?
     }
 
+    /// Refuses a restore to `name` while a sandbox of that name is busy or not finished;
+    /// returns whether a finished one is there (to be replaced).
+    fn refuse_unfinished(&self, name: &str) -> Result<bool, ControlError> {
+        let reg = self.lock();
+        match reg.sandboxes.get(name) {
+            None => Ok(false),
+            Some(e) if e.busy => Err(ControlError::Busy { name: name.into() }),
+            Some(e) if !e.record.status.is_terminal() => {
+                Err(CheckpointError::NameTaken { name: name.into() }.into())
+            }
+            Some(_) => Ok(true),
+        }
+    }
+
     /// Frees `name` for a restore: a finished sandbox of that name is deleted (the restore
     /// continues it); a running one is kept and the restore refused.
     async fn make_room(&self, name: &str) -> Result<(), ControlError> {
-        let finished = {
-            let reg = self.lock();
-            match reg.sandboxes.get(name) {
-                None => return Ok(()),
-                Some(e) if e.busy => return Err(ControlError::Busy { name: name.into() }),
-                Some(e) => e.record.status.is_terminal(),
-            }
-        };
-        if !finished {
-            return Err(CheckpointError::NameTaken { name: name.into() }.into());
+        if !self.refuse_unfinished(name)? {
+            return Ok(());
         }
         info!(sandbox = %name, "replacing a finished sandbox with its restore");
         self.delete(name, None).await.map(|_| ())
