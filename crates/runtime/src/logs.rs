@@ -521,10 +521,7 @@ fn keep_last_lines(records: &mut Vec<LogRecord>, n: usize) {
     let keep: Vec<bool> = (0..records.len())
         .rev()
         .map(|i| {
-            let stream = match records[i].stream {
-                Stream::Stdout => 0,
-                Stream::Stderr => 1,
-            };
+            let stream = records[i].stream.index();
             let line = match open[stream] {
                 Some(line) if records[i].partial => line,
                 _ => {
