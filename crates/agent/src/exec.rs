@@ -12,8 +12,8 @@
 //! 4. once the process has ended and its output is all sent, the agent sends
 //!    [`ExecEvent::Exit`] and closes.
 //!
-//! A client that goes away closes the process's stdin; the process itself runs on, as a
-//! local exec's does when its caller disconnects.
+//! A client that goes away (the socket closes or breaks, before or after `closeStdin`) ends
+//! the process, as a local exec's caller going away does.
 
 use std::sync::Arc;
 
@@ -240,6 +240,7 @@ pub async fn serve(
     // A client gone, now or while the process runs on without stdin: nobody is left to
     // read its output or its exit. Aborting the ender drops `wait`, which ends the process.
     let mut ender = ender;
+    let mut ended = false;
     if !gone {
         let closed = async {
             while let Some(Ok(msg)) = stream.next().await {
@@ -249,14 +250,17 @@ pub async fn serve(
             }
         };
         tokio::select! {
-            _ = &mut ender => {}
+            _ = &mut ender => ended = true,
             () = closed => gone = true,
         }
     }
     if gone {
         ender.abort();
     }
-    let _ = ender.await;
+    // A JoinHandle polled again after it finished panics.
+    if !ended {
+        let _ = ender.await;
+    }
     let _ = writer.await;
 }
 

@@ -104,6 +104,19 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
     let helper = config::pidfd_open(std::process::id() as i32)
         .map_err(|e| format!("pidfd_open of the exec helper: {e}"))?;
 
+    // SIGUSR1 from the backend (its caller went away): the process group is killed, and the
+    // process reaped here, so no zombie is left to the sandbox's pid 1, which may reap
+    // nothing. Handled from before the fork, so one sent meanwhile is not lost.
+    let end = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(end_child),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only touches atomics and calls kill(2), which is async-signal-safe.
+    #[allow(unsafe_code)]
+    unsafe { nix::sys::signal::sigaction(END_SIGNAL, &end) }
+        .map_err(|e| format!("sigaction: {e}"))?;
+
     // SAFETY: the helper is single-threaded; the child runs ordinary code and ends in execve
     // or _exit.
     #[allow(unsafe_code)]
@@ -119,19 +132,10 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
             }
         }
         ForkResult::Parent { child } => {
-            // SIGUSR1 from the backend (its caller went away): the process is killed, and
-            // reaped here, so no zombie is left to the sandbox's pid 1, which may reap
-            // nothing.
             CHILD.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
-            let end = nix::sys::signal::SigAction::new(
-                nix::sys::signal::SigHandler::Handler(end_child),
-                nix::sys::signal::SaFlags::empty(),
-                nix::sys::signal::SigSet::empty(),
-            );
-            // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-            #[allow(unsafe_code)]
-            unsafe { nix::sys::signal::sigaction(END_SIGNAL, &end) }
-                .map_err(|e| format!("sigaction: {e}"))?;
+            if ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+                end_child(0);
+            }
             // The caller's signals are for the process, not for the helper.
             for sig in [
                 nix::sys::signal::Signal::SIGINT,
@@ -143,28 +147,36 @@ fn run(bundle: &Path, spec_json: &str) -> Result<i32, String> {
                 let _ =
                     unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
             }
-            loop {
+            let ended = loop {
                 match waitpid(child, None) {
-                    Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                    Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                    Ok(WaitStatus::Exited(_, code)) => break Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break Ok(128 + sig as i32),
                     Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(format!("wait: {e}")),
+                    Err(e) => break Err(format!("wait: {e}")),
                 }
-            }
+            };
+            // Reaped: its pid may be another process's now.
+            CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
+            ended
         }
     }
 }
 
-/// The exec'd process, for [`end_child`].
+/// The exec'd process (the leader of its process group) until reaped, for [`end_child`].
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// [`END_SIGNAL`] came, maybe before the fork: the parent ends the child once it has one.
+static ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The helper's SIGUSR1 handler: kills the exec'd process.
+/// The helper's [`END_SIGNAL`] handler: kills the exec'd process's group (what it started
+/// in the background too, unless that left the group).
 extern "C" fn end_child(_: libc::c_int) {
+    ENDED.store(true, std::sync::atomic::Ordering::SeqCst);
     let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe.
         #[allow(unsafe_code)]
         unsafe {
+            libc::kill(-pid, libc::SIGKILL);
             libc::kill(pid, libc::SIGKILL);
         }
     }
@@ -209,10 +221,15 @@ fn child(
         Signal::SIGINT,
         Signal::SIGTERM,
         Signal::SIGHUP,
+        END_SIGNAL,
     ] {
         // SAFETY: SIG_DFL installs no handler.
         #[allow(unsafe_code)]
         let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+    }
+    if !spec.tty {
+        // A group of its own, which the helper kills whole (a terminal's session is one).
+        let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     }
     if spec.tty {
         let _ = nix::unistd::setsid();

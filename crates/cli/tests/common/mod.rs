@@ -268,8 +268,12 @@ pub fn with_client<T>(
 }
 
 /// `warren exec [FLAGS] NAME -- sleep SECONDS` whose client is killed: the process must end
-/// too (nobody is left to read its output or its exit), as `warren top` shows.
+/// too (nobody is left to read its output or its exit), as `warren top` shows, and be
+/// reaped, not left a zombie to a pid 1 that reaps nothing: the sandbox's process count
+/// (`warren stats`) comes back to what it was.
 pub fn exec_ends_with_its_client(server: &TestServer, name: &str, flags: &[&str], seconds: &str) {
+    let pids = || server.stats(name)["pids"].clone();
+    let before = pids();
     let mut args = vec!["exec"];
     args.extend_from_slice(flags);
     args.extend_from_slice(&[name, "--", "sleep", seconds]);
@@ -299,6 +303,14 @@ pub fn exec_ends_with_its_client(server: &TestServer, name: &str, flags: &[&str]
             "exec {flags:?}: the process outlived its client"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+    while pids() != before {
+        assert!(
+            Instant::now() < deadline,
+            "exec {flags:?}: {} processes, {before} before",
+            pids()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
