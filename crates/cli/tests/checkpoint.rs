@@ -273,8 +273,29 @@ fn an_exported_checkpoint_restores_on_another_server() {
     assert!(dir.join("manifest.json").is_file());
     let at_dump = *counts(&l.ok(&["logs", "mover"])).last().unwrap();
 
-    // Another server, another state dir (its own image store with the same image).
-    let other = Linux::start();
+    // A server with a key of its own refuses both: a seal it cannot check is no better
+    // than none, and the archive could be anyone's.
+    let stranger = Linux::start();
+    for (what, path) in [("archive", tar_text), ("directory", dir.to_str().unwrap())] {
+        let o = stranger.warren(&["restore", path, "--name", "moved"]);
+        assert_eq!(o.status.code(), Some(1), "{what}");
+        let err = stderr(&o);
+        assert!(
+            err.contains("has a seal made with another key")
+                && err.contains(&format!(
+                    "{}",
+                    stranger.server.state_dir().join("checkpoint.key").display()
+                )),
+            "{what}: {err}"
+        );
+        assert!(stderr(&stranger.warren(&["get", "moved"])).contains("not found"));
+    }
+    drop(stranger);
+
+    // Another server, another state dir (its own image store with the same image), sharing
+    // the first one's key.
+    let key = l.server.state_dir().join("checkpoint.key");
+    let other = Linux::start_with(&["--checkpoint-key", key.to_str().unwrap()]);
     assert_eq!(
         other.ok(&["restore", tar_text, "--name", "moved"]),
         "moved\n"
@@ -409,6 +430,27 @@ fn corrupt_and_truncated_checkpoints_are_refused_leaving_nothing() {
             "{name}: a record is left"
         );
     }
+    // A manifest rewritten to run something else: its seal no longer matches.
+    let forged = out.path().join("forged");
+    copy_tree(&good, &forged);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(forged.join("manifest.json")).unwrap()).unwrap();
+    manifest["spec"]["command"] = serde_json::json!(["/bin/sh", "-c", "echo forged"]);
+    std::fs::write(
+        forged.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let o = l.warren(&["restore", forged.to_str().unwrap(), "--name", "forged"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("has a seal made with another key, or a manifest changed after sealing"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&l.warren(&["get", "forged"])).contains("not found"));
+
     // Nothing half-restored: no cgroup, bundle, supervisor or mount beyond the original's.
     assert_eq!(l.leftover_cgroups(), cgroups_before);
     assert_eq!(processes_under(&state), supervisors_before);

@@ -23,6 +23,8 @@ pub fn status_of(e: &CheckpointError, msg: String) -> Status {
         }
         CheckpointError::InUse { .. } => Status::aborted(msg),
         CheckpointError::Corrupt { .. } => Status::data_loss(msg),
+        CheckpointError::Untrusted { .. } => Status::failed_precondition(msg),
+        CheckpointError::Key { .. } => Status::internal(msg),
         CheckpointError::Invalid(_) => Status::invalid_argument(msg),
         CheckpointError::Io { .. } => Status::internal(msg),
     }
@@ -166,7 +168,7 @@ impl Checkpoints for CheckpointService {
         let out = to.clone();
         let manifest = tokio::task::spawn_blocking(move || {
             let lease = store.lease(&name)?;
-            let manifest = Manifest::verify(&lease.dir, &format!("{name:?}"))?;
+            let manifest = Manifest::verify(&lease.dir, &format!("{name:?}"), store.key())?;
             store::export(&lease.dir, &out)?;
             Ok::<_, CheckpointError>(manifest)
         })

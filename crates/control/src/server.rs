@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub vm_warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints; `None` finds one (`warren_linux::criu`).
     pub criu: Option<PathBuf>,
+    /// The key checkpoints are sealed with; `None`: `<dir>/checkpoint.key`, made if absent.
+    pub checkpoint_key: Option<PathBuf>,
     /// The IPv4 range `network.mode: egress` linux sandboxes take their addresses from
     /// (a `/30` each); [`DEFAULT_EGRESS_RANGE`] unless configured.
     pub linux_egress_range: String,
@@ -333,12 +335,19 @@ impl Server {
             },
         );
         plane.set_default_policy(config.default_policy.clone());
-        let checkpoints =
-            crate::checkpoints::store::CheckpointStore::open(&config.dir.join("checkpoints"))
+        let checkpoints = {
+            use crate::checkpoints::store::{CheckpointKey, CheckpointStore};
+            let key_path = config
+                .checkpoint_key
+                .clone()
+                .unwrap_or_else(|| config.dir.join("checkpoint.key"));
+            CheckpointKey::load_or_create(&key_path)
+                .and_then(|key| CheckpointStore::open(&config.dir.join("checkpoints"), key))
                 .map_err(|e| ServerError::Backend {
                     backend: "checkpoint store",
                     message: warren_runtime::error_chain(&e),
-                })?;
+                })?
+        };
         plane.enable_checkpoints(checkpoints, backends);
         // Events are consumed from before recovery, so exits noticed while adopting count.
         plane.spawn_event_loop(events_rx);

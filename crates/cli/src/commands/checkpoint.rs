@@ -50,7 +50,7 @@ enum Sub {
         names: Vec<String>,
     },
     /// Write a stored checkpoint to a directory or a .tar / .tar.gz on the server's host,
-    /// for `warren restore PATH` on another server.
+    /// for `warren restore PATH` on another server (one sharing this server's --checkpoint-key).
     Export { name: String, path: PathBuf },
 }
 

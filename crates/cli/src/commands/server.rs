@@ -92,6 +92,10 @@ pub struct Args {
     /// /usr/local/lib/warren/criu/criu (scripts/install-criu.sh), then criu on PATH.
     #[arg(long, value_name = "PATH")]
     criu: Option<std::path::PathBuf>,
+    /// The secret checkpoints are sealed with (64 hex digits, mode 0600); made at
+    /// DIR/checkpoint.key if absent. Servers that restore each other's checkpoints share it.
+    #[arg(long, value_name = "FILE")]
+    checkpoint_key: Option<std::path::PathBuf>,
     /// IPv4 range the linux backend gives `network.mode: egress` sandboxes their addresses
     /// from (a /30 each; /29 or larger). Each server on a host needs a range of its own.
     #[arg(long, value_name = "CIDR", default_value = warren_control::server::DEFAULT_EGRESS_RANGE)]
@@ -305,6 +309,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         vm_warm: warm_of(BackendKind::Vm, &warm),
         cgroup_parent: args.cgroup_parent,
         criu: args.criu,
+        checkpoint_key: args.checkpoint_key,
         linux_egress_range: args.linux_egress_cidr,
         default_policy: match args.default_policy {
             Some(name) => {

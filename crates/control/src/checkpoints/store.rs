@@ -7,6 +7,12 @@
 //! list. [`Manifest::verify`] checks all of it before a restore uses a byte, so a corrupt or
 //! truncated checkpoint is refused before anything is created.
 //!
+//! A digest only finds damage: whoever writes an archive can write a matching manifest. So
+//! the manifest is also sealed: `manifest.mac` holds an HMAC-SHA256 of `manifest.json`'s
+//! bytes under the server's secret [`CheckpointKey`], and a checkpoint without a seal this
+//! server can check is refused. CRIU's images and `rootfs.tar` are restored as root, so only
+//! checkpoints taken by this server (or by one that shares its key) are ever restored.
+//!
 //! Stored checkpoints live in `<server dir>/checkpoints/<name>/`; one being written is a
 //! hidden `.tmp-*` directory renamed into place once sealed, so a crash never leaves a
 //! half-written checkpoint under a name. A checkpoint travels as that directory or as a tar
@@ -18,12 +24,15 @@ use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use warren_spec::{BackendKind, ResourceInfo, SandboxSpec};
 
 /// The manifest's file name in a checkpoint directory.
 pub const MANIFEST: &str = "manifest.json";
+/// The seal's file name: the manifest's MAC under the server's key.
+pub const SEAL: &str = "manifest.mac";
 /// The manifest format this server writes and reads.
 pub const FORMAT: u32 = 1;
 const TMP_PREFIX: &str = ".tmp-";
@@ -41,6 +50,18 @@ pub enum CheckpointError {
     NameTaken { name: String },
     #[error("checkpoint {what} is corrupt or incomplete: {reason}")]
     Corrupt { what: String, reason: String },
+    /// The checkpoint's seal is missing or made with another key.
+    #[error(
+        "checkpoint {what} {reason}: only checkpoints sealed with this server's key ({key}) are restored; give servers that exchange checkpoints the same --checkpoint-key"
+    )]
+    Untrusted {
+        what: String,
+        reason: &'static str,
+        key: String,
+    },
+    /// The key file cannot be used.
+    #[error("checkpoint key {path}: {reason}")]
+    Key { path: String, reason: String },
     /// A request field is wrong; the message names it and its value.
     #[error("{0}")]
     Invalid(String),
@@ -61,6 +82,120 @@ fn io<'a>(
         action,
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// The server's secret for sealing checkpoints: 32 random bytes, kept hex-encoded in a file
+/// only its owner may read (`<server dir>/checkpoint.key` unless `--checkpoint-key` names
+/// another, which servers exchanging checkpoints share).
+#[derive(Clone)]
+pub struct CheckpointKey {
+    key: [u8; 32],
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for CheckpointKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointKey")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl CheckpointKey {
+    /// Reads the key at `path`, or makes a new one there if there is no file.
+    pub fn load_or_create(path: &Path) -> Result<CheckpointKey, CheckpointError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let bad = |reason: String| CheckpointError::Key {
+            path: path.display().to_string(),
+            reason,
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let mode = std::fs::metadata(path)
+                    .map_err(io("read", path))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(bad(format!(
+                        "others may read or write it (mode {:04o}): chmod 600 it",
+                        mode & 0o7777
+                    )));
+                }
+                let text = std::str::from_utf8(&bytes).unwrap_or("").trim();
+                let mut key = [0u8; 32];
+                hex::decode_to_slice(text, &mut key).map_err(|_| {
+                    bad(format!(
+                        "it must hold 64 hex digits (32 random bytes, e.g. `openssl rand -hex 32`), it holds {} bytes that are not",
+                        bytes.len()
+                    ))
+                })?;
+                Ok(CheckpointKey {
+                    key,
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut r| r.read_exact(&mut key))
+                    .map_err(|e| bad(format!("no random bytes for a new key: {e}")))?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io("create", path))?;
+                file.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(io("write", path))?;
+                tracing::info!(path = %path.display(), "made a new checkpoint key");
+                Ok(CheckpointKey {
+                    key,
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => Err(io("read", path)(e)),
+        }
+    }
+
+    /// A key from its bytes (tests; `path` only names it in messages).
+    pub fn from_bytes(key: [u8; 32], path: &Path) -> CheckpointKey {
+        CheckpointKey {
+            key,
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn hmac(&self) -> HmacSha256 {
+        HmacSha256::new_from_slice(&self.key).expect("HMAC takes a key of any length")
+    }
+
+    /// The seal of a manifest's bytes: `hmac-sha256:<hex>`.
+    fn seal(&self, manifest: &[u8]) -> String {
+        let mut mac = self.hmac();
+        mac.update(manifest);
+        format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// Whether `seal` is this key's seal of `manifest` (compared in constant time).
+    fn check(&self, manifest: &[u8], seal: &str) -> bool {
+        let Some(tag) = seal
+            .trim()
+            .strip_prefix("hmac-sha256:")
+            .and_then(|h| hex::decode(h).ok())
+        else {
+            return false;
+        };
+        let mut mac = self.hmac();
+        mac.update(manifest);
+        mac.verify_slice(&tag).is_ok()
     }
 }
 
@@ -155,7 +290,7 @@ fn slash_path(rel: &Path) -> String {
         .join("/")
 }
 
-/// Every file under `dir` but the manifest, relative and sorted. Anything but regular files
+/// Every file under `dir` but the manifest and its seal, relative and sorted. Anything but regular files
 /// and directories (a symlink, a device) is refused: a payload holds none.
 fn payload_files(dir: &Path, what: &str) -> Result<Vec<PathBuf>, CheckpointError> {
     let mut files = Vec::new();
@@ -169,7 +304,7 @@ fn payload_files(dir: &Path, what: &str) -> Result<Vec<PathBuf>, CheckpointError
             if kind.is_dir() {
                 dirs.push(path);
             } else if kind.is_file() {
-                if path != Path::new(MANIFEST) {
+                if path != Path::new(MANIFEST) && path != Path::new(SEAL) {
                     files.push(path);
                 }
             } else {
@@ -185,8 +320,13 @@ fn payload_files(dir: &Path, what: &str) -> Result<Vec<PathBuf>, CheckpointError
 }
 
 impl Manifest {
-    /// Lists and digests the payload in `dir` and writes `manifest.json` there.
-    pub fn seal(dir: &Path, base: ManifestBase) -> Result<Manifest, CheckpointError> {
+    /// Lists and digests the payload in `dir` and writes `manifest.json` there, sealed with
+    /// `key` in `manifest.mac`.
+    pub fn seal(
+        dir: &Path,
+        base: ManifestBase,
+        key: &CheckpointKey,
+    ) -> Result<Manifest, CheckpointError> {
         let files = payload_files(dir, &base.name)?
             .iter()
             .map(|rel| file_entry(dir, rel))
@@ -212,26 +352,33 @@ impl Manifest {
             path: dir.join(MANIFEST).display().to_string(),
             source: std::io::Error::other(e),
         })?;
+        let seal = dir.join(SEAL);
+        std::fs::write(&seal, format!("{}\n", key.seal(&bytes))).map_err(io("write", &seal))?;
         let path = dir.join(MANIFEST);
         std::fs::write(&path, bytes).map_err(io("write", &path))?;
         Ok(manifest)
     }
 
-    /// Reads `dir/manifest.json` without checking the payload (for listings).
-    pub fn read(dir: &Path, what: &str) -> Result<Manifest, CheckpointError> {
+    fn read_bytes(dir: &Path, what: &str) -> Result<Vec<u8>, CheckpointError> {
         let path = dir.join(MANIFEST);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CheckpointError::Corrupt {
-                    what: what.to_string(),
-                    reason: format!("it has no {MANIFEST}"),
-                });
-            }
-            Err(e) => return Err(io("read", &path)(e)),
-        };
+        match std::fs::read(&path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CheckpointError::Corrupt {
+                what: what.to_string(),
+                reason: format!("it has no {MANIFEST}"),
+            }),
+            Err(e) => Err(io("read", &path)(e)),
+        }
+    }
+
+    /// Reads `dir/manifest.json` without checking the payload or the seal (for listings).
+    pub fn read(dir: &Path, what: &str) -> Result<Manifest, CheckpointError> {
+        Self::parse(&Self::read_bytes(dir, what)?, what)
+    }
+
+    fn parse(bytes: &[u8], what: &str) -> Result<Manifest, CheckpointError> {
         let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+            serde_json::from_slice(bytes).map_err(|e| CheckpointError::Corrupt {
                 what: what.to_string(),
                 reason: format!("{MANIFEST}: {e}"),
             })?;
@@ -247,10 +394,34 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Reads the manifest and checks every payload file against it: present, of its size
-    /// and SHA-256, nothing missing or extra, and the list's digest.
-    pub fn verify(dir: &Path, what: &str) -> Result<Manifest, CheckpointError> {
-        let manifest = Self::read(dir, what)?;
+    /// Checks the manifest's seal under `key`, then every payload file against the
+    /// manifest: present, of its size and SHA-256, nothing missing or extra, and the list's
+    /// digest.
+    pub fn verify(
+        dir: &Path,
+        what: &str,
+        key: &CheckpointKey,
+    ) -> Result<Manifest, CheckpointError> {
+        let bytes = Self::read_bytes(dir, what)?;
+        let untrusted = |reason| CheckpointError::Untrusted {
+            what: what.to_string(),
+            reason,
+            key: key.path().display().to_string(),
+        };
+        let seal_path = dir.join(SEAL);
+        let seal = match std::fs::read(&seal_path) {
+            Ok(seal) => seal,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(untrusted("is not sealed (it has no manifest.mac)"));
+            }
+            Err(e) => return Err(io("read", &seal_path)(e)),
+        };
+        if !key.check(&bytes, &String::from_utf8_lossy(&seal)) {
+            return Err(untrusted(
+                "has a seal made with another key, or a manifest changed after sealing",
+            ));
+        }
+        let manifest = Self::parse(&bytes, what)?;
         let corrupt = |reason: String| CheckpointError::Corrupt {
             what: what.to_string(),
             reason,
@@ -313,6 +484,7 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct CheckpointStore {
     root: PathBuf,
+    key: CheckpointKey,
     /// Checkpoints a restore is reading, with how many restores.
     in_use: Mutex<HashMap<String, usize>>,
 }
@@ -360,8 +532,9 @@ impl Drop for Scratch {
 }
 
 impl CheckpointStore {
-    /// Opens (creating) the store and removes what an interrupted write left.
-    pub fn open(root: &Path) -> Result<CheckpointStore, CheckpointError> {
+    /// Opens (creating) the store, whose checkpoints are sealed with `key`, and removes what
+    /// an interrupted write left.
+    pub fn open(root: &Path, key: CheckpointKey) -> Result<CheckpointStore, CheckpointError> {
         std::fs::create_dir_all(root).map_err(io("create", root))?;
         for entry in std::fs::read_dir(root).map_err(io("read", root))?.flatten() {
             if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
@@ -370,6 +543,7 @@ impl CheckpointStore {
         }
         Ok(CheckpointStore {
             root: root.to_path_buf(),
+            key,
             in_use: Mutex::new(HashMap::new()),
         })
     }
@@ -380,6 +554,11 @@ impl CheckpointStore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The key this server seals and checks checkpoints with.
+    pub fn key(&self) -> &CheckpointKey {
+        &self.key
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf, CheckpointError> {
@@ -562,14 +741,17 @@ pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
         }
         return copied;
     }
-    let tmp = to.with_file_name(format!(
-        ".{}.part",
-        to.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let written = (|| {
-        let file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    // A new file of a random name beside the output (O_EXCL, never through a link), linked
+    // to its name only once complete and only if that name is still free.
+    let parent = to.parent().unwrap_or(Path::new("/"));
+    let tmp = tempfile::Builder::new()
+        .prefix(".warren-checkpoint-")
+        .suffix(".part")
+        .tempfile_in(parent)
+        .map_err(io("create a file in", parent))?;
+    let tmp_path = tmp.path().to_path_buf();
+    (|| {
+        let file = tmp.as_file().try_clone().map_err(io("write", &tmp_path))?;
         let out: Box<dyn Write> = if is_gzip(to) {
             Box::new(flate2::write::GzEncoder::new(
                 file,
@@ -584,18 +766,28 @@ pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
         archive
             .append_dir_all(".", dir)
             .map_err(io("archive", dir))?;
-        let mut out = archive.into_inner().map_err(io("write", &tmp))?;
-        out.flush().map_err(io("write", &tmp))?;
+        let mut out = archive.into_inner().map_err(io("write", &tmp_path))?;
+        out.flush().map_err(io("write", &tmp_path))?;
         drop(out);
-        std::fs::rename(&tmp, to).map_err(io("write", to))?;
-        std::fs::metadata(to)
-            .map(|m| m.len())
-            .map_err(io("read", to))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+        tmp.as_file().sync_all().map_err(io("write", &tmp_path))?;
+        let file = tmp.persist_noclobber(to).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                CheckpointError::Invalid(format!(
+                    "output: {:?} exists already",
+                    to.display().to_string()
+                ))
+            } else {
+                io("write", to)(e.error)
+            }
+        })?;
+        file.metadata().map(|m| m.len()).map_err(io("read", to))
+    })()
+}
+
+/// Copies the checkpoint directory `from` into the empty directory `into` (a restore's own
+/// copy of a checkpoint given by path). Like [`import`], only regular files and directories.
+pub fn copy_in(from: &Path, into: &Path) -> Result<(), CheckpointError> {
+    copy_tree(from, into).map(|_| ())
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<u64, CheckpointError> {
@@ -610,6 +802,14 @@ fn copy_tree(from: &Path, to: &Path) -> Result<u64, CheckpointError> {
             total += copy_tree(&src, &dst)?;
         } else if kind.is_file() {
             total += std::fs::copy(&src, &dst).map_err(io("copy", &src))?;
+        } else {
+            return Err(CheckpointError::Corrupt {
+                what: format!("{:?}", from.display().to_string()),
+                reason: format!(
+                    "{} is not a regular file or directory",
+                    entry.file_name().to_string_lossy()
+                ),
+            });
         }
     }
     Ok(total)
@@ -709,6 +909,17 @@ mod tests {
         }
     }
 
+    fn key() -> CheckpointKey {
+        CheckpointKey::from_bytes([7; 32], Path::new("/srv/warren/checkpoint.key"))
+    }
+
+    /// Writes `bytes` as the manifest, sealed with the test key (a checkpoint whose
+    /// writer had the key).
+    fn reseal(dir: &Path, bytes: &[u8]) {
+        std::fs::write(dir.join(MANIFEST), bytes).unwrap();
+        std::fs::write(dir.join(SEAL), key().seal(bytes)).unwrap();
+    }
+
     fn payload(dir: &Path) {
         std::fs::create_dir_all(dir.join("images")).unwrap();
         std::fs::write(dir.join("images/pages-1.img"), vec![7u8; 5000]).unwrap();
@@ -720,23 +931,27 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("c");
         payload(&dir);
-        let m = Manifest::seal(&dir, base("c1")).unwrap();
+        let m = Manifest::seal(&dir, base("c1"), &key()).unwrap();
         assert_eq!(m.size, 5002);
         assert_eq!(m.files.len(), 2);
         assert_eq!(m.criu_version.as_deref(), Some("4.1.1"));
-        assert_eq!(Manifest::verify(&dir, "c1").unwrap(), m);
+        assert_eq!(Manifest::verify(&dir, "c1", &key()).unwrap(), m);
 
         // One byte changed.
         let pages = dir.join("images/pages-1.img");
         let mut bytes = std::fs::read(&pages).unwrap();
         bytes[100] ^= 1;
         std::fs::write(&pages, &bytes).unwrap();
-        let err = Manifest::verify(&dir, "c1").unwrap_err().to_string();
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("images/pages-1.img has sha256"), "{err}");
         bytes[100] ^= 1;
         // Truncated.
         std::fs::write(&pages, &bytes[..4000]).unwrap();
-        let err = Manifest::verify(&dir, "c1").unwrap_err().to_string();
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("has 4000 bytes, the manifest says 5000"),
             "{err}"
@@ -744,26 +959,34 @@ mod tests {
         std::fs::write(&pages, &bytes).unwrap();
         // Missing and extra files.
         std::fs::remove_file(dir.join("linux.json")).unwrap();
-        let err = Manifest::verify(&dir, "c1").unwrap_err().to_string();
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("linux.json is missing"), "{err}");
         std::fs::write(dir.join("linux.json"), b"{}").unwrap();
         std::fs::write(dir.join("images/extra.img"), b"x").unwrap();
-        let err = Manifest::verify(&dir, "c1").unwrap_err().to_string();
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("images/extra.img is not in the manifest"),
             "{err}"
         );
         std::fs::remove_file(dir.join("images/extra.img")).unwrap();
-        assert!(Manifest::verify(&dir, "c1").is_ok());
-        // A manifest whose list was edited without its digest.
+        assert!(Manifest::verify(&dir, "c1", &key()).is_ok());
+        // A manifest whose list was edited without its digest (by someone with the key).
         let mut edited = m.clone();
         edited.files[0].size += 1;
-        std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&edited).unwrap()).unwrap();
-        let err = Manifest::verify(&dir, "c1").unwrap_err().to_string();
+        reseal(&dir, &serde_json::to_vec(&edited).unwrap());
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("its file list has digest"), "{err}");
         // A truncated manifest.
-        std::fs::write(dir.join(MANIFEST), b"{\"format\":1,").unwrap();
-        let err = Manifest::verify(&dir, "c1").unwrap_err().to_string();
+        reseal(&dir, b"{\"format\":1,");
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("checkpoint c1 is corrupt or incomplete: manifest.json:"),
             "{err}"
@@ -771,12 +994,97 @@ mod tests {
     }
 
     #[test]
+    fn only_a_seal_made_with_the_servers_key_is_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        payload(&dir);
+        let m = Manifest::seal(&dir, base("c1"), &key()).unwrap();
+        let seal = std::fs::read_to_string(dir.join(SEAL)).unwrap();
+        assert!(seal.starts_with("hmac-sha256:"), "{seal}");
+        assert_eq!(Manifest::verify(&dir, "c1", &key()).unwrap(), m);
+
+        // Another server's key.
+        let other = CheckpointKey::from_bytes([8; 32], Path::new("/other.key"));
+        let err = Manifest::verify(&dir, "c1", &other).unwrap_err();
+        assert!(matches!(err, CheckpointError::Untrusted { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("has a seal made with another key") && msg.contains("/other.key"),
+            "{msg}"
+        );
+
+        // A crafted manifest with a matching digest: a new spec and payload, the list and
+        // its digest recomputed, but no key to seal it with.
+        let mut crafted = m.clone();
+        crafted.spec.command = vec!["/bin/evil".into()];
+        std::fs::write(dir.join("linux.json"), b"{\"evil\":1}").unwrap();
+        crafted.files = payload_files(&dir, "c1")
+            .unwrap()
+            .iter()
+            .map(|rel| file_entry(&dir, rel).unwrap())
+            .collect();
+        crafted.digest = list_digest(&crafted.files);
+        std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&crafted).unwrap()).unwrap();
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a manifest changed after sealing"), "{err}");
+        // The same with a seal of garbage, and with none.
+        std::fs::write(dir.join(SEAL), b"hmac-sha256:zz").unwrap();
+        assert!(matches!(
+            Manifest::verify(&dir, "c1", &key()),
+            Err(CheckpointError::Untrusted { .. })
+        ));
+        std::fs::remove_file(dir.join(SEAL)).unwrap();
+        let err = Manifest::verify(&dir, "c1", &key())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not sealed (it has no manifest.mac)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_key_file_is_made_once_private_and_must_be_hex() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("checkpoint.key");
+        let made = CheckpointKey::load_or_create(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64, "{text:?}");
+        let again = CheckpointKey::load_or_create(&path).unwrap();
+        assert_eq!(again.key, made.key);
+        assert_ne!(made.key, [0u8; 32]);
+        // The key never shows in debug output.
+        assert!(!format!("{made:?}").contains(text.trim()));
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CheckpointKey::load_or_create(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("others may read or write it (mode 0644)"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "not hex\n").unwrap();
+        let err = CheckpointKey::load_or_create(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("it must hold 64 hex digits"), "{err}");
+        assert!(!err.contains("not hex"), "the content is not echoed: {err}");
+    }
+
+    #[test]
     fn store_publish_list_lease_delete() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(CheckpointStore::open(&tmp.path().join("ck")).unwrap());
+        let store = Arc::new(CheckpointStore::open(&tmp.path().join("ck"), key()).unwrap());
         let scratch = store.scratch().unwrap();
         payload(&scratch.path);
-        Manifest::seal(&scratch.path, base("one")).unwrap();
+        Manifest::seal(&scratch.path, base("one"), &key()).unwrap();
         let dir = store.publish(scratch, "one").unwrap();
         assert!(dir.join(MANIFEST).is_file());
         let dropped = store.scratch().unwrap();
@@ -838,27 +1146,27 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("c");
         payload(&dir);
-        let m = Manifest::seal(&dir, base("c")).unwrap();
+        let m = Manifest::seal(&dir, base("c"), &key()).unwrap();
         for name in ["x.tar", "x.tar.gz"] {
             let out = tmp.path().join(name);
             export(&dir, &out).unwrap();
             let into = tmp.path().join(format!("in-{name}"));
             std::fs::create_dir(&into).unwrap();
             import(&out, &into).unwrap();
-            assert_eq!(Manifest::verify(&into, name).unwrap(), m);
+            assert_eq!(Manifest::verify(&into, name, &key()).unwrap(), m);
             // Truncated archives: refused by the unpack or by the verify.
             let bytes = std::fs::read(&out).unwrap();
             let cut = tmp.path().join(format!("cut-{name}"));
             std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
             let into = tmp.path().join(format!("cut-in-{name}"));
             std::fs::create_dir(&into).unwrap();
-            let refused =
-                import(&cut, &into).and_then(|()| Manifest::verify(&into, name).map(|_| ()));
+            let refused = import(&cut, &into)
+                .and_then(|()| Manifest::verify(&into, name, &key()).map(|_| ()));
             assert!(refused.is_err(), "{name}");
         }
         let out = tmp.path().join("copy");
         export(&dir, &out).unwrap();
-        assert_eq!(Manifest::verify(&out, "copy").unwrap(), m);
+        assert_eq!(Manifest::verify(&out, "copy", &key()).unwrap(), m);
         assert!(
             export(&dir, &out).is_err(),
             "a non-empty directory is refused"

@@ -220,7 +220,8 @@ impl ControlPlane {
             engine,
         };
         let dir = scratch.path.clone();
-        let manifest = blocking(move || Manifest::seal(&dir, base)).await?;
+        let key = store.key().clone();
+        let manifest = blocking(move || Manifest::seal(&dir, base, &key)).await?;
         let (path, stored) = match target {
             CheckpointTarget::Store(_) => (store.publish(scratch, &name)?, true),
             CheckpointTarget::Output(path) => {
@@ -305,12 +306,16 @@ impl ControlPlane {
             }
             CheckpointSource::Path(path) => {
                 let what = format!("{:?}", path.display().to_string());
-                if path.is_dir() {
-                    (path.clone(), what, false, Hold::Nothing)
-                } else if path.is_file() {
+                // Copied into the store's own directory first, so what is verified is what
+                // the backend reads, whoever can write the path meanwhile.
+                if path.is_dir() || path.is_file() {
                     let scratch = store.scratch()?;
                     let (from, into) = (path.clone(), scratch.path.clone());
-                    blocking(move || ckpt::import(&from, &into)).await?;
+                    if path.is_dir() {
+                        blocking(move || ckpt::copy_in(&from, &into)).await?;
+                    } else {
+                        blocking(move || ckpt::import(&from, &into)).await?;
+                    }
                     (scratch.path.clone(), what, false, Hold::Scratch(scratch))
                 } else {
                     return Err(CheckpointError::Invalid(format!(
@@ -321,7 +326,9 @@ impl ControlPlane {
             }
         };
         let verify_dir = dir.clone();
-        let manifest = blocking(move || Manifest::verify(&verify_dir, &what)).await?;
+        let verify_store = Arc::clone(&store);
+        let manifest =
+            blocking(move || Manifest::verify(&verify_dir, &what, verify_store.key())).await?;
         let mut spec = manifest.spec.clone();
         if spec.backend != manifest.backend {
             return Err(CheckpointError::Corrupt {
@@ -452,7 +459,6 @@ impl ControlPlane {
 /// What keeps a checkpoint's files in place during a restore.
 #[allow(dead_code)] // held, never read
 enum Hold {
-    Nothing,
     Lease(ckpt::Lease),
     Scratch(ckpt::Scratch),
 }
