@@ -522,6 +522,21 @@ fn exec_runs_inside_the_sandbox() {
     }
     let out = l.warren(&["exec", "-t", "host", "--", "busybox", "tty"]);
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
+    // A terminal's input ends as a user ends it, with ^D, so its reader finishes: at once
+    // without -i, and where the piped input ends with -i (its unfinished last line handed
+    // over first).
+    let out = l
+        .server
+        .warren_within(30, &["exec", "-t", "host", "--", "cat"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = l.server.warren_within(
+        30,
+        &["exec", "-it", "host", "--", "busybox", "wc", "-c"],
+        Some("one\ntwo"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The terminal echoes the input; wc counted all 7 bytes.
+    assert_eq!(stdout(&out), "one\r\ntwo7\r\n");
     // A client that goes away takes its process with it, terminal or not.
     common::exec_ends_with_its_client(&l.server, "host", &[], "1357");
     common::exec_ends_with_its_client(&l.server, "host", &["-t"], "1358");

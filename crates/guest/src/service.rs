@@ -660,20 +660,36 @@ pub async fn feed(
     mut stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
     tty: Option<Fd>,
 ) {
+    // The last byte given to the process, to tell an unfinished line.
+    let mut last = None;
     while let Some(Ok(msg)) = input.next().await {
         match msg.input {
             Some(proto::exec_input::Input::Stdin(bytes)) => {
-                if let Some(w) = &mut stdin
-                    && w.write_all(&bytes).await.is_err()
-                {
-                    stdin = None;
+                if let Some(w) = &mut stdin {
+                    if w.write_all(&bytes).await.is_err() {
+                        stdin = None;
+                    } else if let Some(&b) = bytes.last() {
+                        last = Some(b);
+                    }
                 }
             }
             Some(proto::exec_input::Input::CloseStdin(_)) => {
                 if let Some(tty) = &tty {
-                    // End of file on a terminal is its EOF character (^D) at a line start.
+                    // End of file on a terminal is its EOF character (^D) at a line
+                    // start: after an unfinished line, a first one hands the line over.
+                    let eof = nix::sys::termios::tcgetattr(tty.0.get_ref().as_fd())
+                        .map(|t| {
+                            t.control_chars
+                                [nix::sys::termios::SpecialCharacterIndices::VEOF as usize]
+                        })
+                        .ok()
+                        .filter(|&c| c != 0)
+                        .unwrap_or(4);
+                    let unfinished = last.is_some_and(|b| b != b'\n' && b != b'\r' && b != eof);
                     let mut t = tty.clone();
-                    let _ = t.write_all(&[4]).await;
+                    let _ = t
+                        .write_all(&[eof, eof][..if unfinished { 2 } else { 1 }])
+                        .await;
                 }
                 stdin = None;
             }

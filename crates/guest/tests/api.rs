@@ -253,6 +253,21 @@ async fn exec_with_pipes_and_a_terminal() {
     .await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("24 100"), "{out:?}");
+    // On a terminal the end of stdin is ^D, twice after an unfinished line: wc ends, having
+    // counted every byte (the terminal echoes them first).
+    let (out, _, code) = run(
+        &mut g,
+        proto::ExecStart {
+            argv: vec!["wc".into(), "-c".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            tty_rows: 24,
+            tty_cols: 80,
+            ..Default::default()
+        },
+        vec![Input::Stdin(b"one\ntwo".to_vec()), Input::CloseStdin(true)],
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("one\r\ntwo7\r\n", Some(0)));
 }
 
 /// The workload starts as std's `Command` would start it: a session of its own, no signal

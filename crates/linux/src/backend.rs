@@ -1170,7 +1170,10 @@ impl Backend for LinuxBackend {
                     let child = cmd.spawn().map_err(spawn_error)?;
                     drop(cmd);
                     let reader = tokio::fs::File::from_std(std::fs::File::from(dup(&pty.master)?));
-                    let writer = tokio::fs::File::from_std(std::fs::File::from(dup(&pty.master)?));
+                    let writer = PtyInput::new(
+                        tokio::fs::File::from_std(std::fs::File::from(dup(&pty.master)?)),
+                        dup(&pty.master)?,
+                    );
                     let master = pty.master;
                     let resize: Box<dyn Fn(u16, u16) -> std::io::Result<()> + Send + Sync> =
                         Box::new(move |rows, cols| set_window_size(&master, rows, cols));

@@ -14,7 +14,8 @@ pub struct Args {
     /// Keep stdin open and send it to the process (otherwise it reads end-of-file).
     #[arg(long, short = 'i')]
     interactive: bool,
-    /// Give the process a terminal (stderr is merged into stdout).
+    /// Give the process a terminal (stderr is merged into stdout; the end of stdin reaches
+    /// it as the terminal's EOF character, ^D).
     #[arg(long, short = 't')]
     tty: bool,
     /// Environment variable KEY=VALUE (repeatable).

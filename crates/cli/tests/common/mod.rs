@@ -152,6 +152,24 @@ impl TestServer {
         run_with_stdin(self.command(args), stdin)
     }
 
+    /// Runs the CLI under `timeout SECS`, so a hang is a failure (exit 124), not a stuck
+    /// test.
+    #[allow(dead_code)]
+    pub fn warren_within(&self, secs: u32, args: &[&str], stdin: Option<&str>) -> Output {
+        let cli = self.command(args);
+        let mut cmd = Command::new("timeout");
+        cmd.arg(secs.to_string())
+            .arg(cli.get_program())
+            .args(cli.get_args());
+        for (key, value) in cli.get_envs() {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        run_with_stdin(cmd, stdin)
+    }
+
     /// The CLI with `args`, pointed at this server (and its token), not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(WARREN);

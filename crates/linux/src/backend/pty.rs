@@ -69,3 +69,87 @@ pub(super) fn set_window_size(master: &OwnedFd, rows: u16, cols: u16) -> std::io
     }
     Ok(())
 }
+
+/// The input side of a terminal's master. Its shutdown (the client closed stdin) is the
+/// terminal's end of file: the EOF character (`c_cc[VEOF]`, ^D unless changed), written
+/// twice when the last line sent is unfinished (the first only hands that line over), as a
+/// user ends input at a terminal. A pipe would give end of file; a terminal has no such
+/// state, and without this `cat` on a terminal would wait for ever.
+pub(super) struct PtyInput {
+    file: tokio::fs::File,
+    /// The master, for the terminal's settings.
+    master: OwnedFd,
+    /// The last byte written, to tell an unfinished line.
+    last: Option<u8>,
+    /// EOF characters still to write once shutdown begins (`None`: not begun).
+    eof_left: Option<Vec<u8>>,
+}
+
+impl PtyInput {
+    pub(super) fn new(file: tokio::fs::File, master: OwnedFd) -> PtyInput {
+        PtyInput {
+            file,
+            master,
+            last: None,
+            eof_left: None,
+        }
+    }
+
+    /// What ends input now: VEOF once, or twice after an unfinished line.
+    fn eof_bytes(&self) -> Vec<u8> {
+        let eof = nix::sys::termios::tcgetattr(&self.master)
+            .map(|t| t.control_chars[nix::sys::termios::SpecialCharacterIndices::VEOF as usize])
+            .ok()
+            .filter(|&c| c != 0)
+            .unwrap_or(4);
+        let unfinished = self
+            .last
+            .is_some_and(|b| b != b'\n' && b != b'\r' && b != eof);
+        vec![eof; if unfinished { 2 } else { 1 }]
+    }
+}
+
+impl tokio::io::AsyncWrite for PtyInput {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = std::pin::Pin::new(&mut this.file).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &written
+            && *n > 0
+        {
+            this.last = Some(buf[*n - 1]);
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.eof_left.is_none() {
+            // What was written reaches the terminal before its end.
+            std::task::ready!(std::pin::Pin::new(&mut this.file).poll_flush(cx))?;
+            this.eof_left = Some(this.eof_bytes());
+        }
+        while let Some(left) = this.eof_left.as_mut().filter(|l| !l.is_empty()) {
+            let n = std::task::ready!(std::pin::Pin::new(&mut this.file).poll_write(cx, left))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            left.drain(..n);
+        }
+        std::pin::Pin::new(&mut this.file).poll_flush(cx)
+    }
+}
