@@ -33,6 +33,11 @@ pub const LABEL_SANDBOXER: &str = "warren.dev/sandboxer";
 pub const ANNOTATION_STATE: &str = "warren.dev/sandboxer-state";
 /// The pod's own resources (before its containers), as resources.json-style JSON.
 pub const ANNOTATION_POD_RESOURCES: &str = "warren.dev/sandboxer-pod-resources";
+/// What the pod declared its containers hold together (CRI `linux.resources`), the same way;
+/// absent when it declared nothing.
+pub const ANNOTATION_POD_DECLARED: &str = "warren.dev/sandboxer-pod-declared";
+/// The pod's overhead (CRI `linux.overhead`), the same way; absent when it has none.
+pub const ANNOTATION_POD_OVERHEAD: &str = "warren.dev/sandboxer-pod-overhead";
 /// The containers appended to the pod and what each holds: JSON `{"id": {...}}`.
 pub const ANNOTATION_CONTAINERS: &str = "warren.dev/sandboxer-containers";
 
@@ -94,7 +99,7 @@ impl Pod {
     }
 
     fn total(&self) -> ResourceInfo {
-        resources::total(&self.own.resources, self.containers.iter().map(|(_, r)| r))
+        resources::total(&self.own, self.containers.iter().map(|(_, r)| r))
     }
 
     fn exit(&self) -> Option<Exit> {
@@ -119,11 +124,17 @@ fn annotations(
     containers: &[(String, ResourceInfo)],
     state: State,
 ) -> BTreeMap<String, String> {
-    let total = resources::total(&own.resources, containers.iter().map(|(_, r)| r));
+    let total = resources::total(own, containers.iter().map(|(_, r)| r));
     let mut a = own.annotations.clone();
     a.extend(resources::as_annotations(&total));
     a.insert(ANNOTATION_STATE.into(), state.as_str().into());
     a.insert(ANNOTATION_POD_RESOURCES.into(), own.resources.to_json());
+    if let Some(declared) = &own.declared {
+        a.insert(ANNOTATION_POD_DECLARED.into(), declared.to_json());
+    }
+    if own.overhead != ResourceInfo::default() {
+        a.insert(ANNOTATION_POD_OVERHEAD.into(), own.overhead.to_json());
+    }
     let containers: serde_json::Map<String, serde_json::Value> = containers
         .iter()
         .map(|(id, r)| {
@@ -136,6 +147,43 @@ fn annotations(
         serde_json::Value::Object(containers).to_string(),
     );
     a
+}
+
+/// A pod as [`annotations`] recorded it: its state, what it asked for and its containers. An
+/// annotation a record lacks (one written before it existed) reads as none.
+fn recorded(a: &BTreeMap<String, String>) -> (State, resources::Pod, Vec<(String, ResourceInfo)>) {
+    let state = a
+        .get(ANNOTATION_STATE)
+        .and_then(|s| State::parse(s))
+        .unwrap_or(State::Ready);
+    let info = |key: &str| {
+        a.get(key)
+            .and_then(|j| serde_json::from_str::<ResourceInfo>(j).ok())
+    };
+    let containers: Vec<(String, ResourceInfo)> = a
+        .get(ANNOTATION_CONTAINERS)
+        .and_then(|j| serde_json::from_str::<BTreeMap<String, ResourceInfo>>(j).ok())
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    let mut annotations = a.clone();
+    annotations.retain(|k, _| {
+        !resources::RESOURCE_ANNOTATIONS.contains(&k.as_str())
+            && ![
+                ANNOTATION_STATE,
+                ANNOTATION_POD_RESOURCES,
+                ANNOTATION_POD_DECLARED,
+                ANNOTATION_POD_OVERHEAD,
+                ANNOTATION_CONTAINERS,
+            ]
+            .contains(&k.as_str())
+    });
+    let own = resources::Pod {
+        annotations,
+        resources: info(ANNOTATION_POD_RESOURCES).unwrap_or_default(),
+        declared: info(ANNOTATION_POD_DECLARED),
+        overhead: info(ANNOTATION_POD_OVERHEAD).unwrap_or_default(),
+    };
+    (state, own, containers)
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -192,36 +240,9 @@ impl Service {
             .list(&selector, &[BackendKind::Slot])
             .unwrap_or_default()
         {
-            let a = &rec.spec.annotations;
-            let state = a
-                .get(ANNOTATION_STATE)
-                .and_then(|s| State::parse(s))
-                .unwrap_or(State::Ready);
-            let own_resources = a
-                .get(ANNOTATION_POD_RESOURCES)
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default();
-            let containers: Vec<(String, ResourceInfo)> = a
-                .get(ANNOTATION_CONTAINERS)
-                .and_then(|j| serde_json::from_str::<BTreeMap<String, ResourceInfo>>(j).ok())
-                .map(|m| m.into_iter().collect())
-                .unwrap_or_default();
-            let mut own_annotations = a.clone();
-            own_annotations.retain(|k, _| {
-                !resources::RESOURCE_ANNOTATIONS.contains(&k.as_str())
-                    && ![
-                        ANNOTATION_STATE,
-                        ANNOTATION_POD_RESOURCES,
-                        ANNOTATION_CONTAINERS,
-                    ]
-                    .contains(&k.as_str())
-            });
+            let (state, own, containers) = recorded(&rec.spec.annotations);
             let created = SystemTime::UNIX_EPOCH
                 + Duration::from_millis(u64::try_from(rec.created_at_ms).unwrap_or(0));
-            let own = resources::Pod {
-                annotations: own_annotations,
-                resources: own_resources,
-            };
             let mut pod = Pod::new(rec.id.clone(), state, created, own);
             pod.containers = containers;
             if state == State::Stopped {
@@ -556,3 +577,6 @@ impl Controller for Service {
         Ok(Response::new(ControllerUpdateResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,14 +1,24 @@
 //! What a pod and its containers ask for, read from what containerd sends, and what the pod
 //! holds in total.
 //!
-//! A pod's own resources come from the `Create` request: its annotations (the request's
-//! `annotations`, the CRI `PodSandboxConfig` in `options`, and the OCI spec in
-//! `sandbox.spec`), and OCI `linux.resources` (from `sandbox.spec`, else the
-//! `PodSandboxConfig`'s `linux.resources`). Containers arrive later through `Update` with
-//! `fields = ["extensions.tasks"]`: `sandbox.extensions["tasks"]` holds Kuasar's task list, JSON
-//! `{"tasks": [{"task_id": ..., "spec": <OCI spec>, ...}]}`, each spec carrying the container's
-//! annotations and `linux.resources`. The pod holds its own resources plus every container's,
-//! field by field (seeds 000/001: the sandbox accounts for the containers appended to it).
+//! A `Create` request says three things about a pod's resources:
+//!
+//! - its own entry, the pause container's: resource annotations (the request's `annotations`,
+//!   the CRI `PodSandboxConfig` in `options`, and the OCI spec in `sandbox.spec`) and the OCI
+//!   spec's `linux.resources` (containerd sets `cpu.shares: 2`);
+//! - what its containers hold together, declared: the `PodSandboxConfig`'s `linux.resources`,
+//!   "the sum of container resources for this sandbox" (CRI), which the kubelet fills in; else
+//!   containerd's copy of it in the pause spec's `io.kubernetes.cri.sandbox-*` annotations,
+//!   read for a caller that sends the spec without the config (the two are one declaration:
+//!   the config wins, and both are checked);
+//! - its overhead: the `PodSandboxConfig`'s `linux.overhead` (the RuntimeClass's pod overhead).
+//!
+//! Containers arrive later through `Update` with `fields = ["extensions.tasks"]`:
+//! `sandbox.extensions["tasks"]` holds Kuasar's task list, JSON `{"tasks": [{"task_id": ...,
+//! "spec": <OCI spec>, ...}]}`, each spec carrying the container's annotations and
+//! `linux.resources`. The pod holds its own entry, its containers (the declaration or their
+//! sum, whichever is larger) and its overhead ([`total`]; seeds 000/001: the sandbox accounts
+//! for the containers appended to it).
 //!
 //! Everything here is pure, so the parsing of what containerd sends is unit-tested.
 
@@ -103,11 +113,17 @@ struct Tasks {
     tasks: Vec<Task>,
 }
 
-/// What a pod asks for itself, and the annotations it keeps (all but the resource keys).
+/// What a pod's `Create` asks for, and the annotations it keeps (all but the resource keys).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pod {
     pub annotations: BTreeMap<String, String>,
+    /// The pod's own entry: the pause container's.
     pub resources: ResourceInfo,
+    /// What its containers hold together, as the CRI pod-level `linux.resources` declares it;
+    /// `None` when nothing was declared.
+    pub declared: Option<ResourceInfo>,
+    /// The CRI `linux.overhead`, held on top of everything else.
+    pub overhead: ResourceInfo,
 }
 
 fn parse_oci(field: &str, bytes: &[u8]) -> Result<OciSubset, ResourceError> {
@@ -125,15 +141,18 @@ fn extract(
     annotations: &BTreeMap<String, String>,
     oci: Option<&LinuxResources>,
 ) -> Result<ResourceInfo, ResourceError> {
-    extract_resources(annotations, oci, &ResourceRequirements::default()).map_err(|source| {
-        ResourceError::Resources {
-            context: context.to_string(),
-            source,
-        }
-    })
+    extract_resources(annotations, oci, &ResourceRequirements::default())
+        .map_err(in_context(context))
 }
 
-/// The pod's own resources from a `Create` request.
+fn in_context(context: &str) -> impl Fn(SpecError) -> ResourceError + '_ {
+    move |source| ResourceError::Resources {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// What a `Create` request asks for.
 pub fn pod(req: &ControllerCreateRequest) -> Result<Pod, ResourceError> {
     let config = match &req.options {
         Some(any) if any.type_url.ends_with(cri::POD_SANDBOX_CONFIG) => Some(
@@ -156,16 +175,36 @@ pub fn pod(req: &ControllerCreateRequest) -> Result<Pod, ResourceError> {
         annotations.extend(c.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     annotations.extend(req.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let oci = spec.linux.and_then(|l| l.resources).or_else(|| {
-        config
-            .as_ref()
-            .and_then(cri::PodSandboxConfig::oci_resources)
-    });
+    let oci = spec.linux.and_then(|l| l.resources);
     let resources = extract("sandbox", &annotations, oci.as_ref())?;
+
+    let linux = config.as_ref().and_then(|c| c.linux.as_ref());
+    let cri_field = |part: &'static str| move |f: &str| format!("linux.{part}.{f}");
+    let declared = linux
+        .and_then(|l| l.resources.as_ref())
+        .map(|r| r.info(cri_field("resources")))
+        .transpose()
+        .map_err(in_context("options"))?;
+    let annotated = cri::annotated_resources(&annotations)
+        .and_then(|r| r.map(|r| r.info(cri::annotation_of)).transpose())
+        .map_err(in_context("sandbox"))?;
+    // All zeros (containerd's annotations for an empty message) declare nothing.
+    let declared = declared
+        .or(annotated)
+        .filter(|d| *d != ResourceInfo::default());
+    let overhead = linux
+        .and_then(|l| l.overhead.as_ref())
+        .map(|r| r.info(cri_field("overhead")))
+        .transpose()
+        .map_err(in_context("options"))?
+        .unwrap_or_default();
+
     annotations.retain(|k, _| !RESOURCE_ANNOTATIONS.contains(&k.as_str()));
     Ok(Pod {
         annotations,
         resources,
+        declared,
+        overhead,
     })
 }
 
@@ -202,26 +241,43 @@ pub fn containers(tasks: &prost_types::Any) -> Result<Vec<(String, ResourceInfo)
     Ok(out)
 }
 
-/// The pod's own resources plus every container's, field by field; a field nobody sets
-/// stays unset. A container without a CPU or memory limit (a Kubernetes Burstable or
-/// BestEffort one) can use any amount, so the pod has no such limit either; the pod's own
-/// entry (the pause container's, whose `cpu.shares` containerd sets to 2) does not count
-/// for this. A request still above its limit comes only from OCI shares (a weight; runc
-/// takes any pair) and is counted as the limit: the total is a sandbox's resources, where
+/// What a pod holds: its own entry, plus its containers, plus its overhead, field by field; a
+/// field nobody sets stays unset.
+///
+/// The containers count as the larger of their sum and the pod's declaration of it, not
+/// both: a pod whose containers have not all arrived holds its declared size, and a client
+/// that appends more than it declared is not under-counted. Overhead is added as Kubernetes
+/// adds it to the pod's cgroup.
+///
+/// A container without a CPU or memory limit (a Kubernetes Burstable or BestEffort one) can
+/// use any amount, so the pod has no such limit either; so does a declaration without one
+/// (the kubelet's has a limit when any container has one). The pod's own entry (the pause
+/// container's, whose `cpu.shares` containerd sets to 2) and its overhead do not count for
+/// this. A request still above its limit comes only from OCI shares (a weight; runc takes
+/// any pair) and is counted as the limit: the total is a sandbox's resources, where
 /// request ≤ limit holds.
 pub fn total<'a>(
-    pod: &'a ResourceInfo,
+    pod: &Pod,
     containers: impl IntoIterator<Item = &'a ResourceInfo>,
 ) -> ResourceInfo {
     let containers: Vec<&ResourceInfo> = containers.into_iter().collect();
-    let mut t = pod.clone();
+    let mut t = ResourceInfo::default();
     for r in &containers {
         warren_control::plane::add(&mut t, r);
     }
-    if containers.iter().any(|r| r.cpu_limit.is_none()) {
+    if let Some(declared) = &pod.declared {
+        t = larger(&t, declared);
+    }
+    warren_control::plane::add(&mut t, &pod.resources);
+    warren_control::plane::add(&mut t, &pod.overhead);
+    let declared = pod.declared.as_ref();
+    let unlimited = |limited: fn(&ResourceInfo) -> bool| {
+        containers.iter().any(|r| !limited(r)) || declared.is_some_and(|d| !limited(d))
+    };
+    if unlimited(|r| r.cpu_limit.is_some()) {
         t.cpu_limit = None;
     }
-    if containers.iter().any(|r| r.memory_limit.is_none()) {
+    if unlimited(|r| r.memory_limit.is_some()) {
         t.memory_limit = None;
     }
     // Sums of millicores in f64 drift ("0.30000000000000004"): keep whole millicores.
@@ -235,6 +291,25 @@ pub fn total<'a>(
         t.memory_request = Some(request.min(limit));
     }
     t
+}
+
+/// The larger of `a` and `b`, field by field; a field one of them leaves unset is the other's.
+fn larger(a: &ResourceInfo, b: &ResourceInfo) -> ResourceInfo {
+    fn max<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b > a { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+    ResourceInfo {
+        cpu_limit: max(a.cpu_limit, b.cpu_limit),
+        cpu_request: max(a.cpu_request, b.cpu_request),
+        memory_limit: max(a.memory_limit, b.memory_limit),
+        memory_request: max(a.memory_request, b.memory_request),
+        pid_limit: max(a.pid_limit, b.pid_limit),
+        storage_limit: max(a.storage_limit, b.storage_limit),
+        network_bandwidth: max(a.network_bandwidth, b.network_bandwidth),
+    }
 }
 
 /// `info` as CRI resource annotations, which warren's extraction reads first: the warren

@@ -627,6 +627,117 @@ async fn warren_sees_the_pods_and_a_restart_keeps_them() {
     assert!(st.exited_at.is_none(), "{st:?}");
 }
 
+/// A Create as containerd's CRI plugin sends it for a kubelet pod: the pause container's spec
+/// (`cpu.shares: 2`) in `sandbox.spec`, and in `options` the pod-level `linux.resources` (the
+/// sum of its containers, declared by the kubelet) and `linux.overhead` (the RuntimeClass's).
+fn kubelet_create_request(id: &str) -> ControllerCreateRequest {
+    let cri = |millis: i64, memory: i64| warren_sandboxer::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: millis * 100,
+        cpu_shares: millis * 1024 / 1000,
+        memory_limit_in_bytes: memory,
+    };
+    let mut req = create_request(id, &[]);
+    let config = warren_sandboxer::PodSandboxConfig {
+        linux: Some(warren_sandboxer::LinuxPodSandboxConfig {
+            cgroup_parent: "/kubepods/pod-k".into(),
+            resources: Some(cri(1000, 512 << 20)),
+            overhead: Some(cri(250, 64 << 20)),
+        }),
+        ..Default::default()
+    };
+    req.options = Some(any(
+        "type.googleapis.com/runtime.v1.PodSandboxConfig",
+        config.encode_to_vec(),
+    ));
+    let spec = serde_json::json!({"linux": {"resources": {"cpu": {"shares": 2}}}});
+    if let Some(sb) = req.sandbox.as_mut() {
+        sb.spec = Some(any(
+            "types.containerd.io/opencontainers/runtime-spec/1/Spec",
+            spec.to_string().into_bytes(),
+        ));
+    }
+    req
+}
+
+/// A container as the kubelet sends it: `millis` of CPU as its request and limit.
+fn kubelet_task(id: &str, millis: u64, memory: u64) -> serde_json::Value {
+    serde_json::json!({"task_id": id, "spec": {"linux": {"resources": {
+        "cpu": {"quota": millis * 100, "period": 100_000, "shares": millis * 1024 / 1000},
+        "memory": {"limit": memory}}}}})
+}
+
+fn cpu_and_memory(v: &serde_json::Value) -> (f64, f64, u64) {
+    (
+        v["cpu_limit"].as_f64().unwrap_or(-1.0),
+        v["cpu_request"].as_f64().unwrap_or(-1.0),
+        v["memory_limit"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The pod-level `linux.resources` declares what the containers hold together: the pod holds
+/// the larger of it and the containers' sum, not both; the overhead comes on top. Both
+/// survive a restart.
+#[tokio::test]
+async fn cri_pod_resources_are_the_containers_aggregate_and_survive_a_restart() {
+    let mut sb = Sandboxer::start();
+    let mut c = sb.client().await;
+    let id = "pod-k";
+    c.create(kubelet_create_request(id)).await.unwrap();
+    // 1 CPU and 512Mi declared, 250m and 64Mi of overhead, the pause container's 2m request
+    // (counted as the limit, 1.25).
+    let declared = (1.25, 1.25, (512 + 64) << 20);
+    assert_eq!(cpu_and_memory(&resources(&mut c, id).await), declared);
+
+    // Half of the declared containers have arrived: still the declared size.
+    let c1 = kubelet_task("c1", 500, 256 << 20);
+    c.update(update_request(
+        id,
+        serde_json::json!({"tasks": [c1.clone()]}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(cpu_and_memory(&resources(&mut c, id).await), declared);
+    // All of them: the sum equals the declaration, counted once.
+    let c2 = kubelet_task("c2", 500, 256 << 20);
+    c.update(update_request(
+        id,
+        serde_json::json!({"tasks": [c1.clone(), c2.clone()]}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(cpu_and_memory(&resources(&mut c, id).await), declared);
+    // More than declared: the sum counts.
+    let c3 = kubelet_task("c3", 1000, 256 << 20);
+    c.update(update_request(
+        id,
+        serde_json::json!({"tasks": [c1.clone(), c2, c3]}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        cpu_and_memory(&resources(&mut c, id).await),
+        (2.25, 2.25, (768 + 64) << 20)
+    );
+    drop(c);
+
+    assert!(sb.terminate().await.success(), "{}", sb.log());
+    let dir = std::mem::replace(&mut sb.dir, tempfile::tempdir().unwrap());
+    drop(sb);
+    let sb = Sandboxer::start_in(dir);
+    let mut c = sb.client().await;
+    assert_eq!(
+        cpu_and_memory(&resources(&mut c, id).await),
+        (2.25, 2.25, (768 + 64) << 20)
+    );
+    // The declaration and the overhead were kept: with c1 alone the pod is back at its
+    // declared size.
+    c.update(update_request(id, serde_json::json!({"tasks": [c1]})))
+        .await
+        .unwrap();
+    assert_eq!(cpu_and_memory(&resources(&mut c, id).await), declared);
+}
+
 #[test]
 fn a_second_sandboxer_on_the_same_socket_is_refused() {
     let sb = Sandboxer::start();

@@ -25,8 +25,11 @@
 //!    `resources.limits.network-bandwidth`): the most specific, set per sandbox by whoever
 //!    created it.
 //! 2. **OCI `linux.resources`** (cpu quota/period → limit, shares/1024 → request, memory
-//!    limit and reservation, pids limit): what containerd or the kubelet computed. `-1`
-//!    (unlimited) and `0` (unset) are ignored.
+//!    limit and reservation, pids limit): what containerd or the kubelet computed, read as
+//!    runc reads it: `-1` (unlimited) and `0` (unset) set nothing, a quota without a period
+//!    runs under the default 100 ms, and a value runc or the kernel would refuse (a negative
+//!    memory limit other than `-1`, a period outside 1 ms..1 s, shares outside 2..262144) is
+//!    an error naming the field and value.
 //! 3. **The spec's `resources`** (`requests`/`limits`, Kubernetes style): the user's defaults.
 //!
 //! Precedence is per field, not per source: an annotation that sets only the CPU limit leaves

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::SpecError;
 use crate::quantity::{
-    QuantityError, format_bytes, format_cpu, parse_bandwidth, parse_bytes, parse_count,
-    parse_cpu_millis,
+    MAX_CPU_CORES, QuantityError, format_bytes, format_cpu, parse_bandwidth, parse_bytes,
+    parse_count, parse_cpu_millis,
 };
 
 /// CRI annotation: CPU limit, a quantity in cores ("2", "500m").
@@ -34,6 +34,12 @@ pub const ANNOTATION_NETWORK_BANDWIDTH: &str = "resources.limits.network-bandwid
 
 /// The CPU period [`resources_to_oci`] writes, in microseconds (the kernel's and runc's default).
 pub const OCI_CPU_PERIOD: u64 = 100_000;
+
+/// The CFS periods the kernel takes, in microseconds (1 ms to 1 s), and its smallest quota.
+const CFS_PERIODS: std::ops::RangeInclusive<u64> = 1_000..=1_000_000;
+const CFS_MIN_QUOTA: i64 = 1_000;
+/// The CPU shares runc takes (cgroup v1's bounds; v2's weights 1..=10000 map onto them).
+const CPU_SHARES: std::ops::RangeInclusive<u64> = 2..=262_144;
 
 /// The resources a sandbox ends up with: the seed's resource JSON, written by every backend.
 ///
@@ -215,6 +221,14 @@ impl<'a, T> Field<'a, T> {
         Field { best: None, errors }
     }
 
+    /// A value read from OCI `linux.resources`, or why it is not one.
+    fn oci(&mut self, field: &str, value: Result<Option<T>, SpecError>) {
+        match value {
+            Ok(value) => self.offer(field, value),
+            Err(error) => self.errors.push(error),
+        }
+    }
+
     fn offer(&mut self, field: impl Into<String>, value: Option<T>) {
         if let (None, Some(value)) = (&self.best, value) {
             self.best = Some(Sourced {
@@ -290,35 +304,35 @@ pub(crate) fn extract_resources_into(
 
     let mut f = Field::new(errors);
     f.annotation(annotations, ANNOTATION_CPU_LIMIT, parse_cpu_millis);
-    f.offer(
+    f.oci(
         "linux.resources.cpu.quota",
-        oci_cpu.and_then(oci_cpu_limit_millis),
+        oci_cpu.map_or(Ok(None), oci_cpu_limit_millis),
     );
     f.spec("limits.cpu", &limits.cpu, parse_cpu_millis);
     let cpu_limit = f.best;
 
     let mut f = Field::new(errors);
     f.annotation(annotations, ANNOTATION_CPU_REQUEST, parse_cpu_millis);
-    f.offer(
+    f.oci(
         "linux.resources.cpu.shares",
-        oci_cpu.and_then(oci_cpu_request_millis),
+        oci_cpu.map_or(Ok(None), oci_cpu_request_millis),
     );
     f.spec("requests.cpu", &requests.cpu, parse_cpu_millis);
     let cpu_request = f.best;
 
     let mut f = Field::new(errors);
     f.annotation(annotations, ANNOTATION_MEMORY_LIMIT, parse_bytes);
-    f.offer(
-        "linux.resources.memory.limit",
-        oci_memory.and_then(|m| positive(m.limit())),
-    );
+    let field = "linux.resources.memory.limit";
+    let limit = oci_memory.map_or(Ok(None), |m| oci_bytes(field, m.limit(), "no limit"));
+    f.oci(field, limit);
     f.spec("limits.memory", &limits.memory, parse_bytes);
     let memory_limit = f.best;
 
     let mut f = Field::new(errors);
     f.annotation(annotations, ANNOTATION_MEMORY_REQUEST, parse_bytes);
-    let reservation = oci_memory.and_then(|m| positive(m.reservation()));
-    f.offer("linux.resources.memory.reservation", reservation);
+    let field = "linux.resources.memory.reservation";
+    let reservation = oci_memory.map_or(Ok(None), |m| oci_bytes(field, m.reservation(), "none"));
+    f.oci(field, reservation);
     f.spec("requests.memory", &requests.memory, parse_bytes);
     let memory_request = f.best;
 
@@ -393,23 +407,81 @@ fn check_request(
     }
 }
 
-/// OCI uses -1 for "unlimited" and 0 for "unset"; neither is a limit.
+/// The pids limit as runc reads it: 0 is unset and any negative value is no limit.
 fn positive(v: Option<i64>) -> Option<u64> {
     v.and_then(|v| u64::try_from(v).ok()).filter(|&v| v > 0)
 }
 
+/// A memory limit or reservation as runc reads it: 0 is unset and -1 is none ("max"); the
+/// kernel refuses other negative values, so they are errors rather than nothing.
+fn oci_bytes(field: &str, v: Option<i64>, minus_one: &str) -> Result<Option<u64>, SpecError> {
+    match v {
+        None | Some(0 | -1) => Ok(None),
+        Some(v) => u64::try_from(v).map(Some).map_err(|_| {
+            let reason = format!("is not a byte count (-1 means {minus_one})");
+            SpecError::invalid(field, &v.to_string(), reason)
+        }),
+    }
+}
+
 /// quota/period in millicores, rounded up like every other CPU value.
-fn oci_cpu_limit_millis(cpu: &LinuxCpu) -> Option<u64> {
-    let quota = u128::from(positive(cpu.quota())?);
-    let period = u128::from(cpu.period().filter(|&p| p > 0)?);
-    u64::try_from((quota * 1000).div_ceil(period)).ok()
+///
+/// As runc and the kernel read them: a quota of 0 is unset and any negative one is no limit; a
+/// quota without a period (or with 0) runs under the cgroup's period, the kernel's default
+/// [`OCI_CPU_PERIOD`], since runc writes the quota alone. A period or quota the kernel would
+/// refuse is an error, as is a limit above [`MAX_CPU_CORES`].
+fn oci_cpu_limit_millis(cpu: &LinuxCpu) -> Result<Option<u64>, SpecError> {
+    let period = match cpu.period() {
+        None | Some(0) => OCI_CPU_PERIOD,
+        Some(p) if CFS_PERIODS.contains(&p) => p,
+        Some(p) => {
+            return Err(SpecError::invalid(
+                "linux.resources.cpu.period",
+                &p.to_string(),
+                "is not a CFS period (expected 1000 to 1000000 µs, or 0 for the default)",
+            ));
+        }
+    };
+    let field = "linux.resources.cpu.quota";
+    let quota = match cpu.quota() {
+        None => return Ok(None),
+        Some(q) if q <= 0 => return Ok(None),
+        Some(q) if q < CFS_MIN_QUOTA => {
+            return Err(SpecError::invalid(
+                field,
+                &q.to_string(),
+                "is below the kernel's minimum of 1000 µs (-1 or 0 means no limit)",
+            ));
+        }
+        Some(q) => q.unsigned_abs(),
+    };
+    let millis = (u128::from(quota) * 1000).div_ceil(u128::from(period));
+    match u64::try_from(millis) {
+        Ok(m) if m <= MAX_CPU_CORES * 1000 => Ok(Some(m)),
+        _ => Err(SpecError::invalid(
+            field,
+            &quota.to_string(),
+            format!("over a period of {period} µs is more than {MAX_CPU_CORES} cores"),
+        )),
+    }
 }
 
 /// shares/1024 in millicores, rounded up: the kubelet writes `floor(millis * 1024 / 1000)`
-/// shares, and rounding up recovers its millicores exactly.
-fn oci_cpu_request_millis(cpu: &LinuxCpu) -> Option<u64> {
-    let shares = u128::from(cpu.shares().filter(|&s| s > 0)?);
-    u64::try_from((shares * 1000).div_ceil(1024)).ok()
+/// shares, and rounding up recovers its millicores exactly. 0 is unset; runc refuses shares
+/// outside 2..=262144 (cgroup v1 reads them back, v2 has no weight for them).
+fn oci_cpu_request_millis(cpu: &LinuxCpu) -> Result<Option<u64>, SpecError> {
+    let shares = match cpu.shares() {
+        None | Some(0) => return Ok(None),
+        Some(s) if CPU_SHARES.contains(&s) => s,
+        Some(s) => {
+            return Err(SpecError::invalid(
+                "linux.resources.cpu.shares",
+                &s.to_string(),
+                "is not a CPU weight runc accepts (expected 2 to 262144, or 0 for none)",
+            ));
+        }
+    };
+    Ok(Some((shares * 1000).div_ceil(1024)))
 }
 
 /// The inverse of the OCI part of [`extract_resources`], for backends that apply cgroups.

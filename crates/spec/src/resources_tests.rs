@@ -163,7 +163,9 @@ fn oci_unlimited_and_unset_values_are_ignored() {
     let r = oci(-1, 100_000, 0, -1, 0, 0);
     let info = extract_resources(&BTreeMap::new(), Some(&r), &ResourceRequirements::default());
     assert_eq!(info.unwrap(), ResourceInfo::default());
-    let r = oci(50_000, 0, 0, 0, -5, -1);
+    // runc and the kernel read any negative quota as no limit, -1 as no memory limit or
+    // reservation, and a negative pids limit as none.
+    let r = oci(-5, 0, 0, 0, -1, -7);
     let info = extract_resources(&BTreeMap::new(), Some(&r), &ResourceRequirements::default());
     assert_eq!(info.unwrap(), ResourceInfo::default());
     let info = extract_resources(
@@ -377,4 +379,93 @@ fn oci_round_trip() {
         ..Default::default()
     });
     assert_eq!(tiny.cpu().as_ref().and_then(|c| c.quota()), Some(1000));
+}
+
+fn cpu(quota: Option<i64>, period: Option<u64>, shares: Option<u64>) -> LinuxResources {
+    let mut cpu = LinuxCpu::default();
+    cpu.set_quota(quota).set_period(period).set_shares(shares);
+    let mut r = LinuxResources::default();
+    r.set_cpu(Some(cpu));
+    r
+}
+
+fn memory(limit: Option<i64>, reservation: Option<i64>) -> LinuxResources {
+    let mut memory = LinuxMemory::default();
+    memory.set_limit(limit).set_reservation(reservation);
+    let mut r = LinuxResources::default();
+    r.set_memory(Some(memory));
+    r
+}
+
+fn from_oci(r: &LinuxResources) -> Result<ResourceInfo, SpecError> {
+    extract_resources(&BTreeMap::new(), Some(r), &ResourceRequirements::default())
+}
+
+/// runc writes a quota without a period alone, and the cgroup keeps the kernel's default
+/// period of 100 ms: the quota is a limit, not nothing.
+#[test]
+fn oci_quota_without_a_period_uses_the_default_period() {
+    for period in [None, Some(0)] {
+        let info = from_oci(&cpu(Some(50_000), period, None)).unwrap();
+        assert_eq!(info.cpu_limit, Some(0.5), "period {period:?}");
+    }
+    let info = from_oci(&cpu(Some(50_000), Some(200_000), None)).unwrap();
+    assert_eq!(info.cpu_limit, Some(0.25));
+    // A period alone sets no limit.
+    let info = from_oci(&cpu(None, Some(100_000), None)).unwrap();
+    assert_eq!(info.cpu_limit, None);
+}
+
+#[test]
+fn bad_oci_values_name_the_field_and_value() {
+    let cases = [
+        (
+            memory(Some(-5), None),
+            r#"linux.resources.memory.limit: "-5" is not a byte count (-1 means no limit)"#,
+        ),
+        (
+            memory(None, Some(-2)),
+            r#"linux.resources.memory.reservation: "-2" is not a byte count (-1 means none)"#,
+        ),
+        (
+            cpu(Some(500), Some(100_000), None),
+            r#"linux.resources.cpu.quota: "500" is below the kernel's minimum of 1000 µs (-1 or 0 means no limit)"#,
+        ),
+        (
+            cpu(Some(50_000), Some(999), None),
+            r#"linux.resources.cpu.period: "999" is not a CFS period (expected 1000 to 1000000 µs, or 0 for the default)"#,
+        ),
+        (
+            cpu(None, Some(1_000_001), None),
+            r#"linux.resources.cpu.period: "1000001" is not a CFS period (expected 1000 to 1000000 µs, or 0 for the default)"#,
+        ),
+        (
+            cpu(Some(i64::MAX), Some(1000), None),
+            r#"linux.resources.cpu.quota: "9223372036854775807" over a period of 1000 µs is more than 1000000000 cores"#,
+        ),
+        (
+            cpu(None, None, Some(1)),
+            r#"linux.resources.cpu.shares: "1" is not a CPU weight runc accepts (expected 2 to 262144, or 0 for none)"#,
+        ),
+        (
+            cpu(None, None, Some(u64::MAX)),
+            r#"linux.resources.cpu.shares: "18446744073709551615" is not a CPU weight runc accepts (expected 2 to 262144, or 0 for none)"#,
+        ),
+    ];
+    for (r, want) in cases {
+        assert_eq!(from_oci(&r).unwrap_err().to_string(), want);
+    }
+    // The largest legal values are taken as they are.
+    let info = from_oci(&cpu(Some(1_000_000_000_000), Some(1000), Some(262_144))).unwrap();
+    assert_eq!(info.cpu_limit, Some(1_000_000_000.0));
+    assert_eq!(info.cpu_request, Some(256.0));
+    let info = from_oci(&memory(Some(i64::MAX), Some(1))).unwrap();
+    assert_eq!(
+        (info.memory_limit, info.memory_request),
+        (Some(i64::MAX as u64), Some(1))
+    );
+    // An overridden OCI value is still checked, as every other source is.
+    let a = annotations(&[(ANNOTATION_MEMORY_LIMIT, "1Gi")]);
+    let err = extract_resources(&a, Some(&memory(Some(-3), None)), &Default::default());
+    assert_eq!(err.unwrap_err().field(), "linux.resources.memory.limit");
 }

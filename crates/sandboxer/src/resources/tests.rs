@@ -41,6 +41,57 @@ fn tasks(json: serde_json::Value) -> prost_types::Any {
     any("tasks", json.to_string().into_bytes())
 }
 
+/// A pod with only its own entry.
+fn own(resources: &ResourceInfo) -> Pod {
+    Pod {
+        resources: resources.clone(),
+        ..Pod::default()
+    }
+}
+
+/// CRI resources as the kubelet writes them for `millis` of CPU (request and limit; 0 for
+/// none) and `memory` bytes (0 for none).
+fn cri(millis: i64, memory: i64) -> LinuxContainerResources {
+    LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: millis * 100,
+        cpu_shares: (millis * 1024 / 1000).max(2),
+        memory_limit_in_bytes: memory,
+    }
+}
+
+fn config(
+    resources: Option<LinuxContainerResources>,
+    overhead: Option<LinuxContainerResources>,
+) -> Option<prost_types::Any> {
+    let config = PodSandboxConfig {
+        linux: Some(LinuxPodSandboxConfig {
+            resources,
+            overhead,
+            ..LinuxPodSandboxConfig::default()
+        }),
+        ..PodSandboxConfig::default()
+    };
+    Some(any(
+        "type.googleapis.com/runtime.v1.PodSandboxConfig",
+        config.encode_to_vec(),
+    ))
+}
+
+/// The pause container's spec as containerd writes it.
+fn pause() -> Option<serde_json::Value> {
+    Some(serde_json::json!({"linux": {"resources": {"cpu": {"shares": 2}}}}))
+}
+
+fn limited(cpu: f64, memory: u64) -> ResourceInfo {
+    ResourceInfo {
+        cpu_limit: Some(cpu),
+        cpu_request: Some(cpu),
+        memory_limit: Some(memory),
+        ..ResourceInfo::default()
+    }
+}
+
 #[test]
 fn pod_resources_from_request_annotations_and_oci_spec() {
     let req = create(
@@ -97,11 +148,264 @@ fn pod_resources_from_the_cri_pod_sandbox_config() {
         )),
         None,
     );
-    let r = pod(&req).unwrap().resources;
-    assert_eq!(r.cpu_limit, Some(1.5));
-    assert_eq!(r.cpu_request, Some(0.5));
-    assert_eq!(r.memory_limit, Some(256 << 20));
-    assert_eq!(r.pid_limit, Some(50));
+    let pod = pod(&req).unwrap();
+    let want = ResourceInfo {
+        cpu_limit: Some(1.5),
+        cpu_request: Some(0.5),
+        memory_limit: Some(256 << 20),
+        ..ResourceInfo::default()
+    };
+    assert_eq!(
+        pod.declared,
+        Some(want),
+        "linux.resources declares the containers"
+    );
+    assert_eq!(
+        pod.resources,
+        ResourceInfo {
+            pid_limit: Some(50),
+            ..ResourceInfo::default()
+        },
+        "the pod's own entry is its annotations"
+    );
+    assert_eq!(pod.overhead, ResourceInfo::default());
+}
+
+/// The CRI pod-level `linux.resources` is the containers' sum, declared: counted once, as the
+/// larger of it and the containers' own sum, whether or not the pause spec has resources.
+#[test]
+fn cri_pod_level_resources_are_not_counted_twice() {
+    let c1 = limited(0.5, 256 << 20);
+    let c2 = limited(0.5, 256 << 20);
+    for spec in [None, pause()] {
+        let req = create(&[], config(Some(cri(1000, 512 << 20)), None), spec.clone());
+        let p = pod(&req).unwrap();
+        let pause_request = spec.as_ref().map(|_| 0.002);
+        assert_eq!(p.resources.cpu_request, pause_request, "{spec:?}");
+        // Before the containers: the declared size.
+        let t = total(&p, []);
+        assert_eq!((t.cpu_limit, t.memory_limit), (Some(1.0), Some(512 << 20)));
+        // With them: still 1 CPU and 512Mi, not 2 and 1Gi.
+        let t = total(&p, [&c1, &c2]);
+        assert_eq!(
+            (t.cpu_limit, t.cpu_request, t.memory_limit),
+            (Some(1.0), Some(1.0), Some(512 << 20)),
+            "{spec:?}"
+        );
+    }
+}
+
+#[test]
+fn total_counts_the_larger_of_the_declaration_and_the_sum_then_the_overhead() {
+    let pod = Pod {
+        resources: ResourceInfo {
+            cpu_request: Some(0.002),
+            ..ResourceInfo::default()
+        },
+        declared: Some(limited(1.0, 512 << 20)),
+        overhead: limited(0.25, 64 << 20),
+        ..Pod::default()
+    };
+    let declared = (Some(1.25), Some(1.25), Some((512 + 64) << 20));
+    let cpu_mem = |t: ResourceInfo| (t.cpu_limit, t.cpu_request, t.memory_limit);
+    assert_eq!(cpu_mem(total(&pod, [])), declared);
+    let half = limited(0.5, 256 << 20);
+    assert_eq!(cpu_mem(total(&pod, [&half])), declared);
+    assert_eq!(cpu_mem(total(&pod, [&half, &half])), declared);
+    let big = limited(1.0, 128 << 20);
+    assert_eq!(
+        cpu_mem(total(&pod, [&half, &big])),
+        (Some(1.75), Some(1.75), Some((512 + 64) << 20)),
+        "CPU beyond the declaration counts; memory within it does not"
+    );
+    // Fields the declaration leaves out are the containers' sum.
+    let pids = ResourceInfo {
+        pid_limit: Some(10),
+        ..half.clone()
+    };
+    assert_eq!(total(&pod, [&pids, &pids]).pid_limit, Some(20));
+
+    // A container without a CPU limit leaves the pod without one, declaration and overhead
+    // notwithstanding; the requests still count.
+    let burstable = ResourceInfo {
+        cpu_request: Some(0.1),
+        memory_limit: Some(1 << 20),
+        ..ResourceInfo::default()
+    };
+    let t = total(&pod, [&half, &burstable]);
+    assert_eq!(
+        (t.cpu_limit, t.cpu_request, t.memory_limit),
+        (None, Some(1.252), Some((512 + 64) << 20))
+    );
+    // So does a declaration without one (no container of a kubelet pod has a limit), even
+    // before the containers arrive.
+    let unlimited = Pod {
+        declared: Some(ResourceInfo {
+            cpu_request: Some(0.5),
+            ..ResourceInfo::default()
+        }),
+        ..pod.clone()
+    };
+    let t = total(&unlimited, []);
+    assert_eq!((t.cpu_limit, t.memory_limit), (None, None));
+    assert_eq!(t.cpu_request, Some(0.752));
+    let t = total(&unlimited, [&half]);
+    assert_eq!((t.cpu_limit, t.memory_limit), (None, None));
+    assert_eq!(t.cpu_request, Some(0.752));
+    let back =
+        extract_resources(&as_annotations(&t), None, &ResourceRequirements::default()).unwrap();
+    assert_eq!(back, t);
+}
+
+#[test]
+fn overhead_comes_from_the_cri_config_and_is_added_on_top() {
+    let req = create(
+        &[],
+        config(Some(cri(500, 256 << 20)), Some(cri(250, 64 << 20))),
+        pause(),
+    );
+    let p = pod(&req).unwrap();
+    assert_eq!(p.overhead, limited(0.25, 64 << 20));
+    let t = total(&p, [&limited(0.5, 256 << 20)]);
+    // 500m + 250m, and the pause container's 2m request counted as the limit.
+    assert_eq!(
+        (t.cpu_limit, t.cpu_request, t.memory_limit),
+        (Some(0.75), Some(0.75), Some(320 << 20))
+    );
+    // The kubelet sends an empty overhead when the RuntimeClass has none.
+    let req = create(
+        &[],
+        config(None, Some(LinuxContainerResources::default())),
+        None,
+    );
+    let p = pod(&req).unwrap();
+    assert_eq!((p.declared, p.overhead), (None, ResourceInfo::default()));
+}
+
+/// containerd copies the pod-level resources into the pause spec's annotations: they declare
+/// the containers when the CRI config does not, and are one declaration with it otherwise.
+#[test]
+fn sandbox_annotations_declare_what_the_config_does_not() {
+    let spec = |a: serde_json::Value| {
+        Some(serde_json::json!({"annotations": a,
+            "linux": {"resources": {"cpu": {"shares": 2}}}}))
+    };
+    let annotated = spec(serde_json::json!({
+        "io.kubernetes.cri.sandbox-cpu-period": "100000",
+        "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+        "io.kubernetes.cri.sandbox-cpu-shares": "1536",
+        "io.kubernetes.cri.sandbox-memory": "268435456",
+    }));
+    let p = pod(&create(&[], None, annotated.clone())).unwrap();
+    assert_eq!(p.declared, Some(limited(1.5, 256 << 20)));
+    assert_eq!(p.resources.cpu_request, Some(0.002));
+    assert_eq!(
+        total(&p, [&limited(0.5, 1 << 20)]).cpu_limit,
+        Some(1.5),
+        "declared, not added"
+    );
+    // The config's declaration wins over containerd's copy.
+    let p = pod(&create(&[], config(Some(cri(1000, 0)), None), annotated)).unwrap();
+    assert_eq!(
+        p.declared.map(|d| (d.cpu_limit, d.memory_limit)),
+        Some((Some(1.0), None))
+    );
+    // All zeros (containerd's copy of an empty message) declare nothing.
+    let zeros = spec(serde_json::json!({
+        "io.kubernetes.cri.sandbox-cpu-period": "0",
+        "io.kubernetes.cri.sandbox-cpu-quota": "0",
+        "io.kubernetes.cri.sandbox-cpu-shares": "0",
+        "io.kubernetes.cri.sandbox-memory": "0",
+    }));
+    assert_eq!(pod(&create(&[], None, zeros)).unwrap().declared, None);
+    // A value that is not a number is an error naming the annotation.
+    let bad = spec(serde_json::json!({"io.kubernetes.cri.sandbox-memory": "1Gi"}));
+    let msg = warren_runtime::error_chain(&pod(&create(&[], None, bad)).unwrap_err());
+    assert_eq!(
+        msg,
+        r#"sandbox: annotations["io.kubernetes.cri.sandbox-memory"]: "1Gi" is not a whole number (containerd writes the CRI value in decimal)"#
+    );
+    // A negative quota is no limit, as runc reads it.
+    let negative = spec(serde_json::json!({
+        "io.kubernetes.cri.sandbox-cpu-quota": "-7",
+        "io.kubernetes.cri.sandbox-cpu-shares": "1024",
+    }));
+    let p = pod(&create(&[], None, negative)).unwrap();
+    assert_eq!(
+        p.declared.map(|d| (d.cpu_limit, d.cpu_request)),
+        Some((None, Some(1.0)))
+    );
+}
+
+/// CRI values are read as containerd hands them to runc; one runc or the kernel would refuse
+/// is an error naming the CRI field and value, not dropped.
+#[test]
+fn bad_cri_resources_name_the_field_and_value() {
+    let cases = [
+        (
+            config(
+                Some(LinuxContainerResources {
+                    memory_limit_in_bytes: -5,
+                    ..cri(1000, 0)
+                }),
+                None,
+            ),
+            r#"options: linux.resources.memory_limit_in_bytes: "-5" is not a byte count (-1 means no limit)"#,
+        ),
+        (
+            config(
+                Some(LinuxContainerResources {
+                    cpu_quota: 500,
+                    ..cri(1000, 0)
+                }),
+                None,
+            ),
+            r#"options: linux.resources.cpu_quota: "500" is below the kernel's minimum of 1000 µs (-1 or 0 means no limit)"#,
+        ),
+        (
+            config(
+                None,
+                Some(LinuxContainerResources {
+                    cpu_period: -1,
+                    ..cri(250, 0)
+                }),
+            ),
+            r#"options: linux.overhead.cpu_period: "-1" is not a CFS period (expected 1000 to 1000000 µs, or 0 for the default)"#,
+        ),
+        (
+            config(
+                None,
+                Some(LinuxContainerResources {
+                    cpu_shares: 1 << 20,
+                    ..cri(250, 0)
+                }),
+            ),
+            r#"options: linux.overhead.cpu_shares: "1048576" is not a CPU weight runc accepts (expected 2 to 262144, or 0 for none)"#,
+        ),
+    ];
+    for (options, want) in cases {
+        let e = pod(&create(&[], options, None)).unwrap_err();
+        assert_eq!(warren_runtime::error_chain(&e), want);
+    }
+    // -1 is no limit, for memory as for CPU.
+    let unlimited = LinuxContainerResources {
+        cpu_quota: -1,
+        memory_limit_in_bytes: -1,
+        ..cri(1000, 0)
+    };
+    let p = pod(&create(&[], config(Some(unlimited), None), None)).unwrap();
+    assert_eq!(
+        p.declared
+            .map(|d| (d.cpu_limit, d.cpu_request, d.memory_limit)),
+        Some((None, Some(1.0), None))
+    );
+    // The pause container's own OCI values are checked the same way.
+    let spec = serde_json::json!({"linux": {"resources": {"memory": {"limit": -5}}}});
+    let e = pod(&create(&[], None, Some(spec))).unwrap_err();
+    assert_eq!(
+        warren_runtime::error_chain(&e),
+        r#"sandbox: linux.resources.memory.limit: "-5" is not a byte count (-1 means no limit)"#
+    );
 }
 
 #[test]
@@ -196,7 +500,7 @@ fn total_adds_field_by_field_and_annotations_round_trip() {
         storage_limit: Some(1 << 30),
         ..ResourceInfo::default()
     };
-    let t = total(&pod, [&c1, &c2]);
+    let t = total(&own(&pod), [&c1, &c2]);
     assert_eq!(t.cpu_limit, Some(0.3), "whole millicores, no float drift");
     assert_eq!(t.memory_limit, None, "c1 has no memory limit");
     assert_eq!(t.memory_request, Some(150));
@@ -231,13 +535,13 @@ fn a_member_without_a_limit_leaves_the_pod_unlimited_and_the_total_valid() {
         cpu_request: Some(0.002),
         ..ResourceInfo::default()
     };
-    let guaranteed = total(&pause, [&c1]);
+    let guaranteed = total(&own(&pause), [&c1]);
     assert_eq!(
         (guaranteed.cpu_request, guaranteed.cpu_limit),
         (Some(1.0), Some(1.0)),
         "the request 1.002 counted as the limit"
     );
-    let t = total(&ResourceInfo::default(), [&c1, &c2]);
+    let t = total(&Pod::default(), [&c1, &c2]);
     assert_eq!((t.cpu_request, t.cpu_limit), (Some(1.5), None));
     assert_eq!(
         (t.memory_request, t.memory_limit),
@@ -253,7 +557,7 @@ fn a_member_without_a_limit_leaves_the_pod_unlimited_and_the_total_valid() {
         cpu_request: Some(2.0),
         ..ResourceInfo::default()
     };
-    let t = total(&shares, []);
+    let t = total(&own(&shares), []);
     assert_eq!((t.cpu_request, t.cpu_limit), (Some(1.0), Some(1.0)));
     assert!(extract_resources(&as_annotations(&t), None, &ResourceRequirements::default()).is_ok());
 
@@ -263,7 +567,7 @@ fn a_member_without_a_limit_leaves_the_pod_unlimited_and_the_total_valid() {
         pid_limit: Some(u64::MAX),
         ..ResourceInfo::default()
     };
-    let t = total(&huge, [&huge]);
+    let t = total(&own(&huge), [&huge]);
     assert_eq!(
         (t.memory_limit, t.pid_limit),
         (Some(u64::MAX), Some(u64::MAX))
