@@ -301,6 +301,21 @@ fn bad_input_fails_with_the_field_named() {
             "\"xen\" is not a backend",
         ),
         (
+            &["ls", "--backend", "xen"],
+            2,
+            "--backend: \"xen\" is not a backend",
+        ),
+        (
+            &["stats", "x", "--interval", "2h"],
+            2,
+            "--interval: 7200s is longer than an hour",
+        ),
+        (
+            &["run", "--name", "x", "-u", "99999999999"],
+            1,
+            "spec.user: \"99999999999\" has an ID above 4294967294, the largest",
+        ),
+        (
             &["run", "--name", "x", "-a", "novalue"],
             2,
             "--annotation: \"novalue\" is not KEY=VALUE",

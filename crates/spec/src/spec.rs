@@ -633,7 +633,12 @@ pub fn parse_user(s: &str) -> Result<(u32, u32), SpecError> {
                  the process would stay root",
             )),
             Ok(id) => Ok(id),
-            Err(_) => Err(bad()),
+            // Digits only, so too large.
+            Err(_) => Err(SpecError::invalid(
+                "spec.user",
+                s,
+                "has an ID above 4294967294, the largest",
+            )),
         }
     };
     let uid = id(uid)?;

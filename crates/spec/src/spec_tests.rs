@@ -524,6 +524,12 @@ fn linux_fields_are_validated_naming_the_field() {
     assert_eq!(crate::parse_user("7").unwrap(), (7, 7));
     assert_eq!(crate::parse_user("7:8").unwrap(), (7, 8));
     assert_eq!(crate::parse_user("4294967294:0").unwrap(), (4294967294, 0));
+    let err = crate::parse_user("0:99999999999").unwrap_err().to_string();
+    assert!(err.contains("spec.user"), "{err}");
+    assert!(
+        err.contains("\"0:99999999999\" has an ID above 4294967294, the largest"),
+        "{err}"
+    );
     // (uid_t)-1 means "no change" to setresuid: the process would stay root.
     for minus_one in ["4294967295", "4294967295:0", "0:4294967295"] {
         let err = crate::parse_user(minus_one).unwrap_err().to_string();
@@ -532,17 +538,7 @@ fn linux_fields_are_validated_naming_the_field() {
             "{err}"
         );
     }
-    for bad in [
-        "+5",
-        "5:+5",
-        "-1",
-        "",
-        ":",
-        "5:",
-        " 5",
-        "0x10",
-        "4294967296",
-    ] {
+    for bad in ["+5", "5:+5", "-1", "", ":", "5:", " 5", "0x10"] {
         let err = crate::parse_user(bad).unwrap_err().to_string();
         assert!(err.contains("is not UID or UID:GID"), "{bad:?}: {err}");
     }

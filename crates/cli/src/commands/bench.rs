@@ -391,10 +391,7 @@ fn report(name: &str, p: &Phase) -> serde_json::Value {
 }
 
 async fn create(a: CreateArgs, g: &Globals) -> anyhow::Result<ExitCode> {
-    let backend: BackendKind = a
-        .backend
-        .parse()
-        .map_err(|e| usage(format!("--backend: {e}")))?;
+    let backend: BackendKind = super::backend_arg(&a.backend)?;
     if a.count == 0 || a.concurrency == 0 || a.connections == 0 {
         return Err(usage("-n, -c and --connections must be at least 1"));
     }
@@ -611,10 +608,7 @@ fn peer_command(
 }
 
 async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
-    let backend: BackendKind = a
-        .backend
-        .parse()
-        .map_err(|e| usage(format!("--backend: {e}")))?;
+    let backend: BackendKind = super::backend_arg(&a.backend)?;
     if a.count == 0 || a.concurrency == 0 {
         return Err(usage("-n and -c must be at least 1"));
     }

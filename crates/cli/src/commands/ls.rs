@@ -21,6 +21,9 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    for b in &args.backend {
+        super::backend_arg(b)?;
+    }
     let mut client = g.connect().await?;
     let req = v1::ListSandboxesRequest {
         label_selector: args.selector.unwrap_or_default(),

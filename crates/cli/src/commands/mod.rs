@@ -165,6 +165,15 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
+/// A `--backend` value.
+pub fn backend_arg(s: &str) -> anyhow::Result<warren_spec::BackendKind> {
+    s.parse().map_err(|_| {
+        usage(format!(
+            "--backend: {s:?} is not a backend (expected slot, linux, wasm or vm)"
+        ))
+    })
+}
+
 /// `--log-level`: a level or a tracing filter, checked as it is parsed (a bad one would
 /// otherwise fall back to `info` without a word).
 fn log_filter(s: &str) -> Result<String, String> {

@@ -213,10 +213,7 @@ fn module_path(backend: BackendKind, image: &str) -> String {
 }
 
 pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
-    let backend: BackendKind = args
-        .backend
-        .parse()
-        .map_err(|e| usage(format!("--backend: {e}")))?;
+    let backend: BackendKind = super::backend_arg(&args.backend)?;
     let failure_policy: FailurePolicy = args
         .failure_policy
         .parse()

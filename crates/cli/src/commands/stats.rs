@@ -22,7 +22,7 @@ pub struct Args {
     /// Print one reading and exit.
     #[arg(long)]
     no_stream: bool,
-    /// Time between the readings a CPU figure is taken from, e.g. 500ms.
+    /// Time between the readings a CPU figure is taken from, e.g. 500ms (10ms to 1h).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
     /// Output: table or json (one object per sandbox and reading).
@@ -50,6 +50,12 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     if args.interval < Duration::from_millis(10) {
         return Err(super::usage(format!(
             "--interval: {:?} is too short to measure CPU over (at least 10ms)",
+            args.interval
+        )));
+    }
+    if args.interval > Duration::from_secs(3600) {
+        return Err(super::usage(format!(
+            "--interval: {:?} is longer than an hour (the CPU figure is an average over it)",
             args.interval
         )));
     }
