@@ -135,6 +135,9 @@ struct WriterState {
     limit: Option<u64>,
     /// The limit was reached and the notice written.
     full: bool,
+    /// The workload ended ([`LogWriter::close`]): the file is not kept open, not even by an
+    /// [`LogWriter::open`] that comes late, until [`LogWriter::begin`] starts a new run.
+    closed: bool,
 }
 
 impl WriterState {
@@ -201,8 +204,14 @@ impl LogWriter {
                 written: 0,
                 limit,
                 full: false,
+                closed: false,
             }),
         }
+    }
+
+    /// A new run of the workload writes to the log again (after a [`LogWriter::close`]).
+    pub fn begin(&self) {
+        self.lock().closed = false;
     }
 
     /// Creates (or appends to) the file, making its directory if missing, and writes what
@@ -227,7 +236,12 @@ impl LogWriter {
                 .map_err(|e| io_error("write", &self.path, e))?;
         }
         state.written += existing;
-        state.file = Some(file);
+        if state.closed {
+            // Opened after the workload ended: its records are out; the file is not held.
+            state.written = 0;
+        } else {
+            state.file = Some(file);
+        }
         Ok(())
     }
 
@@ -275,7 +289,9 @@ impl LogWriter {
         state.append(&self.path, &out)
     }
 
-    /// Writes the unfinished lines as `F` records: the workload ended.
+    /// Writes the unfinished lines as `F` records and closes the file: the workload ended.
+    /// A finished sandbox holds no descriptor (a server keeps many of them); one that runs
+    /// again calls [`LogWriter::begin`], and its [`LogWriter::open`] appends.
     pub fn close(&self) -> Result<(), LogError> {
         let stamp = format_timestamp(SystemTime::now());
         let mut state = self.lock();
@@ -287,7 +303,13 @@ impl LogWriter {
                 partial.clear();
             }
         }
-        state.append(&self.path, &out)
+        let appended = state.append(&self.path, &out);
+        state.closed = true;
+        if state.file.take().is_some() {
+            // What the next open finds in the file.
+            state.written = 0;
+        }
+        appended
     }
 }
 
@@ -678,6 +700,56 @@ mod tests {
         w.write(Stream::Stdout, b"\n").expect("write");
         let last = records(&path).pop().expect("records");
         assert!(String::from_utf8_lossy(&last.content).contains("limit of 400 bytes"));
+    }
+
+    /// Descriptors of this process open on `path`.
+    fn open_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+            .count()
+    }
+
+    #[test]
+    fn a_closed_log_holds_no_descriptor_until_a_new_run_begins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("output.log");
+        let w = LogWriter::with_limit(&path, Some(100)).expect("create");
+        w.write(Stream::Stdout, b"one\ntw").expect("write");
+        assert_eq!(open_on(&path), 1);
+        w.close().expect("close");
+        assert_eq!(open_on(&path), 0, "a finished workload's log is closed");
+        // An open that comes after the end (the file job lost the race with a short run)
+        // writes what waited and does not keep the file either.
+        let late = dir.path().join("late.log");
+        let l = LogWriter::deferred(&late, None);
+        l.write(Stream::Stdout, b"quick\n").expect("write");
+        l.close().expect("close");
+        l.open().expect("open");
+        assert_eq!(open_on(&late), 0);
+        assert_eq!(records(&late).len(), 1);
+        // A new run appends, and the limit counts the whole file.
+        w.begin();
+        w.open().expect("reopen");
+        assert_eq!(open_on(&path), 1);
+        w.write(Stream::Stdout, &[b'x'; 60]).expect("write");
+        w.write(Stream::Stdout, b"\n").expect("write");
+        w.close().expect("close");
+        let got = records(&path);
+        assert_eq!(
+            contents(&got)[..2],
+            [
+                (Stream::Stdout, false, b"one".to_vec()),
+                (Stream::Stdout, false, b"tw".to_vec())
+            ]
+        );
+        assert!(
+            String::from_utf8_lossy(&got.last().expect("records").content)
+                .contains("limit of 100 bytes"),
+            "{got:?}"
+        );
+        assert_eq!(open_on(&path), 0);
     }
 
     #[test]

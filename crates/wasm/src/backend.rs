@@ -765,6 +765,7 @@ impl Backend for WasmBackend {
             });
         };
         let restart = sandbox.status != BackendStatus::Created;
+        sandbox.log.begin();
         let (dir, log) = (inner.sandbox_dir(id), Arc::clone(&sandbox.log));
         let files = inner.files.submit(move || start_files(&dir, restart, &log));
         sandbox.files = Some(files);
@@ -944,12 +945,9 @@ impl Backend for WasmBackend {
                 (None, "unavailable")
             }
         };
-        // A sandbox that never started gets its log file when it does (see `read_status`).
+        // Adopted sandboxes are not running (a wasm guest ends with its server): the log file,
+        // if any, is opened again only if the sandbox starts again.
         let log = LogWriter::deferred(dir.join(LOG_FILE), inner.config.log_max_bytes);
-        if status != BackendStatus::Created {
-            log.open()
-                .map_err(|e| BackendError::Other(format!("sandbox log: {e}")))?;
-        }
         let info = inner.info(id, &module, cache);
         let sandbox = Sandbox {
             program,

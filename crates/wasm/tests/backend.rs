@@ -149,10 +149,34 @@ async fn hello_world_logs_and_exits_zero() {
     assert_eq!(h.output("hello", Stream::Stderr), "");
     let persisted = std::fs::read_to_string(h.root().join("hello/status.json")).expect("status");
     assert_eq!(persisted, r#"{"status":"exited","code":0}"#);
+    let log = h.root().join("hello/output.log");
+    assert_log_closed(&log).await;
     // An ended sandbox can run again; its log goes on.
     h.backend.start("hello").await.expect("start again");
     assert_eq!(h.event("hello").await, BackendStatus::Exited { code: 0 });
     assert_eq!(h.output("hello", Stream::Stdout), "hello\nhello\n");
+    assert_log_closed(&log).await;
+}
+
+/// Waits (a little: the log file is made behind the start) until this process holds no
+/// descriptor on `log`: a finished sandbox keeps none, however many a server holds.
+async fn assert_log_closed(log: &Path) {
+    let held = || {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == log))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} is still open after the sandbox ended",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
