@@ -554,6 +554,31 @@ fn watch_streams_changes() {
     assert_eq!(next(), ("DELETED".to_string(), "second".to_string()));
     let _ = watch.kill();
     let _ = watch.wait();
+
+    // Wide: the event, then ls -o wide's columns.
+    let mut wide = std::process::Command::new(common::WARREN)
+        .args(["watch", "-o", "wide", "-l", "w=1"])
+        .env("WARREN_SERVER", &server.address)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let rx = common::lines_of(wide.stdout.take().expect("stdout"));
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("an event");
+    let id = json(&server.ok(&["get", "first", "-o", "json"]))["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .chars()
+        .take(12)
+        .collect::<String>();
+    assert!(line.starts_with("ADDED     first"), "{line}");
+    assert!(
+        line.contains("  slot  ") && line.contains(&id) && line.ends_with("w=1"),
+        "{line} (id {id})"
+    );
+    let _ = wide.kill();
+    let _ = wide.wait();
 }
 
 /// kill -9 in the middle of 500 strong creates: every create the server acknowledged is

@@ -6,7 +6,7 @@ use warren_proto::v1::{self, sandbox_event};
 
 use super::{Globals, ServerError, answer};
 use crate::object;
-use crate::output::{Format, printable};
+use crate::output::{self, Format, printable};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,8 +16,9 @@ pub struct Args {
     /// Do not start with the sandboxes that exist now.
     #[arg(long)]
     no_initial: bool,
-    /// Output: table or wide (one line per event), json (one object per line), yaml (one
-    /// document per event) or name (the sandbox's name per event).
+    /// Output: table (one line per event; wide adds `ls -o wide`'s columns: backend,
+    /// status with exit code, limits, age, node, id, labels), json (one object per line),
+    /// yaml (one document per event) or name (the sandbox's name per event).
     #[arg(short, long, value_enum, default_value = "table")]
     output: Format,
 }
@@ -57,11 +58,18 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         } else {
             let name = sb.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("");
             let phase = sb.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");
-            println!(
+            let line = format!(
                 "{kind:<9} {:<30} {phase:<10} rev {}",
                 printable(name),
                 sb.revision
             );
+            if args.output == Format::Wide {
+                // ls -o wide's columns, after the event's.
+                let row = output::row(&sb, true);
+                println!("{line:<60} {}", printable(&row[1..].join("  ")));
+            } else {
+                println!("{line}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
