@@ -236,10 +236,12 @@ impl Service {
     pub fn new(name: &str, plane: ControlPlane, shutdown: watch::Receiver<bool>) -> Self {
         let mut pods = HashMap::new();
         let selector = format!("{LABEL_SANDBOXER}={name}");
-        for rec in plane
+        // The selector holds the name, checked as a label value by `Args::config`.
+        let listed = plane
             .list(&selector, &[BackendKind::Slot])
-            .unwrap_or_default()
-        {
+            .inspect_err(|e| warn!(selector, error = %e, "sandboxer: cannot list its pods"))
+            .unwrap_or_default();
+        for rec in listed {
             let (state, own, containers) = recorded(&rec.spec.annotations);
             let created = SystemTime::UNIX_EPOCH
                 + Duration::from_millis(u64::try_from(rec.created_at_ms).unwrap_or(0));

@@ -105,6 +105,14 @@ impl Args {
         if self.name.is_empty() {
             return Err(flag("--name", &self.name, "must not be empty".into()));
         }
+        // It becomes the value of the label its sandboxes are found by at a restart.
+        if let Err(e) = warren_spec::validate_label_value("--name", &self.name) {
+            let reason = match e {
+                warren_spec::SpecError::Invalid { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            return Err(flag("--name", &self.name, reason));
+        }
         Ok(Config {
             listen,
             dir: self.dir.clone(),
@@ -330,6 +338,13 @@ mod tests {
         a.api_listen = Some("tcp://127.0.0.1:9".into());
         let e = a.config().unwrap_err().to_string();
         assert!(e.contains("--api-listen"), "{e}");
+        let mut a = args("/s.sock");
+        a.name = "my sandboxer".into();
+        let e = a.config().unwrap_err().to_string();
+        assert!(
+            e.contains("--name") && e.contains("\"my sandboxer\""),
+            "{e}"
+        );
     }
 
     #[test]

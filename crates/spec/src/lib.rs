@@ -66,7 +66,8 @@ pub use resources::{
 };
 pub use spec::{
     BackendKind, Consistency, FailurePolicy, MAX_GRACE_SECONDS, MAX_NAME_LEN, Mount, PortSpec,
-    Protocol, SandboxSpec, parse_image_user, parse_user, validate_hostname, validate_name,
+    Protocol, SandboxSpec, parse_image_user, parse_user, validate_hostname, validate_label_value,
+    validate_name,
 };
 pub use state::{Phase, TransitionError};
 

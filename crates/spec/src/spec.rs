@@ -736,7 +736,9 @@ fn validate_label_key(key: &str) -> Result<(), SpecError> {
     }
 }
 
-fn validate_label_value(field: &str, value: &str) -> Result<(), SpecError> {
+/// Checks a label value: empty, or up to 63 characters of `[A-Za-z0-9_.-]` starting and
+/// ending with a letter or digit (Kubernetes' rule).
+pub fn validate_label_value(field: &str, value: &str) -> Result<(), SpecError> {
     match value {
         "" => Ok(()),
         _ => match label_segment_problem(value) {
