@@ -174,9 +174,17 @@ async fn delete(flags: &Flags) -> anyhow::Result<()> {
             let token = bundle::token_for(&plan.server);
             let removed =
                 match warren_control::client::connect(&plan.server, token.as_deref()).await {
-                    Ok(mut client) => warren::remove_sandbox(&mut client, &flags.id)
-                        .await
-                        .map_err(|e| e.to_string()),
+                    Ok(mut client) => {
+                        warren::remove_sandbox_of(&mut client, &flags.id, &flags.namespace)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| match e {
+                                containerd_shim::protos::ttrpc::Error::RpcStatus(s) => {
+                                    s.message().to_string()
+                                }
+                                other => other.to_string(),
+                            })
+                    }
                     Err(e) => Err(e.to_string()),
                 };
             if let Err(e) = removed {

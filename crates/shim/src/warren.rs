@@ -94,6 +94,44 @@ pub async fn copy_logs(
 }
 
 /// Deletes the sandbox in warren; one already gone is fine.
+/// Removes task `name`'s sandbox after its shim died, if it is the task's: one labelled
+/// with another containerd namespace (warren's names are global, containerd's ids are per
+/// namespace) belongs to another task and is left. Returns whether it was removed.
+pub async fn remove_sandbox_of(
+    client: &mut warren_control::client::Client,
+    name: &str,
+    namespace: &str,
+) -> TtrpcResult<bool> {
+    let call = client.get_sandbox(v1::GetSandboxRequest {
+        name: name.to_string(),
+    });
+    let sandbox = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(sb)) => sb.into_inner(),
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound => return Ok(false),
+        Ok(Err(s)) => return Err(from_grpc(&format!("get sandbox {name:?}"), &s)),
+        Err(_) => {
+            return Err(err(
+                Code::DEADLINE_EXCEEDED,
+                format!("warren server: get sandbox {name:?}: no answer within {CALL_TIMEOUT:?}"),
+            ));
+        }
+    };
+    let owner = sandbox
+        .spec
+        .as_ref()
+        .and_then(|s| s.labels.get(crate::bundle::LABEL_NAMESPACE));
+    if owner.map(String::as_str) != Some(namespace) {
+        return Err(err(
+            Code::FAILED_PRECONDITION,
+            format!(
+                "sandbox {name:?} is not this task's: it belongs to containerd namespace {:?}, not {namespace:?}",
+                owner.map(String::as_str).unwrap_or("")
+            ),
+        ));
+    }
+    remove_sandbox(client, name).await.map(|()| true)
+}
+
 pub async fn remove_sandbox(
     client: &mut warren_control::client::Client,
     name: &str,

@@ -117,6 +117,57 @@ fn slot_task_runs_until_killed_and_delete_removes_the_sandbox() {
     env.wait_no_shims();
 }
 
+/// The first file under `dir` whose path ends with `tail`.
+fn find(dir: &std::path::Path, tail: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.ends_with(tail) {
+            return Some(path);
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(found) = find(&path, tail)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_dead_shims_cleanup_leaves_another_namespaces_sandbox_of_the_same_id() {
+    require_containerd!();
+    let env = Env::start();
+    let image = env.import_busybox();
+    env.run_detached_ok(&[], &image, "shared", &[]);
+    env.wait_task_status("shared", "RUNNING");
+    // containerd's `shim delete` for a task "shared" of namespace "other" whose shim died
+    // (its create refused: warren's names are global): it must not remove default's.
+    let config = find(&env.path("ctd"), "default/shared/config.json").expect("bundle");
+    let bundle = tempfile::tempdir().unwrap();
+    std::fs::copy(&config, bundle.path().join("config.json")).unwrap();
+    let out = Command::new(common::SHIM)
+        .args(["-namespace", "other", "-id", "shared", "-address"])
+        .arg(env.path("ctd/containerd.sock"))
+        .arg("-bundle")
+        .arg(bundle.path())
+        .arg("delete")
+        .env("WARREN_SERVER", env.server_address())
+        .env_remove("WARREN_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to containerd namespace \"default\", not \"other\""),
+        "{err}"
+    );
+    assert_eq!(env.sandbox("shared")["status"]["phase"], "Running");
+    env.ctr_ok(&["task", "kill", "-s", "SIGKILL", "shared"]);
+    env.wait_task_status("shared", "STOPPED");
+    env.ctr_ok(&["task", "rm", "shared"]);
+    env.ctr_ok(&["container", "rm", "shared"]);
+}
+
 #[test]
 fn malformed_annotation_fails_naming_the_key_and_leaves_nothing() {
     require_containerd!();

@@ -113,6 +113,12 @@ impl Env {
         self.dir.path().join(p)
     }
 
+    /// The warren server's address.
+    #[allow(dead_code)]
+    pub fn server_address(&self) -> &str {
+        &self.address
+    }
+
     pub fn start_server(&mut self) {
         let log = std::fs::File::create(self.path("server.log")).expect("server log");
         let mut child = Command::new(&self.warren)
