@@ -166,6 +166,9 @@ pub enum ServerError {
         backend: &'static str,
         message: String,
     },
+    /// The checkpoint key or store cannot be used; the message is the whole cause.
+    #[error("checkpoints: {0}")]
+    Checkpoints(String),
     #[error("recovery failed")]
     Recover(#[source] ControlError),
     #[error("serving gRPC failed")]
@@ -336,17 +339,27 @@ impl Server {
         );
         plane.set_default_policy(config.default_policy.clone());
         let checkpoints = {
-            use crate::checkpoints::store::{CheckpointKey, CheckpointStore};
-            let key_path = config
-                .checkpoint_key
-                .clone()
-                .unwrap_or_else(|| config.dir.join("checkpoint.key"));
-            CheckpointKey::load_or_create(&key_path)
-                .and_then(|key| CheckpointStore::open(&config.dir.join("checkpoints"), key))
-                .map_err(|e| ServerError::Backend {
-                    backend: "checkpoint store",
-                    message: warren_runtime::error_chain(&e),
-                })?
+            use crate::checkpoints::store::{CheckpointError, CheckpointKey, CheckpointStore};
+            // A key file named in the config must exist (a typo must not make a new key
+            // that other servers do not share); the server's own default is made.
+            let key = match &config.checkpoint_key {
+                Some(path) => CheckpointKey::load(path).map_err(|e| match e {
+                    CheckpointError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        CheckpointError::Key {
+                            path: path.display().to_string(),
+                            reason: "no such file: --checkpoint-key names an existing key (make \
+                                     one with `openssl rand -hex 32 > FILE; chmod 600 FILE`)"
+                                .into(),
+                        }
+                    }
+                    other => other,
+                }),
+                None => CheckpointKey::load_or_create(&config.dir.join("checkpoint.key")),
+            };
+            key.and_then(|key| CheckpointStore::open(&config.dir.join("checkpoints"), key))
+                .map_err(|e| ServerError::Checkpoints(warren_runtime::error_chain(&e)))?
         };
         plane.enable_checkpoints(checkpoints, backends);
         // Events are consumed from before recovery, so exits noticed while adopting count.

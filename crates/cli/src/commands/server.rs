@@ -309,7 +309,10 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         vm_warm: warm_of(BackendKind::Vm, &warm),
         cgroup_parent: args.cgroup_parent,
         criu: args.criu,
-        checkpoint_key: args.checkpoint_key,
+        // Absolute, so messages and logs name the file wherever they are read.
+        checkpoint_key: args
+            .checkpoint_key
+            .map(|p| std::path::absolute(&p).unwrap_or(p)),
         linux_egress_range: args.linux_egress_cidr,
         default_policy: match args.default_policy {
             Some(name) => {

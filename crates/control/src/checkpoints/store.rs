@@ -105,9 +105,56 @@ impl std::fmt::Debug for CheckpointKey {
 type HmacSha256 = Hmac<Sha256>;
 
 impl CheckpointKey {
-    /// Reads the key at `path`, or makes a new one there if there is no file.
+    /// Reads the key at `path`, or makes a new one there if there is no file (the server's
+    /// own default key). Two servers making one at once both end with the same key.
     pub fn load_or_create(path: &Path) -> Result<CheckpointKey, CheckpointError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match Self::load(path) {
+            Err(CheckpointError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Self::create(path)
+            }
+            other => other,
+        }
+    }
+
+    /// Makes a new key at `path`: written whole to a private temporary file beside it, then
+    /// linked to its name only if that is still free (a crash leaves no empty key; a key made
+    /// meanwhile by another server is read instead).
+    fn create(path: &Path) -> Result<CheckpointKey, CheckpointError> {
+        let bad = |reason: String| CheckpointError::Key {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut r| r.read_exact(&mut key))
+            .map_err(|e| bad(format!("no random bytes for a new key: {e}")))?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        // tempfile makes its files 0600.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".checkpoint-key-")
+            .tempfile_in(parent)
+            .map_err(io("create a file in", parent))?;
+        tmp.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(io("write", tmp.path()))?;
+        match tmp.persist_noclobber(path) {
+            Ok(_) => {
+                tracing::info!(path = %path.display(), "made a new checkpoint key");
+                Ok(CheckpointKey {
+                    key,
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Self::load(path),
+            Err(e) => Err(io("create", path)(e.error)),
+        }
+    }
+
+    /// Reads the key at `path`: 64 hex digits in a file only its owner may read.
+    pub fn load(path: &Path) -> Result<CheckpointKey, CheckpointError> {
+        use std::os::unix::fs::PermissionsExt;
         let bad = |reason: String| CheckpointError::Key {
             path: path.display().to_string(),
             reason,
@@ -128,30 +175,10 @@ impl CheckpointKey {
                 let mut key = [0u8; 32];
                 hex::decode_to_slice(text, &mut key).map_err(|_| {
                     bad(format!(
-                        "it must hold 64 hex digits (32 random bytes, e.g. `openssl rand -hex 32`), it holds {} bytes that are not",
+                        "it must hold 64 hex digits (32 random bytes, e.g. `openssl rand -hex 32`); it holds {} bytes that are not that",
                         bytes.len()
                     ))
                 })?;
-                Ok(CheckpointKey {
-                    key,
-                    path: path.to_path_buf(),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                std::fs::File::open("/dev/urandom")
-                    .and_then(|mut r| r.read_exact(&mut key))
-                    .map_err(|e| bad(format!("no random bytes for a new key: {e}")))?;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io("create", path))?;
-                file.write_all(format!("{}\n", hex::encode(key)).as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .map_err(io("write", path))?;
-                tracing::info!(path = %path.display(), "made a new checkpoint key");
                 Ok(CheckpointKey {
                     key,
                     path: path.to_path_buf(),
@@ -361,6 +388,17 @@ impl Manifest {
 
     fn read_bytes(dir: &Path, what: &str) -> Result<Vec<u8>, CheckpointError> {
         let path = dir.join(MANIFEST);
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() > MAX_MANIFEST
+        {
+            return Err(CheckpointError::Corrupt {
+                what: what.to_string(),
+                reason: format!(
+                    "{MANIFEST} has {} bytes, more than {MAX_MANIFEST}",
+                    meta.len()
+                ),
+            });
+        }
         match std::fs::read(&path) {
             Ok(b) => Ok(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CheckpointError::Corrupt {
@@ -394,6 +432,46 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Whether `seal` is `key`'s seal of the manifest `bytes`.
+    fn check_seal(
+        bytes: &[u8],
+        seal: &[u8],
+        what: &str,
+        key: &CheckpointKey,
+    ) -> Result<(), CheckpointError> {
+        if key.check(bytes, &String::from_utf8_lossy(seal)) {
+            return Ok(());
+        }
+        Err(CheckpointError::Untrusted {
+            what: what.to_string(),
+            reason: "has a seal made with another key, or a manifest changed after sealing",
+            key: key.path().display().to_string(),
+        })
+    }
+
+    /// Checks that the checkpoint directory `dir` is sealed with `key`, reading only its
+    /// manifest and seal (before a restore copies anything of it).
+    pub fn check_sealed(
+        dir: &Path,
+        what: &str,
+        key: &CheckpointKey,
+    ) -> Result<(), CheckpointError> {
+        let bytes = Self::read_bytes(dir, what)?;
+        let seal_path = dir.join(SEAL);
+        let seal = match std::fs::read(&seal_path) {
+            Ok(seal) => seal,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::Untrusted {
+                    what: what.to_string(),
+                    reason: "is not sealed (it has no manifest.mac)",
+                    key: key.path().display().to_string(),
+                });
+            }
+            Err(e) => return Err(io("read", &seal_path)(e)),
+        };
+        Self::check_seal(&bytes, &seal, what, key)
+    }
+
     /// Checks the manifest's seal under `key`, then every payload file against the
     /// manifest: present, of its size and SHA-256, nothing missing or extra, and the list's
     /// digest.
@@ -416,11 +494,7 @@ impl Manifest {
             }
             Err(e) => return Err(io("read", &seal_path)(e)),
         };
-        if !key.check(&bytes, &String::from_utf8_lossy(&seal)) {
-            return Err(untrusted(
-                "has a seal made with another key, or a manifest changed after sealing",
-            ));
-        }
+        Self::check_seal(&bytes, &seal, what, key)?;
         let manifest = Self::parse(&bytes, what)?;
         let corrupt = |reason: String| CheckpointError::Corrupt {
             what: what.to_string(),
@@ -480,6 +554,21 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
     Some(p.to_path_buf())
 }
 
+/// Seals a checkpoint stored before seals existed: only this server writes its store, so
+/// what is there is its own. (Its payload is still checked against the manifest at use.)
+fn seal_stored(dir: &Path, name: &str, key: &CheckpointKey) {
+    if dir.join(SEAL).exists() {
+        return;
+    }
+    let Ok(manifest) = std::fs::read(dir.join(MANIFEST)) else {
+        return;
+    };
+    match std::fs::write(dir.join(SEAL), format!("{}\n", key.seal(&manifest))) {
+        Ok(()) => tracing::info!(checkpoint = %name, "sealed a checkpoint stored before seals"),
+        Err(e) => tracing::warn!(checkpoint = %name, error = %e, "cannot seal a stored checkpoint"),
+    }
+}
+
 /// The checkpoints stored under one directory.
 #[derive(Debug)]
 pub struct CheckpointStore {
@@ -537,8 +626,11 @@ impl CheckpointStore {
     pub fn open(root: &Path, key: CheckpointKey) -> Result<CheckpointStore, CheckpointError> {
         std::fs::create_dir_all(root).map_err(io("create", root))?;
         for entry in std::fs::read_dir(root).map_err(io("read", root))?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) {
                 let _ = std::fs::remove_dir_all(entry.path());
+            } else if !name.starts_with('.') {
+                seal_stored(&entry.path(), &name, &key);
             }
         }
         Ok(CheckpointStore {
@@ -733,17 +825,31 @@ pub fn check_output(to: &Path) -> Result<(), CheckpointError> {
 /// Writes the checkpoint in `dir` to `to` (see [`check_output`]); returns bytes written.
 pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
     check_output(to)?;
+    let parent = to.parent().unwrap_or(Path::new("/"));
     if !is_archive(to) {
-        std::fs::create_dir_all(to).map_err(io("create", to))?;
-        let copied = copy_tree(dir, to);
-        if copied.is_err() {
-            let _ = std::fs::remove_dir_all(to);
-        }
-        return copied;
+        // Copied into a new private directory beside the output, then renamed onto it (a new
+        // name, or an empty directory): nothing is written inside a directory others can
+        // write to, where a link planted meanwhile would redirect a write made as root.
+        let tmp = tempfile::Builder::new()
+            .prefix(".warren-checkpoint-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir_in(parent)
+            .map_err(io("create a directory in", parent))?;
+        let copied = copy_tree(dir, tmp.path())?;
+        std::fs::rename(tmp.path(), to).map_err(|e| match e.kind() {
+            std::io::ErrorKind::DirectoryNotEmpty
+            | std::io::ErrorKind::AlreadyExists
+            | std::io::ErrorKind::NotADirectory => CheckpointError::Invalid(format!(
+                "output: {:?} is no longer a new or empty directory",
+                to.display().to_string()
+            )),
+            _ => io("write", to)(e),
+        })?;
+        let _ = tmp.keep();
+        return Ok(copied);
     }
     // A new file of a random name beside the output (O_EXCL, never through a link), linked
     // to its name only once complete and only if that name is still free.
-    let parent = to.parent().unwrap_or(Path::new("/"));
     let tmp = tempfile::Builder::new()
         .prefix(".warren-checkpoint-")
         .suffix(".part")
@@ -763,9 +869,18 @@ pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
         let mut archive = tar::Builder::new(out);
         archive.mode(tar::HeaderMode::Deterministic);
         archive.follow_symlinks(false);
-        archive
-            .append_dir_all(".", dir)
-            .map_err(io("archive", dir))?;
+        // The manifest and its seal first, so an import checks the seal before it unpacks
+        // a byte of payload; then the payload's files, in the manifest's order.
+        let what = format!("{:?}", dir.display().to_string());
+        for rel in [Path::new(MANIFEST), Path::new(SEAL)]
+            .into_iter()
+            .map(Path::to_path_buf)
+            .chain(payload_files(dir, &what)?)
+        {
+            archive
+                .append_path_with_name(dir.join(&rel), &rel)
+                .map_err(io("archive", &dir.join(&rel)))?;
+        }
         let mut out = archive.into_inner().map_err(io("write", &tmp_path))?;
         out.flush().map_err(io("write", &tmp_path))?;
         drop(out);
@@ -815,9 +930,17 @@ fn copy_tree(from: &Path, to: &Path) -> Result<u64, CheckpointError> {
     Ok(total)
 }
 
+/// Most bytes a manifest may have (its spec and file list), and its seal.
+const MAX_MANIFEST: u64 = 16 << 20;
+const MAX_SEAL: u64 = 1024;
+
 /// Unpacks a checkpoint tar (plain or gzip, told by its first bytes) into the empty
-/// directory `into`. Only regular files and directories are accepted, with paths inside it.
-pub fn import(from: &Path, into: &Path) -> Result<(), CheckpointError> {
+/// directory `into`. It must start with the manifest and its seal (as [`export`] writes it),
+/// and the seal must be `key`'s, before any payload is unpacked; then only the files the
+/// manifest lists, each at most its listed size: an archive that is not a checkpoint of a
+/// server holding the key fills no disk. Only regular files and directories, with paths
+/// inside `into`. ([`Manifest::verify`] then checks every byte.)
+pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), CheckpointError> {
     let what = format!("{:?}", from.display().to_string());
     let corrupt = |reason: String| CheckpointError::Corrupt {
         what: what.clone(),
@@ -839,6 +962,9 @@ pub fn import(from: &Path, into: &Path) -> Result<(), CheckpointError> {
     let entries = archive
         .entries()
         .map_err(|_| corrupt("it is not a tar archive".to_string()))?;
+    // The manifest and seal as read, until both are in and checked; then the listed sizes.
+    let (mut manifest_bytes, mut seal) = (None::<Vec<u8>>, None::<Vec<u8>>);
+    let mut listed: Option<BTreeMap<String, u64>> = None;
     for entry in entries {
         let mut entry = entry.map_err(|_| {
             corrupt("it is not a checkpoint archive (a tar header is not valid)".to_string())
@@ -866,16 +992,65 @@ pub fn import(from: &Path, into: &Path) -> Result<(), CheckpointError> {
                 std::fs::create_dir_all(&dst).map_err(io("create", &dst))?;
             }
             tar::EntryType::Regular => {
+                let name = slash_path(&rel);
+                let size = entry.header().size().unwrap_or(u64::MAX);
+                let Some(listed) = &listed else {
+                    // Before the seal is checked: only the manifest and the seal, in memory.
+                    let (slot, max) = match name.as_str() {
+                        MANIFEST => (&mut manifest_bytes, MAX_MANIFEST),
+                        SEAL => (&mut seal, MAX_SEAL),
+                        _ => {
+                            return Err(CheckpointError::Untrusted {
+                                what: what.clone(),
+                                reason: "is not sealed (its archive does not start with manifest.json and manifest.mac)",
+                                key: key.path().display().to_string(),
+                            });
+                        }
+                    };
+                    if size > max {
+                        return Err(corrupt(format!("{name} has {size} bytes, more than {max}")));
+                    }
+                    let mut bytes = Vec::new();
+                    entry
+                        .read_to_end(&mut bytes)
+                        .map_err(|e| corrupt(format!("{name} is cut short or unreadable: {e}")))?;
+                    *slot = Some(bytes);
+                    if let (Some(m), Some(s)) = (&manifest_bytes, &seal) {
+                        Manifest::check_seal(m, s, &what, key)?;
+                        let manifest = Manifest::parse(m, &what)?;
+                        for (file, bytes) in [(MANIFEST, m), (SEAL, s)] {
+                            let dst = into.join(file);
+                            std::fs::write(&dst, bytes).map_err(io("write", &dst))?;
+                        }
+                        listed = Some(
+                            manifest
+                                .files
+                                .iter()
+                                .map(|f| (f.path.clone(), f.size))
+                                .collect(),
+                        );
+                    }
+                    continue;
+                };
+                match listed.get(&name) {
+                    None => return Err(corrupt(format!("{name} is not in the manifest"))),
+                    Some(&want) if size != want => {
+                        return Err(corrupt(format!(
+                            "{name} has {size} bytes, the manifest says {want}"
+                        )));
+                    }
+                    Some(_) => {}
+                }
                 if let Some(parent) = dst.parent() {
                     std::fs::create_dir_all(parent).map_err(io("create", parent))?;
                 }
-                let mut out = std::fs::File::create(&dst).map_err(io("create", &dst))?;
-                std::io::copy(&mut entry, &mut out).map_err(|e| {
-                    corrupt(format!(
-                        "{} is cut short or unreadable: {e}",
-                        slash_path(&rel)
-                    ))
-                })?;
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dst)
+                    .map_err(io("create", &dst))?;
+                std::io::copy(&mut (&mut entry).take(size), &mut out)
+                    .map_err(|e| corrupt(format!("{name} is cut short or unreadable: {e}")))?;
             }
             other => {
                 return Err(corrupt(format!(
@@ -885,316 +1060,18 @@ pub fn import(from: &Path, into: &Path) -> Result<(), CheckpointError> {
             }
         }
     }
+    if listed.is_none() {
+        return Err(match manifest_bytes {
+            None => corrupt(format!("it has no {MANIFEST}")),
+            Some(_) => CheckpointError::Untrusted {
+                what,
+                reason: "is not sealed (it has no manifest.mac)",
+                key: key.path().display().to_string(),
+            },
+        });
+    }
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn base(name: &str) -> ManifestBase {
-        ManifestBase {
-            name: name.into(),
-            sandbox: "web".into(),
-            sandbox_id: "abc".into(),
-            backend: BackendKind::Linux,
-            spec: SandboxSpec {
-                name: "web".into(),
-                ..Default::default()
-            },
-            resources: ResourceInfo::default(),
-            created_at_ms: 1,
-            leave_running: false,
-            engine: BTreeMap::from([("criuVersion".to_string(), "4.1.1".to_string())]),
-        }
-    }
-
-    fn key() -> CheckpointKey {
-        CheckpointKey::from_bytes([7; 32], Path::new("/srv/warren/checkpoint.key"))
-    }
-
-    /// Writes `bytes` as the manifest, sealed with the test key (a checkpoint whose
-    /// writer had the key).
-    fn reseal(dir: &Path, bytes: &[u8]) {
-        std::fs::write(dir.join(MANIFEST), bytes).unwrap();
-        std::fs::write(dir.join(SEAL), key().seal(bytes)).unwrap();
-    }
-
-    fn payload(dir: &Path) {
-        std::fs::create_dir_all(dir.join("images")).unwrap();
-        std::fs::write(dir.join("images/pages-1.img"), vec![7u8; 5000]).unwrap();
-        std::fs::write(dir.join("linux.json"), b"{}").unwrap();
-    }
-
-    #[test]
-    fn seal_then_verify_and_every_kind_of_damage() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("c");
-        payload(&dir);
-        let m = Manifest::seal(&dir, base("c1"), &key()).unwrap();
-        assert_eq!(m.size, 5002);
-        assert_eq!(m.files.len(), 2);
-        assert_eq!(m.criu_version.as_deref(), Some("4.1.1"));
-        assert_eq!(Manifest::verify(&dir, "c1", &key()).unwrap(), m);
-
-        // One byte changed.
-        let pages = dir.join("images/pages-1.img");
-        let mut bytes = std::fs::read(&pages).unwrap();
-        bytes[100] ^= 1;
-        std::fs::write(&pages, &bytes).unwrap();
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("images/pages-1.img has sha256"), "{err}");
-        bytes[100] ^= 1;
-        // Truncated.
-        std::fs::write(&pages, &bytes[..4000]).unwrap();
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("has 4000 bytes, the manifest says 5000"),
-            "{err}"
-        );
-        std::fs::write(&pages, &bytes).unwrap();
-        // Missing and extra files.
-        std::fs::remove_file(dir.join("linux.json")).unwrap();
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("linux.json is missing"), "{err}");
-        std::fs::write(dir.join("linux.json"), b"{}").unwrap();
-        std::fs::write(dir.join("images/extra.img"), b"x").unwrap();
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("images/extra.img is not in the manifest"),
-            "{err}"
-        );
-        std::fs::remove_file(dir.join("images/extra.img")).unwrap();
-        assert!(Manifest::verify(&dir, "c1", &key()).is_ok());
-        // A manifest whose list was edited without its digest (by someone with the key).
-        let mut edited = m.clone();
-        edited.files[0].size += 1;
-        reseal(&dir, &serde_json::to_vec(&edited).unwrap());
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("its file list has digest"), "{err}");
-        // A truncated manifest.
-        reseal(&dir, b"{\"format\":1,");
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("checkpoint c1 is corrupt or incomplete: manifest.json:"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn only_a_seal_made_with_the_servers_key_is_trusted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("c");
-        payload(&dir);
-        let m = Manifest::seal(&dir, base("c1"), &key()).unwrap();
-        let seal = std::fs::read_to_string(dir.join(SEAL)).unwrap();
-        assert!(seal.starts_with("hmac-sha256:"), "{seal}");
-        assert_eq!(Manifest::verify(&dir, "c1", &key()).unwrap(), m);
-
-        // Another server's key.
-        let other = CheckpointKey::from_bytes([8; 32], Path::new("/other.key"));
-        let err = Manifest::verify(&dir, "c1", &other).unwrap_err();
-        assert!(matches!(err, CheckpointError::Untrusted { .. }), "{err}");
-        let msg = err.to_string();
-        assert!(
-            msg.contains("has a seal made with another key") && msg.contains("/other.key"),
-            "{msg}"
-        );
-
-        // A crafted manifest with a matching digest: a new spec and payload, the list and
-        // its digest recomputed, but no key to seal it with.
-        let mut crafted = m.clone();
-        crafted.spec.command = vec!["/bin/evil".into()];
-        std::fs::write(dir.join("linux.json"), b"{\"evil\":1}").unwrap();
-        crafted.files = payload_files(&dir, "c1")
-            .unwrap()
-            .iter()
-            .map(|rel| file_entry(&dir, rel).unwrap())
-            .collect();
-        crafted.digest = list_digest(&crafted.files);
-        std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&crafted).unwrap()).unwrap();
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("a manifest changed after sealing"), "{err}");
-        // The same with a seal of garbage, and with none.
-        std::fs::write(dir.join(SEAL), b"hmac-sha256:zz").unwrap();
-        assert!(matches!(
-            Manifest::verify(&dir, "c1", &key()),
-            Err(CheckpointError::Untrusted { .. })
-        ));
-        std::fs::remove_file(dir.join(SEAL)).unwrap();
-        let err = Manifest::verify(&dir, "c1", &key())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("is not sealed (it has no manifest.mac)"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn a_key_file_is_made_once_private_and_must_be_hex() {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("checkpoint.key");
-        let made = CheckpointKey::load_or_create(&path).unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.trim().len(), 64, "{text:?}");
-        let again = CheckpointKey::load_or_create(&path).unwrap();
-        assert_eq!(again.key, made.key);
-        assert_ne!(made.key, [0u8; 32]);
-        // The key never shows in debug output.
-        assert!(!format!("{made:?}").contains(text.trim()));
-
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = CheckpointKey::load_or_create(&path)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("others may read or write it (mode 0644)"),
-            "{err}"
-        );
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(&path, "not hex\n").unwrap();
-        let err = CheckpointKey::load_or_create(&path)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("it must hold 64 hex digits"), "{err}");
-        assert!(!err.contains("not hex"), "the content is not echoed: {err}");
-    }
-
-    #[test]
-    fn store_publish_list_lease_delete() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(CheckpointStore::open(&tmp.path().join("ck"), key()).unwrap());
-        let scratch = store.scratch().unwrap();
-        payload(&scratch.path);
-        Manifest::seal(&scratch.path, base("one"), &key()).unwrap();
-        let dir = store.publish(scratch, "one").unwrap();
-        assert!(dir.join(MANIFEST).is_file());
-        let dropped = store.scratch().unwrap();
-        let left = dropped.path.clone();
-        drop(dropped);
-        assert!(!left.exists());
-        assert!(matches!(
-            store.check_free("one"),
-            Err(CheckpointError::AlreadyExists { .. })
-        ));
-        assert!(matches!(
-            store.check_free("../x"),
-            Err(CheckpointError::Invalid(_))
-        ));
-        let names: Vec<String> = store
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|(_, m)| m.name)
-            .collect();
-        assert_eq!(names, vec!["one"]);
-        let lease = store.lease("one").unwrap();
-        assert!(matches!(
-            store.delete("one"),
-            Err(CheckpointError::InUse { .. })
-        ));
-        drop(lease);
-        assert!(store.delete("one").unwrap().is_some());
-        assert!(matches!(
-            store.delete("one"),
-            Err(CheckpointError::NotFound { .. })
-        ));
-    }
-
-    #[test]
-    fn outputs_that_are_links_or_unknown_archives_are_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dangling = tmp.path().join("dangling");
-        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
-        let err = check_output(&dangling).unwrap_err().to_string();
-        assert!(err.contains("is a symlink"), "{err}");
-        let to_dir = tmp.path().join("to-dir");
-        std::os::unix::fs::symlink(tmp.path(), &to_dir).unwrap();
-        assert!(check_output(&to_dir).is_err());
-        let err = check_output(&tmp.path().join("x.zip"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("ends in .zip: the output is a directory, or a .tar"),
-            "{err}"
-        );
-        for fine in ["x.tar", "x.tar.gz", "x.tgz", "plain-dir"] {
-            check_output(&tmp.path().join(fine)).unwrap();
-        }
-    }
-
-    #[test]
-    fn export_and_import_as_tar_gzip_and_directory() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("c");
-        payload(&dir);
-        let m = Manifest::seal(&dir, base("c"), &key()).unwrap();
-        for name in ["x.tar", "x.tar.gz"] {
-            let out = tmp.path().join(name);
-            export(&dir, &out).unwrap();
-            let into = tmp.path().join(format!("in-{name}"));
-            std::fs::create_dir(&into).unwrap();
-            import(&out, &into).unwrap();
-            assert_eq!(Manifest::verify(&into, name, &key()).unwrap(), m);
-            // Truncated archives: refused by the unpack or by the verify.
-            let bytes = std::fs::read(&out).unwrap();
-            let cut = tmp.path().join(format!("cut-{name}"));
-            std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-            let into = tmp.path().join(format!("cut-in-{name}"));
-            std::fs::create_dir(&into).unwrap();
-            let refused = import(&cut, &into)
-                .and_then(|()| Manifest::verify(&into, name, &key()).map(|_| ()));
-            assert!(refused.is_err(), "{name}");
-        }
-        let out = tmp.path().join("copy");
-        export(&dir, &out).unwrap();
-        assert_eq!(Manifest::verify(&out, "copy", &key()).unwrap(), m);
-        assert!(
-            export(&dir, &out).is_err(),
-            "a non-empty directory is refused"
-        );
-        assert!(export(&dir, Path::new("rel.tar")).is_err());
-    }
-
-    #[test]
-    fn hostile_archives_are_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let evil = tmp.path().join("evil.tar");
-        let mut b = tar::Builder::new(std::fs::File::create(&evil).unwrap());
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_link_name("/etc/passwd").unwrap();
-        b.append_data(&mut h, "link", std::io::empty()).unwrap();
-        b.finish().unwrap();
-        drop(b);
-        let into = tmp.path().join("in");
-        std::fs::create_dir(&into).unwrap();
-        let err = import(&evil, &into).unwrap_err().to_string();
-        assert!(err.contains("not a file or directory"), "{err}");
-        std::fs::write(
-            tmp.path().join("junk.tar"),
-            b"not a tar at all, just some words",
-        )
-        .unwrap();
-        assert!(import(&tmp.path().join("junk.tar"), &into).is_err());
-    }
-}
+mod tests;

@@ -308,13 +308,20 @@ impl ControlPlane {
                 let what = format!("{:?}", path.display().to_string());
                 // Copied into the store's own directory first, so what is verified is what
                 // the backend reads, whoever can write the path meanwhile.
+                // Nothing is copied before the seal is checked: a path that is not a
+                // checkpoint of a server with the key fills no disk.
                 if path.is_dir() || path.is_file() {
                     let scratch = store.scratch()?;
                     let (from, into) = (path.clone(), scratch.path.clone());
+                    let (w, key) = (what.clone(), store.key().clone());
                     if path.is_dir() {
-                        blocking(move || ckpt::copy_in(&from, &into)).await?;
+                        blocking(move || {
+                            Manifest::check_sealed(&from, &w, &key)?;
+                            ckpt::copy_in(&from, &into)
+                        })
+                        .await?;
                     } else {
-                        blocking(move || ckpt::import(&from, &into)).await?;
+                        blocking(move || ckpt::import(&from, &into, &key)).await?;
                     }
                     (scratch.path.clone(), what, false, Hold::Scratch(scratch))
                 } else {
