@@ -169,8 +169,11 @@ pub fn pod(req: &ControllerCreateRequest) -> Result<Pod, ResourceError> {
         Some(any) => parse_oci("sandbox.spec", &any.value)?,
         None => OciSubset::default(),
     };
+    // containerd's copy of the pod-level resources is read from the spec it wrote alone: a
+    // pod's own annotation of the same key is the pod's, not containerd's.
+    let spec_annotations = spec.annotations.unwrap_or_default();
     // Later sources win on a conflict: the spec, then the CRI config, then the request itself.
-    let mut annotations = spec.annotations.unwrap_or_default();
+    let mut annotations = spec_annotations.clone();
     if let Some(c) = &config {
         annotations.extend(c.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
@@ -185,9 +188,13 @@ pub fn pod(req: &ControllerCreateRequest) -> Result<Pod, ResourceError> {
         .map(|r| r.info(cri_field("resources")))
         .transpose()
         .map_err(in_context("options"))?;
-    let annotated = cri::annotated_resources(&annotations)
-        .and_then(|r| r.map(|r| r.info(cri::annotation_of)).transpose())
-        .map_err(in_context("sandbox"))?;
+    let annotated = if declared.is_some() {
+        None
+    } else {
+        cri::annotated_resources(&spec_annotations)
+            .and_then(|r| r.map(|r| r.info(cri::annotation_of)).transpose())
+            .map_err(in_context("sandbox.spec"))?
+    };
     // All zeros (containerd's annotations for an empty message) declare nothing.
     let declared = declared
         .or(annotated)
@@ -199,7 +206,12 @@ pub fn pod(req: &ControllerCreateRequest) -> Result<Pod, ResourceError> {
         .map_err(in_context("options"))?
         .unwrap_or_default();
 
-    annotations.retain(|k, _| !RESOURCE_ANNOTATIONS.contains(&k.as_str()));
+    annotations.retain(|k, _| {
+        !RESOURCE_ANNOTATIONS.contains(&k.as_str())
+            && !cri::SANDBOX_RESOURCE_ANNOTATIONS
+                .iter()
+                .any(|(key, _)| key == k)
+    });
     Ok(Pod {
         annotations,
         resources,

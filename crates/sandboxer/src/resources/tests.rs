@@ -323,7 +323,20 @@ fn sandbox_annotations_declare_what_the_config_does_not() {
     let msg = warren_runtime::error_chain(&pod(&create(&[], None, bad)).unwrap_err());
     assert_eq!(
         msg,
-        r#"sandbox: annotations["io.kubernetes.cri.sandbox-memory"]: "1Gi" is not a whole number (containerd writes the CRI value in decimal)"#
+        r#"sandbox.spec: annotations["io.kubernetes.cri.sandbox-memory"]: "1Gi" is not a whole number (containerd writes the CRI value in decimal)"#
+    );
+    // The same key among the pod's own annotations is the pod's, not containerd's copy:
+    // neither read nor kept on the sandbox.
+    let p = pod(&create(
+        &[("io.kubernetes.cri.sandbox-memory", "1Gi")],
+        None,
+        None,
+    ))
+    .unwrap();
+    assert_eq!(p.declared, None);
+    assert!(
+        !p.annotations
+            .contains_key("io.kubernetes.cri.sandbox-memory")
     );
     // A negative quota is no limit, as runc reads it.
     let negative = spec(serde_json::json!({
