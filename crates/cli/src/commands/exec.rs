@@ -14,8 +14,9 @@ pub struct Args {
     /// Keep stdin open and send it to the process (otherwise it reads end-of-file).
     #[arg(long, short = 'i')]
     interactive: bool,
-    /// Give the process a terminal (stderr is merged into stdout; the end of stdin reaches
-    /// it as the terminal's EOF character, ^D).
+    /// Give the process a terminal (stderr is merged into stdout). Its input is then a
+    /// terminal's, not a byte stream: lines of at most 4095 bytes, control characters act
+    /// (^C interrupts), and the end of stdin arrives as ^D. Pipe data with -i alone.
     #[arg(long, short = 't')]
     tty: bool,
     /// Environment variable KEY=VALUE (repeatable).
