@@ -478,6 +478,70 @@ fn corrupt_and_truncated_checkpoints_are_refused_leaving_nothing() {
     l.ok(&["rm", "src", "fine"]);
 }
 
+/// A tmpfs mounted for the test, unmounted when dropped (pass or fail).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, options: &str) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// An output that fails after the dump stopped the sandbox (here: a file system with no
+/// room for a new file) keeps the checkpoint, the only copy of its state, in the store.
+#[test]
+fn a_failed_output_keeps_the_checkpoint_of_the_stopped_sandbox() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "full", "--cpu", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_full) = Tmpfs::mount(dir.path(), "size=64k,nr_inodes=1") else {
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let to = dir.path().join("full.tar");
+    let out = server.warren(&["checkpoint", "full", "-o", to.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("No space left on device")
+            && err.contains(
+                "the sandbox stopped at the checkpoint, so the checkpoint is kept as \"full-"
+            ),
+        "{err}"
+    );
+    let name = err
+        .split("kept as \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    assert!(server.ok(&["checkpoint", "ls"]).contains(&name));
+    assert_eq!(
+        json(&server.ok(&["get", "full", "-o", "json"]))["status"]["phase"],
+        "Stopped"
+    );
+    // What was kept continues the sandbox.
+    server.ok(&["restore", &name]);
+    assert_eq!(
+        json(&server.ok(&["get", "full", "-o", "json"]))["status"]["phase"],
+        "Running"
+    );
+}
+
 #[test]
 fn slot_sandboxes_checkpoint_their_record_and_wasm_says_unsupported() {
     let mut server = TestServer::start();

@@ -59,6 +59,12 @@ pub enum CheckpointError {
         reason: &'static str,
         key: String,
     },
+    /// Writing a checkpoint to its output failed after the dump stopped the sandbox; the
+    /// checkpoint, the only copy of its state, was stored instead.
+    #[error(
+        "{reason}; the sandbox stopped at the checkpoint, so the checkpoint is kept as {name:?} (warren restore {name}, or warren checkpoint export {name} PATH)"
+    )]
+    Kept { name: String, reason: String },
     /// The key file cannot be used.
     #[error("checkpoint key {path}: {reason}")]
     Key { path: String, reason: String },

@@ -227,7 +227,25 @@ impl ControlPlane {
             CheckpointTarget::Output(path) => {
                 let dir = scratch.path.clone();
                 let to = path.clone();
-                blocking(move || ckpt::export(&dir, &to)).await?;
+                match blocking(move || ckpt::export(&dir, &to)).await {
+                    Ok(_) => {}
+                    Err(e) if leave_running => return Err(e),
+                    Err(e) => {
+                        // The dump stopped the sandbox: this checkpoint is all that is left
+                        // of its state, so it is stored rather than thrown away.
+                        let reason = warren_runtime::error_chain(&e);
+                        return Err(match store.check_free(&name) {
+                            Ok(()) => match store.publish(scratch, &name) {
+                                Ok(_) => {
+                                    warn!(sandbox = %rec.spec.name, checkpoint = %name, "output failed; checkpoint stored instead");
+                                    CheckpointError::Kept { name, reason }.into()
+                                }
+                                Err(_) => e,
+                            },
+                            Err(_) => e,
+                        });
+                    }
+                }
                 drop(scratch);
                 (path, false)
             }
