@@ -478,6 +478,40 @@ fn corrupt_and_truncated_checkpoints_are_refused_leaving_nothing() {
     l.ok(&["rm", "src", "fine"]);
 }
 
+/// A restore runs under the policy that applies now: one with what a restored sandbox
+/// cannot have (an exec list, enforced by a seccomp listener CRIU does not restore) refuses
+/// the restore, leaving the checkpointed sandbox as it was.
+#[test]
+fn a_restore_under_a_policy_it_cannot_keep_is_refused() {
+    let l = criu_or_skip!();
+    // A named command, as an exec list needs to admit it.
+    let out = l.run("gated", &["--entrypoint", "/bin/sh"], &["-c", COUNTER]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_count(&l, "gated", 2);
+    l.ok(&["checkpoint", "gated", "--name", "g1"]);
+    let path = l.server.dir.path().join("default.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: warren.dev/v1\nkind: Policy\nmetadata:\n  name: default\nspec:\n  exec:\n    allow: [\"/bin/*\"]\n",
+    )
+    .unwrap();
+    l.ok(&["policy", "apply", "-f", path.to_str().unwrap()]);
+    let out = l.warren(&["restore", "g1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("restore: its policy has an exec list"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        json(&l.ok(&["get", "gated", "-o", "json"]))["status"]["phase"],
+        "Stopped"
+    );
+    l.ok(&["policy", "rm", "default"]);
+    assert_eq!(l.ok(&["restore", "g1"]), "gated\n");
+    l.ok(&["rm", "gated"]);
+}
+
 /// A tmpfs mounted for the test, unmounted when dropped (pass or fail).
 struct Tmpfs(PathBuf);
 

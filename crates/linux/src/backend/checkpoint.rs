@@ -93,26 +93,9 @@ pub(super) async fn checkpoint(
     let bundle = backend.bundle(id);
     let container: ContainerConfig = config::read_json(&bundle, config::CONFIG_FILE)
         .map_err(|e| BackendError::io("read", &bundle.join(config::CONFIG_FILE), e))?;
-    // CRIU cannot restore a seccomp user-notification listener (the exec gate) nor a veth
-    // pair whose host end the supervisor owns (egress): refuse rather than restore a sandbox
-    // without the policy that confined it.
-    if container.exec_allow.is_some() {
+    if let Some(why) = not_restorable(&container) {
         return Err(BackendError::Invalid(format!(
-            "sandbox {id}: its policy has an exec list (enforced by a seccomp listener CRIU \
-             cannot restore); checkpoints of such sandboxes are not supported"
-        )));
-    }
-    if container.egress.is_some() {
-        return Err(BackendError::Invalid(format!(
-            "sandbox {id}: its policy's network.mode is egress (a veth pair CRIU cannot \
-             restore); checkpoints of such sandboxes are not supported"
-        )));
-    }
-    if container.storage_bytes.is_some() {
-        return Err(BackendError::Invalid(format!(
-            "sandbox {id}: it has a storage limit (its writable layer is a file system of its \
-             own, which checkpoints do not save yet); checkpoints of such sandboxes are not \
-             supported"
+            "sandbox {id}: {why}; checkpoints of such sandboxes are not supported"
         )));
     }
     let criu = inner.criu()?;
@@ -396,6 +379,26 @@ pub(super) async fn restore(
     Ok(backend.info(id).unwrap_or(info))
 }
 
+/// Why a sandbox of `container` cannot come back from a checkpoint, if it cannot. CRIU
+/// cannot restore a seccomp user-notification listener (the exec gate) nor a veth pair whose
+/// host end the supervisor owns (egress), and checkpoints do not save a storage limit's file
+/// system: such a sandbox is neither checkpointed nor restored, rather than run less
+/// confined than its policy says.
+fn not_restorable(container: &ContainerConfig) -> Option<&'static str> {
+    if container.exec_allow.is_some() {
+        Some("its policy has an exec list (enforced by a seccomp listener CRIU cannot restore)")
+    } else if container.egress.is_some() {
+        Some("its policy's network.mode is egress (a veth pair CRIU cannot restore)")
+    } else if container.storage_bytes.is_some() {
+        Some(
+            "it has a storage limit (its writable layer is a file system of its own, which \
+             checkpoints do not save yet)",
+        )
+    } else {
+        None
+    }
+}
+
 /// What a restore of the checkpoint in `dir` needs, checked: its `linux.json`, CRIU, and
 /// the container's config (its image by the id the checkpoint recorded, its host paths where
 /// they lead now, its egress block taken, which the caller gives back on failure).
@@ -421,6 +424,14 @@ fn prepare(
         }
         (e, _) => e,
     })?;
+    // The policy that applies now is the one the restored sandbox must keep.
+    if let Some(why) = not_restorable(&container) {
+        inner.network.release(&config.id);
+        return Err(BackendError::Invalid(format!(
+            "restore: {why}; a restored sandbox cannot have that: restore it under a policy \
+             without it"
+        )));
+    }
     if container.mounts.len() != saved.mounts.len() {
         inner.network.release(&config.id);
         return Err(BackendError::Invalid(format!(
