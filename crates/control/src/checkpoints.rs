@@ -25,7 +25,7 @@ pub fn status_of(e: &CheckpointError, msg: String) -> Status {
         CheckpointError::Corrupt { .. } => Status::data_loss(msg),
         CheckpointError::Untrusted { .. } => Status::failed_precondition(msg),
         CheckpointError::Key { .. } => Status::internal(msg),
-        CheckpointError::Kept { .. } => Status::aborted(msg),
+        CheckpointError::Kept { .. } => Status::internal(msg),
         CheckpointError::Invalid(_) => Status::invalid_argument(msg),
         CheckpointError::Io { .. } => Status::internal(msg),
     }

@@ -93,7 +93,6 @@ pub async fn copy_logs(
     Ok(())
 }
 
-/// Deletes the sandbox in warren; one already gone is fine.
 /// Removes task `name`'s sandbox after its shim died, if it is the task's: one labelled
 /// with another containerd namespace (warren's names are global, containerd's ids are per
 /// namespace) belongs to another task and is left. Returns whether it was removed.
@@ -132,6 +131,7 @@ pub async fn remove_sandbox_of(
     remove_sandbox(client, name).await.map(|()| true)
 }
 
+/// Deletes the sandbox in warren; one already gone is fine.
 pub async fn remove_sandbox(
     client: &mut warren_control::client::Client,
     name: &str,

@@ -36,6 +36,8 @@ pub const SEAL: &str = "manifest.mac";
 /// The manifest format this server writes and reads.
 pub const FORMAT: u32 = 1;
 const TMP_PREFIX: &str = ".tmp-";
+/// In the store once its checkpoints from before seals were sealed.
+const SEALED_MARKER: &str = ".sealed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -393,26 +395,10 @@ impl Manifest {
     }
 
     fn read_bytes(dir: &Path, what: &str) -> Result<Vec<u8>, CheckpointError> {
-        let path = dir.join(MANIFEST);
-        if let Ok(meta) = std::fs::metadata(&path)
-            && meta.len() > MAX_MANIFEST
-        {
-            return Err(CheckpointError::Corrupt {
-                what: what.to_string(),
-                reason: format!(
-                    "{MANIFEST} has {} bytes, more than {MAX_MANIFEST}",
-                    meta.len()
-                ),
-            });
-        }
-        match std::fs::read(&path) {
-            Ok(b) => Ok(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CheckpointError::Corrupt {
-                what: what.to_string(),
-                reason: format!("it has no {MANIFEST}"),
-            }),
-            Err(e) => Err(io("read", &path)(e)),
-        }
+        read_small(dir, MANIFEST, MAX_MANIFEST, what)?.ok_or_else(|| CheckpointError::Corrupt {
+            what: what.to_string(),
+            reason: format!("it has no {MANIFEST}"),
+        })
     }
 
     /// Reads `dir/manifest.json` without checking the payload or the seal (for listings).
@@ -455,27 +441,24 @@ impl Manifest {
         })
     }
 
-    /// Checks that the checkpoint directory `dir` is sealed with `key`, reading only its
-    /// manifest and seal (before a restore copies anything of it).
-    pub fn check_sealed(
+    /// The manifest of the checkpoint directory `dir` and its seal, as read, once the seal
+    /// is checked under `key` (before a restore copies anything of it).
+    fn sealed(
         dir: &Path,
         what: &str,
         key: &CheckpointKey,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<(Vec<u8>, Vec<u8>, Manifest), CheckpointError> {
         let bytes = Self::read_bytes(dir, what)?;
-        let seal_path = dir.join(SEAL);
-        let seal = match std::fs::read(&seal_path) {
-            Ok(seal) => seal,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CheckpointError::Untrusted {
-                    what: what.to_string(),
-                    reason: "is not sealed (it has no manifest.mac)",
-                    key: key.path().display().to_string(),
-                });
-            }
-            Err(e) => return Err(io("read", &seal_path)(e)),
+        let Some(seal) = read_small(dir, SEAL, MAX_SEAL, what)? else {
+            return Err(CheckpointError::Untrusted {
+                what: what.to_string(),
+                reason: "is not sealed (it has no manifest.mac)",
+                key: key.path().display().to_string(),
+            });
         };
-        Self::check_seal(&bytes, &seal, what, key)
+        Self::check_seal(&bytes, &seal, what, key)?;
+        let manifest = Self::parse(&bytes, what)?;
+        Ok((bytes, seal, manifest))
     }
 
     /// Checks the manifest's seal under `key`, then every payload file against the
@@ -492,13 +475,8 @@ impl Manifest {
             reason,
             key: key.path().display().to_string(),
         };
-        let seal_path = dir.join(SEAL);
-        let seal = match std::fs::read(&seal_path) {
-            Ok(seal) => seal,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(untrusted("is not sealed (it has no manifest.mac)"));
-            }
-            Err(e) => return Err(io("read", &seal_path)(e)),
+        let Some(seal) = read_small(dir, SEAL, MAX_SEAL, what)? else {
+            return Err(untrusted("is not sealed (it has no manifest.mac)"));
         };
         Self::check_seal(&bytes, &seal, what, key)?;
         let manifest = Self::parse(&bytes, what)?;
@@ -551,6 +529,63 @@ impl Manifest {
     }
 }
 
+/// Opens `dir/rel` for reading as a regular file, never through a link and without
+/// blocking on a FIFO; `None` if there is no such file.
+fn open_regular(
+    dir: &Path,
+    rel: &str,
+    what: &str,
+) -> Result<Option<(std::fs::File, u64)>, CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(rel);
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(CheckpointError::Corrupt {
+                what: what.to_string(),
+                reason: format!("{rel} is a symlink, not a regular file"),
+            });
+        }
+        Err(e) => return Err(io("read", &path)(e)),
+    };
+    let meta = file.metadata().map_err(io("read", &path))?;
+    if !meta.is_file() {
+        return Err(CheckpointError::Corrupt {
+            what: what.to_string(),
+            reason: format!("{rel} is not a regular file"),
+        });
+    }
+    Ok(Some((file, meta.len())))
+}
+
+/// `dir/rel` (a regular file, at most `max` bytes), or `None` if there is none.
+fn read_small(
+    dir: &Path,
+    rel: &str,
+    max: u64,
+    what: &str,
+) -> Result<Option<Vec<u8>>, CheckpointError> {
+    let Some((file, _)) = open_regular(dir, rel, what)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("read", &dir.join(rel)))?;
+    if bytes.len() as u64 > max {
+        return Err(CheckpointError::Corrupt {
+            what: what.to_string(),
+            reason: format!("{rel} has more than {max} bytes"),
+        });
+    }
+    Ok(Some(bytes))
+}
+
 /// A manifest path as a relative path inside the checkpoint, or `None` if it leaves it.
 fn safe_relative(path: &str) -> Option<PathBuf> {
     let p = Path::new(path);
@@ -563,10 +598,10 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 /// Seals a checkpoint stored before seals existed: only this server writes its store, so
 /// what is there is its own. (Its payload is still checked against the manifest at use.)
 fn seal_stored(dir: &Path, name: &str, key: &CheckpointKey) {
-    if dir.join(SEAL).exists() {
+    if !dir.is_dir() || dir.is_symlink() || dir.join(SEAL).exists() {
         return;
     }
-    let Ok(manifest) = std::fs::read(dir.join(MANIFEST)) else {
+    let Ok(Some(manifest)) = read_small(dir, MANIFEST, MAX_MANIFEST, name) else {
         return;
     };
     match std::fs::write(dir.join(SEAL), format!("{}\n", key.seal(&manifest))) {
@@ -631,13 +666,20 @@ impl CheckpointStore {
     /// an interrupted write left.
     pub fn open(root: &Path, key: CheckpointKey) -> Result<CheckpointStore, CheckpointError> {
         std::fs::create_dir_all(root).map_err(io("create", root))?;
+        // Checkpoints stored before seals are sealed once, at the first start that knows
+        // seals; an unsealed one that appears later (copied in by hand) stays untrusted.
+        let marker = root.join(SEALED_MARKER);
+        let migrated = marker.exists();
         for entry in std::fs::read_dir(root).map_err(io("read", root))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(TMP_PREFIX) {
                 let _ = std::fs::remove_dir_all(entry.path());
-            } else if !name.starts_with('.') {
+            } else if !migrated && !name.starts_with('.') {
                 seal_stored(&entry.path(), &name, &key);
             }
+        }
+        if !migrated {
+            let _ = std::fs::write(&marker, b"");
         }
         Ok(CheckpointStore {
             root: root.to_path_buf(),
@@ -876,7 +918,7 @@ pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
         archive.mode(tar::HeaderMode::Deterministic);
         archive.follow_symlinks(false);
         // The manifest and its seal first, so an import checks the seal before it unpacks
-        // a byte of payload; then the payload's files, in the manifest's order.
+        // a byte of payload; then the payload's files, in path order.
         let what = format!("{:?}", dir.display().to_string());
         for rel in [Path::new(MANIFEST), Path::new(SEAL)]
             .into_iter()
@@ -906,9 +948,39 @@ pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
 }
 
 /// Copies the checkpoint directory `from` into the empty directory `into` (a restore's own
-/// copy of a checkpoint given by path). Like [`import`], only regular files and directories.
-pub fn copy_in(from: &Path, into: &Path) -> Result<(), CheckpointError> {
-    copy_tree(from, into).map(|_| ())
+/// copy of a checkpoint given by path): its seal checked under `key` first, then only the
+/// manifest, the seal and the files the manifest lists, each at most its listed size, opened
+/// without following links. ([`Manifest::verify`] then checks every byte of the copy.)
+pub fn copy_in(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), CheckpointError> {
+    let what = format!("{:?}", from.display().to_string());
+    let (bytes, seal, manifest) = Manifest::sealed(from, &what, key)?;
+    for (name, content) in [(MANIFEST, &bytes), (SEAL, &seal)] {
+        let dst = into.join(name);
+        std::fs::write(&dst, content).map_err(io("write", &dst))?;
+    }
+    for f in &manifest.files {
+        let rel = safe_relative(&f.path).ok_or_else(|| CheckpointError::Corrupt {
+            what: what.clone(),
+            reason: format!("the manifest lists a bad path {:?}", f.path),
+        })?;
+        let Some((file, _)) = open_regular(from, &f.path, &what)? else {
+            return Err(CheckpointError::Corrupt {
+                what: what.clone(),
+                reason: format!("{} is missing", f.path),
+            });
+        };
+        let dst = into.join(&rel);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        }
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dst)
+            .map_err(io("create", &dst))?;
+        std::io::copy(&mut file.take(f.size), &mut out).map_err(io("copy", &from.join(&rel)))?;
+    }
+    Ok(())
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<u64, CheckpointError> {
@@ -939,6 +1011,8 @@ fn copy_tree(from: &Path, to: &Path) -> Result<u64, CheckpointError> {
 /// Most bytes a manifest may have (its spec and file list), and its seal.
 const MAX_MANIFEST: u64 = 16 << 20;
 const MAX_SEAL: u64 = 1024;
+/// Most directory entries an imported archive may have (warren's exports have none).
+const MAX_DIRECTORY_ENTRIES: usize = 4096;
 
 /// Unpacks a checkpoint tar (plain or gzip, told by its first bytes) into the empty
 /// directory `into`. It must start with the manifest and its seal (as [`export`] writes it),
@@ -964,13 +1038,17 @@ pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Check
     let mut archive = tar::Archive::new(reader);
     // The tar crate's errors quote the header bytes they could not parse: for a file that is
     // not a checkpoint (`restore /etc/shadow`) that is the file's content, so they are not
-    // passed on.
+    // passed on. Raw: PAX and GNU long-name entries are not read (into memory, unbounded)
+    // but refused like any entry that is not a file; warren writes none.
     let entries = archive
         .entries()
-        .map_err(|_| corrupt("it is not a tar archive".to_string()))?;
+        .map_err(|_| corrupt("it is not a tar archive".to_string()))?
+        .raw(true);
     // The manifest and seal as read, until both are in and checked; then the listed sizes.
     let (mut manifest_bytes, mut seal) = (None::<Vec<u8>>, None::<Vec<u8>>);
     let mut listed: Option<BTreeMap<String, u64>> = None;
+    let mut unpacked = std::collections::HashSet::new();
+    let mut directories = 0usize;
     for entry in entries {
         let mut entry = entry.map_err(|_| {
             corrupt("it is not a checkpoint archive (a tar header is not valid)".to_string())
@@ -979,6 +1057,13 @@ pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Check
             .path()
             .map_err(|_| corrupt("a tar entry's name is not valid".to_string()))?
             .into_owned();
+        let kind = entry.header().entry_type();
+        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory) {
+            return Err(corrupt(format!(
+                "entry {:?} is a {kind:?}, not a file or directory",
+                path.display().to_string()
+            )));
+        }
         let rel: PathBuf = path
             .components()
             .filter(|c| !matches!(c, Component::CurDir))
@@ -994,12 +1079,22 @@ pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Check
         }
         let dst = into.join(&rel);
         match entry.header().entry_type() {
+            // Files' directories are made as they come; an archive of nothing but directory
+            // entries (cheap to compress) is not walked for ever.
             tar::EntryType::Directory => {
-                std::fs::create_dir_all(&dst).map_err(io("create", &dst))?;
+                directories += 1;
+                if directories > MAX_DIRECTORY_ENTRIES {
+                    return Err(corrupt(format!(
+                        "it has more than {MAX_DIRECTORY_ENTRIES} directory entries"
+                    )));
+                }
             }
             tar::EntryType::Regular => {
                 let name = slash_path(&rel);
                 let size = entry.header().size().unwrap_or(u64::MAX);
+                if !unpacked.insert(name.clone()) {
+                    return Err(corrupt(format!("{name} appears twice")));
+                }
                 let Some(listed) = &listed else {
                     // Before the seal is checked: only the manifest and the seal, in memory.
                     let (slot, max) = match name.as_str() {
@@ -1017,7 +1112,8 @@ pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Check
                         return Err(corrupt(format!("{name} has {size} bytes, more than {max}")));
                     }
                     let mut bytes = Vec::new();
-                    entry
+                    (&mut entry)
+                        .take(max)
                         .read_to_end(&mut bytes)
                         .map_err(|e| corrupt(format!("{name} is cut short or unreadable: {e}")))?;
                     *slot = Some(bytes);

@@ -254,6 +254,16 @@ fn checkpoints_stored_before_seals_are_sealed_when_the_store_opens() {
     assert!(Manifest::verify(&old, "old", &key()).is_err());
     let _store = CheckpointStore::open(&root, key()).unwrap();
     assert!(Manifest::verify(&old, "old", &key()).is_ok());
+    // Once only: an unsealed one copied in later is not blessed by the next start.
+    let later = root.join("later");
+    payload(&later);
+    Manifest::seal(&later, base("later"), &key()).unwrap();
+    std::fs::remove_file(later.join(SEAL)).unwrap();
+    let _store = CheckpointStore::open(&root, key()).unwrap();
+    assert!(matches!(
+        Manifest::verify(&later, "later", &key()),
+        Err(CheckpointError::Untrusted { .. })
+    ));
 }
 
 #[test]
@@ -406,4 +416,71 @@ fn hostile_archives_are_refused() {
     let err = import(&extra, &into, &key()).unwrap_err().to_string();
     assert!(err.contains("unlisted.bin is not in the manifest"), "{err}");
     assert!(!into.join("unlisted.bin").exists());
+}
+
+#[test]
+fn imports_refuse_what_they_would_read_unbounded_or_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    payload(&dir);
+    Manifest::seal(&dir, base("c"), &key()).unwrap();
+    let archive = |name: &str, build: &dyn Fn(&mut tar::Builder<std::fs::File>)| {
+        let path = tmp.path().join(name);
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        build(&mut b);
+        b.finish().unwrap();
+        drop(b);
+        let into = tmp.path().join(format!("in-{name}"));
+        std::fs::create_dir(&into).unwrap();
+        (path, into)
+    };
+    // A GNU long name (its body is a name the tar crate would read whole into memory).
+    let long = "x".repeat(300);
+    let (path, into) = archive("long.tar", &|b| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, &long, &b"z"[..]).unwrap();
+    });
+    let err = import(&path, &into, &key()).unwrap_err().to_string();
+    assert!(err.contains("not a file or directory"), "{err}");
+    // A PAX header (its size record would override the entry's).
+    let (path, into) = archive("pax.tar", &|b| {
+        b.append_pax_extensions([("size", &b"314572800"[..])])
+            .unwrap();
+        b.append_path_with_name(dir.join(MANIFEST), MANIFEST)
+            .unwrap();
+    });
+    let err = import(&path, &into, &key()).unwrap_err().to_string();
+    assert!(err.contains("not a file or directory"), "{err}");
+    // A listed file twice.
+    let (path, into) = archive("twice.tar", &|b| {
+        for f in [MANIFEST, SEAL, "linux.json", "linux.json"] {
+            b.append_path_with_name(dir.join(f), f).unwrap();
+        }
+    });
+    let err = import(&path, &into, &key()).unwrap_err().to_string();
+    assert!(err.contains("linux.json appears twice"), "{err}");
+}
+
+#[test]
+fn a_directory_restore_copies_only_listed_regular_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    payload(&dir);
+    let m = Manifest::seal(&dir, base("c"), &key()).unwrap();
+    std::fs::write(dir.join("images/extra.img"), vec![0u8; 4096]).unwrap();
+    let into = tmp.path().join("in");
+    std::fs::create_dir(&into).unwrap();
+    copy_in(&dir, &into, &key()).unwrap();
+    assert!(!into.join("images/extra.img").exists());
+    assert_eq!(Manifest::verify(&into, "in", &key()).unwrap(), m);
+    // A seal that is a link (to anything, however large) is not followed.
+    std::fs::rename(dir.join(SEAL), tmp.path().join("mac")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("mac"), dir.join(SEAL)).unwrap();
+    let into = tmp.path().join("in2");
+    std::fs::create_dir(&into).unwrap();
+    let err = copy_in(&dir, &into, &key()).unwrap_err().to_string();
+    assert!(err.contains("manifest.mac is a symlink"), "{err}");
+    assert!(std::fs::read_dir(&into).unwrap().next().is_none());
 }
