@@ -214,6 +214,17 @@ impl LogWriter {
         self.lock().closed = false;
     }
 
+    /// Counts what the file already holds against the limit, for a deferred writer of a log
+    /// that exists (a sandbox taken back after a restart) and may be written to before
+    /// [`LogWriter::open`].
+    pub fn count_existing(&self) {
+        let existing = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let mut state = self.lock();
+        if state.file.is_none() {
+            state.written = existing + state.pending.len() as u64;
+        }
+    }
+
     /// Creates (or appends to) the file, making its directory if missing, and writes what
     /// was recorded before. Does nothing if it is open already.
     pub fn open(&self) -> Result<(), LogError> {
@@ -235,11 +246,10 @@ impl LogWriter {
             file.write_all(&pending)
                 .map_err(|e| io_error("write", &self.path, e))?;
         }
-        state.written += existing;
-        if state.closed {
-            // Opened after the workload ended: its records are out; the file is not held.
-            state.written = 0;
-        } else {
+        // What the file holds now: what was there and what waited. (What waited was counted
+        // as written; a count carried over a close is the file's old length, so it is reset.)
+        state.written = existing + pending.len() as u64;
+        if !state.closed {
             state.file = Some(file);
         }
         Ok(())
@@ -305,10 +315,9 @@ impl LogWriter {
         }
         let appended = state.append(&self.path, &out);
         state.closed = true;
-        if state.file.take().is_some() {
-            // What the next open finds in the file.
-            state.written = 0;
-        }
+        // `written` stays the file's length, so output before the next open (a new run's,
+        // held in memory) is counted against the limit from there.
+        state.file = None;
         appended
     }
 }
@@ -750,6 +759,49 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(open_on(&path), 0);
+    }
+
+    #[test]
+    fn a_new_run_before_its_file_opens_is_held_to_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("output.log");
+        let w = LogWriter::deferred(&path, Some(300));
+        w.write(Stream::Stdout, &[b'a'; 100]).expect("write");
+        w.write(Stream::Stdout, b"\n").expect("write");
+        // The run ends before its file job opened the file; the late open writes it out.
+        w.close().expect("close");
+        w.open().expect("late open");
+        let first = std::fs::metadata(&path).expect("log").len();
+        assert!(first > 100, "{first}");
+        // The next run writes before its open: counted from the file's length.
+        w.begin();
+        for _ in 0..5 {
+            w.write(Stream::Stdout, &[b'b'; 100]).expect("write");
+            w.write(Stream::Stdout, b"\n").expect("write");
+        }
+        w.open().expect("open");
+        w.close().expect("close");
+        let got = records(&path);
+        assert!(
+            String::from_utf8_lossy(&got.last().expect("records").content)
+                .contains("limit of 300 bytes"),
+            "{got:?}"
+        );
+        let len = std::fs::metadata(&path).expect("log").len();
+        assert!(
+            len <= 300 + 200,
+            "{len} bytes: the limit held (plus its notice)"
+        );
+        // A writer for a log that exists counts it before its open.
+        let again = LogWriter::deferred(&path, Some(300));
+        again.count_existing();
+        again.write(Stream::Stdout, b"more\n").expect("write");
+        again.open().expect("open");
+        let got = records(&path);
+        assert!(
+            !got.iter().any(|r| r.content == b"more"),
+            "full already: {got:?}"
+        );
     }
 
     #[test]

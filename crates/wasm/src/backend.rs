@@ -946,8 +946,9 @@ impl Backend for WasmBackend {
             }
         };
         // Adopted sandboxes are not running (a wasm guest ends with its server): the log file,
-        // if any, is opened again only if the sandbox starts again.
+        // if any, is opened again only if the sandbox starts again, its length counted now.
         let log = LogWriter::deferred(dir.join(LOG_FILE), inner.config.log_max_bytes);
+        log.count_existing();
         let info = inner.info(id, &module, cache);
         let sandbox = Sandbox {
             program,
