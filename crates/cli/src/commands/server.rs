@@ -92,8 +92,9 @@ pub struct Args {
     /// /usr/local/lib/warren/criu/criu (scripts/install-criu.sh), then criu on PATH.
     #[arg(long, value_name = "PATH")]
     criu: Option<std::path::PathBuf>,
-    /// The secret checkpoints are sealed with (64 hex digits, mode 0600); made at
-    /// DIR/checkpoint.key if absent. Servers that restore each other's checkpoints share it.
+    /// The secret checkpoints are sealed with (64 hex digits, mode 0600), which must exist.
+    /// Default: DIR/checkpoint.key, made if absent. Servers that restore each other's
+    /// checkpoints share one.
     #[arg(long, value_name = "FILE")]
     checkpoint_key: Option<std::path::PathBuf>,
     /// IPv4 range the linux backend gives `network.mode: egress` sandboxes their addresses

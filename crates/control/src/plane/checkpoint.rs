@@ -234,16 +234,21 @@ impl ControlPlane {
                         // The dump stopped the sandbox: this checkpoint is all that is left
                         // of its state, so it is stored rather than thrown away.
                         let reason = warren_runtime::error_chain(&e);
-                        return Err(match store.check_free(&name) {
-                            Ok(()) => match store.publish(scratch, &name) {
+                        return Err(
+                            match store
+                                .check_free(&name)
+                                .and_then(|()| store.publish(scratch, &name))
+                            {
                                 Ok(_) => {
                                     warn!(sandbox = %rec.spec.name, checkpoint = %name, "output failed; checkpoint stored instead");
                                     CheckpointError::Kept { name, reason }.into()
                                 }
-                                Err(_) => e,
+                                Err(kept) => ControlError::Internal(format!(
+                                    "{reason}; the sandbox stopped at the checkpoint, and storing the checkpoint as {name:?} failed too: {}",
+                                    warren_runtime::error_chain(&kept)
+                                )),
                             },
-                            Err(_) => e,
-                        });
+                        );
                     }
                 }
                 drop(scratch);
