@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use warren_proto::v1::sandboxes_client::SandboxesClient;
 
 use crate::address::Address;
+use crate::socket::ClientStream;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Debug, Clone, Default)]
@@ -97,29 +98,32 @@ async fn connect_channel(
         address: address.to_string(),
         source,
     };
-    let channel = match address {
-        Address::Tcp(hp) => {
-            let endpoint = Endpoint::from_shared(format!("http://{hp}"))
-                .map_err(unreachable)?
-                .tcp_nodelay(true);
-            endpoint.connect().await.map_err(unreachable)?
-        }
-        Address::Unix(path) => {
-            let path = path.clone();
-            // The URI is unused: the connector below always dials the socket.
-            Endpoint::from_static("http://warren.local")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-                .map_err(unreachable)?
-        }
+    // Both kinds through a connector of warren's, whose writes raise no SIGPIPE
+    // (crate::socket). The URI names the server in requests; the connector dials it.
+    let (uri, address) = match address {
+        Address::Tcp(hp) => (format!("http://{hp}"), address.clone()),
+        Address::Unix(_) => ("http://warren.local".to_string(), address.clone()),
     };
+    let channel = Endpoint::from_shared(uri)
+        .map_err(unreachable)?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let address = address.clone();
+            async move {
+                let stream = match address {
+                    Address::Tcp(hp) => {
+                        let stream = tokio::net::TcpStream::connect(hp.as_str()).await?;
+                        stream.set_nodelay(true)?;
+                        ClientStream::Tcp(stream)
+                    }
+                    Address::Unix(path) => {
+                        ClientStream::Unix(tokio::net::UnixStream::connect(path).await?)
+                    }
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(unreachable)?;
     // An empty token (`WARREN_TOKEN=` in a unit file) is no token, as it always was.
     let bearer = match token.filter(|t| !t.is_empty()) {
         // A header takes bytes above ASCII too, but the server would never match them.

@@ -36,6 +36,7 @@ pub mod registrations;
 pub mod scheduler;
 pub mod selector;
 pub mod server;
+pub mod socket;
 pub mod store;
 
 pub use address::Address;
