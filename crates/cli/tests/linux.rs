@@ -474,9 +474,15 @@ fn logs_count_whole_lines_and_followers_end_with_their_client_or_the_server() {
         .expect("watch lists the sandboxes");
     wait_for(&|n| n > before, "the last follower opens the log");
     assert!(l.server.terminate().success());
-    for child in [last, watch] {
+    for (what, child) in [("logs -f", last), ("watch", watch)] {
         let out = child.wait_with_output().expect("wait");
-        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: {:?} {}",
+            out.status,
+            stderr(&out)
+        );
         assert!(
             stderr(&out).contains("the server is shutting down"),
             "{}",

@@ -139,11 +139,12 @@ impl Drop for Env {
         for e in std::fs::read_dir(&bundles).into_iter().flatten().flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             if let Ok(text) = std::fs::read_to_string(e.path().join("state.json"))
-                && let Ok(state) = serde_json::from_str::<serde_json::Value>(&text)
-                && let Some(pid) = state["supervisorPid"].as_i64()
+                && let Ok(state) = serde_json::from_str::<warren_linux::config::State>(&text)
+                && state.supervisor_alive()
             {
+                // Only while it is still the process that wrote the state: pids are reused.
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::unistd::Pid::from_raw(state.supervisor_pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }

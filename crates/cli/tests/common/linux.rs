@@ -167,20 +167,18 @@ impl Drop for Linux {
             .filter_map(|d| std::fs::read_dir(d).ok())
             .flat_map(|entries| entries.flatten().collect::<Vec<_>>())
             .collect::<Vec<_>>();
-        {
-            for e in dirs {
-                if let Ok(text) = std::fs::read_to_string(e.path().join("state.json"))
-                    && let Ok(state) = serde_json::from_str::<serde_json::Value>(&text)
-                {
-                    for key in ["supervisorPid", "pid"] {
-                        if let Some(pid) = state[key].as_i64() {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid as i32),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                    }
-                }
+        // A supervisor is killed only while it is still the process that wrote its state (a
+        // recorded pid may since belong to anything, another test's child included); the
+        // workloads are killed through their cgroups.
+        for e in dirs {
+            if let Ok(text) = std::fs::read_to_string(e.path().join("state.json"))
+                && let Ok(state) = serde_json::from_str::<warren_linux::config::State>(&text)
+                && state.supervisor_alive()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(state.supervisor_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         kill_cgroups(&self.cgroup_parent);
