@@ -969,18 +969,24 @@ pub fn copy_in(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Chec
                 reason: format!("{} is missing", f.path),
             });
         };
-        let dst = into.join(&rel);
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-        }
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&dst)
-            .map_err(io("create", &dst))?;
+        let mut out = create_in(into, &rel)?;
         std::io::copy(&mut file.take(f.size), &mut out).map_err(io("copy", &from.join(&rel)))?;
     }
     Ok(())
+}
+
+/// A new file at `rel` inside the directory `into`, with its parent directories: never
+/// one that exists (a file listed twice), never through a link.
+fn create_in(into: &Path, rel: &Path) -> Result<std::fs::File, CheckpointError> {
+    let dst = into.join(rel);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&dst)
+        .map_err(io("create", &dst))
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<u64, CheckpointError> {
@@ -1077,7 +1083,6 @@ pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Check
                 path.display().to_string()
             )));
         }
-        let dst = into.join(&rel);
         match entry.header().entry_type() {
             // Files' directories are made as they come; an archive of nothing but directory
             // entries (cheap to compress) is not walked for ever.
@@ -1143,14 +1148,7 @@ pub fn import(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), Check
                     }
                     Some(_) => {}
                 }
-                if let Some(parent) = dst.parent() {
-                    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-                }
-                let mut out = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&dst)
-                    .map_err(io("create", &dst))?;
+                let mut out = create_in(into, &rel)?;
                 std::io::copy(&mut (&mut entry).take(size), &mut out)
                     .map_err(|e| corrupt(format!("{name} is cut short or unreadable: {e}")))?;
             }
