@@ -90,6 +90,7 @@ pub fn build(config: &BackendsConfig) -> Result<Backends, BackendsError> {
             // CRIU found the default way; checkpoints are taken through the server's own
             // backends only for now (docs/nodes.md).
             criu: None,
+            restore_timeout: warren_linux::DEFAULT_RESTORE_TIMEOUT,
             egress_range: warren_linux::egress::parse_range(&config.linux_egress_range)
                 .map_err(|e| fail("linux")(&e))?,
         },

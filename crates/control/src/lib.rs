@@ -42,6 +42,6 @@ pub mod store;
 pub use address::Address;
 pub use plane::{ControlError, ControlPlane, PlaneOptions, SandboxUpdate};
 pub use server::{Server, ServerConfig, ServerError, StoreConfig};
-pub use warren_linux::LinuxConfig;
+pub use warren_linux::{DEFAULT_RESTORE_TIMEOUT, LinuxConfig};
 pub use warren_vm::VmConfig;
 pub use warren_wasm::WasmConfig;

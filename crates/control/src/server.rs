@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub vm_warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints; `None` finds one (`warren_linux::criu`).
     pub criu: Option<PathBuf>,
+    /// How long CRIU may take to restore a linux checkpoint before it is killed.
+    pub restore_timeout: Duration,
     /// The key checkpoints are sealed with; `None`: `<dir>/checkpoint.key`, made if absent.
     pub checkpoint_key: Option<PathBuf>,
     /// The IPv4 range `network.mode: egress` linux sandboxes take their addresses from
@@ -279,6 +281,7 @@ impl Server {
                 default_stop_grace: config.default_grace,
                 warm: config.linux_warm.clone(),
                 criu: config.criu.clone(),
+                restore_timeout: config.restore_timeout,
                 egress_range: warren_linux::egress::parse_range(&config.linux_egress_range)
                     .map_err(|e| ServerError::Backend {
                         backend: "linux",

@@ -40,6 +40,9 @@ use warm::*;
 /// The reason a sandbox failed when the kernel OOM-killed it.
 pub const REASON_OOM: &str = "OOMKilled";
 pub const REASON_TIMEOUT: &str = "Timeout";
+/// How long CRIU may take to restore a checkpoint by default: minutes, as a large memory
+/// image takes a while to read back, but not for ever.
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long `stop` waits past the grace period for the supervisor to report the end.
 const STOP_SLACK: Duration = Duration::from_secs(5);
 
@@ -60,6 +63,9 @@ pub struct LinuxConfig {
     pub warm: Vec<(String, usize)>,
     /// The CRIU binary for checkpoints (`--criu`); `None` finds one ([`crate::criu`]).
     pub criu: Option<PathBuf>,
+    /// How long CRIU may take to restore a checkpoint before it is killed and the restore
+    /// fails ([`DEFAULT_RESTORE_TIMEOUT`] unless configured).
+    pub restore_timeout: Duration,
     /// Where `network.mode: egress` sandboxes get their addresses (a `/30` each).
     pub egress_range: ipnet::Ipv4Net,
 }

@@ -51,7 +51,7 @@ pub mod restore;
 pub mod seccomp;
 pub mod supervisor;
 
-pub use backend::{LinuxBackend, LinuxConfig, WARM_LABEL};
+pub use backend::{DEFAULT_RESTORE_TIMEOUT, LinuxBackend, LinuxConfig, WARM_LABEL};
 
 /// This crate's build: a hash of its sources (see `build.rs`). A supervisor binary answers
 /// `--build-id` with its own, and the server uses it only when the two match.

@@ -24,14 +24,16 @@
 //! Any failure kills what CRIU may have left in the cgroup, removes the cgroup, and reports
 //! `error MESSAGE` with the reason from CRIU's log: nothing half-restored remains.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
+use rustix::process::PidfdFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, CgroupLayout, CgroupLimits};
@@ -67,6 +69,10 @@ pub struct RestoreSpec {
     /// (cookie, host directory) of each bind mount from the host.
     #[serde(default)]
     pub mounts: Vec<(String, PathBuf)>,
+    /// How long CRIU may take; past it CRIU is killed and the restore fails. `None`: no
+    /// limit.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// Runs the restore mode for the bundle; returns the process exit code.
@@ -130,7 +136,7 @@ fn restore(bundle: &Path) -> Result<Running, String> {
 
 /// Reaps every ended child (what a failed restore left reparented to this subreaper).
 fn reap_all() {
-    while let Ok(status) = waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
         if status == WaitStatus::StillAlive {
             break;
         }
@@ -231,12 +237,7 @@ fn restore_in(
         ForkResult::Parent { child } => child,
     };
     drop((out_w, err_w, stdin));
-    let status = loop {
-        match waitpid(criu_pid, None) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
+    let status = wait_criu(criu_pid, spec.timeout_ms.map(Duration::from_millis))?;
     let log = std::fs::read_to_string(bundle.join(criu::RESTORE_LOG)).unwrap_or_default();
     let failed = |why: String| criu::CriuError::Failed {
         action: "restore",
@@ -244,15 +245,14 @@ fn restore_in(
         log: bundle.join(criu::RESTORE_LOG).display().to_string(),
     };
     match status {
-        Ok(WaitStatus::Exited(_, 0)) => {}
-        Ok(WaitStatus::Exited(_, 127)) if log.is_empty() => {
+        WaitStatus::Exited(_, 0) => {}
+        WaitStatus::Exited(_, 127) if log.is_empty() => {
             return Err(format!(
                 "cannot start criu ({}); see supervisor.log",
                 spec.criu.display()
             ));
         }
-        Ok(_) => return Err(crate::error_chain(&failed(criu::log_reason(&log)))),
-        Err(e) => return Err(format!("wait for criu: {e}")),
+        _ => return Err(crate::error_chain(&failed(criu::log_reason(&log)))),
     }
     let pid = std::fs::read_to_string(&pidfile)
         .ok()
@@ -267,6 +267,47 @@ fn restore_in(
     // The container holds its own bind of the root; this namespace's copy is not needed.
     let _ = umount2(&rootfs, MntFlags::MNT_DETACH);
     Ok((pid, out_r, err_r))
+}
+
+/// Waits for CRIU to end, for at most `limit`: a CRIU that hangs (on a lock, a stuck
+/// device, a page it cannot read) must not hold the restore, its request and the sandbox's
+/// name for ever. Past the limit CRIU is killed; what it made in the cgroup goes with the
+/// caller's clean-up. The wait is on a pidfd, so the restore's end is seen at once; a kernel
+/// without pidfds (before 5.3) is polled every few milliseconds.
+fn wait_criu(pid: Pid, limit: Option<Duration>) -> Result<WaitStatus, String> {
+    let deadline = limit.map(|l| Instant::now() + l);
+    let pidfd = deadline.and_then(|_| {
+        rustix::process::Pid::from_raw(pid.as_raw())
+            .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok())
+    });
+    loop {
+        let flags = deadline.map(|_| WaitPidFlag::WNOHANG);
+        match waitpid(pid, flags) {
+            Ok(WaitStatus::StillAlive) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(status) => return Ok(status),
+            Err(e) => return Err(format!("wait for criu: {e}")),
+        }
+        let Some(deadline) = deadline else { continue };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(format!(
+                "criu did not finish the restore within {}s (the server's --restore-timeout) \
+                 and was killed",
+                limit.unwrap_or_default().as_secs_f64()
+            ));
+        }
+        match &pidfd {
+            Some(fd) => {
+                let ms = left.as_millis().clamp(1, 60_000) as u16;
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(ms));
+            }
+            None => std::thread::sleep(left.min(Duration::from_millis(5))),
+        }
+    }
 }
 
 /// In the forked child: joins the sandbox's cgroup and a cgroup namespace rooted there, puts

@@ -40,6 +40,11 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
+        Env::with(|_| {})
+    }
+
+    /// An environment whose backend's config `tweak` changed.
+    fn with(tweak: impl FnOnce(&mut LinuxConfig)) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("warren-ckpt-")
             .tempdir()
@@ -49,22 +54,21 @@ impl Env {
         images.import(&layout, None).unwrap();
         let cgroup_parent = format!("warren-ckpt-{}-{}", std::process::id(), seq());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let backend = LinuxBackend::new(
-            LinuxConfig {
-                dir: dir.path().join("linux"),
-                images,
-                supervisor: vec![env!("CARGO_BIN_EXE_warren-supervise").into()],
-                cgroup_parent: cgroup_parent.clone(),
-                log_max_bytes: None,
-                default_stop_grace: Duration::from_secs(2),
-                warm: Vec::new(),
-                criu: None,
-                // No egress sandboxes here; a range is required all the same.
-                egress_range: warren_linux::egress::parse_range("198.18.0.0/15").unwrap(),
-            },
-            tx,
-        )
-        .unwrap();
+        let mut config = LinuxConfig {
+            dir: dir.path().join("linux"),
+            images,
+            supervisor: vec![env!("CARGO_BIN_EXE_warren-supervise").into()],
+            cgroup_parent: cgroup_parent.clone(),
+            log_max_bytes: None,
+            default_stop_grace: Duration::from_secs(2),
+            warm: Vec::new(),
+            criu: None,
+            restore_timeout: warren_linux::DEFAULT_RESTORE_TIMEOUT,
+            // No egress sandboxes here; a range is required all the same.
+            egress_range: warren_linux::egress::parse_range("198.18.0.0/15").unwrap(),
+        };
+        tweak(&mut config);
+        let backend = LinuxBackend::new(config, tx).unwrap();
         Env {
             backend,
             dir,
@@ -319,6 +323,75 @@ async fn a_failed_restore_leaves_nothing() {
     let cg = warren_linux::cgroup::Cgroup::open(&layout, &env.cgroup_parent, "broken");
     assert!(!cg.exists(), "cgroup left");
     assert!(env.backend.status("broken").await.is_err());
+    env.backend.stop("s", Duration::ZERO).await.unwrap();
+    env.backend.delete("s").await.unwrap();
+}
+
+/// A CRIU that hangs is killed at the restore timeout: the restore fails saying so, soon,
+/// and leaves no bundle, cgroup or process behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_past_its_timeout_is_killed_and_leaves_nothing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(why) = skip_reason() {
+        eprintln!("{why}");
+        return;
+    }
+    let real = warren_linux::criu::Criu::find(None).unwrap().path;
+    let scripts = tempfile::tempdir().unwrap();
+    // The real CRIU for everything but a restore, which hangs (the sleep's odd length marks
+    // it among the machine's processes).
+    let fake = scripts.path().join("criu");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = restore ] && exec sleep 987.654\nexec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = Env::with(|c| {
+        c.criu = Some(fake.clone());
+        c.restore_timeout = Duration::from_secs(1);
+    });
+    let config = env.config("s", "s", &["sh", "-c", COUNTER]);
+    env.run(&config).await;
+    env.wait_line("s", |l| l == "count 2");
+    let ckpt = env.checkpoint_dir("c4");
+    env.backend.checkpoint(&config, &ckpt, true).await.unwrap();
+
+    let copy = env.config("hung", "hung", &["sh", "-c", COUNTER]);
+    let started = Instant::now();
+    // Bounded here too: without the timeout the restore would wait for the sleep.
+    let err = tokio::time::timeout(Duration::from_secs(30), env.backend.restore(&copy, &ckpt))
+        .await
+        .expect("the restore ends at its timeout")
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("criu did not finish the restore within 1s"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!env.dir.path().join("linux/hung").exists(), "bundle left");
+    let layout = warren_linux::cgroup::CgroupLayout::detect().unwrap();
+    let cg = warren_linux::cgroup::Cgroup::open(&layout, &env.cgroup_parent, "hung");
+    assert!(!cg.exists(), "cgroup left");
+    assert!(env.backend.status("hung").await.is_err());
+    let hung: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.windows(7).any(|w| w == b"987.654"))
+        })
+        .map(|e| e.file_name())
+        .collect();
+    assert!(hung.is_empty(), "the hung criu lives on: {hung:?}");
     env.backend.stop("s", Duration::ZERO).await.unwrap();
     env.backend.delete("s").await.unwrap();
 }

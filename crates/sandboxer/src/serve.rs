@@ -166,6 +166,7 @@ fn server_config(config: &Config) -> ServerConfig {
         linux_warm: Vec::new(),
         vm_warm: Vec::new(),
         criu: None,
+        restore_timeout: warren_control::DEFAULT_RESTORE_TIMEOUT,
         checkpoint_key: None,
         linux_egress_range: warren_control::server::DEFAULT_EGRESS_RANGE.to_string(),
         metrics_listen: None,

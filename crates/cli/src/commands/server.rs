@@ -92,6 +92,10 @@ pub struct Args {
     /// /usr/local/lib/warren/criu/criu (scripts/install-criu.sh), then criu on PATH.
     #[arg(long, value_name = "PATH")]
     criu: Option<std::path::PathBuf>,
+    /// How long CRIU may take to restore a checkpoint before it is killed and the restore
+    /// fails, e.g. 30s.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    restore_timeout: Duration,
     /// The secret checkpoints are sealed with (64 hex digits, mode 0600), which must exist.
     /// Default: DIR/checkpoint.key, made if absent. Servers that restore each other's
     /// checkpoints share one.
@@ -310,6 +314,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         vm_warm: warm_of(BackendKind::Vm, &warm),
         cgroup_parent: args.cgroup_parent,
         criu: args.criu,
+        restore_timeout: args.restore_timeout,
         // Absolute, so messages and logs name the file wherever they are read.
         checkpoint_key: args
             .checkpoint_key

@@ -349,7 +349,8 @@ pub(super) async fn restore(
     let started = async {
         let ports = super::ports::bind(&config.spec.ports)?;
         make_bundle(&bundle, &container)?;
-        fill_bundle(dir, &bundle, &container, &saved, &criu).await?;
+        let timeout = inner.config.restore_timeout;
+        fill_bundle(dir, &bundle, &container, &saved, &criu, timeout).await?;
         let started = spawn_supervisor(&inner, &bundle, Some("--restore")).await?;
         Ok::<_, BackendError>((started, ports))
     }
@@ -461,6 +462,7 @@ async fn fill_bundle(
     container: &ContainerConfig,
     saved: &LinuxCheckpoint,
     criu: &Criu,
+    timeout: Duration,
 ) -> Result<(), BackendError> {
     let tar = dir.join(ROOTFS_TAR);
     if container.rootfs.is_none() && tar.exists() {
@@ -505,6 +507,7 @@ async fn fill_bundle(
             .zip(&container.mounts)
             .map(|(m, host)| (m.cookie.clone(), host.host.clone()))
             .collect(),
+        timeout_ms: Some(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
     };
     config::write_json(bundle, crate::restore::SPEC_FILE, &spec)
         .map_err(|e| BackendError::io("write", &bundle.join(crate::restore::SPEC_FILE), e))
