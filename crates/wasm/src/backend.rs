@@ -605,24 +605,40 @@ fn env(
 /// so); a mount it does not allow is not mapped at all, so the guest finds nothing there.
 /// Admission refuses such specs already; this holds for sandboxes adopted or admitted in
 /// audit mode.
-fn mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Vec<(PathBuf, String, bool)> {
+///
+/// Each directory is opened here, once, and the policy is checked against where that open
+/// descriptor leads: a symlink to outside the policy's hostPaths (made since the create)
+/// maps nothing, and one swapped in after the check changes nothing, as the run preopens
+/// the descriptor's directory, not the path again.
+fn mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Vec<run::Mount> {
     spec.mounts
         .iter()
         .filter_map(|m| {
-            // What the preopen reaches: a symlink to outside the policy's hostPaths (made
-            // since the create) maps nothing.
-            let host = std::fs::canonicalize(&m.host).unwrap_or_else(|_| PathBuf::from(&m.host));
+            let dir = run::open_dir(Path::new(&m.host));
             let read_only = match policy {
                 None => m.read_only,
                 Some(p) if !p.host_path_allowed(&m.host) => return None,
-                Some(p) if !p.resolved_host_path_allowed(&host.to_string_lossy()) => return None,
-                Some(p) => match p.path_access(&m.guest) {
-                    None | Some(PathAccess::Writable) => m.read_only,
-                    Some(PathAccess::ReadOnly) => true,
-                    Some(PathAccess::Masked | PathAccess::None) => return None,
-                },
+                Some(p) => {
+                    // Not opened: nothing is mapped either way, the run reports why.
+                    if let Ok(dir) = &dir
+                        && !run::opened_path(dir)
+                            .is_some_and(|at| p.resolved_host_path_allowed(&at.to_string_lossy()))
+                    {
+                        return None;
+                    }
+                    match p.path_access(&m.guest) {
+                        None | Some(PathAccess::Writable) => m.read_only,
+                        Some(PathAccess::ReadOnly) => true,
+                        Some(PathAccess::Masked | PathAccess::None) => return None,
+                    }
+                }
             };
-            Some((host, m.guest.clone(), read_only))
+            Some(run::Mount {
+                dir,
+                host: PathBuf::from(&m.host),
+                guest: m.guest.clone(),
+                read_only,
+            })
         })
         .collect()
 }
@@ -990,5 +1006,71 @@ impl Backend for WasmBackend {
             memory_limit: Some(memory),
             ..ResourceInfo::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+    use super::*;
+
+    fn names(dir: &std::fs::File) -> Vec<String> {
+        let at = run::opened_path(dir).unwrap();
+        // Listed through the descriptor, as the run preopens it.
+        let held = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(dir));
+        assert!(at.is_absolute(), "{}", at.display());
+        let mut names: Vec<String> = std::fs::read_dir(held)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The policy is checked against the directory a mount's descriptor holds, and the
+    /// run preopens that directory: a symlink swapped in after the check reaches nothing
+    /// new, and one there before the check maps nothing.
+    #[test]
+    fn a_mount_is_the_directory_checked_not_the_path_again() {
+        let root = tempfile::tempdir().unwrap();
+        let allowed = root.path().join("allowed");
+        let outside = root.path().join("outside");
+        std::fs::create_dir_all(allowed.join("data")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(allowed.join("data/mine"), "").unwrap();
+        std::fs::write(outside.join("secret"), "").unwrap();
+        let policy = Policy::compile(
+            "p",
+            warren_spec::PolicySpec {
+                filesystem: Some(warren_spec::FilesystemPolicy {
+                    host_paths: Some(vec![allowed.display().to_string()]),
+                    read_only: vec!["/data".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let spec = SandboxSpec {
+            mounts: vec![warren_spec::Mount {
+                guest: "/data".into(),
+                host: allowed.join("data").display().to_string(),
+                read_only: true,
+            }],
+            ..Default::default()
+        };
+
+        let set_up = mounts(&spec, Some(&policy));
+        assert_eq!(set_up.len(), 1);
+        std::fs::rename(allowed.join("data"), allowed.join("old")).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed.join("data")).unwrap();
+        assert_eq!(names(set_up[0].dir.as_ref().unwrap()), ["mine"]);
+
+        // Set up now, through the symlink: outside the policy's hostPaths, not mapped.
+        assert!(mounts(&spec, Some(&policy)).is_empty());
+        // Without a policy the path is followed, as a user asked.
+        let unchecked = mounts(&spec, None);
+        assert_eq!(names(unchecked[0].dir.as_ref().unwrap()), ["secret"]);
     }
 }

@@ -126,13 +126,41 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// A host directory the guest sees at `guest`.
+#[derive(Debug)]
+pub(crate) struct Mount {
+    /// Opened when the run was set up, and checked against the policy then: the run
+    /// preopens this very directory (through `/proc/self/fd`), whatever the path names now.
+    pub(crate) dir: std::io::Result<std::fs::File>,
+    /// The path the spec named, for messages.
+    pub(crate) host: PathBuf,
+    pub(crate) guest: String,
+    pub(crate) read_only: bool,
+}
+
+/// Opens a directory to preopen (not a FIFO or device: `O_DIRECTORY` refuses those without
+/// blocking).
+pub(crate) fn open_dir(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Where an open directory is, as the kernel names it (`None` when it cannot say, e.g.
+/// without /proc).
+pub(crate) fn opened_path(dir: &std::fs::File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()
+}
+
 /// Everything one run needs, taken from the sandbox when it starts.
 pub(crate) struct Job {
     pub(crate) program: Program,
     pub(crate) argv: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
-    /// (host, guest, read_only)
-    pub(crate) mounts: Vec<(PathBuf, String, bool)>,
+    pub(crate) mounts: Vec<Mount>,
     /// Read by the guest on fd 0, then end of file; `None`: an empty stdin.
     pub(crate) stdin: Option<Stdin>,
     /// Sockets: without a policy, or with network `none`, the guest connects nowhere
@@ -254,14 +282,20 @@ pub(crate) fn new_store<W>(
             });
         }
     }
-    for (host, guest, read_only) in &job.mounts {
-        let perms = if *read_only {
+    for mount in &job.mounts {
+        let perms = if mount.read_only {
             FsPerms::ReadOnly
         } else {
             FsPerms::ReadWrite
         };
-        wasi.preopened_dir(host, guest, perms)
-            .map_err(|e| format!("Error: cannot open mount {}: {e:#}", host.display()))?;
+        let opened = |e: &dyn std::fmt::Display| {
+            format!("Error: cannot open mount {}: {e:#}", mount.host.display())
+        };
+        let dir = mount.dir.as_ref().map_err(|e| opened(e))?;
+        // The magic link reopens the directory the descriptor holds, not a path.
+        let held = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(dir));
+        wasi.preopened_dir(&held, &mount.guest, perms)
+            .map_err(|e| opened(&e))?;
     }
     let ctx = Ctx {
         wasi: build(&mut wasi),
