@@ -415,22 +415,51 @@ impl Policy {
     }
 
     /// How a guest path may be mounted: `None` when the policy has no filesystem section
-    /// (anything goes), else `Some(access)`.
+    /// (anything goes), else `Some(access)`. The most specific entry above the path decides
+    /// (a `readOnly` path below a `writable` one is read-only, a `writable` one below a
+    /// `readOnly` one writable, as the linux backend mounts them); a path listed in both is
+    /// read-only.
     pub fn path_access(&self, guest: &str) -> Option<PathAccess> {
         let fs = self.spec.filesystem.as_ref()?;
         let touches_mask = fs
             .masked
             .iter()
             .any(|m| path_under(guest, m) || path_under(m, guest));
-        Some(if touches_mask {
-            PathAccess::Masked
-        } else if fs.writable.iter().any(|w| path_under(guest, w)) {
-            PathAccess::Writable
-        } else if fs.read_only.iter().any(|r| path_under(guest, r)) {
-            PathAccess::ReadOnly
-        } else {
-            PathAccess::None
-        })
+        let deepest = |list: &[String]| {
+            list.iter()
+                .filter(|p| path_under(guest, p))
+                .map(|p| components(p).len())
+                .max()
+        };
+        Some(
+            match (touches_mask, deepest(&fs.writable), deepest(&fs.read_only)) {
+                (true, _, _) => PathAccess::Masked,
+                (false, Some(w), Some(r)) if w > r => PathAccess::Writable,
+                (false, _, Some(_)) => PathAccess::ReadOnly,
+                (false, Some(_), None) => PathAccess::Writable,
+                (false, None, None) => PathAccess::None,
+            },
+        )
+    }
+
+    /// A `readOnly` path strictly below `guest`, if there is one: a read-write mount at
+    /// `guest` would make it writable where a backend cannot remount part of a mount (wasm
+    /// preopens whole directories).
+    pub fn read_only_below(&self, guest: &str) -> Option<&str> {
+        let fs = self.spec.filesystem.as_ref()?;
+        fs.read_only
+            .iter()
+            .find(|r| path_under(r, guest) && !path_under(guest, r))
+            .map(String::as_str)
+    }
+
+    /// Whether `exec.allow` lets `program` run: true without an exec section. The path is
+    /// taken lexically normalised (`/bin/../tmp/x` is `/tmp/x`); the caller resolves
+    /// symlinks where the file is.
+    pub fn exec_allowed(&self, program: &str) -> bool {
+        self.exec
+            .as_ref()
+            .is_none_or(|globs| globs.is_match(normalized(program)))
     }
 
     /// Whether a mount may come from the host directory `host`.
@@ -473,14 +502,42 @@ pub enum PathAccess {
     Writable,
 }
 
-/// Whether `path` is `base` or below it, by whole components ("/data2" is not under "/data").
+/// Whether `path` is `base` or below it, by whole components ("/data2" is not under
+/// "/data"), both taken lexically as a walk without symlinks would: empty and `.` components
+/// dropped, `..` going up (never above the root). `/data//secret`, `/data/./secret` and
+/// `/data/x/../secret` all lie under `/data/secret`. An absolute path is never under a
+/// relative one nor the other way round, except that everything lies under `/`.
 pub(crate) fn path_under(path: &str, base: &str) -> bool {
-    let base = base.trim_end_matches('/');
-    base.is_empty()
-        || path == base
-        || path
-            .strip_prefix(base)
-            .is_some_and(|rest| rest.starts_with('/'))
+    let (p, b) = (components(path), components(base));
+    if b.is_empty() && base.starts_with('/') {
+        return true;
+    }
+    path.starts_with('/') == base.starts_with('/') && p.len() >= b.len() && p[..b.len()] == b[..]
+}
+
+/// A path's components, lexically normalised (see [`path_under`]).
+fn components(path: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `path` lexically normalised: `/a//b/./c/../d` is `/a/b/d`.
+pub(crate) fn normalized(path: &str) -> String {
+    let joined = components(path).join("/");
+    if path.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
 }
 
 fn spec_hash(spec: &PolicySpec) -> String {

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{NetworkMode, PathAccess, Policy, PolicyMode, path_under};
+use crate::policy::{NetworkMode, PathAccess, Policy, PolicyMode, normalized, path_under};
 use crate::quantity::{format_bytes, format_cpu};
 use crate::resources::ResourceInfo;
 use crate::spec::{BackendKind, SandboxSpec};
@@ -123,17 +123,20 @@ impl Policy {
         };
         let rule = format!("exec.allow (one of {})", quoted_list(&exec.allow));
         match (spec.command.first(), spec.backend) {
+            // What a wasm sandbox runs is its module; its command is only the argv the
+            // module sees. The module's path is matched as it reads without `..` (the node
+            // checks where its symlinks lead).
+            (_, BackendKind::Wasm) => match &spec.image {
+                Some(image) if globs.is_match(normalized(image)) => {}
+                Some(image) => out.push("spec.image", image.as_str(), rule),
+                None => out.push("spec.image", UNSET, rule),
+            },
             (Some(cmd), _) => {
                 if !globs.is_match(cmd) {
                     out.push("spec.command[0]", cmd.as_str(), rule);
                 }
             }
             (None, BackendKind::Slot) => {}
-            (None, BackendKind::Wasm) => match &spec.image {
-                Some(image) if globs.is_match(image) => {}
-                Some(image) => out.push("spec.image", image.as_str(), rule),
-                None => out.push("spec.image", UNSET, rule),
-            },
             (None, BackendKind::Linux | BackendKind::Vm) => out.push(
                 "spec.command",
                 UNSET,
@@ -191,6 +194,21 @@ impl Policy {
                     format!(
                         "filesystem.hostPaths (under one of {})",
                         quoted_list(allowed)
+                    ),
+                );
+            }
+            // wasm preopens whole directories: a read-write one must not hold a path the
+            // policy keeps read-only (linux remounts that path read-only inside the mount).
+            if spec.backend == BackendKind::Wasm
+                && !m.read_only
+                && let Some(inner) = self.read_only_below(&m.guest)
+            {
+                out.push(
+                    field("readOnly"),
+                    "false",
+                    format!(
+                        "filesystem.readOnly ({inner:?} lies inside {:?}: mount it read-only)",
+                        m.guest
                     ),
                 );
             }

@@ -168,7 +168,30 @@ fn exec_allow_list_with_globs() {
     assert!(eval(&p, &spec).is_empty());
     spec.image = Some("other.wasm".into());
     assert!(eval(&p, &spec)[0].starts_with(r#"spec.image: "other.wasm" violates exec.allow"#));
+    // A wasm command is only the module's argv: it does not stand for the module.
+    spec.command = vec!["/bin/echo".into()];
+    assert!(eval(&p, &spec)[0].starts_with(r#"spec.image: "other.wasm" violates exec.allow"#));
+    spec.image = Some("hello.wasm".into());
+    assert!(eval(&p, &spec).is_empty());
+    // A module path is matched as it reads without `..`.
+    let p = policy(PolicySpec {
+        exec: Some(ExecPolicy {
+            allow: vec!["/srv/wasm/**".into()],
+        }),
+        ..Default::default()
+    });
+    spec.image = Some("/srv/wasm/sub/../../evil.wasm".into());
+    assert_eq!(
+        eval(&p, &spec),
+        [
+            r#"spec.image: "/srv/wasm/sub/../../evil.wasm" violates exec.allow (one of ["/srv/wasm/**"])"#
+        ]
+    );
+    spec.image = Some("/srv/wasm//a/./b.wasm".into());
+    assert_eq!(eval(&p, &spec), Vec::<String>::new());
+    assert!(p.exec_allowed("/srv/wasm/x/../y.wasm") && !p.exec_allowed("/srv/x.wasm"));
     // Slot runs nothing.
+    spec.command.clear();
     spec.backend = crate::BackendKind::Slot;
     assert!(eval(&p, &spec).is_empty());
 }
@@ -398,6 +421,21 @@ fn filesystem_rules() {
         spec.image = Some(image.into());
         assert_eq!(eval(&p, &spec), Vec::from_iter(verdict), "{image}");
     }
+    // Paths are compared as they read without empty, `.` and `..` components.
+    let mut spec = sandbox();
+    spec.mounts = vec![
+        mount("/data//secret", "/srv/a", true),
+        mount("/data/./secret/k", "/srv/b", true),
+    ];
+    spec.image = Some("/srv/roots/../../etc".into());
+    assert_eq!(
+        eval(&p, &spec),
+        [
+            r#"spec.image: "/srv/roots/../../etc" violates filesystem.hostPaths (a root filesystem path must be under one of ["/srv"])"#,
+            r#"spec.mounts[0].guest: "/data//secret" violates filesystem.masked (must not be, lie under or contain one of ["/data/secret"])"#,
+            r#"spec.mounts[1].guest: "/data/./secret/k" violates filesystem.masked (must not be, lie under or contain one of ["/data/secret"])"#,
+        ]
+    );
     // A mount above a masked path would expose it.
     assert_eq!(p.path_access("/data"), Some(PathAccess::Masked));
     assert_eq!(p.path_access("/data/pub"), Some(PathAccess::ReadOnly));
@@ -584,4 +622,70 @@ fn policy_spec_reads_yaml_style_json() {
         let e = serde_json::from_str::<PolicySpec>(json).unwrap_err();
         assert!(e.to_string().contains(want), "{json}: {e}");
     }
+}
+
+#[test]
+fn the_most_specific_path_entry_decides() {
+    let p = policy(PolicySpec {
+        filesystem: Some(FilesystemPolicy {
+            writable: vec!["/data".into(), "/ro/tmp".into(), "/both".into()],
+            read_only: vec!["/data/cfg".into(), "/ro".into(), "/both".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for (guest, access) in [
+        ("/data", PathAccess::Writable),
+        ("/data/x", PathAccess::Writable),
+        ("/data/cfg", PathAccess::ReadOnly),
+        ("/data//cfg/y", PathAccess::ReadOnly),
+        ("/ro", PathAccess::ReadOnly),
+        ("/ro/tmp/z", PathAccess::Writable),
+        ("/both", PathAccess::ReadOnly),
+    ] {
+        assert_eq!(p.path_access(guest), Some(access), "{guest}");
+    }
+    assert_eq!(p.read_only_below("/data"), Some("/data/cfg"));
+    assert_eq!(p.read_only_below("/data/cfg"), None);
+    assert_eq!(p.read_only_below("/x"), None);
+
+    // wasm preopens a whole directory: a read-write one holding a read-only path is
+    // refused; linux remounts that path read-only inside the mount.
+    let mut spec = sandbox();
+    spec.mounts = vec![mount("/data", "/srv/d", false)];
+    spec.backend = crate::BackendKind::Wasm;
+    spec.image = Some("m.wasm".into());
+    assert_eq!(
+        eval(&p, &spec),
+        [
+            r#"spec.mounts[0].readOnly: "false" violates filesystem.readOnly ("/data/cfg" lies inside "/data": mount it read-only)"#
+        ]
+    );
+    spec.mounts[0].read_only = true;
+    assert!(eval(&p, &spec).is_empty());
+    spec.mounts[0].read_only = false;
+    spec.backend = crate::BackendKind::Linux;
+    spec.image = Some("busybox".into());
+    assert!(eval(&p, &spec).is_empty());
+}
+
+#[test]
+fn paths_compare_by_normalised_components() {
+    for (path, base, under) in [
+        ("/data", "/data", true),
+        ("/data2", "/data", false),
+        ("/data/x", "/data/", true),
+        ("/data//secret", "/data/secret", true),
+        ("/data/./secret", "/data/secret", true),
+        ("/data/x/../secret/k", "/data/secret", true),
+        ("/data/secret/..", "/data/secret", false),
+        ("/../../etc", "/etc", true),
+        ("/anything", "/", true),
+        ("data", "/data", false),
+        ("/data", "data", false),
+    ] {
+        assert_eq!(path_under(path, base), under, "{path} under {base}");
+    }
+    assert_eq!(normalized("/a//b/./c/../d"), "/a/b/d");
+    assert_eq!(normalized("/.."), "/");
 }
