@@ -498,8 +498,15 @@ fn is_module_file(image: &str) -> bool {
 }
 
 impl Inner {
-    /// Resolves `spec.image` to a module file; every failure names the field.
-    fn module_source(&self, spec: &SandboxSpec) -> Result<ModuleSource, BackendError> {
+    /// Resolves `spec.image` to a module file; every failure names the field. A module
+    /// file's path must be absolute (the server's working directory is nobody's), and is
+    /// checked under the policy where its symlinks lead on this node: under the policy's
+    /// `hostPaths` and, with an exec list, listed there. The resolved path is what is read.
+    fn module_source(
+        &self,
+        spec: &SandboxSpec,
+        policy: Option<&warren_runtime::AppliedPolicy>,
+    ) -> Result<ModuleSource, BackendError> {
         let image = match spec.image.as_deref() {
             Some(image) if !image.is_empty() => image,
             _ => {
@@ -511,8 +518,29 @@ impl Inner {
             }
         };
         if is_module_file(image) {
-            let path = PathBuf::from(image);
-            let name = path
+            if !image.starts_with('/') {
+                return Err(BackendError::Invalid(format!(
+                    "spec.image: {image:?} is a relative module path, which the server does not \
+                     read from its own working directory: give an absolute path (`warren run \
+                     --module` makes one) or the name of an image in the store"
+                )));
+            }
+            let path = warren_runtime::resolve_host_path("spec.image", image, policy)?;
+            if let Some(applied) = policy
+                && !applied.policy.exec_allowed(&path.to_string_lossy())
+            {
+                let finding = format!(
+                    "spec.image: {image:?} resolves to {:?}, which the policy's exec.allow does \
+                     not list",
+                    path.display().to_string()
+                );
+                if applied.decision.mode == warren_spec::PolicyMode::Audit {
+                    warn!(policy = %applied.decision.policy, "audit: {finding}");
+                } else {
+                    return Err(BackendError::Invalid(finding));
+                }
+            }
+            let name = Path::new(image)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -627,7 +655,10 @@ fn mounts(spec: &SandboxSpec, policy: Option<&Policy>) -> Vec<run::Mount> {
                         return None;
                     }
                     match p.path_access(&m.guest) {
-                        None | Some(PathAccess::Writable) => m.read_only,
+                        // A read-only path inside makes the whole preopen read-only.
+                        None | Some(PathAccess::Writable) => {
+                            m.read_only || p.read_only_below(&m.guest).is_some()
+                        }
                         Some(PathAccess::ReadOnly) => true,
                         Some(PathAccess::Masked | PathAccess::None) => return None,
                     }
@@ -723,7 +754,7 @@ impl Backend for WasmBackend {
                 id: id.clone(),
             });
         }
-        let module = inner.module_source(&config.spec)?;
+        let module = inner.module_source(&config.spec, config.policy.as_ref())?;
         let memory_limit = inner.memory_limit(&config.resources)?;
         Inner::check_mounts(&config.spec, config.policy.as_ref())?;
         let (program, source) = inner.cache.load(&module.path).await.map_err(load_error)?;
@@ -944,7 +975,7 @@ impl Backend for WasmBackend {
         // Past the create checks already: a limit the config no longer allows gets the cap.
         let cap = usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX);
         let memory_limit = inner.memory_limit(&config.resources).unwrap_or(cap);
-        let found = inner.module_source(&config.spec);
+        let found = inner.module_source(&config.spec, config.policy.as_ref());
         let loaded = match &found {
             Ok(module) => inner.cache.load(&module.path).await.map_err(load_error),
             Err(e) => Err(BackendError::Invalid(e.to_string())),
