@@ -307,6 +307,16 @@ impl Policy {
             .exec
             .as_ref()
             .and_then(|e| globs("spec.exec.allow", &e.allow, &mut errors));
+        // An entry no variable name can match is a mistake, not a rule (`A=B`, an empty one).
+        for (i, pattern) in spec.env.iter().flat_map(|e| e.allow.iter()).enumerate() {
+            if pattern.is_empty() || pattern.contains(['=', '\0']) {
+                errors.push(SpecError::Invalid {
+                    field: format!("spec.env.allow[{i}]"),
+                    value: pattern.clone(),
+                    reason: "is not a variable name pattern (empty, or holding '=' or NUL)".into(),
+                });
+            }
+        }
         let env = spec
             .env
             .as_ref()

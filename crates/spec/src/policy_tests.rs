@@ -235,6 +235,20 @@ fn env_is_filtered_not_refused() {
     assert!(d.admitted);
     assert_eq!(d.filtered_env, ["PATHX", "SECRET"]);
     assert!(p.env_allowed("APP_MODE") && !p.env_allowed("SECRET"));
+    let e = errors(PolicySpec {
+        env: Some(EnvPolicy {
+            allow: vec!["A=B".into(), "OK_*".into(), "".into(), "X\0Y".into()],
+        }),
+        ..Default::default()
+    });
+    assert_eq!(
+        e,
+        [
+            r#"spec.env.allow[0]: "A=B" is not a variable name pattern (empty, or holding '=' or NUL)"#,
+            r#"spec.env.allow[2]: "" is not a variable name pattern (empty, or holding '=' or NUL)"#,
+            r#"spec.env.allow[3]: "X\0Y" is not a variable name pattern (empty, or holding '=' or NUL)"#,
+        ]
+    );
 }
 
 fn network(mode: NetworkMode, egress: Vec<EgressRule>) -> PolicySpec {
