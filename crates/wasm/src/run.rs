@@ -379,7 +379,19 @@ pub(crate) fn classify(result: wasmtime::Result<()>, memory_limit_hit: bool) -> 
                 text.strip_prefix("wasm trap: ").unwrap_or(&text)
             )
         }
-        None => format!("Error: {error:#}"),
+        // The chain without the wasm backtrace wasmtime adds as a context (a line per
+        // frame): a reason is one line.
+        None => {
+            let backtrace = error
+                .downcast_ref::<wasmtime::WasmBacktrace>()
+                .map(ToString::to_string);
+            let chain: Vec<String> = error
+                .chain()
+                .map(ToString::to_string)
+                .filter(|e| Some(e) != backtrace.as_ref())
+                .collect();
+            format!("Error: {}", chain.join(": "))
+        }
     };
     BackendStatus::Failed { reason }
 }

@@ -1132,6 +1132,34 @@ async fn a_module_is_checked_where_its_symlinks_lead() {
     }
 }
 
+/// An error that ends a run is one line: wasmtime's wasm backtrace is not the reason.
+/// (`proc_exit` above 125 is such an error: WASI's exit statuses are 0 to 125.)
+#[tokio::test]
+async fn a_failed_runs_reason_is_one_line() {
+    let mut h = harness(small());
+    let path = h.dir.path().join("exit200.wat");
+    std::fs::write(
+        &path,
+        r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func $inner (call $exit (i32.const 200)))
+  (func (export "_start") (call $inner)))"#,
+    )
+    .expect("write");
+    let status = h
+        .run(&sandbox("exit200", &path.display().to_string()))
+        .await;
+    let BackendStatus::Failed { reason } = status else {
+        panic!("{status:?}")
+    };
+    assert!(reason.contains("exit status"), "{reason}");
+    assert!(
+        !reason.contains('\n') && !reason.contains("backtrace"),
+        "{reason}"
+    );
+}
+
 /// A read-write mount holding a path the policy keeps read-only is preopened read-only
 /// (whole directories are preopened; admission refuses such a spec, this holds for one
 /// admitted in audit mode).
