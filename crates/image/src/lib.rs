@@ -59,7 +59,9 @@
 //!
 //! * files appear atomically: a blob or a layer is written under `tmp/` and renamed into place,
 //!   so a reader sees a whole blob or layer or none. Two importers unpacking the same layer both
-//!   do the work, and the loser of the rename throws its copy away;
+//!   do the work, and the loser of the rename throws its copy away. What is renamed was flushed
+//!   first (a blob's `fsync`, a layer's `syncfs`), so a crash cannot leave a named blob or
+//!   layer whose data never reached the disk;
 //! * `index.json` is rewritten (temp file + rename) under an exclusive lock on `index.lock`;
 //! * importers hold a shared lock on `gc.lock` from their first write until their image is in the
 //!   index, and garbage collection takes it exclusively, so it never deletes a blob that an

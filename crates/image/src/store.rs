@@ -361,8 +361,21 @@ impl ImageStore {
         let work = self.temp_dir("layer")?;
         let actual = unpack::unpack_layer(&self.blob_path(&digest), work.path(), &layer.digest)?;
         verify_digest("layer diff_id", &diff_id, actual.hex())?;
+        // The layer's files reach the disk before the layer takes its name: after a crash a
+        // named layer must be whole, not files whose data was still in the page cache (an
+        // extent-delaying file system renames before it writes). One `syncfs` of the store's
+        // file system costs far less than an fsync per file of a layer of thousands.
+        fs::File::open(work.path())
+            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from))
+            .map_err(io_err!("flushing the unpacked layer at", work.path()))?;
         match fs::rename(work.path(), &dest) {
             Ok(()) => {
+                // And the name itself, before an index that lists the layer is written.
+                if let Some(layers) = dest.parent() {
+                    fs::File::open(layers)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io_err!("flushing the layer directory", layers))?;
+                }
                 tracing::debug!(layer = %layer.digest, diff_id = %diff_id, "unpacked layer");
                 Ok(true)
             }
