@@ -50,15 +50,18 @@ impl Reference {
             }
             None => (rest, None),
         };
+        if name.len() > NAME_MAX {
+            return Err(invalid(&format!(
+                "the repository is longer than {NAME_MAX} characters"
+            )));
+        }
         let mut components: Vec<&str> = name.split('/').collect();
         let domain = if components.len() > 1 && is_domain(components[0]) {
             let domain = components.remove(0);
-            if !domain
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
-            {
+            if !is_host_port(domain) {
                 return Err(invalid(&format!(
-                    "registry \"{domain}\" is not a host[:port]"
+                    "registry \"{domain}\" is not a host[:port] (letters, digits and inner \
+                     '-', in components separated by '.', or an [IPv6] address; a port of digits)"
                 )));
             }
             match domain {
@@ -137,11 +140,41 @@ pub fn normalize_name(name: &str) -> Result<String, ImageError> {
     Ok(Reference::parse(name)?.familiar())
 }
 
+/// The longest repository (registry and path, as written), as distribution's
+/// `NameTotalLengthMax`.
+const NAME_MAX: usize = 255;
+
+/// Whether the first of several components names a registry (distribution's
+/// `splitDockerDomain`); [`is_host_port`] then checks it, so `..` is refused, not a host.
 fn is_domain(component: &str) -> bool {
     component.contains('.')
         || component.contains(':')
         || component == "localhost"
         || component.chars().any(|c| c.is_ascii_uppercase())
+}
+
+/// `host[:port]` as the distribution reference grammar has it: `host` is domain components
+/// (`[a-zA-Z0-9]` with inner `-`) separated by single dots, or an IPv6 address in brackets;
+/// `port` is digits.
+fn is_host_port(domain: &str) -> bool {
+    let (host, port) = match domain.find(']') {
+        Some(end) if domain.starts_with('[') => domain.split_at(end + 1),
+        _ => domain.split_at(domain.find(':').unwrap_or(domain.len())),
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(ip) => !ip.is_empty() && ip.chars().all(|c| c.is_ascii_hexdigit() || c == ':'),
+        None => host.split('.').all(|c| {
+            !c.is_empty()
+                && !c.starts_with('-')
+                && !c.ends_with('-')
+                && c.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        }),
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
 }
 
 pub(crate) fn is_tag(tag: &str) -> bool {
@@ -284,6 +317,54 @@ mod tests {
         }
         let err = normalize_name("Busybox").unwrap_err().to_string();
         assert!(err.contains("\"Busybox\""), "{err}");
+    }
+
+    #[test]
+    fn registries_follow_the_reference_grammar() {
+        for good in [
+            "localhost:5000/x",
+            "my-registry.example/a/b",
+            "Registry.Example/x",
+            "[::1]:5000/x",
+            "[fe80::1]/x",
+            "127.0.0.1/x",
+        ] {
+            assert_eq!(familiar(good), format!("{good}:latest"));
+        }
+        for bad in [
+            "../x",
+            "./x",
+            ".../x",
+            "a..b/x",
+            ".example.com/x",
+            "example.com./x",
+            "-a.example/x",
+            "a-.example/x",
+            "a_b.example/x",
+            "example.com:/x",
+            "example.com:50a/x",
+            "example.com:1:2/x",
+            "[::1/x",
+            "[]:5000/x",
+            "[::1]5000/x",
+            "[::g]/x",
+        ] {
+            let err = normalize_name(bad).expect_err(bad).to_string();
+            let registry = bad.split('/').next().unwrap_or_default();
+            assert!(
+                err.contains(&format!("registry \"{registry}\" is not a host[:port]")),
+                "{bad}: {err}"
+            );
+        }
+        // Dots alone are no path component either.
+        for bad in [".", "..", "x/..", "x/./y", "x/.../y", "x/a..b"] {
+            let err = normalize_name(bad).expect_err(bad).to_string();
+            assert!(err.contains("repository component"), "{bad}: {err}");
+        }
+        let long = format!("a/{}", "b".repeat(254));
+        let err = normalize_name(&long).expect_err("too long").to_string();
+        assert!(err.contains("longer than 255"), "{err}");
+        normalize_name(&long[..255]).expect("255 characters");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! ([`Image::wasm_module`]), whether it is an artifact's blob or a `.wasm` entrypoint in tar
 //! layers (the runwasi convention).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -84,7 +85,8 @@ pub(crate) fn looks_like_module(path: &Path) -> Result<bool, ImageError> {
 /// tens of MiB).
 const MAX_MODULE_BYTES: u64 = 512 << 20;
 
-/// Reads a module file: a Wasm binary as is, WAT text compiled to one.
+/// Reads a module file: a Wasm binary as is, WAT text compiled to one
+/// ([`ImageStore::wasm_binary`]).
 fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
     let mut bytes = Vec::new();
     crate::open_regular(path, false)
@@ -102,32 +104,143 @@ fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
             source: None,
         });
     }
-    if bytes.starts_with(oci::WASM_MAGIC) {
-        if bytes.len() < 8 {
-            return Err(ImageError::InvalidModule {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "it is {} bytes long, shorter than the 8-byte Wasm header (magic and version)",
-                    bytes.len()
-                ),
-                source: None,
-            });
+    Ok(ImageStore::wasm_binary(path, &bytes)?.into_owned())
+}
+
+/// Why a file is not WAT text, as far as it may be shown: where, and what kind of error,
+/// without the text of the file (see [`ImageStore::wasm_binary`]).
+#[derive(Debug)]
+struct WatError {
+    /// Line and column, from 1.
+    at: Option<(u32, u32)>,
+    reason: String,
+}
+
+impl WatError {
+    /// Takes wat's message apart; the crate gives no other access to the position. Its forms:
+    /// `REASON\n --> <anon>:LINE:COL\n | SOURCE LINE...`, or `REASON at <anon>:LINE:COL` (a
+    /// column past 500); anything else is taken for a bare reason.
+    fn new(e: &wat::Error) -> WatError {
+        let text = e.to_string();
+        let mut lines = text.lines();
+        let mut reason = lines.next().unwrap_or_default();
+        let mut at = lines
+            .next()
+            .and_then(|l| l.trim().strip_prefix("--> <anon>:"))
+            .and_then(line_column);
+        if at.is_none()
+            && let Some((before, pos)) = reason.rsplit_once(" at <anon>:")
+        {
+            at = line_column(pos);
+            reason = before;
         }
-        return Ok(bytes);
-    }
-    match wat::parse_bytes(&bytes) {
-        Ok(binary) => Ok(binary.into_owned()),
-        Err(e) => Err(ImageError::InvalidModule {
-            path: path.to_path_buf(),
-            reason:
-                "it does not start with the Wasm magic \"\\0asm\" and is not WAT text that parses"
-                    .to_string(),
-            source: Some(Box::new(e)),
-        }),
+        WatError {
+            at,
+            reason: without_file_text(reason),
+        }
     }
 }
 
+/// `LINE:COL` as numbers.
+fn line_column(pos: &str) -> Option<(u32, u32)> {
+    let (line, column) = pos.split_once(':')?;
+    Some((line.parse().ok()?, column.parse().ok()?))
+}
+
+/// The start of a wat reason that cannot hold text of the file: up to the first quote,
+/// backtick, number or other sign, which is where wat puts an identifier (failed to find
+/// name `` `$x` ``), a character or a number of the file. Kept: digits inside a word (`i32`),
+/// apostrophes inside one (`aren't`), and the grammar's `` `(` `` and `` `)` ``.
+fn without_file_text(reason: &str) -> String {
+    let mut kept = String::new();
+    let mut rest = reason;
+    while let Some(c) = rest.chars().next() {
+        let after_letter = kept.ends_with(|p: char| p.is_ascii_alphanumeric());
+        let ok = c.is_ascii_alphabetic()
+            || matches!(c, ' ' | ',' | ':' | '-')
+            || (c.is_ascii_digit() && after_letter)
+            || (c == '\''
+                && after_letter
+                && rest[1..].starts_with(|n: char| n.is_ascii_alphabetic()));
+        if ok {
+            kept.push(c);
+            rest = &rest[c.len_utf8()..];
+        } else if let Some(token) = ["`(`", "`)`"].into_iter().find(|t| rest.starts_with(t)) {
+            kept.push_str(token);
+            rest = &rest[token.len()..];
+        } else {
+            break;
+        }
+    }
+    let kept = kept.trim_end_matches([' ', ',', ':', '-']);
+    if kept.is_empty() {
+        "syntax error".to_string()
+    } else {
+        kept.to_string()
+    }
+}
+
+impl std::fmt::Display for WatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.at {
+            Some((line, column)) => write!(f, "line {line}, column {column}: {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+impl std::error::Error for WatError {}
+
 impl ImageStore {
+    /// The Wasm binary in a module file's `bytes` (read from `path`): the bytes as they are if
+    /// they start with the Wasm magic, compiled if they are WAT text (after blanks and
+    /// comments, a `(`). The wasm backend shares it for the module files it runs, which is
+    /// why it is here, on an exported type.
+    ///
+    /// The error ([`ImageError::InvalidModule`]) never quotes the file: the server reads any
+    /// path a client names, and wat's own message shows the offending line and identifiers.
+    /// Its reason says which of the two the file fails to be (`no \0asm header, and not
+    /// WAT text`, `invalid WAT text`); its source why: for WAT text, wat's position and kind
+    /// of error (`line 3, column 7: unknown func: failed to find name`). A module that parses
+    /// is not validated here: the engine that runs it does that.
+    pub fn wasm_binary<'a>(path: &Path, bytes: &'a [u8]) -> Result<Cow<'a, [u8]>, ImageError> {
+        let invalid = |reason: String, source: Option<WatError>| ImageError::InvalidModule {
+            path: path.to_path_buf(),
+            reason,
+            source: source.map(|e| Box::new(e) as _),
+        };
+        if bytes.starts_with(oci::WASM_MAGIC) {
+            if bytes.len() < 8 {
+                return Err(invalid(
+                    format!(
+                        "{} bytes long, shorter than the 8-byte Wasm header (magic and version)",
+                        bytes.len()
+                    ),
+                    None,
+                ));
+            }
+            return Ok(Cow::Borrowed(bytes));
+        }
+        if wat::Detect::from_bytes(bytes) != wat::Detect::WasmText {
+            // Not parsed: wat takes an empty file for an empty module, and any other text
+            // fails at its first token.
+            let why = if std::str::from_utf8(bytes).is_err() {
+                "it is not UTF-8"
+            } else {
+                "it does not start with `(` after blanks and comments"
+            };
+            return Err(invalid(
+                "no \\0asm header, and not WAT text".to_string(),
+                Some(WatError {
+                    at: None,
+                    reason: why.to_string(),
+                }),
+            ));
+        }
+        wat::parse_bytes(bytes)
+            .map_err(|e| invalid("invalid WAT text".to_string(), Some(WatError::new(&e))))
+    }
+
     /// Imports the WebAssembly module in the file `module` under `name` (normalized:
     /// `hello` is `hello:latest`), as a Wasm OCI artifact: the module is the one layer
     /// (`application/wasm`), with a `application/vnd.wasm.config.v0+json` config. The file is
@@ -339,5 +452,128 @@ fn is_opaque(dir: &OwnedFd) -> Result<bool, Errno> {
         // a value longer than "y".
         Err(Errno::NODATA | Errno::NOTSUP | Errno::RANGE) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error of `bytes` as a module, with its source, as the CLI prints it.
+    fn refusal(bytes: &[u8]) -> String {
+        let Err(e) = ImageStore::wasm_binary(Path::new("m.wat"), bytes) else {
+            panic!(
+                "{:?} was taken for a module",
+                String::from_utf8_lossy(bytes)
+            );
+        };
+        match std::error::Error::source(&e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn errors_give_the_position_and_kind_but_never_the_text() {
+        let long_line = format!("(module {} (func (call $secret)))", " ".repeat(600));
+        let cases: [(&[u8], &str); 8] = [
+            (
+                b"TOP-SECRET password=x",
+                "m.wat is not a Wasm module: no \\0asm header, and not WAT text: it does not \
+                 start with `(` after blanks and comments",
+            ),
+            (
+                b"(module (func (call $secret_token_xyz)))",
+                "m.wat is not a Wasm module: invalid WAT text: line 1, column 21: unknown func: \
+                 failed to find name",
+            ),
+            (
+                b"(module\n  (func (i32.const 99999999999999999)))",
+                "invalid WAT text: line 2, column 20: invalid i32 number: constant out of range",
+            ),
+            (
+                b"(module (memory 1 (pagesize 3)))",
+                "line 1, column 29: invalid custom page size",
+            ),
+            (b"(module (func \"secret))", "unexpected end-of-file"),
+            (
+                b"(module (func)) secret",
+                "extra tokens remaining after parse",
+            ),
+            ("(module \u{202e}secret)".as_bytes(), "unexpected character"),
+            (
+                long_line.as_bytes(),
+                "line 1, column 622: unknown func: failed to find name",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let err = refusal(bytes);
+            assert!(err.ends_with(want), "{err}");
+            for secret in [
+                "secret", "SECRET", "password", "9999", "\u{202e}", "-->", "|",
+            ] {
+                assert!(!err.contains(secret), "{err}");
+            }
+        }
+        assert_eq!(
+            refusal(b"(module"),
+            "m.wat is not a Wasm module: invalid WAT text: line 1, column 8: expected `)`"
+        );
+    }
+
+    #[test]
+    fn wat_is_found_after_blanks_and_comments() {
+        for text in [
+            ";; c\n(module)",
+            "(; block (; nested ;) ;)\n\t (module)",
+            "  (module)",
+        ] {
+            let binary = ImageStore::wasm_binary(Path::new("m.wat"), text.as_bytes())
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(&binary[..], b"\0asm\x01\0\0\0", "{text}");
+        }
+        let err = refusal(b";; c\n(module (func $f) (func $f))");
+        assert!(
+            err.ends_with("invalid WAT text: line 2, column 25: duplicate func identifier"),
+            "{err}"
+        );
+        // An empty module to wat, but not something meant as one.
+        for text in ["", ";; only a comment", "(; unterminated (module)"] {
+            assert!(refusal(text.as_bytes()).contains("not WAT text"), "{text}");
+        }
+        assert!(refusal(b"\xff(module)").ends_with("not WAT text: it is not UTF-8"));
+        assert!(refusal(b"\0asm").contains("4 bytes long, shorter than the 8-byte Wasm header"));
+    }
+
+    #[test]
+    fn the_kept_reason_stops_where_file_text_could_start() {
+        for (reason, kept) in [
+            (
+                "unknown func: failed to find name `$x`",
+                "unknown func: failed to find name",
+            ),
+            ("expected `(`", "expected `(`"),
+            (
+                "unexpected token, expected `i32`",
+                "unexpected token, expected",
+            ),
+            (
+                "invalid i32 number: constant out of range",
+                "invalid i32 number: constant out of range",
+            ),
+            ("invalid custom page size: 3", "invalid custom page size"),
+            (
+                "invalid unicode scalar value 0x110000",
+                "invalid unicode scalar value",
+            ),
+            ("unexpected character '\\u{202e}'", "unexpected character"),
+            (
+                "input bytes aren't valid utf-8",
+                "input bytes aren't valid utf",
+            ),
+            ("`$x`", "syntax error"),
+        ] {
+            assert_eq!(without_file_text(reason), kept, "{reason}");
+        }
     }
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
-use warren_image::FileIdentity;
+use warren_image::{FileIdentity, ImageError, ImageStore};
 use wasmtime::component::Component;
 use wasmtime::{Engine, ExternType, Module, Precompiled};
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -378,57 +378,6 @@ fn is_binary_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[..4] == b"\0asm" && bytes[6..8] == [1, 0]
 }
 
-/// Whether WAT text is a component: its first form, after blanks and comments, is
-/// `(component`. Anything else, including unparsable text, goes to the module parser, whose
-/// errors are the ones users of core modules expect.
-fn is_text_component(bytes: &[u8]) -> bool {
-    let Ok(mut text) = std::str::from_utf8(bytes) else {
-        return false;
-    };
-    loop {
-        text = text.trim_start();
-        if let Some(rest) = text.strip_prefix(";;") {
-            text = rest.split_once('\n').map_or("", |(_, after)| after);
-        } else if text.starts_with("(;") {
-            match skip_block_comment(text) {
-                Some(rest) => text = rest,
-                None => return false,
-            }
-        } else {
-            break;
-        }
-    }
-    let Some(form) = text.strip_prefix('(').map(str::trim_start) else {
-        return false;
-    };
-    form.strip_prefix("component")
-        .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
-}
-
-/// The text after the (nesting) block comment `text` starts with; `None` if unterminated.
-fn skip_block_comment(text: &str) -> Option<&str> {
-    let mut depth = 0usize;
-    let mut i = 0;
-    // Bytes, not chars: comments may hold any UTF-8, and both delimiters are ASCII.
-    while let Some(pair) = text.as_bytes().get(i..i + 2) {
-        match pair {
-            b"(;" => depth += 1,
-            b";)" => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&text[i + 2..]);
-                }
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
-    }
-    None
-}
-
 fn compile_or_read(
     engine: &Engine,
     bytes: &[u8],
@@ -454,15 +403,19 @@ fn compile_or_read(
         }
     }
     let started = std::time::Instant::now();
-    let compiled = if is_binary_component(bytes) || is_text_component(bytes) {
+    // WAT text is turned into a binary first, so that a syntax error (told without the
+    // file's text) is not confused with a module the engine refuses.
+    let binary = ImageStore::wasm_binary(Path::new(shown), bytes)
+        .map_err(|e| LoadError::Invalid(not_a_module(shown, &e)))?;
+    let compiled = if is_binary_component(&binary) {
         Compiled::Component(
-            Component::new(engine, bytes)
-                .map_err(|e| LoadError::Invalid(invalid_module(shown, bytes, &e)))?,
+            Component::from_binary(engine, &binary)
+                .map_err(|e| LoadError::Invalid(not_compiled(shown, "component", &e)))?,
         )
     } else {
         Compiled::Module(
-            Module::new(engine, bytes)
-                .map_err(|e| LoadError::Invalid(invalid_module(shown, bytes, &e)))?,
+            Module::from_binary(engine, &binary)
+                .map_err(|e| LoadError::Invalid(not_compiled(shown, "module", &e)))?,
         )
     };
     info!(module = %shown, elapsed_ms = started.elapsed().as_millis() as u64, "wasm: compiled module");
@@ -587,27 +540,25 @@ fn check_command(module: &Module, shown: &str) -> Result<(), LoadError> {
     }
 }
 
-/// Why a file is not a module, without quoting its text: the path may name any host file the
-/// server can read, and wasmtime's WAT errors echo the offending line.
-fn invalid_module(shown: &str, bytes: &[u8], e: &wasmtime::Error) -> String {
-    if is_binary_component(bytes) {
-        format!("{shown} is not a valid WebAssembly component: {e:#}")
-    } else if bytes.starts_with(b"\0asm") {
-        // A binary module: wasmtime's reason names a section and offset, no file content.
-        format!("{shown} is not a valid WebAssembly module: {e:#}")
-    } else if std::str::from_utf8(bytes).is_ok_and(|t| t.trim_start().starts_with('(')) {
-        // The reason and the `--> <anon>:LINE:COL` line; not the quoted source after them.
-        let text = format!("{e:#}");
-        let mut lines = text.lines();
-        let reason = lines.next().unwrap_or("").trim();
-        let at = lines
-            .find_map(|l| l.trim().strip_prefix("--> <anon>:"))
-            .map(|pos| format!(" at {pos}"))
-            .unwrap_or_default();
-        format!("{shown} is not valid WebAssembly text{at}: {reason}")
-    } else {
-        format!("{shown} is not a WebAssembly module (no \\0asm header, and not WAT text)")
+/// Why a file is neither a Wasm binary nor WAT text, from [`ImageStore::wasm_binary`], which
+/// never quotes the file (the path may name any host file the server can read): which of the
+/// two it fails to be, and for text, where and what kind of error.
+fn not_a_module(shown: &str, e: &ImageError) -> String {
+    let ImageError::InvalidModule { reason, source, .. } = e else {
+        return format!("{shown}: {e}");
+    };
+    match source {
+        Some(source) => format!("{shown} is not a WebAssembly module ({reason}): {source}"),
+        None => format!("{shown} is not a WebAssembly module ({reason})"),
     }
+}
+
+/// Why the engine refuses a Wasm binary (given as such or compiled from WAT): invalid, or
+/// beyond its limits (a memory larger than an instance may have). wasmtime's reason names
+/// a section, an offset or a limit; of the module's own text only names it declares
+/// (imports, exports), which a file that is not a module has none of.
+fn not_compiled(shown: &str, kind: &str, e: &wasmtime::Error) -> String {
+    format!("{shown} cannot be compiled as a WebAssembly {kind}: {e:#}")
 }
 
 #[cfg(test)]
@@ -637,16 +588,9 @@ mod tests {
     }
 
     #[test]
-    fn text_components_are_told_from_modules() {
-        assert!(is_text_component(b"(component)"));
-        assert!(is_text_component(
-            ";; a command\n(; block (; nested ;) é ;)\n  ( component $C (core module))".as_bytes()
-        ));
-        assert!(!is_text_component(b"(module (func))"));
-        assert!(!is_text_component(b"(components)"));
-        assert!(!is_text_component(b"(; unterminated (component)"));
-        assert!(!is_text_component(b"\0asm\x0d\0\x01\0"));
+    fn binary_components_are_told_from_modules() {
         assert!(is_binary_component(b"\0asm\x0d\0\x01\0"));
         assert!(!is_binary_component(b"\0asm\x01\0\0\0"));
+        assert!(!is_binary_component(b"(component)"));
     }
 }

@@ -1242,3 +1242,62 @@ async fn a_host_port_is_refused_not_ignored() {
     );
     assert!(h.list().await.is_empty());
 }
+
+/// The server reads any file a client names: what it says of one that is not a module is
+/// which check failed and where, never the file's text; and text that is WAT but that the
+/// engine refuses says so, not that it is no WAT.
+#[tokio::test]
+async fn module_errors_tell_syntax_from_compiling_without_quoting_the_file() {
+    let h = harness(small());
+    let cases = [
+        (
+            "secret.wasm",
+            "TOP-SECRET password=x\n",
+            "is not a WebAssembly module (no \\0asm header, and not WAT text)",
+        ),
+        (
+            "names.wat",
+            "(module (func (call $secret_token_xyz)))",
+            "is not a WebAssembly module (invalid WAT text): line 1, column 21: unknown func: \
+             failed to find name",
+        ),
+        (
+            "comment.wat",
+            ";; secret\n(module (func $secret) (func $secret))",
+            "(invalid WAT text): line 2, column 30: duplicate func identifier",
+        ),
+        (
+            "block.wat",
+            "(; secret ;)\n  (module (memory 70000) (func (export \"_start\")))",
+            "cannot be compiled as a WebAssembly module: ",
+        ),
+        // 300 pages is more than the 16 MiB (256 pages) of `small()`'s instances.
+        (
+            "pool.wat",
+            "\n\t(module (memory 300) (func (export \"_start\")))",
+            "cannot be compiled as a WebAssembly module: ",
+        ),
+        (
+            "component.wat",
+            ";; c\n(component (core module $secret (func (call $nope))))",
+            "(invalid WAT text): line 2, column ",
+        ),
+    ];
+    for (file, text, want) in cases {
+        let path = h.dir.path().join(file);
+        std::fs::write(&path, text).expect("write");
+        let path = path.display().to_string();
+        let err = h
+            .backend
+            .create(&sandbox("bad", &path))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&path) && err.contains(want), "{err}");
+        let rest = err.replacen(&path, "", 1);
+        for secret in ["secret", "SECRET", "password", "nope"] {
+            assert!(!rest.contains(secret), "{err}");
+        }
+    }
+    assert!(h.list().await.is_empty());
+}
