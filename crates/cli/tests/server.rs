@@ -1176,3 +1176,62 @@ fn exec_requests_are_checked_naming_the_field() {
         }
     });
 }
+
+/// Wasm limits under which every Wasm run would fail are usage errors at start, naming the
+/// flag and the value; 0 stays allowed where it means something (unlimited cache).
+#[test]
+fn wasm_limits_that_fail_every_run_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_arg = dir.path().to_str().expect("utf-8 temp dir");
+    // Without a token this server would stop at binding (code 1), after the flags' checks,
+    // so a flag let through fails the test instead of starting a server.
+    let serve = |flag: &str, value: &str| {
+        let mut c = std::process::Command::new(common::WARREN);
+        c.args(["server", "--listen", "tcp://127.0.0.1:0", "--dir", dir_arg])
+            .args([flag, value])
+            .env_remove("WARREN_TOKEN");
+        common::run_with_stdin(c, None)
+    };
+    for (flag, value, said) in [
+        ("--wasm-pool", "0", "'0' for '--wasm-pool"),
+        ("--wasm-fuel", "0", "'0' for '--wasm-fuel"),
+        (
+            "--wasm-max-memory",
+            "0",
+            "--wasm-max-memory: \"0\" is less than one Wasm page",
+        ),
+        (
+            "--wasm-max-memory",
+            "65535",
+            "--wasm-max-memory: \"65535\" is less than one Wasm page",
+        ),
+        (
+            "--wasm-timeout",
+            "0s",
+            "--wasm-timeout: 0s would end every Wasm sandbox",
+        ),
+    ] {
+        let out = serve(flag, value);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(said),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+    }
+    for (flag, value) in [("--wasm-cache-size", "0"), ("--wasm-max-memory", "64Ki")] {
+        let out = serve(flag, value);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
+    }
+}

@@ -51,17 +51,17 @@ pub struct Args {
     /// What the slot backend may hand out: cpu=64,memory=256Gi,pids=100000,sandboxes=5000.
     #[arg(long, default_value = "")]
     slot_capacity: String,
-    /// Most Wasm instances running at once (sizes the pooling allocator).
-    #[arg(long, default_value_t = 256)]
+    /// Most Wasm instances running at once (sizes the pooling allocator); at least 1.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     wasm_pool: u32,
-    /// Largest linear memory of one Wasm instance, e.g. 256Mi.
+    /// Largest linear memory of one Wasm instance, e.g. 256Mi; at least 64Ki (one Wasm page).
     #[arg(long, default_value = "256Mi")]
     wasm_max_memory: String,
-    /// Timeout for Wasm sandboxes that set none, e.g. 5m (default: none).
+    /// Timeout for Wasm sandboxes that set none, e.g. 5m; more than 0 (default: none).
     #[arg(long, value_parser = humantime::parse_duration)]
     wasm_timeout: Option<Duration>,
-    /// Fuel per Wasm run (a deterministic CPU budget); default unmetered.
-    #[arg(long)]
+    /// Fuel per Wasm run (a deterministic CPU budget), at least 1; default unmetered.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     wasm_fuel: Option<u64>,
     /// Most compiled Wasm modules kept in memory, ready to instantiate (least recently used
     /// out first).
@@ -152,6 +152,9 @@ pub struct Args {
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     leader_ttl: Duration,
 }
+
+/// The size of a Wasm memory page, the least `--wasm-max-memory` can be.
+const WASM_PAGE: u64 = 64 << 10;
 
 /// `linux:IMAGE=N` or `vm:IMAGE=N`: the backend (linux keeps warm shells, vm clones of the
 /// image's template), the image name, the count.
@@ -268,6 +271,22 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             args.agent_timeout
         )));
     }
+    // Values that would fail every Wasm run; 0 fuel and 0 instances are refused by clap.
+    let wasm_max_memory = warren_spec::parse_bytes(&args.wasm_max_memory)
+        .map_err(|e| usage(format!("--wasm-max-memory: {e}")))?;
+    if wasm_max_memory < WASM_PAGE {
+        return Err(usage(format!(
+            "--wasm-max-memory: {:?} is less than one Wasm page (64Ki), which a module with \
+             any memory needs",
+            args.wasm_max_memory
+        )));
+    }
+    if args.wasm_timeout == Some(Duration::ZERO) {
+        return Err(usage(
+            "--wasm-timeout: 0s would end every Wasm sandbox at once (leave the flag out for no \
+             timeout)",
+        ));
+    }
     let cluster = warren_control::server::ClusterConfig {
         local_capacity: args.local_capacity,
         agent_timeout: args.agent_timeout,
@@ -290,8 +309,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         linux_dir: args.linux_dir,
         wasm: WasmConfig {
             pool_instances: args.wasm_pool,
-            max_memory_bytes: warren_spec::parse_bytes(&args.wasm_max_memory)
-                .map_err(|e| usage(format!("--wasm-max-memory: {e}")))?,
+            max_memory_bytes: wasm_max_memory,
             default_timeout: args.wasm_timeout,
             fuel: args.wasm_fuel,
             log_max_bytes: match warren_spec::parse_bytes(&args.log_max_size)
