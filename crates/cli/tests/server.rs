@@ -1114,6 +1114,7 @@ fn grace_periods_are_bounded() {
             .delete_sandbox(v1::DeleteSandboxRequest {
                 name: "g".into(),
                 grace_period_seconds: Some(3601),
+                id: None,
             })
             .await
             .unwrap_err();

@@ -54,7 +54,9 @@ pub fn status_of(e: ControlError) -> Status {
             Status::failed_precondition(msg)
         }
         ControlError::Store(_) => Status::unavailable(msg),
-        ControlError::NoLogs { .. } => Status::failed_precondition(msg),
+        ControlError::NoLogs { .. } | ControlError::IdMismatch { .. } => {
+            Status::failed_precondition(msg)
+        }
         ControlError::WaitTimeout { .. } => Status::deadline_exceeded(msg),
         ControlError::NotRunning { .. } | ControlError::Paused { .. } => {
             Status::failed_precondition(msg)
@@ -309,7 +311,7 @@ impl Sandboxes for SandboxService {
         let grace = grace_period(req.grace_period_seconds)?;
         let rec = self
             .plane
-            .delete(&req.name, grace)
+            .delete_id(&req.name, req.id.as_deref(), grace)
             .await
             .map_err(status_of)?;
         Ok(Response::new(v1::DeleteSandboxResponse {

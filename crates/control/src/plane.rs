@@ -558,7 +558,18 @@ impl ControlPlane {
         name: &str,
         grace: Option<Duration>,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
-        self.delete_as(name, grace, false).await
+        self.delete_as(name, None, grace, false).await
+    }
+
+    /// [`Plane::delete`], of the sandbox with id `id` only when one is given: a name that now
+    /// belongs to another sandbox is [`ControlError::IdMismatch`] and nothing is deleted.
+    pub async fn delete_id(
+        &self,
+        name: &str,
+        id: Option<&str>,
+        grace: Option<Duration>,
+    ) -> Result<Arc<SandboxRecord>, ControlError> {
+        self.delete_as(name, id, grace, false).await
     }
 
     /// Stops a Running sandbox's workload (SIGTERM, then SIGKILL after `grace`, else the
@@ -651,12 +662,20 @@ impl ControlPlane {
     async fn delete_as(
         &self,
         name: &str,
+        id: Option<&str>,
         grace: Option<Duration>,
         expired: bool,
     ) -> Result<Arc<SandboxRecord>, ControlError> {
         let (rec, stop) = {
             let mut reg = self.lock();
             let entry = reg.idle_entry(name)?;
+            if let Some(expected) = id.filter(|&id| id != entry.record.id) {
+                return Err(ControlError::IdMismatch {
+                    name: name.into(),
+                    expected: expected.into(),
+                    actual: entry.record.id.clone(),
+                });
+            }
             entry.busy = true;
             let stop = entry.record.status.can_transition_to(&Phase::Stopping);
             let next = if expired {
@@ -781,7 +800,7 @@ impl ControlPlane {
         };
         let mut n = 0;
         for name in due {
-            match self.delete_as(&name, None, true).await {
+            match self.delete_as(&name, None, None, true).await {
                 Ok(_) => {
                     info!(sandbox = %name, "expired and deleted");
                     n += 1;

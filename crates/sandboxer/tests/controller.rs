@@ -606,6 +606,7 @@ async fn warren_sees_the_pods_and_a_restart_keeps_them() {
     w.delete_sandbox(warren_proto::v1::DeleteSandboxRequest {
         name: "pod-r".into(),
         grace_period_seconds: Some(0),
+        id: None,
     })
     .await
     .unwrap();

@@ -95,7 +95,9 @@ pub async fn copy_logs(
 
 /// Removes task `name`'s sandbox after its shim died, if it is the task's: one labelled
 /// with another containerd namespace (warren's names are global, containerd's ids are per
-/// namespace) belongs to another task and is left. Returns whether it was removed.
+/// namespace) belongs to another task and is left. The delete names the id that was looked
+/// at, so a sandbox created under the name meanwhile is left too. Returns whether it was
+/// removed.
 pub async fn remove_sandbox_of(
     client: &mut warren_control::client::Client,
     name: &str,
@@ -128,7 +130,7 @@ pub async fn remove_sandbox_of(
             ),
         ));
     }
-    remove_sandbox(client, name).await.map(|()| true)
+    delete(client, name, Some(&sandbox.id)).await
 }
 
 /// Deletes the sandbox in warren; one already gone is fine.
@@ -136,13 +138,25 @@ pub async fn remove_sandbox(
     client: &mut warren_control::client::Client,
     name: &str,
 ) -> TtrpcResult<()> {
+    delete(client, name, None).await.map(|_| ())
+}
+
+/// Deletes sandbox `name` (only if its id is `id`, when given); whether it did: false when it
+/// was gone, or is another sandbox now.
+async fn delete(
+    client: &mut warren_control::client::Client,
+    name: &str,
+    id: Option<&str>,
+) -> TtrpcResult<bool> {
     let call = client.delete_sandbox(v1::DeleteSandboxRequest {
         name: name.to_string(),
         grace_period_seconds: Some(0),
+        id: id.map(str::to_string),
     });
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(()),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(false),
+        Ok(Err(s)) if id.is_some() && s.code() == tonic::Code::FailedPrecondition => Ok(false),
         Ok(Err(s)) => Err(from_grpc(&format!("delete sandbox {name:?}"), &s)),
         Err(_) => Err(err(
             Code::DEADLINE_EXCEEDED,

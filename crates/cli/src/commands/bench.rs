@@ -666,6 +666,7 @@ async fn run_to_exit(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
         let req = v1::DeleteSandboxRequest {
             name: format!("{p}-{i}"),
             grace_period_seconds: Some(0),
+            id: None,
         };
         async move { c.delete_sandbox(req).await.map(|_| ()) }
     })

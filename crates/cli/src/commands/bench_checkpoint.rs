@@ -167,6 +167,7 @@ pub(super) async fn run(mut a: CheckpointArgs, g: &Globals) -> anyhow::Result<Ex
             .delete_sandbox(v1::DeleteSandboxRequest {
                 name: sandbox,
                 grace_period_seconds: Some(0),
+                id: None,
             })
             .await;
         let _ = checkpoints
@@ -179,6 +180,7 @@ pub(super) async fn run(mut a: CheckpointArgs, g: &Globals) -> anyhow::Result<Ex
         .delete_sandbox(v1::DeleteSandboxRequest {
             name: format!("{prefix}-{current}"),
             grace_period_seconds: Some(0),
+            id: None,
         })
         .await;
     let ours_dump = phase(dumps, elapsed, errors, first.clone());

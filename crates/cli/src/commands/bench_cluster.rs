@@ -138,6 +138,7 @@ async fn create_delete(
         let req = v1::DeleteSandboxRequest {
             name: s(i).name,
             grace_period_seconds: Some(0),
+            id: None,
         };
         async move {
             match client.delete_sandbox(req).await {

@@ -553,6 +553,7 @@ async fn delete(mut c: Client, name: String) -> Result<(), tonic::Status> {
     c.delete_sandbox(v1::DeleteSandboxRequest {
         name,
         grace_period_seconds: Some(0),
+        id: None,
     })
     .await
     .map(|_| ())

@@ -126,6 +126,7 @@ pub(super) async fn run(mut a: PauseArgs, g: &Globals) -> anyhow::Result<ExitCod
         .delete_sandbox(v1::DeleteSandboxRequest {
             name,
             grace_period_seconds: Some(0),
+            id: None,
         })
         .await;
     let ours_pause = pauses.phase("pause", elapsed);

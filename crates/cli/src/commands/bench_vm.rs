@@ -146,6 +146,7 @@ pub(super) async fn run(a: RunArgs, g: &Globals) -> anyhow::Result<ExitCode> {
                 let req = v1::DeleteSandboxRequest {
                     name: format!("{p}-{i}"),
                     grace_period_seconds: Some(0),
+                    id: None,
                 };
                 async move { c.delete_sandbox(req).await.map(|_| ()) }
             },
@@ -258,6 +259,7 @@ async fn warm_up(
             .delete_sandbox(v1::DeleteSandboxRequest {
                 name: spec.name,
                 grace_period_seconds: Some(0),
+                id: None,
             })
             .await;
         if !templates || boot == "clone" {
@@ -324,6 +326,7 @@ async fn create_to_running(
             .delete_sandbox(v1::DeleteSandboxRequest {
                 name: spec.name,
                 grace_period_seconds: Some(0),
+                id: None,
             })
             .await;
     }
@@ -399,6 +402,7 @@ async fn clone_rss(client: &mut Client, prefix: &str, workload: &Workload) -> Op
         .delete_sandbox(v1::DeleteSandboxRequest {
             name,
             grace_period_seconds: Some(0),
+            id: None,
         })
         .await;
     Some(json!({"rss_kb": rss, "pss_kb": pss}))

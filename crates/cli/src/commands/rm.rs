@@ -25,6 +25,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         let req = v1::DeleteSandboxRequest {
             name,
             grace_period_seconds: args.grace,
+            id: None,
         };
         client.delete_sandbox(req).await
     })

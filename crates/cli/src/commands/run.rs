@@ -504,6 +504,7 @@ async fn wait(
         let req = v1::DeleteSandboxRequest {
             name: name.to_string(),
             grace_period_seconds: Some(0),
+            id: None,
         };
         answer(client.delete_sandbox(req).await)?;
     }

@@ -34,6 +34,12 @@ pub enum ControlError {
         expected: u64,
         actual: u64,
     },
+    #[error("sandbox {name:?} has id {actual}, not {expected}: it was deleted and created again")]
+    IdMismatch {
+        name: String,
+        expected: String,
+        actual: String,
+    },
     #[error(transparent)]
     Selector(#[from] crate::selector::SelectorError),
     #[error(transparent)]

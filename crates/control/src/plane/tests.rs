@@ -110,7 +110,16 @@ async fn create_get_list_update_delete() {
         "an update that changes nothing does not bump the revision"
     );
 
-    let gone = plane.delete("a", None).await.expect("delete");
+    // A delete that names an id deletes only that sandbox: a name taken again since is
+    // left, and says so.
+    let id = plane.get("a").expect("get").id.clone();
+    let other = plane.delete_id("a", Some("another"), None).await;
+    assert!(
+        matches!(&other, Err(ControlError::IdMismatch { actual, .. }) if *actual == id),
+        "{other:?}"
+    );
+    assert_eq!(plane.get("a").expect("still there").status, Phase::Running);
+    let gone = plane.delete_id("a", Some(&id), None).await.expect("delete");
     assert_eq!(gone.status, Phase::Deleted);
     assert!(!Path::new(&path).exists());
     assert!(matches!(plane.get("a"), Err(ControlError::NotFound { .. })));
