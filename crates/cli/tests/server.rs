@@ -5,6 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::{TestServer, json, read, resources_path, stderr, with_client};
 use warren_proto::{spec_to_pb, v1};
@@ -511,6 +512,50 @@ fn unix_socket_is_private_and_sigterm_stops_cleanly() {
         "keep\n",
         "state kept across restarts"
     );
+}
+
+/// A call waiting for a sandbox's end (`warren wait`, `run --wait`) does not hold a graceful
+/// stop: it ends with "the server is shutting down" and the server exits at once.
+#[test]
+fn waits_end_when_the_server_stops() {
+    let mut server = TestServer::start();
+    // Slot sandboxes run nothing: they end only when deleted or expired.
+    server.ok(&["run", "--name", "forever"]);
+    let spawn = |args: &[&str]| {
+        server
+            .command(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let waiters = [
+        spawn(&["wait", "forever"]),
+        spawn(&["run", "--name", "second", "--wait"]),
+    ];
+    // Both calls reach the server (a create is seen in the list; a wait a moment after).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.ok(&["ls", "-o", "name"]).contains("second") {
+        assert!(Instant::now() < deadline, "run --wait never created");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    assert_eq!(server.terminate().code(), Some(0), "{}", server.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "the stop waited {:?}",
+        stopping.elapsed()
+    );
+    for waiter in waiters {
+        let out = waiter.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("the server is shutting down"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]

@@ -229,11 +229,13 @@ impl Sandboxes for SandboxService {
             let timeout = req
                 .wait_timeout_ms
                 .map(|ms| Duration::from_millis(u64::from(ms)));
-            rec = self
-                .plane
-                .wait(&rec.spec.name, timeout)
-                .await
-                .map_err(status_of)?;
+            let wait = async {
+                self.plane
+                    .wait(&rec.spec.name, timeout)
+                    .await
+                    .map_err(status_of)
+            };
+            rec = until_shutdown(&self.shutdown, wait).await?;
         }
         Ok(Response::new(v1::CreateSandboxResponse {
             sandbox: Some(rec.to_pb()),
@@ -393,11 +395,8 @@ impl Sandboxes for SandboxService {
         let timeout = req
             .timeout_ms
             .map(|ms| Duration::from_millis(u64::from(ms)));
-        let rec = self
-            .plane
-            .wait(&req.name, timeout)
-            .await
-            .map_err(status_of)?;
+        let wait = async { self.plane.wait(&req.name, timeout).await.map_err(status_of) };
+        let rec = until_shutdown(&self.shutdown, wait).await?;
         Ok(Response::new(rec.to_pb()))
     }
 
@@ -707,6 +706,23 @@ async fn pump(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// A call that waits for a sandbox's end, cut short as UNAVAILABLE when the server shuts
+/// down: a graceful stop waits for calls in flight, and one such wait would hold it for as
+/// long as the sandbox runs.
+async fn until_shutdown<T>(
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        done = call => done,
+        // A dropped sender (no shutdown to come) disables this branch.
+        Ok(_) = shutdown.wait_for(|&down| down) => {
+            Err(Status::unavailable("the server is shutting down"))
         }
     }
 }
