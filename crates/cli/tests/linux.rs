@@ -1224,6 +1224,64 @@ fn a_claim_that_cannot_record_its_sandbox_fails_it_and_leaves_nothing() {
     assert!(cgroup_of(&l, "recorded").starts_with("warm-"));
 }
 
+/// Output that does not end with a newline comes back without one: `run --wait` and
+/// `logs` give the workload's bytes, not lines made whole.
+#[test]
+fn output_without_a_final_newline_is_kept_as_it_was() {
+    let l = linux_or_skip!();
+    let out = l.run(
+        "bytes",
+        &["--wait"],
+        &["sh", "-c", "printf abc; printf err >&2"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "abc");
+    assert_eq!(stderr(&out), "err");
+    assert_eq!(l.ok(&["logs", "bytes"]), "abc");
+}
+
+/// `run --wait` of a sandbox stopped meanwhile is not a success a script would take for
+/// one: 143, and it says why.
+#[test]
+fn run_wait_of_a_sandbox_stopped_meanwhile_exits_143() {
+    let l = linux_or_skip!();
+    let waiter = l
+        .server
+        .command(&[
+            "run",
+            "-b",
+            "linux",
+            "-i",
+            "busybox",
+            "--name",
+            "halted",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "echo up; exec sleep 600",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run --wait");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !l.warren(&["get", "halted"]).status.success() {
+        assert!(Instant::now() < deadline, "run --wait never created it");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    l.wait_phase("halted", "Running");
+    l.ok(&["stop", "-t", "0", "halted"]);
+    let out = waiter.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "up\n");
+    assert!(
+        stderr(&out).contains("sandbox/halted was stopped before its workload ended"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// `warren stop`, as `docker stop`: SIGTERM, SIGKILL after the grace period; the sandbox
 /// stays, Stopped, with its logs, until `rm`.
 #[test]

@@ -299,7 +299,10 @@ impl LogWriter {
         state.append(&self.path, &out)
     }
 
-    /// Writes the unfinished lines as `F` records and closes the file: the workload ended.
+    /// Writes the unfinished lines as `P` records and closes the file: the workload ended.
+    /// `P`, not `F`: the output did not end with a newline, and a reader that adds one after
+    /// every full record would change it (`run --wait -- cat < binary` gained a byte). As in
+    /// `docker logs`, the next run's first line then continues it.
     /// A finished sandbox holds no descriptor (a server keeps many of them); one that runs
     /// again calls [`LogWriter::begin`], and its [`LogWriter::open`] appends.
     pub fn close(&self) -> Result<(), LogError> {
@@ -309,7 +312,7 @@ impl LogWriter {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let partial = &mut state.partial[stream.index()];
             if !partial.is_empty() {
-                encode_record(&mut out, &stamp, stream, false, partial);
+                encode_record(&mut out, &stamp, stream, true, partial);
                 partial.clear();
             }
         }
@@ -750,7 +753,8 @@ mod tests {
             contents(&got)[..2],
             [
                 (Stream::Stdout, false, b"one".to_vec()),
-                (Stream::Stdout, false, b"tw".to_vec())
+                // Unfinished at the close: partial, as the bytes were.
+                (Stream::Stdout, true, b"tw".to_vec())
             ]
         );
         assert!(
@@ -856,7 +860,7 @@ mod tests {
                 (Stream::Stderr, false, b"oops".to_vec()),
                 (Stream::Stdout, false, b"hello".to_vec()),
                 (Stream::Stdout, false, b"".to_vec()),
-                (Stream::Stdout, false, b"world".to_vec()),
+                (Stream::Stdout, true, b"world".to_vec()),
             ]
         );
         let text = std::fs::read_to_string(&path).expect("read");
@@ -923,7 +927,8 @@ mod tests {
         let got = records(&path);
         assert_eq!(got[0].content, bytes);
         assert_eq!(got[1].content, b"\xff\xfe trailing");
-        assert!(!got[1].partial);
+        // No newline ended it: none is made up (a reader adds one after full records only).
+        assert!(got[1].partial);
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
     /// Wait for the sandbox to finish, stream its output meanwhile, and exit with its exit code
-    /// (like `docker run` without -d).
+    /// (like `docker run` without -d); 143 if it was stopped (or removed) before it ended.
     #[arg(long)]
     wait: bool,
     /// Feed FILE to the workload's standard input (`-`: this command's own stdin, read to
@@ -479,6 +479,10 @@ fn read_stdin(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 
 /// Streams the sandbox's output until it finishes, then exits as it did: its exit code, or
 /// 1 with the reason when it failed (Timeout, MemoryLimit, a trap).
+/// `run --wait`'s exit code for a sandbox stopped (or removed) before its workload ended:
+/// 128 + SIGTERM, as a shell reports a command a stop ends.
+const STOPPED_EXIT: u8 = 143;
+
 async fn wait(
     client: &mut warren_control::client::Client,
     name: &str,
@@ -518,6 +522,16 @@ async fn wait(
                 printable(&st.reason)
             );
             Ok(ExitCode::from(1))
+        }
+        // Ended by `warren stop` (which starts with SIGTERM), or removed meanwhile: not a
+        // workload that finished, so not a success a script would take for one.
+        (phase @ ("Stopped" | "Deleted" | "Expired"), _) => {
+            eprintln!(
+                "sandbox/{} was {} before its workload ended",
+                printable(name),
+                phase.to_lowercase()
+            );
+            Ok(ExitCode::from(STOPPED_EXIT))
         }
         _ => Ok(ExitCode::SUCCESS),
     }
