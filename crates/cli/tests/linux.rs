@@ -1224,6 +1224,41 @@ fn a_claim_that_cannot_record_its_sandbox_fails_it_and_leaves_nothing() {
     assert!(cgroup_of(&l, "recorded").starts_with("warm-"));
 }
 
+/// `logs -f` follows a sandbox through `warren restart` (a new run under a new uid, with a
+/// log of its own), as `docker logs -f` follows a restarted container, and ends when it is
+/// removed.
+#[test]
+fn a_follower_goes_on_into_the_next_run() {
+    let l = linux_or_skip!();
+    // Ends at SIGTERM (an init without a handler would wait out the grace period).
+    let script = "trap 'exit 0' TERM; echo run; sleep 600 & wait";
+    l.run_running("again", &[], &["sh", "-c", script]);
+    let mut follower = l
+        .server
+        .command(&["logs", "-f", "again"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    let lines = common::lines_of(follower.stdout.take().expect("stdout"));
+    let first = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the first run's line");
+    assert_eq!(first, "run");
+    l.ok(&["restart", "again"]);
+    let second = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second run's line, through the same follower");
+    assert_eq!(second, "run");
+    l.ok(&["rm", "-f", "again"]);
+    let out = follower.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        lines.recv_timeout(Duration::from_secs(1)).is_err(),
+        "nothing more"
+    );
+}
+
 /// Output that does not end with a newline comes back without one: `run --wait` and
 /// `logs` give the workload's bytes, not lines made whole.
 #[test]

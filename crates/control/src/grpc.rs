@@ -489,8 +489,8 @@ impl Sandboxes for SandboxService {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = req.into_inner();
-        let (path, done) = match self.plane.log_source(&req.name).await.map_err(status_of)? {
-            LogSource::File { path, done } => (path, done),
+        let (path, done, id) = match self.plane.log_source(&req.name).await.map_err(status_of)? {
+            LogSource::File { path, done, id } => (path, done, id),
             LogSource::Remote { agent, id } => {
                 return self.remote_logs(agent, id, req).await;
             }
@@ -512,6 +512,7 @@ impl Sandboxes for SandboxService {
             }
         };
         let mut shutdown = self.shutdown.clone();
+        let plane = self.plane.clone();
         let stream = async_stream(move |tx| async move {
             for r in records {
                 if tx.send(Ok(log_entry(r))).await.is_err() {
@@ -521,26 +522,43 @@ impl Sandboxes for SandboxService {
             if !req.follow {
                 return;
             }
-            let mut follower = logs::LogFollower::new(path, offset, done);
+            let (mut path, mut offset, mut done, mut id) = (path, offset, done, id);
             loop {
-                let next = tokio::select! {
-                    next = follower.next() => next,
-                    _ = stream_ended(&tx, &mut shutdown) => return,
-                };
-                match next {
-                    Ok(Some(r)) if since.is_none_or(|s| r.time >= s) => {
-                        if tx.send(Ok(log_entry(r))).await.is_err() {
+                let mut follower = logs::LogFollower::new(path, offset, done);
+                loop {
+                    let next = tokio::select! {
+                        next = follower.next() => next,
+                        _ = stream_ended(&tx, &mut shutdown) => return,
+                    };
+                    match next {
+                        Ok(Some(r)) if since.is_none_or(|s| r.time >= s) => {
+                            if tx.send(Ok(log_entry(r))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(Status::internal(format!("following the log: {e}"))))
+                                .await;
                             return;
                         }
                     }
-                    Ok(Some(_)) => {}
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("following the log: {e}"))))
-                            .await;
-                        return;
+                }
+                // This run's log is done. A sandbox run again under a new id (`warren
+                // restart`, AutoRecreate) writes another file: followed from its start, as
+                // `docker logs -f` follows a restarted container. One that ended, or went,
+                // ends the stream.
+                match plane.log_source(&req.name).await {
+                    Ok(LogSource::File {
+                        path: next,
+                        done: next_done,
+                        id: next_id,
+                    }) if next_id != id => {
+                        (path, offset, done, id) = (next, 0, next_done, next_id);
                     }
+                    _ => return,
                 }
             }
         });

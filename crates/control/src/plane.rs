@@ -1060,13 +1060,18 @@ impl ControlPlane {
             agent.logs_settled(kind, &rec.id).await;
         }
         let (done_tx, done_rx) = watch::channel(rec.status.is_terminal());
+        let run = rec.id.clone();
         if !rec.status.is_terminal() {
             let name = name.to_string();
+            let id = rec.id.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         ev = rx.recv() => match ev {
-                            Ok(ev) if ev.record.spec.name == name && ev.record.status.is_terminal() => break,
+                            // Ended, or replaced by a new run under a new id (a restart,
+                            // AutoRecreate), whose log is another file.
+                            Ok(ev) if ev.record.spec.name == name
+                                && (ev.record.status.is_terminal() || ev.record.id != id) => break,
                             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                             Err(broadcast::error::RecvError::Closed) => break,
                         },
@@ -1081,6 +1086,7 @@ impl ControlPlane {
         Ok(LogSource::File {
             path,
             done: done_rx,
+            id: run,
         })
     }
 
@@ -1153,10 +1159,12 @@ pub fn host_ports(spec: &SandboxSpec) -> Vec<HostPort> {
 /// Where [`ControlPlane::log_source`] finds a sandbox's output.
 #[derive(Debug)]
 pub enum LogSource {
-    /// A log file on this host, and a flag that turns true once the sandbox has finished.
+    /// A log file on this host, and a flag that turns true once the sandbox has finished (or
+    /// was replaced by a new run under another id, `id` being this one's).
     File {
         path: std::path::PathBuf,
         done: watch::Receiver<bool>,
+        id: String,
     },
     /// The agent holding it.
     Remote {
