@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", output::printable_message(&format!("{e:#}")));
+            eprintln!("error: {}", output::printable_message(&chain_text(&e)));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -66,6 +66,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// An error and its causes, `: `-separated, each once: a cause its wrapper's message already
+/// ends with (a transport error quoting the OS error it wraps) is not repeated.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 /// Rust ignores SIGPIPE, so `warren ls | head` would make every later print fail, and

@@ -390,6 +390,39 @@ fn unreachable_server_is_a_clear_error() {
         "{}",
         stderr(&out)
     );
+    // The cause once, not once per layer that quotes it.
+    assert_eq!(
+        stderr(&out).matches("No such file or directory").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A server that dies under a stream is a lost connection to the client, said so, not a
+/// transport's protocol error.
+#[test]
+fn a_stream_whose_server_dies_says_the_connection_was_lost() {
+    let mut server = TestServer::start();
+    server.ok(&["run", "--name", "seen"]);
+    let mut watch = server
+        .command(&["watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let lines = common::lines_of(watch.stdout.take().expect("stdout"));
+    lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watch lists the sandbox");
+    server.kill9();
+    let out = watch.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("lost the connection to the server"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -324,6 +324,16 @@ pub struct ServerError(pub tonic::Status);
 impl std::fmt::Display for ServerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let msg = self.0.message();
+        // A status tonic made itself, when the connection failed (the server sent none),
+        // carries the transport's error as its source, and a message such as "h2 protocol
+        // error: error reading a body from connection" that says nothing a person can act on.
+        if std::error::Error::source(&self.0).is_some() {
+            return write!(
+                f,
+                "lost the connection to the server (it stopped or restarted?): {}",
+                crate::output::printable_message(msg)
+            );
+        }
         match self.0.code() {
             tonic::Code::Unavailable if msg.is_empty() => write!(f, "the server is unavailable"),
             _ if msg.is_empty() => write!(f, "{:?}", self.0.code()),
