@@ -1226,7 +1226,7 @@ fn a_claim_that_cannot_record_its_sandbox_fails_it_and_leaves_nothing() {
 
 /// `logs -f` follows a sandbox through `warren restart` (a new run under a new uid, with a
 /// log of its own), as `docker logs -f` follows a restarted container, and ends when it is
-/// removed.
+/// removed, even when another sandbox takes its name at once.
 #[test]
 fn a_follower_goes_on_into_the_next_run() {
     let l = linux_or_skip!();
@@ -1250,7 +1250,9 @@ fn a_follower_goes_on_into_the_next_run() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the second run's line, through the same follower");
     assert_eq!(second, "run");
+    // Removed, and another sandbox made under its name at once: that is no next run.
     l.ok(&["rm", "-f", "again"]);
+    l.run_running("again", &[], &["sh", "-c", "echo other; exec sleep 600"]);
     let out = follower.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(

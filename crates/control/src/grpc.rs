@@ -489,8 +489,13 @@ impl Sandboxes for SandboxService {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = req.into_inner();
-        let (path, done, id) = match self.plane.log_source(&req.name).await.map_err(status_of)? {
-            LogSource::File { path, done, id } => (path, done, id),
+        let (path, done, next_run) = match self.plane.log_source(&req.name).await.map_err(status_of)? {
+            LogSource::File {
+                path,
+                done,
+                next_run,
+                ..
+            } => (path, done, next_run),
             LogSource::Remote { agent, id } => {
                 return self.remote_logs(agent, id, req).await;
             }
@@ -522,7 +527,9 @@ impl Sandboxes for SandboxService {
             if !req.follow {
                 return;
             }
-            let (mut path, mut offset, mut done, mut id) = (path, offset, done, id);
+            let (mut path, mut offset, mut done, mut next_run) = (path, offset, done, next_run);
+            // Per stream: the last record sent was partial (its line unfinished).
+            let mut mid_line = [false; 2];
             loop {
                 let mut follower = logs::LogFollower::new(path, offset, done);
                 loop {
@@ -532,6 +539,7 @@ impl Sandboxes for SandboxService {
                     };
                     match next {
                         Ok(Some(r)) if since.is_none_or(|s| r.time >= s) => {
+                            mid_line[r.stream.index()] = r.partial;
                             if tx.send(Ok(log_entry(r))).await.is_err() {
                                 return;
                             }
@@ -548,17 +556,35 @@ impl Sandboxes for SandboxService {
                 }
                 // This run's log is done. A sandbox run again under a new id (`warren
                 // restart`, AutoRecreate) writes another file: followed from its start, as
-                // `docker logs -f` follows a restarted container. One that ended, or went,
-                // ends the stream.
+                // `docker logs -f` follows a restarted container. One that ended, or went
+                // (another sandbox made under its name is not its next run), ends the stream.
+                let Some(want) = next_run.get().cloned() else {
+                    return;
+                };
                 match plane.log_source(&req.name).await {
                     Ok(LogSource::File {
                         path: next,
                         done: next_done,
-                        id: next_id,
-                    }) if next_id != id => {
-                        (path, offset, done, id) = (next, 0, next_done, next_id);
+                        id,
+                        next_run: after,
+                    }) if id == want => {
+                        (path, offset, done, next_run) = (next, 0, next_done, after);
                     }
                     _ => return,
+                }
+                // The last run's unfinished line ends here, not glued to the next run's first.
+                for stream in [logs::Stream::Stdout, logs::Stream::Stderr] {
+                    if std::mem::take(&mut mid_line[stream.index()]) {
+                        let end = logs::LogRecord {
+                            time: std::time::SystemTime::now(),
+                            stream,
+                            partial: false,
+                            content: Vec::new(),
+                        };
+                        if tx.send(Ok(log_entry(end))).await.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         });

@@ -1061,23 +1061,48 @@ impl ControlPlane {
         }
         let (done_tx, done_rx) = watch::channel(rec.status.is_terminal());
         let run = rec.id.clone();
+        let next_run = Arc::new(std::sync::OnceLock::new());
         if !rec.status.is_terminal() {
             let name = name.to_string();
             let id = rec.id.clone();
+            let next = Arc::clone(&next_run);
+            let this = self.clone();
             tokio::spawn(async move {
-                loop {
-                    tokio::select! {
+                // What the name holds now: the same run ended (or is gone), or a new run of
+                // the same sandbox replaced it (a restart, AutoRecreate: the record moves to
+                // a new id without ending first), whose log is another file.
+                let seen = |rec: Option<(String, bool)>| match rec {
+                    None => Some(None),
+                    Some((now, _)) if now != id => Some(Some(now)),
+                    Some((_, true)) => Some(None),
+                    Some((_, false)) => None,
+                };
+                let replaced = loop {
+                    let found = tokio::select! {
                         ev = rx.recv() => match ev {
-                            // Ended, or replaced by a new run under a new id (a restart,
-                            // AutoRecreate), whose log is another file.
-                            Ok(ev) if ev.record.spec.name == name
-                                && (ev.record.status.is_terminal() || ev.record.id != id) => break,
-                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(broadcast::error::RecvError::Closed) => break,
+                            Ok(ev) if ev.record.spec.name == name => seen(Some((
+                                ev.record.id.clone(),
+                                ev.record.status.is_terminal(),
+                            ))),
+                            Ok(_) => None,
+                            // Events were missed: the registry says where things stand.
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                let now = this.lock().sandboxes.get(&name).map(|e| {
+                                    (e.record.id.clone(), e.record.status.is_terminal())
+                                });
+                                seen(now)
+                            }
+                            Err(broadcast::error::RecvError::Closed) => Some(None),
                         },
                         // Nobody follows any more.
                         _ = done_tx.closed() => return,
+                    };
+                    if let Some(replaced) = found {
+                        break replaced;
                     }
+                };
+                if let Some(new) = replaced {
+                    let _ = next.set(new);
                 }
                 agent.logs_settled(kind, &rec.id).await;
                 let _ = done_tx.send(true);
@@ -1087,6 +1112,7 @@ impl ControlPlane {
             path,
             done: done_rx,
             id: run,
+            next_run,
         })
     }
 
@@ -1159,12 +1185,15 @@ pub fn host_ports(spec: &SandboxSpec) -> Vec<HostPort> {
 /// Where [`ControlPlane::log_source`] finds a sandbox's output.
 #[derive(Debug)]
 pub enum LogSource {
-    /// A log file on this host, and a flag that turns true once the sandbox has finished (or
-    /// was replaced by a new run under another id, `id` being this one's).
+    /// A log file on this host, and a flag that turns true once the sandbox has finished, or
+    /// was replaced by a new run of itself under another id (`id` being this one's): that
+    /// run's id is then in `next_run` (set before `done` turns true). A sandbox deleted and
+    /// another one made under its name is no next run.
     File {
         path: std::path::PathBuf,
         done: watch::Receiver<bool>,
         id: String,
+        next_run: Arc<std::sync::OnceLock<String>>,
     },
     /// The agent holding it.
     Remote {

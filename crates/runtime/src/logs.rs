@@ -43,7 +43,8 @@ impl Stream {
         }
     }
 
-    fn index(self) -> usize {
+    /// 0 for stdout, 1 for stderr: for per-stream state in a two-element array.
+    pub fn index(self) -> usize {
         match self {
             Stream::Stdout => 0,
             Stream::Stderr => 1,
