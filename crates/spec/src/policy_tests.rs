@@ -159,6 +159,24 @@ fn exec_allow_list_with_globs() {
     // `*` stays within one path component.
     spec.command = vec!["/usr/bin/python3/../../bin/sh".into()];
     assert_eq!(eval(&p, &spec).len(), 1);
+    // A command is matched as it reads without `..`: no climbing out of a listed directory.
+    let under = policy(PolicySpec {
+        exec: Some(ExecPolicy {
+            allow: vec!["/usr/bin/**".into()],
+        }),
+        ..Default::default()
+    });
+    let mut vm = sandbox();
+    vm.backend = crate::BackendKind::Vm;
+    vm.command = vec!["/usr/bin/../../tmp/evil".into()];
+    assert_eq!(
+        eval(&under, &vm),
+        [
+            r#"spec.command[0]: "/usr/bin/../../tmp/evil" violates exec.allow (one of ["/usr/bin/**"])"#
+        ]
+    );
+    vm.command = vec!["/usr/bin//env".into()];
+    assert!(eval(&under, &vm).is_empty());
     // The image's own command cannot be checked.
     spec.command.clear();
     assert!(eval(&p, &spec)[0].starts_with(r#"spec.command: "<unset>" violates exec.allow"#));

@@ -496,7 +496,8 @@ impl SandboxSpec {
         for (i, m) in self.mounts.iter().enumerate() {
             let field = format!("spec.mounts[{i}]");
             errors.extend(m.validate(&field).err());
-            if !guests.insert(m.guest.as_str()) {
+            // `/data/` and `/data//` are `/data` too.
+            if !guests.insert(crate::policy::normalized(&m.guest)) {
                 errors.push(SpecError::invalid(
                     format!("{field}.guest"),
                     &m.guest,

@@ -607,3 +607,25 @@ fn the_default_hostname_is_the_name_made_valid() {
     s.hostname = Some("given.example".into());
     assert_eq!(s.hostname_or_default(), "given.example");
 }
+
+#[test]
+fn a_guest_path_mounted_twice_is_refused_however_it_is_spelled() {
+    let mut s = spec("m");
+    let mount = |guest: &str| Mount {
+        guest: guest.into(),
+        host: "/srv".into(),
+        read_only: true,
+    };
+    s.mounts = vec![mount("/data"), mount("/data/")];
+    assert_eq!(
+        first_error(&s),
+        r#"spec.mounts[1].guest: "/data/" is mounted twice"#
+    );
+    s.mounts = vec![mount("/other//x"), mount("/other/x")];
+    assert_eq!(
+        first_error(&s),
+        r#"spec.mounts[1].guest: "/other/x" is mounted twice"#
+    );
+    s.mounts = vec![mount("/data"), mount("/data2")];
+    assert!(s.validate().is_ok());
+}
