@@ -313,7 +313,8 @@ impl Sandboxes for SandboxService {
         let grace = grace_period(req.grace_period_seconds)?;
         let rec = self
             .plane
-            .delete_id(&req.name, req.id.as_deref(), grace)
+            // An empty id is none, as proto3 optional strings are often sent.
+            .delete_id(&req.name, req.id.as_deref().filter(|id| !id.is_empty()), grace)
             .await
             .map_err(status_of)?;
         Ok(Response::new(v1::DeleteSandboxResponse {

@@ -156,7 +156,18 @@ async fn delete(
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(_)) => Ok(true),
         Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(false),
-        Ok(Err(s)) if id.is_some() && s.code() == tonic::Code::FailedPrecondition => Ok(false),
+        // FAILED_PRECONDITION also means an agent that cannot act: only a name that now
+        // holds another sandbox is "not ours".
+        Ok(Err(s)) if id.is_some() && s.code() == tonic::Code::FailedPrecondition => {
+            let now = client.get_sandbox(v1::GetSandboxRequest {
+                name: name.to_string(),
+            });
+            match tokio::time::timeout(CALL_TIMEOUT, now).await {
+                Ok(Ok(sb)) if Some(sb.get_ref().id.as_str()) != id => Ok(false),
+                Ok(Err(gone)) if gone.code() == tonic::Code::NotFound => Ok(false),
+                _ => Err(from_grpc(&format!("delete sandbox {name:?}"), &s)),
+            }
+        }
         Ok(Err(s)) => Err(from_grpc(&format!("delete sandbox {name:?}"), &s)),
         Err(_) => Err(err(
             Code::DEADLINE_EXCEEDED,

@@ -34,7 +34,10 @@ pub enum ControlError {
         expected: u64,
         actual: u64,
     },
-    #[error("sandbox {name:?} has id {actual}, not {expected}: it was deleted and created again")]
+    #[error(
+        "sandbox {name:?} has id {actual}, not {expected}: it was replaced since (deleted and \
+         created again, restarted or recreated)"
+    )]
     IdMismatch {
         name: String,
         expected: String,
