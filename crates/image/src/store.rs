@@ -346,8 +346,15 @@ impl ImageStore {
         let dest = self.blob_path(digest);
         fs::rename(tmp, &dest).map_err(|e| {
             let _ = fs::remove_file(tmp);
-            ImageError::io("moving blob into place at", dest, e)
-        })
+            ImageError::io("moving blob into place at", &dest, e)
+        })?;
+        // The name too, before an index that lists the blob is written.
+        match dest.parent() {
+            Some(blobs) => fs::File::open(blobs)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err!("flushing the blob directory", blobs)),
+            None => Ok(()),
+        }
     }
 
     /// Unpacks a layer unless it already is. Returns whether it did the work.
