@@ -1289,6 +1289,11 @@ fn wasm_limits_that_fail_every_run_are_refused_at_start() {
             "0s",
             "--wasm-timeout: 0s would end every Wasm sandbox",
         ),
+        (
+            "--restore-timeout",
+            "500ms",
+            "--restore-timeout: 500ms would kill CRIU before any restore could finish",
+        ),
     ] {
         let out = serve(flag, value);
         assert_eq!(
@@ -1303,7 +1308,11 @@ fn wasm_limits_that_fail_every_run_are_refused_at_start() {
             stderr(&out)
         );
     }
-    for (flag, value) in [("--wasm-cache-size", "0"), ("--wasm-max-memory", "64Ki")] {
+    for (flag, value) in [
+        ("--wasm-cache-size", "0"),
+        ("--wasm-max-memory", "64Ki"),
+        ("--restore-timeout", "1s"),
+    ] {
         let out = serve(flag, value);
         assert_eq!(
             out.status.code(),

@@ -287,6 +287,13 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
              timeout)",
         ));
     }
+    if args.restore_timeout < Duration::from_secs(1) {
+        return Err(usage(format!(
+            "--restore-timeout: {} would kill CRIU before any restore could finish (give 1s or \
+             more)",
+            humantime::format_duration(args.restore_timeout)
+        )));
+    }
     let cluster = warren_control::server::ClusterConfig {
         local_capacity: args.local_capacity,
         agent_timeout: args.agent_timeout,
