@@ -12,7 +12,22 @@ fn main() {
     for root in roots {
         println!("cargo:rerun-if-changed={root}");
     }
-    let mut files = Vec::new();
+    // And what decides how they are built: the manifests, the locked versions of every
+    // crate (a new nix or seccompiler changes the supervisor too), this script.
+    let mut files: Vec<std::path::PathBuf> = [
+        "Cargo.toml",
+        "build.rs",
+        "../../Cargo.lock",
+        "../runtime/Cargo.toml",
+        "../spec/Cargo.toml",
+        "../image/Cargo.toml",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
     let mut dirs: Vec<std::path::PathBuf> = roots.iter().map(Into::into).collect();
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
