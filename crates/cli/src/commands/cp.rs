@@ -57,12 +57,30 @@ fn side(arg: &str) -> Side {
     }
 }
 
+/// Copies, or on SIGINT, SIGTERM or SIGHUP stops: the exec ends with this process, and a
+/// copy out to a new local path removes what it staged (exit code 128 + the signal's).
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    // Every thread unpacking into a local path holds a clone of `alive`: `gone` ends once
+    // none is left.
+    let (alive, mut gone) = mpsc::channel::<()>(1);
+    match super::signals::until_signalled(copy(args, g, alive)).await? {
+        Ok(copied) => copied,
+        Err(signal) => {
+            // The copy was dropped, its exec with it: the unpacking thread finds the stream
+            // cut short and removes its staging directory (which another signal cannot
+            // interrupt now: their handlers stay).
+            let _ = gone.recv().await;
+            Ok(signal.exit("cp"))
+        }
+    }
+}
+
+async fn copy(args: Args, g: &Globals, alive: mpsc::Sender<()>) -> anyhow::Result<ExitCode> {
     match (side(&args.src), side(&args.dest)) {
         (Side::Sandbox { name, path }, Side::Local(local)) => {
-            copy_out(g, &name, &path, Some(local)).await
+            copy_out(g, &name, &path, Some(local), alive).await
         }
-        (Side::Sandbox { name, path }, Side::Stdio) => copy_out(g, &name, &path, None).await,
+        (Side::Sandbox { name, path }, Side::Stdio) => copy_out(g, &name, &path, None, alive).await,
         (Side::Local(local), Side::Sandbox { name, path }) => {
             copy_in(g, &local, &name, &path).await
         }
@@ -134,13 +152,14 @@ impl Ran {
 }
 
 /// Runs `command` in sandbox `name` through the exec API, its stdin from `stdin` (closed at
-/// once when `None`), its stdout to `stdout` chunk by chunk (dropped when `None`).
+/// once when `None`), its stdout to `stdout` chunk by chunk (dropped when `None`), then
+/// `None` once the process has ended: a stdout that stops without it was cut short.
 async fn exec(
     g: &Globals,
     name: &str,
     command: &[&str],
     stdin: Option<mpsc::Receiver<Vec<u8>>>,
-    stdout: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    stdout: Option<std::sync::mpsc::SyncSender<Option<Vec<u8>>>>,
 ) -> anyhow::Result<Ran> {
     let (tx, rx) = mpsc::channel::<v1::ExecInput>(16);
     let send = |input| v1::ExecInput { input: Some(input) };
@@ -173,7 +192,7 @@ async fn exec(
                 Some(Output::Stdout(bytes)) => {
                     if let Some(out) = &stdout {
                         // The unpacking thread stopped (it failed): keep draining.
-                        let _ = out.send(bytes);
+                        let _ = out.send(Some(bytes));
                     }
                 }
                 // Enough for a reason; the rest is dropped.
@@ -181,7 +200,12 @@ async fn exec(
                     stderr.extend_from_slice(&bytes)
                 }
                 Some(Output::Stderr(_)) => {}
-                Some(Output::ExitCode(code)) => return Ok(Ran { code, stderr }),
+                Some(Output::ExitCode(code)) => {
+                    if let Some(out) = &stdout {
+                        let _ = out.send(None);
+                    }
+                    return Ok(Ran { code, stderr });
+                }
                 None => {}
             },
             Ok(None) => bail!("the server ended the exec without an exit code"),
@@ -323,23 +347,31 @@ fn append<W: Write>(
 }
 
 /// Sandbox → local (`None`: the tar stream to stdout). Into an existing local directory the
-/// source keeps its name; otherwise it is created as `local`.
+/// source keeps its name; otherwise it is created as `local`. The thread unpacking into
+/// `local` holds `alive` until it has cleaned up.
 async fn copy_out(
     g: &Globals,
     name: &str,
     path: &str,
     local: Option<PathBuf>,
+    alive: mpsc::Sender<()>,
 ) -> anyhow::Result<ExitCode> {
     let src = sandbox_path(path)?;
     let (dir, entry) = split(&src)
         .ok_or_else(|| usage(format!("cp: name a path under / ({name}:/etc), not {src}")))?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(8);
     let entry_name = entry.to_string();
     let unpacking = tokio::task::spawn_blocking(move || match local {
-        Some(local) => unpack(ChunkReader::new(rx), &entry_name, &local),
+        Some(local) => {
+            let unpacked = unpack(ChunkReader::new(rx), &entry_name, &local);
+            drop(alive);
+            unpacked
+        }
         None => {
+            // Nothing to clean up: a stopped `cp` need not wait for a slow reader.
+            drop(alive);
             let mut out = std::io::stdout().lock();
-            for chunk in rx {
+            for chunk in rx.iter().map_while(std::convert::identity) {
                 out.write_all(&chunk)?;
             }
             out.flush().map(|()| Vec::new()).map_err(Into::into)
@@ -520,6 +552,11 @@ fn unpack(reader: impl Read, top: &str, local: &Path) -> anyhow::Result<Vec<Stri
             Err(e) => skipped.push(format!("{shown} ({})", e.to_string().escape_debug())),
         }
     }
+    // The archive's end is not the stream's (tar pads it): read on to the end, so that a
+    // stream cut short (a `cp` stopped by a signal) fails here, before anything is moved
+    // into place, and the staging directory goes.
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
+        .context("cp: reading the archive")?;
     if !got_top {
         // Nothing landed: why is in what was skipped (a read-only destination, say).
         match skipped.first() {
@@ -556,17 +593,20 @@ impl Write for ChunkWriter {
     }
 }
 
-/// Reads what a channel carries, chunk by chunk (exec's stdout for a tar reader).
+/// Reads what a channel carries, chunk by chunk (exec's stdout for a tar reader), to the
+/// `None` that ends it; a channel closed before that is an error, not an end of file.
 struct ChunkReader {
-    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunks: std::sync::mpsc::Receiver<Option<Vec<u8>>>,
     current: std::io::Cursor<Vec<u8>>,
+    ended: bool,
 }
 
 impl ChunkReader {
-    fn new(chunks: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+    fn new(chunks: std::sync::mpsc::Receiver<Option<Vec<u8>>>) -> Self {
         ChunkReader {
             chunks,
             current: std::io::Cursor::new(Vec::new()),
+            ended: false,
         }
     }
 }
@@ -575,12 +615,18 @@ impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
             let n = self.current.read(buf)?;
-            if n > 0 || buf.is_empty() {
+            if n > 0 || buf.is_empty() || self.ended {
                 return Ok(n);
             }
             match self.chunks.recv() {
-                Ok(chunk) => self.current = std::io::Cursor::new(chunk),
-                Err(_) => return Ok(0),
+                Ok(Some(chunk)) => self.current = std::io::Cursor::new(chunk),
+                Ok(None) => self.ended = true,
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the copy was cut short",
+                    ));
+                }
             }
         }
     }
@@ -725,6 +771,36 @@ mod tests {
         let a = std::fs::metadata(got.join("sub/a")).unwrap();
         assert_eq!(inode(&std::fs::metadata(got.join("b")).unwrap()), inode(&a));
         assert_eq!(std::fs::read_to_string(got.join("b")).unwrap(), "a\n");
+    }
+
+    #[test]
+    fn a_stream_cut_short_moves_nothing_into_place() {
+        let data = vec![7u8; 64 << 10];
+        let tar = layer_tar(&[Entry::dir("x/", 0o755), Entry::file("x/a", 0o644, &data)]).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let got = d.path().join("got");
+        // What exec sends: chunks, then `None` once the process has ended; a stream that
+        // stops without it (the exec dropped on a signal) was cut short, however far it got.
+        let unpack_sent = |sent: &[u8], ended: bool| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            tx.send(Some(sent.to_vec())).unwrap();
+            if ended {
+                tx.send(None).unwrap();
+            }
+            drop(tx);
+            unpack(ChunkReader::new(rx), "x", &got)
+        };
+        for sent in [&tar[..tar.len() / 2], &tar[..]] {
+            let err = unpack_sent(sent, false).unwrap_err();
+            assert!(
+                format!("{err:#}").ends_with("the copy was cut short"),
+                "{err:#}"
+            );
+            let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
+        assert!(unpack_sent(&tar, true).unwrap().is_empty());
+        assert_eq!(std::fs::read(got.join("a")).unwrap(), data);
     }
 
     #[test]

@@ -101,7 +101,18 @@ pub(super) async fn open(
     )
 }
 
+/// Runs the process, or on SIGINT, SIGTERM or SIGHUP (^C typed under -it is a byte for the
+/// process, not a signal) stops: the terminal leaves raw mode as the exec is dropped, the
+/// process ends with this client (the server ends an exec whose client has gone), and the
+/// exit code is 128 + the signal's.
 pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
+    match super::signals::until_signalled(exec(args, g)).await? {
+        Ok(ran) => ran,
+        Err(signal) => Ok(signal.exit("exec")),
+    }
+}
+
+async fn exec(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     if args.command.first().is_none_or(|c| c.is_empty()) {
         return Err(usage("exec: give a command after --"));
     }

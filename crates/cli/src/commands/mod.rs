@@ -29,6 +29,7 @@ mod rm;
 mod run;
 mod sandboxer;
 mod server;
+mod signals;
 mod stats;
 mod stop;
 mod top;
