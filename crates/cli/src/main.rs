@@ -24,13 +24,17 @@ fn main() -> ExitCode {
     // Only short-lived client commands die quietly of a closed pipe. The server writes to
     // sockets whose peers may be gone (SIGPIPE would kill it), and `bench` owns a child server
     // and temp files it must clean up: both keep SIGPIPE ignored and handle EPIPE instead.
-    if !matches!(
-        cli.command,
+    // `run --wait --rm` too: it removes its sandbox at the end, which a death by SIGPIPE
+    // (`| head -1`) would skip; its output just stops.
+    let keeps_going = match &cli.command {
         commands::Command::Server(_)
-            | commands::Command::Sandboxer(_)
-            | commands::Command::Agent(_)
-            | commands::Command::Bench(_)
-    ) {
+        | commands::Command::Sandboxer(_)
+        | commands::Command::Agent(_)
+        | commands::Command::Bench(_) => true,
+        commands::Command::Run(args) => args.cleans_up_after_output(),
+        _ => false,
+    };
+    if !keeps_going {
         restore_sigpipe();
     }
     commands::init_logging(&cli);

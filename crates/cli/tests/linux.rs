@@ -1261,6 +1261,56 @@ fn a_follower_goes_on_into_the_next_run() {
     );
 }
 
+/// `run --wait --rm` removes its sandbox even when it does not see the end: interrupted
+/// (SIGTERM here, a ^C alike), or with its stdout closed (`| head -1`).
+#[test]
+fn run_rm_removes_the_sandbox_when_interrupted_or_cut_off() {
+    use std::io::BufRead as _;
+    let l = linux_or_skip!();
+    let gone = |name: &str| !l.warren(&["get", name]).status.success();
+    // The child, and the first line of its stdout read through a reader that is then
+    // dropped: the pipe's read end closes, as `| head -1` closes it.
+    let spawn = |name: &str, script: &str| {
+        let mut child = l
+            .server
+            .command(&[
+                "run", "-b", "linux", "-i", "busybox", "--name", name, "--wait", "--rm", "--",
+                "sh", "-c", script,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run --wait --rm");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("the first line");
+        (child, first)
+    };
+
+    let (child, first) = spawn(
+        "interrupted",
+        "trap 'exit 0' TERM; echo up; sleep 600 & wait",
+    );
+    assert_eq!(first, "up\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(stderr(&out).contains("removed"), "{}", stderr(&out));
+    assert!(gone("interrupted"), "the interrupted sandbox is left");
+
+    // Output goes on after the reader has gone.
+    let (child, first) = spawn("cut", "for i in 1 2 3 4 5; do echo $i; sleep 0.2; done");
+    assert_eq!(first, "1\n");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(gone("cut"), "the cut-off sandbox is left");
+}
+
 /// Output that does not end with a newline comes back without one: `run --wait` and
 /// `logs` give the workload's bytes, not lines made whole.
 #[test]

@@ -399,6 +399,26 @@ fn unreachable_server_is_a_clear_error() {
     );
 }
 
+/// `run --wait` of a slot sandbox, which runs nothing, would wait for ever: refused, unless
+/// it expires.
+#[test]
+fn run_wait_of_a_slot_sandbox_needs_an_expiry() {
+    let server = TestServer::start();
+    let out = server.warren(&["run", "--name", "never", "--wait"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--wait: a slot sandbox runs nothing"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !server.warren(&["get", "never"]).status.success(),
+        "nothing created"
+    );
+    let out = server.warren(&["run", "--name", "brief", "--wait", "--expire-in", "1s"]);
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+}
+
 /// A server that dies under a stream is a lost connection to the client, said so, not a
 /// transport's protocol error.
 #[test]
@@ -564,7 +584,7 @@ fn waits_end_when_the_server_stops() {
     };
     let waiters = [
         spawn(&["wait", "forever"]),
-        spawn(&["run", "--name", "second", "--wait"]),
+        spawn(&["run", "--name", "second", "--wait", "--expire-in", "1h"]),
     ];
     // Both calls reach the server (a create is seen in the list; a wait a moment after).
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -96,14 +96,16 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
     /// Wait for the sandbox to finish, stream its output meanwhile, and exit with its exit code
-    /// (like `docker run` without -d); 143 if it was stopped (or removed) before it ended.
+    /// (like `docker run` without -d); 143 if it was stopped (or removed) before it ended. A
+    /// slot sandbox, which runs nothing, needs --expire-in to end.
     #[arg(long)]
     wait: bool,
     /// Feed FILE to the workload's standard input (`-`: this command's own stdin, read to
     /// its end first); at most 4 MiB. The workload reads end of file after it.
     #[arg(long, value_name = "FILE")]
     stdin: Option<std::path::PathBuf>,
-    /// With --wait: delete the sandbox once it has finished.
+    /// With --wait: delete the sandbox once it has finished (also when this command is
+    /// interrupted: SIGINT, SIGTERM or SIGHUP ends and deletes it).
     #[arg(long, requires = "wait")]
     rm: bool,
     #[command(flatten)]
@@ -212,6 +214,14 @@ fn module_path(backend: BackendKind, image: &str) -> String {
     }
 }
 
+impl Args {
+    /// Whether this command must outlive a closed stdout: `--wait --rm` removes the sandbox
+    /// at the end, which a death by SIGPIPE would skip.
+    pub fn cleans_up_after_output(&self) -> bool {
+        self.wait && self.rm
+    }
+}
+
 pub fn build_spec(args: &Args) -> anyhow::Result<SandboxSpec> {
     let backend: BackendKind = super::backend_arg(&args.backend)?;
     let failure_policy: FailurePolicy = args
@@ -304,6 +314,17 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // It would wait for ever (a pool's sandboxes are of the pool's backend).
+    if args.wait
+        && spec.backend == BackendKind::Slot
+        && spec.pool.is_none()
+        && spec.expire_time.is_none()
+    {
+        return Err(usage(
+            "--wait: a slot sandbox runs nothing, so it never ends by itself: give it \
+             --expire-in, or run a workload with -b linux, wasm or vm",
+        ));
+    }
     let request = v1::CreateSandboxRequest {
         spec: Some(spec_to_pb(&spec)),
         stdin,
@@ -325,7 +346,10 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     let mut client = failover.client().await?;
     let sb = reply.sandbox.unwrap_or_default();
     if args.wait {
-        return wait(&mut client, &spec.name, args.rm).await;
+        // With --rm, the removal names the sandbox made here: never one that took its name
+        // since.
+        let rm = args.rm.then_some(sb.id.as_str());
+        return wait(&mut client, &spec.name, rm).await;
     }
     match args.output {
         Format::Table | Format::Wide => {
@@ -486,7 +510,36 @@ const STOPPED_EXIT: u8 = 143;
 async fn wait(
     client: &mut warren_control::client::Client,
     name: &str,
-    rm: bool,
+    rm: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let Some(id) = rm else {
+        return wait_for_end(client, name, None).await;
+    };
+    // With --rm the removal is this command's to do: a SIGINT, SIGTERM or SIGHUP (a ^C, a
+    // closed terminal) removes the sandbox, its workload ended first, before the command
+    // ends. (SIGPIPE stays ignored for it, see main.rs: a closed stdout only stops the
+    // output.)
+    let mut own = client.clone();
+    match super::signals::until_signalled(wait_for_end(&mut own, name, Some(id))).await? {
+        Ok(done) => done,
+        Err(signal) => {
+            let req = v1::DeleteSandboxRequest {
+                name: name.to_string(),
+                grace_period_seconds: None,
+                id: Some(id.to_string()),
+            };
+            answer(client.delete_sandbox(req).await)?;
+            Ok(signal.exit(&format!("run --rm (sandbox/{} removed)", printable(name))))
+        }
+    }
+}
+
+/// Streams the sandbox's output until it ends, then reports how it ended (removing it first
+/// with `rm`, the sandbox's id).
+async fn wait_for_end(
+    client: &mut warren_control::client::Client,
+    name: &str,
+    rm: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     match super::logs::stream(client, name, true, None, None, false).await {
         Ok(()) => {}
@@ -504,11 +557,11 @@ async fn wait(
             })
             .await,
     )?;
-    if rm {
+    if let Some(id) = rm {
         let req = v1::DeleteSandboxRequest {
             name: name.to_string(),
             grace_period_seconds: Some(0),
-            id: None,
+            id: Some(id.to_string()),
         };
         answer(client.delete_sandbox(req).await)?;
     }
