@@ -314,7 +314,11 @@ impl Sandboxes for SandboxService {
         let rec = self
             .plane
             // An empty id is none, as proto3 optional strings are often sent.
-            .delete_id(&req.name, req.id.as_deref().filter(|id| !id.is_empty()), grace)
+            .delete_id(
+                &req.name,
+                req.id.as_deref().filter(|id| !id.is_empty()),
+                grace,
+            )
             .await
             .map_err(status_of)?;
         Ok(Response::new(v1::DeleteSandboxResponse {
@@ -490,17 +494,18 @@ impl Sandboxes for SandboxService {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = req.into_inner();
-        let (path, done, next_run) = match self.plane.log_source(&req.name).await.map_err(status_of)? {
-            LogSource::File {
-                path,
-                done,
-                next_run,
-                ..
-            } => (path, done, next_run),
-            LogSource::Remote { agent, id } => {
-                return self.remote_logs(agent, id, req).await;
-            }
-        };
+        let (path, done, next_run) =
+            match self.plane.log_source(&req.name).await.map_err(status_of)? {
+                LogSource::File {
+                    path,
+                    done,
+                    next_run,
+                    ..
+                } => (path, done, next_run),
+                LogSource::Remote { agent, id } => {
+                    return self.remote_logs(agent, id, req).await;
+                }
+            };
         let since = req.since_ms.map(|ms| {
             std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
         });
