@@ -485,6 +485,53 @@ struct ModuleSource {
     entrypoint: Vec<String>,
     cmd: Vec<String>,
     env: Vec<(String, String)>,
+    /// A module file, opened when it was checked: the load reads this very file (taken
+    /// from here then, so no sandbox holds it after).
+    held: Option<Arc<std::fs::File>>,
+}
+
+/// Opens the module file `image` (without blocking on a FIFO: the load refuses anything but
+/// a regular file) and returns it with where it is, as the kernel names the open file,
+/// checked against the policy's `hostPaths` as [`warren_runtime::resolve_host_path`] checks
+/// a path.
+fn open_module(
+    image: &str,
+    policy: Option<&warren_runtime::AppliedPolicy>,
+) -> Result<(std::fs::File, PathBuf), BackendError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(image)
+        .map_err(|e| {
+            let reason = match e.kind() {
+                std::io::ErrorKind::NotFound => "does not exist".to_string(),
+                _ => format!("cannot be opened on this node: {e}"),
+            };
+            BackendError::Invalid(format!("spec.image: {image:?} {reason}"))
+        })?;
+    let Some(at) = run::opened_path(&file) else {
+        return Err(BackendError::Invalid(format!(
+            "spec.image: {image:?}: where the opened file is cannot be read from /proc"
+        )));
+    };
+    if let Some(applied) = policy
+        && applied.policy.host_path_allowed(image)
+    {
+        let shown = at.to_string_lossy();
+        if !applied.policy.resolved_host_path_allowed(&shown) {
+            let finding = format!(
+                "spec.image: {image:?} resolves to {shown:?}, outside the policy's \
+                 filesystem.hostPaths"
+            );
+            if applied.decision.mode == warren_spec::PolicyMode::Audit {
+                warn!(policy = %applied.decision.policy, "audit: {finding}");
+            } else {
+                return Err(BackendError::Invalid(finding));
+            }
+        }
+    }
+    Ok((file, at))
 }
 
 /// `spec.image` names a file (rather than an image) when it is a path: absolute or `./`
@@ -499,9 +546,11 @@ fn is_module_file(image: &str) -> bool {
 
 impl Inner {
     /// Resolves `spec.image` to a module file; every failure names the field. A module
-    /// file's path must be absolute (the server's working directory is nobody's), and is
-    /// checked under the policy where its symlinks lead on this node: under the policy's
-    /// `hostPaths` and, with an exec list, listed there. The resolved path is what is read.
+    /// file's path must be absolute (the server's working directory is nobody's); it is
+    /// opened here and checked under the policy where that open file is on this node (its
+    /// symlinks followed): under the policy's `hostPaths` and, with an exec list, listed
+    /// there. The load then reads through that handle (`held`), so a path swapped after the
+    /// check reaches nothing.
     fn module_source(
         &self,
         spec: &SandboxSpec,
@@ -525,7 +574,7 @@ impl Inner {
                      --module` makes one) or the name of an image in the store"
                 )));
             }
-            let path = warren_runtime::resolve_host_path("spec.image", image, policy)?;
+            let (file, path) = open_module(image, policy)?;
             if let Some(applied) = policy
                 && !applied.policy.exec_allowed(&path.to_string_lossy())
             {
@@ -547,6 +596,7 @@ impl Inner {
             return Ok(ModuleSource {
                 path,
                 name,
+                held: Some(Arc::new(file)),
                 ..ModuleSource::default()
             });
         }
@@ -587,6 +637,8 @@ impl Inner {
             entrypoint: found.config.entrypoint.clone(),
             cmd: found.config.cmd.clone(),
             env,
+            // The store's own file, under its directory: no one else's to swap.
+            held: None,
         })
     }
 }
@@ -754,10 +806,15 @@ impl Backend for WasmBackend {
                 id: id.clone(),
             });
         }
-        let module = inner.module_source(&config.spec, config.policy.as_ref())?;
+        let mut module = inner.module_source(&config.spec, config.policy.as_ref())?;
         let memory_limit = inner.memory_limit(&config.resources)?;
         Inner::check_mounts(&config.spec, config.policy.as_ref())?;
-        let (program, source) = inner.cache.load(&module.path).await.map_err(load_error)?;
+        let held = module.held.take();
+        let (program, source) = inner
+            .cache
+            .load_held(&module.path, held.as_deref())
+            .await
+            .map_err(load_error)?;
         // Made behind (see `create_files`): the create does not wait for the disk.
         let dir = inner.sandbox_dir(id);
         let log = LogWriter::deferred(dir.join(LOG_FILE), inner.config.log_max_bytes);
@@ -975,9 +1032,14 @@ impl Backend for WasmBackend {
         // Past the create checks already: a limit the config no longer allows gets the cap.
         let cap = usize::try_from(inner.config.max_memory_bytes).unwrap_or(usize::MAX);
         let memory_limit = inner.memory_limit(&config.resources).unwrap_or(cap);
-        let found = inner.module_source(&config.spec, config.policy.as_ref());
+        let mut found = inner.module_source(&config.spec, config.policy.as_ref());
+        let held = found.as_mut().ok().and_then(|m| m.held.take());
         let loaded = match &found {
-            Ok(module) => inner.cache.load(&module.path).await.map_err(load_error),
+            Ok(module) => inner
+                .cache
+                .load_held(&module.path, held.as_deref())
+                .await
+                .map_err(load_error),
             Err(e) => Err(BackendError::Invalid(e.to_string())),
         };
         let module = found.unwrap_or_else(|_| ModuleSource {
@@ -1057,6 +1119,32 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// A module file is opened once, checked where that open file is, and read through the
+    /// handle: a path swapped for a link elsewhere after the check changes nothing.
+    #[test]
+    fn a_module_is_the_file_checked_not_the_path_again() {
+        use std::io::Read as _;
+        let root = tempfile::tempdir().unwrap();
+        let module = root.path().join("m.wat");
+        let elsewhere = root.path().join("evil.wat");
+        std::fs::write(&module, "(module)").unwrap();
+        std::fs::write(&elsewhere, "(module (func))").unwrap();
+        let (file, at) = open_module(&module.display().to_string(), None).unwrap();
+        assert_eq!(at, module);
+        std::fs::rename(&module, root.path().join("old.wat")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &module).unwrap();
+        let mut read = String::new();
+        (&file).read_to_string(&mut read).unwrap();
+        assert_eq!(read, "(module)");
+        // Opened now, through the link: where it leads is what is reported and checked.
+        let (_, at) = open_module(&module.display().to_string(), None).unwrap();
+        assert_eq!(at, elsewhere);
+        let missing = open_module("/no/such/m.wasm", None)
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
     }
 
     /// The policy is checked against the directory a mount's descriptor holds, and the

@@ -82,7 +82,11 @@ pub(crate) const MAX_MODULE_BYTES: u64 = 512 << 20;
 /// Reads a module file: a regular file of at most [`MAX_MODULE_BYTES`]. `before` is the
 /// path's metadata taken before the open (opening a FIFO would wait for a writer); the open
 /// file is checked again, and its length while reading, in case it changed or grows.
-fn read_module(path: &Path, before: &std::fs::Metadata) -> Result<Vec<u8>, LoadError> {
+fn read_module(
+    path: &Path,
+    before: &std::fs::Metadata,
+    held: Option<&std::fs::File>,
+) -> Result<Vec<u8>, LoadError> {
     use std::io::Read as _;
     let shown = || path.display().to_string();
     let read_error = |source| LoadError::Read {
@@ -93,7 +97,14 @@ fn read_module(path: &Path, before: &std::fs::Metadata) -> Result<Vec<u8>, LoadE
     if !before.is_file() {
         return Err(not_regular());
     }
-    let file = std::fs::File::open(path).map_err(read_error)?;
+    let opened;
+    let file = match held {
+        Some(file) => file,
+        None => {
+            opened = std::fs::File::open(path).map_err(read_error)?;
+            &opened
+        }
+    };
     let meta = file.metadata().map_err(read_error)?;
     if !meta.is_file() {
         return Err(not_regular());
@@ -264,12 +275,27 @@ impl ModuleCache {
     /// Loads the module or component at `path` (binary or text), compiling it only if neither
     /// cache has it, and checks that it is a runnable WASI command.
     pub(crate) async fn load(&self, path: &Path) -> Result<(Program, Source), LoadError> {
+        self.load_held(path, None).await
+    }
+
+    /// [`ModuleCache::load`] of a module file already open (`held`, the file found at `path`
+    /// when it was checked): read through that handle, so what runs is what was checked,
+    /// whatever `path` names by now.
+    pub(crate) async fn load_held(
+        &self,
+        path: &Path,
+        held: Option<&std::fs::File>,
+    ) -> Result<(Program, Source), LoadError> {
         let shown = path.display().to_string();
         let read_error = |source| LoadError::Read {
             path: shown.clone(),
             source,
         };
-        let before = std::fs::metadata(path).map_err(read_error)?;
+        let before = match held {
+            Some(file) => file.metadata(),
+            None => std::fs::metadata(path),
+        }
+        .map_err(read_error)?;
         let identity = FileIdentity::of_metadata(&before);
         let known = self.digests().get(path).copied();
         if let Some((was, digest)) = known
@@ -280,11 +306,15 @@ impl ModuleCache {
             debug!(module = %shown, "wasm: module cache hit (memory, file unchanged)");
             return Ok((pre, Source::Memory));
         }
-        let bytes = read_module(path, &before)?;
+        let bytes = read_module(path, &before, held)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         // Only an identity taken before the read may vouch for these bytes; one that
         // changed meanwhile just misses next time.
-        if FileIdentity::of(path).is_ok_and(|now| now == identity) {
+        let now = match held {
+            Some(file) => file.metadata().map(|m| FileIdentity::of_metadata(&m)),
+            None => FileIdentity::of(path),
+        };
+        if now.is_ok_and(|now| now == identity) {
             self.remember_digest(path, identity, digest);
         }
         if let Some(pre) = self.lock().get(&digest) {
