@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 
+# CI builds from a clean clone: incremental state would only double target/ (~3 GB more on
+# a disk that a full debug build already fills by ~10 GB) and slow the one build it has.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+# A full disk shows up 20 minutes later as a bare "linking with cc failed": say it first.
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ "${free_kb:-0}" -lt $((12 * 1024 * 1024)) ]; then
+  echo "warning: $((free_kb / 1024 / 1024)) GB free under $(pwd); a clean build and test run needs about 12 GB" >&2
+fi
+
 echo "== format"
 cargo fmt --all --check
 
