@@ -139,13 +139,23 @@ pub fn no_published_ports(kind: BackendKind, spec: &SandboxSpec) -> Result<(), B
     }
 }
 
+impl AppliedPolicy {
+    /// What the policy makes of `finding`, something it does not allow: an enforce-mode
+    /// policy refuses it (the error is the finding); an audit-mode one admits it and only
+    /// logs it.
+    pub fn finding(&self, finding: String) -> Result<(), BackendError> {
+        if self.decision.mode == warren_spec::PolicyMode::Audit {
+            tracing::warn!(policy = %self.decision.policy, "audit: {finding}");
+            Ok(())
+        } else {
+            Err(BackendError::Invalid(finding))
+        }
+    }
+}
+
 /// `host`, the host path of `field` (a bind mount's source, a root filesystem), resolved on
-/// this node with its symlinks followed: what a mount of it reaches. A policy's `hostPaths`
-/// is checked again on the resolved path (against its entries as written and as they
-/// resolve here: `/srv` may be a link to `/var/srv`): a symlink under an allowed directory
-/// (one a sandbox may have made in a writable mount of its own) must not lead a later
-/// sandbox elsewhere. A path the policy did not allow as written was admitted on purpose
-/// (audit mode), and an audit-mode policy only has the finding logged.
+/// this node with its symlinks followed: what a mount of it reaches, checked by
+/// [`check_resolved_host_path`].
 pub fn resolve_host_path(
     field: &str,
     host: &str,
@@ -158,23 +168,35 @@ pub fn resolve_host_path(
         };
         BackendError::Invalid(format!("{field}: {host:?} {reason}"))
     })?;
-    if let Some(applied) = policy
-        && applied.policy.host_path_allowed(host)
-    {
-        let shown = resolved.to_string_lossy();
-        if !applied.policy.resolved_host_path_allowed(&shown) {
-            let finding = format!(
-                "{field}: {host:?} resolves to {shown:?}, outside the policy's \
-                 filesystem.hostPaths"
-            );
-            if applied.decision.mode == warren_spec::PolicyMode::Audit {
-                tracing::warn!(policy = %applied.decision.policy, "audit: {finding}");
-            } else {
-                return Err(BackendError::Invalid(finding));
-            }
-        }
-    }
+    check_resolved_host_path(field, host, &resolved, policy)?;
     Ok(resolved)
+}
+
+/// Checks `resolved`, where `field`'s host path `host` leads on this node (its symlinks
+/// followed, or where a file opened by it is), against a policy's `hostPaths` again, against
+/// its entries as written and as they resolve here (`/srv` may be a link to `/var/srv`): a
+/// symlink under an allowed directory (one a sandbox may have made in a writable mount of
+/// its own) must not lead a later sandbox elsewhere. A path the policy did not allow as
+/// written was admitted on purpose (audit mode) and is not checked again.
+pub fn check_resolved_host_path(
+    field: &str,
+    host: &str,
+    resolved: &Path,
+    policy: Option<&AppliedPolicy>,
+) -> Result<(), BackendError> {
+    let Some(applied) = policy else {
+        return Ok(());
+    };
+    if !applied.policy.host_path_allowed(host) {
+        return Ok(());
+    }
+    let shown = resolved.to_string_lossy();
+    if applied.policy.resolved_host_path_allowed(&shown) {
+        return Ok(());
+    }
+    applied.finding(format!(
+        "{field}: {host:?} resolves to {shown:?}, outside the policy's filesystem.hostPaths"
+    ))
 }
 
 /// Refuses what only the linux backend does, for backend `kind`: a read-only root
@@ -591,7 +613,8 @@ impl fmt::Debug for ExecProcess {
 #[cfg(test)]
 mod tests {
     use super::{
-        format_warm, linux_only_fields, no_published_ports, parse_warm, resolve_host_path,
+        check_resolved_host_path, format_warm, linux_only_fields, no_published_ports, parse_warm,
+        resolve_host_path,
     };
     use warren_spec::{BackendKind, SandboxSpec};
 
@@ -689,6 +712,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, format!("spec.image: {missing:?} does not exist"));
+
+        // Where an opened file is, checked the same way: a path the policy never allowed as
+        // written was admitted on purpose (audit) and is not checked again.
+        let outside_path = std::fs::canonicalize(&outside).unwrap();
+        let err = check_resolved_host_path("spec.image", &link, &outside_path, Some(&enforce))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "spec.image: {link:?} resolves to {target:?}, outside the policy's \
+                 filesystem.hostPaths"
+            )
+        );
+        let elsewhere = show(&outside);
+        assert!(
+            check_resolved_host_path("spec.image", &elsewhere, &outside_path, Some(&enforce))
+                .is_ok()
+        );
+        assert!(check_resolved_host_path("spec.image", &link, &outside_path, None).is_ok());
     }
 
     /// What only linux does is refused by the others, naming the field, not ignored.

@@ -20,8 +20,8 @@ pub mod slot;
 pub use backend::{
     AppliedPolicy, Backend, BackendError, BackendEvent, BackendInfo, BackendStatus, CheckpointInfo,
     EventSink, ExecProcess, ExecRequest, ProcessInfo, Resize, SandboxConfig, Stdin, Usage,
-    format_warm, linux_only_fields, no_published_ports, parse_warm, remove_tree, resolve_host_path,
-    sandbox_dirs,
+    check_resolved_host_path, format_warm, linux_only_fields, no_published_ports, parse_warm,
+    remove_tree, resolve_host_path, sandbox_dirs,
 };
 pub use slot::{SlotBackend, SlotCapacity};
 

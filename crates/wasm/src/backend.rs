@@ -492,8 +492,7 @@ struct ModuleSource {
 
 /// Opens the module file `image` (without blocking on a FIFO: the load refuses anything but
 /// a regular file) and returns it with where it is, as the kernel names the open file,
-/// checked against the policy's `hostPaths` as [`warren_runtime::resolve_host_path`] checks
-/// a path.
+/// checked against the policy's `hostPaths` by [`warren_runtime::check_resolved_host_path`].
 fn open_module(
     image: &str,
     policy: Option<&warren_runtime::AppliedPolicy>,
@@ -515,22 +514,7 @@ fn open_module(
             "spec.image: {image:?}: where the opened file is cannot be read from /proc"
         )));
     };
-    if let Some(applied) = policy
-        && applied.policy.host_path_allowed(image)
-    {
-        let shown = at.to_string_lossy();
-        if !applied.policy.resolved_host_path_allowed(&shown) {
-            let finding = format!(
-                "spec.image: {image:?} resolves to {shown:?}, outside the policy's \
-                 filesystem.hostPaths"
-            );
-            if applied.decision.mode == warren_spec::PolicyMode::Audit {
-                warn!(policy = %applied.decision.policy, "audit: {finding}");
-            } else {
-                return Err(BackendError::Invalid(finding));
-            }
-        }
-    }
+    warren_runtime::check_resolved_host_path("spec.image", image, &at, policy)?;
     Ok((file, at))
 }
 
@@ -578,16 +562,11 @@ impl Inner {
             if let Some(applied) = policy
                 && !applied.policy.exec_allowed(&path.to_string_lossy())
             {
-                let finding = format!(
+                applied.finding(format!(
                     "spec.image: {image:?} resolves to {:?}, which the policy's exec.allow does \
                      not list",
                     path.display().to_string()
-                );
-                if applied.decision.mode == warren_spec::PolicyMode::Audit {
-                    warn!(policy = %applied.decision.policy, "audit: {finding}");
-                } else {
-                    return Err(BackendError::Invalid(finding));
-                }
+                ))?;
             }
             let name = Path::new(image)
                 .file_name()
