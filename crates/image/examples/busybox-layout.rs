@@ -5,9 +5,16 @@
 
 fn main() {
     let mut args = std::env::args_os().skip(1);
-    let Some(dir) = args.next() else {
+    let usage = || -> ! {
         eprintln!("usage: busybox-layout DIR [NAME]");
         std::process::exit(2);
+    };
+    // `--help` is a question, not a directory to write into.
+    let Some(dir) = args
+        .next()
+        .filter(|d| !d.to_string_lossy().starts_with('-'))
+    else {
+        usage()
     };
     let name = args
         .next()
