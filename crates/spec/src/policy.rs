@@ -472,6 +472,24 @@ impl Policy {
             .is_none_or(|globs| globs.is_match(normalized(program)))
     }
 
+    /// Whether `resolved`, a program file's path with its symlinks followed on this node, is
+    /// listed in `exec.allow`: true without an exec section. Each entry counts as written and
+    /// with its leading literal directories as they resolve on this node (`/srv/app/**` with
+    /// `/srv/app` a link to `/srv/releases/v3` lists `/srv/releases/v3/m.wasm`), as
+    /// `hostPaths` entries do. Reads the file system: call it on the node.
+    pub fn resolved_exec_allowed(&self, resolved: &str) -> bool {
+        if self.exec_allowed(resolved) {
+            return true;
+        }
+        let program = normalized(resolved);
+        self.spec
+            .exec
+            .iter()
+            .flat_map(|e| e.allow.iter())
+            .filter_map(|pattern| resolved_glob(pattern))
+            .any(|glob| glob.is_match(&program))
+    }
+
     /// Whether a mount may come from the host directory `host`.
     pub fn host_path_allowed(&self, host: &str) -> bool {
         self.host_paths_allow(|p| path_under(host, p))
@@ -561,6 +579,39 @@ fn spec_hash(spec: &PolicySpec) -> String {
         hex.push_str(&format!("{b:02x}"));
     }
     hex
+}
+
+/// `pattern`, an `exec.allow` glob, with the literal directories before its first glob
+/// character resolved on this node (escaped: a resolved name is never a pattern); `None`
+/// when they resolve to themselves, do not exist, or the pattern is not absolute.
+fn resolved_glob(pattern: &str) -> Option<globset::GlobMatcher> {
+    if !pattern.starts_with('/') {
+        return None;
+    }
+    let parts: Vec<&str> = pattern.split('/').collect();
+    // A pattern without glob characters names one file: its directory resolves.
+    let first_glob = parts
+        .iter()
+        .position(|c| c.contains(['*', '?', '[', '{', '\\']))
+        .unwrap_or(parts.len() - 1);
+    let literal = parts[..first_glob].join("/");
+    let literal = if literal.is_empty() {
+        "/".to_string()
+    } else {
+        literal
+    };
+    let resolved = std::fs::canonicalize(&literal).ok()?;
+    let resolved = resolved.to_str()?;
+    if normalized(resolved) == normalized(&literal) {
+        return None;
+    }
+    let rest = parts[first_glob..].join("/");
+    let glob = format!("{}/{rest}", globset::escape(resolved.trim_end_matches('/')));
+    globset::GlobBuilder::new(&glob)
+        .literal_separator(true)
+        .build()
+        .ok()
+        .map(|g| g.compile_matcher())
 }
 
 fn globs(field: &str, patterns: &[String], errors: &mut Vec<SpecError>) -> Option<GlobSet> {

@@ -721,3 +721,45 @@ fn paths_compare_by_normalised_components() {
     assert_eq!(normalized("/a//b/./c/../d"), "/a/b/d");
     assert_eq!(normalized("/.."), "/");
 }
+
+/// An exec.allow entry counts where its literal directories lead on the node, as a hostPaths
+/// entry does: a module reached through a release link is listed by the link's glob, and
+/// nothing outside it is.
+#[test]
+fn exec_globs_count_as_written_and_as_they_resolve() {
+    let d = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(d.path()).unwrap();
+    let releases = root.join("releases/v3");
+    std::fs::create_dir_all(&releases).unwrap();
+    std::fs::create_dir(root.join("other")).unwrap();
+    std::os::unix::fs::symlink(&releases, root.join("current")).unwrap();
+    let show = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let allow = |globs: &[String]| {
+        policy(PolicySpec {
+            exec: Some(ExecPolicy {
+                allow: globs.to_vec(),
+            }),
+            ..PolicySpec::default()
+        })
+    };
+    let module = show(&releases.join("m.wasm"));
+    let glob = allow(&[format!("{}/*.wasm", show(&root.join("current")))]);
+    assert!(
+        !glob.exec_allowed(&module),
+        "as written it lists the link only"
+    );
+    assert!(glob.resolved_exec_allowed(&module));
+    assert!(!glob.resolved_exec_allowed(&show(&root.join("other/m.wasm"))));
+    assert!(!glob.resolved_exec_allowed(&show(&releases.join("sub/m.wasm"))));
+    // A file named outright: its directory resolves.
+    let file = allow(&[show(&root.join("current/m.wasm"))]);
+    assert!(file.resolved_exec_allowed(&module));
+    assert!(!file.resolved_exec_allowed(&show(&releases.join("n.wasm"))));
+    // Nothing to resolve, or nothing there: as written only.
+    let missing = allow(&[format!("{}/**", show(&root.join("gone")))]);
+    assert!(!missing.resolved_exec_allowed(&module));
+    let relative = allow(&["current/*.wasm".to_string()]);
+    assert!(!relative.resolved_exec_allowed(&module));
+    // Without an exec section everything runs.
+    assert!(policy(PolicySpec::default()).resolved_exec_allowed(&module));
+}

@@ -560,7 +560,9 @@ impl Inner {
             }
             let (file, path) = open_module(image, policy)?;
             if let Some(applied) = policy
-                && !applied.policy.exec_allowed(&path.to_string_lossy())
+                && !applied
+                    .policy
+                    .resolved_exec_allowed(&path.to_string_lossy())
             {
                 applied.finding(format!(
                     "spec.image: {image:?} resolves to {:?}, which the policy's exec.allow does \

@@ -1056,7 +1056,8 @@ fn fs_policy(read_only: &[&str], writable: &[&str]) -> warren_spec::PolicySpec {
 
 /// A module file is checked where it is: through a symlink under the policy's hostPaths
 /// that leads outside them, or to a module exec.allow does not list, it is refused at
-/// create; a relative path is refused (the server's working directory is nobody's).
+/// create (an exec.allow glob counts also with its directories resolved); a relative path
+/// is refused (the server's working directory is nobody's).
 #[tokio::test]
 async fn a_module_is_checked_where_its_symlinks_lead() {
     let h = harness(small());
@@ -1075,6 +1076,10 @@ async fn a_module_is_checked_where_its_symlinks_lead() {
     std::os::unix::fs::symlink(outside.join("evil.wat"), allowed.join("out.wat")).expect("link");
     std::os::unix::fs::symlink(allowed.join("other.wat"), allowed.join("listed.wat"))
         .expect("link");
+    // A release directory reached through a link: listed by the link's glob.
+    std::fs::create_dir(allowed.join("v3")).expect("mkdir");
+    std::fs::copy(module("hello.wat"), allowed.join("v3/app.wat")).expect("copy");
+    std::os::unix::fs::symlink(allowed.join("v3"), allowed.join("current")).expect("link");
     let policy = || warren_spec::PolicySpec {
         filesystem: Some(warren_spec::FilesystemPolicy {
             host_paths: Some(vec![allowed.display().to_string()]),
@@ -1085,6 +1090,7 @@ async fn a_module_is_checked_where_its_symlinks_lead() {
                 allowed.join("hello.wat").display().to_string(),
                 allowed.join("out.wat").display().to_string(),
                 allowed.join("listed.wat").display().to_string(),
+                format!("{}/*.wat", allowed.join("current").display()),
             ],
         }),
         ..Default::default()
@@ -1105,6 +1111,9 @@ async fn a_module_is_checked_where_its_symlinks_lead() {
     create(config("ok", allowed.join("hello.wat")))
         .await
         .expect("a listed module");
+    create(config("release", allowed.join("current/app.wat")))
+        .await
+        .expect("a module under a listed glob's directory, as it resolves");
     let err = create(config("out", allowed.join("out.wat")))
         .await
         .unwrap_err();
