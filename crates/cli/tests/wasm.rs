@@ -253,6 +253,18 @@ fn bad_modules_are_refused_and_nothing_remains() {
         .expect("sparse file");
     let fifo = server.dir.path().join("fifo.wasm");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    // A writer waits in open() until someone opens the FIFO to read: the server must not
+    // (nor any device: it looks at what a path is before opening it).
+    let (opened, writer_opened) = std::sync::mpsc::channel();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&fifo);
+            let _ = opened.send(());
+            file
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
     let cases = [
         (huge.display().to_string(), "larger than the 512 MiB"),
         (fifo.display().to_string(), "not a regular file"),
@@ -271,6 +283,18 @@ fn bad_modules_are_refused_and_nothing_remains() {
         assert!(err.contains(&path) && err.contains(want), "{err}");
         assert!(!err.contains("secret text"), "{err}");
     }
+    let server_opened_the_fifo = writer_opened.try_recv().is_ok();
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Let the writer go (and end its thread) whatever happened.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("open the FIFO to read");
+        writer.join().expect("writer").expect("writer's open");
+    }
+    assert!(!server_opened_the_fifo, "the server opened the FIFO");
     // A server's message quoting bytes that would drive the terminal shows them escaped.
     let out = server.warren(&[
         "run",

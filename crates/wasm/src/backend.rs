@@ -490,31 +490,56 @@ struct ModuleSource {
     held: Option<Arc<std::fs::File>>,
 }
 
-/// Opens the module file `image` (without blocking on a FIFO: the load refuses anything but
-/// a regular file) and returns it with where it is, as the kernel names the open file,
-/// checked against the policy's `hostPaths` by [`warren_runtime::check_resolved_host_path`].
+/// Opens the module file `image` for reading once it is known to be a regular file allowed
+/// where it is. It is first opened as a path only (`O_PATH`: nothing behind it is opened,
+/// so a device or FIFO planted under an allowed directory is never opened by the server),
+/// its type read, and where it is, as the kernel names that handle, checked under the
+/// policy: against `hostPaths` by [`warren_runtime::check_resolved_host_path`] and, with an
+/// exec list, listed there. The file read is then reopened through that handle, so it is
+/// the very file checked.
 fn open_module(
     image: &str,
     policy: Option<&warren_runtime::AppliedPolicy>,
 ) -> Result<(std::fs::File, PathBuf), BackendError> {
+    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
+    let refused = |reason: String| BackendError::Invalid(format!("spec.image: {image:?} {reason}"));
+    let pinned = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(image)
-        .map_err(|e| {
-            let reason = match e.kind() {
-                std::io::ErrorKind::NotFound => "does not exist".to_string(),
-                _ => format!("cannot be opened on this node: {e}"),
-            };
-            BackendError::Invalid(format!("spec.image: {image:?} {reason}"))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => refused("does not exist".into()),
+            _ => refused(format!("cannot be opened on this node: {e}")),
         })?;
-    let Some(at) = run::opened_path(&file) else {
-        return Err(BackendError::Invalid(format!(
-            "spec.image: {image:?}: where the opened file is cannot be read from /proc"
-        )));
+    let meta = pinned
+        .metadata()
+        .map_err(|e| refused(format!("cannot be read on this node: {e}")))?;
+    if !meta.is_file() {
+        return Err(refused(
+            "is not a regular file (a module is read from one)".into(),
+        ));
+    }
+    let Some(at) = run::opened_path(&pinned) else {
+        return Err(refused(
+            "cannot be placed: where the opened file is cannot be read from /proc".into(),
+        ));
     };
     warren_runtime::check_resolved_host_path("spec.image", image, &at, policy)?;
+    if let Some(applied) = policy
+        && !applied.policy.resolved_exec_allowed(&at.to_string_lossy())
+    {
+        applied.finding(format!(
+            "spec.image: {image:?} resolves to {:?}, which the policy's exec.allow does not \
+             list",
+            at.display().to_string()
+        ))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
+        .map_err(|e| refused(format!("cannot be opened on this node: {e}")))?;
     Ok((file, at))
 }
 
@@ -559,17 +584,6 @@ impl Inner {
                 )));
             }
             let (file, path) = open_module(image, policy)?;
-            if let Some(applied) = policy
-                && !applied
-                    .policy
-                    .resolved_exec_allowed(&path.to_string_lossy())
-            {
-                applied.finding(format!(
-                    "spec.image: {image:?} resolves to {:?}, which the policy's exec.allow does \
-                     not list",
-                    path.display().to_string()
-                ))?;
-            }
             let name = Path::new(image)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
