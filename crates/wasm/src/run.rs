@@ -385,12 +385,18 @@ pub(crate) fn classify(result: wasmtime::Result<()>, memory_limit_hit: bool) -> 
             let backtrace = error
                 .downcast_ref::<wasmtime::WasmBacktrace>()
                 .map(ToString::to_string);
-            let chain: Vec<String> = error
-                .chain()
-                .map(ToString::to_string)
-                .filter(|e| Some(e) != backtrace.as_ref())
-                .collect();
-            format!("Error: {}", chain.join(": "))
+            // A cause its context already ends with is said once (wasi's errors repeat it).
+            let mut text = String::new();
+            for part in error.chain().map(ToString::to_string) {
+                if part.is_empty() || Some(&part) == backtrace.as_ref() || text.ends_with(&part) {
+                    continue;
+                }
+                if !text.is_empty() {
+                    text.push_str(": ");
+                }
+                text.push_str(&part);
+            }
+            format!("Error: {text}")
         }
     };
     BackendStatus::Failed { reason }

@@ -1310,3 +1310,29 @@ async fn module_errors_tell_syntax_from_compiling_without_quoting_the_file() {
     }
     assert!(h.list().await.is_empty());
 }
+
+/// A cause the error's context already ends with is said once: WASI's pointer errors repeat
+/// theirs.
+#[tokio::test]
+async fn a_failed_runs_reason_says_its_cause_once() {
+    let mut h = harness(small());
+    let path = h.dir.path().join("unaligned.wat");
+    // fd_write with where to store the count written at an odd address.
+    std::fs::write(
+        &path,
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (drop (call $write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 65)))))"#,
+    )
+    .expect("write");
+    let status = h
+        .run(&sandbox("unaligned", &path.display().to_string()))
+        .await;
+    let BackendStatus::Failed { reason } = status else {
+        panic!("{status:?}")
+    };
+    assert!(reason.contains("not aligned"), "{reason}");
+    assert_eq!(reason.matches("not aligned").count(), 1, "{reason}");
+}
