@@ -560,3 +560,55 @@ fn modules_run_by_image_name() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("bad.wasm"), "{}", stderr(&out));
 }
+
+/// A sandbox whose AutoRecreate keeps failing holds one slot, as any Failed sandbox does,
+/// however many re-creates fail: each failure used to give back one more slot of the node,
+/// and then other sandboxes' slots.
+#[test]
+fn a_failing_auto_recreate_keeps_exactly_one_slot() {
+    let server = TestServer::start_with(&["--local-capacity", "3"], None);
+    let gone = server.dir.path().join("gone.wat");
+    std::fs::copy(module("loop.wat"), &gone).expect("copy");
+    let gone = gone.display().to_string();
+    server.ok(&["run", "--name", "s1"]);
+    server.ok(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &gone,
+        "--name",
+        "ar",
+        "--timeout",
+        "1s",
+        "--failure-policy",
+        "AutoRecreate",
+    ]);
+    // Its time runs out; every re-create then fails (no module), backing off 1, 2 s...
+    std::fs::remove_file(&gone).expect("rm");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server
+        .ok(&["get", "ar", "-o", "json"])
+        .contains("re-create on")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "ar never failed a re-create: {}",
+            server.ok(&["get", "ar", "-o", "json"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Two more failed re-creates (a re-create needs the third slot while ar holds one).
+    std::thread::sleep(Duration::from_millis(3500));
+    server.ok(&["run", "--name", "x1"]);
+    let full = |name: &str| {
+        let out = server.warren(&["run", "--name", name]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains("full"), "{}", stderr(&out));
+    };
+    full("x2");
+    server.ok(&["rm", "ar"]);
+    server.ok(&["run", "--name", "x2"]);
+    full("x3");
+    server.ok(&["rm", "s1", "x1", "x2"]);
+}

@@ -257,10 +257,11 @@ impl ControlPlane {
                 self.inner.metrics.recreated(rec.spec.backend, cause);
             }
             Err(e) => {
+                // It keeps the slot it was given, as every Failed sandbox does until it is
+                // removed or re-created (each of which releases it, once).
                 rec.status = Phase::Failed {
                     reason: format!("re-create on {} failed: {e}", rec.node),
                 };
-                self.unplace(&rec);
                 self.inner.metrics.error("recreate_failed");
             }
         }
