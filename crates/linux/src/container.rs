@@ -50,13 +50,16 @@ use crate::config::ContainerConfig;
 /// Where the host's root is parked during the pivot, relative to the new root.
 const OLD_ROOT: &str = ".warren-old-root";
 
-/// Capabilities a workload keeps: docker's default set.
+/// Capabilities a workload keeps: docker's default set without `CAP_MKNOD`. Docker keeps
+/// that one behind a device cgroup allow-list; warren sets no device rules (cgroup v2 has
+/// them only as a BPF program), so a workload able to `mknod` could make and open any
+/// device node of the host (`mknod /dev/sda b 8 0`) wherever it can write a file on a
+/// mount without `nodev` (its own `/dev`). The nodes it needs are made before it starts.
 pub const DEFAULT_CAPS: &[caps::Capability] = &[
     caps::Capability::CAP_CHOWN,
     caps::Capability::CAP_DAC_OVERRIDE,
     caps::Capability::CAP_FSETID,
     caps::Capability::CAP_FOWNER,
-    caps::Capability::CAP_MKNOD,
     caps::Capability::CAP_NET_RAW,
     caps::Capability::CAP_SETGID,
     caps::Capability::CAP_SETUID,
