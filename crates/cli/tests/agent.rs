@@ -538,3 +538,43 @@ fn exec_reaches_sandboxes_on_remote_agents() {
     assert!(reply.contains("exec is a WebSocket"), "{reply}");
     server.ok(&["rm", "-f", "box"]);
 }
+
+/// A sandbox busy when its agent is lost (here a stop waiting on the hung agent) becomes
+/// Lost once that call ends, rather than staying Running on a dead node for good.
+#[test]
+fn a_sandbox_busy_when_its_agent_is_lost_is_lost_once_the_call_ends() {
+    let server = TestServer::start_with(
+        &["--local-capacity", "0", "--agent-timeout", "1500ms"],
+        Some(TOKEN),
+    );
+    let mut a = TestAgent::start(&server, "a", &["--capacity", "2"]);
+    wait_up(&server, &["a"]);
+    server.ok(&[
+        "run",
+        "-b",
+        "wasm",
+        "--module",
+        &module("loop.wat"),
+        "--name",
+        "busy",
+    ]);
+    let agent = nix::unistd::Pid::from_raw(a.child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut stop = server
+        .command(&["stop", "busy"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn stop");
+    eventually(Duration::from_secs(10), "agent a Lost", || {
+        node_state(&server, "a") == "Lost"
+    });
+    // The stop is still waiting on the agent: the sandbox was busy when its node was lost.
+    assert_eq!(stop.try_wait().unwrap(), None);
+    a.kill9();
+    let status = stop.wait().expect("stop");
+    assert!(!status.success());
+    eventually(Duration::from_secs(10), "busy Lost", || {
+        json(&server.ok(&["get", "busy", "-o", "json"]))["status"]["phase"] == "Lost"
+    });
+}

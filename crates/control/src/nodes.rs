@@ -654,6 +654,15 @@ impl Nodes {
         lost
     }
 
+    /// The nodes now Lost.
+    pub fn lost(&self) -> Vec<String> {
+        let inner = self.lock();
+        (0..inner.entries.len())
+            .filter(|&i| inner.entries[i].state == NodeState::Lost)
+            .map(|i| inner.sched.name(i).to_string())
+            .collect()
+    }
+
     /// Why `node` counts as lost, for its sandboxes' reason: its registration's lease
     /// expired, or (with no lease) it sent no heartbeat within the agent timeout.
     pub fn lost_why(&self, node: &str) -> String {

@@ -69,24 +69,43 @@ impl ControlPlane {
     /// sandboxes that are due. Returns how many were re-created.
     pub async fn supervise(&self) -> usize {
         for node in self.inner.nodes.check() {
-            self.node_lost(&node);
+            self.node_lost(&node, true);
+        }
+        // A sandbox busy when its node was lost (a stop or an update waiting on the agent)
+        // was left as it was: once that call has ended, it is Lost too.
+        for node in self.inner.nodes.lost() {
+            self.node_lost(&node, false);
         }
         self.recreate_due().await
     }
 
-    /// Every sandbox on a lost node that was running (or being stopped) is Lost.
-    fn node_lost(&self, node: &str) {
+    /// Every sandbox on a lost node that was running (or being stopped) is Lost. `newly`:
+    /// the node was found lost just now (else only sandboxes not yet Lost are looked at,
+    /// those that were busy then).
+    fn node_lost(&self, node: &str, newly: bool) {
         let why = self.inner.nodes.lost_why(node);
-        warn!(node, "agent lost: {why}");
-        self.inner.metrics.error("agent_lost");
+        if newly {
+            warn!(node, "agent lost: {why}");
+            self.inner.metrics.error("agent_lost");
+        }
         let reason = format!("agent {node} stopped answering ({why})");
         let mut reg = self.lock();
         let names: Vec<String> = reg
             .sandboxes
             .values()
             .filter(|e| !e.busy && e.record.node == node)
+            .filter(|e| {
+                newly
+                    || (!matches!(e.record.status, Phase::Lost { .. })
+                        && e.record.status.can_transition_to(&Phase::Lost {
+                            reason: String::new(),
+                        }))
+            })
             .map(|e| e.record.spec.name.clone())
             .collect();
+        if !newly && names.is_empty() {
+            return;
+        }
         let mut n = 0;
         for name in names {
             let Some(entry) = reg.sandboxes.get_mut(&name) else {
@@ -106,13 +125,18 @@ impl ControlPlane {
                 self.emit(&mut reg, EventKind::Modified, rec.clone());
                 n += 1;
                 rec
-            } else {
+            } else if newly {
                 entry.record.clone()
+            } else {
+                // Ended meanwhile (Exited, Failed...): nothing of it runs there.
+                continue;
             };
             // Lost now, or already (a record loaded at start-up whose node never came back).
             self.note_failure(&mut reg, &rec);
         }
-        info!(node, sandboxes = n, "sandboxes of a lost agent are Lost");
+        if newly || n > 0 {
+            info!(node, sandboxes = n, "sandboxes of a lost agent are Lost");
+        }
     }
 
     /// Queues a record's new state to the store without waiting for it.
