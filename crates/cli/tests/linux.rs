@@ -1979,6 +1979,44 @@ fn a_root_directory_runs_in_place() {
         "written\n"
     );
     l.ok(&["rm", "inplace"]);
+    // Sandboxes sharing the root start side by side: each parks the host's root under a
+    // name of its own there while it pivots.
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..8)
+            .map(|i| {
+                let l = &l;
+                s.spawn(move || {
+                    let name = format!("shared{i}");
+                    let out = l.warren(&[
+                        "run",
+                        "-b",
+                        "linux",
+                        "-i",
+                        dir,
+                        "--name",
+                        &name,
+                        "--wait",
+                        "--rm",
+                        "--",
+                        "/bin/echo",
+                        "up",
+                    ]);
+                    (name, out)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (name, out) in outs {
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "up\n", "{name}");
+    }
+    let left: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".warren-old-root"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // What is not a directory is refused, naming the field.
     let out = l.warren(&["run", "-b", "linux", "-i", "/etc/hostname", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));

@@ -47,8 +47,19 @@ use nix::unistd::{Gid, Uid, chdir, pivot_root, sethostname, setresgid, setresuid
 
 use crate::config::ContainerConfig;
 
-/// Where the host's root is parked during the pivot, relative to the new root.
+/// Where the host's root is parked during the pivot, relative to the new root: this name
+/// and the sandbox's id, so sandboxes sharing one root directory (a prepared root used in
+/// place) do not take each other's.
 const OLD_ROOT: &str = ".warren-old-root";
+
+fn old_root_name(id: &str) -> String {
+    let id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .take(64)
+        .collect();
+    format!("{OLD_ROOT}-{id}")
+}
 
 /// Capabilities a workload keeps: docker's default set without `CAP_MKNOD`. Docker keeps
 /// that one behind a device cgroup allow-list; warren sets no device rules (cgroup v2 has
@@ -248,21 +259,20 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
     }
 
     chdir(&rootfs).map_err(|e| err(format!("chdir {}", rootfs.display()), e))?;
-    // The old root stays reachable under OLD_ROOT until the bind mounts are made (a bind
+    let parked = old_root_name(&cfg.id);
+    // The old root stays reachable under `parked` until the bind mounts are made (a bind
     // mount's source must be attached to this namespace's tree), then it is detached.
-    match std::fs::create_dir(OLD_ROOT) {
+    match std::fs::create_dir(&parked) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::symlink_metadata(OLD_ROOT).map_err(|e| err(OLD_ROOT, e))?;
+            let meta = std::fs::symlink_metadata(&parked).map_err(|e| err(&parked, e))?;
             if !meta.is_dir() {
-                return Err(format!(
-                    "the image has a {OLD_ROOT} that is not a directory"
-                ));
+                return Err(format!("the image has a {parked} that is not a directory"));
             }
         }
-        Err(e) => return Err(err(format!("mkdir {OLD_ROOT}"), e)),
+        Err(e) => return Err(err(format!("mkdir {parked}"), e)),
     }
-    pivot_root(".", OLD_ROOT).map_err(|e| err("pivot_root", e))?;
+    pivot_root(".", parked.as_str()).map_err(|e| err("pivot_root", e))?;
     chdir("/").map_err(|e| err("chdir /", e))?;
 
     mount_kernel_filesystems()?;
@@ -282,7 +292,7 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
         }
     }
     drop(host_dirs);
-    let old_root = format!("/{OLD_ROOT}");
+    let old_root = format!("/{parked}");
     umount2(old_root.as_str(), MntFlags::MNT_DETACH).map_err(|e| err("detach the old root", e))?;
     std::fs::remove_dir(&old_root).map_err(|e| err(format!("rmdir {old_root}"), e))?;
     mask_paths()?;
