@@ -2872,3 +2872,41 @@ fn top_lists_every_process_in_the_sandbox() {
         stderr(&out)
     );
 }
+
+/// Expired sandboxes are deleted side by side: one waiting out its grace period does not
+/// hold back the others (one after another, each went a grace period later than the last).
+#[test]
+fn expired_sandboxes_are_deleted_side_by_side() {
+    let l = linux_or_skip!();
+    let started = Instant::now();
+    let names = ["expiring1", "expiring2", "expiring3"];
+    for name in names {
+        // pid 1 of its namespace: sleep ignores SIGTERM, so each waits out its 3 s.
+        l.run_running(
+            name,
+            &["--stop-timeout", "3", "--expire-in", "2s"],
+            &["sleep", "1000"],
+        );
+    }
+    let gone = || {
+        let listed = l.ok(&["ls", "-o", "name"]);
+        names
+            .iter()
+            .all(|n| !listed.lines().any(|l| l.ends_with(n)))
+    };
+    while !gone() {
+        // Side by side: ~2 s + 3 s (+ a 1 s sweep); one by one it was 2 s + 3 × 3 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "still there after {:?}: {}",
+            started.elapsed(),
+            l.ok(&["ls"])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}

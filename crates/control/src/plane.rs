@@ -241,6 +241,9 @@ pub struct Summary {
 
 const EVENT_BUFFER: usize = 4096;
 
+/// Expired sandboxes deleted at once by one sweep.
+const EXPIRE_AT_ONCE: usize = 64;
+
 impl ControlPlane {
     pub fn new(agent: Agent, store: Arc<dyn Store>, default_grace: Duration) -> Self {
         Self::with_options(
@@ -798,23 +801,31 @@ impl ControlPlane {
                 .map(|e| e.record.spec.name.clone())
                 .collect()
         };
-        let mut n = 0;
-        for name in due {
-            match self.delete_as(&name, None, None, true).await {
-                Ok(_) => {
-                    info!(sandbox = %name, "expired and deleted");
-                    n += 1;
+        // Side by side (up to EXPIRE_AT_ONCE): each delete may wait out its workload's grace
+        // period, and one after another every expiry would be late by all the others'.
+        use futures::StreamExt as _;
+        futures::stream::iter(due)
+            .map(|name| async move {
+                match self.delete_as(&name, None, None, true).await {
+                    Ok(_) => {
+                        info!(sandbox = %name, "expired and deleted");
+                        1
+                    }
+                    // Busy (a stop waiting out its grace, say): the next sweep deletes it.
+                    Err(
+                        ControlError::Busy { .. }
+                        | ControlError::Stopping { .. }
+                        | ControlError::NotFound { .. },
+                    ) => 0,
+                    Err(e) => {
+                        warn!(sandbox = %name, error = %e, "could not delete an expired sandbox");
+                        0
+                    }
                 }
-                // Busy (a stop waiting out its grace, say): the next sweep deletes it.
-                Err(
-                    ControlError::Busy { .. }
-                    | ControlError::Stopping { .. }
-                    | ControlError::NotFound { .. },
-                ) => {}
-                Err(e) => warn!(sandbox = %name, error = %e, "could not delete an expired sandbox"),
-            }
-        }
-        n
+            })
+            .buffer_unordered(EXPIRE_AT_ONCE)
+            .fold(0, |n, one| async move { n + one })
+            .await
     }
 
     /// Applies the status changes backends report (a workload exited) until the sender goes.

@@ -796,9 +796,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn expiry_loop(plane: ControlPlane, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A sweep may wait out grace periods: the next starts on time all the same (what the
+    // earlier one is deleting is busy, so it is not deleted twice). Dropped at stop, as
+    // an awaited sweep was.
+    let mut sweeps = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = tick.tick() => { plane.expire().await; }
+            _ = tick.tick() => {
+                while sweeps.try_join_next().is_some() {}
+                let plane = plane.clone();
+                sweeps.spawn(async move { plane.expire().await });
+            }
             // The sender only ever sends `true`, and dropping it also means stop.
             _ = stop.changed() => return,
         }
