@@ -665,3 +665,194 @@ fn slot_sandboxes_checkpoint_their_record_and_wasm_says_unsupported() {
     server.spawn();
     assert!(server.ok(&["checkpoint", "ls"]).contains("sk"));
 }
+
+/// Applies a `default` policy with `spec` (YAML, indented two spaces).
+fn apply_default_policy(l: &Linux, spec: &str) {
+    let path = l.server.dir.path().join("default.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: warren.dev/v1\nkind: Policy\nmetadata:\n  name: default\nspec:\n{spec}"
+        ),
+    )
+    .unwrap();
+    l.ok(&["policy", "apply", "-f", path.to_str().unwrap()]);
+}
+
+/// Asserts a refused command: exit 1, `expect` in its stderr.
+fn assert_refused(out: &std::process::Output, expect: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    assert!(stderr(out).contains(expect), "{}", stderr(out));
+}
+
+const IDLE: &str = "while :; do sleep 1; done";
+
+/// CRIU binds the overlay read-write as the restored root, so a read-only root or read-only
+/// paths (`--read-only`, a policy's `filesystem.readOnly` or `filesystem.writable`) would
+/// come back writable: such a sandbox is not checkpointed, and a checkpoint is not restored
+/// under a policy that asks for them.
+#[test]
+fn read_only_roots_and_paths_are_neither_checkpointed_nor_restored() {
+    let l = criu_or_skip!();
+    let writer = "while :; do sleep 1; echo x > /x 2>/dev/null && echo WROTE-ROOT; done";
+    l.run_running("roc", &["--read-only"], &["sh", "-c", writer]);
+    let refused = "its read-only root/paths would come back writable (CRIU restores the root \
+                   read-write); checkpoints of such sandboxes are not supported";
+    assert_refused(
+        &l.warren(&["checkpoint", "roc", "--name", "ckroc"]),
+        refused,
+    );
+    for (name, fs) in [
+        ("rop", "    readOnly: [/etc]\n"),
+        ("wrp", "    writable: [/tmp]\n"),
+    ] {
+        apply_default_policy(&l, &format!("  filesystem:\n{fs}"));
+        l.run_running(name, &[], &["sh", "-c", IDLE]);
+        assert_refused(
+            &l.warren(&["checkpoint", name, "--name", &format!("ck{name}")]),
+            refused,
+        );
+        assert_eq!(l.get(name)["status"]["phase"], "Running");
+        l.ok(&["rm", name]);
+        l.ok(&["policy", "rm", "default"]);
+    }
+    assert_eq!(l.get("roc")["status"]["phase"], "Running");
+    assert!(!l.ok(&["checkpoint", "ls"]).contains("ck"));
+    assert!(!stdout(&l.warren(&["logs", "roc"])).contains("WROTE-ROOT"));
+
+    // A checkpoint taken before such a policy applied is not restored under it.
+    start_counter(&l, "late");
+    wait_count(&l, "late", 2);
+    l.ok(&["checkpoint", "late", "--name", "cklate"]);
+    let cgroups = l.leftover_cgroups();
+    apply_default_policy(&l, "  filesystem:\n    readOnly: [/etc]\n");
+    assert_refused(
+        &l.warren(&["restore", "cklate"]),
+        "restore: its read-only root/paths would come back writable",
+    );
+    assert_eq!(l.get("late")["status"]["phase"], "Stopped");
+    assert_refused(
+        &l.warren(&["restore", "cklate", "--name", "late2"]),
+        "restore it under a policy without it",
+    );
+    assert!(stderr(&l.warren(&["get", "late2"])).contains("not found"));
+    assert_eq!(l.leftover_cgroups(), cgroups);
+    l.ok(&["policy", "rm", "default"]);
+    assert_eq!(l.ok(&["restore", "cklate"]), "late\n");
+    l.ok(&["rm", "roc", "late"]);
+    l.ok(&["checkpoint", "rm", "cklate"]);
+}
+
+/// A restore runs under the policy that applies now, but CRIU brings the workload's seccomp
+/// filter, masks and network back as they were dumped: a policy that confines otherwise than
+/// the checkpointed workload was refuses the restore, creating nothing.
+#[test]
+fn a_restore_under_a_policy_that_confines_otherwise_is_refused() {
+    let l = criu_or_skip!();
+    start_counter(&l, "pw");
+    wait_count(&l, "pw", 2);
+    l.ok(&["checkpoint", "pw", "--name", "ckpw"]);
+    let cgroups = l.leftover_cgroups();
+    apply_default_policy(&l, "  syscalls:\n    deny: [getcwd]\n");
+    assert_refused(
+        &l.warren(&["restore", "ckpw", "--name", "pw2"]),
+        "the policy now denies syscalls the checkpointed workload was not confined by: \
+         getcwd; restore refused",
+    );
+    apply_default_policy(
+        &l,
+        "  filesystem:\n    masked: [/etc/hostname]\n  network:\n    mode: none\n",
+    );
+    let out = l.warren(&["restore", "ckpw", "--name", "pw2"]);
+    assert_refused(
+        &out,
+        "the policy now masks paths the checkpointed workload was not confined by: \
+         /etc/hostname",
+    );
+    assert_refused(&out, "network.mode is now none");
+    assert!(stderr(&l.warren(&["get", "pw2"])).contains("not found"));
+    assert_eq!(l.leftover_cgroups(), cgroups);
+
+    // Checkpointed under a policy, restored under the same one.
+    apply_default_policy(&l, "  syscalls:\n    deny: [getcwd]\n");
+    start_counter(&l, "pc");
+    wait_count(&l, "pc", 2);
+    l.ok(&["checkpoint", "pc", "--name", "ckpc"]);
+    assert_eq!(l.ok(&["restore", "ckpc", "--name", "pc2"]), "pc2\n");
+    // ... and not under one without that list: its filter would deny what the policy allows.
+    apply_default_policy(&l, "  mode: enforce\n");
+    assert_refused(
+        &l.warren(&["restore", "ckpc", "--name", "pc3"]),
+        "the checkpointed workload was denied syscalls the policy no longer denies (CRIU \
+         restores its filter as it was): getcwd",
+    );
+    assert_eq!(l.ok(&["restore", "ckpw", "--name", "pw2"]), "pw2\n");
+    l.ok(&["rm", "pw", "pw2", "pc", "pc2"]);
+    l.ok(&["checkpoint", "rm", "ckpw", "ckpc"]);
+}
+
+/// CRIU dumps the init's process tree only; a process `warren exec` started is outside it,
+/// so a checkpoint is refused while one runs rather than drop it.
+#[test]
+fn a_sandbox_with_a_running_exec_is_not_checkpointed() {
+    let l = criu_or_skip!();
+    start_counter(&l, "pz");
+    wait_count(&l, "pz", 2);
+    let mut exec = l
+        .server
+        .command(&["exec", "pz", "--", "sh", "-c", "sleep 30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        json(&l.ok(&["top", "pz", "-o", "json"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["command"] == "sleep 30")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sleeping() {
+        assert!(Instant::now() < deadline, "the exec never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = l.warren(&["checkpoint", "pz", "--leave-running", "--name", "ckpz"]);
+    let _ = exec.kill();
+    let _ = exec.wait();
+    assert_refused(&out, "has processes started by warren exec (pids ");
+    assert_refused(&out, "a checkpoint would drop them: wait for them to end");
+    assert!(!l.ok(&["checkpoint", "ls"]).contains("ckpz"));
+    assert_eq!(l.get("pz")["status"]["phase"], "Running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sleeping() {
+        assert!(Instant::now() < deadline, "the exec outlived its caller");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its helper may outlive it by a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = l.warren(&["checkpoint", "pz", "--leave-running", "--name", "ckpz"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && stderr(&out).contains("started by warren exec"),
+            "{}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    l.ok(&["rm", "pz"]);
+    l.ok(&["checkpoint", "rm", "ckpz"]);
+
+    // A sandbox from a warm shell has nothing else in its cgroup either.
+    let warm = Linux::start_with(&["--warm", "linux:busybox=1"]);
+    linux_harness::wait_warm(&warm, 1);
+    start_counter(&warm, "pw");
+    assert!(linux_harness::cgroup_of(&warm, "pw").starts_with("warm-"));
+    wait_count(&warm, "pw", 2);
+    warm.ok(&["checkpoint", "pw", "--leave-running", "--name", "ckw"]);
+    warm.ok(&["rm", "pw"]);
+    warm.ok(&["checkpoint", "rm", "ckw"]);
+}

@@ -352,7 +352,7 @@ fn criu_child(
 }
 
 /// A process's parent (`/proc/PID/stat` field 4).
-fn parent_of(pid: Pid) -> Option<i32> {
+pub(crate) fn parent_of(pid: Pid) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(1)?.parse().ok()

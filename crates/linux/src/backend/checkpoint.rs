@@ -3,7 +3,9 @@
 //!
 //! A checkpoint's payload (the directory the caller hands over):
 //! - `linux.json` ([`LinuxCheckpoint`]): the image the sandbox runs, how CRIU saw the
-//!   workload's stdio, the bind mounts from the host, CRIU's version;
+//!   workload's stdio, the bind mounts from the host, CRIU's version, and what confined the
+//!   workload ([`Confinement`]: a restore brings that back as it was, so one under a policy
+//!   that asks for other confinement is refused);
 //! - `images/`: CRIU's images of the process tree and its namespaces (mount, UTS, IPC,
 //!   network, pid, cgroup);
 //! - `rootfs.tar`: the overlay's upper directory, the sandbox's changes to its image's files
@@ -18,10 +20,12 @@
 //! supervisor records CRIU's kill as the workload's end, and the mark makes that end `Stopped`
 //! rather than a SIGKILL exit.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use warren_runtime::CheckpointInfo;
+use warren_spec::{SyscallEntry, SyscallPolicy};
 
 use super::*;
 use crate::criu::{self, Criu, ExternalMount};
@@ -40,7 +44,7 @@ const DUMP_WORK_DIR: &str = ".dump";
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// What `linux.json` holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LinuxCheckpoint {
     /// The image's id (`sha256:...`); `None` for a prepared root directory.
@@ -55,6 +59,157 @@ pub struct LinuxCheckpoint {
     pub stdin: Option<String>,
     /// Bind mounts from the host, in `container.json`'s order.
     pub mounts: Vec<ExternalMount>,
+    /// What confined the workload when it was dumped; `None` in a checkpoint from before
+    /// this was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confinement: Option<Confinement>,
+}
+
+/// The confinement a workload gets at its start that CRIU restores as it was dumped (the
+/// seccomp filter, the masks in its mount namespace, its loopback's state), whatever the
+/// restored sandbox's config says. A restore whose config asks for other confinement is
+/// refused: the sandbox would run confined otherwise than its policy says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Confinement {
+    /// The spec's `denySyscalls`.
+    #[serde(default)]
+    pub deny_syscalls: Vec<String>,
+    /// The policy's `syscalls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscalls: Option<SyscallPolicy>,
+    pub loopback: bool,
+    #[serde(default)]
+    pub masked_paths: Vec<String>,
+}
+
+impl Confinement {
+    pub fn of(container: &ContainerConfig) -> Confinement {
+        Confinement {
+            deny_syscalls: container.deny_syscalls.clone(),
+            syscalls: container
+                .policy_syscalls
+                .as_ref()
+                .map(|p| p.syscalls.clone()),
+            loopback: container.loopback,
+            masked_paths: container.masked_paths.clone(),
+        }
+    }
+
+    /// What a checkpoint that did not record its confinement is taken to have had: its
+    /// spec's part (the same spec is restored) and no policy's. A policy that confines
+    /// more refuses its restore, as for any checkpoint of an unconfined workload.
+    fn of_spec(container: &ContainerConfig) -> Confinement {
+        Confinement {
+            deny_syscalls: container.deny_syscalls.clone(),
+            syscalls: None,
+            loopback: true,
+            masked_paths: Vec::new(),
+        }
+    }
+
+    /// How `now` (the restored sandbox's config) differs from `self` (the checkpointed
+    /// workload's), one phrase each; empty when they agree.
+    fn differences(&self, now: &Confinement) -> Vec<String> {
+        let mut out = Vec::new();
+        let (was, is) = (self.denied(), now.denied());
+        let (added, removed) = (list(is.difference(&was)), list(was.difference(&is)));
+        if !added.is_empty() {
+            out.push(format!(
+                "the policy now denies syscalls the checkpointed workload was not confined by: \
+                 {added}"
+            ));
+        }
+        if !removed.is_empty() {
+            out.push(format!(
+                "the checkpointed workload was denied syscalls the policy no longer denies \
+                 (CRIU restores its filter as it was): {removed}"
+            ));
+        }
+        let allowed = |c: &Confinement| {
+            let list = c.syscalls.as_ref()?.allow.as_ref()?;
+            Some(list.iter().map(entry).collect::<BTreeSet<_>>())
+        };
+        match (allowed(self), allowed(now)) {
+            (None, None) => {}
+            (None, Some(_)) => out.push(
+                "the policy now allows only the syscalls it lists (syscalls.allow); the \
+                 checkpointed workload was not confined by such a list"
+                    .to_string(),
+            ),
+            (Some(_), None) => out.push(
+                "the checkpointed workload was allowed only the syscalls its policy listed \
+                 (syscalls.allow); the policy now has no such list"
+                    .to_string(),
+            ),
+            (Some(was), Some(is)) if was != is => out.push(format!(
+                "the policy's syscalls.allow differs from the checkpointed workload's (only \
+                 now: {}; only then: {})",
+                or_none(list(is.difference(&was))),
+                or_none(list(was.difference(&is)))
+            )),
+            (Some(_), Some(_)) => {}
+        }
+        let masked = |c: &Confinement| c.masked_paths.iter().cloned().collect::<BTreeSet<_>>();
+        let (was, is) = (masked(self), masked(now));
+        let (added, removed) = (list(is.difference(&was)), list(was.difference(&is)));
+        if !added.is_empty() {
+            out.push(format!(
+                "the policy now masks paths the checkpointed workload was not confined by: \
+                 {added}"
+            ));
+        }
+        if !removed.is_empty() {
+            out.push(format!(
+                "the checkpointed workload had paths masked that the policy no longer masks \
+                 (CRIU restores its mounts as they were): {removed}"
+            ));
+        }
+        match (self.loopback, now.loopback) {
+            (true, false) => out.push(
+                "the policy's network.mode is now none, but the checkpointed workload's \
+                 loopback was up (CRIU restores its network as it was)"
+                    .to_string(),
+            ),
+            (false, true) => out.push(
+                "the checkpointed workload's loopback was down (network.mode none), and the \
+                 policy's network.mode is no longer none (CRIU restores its network as it was)"
+                    .to_string(),
+            ),
+            _ => {}
+        }
+        out
+    }
+
+    /// Every denied syscall, the spec's and the policy's, as [`entry`] names it.
+    fn denied(&self) -> BTreeSet<String> {
+        let policy = self.syscalls.iter().flat_map(|s| s.deny.iter().flatten());
+        self.deny_syscalls
+            .iter()
+            .cloned()
+            .chain(policy.map(entry))
+            .collect()
+    }
+}
+
+/// A syscall entry by its name, with its conditions when it has any.
+fn entry(e: &SyscallEntry) -> String {
+    match e.args() {
+        [] => e.name().to_string(),
+        args => format!(
+            "{} (when {})",
+            e.name(),
+            serde_json::to_string(args).unwrap_or_default()
+        ),
+    }
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a String>) -> String {
+    items.map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+fn or_none(s: String) -> String {
+    if s.is_empty() { "none".to_string() } else { s }
 }
 
 impl Inner {
@@ -96,6 +251,17 @@ pub(super) async fn checkpoint(
     if let Some(why) = not_restorable(&container) {
         return Err(BackendError::Invalid(format!(
             "sandbox {id}: {why}; checkpoints of such sandboxes are not supported"
+        )));
+    }
+    let foreign = outside_tree(&cgroup_pids(inner, &bundle, id)?, pid, |p| {
+        crate::restore::parent_of(nix::unistd::Pid::from_raw(p))
+    });
+    if !foreign.is_empty() {
+        let pids: Vec<String> = foreign.iter().map(i32::to_string).collect();
+        return Err(BackendError::Invalid(format!(
+            "sandbox {id} has processes started by warren exec (pids {}); a checkpoint would \
+             drop them: wait for them to end",
+            pids.join(", ")
         )));
     }
     let criu = inner.criu()?;
@@ -198,6 +364,7 @@ pub(super) async fn checkpoint(
         stderr: stdio.stderr,
         stdin: stdio.stdin,
         mounts,
+        confinement: Some(Confinement::of(&container)),
     };
     config::write_json(dir, LINUX_FILE, &saved)
         .map_err(|e| BackendError::io("write", &dir.join(LINUX_FILE), e))?;
@@ -208,6 +375,45 @@ pub(super) async fn checkpoint(
         info.insert("image".into(), image);
     }
     Ok(info)
+}
+
+/// The processes in the sandbox's cgroup.
+fn cgroup_pids(inner: &Inner, bundle: &Path, id: &str) -> Result<Vec<i32>, BackendError> {
+    let Some(cgroup) = inner.cgroup(&cgroup_name(bundle, id)) else {
+        return Ok(Vec::new());
+    };
+    cgroup.pids().map_err(|e| {
+        BackendError::Other(format!(
+            "list the processes of sandbox {id}: {}",
+            crate::error_chain(&e)
+        ))
+    })
+}
+
+/// The processes of `pids` (a cgroup's) that are neither `init` nor below it, by `parent`
+/// (`None`: the process has ended). CRIU dumps the init's tree only: these are what
+/// `warren exec` started (its helper joins the cgroup from outside the tree, and what it
+/// starts is the helper's child). A process whose chain of parents breaks because one ended
+/// meanwhile is left out: it is being reparented into the tree.
+fn outside_tree(pids: &[i32], init: i32, parent: impl Fn(i32) -> Option<i32>) -> Vec<i32> {
+    let members: HashSet<i32> = pids.iter().copied().collect();
+    let parents: HashMap<i32, Option<i32>> = pids.iter().map(|&p| (p, parent(p))).collect();
+    let below_init = |pid: i32| {
+        let mut at = pid;
+        // A chain inside the cgroup has at most as many links as the cgroup has processes.
+        for _ in 0..=pids.len() {
+            if at == init {
+                return true;
+            }
+            match parents.get(&at) {
+                Some(Some(up)) if *up == init || members.contains(up) => at = *up,
+                Some(None) => return true,
+                _ => return false,
+            }
+        }
+        false
+    };
+    pids.iter().copied().filter(|&p| !below_init(p)).collect()
 }
 
 /// The image the sandbox runs: the one its spec names, if that still has the layers the
@@ -382,11 +588,25 @@ pub(super) async fn restore(
 
 /// Why a sandbox of `container` cannot come back from a checkpoint, if it cannot. CRIU
 /// cannot restore a seccomp user-notification listener (the exec gate) nor a veth pair whose
-/// host end the supervisor owns (egress), and checkpoints do not save a storage limit's file
-/// system: such a sandbox is neither checkpointed nor restored, rather than run less
-/// confined than its policy says.
+/// host end the supervisor owns (egress); it binds the overlay it is given read-write as the
+/// root, so the read-only remounts of the root and of paths below it (`--read-only`, a
+/// policy's `filesystem.readOnly` and `filesystem.writable`) come back writable; and
+/// checkpoints do not save a storage limit's file system: such a sandbox is neither
+/// checkpointed nor restored, rather than run less confined than its spec and policy say.
 fn not_restorable(container: &ContainerConfig) -> Option<&'static str> {
-    if container.exec_allow.is_some() {
+    let root_writable = container
+        .writable_paths
+        .iter()
+        .any(|p| p.trim_matches('/').is_empty());
+    if container.read_only_rootfs
+        || !container.read_only_paths.is_empty()
+        || (!container.writable_paths.is_empty() && !root_writable)
+    {
+        Some(
+            "its read-only root/paths would come back writable (CRIU restores the root \
+             read-write)",
+        )
+    } else if container.exec_allow.is_some() {
         Some("its policy has an exec list (enforced by a seccomp listener CRIU cannot restore)")
     } else if container.egress.is_some() {
         Some("its policy's network.mode is egress (a veth pair CRIU cannot restore)")
@@ -428,9 +648,28 @@ fn prepare(
     // The policy that applies now is the one the restored sandbox must keep.
     if let Some(why) = not_restorable(&container) {
         inner.network.release(&config.id);
+        let fix = if container.read_only_rootfs {
+            "its spec asks for a read-only root (readOnlyRootfs), so this checkpoint cannot be \
+             restored"
+        } else {
+            "restore it under a policy without it"
+        };
         return Err(BackendError::Invalid(format!(
-            "restore: {why}; a restored sandbox cannot have that: restore it under a policy \
-             without it"
+            "restore: {why}; a restored sandbox cannot have that: {fix}"
+        )));
+    }
+    // Nor can a restore change the confinement CRIU brings back as it was dumped.
+    let was = saved
+        .confinement
+        .clone()
+        .unwrap_or_else(|| Confinement::of_spec(&container));
+    let differences = was.differences(&Confinement::of(&container));
+    if !differences.is_empty() {
+        inner.network.release(&config.id);
+        return Err(BackendError::Invalid(format!(
+            "restore: {}; restore refused (it runs under the policy that applies now, which \
+             must confine it as the checkpointed workload was)",
+            differences.join("; ")
         )));
     }
     if container.mounts.len() != saved.mounts.len() {
@@ -516,6 +755,114 @@ async fn fill_bundle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn container(extra: serde_json::Value) -> ContainerConfig {
+        let mut c = serde_json::json!({
+            "id": "t", "layers": [], "argv": ["sh"], "env": [], "cwd": "/",
+            "hostname": "t", "uid": 0, "gid": 0, "cgroupParent": "p", "stopGraceMs": 1,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        serde_json::from_value(c).unwrap()
+    }
+
+    #[test]
+    fn read_only_roots_and_paths_are_not_restorable() {
+        assert_eq!(not_restorable(&container(serde_json::json!({}))), None);
+        for extra in [
+            serde_json::json!({"readOnlyRootfs": true}),
+            serde_json::json!({"readOnlyPaths": ["/etc"]}),
+            serde_json::json!({"writablePaths": ["/tmp"]}),
+        ] {
+            let why = not_restorable(&container(extra.clone()));
+            assert!(
+                why.is_some_and(|w| w.contains("would come back writable")),
+                "{extra}"
+            );
+        }
+        // `writable: [/]` leaves the root as it is.
+        let all = container(serde_json::json!({"writablePaths": ["/", "/tmp"]}));
+        assert_eq!(not_restorable(&all), None);
+    }
+
+    #[test]
+    fn processes_outside_the_inits_tree_are_found() {
+        let parents: HashMap<i32, i32> = [
+            (100, 9),
+            (101, 100),
+            (102, 101),
+            (200, 50),
+            (201, 200),
+            (103, 300),
+        ]
+        .into();
+        let pids = [100, 101, 102, 103, 200, 201, 300];
+        // 300 has ended: what hung below it is being reparented.
+        let found = outside_tree(&pids, 100, |p| parents.get(&p).copied());
+        assert_eq!(found, vec![200, 201]);
+        assert!(outside_tree(&[100, 101, 102], 100, |p| parents.get(&p).copied()).is_empty());
+        // A cycle (pids reused meanwhile) ends the walk.
+        let cycle: HashMap<i32, i32> = [(5, 6), (6, 5)].into();
+        assert_eq!(
+            outside_tree(&[1, 5, 6], 1, |p| cycle.get(&p).copied()),
+            [5, 6]
+        );
+    }
+
+    #[test]
+    fn confinement_differences_name_what_differs() {
+        let plain = Confinement::of(&container(serde_json::json!({})));
+        assert!(plain.differences(&plain).is_empty());
+        let strict = Confinement::of(&container(serde_json::json!({
+            "policySyscalls": {"hash": "h", "syscalls": {"deny": ["getcwd"]}},
+            "maskedPaths": ["/secret"],
+            "loopback": false,
+        })));
+        assert!(strict.differences(&strict).is_empty());
+        let d = plain.differences(&strict);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].contains("now denies syscalls") && d[0].ends_with(": getcwd"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].contains("now masks paths") && d[1].ends_with(": /secret"),
+            "{d:?}"
+        );
+        assert!(d[2].contains("network.mode is now none"), "{d:?}");
+        let d = strict.differences(&plain);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].contains("no longer denies") && d[0].ends_with(": getcwd"),
+            "{d:?}"
+        );
+        // The spec's own list and a policy's denying the same syscall confine alike.
+        let by_spec = Confinement::of(&container(serde_json::json!({
+            "denySyscalls": ["getcwd"], "maskedPaths": ["/secret"], "loopback": false,
+        })));
+        assert!(by_spec.differences(&strict).is_empty());
+        // Conditions on a syscall's arguments count.
+        let rule = Confinement::of(&container(serde_json::json!({
+            "policySyscalls": {"hash": "h", "syscalls": {"deny": [
+                {"name": "getcwd", "args": [{"index": 0, "op": "eq", "value": 0}]}
+            ]}},
+            "maskedPaths": ["/secret"], "loopback": false,
+        })));
+        assert_eq!(strict.differences(&rule).len(), 2);
+        let allow = Confinement::of(&container(serde_json::json!({
+            "policySyscalls": {"hash": "h", "syscalls": {"allow": ["read", "write"]}},
+        })));
+        let d = plain.differences(&allow);
+        assert!(d.len() == 1 && d[0].contains("syscalls.allow"), "{d:?}");
+        // A checkpoint that did not record its confinement had no policy's.
+        let legacy = Confinement::of_spec(&container(serde_json::json!({
+            "denySyscalls": ["ptrace"],
+            "policySyscalls": {"hash": "h", "syscalls": {"deny": ["getcwd"]}},
+        })));
+        assert_eq!(legacy.denied(), BTreeSet::from(["ptrace".to_string()]));
+        assert!(legacy.loopback && legacy.masked_paths.is_empty());
+    }
 
     #[test]
     fn stdio_keys_name_external_files_once() {
