@@ -820,3 +820,36 @@ fn egress_reaches_the_listed_destinations_and_ports_only() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// env.allow: the workload sees the spec's variables the policy lists, not the others (the
+/// image's own stay: PATH and the like are the image's).
+#[test]
+fn env_allow_drops_the_variables_it_does_not_list() {
+    let l = linux_or_skip!();
+    apply(&l, "envs", "  env:\n    allow: [\"APP_*\"]\n");
+    let out = l.run(
+        "envs",
+        &[
+            "--wait",
+            "--policy",
+            "envs",
+            "-e",
+            "APP_MODE=fast",
+            "-e",
+            "AWS_SECRET=s3cr3t",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo \"$APP_MODE|${AWS_SECRET:-unset}|${PATH:+path}\"",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "fast|unset|path\n");
+    let out = l.run(
+        "no-policy",
+        &["--wait", "-e", "AWS_SECRET=s3cr3t"],
+        &["sh", "-c", "echo \"${AWS_SECRET:-unset}\""],
+    );
+    assert_eq!(stdout(&out), "s3cr3t\n");
+}

@@ -378,9 +378,31 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // exec into a running VM: output, exit code, stdin, env and the sandbox's identity.
+    // exec into a running VM: output, exit code, stdin, env (what the policy's env.allow
+    // lists) and the sandbox's identity.
+    let policy = vm.server.dir.path().join("envs.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: warren.dev/v1\nkind: Policy\nmetadata:\n  name: envs\nspec:\n  env:\n    \
+         allow: [FOO]\n",
+    )
+    .unwrap();
+    vm.ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
     vm.ok(&[
-        "run", "-b", "vm", "--name", "box", "-e", "FOO=bar", "--", "sleep", "600",
+        "run",
+        "-b",
+        "vm",
+        "--name",
+        "box",
+        "--policy",
+        "envs",
+        "-e",
+        "FOO=bar",
+        "-e",
+        "SECRET=hidden",
+        "--",
+        "sleep",
+        "600",
     ]);
     vm.wait_phase("box", "Running", Duration::from_secs(60));
     let out = vm.warren(&[
@@ -389,15 +411,15 @@ fn echo_in_a_vm_logs_exit_code_exec_and_delete() {
         "--",
         "sh",
         "-c",
-        "echo $FOO $(hostname) $(cat /run/warren/id | wc -c); exit 5",
+        "echo $FOO ${SECRET:-unset} $(hostname) $(cat /run/warren/id | wc -c); exit 5",
     ]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let words: Vec<String> = stdout(&out)
         .split_whitespace()
         .map(str::to_string)
         .collect();
-    assert_eq!(words[..2], ["bar", "box"], "{words:?}");
-    assert_ne!(words[2], "0", "{words:?}");
+    assert_eq!(words[..3], ["bar", "unset", "box"], "{words:?}");
+    assert_ne!(words[3], "0", "{words:?}");
     let out = vm
         .server
         .warren_stdin(&["exec", "-i", "box", "--", "cat"], Some("piped in\n"));

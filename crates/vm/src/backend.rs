@@ -428,7 +428,14 @@ fn plan(inner: &Inner, config: &SandboxConfig) -> Result<(Plan, BackendInfo), Ba
     }
     let (vcpus, memory_mb) = vm_size(h, &config.resources)?;
     let mut env: Vec<String> = image_config.map(|c| c.env.clone()).unwrap_or_default();
-    for (k, v) in &spec.env {
+    // The spec's variables the policy's env.allow lists (the decision's filtered_env names
+    // the others); the image's own are the image's.
+    let policy = config.policy.as_ref();
+    for (k, v) in spec
+        .env
+        .iter()
+        .filter(|(k, _)| policy.is_none_or(|p| p.policy.env_allowed(k)))
+    {
         env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
         env.push(format!("{k}={v}"));
     }

@@ -30,7 +30,13 @@ pub(super) fn container_config(
         ));
     }
     let mut env = image.env.clone();
-    for (k, v) in &spec.env {
+    // The spec's variables the policy's env.allow lists (the decision's filtered_env names
+    // the others); the image's own are the image's.
+    for (k, v) in spec
+        .env
+        .iter()
+        .filter(|(k, _)| policy.is_none_or(|p| p.policy.env_allowed(k)))
+    {
         env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
         env.push(format!("{k}={v}"));
     }
