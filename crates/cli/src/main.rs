@@ -1,6 +1,7 @@
 //! `warren`: parses the command line, sets up logging, runs one subcommand, and maps the
 //! outcome to an exit code: 0 ok, 1 an error (from the server or while running), 2 bad usage.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -55,14 +56,22 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            // No panic over a closed stderr (commands that ignore SIGPIPE).
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", output::printable_message(&chain_text(&e)));
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                output::printable_message(&chain_text(&e))
+            );
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -1,7 +1,9 @@
 //! Client commands stopped by SIGINT, SIGTERM or SIGHUP clean up after themselves and exit
 //! with 128 + the signal's number: `warren cp` out of a sandbox removes its staging
-//! directory, `warren exec -it` gives the terminal back as it found it. Needs root and
-//! busybox, as linux.rs does; without them every test prints why it skips.
+//! directory, `warren exec -it` gives the terminal back as it found it, and both stop even
+//! while nobody reads their output; `run --wait --rm` cuts its removal's grace period short
+//! on a second signal. A signal ignored when the command started (`nohup`) stays ignored.
+//! Needs root and busybox, as linux.rs does; without them every test prints why it skips.
 
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal::{self, SIGHUP, SIGINT, SIGTERM};
 use nix::sys::termios::{self, LocalFlags};
 
+use common::ignoring;
 use linux_harness::Linux;
 
 /// A client process, killed and reaped if the test fails before it ends.
@@ -84,17 +87,7 @@ fn a_cp_out_stopped_by_a_signal_leaves_no_staging_directory() {
     l.run_running("box", &[], &["sleep", "600"]);
     // 1 GB that takes no room in the sandbox (busybox tar sends every zero), so the copy is
     // still going when the signal comes.
-    l.ok(&[
-        "exec",
-        "box",
-        "--",
-        "dd",
-        "if=/dev/zero",
-        "of=/tmp/big",
-        "bs=1",
-        "count=0",
-        "seek=1000000000",
-    ]);
+    sparse_gigabyte(&l);
     let here = tempfile::tempdir().unwrap();
     for (signal, code) in SIGNALS {
         let dest = here.path().join(format!("got-{signal}"));
@@ -239,4 +232,202 @@ fn an_exec_it_stopped_by_a_signal_gives_the_terminal_back() {
         });
         wait_process_gone(&l, "box", &sleeping);
     }
+}
+
+/// Whether a thread of process `pid` is blocked writing to a full pipe.
+fn blocked_on_a_pipe(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|task| {
+            std::fs::read_to_string(task.path().join("wchan"))
+                .is_ok_and(|w| w.contains("pipe_write"))
+        })
+}
+
+/// A pipe nobody reads: its read end, kept open (so writes block, not fail), and its write
+/// end for a client's stdout.
+fn unread_pipe() -> (std::os::fd::OwnedFd, Stdio) {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    (read, Stdio::from(write))
+}
+
+/// The client's exit status after `signal`, and its stderr.
+fn stopped_by(client: &mut Client, signal: Signal, what: &str) -> (ExitStatus, String) {
+    client.signal(signal);
+    let status = client.exit(&format!("{what} after {signal}"));
+    let mut err = String::new();
+    client
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
+#[test]
+fn an_exec_whose_output_is_not_read_still_stops_on_a_signal() {
+    let l = linux_or_skip!();
+    l.run_running("box", &[], &["sleep", "600"]);
+    let (_unread, stdout) = unread_pipe();
+    let mut exec = Client(
+        l.server
+            .command(&["exec", "box", "--", "cat", "/dev/zero"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let cat = "cat /dev/zero";
+    wait_until("cat in the sandbox", || l.ok(&["top", "box"]).contains(cat));
+    wait_until("exec held up by its stdout", || {
+        blocked_on_a_pipe(exec.0.id())
+    });
+    let (status, err) = stopped_by(&mut exec, SIGTERM, "exec with a full stdout");
+    assert_eq!(status.code(), Some(143), "{status}: {err}");
+    assert_eq!(err, "exec: stopped by SIGTERM\n");
+    wait_process_gone(&l, "box", cat);
+}
+
+#[test]
+fn a_cp_to_a_stdout_not_read_still_stops_on_a_signal() {
+    let l = linux_or_skip!();
+    l.run_running("box", &[], &["sleep", "600"]);
+    // 1 GB that takes no room in the sandbox.
+    sparse_gigabyte(&l);
+    let (_unread, stdout) = unread_pipe();
+    let mut cp = Client(
+        l.server
+            .command(&["cp", "box:/tmp/big", "-"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let tar = "tar -c -f - -C /tmp big";
+    wait_until("tar in the sandbox", || l.ok(&["top", "box"]).contains(tar));
+    wait_until("cp held up by its stdout", || blocked_on_a_pipe(cp.0.id()));
+    let (status, err) = stopped_by(&mut cp, SIGTERM, "cp to a full stdout");
+    assert_eq!(status.code(), Some(143), "{status}: {err}");
+    assert_eq!(err, "cp: stopped by SIGTERM\n");
+    wait_process_gone(&l, "box", tar);
+}
+
+#[test]
+fn an_exec_started_with_signals_ignored_outlives_them() {
+    let l = linux_or_skip!();
+    l.run_running("box", &[], &["sleep", "600"]);
+    let cli = l
+        .server
+        .command(&["exec", "box", "--", "sh", "-c", "sleep 3; echo done"]);
+    let mut exec = Client(
+        ignoring("HUP INT", cli)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the process runs", || {
+        l.ok(&["top", "box"]).contains("sleep 3")
+    });
+    // As `nohup warren exec ... &` gets when its terminal closes, and ^C typed in the shell.
+    exec.signal(SIGHUP);
+    exec.signal(SIGINT);
+    let status = exec.exit("exec with SIGHUP and SIGINT ignored");
+    let mut out = String::new();
+    let mut err = String::new();
+    exec.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    exec.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status}: {err}");
+    assert_eq!(out, "done\n", "the process ran to its end");
+}
+
+#[test]
+fn a_second_signal_cuts_short_the_grace_period_of_run_rms_removal() {
+    let l = linux_or_skip!();
+    // A workload that outlives SIGTERM, given an hour before SIGKILL.
+    let mut run = Client(
+        l.server
+            .command(&[
+                "run",
+                "-b",
+                "linux",
+                "-i",
+                "busybox",
+                "--name",
+                "stubborn",
+                "--stop-timeout",
+                "3600",
+                "--wait",
+                "--rm",
+                "--",
+                "sh",
+                "-c",
+                "trap '' TERM; sleep 600",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the sandbox runs", || {
+        let got = l.warren(&["get", "stubborn", "-o", "json"]);
+        got.status.success()
+            && common::json(&linux_harness::stdout(&got))["status"]["phase"] == "Running"
+    });
+    wait_until("the workload runs", || {
+        l.ok(&["top", "stubborn"]).contains("sleep 600")
+    });
+    run.signal(SIGTERM);
+    // The removal waits out the sandbox's grace period...
+    l.wait_phase("stubborn", "Stopping");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        run.0.try_wait().unwrap().is_none(),
+        "ended during the grace period"
+    );
+    // ...until a second signal (^C again) ends the workload at once.
+    let (status, err) = stopped_by(&mut run, SIGINT, "run --wait --rm stopping");
+    assert_eq!(status.code(), Some(143), "{status}: {err}");
+    assert_eq!(
+        err,
+        "run --rm (sandbox/stubborn removed): stopped by SIGTERM\n"
+    );
+    assert_eq!(
+        l.warren(&["get", "stubborn"]).status.code(),
+        Some(1),
+        "removed"
+    );
+}
+
+/// Makes /tmp/big in sandbox `box`: 1 GB that takes no room (busybox tar sends every zero).
+fn sparse_gigabyte(l: &Linux) {
+    l.ok(&[
+        "exec",
+        "box",
+        "--",
+        "dd",
+        "if=/dev/zero",
+        "of=/tmp/big",
+        "bs=1",
+        "count=0",
+        "seek=1000000000",
+    ]);
 }

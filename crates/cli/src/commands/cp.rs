@@ -153,13 +153,14 @@ impl Ran {
 
 /// Runs `command` in sandbox `name` through the exec API, its stdin from `stdin` (closed at
 /// once when `None`), its stdout to `stdout` chunk by chunk (dropped when `None`), then
-/// `None` once the process has ended: a stdout that stops without it was cut short.
+/// `None` once the process has ended: a stdout that stops without it was cut short. A slow
+/// reader of `stdout` holds this back (awaiting, so a signal still ends the copy).
 async fn exec(
     g: &Globals,
     name: &str,
     command: &[&str],
     stdin: Option<mpsc::Receiver<Vec<u8>>>,
-    stdout: Option<std::sync::mpsc::SyncSender<Option<Vec<u8>>>>,
+    stdout: Option<mpsc::Sender<Option<Vec<u8>>>>,
 ) -> anyhow::Result<Ran> {
     let (tx, rx) = mpsc::channel::<v1::ExecInput>(16);
     let send = |input| v1::ExecInput { input: Some(input) };
@@ -192,7 +193,7 @@ async fn exec(
                 Some(Output::Stdout(bytes)) => {
                     if let Some(out) = &stdout {
                         // The unpacking thread stopped (it failed): keep draining.
-                        let _ = out.send(Some(bytes));
+                        let _ = out.send(Some(bytes)).await;
                     }
                 }
                 // Enough for a reason; the rest is dropped.
@@ -202,7 +203,7 @@ async fn exec(
                 Some(Output::Stderr(_)) => {}
                 Some(Output::ExitCode(code)) => {
                     if let Some(out) = &stdout {
-                        let _ = out.send(None);
+                        let _ = out.send(None).await;
                     }
                     return Ok(Ran { code, stderr });
                 }
@@ -359,24 +360,35 @@ async fn copy_out(
     let src = sandbox_path(path)?;
     let (dir, entry) = split(&src)
         .ok_or_else(|| usage(format!("cp: name a path under / ({name}:/etc), not {src}")))?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(8);
+    let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>(8);
     let entry_name = entry.to_string();
-    let unpacking = tokio::task::spawn_blocking(move || match local {
-        Some(local) => {
-            let unpacked = unpack(ChunkReader::new(rx), &entry_name, &local);
-            drop(alive);
-            unpacked
-        }
-        None => {
-            // Nothing to clean up: a stopped `cp` need not wait for a slow reader.
-            drop(alive);
-            let mut out = std::io::stdout().lock();
-            for chunk in rx.iter().map_while(std::convert::identity) {
-                out.write_all(&chunk)?;
-            }
-            out.flush().map(|()| Vec::new()).map_err(Into::into)
-        }
-    });
+    // A thread of its own, not the runtime's blocking pool, which the runtime waits for as
+    // it shuts down: a `cp` stopped by a signal exits without waiting for a writer held up
+    // by a slow reader (the thread unpacking into a local path is waited for through
+    // `alive`, and ends as the stream is cut).
+    let (done, unpacking) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cp-out".into())
+        .spawn(move || {
+            let unpacked = match local {
+                Some(local) => {
+                    let unpacked = unpack(ChunkReader::new(rx), &entry_name, &local);
+                    drop(alive);
+                    unpacked
+                }
+                None => {
+                    // Nothing to clean up: a stopped `cp` need not wait for a slow reader.
+                    drop(alive);
+                    let mut out = std::io::stdout().lock();
+                    std::io::copy(&mut ChunkReader::new(rx), &mut out)
+                        .and_then(|_| out.flush())
+                        .map(|()| Vec::new())
+                        .map_err(Into::into)
+                }
+            };
+            let _ = done.send(unpacked);
+        })
+        .context("cp: cannot start a thread for the copy")?;
     let ran = exec(
         g,
         name,
@@ -385,7 +397,9 @@ async fn copy_out(
         Some(tx),
     )
     .await?;
-    let unpacked = unpacking.await?;
+    let unpacked = unpacking
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("cp: the copy stopped")));
     if ran.code != 0 {
         bail!("cp: packing {name}:{src} failed: {}", ran.reason());
     }
@@ -594,15 +608,16 @@ impl Write for ChunkWriter {
 }
 
 /// Reads what a channel carries, chunk by chunk (exec's stdout for a tar reader), to the
-/// `None` that ends it; a channel closed before that is an error, not an end of file.
+/// `None` that ends it; a channel closed before that is an error, not an end of file. Blocks:
+/// for a thread outside the runtime.
 struct ChunkReader {
-    chunks: std::sync::mpsc::Receiver<Option<Vec<u8>>>,
+    chunks: mpsc::Receiver<Option<Vec<u8>>>,
     current: std::io::Cursor<Vec<u8>>,
     ended: bool,
 }
 
 impl ChunkReader {
-    fn new(chunks: std::sync::mpsc::Receiver<Option<Vec<u8>>>) -> Self {
+    fn new(chunks: mpsc::Receiver<Option<Vec<u8>>>) -> Self {
         ChunkReader {
             chunks,
             current: std::io::Cursor::new(Vec::new()),
@@ -618,10 +633,10 @@ impl Read for ChunkReader {
             if n > 0 || buf.is_empty() || self.ended {
                 return Ok(n);
             }
-            match self.chunks.recv() {
-                Ok(Some(chunk)) => self.current = std::io::Cursor::new(chunk),
-                Ok(None) => self.ended = true,
-                Err(_) => {
+            match self.chunks.blocking_recv() {
+                Some(Some(chunk)) => self.current = std::io::Cursor::new(chunk),
+                Some(None) => self.ended = true,
+                None => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "the copy was cut short",
@@ -782,10 +797,10 @@ mod tests {
         // What exec sends: chunks, then `None` once the process has ended; a stream that
         // stops without it (the exec dropped on a signal) was cut short, however far it got.
         let unpack_sent = |sent: &[u8], ended: bool| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(2);
-            tx.send(Some(sent.to_vec())).unwrap();
+            let (tx, rx) = mpsc::channel(2);
+            tx.try_send(Some(sent.to_vec())).unwrap();
             if ended {
-                tx.send(None).unwrap();
+                tx.try_send(None).unwrap();
             }
             drop(tx);
             unpack(ChunkReader::new(rx), "x", &got)

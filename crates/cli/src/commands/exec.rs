@@ -4,6 +4,7 @@
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use tokio::sync::mpsc;
 use warren_proto::v1::{self, exec_input::Input, exec_output::Output};
 
@@ -172,6 +173,7 @@ async fn exec(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     drop(tx);
     let mut output = open(g, rx).await?;
     let _raw = RawMode::enable(args.tty && args.interactive);
+    let writer = Writer::start()?;
     loop {
         let msg = match output.message().await {
             Ok(Some(m)) => m,
@@ -180,16 +182,77 @@ async fn exec(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         };
         // The process's bytes are untrusted but go out as they are, like `docker exec`.
         let written = match msg.output {
-            Some(Output::Stdout(b)) => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&b).and_then(|()| out.flush())
+            Some(Output::Stdout(b)) => writer.write(Chunk::Stdout(b)).await,
+            Some(Output::Stderr(b)) => writer.write(Chunk::Stderr(b)).await,
+            Some(Output::ExitCode(code)) => {
+                // What the process wrote goes out before its exit code does.
+                return Ok(match writer.finish().await {
+                    Ok(()) => ExitCode::from(code.clamp(0, 255) as u8),
+                    Err(_) => ExitCode::from(1),
+                });
             }
-            Some(Output::Stderr(b)) => std::io::stderr().lock().write_all(&b),
-            Some(Output::ExitCode(code)) => return Ok(ExitCode::from(code.clamp(0, 255) as u8)),
-            None => Ok(()),
+            None => true,
         };
-        if written.is_err() {
+        if !written {
             return Ok(ExitCode::from(1));
         }
+    }
+}
+
+/// Where a process's output goes: this process's stdout or stderr.
+#[derive(Debug)]
+pub(super) enum Chunk {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// Writes to this process's stdout and stderr on a thread of its own, fed through a channel:
+/// a reader that stops reading (a full pipe, a terminal on ^S) then blocks that thread, not
+/// the runtime, so a signal still ends the command. Such a command exits without waiting
+/// for the thread (exiting ends it).
+#[derive(Debug)]
+pub(super) struct Writer {
+    chunks: mpsc::Sender<Chunk>,
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+}
+
+impl Writer {
+    pub(super) fn start() -> anyhow::Result<Writer> {
+        let (chunks, mut rx) = mpsc::channel::<Chunk>(16);
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || {
+                let mut written = Ok(());
+                while let Some(chunk) = rx.blocking_recv() {
+                    written = match chunk {
+                        Chunk::Stdout(b) => {
+                            let mut out = std::io::stdout().lock();
+                            out.write_all(&b).and_then(|()| out.flush())
+                        }
+                        Chunk::Stderr(b) => std::io::stderr().lock().write_all(&b),
+                    };
+                    if written.is_err() {
+                        break;
+                    }
+                }
+                let _ = done_tx.send(written);
+            })
+            .context("cannot start a thread to write the output")?;
+        Ok(Writer { chunks, done })
+    }
+
+    /// Queues `chunk`, waiting while the queue is full; false once a write has failed (a
+    /// closed pipe).
+    pub(super) async fn write(&self, chunk: Chunk) -> bool {
+        self.chunks.send(chunk).await.is_ok()
+    }
+
+    /// Waits until everything queued is written.
+    pub(super) async fn finish(self) -> std::io::Result<()> {
+        drop(self.chunks);
+        self.done
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the output thread stopped")))
     }
 }

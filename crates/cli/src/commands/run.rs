@@ -1,13 +1,17 @@
 //! `warren run`: create and start one sandbox from flags.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
+
+use nix::sys::signal::Signal;
 
 use warren_proto::{spec_to_pb, v1};
 use warren_spec::{
     BackendKind, Consistency, FailurePolicy, Mount, PortSpec, ResourceRequirements, SandboxSpec,
 };
 
+use super::signals::{Interrupted, Signals};
 use super::{Globals, answer, key_values, usage};
 use crate::output::{self, Format, printable};
 
@@ -105,7 +109,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     stdin: Option<std::path::PathBuf>,
     /// With --wait: delete the sandbox once it has finished (also when this command is
-    /// interrupted: SIGINT, SIGTERM or SIGHUP ends and deletes it).
+    /// interrupted: SIGINT, SIGTERM or SIGHUP deletes it, its workload given its grace period
+    /// to end; a second signal ends it at once). A restarted sandbox is still this one.
     #[arg(long, requires = "wait")]
     rm: bool,
     #[command(flatten)]
@@ -309,7 +314,10 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
                 edited_file = Some(file);
             }
             None => {
-                eprintln!("edit cancelled: the file was empty; nothing created");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "edit cancelled: the file was empty; nothing created"
+                );
                 return Ok(ExitCode::SUCCESS);
             }
         }
@@ -330,26 +338,62 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         stdin,
         ..Default::default()
     };
-    let reply = answer(
-        failover
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.create_sandbox(request).await }
-            })
-            .await,
-    )
-    .map_err(|e| match edited_file.take() {
+    // With --wait --rm the removal is this command's to do, from before the create on: a
+    // SIGINT, SIGTERM or SIGHUP that comes while the create is under way lets it finish,
+    // then removes what it made.
+    let mut signals = if args.wait && args.rm {
+        Some(Signals::catch()?)
+    } else {
+        None
+    };
+    let create = failover.call(|mut c| {
+        let request = request.clone();
+        async move { c.create_sandbox(request).await }
+    });
+    let (reply, early) = match &mut signals {
+        None => (create.await, None),
+        Some(signals) => {
+            let mut create = std::pin::pin!(create);
+            let mut early = None;
+            let reply = loop {
+                tokio::select! {
+                    reply = &mut create => break reply,
+                    signal = signals.recv() => {
+                        if early.is_some() {
+                            // A create that does not finish (a server not answering): a
+                            // second signal does not wait for it.
+                            let what = format!(
+                                "run --rm (during the create; sandbox/{} may be left)",
+                                printable(&spec.name)
+                            );
+                            return Ok(signal.exit(&what));
+                        }
+                        early = Some(signal);
+                    }
+                }
+            };
+            (reply, early)
+        }
+    };
+    let reply = answer(reply).map_err(|e| match edited_file.take() {
         Some(file) => keep_edits(file, e),
         None => e,
     })?;
     drop(edited_file);
-    let mut client = failover.client().await?;
     let sb = reply.sandbox.unwrap_or_default();
     if args.wait {
-        // With --rm, the removal names the sandbox made here: never one that took its name
-        // since.
-        let rm = args.rm.then_some(sb.id.as_str());
-        return wait(&mut client, &spec.name, rm).await;
+        let made = Made {
+            name: spec.name.clone(),
+            id: sb.id.clone(),
+            created_at_ms: sb.created_at_ms,
+        };
+        let mut client = failover.client().await?;
+        return match signals {
+            // The removal names the sandbox made here (or a later run of it: a restart
+            // gives it a new id): never another one that took its name since.
+            Some(signals) => wait_rm(&mut client, &made, signals, early).await,
+            None => Ok(report(&made, &wait_for_end(&mut client, &made).await?)),
+        };
     }
     match args.output {
         Format::Table | Format::Wide => {
@@ -501,91 +545,330 @@ fn read_stdin(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Streams the sandbox's output until it finishes, then exits as it did: its exit code, or
-/// 1 with the reason when it failed (Timeout, MemoryLimit, a trap).
 /// `run --wait`'s exit code for a sandbox stopped (or removed) before its workload ended:
 /// 128 + SIGTERM, as a shell reports a command a stop ends.
 const STOPPED_EXIT: u8 = 143;
 
-async fn wait(
-    client: &mut warren_control::client::Client,
-    name: &str,
-    rm: Option<&str>,
-) -> anyhow::Result<ExitCode> {
-    let Some(id) = rm else {
-        return wait_for_end(client, name, None).await;
-    };
-    // With --rm the removal is this command's to do: a SIGINT, SIGTERM or SIGHUP (a ^C, a
-    // closed terminal) removes the sandbox, its workload ended first, before the command
-    // ends. (SIGPIPE stays ignored for it, see main.rs: a closed stdout only stops the
-    // output.)
-    let mut own = client.clone();
-    match super::signals::until_signalled(wait_for_end(&mut own, name, Some(id))).await? {
-        Ok(done) => done,
-        Err(signal) => {
-            let req = v1::DeleteSandboxRequest {
-                name: name.to_string(),
-                grace_period_seconds: None,
-                id: Some(id.to_string()),
-            };
-            answer(client.delete_sandbox(req).await)?;
-            Ok(signal.exit(&format!("run --rm (sandbox/{} removed)", printable(name))))
-        }
+/// The sandbox a `run --wait` made. A restart (`warren restart`, `update --reset-revision`)
+/// or an AutoRecreate runs it again under a new id but keeps its creation time; a sandbox
+/// made again under its name (after a `warren rm`) is another, with a later one.
+#[derive(Debug)]
+struct Made {
+    name: String,
+    id: String,
+    created_at_ms: i64,
+}
+
+impl Made {
+    /// Whether `sb` is this sandbox, or a later run of it.
+    fn is(&self, sb: &v1::Sandbox) -> bool {
+        sb.id == self.id || (self.created_at_ms != 0 && sb.created_at_ms == self.created_at_ms)
+    }
+
+    fn shown(&self) -> String {
+        format!("sandbox/{}", printable(&self.name))
     }
 }
 
-/// Streams the sandbox's output until it ends, then reports how it ended (removing it first
-/// with `rm`, the sandbox's id).
+/// Streams the sandbox's output until it ends (following it across restarts), and returns
+/// its final status: phase Deleted when it was removed meanwhile (or its name is another
+/// sandbox's now). The wait starts alongside the stream, not after it: a sandbox removed
+/// meanwhile is then seen ending as Deleted (rather than not found), and a sandbox made
+/// again under its name later is not waited for instead.
 async fn wait_for_end(
     client: &mut warren_control::client::Client,
-    name: &str,
-    rm: Option<&str>,
-) -> anyhow::Result<ExitCode> {
-    match super::logs::stream(client, name, true, None, None, false).await {
-        Ok(()) => {}
-        // A backend without logs (slot) still has an end to wait for.
-        Err(e)
-            if e.downcast_ref::<super::ServerError>()
-                .is_some_and(|s| s.0.code() == tonic::Code::FailedPrecondition) => {}
-        Err(e) => return Err(e),
-    }
-    let done = answer(
-        client
-            .wait_sandbox(v1::WaitSandboxRequest {
-                name: name.to_string(),
-                timeout_ms: None,
-            })
-            .await,
-    )?;
-    if let Some(id) = rm {
-        let req = v1::DeleteSandboxRequest {
-            name: name.to_string(),
-            grace_period_seconds: Some(0),
-            id: Some(id.to_string()),
+    made: &Made,
+) -> anyhow::Result<v1::SandboxStatus> {
+    let mut waiter = client.clone();
+    let wait = async {
+        let request = v1::WaitSandboxRequest {
+            name: made.name.clone(),
+            timeout_ms: None,
         };
-        answer(client.delete_sandbox(req).await)?;
+        match waiter.wait_sandbox(request).await {
+            Ok(done) => Ok(Some(done.into_inner())),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(anyhow::Error::from(super::ServerError(s))),
+        }
+    };
+    let stream = async {
+        match stream_output(client, &made.name).await {
+            Ok(()) => Ok(()),
+            // A backend without logs (slot) still has an end to wait for; a sandbox gone
+            // already has its end said by the wait.
+            Err(e)
+                if e.downcast_ref::<super::ServerError>().is_some_and(|s| {
+                    matches!(
+                        s.0.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                    )
+                }) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let ((), done) = tokio::try_join!(stream, wait)?;
+    Ok(match done {
+        Some(sb) if made.is(&sb) => sb.status.unwrap_or_default(),
+        _ => v1::SandboxStatus {
+            phase: "Deleted".into(),
+            ..Default::default()
+        },
+    })
+}
+
+/// Copies the sandbox's output to this process's stdout and stderr until it ends, as
+/// `warren logs -f` does, but through a writer thread: a reader that stops reading holds up
+/// that thread, not the runtime, so a signal still removes a `--rm` sandbox. A closed
+/// stdout or stderr only stops the output.
+async fn stream_output(
+    client: &mut warren_control::client::Client,
+    name: &str,
+) -> anyhow::Result<()> {
+    use super::exec::{Chunk, Writer};
+    let request = v1::StreamLogsRequest {
+        name: name.to_string(),
+        follow: true,
+        tail: None,
+        since_ms: None,
+    };
+    let mut entries = answer(client.stream_logs(request).await)?;
+    let writer = Writer::start()?;
+    loop {
+        let entry = match entries.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(s) => return Err(super::ServerError(s).into()),
+        };
+        // The workload's bytes, untrusted, go out as they are (as `docker run` does).
+        let mut line = entry.content;
+        if !entry.partial {
+            line.push(b'\n');
+        }
+        let chunk = if entry.stream == v1::log_entry::Stream::Stderr as i32 {
+            Chunk::Stderr(line)
+        } else {
+            Chunk::Stdout(line)
+        };
+        if !writer.write(chunk).await {
+            return Ok(());
+        }
     }
-    let st = done.status.unwrap_or_default();
+    let _ = writer.finish().await;
+    Ok(())
+}
+
+/// Says how the sandbox ended and gives `run --wait`'s exit code: its workload's exit code,
+/// or 1 with the reason when it failed (Timeout, MemoryLimit, a trap), or 143 when it was
+/// stopped or removed first.
+fn report(made: &Made, st: &v1::SandboxStatus) -> ExitCode {
+    let say = |text: String| {
+        // Nothing to panic over when stderr is a closed pipe (`--rm` ignores SIGPIPE).
+        let _ = writeln!(std::io::stderr(), "{text}");
+    };
     match (st.phase.as_str(), st.exit_code) {
-        (_, Some(code)) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+        (_, Some(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         ("Failed", _) => {
-            eprintln!(
-                "sandbox/{} failed: {}",
-                printable(name),
+            say(format!(
+                "{} failed: {}",
+                made.shown(),
                 printable(&st.reason)
-            );
-            Ok(ExitCode::from(1))
+            ));
+            ExitCode::from(1)
         }
         // Ended by `warren stop` (which starts with SIGTERM), or removed meanwhile: not a
         // workload that finished, so not a success a script would take for one.
         (phase @ ("Stopped" | "Deleted" | "Expired"), _) => {
-            eprintln!(
-                "sandbox/{} was {} before its workload ended",
-                printable(name),
+            say(format!(
+                "{} was {} before its workload ended",
+                made.shown(),
                 phase.to_lowercase()
-            );
-            Ok(ExitCode::from(STOPPED_EXIT))
+            ));
+            ExitCode::from(STOPPED_EXIT)
         }
-        _ => Ok(ExitCode::SUCCESS),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// `run --wait --rm`: waits as `run --wait` does, then removes the sandbox. A SIGINT,
+/// SIGTERM or SIGHUP (a ^C, a closed terminal; `early`: one that came during the create)
+/// removes it at once instead, its workload given its grace period to end, and ends the
+/// command with 128 + the signal's number. (SIGPIPE stays ignored for it, see main.rs: a
+/// closed stdout only stops the output.)
+async fn wait_rm(
+    client: &mut warren_control::client::Client,
+    made: &Made,
+    mut signals: Signals,
+    early: Option<Interrupted>,
+) -> anyhow::Result<ExitCode> {
+    let first = match early {
+        Some(signal) => signal,
+        None => {
+            let mut own = client.clone();
+            let ended = tokio::select! {
+                end = wait_for_end(&mut own, made) => Ok(end?),
+                signal = signals.recv() => Err(signal),
+            };
+            match ended {
+                Ok(end) => {
+                    let code = report(made, &end);
+                    if end.phase == "Deleted" {
+                        return Ok(code);
+                    }
+                    // Its workload has ended: nothing to give a grace period to.
+                    return Ok(match remove(client, made, Some(0), &mut signals).await? {
+                        Removal::Removed | Removal::Gone => code,
+                        Removal::Replaced => {
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "run --rm: {} is another sandbox now; left as it is",
+                                made.shown()
+                            );
+                            code
+                        }
+                        Removal::Abandoned(signal) => {
+                            signal.exit(&format!("run --rm ({} not removed)", made.shown()))
+                        }
+                    });
+                }
+                Err(signal) => signal,
+            }
+        }
+    };
+    let what = match remove(client, made, None, &mut signals).await? {
+        Removal::Removed => "removed".to_string(),
+        Removal::Gone => "already removed".to_string(),
+        Removal::Replaced => "already removed; another sandbox has its name now".to_string(),
+        Removal::Abandoned(signal) => {
+            return Ok(signal.exit(&format!("run --rm ({} not removed)", made.shown())));
+        }
+    };
+    Ok(first.exit(&format!("run --rm ({} {what})", made.shown())))
+}
+
+/// What became of a `--rm` sandbox.
+#[derive(Debug)]
+enum Removal {
+    Removed,
+    /// Not there when looked for.
+    Gone,
+    /// Its name is another sandbox's now: left as it is.
+    Replaced,
+    /// Given up on a signal that came after the grace period was cut short.
+    Abandoned(Interrupted),
+}
+
+/// Removes `made` (its current run: a restart gives it a new id), with `grace` (the
+/// sandbox's own when `None`) between SIGTERM and SIGKILL. Another operation under way on it
+/// (a restart, a stop) is waited out. A signal meanwhile cuts the grace period short
+/// (SIGKILL now); another one gives up.
+async fn remove(
+    client: &warren_control::client::Client,
+    made: &Made,
+    grace: Option<u32>,
+    signals: &mut Signals,
+) -> anyhow::Result<Removal> {
+    let mut grace = grace;
+    let mut hurried = false;
+    let mut sent = false;
+    loop {
+        let attempt = async {
+            match remove_once(client.clone(), made, grace, &mut sent).await? {
+                Some(removal) => Ok(Some(removal)),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, anyhow::Error>(None)
+                }
+            }
+        };
+        tokio::select! {
+            done = attempt => if let Some(removal) = done? {
+                return Ok(removal);
+            },
+            signal = signals.recv() => {
+                if hurried {
+                    return Ok(Removal::Abandoned(signal));
+                }
+                hurried = true;
+                grace = Some(0);
+                // A delete under way (this one, dropped here, goes on in the server) waits
+                // out the grace period before its SIGKILL: send that now.
+                kill_now(client.clone(), made).await;
+            }
+        }
+    }
+}
+
+/// One attempt at [`remove`]: `None` when it is to be tried again. `sent`: a delete was
+/// sent, so a sandbox not found since was removed by it.
+async fn remove_once(
+    mut client: warren_control::client::Client,
+    made: &Made,
+    grace: Option<u32>,
+    sent: &mut bool,
+) -> anyhow::Result<Option<Removal>> {
+    let gone = |sent: bool| {
+        Some(if sent {
+            Removal::Removed
+        } else {
+            Removal::Gone
+        })
+    };
+    let get = v1::GetSandboxRequest {
+        name: made.name.clone(),
+    };
+    let now = match client.get_sandbox(get.clone()).await {
+        Ok(sb) => sb.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return Ok(gone(*sent)),
+        Err(s) => return Err(super::ServerError(s).into()),
+    };
+    if !made.is(&now) {
+        return Ok(if *sent {
+            gone(true)
+        } else {
+            Some(Removal::Replaced)
+        });
+    }
+    let request = v1::DeleteSandboxRequest {
+        name: made.name.clone(),
+        grace_period_seconds: grace,
+        id: Some(now.id.clone()),
+    };
+    *sent = true;
+    match client.delete_sandbox(request).await {
+        Ok(_) => Ok(Some(Removal::Removed)),
+        // Removed meanwhile (by a delete of this command's that was dropped, or another).
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(Some(Removal::Removed)),
+        // Another operation on it is under way (a restart, a stop's grace period).
+        Err(s) if s.code() == tonic::Code::Aborted => Ok(None),
+        // Its id changed since the look (a restart): look again. Any other refusal stands.
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            match client.get_sandbox(get).await {
+                Ok(again) if again.get_ref().id == now.id => Err(super::ServerError(s).into()),
+                _ => Ok(None),
+            }
+        }
+        Err(s) => Err(super::ServerError(s).into()),
+    }
+}
+
+/// Ends `made`'s workload at once (SIGKILL), cutting short a stop's grace period; errors
+/// are left to the delete.
+async fn kill_now(mut client: warren_control::client::Client, made: &Made) {
+    let get = v1::GetSandboxRequest {
+        name: made.name.clone(),
+    };
+    if client
+        .get_sandbox(get)
+        .await
+        .is_ok_and(|sb| made.is(sb.get_ref()))
+    {
+        let kill = v1::SignalSandboxRequest {
+            name: made.name.clone(),
+            signal: Signal::SIGKILL as i32,
+        };
+        let _ = client.signal_sandbox(kill).await;
     }
 }

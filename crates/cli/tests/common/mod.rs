@@ -158,18 +158,9 @@ impl TestServer {
     /// test.
     #[allow(dead_code)]
     pub fn warren_within(&self, secs: u32, args: &[&str], stdin: Option<&str>) -> Output {
-        let cli = self.command(args);
-        let mut cmd = Command::new("timeout");
-        cmd.arg(secs.to_string())
-            .arg(cli.get_program())
-            .args(cli.get_args());
-        for (key, value) in cli.get_envs() {
-            match value {
-                Some(v) => cmd.env(key, v),
-                None => cmd.env_remove(key),
-            };
-        }
-        run_with_stdin(cmd, stdin)
+        let mut timeout = Command::new("timeout");
+        timeout.arg(secs.to_string());
+        run_with_stdin(wrapped(timeout, &self.command(args)), stdin)
     }
 
     /// The CLI with `args`, pointed at this server (and its token), not yet started.
@@ -372,4 +363,26 @@ pub fn http_get(url: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .expect("a status code");
     (code, body.to_string())
+}
+
+/// `cli` run by `cmd` (`timeout 5`, `sh -c ...`) as its program and arguments, with `cli`'s
+/// environment.
+pub fn wrapped(mut cmd: Command, cli: &Command) -> Command {
+    cmd.arg(cli.get_program()).args(cli.get_args());
+    for (key, value) in cli.get_envs() {
+        match value {
+            Some(v) => cmd.env(key, v),
+            None => cmd.env_remove(key),
+        };
+    }
+    cmd
+}
+
+/// `sh -c 'trap "" SIGNALS; exec CLI...'`: the CLI started with `signals` ignored, as
+/// `nohup` (SIGHUP) or a non-interactive shell's `&` (SIGINT) starts it.
+pub fn ignoring(signals: &str, cli: Command) -> Command {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!("trap '' {signals}; exec \"$0\" \"$@\""));
+    wrapped(sh, &cli)
 }
