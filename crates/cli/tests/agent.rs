@@ -578,3 +578,22 @@ fn a_sandbox_busy_when_its_agent_is_lost_is_lost_once_the_call_ends() {
         json(&server.ok(&["get", "busy", "-o", "json"]))["status"]["phase"] == "Lost"
     });
 }
+
+/// An agent the control plane turns away says why in its log, once per reason rather than
+/// on every retry.
+#[test]
+fn an_agent_that_cannot_register_says_why_once() {
+    let server = control_plane(&[]);
+    let mut agent = TestAgent::prepare(&server, "refused", &[], "127.0.0.1:0", &[]);
+    agent.spawn("not-the-token");
+    eventually(Duration::from_secs(10), "the refusal logged", || {
+        agent
+            .log()
+            .contains("cannot register with the control plane")
+    });
+    // Retries every few hundred ms meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = agent.log();
+    assert_eq!(log.matches("cannot register").count(), 1, "{log}");
+    assert!(log.contains("token"), "{log}");
+}

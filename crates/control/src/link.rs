@@ -121,6 +121,7 @@ pub async fn run(
     let mut pending: Vec<BackendEvent> = Vec::new();
     let mut images: (Vec<String>, Option<Instant>) = (Vec::new(), None);
     let mut connected = false;
+    let mut last_refusal: Option<String> = None;
     let mut next = tokio::time::Instant::now();
     let mut events_open = true;
     loop {
@@ -152,6 +153,7 @@ pub async fn run(
         };
         match sent {
             Ok(reply) => {
+                last_refusal = None;
                 if !connected {
                     let server = config.servers.current().map(|a| a.to_string());
                     info!(
@@ -179,7 +181,12 @@ pub async fn run(
                 if connected {
                     warn!(servers = %config.servers, error = %status.message(), "heartbeat failed; retrying");
                     connected = false;
+                } else if last_refusal.as_deref() != Some(status.message()) {
+                    // Never registered yet (a wrong token, a name another agent holds, no
+                    // server there): say why once per reason, not on every retry.
+                    warn!(servers = %config.servers, error = %status.message(), "cannot register with the control plane; retrying");
                 }
+                last_refusal = Some(status.message().to_string());
                 if client.take().is_some() {
                     config.servers.failed(&status);
                 }
