@@ -189,6 +189,8 @@ impl FromStr for PortSpec {
         };
         let port = |p: &str| -> Result<u16, SpecError> {
             match p.parse::<u16>() {
+                // `-p 70000` is not a port; in `-p 8080:70000` one part is not.
+                Ok(0) | Err(_) if p == s => Err(bad("is not a port (1-65535)")),
                 Ok(0) | Err(_) => Err(bad(&format!("has {p:?}, which is not a port (1-65535)"))),
                 Ok(port) => Ok(port),
             }

@@ -359,6 +359,19 @@ fn port_strings() {
         let err = p(bad).unwrap_err();
         assert_eq!(err.field(), "port", "{bad}");
     }
+    // A lone number is not a port; a part of a longer form is named.
+    assert!(
+        p("70000")
+            .unwrap_err()
+            .to_string()
+            .starts_with(r#"port: "70000" is not a port (1-65535) (expected"#)
+    );
+    assert!(
+        p("80:70000")
+            .unwrap_err()
+            .to_string()
+            .starts_with(r#"port: "80:70000" has "70000", which is not a port (1-65535)"#)
+    );
     assert_eq!(
         p("80/sctp").unwrap_err().to_string(),
         r#"port: "sctp" is not a protocol (expected one of: tcp, udp)"#
