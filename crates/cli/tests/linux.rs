@@ -552,6 +552,20 @@ fn exec_runs_inside_the_sandbox() {
     }
     let out = l.warren(&["exec", "-t", "host", "--", "busybox", "tty"]);
     assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
+    // A terminal has a type (xterm, as docker gives), unless -e says otherwise.
+    let term = ["sh", "-c", "echo ${TERM:-none}"];
+    let out = l.warren(&[&["exec", "-t", "host", "--"][..], &term[..]].concat());
+    assert_eq!(stdout(&out), "xterm\r\n");
+    let out = l.warren(
+        &[
+            &["exec", "-t", "-e", "TERM=vt100", "host", "--"][..],
+            &term[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(stdout(&out), "vt100\r\n");
+    let out = l.warren(&[&["exec", "host", "--"][..], &term[..]].concat());
+    assert_eq!(stdout(&out), "none\n");
     // A terminal's input ends as a user ends it, with ^D, so its reader finishes: at once
     // without -i, and where the piped input ends with -i (its unfinished last line handed
     // over first).

@@ -17,7 +17,8 @@ pub struct Args {
     interactive: bool,
     /// Give the process a terminal (stderr is merged into stdout). Its input is then a
     /// terminal's, not a byte stream: lines of at most 4095 bytes, control characters act
-    /// (^C interrupts), and the end of stdin arrives as ^D. Pipe data with -i alone.
+    /// (^C interrupts), and the end of stdin arrives as ^D. Pipe data with -i alone. TERM is
+    /// xterm unless -e sets it.
     #[arg(long, short = 't')]
     tty: bool,
     /// Environment variable KEY=VALUE (repeatable).
@@ -117,7 +118,13 @@ async fn exec(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     if args.command.first().is_none_or(|c| c.is_empty()) {
         return Err(usage("exec: give a command after --"));
     }
-    let env = key_values("--env", &args.env)?;
+    let mut env = key_values("--env", &args.env)?;
+    if args.tty {
+        // A terminal has a type, as `docker exec -t` says: xterm, which every terminfo
+        // database has (the user's own may be missing from the sandbox's).
+        env.entry("TERM".to_string())
+            .or_insert_with(|| "xterm".to_string());
+    }
     let (tx, rx) = mpsc::channel::<v1::ExecInput>(64);
     let send = |input| v1::ExecInput { input: Some(input) };
     tx.send(send(Input::Start(v1::ExecStart {
