@@ -525,7 +525,10 @@ impl Sandboxes for SandboxService {
         let mut shutdown = self.shutdown.clone();
         let plane = self.plane.clone();
         let stream = async_stream(move |tx| async move {
+            // Per stream: the last record sent was partial (its line unfinished).
+            let mut mid_line = [false; 2];
             for r in records {
+                mid_line[r.stream.index()] = r.partial;
                 if tx.send(Ok(log_entry(r))).await.is_err() {
                     return;
                 }
@@ -534,8 +537,6 @@ impl Sandboxes for SandboxService {
                 return;
             }
             let (mut path, mut offset, mut done, mut next_run) = (path, offset, done, next_run);
-            // Per stream: the last record sent was partial (its line unfinished).
-            let mut mid_line = [false; 2];
             loop {
                 let mut follower = logs::LogFollower::new(path, offset, done);
                 loop {

@@ -1076,32 +1076,32 @@ impl ControlPlane {
         if !rec.status.is_terminal() {
             let name = name.to_string();
             let id = rec.id.clone();
+            let created = rec.created_at_ms;
             let next = Arc::clone(&next_run);
             let this = self.clone();
             tokio::spawn(async move {
                 // What the name holds now: the same run ended (or is gone), or a new run of
                 // the same sandbox replaced it (a restart, AutoRecreate: the record moves to
-                // a new id without ending first), whose log is another file.
-                let seen = |rec: Option<(String, bool)>| match rec {
+                // a new id without ending first, keeping its creation time), whose log is
+                // another file. Another sandbox made under the name (seen after missed
+                // events) is not a next run.
+                let seen = |rec: Option<&SandboxRecord>| match rec {
                     None => Some(None),
-                    Some((now, _)) if now != id => Some(Some(now)),
-                    Some((_, true)) => Some(None),
-                    Some((_, false)) => None,
+                    Some(now) if now.id != id && now.created_at_ms == created => {
+                        Some(Some(now.id.clone()))
+                    }
+                    Some(now) if now.id != id || now.status.is_terminal() => Some(None),
+                    Some(_) => None,
                 };
                 let replaced = loop {
                     let found = tokio::select! {
                         ev = rx.recv() => match ev {
-                            Ok(ev) if ev.record.spec.name == name => seen(Some((
-                                ev.record.id.clone(),
-                                ev.record.status.is_terminal(),
-                            ))),
+                            Ok(ev) if ev.record.spec.name == name => seen(Some(&ev.record)),
                             Ok(_) => None,
                             // Events were missed: the registry says where things stand.
                             Err(broadcast::error::RecvError::Lagged(_)) => {
-                                let now = this.lock().sandboxes.get(&name).map(|e| {
-                                    (e.record.id.clone(), e.record.status.is_terminal())
-                                });
-                                seen(now)
+                                let now = this.lock().sandboxes.get(&name).map(|e| e.record.clone());
+                                seen(now.as_deref())
                             }
                             Err(broadcast::error::RecvError::Closed) => Some(None),
                         },
