@@ -856,3 +856,53 @@ fn a_sandbox_with_a_running_exec_is_not_checkpointed() {
     warm.ok(&["rm", "pw"]);
     warm.ok(&["checkpoint", "rm", "ckw"]);
 }
+
+/// No exec or signal while a checkpoint is taken: an exec's process would be outside the
+/// tree CRIU dumps (and dropped), a signal would race the freeze. Both are refused as busy
+/// until it is done. (A CRIU that waits 2 s before its dump holds the checkpoint open.)
+#[test]
+fn no_exec_or_signal_while_a_checkpoint_is_taken() {
+    if let Some(reason) = skip().or_else(linux_harness::skip_reason) {
+        eprintln!("{reason}");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let real = warren_linux::criu::Criu::find(None).unwrap().path;
+    let scripts = tempfile::tempdir().unwrap();
+    let fake = scripts.path().join("criu");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = dump ] && sleep 2\nexec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let l = Linux::start_with(&["--criu", fake.to_str().unwrap()]);
+    l.run_running("box", &[], &["sh", "-c", COUNTER]);
+    wait_count(&l, "box", 2);
+    let checkpoint = l
+        .server
+        .command(&["checkpoint", "box", "--leave-running", "--name", "held"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    for args in [&["exec", "box", "--", "true"][..], &["kill", "box"][..]] {
+        let out = l.warren(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("in progress"), "{}", stderr(&out));
+    }
+    let done = checkpoint.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let out = l.warren(&["exec", "box", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    l.ok(&["rm", "-f", "box"]);
+    l.ok(&["checkpoint", "rm", "held"]);
+}

@@ -68,8 +68,9 @@ pub struct SandboxUpdate {
 struct Entry {
     record: Arc<SandboxRecord>,
     busy: bool,
-    /// The busy operation is a pause or an unpause: a signal or an exec would race the
-    /// freeze (a signal thaws, an exec would join a workload being frozen), so they wait.
+    /// The busy operation is a pause, an unpause or a checkpoint: a signal or an exec would
+    /// race the freeze (a signal thaws, an exec would join a workload being frozen, or be
+    /// left out of the checkpoint), so they wait.
     pausing: bool,
 }
 

@@ -161,6 +161,9 @@ impl ControlPlane {
                 }));
             }
             entry.busy = true;
+            // An exec now would start a process outside the tree CRIU dumps (dropped by
+            // it), and a signal would race the freeze: both wait, as for a pause.
+            entry.pausing = true;
             entry.record.clone()
         };
         let this = self.clone();
