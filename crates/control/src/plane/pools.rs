@@ -88,6 +88,14 @@ impl PoolSpec {
         };
         if self.image.is_empty() {
             errors.push("spec.image: missing (the image every sandbox of the pool runs)".into());
+        } else if self.image.starts_with('/') {
+            // A root directory used in place: nothing to pre-warm from (a warm shell is made
+            // from an image's layers), so every create would miss the pool.
+            errors.push(format!(
+                "spec.image: {:?} is a root directory; a pool pre-warms sandboxes of an image \
+                 in the store (warren image import, warren pull)",
+                self.image
+            ));
         } else if let Err(e) = probe.validate() {
             errors.push(e.to_string());
         }
@@ -532,5 +540,14 @@ mod tests {
         no_image.image.clear();
         assert!(no_image.validate().unwrap_err()[0].starts_with("spec.image: missing"));
         assert!(spec(0, 0, 1, 2).validate().is_ok());
+        // A root directory has no layers to pre-warm a shell from.
+        let mut root_dir = spec(0, 0, 1, 0);
+        root_dir.image = "/srv/rootfs".into();
+        let errors = root_dir.validate().unwrap_err();
+        assert!(
+            errors.len() == 1
+                && errors[0].starts_with("spec.image: \"/srv/rootfs\" is a root directory"),
+            "{errors:?}"
+        );
     }
 }
