@@ -948,27 +948,42 @@ pub fn export(dir: &Path, to: &Path) -> Result<u64, CheckpointError> {
 }
 
 /// Copies the checkpoint directory `from` into the empty directory `into` (a restore's own
-/// copy of a checkpoint given by path): its seal checked under `key` first, then only the
-/// manifest, the seal and the files the manifest lists, each at most its listed size, opened
-/// without following links. ([`Manifest::verify`] then checks every byte of the copy.)
+/// copy of a checkpoint given by path): its seal checked under `key` first, then that it
+/// holds nothing the manifest does not list, then the manifest, the seal and the listed
+/// files, each of its listed size, opened without following links. ([`Manifest::verify`]
+/// then checks every byte of the copy.)
 pub fn copy_in(from: &Path, into: &Path, key: &CheckpointKey) -> Result<(), CheckpointError> {
     let what = format!("{:?}", from.display().to_string());
     let (bytes, seal, manifest) = Manifest::sealed(from, &what, key)?;
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        what: what.clone(),
+        reason,
+    };
+    // What the copy leaves out is damage all the same: said, as for an archive.
+    let listed: std::collections::BTreeSet<&str> =
+        manifest.files.iter().map(|f| f.path.as_str()).collect();
+    for rel in payload_files(from, &what)? {
+        let shown = slash_path(&rel);
+        if !listed.contains(shown.as_str()) {
+            return Err(corrupt(format!("{shown} is not in the manifest")));
+        }
+    }
     for (name, content) in [(MANIFEST, &bytes), (SEAL, &seal)] {
         let dst = into.join(name);
         std::fs::write(&dst, content).map_err(io("write", &dst))?;
     }
     for f in &manifest.files {
-        let rel = safe_relative(&f.path).ok_or_else(|| CheckpointError::Corrupt {
-            what: what.clone(),
-            reason: format!("the manifest lists a bad path {:?}", f.path),
-        })?;
-        let Some((file, _)) = open_regular(from, &f.path, &what)? else {
-            return Err(CheckpointError::Corrupt {
-                what: what.clone(),
-                reason: format!("{} is missing", f.path),
-            });
+        let rel = safe_relative(&f.path)
+            .ok_or_else(|| corrupt(format!("the manifest lists a bad path {:?}", f.path)))?;
+        let Some((file, size)) = open_regular(from, &f.path, &what)? else {
+            return Err(corrupt(format!("{} is missing", f.path)));
         };
+        if size != f.size {
+            return Err(corrupt(format!(
+                "{} has {size} bytes, the manifest says {}",
+                f.path, f.size
+            )));
+        }
         let mut out = create_in(into, &rel)?;
         std::io::copy(&mut file.take(f.size), &mut out).map_err(io("copy", &from.join(&rel)))?;
     }

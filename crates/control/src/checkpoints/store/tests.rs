@@ -464,16 +464,38 @@ fn imports_refuse_what_they_would_read_unbounded_or_twice() {
 }
 
 #[test]
-fn a_directory_restore_copies_only_listed_regular_files() {
+fn a_directory_restore_copies_listed_regular_files_and_refuses_others() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("c");
     payload(&dir);
     let m = Manifest::seal(&dir, base("c"), &key()).unwrap();
+    // A file the manifest does not list, or one grown since, is damage: said, nothing
+    // copied.
     std::fs::write(dir.join("images/extra.img"), vec![0u8; 4096]).unwrap();
+    let refused = tmp.path().join("refused");
+    std::fs::create_dir(&refused).unwrap();
+    let err = copy_in(&dir, &refused, &key()).unwrap_err().to_string();
+    assert!(
+        err.contains("images/extra.img is not in the manifest"),
+        "{err}"
+    );
+    assert!(std::fs::read_dir(&refused).unwrap().next().is_none());
+    std::fs::remove_file(dir.join("images/extra.img")).unwrap();
+    let listed = std::fs::read(dir.join("linux.json")).unwrap();
+    std::fs::write(dir.join("linux.json"), [&listed[..], b" "].concat()).unwrap();
+    let err = copy_in(&dir, &refused, &key()).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "linux.json has {} bytes, the manifest says {}",
+            listed.len() + 1,
+            listed.len()
+        )),
+        "{err}"
+    );
+    std::fs::write(dir.join("linux.json"), &listed).unwrap();
     let into = tmp.path().join("in");
     std::fs::create_dir(&into).unwrap();
     copy_in(&dir, &into, &key()).unwrap();
-    assert!(!into.join("images/extra.img").exists());
     assert_eq!(Manifest::verify(&into, "in", &key()).unwrap(), m);
     // A seal that is a link (to anything, however large) is not followed.
     std::fs::rename(dir.join(SEAL), tmp.path().join("mac")).unwrap();
