@@ -12,11 +12,13 @@ fn main() {
     for root in roots {
         println!("cargo:rerun-if-changed={root}");
     }
-    // And what decides how they are built: the manifests, the locked versions of every
-    // crate (a new nix or seccompiler changes the supervisor too), this script.
+    // And what decides how they are built: the manifests (the workspace's too: its
+    // dependency features, its profiles), the locked versions of every crate (a new nix or
+    // seccompiler changes the supervisor too), this script.
     let mut files: Vec<std::path::PathBuf> = [
         "Cargo.toml",
         "build.rs",
+        "../../Cargo.toml",
         "../../Cargo.lock",
         "../runtime/Cargo.toml",
         "../spec/Cargo.toml",

@@ -292,7 +292,17 @@ fn wait_criu(pid: Pid, limit: Option<Duration>) -> Result<WaitStatus, String> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(pid, None);
+            // One in uninterruptible sleep (a stuck device) dies only when that I/O returns:
+            // waited for a little, not for ever (the supervisor, a subreaper, reaps it later).
+            let killed = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < killed {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    _ => break,
+                }
+            }
             return Err(format!(
                 "criu did not finish the restore within {}s (the server's --restore-timeout) \
                  and was killed",
