@@ -41,6 +41,9 @@ pub struct RemoteAgent {
     base: String,
     bearer: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// True while the control plane counts the agent lost (no heartbeat): calls under way
+    /// end then, and new ones fail at once, rather than wait out their deadlines.
+    lost: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// `host:port` or `http://host:port[/]` as a base URL; the port defaults to 5758.
@@ -87,7 +90,14 @@ impl RemoteAgent {
             base,
             bearer: format!("Bearer {token}"),
             client,
+            lost: std::sync::Arc::new(tokio::sync::watch::Sender::new(false)),
         })
+    }
+
+    /// Marks the agent lost (its heartbeats stopped) or back: while lost, every call fails
+    /// with [`AgentError::Unreachable`] at once, those under way too.
+    pub fn set_lost(&self, lost: bool) {
+        self.lost.send_replace(lost);
     }
 
     pub fn node(&self) -> &str {
@@ -123,8 +133,17 @@ impl RemoteAgent {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| self.unreachable(e))?;
-        let resp = tokio::time::timeout(deadline, self.client.request(req))
-            .await
+        let mut lost = self.lost.subscribe();
+        let request = tokio::time::timeout(deadline, self.client.request(req));
+        let resp = tokio::select! {
+            resp = request => resp,
+            _ = lost.wait_for(|lost| *lost) => {
+                return Err(self.unreachable(
+                    "the agent is lost (its heartbeats stopped); the call was given up",
+                ));
+            }
+        };
+        let resp = resp
             .map_err(|_| self.unreachable(format!("no answer within {deadline:?}")))?
             .map_err(|e| self.unreachable(warren_runtime::error_chain(&e)))?;
         if resp.status().is_success() {

@@ -539,10 +539,11 @@ fn exec_reaches_sandboxes_on_remote_agents() {
     server.ok(&["rm", "-f", "box"]);
 }
 
-/// A sandbox busy when its agent is lost (here a stop waiting on the hung agent) becomes
-/// Lost once that call ends, rather than staying Running on a dead node for good.
+/// Calls waiting on an agent that stops answering end once it is declared lost (not at
+/// their 120 s deadlines), and a sandbox busy then (a stop waiting on it) becomes Lost once
+/// that call ends, rather than staying Running on a dead node for good.
 #[test]
-fn a_sandbox_busy_when_its_agent_is_lost_is_lost_once_the_call_ends() {
+fn calls_to_a_lost_agent_end_and_its_busy_sandbox_is_lost() {
     let server = TestServer::start_with(
         &["--local-capacity", "0", "--agent-timeout", "1500ms"],
         Some(TOKEN),
@@ -560,23 +561,36 @@ fn a_sandbox_busy_when_its_agent_is_lost_is_lost_once_the_call_ends() {
     ]);
     let agent = nix::unistd::Pid::from_raw(a.child.as_ref().unwrap().id() as i32);
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let mut stop = server
-        .command(&["stop", "busy"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn stop");
+    let spawn = |args: &[&str]| {
+        server
+            .command(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    // Both wait on the hung agent: the stop of a sandbox there, a create placed there.
+    let stop = spawn(&["stop", "busy"]);
+    let create = spawn(&["run", "--name", "late"]);
     eventually(Duration::from_secs(10), "agent a Lost", || {
         node_state(&server, "a") == "Lost"
     });
-    // The stop is still waiting on the agent: the sandbox was busy when its node was lost.
-    assert_eq!(stop.try_wait().unwrap(), None);
-    a.kill9();
-    let status = stop.wait().expect("stop");
-    assert!(!status.success());
+    let lost_at = Instant::now();
+    for (what, child) in [("stop", stop), ("create", create)] {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(10),
+            "{what} waited {:?} past the loss",
+            lost_at.elapsed()
+        );
+        assert!(!out.status.success(), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lost"), "{what}: {err}");
+    }
     eventually(Duration::from_secs(10), "busy Lost", || {
         json(&server.ok(&["get", "busy", "-o", "json"]))["status"]["phase"] == "Lost"
     });
+    a.kill9();
 }
 
 /// An agent the control plane turns away says why in its log, once per reason rather than

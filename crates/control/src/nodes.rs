@@ -537,6 +537,9 @@ impl Nodes {
         entry.last_seen = Instant::now();
         entry.last_seen_ms = now_ms();
         entry.state = NodeState::Up;
+        if let NodeHandle::Remote(r) = &entry.handle {
+            r.set_lost(false);
+        }
         let labels_changed = entry.labels != hb.labels;
         entry.labels = hb.labels;
         let kinds = available(&hb.backends);
@@ -648,6 +651,10 @@ impl Nodes {
                 continue;
             }
             inner.entries[i].state = NodeState::Lost;
+            if let NodeHandle::Remote(r) = &inner.entries[i].handle {
+                // Calls waiting on it (a create, a stop) end now, not at their deadlines.
+                r.set_lost(true);
+            }
             inner.sched.set_up(i, false);
             lost.push(inner.sched.name(i).to_string());
         }
