@@ -650,6 +650,14 @@ fn watch_streams_changes() {
     server.ok(&["rm", "second"]);
     assert_eq!(next().0, "MODIFIED", "Stopping");
     assert_eq!(next(), ("DELETED".to_string(), "second".to_string()));
+    // Labels that stop matching are a DELETED for this watcher, labels that come to match
+    // an ADDED (as a Kubernetes watch with a selector says).
+    server.ok(&["update", "first", "--label-rm", "w"]);
+    assert_eq!(next(), ("DELETED".to_string(), "first".to_string()));
+    server.ok(&["update", "unwatched", "-l", "w=1"]);
+    assert_eq!(next(), ("ADDED".to_string(), "unwatched".to_string()));
+    server.ok(&["update", "first", "-l", "w=1"]);
+    assert_eq!(next(), ("ADDED".to_string(), "first".to_string()));
     let _ = watch.kill();
     let _ = watch.wait();
 

@@ -347,6 +347,11 @@ impl Sandboxes for SandboxService {
             self.plane.watch(&req.label_selector).map_err(status_of)?;
         let mut shutdown = self.shutdown.clone();
         let stream = async_stream(move |tx| async move {
+            // What matches the selector as this watcher saw it: a sandbox whose labels come
+            // to match is ADDED for it, one whose labels stop matching DELETED, as a
+            // Kubernetes watch with a label selector says.
+            let mut matching: std::collections::HashSet<String> =
+                initial.iter().map(|r| r.spec.name.clone()).collect();
             if req.send_initial {
                 for rec in initial {
                     let ev = v1::SandboxEvent {
@@ -366,11 +371,23 @@ impl Sandboxes for SandboxService {
                 };
                 match ev {
                     Ok(ev) => {
-                        if !selector.matches(&ev.record.spec.labels) {
-                            continue;
-                        }
+                        let name = &ev.record.spec.name;
+                        let now = ev.kind != EventKind::Deleted
+                            && selector.matches(&ev.record.spec.labels);
+                        let kind = match (matching.contains(name), now) {
+                            (false, false) => continue,
+                            (false, true) => {
+                                matching.insert(name.clone());
+                                EventKind::Added
+                            }
+                            (true, true) => ev.kind,
+                            (true, false) => {
+                                matching.remove(name);
+                                EventKind::Deleted
+                            }
+                        };
                         let out = v1::SandboxEvent {
-                            r#type: event_type(ev.kind) as i32,
+                            r#type: event_type(kind) as i32,
                             sandbox: Some(ev.record.to_pb()),
                             sequence: ev.sequence,
                         };
