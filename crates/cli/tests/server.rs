@@ -1351,3 +1351,35 @@ fn wasm_limits_that_fail_every_run_are_refused_at_start() {
         assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
     }
 }
+
+/// Concurrent `warren update`s of one sandbox without --revision all land: one that meets
+/// another under way tries again rather than failing with ABORTED.
+#[test]
+fn concurrent_updates_without_a_revision_all_land() {
+    let server = TestServer::start();
+    server.ok(&["run", "--name", "shared", "--cpu", "100m"]);
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..20)
+            .map(|i| {
+                let server = &server;
+                s.spawn(move || {
+                    let label = format!("k{i}=v");
+                    // Every fifth merges a resource onto the live set, pinned to its revision.
+                    let mut args = vec!["update", "shared", "-l", label.as_str()];
+                    if i % 5 == 0 {
+                        args.extend(["--memory", "64Mi"]);
+                    }
+                    server.warren(&args)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for out in &outs {
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(out));
+    }
+    let got = json(&server.ok(&["get", "shared", "-o", "json"]));
+    let labels = got["metadata"]["labels"].as_object().unwrap();
+    assert_eq!(labels.len(), 20, "{labels:?}");
+    assert_eq!(got["spec"]["resources"]["limits"]["cpu"], "100m", "{got}");
+}

@@ -37,7 +37,8 @@ pub struct Args {
     /// Manual or AutoRecreate.
     #[arg(long)]
     failure_policy: Option<String>,
-    /// Fail unless the sandbox is at this revision (optimistic concurrency).
+    /// Fail unless the sandbox is at this revision (optimistic concurrency). Without it, an
+    /// update that meets another operation on the sandbox is tried again for up to 10 s.
     #[arg(long)]
     revision: Option<u64>,
     /// Re-create the sandbox: its workload starts again from scratch, under a new uid. The
@@ -61,48 +62,66 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
         None => 0,
     };
     let mut client = g.connect().await?;
-    let mut resources = None;
-    let mut expected_revision = args.revision;
-    if !args.resources.is_empty() {
-        // Flags change single quantities; the API replaces the whole set, so merge onto the
-        // live one, and pin its revision so a concurrent change is not overwritten.
-        let live = answer(
-            client
-                .get_sandbox(v1::GetSandboxRequest {
-                    name: args.name.clone(),
-                })
-                .await,
-        )?;
-        let mut r = spec_from_pb(live.spec.unwrap_or_default())?.resources;
-        args.resources.apply_to(&mut r);
-        resources = Some(resources_to_pb(&r));
-        expected_revision = expected_revision.or(Some(live.revision));
-    }
-    let req = v1::UpdateSandboxRequest {
-        name: args.name.clone(),
-        resources,
-        set_labels: key_values("--label", &args.labels)?.into_iter().collect(),
-        remove_labels: args.remove_labels,
-        set_annotations: key_values("--annotation", &args.annotations)?
-            .into_iter()
-            .collect(),
-        remove_annotations: args.remove_annotations,
-        expire_time: args.expire_in.map(super::expire_time),
-        clear_expire_time: args.no_expire,
-        failure_policy,
-        expected_revision,
-        reset_revision: args.reset_revision.map(|r| {
-            if r.is_empty() {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                now.as_nanos().to_string()
-            } else {
-                r
+    let labels: Vec<(String, String)> = key_values("--label", &args.labels)?.into_iter().collect();
+    let annotations: Vec<(String, String)> = key_values("--annotation", &args.annotations)?
+        .into_iter()
+        .collect();
+    let reset_revision = args.reset_revision.clone().map(|r| {
+        if r.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.as_nanos().to_string()
+        } else {
+            r
+        }
+    });
+    // Without --revision, an update that meets another operation on the sandbox (ABORTED:
+    // busy, or the live resources it merged onto changed meanwhile) is tried again, merged
+    // onto the newest, for a while: flags say what to change, not which revision.
+    let started = std::time::Instant::now();
+    let sb = loop {
+        let mut resources = None;
+        let mut expected_revision = args.revision;
+        if !args.resources.is_empty() {
+            // Flags change single quantities; the API replaces the whole set, so merge onto
+            // the live one, and pin its revision so a concurrent change is not overwritten.
+            let live = answer(
+                client
+                    .get_sandbox(v1::GetSandboxRequest {
+                        name: args.name.clone(),
+                    })
+                    .await,
+            )?;
+            let mut r = spec_from_pb(live.spec.unwrap_or_default())?.resources;
+            args.resources.apply_to(&mut r);
+            resources = Some(resources_to_pb(&r));
+            expected_revision = expected_revision.or(Some(live.revision));
+        }
+        let req = v1::UpdateSandboxRequest {
+            name: args.name.clone(),
+            resources,
+            set_labels: labels.iter().cloned().collect(),
+            remove_labels: args.remove_labels.clone(),
+            set_annotations: annotations.iter().cloned().collect(),
+            remove_annotations: args.remove_annotations.clone(),
+            expire_time: args.expire_in.map(super::expire_time),
+            clear_expire_time: args.no_expire,
+            failure_policy,
+            expected_revision,
+            reset_revision: reset_revision.clone(),
+        };
+        match client.update_sandbox(req).await {
+            Err(s)
+                if s.code() == tonic::Code::Aborted
+                    && args.revision.is_none()
+                    && started.elapsed() < UPDATE_RETRIES_FOR =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-        }),
+            done => break answer(done)?,
+        }
     };
-    let sb = answer(client.update_sandbox(req).await)?;
     match args.output {
         Format::Table | Format::Wide => println!(
             "sandbox/{} updated (revision {})",
@@ -113,3 +132,7 @@ pub async fn run(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long `warren update` without `--revision` tries again when it meets another
+/// operation on the sandbox.
+const UPDATE_RETRIES_FOR: std::time::Duration = std::time::Duration::from_secs(10);
