@@ -441,8 +441,12 @@ impl Scheduler {
             }
         }
         let pool_name = d.pool.map(str::to_string);
+        // Those that could ever take it: a server with `--local-capacity 0` runs nothing
+        // itself and is no agent that is full.
         let agents = (0..self.slots.len())
-            .filter(|&i| self.slots[i].up && get(backend, i) && get(pool, i))
+            .filter(|&i| {
+                self.slots[i].up && self.slots[i].capacity > 0 && get(backend, i) && get(pool, i)
+            })
             .count();
         Err(match first_conflict {
             Some(port) => ScheduleError::PortTaken {
@@ -551,6 +555,22 @@ mod tests {
         );
         s.release(1, &[]);
         assert_eq!(s.allocate(&demand(None)).unwrap().agent, 1);
+    }
+
+    /// An agent of capacity 0 (a server with `--local-capacity 0`) is not counted as one
+    /// that is full; with only such agents, none can run the backend.
+    #[test]
+    fn agents_without_capacity_are_not_full_ones() {
+        let mut s = agents(3, 1);
+        s.configure(0, 0, &[BackendKind::Slot, BackendKind::Wasm]);
+        for _ in 0..2 {
+            s.allocate(&demand(None)).unwrap();
+        }
+        let e = s.allocate(&demand(None)).unwrap_err();
+        assert!(matches!(e, ScheduleError::Full { agents: 2, .. }), "{e:?}");
+        let mut none = agents(1, 0);
+        let e = none.allocate(&demand(None)).unwrap_err();
+        assert!(matches!(e, ScheduleError::NoAgent { .. }), "{e:?}");
     }
 
     #[test]
