@@ -271,6 +271,17 @@ fn pools_on_a_remote_agent_hit_miss_and_max() {
         metrics.contains(r#"warren_pool_sandboxes{pool="bb",state="in_use"} 3"#),
         "{metrics}"
     );
+    // The refused creates (the full pool, the one that does not exist) count under the
+    // pool's backend (their specs name none): never as slot ones.
+    assert!(
+        metrics
+            .contains(r#"warren_create_errors_total{backend="linux",code="ResourceExhausted"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"warren_create_errors_total{backend="slot""#),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(r#"warren_errors_total{reason="pool_full"} 1"#),
         "{metrics}"

@@ -212,15 +212,20 @@ impl Sandboxes for SandboxService {
         let pb = req.spec.ok_or_else(|| invalid("spec: missing"))?;
         let spec = spec_from_pb(pb).map_err(invalid)?;
         let (backend, mode) = (spec.backend, self.plane.consistency_of(&spec).as_str());
+        let pool = spec.pool.clone();
         let stdin = (!req.stdin.is_empty()).then(|| Stdin::from(req.stdin));
         let metrics = self.plane.metrics();
         let (mut rec, created) = match self.plane.create_with(spec, stdin).await {
             Ok(done) => {
-                metrics.create_ok(backend, mode, started.elapsed());
+                metrics.create_ok(done.0.spec.backend, mode, started.elapsed());
                 done
             }
             Err(e) => {
                 let status = status_of(e);
+                // A pool's sandbox runs the pool's backend (the spec names none of its own).
+                let backend = pool
+                    .and_then(|p| self.plane.get_pool(&p).ok())
+                    .map_or(backend, |p| p.spec.backend);
                 metrics.create_failed(backend, status.code());
                 return Err(status);
             }
