@@ -28,7 +28,8 @@ pub const STATUS_FILE: &str = "status.json";
 const CACHE_DIR: &str = "cache";
 /// How long `stop` waits for the guest's next yield before cancelling its task outright.
 const STOP_WAIT: Duration = Duration::from_millis(100);
-pub(crate) const REASON_LOST: &str = "lost: the server restarted while it ran";
+pub(crate) const REASON_LOST: &str =
+    "lost: the process running it (the server or its node agent) restarted while it ran";
 
 /// Runs WebAssembly modules; see the crate docs.
 pub struct WasmBackend {

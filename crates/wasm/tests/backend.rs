@@ -824,7 +824,12 @@ async fn adopt_after_restart_reports_how_sandboxes_ended() {
     assert_eq!(status, BackendStatus::Exited { code: 3 });
     assert_eq!(info["cache"], "disk");
     let (status, _) = fresh.adopt(&lost).await.expect("adopt");
-    assert_eq!(status, failed("lost: the server restarted while it ran"));
+    assert_eq!(
+        status,
+        failed(
+            "lost: the process running it (the server or its node agent) restarted while it ran"
+        )
+    );
     let (status, _) = fresh.adopt(&created).await.expect("adopt");
     assert_eq!(status, BackendStatus::Created);
     fresh.start("created").await.expect("start adopted");
