@@ -819,6 +819,20 @@ fn egress_reaches_the_listed_destinations_and_ports_only() {
         assert!(std::time::Instant::now() < deadline, "{}", links());
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+
+    // Once no sandbox holds a /30 (the last one removed), the table goes too: nothing of
+    // warren's stays in the host's firewall, nor comes back at the next start.
+    assert!(
+        !chains().trim().is_empty(),
+        "the table while sandboxes hold /30s"
+    );
+    for name in l.ok(&["ls", "-o", "name"]).lines() {
+        l.ok(&["rm", "-f", name.trim_start_matches("sandbox/")]);
+    }
+    assert!(chains().trim().is_empty(), "{}", chains());
+    l.server.kill9();
+    l.server.spawn();
+    assert!(chains().trim().is_empty(), "{}", chains());
 }
 
 /// env.allow: the workload sees the spec's variables the policy lists, not the others (the

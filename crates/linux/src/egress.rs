@@ -21,7 +21,8 @@
 //!   rejected: it gets IPv4 only.
 //! - **Crashes**: the kernel removes a veth pair with the namespace (the last process of the
 //!   sandbox); an nftables chain is what a killed supervisor leaves, and the next server start
-//!   rewrites the table from the sandboxes still alive, in one atomic transaction.
+//!   rewrites the table from the sandboxes still alive, in one atomic transaction. The
+//!   table goes ([`remove_table`]) once no sandbox holds a `/30` of the range.
 //!
 //! The host side is configured with Debian's `ip` (iproute2) and `nft` (nftables), installed
 //! by `scripts/install-egress.sh`; the sandbox side with `nsenter -n ip`. Three short
@@ -425,6 +426,18 @@ pub fn teardown(e: &Egress) -> Result<(), EgressError> {
         &teardown_script(e),
     )?;
     first.map_or(Ok(()), Err)
+}
+
+/// Removes a range's table (no sandbox holds a `/30` of it any more). Idempotent.
+pub fn remove_table(range: Ipv4Net) -> Result<(), EgressError> {
+    let t = table(range);
+    run(
+        "nft (delete the egress table)",
+        &tool("nft")?,
+        &["-f", "-"],
+        // Declared first, so the delete succeeds whether or not the table exists.
+        &format!("table inet {t} {{}}\ndelete table inet {t}\n"),
+    )
 }
 
 /// Rewrites a range's table from the sandboxes still alive (a server's start).

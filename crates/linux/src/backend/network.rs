@@ -81,12 +81,30 @@ impl Network {
             }
             state.held.insert(id.to_string(), e);
         }
+        if state.held.is_empty() {
+            // No sandbox holds a /30 any more: nothing of it stays in the host's firewall.
+            self.remove_table(&mut state);
+            return;
+        }
         match egress::reconcile(self.range, &live) {
             Ok(()) => {
                 info!(range = %self.range, running = live.len(), "linux: egress table rewritten");
                 state.table_written = true;
             }
             Err(e) => warn!(range = %self.range, "linux: cannot rewrite the egress table: {e}"),
+        }
+    }
+
+    /// Removes the range's table and the directory's mark (the next egress sandbox writes
+    /// both again). Called with the state locked, so no `/30` is taken meanwhile.
+    fn remove_table(&self, state: &mut Held) {
+        match egress::remove_table(self.range) {
+            Ok(()) => {
+                state.table_written = false;
+                let _ = std::fs::remove_file(&self.marker);
+                info!(range = %self.range, "linux: egress table removed (no sandbox holds one)");
+            }
+            Err(e) => warn!(range = %self.range, "linux: cannot remove the egress table: {e}"),
         }
     }
 
@@ -151,6 +169,10 @@ impl Network {
             && let Err(err) = egress::teardown(&e)
         {
             warn!(id, "linux: egress teardown: {err}");
+        }
+        let mut state = self.lock();
+        if state.held.is_empty() && state.table_written {
+            self.remove_table(&mut state);
         }
     }
 }
