@@ -680,6 +680,17 @@ impl ControlPlane {
                     actual: entry.record.id.clone(),
                 });
             }
+            // An expiry looked at the sandbox a moment ago: its expiry may have been moved or
+            // cleared since (the id check above covers one made again under its name).
+            if expired
+                && entry
+                    .record
+                    .spec
+                    .expire_time
+                    .is_none_or(|t| t > now_ms() / 1000)
+            {
+                return Err(ControlError::NotFound { name: name.into() });
+            }
             entry.busy = true;
             let stop = entry.record.status.can_transition_to(&Phase::Stopping);
             let next = if expired {
@@ -794,29 +805,33 @@ impl ControlPlane {
     /// Deletes every sandbox whose expiry has passed. Returns how many were deleted.
     pub async fn expire(&self) -> usize {
         let now_s = now_ms() / 1000;
-        let due: Vec<String> = {
+        // By name and id: a sweep still at work when another starts must never delete a
+        // sandbox made again under an expired one's name.
+        let due: Vec<(String, String)> = {
             let reg = self.lock();
             reg.sandboxes
                 .values()
                 .filter(|e| !e.busy && e.record.spec.expire_time.is_some_and(|t| t <= now_s))
-                .map(|e| e.record.spec.name.clone())
+                .map(|e| (e.record.spec.name.clone(), e.record.id.clone()))
                 .collect()
         };
         // Side by side (up to EXPIRE_AT_ONCE): each delete may wait out its workload's grace
         // period, and one after another every expiry would be late by all the others'.
         use futures::StreamExt as _;
         futures::stream::iter(due)
-            .map(|name| async move {
-                match self.delete_as(&name, None, None, true).await {
+            .map(|(name, id)| async move {
+                match self.delete_as(&name, Some(&id), None, true).await {
                     Ok(_) => {
                         info!(sandbox = %name, "expired and deleted");
                         1
                     }
                     // Busy (a stop waiting out its grace, say): the next sweep deletes it.
+                    // Or made again under its name, or its expiry moved: not this one's.
                     Err(
                         ControlError::Busy { .. }
                         | ControlError::Stopping { .. }
-                        | ControlError::NotFound { .. },
+                        | ControlError::NotFound { .. }
+                        | ControlError::IdMismatch { .. },
                     ) => 0,
                     Err(e) => {
                         warn!(sandbox = %name, error = %e, "could not delete an expired sandbox");

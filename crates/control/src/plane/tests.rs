@@ -371,6 +371,18 @@ async fn expired_sandboxes_are_deleted() {
     assert_eq!(plane.expire().await, 1);
     assert!(plane.get("old").is_err());
     assert!(plane.get("young").is_ok());
+    // What a sweep found due is deleted only if it still is the sandbox it found, still due:
+    // not one whose expiry moved meanwhile, nor one made again under the name.
+    let young = plane.get("young").expect("young");
+    assert!(matches!(
+        plane.delete_as("young", Some(&young.id), None, true).await,
+        Err(ControlError::NotFound { .. })
+    ));
+    assert!(matches!(
+        plane.delete_as("young", Some("another"), None, true).await,
+        Err(ControlError::IdMismatch { .. })
+    ));
+    assert!(plane.get("young").is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
