@@ -395,3 +395,36 @@ async fn a_restore_past_its_timeout_is_killed_and_leaves_nothing() {
     env.backend.stop("s", Duration::ZERO).await.unwrap();
     env.backend.delete("s").await.unwrap();
 }
+
+/// A checkpoint that does not say what confined its workload (one an older warren took) is
+/// not restored: its confinement cannot be checked, and CRIU would bring back the
+/// capabilities of its day. Nothing is left of the attempt.
+#[tokio::test]
+async fn a_checkpoint_without_its_confinement_is_not_restored() {
+    if let Some(why) = skip_reason() {
+        eprintln!("{why}");
+        return;
+    }
+    let env = Env::with(|_| {});
+    let config = env.config("s", "s", &["sh", "-c", COUNTER]);
+    env.run(&config).await;
+    env.wait_line("s", |l| l == "count 2");
+    let ckpt = env.checkpoint_dir("old");
+    env.backend.checkpoint(&config, &ckpt, true).await.unwrap();
+    let linux = ckpt.join("linux.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&linux).unwrap()).unwrap();
+    assert!(saved["confinement"].is_object(), "{saved}");
+    saved.as_object_mut().unwrap().remove("confinement");
+    std::fs::write(&linux, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let copy = env.config("old", "old", &["sh", "-c", COUNTER]);
+    let err = env.backend.restore(&copy, &ckpt).await.unwrap_err();
+    assert!(
+        err.to_string().contains("taken by an older warren"),
+        "{err}"
+    );
+    assert!(!env.dir.path().join("linux/old").exists(), "bundle left");
+    assert!(env.backend.status("old").await.is_err());
+    env.backend.stop("s", Duration::ZERO).await.unwrap();
+    env.backend.delete("s").await.unwrap();
+}

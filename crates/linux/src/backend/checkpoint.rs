@@ -96,18 +96,6 @@ impl Confinement {
         }
     }
 
-    /// What a checkpoint that did not record its confinement is taken to have had: its
-    /// spec's part (the same spec is restored) and no policy's. A policy that confines
-    /// more refuses its restore, as for any checkpoint of an unconfined workload.
-    fn of_spec(container: &ContainerConfig) -> Confinement {
-        Confinement {
-            deny_syscalls: container.deny_syscalls.clone(),
-            syscalls: None,
-            loopback: true,
-            masked_paths: Vec::new(),
-        }
-    }
-
     /// How `now` (the restored sandbox's config) differs from `self` (the checkpointed
     /// workload's), one phrase each; empty when they agree.
     fn differences(&self, now: &Confinement) -> Vec<String> {
@@ -659,10 +647,17 @@ fn prepare(
         )));
     }
     // Nor can a restore change the confinement CRIU brings back as it was dumped.
-    let was = saved
-        .confinement
-        .clone()
-        .unwrap_or_else(|| Confinement::of_spec(&container));
+    // One taken before this was recorded cannot be checked, and CRIU would bring back the
+    // capabilities of its day (CAP_MKNOD among them, dropped since): refused.
+    let Some(was) = saved.confinement.clone() else {
+        inner.network.release(&config.id);
+        return Err(BackendError::Invalid(
+            "restore: this checkpoint was taken by an older warren, which did not record what \
+             confined its workload (its capabilities among it, CAP_MKNOD since dropped); take \
+             it again"
+                .into(),
+        ));
+    };
     let differences = was.differences(&Confinement::of(&container));
     if !differences.is_empty() {
         inner.network.release(&config.id);
@@ -855,13 +850,6 @@ mod tests {
         })));
         let d = plain.differences(&allow);
         assert!(d.len() == 1 && d[0].contains("syscalls.allow"), "{d:?}");
-        // A checkpoint that did not record its confinement had no policy's.
-        let legacy = Confinement::of_spec(&container(serde_json::json!({
-            "denySyscalls": ["ptrace"],
-            "policySyscalls": {"hash": "h", "syscalls": {"deny": ["getcwd"]}},
-        })));
-        assert_eq!(legacy.denied(), BTreeSet::from(["ptrace".to_string()]));
-        assert!(legacy.loopback && legacy.masked_paths.is_empty());
     }
 
     #[test]
