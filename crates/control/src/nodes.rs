@@ -651,8 +651,13 @@ impl Nodes {
                 continue;
             }
             inner.entries[i].state = NodeState::Lost;
-            if let NodeHandle::Remote(r) = &inner.entries[i].handle {
-                // Calls waiting on it (a create, a stop) end now, not at their deadlines.
+            let silent = inner.entries[i].last_seen.elapsed() >= self.timeout;
+            if let NodeHandle::Remote(r) = &inner.entries[i].handle
+                && silent
+            {
+                // Calls waiting on it (a create, a stop) end now, not at their deadlines:
+                // it stopped answering. (One whose lease alone expired, its heartbeats still
+                // arriving, is slow to reach etcd, not gone: its calls go on.)
                 r.set_lost(true);
             }
             inner.sched.set_up(i, false);
