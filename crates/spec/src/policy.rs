@@ -600,6 +600,12 @@ fn resolved_glob(pattern: &str) -> Option<globset::GlobMatcher> {
     } else {
         literal
     };
+    // Followed only through directories nobody but root can change: a link swapped in by
+    // whoever may write one of them must not widen the list (`/srv/shared/mods` made a
+    // link to `/` would make `/srv/shared/mods/**` everything). `..` is never walked.
+    if parts[..first_glob].contains(&"..") || !trusted_path(std::path::Path::new(&literal)) {
+        return None;
+    }
     let resolved = std::fs::canonicalize(&literal).ok()?;
     let resolved = resolved.to_str()?;
     if normalized(resolved) == normalized(&literal) {
@@ -612,6 +618,29 @@ fn resolved_glob(pattern: &str) -> Option<globset::GlobMatcher> {
         .build()
         .ok()
         .map(|g| g.compile_matcher())
+}
+
+/// Whether every directory on the way to `path` (its symlinks followed) is root's and
+/// writable by nobody else, or sticky (`/tmp`) with root's entry in it: what only root can
+/// change.
+fn trusted_path(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut at = std::path::PathBuf::from("/");
+    for part in path.components().skip(1) {
+        let Ok(dir) = std::fs::metadata(&at) else {
+            return false;
+        };
+        at.push(part);
+        let Ok(entry) = std::fs::symlink_metadata(&at) else {
+            return false;
+        };
+        let others_write = dir.mode() & 0o022 != 0;
+        let sticky = dir.mode() & 0o1000 != 0;
+        if dir.uid() != 0 || (others_write && !(sticky && entry.uid() == 0)) {
+            return false;
+        }
+    }
+    true
 }
 
 fn globs(field: &str, patterns: &[String], errors: &mut Vec<SpecError>) -> Option<GlobSet> {

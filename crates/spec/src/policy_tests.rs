@@ -762,4 +762,22 @@ fn exec_globs_count_as_written_and_as_they_resolve() {
     assert!(!relative.resolved_exec_allowed(&module));
     // Without an exec section everything runs.
     assert!(policy(PolicySpec::default()).resolved_exec_allowed(&module));
+    // A link is followed only through directories only root can change: one another user
+    // may write (or owns) could have the link swapped for one to anywhere. `..` never.
+    use std::os::unix::fs::PermissionsExt as _;
+    let shared = root.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::os::unix::fs::symlink(&releases, shared.join("mods")).unwrap();
+    let via_shared = allow(&[format!("{}/*.wasm", show(&shared.join("mods")))]);
+    assert!(via_shared.resolved_exec_allowed(&module));
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(!via_shared.resolved_exec_allowed(&module));
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::lchown(&shared, Some(1000), None).unwrap();
+    assert!(!via_shared.resolved_exec_allowed(&module));
+    let dotdot = allow(&[format!(
+        "{}/../releases/v3/*.wasm",
+        show(&root.join("other"))
+    )]);
+    assert!(!dotdot.resolved_exec_allowed(&module));
 }
