@@ -184,8 +184,15 @@ async fn exec(args: Args, g: &Globals) -> anyhow::Result<ExitCode> {
     loop {
         let msg = match output.message().await {
             Ok(Some(m)) => m,
-            Ok(None) => anyhow::bail!("the server ended the exec without an exit code"),
-            Err(s) => return Err(ServerError(s).into()),
+            // What came before the error goes out before it is said.
+            Ok(None) => {
+                writer.settle().await;
+                anyhow::bail!("the server ended the exec without an exit code")
+            }
+            Err(s) => {
+                writer.settle().await;
+                return Err(ServerError(s).into());
+            }
         };
         // The process's bytes are untrusted but go out as they are, like `docker exec`.
         let written = match msg.output {
@@ -253,6 +260,12 @@ impl Writer {
     /// closed pipe).
     pub(super) async fn write(&self, chunk: Chunk) -> bool {
         self.chunks.send(chunk).await.is_ok()
+    }
+
+    /// Waits (a few seconds at most: a reader may have stopped reading) until everything
+    /// queued is written, before an error is said.
+    pub(super) async fn settle(self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.finish()).await;
     }
 
     /// Waits until everything queued is written.

@@ -640,7 +640,10 @@ async fn stream_output(
         let entry = match entries.message().await {
             Ok(Some(e)) => e,
             Ok(None) => break,
-            Err(s) => return Err(super::ServerError(s).into()),
+            Err(s) => {
+                writer.settle().await;
+                return Err(super::ServerError(s).into());
+            }
         };
         // The workload's bytes, untrusted, go out as they are (as `docker run` does).
         let mut line = entry.content;
