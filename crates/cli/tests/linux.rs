@@ -2031,6 +2031,44 @@ fn a_root_directory_runs_in_place() {
         .filter(|n| n.starts_with(".warren-old-root"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    // A root on a read-only file system runs when it has a `.warren-old-root` of its own
+    // (nothing can be made in it).
+    std::fs::create_dir(root.path().join(".warren-old-root")).unwrap();
+    let read_only = tempfile::tempdir().unwrap();
+    struct Unbind(PathBuf);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let ro = read_only.path().to_str().unwrap();
+    let _unbind = Unbind(read_only.path().to_path_buf());
+    for args in [&["--bind", dir, ro][..], &["-o", "remount,bind,ro", ro][..]] {
+        let ok = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount {args:?}");
+    }
+    let out = l.warren(&[
+        "run",
+        "-b",
+        "linux",
+        "-i",
+        ro,
+        "--name",
+        "ro-root",
+        "--wait",
+        "--rm",
+        "--",
+        "/bin/echo",
+        "read-only",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "read-only\n");
     // What is not a directory is refused, naming the field.
     let out = l.warren(&["run", "-b", "linux", "-i", "/etc/hostname", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));

@@ -259,11 +259,18 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
     }
 
     chdir(&rootfs).map_err(|e| err(format!("chdir {}", rootfs.display()), e))?;
-    let parked = old_root_name(&cfg.id);
+    let mut parked = old_root_name(&cfg.id);
     // The old root stays reachable under `parked` until the bind mounts are made (a bind
     // mount's source must be attached to this namespace's tree), then it is detached.
     match std::fs::create_dir(&parked) {
         Ok(()) => {}
+        // A root on a read-only file system: a directory it has for the purpose.
+        Err(e)
+            if e.raw_os_error() == Some(libc::EROFS)
+                && std::fs::symlink_metadata(OLD_ROOT).is_ok_and(|m| m.is_dir()) =>
+        {
+            parked = OLD_ROOT.to_string();
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = std::fs::symlink_metadata(&parked).map_err(|e| err(&parked, e))?;
             if !meta.is_dir() {
@@ -294,7 +301,9 @@ fn prepare(cfg: &ContainerConfig, bundle: &Path, cgroup_procs: &[PathBuf]) -> Re
     drop(host_dirs);
     let old_root = format!("/{parked}");
     umount2(old_root.as_str(), MntFlags::MNT_DETACH).map_err(|e| err("detach the old root", e))?;
-    std::fs::remove_dir(&old_root).map_err(|e| err(format!("rmdir {old_root}"), e))?;
+    if parked != OLD_ROOT {
+        std::fs::remove_dir(&old_root).map_err(|e| err(format!("rmdir {old_root}"), e))?;
+    }
     mask_paths()?;
     set_loopback(true).map_err(|e| err("bring up lo", e))?;
     Ok(())
