@@ -100,20 +100,13 @@ impl Confinement {
     /// workload's), one phrase each; empty when they agree.
     fn differences(&self, now: &Confinement) -> Vec<String> {
         let mut out = Vec::new();
-        let (was, is) = (self.denied(), now.denied());
-        let (added, removed) = (list(is.difference(&was)), list(was.difference(&is)));
-        if !added.is_empty() {
-            out.push(format!(
-                "the policy now denies syscalls the checkpointed workload was not confined by: \
-                 {added}"
-            ));
-        }
-        if !removed.is_empty() {
-            out.push(format!(
-                "the checkpointed workload was denied syscalls the policy no longer denies \
-                 (CRIU restores its filter as it was): {removed}"
-            ));
-        }
+        changes(
+            &mut out,
+            (&self.denied(), &now.denied()),
+            "the policy now denies syscalls the checkpointed workload was not confined by",
+            "the checkpointed workload was denied syscalls the policy no longer denies (CRIU \
+             restores its filter as it was)",
+        );
         let allowed = |c: &Confinement| {
             let list = c.syscalls.as_ref()?.allow.as_ref()?;
             Some(list.iter().map(entry).collect::<BTreeSet<_>>())
@@ -139,20 +132,13 @@ impl Confinement {
             (Some(_), Some(_)) => {}
         }
         let masked = |c: &Confinement| c.masked_paths.iter().cloned().collect::<BTreeSet<_>>();
-        let (was, is) = (masked(self), masked(now));
-        let (added, removed) = (list(is.difference(&was)), list(was.difference(&is)));
-        if !added.is_empty() {
-            out.push(format!(
-                "the policy now masks paths the checkpointed workload was not confined by: \
-                 {added}"
-            ));
-        }
-        if !removed.is_empty() {
-            out.push(format!(
-                "the checkpointed workload had paths masked that the policy no longer masks \
-                 (CRIU restores its mounts as they were): {removed}"
-            ));
-        }
+        changes(
+            &mut out,
+            (&masked(self), &masked(now)),
+            "the policy now masks paths the checkpointed workload was not confined by",
+            "the checkpointed workload had paths masked that the policy no longer masks (CRIU \
+             restores its mounts as they were)",
+        );
         match (self.loopback, now.loopback) {
             (true, false) => out.push(
                 "the policy's network.mode is now none, but the checkpointed workload's \
@@ -177,6 +163,21 @@ impl Confinement {
             .cloned()
             .chain(policy.map(entry))
             .collect()
+    }
+}
+
+/// Says what `now` has that `was` lacks (`added: ...`) and the other way round.
+fn changes(
+    out: &mut Vec<String>,
+    (was, now): (&BTreeSet<String>, &BTreeSet<String>),
+    added: &str,
+    removed: &str,
+) {
+    for (what, items) in [(added, now.difference(was)), (removed, was.difference(now))] {
+        let items = list(items);
+        if !items.is_empty() {
+            out.push(format!("{what}: {items}"));
+        }
     }
 }
 
